@@ -2,10 +2,20 @@
 //! RESP side port. Nothing here knows about the Redis module API; the module in `module/` plugs a
 //! state machine into [`node::Node`].
 
+pub mod command_entry;
 pub mod config;
+pub mod determinism;
 pub mod ids;
-pub mod storage;
+pub mod membership;
+pub mod node;
+pub mod proposal;
+mod raft_logger;
 pub mod resp;
+pub mod routing;
+pub mod settings;
+pub mod snapshot_data;
+pub mod status;
+pub mod storage;
 pub mod transport;
 
 pub use ids::{LogIndex, NodeId, Term};

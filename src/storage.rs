@@ -1,0 +1,1376 @@
+//! The durable Raft log: entries, hard state, conf state and the latest snapshot, kept in an LMDB
+//! environment under `<dir>/raft-log/`.
+//!
+//! Layout, two databases:
+//! - `entries`: log index as big-endian `u64` (LMDB's byte order is then index order) -> prost
+//!   `Entry`.
+//! - `meta`: string keys -> `hard_state`, `conf_state` (prost), `snapshot_meta` (prost
+//!   `SnapshotMetadata`), `snapshot_data` (raw bytes), `truncated` (prost index and term of the
+//!   entry just before the first one), and application blobs under `app/<key>`.
+//!   The snapshot is split in two so that opening the log does not read a possibly huge dataset
+//!   just to learn its index; application keys get a prefix so they can never clobber Raft state.
+//!
+//! Durability: the environment is opened with `MDB_NOSYNC`, so a commit reaches the OS page cache
+//! but not the disk. Callers choose when to pay for an fsync: per write (`sync = true`, the group
+//! commit of one Raft `Ready`) or from a background flusher through [`LogStore::sync`]. A process
+//! crash loses nothing either way; what a power loss can do is up to that choice.
+//!
+//! Concurrency: writes come from one thread (the Raft loop) but everything takes `&self`. The
+//! cached indexes and states sit behind an `RwLock` that a writer holds for the whole write
+//! transaction and publishes only after commit, so a reader on another thread never sees cached
+//! indexes that disagree with what its read transaction finds. Transactions never outlive a
+//! method call, and the environment uses `MDB_NOTLS` (see `open`), so a thread never trips over
+//! LMDB's one-transaction-per-thread rule.
+
+use std::cmp;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, DecodeIgnore, Str, U64};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn};
+use prost::Message;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError as RaftStorageError};
+
+/// Name of the LMDB directory inside the node's data directory.
+const LOG_DIR: &str = "raft-log";
+
+/// The map is only address space: LMDB's file grows as pages are used, so reserving far more than
+/// any log needs costs nothing and spares us resizing the map at runtime.
+#[cfg(target_pointer_width = "64")]
+const MAP_SIZE: usize = 64 << 30;
+#[cfg(not(target_pointer_width = "64"))]
+const MAP_SIZE: usize = 1 << 30;
+
+mod key {
+    pub const HARD_STATE: &str = "hard_state";
+    pub const CONF_STATE: &str = "conf_state";
+    pub const SNAPSHOT_META: &str = "snapshot_meta";
+    pub const SNAPSHOT_DATA: &str = "snapshot_data";
+    pub const TRUNCATED: &str = "truncated";
+    pub const APP_PREFIX: &str = "app/";
+}
+
+type EntriesDb = Database<U64<BigEndian>, Bytes>;
+type MetaDb = Database<Str, Bytes>;
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Why a log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("LMDB: {0}")]
+    Lmdb(#[from] heed::Error),
+    #[error("decoding a stored record: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("entry {index} is compacted (first index is {first_index})")]
+    Compacted { index: u64, first_index: u64 },
+    #[error("entry {index} is unavailable (last index is {last_index})")]
+    Unavailable { index: u64, last_index: u64 },
+    #[error("appending at index {index} would leave a gap after last index {last_index}")]
+    Gap { index: u64, last_index: u64 },
+    #[error("entries to append are not consecutive: index {found} follows {previous}")]
+    NotConsecutive { previous: u64, found: u64 },
+    #[error("snapshot at index {index} is out of date (needs at least index {min_index})")]
+    SnapshotOutOfDate { index: u64, min_index: u64 },
+    #[error("snapshot has no metadata")]
+    MissingSnapshotMetadata,
+    #[error(
+        "cannot compact up to index {compact_index}: the stored snapshot only covers index \
+         {snapshot_index}, so lagging followers could not catch up"
+    )]
+    CompactBeyondSnapshot {
+        compact_index: u64,
+        snapshot_index: u64,
+    },
+    #[error("the log is already initialized")]
+    AlreadyInitialized,
+    #[error("a bootstrap snapshot must name at least one voter")]
+    NoVoters,
+    #[error("{} is already open in this process; clone that LogStore", .0.display())]
+    AlreadyOpen(PathBuf),
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
+}
+
+/// Raft only understands its own error kinds; it reacts to `Compacted` and `Unavailable` (e.g. by
+/// sending a snapshot), everything else makes the node inoperable, which is what a failing disk
+/// deserves.
+impl From<StorageError> for raft::Error {
+    fn from(e: StorageError) -> Self {
+        let store = match e {
+            StorageError::Compacted { .. } => RaftStorageError::Compacted,
+            StorageError::Unavailable { .. } => RaftStorageError::Unavailable,
+            StorageError::SnapshotOutOfDate { .. } => RaftStorageError::SnapshotOutOfDate,
+            other => RaftStorageError::Other(Box::new(other)),
+        };
+        raft::Error::Store(store)
+    }
+}
+
+/// Sizes of the log, for INFO-style reporting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub first_index: u64,
+    pub last_index: u64,
+    /// Entries currently stored: `last_index + 1 - first_index`.
+    pub entries: u64,
+    /// Bytes of the data file LMDB has allocated: (last used page + 1) * page size. This is the
+    /// file's high-water mark, free pages included; LMDB reuses pages freed by compaction but
+    /// never shrinks the file, so this does not drop after `compact`.
+    pub size_bytes: u64,
+}
+
+/// The `term` field of an `Entry` and nothing else. `term()` is on Raft's hot path and entries
+/// can carry megabytes of payload; prost skips undeclared fields without copying them.
+#[derive(Clone, PartialEq, Message)]
+struct EntryTerm {
+    #[prost(uint64, tag = "2")]
+    term: u64,
+}
+
+/// Index and term of one entry; stored for the entry just before the first one.
+#[derive(Clone, PartialEq, Message)]
+struct LogPosition {
+    #[prost(uint64, tag = "1")]
+    index: u64,
+    #[prost(uint64, tag = "2")]
+    term: u64,
+}
+
+/// What Raft asks for most, mirrored from disk so that answering needs no transaction.
+#[derive(Clone, Debug, Default)]
+struct State {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index of the stored snapshot (0 when there is none); its data stays on disk.
+    snapshot_index: u64,
+    /// The entry just before the first stored one. Its body is gone, but Raft still asks for its
+    /// term to check that an append from the leader continues our log.
+    truncated_index: u64,
+    truncated_term: u64,
+    /// Equals `truncated_index` when the log holds no entries.
+    last_index: u64,
+}
+
+impl State {
+    fn first_index(&self) -> u64 {
+        self.truncated_index + 1
+    }
+
+    fn is_initialized(&self) -> bool {
+        let cs = &self.conf_state;
+        !cs.voters.is_empty() || !cs.learners.is_empty() || self.hard_state.term > 0
+    }
+}
+
+/// A durable Raft log. Cloning is cheap and shares the environment and the cache.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+// Fields drop in order: the environment closes before the directory claim is released, so a
+// reopen in this process cannot race with the close.
+struct Inner {
+    env: Env,
+    entries: EntriesDb,
+    meta: MetaDb,
+    page_size: u64,
+    state: RwLock<State>,
+    _claim: DirClaim,
+}
+
+/// Log directories with a live `LogStore` in this process. heed hands a second open of the same
+/// path the same environment, and two stores over one environment would each trust their own
+/// cached indexes while the other moves the log under them.
+static OPEN_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+struct DirClaim(PathBuf);
+
+impl DirClaim {
+    fn new(path: PathBuf) -> Result<Self> {
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.contains(&path) {
+            return Err(StorageError::AlreadyOpen(path));
+        }
+        open.push(path.clone());
+        Ok(DirClaim(path))
+    }
+}
+
+impl Drop for DirClaim {
+    fn drop(&mut self) {
+        OPEN_DIRS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|p| *p != self.0);
+    }
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log under `dir/raft-log/`.
+    pub fn open(dir: &Path) -> Result<LogStore> {
+        let path = dir.join(LOG_DIR);
+        fs::create_dir_all(&path)?;
+        let claim = DirClaim::new(path.canonicalize()?)?;
+
+        let mut options = EnvOpenOptions::new();
+        options.map_size(MAP_SIZE).max_dbs(2);
+        // SAFETY: heed marks these flags unsafe because they weaken crash guarantees, not memory
+        // safety in a running process. NO_SYNC: commits skip fsync; we fsync explicitly in
+        // `sync` so the operator's durability level decides. (The price, per LMDB's docs: unless
+        // the filesystem preserves write order, a power loss between fsyncs can corrupt the
+        // environment, not merely lose the latest commits.)
+        // NO_TLS: reader slots belong to transactions instead of threads. heed 0.20 only sets it
+        // with its `read-txn-no-tls` feature, which we do not enable; without it LMDB forbids a
+        // thread from holding a read and a write transaction at once.
+        unsafe {
+            options.flags(EnvFlags::NO_SYNC | EnvFlags::NO_TLS);
+        }
+        // SAFETY: the files under raft-log/ are only modified through LMDB, and `DirClaim` keeps
+        // this process from mapping them through two stores.
+        let env = unsafe { options.open(&path)? };
+
+        let mut txn = env.write_txn()?;
+        let entries: EntriesDb = env.create_database(&mut txn, Some("entries"))?;
+        let meta: MetaDb = env.create_database(&mut txn, Some("meta"))?;
+        let page_size = u64::from(entries.stat(&txn)?.page_size);
+        let state = load_state(&txn, entries, meta)?;
+        txn.commit()?;
+
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                env,
+                entries,
+                meta,
+                page_size,
+                state: RwLock::new(state),
+                _claim: claim,
+            }),
+        })
+    }
+
+    /// Whether this node already belongs to a cluster: it knows a member or has seen a term.
+    pub fn is_initialized(&self) -> bool {
+        self.state().is_initialized()
+    }
+
+    /// Makes `snapshot` the starting point of a fresh log (a new cluster's first node, or a node
+    /// given its initial configuration), and fsyncs.
+    pub fn bootstrap(&self, snapshot: Snapshot) -> Result<()> {
+        let meta = snapshot
+            .metadata
+            .as_ref()
+            .ok_or(StorageError::MissingSnapshotMetadata)?;
+        if meta
+            .conf_state
+            .as_ref()
+            .is_none_or(|cs| cs.voters.is_empty())
+        {
+            return Err(StorageError::NoVoters);
+        }
+        self.write(|txn, state| {
+            if state.is_initialized() {
+                return Err(StorageError::AlreadyInitialized);
+            }
+            self.install_snapshot(txn, state, snapshot)
+        })?;
+        self.sync()
+    }
+
+    /// Persists the entries and hard state of one Raft `Ready` in a single transaction, replacing
+    /// any stored entries from `entries[0].index` on, then fsyncs if `sync`.
+    pub fn append(
+        &self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<()> {
+        for pair in entries.windows(2) {
+            if pair[0].index.checked_add(1) != Some(pair[1].index) {
+                return Err(StorageError::NotConsecutive {
+                    previous: pair[0].index,
+                    found: pair[1].index,
+                });
+            }
+        }
+        if !entries.is_empty() || hard_state.is_some() {
+            self.write(|txn, state| {
+                if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+                    if first.index < state.first_index() {
+                        return Err(StorageError::Compacted {
+                            index: first.index,
+                            first_index: state.first_index(),
+                        });
+                    }
+                    if first.index > state.last_index + 1 {
+                        return Err(StorageError::Gap {
+                            index: first.index,
+                            last_index: state.last_index,
+                        });
+                    }
+                    // A new leader overwrites a suffix it disagrees with; everything from the
+                    // first new index on is superseded, including entries past the new batch.
+                    if first.index <= state.last_index {
+                        self.inner.entries.delete_range(txn, &(first.index..))?;
+                    }
+                    for entry in entries {
+                        self.inner
+                            .entries
+                            .put(txn, &entry.index, &entry.encode_to_vec())?;
+                    }
+                    state.last_index = last.index;
+                }
+                if let Some(hs) = hard_state {
+                    self.put_message(txn, key::HARD_STATE, hs)?;
+                    state.hard_state = hs.clone();
+                }
+                Ok(())
+            })?;
+        }
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    pub fn set_hard_state(&self, hs: &HardState, sync: bool) -> Result<()> {
+        self.append(&[], Some(hs), sync)
+    }
+
+    /// Moves only the commit index of the hard state (Raft reports commit advances on their own).
+    pub fn set_commit(&self, commit: u64, sync: bool) -> Result<()> {
+        self.write(|txn, state| {
+            state.hard_state.commit = commit;
+            self.put_message(txn, key::HARD_STATE, &state.hard_state)
+        })?;
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Records the configuration the application has applied. Not fsynced on its own: it becomes
+    /// durable with the next synced write or `sync`.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<()> {
+        self.write(|txn, state| {
+            self.put_message(txn, key::CONF_STATE, cs)?;
+            state.conf_state = cs.clone();
+            Ok(())
+        })
+    }
+
+    /// Replaces the whole log with a snapshot received from the leader: entries are dropped, the
+    /// log restarts after the snapshot's index, and the configuration is the snapshot's.
+    pub fn apply_snapshot(&self, snapshot: Snapshot, sync: bool) -> Result<()> {
+        let index = snapshot
+            .metadata
+            .as_ref()
+            .ok_or(StorageError::MissingSnapshotMetadata)?
+            .index;
+        self.write(|txn, state| {
+            // Same rule as raft's MemStorage: a snapshot must reach at least our first entry,
+            // otherwise it would move the log backwards over entries we already compacted.
+            if index < state.first_index() {
+                return Err(StorageError::SnapshotOutOfDate {
+                    index,
+                    min_index: state.first_index(),
+                });
+            }
+            self.install_snapshot(txn, state, snapshot)
+        })?;
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Discards entries before `compact_index`. The stored snapshot must already cover
+    /// `compact_index - 1` (see `set_snapshot`): it is what a follower needing those entries
+    /// receives instead.
+    pub fn compact(&self, compact_index: u64) -> Result<()> {
+        self.write(|txn, state| {
+            if compact_index <= state.first_index() {
+                return Ok(());
+            }
+            let new_truncated = compact_index - 1;
+            if new_truncated > state.last_index {
+                return Err(StorageError::Unavailable {
+                    index: new_truncated,
+                    last_index: state.last_index,
+                });
+            }
+            if new_truncated > state.snapshot_index {
+                return Err(StorageError::CompactBeyondSnapshot {
+                    compact_index,
+                    snapshot_index: state.snapshot_index,
+                });
+            }
+            let term = self.stored_term(txn, new_truncated)?;
+            self.inner.entries.delete_range(txn, &(..compact_index))?;
+            self.put_truncated(txn, new_truncated, term)?;
+            state.truncated_index = new_truncated;
+            state.truncated_term = term;
+            Ok(())
+        })
+    }
+
+    /// Stores a newer snapshot made by the application, leaving the log alone. Not fsynced on its
+    /// own; a later `compact` relies on it, and LMDB commits land in order.
+    pub fn set_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let meta = snapshot
+            .metadata
+            .as_ref()
+            .ok_or(StorageError::MissingSnapshotMetadata)?;
+        self.write(|txn, state| {
+            if meta.index < state.snapshot_index {
+                return Err(StorageError::SnapshotOutOfDate {
+                    index: meta.index,
+                    min_index: state.snapshot_index,
+                });
+            }
+            // The application can only snapshot what it applied, which the log must contain.
+            if meta.index > state.last_index {
+                return Err(StorageError::Unavailable {
+                    index: meta.index,
+                    last_index: state.last_index,
+                });
+            }
+            self.put_message(txn, key::SNAPSHOT_META, meta)?;
+            self.inner
+                .meta
+                .put(txn, key::SNAPSHOT_DATA, &snapshot.data)?;
+            state.snapshot_index = meta.index;
+            Ok(())
+        })
+    }
+
+    /// Flushes everything committed so far to disk.
+    pub fn sync(&self) -> Result<()> {
+        self.inner.env.force_sync()?;
+        Ok(())
+    }
+
+    /// Stores an application blob. Like `set_conf_state`, durable after the next sync.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        // No cached state changes, so no need for the state lock; LMDB serializes writers.
+        let mut txn = self.inner.env.write_txn()?;
+        self.inner.meta.put(&mut txn, &app_key(key), value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.inner.env.read_txn()?;
+        Ok(self
+            .inner
+            .meta
+            .get(&txn, &app_key(key))?
+            .map(<[u8]>::to_vec))
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.state().hard_state.clone()
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.state().conf_state.clone()
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.state().first_index()
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.state().last_index
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let (first_index, last_index) = {
+            let state = self.state();
+            (state.first_index(), state.last_index)
+        };
+        let pages = self.inner.env.info().last_page_number as u64 + 1;
+        LogStats {
+            first_index,
+            last_index,
+            entries: last_index + 1 - first_index,
+            size_bytes: pages * self.inner.page_size,
+        }
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, State> {
+        // Writers publish the state only after a successful commit and never panic in between,
+        // so a poisoned lock still guards a consistent state.
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` in one write transaction against a copy of the cached state and publishes the
+    /// copy only once the transaction has committed, so a failed write leaves cache and disk
+    /// agreeing.
+    fn write<T>(&self, f: impl FnOnce(&mut RwTxn, &mut State) -> Result<T>) -> Result<T> {
+        let mut state = self
+            .inner
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next = state.clone();
+        let mut txn = self.inner.env.write_txn()?;
+        let out = f(&mut txn, &mut next)?;
+        txn.commit()?;
+        *state = next;
+        Ok(out)
+    }
+
+    /// Resets the log to start right after the snapshot. Callers check that this is allowed.
+    fn install_snapshot(
+        &self,
+        txn: &mut RwTxn,
+        state: &mut State,
+        snapshot: Snapshot,
+    ) -> Result<()> {
+        let Snapshot { data, metadata } = snapshot;
+        let meta = metadata.ok_or(StorageError::MissingSnapshotMetadata)?;
+
+        self.inner.entries.clear(txn)?;
+        state.truncated_index = meta.index;
+        state.truncated_term = meta.term;
+        state.last_index = meta.index;
+        state.snapshot_index = meta.index;
+        state.hard_state.term = cmp::max(state.hard_state.term, meta.term);
+        state.hard_state.commit = meta.index;
+        state.conf_state = meta.conf_state.clone().unwrap_or_default();
+
+        self.put_message(txn, key::SNAPSHOT_META, &meta)?;
+        self.inner.meta.put(txn, key::SNAPSHOT_DATA, &data)?;
+        self.put_truncated(txn, meta.index, meta.term)?;
+        self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
+        self.put_message(txn, key::CONF_STATE, &state.conf_state)
+    }
+
+    fn put_message(&self, txn: &mut RwTxn, key: &str, message: &impl Message) -> Result<()> {
+        self.inner.meta.put(txn, key, &message.encode_to_vec())?;
+        Ok(())
+    }
+
+    fn put_truncated(&self, txn: &mut RwTxn, index: u64, term: u64) -> Result<()> {
+        self.put_message(txn, key::TRUNCATED, &LogPosition { index, term })
+    }
+
+    fn stored_term(&self, txn: &RoTxn, index: u64) -> Result<u64> {
+        let bytes = self
+            .inner
+            .entries
+            .get(txn, &index)?
+            .ok_or_else(|| missing_entry(index))?;
+        Ok(EntryTerm::decode(bytes)?.term)
+    }
+
+    fn read_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>> {
+        let state = self.state();
+        if low < state.first_index() {
+            return Err(StorageError::Compacted {
+                index: low,
+                first_index: state.first_index(),
+            });
+        }
+        if high > state.last_index + 1 {
+            return Err(StorageError::Unavailable {
+                index: high - 1,
+                last_index: state.last_index,
+            });
+        }
+        if low >= high {
+            return Ok(Vec::new());
+        }
+        let max_size = max_size.filter(|&max| max != raft::NO_LIMIT);
+
+        let txn = self.inner.env.read_txn()?;
+        let mut stored = self.inner.entries.range(&txn, &(low..high))?;
+        let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
+        let mut size = 0u64;
+        for expected in low..high {
+            let (index, bytes) = stored.next().ok_or_else(|| missing_entry(expected))??;
+            if index != expected {
+                return Err(missing_entry(expected));
+            }
+            // Same accounting as raft::util::limit_size: an entry weighs its encoded length
+            // (what we stored), and the first one is returned whatever its size so that Raft
+            // always makes progress.
+            size = size.saturating_add(bytes.len() as u64);
+            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            out.push(Entry::decode(bytes)?);
+        }
+        Ok(out)
+    }
+
+    fn read_term(&self, index: u64) -> Result<u64> {
+        let state = self.state();
+        if index == state.truncated_index {
+            return Ok(state.truncated_term);
+        }
+        if index < state.first_index() {
+            return Err(StorageError::Compacted {
+                index,
+                first_index: state.first_index(),
+            });
+        }
+        if index > state.last_index {
+            return Err(StorageError::Unavailable {
+                index,
+                last_index: state.last_index,
+            });
+        }
+        let txn = self.inner.env.read_txn()?;
+        self.stored_term(&txn, index)
+    }
+
+    fn read_snapshot(&self) -> Result<Option<Snapshot>> {
+        let txn = self.inner.env.read_txn()?;
+        let Some(metadata) =
+            decode_meta::<SnapshotMetadata>(&txn, self.inner.meta, key::SNAPSHOT_META)?
+        else {
+            return Ok(None);
+        };
+        let data = self
+            .inner
+            .meta
+            .get(&txn, key::SNAPSHOT_DATA)?
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        Ok(Some(Snapshot {
+            data,
+            metadata: Some(metadata),
+        }))
+    }
+}
+
+impl Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let state = self.state();
+        Ok(RaftState::new(
+            state.hard_state.clone(),
+            state.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        Ok(self.read_entries(low, high, max_size.into())?)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        Ok(self.read_term(idx)?)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(LogStore::first_index(self))
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(LogStore::last_index(self))
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // No snapshot at all, or one older than the follower needs: the application has to make
+        // a newer one first. Raft retries later on this error instead of sending a useless one.
+        match self.read_snapshot()? {
+            Some(snapshot)
+                if snapshot.metadata.as_ref().map_or(0, |m| m.index) >= request_index =>
+            {
+                Ok(snapshot)
+            }
+            _ => Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
+    }
+}
+
+fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
+    let hard_state = decode_meta::<HardState>(txn, meta, key::HARD_STATE)?.unwrap_or_default();
+    let conf_state = decode_meta::<ConfState>(txn, meta, key::CONF_STATE)?.unwrap_or_default();
+    let snapshot_index =
+        decode_meta::<SnapshotMetadata>(txn, meta, key::SNAPSHOT_META)?.map_or(0, |m| m.index);
+    let truncated = decode_meta::<LogPosition>(txn, meta, key::TRUNCATED)?.unwrap_or_default();
+    let (truncated_index, truncated_term) = (truncated.index, truncated.term);
+
+    // The stored entries must be exactly truncated_index+1 ..= last: anything else means the
+    // file was damaged, and guessing would hand Raft a log it never wrote.
+    let keys = entries.remap_data_type::<DecodeIgnore>();
+    let last_index = match (keys.first(txn)?, keys.last(txn)?) {
+        (Some((first, ())), Some((last, ()))) => {
+            if first != truncated_index + 1 {
+                return Err(StorageError::Corrupt(format!(
+                    "first entry is {first}, expected {} after truncation",
+                    truncated_index + 1
+                )));
+            }
+            let count = entries.len(txn)?;
+            if count != last - first + 1 {
+                return Err(StorageError::Corrupt(format!(
+                    "{count} entries stored between indexes {first} and {last}"
+                )));
+            }
+            last
+        }
+        _ => truncated_index,
+    };
+
+    Ok(State {
+        hard_state,
+        conf_state,
+        snapshot_index,
+        truncated_index,
+        truncated_term,
+        last_index,
+    })
+}
+
+fn decode_meta<M: Message + Default>(txn: &RoTxn, meta: MetaDb, key: &str) -> Result<Option<M>> {
+    Ok(meta.get(txn, key)?.map(M::decode).transpose()?)
+}
+
+fn app_key(key: &str) -> String {
+    format!("{}{key}", key::APP_PREFIX)
+}
+
+fn missing_entry(index: u64) -> StorageError {
+    StorageError::Corrupt(format!("entry {index} is missing from the log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::util::limit_size;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("payload {index}").into_bytes(),
+            ..Default::default()
+        }
+    }
+
+    fn entries_with_terms(first: u64, terms: &[u64]) -> Vec<Entry> {
+        terms
+            .iter()
+            .enumerate()
+            .map(|(i, &term)| entry(first + i as u64, term))
+            .collect()
+    }
+
+    fn snapshot(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> Snapshot {
+        Snapshot {
+            data: data.to_vec(),
+            metadata: Some(SnapshotMetadata {
+                index,
+                term,
+                conf_state: Some(ConfState {
+                    voters,
+                    ..Default::default()
+                }),
+            }),
+        }
+    }
+
+    fn get(store: &LogStore, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
+        Storage::entries(store, low, high, None, GetEntriesContext::empty(false))
+    }
+
+    fn store_err(e: RaftStorageError) -> raft::Error {
+        raft::Error::Store(e)
+    }
+
+    #[test]
+    fn store_is_clone_send_sync() {
+        fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+        assert_traits::<LogStore>();
+    }
+
+    #[test]
+    fn fresh_store_is_empty_and_uninitialized() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert!(!store.is_initialized());
+        assert_eq!((store.first_index(), store.last_index()), (1, 0));
+        assert_eq!(store.term(0), Ok(0));
+        assert_eq!(store.term(1), Err(store_err(RaftStorageError::Unavailable)));
+        assert_eq!(get(&store, 1, 1), Ok(vec![]));
+        assert_eq!(
+            store.snapshot(0, 2),
+            Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable))
+        );
+        let initial = store.initial_state().unwrap();
+        assert_eq!(initial.hard_state, HardState::default());
+        assert_eq!(initial.conf_state, ConfState::default());
+        assert!(dir.path().join("raft-log").is_dir());
+    }
+
+    #[test]
+    fn append_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let ents = entries_with_terms(1, &[1, 1, 2, 2, 3]);
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 4,
+        };
+        store.append(&ents, Some(&hs), true).unwrap();
+
+        assert!(store.is_initialized());
+        assert_eq!((store.first_index(), store.last_index()), (1, 5));
+        assert_eq!(get(&store, 1, 6).unwrap(), ents);
+        assert_eq!(get(&store, 2, 4).unwrap(), ents[1..3].to_vec());
+        for e in &ents {
+            assert_eq!(store.term(e.index), Ok(e.term));
+        }
+        assert_eq!(store.term(0), Ok(0));
+        assert_eq!(store.term(6), Err(store_err(RaftStorageError::Unavailable)));
+        assert_eq!(
+            get(&store, 1, 7),
+            Err(store_err(RaftStorageError::Unavailable))
+        );
+        assert_eq!(store.hard_state(), hs);
+        assert_eq!(store.initial_state().unwrap().hard_state, hs);
+
+        let stats = store.stats();
+        assert_eq!(
+            (stats.first_index, stats.last_index, stats.entries),
+            (1, 5, 5)
+        );
+        assert!(stats.size_bytes > 0);
+    }
+
+    #[test]
+    fn appending_into_the_log_replaces_the_conflicting_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(&entries_with_terms(1, &[1, 1, 1, 1, 1]), None, false)
+            .unwrap();
+
+        // A new leader disagrees from index 3 on, and sends a shorter log.
+        let newer = entries_with_terms(3, &[2]);
+        store.append(&newer, None, false).unwrap();
+        assert_eq!(store.last_index(), 3);
+        let terms: Vec<u64> = get(&store, 1, 4).unwrap().iter().map(|e| e.term).collect();
+        assert_eq!(terms, vec![1, 1, 2]);
+        assert_eq!(store.term(4), Err(store_err(RaftStorageError::Unavailable)));
+
+        // Appending right at the end just extends.
+        store
+            .append(&entries_with_terms(4, &[2, 2]), None, false)
+            .unwrap();
+        assert_eq!(store.last_index(), 5);
+        assert_eq!(store.term(5), Ok(2));
+    }
+
+    #[test]
+    fn bad_appends_are_errors_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
+            .unwrap();
+
+        let gap = store.append(&entries_with_terms(5, &[1]), None, false);
+        assert!(
+            matches!(
+                gap,
+                Err(StorageError::Gap {
+                    index: 5,
+                    last_index: 3
+                })
+            ),
+            "{gap:?}"
+        );
+
+        let holes = store.append(&[entry(4, 1), entry(6, 1)], None, false);
+        assert!(
+            matches!(
+                holes,
+                Err(StorageError::NotConsecutive {
+                    previous: 4,
+                    found: 6
+                })
+            ),
+            "{holes:?}"
+        );
+
+        store.set_snapshot(snapshot(2, 1, vec![1], b"")).unwrap();
+        store.compact(3).unwrap();
+        let compacted = store.append(&entries_with_terms(2, &[2]), None, false);
+        assert!(
+            matches!(
+                compacted,
+                Err(StorageError::Compacted {
+                    index: 2,
+                    first_index: 3
+                })
+            ),
+            "{compacted:?}"
+        );
+
+        // A failed append must not half-apply its hard state either.
+        let hs = HardState {
+            term: 9,
+            vote: 1,
+            commit: 3,
+        };
+        assert!(store
+            .append(&entries_with_terms(9, &[9]), Some(&hs), true)
+            .is_err());
+        assert_eq!(store.hard_state(), HardState::default());
+        assert_eq!((store.first_index(), store.last_index()), (3, 3));
+    }
+
+    #[test]
+    fn max_size_limits_like_raft() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let ents: Vec<Entry> = (1..=6)
+            .map(|i| Entry {
+                index: i,
+                term: 1,
+                data: vec![7; 10 * i as usize],
+                ..Default::default()
+            })
+            .collect();
+        store.append(&ents, None, false).unwrap();
+
+        let size = |e: &Entry| e.encoded_len() as u64;
+        let mut limits = vec![0, 1, raft::NO_LIMIT, u64::MAX - 1];
+        let (a, b, c) = (size(&ents[1]), size(&ents[2]), size(&ents[3]));
+        limits.extend([a, a + b - 1, a + b, a + b + c / 2, a + b + c, a + b + c + 1]);
+        for max in limits {
+            let got = Storage::entries(&store, 2, 7, max, GetEntriesContext::empty(false)).unwrap();
+            let mut want = ents[1..6].to_vec();
+            limit_size(&mut want, Some(max));
+            assert_eq!(got, want, "max_size {max}");
+        }
+        // Zero still yields the first entry, so Raft always makes progress.
+        assert_eq!(
+            Storage::entries(&store, 2, 7, 0, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            Storage::entries(&store, 2, 7, a + b, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_the_term_before_the_first_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(&entries_with_terms(1, &[1, 1, 2, 2, 3]), None, false)
+            .unwrap();
+
+        // Nothing may be compacted past what the stored snapshot covers.
+        let err = store.compact(3);
+        assert!(
+            matches!(
+                err,
+                Err(StorageError::CompactBeyondSnapshot {
+                    compact_index: 3,
+                    snapshot_index: 0
+                })
+            ),
+            "{err:?}"
+        );
+
+        store
+            .set_snapshot(snapshot(4, 2, vec![1], b"state at 4"))
+            .unwrap();
+        store.compact(4).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (4, 5));
+        assert_eq!(store.term(3), Ok(2));
+        assert_eq!(store.term(2), Err(store_err(RaftStorageError::Compacted)));
+        assert_eq!(
+            get(&store, 3, 5),
+            Err(store_err(RaftStorageError::Compacted))
+        );
+        assert_eq!(get(&store, 4, 6).unwrap(), entries_with_terms(4, &[2, 3]));
+        assert_eq!(store.stats().entries, 2);
+
+        // Compacting to or below the first index is a no-op; past the log's end is an error.
+        store.compact(2).unwrap();
+        store.compact(4).unwrap();
+        assert_eq!(store.first_index(), 4);
+        assert!(matches!(
+            store.compact(7),
+            Err(StorageError::Unavailable {
+                index: 6,
+                last_index: 5
+            })
+        ));
+
+        // Everything but one entry may go; the log then starts right after the snapshot.
+        store.compact(5).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (5, 5));
+        assert_eq!(store.term(4), Ok(2));
+
+        // The truncation point survives a restart.
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (5, 5));
+        assert_eq!(store.term(4), Ok(2));
+        assert_eq!(store.term(5), Ok(3));
+        assert_eq!(store.snapshot(4, 2).unwrap().data, b"state at 4".to_vec());
+    }
+
+    #[test]
+    fn apply_snapshot_resets_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(
+                &entries_with_terms(1, &[1, 1, 2, 2, 3]),
+                Some(&HardState {
+                    term: 5,
+                    vote: 1,
+                    commit: 3,
+                }),
+                false,
+            )
+            .unwrap();
+
+        store
+            .apply_snapshot(snapshot(10, 4, vec![1, 2, 3], b"dataset"), true)
+            .unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (11, 10));
+        assert_eq!(store.term(10), Ok(4));
+        assert_eq!(store.term(5), Err(store_err(RaftStorageError::Compacted)));
+        assert_eq!(
+            store.term(11),
+            Err(store_err(RaftStorageError::Unavailable))
+        );
+        assert_eq!(get(&store, 11, 11), Ok(vec![]));
+        // Term never goes backwards; commit jumps to the snapshot; the vote is kept.
+        assert_eq!(
+            store.hard_state(),
+            HardState {
+                term: 5,
+                vote: 1,
+                commit: 10
+            }
+        );
+        assert_eq!(store.conf_state().voters, vec![1, 2, 3]);
+
+        let stored = store.snapshot(10, 2).unwrap();
+        assert_eq!(stored, snapshot(10, 4, vec![1, 2, 3], b"dataset"));
+        assert_eq!(
+            store.snapshot(11, 2),
+            Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable))
+        );
+
+        // A snapshot that does not reach our first entry is refused.
+        let old = store.apply_snapshot(snapshot(9, 4, vec![1], b""), false);
+        assert!(
+            matches!(
+                old,
+                Err(StorageError::SnapshotOutOfDate {
+                    index: 9,
+                    min_index: 11
+                })
+            ),
+            "{old:?}"
+        );
+        assert_eq!(
+            raft::Error::from(old.unwrap_err()),
+            store_err(RaftStorageError::SnapshotOutOfDate)
+        );
+
+        // The log continues after the snapshot.
+        store
+            .append(&entries_with_terms(11, &[4, 4]), None, false)
+            .unwrap();
+        assert_eq!(
+            get(&store, 11, 13).unwrap(),
+            entries_with_terms(11, &[4, 4])
+        );
+    }
+
+    #[test]
+    fn bootstrap_then_reopen_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 7,
+        };
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+            ..Default::default()
+        };
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store
+                .bootstrap(snapshot(5, 2, vec![1, 2, 3], b"initial"))
+                .unwrap();
+            assert!(store.is_initialized());
+            assert_eq!((store.first_index(), store.last_index()), (6, 5));
+            assert_eq!(
+                store.hard_state(),
+                HardState {
+                    term: 2,
+                    vote: 0,
+                    commit: 5
+                }
+            );
+
+            store
+                .append(&entries_with_terms(6, &[2, 3, 3]), Some(&hs), true)
+                .unwrap();
+            store.set_conf_state(&cs).unwrap();
+            store.sync().unwrap();
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert!(store.is_initialized());
+        assert_eq!((store.first_index(), store.last_index()), (6, 8));
+        assert_eq!(
+            get(&store, 6, 9).unwrap(),
+            entries_with_terms(6, &[2, 3, 3])
+        );
+        assert_eq!(store.term(5), Ok(2));
+        assert_eq!(store.hard_state(), hs);
+        assert_eq!(store.conf_state(), cs);
+        assert_eq!(store.initial_state().unwrap().conf_state, cs);
+        assert_eq!(store.snapshot(0, 2).unwrap().data, b"initial".to_vec());
+
+        let again = store.bootstrap(snapshot(1, 1, vec![1], b""));
+        assert!(
+            matches!(again, Err(StorageError::AlreadyInitialized)),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn bootstrap_needs_a_voter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            store.bootstrap(snapshot(1, 1, vec![], b"")),
+            Err(StorageError::NoVoters)
+        ));
+        assert!(matches!(
+            store.bootstrap(Snapshot::default()),
+            Err(StorageError::MissingSnapshotMetadata)
+        ));
+        assert!(!store.is_initialized());
+    }
+
+    #[test]
+    fn hard_state_and_commit_survive_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store
+                .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
+                .unwrap();
+            store
+                .set_hard_state(
+                    &HardState {
+                        term: 1,
+                        vote: 1,
+                        commit: 1,
+                    },
+                    false,
+                )
+                .unwrap();
+            store.set_commit(3, true).unwrap();
+            assert_eq!(
+                store.hard_state(),
+                HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: 3
+                }
+            );
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.hard_state(),
+            HardState {
+                term: 1,
+                vote: 1,
+                commit: 3
+            }
+        );
+    }
+
+    #[test]
+    fn meta_survives_restart_and_cannot_clobber_raft_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            assert_eq!(store.get_meta("node_id").unwrap(), None);
+            store.put_meta("node_id", b"7").unwrap();
+            store.put_meta("hard_state", b"not a protobuf").unwrap();
+            store.put_meta("node_id", b"8").unwrap();
+            store.sync().unwrap();
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_meta("node_id").unwrap(), Some(b"8".to_vec()));
+        assert_eq!(
+            store.get_meta("hard_state").unwrap(),
+            Some(b"not a protobuf".to_vec())
+        );
+        assert_eq!(store.hard_state(), HardState::default());
+    }
+
+    #[test]
+    fn a_directory_is_open_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StorageError::AlreadyOpen(_))
+        ));
+        let clone = store.clone();
+        drop(store);
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StorageError::AlreadyOpen(_))
+        ));
+        drop(clone);
+        LogStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(&entries_with_terms(1, &[1, 1]), None, false)
+            .unwrap();
+        let inner = &store.inner;
+        let mut txn = inner.env.write_txn().unwrap();
+        inner
+            .entries
+            .put(&mut txn, &2, &[0xff, 0xff, 0xff])
+            .unwrap();
+        inner
+            .meta
+            .put(&mut txn, key::TRUNCATED, &[0xff, 0xff])
+            .unwrap();
+        txn.commit().unwrap();
+
+        assert!(matches!(
+            get(&store, 1, 3),
+            Err(raft::Error::Store(RaftStorageError::Other(_)))
+        ));
+        assert!(store.term(2).is_err());
+        drop(store);
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StorageError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn a_hole_in_the_stored_log_is_reported_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store
+            .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
+            .unwrap();
+        let mut txn = store.inner.env.write_txn().unwrap();
+        store.inner.entries.delete(&mut txn, &2).unwrap();
+        txn.commit().unwrap();
+        assert!(matches!(
+            get(&store, 1, 4),
+            Err(raft::Error::Store(RaftStorageError::Other(_)))
+        ));
+        drop(store);
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StorageError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn term_view_matches_entry_encoding() {
+        let e = Entry {
+            index: 42,
+            term: 7,
+            data: vec![1; 1000],
+            context: vec![2; 10],
+            ..Default::default()
+        };
+        assert_eq!(
+            EntryTerm::decode(e.encode_to_vec().as_slice())
+                .unwrap()
+                .term,
+            7
+        );
+    }
+
+    #[test]
+    fn readers_on_other_threads_see_a_consistent_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    let (first, last) = (store.first_index(), store.last_index());
+                    // Cached indexes may move between calls; only Compacted/Unavailable are fine.
+                    match get(&store, first, last + 1) {
+                        Ok(_) => {}
+                        Err(raft::Error::Store(
+                            RaftStorageError::Compacted | RaftStorageError::Unavailable,
+                        )) => {}
+                        Err(e) => panic!("unexpected error {e:?}"),
+                    }
+                }
+            })
+        };
+        for i in 1..=200u64 {
+            store
+                .append(
+                    &[entry(i, 1)],
+                    Some(&HardState {
+                        term: 1,
+                        vote: 1,
+                        commit: i,
+                    }),
+                    false,
+                )
+                .unwrap();
+            if i % 50 == 0 {
+                store
+                    .set_snapshot(snapshot(i - 10, 1, vec![1], b""))
+                    .unwrap();
+                store.compact(i - 10).unwrap();
+            }
+        }
+        reader.join().unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (190, 200));
+    }
+}

@@ -1,0 +1,169 @@
+//! Every node executes each replicated write itself, so a write must mean the same thing on every
+//! node at whatever moment it applies it. The leader rewrites time-relative arguments into
+//! absolute ones before proposing (`EXPIRE k 10` becomes `PEXPIREAT k <now+10s>`), and refuses
+//! writes whose effect is chosen at random or by the local clock in ways it cannot pin down.
+//!
+//! A rewrite is only made where the original would succeed; malformed arguments are left alone so
+//! that every node answers with the same error Redis would have given.
+
+/// A write that cannot be replicated deterministically; the text is the error reply.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+/// Rewrites `argv` in place for the leader's clock `now_ms` (milliseconds since the Unix epoch).
+pub fn pin(argv: &mut Vec<Vec<u8>>, now_ms: i64) -> Result<(), Refused> {
+    let Some(name) = argv.first().map(|n| n.to_ascii_lowercase()) else { return Ok(()) };
+    match name.as_slice() {
+        b"set" => pin_set_options(argv, 3, now_ms),
+        b"getex" => pin_set_options(argv, 2, now_ms),
+        b"setex" | b"psetex" if argv.len() == 4 => {
+            let unit = if name == b"setex" { 1000 } else { 1 };
+            if let Some(at) = deadline(&argv[2], unit, now_ms) {
+                let (key, value) = (argv[1].clone(), argv[3].clone());
+                *argv = vec![b"SET".to_vec(), key, value, b"PXAT".to_vec(), at.to_string().into_bytes()];
+            }
+        }
+        b"expire" | b"pexpire" if argv.len() >= 3 => {
+            let unit = if name == b"expire" { 1000 } else { 1 };
+            // EXPIRE accepts zero and negative times (the key is deleted); so does PEXPIREAT.
+            if let Some(at) = offset(&argv[2], unit, now_ms) {
+                argv[0] = b"PEXPIREAT".to_vec();
+                argv[2] = at.to_string().into_bytes();
+            }
+        }
+        b"restore" if argv.len() >= 4 => {
+            let absolute = argv[4..].iter().any(|a| a.eq_ignore_ascii_case(b"absttl"));
+            if !absolute {
+                if let Some(at) = deadline(&argv[2], 1, now_ms) {
+                    argv[2] = at.to_string().into_bytes();
+                    argv.push(b"ABSTTL".to_vec());
+                }
+            }
+        }
+        b"xadd" => pin_xadd_id(argv, now_ms),
+        b"spop" => {
+            return Err(Refused(
+                "ERR SPOP picks members at random, which cannot be replicated; use SRANDMEMBER then SREM".into(),
+            ))
+        }
+        b"xclaim" | b"xautoclaim" | b"xreadgroup" => {
+            return Err(Refused(format!(
+                "ERR {} depends on each node's clock and is not supported by Raftis yet",
+                String::from_utf8_lossy(&argv[0]).to_uppercase()
+            )))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// SET/GETEX: `EX s` and `PX ms` become `PXAT now+ttl`.
+fn pin_set_options(argv: &mut [Vec<u8>], first_option: usize, now_ms: i64) {
+    let mut i = first_option;
+    while i + 1 < argv.len() {
+        let unit = if argv[i].eq_ignore_ascii_case(b"ex") {
+            Some(1000)
+        } else if argv[i].eq_ignore_ascii_case(b"px") {
+            Some(1)
+        } else {
+            None
+        };
+        if let Some(unit) = unit {
+            if let Some(at) = deadline(&argv[i + 1], unit, now_ms) {
+                argv[i] = b"PXAT".to_vec();
+                argv[i + 1] = at.to_string().into_bytes();
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// XADD with an automatic id (`*`) takes its milliseconds from the leader's clock.
+fn pin_xadd_id(argv: &mut [Vec<u8>], now_ms: i64) {
+    let mut i = 2;
+    while i < argv.len() {
+        let a = &argv[i];
+        if a.eq_ignore_ascii_case(b"nomkstream") {
+            i += 1;
+        } else if a.eq_ignore_ascii_case(b"maxlen") || a.eq_ignore_ascii_case(b"minid") {
+            i += 1;
+            if argv.get(i).map_or(false, |t| t == b"=" || t == b"~") {
+                i += 1;
+            }
+            i += 1; // threshold
+        } else if a.eq_ignore_ascii_case(b"limit") {
+            i += 2;
+        } else {
+            if a == b"*" {
+                argv[i] = format!("{now_ms}-*").into_bytes();
+            }
+            return;
+        }
+    }
+}
+
+fn parse_i64(arg: &[u8]) -> Option<i64> {
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}
+
+/// A strictly positive relative time turned into an absolute one; None where Redis would refuse.
+fn deadline(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
+    let v = parse_i64(arg)?;
+    (v > 0).then(|| v.checked_mul(unit_ms)?.checked_add(now_ms)).flatten()
+}
+
+/// Any relative time (zero and negative included) as an absolute one.
+fn offset(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
+    parse_i64(arg)?.checked_mul(unit_ms)?.checked_add(now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Vec<String>, Refused> {
+        let mut argv: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        pin(&mut argv, 1_000_000)?;
+        Ok(argv.into_iter().map(|a| String::from_utf8(a).unwrap()).collect())
+    }
+
+    #[test]
+    fn relative_expirations_become_absolute() {
+        assert_eq!(run(&["SET", "k", "v", "EX", "10"]).unwrap(), ["SET", "k", "v", "PXAT", "1010000"]);
+        assert_eq!(run(&["set", "k", "v", "NX", "px", "5"]).unwrap(), ["set", "k", "v", "NX", "PXAT", "1000005"]);
+        assert_eq!(run(&["SETEX", "k", "2", "v"]).unwrap(), ["SET", "k", "v", "PXAT", "1002000"]);
+        assert_eq!(run(&["PSETEX", "k", "2", "v"]).unwrap(), ["SET", "k", "v", "PXAT", "1000002"]);
+        assert_eq!(run(&["EXPIRE", "k", "3", "NX"]).unwrap(), ["PEXPIREAT", "k", "1003000", "NX"]);
+        assert_eq!(run(&["PEXPIRE", "k", "-1"]).unwrap(), ["PEXPIREAT", "k", "999999"]);
+        assert_eq!(run(&["GETEX", "k", "EX", "1"]).unwrap(), ["GETEX", "k", "PXAT", "1001000"]);
+        assert_eq!(run(&["RESTORE", "k", "50", "payload"]).unwrap(), ["RESTORE", "k", "1000050", "payload", "ABSTTL"]);
+        assert_eq!(run(&["RESTORE", "k", "0", "payload"]).unwrap(), ["RESTORE", "k", "0", "payload"]);
+    }
+
+    #[test]
+    fn arguments_redis_would_reject_are_left_for_redis_to_reject() {
+        assert_eq!(run(&["SET", "k", "v", "EX", "0"]).unwrap(), ["SET", "k", "v", "EX", "0"]);
+        assert_eq!(run(&["SET", "k", "v", "EX", "ten"]).unwrap(), ["SET", "k", "v", "EX", "ten"]);
+        assert_eq!(run(&["SETEX", "k", "-5", "v"]).unwrap(), ["SETEX", "k", "-5", "v"]);
+        let huge = i64::MAX.to_string();
+        assert_eq!(run(&["EXPIRE", "k", &huge]).unwrap(), ["EXPIRE", "k", huge.as_str()]);
+    }
+
+    #[test]
+    fn xadd_automatic_ids_use_the_leaders_clock() {
+        assert_eq!(run(&["XADD", "s", "*", "f", "v"]).unwrap(), ["XADD", "s", "1000000-*", "f", "v"]);
+        assert_eq!(
+            run(&["XADD", "s", "NOMKSTREAM", "MAXLEN", "~", "10", "LIMIT", "5", "*", "f", "v"]).unwrap(),
+            ["XADD", "s", "NOMKSTREAM", "MAXLEN", "~", "10", "LIMIT", "5", "1000000-*", "f", "v"]
+        );
+        assert_eq!(run(&["XADD", "s", "5-1", "f", "v"]).unwrap(), ["XADD", "s", "5-1", "f", "v"]);
+    }
+
+    #[test]
+    fn random_and_clock_dependent_writes_are_refused() {
+        assert!(run(&["SPOP", "s"]).unwrap_err().0.starts_with("ERR SPOP"));
+        assert!(run(&["xclaim", "s", "g", "c", "0", "1-1"]).unwrap_err().0.starts_with("ERR XCLAIM"));
+    }
+}

@@ -1,0 +1,789 @@
+//! A Raft node: one `RawNode` driven by its own thread (the "Raft loop"), persisting to a
+//! [`LogStore`], talking to peers through a [`Transport`], and handing committed entries, in log
+//! order, to a [`StateMachine`].
+//!
+//! Everything that touches the `RawNode` happens on the Raft loop. Other threads talk to it
+//! through a channel of [`Request`]s and read its published [`Status`]. The loop drains every
+//! request already queued before it asks raft for a Ready, so a burst of proposals becomes one
+//! Ready, one LMDB transaction and one fsync (group commit).
+
+use crate::config::{Durability, Timing};
+use crate::ids::{LogIndex, NodeId, Term};
+use crate::membership::{Members, MembershipChange, NodeInfo};
+use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
+use crate::raft_logger;
+use crate::snapshot_data;
+use crate::status::{PeerProgress, Role, Status};
+use crate::storage::LogStore;
+use crate::transport::{Inbound, Transport, TransportConfig};
+use anyhow::Context as _;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use prost::Message as _;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::{RawNode, StateRole};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Requests drained per loop round before a Ready is processed. Bounds the latency one round
+/// adds while still batching generously.
+const MAX_REQUESTS_PER_ROUND: usize = 8192;
+
+const META_MEMBERS: &str = "members";
+const META_CONF_APPLIED: &str = "conf_applied";
+
+/// The application on top of the log. The Raft loop calls it; it must not block for long (the
+/// Redis module hands batches to Redis' main thread and returns).
+pub trait StateMachine: Send + 'static {
+    type Waiter: Waiter;
+
+    /// Committed normal entries, in log order. Every entry up to `batch.applied_to` has been
+    /// handed over once this returns (entries without data and membership entries are not in
+    /// `entries`, but are covered by `applied_to`).
+    fn apply(&mut self, batch: ApplyBatch<Self::Waiter>);
+
+    /// Replace the whole dataset with a snapshot's application bytes, taken at `index`.
+    fn restore(&mut self, index: LogIndex, data: &[u8]);
+}
+
+pub struct ApplyBatch<W> {
+    pub entries: Vec<Committed<W>>,
+    pub applied_to: LogIndex,
+}
+
+pub struct Committed<W> {
+    pub index: LogIndex,
+    pub term: Term,
+    pub data: Vec<u8>,
+    /// Present on the node that proposed the entry, while its proposer is still waiting.
+    pub waiter: Option<W>,
+}
+
+/// How to start a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Address the side port binds to.
+    pub listen: SocketAddr,
+    /// This node's advertised addresses (what peers and clients are told).
+    pub info: NodeInfo,
+    pub timing: Timing,
+    pub durability: Durability,
+}
+
+enum Request<W> {
+    Propose { data: Vec<u8>, waiter: W, deadline: Instant },
+    ChangeMembership { change: MembershipChange, waiter: Callback<()>, deadline: Instant },
+    ReadIndex { waiter: Callback<LogIndex>, deadline: Instant },
+    Raft(Vec<Message>),
+    Hello { from: NodeId, addr: String },
+    Unreachable(NodeId),
+    TransferLeader(NodeId),
+    Shutdown,
+}
+
+struct Shared {
+    status: Mutex<Status>,
+    durability: AtomicU8,
+    /// Entries were written without fsync since the last flush (durability medium/low).
+    dirty: AtomicBool,
+    stopped: AtomicBool,
+}
+
+/// Handle to a running node. Dropping it shuts the node down.
+pub struct Node<S: StateMachine> {
+    tx: Sender<Request<S::Waiter>>,
+    shared: Arc<Shared>,
+    transport: Transport,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<S: StateMachine> Node<S> {
+    /// Makes `store` the log of a new single-node cluster with `info` as its only voter. The
+    /// first log entry is the membership change that adds it (with its addresses), committed by
+    /// construction: nodes that join later replay the whole membership history from the log.
+    pub fn bootstrap(store: &LogStore, info: &NodeInfo) -> anyhow::Result<()> {
+        anyhow::ensure!(!store.is_initialized(), "this node already belongs to a cluster");
+        let (cc, context) = MembershipChange::AddVoter(info.clone()).to_raft();
+        let mut entry = Entry::default();
+        entry.set_entry_type(EntryType::EntryConfChangeV2);
+        entry.index = 1;
+        entry.term = 1;
+        entry.data = cc.encode_to_vec();
+        entry.context = context;
+        let hard_state = HardState { term: 1, vote: 0, commit: 1 };
+        store.set_conf_state(&ConfState { voters: vec![info.id.get()], ..Default::default() })?;
+        store.append(&[entry], Some(&hard_state), true).context("writing the first log entry")?;
+        let mut members = Members::new();
+        members.insert(info.id, info.clone());
+        store.put_meta(META_MEMBERS, &serde_json::to_vec(&members)?)?;
+        store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
+        store.sync()?;
+        Ok(())
+    }
+
+    /// Starts the side port and the Raft loop. A store that was never bootstrapped gives a node
+    /// that waits to be added to a cluster by its leader.
+    pub fn start(cfg: NodeConfig, store: LogStore, mut sm: S) -> anyhow::Result<Node<S>> {
+        let members: Members = match store.get_meta(META_MEMBERS)? {
+            Some(bytes) => serde_json::from_slice(&bytes).context("decoding the member list")?,
+            None => Members::new(),
+        };
+        let conf_applied = match store.get_meta(META_CONF_APPLIED)? {
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().context("conf_applied is corrupt")?),
+            None => 0,
+        };
+
+        // The state machine starts empty: it is rebuilt from the latest snapshot and the log.
+        let snapshot_index = store.first_index().saturating_sub(1);
+        let snapshot = raft::Storage::snapshot(&store, 0, 0).ok();
+        if let Some(snap) = snapshot.filter(|s| s.get_metadata().index > 0) {
+            let (_, app) = snapshot_data::decode(&snap.data)?;
+            sm.restore(LogIndex(snap.get_metadata().index), app);
+        } else {
+            sm.restore(LogIndex(snapshot_index), &[]);
+        }
+
+        let raft_cfg = raft::Config {
+            id: cfg.id.get(),
+            election_tick: cfg.timing.election_ticks,
+            heartbeat_tick: cfg.timing.heartbeat_ticks,
+            applied: snapshot_index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            // Many small proposals per Ready: let raft pack them into few append messages.
+            batch_append: true,
+            ..Default::default()
+        };
+        raft_cfg.validate().context("invalid raft configuration")?;
+        let logger = raft_logger::logger(cfg.id.get());
+        let raw = RawNode::new(&raft_cfg, store.clone(), &logger).context("starting raft")?;
+
+        let (tx, rx) = crossbeam_channel::unbounded::<Request<S::Waiter>>();
+        let inbound_tx = tx.clone();
+        let transport = Transport::start(
+            TransportConfig {
+                me: cfg.id,
+                listen: cfg.listen,
+                advertise: cfg.info.raft_addr.clone(),
+                queue_limit: 4096,
+            },
+            move |inbound| {
+                let req = match inbound {
+                    Inbound::Raft(msgs) => Request::Raft(msgs),
+                    Inbound::Hello { from, addr } => Request::Hello { from, addr },
+                    Inbound::Unreachable(id) => Request::Unreachable(id),
+                };
+                let _ = inbound_tx.send(req);
+            },
+        )
+        .with_context(|| format!("starting the side port on {}", cfg.listen))?;
+        for info in members.values().filter(|m| m.id != cfg.id) {
+            transport.set_peer_addr(info.id, info.raft_addr.clone());
+        }
+
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status::initial(cfg.id)),
+            durability: AtomicU8::new(durability_code(cfg.durability)),
+            dirty: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+        });
+        let mut raft_loop = RaftLoop {
+            id: cfg.id,
+            raw,
+            store: store.clone(),
+            sm,
+            transport: transport.clone(),
+            shared: shared.clone(),
+            rx,
+            members,
+            conf_applied: LogIndex(conf_applied),
+            proposals: PendingProposals::new(),
+            membership_waiters: BTreeMap::new(),
+            membership_done: Vec::new(),
+            reads_to_start: Vec::new(),
+            reads_in_flight: BTreeMap::new(),
+            next_read_id: 1,
+            was_leader: false,
+            leader_ready: false,
+            tick: cfg.timing.tick_interval,
+            shutdown: false,
+        };
+        raft_loop.publish_status();
+        let mut threads = Vec::new();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("raft-{}", cfg.id))
+                .spawn(move || raft_loop.run())
+                .context("spawning the raft thread")?,
+        );
+        let flusher_shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("raft-flush-{}", cfg.id))
+                .spawn(move || flush_every_second(flusher_shared, store))
+                .context("spawning the flush thread")?,
+        );
+        Ok(Node { tx, shared, transport, threads: Mutex::new(threads) })
+    }
+
+    /// Proposes `data` as a log entry. `waiter` is completed by the state machine when the entry
+    /// is applied, or failed by the node (not leader, leadership lost, overwritten, deadline).
+    pub fn propose(&self, data: Vec<u8>, waiter: S::Waiter, deadline: Instant) {
+        if data.is_empty() {
+            // Empty entries are raft's own (leader no-ops); never let a proposal look like one.
+            return waiter.fail(ProposeError::Dropped("empty proposal".into()));
+        }
+        if let Err(e) = self.tx.send(Request::Propose { data, waiter, deadline }) {
+            if let Request::Propose { waiter, .. } = e.into_inner() {
+                waiter.fail(ProposeError::Shutdown);
+            }
+        }
+    }
+
+    /// One membership step; `waiter` completes when the change is committed and applied here.
+    pub fn change_membership(&self, change: MembershipChange, waiter: Callback<()>, deadline: Instant) {
+        if let Err(e) = self.tx.send(Request::ChangeMembership { change, waiter, deadline }) {
+            if let Request::ChangeMembership { waiter, .. } = e.into_inner() {
+                waiter(Err(ProposeError::Shutdown));
+            }
+        }
+    }
+
+    /// Confirms leadership with a ReadIndex round (all reads queued in the same loop round share
+    /// one). The waiter gets the commit index a linearizable read must wait to see applied.
+    pub fn read_index(&self, waiter: Callback<LogIndex>, deadline: Instant) {
+        if let Err(e) = self.tx.send(Request::ReadIndex { waiter, deadline }) {
+            if let Request::ReadIndex { waiter, .. } = e.into_inner() {
+                waiter(Err(ProposeError::Shutdown));
+            }
+        }
+    }
+
+    /// Asks the leader to hand leadership to `to` (best effort).
+    pub fn transfer_leader(&self, to: NodeId) {
+        let _ = self.tx.send(Request::TransferLeader(to));
+    }
+
+    /// Blocking: adds `info` as a learner, waits until it has caught up with the log, then
+    /// promotes it to voter. Runs on the caller's thread (never Redis' main thread).
+    pub fn add_member(&self, info: NodeInfo, deadline: Instant) -> Result<(), ProposeError> {
+        let id = info.id;
+        let status = self.status();
+        if status.voters.contains(&id) {
+            return Ok(());
+        }
+        if !status.learners.contains(&id) {
+            self.change_membership_blocking(MembershipChange::AddLearner(info), deadline)?;
+        }
+        // A learner that has not caught up would stall the quorum as soon as it votes.
+        loop {
+            let status = self.status();
+            if !status.is_leader() {
+                return Err(ProposeError::NotLeader { leader: status.leader });
+            }
+            if status.progress_of(id).map_or(false, |p| p.matched >= status.commit) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ProposeError::Timeout);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.change_membership_blocking(MembershipChange::Promote(id), deadline)
+    }
+
+    /// Blocking form of [`Node::change_membership`].
+    pub fn change_membership_blocking(&self, change: MembershipChange, deadline: Instant) -> Result<(), ProposeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.change_membership(change, Box::new(move |r| drop(tx.send(r))), deadline);
+        // The loop enforces the deadline; the margin only guards against a stopped loop.
+        let margin = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        rx.recv_timeout(margin).unwrap_or(Err(ProposeError::Timeout))
+    }
+
+    pub fn status(&self) -> Status {
+        self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn durability(&self) -> Durability {
+        durability_from_code(self.shared.durability.load(Ordering::Relaxed))
+    }
+
+    pub fn set_durability(&self, durability: Durability) {
+        self.shared.durability.store(durability_code(durability), Ordering::Relaxed);
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Stops the Raft loop, the flusher and the side port; pending requests fail with
+    /// [`ProposeError::Shutdown`]. Idempotent.
+    pub fn shutdown(&self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Request::Shutdown);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        self.transport.shutdown();
+    }
+}
+
+impl<S: StateMachine> Drop for Node<S> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn durability_code(d: Durability) -> u8 {
+    match d {
+        Durability::High => 0,
+        Durability::Medium => 1,
+        Durability::Low => 2,
+    }
+}
+
+fn durability_from_code(c: u8) -> Durability {
+    match c {
+        0 => Durability::High,
+        1 => Durability::Medium,
+        _ => Durability::Low,
+    }
+}
+
+/// durability=medium: what was written without fsync reaches the disk within about a second.
+fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
+    let mut last = Instant::now();
+    while !shared.stopped.load(Ordering::Relaxed) {
+        // Short sleeps so shutdown is prompt.
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        last = Instant::now();
+        let medium = durability_from_code(shared.durability.load(Ordering::Relaxed)) == Durability::Medium;
+        if medium && shared.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = store.sync() {
+                log::error!("background fsync of the raft log failed: {e:#}");
+                shared.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct RaftLoop<S: StateMachine> {
+    id: NodeId,
+    raw: RawNode<LogStore>,
+    store: LogStore,
+    sm: S,
+    transport: Transport,
+    shared: Arc<Shared>,
+    rx: Receiver<Request<S::Waiter>>,
+    members: Members,
+    /// Membership entries up to here are already reflected in the stored ConfState: on restart
+    /// they are replayed for the state machine but not applied to raft a second time.
+    conf_applied: LogIndex,
+    proposals: PendingProposals<S::Waiter>,
+    membership_waiters: BTreeMap<LogIndex, (Term, Instant, Callback<()>)>,
+    membership_done: Vec<(Callback<()>, Result<(), ProposeError>)>,
+    reads_to_start: Vec<(Instant, Callback<LogIndex>)>,
+    reads_in_flight: BTreeMap<u64, Vec<(Instant, Callback<LogIndex>)>>,
+    next_read_id: u64,
+    was_leader: bool,
+    leader_ready: bool,
+    tick: Duration,
+    shutdown: bool,
+}
+
+impl<S: StateMachine> RaftLoop<S> {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        while !self.shutdown {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(req) => {
+                    self.handle(req);
+                    for _ in 0..MAX_REQUESTS_PER_ROUND {
+                        match self.rx.try_recv() {
+                            Ok(req) => self.handle(req),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick = now + self.tick;
+                self.expire(now);
+            }
+            self.start_reads();
+            if let Err(e) = self.on_ready() {
+                let msg = format!("{e:#}");
+                log::error!("raft node {} stopped: {msg}", self.id);
+                self.lock_status().fatal = Some(msg);
+                break;
+            }
+            self.check_leadership();
+            self.publish_status();
+            for (w, result) in self.membership_done.drain(..) {
+                w(result);
+            }
+        }
+        self.fail_everything(ProposeError::Shutdown);
+        // Requests that raced with the stop still get an answer.
+        for req in self.rx.try_iter() {
+            fail_request(req, ProposeError::Shutdown);
+        }
+        self.publish_status();
+    }
+
+    fn handle(&mut self, req: Request<S::Waiter>) {
+        match req {
+            Request::Propose { data, waiter, deadline } => self.propose(data, waiter, deadline),
+            Request::ChangeMembership { change, waiter, deadline } => self.propose_membership(change, waiter, deadline),
+            Request::ReadIndex { waiter, deadline } => self.reads_to_start.push((deadline, waiter)),
+            Request::Raft(msgs) => {
+                for m in msgs {
+                    // A message for another id (a misrouted or stale peer) is dropped by raft
+                    // with an error; nothing to do but log at debug level.
+                    if let Err(e) = self.raw.step(m) {
+                        log::debug!("raft {} ignored a message: {e}", self.id);
+                    }
+                }
+            }
+            Request::Hello { from, addr } => {
+                // The member list is authoritative; a hello only fills in peers we have not
+                // learnt yet (e.g. the leader, seen by a node that is joining).
+                if from != self.id && self.transport.peer_addr(from).is_none() {
+                    self.transport.set_peer_addr(from, addr);
+                }
+            }
+            Request::Unreachable(id) => self.raw.report_unreachable(id.get()),
+            Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
+            Request::Shutdown => self.shutdown = true,
+        }
+    }
+
+    fn not_leader(&self) -> Option<ProposeError> {
+        if self.raw.raft.state == StateRole::Leader {
+            None
+        } else {
+            let leader = self.raw.raft.leader_id;
+            Some(ProposeError::NotLeader { leader: (leader != 0).then_some(NodeId(leader)) })
+        }
+    }
+
+    fn propose(&mut self, data: Vec<u8>, waiter: S::Waiter, deadline: Instant) {
+        if let Some(err) = self.not_leader() {
+            return waiter.fail(err);
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose(Vec::new(), data) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                if index == before {
+                    return waiter.fail(ProposeError::Dropped("raft did not append the entry".into()));
+                }
+                let term = Term(self.raw.raft.term);
+                self.proposals.insert(LogIndex(index), Pending { term, deadline, waiter });
+            }
+            Err(e) => waiter.fail(ProposeError::Dropped(e.to_string())),
+        }
+    }
+
+    fn propose_membership(&mut self, change: MembershipChange, waiter: Callback<()>, deadline: Instant) {
+        if let Some(err) = self.not_leader() {
+            return waiter(Err(err));
+        }
+        let (cc, context) = change.to_raft();
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose_conf_change(context, cc) {
+            Ok(()) if self.raw.raft.raft_log.last_index() > before => {
+                let index = LogIndex(self.raw.raft.raft_log.last_index());
+                self.membership_waiters.insert(index, (Term(self.raw.raft.term), deadline, waiter));
+            }
+            Ok(()) => waiter(Err(ProposeError::Dropped("raft did not append the change".into()))),
+            Err(e) => waiter(Err(ProposeError::Dropped(e.to_string()))),
+        }
+    }
+
+    /// All reads queued this round share one ReadIndex request.
+    fn start_reads(&mut self) {
+        if self.reads_to_start.is_empty() {
+            return;
+        }
+        let reads = std::mem::take(&mut self.reads_to_start);
+        if let Some(err) = self.not_leader() {
+            for (_, w) in reads {
+                w(Err(err.clone()));
+            }
+            return;
+        }
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.raw.read_index(id.to_be_bytes().to_vec());
+        self.reads_in_flight.insert(id, reads);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.proposals.expire(now);
+        let expired: Vec<LogIndex> =
+            self.membership_waiters.iter().filter(|(_, (_, d, _))| *d <= now).map(|(i, _)| *i).collect();
+        for i in expired {
+            if let Some((_, _, w)) = self.membership_waiters.remove(&i) {
+                w(Err(ProposeError::Timeout));
+            }
+        }
+        for reads in self.reads_in_flight.values_mut() {
+            let (expired, alive): (Vec<_>, Vec<_>) = std::mem::take(reads).into_iter().partition(|(d, _)| *d <= now);
+            *reads = alive;
+            for (_, w) in expired {
+                w(Err(ProposeError::Timeout));
+            }
+        }
+        self.reads_in_flight.retain(|_, reads| !reads.is_empty());
+    }
+
+    /// A leader that stepped down cannot vouch for anything it had in flight.
+    fn check_leadership(&mut self) {
+        let is_leader = self.raw.raft.state == StateRole::Leader;
+        if self.was_leader && !is_leader {
+            log::warn!("raft {} lost leadership at term {}", self.id, self.raw.raft.term);
+            self.fail_everything(ProposeError::LeadershipLost);
+        }
+        if !is_leader {
+            self.leader_ready = false;
+        }
+        self.was_leader = is_leader;
+    }
+
+    fn fail_everything(&mut self, err: ProposeError) {
+        self.proposals.fail_all(err.clone());
+        for (_, (_, _, w)) in std::mem::take(&mut self.membership_waiters) {
+            w(Err(err.clone()));
+        }
+        let reads = std::mem::take(&mut self.reads_in_flight).into_values().flatten();
+        for (_, w) in reads.chain(std::mem::take(&mut self.reads_to_start)) {
+            w(Err(err.clone()));
+        }
+    }
+
+    fn sync_writes(&self) -> bool {
+        let durability = durability_from_code(self.shared.durability.load(Ordering::Relaxed));
+        durability == Durability::High
+    }
+
+    fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        let sync = self.sync_writes();
+
+        // A leader may send appends while it persists its own copy: it only counts itself
+        // towards the quorum once the entries are persisted (after advance).
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone(), sync)?;
+        }
+        self.handle_committed(ready.take_committed_entries())?;
+        let entries = ready.take_entries();
+        if !entries.is_empty() || ready.hs().is_some() {
+            self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
+            if !sync {
+                self.shared.dirty.store(true, Ordering::Release);
+            }
+        }
+        // Votes and append acknowledgements promise that the data is on disk: only now.
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        self.complete_reads(ready.take_read_states());
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit, false).context("persisting the commit index")?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        self.handle_committed(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot, sync: bool) -> anyhow::Result<()> {
+        let index = snapshot.get_metadata().index;
+        let (members, app) = snapshot_data::decode(&snapshot.data)?;
+        log::info!("raft {} installing a snapshot at index {index} ({} bytes)", self.id, snapshot.data.len());
+        self.sm.restore(LogIndex(index), app);
+        self.members = members;
+        self.conf_applied = LogIndex(index);
+        self.persist_members()?;
+        for info in self.members.values().filter(|m| m.id != self.id) {
+            self.transport.set_peer_addr(info.id, info.raft_addr.clone());
+        }
+        self.store.apply_snapshot(snapshot, sync).context("storing the snapshot")?;
+        Ok(())
+    }
+
+    fn handle_committed(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        let Some(last) = entries.last().map(|e| LogIndex(e.index)) else {
+            return Ok(());
+        };
+        let mut batch = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let index = LogIndex(entry.index);
+            let term = Term(entry.term);
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    // A leader's no-op. A membership waiter at this index means raft replaced
+                    // our change because another one was still pending.
+                    if let Some((_, _, w)) = self.membership_waiters.remove(&index) {
+                        w(Err(ProposeError::Dropped("another membership change is in progress".into())));
+                    }
+                    if term.get() == self.raw.raft.term && self.raw.raft.state == StateRole::Leader {
+                        self.leader_ready = true;
+                    }
+                }
+                EntryType::EntryNormal => {
+                    let waiter = self.proposals.take_committed(index, term);
+                    batch.push(Committed { index, term, data: entry.data, waiter });
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::decode(entry.data.as_slice()).context("decoding a membership entry")?;
+                    self.apply_membership(index, &cc)?;
+                    if let Some((t, _, w)) = self.membership_waiters.remove(&index) {
+                        // Answered after this round's status is published, so the caller sees
+                        // the new membership in `status()`.
+                        self.membership_done.push((w, if t == term { Ok(()) } else { Err(ProposeError::Overwritten) }));
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    log::warn!("raft {} skipped a v1 membership entry at {index}: Raftis only writes v2", self.id);
+                }
+            }
+        }
+        self.sm.apply(ApplyBatch { entries: batch, applied_to: last });
+        Ok(())
+    }
+
+    fn apply_membership(&mut self, index: LogIndex, cc: &ConfChangeV2) -> anyhow::Result<()> {
+        if index <= self.conf_applied {
+            return Ok(());
+        }
+        let conf_state = self.raw.apply_conf_change(cc).context("applying a membership change")?;
+        self.store.set_conf_state(&conf_state).context("persisting the membership")?;
+        let before: Vec<NodeId> = self.members.keys().copied().collect();
+        MembershipChange::apply_to_members(cc, &mut self.members);
+        self.conf_applied = index;
+        self.persist_members()?;
+        for id in before.iter().filter(|id| !self.members.contains_key(id)) {
+            self.transport.remove_peer(*id);
+        }
+        for info in self.members.values().filter(|m| m.id != self.id) {
+            if self.transport.peer_addr(info.id).as_deref() != Some(info.raft_addr.as_str()) {
+                self.transport.set_peer_addr(info.id, info.raft_addr.clone());
+            }
+        }
+        log::info!(
+            "raft {} membership at {index}: voters {:?} learners {:?}",
+            self.id,
+            conf_state.voters,
+            conf_state.learners
+        );
+        Ok(())
+    }
+
+    fn persist_members(&self) -> anyhow::Result<()> {
+        self.store.put_meta(META_MEMBERS, &serde_json::to_vec(&self.members)?)?;
+        self.store.put_meta(META_CONF_APPLIED, &self.conf_applied.get().to_be_bytes())?;
+        Ok(())
+    }
+
+    fn complete_reads(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else { continue };
+            if let Some(reads) = self.reads_in_flight.remove(&u64::from_be_bytes(bytes)) {
+                for (_, w) in reads {
+                    w(Ok(LogIndex(rs.index)));
+                }
+            }
+        }
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let mut conf = raft.prs().conf().to_conf_state();
+        conf.voters.sort_unstable();
+        conf.learners.sort_unstable();
+        let role = match raft.state {
+            StateRole::Leader => Role::Leader,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Follower if conf.learners.contains(&self.id.get()) => Role::Learner,
+            StateRole::Follower => Role::Follower,
+        };
+        let progress = if role == Role::Leader {
+            raft.prs()
+                .iter()
+                .filter(|(id, _)| **id != self.id.get())
+                .map(|(id, pr)| PeerProgress {
+                    id: NodeId(*id),
+                    matched: LogIndex(pr.matched),
+                    next: LogIndex(pr.next_idx),
+                    state: format!("{:?}", pr.state).to_lowercase(),
+                    is_learner: conf.learners.contains(id),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let status = Status {
+            id: self.id,
+            role,
+            term: Term(raft.term),
+            leader: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
+            commit: LogIndex(raft.raft_log.committed),
+            applied: LogIndex(raft.raft_log.applied),
+            first_index: LogIndex(self.store.first_index()),
+            last_index: LogIndex(raft.raft_log.last_index()),
+            voters: conf.voters.iter().map(|v| NodeId(*v)).collect(),
+            learners: conf.learners.iter().map(|v| NodeId(*v)).collect(),
+            members: self.members.clone(),
+            progress,
+            leader_ready: self.leader_ready,
+            pending_proposals: self.proposals.len(),
+            fatal: None,
+        };
+        let mut slot = self.lock_status();
+        let fatal = slot.fatal.take();
+        *slot = Status { fatal, ..status };
+    }
+}
+
+fn fail_request<W: Waiter>(req: Request<W>, err: ProposeError) {
+    match req {
+        Request::Propose { waiter, .. } => waiter.fail(err),
+        Request::ChangeMembership { waiter, .. } => waiter(Err(err)),
+        Request::ReadIndex { waiter, .. } => waiter(Err(err)),
+        _ => {}
+    }
+}

@@ -1,0 +1,172 @@
+//! Where a client command goes: replicated through Raft, served as a read, run locally, or
+//! refused. The decision comes from Redis' own command table (the flags `COMMAND INFO` reports),
+//! so new Redis commands are classified without a list to maintain; only the commands that must
+//! never be replicated and those not supported yet are named here.
+
+use std::collections::HashMap;
+
+/// What Redis says about a command (one entry of `COMMAND`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandInfo {
+    /// Redis arity: positive is exact, negative is a minimum.
+    pub arity: i64,
+    pub write: bool,
+    pub readonly: bool,
+    pub blocking: bool,
+    /// Has subcommands ("container" commands such as CONFIG or OBJECT).
+    pub container: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Run by this node alone, untouched (connection state, admin, pub/sub, unknown commands).
+    Local,
+    /// Replicated through the log and applied on every node.
+    Write,
+    /// Served according to the read consistency level.
+    Read,
+    /// Answered with this error (without the leading '-').
+    Refuse(String),
+}
+
+/// Connection state, introspection and our own commands: never through the log.
+const NEVER_REPLICATED: &[&str] = &[
+    "select", "client", "auth", "hello", "monitor", "ping", "echo", "quit", "reset", "readonly", "readwrite",
+    "command", "info", "config", "debug", "shutdown", "save", "bgsave", "bgrewriteaof", "slowlog", "latency",
+    "memory", "module", "acl", "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe",
+    "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut", "script",
+];
+
+/// Not supported yet: refused outright rather than half working.
+const REFUSED: &[(&str, &str)] = &[
+    ("multi", "transactions (MULTI/EXEC)"),
+    ("exec", "transactions (MULTI/EXEC)"),
+    ("discard", "transactions (MULTI/EXEC)"),
+    ("watch", "transactions (MULTI/EXEC)"),
+    ("unwatch", "transactions (MULTI/EXEC)"),
+    ("eval", "scripts"),
+    ("evalsha", "scripts"),
+    ("eval_ro", "scripts"),
+    ("evalsha_ro", "scripts"),
+    ("fcall", "functions"),
+    ("fcall_ro", "functions"),
+    ("function", "functions"),
+    ("wait", "WAIT (every acknowledged write is already on a majority)"),
+    ("waitaof", "WAITAOF"),
+    ("migrate", "MIGRATE"),
+    ("replicaof", "Redis replication (Raftis replaces it)"),
+    ("slaveof", "Redis replication (Raftis replaces it)"),
+    ("failover", "Redis replication (Raftis replaces it)"),
+    ("sync", "Redis replication (Raftis replaces it)"),
+    ("psync", "Redis replication (Raftis replaces it)"),
+];
+
+/// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
+#[derive(Clone, Debug, Default)]
+pub struct CommandTable {
+    commands: HashMap<String, CommandInfo>,
+}
+
+impl CommandTable {
+    pub fn insert(&mut self, name: &str, info: CommandInfo) {
+        self.commands.insert(name.to_ascii_lowercase(), info);
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CommandInfo> {
+        self.commands.get(name)
+    }
+
+    /// Classifies `argv` (the command and its arguments as the client sent them).
+    pub fn route(&self, argv: &[&[u8]]) -> Route {
+        let Some(first) = argv.first() else { return Route::Local };
+        let Ok(name) = std::str::from_utf8(first) else { return Route::Local };
+        let name = name.to_ascii_lowercase();
+        if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name.as_str()) {
+            return Route::Local;
+        }
+        if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
+            return Route::Refuse(format!("ERR {what} not supported by Raftis yet"));
+        }
+        let Some(mut info) = self.commands.get(&name) else { return Route::Local };
+        let mut display = name.clone();
+        if info.container && argv.len() >= 2 {
+            if let Ok(sub) = std::str::from_utf8(argv[1]) {
+                let full = format!("{name}|{}", sub.to_ascii_lowercase());
+                if let Some(sub_info) = self.commands.get(&full) {
+                    info = sub_info;
+                    display = full;
+                }
+            }
+        }
+        let argc = argv.len() as i64;
+        let arity_ok = if info.arity >= 0 { argc == info.arity } else { argc >= -info.arity };
+        if info.write {
+            if !arity_ok {
+                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"));
+            }
+            if info.blocking {
+                return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
+            }
+            return Route::Write;
+        }
+        if info.readonly {
+            // XREAD may block; only its non-blocking form is a plain read.
+            if info.blocking && argv.iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
+                return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
+            }
+            return Route::Read;
+        }
+        Route::Local
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> CommandTable {
+        let mut t = CommandTable::default();
+        t.insert("set", CommandInfo { arity: -3, write: true, ..Default::default() });
+        t.insert("get", CommandInfo { arity: 2, readonly: true, ..Default::default() });
+        t.insert("blpop", CommandInfo { arity: -3, write: true, blocking: true, ..Default::default() });
+        t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
+        t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
+        t.insert("flushall", CommandInfo { arity: -1, write: true, ..Default::default() });
+        t
+    }
+
+    fn route(args: &[&str]) -> Route {
+        let argv: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        table().route(&argv)
+    }
+
+    #[test]
+    fn flags_decide_write_read_local() {
+        assert_eq!(route(&["SET", "k", "v"]), Route::Write);
+        assert_eq!(route(&["flushall"]), Route::Write);
+        assert_eq!(route(&["GET", "k"]), Route::Read);
+        assert_eq!(route(&["OBJECT", "ENCODING", "k"]), Route::Read);
+        assert_eq!(route(&["SELECT", "1"]), Route::Local);
+        assert_eq!(route(&["RAFT.INFO"]), Route::Local);
+        assert_eq!(route(&["NOSUCHCOMMAND", "x"]), Route::Local, "Redis answers unknown commands itself");
+        assert_eq!(route(&["XREAD", "STREAMS", "s", "0"]), Route::Read);
+    }
+
+    #[test]
+    fn unsupported_and_malformed_writes_are_refused_with_redis_style_errors() {
+        assert_eq!(route(&["SET", "k"]), Route::Refuse("ERR wrong number of arguments for 'set' command".into()));
+        assert!(matches!(route(&["MULTI"]), Route::Refuse(e) if e.starts_with("ERR transactions")));
+        assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
+        assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
+        assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
+    }
+}

@@ -1,0 +1,149 @@
+//! The `key=value` arguments given to `MODULE LOAD` / `--loadmodule`, parsed and validated in one
+//! place. The module refuses to load on any error, and the message names what is valid.
+
+use crate::config::{Consistency, Durability, Timing};
+use crate::ids::NodeId;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where the Raft log (LMDB) and node metadata live.
+    pub dir: PathBuf,
+    /// Side port; `None` means the Redis port + 10000.
+    pub raft_port: Option<u16>,
+    pub node_id: Option<NodeId>,
+    pub consistency: Consistency,
+    pub durability: Durability,
+    /// `host:port` that clients and peers are told to use for this node's Redis port.
+    pub advertise_addr: Option<String>,
+    /// How long a write may wait for its commit before the client gets -TIMEOUT.
+    pub write_timeout: Duration,
+    pub follower_proxy: bool,
+    pub timing: Timing,
+}
+
+pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("missing required argument dir=PATH")]
+    MissingDir,
+    #[error("argument '{0}' is not of the form key=value (valid keys: {KEYS})")]
+    NotKeyValue(String),
+    #[error("unknown argument '{0}' (valid keys: {KEYS})")]
+    UnknownKey(String),
+    #[error("invalid value '{value}' for {key}: {why}")]
+    BadValue { key: String, value: String, why: String },
+}
+
+impl Settings {
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Settings, SettingsError> {
+        let mut s = Settings {
+            dir: PathBuf::new(),
+            raft_port: None,
+            node_id: None,
+            consistency: Consistency::High,
+            durability: Durability::High,
+            advertise_addr: None,
+            write_timeout: Duration::from_secs(5),
+            follower_proxy: false,
+            timing: Timing::default(),
+        };
+        let mut have_dir = false;
+        for arg in args {
+            let arg = arg.as_ref();
+            let (key, value) = arg.split_once('=').ok_or_else(|| SettingsError::NotKeyValue(arg.to_string()))?;
+            s.set(key, value)?;
+            have_dir |= key.eq_ignore_ascii_case("dir");
+        }
+        if !have_dir {
+            return Err(SettingsError::MissingDir);
+        }
+        Ok(s)
+    }
+
+    /// Sets one setting by name; used for load arguments and for RAFT.CONFIG SET.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), SettingsError> {
+        let bad = |why: &str| SettingsError::BadValue { key: key.to_string(), value: value.to_string(), why: why.into() };
+        match key.to_ascii_lowercase().as_str() {
+            "dir" if value.is_empty() => return Err(bad("must not be empty")),
+            "dir" => self.dir = PathBuf::from(value),
+            "raft-port" => self.raft_port = Some(value.parse().ok().filter(|p| *p > 0).ok_or_else(|| bad("expected a port 1-65535"))?),
+            "node-id" => {
+                self.node_id = Some(NodeId(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a positive integer"))?))
+            }
+            "consistency" => self.consistency = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&e.to_string()))?,
+            "durability" => self.durability = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&e.to_string()))?,
+            "advertise-addr" => {
+                let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
+                if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                    return Err(bad("expected host:port"));
+                }
+                self.advertise_addr = Some(value.to_string());
+            }
+            "write-timeout" => self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?),
+            "follower-proxy" => {
+                self.follower_proxy = match value.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(bad("expected yes or no")),
+                }
+            }
+            "tick-ms" => {
+                self.timing.tick_interval = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?)
+            }
+            "election-ticks" => {
+                let v: usize = value.parse().map_err(|_| bad("expected an integer"))?;
+                if v <= self.timing.heartbeat_ticks {
+                    return Err(bad("must be greater than heartbeat-ticks"));
+                }
+                self.timing.election_ticks = v;
+            }
+            "heartbeat-ticks" => {
+                let v: usize = value.parse().map_err(|_| bad("expected an integer"))?;
+                if v == 0 || v >= self.timing.election_ticks {
+                    return Err(bad("must be at least 1 and less than election-ticks"));
+                }
+                self.timing.heartbeat_ticks = v;
+            }
+            _ => return Err(SettingsError::UnknownKey(key.to_string())),
+        }
+        Ok(())
+    }
+}
+
+fn positive_ms(value: &str) -> Option<u64> {
+    value.parse::<u64>().ok().filter(|v| *v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = Settings::parse(&["dir=/tmp/x"]).unwrap();
+        assert_eq!(s.consistency, Consistency::High);
+        assert_eq!(s.durability, Durability::High);
+        assert_eq!(s.write_timeout, Duration::from_secs(5));
+        let s = Settings::parse(&["dir=d", "raft-port=17001", "node-id=3", "durability=low", "advertise-addr=10.0.0.1:7001"]).unwrap();
+        assert_eq!(s.raft_port, Some(17001));
+        assert_eq!(s.node_id, Some(NodeId(3)));
+        assert_eq!(s.durability, Durability::Low);
+        assert_eq!(s.advertise_addr.as_deref(), Some("10.0.0.1:7001"));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(Settings::parse::<&str>(&[]).unwrap_err(), SettingsError::MissingDir);
+        assert!(matches!(Settings::parse(&["dir=d", "colour=red"]).unwrap_err(), SettingsError::UnknownKey(k) if k == "colour"));
+        assert!(matches!(Settings::parse(&["dir"]).unwrap_err(), SettingsError::NotKeyValue(_)));
+        let e = Settings::parse(&["dir=d", "durability=fast"]).unwrap_err().to_string();
+        assert!(e.contains("high, medium, low"), "{e}");
+        assert!(Settings::parse(&["dir=d", "raft-port=0"]).is_err());
+        assert!(Settings::parse(&["dir=d", "advertise-addr=nohost"]).is_err());
+        assert!(Settings::parse(&["dir=d", "heartbeat-ticks=50"]).is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! A picture of a node that other threads can read without talking to the Raft loop: the loop
+//! publishes one after every round, so RAFT.INFO on Redis' main thread never waits for it.
+
+use crate::ids::{LogIndex, NodeId, Term};
+use crate::membership::Members;
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    /// A candidate in the pre-vote phase (it has not bumped the term yet).
+    PreCandidate,
+    /// A non-voting member catching up before promotion.
+    Learner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+            Role::Learner => "learner",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Replication progress of one peer, as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: NodeId,
+    pub matched: LogIndex,
+    pub next: LogIndex,
+    /// raft's probe / replicate / snapshot state.
+    pub state: String,
+    pub is_learner: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub commit: LogIndex,
+    /// Highest index handed to the state machine (it may still be applying it).
+    pub applied: LogIndex,
+    pub first_index: LogIndex,
+    pub last_index: LogIndex,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub members: Members,
+    /// Only filled on the leader.
+    pub progress: Vec<PeerProgress>,
+    /// The leader has committed an entry of its own term, so its commit index is current.
+    pub leader_ready: bool,
+    pub pending_proposals: usize,
+    /// The node stopped because of an unrecoverable error (e.g. its disk failed).
+    pub fatal: Option<String>,
+}
+
+impl Status {
+    pub fn initial(id: NodeId) -> Status {
+        Status {
+            id,
+            role: Role::Follower,
+            term: Term(0),
+            leader: None,
+            commit: LogIndex(0),
+            applied: LogIndex(0),
+            first_index: LogIndex(0),
+            last_index: LogIndex(0),
+            voters: Vec::new(),
+            learners: Vec::new(),
+            members: Members::new(),
+            progress: Vec::new(),
+            leader_ready: false,
+            pending_proposals: 0,
+            fatal: None,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+
+    pub fn progress_of(&self, id: NodeId) -> Option<&PeerProgress> {
+        self.progress.iter().find(|p| p.id == id)
+    }
+}

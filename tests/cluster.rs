@@ -1,0 +1,320 @@
+//! In-process clusters of real nodes: real LMDB directories, real loopback TCP side ports.
+//! Conditions are polled with deadlines; no test sleeps to synchronise.
+
+use raftis::config::{Durability, Timing};
+use raftis::membership::{MembershipChange, NodeInfo};
+use raftis::node::{ApplyBatch, Node, NodeConfig, StateMachine};
+use raftis::proposal::{Callback, ProposeError};
+use raftis::status::Role;
+use raftis::storage::LogStore;
+use raftis::{LogIndex, NodeId};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Records every applied entry; completes the proposer's waiter with the entry's index.
+struct Recorder {
+    applied: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl StateMachine for Recorder {
+    type Waiter = Callback<LogIndex>;
+
+    fn apply(&mut self, batch: ApplyBatch<Self::Waiter>) {
+        let mut applied = self.applied.lock().unwrap();
+        for e in batch.entries {
+            applied.push(e.data);
+            if let Some(w) = e.waiter {
+                w(Ok(e.index));
+            }
+        }
+    }
+
+    fn restore(&mut self, _index: LogIndex, data: &[u8]) {
+        assert!(data.is_empty(), "these tests never snapshot application data");
+        self.applied.lock().unwrap().clear();
+    }
+}
+
+struct TestNode {
+    id: NodeId,
+    dir: PathBuf,
+    port: u16,
+    node: Node<Recorder>,
+    applied: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn fast_timing() -> Timing {
+    Timing { tick_interval: Duration::from_millis(20), election_ticks: 10, heartbeat_ticks: 2 }
+}
+
+fn info(id: NodeId, port: u16) -> NodeInfo {
+    NodeInfo { id, raft_addr: format!("127.0.0.1:{port}"), client_addr: format!("127.0.0.1:{}", port + 1) }
+}
+
+fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durability) -> TestNode {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let store = LogStore::open(dir).unwrap();
+    if bootstrap {
+        Node::<Recorder>::bootstrap(&store, &info(id, port)).unwrap();
+    }
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let cfg = NodeConfig {
+        id,
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        info: info(id, port),
+        timing: fast_timing(),
+        durability,
+    };
+    let node = Node::start(cfg, store, Recorder { applied: applied.clone() }).unwrap();
+    TestNode { id, dir: dir.to_path_buf(), port, node, applied }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn leader_of(nodes: &[&TestNode]) -> Option<NodeId> {
+    let leaders: Vec<NodeId> = nodes.iter().filter(|n| n.node.status().role == Role::Leader).map(|n| n.id).collect();
+    (leaders.len() == 1).then(|| leaders[0])
+}
+
+fn wait_leader(nodes: &[&TestNode]) -> NodeId {
+    wait_for("a single leader", Duration::from_secs(10), || {
+        let leader = leader_of(nodes)?;
+        let node = nodes.iter().find(|n| n.id == leader).unwrap();
+        node.node.status().leader_ready.then_some(leader)
+    })
+}
+
+/// Proposes all values at once (so they batch), then waits for every acknowledgement.
+fn propose_all(leader: &TestNode, values: impl IntoIterator<Item = Vec<u8>>) -> Vec<Result<LogIndex, ProposeError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut n = 0;
+    for (i, v) in values.into_iter().enumerate() {
+        let tx = tx.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        leader.node.propose(v, Box::new(move |r| tx.send((i, r)).unwrap()), deadline);
+        n += 1;
+    }
+    let mut results = vec![Err(ProposeError::Timeout); n];
+    for _ in 0..n {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(20)).expect("every proposal completes");
+        results[i] = r;
+    }
+    results
+}
+
+fn assert_acked(results: Vec<Result<LogIndex, ProposeError>>) {
+    for r in results {
+        r.expect("acknowledged");
+    }
+}
+
+fn values(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("{prefix}-{i}").into_bytes()).collect()
+}
+
+fn wait_applied(node: &TestNode, expected: &[Vec<u8>]) {
+    wait_for(&format!("node {} to apply {} entries", node.id, expected.len()), Duration::from_secs(15), || {
+        (node.applied.lock().unwrap().len() >= expected.len()).then_some(())
+    });
+    assert_eq!(&*node.applied.lock().unwrap(), expected, "node {} applied a different sequence", node.id);
+}
+
+/// Node 1 bootstraps, 2 and 3 join through the real membership path.
+fn three_node_cluster(root: &Path, durability: Durability) -> Vec<TestNode> {
+    let n1 = start(NodeId(1), &root.join("n1"), free_port(), true, durability);
+    wait_leader(&[&n1]);
+    let mut nodes = vec![n1];
+    for id in [2, 3] {
+        let n = start(NodeId(id), &root.join(format!("n{id}")), free_port(), false, durability);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        nodes[0].node.add_member(info(n.id, n.port), deadline).expect("member added");
+        nodes.push(n);
+    }
+    let status = nodes[0].node.status();
+    assert_eq!(status.voters, vec![NodeId(1), NodeId(2), NodeId(3)]);
+    nodes
+}
+
+#[test]
+fn three_nodes_elect_one_leader_and_apply_1000_entries_in_the_same_order() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_leader(&refs);
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+
+    let expected = values("v", 1000);
+    let results = propose_all(leader, expected.clone());
+    let indexes: Vec<LogIndex> = results.into_iter().map(|r| r.expect("acknowledged")).collect();
+    assert!(indexes.windows(2).all(|w| w[0] < w[1]), "entries were given increasing indexes");
+    for n in &nodes {
+        wait_applied(n, &expected);
+    }
+    // Followers answer NotLeader, naming the leader.
+    let follower = nodes.iter().find(|n| n.id != leader.id).unwrap();
+    let r = propose_all(follower, vec![b"x".to_vec()]);
+    assert_eq!(r[0], Err(ProposeError::NotLeader { leader: Some(leader.id) }));
+}
+
+#[test]
+fn a_new_leader_takes_over_and_the_old_one_catches_up_after_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::High);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let first_leader = wait_leader(&refs);
+    let pos = nodes.iter().position(|n| n.id == first_leader).unwrap();
+    let before = values("before", 100);
+    assert_acked(propose_all(&nodes[pos], before.clone()));
+
+    // "Kill" the leader: its thread stops, its side port closes.
+    let old = nodes.remove(pos);
+    let (old_id, old_dir, old_port) = (old.id, old.dir.clone(), old.port);
+    drop(old);
+
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let new_leader = wait_leader(&refs);
+    assert_ne!(new_leader, old_id);
+    let leader = nodes.iter().find(|n| n.id == new_leader).unwrap();
+    let after = values("after", 100);
+    assert_acked(propose_all(leader, after.clone()));
+
+    let restarted = start(old_id, &old_dir, old_port, false, Durability::High);
+    let all: Vec<Vec<u8>> = before.into_iter().chain(after).collect();
+    wait_applied(&restarted, &all);
+    for n in &nodes {
+        wait_applied(n, &all);
+    }
+}
+
+#[test]
+fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_leader(&refs);
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let expected = values("durable", 300);
+    assert_acked(propose_all(leader, expected.clone()));
+
+    let places: Vec<(NodeId, PathBuf, u16)> = nodes.iter().map(|n| (n.id, n.dir.clone(), n.port)).collect();
+    drop(nodes);
+    let nodes: Vec<TestNode> =
+        places.iter().map(|(id, dir, port)| start(*id, dir, *port, false, Durability::High)).collect();
+    for n in &nodes {
+        wait_applied(n, &expected);
+        let status = n.node.status();
+        assert_eq!(status.voters, vec![NodeId(1), NodeId(2), NodeId(3)], "membership survives restart");
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_leader(&refs);
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let more = values("more", 10);
+    assert_acked(propose_all(leader, more.clone()));
+    let all: Vec<Vec<u8>> = expected.into_iter().chain(more).collect();
+    for n in &nodes {
+        wait_applied(n, &all);
+    }
+}
+
+#[test]
+fn garbage_on_the_side_port_does_not_stop_the_node() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::Medium);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_leader(&refs);
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+
+    for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"*2\r\n$4\r\nMSGS\r\n$5\r\nxxxxx\r\n", b"*1\r\n$-7\r\n", b"\x00\xff\xfe"] {
+        let mut s = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(garbage).unwrap();
+        // The node closes the connection (after an -ERR); reading reaches end of stream.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let expected = values("still-alive", 50);
+    assert_acked(propose_all(leader, expected.clone()));
+    for n in &nodes {
+        wait_applied(n, &expected);
+    }
+}
+
+#[test]
+fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::Low);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = wait_leader(&refs);
+    let first = values("first", 200);
+    {
+        let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+        assert_acked(propose_all(leader, first.clone()));
+    }
+
+    let n4 = start(NodeId(4), &root.path().join("n4"), free_port(), false, Durability::Low);
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    leader.node.change_membership_blocking(MembershipChange::AddLearner(info(n4.id, n4.port)), deadline).unwrap();
+    wait_for("node 4 to report itself a learner", Duration::from_secs(10), || {
+        (n4.node.status().role == Role::Learner).then_some(())
+    });
+    wait_applied(&n4, &first);
+    leader.node.add_member(info(n4.id, n4.port), deadline).expect("promoted");
+    assert_eq!(leader.node.status().voters, vec![NodeId(1), NodeId(2), NodeId(3), NodeId(4)]);
+
+    // Remove a follower; the remaining three keep committing.
+    let victim = nodes.iter().find(|n| n.id != leader_id).unwrap().id;
+    leader.node.change_membership_blocking(MembershipChange::Remove(victim), deadline).unwrap();
+    let status = leader.node.status();
+    assert!(!status.voters.contains(&victim));
+    assert!(!status.members.contains_key(&victim));
+    nodes.retain(|n| n.id != victim);
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let second = values("second", 200);
+    assert_acked(propose_all(leader, second.clone()));
+    let all: Vec<Vec<u8>> = first.into_iter().chain(second).collect();
+    for n in nodes.iter().chain(std::iter::once(&n4)) {
+        wait_applied(n, &all);
+    }
+}
+
+#[test]
+fn linearizable_reads_get_a_read_index_at_least_the_last_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_leader(&refs);
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let acked = propose_all(leader, values("w", 20));
+    let last = acked.iter().map(|r| *r.as_ref().unwrap()).max().unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..100 {
+        let tx = tx.clone();
+        leader.node.read_index(Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(5));
+    }
+    for _ in 0..100 {
+        let index = rx.recv_timeout(Duration::from_secs(10)).unwrap().expect("leader confirms reads");
+        assert!(index >= last, "read index {index} is older than acknowledged write {last}");
+    }
+    let follower = nodes.iter().find(|n| n.id != leader.id).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    follower.node.read_index(Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(5));
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), Err(ProposeError::NotLeader { .. })));
+}
