@@ -1,1 +1,225 @@
+//! Test harness: real `redis-server` processes with the real `libraftis.so`, on loopback ports,
+//! each with its own data directory. Every wait polls a condition with a deadline.
 
+use anyhow::{bail, Context as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub use redis;
+
+/// The workspace root (this crate lives in `integration/`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Path of the module, built in release mode once per test binary.
+pub fn module_path() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "raftis-module"])
+            .current_dir(workspace())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the module failed");
+    });
+    workspace().join("target/release/libraftis.so")
+}
+
+/// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client port whose side port (+10000) is free too.
+pub fn free_port_pair() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 20000 || port > 55000 {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub struct Server {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts redis-server with the module on `port`, data under `dir`.
+    pub fn start(port: u16, dir: &Path, extra: &[&str]) -> anyhow::Result<Server> {
+        let mut s = Server { port, dir: dir.to_path_buf(), extra: extra.iter().map(|e| e.to_string()).collect(), child: None };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let module = module_path();
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .arg("--loadmodule")
+            .arg(&module)
+            .arg(format!("dir={}", self.dir.join("raft").display()))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().context("spawning redis-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("redis-server on {} exited with {status}; log:\n{}", self.port, self.log_tail());
+            }
+            if self.client().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).map_err(Into::into)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on {} did not answer PING; log:\n{}", self.port, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> anyhow::Result<redis::Connection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        let conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(15)))?;
+        Ok(conn)
+    }
+
+    /// Runs one command on a fresh connection.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut c = self.client().map_err(|e| redis::RedisError::from((redis::ErrorKind::IoError, "connect", e.to_string())))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
+    pub fn state(&self) -> String {
+        self.cmd::<String>(&["RAFT.STATE"]).unwrap_or_else(|e| format!("error: {e}"))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Server>,
+    pub root: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` servers and forms a cluster: INIT on the first, JOIN on the others.
+    pub fn start(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let root = tempfile::Builder::new().prefix("raftis-it-").tempdir()?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let port = free_port_pair();
+            nodes.push(Server::start(port, &root.path().join(format!("n{i}")), extra)?);
+        }
+        let c = Cluster { nodes, root };
+        let init: String = c.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"])?;
+        anyhow::ensure!(init == "OK", "INIT answered {init}");
+        c.wait_leader();
+        for node in &c.nodes[1..] {
+            let reply: String = node.cmd(&["RAFT.CLUSTER", "JOIN", &c.nodes[0].addr()])?;
+            anyhow::ensure!(reply == "OK", "JOIN answered {reply}");
+        }
+        Ok(c)
+    }
+
+    /// Index of the leader once exactly one running node says it leads and it accepts writes.
+    pub fn wait_leader(&self) -> usize {
+        wait_for("a leader", Duration::from_secs(20), || {
+            let leaders: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].state() == "leader").collect();
+            if leaders.len() != 1 {
+                return None;
+            }
+            // The leader serves writes once it has committed an entry of its term.
+            self.nodes[leaders[0]].cmd::<String>(&["SET", "__raftis_probe", "1"]).ok().map(|_| leaders[0])
+        })
+    }
+
+    pub fn leader(&self) -> &Server {
+        &self.nodes[self.wait_leader()]
+    }
+
+    /// Waits until every running node has applied as far as the leader has committed.
+    pub fn wait_converged(&self, alive: &[usize]) {
+        let leader = self.wait_leader();
+        let commit = info_field(&self.nodes[leader], "commit_index");
+        for i in alive {
+            wait_for(&format!("node {i} to apply index {commit}"), Duration::from_secs(20), || {
+                (info_field(&self.nodes[*i], "applied_index") >= commit).then_some(())
+            });
+        }
+    }
+}
+
+/// A numeric field of RAFT.INFO.
+pub fn info_field(server: &Server, field: &str) -> u64 {
+    let info: String = server.cmd(&["RAFT.INFO"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).
+pub fn digest(server: &Server) -> String {
+    server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")
+}

@@ -1,1 +1,206 @@
+//! `libraftis.so`: the Redis module. `RedisModule_OnLoad` parses the arguments, checks that Redis'
+//! own persistence will not fight the Raft log, opens the log, registers the `RAFT.*` commands and
+//! the command filter, and restarts the Raft node if this server already belongs to a cluster.
+//!
+//! Every entry point from Redis goes through [`guard`]: a panic becomes an `-ERR` reply and a log
+//! line instead of aborting redis-server.
 
+mod apply;
+mod blocked;
+mod cluster_ops;
+mod command_table;
+mod commands;
+mod ffi;
+mod filter;
+mod logger;
+mod reply;
+mod state;
+mod write;
+
+use ffi::{api, RedisModuleCtx, RedisModuleString};
+use raftis_core::settings::Settings;
+use raftis_core::storage::LogStore;
+use redis_module::raw;
+use reply::Reply;
+use std::net::{IpAddr, SocketAddr};
+use std::os::raw::c_int;
+
+const MODULE_NAME: &str = "raft";
+
+/// Runs a command handler, turning errors and panics into error replies.
+fn guard(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+    handler: fn(*mut RedisModuleCtx, Vec<Vec<u8>>) -> Result<Reply, String>,
+) -> c_int {
+    let args = ffi::args_of(argv, argc);
+    match std::panic::catch_unwind(|| handler(ctx, args)) {
+        Ok(Ok(reply)) => reply.send(ctx),
+        Ok(Err(e)) => {
+            ffi::reply_error(ctx, &e);
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            log::error!("panic in a command handler: {what}");
+            ffi::reply_error(ctx, "ERR internal error (panic); see the Redis log");
+        }
+    }
+    ffi::OK
+}
+
+macro_rules! command {
+    ($fn_name:ident, $handler:expr) => {
+        extern "C" fn $fn_name(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
+            guard(ctx, argv, argc, $handler)
+        }
+    };
+}
+
+command!(cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
+command!(cmd_refuse, |_, args| Err(write::refuse(args)));
+command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
+command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
+command!(cmd_identify, |_, args| commands::identify(&args));
+command!(cmd_addpeer, |ctx, args| commands::add_peer(ctx, &args));
+command!(cmd_removepeer, |ctx, args| commands::remove_peer(ctx, &args));
+command!(cmd_peers, |_, args| commands::peers(&args));
+command!(cmd_leader, |_, args| commands::leader(&args));
+command!(cmd_state, |_, args| commands::role(&args));
+command!(cmd_info, |_, args| commands::info(&args));
+command!(cmd_stats, |_, args| commands::stats(&args));
+
+type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString, c_int) -> c_int;
+
+const COMMANDS: &[(&str, CommandFn, &str)] = &[
+    (filter::WRITE_COMMAND, cmd_write, "write"),
+    (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
+    ("raft.cluster", cmd_cluster, "admin"),
+    ("raft._join", cmd_join, "admin"),
+    ("raft._identify", cmd_identify, "admin"),
+    ("raft.addpeer", cmd_addpeer, "admin"),
+    ("raft.removepeer", cmd_removepeer, "admin"),
+    ("raft.peers", cmd_peers, "readonly fast"),
+    ("raft.leader", cmd_leader, "readonly fast"),
+    ("raft.state", cmd_state, "readonly fast"),
+    ("raft.info", cmd_info, "readonly fast"),
+    ("raft.stats", cmd_stats, "readonly fast"),
+];
+
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn RedisModule_OnLoad(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
+    let name = ffi::cstr(MODULE_NAME);
+    if raw::Export_RedisModule_Init(ctx, name.as_ptr(), 1, raw::REDISMODULE_APIVER_1 as c_int) == ffi::ERR {
+        return ffi::ERR;
+    }
+    logger::install();
+    let args: Vec<String> = ffi::args_of(argv, argc).iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    match std::panic::catch_unwind(|| load(ctx, &args)) {
+        Ok(Ok(())) => ffi::OK,
+        Ok(Err(e)) => {
+            ffi::log_line("warning", &format!("<raft> cannot load the Raftis module: {e:#}"));
+            ffi::ERR
+        }
+        Err(_) => {
+            ffi::log_line("warning", "<raft> cannot load the Raftis module: internal error (panic)");
+            ffi::ERR
+        }
+    }
+}
+
+/// Rust statics cannot be re-initialised and background threads cannot be torn down safely.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub extern "C" fn RedisModule_OnUnload(_ctx: *mut RedisModuleCtx) -> c_int {
+    ffi::log_line("warning", "<raft> MODULE UNLOAD refused: Raftis cannot be unloaded; restart redis-server instead");
+    ffi::ERR
+}
+
+fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
+    let settings = Settings::parse(args)?;
+    check_redis_config(ctx)?;
+
+    let port: u16 = ffi::config_get(ctx, "port")
+        .and_then(|p| p.parse().ok())
+        .filter(|p| *p > 0)
+        .ok_or_else(|| anyhow::anyhow!("Raftis needs Redis to listen on a TCP port"))?;
+    let raft_port = match settings.raft_port {
+        Some(p) => p,
+        None => port.checked_add(10000).ok_or_else(|| anyhow::anyhow!("port {port} + 10000 is not a port; set raft-port"))?,
+    };
+    // The side port listens where Redis does (its first bind address); wildcard binds listen
+    // everywhere and advertise loopback unless advertise-addr says otherwise.
+    let bind = ffi::config_get(ctx, "bind").unwrap_or_default();
+    let bind_ip: IpAddr = bind
+        .split_whitespace()
+        .map(|b| b.trim_start_matches('-'))
+        .find_map(|b| if b == "*" { Some(IpAddr::from([0, 0, 0, 0])) } else { b.parse().ok() })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let (client_addr, host) = match &settings.advertise_addr {
+        Some(addr) => (addr.clone(), addr.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()),
+        None => {
+            let host = if bind_ip.is_unspecified() { "127.0.0.1".to_string() } else { bind_ip.to_string() };
+            (format!("{host}:{port}"), host)
+        }
+    };
+    let raft_addr = format!("{host}:{raft_port}");
+    let listen = SocketAddr::new(bind_ip, raft_port);
+
+    std::fs::create_dir_all(&settings.dir)
+        .map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
+    let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
+    let table = command_table::load(ctx)?;
+    let apply_ctx = ffi::DetachedContext::new(ctx);
+    let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx));
+
+    for (name, handler, flags) in COMMANDS {
+        let (n, f) = (ffi::cstr(name), ffi::cstr(flags));
+        let rc = unsafe { api!(RedisModule_CreateCommand)(ctx, n.as_ptr(), Some(*handler), f.as_ptr(), 0, 0, 0) };
+        anyhow::ensure!(rc == ffi::OK, "cannot register command {name}");
+    }
+    let filter = unsafe {
+        api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int)
+    };
+    anyhow::ensure!(!filter.is_null(), "cannot register the command filter");
+    unsafe { api!(RedisModule_RegisterInfoFunc)(ctx, Some(info_section)) };
+
+    if s.store.is_initialized() {
+        let id = s.stored_node_id()?.ok_or_else(|| anyhow::anyhow!("the raft log in {} has no node id", s.settings().dir.display()))?;
+        s.start_node(id, false)?;
+        log::info!("node {id} restarted from {}; replaying the log", s.settings().dir.display());
+    } else {
+        log::info!("Raftis loaded; this node is not in a cluster yet (RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN)");
+    }
+    Ok(())
+}
+
+/// Redis' own persistence would load a dataset the log then replays on top of, and eviction
+/// would delete keys on one node only: both break the replicas' equality.
+fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
+    if ffi::config_get(ctx, "appendonly").as_deref() == Some("yes") {
+        anyhow::bail!("appendonly must be 'no': the Raft log is the source of truth");
+    }
+    let policy = ffi::config_get(ctx, "maxmemory-policy").unwrap_or_default();
+    if policy != "noeviction" {
+        anyhow::bail!("maxmemory-policy must be 'noeviction' (is '{policy}'): eviction would make nodes diverge");
+    }
+    // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
+    ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
+    Ok(())
+}
+
+extern "C" fn info_section(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+    let _ = std::panic::catch_unwind(|| {
+        let empty = ffi::cstr("");
+        unsafe { api!(RedisModule_InfoAddSection)(ctx, empty.as_ptr()) };
+        for (k, v) in commands::info_fields() {
+            let (k, v) = (ffi::cstr(&k), ffi::cstr(&v));
+            unsafe { api!(RedisModule_InfoAddFieldCString)(ctx, k.as_ptr(), v.as_ptr()) };
+        }
+    });
+}

@@ -1,0 +1,253 @@
+//! End to end: clusters of real redis-server processes with libraftis.so loaded.
+
+use raftis_integration::{digest, info_field, wait_for, Cluster, Server};
+use redis::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// A deterministic mix of writes over every basic type.
+fn mixed_writes(n: usize) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let k = i % 37;
+        let cmd: Vec<String> = match i % 8 {
+            0 => vec!["SET".into(), format!("s{k}"), format!("v{i}")],
+            1 => vec!["INCR".into(), format!("c{}", k % 5)],
+            2 => vec!["HSET".into(), format!("h{}", k % 7), format!("f{i}"), format!("{i}")],
+            3 => vec!["RPUSH".into(), format!("l{}", k % 4), format!("{i}")],
+            4 => vec!["SADD".into(), format!("set{}", k % 6), format!("m{}", i % 50)],
+            5 => vec!["ZADD".into(), format!("z{}", k % 3), format!("{}", i % 100), format!("m{i}")],
+            6 => vec!["LPOP".into(), format!("l{}", k % 4)],
+            _ => vec!["EXPIRE".into(), format!("s{k}"), "1000".into()],
+        };
+        out.push(cmd);
+    }
+    out
+}
+
+fn run(conn: &mut redis::Connection, args: &[String]) -> redis::RedisResult<Value> {
+    let mut cmd = redis::cmd(&args[0]);
+    for a in &args[1..] {
+        cmd.arg(a);
+    }
+    cmd.query(conn)
+}
+
+#[test]
+fn a_thousand_mixed_writes_leave_every_node_with_the_same_dataset() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let mut conn = leader.client().unwrap();
+    for cmd in mixed_writes(1000) {
+        run(&mut conn, &cmd).unwrap_or_else(|e| panic!("{cmd:?} failed: {e}"));
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert_ne!(digests[0], "0000000000000000000000000000000000000000", "dataset is not empty");
+    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    // Replies are Redis' own.
+    let v: i64 = redis::cmd("INCR").arg("c0").query(&mut conn).unwrap();
+    assert!(v > 1);
+    let err = redis::cmd("INCR").arg("h0").query::<i64>(&mut conn).unwrap_err();
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+}
+
+#[test]
+fn followers_redirect_writes_to_the_leader_client_port() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    for (i, node) in cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let err = node.cmd::<String>(&["SET", "k", "v"]).unwrap_err();
+        assert_eq!(err.code(), Some("MOVED"), "node {i}: {err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{}", cluster.nodes[leader].port)),
+            "node {i} should name the leader's client port: {err}"
+        );
+        // RAFT.LEADER agrees.
+        let l: (i64, String) = node.cmd(&["RAFT.LEADER"]).unwrap();
+        assert_eq!(l.1, cluster.nodes[leader].addr());
+    }
+}
+
+#[test]
+fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let old = cluster.wait_leader();
+    let mut acked = Vec::new();
+    {
+        let mut conn = cluster.nodes[old].client().unwrap();
+        for i in 0..200 {
+            let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut conn).unwrap();
+            acked.push(i);
+        }
+    }
+    cluster.nodes[old].kill9();
+    let new = wait_for("a new leader", Duration::from_secs(10), || {
+        (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let mut conn = cluster.nodes[new].client().unwrap();
+    wait_for("the new leader to accept writes", Duration::from_secs(10), || {
+        redis::cmd("SET").arg("after").arg("1").query::<()>(&mut conn).ok()
+    });
+    for i in 200..300 {
+        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut conn).unwrap();
+        acked.push(i);
+    }
+    for i in &acked {
+        let v: i64 = redis::cmd("GET").arg(format!("k{i}")).query(&mut conn).unwrap();
+        assert_eq!(v, *i);
+    }
+    // The old leader comes back as a follower and catches up.
+    cluster.nodes[old].restart().unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    let d: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(d.iter().all(|x| *x == d[0]), "datasets differ after rejoin: {d:?}");
+}
+
+#[test]
+fn restarting_every_node_keeps_every_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    {
+        let mut conn = cluster.leader().client().unwrap();
+        for i in 0..300 {
+            let _: () = redis::cmd("RPUSH").arg("log").arg(i).query(&mut conn).unwrap();
+        }
+        let _: () = redis::cmd("SELECT").arg(2).query(&mut conn).unwrap();
+        let _: () = redis::cmd("SET").arg("in-db-2").arg("yes").query(&mut conn).unwrap();
+    }
+    for n in cluster.nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in cluster.nodes.iter_mut() {
+        n.restart().unwrap();
+    }
+    let leader = cluster.wait_leader();
+    cluster.wait_converged(&[0, 1, 2]);
+    for node in &cluster.nodes {
+        let len: i64 = node.cmd(&["LLEN", "log"]).unwrap();
+        assert_eq!(len, 300, "node {} lost writes", node.port);
+    }
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(2).query(&mut conn).unwrap();
+    let v: String = redis::cmd("GET").arg("in-db-2").query(&mut conn).unwrap();
+    assert_eq!(v, "yes");
+    let items: Vec<i64> = redis::cmd("LRANGE").arg("log").arg(0).arg(-1).query(&mut cluster.nodes[leader].client().unwrap()).unwrap();
+    assert_eq!(items, (0..300).collect::<Vec<i64>>(), "order preserved");
+}
+
+/// Sends raw RESP and reads until `expect_len` bytes arrived (or the peer closed).
+fn raw_exchange(port: u16, request: &[u8], expect_len: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < expect_len {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+#[test]
+fn replies_are_forwarded_byte_for_byte_in_resp2_and_resp3() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let port = cluster.leader().port;
+    let resp2 = raw_exchange(port, b"*4\r\n$7\r\nZINCRBY\r\n$1\r\nz\r\n$3\r\n1.5\r\n$1\r\nm\r\n", 9);
+    assert_eq!(resp2, b"$3\r\n1.5\r\n");
+    // HELLO 3's reply is a map; ZINCRBY then answers a RESP3 double.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(buf[0], b'%', "HELLO 3 answers a map: {:?}", String::from_utf8_lossy(&buf[..n]));
+    s.write_all(b"*4\r\n$7\r\nZINCRBY\r\n$1\r\nz\r\n$1\r\n1\r\n$1\r\nm\r\n").unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b",2.5\r\n");
+}
+
+#[test]
+fn relative_expirations_are_made_absolute_by_the_leader() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let _: () = leader.cmd(&["SET", "ttl", "v", "EX", "100"]).unwrap();
+    let _: i64 = leader.cmd(&["EXPIRE", "ttl2", "100"]).unwrap();
+    let _: () = leader.cmd(&["SETEX", "ttl3", "100", "v"]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    let at: Vec<i64> = cluster.nodes.iter().map(|n| n.cmd::<i64>(&["PEXPIRETIME", "ttl"]).unwrap()).collect();
+    assert!(at[0] > 0 && at.iter().all(|t| *t == at[0]), "same absolute expiry everywhere: {at:?}");
+    let d: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(d.iter().all(|x| *x == d[0]));
+    let err = leader.cmd::<Value>(&["SPOP", "s"]).unwrap_err();
+    assert!(err.to_string().contains("SPOP"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let expect_err = |args: &[&str], needle: &str| {
+        let err = node.cmd::<Value>(args).expect_err(&format!("{args:?} should fail"));
+        assert!(err.to_string().contains(needle), "{args:?}: {err}");
+    };
+    expect_err(&["RAFT.CLUSTER"], "unknown subcommand");
+    expect_err(&["RAFT.CLUSTER", "FROB"], "unknown subcommand");
+    expect_err(&["RAFT.CLUSTER", "INIT"], "already belongs");
+    expect_err(&["RAFT.CLUSTER", "JOIN", "nonsense"], "already belongs");
+    expect_err(&["RAFT.ADDPEER"], "wrong number of arguments");
+    expect_err(&["RAFT.ADDPEER", "not-an-address"], "invalid address");
+    expect_err(&["RAFT.REMOVEPEER", "12345"], "not a member");
+    expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
+    expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
+    expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
+    expect_err(&["MULTI"], "not supported");
+    expect_err(&["EVAL", "return 1", "0"], "not supported");
+    expect_err(&["BLPOP", "l", "0"], "blocking");
+    expect_err(&["SET", "onlykey"], "wrong number of arguments for 'set'");
+    expect_err(&["MODULE", "UNLOAD", "raft"], "");
+
+    // An uninitialized node joining a dead address answers an error instead of hanging.
+    let lonely = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("lonely"), &[]).unwrap();
+    let err = lonely.cmd::<String>(&["RAFT.CLUSTER", "JOIN", "127.0.0.1:1"]).unwrap_err();
+    assert!(err.to_string().contains("cannot reach"), "{err}");
+    let err = lonely.cmd::<String>(&["SET", "k", "v"]).unwrap_err();
+    assert_eq!(err.code(), Some("CLUSTERDOWN"), "{err}");
+    assert_eq!(lonely.state(), "follower", "the join attempt started an empty node");
+
+    // Garbage on the side port closes that connection only.
+    let raft_port = node.port + 10000;
+    for garbage in [&b"GET / HTTP/1.0\r\n\r\n"[..], b"*3\r\n$4\r\nMSGS\r\n$3\r\nabc\r\n$-9\r\n", &[0xff; 64]] {
+        let _ = raw_exchange(raft_port, garbage, usize::MAX);
+    }
+    let pong = raw_exchange(raft_port, b"PING\r\n", 7);
+    assert!(pong.is_empty() || pong.starts_with(b"-ERR") || pong.starts_with(b"+PONG"));
+    assert!(cluster.nodes[0].is_running(), "redis-server survived");
+    let _: () = cluster.nodes[0].cmd(&["SET", "still", "alive"]).unwrap();
+    let v: String = cluster.nodes[0].cmd(&["GET", "still"]).unwrap();
+    assert_eq!(v, "alive");
+    assert!(info_field(&cluster.nodes[0], "commit_index") > 0);
+}
+
+#[test]
+fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let _: () = leader.cmd(&["SET", "before", "1"]).unwrap();
+    let fourth = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &[]).unwrap();
+    let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
+    assert!(id > 0);
+    let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
+    assert_eq!(peers.len(), 4);
+    wait_for("node 4 to apply", Duration::from_secs(10), || {
+        fourth.cmd::<Option<String>>(&["GET", "before"]).ok().flatten()
+    });
+    let removed: String = leader.cmd(&["RAFT.REMOVEPEER", &id.to_string()]).unwrap();
+    assert_eq!(removed, "OK");
+    let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
+    assert_eq!(peers.len(), 3);
+    let _: () = leader.cmd(&["SET", "after", "1"]).unwrap();
+}

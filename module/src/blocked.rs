@@ -1,0 +1,88 @@
+//! Blocked clients: a client waiting for the cluster. Whatever thread finishes the work calls
+//! [`Blocked::finish`]; Redis then runs [`reply_callback`] on its main thread to send the reply.
+//! A `Blocked` that is dropped unfinished still unblocks its client with an error, and every
+//! client is blocked with a timeout, so none waits forever.
+
+use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
+use std::os::raw::{c_int, c_void};
+use std::time::Duration;
+
+/// The reply a blocked client will get.
+pub enum Outcome {
+    /// A reply produced by Redis itself (forwarded byte for byte).
+    Call(*mut RedisModuleCallReply),
+    Error(String),
+    Simple(String),
+    Integer(i64),
+}
+
+pub struct Blocked {
+    bc: *mut RedisModuleBlockedClient,
+}
+
+// Redis documents blocked-client handles as usable from any thread until unblocked.
+unsafe impl Send for Blocked {}
+
+impl Blocked {
+    /// Blocks the client of `ctx`. `timeout` is a backstop: the work normally finishes (or fails
+    /// with its own error) before it.
+    pub fn new(ctx: *mut RedisModuleCtx, timeout: Duration) -> Blocked {
+        let bc = unsafe {
+            api!(RedisModule_BlockClient)(
+                ctx,
+                Some(reply_callback),
+                Some(timeout_callback),
+                Some(free_outcome),
+                timeout.as_millis() as i64,
+            )
+        };
+        Blocked { bc }
+    }
+
+    pub fn finish(mut self, outcome: Outcome) {
+        let bc = std::mem::replace(&mut self.bc, std::ptr::null_mut());
+        unblock(bc, outcome);
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        if !self.bc.is_null() {
+            let bc = std::mem::replace(&mut self.bc, std::ptr::null_mut());
+            unblock(bc, Outcome::Error("ERR internal error: request abandoned".into()));
+        }
+    }
+}
+
+fn unblock(bc: *mut RedisModuleBlockedClient, outcome: Outcome) {
+    let privdata = Box::into_raw(Box::new(outcome)) as *mut c_void;
+    unsafe { api!(RedisModule_UnblockClient)(bc, privdata) };
+}
+
+extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
+    let privdata = unsafe { api!(RedisModule_GetBlockedClientPrivateData)(ctx) } as *const Outcome;
+    if privdata.is_null() {
+        return ffi::reply_error(ctx, "ERR internal error: no reply");
+    }
+    match unsafe { &*privdata } {
+        Outcome::Call(reply) if !reply.is_null() => ffi::reply_call_reply(ctx, *reply),
+        Outcome::Call(_) => ffi::reply_error(ctx, "ERR command could not be executed"),
+        Outcome::Error(e) => ffi::reply_error(ctx, e),
+        Outcome::Simple(s) => ffi::reply_simple(ctx, s),
+        Outcome::Integer(i) => ffi::reply_integer(ctx, *i),
+    }
+}
+
+extern "C" fn timeout_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
+    ffi::reply_error(ctx, "TIMEOUT the cluster did not answer in time; the request may or may not have taken effect")
+}
+
+extern "C" fn free_outcome(_ctx: *mut RedisModuleCtx, privdata: *mut c_void) {
+    if privdata.is_null() {
+        return;
+    }
+    let outcome = unsafe { Box::from_raw(privdata as *mut Outcome) };
+    if let Outcome::Call(reply) = *outcome {
+        ffi::free_call_reply(reply);
+    }
+}

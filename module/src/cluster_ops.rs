@@ -1,0 +1,153 @@
+//! Long membership operations, run on background threads while the operator's client is blocked:
+//! joining a cluster through any member (following redirects to the leader), adding a node by its
+//! address, removing one. Nodes reach each other's client port with a tiny RESP client.
+
+use crate::blocked::{Blocked, Outcome};
+use crate::state::{self, RaftNode};
+use bytes::BytesMut;
+use raftis_core::membership::{MembershipChange, NodeInfo};
+use raftis_core::resp::{self, Frame};
+use raftis_core::NodeId;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Joining includes the new node catching up with the whole log: allow for a big one.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_REDIRECTS: usize = 8;
+
+/// One request/response exchange with a Redis-speaking server.
+pub fn request(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow::Result<Frame> {
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, timeout.min(Duration::from_secs(3)))
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut out = BytesMut::new();
+    resp::encode_command(parts, &mut out);
+    stream.write_all(&out)?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(frame) = resp::parse(&mut buf).map_err(|e| anyhow::anyhow!("{addr}: bad reply: {e}"))? {
+            return Ok(frame);
+        }
+        let n = stream.read(&mut chunk).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+        anyhow::ensure!(n > 0, "{addr}: connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Runs `work` on a new thread and answers the blocked client with its outcome.
+pub fn in_background(blocked: Blocked, name: &str, work: impl FnOnce() -> Outcome + Send + 'static) {
+    let result = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| Outcome::Error("ERR internal error (panic); see the Redis log".into()));
+        blocked.finish(outcome);
+    });
+    if let Err(e) = result {
+        log::error!("cannot spawn a thread: {e}");
+    }
+}
+
+/// The joining side: ask the members at `seeds` (client addresses) to add `me`.
+pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let id = me.id.get().to_string();
+    let parts: [&[u8]; 4] = [b"RAFT._JOIN", id.as_bytes(), me.raft_addr.as_bytes(), me.client_addr.as_bytes()];
+    let mut last_error = String::new();
+    loop {
+        let mut reachable = false;
+        for seed in &seeds {
+            let mut addr = seed.clone();
+            for _ in 0..MAX_REDIRECTS {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match request(&addr, &parts, remaining.max(Duration::from_millis(100))) {
+                    Ok(Frame::Simple(_)) => return Outcome::Simple("OK".into()),
+                    Ok(Frame::Error(e)) if e.starts_with("MOVED ") => {
+                        reachable = true;
+                        match e.split_whitespace().nth(2) {
+                            Some(leader) => addr = leader.to_string(),
+                            None => return Outcome::Error(format!("ERR {addr} answered a malformed redirect: {e}")),
+                        }
+                        continue;
+                    }
+                    // No leader right now, or a timeout: the cluster may recover; retry.
+                    Ok(Frame::Error(e)) if e.starts_with("CLUSTERDOWN") || e.starts_with("TIMEOUT") => {
+                        reachable = true;
+                        last_error = format!("{addr}: {e}");
+                    }
+                    Ok(Frame::Error(e)) => return Outcome::Error(format!("ERR {addr} refused the join: {e}")),
+                    Ok(other) => return Outcome::Error(format!("ERR {addr} answered unexpectedly: {other:?}")),
+                    Err(e) => last_error = e.to_string(),
+                }
+                break;
+            }
+        }
+        if !reachable {
+            return Outcome::Error(format!("ERR cannot reach any of the given nodes ({last_error})"));
+        }
+        if Instant::now() >= deadline {
+            return Outcome::Error(format!("TIMEOUT could not join the cluster in time ({last_error})"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The leader's side of a join: learner, catch-up, voter.
+pub fn add_member(node: Arc<RaftNode>, info: NodeInfo) -> Outcome {
+    let id = info.id;
+    match node.add_member(info, Instant::now() + JOIN_TIMEOUT) {
+        Ok(()) => {
+            log::info!("node {id} is now a voting member");
+            Outcome::Simple("OK".into())
+        }
+        Err(e) => Outcome::Error(state::error_reply(&e)),
+    }
+}
+
+/// `RAFT.ADDPEER host:port`: ask the server there who it is, then add it.
+pub fn add_peer(node: Arc<RaftNode>, addr: String) -> Outcome {
+    let reply = match request(&addr, &[b"RAFT._IDENTIFY"], Duration::from_secs(5)) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Error(format!("ERR cannot reach {e}")),
+    };
+    let info = match reply {
+        Frame::Array(items) if items.len() == 3 => {
+            let text = |f: &Frame| match f {
+                Frame::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                Frame::Simple(s) => Some(s.clone()),
+                _ => None,
+            };
+            match (&items[0], text(&items[1]), text(&items[2])) {
+                (Frame::Integer(id), Some(raft_addr), Some(client_addr)) if *id > 0 => {
+                    NodeInfo { id: NodeId(*id as u64), raft_addr, client_addr }
+                }
+                _ => return Outcome::Error(format!("ERR {addr} answered RAFT._IDENTIFY with a malformed reply")),
+            }
+        }
+        Frame::Error(e) => return Outcome::Error(format!("ERR {addr} cannot be added: {e}")),
+        other => return Outcome::Error(format!("ERR {addr} is not a Raftis node (answered {other:?})")),
+    };
+    let id = info.id;
+    match add_member(node, info) {
+        Outcome::Simple(_) => Outcome::Integer(id.get() as i64),
+        other => other,
+    }
+}
+
+pub fn remove(node: Arc<RaftNode>, id: NodeId) -> Outcome {
+    match node.change_membership_blocking(MembershipChange::Remove(id), Instant::now() + CHANGE_TIMEOUT) {
+        Ok(()) => {
+            log::info!("node {id} was removed from the cluster");
+            Outcome::Simple("OK".into())
+        }
+        Err(e) => Outcome::Error(state::error_reply(&e)),
+    }
+}

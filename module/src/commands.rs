@@ -1,0 +1,327 @@
+//! The operator's `RAFT.*` commands and the internal ones nodes send each other. Reply formats are
+//! documented in the README.
+
+use crate::blocked::Blocked;
+use crate::cluster_ops;
+use crate::ffi::RedisModuleCtx;
+use crate::reply::Reply;
+use crate::state::{self, Raftis};
+use crate::write::not_initialized;
+use raftis_core::membership::NodeInfo;
+use raftis_core::NodeId;
+use std::fmt::Write as _;
+
+type Result = std::result::Result<Reply, String>;
+
+fn text(arg: &[u8]) -> String {
+    String::from_utf8_lossy(arg).into_owned()
+}
+
+fn wrong_args(cmd: &str) -> String {
+    format!("ERR wrong number of arguments for '{cmd}' command")
+}
+
+fn valid_addr(addr: &str) -> std::result::Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().map_or(false, |p| p > 0) => Ok(()),
+        _ => Err(format!("ERR invalid address '{addr}', expected host:port")),
+    }
+}
+
+/// True when the node already belongs to a cluster (as voter or learner).
+fn is_member(s: &Raftis) -> bool {
+    s.node().map_or(false, |n| {
+        let st = n.status();
+        st.voters.contains(&st.id) || st.learners.contains(&st.id)
+    })
+}
+
+/// Starts an empty node that a leader can add, reusing the id of an earlier attempt.
+fn start_joining_node(s: &Raftis) -> std::result::Result<NodeId, String> {
+    if let Some(node) = s.node() {
+        return Ok(node.status().id);
+    }
+    let id = match s.stored_node_id().map_err(|e| format!("ERR {e:#}"))? {
+        Some(id) => id,
+        None => s.settings().node_id.unwrap_or_else(|| NodeId(rand::random::<u32>() as u64 + 1)),
+    };
+    s.start_node(id, false).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
+    Ok(id)
+}
+
+/// `RAFT.CLUSTER INIT` | `RAFT.CLUSTER JOIN host:port [host:port ...]`
+pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    let s = state::get();
+    let sub = args.get(1).map(|a| text(a).to_ascii_lowercase()).unwrap_or_default();
+    match sub.as_str() {
+        "init" if args.len() == 2 => {
+            if s.node().is_some() || s.store.is_initialized() {
+                return Err("ERR this node already belongs to a cluster".into());
+            }
+            let id = s.settings().node_id.unwrap_or(NodeId(1));
+            s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
+            log::info!("created a new cluster with node {id} as its first member");
+            Ok(Reply::ok())
+        }
+        "join" if args.len() >= 3 => {
+            if is_member(s) {
+                return Err("ERR this node already belongs to a cluster".into());
+            }
+            let seeds: Vec<String> = args[2..].iter().map(|a| text(a)).collect();
+            for seed in &seeds {
+                valid_addr(seed)?;
+            }
+            let id = start_joining_node(s)?;
+            let me = s.info(id);
+            let blocked = Blocked::new(ctx, cluster_ops::JOIN_TIMEOUT + std::time::Duration::from_secs(5));
+            cluster_ops::in_background(blocked, "raft-join", move || cluster_ops::join(seeds, me));
+            Ok(Reply::Blocked)
+        }
+        "init" | "join" => Err(wrong_args("raft.cluster")),
+        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN host:port [host:port ...]".into()),
+    }
+}
+
+fn leader_node(s: &Raftis) -> std::result::Result<std::sync::Arc<state::RaftNode>, String> {
+    let node = s.node().ok_or_else(not_initialized)?;
+    let status = node.status();
+    if !status.is_leader() {
+        return Err(state::redirect(&status));
+    }
+    Ok(node)
+}
+
+/// `RAFT._JOIN id raft-addr client-addr` (sent by a joining node to the leader).
+pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    if args.len() != 4 {
+        return Err(wrong_args("raft._join"));
+    }
+    let id = text(&args[1]).parse::<u64>().ok().filter(|v| *v > 0).ok_or("ERR invalid node id")?;
+    let (raft_addr, client_addr) = (text(&args[2]), text(&args[3]));
+    valid_addr(&raft_addr)?;
+    valid_addr(&client_addr)?;
+    let node = leader_node(state::get())?;
+    let info = NodeInfo { id: NodeId(id), raft_addr, client_addr };
+    if let Some(existing) = node.status().members.get(&info.id) {
+        if existing != &info {
+            return Err(format!("ERR node id {id} is already used by the member at {}", existing.client_addr));
+        }
+    }
+    let blocked = Blocked::new(ctx, cluster_ops::JOIN_TIMEOUT + std::time::Duration::from_secs(5));
+    cluster_ops::in_background(blocked, "raft-add-member", move || cluster_ops::add_member(node, info));
+    Ok(Reply::Blocked)
+}
+
+/// `RAFT._IDENTIFY`: an empty node tells a leader who it is, so the leader can add it.
+pub fn identify(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft._identify"));
+    }
+    let s = state::get();
+    if is_member(s) {
+        return Err("ERR this node already belongs to a cluster".into());
+    }
+    let id = start_joining_node(s)?;
+    Ok(Reply::Array(vec![Reply::Integer(id.get() as i64), Reply::bulk(s.raft_addr.clone()), Reply::bulk(s.client_addr.clone())]))
+}
+
+/// `RAFT.ADDPEER host:port` (on the leader): adds the empty node at that client address.
+pub fn add_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    if args.len() != 2 {
+        return Err(wrong_args("raft.addpeer"));
+    }
+    let addr = text(&args[1]);
+    valid_addr(&addr)?;
+    let node = leader_node(state::get())?;
+    let blocked = Blocked::new(ctx, cluster_ops::JOIN_TIMEOUT + std::time::Duration::from_secs(10));
+    cluster_ops::in_background(blocked, "raft-add-peer", move || cluster_ops::add_peer(node, addr));
+    Ok(Reply::Blocked)
+}
+
+/// `RAFT.REMOVEPEER node-id|host:port` (on the leader).
+pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    if args.len() != 2 {
+        return Err(wrong_args("raft.removepeer"));
+    }
+    let target = text(&args[1]);
+    let node = leader_node(state::get())?;
+    let status = node.status();
+    let id = match target.parse::<u64>() {
+        Ok(id) => NodeId(id),
+        Err(_) => status
+            .members
+            .values()
+            .find(|m| m.client_addr == target || m.raft_addr == target)
+            .map(|m| m.id)
+            .ok_or_else(|| format!("ERR no member has the address {target}"))?,
+    };
+    if !status.members.contains_key(&id) && !status.voters.contains(&id) && !status.learners.contains(&id) {
+        return Err(format!("ERR node {id} is not a member"));
+    }
+    if id == status.id {
+        // A leader cannot safely remove itself: hand leadership to the most up-to-date voter.
+        let successor = status.progress.iter().filter(|p| !p.is_learner).max_by_key(|p| p.matched).map(|p| p.id);
+        return match successor {
+            Some(to) => {
+                node.transfer_leader(to);
+                Err(format!(
+                    "TRYAGAIN node {id} is the leader; leadership is moving to node {to}: run RAFT.REMOVEPEER {id} there"
+                ))
+            }
+            None => Err("ERR cannot remove the only voter of the cluster".into()),
+        };
+    }
+    let blocked = Blocked::new(ctx, cluster_ops::CHANGE_TIMEOUT + std::time::Duration::from_secs(5));
+    cluster_ops::in_background(blocked, "raft-remove-peer", move || cluster_ops::remove(node, id));
+    Ok(Reply::Blocked)
+}
+
+/// `RAFT.PEERS`: one entry per member: id, suffrage, client address, raft address, and on the
+/// leader the replication progress (match index, raft progress state); -1 / "" elsewhere.
+pub fn peers(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.peers"));
+    }
+    let node = state::get().node().ok_or_else(not_initialized)?;
+    let st = node.status();
+    let entries = st
+        .members
+        .values()
+        .map(|m| {
+            let suffrage = if st.leader == Some(m.id) {
+                "leader"
+            } else if st.learners.contains(&m.id) {
+                "learner"
+            } else {
+                "voter"
+            };
+            let progress = st.progress_of(m.id);
+            let matched = if m.id == st.id { st.last_index.get() as i64 } else { progress.map_or(-1, |p| p.matched.get() as i64) };
+            Reply::Array(vec![
+                Reply::Integer(m.id.get() as i64),
+                Reply::bulk(suffrage),
+                Reply::bulk(m.client_addr.clone()),
+                Reply::bulk(m.raft_addr.clone()),
+                Reply::Integer(matched),
+                Reply::bulk(if m.id == st.id { "self".to_string() } else { progress.map(|p| p.state.clone()).unwrap_or_default() }),
+            ])
+        })
+        .collect();
+    Ok(Reply::Array(entries))
+}
+
+/// `RAFT.LEADER`: `[id, client address]` of the leader.
+pub fn leader(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.leader"));
+    }
+    let node = state::get().node().ok_or_else(not_initialized)?;
+    let st = node.status();
+    let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or("CLUSTERDOWN No raft leader")?;
+    Ok(Reply::Array(vec![Reply::Integer(leader.id.get() as i64), Reply::bulk(leader.client_addr.clone())]))
+}
+
+/// `RAFT.STATE`: leader, follower, candidate, pre-candidate, learner or uninitialized.
+pub fn role(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.state"));
+    }
+    Ok(Reply::Simple(match state::get().node() {
+        Some(node) => node.status().role.to_string(),
+        None => "uninitialized".into(),
+    }))
+}
+
+/// `key:value` lines describing this node, for RAFT.INFO and INFO raft.
+pub fn info_fields() -> Vec<(String, String)> {
+    let s = state::get();
+    let settings = s.settings();
+    let mut f: Vec<(String, String)> = Vec::new();
+    let mut put = |k: &str, v: String| f.push((k.to_string(), v));
+    put("client_addr", s.client_addr.clone());
+    put("raft_addr", s.raft_addr.clone());
+    put("consistency", settings.consistency.to_string());
+    put("durability", settings.durability.to_string());
+    put("write_timeout_ms", settings.write_timeout.as_millis().to_string());
+    let Some(node) = s.node() else {
+        put("node_id", "0".into());
+        put("role", "uninitialized".into());
+        return f;
+    };
+    let st = node.status();
+    put("node_id", st.id.to_string());
+    put("role", st.role.to_string());
+    put("term", st.term.to_string());
+    put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));
+    put(
+        "leader_addr",
+        st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()),
+    );
+    put("commit_index", st.commit.to_string());
+    put("applied_index", s.progress.applied().to_string());
+    put("first_log_index", st.first_index.to_string());
+    put("last_log_index", st.last_index.to_string());
+    put("log_entries", (st.last_index.get() + 1).saturating_sub(st.first_index.get()).to_string());
+    put("log_size_bytes", s.store.stats().size_bytes.to_string());
+    put("voters", st.voters.len().to_string());
+    put("learners", st.learners.len().to_string());
+    put("pending_proposals", st.pending_proposals.to_string());
+    if let Some(fatal) = &st.fatal {
+        put("fatal_error", fatal.clone());
+    }
+    let transport = node.transport().stats();
+    for (i, m) in st.members.values().enumerate() {
+        let suffrage = if st.learners.contains(&m.id) { "learner" } else { "voter" };
+        let mut line = format!("id={},addr={},raft_addr={},suffrage={}", m.id, m.client_addr, m.raft_addr, suffrage);
+        if m.id == st.id {
+            line.push_str(",self=yes");
+        }
+        if let Some(p) = st.progress_of(m.id) {
+            let _ = write!(line, ",match_index={},next_index={},state={}", p.matched, p.next, p.state);
+        }
+        if let Some(t) = transport.iter().find(|t| t.id == m.id) {
+            let _ = write!(line, ",connected={},queued={},dropped={}", if t.connected { "yes" } else { "no" }, t.queued, t.dropped);
+        }
+        put(&format!("peer{i}"), line);
+    }
+    f
+}
+
+fn render(fields: &[(String, String)]) -> String {
+    let mut out = String::from("# Raft\r\n");
+    for (k, v) in fields {
+        let _ = write!(out, "{k}:{v}\r\n");
+    }
+    out
+}
+
+/// `RAFT.INFO`: identity, role and cluster view as INFO-style lines.
+pub fn info(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.info"));
+    }
+    Ok(Reply::Bulk(render(&info_fields()).into_bytes()))
+}
+
+/// `RAFT.STATS`: counters, as INFO-style lines.
+pub fn stats(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.stats"));
+    }
+    let s = state::get();
+    let log = s.store.stats();
+    let mut out = String::from("# Raft stats\r\n");
+    let _ = write!(out, "entries_applied:{}\r\n", s.progress.entries_applied());
+    let _ = write!(out, "apply_batches:{}\r\n", s.progress.batches_applied());
+    let _ = write!(out, "applied_index:{}\r\n", s.progress.applied());
+    let _ = write!(out, "log_first_index:{}\r\nlog_last_index:{}\r\n", log.first_index, log.last_index);
+    let _ = write!(out, "log_entries:{}\r\nlog_size_bytes:{}\r\n", log.entries, log.size_bytes);
+    if let Some(node) = s.node() {
+        let st = node.status();
+        let _ = write!(out, "pending_proposals:{}\r\n", st.pending_proposals);
+        for t in node.transport().stats() {
+            let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
+        }
+    }
+    Ok(Reply::Bulk(out.into_bytes()))
+}

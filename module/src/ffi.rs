@@ -1,0 +1,205 @@
+//! The few Redis module API calls Raftis needs, wrapped once so the rest of the module reads as
+//! ordinary Rust. Everything here is a thin shim over `redis_module::raw`; the safe crate lacks
+//! command filters, per-protocol `RedisModule_Call` and reply forwarding.
+
+use redis_module::raw;
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_long, c_longlong};
+use std::ptr;
+
+pub use raw::{RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
+
+pub const OK: c_int = raw::REDISMODULE_OK as c_int;
+pub const ERR: c_int = raw::REDISMODULE_ERR as c_int;
+
+/// Fetches an API function pointer. Every function used here exists since Redis 7.0, which the
+/// module requires at load (Export_RedisModule_Init fails otherwise).
+macro_rules! api {
+    ($name:ident) => {{
+        #[allow(unused_unsafe)]
+        let f = unsafe { ::redis_module::raw::$name }.expect(concat!(stringify!($name), " is missing from this Redis"));
+        f
+    }};
+}
+pub(crate) use api;
+
+/// A C string for the API; interior NULs (never in our own literals) are cut off.
+pub fn cstr(s: &str) -> CString {
+    CString::new(s.split('\0').next().unwrap_or("")).expect("no NUL left")
+}
+
+pub fn string_bytes<'a>(s: *const RedisModuleString) -> &'a [u8] {
+    let mut len = 0usize;
+    let p = unsafe { api!(RedisModule_StringPtrLen)(s, &mut len) };
+    if p.is_null() {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(p as *const u8, len) }
+}
+
+pub fn args_of(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<Vec<u8>> {
+    (0..argc.max(0) as usize).map(|i| string_bytes(unsafe { *argv.add(i) }).to_vec()).collect()
+}
+
+/// A string owned by nobody: for APIs that take ownership (command filter arguments).
+pub fn new_string(bytes: &[u8]) -> *mut RedisModuleString {
+    unsafe { api!(RedisModule_CreateString)(ptr::null_mut(), bytes.as_ptr() as *const c_char, bytes.len()) }
+}
+
+pub fn reply_error(ctx: *mut RedisModuleCtx, msg: &str) -> c_int {
+    let m = cstr(msg);
+    unsafe { api!(RedisModule_ReplyWithError)(ctx, m.as_ptr()) };
+    OK
+}
+
+pub fn reply_simple(ctx: *mut RedisModuleCtx, msg: &str) -> c_int {
+    let m = cstr(msg);
+    unsafe { api!(RedisModule_ReplyWithSimpleString)(ctx, m.as_ptr()) };
+    OK
+}
+
+pub fn reply_bulk(ctx: *mut RedisModuleCtx, bytes: &[u8]) -> c_int {
+    unsafe { api!(RedisModule_ReplyWithStringBuffer)(ctx, bytes.as_ptr() as *const c_char, bytes.len()) };
+    OK
+}
+
+pub fn reply_integer(ctx: *mut RedisModuleCtx, v: i64) -> c_int {
+    unsafe { api!(RedisModule_ReplyWithLongLong)(ctx, v as c_longlong) };
+    OK
+}
+
+pub fn reply_array(ctx: *mut RedisModuleCtx, len: usize) {
+    unsafe { api!(RedisModule_ReplyWithArray)(ctx, len as c_long) };
+}
+
+pub fn reply_call_reply(ctx: *mut RedisModuleCtx, reply: *mut RedisModuleCallReply) -> c_int {
+    unsafe { api!(RedisModule_ReplyWithCallReply)(ctx, reply) }
+}
+
+pub fn free_call_reply(reply: *mut RedisModuleCallReply) {
+    if !reply.is_null() {
+        unsafe { api!(RedisModule_FreeCallReply)(reply) };
+    }
+}
+
+pub fn selected_db(ctx: *mut RedisModuleCtx) -> u32 {
+    unsafe { api!(RedisModule_GetSelectedDb)(ctx) as u32 }
+}
+
+pub fn select_db(ctx: *mut RedisModuleCtx, db: u32) -> bool {
+    unsafe { api!(RedisModule_SelectDb)(ctx, db as c_int) == OK }
+}
+
+pub fn client_is_resp3(ctx: *mut RedisModuleCtx) -> bool {
+    let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
+    flags & raw::REDISMODULE_CTX_FLAGS_RESP3 as c_int != 0
+}
+
+pub fn now_ms() -> i64 {
+    unsafe { api!(RedisModule_Milliseconds)() as i64 }
+}
+
+/// Runs a command through `RedisModule_Call` with binary-safe arguments (`argv[0]` is the
+/// command). Errors come back as error replies ('E'), so callers can forward them verbatim.
+/// `resp3` picks the protocol of the reply. Returns null only if Redis could not run it at all.
+pub fn call(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], resp3: bool) -> *mut RedisModuleCallReply {
+    let Some((name, rest)) = argv.split_first() else { return ptr::null_mut() };
+    let Ok(name) = CString::new(name.clone()) else { return ptr::null_mut() };
+    let strings: Vec<*mut RedisModuleString> = rest
+        .iter()
+        .map(|a| unsafe { api!(RedisModule_CreateString)(ctx, a.as_ptr() as *const c_char, a.len()) })
+        .collect();
+    let fmt = if resp3 { cstr("vE3") } else { cstr("vE") };
+    let reply = unsafe { api!(RedisModule_Call)(ctx, name.as_ptr(), fmt.as_ptr(), strings.as_ptr(), strings.len()) };
+    for s in strings {
+        unsafe { api!(RedisModule_FreeString)(ctx, s) };
+    }
+    reply
+}
+
+/// Convenience for the module's own admin calls (CONFIG GET and friends).
+pub fn call_strs(ctx: *mut RedisModuleCtx, argv: &[&str]) -> *mut RedisModuleCallReply {
+    let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+    call(ctx, &argv, false)
+}
+
+pub fn reply_type(reply: *mut RedisModuleCallReply) -> c_int {
+    unsafe { api!(RedisModule_CallReplyType)(reply) }
+}
+
+pub fn reply_len(reply: *mut RedisModuleCallReply) -> usize {
+    unsafe { api!(RedisModule_CallReplyLength)(reply) }
+}
+
+pub fn reply_element(reply: *mut RedisModuleCallReply, i: usize) -> *mut RedisModuleCallReply {
+    unsafe { api!(RedisModule_CallReplyArrayElement)(reply, i) }
+}
+
+pub fn reply_integer_value(reply: *mut RedisModuleCallReply) -> i64 {
+    unsafe { api!(RedisModule_CallReplyInteger)(reply) as i64 }
+}
+
+/// The bytes of a string, status or error reply; empty for other types.
+pub fn reply_bytes<'a>(reply: *mut RedisModuleCallReply) -> &'a [u8] {
+    let mut len = 0usize;
+    let p = unsafe { api!(RedisModule_CallReplyStringPtr)(reply, &mut len) };
+    if p.is_null() {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(p as *const u8, len) }
+}
+
+pub fn is_array(reply: *mut RedisModuleCallReply) -> bool {
+    !reply.is_null() && reply_type(reply) == raw::REDISMODULE_REPLY_ARRAY as c_int
+}
+
+/// `CONFIG GET name` as a string.
+pub fn config_get(ctx: *mut RedisModuleCtx, name: &str) -> Option<String> {
+    let reply = call_strs(ctx, &["CONFIG", "GET", name]);
+    let value = (is_array(reply) && reply_len(reply) >= 2)
+        .then(|| String::from_utf8_lossy(reply_bytes(reply_element(reply, 1))).into_owned());
+    free_call_reply(reply);
+    value
+}
+
+pub fn log_line(level: &str, msg: &str) {
+    let level = cstr(level);
+    let fmt = cstr("%s");
+    let msg = cstr(msg);
+    unsafe { api!(RedisModule_Log)(ptr::null_mut(), level.as_ptr(), fmt.as_ptr(), msg.as_ptr()) };
+}
+
+/// A context usable from any thread once it holds the global lock.
+pub struct DetachedContext(pub *mut RedisModuleCtx);
+
+// The pointer is only dereferenced by Redis under the global lock (or on the main thread).
+unsafe impl Send for DetachedContext {}
+unsafe impl Sync for DetachedContext {}
+
+impl DetachedContext {
+    pub fn new(ctx: *mut RedisModuleCtx) -> DetachedContext {
+        DetachedContext(unsafe { api!(RedisModule_GetDetachedThreadSafeContext)(ctx) })
+    }
+
+    /// Holds Redis' global lock for the life of the guard: Redis' main thread is paused.
+    pub fn lock(&self) -> GlobalLock<'_> {
+        unsafe { api!(RedisModule_ThreadSafeContextLock)(self.0) };
+        GlobalLock { ctx: self }
+    }
+}
+
+pub struct GlobalLock<'a> {
+    ctx: &'a DetachedContext,
+}
+
+impl GlobalLock<'_> {
+    pub fn ctx(&self) -> *mut RedisModuleCtx {
+        self.ctx.0
+    }
+}
+
+impl Drop for GlobalLock<'_> {
+    fn drop(&mut self) {
+        unsafe { api!(RedisModule_ThreadSafeContextUnlock)(self.ctx.0) };
+    }
+}

@@ -1,0 +1,39 @@
+//! The command filter: every client command passes here first, on Redis' main thread. Writes are
+//! redirected to `RAFT._CMD` (replicated), unsupported commands to `RAFT._REFUSE`; everything
+//! else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
+//! entry never re-enters this path.
+
+use crate::ffi::{self, api};
+use crate::state;
+use raftis_core::routing::Route;
+use redis_module::raw::RedisModuleCommandFilterCtx;
+
+pub const WRITE_COMMAND: &str = "raft._cmd";
+pub const REFUSE_COMMAND: &str = "raft._refuse";
+
+pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
+    // A panic must not unwind into Redis; a command we fail to classify runs unchanged.
+    if std::panic::catch_unwind(|| classify(fctx)).is_err() {
+        log::error!("panic in the command filter; command left unchanged");
+    }
+}
+
+fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
+    let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    if argc <= 0 {
+        return;
+    }
+    let arg = |i: i32| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
+    let name = arg(0);
+    if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
+        return;
+    }
+    let argv: Vec<&[u8]> = (0..argc).map(arg).collect();
+    let route = state::get().table.read().unwrap_or_else(|p| p.into_inner()).route(&argv);
+    let redirect_to = match route {
+        Route::Write => WRITE_COMMAND,
+        Route::Refuse(_) => REFUSE_COMMAND,
+        Route::Read | Route::Local => return,
+    };
+    unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };
+}

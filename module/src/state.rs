@@ -1,0 +1,144 @@
+//! The module's global state: settings, the log store, the Raft node once this server belongs
+//! to a cluster, and the apply machinery. Created once in `RedisModule_OnLoad`.
+
+use crate::apply::{self, ApplyProgress, RedisMachine};
+use crate::ffi::DetachedContext;
+use raftis_core::membership::NodeInfo;
+use raftis_core::node::{Node, NodeConfig};
+use raftis_core::proposal::ProposeError;
+use raftis_core::routing::CommandTable;
+use raftis_core::settings::Settings;
+use raftis_core::status::Status;
+use raftis_core::storage::LogStore;
+use raftis_core::NodeId;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+const META_NODE_ID: &str = "node_id";
+
+pub type RaftNode = Node<RedisMachine>;
+
+pub struct Raftis {
+    pub settings: RwLock<Settings>,
+    pub store: LogStore,
+    /// Where the side port listens.
+    pub listen: SocketAddr,
+    /// This node's addresses as peers and clients should use them.
+    pub client_addr: String,
+    pub raft_addr: String,
+    pub table: RwLock<CommandTable>,
+    pub progress: Arc<ApplyProgress>,
+    apply_ctx: Arc<DetachedContext>,
+    node: RwLock<Option<Arc<RaftNode>>>,
+    /// Serialises INIT/JOIN so two of them cannot both start a node.
+    starting: Mutex<()>,
+}
+
+static STATE: OnceLock<Raftis> = OnceLock::new();
+
+pub fn init(r: Raftis) -> &'static Raftis {
+    let _ = STATE.set(r);
+    get()
+}
+
+pub fn get() -> &'static Raftis {
+    STATE.get().expect("raftis state is initialised in OnLoad before any command runs")
+}
+
+impl Raftis {
+    pub fn new(
+        settings: Settings,
+        store: LogStore,
+        listen: SocketAddr,
+        client_addr: String,
+        raft_addr: String,
+        table: CommandTable,
+        apply_ctx: DetachedContext,
+    ) -> Raftis {
+        Raftis {
+            settings: RwLock::new(settings),
+            store,
+            listen,
+            client_addr,
+            raft_addr,
+            table: RwLock::new(table),
+            progress: Arc::new(ApplyProgress::default()),
+            apply_ctx: Arc::new(apply_ctx),
+            node: RwLock::new(None),
+            starting: Mutex::new(()),
+        }
+    }
+
+    pub fn node(&self) -> Option<Arc<RaftNode>> {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The id this node was given when it joined or created a cluster.
+    pub fn stored_node_id(&self) -> anyhow::Result<Option<NodeId>> {
+        Ok(match self.store.get_meta(META_NODE_ID)? {
+            Some(b) => Some(NodeId(u64::from_be_bytes(b.as_slice().try_into().map_err(|_| anyhow::anyhow!("node id is corrupt"))?))),
+            None => None,
+        })
+    }
+
+    pub fn info(&self, id: NodeId) -> NodeInfo {
+        NodeInfo { id, raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
+    }
+
+    /// Starts the Raft node with `id`. `bootstrap` makes it the single voter of a new cluster;
+    /// otherwise it waits for a leader to add it. Returns the running node if there is one.
+    pub fn start_node(&self, id: NodeId, bootstrap: bool) -> anyhow::Result<Arc<RaftNode>> {
+        let _guard = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(node) = self.node() {
+            return Ok(node);
+        }
+        if bootstrap {
+            RaftNode::bootstrap(&self.store, &self.info(id))?;
+        }
+        self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?;
+        let settings = self.settings();
+        let machine = apply::start(self.apply_ctx.clone(), self.progress.clone())?;
+        let cfg = NodeConfig {
+            id,
+            listen: self.listen,
+            info: self.info(id),
+            timing: settings.timing.clone(),
+            durability: settings.durability,
+        };
+        let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
+        *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+        Ok(node)
+    }
+}
+
+/// `-MOVED` to the leader's client address, or `-CLUSTERDOWN` when there is none.
+pub fn redirect(status: &Status) -> String {
+    match status.leader.and_then(|l| status.members.get(&l)) {
+        Some(leader) => format!("MOVED 0 {}", leader.client_addr),
+        None => "CLUSTERDOWN No raft leader".to_string(),
+    }
+}
+
+/// The error reply for a request the cluster did not complete. `-TIMEOUT` always means the
+/// outcome is unknown; `-MOVED` and `-CLUSTERDOWN` mean the request took no effect.
+pub fn error_reply(err: &ProposeError) -> String {
+    match err {
+        ProposeError::NotLeader { .. } => match get().node() {
+            Some(node) => redirect(&node.status()),
+            None => "CLUSTERDOWN No raft leader".to_string(),
+        },
+        ProposeError::LeadershipLost => {
+            "TIMEOUT leadership changed while the request was in flight; it may or may not have taken effect".into()
+        }
+        ProposeError::Timeout => {
+            "TIMEOUT the request was not committed within write-timeout; it may still take effect".into()
+        }
+        ProposeError::Shutdown => "TIMEOUT the node is shutting down; the request may or may not have taken effect".into(),
+        ProposeError::Overwritten => "CLUSTERDOWN the request was discarded by a new leader; retry it".into(),
+        ProposeError::Dropped(why) => format!("CLUSTERDOWN the request was not accepted: {why}"),
+    }
+}

@@ -1,0 +1,54 @@
+//! `RAFT._CMD <command ...>`: a client write. On the leader it is pinned (relative times made
+//! absolute), proposed, and the client blocks until the entry is applied here; the reply is the
+//! one Redis produced when applying it. Elsewhere the client is redirected.
+
+use crate::apply::WriteWaiter;
+use crate::blocked::Blocked;
+use crate::ffi::{self, RedisModuleCtx};
+use crate::state;
+use raftis_core::command_entry::CommandEntry;
+use raftis_core::determinism;
+use raftis_core::routing::Route;
+use std::time::{Duration, Instant};
+
+/// How much longer than write-timeout Redis' own backstop timer waits.
+const BACKSTOP: Duration = Duration::from_secs(1);
+
+pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> {
+    let mut argv: Vec<Vec<u8>> = args.into_iter().skip(1).collect();
+    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
+    let s = state::get();
+    match s.table.read().unwrap_or_else(|p| p.into_inner()).route(&refs) {
+        Route::Write => {}
+        Route::Refuse(e) => return Err(e),
+        _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
+    }
+    let node = s.node().ok_or_else(not_initialized)?;
+    let status = node.status();
+    if let Some(fatal) = &status.fatal {
+        return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
+    }
+    if !status.is_leader() {
+        return Err(state::redirect(&status));
+    }
+    determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
+    let entry = CommandEntry { db: ffi::selected_db(ctx), argv };
+    let timeout = s.settings.read().unwrap_or_else(|p| p.into_inner()).write_timeout;
+    let resp3 = ffi::client_is_resp3(ctx);
+    let blocked = Blocked::new(ctx, timeout + BACKSTOP);
+    node.propose(entry.encode(), WriteWaiter { blocked, resp3 }, Instant::now() + timeout);
+    Ok(())
+}
+
+/// `RAFT._REFUSE <command ...>`: the error for a command Raftis does not support.
+pub fn refuse(args: Vec<Vec<u8>>) -> String {
+    let refs: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
+    match state::get().table.read().unwrap_or_else(|p| p.into_inner()).route(&refs) {
+        Route::Refuse(e) => e,
+        _ => "ERR command refused".into(),
+    }
+}
+
+pub fn not_initialized() -> String {
+    "CLUSTERDOWN this node is not part of a cluster yet; use RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN".into()
+}
