@@ -23,7 +23,7 @@ use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Messag
 use raft::{RawNode, StateRole};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -87,6 +87,11 @@ enum Request<W> {
 
 struct Shared {
     status: Mutex<Status>,
+    /// Cheap views of the status for hot paths (every client read asks).
+    is_leader: AtomicBool,
+    /// Index of the entry that made this leader ready (its own term's first commit); 0 if none.
+    ready_index: AtomicU64,
+    tick_ms: AtomicU64,
     durability: AtomicU8,
     /// Entries were written without fsync since the last flush (durability medium/low).
     dirty: AtomicBool,
@@ -190,6 +195,9 @@ impl<S: StateMachine> Node<S> {
 
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::initial(cfg.id)),
+            is_leader: AtomicBool::new(false),
+            ready_index: AtomicU64::new(0),
+            tick_ms: AtomicU64::new(cfg.timing.tick_interval.as_millis().max(1) as u64),
             durability: AtomicU8::new(durability_code(cfg.durability)),
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -212,7 +220,6 @@ impl<S: StateMachine> Node<S> {
             next_read_id: 1,
             was_leader: false,
             leader_ready: false,
-            tick: cfg.timing.tick_interval,
             shutdown: false,
         };
         raft_loop.publish_status();
@@ -312,6 +319,23 @@ impl<S: StateMachine> Node<S> {
         self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// True while this node leads. Lock-free: meant for every client command.
+    pub fn is_leader(&self) -> bool {
+        self.shared.is_leader.load(Ordering::Acquire)
+    }
+
+    /// While leading: the index of this term's first committed entry. A leader may serve
+    /// leader-local reads once its state machine has applied it. None when not a ready leader.
+    pub fn leader_ready_index(&self) -> Option<LogIndex> {
+        let i = self.shared.ready_index.load(Ordering::Acquire);
+        (i > 0 && self.is_leader()).then_some(LogIndex(i))
+    }
+
+    /// Changes the tick length at runtime; election and heartbeat timeouts scale with it.
+    pub fn set_tick_interval(&self, tick: Duration) {
+        self.shared.tick_ms.store(tick.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
     pub fn durability(&self) -> Durability {
         durability_from_code(self.shared.durability.load(Ordering::Relaxed))
     }
@@ -399,13 +423,12 @@ struct RaftLoop<S: StateMachine> {
     next_read_id: u64,
     was_leader: bool,
     leader_ready: bool,
-    tick: Duration,
     shutdown: bool,
 }
 
 impl<S: StateMachine> RaftLoop<S> {
     fn run(mut self) {
-        let mut next_tick = Instant::now() + self.tick;
+        let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
@@ -424,7 +447,7 @@ impl<S: StateMachine> RaftLoop<S> {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
-                next_tick = now + self.tick;
+                next_tick = now + self.tick_interval();
                 self.expire(now);
             }
             self.start_reads();
@@ -446,6 +469,10 @@ impl<S: StateMachine> RaftLoop<S> {
             fail_request(req, ProposeError::Shutdown);
         }
         self.publish_status();
+    }
+
+    fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.shared.tick_ms.load(Ordering::Relaxed))
     }
 
     fn handle(&mut self, req: Request<S::Waiter>) {
@@ -564,7 +591,9 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         if !is_leader {
             self.leader_ready = false;
+            self.shared.ready_index.store(0, Ordering::Release);
         }
+        self.shared.is_leader.store(is_leader, Ordering::Release);
         self.was_leader = is_leader;
     }
 
@@ -655,8 +684,9 @@ impl<S: StateMachine> RaftLoop<S> {
                     if let Some((_, _, w)) = self.membership_waiters.remove(&index) {
                         w(Err(ProposeError::Dropped("another membership change is in progress".into())));
                     }
-                    if term.get() == self.raw.raft.term && self.raw.raft.state == StateRole::Leader {
+                    if term.get() == self.raw.raft.term && self.raw.raft.state == StateRole::Leader && !self.leader_ready {
                         self.leader_ready = true;
+                        self.shared.ready_index.store(index.get(), Ordering::Release);
                     }
                 }
                 EntryType::EntryNormal => {

@@ -107,7 +107,8 @@ fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
 
 #[test]
 fn restarting_every_node_keeps_every_acknowledged_write() {
-    let mut cluster = Cluster::start(3, &[]).unwrap();
+    // consistency=low lets the test read each node's own dataset.
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
     {
         let mut conn = cluster.leader().client().unwrap();
         for i in 0..300 {
@@ -172,7 +173,7 @@ fn replies_are_forwarded_byte_for_byte_in_resp2_and_resp3() {
 
 #[test]
 fn relative_expirations_are_made_absolute_by_the_leader() {
-    let cluster = Cluster::start(3, &[]).unwrap();
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
     let leader = cluster.leader();
     let _: () = leader.cmd(&["SET", "ttl", "v", "EX", "100"]).unwrap();
     let _: i64 = leader.cmd(&["EXPIRE", "ttl2", "100"]).unwrap();
@@ -237,7 +238,8 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     let _: () = leader.cmd(&["SET", "before", "1"]).unwrap();
-    let fourth = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &[]).unwrap();
+    let fourth =
+        Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &["consistency=low"]).unwrap();
     let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
     assert!(id > 0);
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
@@ -250,4 +252,108 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
     assert_eq!(peers.len(), 3);
     let _: () = leader.cmd(&["SET", "after", "1"]).unwrap();
+}
+
+#[test]
+fn consistency_levels_decide_who_serves_reads() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let l = &cluster.nodes[leader];
+    let followers: Vec<&Server> = cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, n)| n).collect();
+
+    // high (default): the leader confirms leadership, then reads; a read sees the write before it.
+    let mut conn = l.client().unwrap();
+    for i in 0..200 {
+        let _: () = redis::cmd("SET").arg("reg").arg(i).query(&mut conn).unwrap();
+        let v: i64 = redis::cmd("GET").arg("reg").query(&mut conn).unwrap();
+        assert_eq!(v, i, "a linearizable read returns the last acknowledged write");
+    }
+    // Pipelined reads share ReadIndex rounds and still answer in order.
+    let mut pipe = redis::pipe();
+    for _ in 0..100 {
+        pipe.cmd("GET").arg("reg");
+    }
+    let vs: Vec<i64> = pipe.query(&mut conn).unwrap();
+    assert!(vs.iter().all(|v| *v == 199));
+    for f in &followers {
+        let err = f.cmd::<String>(&["GET", "reg"]).unwrap_err();
+        assert_eq!(err.code(), Some("MOVED"), "{err}");
+    }
+    // Commands that are neither reads nor writes are never redirected.
+    for f in &followers {
+        let pong: String = f.cmd(&["PING"]).unwrap();
+        assert_eq!(pong, "PONG");
+    }
+
+    // medium: leader-local reads, followers still redirect.
+    for n in &cluster.nodes {
+        let _: () = n.cmd(&["RAFT.CONFIG", "SET", "consistency", "medium"]).unwrap();
+    }
+    let v: i64 = l.cmd(&["GET", "reg"]).unwrap();
+    assert_eq!(v, 199);
+    assert_eq!(followers[0].cmd::<String>(&["GET", "reg"]).unwrap_err().code(), Some("MOVED"));
+
+    // low: every node answers from its own dataset.
+    for n in &cluster.nodes {
+        let _: () = n.cmd(&["RAFT.CONFIG", "SET", "consistency", "low"]).unwrap();
+    }
+    for f in &followers {
+        wait_for("a follower to serve the value locally", Duration::from_secs(10), || {
+            (f.cmd::<i64>(&["GET", "reg"]).ok() == Some(199)).then_some(())
+        });
+    }
+}
+
+#[test]
+fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anything() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let n = &cluster.nodes[0];
+    let all: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "*"]).unwrap();
+    assert!(all.chunks(2).any(|kv| kv[0] == "durability" && kv[1] == "high"), "{all:?}");
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "durability", "medium"]).unwrap();
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "write-timeout", "2500"]).unwrap();
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "tick-ms", "50"]).unwrap();
+    let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "durability"]).unwrap();
+    assert_eq!(got, ["durability", "medium"]);
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "durability", "fast"]).unwrap_err().to_string();
+    assert!(err.contains("high, medium, low"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "consistency", "strong"]).unwrap_err().to_string();
+    assert!(err.contains("high, medium, low"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "write-timeout", "-1"]).unwrap_err().to_string();
+    assert!(err.contains("write-timeout"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "dir", "/tmp"]).unwrap_err().to_string();
+    assert!(err.contains("module argument"), "{err}");
+    let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "*t*"]).unwrap();
+    let map: std::collections::HashMap<&str, &str> = got.chunks(2).map(|kv| (kv[0].as_str(), kv[1].as_str())).collect();
+    assert_eq!(map["durability"], "medium", "a rejected SET changed nothing");
+    assert_eq!(map["consistency"], "high");
+    assert_eq!(map["write-timeout"], "2500");
+    assert_eq!(map["tick-ms"], "50");
+    // Still serving, with the new settings.
+    let _: () = n.cmd(&["SET", "k", "v"]).unwrap();
+    let info: String = n.cmd(&["INFO", "raft"]).unwrap();
+    assert!(info.contains("raft_durability:medium"), "{info}");
+}
+
+#[test]
+fn with_durability_high_killing_every_node_right_after_a_write_loses_nothing() {
+    let mut cluster = Cluster::start(3, &["durability=high"]).unwrap();
+    let mut acked = 0;
+    {
+        let mut conn = cluster.leader().client().unwrap();
+        for i in 0..500 {
+            let _: i64 = redis::cmd("INCR").arg("counter").query(&mut conn).unwrap();
+            acked = i + 1;
+        }
+    }
+    // No pause between the last acknowledgement and the kills.
+    for n in cluster.nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in cluster.nodes.iter_mut() {
+        n.restart().unwrap();
+    }
+    let leader = cluster.leader();
+    let v: i64 = leader.cmd(&["GET", "counter"]).unwrap();
+    assert_eq!(v, acked);
 }

@@ -14,6 +14,9 @@ pub enum Outcome {
     Error(String),
     Simple(String),
     Integer(i64),
+    /// Run this command for the client now, on the main thread, and send its reply (a read whose
+    /// consistency conditions were just met).
+    Run { argv: Vec<Vec<u8>>, resp3: bool },
 }
 
 pub struct Blocked {
@@ -70,6 +73,16 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
         Outcome::Error(e) => ffi::reply_error(ctx, e),
         Outcome::Simple(s) => ffi::reply_simple(ctx, s),
         Outcome::Integer(i) => ffi::reply_integer(ctx, *i),
+        Outcome::Run { argv, resp3 } => {
+            // The context's client is the blocked client, so the call runs in its database.
+            let reply = ffi::call(ctx, argv, *resp3);
+            if reply.is_null() {
+                return ffi::reply_error(ctx, "ERR command could not be executed");
+            }
+            ffi::reply_call_reply(ctx, reply);
+            ffi::free_call_reply(reply);
+            ffi::OK
+        }
     }
 }
 

@@ -10,9 +10,11 @@ mod blocked;
 mod cluster_ops;
 mod command_table;
 mod commands;
+mod config_cmd;
 mod ffi;
 mod filter;
 mod logger;
+mod read;
 mod reply;
 mod state;
 mod write;
@@ -62,6 +64,8 @@ macro_rules! command {
 }
 
 command!(cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
+command!(cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
+command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
@@ -79,6 +83,8 @@ type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString,
 const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::WRITE_COMMAND, cmd_write, "write"),
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
+    (read::READ_COMMAND, cmd_read, "readonly"),
+    ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     ("raft._join", cmd_join, "admin"),
     ("raft._identify", cmd_identify, "admin"),

@@ -12,6 +12,8 @@ use raftis_core::status::Status;
 use raftis_core::storage::LogStore;
 use raftis_core::NodeId;
 use std::net::SocketAddr;
+use raftis_core::config::Consistency;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 const META_NODE_ID: &str = "node_id";
@@ -30,6 +32,7 @@ pub struct Raftis {
     pub progress: Arc<ApplyProgress>,
     apply_ctx: Arc<DetachedContext>,
     node: RwLock<Option<Arc<RaftNode>>>,
+    consistency: AtomicU8,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
 }
@@ -55,8 +58,9 @@ impl Raftis {
         table: CommandTable,
         apply_ctx: DetachedContext,
     ) -> Raftis {
-        Raftis {
-            settings: RwLock::new(settings),
+        let r = Raftis {
+            consistency: AtomicU8::new(0),
+            settings: RwLock::new(settings.clone()),
             store,
             listen,
             client_addr,
@@ -66,11 +70,32 @@ impl Raftis {
             apply_ctx: Arc::new(apply_ctx),
             node: RwLock::new(None),
             starting: Mutex::new(()),
-        }
+        };
+        r.set_consistency(settings.consistency);
+        r
     }
 
     pub fn node(&self) -> Option<Arc<RaftNode>> {
         self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Read on every client read: kept outside the settings lock.
+    pub fn consistency(&self) -> Consistency {
+        match self.consistency.load(Ordering::Relaxed) {
+            0 => Consistency::High,
+            1 => Consistency::Medium,
+            _ => Consistency::Low,
+        }
+    }
+
+    pub fn set_consistency(&self, c: Consistency) {
+        let code = match c {
+            Consistency::High => 0,
+            Consistency::Medium => 1,
+            Consistency::Low => 2,
+        };
+        self.consistency.store(code, Ordering::Relaxed);
+        self.settings.write().unwrap_or_else(|p| p.into_inner()).consistency = c;
     }
 
     pub fn settings(&self) -> Settings {

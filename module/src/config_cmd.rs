@@ -1,0 +1,117 @@
+//! `RAFT.CONFIG GET pattern` and `RAFT.CONFIG SET name value`, in the manner of CONFIG GET/SET.
+//! A SET is validated on a copy of the settings first: an invalid value changes nothing.
+
+use crate::reply::Reply;
+use crate::state;
+use raftis_core::settings::Settings;
+
+/// Changeable while running.
+const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms"];
+/// Only as module arguments (they shape the node's identity or raft's fixed timers).
+const LOAD_ONLY: &[&str] =
+    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "follower-proxy"];
+
+fn values(s: &Settings) -> Vec<(&'static str, String)> {
+    vec![
+        ("consistency", s.consistency.to_string()),
+        ("durability", s.durability.to_string()),
+        ("write-timeout", s.write_timeout.as_millis().to_string()),
+        ("tick-ms", s.timing.tick_interval.as_millis().to_string()),
+        ("election-ticks", s.timing.election_ticks.to_string()),
+        ("heartbeat-ticks", s.timing.heartbeat_ticks.to_string()),
+        ("follower-proxy", if s.follower_proxy { "yes" } else { "no" }.to_string()),
+        ("dir", s.dir.display().to_string()),
+        ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
+        ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
+        ("advertise-addr", state::get().client_addr.clone()),
+    ]
+}
+
+/// Glob with `*` only, case-insensitive, as operators use with CONFIG GET.
+fn matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
+    let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
+    let sub = if args.len() > 1 { text(1).to_ascii_lowercase() } else { String::new() };
+    let s = state::get();
+    match sub.as_str() {
+        "get" if args.len() == 3 => {
+            let pattern = text(2);
+            let mut out = Vec::new();
+            for (k, v) in values(&s.settings()) {
+                if matches(&pattern, k) {
+                    out.push(Reply::bulk(k));
+                    out.push(Reply::bulk(v));
+                }
+            }
+            Ok(Reply::Array(out))
+        }
+        "set" if args.len() == 4 => {
+            let (name, value) = (text(2).to_ascii_lowercase(), text(3));
+            if LOAD_ONLY.contains(&name.as_str()) {
+                return Err(format!("ERR {name} can only be set as a module argument at load time"));
+            }
+            if !RUNTIME.contains(&name.as_str()) {
+                return Err(format!("ERR unknown setting '{name}' (runtime settings: {})", RUNTIME.join(", ")));
+            }
+            let mut next = s.settings();
+            next.set(&name, &value).map_err(|e| format!("ERR {e}"))?;
+            let node = s.node();
+            match name.as_str() {
+                "consistency" => s.set_consistency(next.consistency),
+                "durability" => {
+                    if let Some(n) = &node {
+                        n.set_durability(next.durability);
+                    }
+                }
+                "tick-ms" => {
+                    if let Some(n) = &node {
+                        n.set_tick_interval(next.timing.tick_interval);
+                    }
+                }
+                _ => {}
+            }
+            *s.settings.write().unwrap_or_else(|p| p.into_inner()) = next;
+            log::info!("RAFT.CONFIG SET {name} {value}");
+            Ok(Reply::ok())
+        }
+        "get" | "set" => Err(format!("ERR wrong number of arguments for 'raft.config|{sub}' command")),
+        _ => Err("ERR unknown subcommand, try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glob_matches_like_config_get() {
+        assert!(super::matches("*", "durability"));
+        assert!(super::matches("dur*", "durability"));
+        assert!(super::matches("*ticks", "election-ticks"));
+        assert!(super::matches("CONSISTENCY", "consistency"));
+        assert!(!super::matches("dur", "durability"));
+        assert!(super::matches("*-*", "tick-ms"));
+    }
+}

@@ -1,0 +1,53 @@
+//! Reads under the consistency levels.
+//!
+//! - `low`: the filter leaves reads alone; every node serves its local dataset.
+//! - `medium`: the filter leaves reads alone on a leader whose dataset has applied the first
+//!   entry of its term; anything else comes here.
+//! - `high`: every read comes here (`RAFT._READ <command ...>`). The leader confirms it still
+//!   leads with a ReadIndex round (all reads of one Raft round share it), waits until its dataset
+//!   has applied that index, then runs the read on Redis' main thread and replies.
+
+use crate::blocked::{Blocked, Outcome};
+use crate::ffi::{self, RedisModuleCtx};
+use crate::state;
+use raftis_core::config::Consistency;
+use std::time::{Duration, Instant};
+
+pub const READ_COMMAND: &str = "raft._read";
+
+/// Should the filter send this read through RAFT._READ?
+pub fn needs_confirmation() -> bool {
+    let s = state::get();
+    match s.consistency() {
+        Consistency::Low => false,
+        Consistency::Medium => match s.node().and_then(|n| n.leader_ready_index()) {
+            Some(ready) => s.progress.applied() < ready,
+            None => true,
+        },
+        Consistency::High => true,
+    }
+}
+
+pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> {
+    let argv: Vec<Vec<u8>> = args.into_iter().skip(1).collect();
+    if argv.is_empty() {
+        return Err("ERR wrong number of arguments for 'raft._read' command".into());
+    }
+    let s = state::get();
+    let node = s.node().ok_or_else(crate::write::not_initialized)?;
+    if !node.is_leader() {
+        return Err(state::redirect(&node.status()));
+    }
+    let timeout = s.settings().write_timeout;
+    let resp3 = ffi::client_is_resp3(ctx);
+    let blocked = Blocked::new(ctx, timeout + Duration::from_secs(1));
+    let progress = s.progress.clone();
+    node.read_index(
+        Box::new(move |confirmed| match confirmed {
+            Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Run { argv, resp3 }))),
+            Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e))),
+        }),
+        Instant::now() + timeout,
+    );
+    Ok(())
+}
