@@ -13,7 +13,7 @@ use crate::membership::{Members, MembershipChange, NodeInfo};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
 use crate::snapshot_data;
-use crate::status::{PeerProgress, Role, Status};
+use crate::status::{Counters, PeerProgress, Role, Status};
 use crate::storage::LogStore;
 use crate::transport::{Inbound, Transport, TransportConfig};
 use anyhow::Context as _;
@@ -85,6 +85,36 @@ enum Request<W> {
     Shutdown,
 }
 
+#[derive(Default)]
+struct CounterCells {
+    rounds: AtomicU64,
+    readies: AtomicU64,
+    proposals: AtomicU64,
+    entries_persisted: AtomicU64,
+    fsyncs: AtomicU64,
+    read_index_rounds: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl CounterCells {
+    fn add(cell: &AtomicU64, n: u64) {
+        cell.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            rounds: get(&self.rounds),
+            readies: get(&self.readies),
+            proposals: get(&self.proposals),
+            entries_persisted: get(&self.entries_persisted),
+            fsyncs: get(&self.fsyncs),
+            read_index_rounds: get(&self.read_index_rounds),
+            reads: get(&self.reads),
+        }
+    }
+}
+
 struct Shared {
     status: Mutex<Status>,
     /// Cheap views of the status for hot paths (every client read asks).
@@ -92,6 +122,7 @@ struct Shared {
     /// Index of the entry that made this leader ready (its own term's first commit); 0 if none.
     ready_index: AtomicU64,
     tick_ms: AtomicU64,
+    counters: CounterCells,
     durability: AtomicU8,
     /// Entries were written without fsync since the last flush (durability medium/low).
     dirty: AtomicBool,
@@ -198,6 +229,7 @@ impl<S: StateMachine> Node<S> {
             is_leader: AtomicBool::new(false),
             ready_index: AtomicU64::new(0),
             tick_ms: AtomicU64::new(cfg.timing.tick_interval.as_millis().max(1) as u64),
+            counters: CounterCells::default(),
             durability: AtomicU8::new(durability_code(cfg.durability)),
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -210,7 +242,7 @@ impl<S: StateMachine> Node<S> {
             transport: transport.clone(),
             shared: shared.clone(),
             rx,
-            members,
+            members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
             membership_waiters: BTreeMap::new(),
@@ -319,6 +351,10 @@ impl<S: StateMachine> Node<S> {
         self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    pub fn counters(&self) -> Counters {
+        self.shared.counters.snapshot()
+    }
+
     /// True while this node leads. Lock-free: meant for every client command.
     pub fn is_leader(&self) -> bool {
         self.shared.is_leader.load(Ordering::Acquire)
@@ -411,7 +447,7 @@ struct RaftLoop<S: StateMachine> {
     transport: Transport,
     shared: Arc<Shared>,
     rx: Receiver<Request<S::Waiter>>,
-    members: Members,
+    members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
     conf_applied: LogIndex,
@@ -444,6 +480,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            CounterCells::add(&self.shared.counters.rounds, 1);
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
@@ -463,6 +500,8 @@ impl<S: StateMachine> RaftLoop<S> {
                 w(result);
             }
         }
+        self.shared.is_leader.store(false, Ordering::Release);
+        self.shared.ready_index.store(0, Ordering::Release);
         self.fail_everything(ProposeError::Shutdown);
         // Requests that raced with the stop still get an answer.
         for req in self.rx.try_iter() {
@@ -523,6 +562,7 @@ impl<S: StateMachine> RaftLoop<S> {
                     return waiter.fail(ProposeError::Dropped("raft did not append the entry".into()));
                 }
                 let term = Term(self.raw.raft.term);
+                CounterCells::add(&self.shared.counters.proposals, 1);
                 self.proposals.insert(LogIndex(index), Pending { term, deadline, waiter });
             }
             Err(e) => waiter.fail(ProposeError::Dropped(e.to_string())),
@@ -559,6 +599,8 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         let id = self.next_read_id;
         self.next_read_id += 1;
+        CounterCells::add(&self.shared.counters.read_index_rounds, 1);
+        CounterCells::add(&self.shared.counters.reads, reads.len() as u64);
         self.raw.read_index(id.to_be_bytes().to_vec());
         self.reads_in_flight.insert(id, reads);
     }
@@ -619,6 +661,7 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         let mut ready = self.raw.ready();
         let sync = self.sync_writes();
+        CounterCells::add(&self.shared.counters.readies, 1);
 
         // A leader may send appends while it persists its own copy: it only counts itself
         // towards the quorum once the entries are persisted (after advance).
@@ -631,7 +674,17 @@ impl<S: StateMachine> RaftLoop<S> {
         self.handle_committed(ready.take_committed_entries())?;
         let entries = ready.take_entries();
         if !entries.is_empty() || ready.hs().is_some() {
+            // Only entries, term and vote must be on disk before we answer; a commit index that
+            // is lost in a crash is learnt again from the leader.
+            let stored = self.store.hard_state();
+            let must_sync = sync
+                && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
+            let sync = must_sync;
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
+            CounterCells::add(&self.shared.counters.entries_persisted, entries.len() as u64);
+            if sync {
+                CounterCells::add(&self.shared.counters.fsyncs, 1);
+            }
             if !sync {
                 self.shared.dirty.store(true, Ordering::Release);
             }
@@ -659,7 +712,7 @@ impl<S: StateMachine> RaftLoop<S> {
         let (members, app) = snapshot_data::decode(&snapshot.data)?;
         log::info!("raft {} installing a snapshot at index {index} ({} bytes)", self.id, snapshot.data.len());
         self.sm.restore(LogIndex(index), app);
-        self.members = members;
+        self.members = Arc::new(members);
         self.conf_applied = LogIndex(index);
         self.persist_members()?;
         for info in self.members.values().filter(|m| m.id != self.id) {
@@ -718,7 +771,7 @@ impl<S: StateMachine> RaftLoop<S> {
         let conf_state = self.raw.apply_conf_change(cc).context("applying a membership change")?;
         self.store.set_conf_state(&conf_state).context("persisting the membership")?;
         let before: Vec<NodeId> = self.members.keys().copied().collect();
-        MembershipChange::apply_to_members(cc, &mut self.members);
+        MembershipChange::apply_to_members(cc, Arc::make_mut(&mut self.members));
         self.conf_applied = index;
         self.persist_members()?;
         for id in before.iter().filter(|id| !self.members.contains_key(id)) {
@@ -739,7 +792,7 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     fn persist_members(&self) -> anyhow::Result<()> {
-        self.store.put_meta(META_MEMBERS, &serde_json::to_vec(&self.members)?)?;
+        self.store.put_meta(META_MEMBERS, &serde_json::to_vec(&*self.members)?)?;
         self.store.put_meta(META_CONF_APPLIED, &self.conf_applied.get().to_be_bytes())?;
         Ok(())
     }

@@ -402,7 +402,7 @@ mod tests {
             let input: Vec<u8> = (0..len)
                 .map(|_| {
                     let r = rng.next();
-                    if r % 2 == 0 {
+                    if r & 1 == 0 {
                         alphabet[(r >> 8) as usize % alphabet.len()]
                     } else {
                         (r >> 8) as u8

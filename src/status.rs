@@ -4,6 +4,7 @@
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::Members;
 use std::fmt;
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -58,7 +59,8 @@ pub struct Status {
     pub last_index: LogIndex,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
-    pub members: Members,
+    /// Shared with the Raft loop; replaced only when membership changes.
+    pub members: Arc<Members>,
     /// Only filled on the leader.
     pub progress: Vec<PeerProgress>,
     /// The leader has committed an entry of its own term, so its commit index is current.
@@ -81,7 +83,7 @@ impl Status {
             last_index: LogIndex(0),
             voters: Vec::new(),
             learners: Vec::new(),
-            members: Members::new(),
+            members: Arc::new(Members::new()),
             progress: Vec::new(),
             leader_ready: false,
             pending_proposals: 0,
@@ -96,4 +98,17 @@ impl Status {
     pub fn progress_of(&self, id: NodeId) -> Option<&PeerProgress> {
         self.progress.iter().find(|p| p.id == id)
     }
+}
+
+/// Work the Raft loop has done since start, for RAFT.STATS and the benchmark: proposals per
+/// Ready and per fsync show how well group commit batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub rounds: u64,
+    pub readies: u64,
+    pub proposals: u64,
+    pub entries_persisted: u64,
+    pub fsyncs: u64,
+    pub read_index_rounds: u64,
+    pub reads: u64,
 }

@@ -1,40 +1,66 @@
-//! The side port: how Raft nodes talk to each other, in RESP over TCP.
+//! The side-port transport between Raft nodes.
 //!
-//! Each node dials one long-lived connection to every peer and only writes on it: first
-//! `HELLO <id> <advertised addr>`, then frames `MSGS <msg> <msg> ...`, each bulk a prost-encoded
-//! Raft message. Whatever is queued for a peer when its connection is free goes out as one frame
-//! and one write. Queues are bounded: a dead or paused peer costs at most `queue_limit` messages,
-//! beyond which messages are dropped (Raft retransmits). Inbound connections are only read; a peer
-//! that sends anything malformed gets `-ERR`, a log line, and its connection closed.
+//! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
+//! peer. Connections carry traffic one way: the dialer introduces itself with
+//! `HELLO <id> <advertise-addr>` and then sends `MSGS <m1> <m2> ...` frames, each a RESP array of
+//! bulk strings holding prost-encoded raft messages; nothing is answered. The listener also
+//! answers `PING` with `+PONG`, so `redis-cli -p <raft-port> PING` tells an operator the port is
+//! alive.
+//!
+//! Raft tolerates lost messages, so the transport favours staying bounded over delivering
+//! everything: each peer has a fixed-size queue, [`Transport::send`] never blocks and drops (and
+//! counts) what does not fit, and a dead peer costs at most one queue of memory. When a connection
+//! attempt or a write fails, [`Inbound::Unreachable`] tells raft to slow down on that peer.
+//!
+//! All networking runs on a current-thread tokio runtime on one dedicated thread, so the rest of
+//! Raftis (which is not async) only ever talks to it through non-blocking calls.
 
 use crate::ids::NodeId;
 use crate::resp::{self, Frame};
-use bytes::BytesMut;
+use anyhow::Context as _;
+use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use raft::eraftpb::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// Messages in one outgoing frame at most (and bytes, roughly).
-const MAX_BATCH_MESSAGES: usize = 4096;
+pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
+/// tokio's bounded channel needs a capacity of at least 1 and far below `usize::MAX`; a queue
+/// bigger than this would defeat the point of bounding memory anyway.
+const MAX_QUEUE_LIMIT: usize = 1 << 24;
+/// One outgoing frame holds at most this many messages / bytes, so a deep queue becomes a few
+/// large writes rather than one giant buffer.
+const MAX_BATCH_MSGS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Without a deadline, dialing a black-holed address waits for the kernel's SYN retries (minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer that accepts no bytes at all for this long is treated as gone. This is a stall timeout
+/// (reset by any progress), so a large snapshot on a slow link still gets through.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rejected connection is kept half-open so the client can read our `-ERR` before the
+/// socket closes (closing with unread input would send a reset that may destroy the reply).
+const REJECT_LINGER: Duration = Duration::from_secs(1);
+/// How long shutdown waits for blocking work (DNS lookups while dialing) before giving up on it.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What arrives on the side port, or what the transport learns about peers.
+/// What the transport hands to the Raft node.
 #[derive(Debug)]
 pub enum Inbound {
+    /// The messages of one `MSGS` frame, in the order they were sent.
     Raft(Vec<Message>),
+    /// A peer dialed us and said where it can be reached.
     Hello { from: NodeId, addr: String },
-    /// Sending to this peer failed; raft should slow down replication to it.
+    /// Messages to this peer could not be delivered (unknown peer, failed connect or write).
     Unreachable(NodeId),
 }
 
@@ -44,8 +70,15 @@ pub struct TransportConfig {
     pub listen: SocketAddr,
     /// `host:port` peers dial to reach this node.
     pub advertise: String,
-    /// Messages queued per peer at most.
+    /// Most messages waiting for one peer; more are dropped. Clamped to at least 1.
     pub queue_limit: usize,
+}
+
+impl TransportConfig {
+    /// A configuration with the default queue limit.
+    pub fn new(me: NodeId, listen: SocketAddr, advertise: impl Into<String>) -> Self {
+        TransportConfig { me, listen, advertise: advertise.into(), queue_limit: DEFAULT_QUEUE_LIMIT }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,473 +86,897 @@ pub struct PeerStats {
     pub id: NodeId,
     pub addr: String,
     pub connected: bool,
+    /// Messages waiting in the peer's queue.
     pub queued: usize,
+    /// Messages written to the peer's connection.
     pub sent: u64,
+    /// Messages dropped: queue full, or lost with a failed write.
     pub dropped: u64,
 }
 
-type InboundFn = Arc<dyn Fn(Inbound) + Send + Sync>;
-
-#[derive(Default)]
-struct Counters {
-    connected: AtomicBool,
-    sent: AtomicU64,
-    dropped: AtomicU64,
-}
-
-struct Peer {
-    addr: String,
-    tx: mpsc::Sender<Message>,
-    task: JoinHandle<()>,
-    counters: Arc<Counters>,
-}
-
-struct Inner {
-    cfg: TransportConfig,
-    local_addr: SocketAddr,
-    inbound: InboundFn,
-    handle: tokio::runtime::Handle,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    peers: Mutex<HashMap<NodeId, Peer>>,
-}
-
-/// Handle to the side port. Clones share it; [`Transport::shutdown`] stops it for all.
+/// Handle to the transport. Clones share one transport; it shuts down on [`Transport::shutdown`]
+/// or when the last clone is dropped.
 #[derive(Clone)]
 pub struct Transport {
     inner: Arc<Inner>,
 }
 
+type Callback = Arc<dyn Fn(Inbound) + Send + Sync>;
+
+struct Inner {
+    me: NodeId,
+    advertise: String,
+    queue_limit: usize,
+    local_addr: SocketAddr,
+    runtime: tokio::runtime::Handle,
+    inbound: Callback,
+    state: Mutex<State>,
+    /// Taken by the first shutdown, which makes shutdown idempotent.
+    stop: Mutex<Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+struct State {
+    peers: HashMap<NodeId, Peer>,
+    closed: bool,
+}
+
+/// One peer: its queue and the task that owns its connection. Dropping it aborts the task, which
+/// closes the connection and frees the queue.
+struct Peer {
+    addr: String,
+    queue: mpsc::Sender<Message>,
+    link: Arc<Link>,
+    counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// State of one connection task. A new one per address, so a replaced task that has not noticed
+/// its abort yet cannot make the new connection look up or down.
+#[derive(Default)]
+struct Link {
+    connected: AtomicBool,
+}
+
+/// Kept across address changes, so the peer's totals survive a move.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn drop_messages(&self, id: NodeId, n: u64, why: &str) {
+        let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        // Logarithmic logging: the first drop is visible, a sustained flood does not fill the log.
+        if before.checked_ilog2() != after.checked_ilog2() {
+            log::warn!("raft transport: dropping messages to peer {id} ({why}); {after} dropped so far");
+        }
+    }
+}
+
 impl Transport {
-    /// Binds the side port (a bind error is returned here) and starts serving it.
+    /// Binds the listener here, so a bind error reaches the caller, then runs all networking on
+    /// a background thread. `inbound` is called on that thread, one call at a time; it must not
+    /// block for long (and must never wait for this transport to shut down).
     pub fn start(cfg: TransportConfig, inbound: impl Fn(Inbound) + Send + Sync + 'static) -> anyhow::Result<Transport> {
-        let std_listener = std::net::TcpListener::bind(cfg.listen)?;
-        std_listener.set_nonblocking(true)?;
-        let local_addr = std_listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(format!("raft-net-{}", cfg.me))
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
-        let inbound: InboundFn = Arc::new(inbound);
+        let listener = std::net::TcpListener::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+        let local_addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("building the transport runtime")?;
         let listener = {
-            let _enter = handle.enter();
-            TcpListener::from_std(std_listener)?
+            // Registering with the reactor needs the runtime's context.
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)?
         };
-        handle.spawn(accept_loop(listener, inbound.clone()));
-        let inner = Inner {
-            cfg,
-            local_addr,
-            inbound,
-            handle,
-            runtime: Mutex::new(Some(runtime)),
-            peers: Mutex::new(HashMap::new()),
-        };
-        Ok(Transport { inner: Arc::new(inner) })
+        let inbound: Callback = Arc::new(inbound);
+        let handle = runtime.handle().clone();
+        handle.spawn(accept_loop(listener, cfg.me, inbound.clone()));
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-net-{}", cfg.me))
+            .spawn(move || {
+                // Runs every task until told to stop (or until the handle is gone, which drops the
+                // sender). Dropping the runtime then cancels all tasks, closing the listener and
+                // every connection.
+                let _ = runtime.block_on(stop_rx);
+                runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+            })
+            .context("spawning the transport thread")?;
+
+        Ok(Transport {
+            inner: Arc::new(Inner {
+                me: cfg.me,
+                advertise: cfg.advertise,
+                queue_limit: cfg.queue_limit.clamp(1, MAX_QUEUE_LIMIT),
+                local_addr,
+                runtime: handle,
+                inbound,
+                state: Mutex::new(State { peers: HashMap::new(), closed: false }),
+                stop: Mutex::new(Some((stop_tx, thread))),
+            }),
+        })
     }
 
+    /// The address the listener is bound to (useful when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
     }
 
-    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
-        self.inner.peers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds a peer, or points it at a new address (which reconnects).
+    /// Adds a peer, or moves it to a new address (dropping the old connection and queue).
+    /// Setting the same address again changes nothing. A node never dials itself.
     pub fn set_peer_addr(&self, id: NodeId, addr: String) {
-        if id == self.inner.cfg.me {
+        let inner = &self.inner;
+        if id == inner.me {
+            log::debug!("raft transport: ignoring an address for myself ({addr})");
             return;
         }
-        let mut peers = self.peers();
-        if peers.get(&id).map_or(false, |p| p.addr == addr) {
-            return;
+        let replaced;
+        {
+            let mut state = inner.state();
+            if state.closed {
+                return;
+            }
+            let counters = match state.peers.get(&id) {
+                Some(peer) if peer.addr == addr => return,
+                Some(peer) => peer.counters.clone(),
+                None => Arc::default(),
+            };
+            let (queue, rx) = mpsc::channel(inner.queue_limit);
+            let link = Arc::new(Link::default());
+            let task = inner.runtime.spawn(run_peer(PeerTask {
+                id,
+                addr: addr.clone(),
+                hello: hello_frame(inner.me, &inner.advertise),
+                rx,
+                link: link.clone(),
+                counters: counters.clone(),
+                inbound: inner.inbound.clone(),
+            }));
+            log::info!("raft transport: peer {id} is at {addr}");
+            replaced = state.peers.insert(id, Peer { addr, queue, link, counters, task });
         }
-        let (tx, rx) = mpsc::channel(self.inner.cfg.queue_limit.max(1));
-        let counters = Arc::new(Counters::default());
-        let link = Link {
-            id,
-            addr: addr.clone(),
-            hello: hello_frame(self.inner.cfg.me, &self.inner.cfg.advertise),
-            counters: counters.clone(),
-            inbound: self.inner.inbound.clone(),
-        };
-        let task = self.inner.handle.spawn(link.run(rx));
-        if let Some(old) = peers.insert(id, Peer { addr, tx, task, counters }) {
-            old.task.abort();
-        }
+        drop(replaced);
     }
 
+    /// Forgets a peer: its queue and connection are dropped.
     pub fn remove_peer(&self, id: NodeId) {
-        if let Some(p) = self.peers().remove(&id) {
-            p.task.abort();
+        let removed = self.inner.state().peers.remove(&id);
+        if removed.is_some() {
+            log::info!("raft transport: peer {id} removed");
         }
     }
 
     pub fn peer_addr(&self, id: NodeId) -> Option<String> {
-        self.peers().get(&id).map(|p| p.addr.clone())
+        self.inner.state().peers.get(&id).map(|p| p.addr.clone())
     }
 
-    /// Queues messages for their peers; never blocks.
+    /// Queues messages for their recipients (`msg.to`), keeping their order per recipient. Never
+    /// blocks: a message that does not fit its peer's queue is dropped and counted; messages to
+    /// unknown peers are dropped and reported as [`Inbound::Unreachable`].
     pub fn send(&self, msgs: Vec<Message>) {
-        let mut unknown = HashSet::new();
+        if msgs.is_empty() {
+            return;
+        }
+        let mut unknown: Vec<NodeId> = Vec::new();
         {
-            let peers = self.peers();
-            for m in msgs {
-                let to = NodeId(m.to);
-                match peers.get(&to) {
-                    Some(p) => {
-                        if p.tx.try_send(m).is_err() {
-                            p.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            let state = self.inner.state();
+            if state.closed {
+                return;
+            }
+            for msg in msgs {
+                let to = NodeId(msg.to);
+                match state.peers.get(&to) {
+                    Some(peer) => {
+                        if peer.queue.try_send(msg).is_err() {
+                            peer.counters.drop_messages(to, 1, "queue full");
                         }
                     }
                     None => {
-                        unknown.insert(to);
+                        log::debug!("raft transport: dropping a {:?} to unknown peer {to}", msg.msg_type());
+                        if !unknown.contains(&to) {
+                            unknown.push(to);
+                        }
                     }
                 }
             }
         }
-        // Outside the lock: the callback may call back into the transport.
+        // Reported from the runtime thread, like every other callback, so the callback never runs
+        // on the caller's (the Raft loop's) thread.
         for id in unknown {
-            log::debug!("no address for node {id}; message dropped");
-            (self.inner.inbound)(Inbound::Unreachable(id));
+            let inbound = self.inner.inbound.clone();
+            self.inner.runtime.spawn(async move { inbound(Inbound::Unreachable(id)) });
         }
     }
 
+    /// Per peer, ordered by id.
     pub fn stats(&self) -> Vec<PeerStats> {
         let mut stats: Vec<PeerStats> = self
-            .peers()
+            .inner
+            .state()
+            .peers
             .iter()
-            .map(|(id, p)| PeerStats {
-                id: *id,
-                addr: p.addr.clone(),
-                connected: p.counters.connected.load(Ordering::Relaxed),
-                queued: p.tx.max_capacity() - p.tx.capacity(),
-                sent: p.counters.sent.load(Ordering::Relaxed),
-                dropped: p.counters.dropped.load(Ordering::Relaxed),
+            .map(|(&id, peer)| PeerStats {
+                id,
+                addr: peer.addr.clone(),
+                connected: peer.link.connected.load(Ordering::Relaxed),
+                queued: peer.queue.max_capacity() - peer.queue.capacity(),
+                sent: peer.counters.sent.load(Ordering::Relaxed),
+                dropped: peer.counters.dropped.load(Ordering::Relaxed),
             })
             .collect();
         stats.sort_by_key(|s| s.id);
         stats
     }
 
-    /// Closes the listener and every connection. Idempotent.
+    /// Stops every task, closes the listener and all connections, and joins the transport thread.
+    /// Idempotent; afterwards the other methods do nothing.
     pub fn shutdown(&self) {
-        for (_, p) in self.peers().drain() {
-            p.task.abort();
-        }
-        let runtime = self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(rt) = runtime {
-            // Waits for the worker to drop every task, so the port is free when this returns.
-            rt.shutdown_timeout(Duration::from_secs(2));
+        self.inner.shutdown();
+    }
+}
+
+impl Inner {
+    /// The lock is only held for short, non-blocking work and never across a callback; a panic
+    /// while holding it leaves the map consistent, so a poisoned lock is simply reused.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shutdown(&self) {
+        let peers = {
+            let mut state = self.state();
+            state.closed = true;
+            std::mem::take(&mut state.peers)
+        };
+        drop(peers);
+        let stop = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((stop_tx, thread)) = stop {
+            let _ = stop_tx.send(());
+            // A callback on the transport thread may be the one shutting down (or dropping the
+            // last handle); joining itself would deadlock. It stops once the callback returns.
+            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
+                log::error!("raft transport: the network thread panicked");
+            }
         }
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            rt.shutdown_background();
-        }
+        self.shutdown();
     }
 }
 
-fn hello_frame(me: NodeId, advertise: &str) -> BytesMut {
+fn hello_frame(me: NodeId, advertise: &str) -> Bytes {
     let mut out = BytesMut::new();
     resp::encode_command(&[b"HELLO", me.to_string().as_bytes(), advertise.as_bytes()], &mut out);
-    out
+    out.freeze()
 }
 
-/// The outgoing connection to one peer.
-struct Link {
+// ---------------------------------------------------------------------------------------------
+// Outgoing side: one task per peer.
+
+struct PeerTask {
     id: NodeId,
     addr: String,
-    hello: BytesMut,
+    hello: Bytes,
+    rx: mpsc::Receiver<Message>,
+    link: Arc<Link>,
     counters: Arc<Counters>,
-    inbound: InboundFn,
+    inbound: Callback,
 }
 
-impl Link {
-    async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let mut stream = match self.connect().await {
-                Ok(s) => s,
-                Err(e) => {
-                    log::debug!("cannot reach node {} at {}: {e}", self.id, self.addr);
-                    (self.inbound)(Inbound::Unreachable(self.id));
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
+/// Keeps one connection to the peer up, reconnecting with exponential backoff, and streams the
+/// queue into it. Runs until aborted or until the queue's sender is dropped.
+///
+/// While disconnected nothing reads the queue, so it fills up to its limit and `send` drops the
+/// rest: a dead peer costs one queue of memory, and what is queued goes out once it is back.
+async fn run_peer(mut task: PeerTask) {
+    let mut backoff = MIN_BACKOFF;
+    // Warn once per outage, not on every retry.
+    let mut failing = false;
+    loop {
+        let error = match connect(&task.addr).await {
+            Ok(stream) => {
+                task.link.connected.store(true, Ordering::Relaxed);
+                if failing {
+                    log::info!("raft transport: reconnected to peer {} at {}", task.id, task.addr);
                 }
-            };
-            backoff = BACKOFF_MIN;
-            self.counters.connected.store(true, Ordering::Relaxed);
-            let result = self.pump(&mut stream, &mut rx).await;
-            self.counters.connected.store(false, Ordering::Relaxed);
-            match result {
-                Ok(()) => return, // the peer was removed
-                Err(e) => {
-                    log::debug!("connection to node {} at {} lost: {e}", self.id, self.addr);
-                    (self.inbound)(Inbound::Unreachable(self.id));
+                failing = false;
+                backoff = MIN_BACKOFF;
+                let result = pump(stream, &mut task).await;
+                task.link.connected.store(false, Ordering::Relaxed);
+                match result {
+                    Ok(()) => return,
+                    Err(e) => e,
                 }
             }
+            Err(e) => e,
+        };
+        if failing {
+            log::debug!("raft transport: peer {} at {}: {error:#}", task.id, task.addr);
+        } else {
+            log::warn!("raft transport: peer {} at {}: {error:#}; retrying", task.id, task.addr);
         }
-    }
-
-    async fn connect(&self) -> std::io::Result<TcpStream> {
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        stream.set_nodelay(true)?;
-        stream.write_all(&self.hello).await?;
-        Ok(stream)
-    }
-
-    /// Sends queued messages until the connection fails (Err) or the queue closes (Ok).
-    async fn pump(&self, stream: &mut TcpStream, rx: &mut mpsc::Receiver<Message>) -> std::io::Result<()> {
-        let mut frame = BytesMut::with_capacity(64 * 1024);
-        let mut encoded = Vec::new();
-        loop {
-            let Some(first) = rx.recv().await else { return Ok(()) };
-            let mut batch = vec![first];
-            let mut bytes = 0;
-            while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        bytes += m.encoded_len();
-                        batch.push(m);
-                    }
-                    Err(_) => break,
-                }
-            }
-            frame.clear();
-            resp::encode_array_len(batch.len() + 1, &mut frame);
-            resp::encode_bulk(b"MSGS", &mut frame);
-            for m in &batch {
-                encoded.clear();
-                m.encode(&mut encoded).expect("a Vec grows as needed");
-                resp::encode_bulk(&encoded, &mut frame);
-            }
-            if let Err(e) = stream.write_all(&frame).await {
-                self.counters.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                return Err(e);
-            }
-            self.counters.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        }
+        failing = true;
+        (task.inbound)(Inbound::Unreachable(task.id));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn accept_loop(listener: TcpListener, inbound: InboundFn) {
+async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect timed out"))?
+        .context("connect failed")?;
+    // Raft messages are small and latency-bound (heartbeats, votes); batching is done by us.
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    Ok(stream)
+}
+
+/// Streams the queue into a connected socket until the queue closes (`Ok`) or the connection
+/// fails (`Err`). Everything queued when a message arrives goes out in one frame and one write.
+async fn pump(stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
+    let (mut reader, mut writer) = stream.into_split();
+    write_fully(&mut writer, &task.hello).await.context("sending HELLO failed")?;
+    let mut batch: Vec<Message> = Vec::new();
+    let mut out = BytesMut::new();
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            first = task.rx.recv() => {
+                let Some(first) = first else { return Ok(()) };
+                let mut bytes = first.encoded_len();
+                batch.push(first);
+                while batch.len() < MAX_BATCH_MSGS && bytes < MAX_BATCH_BYTES {
+                    let Ok(msg) = task.rx.try_recv() else { break };
+                    bytes += msg.encoded_len();
+                    batch.push(msg);
+                }
+                encode_msgs(&batch, &mut out);
+                let n = batch.len() as u64;
+                batch.clear();
+                let written = write_fully(&mut writer, &out).await;
+                out.clear();
+                if let Err(e) = written {
+                    // Part of the batch may have arrived; raft copes either way.
+                    task.counters.drop_messages(task.id, n, "connection failed");
+                    return Err(e).context("write failed");
+                }
+                task.counters.sent.fetch_add(n, Ordering::Relaxed);
+            }
+            // The receiver never answers, so anything readable means the connection is over:
+            // a close (the peer restarted) or an -ERR saying why it rejected us. Watching for it
+            // notices a dead connection before the next batch is lost to it.
+            read = reader.read(&mut scratch) => {
+                return Err(match read {
+                    Ok(0) => anyhow::anyhow!("peer closed the connection"),
+                    Ok(n) => anyhow::anyhow!("peer answered {:?}", String::from_utf8_lossy(&scratch[..n]).trim_end()),
+                    Err(e) => anyhow::Error::new(e).context("read failed"),
+                });
+            }
+        }
+    }
+}
+
+/// `MSGS <m1> <m2> ...`, each message prost-encoded straight into the output buffer.
+fn encode_msgs(batch: &[Message], out: &mut BytesMut) {
+    resp::encode_array_len(batch.len() + 1, out);
+    resp::encode_bulk(b"MSGS", out);
+    for msg in batch {
+        resp::encode_bulk_with(msg.encoded_len(), out, |out| {
+            // Only fails for lack of space, and a BytesMut grows as needed.
+            let _ = msg.encode(out);
+        });
+    }
+}
+
+/// Writes all of `buf`, failing if the peer accepts nothing for [`WRITE_STALL_TIMEOUT`].
+async fn write_fully(writer: &mut (impl AsyncWrite + Unpin), buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match tokio::time::timeout(WRITE_STALL_TIMEOUT, writer.write(&buf[done..])).await {
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading")),
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => done += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incoming side: the listener and one reader task per accepted connection.
+
+async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback) {
     loop {
         match listener.accept().await {
-            Ok((sock, remote)) => {
-                let _ = sock.set_nodelay(true);
-                tokio::spawn(serve(sock, remote, inbound.clone()));
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, remote, me, inbound.clone()));
             }
             Err(e) => {
-                // Out of file descriptors and the like: wait rather than spin.
-                log::warn!("side port accept failed: {e}");
+                // Typically out of file descriptors: pause instead of spinning on the error.
+                log::warn!("raft transport: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-/// Reads frames from one inbound connection until it closes or misbehaves.
-async fn serve(mut sock: TcpStream, remote: SocketAddr, inbound: InboundFn) {
+/// Why a connection is being closed: sent back as `-ERR <reason>` and logged.
+struct Reject(String);
+
+/// Reads frames from one connection until it closes or misbehaves.
+async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: Callback) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::new();
     loop {
+        // Handle every complete frame already buffered before reading more.
         loop {
             let frame = match resp::parse(&mut buf) {
-                Ok(Some(f)) => f,
+                Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(e) => return reject(sock, remote, &format!("protocol error: {e}")).await,
+                Err(e) => return reject(stream, remote, out, Reject(format!("protocol error: {e}"))).await,
             };
-            match handle_frame(frame, &inbound) {
-                Ok(Some(reply)) => {
-                    if sock.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                }
+            match handle(frame, me, &inbound) {
                 Ok(None) => {}
-                Err(why) => return reject(sock, remote, &why).await,
+                Ok(Some(reply)) => resp::encode(&reply, &mut out),
+                Err(why) => return reject(stream, remote, out, why).await,
             }
         }
-        match sock.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
+        if !out.is_empty() {
+            if let Err(e) = write_fully(&mut stream, &out).await {
+                log::debug!("raft transport: connection from {remote}: {e}");
+                return;
+            }
+            out.clear();
+        }
+        buf.reserve(16 * 1024);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => return,
+            Ok(0) => {
+                log::debug!("raft transport: connection from {remote} closed in the middle of a frame");
+                return;
+            }
             Ok(_) => {}
+            Err(e) => {
+                log::debug!("raft transport: connection from {remote}: {e}");
+                return;
+            }
         }
     }
 }
 
-async fn reject(mut sock: TcpStream, remote: SocketAddr, why: &str) {
-    log::warn!("closing side-port connection from {remote}: {why}");
-    let mut out = BytesMut::new();
-    resp::encode(&Frame::Error(format!("ERR {why}")), &mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), sock.write_all(&out)).await;
-    let _ = sock.shutdown().await;
+/// Acts on one command; `Ok(Some)` is a reply to send back.
+fn handle(frame: Frame, me: NodeId, inbound: &Callback) -> Result<Option<Frame>, Reject> {
+    let not_a_command = || Reject("expected a command (an array of bulk strings)".into());
+    let Frame::Array(mut args) = frame else {
+        return Err(not_a_command());
+    };
+    let Some(Frame::Bulk(name)) = args.first() else {
+        return Err(not_a_command());
+    };
+    // Case-insensitive, as in Redis: an operator may well type `ping`.
+    let is = |command: &str| name.eq_ignore_ascii_case(command.as_bytes());
+    if is("MSGS") {
+        let mut msgs = Vec::with_capacity(args.len() - 1);
+        let mut misrouted = 0;
+        for (i, arg) in args.iter().enumerate().skip(1) {
+            let Frame::Bulk(bytes) = arg else {
+                return Err(Reject(format!("MSGS argument {i} is not a bulk string")));
+            };
+            let msg = Message::decode(&bytes[..])
+                .map_err(|e| Reject(format!("MSGS argument {i} is not a raft message: {e}")))?;
+            // A peer that knows us under another node's (old) address: raft trusts `to`, so such
+            // messages must not reach it.
+            if msg.to != me.get() {
+                misrouted += 1;
+                continue;
+            }
+            msgs.push(msg);
+        }
+        if misrouted > 0 {
+            log::warn!("raft transport: dropped {misrouted} messages addressed to another node (I am {me})");
+        }
+        if !msgs.is_empty() {
+            inbound(Inbound::Raft(msgs));
+        }
+        Ok(None)
+    } else if is("HELLO") {
+        let (3, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+            return Err(Reject("usage: HELLO <node-id> <host:port>".into()));
+        };
+        let from = std::str::from_utf8(id)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|&id| id != 0)
+            .ok_or_else(|| Reject("HELLO: invalid node id".into()))?;
+        let addr = std::str::from_utf8(addr).map_err(|_| Reject("HELLO: address is not UTF-8".into()))?;
+        inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string() });
+        Ok(None)
+    } else if is("PING") {
+        match args.len() {
+            1 => Ok(Some(Frame::Simple("PONG".into()))),
+            2 => Ok(Some(args.swap_remove(1))),
+            _ => Err(Reject("usage: PING [message]".into())),
+        }
+    } else {
+        let shown = String::from_utf8_lossy(&name[..name.len().min(32)]).into_owned();
+        Err(Reject(format!("unknown command '{shown}'")))
+    }
 }
 
-/// Handles one command; `Ok(Some(bytes))` is a reply to write back.
-fn handle_frame(frame: Frame, inbound: &InboundFn) -> Result<Option<BytesMut>, String> {
-    let Frame::Array(items) = frame else { return Err("expected a command (array of bulk strings)".into()) };
-    let mut parts = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            Frame::Bulk(b) => parts.push(b),
-            _ => return Err("expected a command (array of bulk strings)".into()),
-        }
-    }
-    let Some(name) = parts.first() else { return Err("empty command".into()) };
-    match name.to_ascii_uppercase().as_slice() {
-        b"MSGS" => {
-            let mut msgs = Vec::with_capacity(parts.len() - 1);
-            for p in &parts[1..] {
-                msgs.push(Message::decode(p.as_ref()).map_err(|e| format!("undecodable raft message: {e}"))?);
+/// Logs, answers `-ERR <reason>` best-effort (after any replies still in `out`) and closes the
+/// connection.
+async fn reject(mut stream: TcpStream, remote: SocketAddr, mut out: BytesMut, Reject(reason): Reject) {
+    log::warn!("raft transport: closing connection from {remote}: {reason}");
+    resp::encode(&Frame::Error(format!("ERR {reason}")), &mut out);
+    let _ = tokio::time::timeout(REJECT_LINGER, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        // Swallow what the client still sends until it closes too, so our close does not turn
+        // into a reset that could discard the -ERR before the client reads it.
+        let mut sink = [0u8; 4096];
+        let mut budget: usize = 1024 * 1024;
+        while budget > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => budget = budget.saturating_sub(n),
             }
-            if !msgs.is_empty() {
-                inbound(Inbound::Raft(msgs));
-            }
-            Ok(None)
         }
-        b"HELLO" if parts.len() == 3 => {
-            let from = std::str::from_utf8(&parts[1])
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .filter(|id| *id > 0)
-                .ok_or("HELLO with an invalid node id")?;
-            let addr = String::from_utf8(parts[2].to_vec()).map_err(|_| "HELLO with an invalid address")?;
-            inbound(Inbound::Hello { from: NodeId(from), addr });
-            Ok(None)
-        }
-        b"PING" => {
-            let mut out = BytesMut::new();
-            resp::encode(&Frame::Simple("PONG".into()), &mut out);
-            Ok(Some(out))
-        }
-        other => Err(format!("unknown side-port command '{}'", String::from_utf8_lossy(other))),
-    }
+        io::Result::Ok(())
+    })
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use raft::eraftpb::{Entry, MessageType};
     use std::io::{Read, Write};
     use std::sync::mpsc as std_mpsc;
     use std::time::Instant;
 
-    fn msg(to: u64, index: u64) -> Message {
-        Message { to, from: 1, index, ..Default::default() }
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn init_log() {
+        let _ = env_logger::builder().is_test(true).try_init();
     }
 
-    fn start(me: u64, port: u16, queue_limit: usize) -> (Transport, std_mpsc::Receiver<Inbound>) {
-        let (tx, rx) = std_mpsc::channel();
-        let tx = Mutex::new(tx);
-        let cfg = TransportConfig {
-            me: NodeId(me),
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            advertise: format!("127.0.0.1:{port}"),
-            queue_limit,
-        };
-        let t = Transport::start(cfg, move |i| drop(tx.lock().unwrap().send(i))).unwrap();
-        (t, rx)
-    }
-
-    /// Collects raft messages (ignoring other events) until `n` arrived.
-    fn collect(rx: &std_mpsc::Receiver<Inbound>, n: usize) -> (Vec<Message>, Vec<(NodeId, String)>) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let (mut msgs, mut hellos) = (Vec::new(), Vec::new());
-        while msgs.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left).expect("messages arrive in time") {
-                Inbound::Raft(m) => msgs.extend(m),
-                Inbound::Hello { from, addr } => hellos.push((from, addr)),
-                Inbound::Unreachable(_) => {}
-            }
+    /// A message that is easy to check for order (`index`) and integrity (the entry's payload).
+    fn msg(from: u64, to: u64, index: u64) -> Message {
+        let entry = Entry { index, term: 3, data: format!("payload {index}").into_bytes(), ..Default::default() };
+        Message {
+            msg_type: MessageType::MsgAppend as i32,
+            from,
+            to,
+            term: 3,
+            index,
+            entries: vec![entry],
+            ..Default::default()
         }
-        (msgs, hellos)
     }
 
-    #[test]
-    fn two_transports_exchange_messages_in_order_after_a_hello() {
-        let (a, rx_a) = start(1, 0, 20_000);
-        let (b, rx_b) = start(2, 0, 4096);
-        a.set_peer_addr(NodeId(2), b.local_addr().to_string());
-        b.set_peer_addr(NodeId(1), a.local_addr().to_string());
-        a.send((0..10_000).map(|i| msg(2, i)).collect());
-        b.send(vec![msg(1, 7)]);
-        let (got, hellos) = collect(&rx_b, 10_000);
-        assert_eq!(hellos, vec![(NodeId(1), "127.0.0.1:0".to_string())], "the advertised address, once");
-        assert_eq!(got.iter().map(|m| m.index).collect::<Vec<_>>(), (0..10_000).collect::<Vec<_>>());
-        let (got, _) = collect(&rx_a, 1);
-        assert_eq!(got[0].index, 7);
-        assert_eq!(a.stats()[0].sent, 10_000);
-        a.shutdown();
-        b.shutdown();
+    /// A transport whose callback forwards into a channel, and remembers whether it ever ran on a
+    /// thread other than the transport's own.
+    struct Node {
+        transport: Transport,
+        rx: std_mpsc::Receiver<Inbound>,
+        off_thread: Arc<AtomicBool>,
     }
 
-    #[test]
-    fn a_dead_peer_costs_bounded_memory_and_messages_flow_once_it_is_up() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (a, _rx_a) = start(1, 0, 100);
-        a.set_peer_addr(NodeId(2), format!("127.0.0.1:{port}"));
-        for chunk in 0..100 {
-            a.send((0..1000).map(|i| msg(2, chunk * 1000 + i)).collect());
+    impl Node {
+        fn start(me: u64, listen: SocketAddr, queue_limit: usize) -> Node {
+            init_log();
+            let (tx, rx) = std_mpsc::channel();
+            let tx = Mutex::new(tx);
+            let off_thread = Arc::new(AtomicBool::new(false));
+            let flag = off_thread.clone();
+            let mut cfg = TransportConfig::new(NodeId(me), listen, format!("node-{me}.test:7000"));
+            cfg.queue_limit = queue_limit;
+            let transport = Transport::start(cfg, move |inbound| {
+                let name = std::thread::current().name().unwrap_or_default().to_string();
+                if name != format!("raft-net-{me}") {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                let _ = tx.lock().unwrap().send(inbound);
+            })
+            .unwrap();
+            Node { transport, rx, off_thread }
         }
-        let s = &a.stats()[0];
-        assert!(s.queued <= 100, "queue is bounded: {s:?}");
-        assert!(s.dropped >= 99_000, "overflow is counted: {s:?}");
-        let (b, rx_b) = start(2, port, 100);
-        // Retry until the reconnecting link delivers something new.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            a.send(vec![msg(2, 1_000_000)]);
-            if let Ok(Inbound::Raft(m)) = rx_b.recv_timeout(Duration::from_millis(100)) {
-                if m.iter().any(|m| m.to == 2) {
-                    break;
+
+        fn on_any_port(me: u64) -> Node {
+            Node::start(me, loopback(0), DEFAULT_QUEUE_LIMIT)
+        }
+
+        fn addr(&self) -> String {
+            self.transport.local_addr().to_string()
+        }
+
+        /// Waits for the next event that `pick` accepts, skipping the others.
+        fn wait_for<T>(&self, what: &str, mut pick: impl FnMut(Inbound) -> Option<T>) -> T {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(inbound) => {
+                        if let Some(found) = pick(inbound) {
+                            return found;
+                        }
+                    }
+                    Err(_) => panic!("timed out waiting for {what}"),
                 }
             }
-            assert!(Instant::now() < deadline, "peer never received anything");
         }
-        a.shutdown();
-        b.shutdown();
+
+        /// Collects raft messages until `n` have arrived.
+        fn raft_messages(&self, n: usize) -> Vec<Message> {
+            let mut all = Vec::new();
+            while all.len() < n {
+                all.extend(self.wait_for("raft messages", |i| match i {
+                    Inbound::Raft(msgs) => Some(msgs),
+                    _ => None,
+                }));
+            }
+            all
+        }
+
+        fn peer(&self, id: u64) -> PeerStats {
+            self.transport.stats().into_iter().find(|s| s.id == NodeId(id)).expect("peer is known")
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                assert!(!self.off_thread.load(Ordering::Relaxed), "callbacks run on the transport thread only");
+            }
+        }
+    }
+
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Polls `cond` until it holds; for state that is not announced through a channel.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends raw bytes on a fresh connection and reads until the server closes it.
+    fn raw_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(request).unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).expect("the server closes the connection");
+        reply
+    }
+
+    fn command(parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        resp::encode_command(parts, &mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn two_transports_exchange_messages_both_ways() {
+        let a = Node::on_any_port(1);
+        let b = Node::on_any_port(2);
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        b.transport.set_peer_addr(NodeId(1), a.addr());
+        assert_eq!(a.transport.peer_addr(NodeId(2)), Some(b.addr()));
+
+        let to_b: Vec<Message> = (1..=5).map(|i| msg(1, 2, i)).collect();
+        let to_a: Vec<Message> = (10..=12).map(|i| msg(2, 1, i)).collect();
+        a.transport.send(to_b.clone());
+        b.transport.send(to_a.clone());
+
+        let hello = b.wait_for("a HELLO", |i| match i {
+            Inbound::Hello { from, addr } => Some((from, addr)),
+            _ => None,
+        });
+        assert_eq!(hello, (NodeId(1), "node-1.test:7000".to_string()));
+        assert_eq!(b.raft_messages(5), to_b, "in order and intact");
+        assert_eq!(a.raft_messages(3), to_a);
+        wait_until("counters", || a.peer(2).sent == 5 && b.peer(1).sent == 3);
+        let stats = a.peer(2);
+        assert!(stats.connected);
+        assert_eq!((stats.addr, stats.queued, stats.dropped), (b.addr(), 0, 0));
+    }
+
+    #[test]
+    fn ten_thousand_messages_all_arrive_in_order() {
+        let a = Node::on_any_port(1);
+        let b = Node::on_any_port(2);
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        // Paced so the default queue never overflows: none may be lost while the receiver is up.
+        let chunk = 500;
+        for start in (0..10_000).step_by(chunk) {
+            wait_until("room in the queue", || a.peer(2).queued + chunk <= DEFAULT_QUEUE_LIMIT);
+            a.transport.send((start..start + chunk as u64).map(|i| msg(1, 2, i)).collect());
+        }
+        let got = b.raft_messages(10_000);
+        assert_eq!(got.len(), 10_000);
+        assert!(got.iter().enumerate().all(|(i, m)| *m == msg(1, 2, i as u64)), "in order and intact");
+        wait_until("all counted as sent", || a.peer(2).sent == 10_000);
+        assert_eq!(a.peer(2).dropped, 0);
+    }
+
+    #[test]
+    fn a_dead_peer_costs_a_bounded_queue_and_catches_up_when_it_comes_up() {
+        // A port with nothing listening (for now).
+        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let a = Node::on_any_port(1);
+        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
+        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+
+        for start in (0..100_000).step_by(1000) {
+            a.transport.send((start..start + 1000).map(|i| msg(1, 2, i)).collect());
+        }
+        let stats = a.peer(2);
+        assert!(!stats.connected);
+        assert_eq!(stats.queued, DEFAULT_QUEUE_LIMIT, "{stats:?}");
+        assert_eq!(stats.dropped, 100_000 - DEFAULT_QUEUE_LIMIT as u64, "{stats:?}");
+
+        // The peer comes up on that address; the backoff retries find it.
+        let b = Node::start(2, loopback(port), DEFAULT_QUEUE_LIMIT);
+        wait_until("the queue to drain", || a.peer(2).queued == 0);
+        a.transport.send(vec![msg(1, 2, 1_000_000)]);
+        let got = b.raft_messages(DEFAULT_QUEUE_LIMIT + 1);
+        let indexes: Vec<u64> = got.iter().map(|m| m.index).collect();
+        let expected: Vec<u64> = (0..DEFAULT_QUEUE_LIMIT as u64).chain([1_000_000]).collect();
+        assert_eq!(indexes, expected, "what fitted in the queue, then the new message");
+    }
+
+    #[test]
+    fn peers_can_be_moved_and_removed() {
+        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let a = Node::on_any_port(1);
+        let b = Node::on_any_port(2);
+        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
+        a.transport.send(vec![msg(1, 2, 1)]);
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        a.transport.set_peer_addr(NodeId(2), b.addr()); // same address: no reconnect
+        a.transport.send(vec![msg(1, 2, 2)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 2)], "the old address's queue went with it");
+        assert_eq!(a.transport.peer_addr(NodeId(2)), Some(b.addr()));
+
+        a.transport.set_peer_addr(NodeId(1), "127.0.0.1:1".into());
+        assert_eq!(a.transport.peer_addr(NodeId(1)), None, "a node never dials itself");
+
+        a.transport.remove_peer(NodeId(2));
+        assert_eq!(a.transport.peer_addr(NodeId(2)), None);
+        assert!(a.transport.stats().is_empty());
+        a.transport.send(vec![msg(1, 2, 3), msg(1, 9, 1)]);
+        let mut unreachable = vec![];
+        while unreachable.len() < 2 {
+            unreachable.push(a.wait_for("Unreachable", |i| match i {
+                Inbound::Unreachable(id) => Some(id),
+                _ => None,
+            }));
+        }
+        unreachable.sort();
+        assert_eq!(unreachable, vec![NodeId(2), NodeId(9)]);
     }
 
     #[test]
     fn garbage_closes_only_that_connection() {
-        let (b, rx_b) = start(2, 0, 16);
-        let addr = b.local_addr();
-        for garbage in [&b"hello world\r\n"[..], b"$-5\r\n", b"*2\r\n$4\r\nMSGS\r\n$3\r\n\xff\xff\xff\r\n", b"*1\r\n$4\r\nNOPE\r\n"] {
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(garbage).unwrap();
-            let mut reply = Vec::new();
-            let _ = s.read_to_end(&mut reply);
-            assert!(reply.starts_with(b"-ERR"), "{:?} got {:?}", String::from_utf8_lossy(garbage), String::from_utf8_lossy(&reply));
+        let b = Node::on_any_port(2);
+        // Keep a well-behaved peer connected throughout, to see it is unaffected.
+        let a = Node::on_any_port(1);
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        a.transport.send(vec![msg(1, 2, 1)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 1)]);
+
+        let undecodable = command(&[b"MSGS", &[0xff; 11]]);
+        let mut good_then_bad = command(&[b"PING"]);
+        good_then_bad.extend_from_slice(b"!");
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"hello world\r\n", "-ERR protocol error: unknown frame type"),
+            (b"GET / HTTP/1.0\r\n\r\n", "-ERR protocol error"),
+            (&[0xff; 64], "-ERR protocol error"),
+            (b"$-5\r\n", "-ERR protocol error: negative length"),
+            (b"*2\r\n$x\r\n", "-ERR protocol error: invalid length"),
+            (b"*3\r\n$4\r\nMSGS\r\n$3\r\nabc\r\n$-9\r\n", "-ERR protocol error"),
+            (&undecodable, "-ERR MSGS argument 1 is not a raft message"),
+            (b"*2\r\n$4\r\nMSGS\r\n:1\r\n", "-ERR MSGS argument 1 is not a bulk string"),
+            (b"*1\r\n$4\r\nNOPE\r\n", "-ERR unknown command 'NOPE'"),
+            (b":5\r\n", "-ERR expected a command"),
+            (b"*2\r\n$5\r\nHELLO\r\n$1\r\n0\r\n", "-ERR usage: HELLO"),
+            (b"*3\r\n$5\r\nHELLO\r\n$1\r\n0\r\n$1\r\nx\r\n", "-ERR HELLO: invalid node id"),
+            (&good_then_bad, "+PONG\r\n-ERR protocol error"),
+        ];
+        for (garbage, expected) in cases {
+            let reply = raw_exchange(&b.addr(), garbage);
+            let reply = String::from_utf8_lossy(&reply);
+            assert!(reply.starts_with(expected), "{:?} got {reply:?}", String::from_utf8_lossy(garbage));
         }
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+
+        // A new, well-formed connection is served...
+        let mut s = std::net::TcpStream::connect(b.addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut good = command(&[b"HELLO", b"7", b"node-7:1"]);
+        let encoded = msg(7, 2, 42).encode_to_vec();
+        good.extend(command(&[b"MSGS", &encoded]));
+        good.extend(command(&[b"PING"]));
+        s.write_all(&good).unwrap();
         let mut pong = [0u8; 7];
         s.read_exact(&mut pong).unwrap();
         assert_eq!(&pong, b"+PONG\r\n");
-        let (a, _rx_a) = start(1, 0, 16);
-        a.set_peer_addr(NodeId(2), addr.to_string());
-        a.send(vec![msg(2, 5)]);
-        let (got, _) = collect(&rx_b, 1);
-        assert_eq!(got[0].index, 5);
-        a.shutdown();
-        b.shutdown();
+        let hello = b.wait_for("HELLO from 7", |i| match i {
+            Inbound::Hello { from, addr } => Some((from, addr)),
+            _ => None,
+        });
+        assert_eq!(hello, (NodeId(7), "node-7:1".to_string()));
+        assert_eq!(b.raft_messages(1), vec![msg(7, 2, 42)]);
+
+        // ... and so is the peer connected all along.
+        a.transport.send(vec![msg(1, 2, 2)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 2)]);
+        assert_eq!(a.peer(2).dropped, 0);
     }
 
     #[test]
-    fn shutdown_frees_the_port_promptly() {
-        let (a, _rx) = start(1, 0, 16);
-        let addr = a.local_addr();
-        let started = Instant::now();
-        a.shutdown();
-        a.shutdown();
-        assert!(started.elapsed() < Duration::from_secs(3));
-        std::net::TcpListener::bind(addr).expect("port is free again");
+    fn ping_answers_pong_and_misrouted_messages_are_dropped() {
+        let b = Node::on_any_port(2);
+        let mut s = std::net::TcpStream::connect(b.addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        // Messages for node 3 must not reach node 2's raft; the connection stays up.
+        let mut request = command(&[b"MSGS", &msg(1, 3, 1).encode_to_vec()]);
+        request.extend(command(&[b"PING"]));
+        request.extend(command(&[b"ping", b"hi"]));
+        s.write_all(&request).unwrap();
+        let mut reply = [0u8; 7 + 8];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"+PONG\r\n$2\r\nhi\r\n");
+        s.write_all(&command(&[b"MSGS", &msg(1, 2, 5).encode_to_vec()])).unwrap();
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 5)], "nothing before it: the misrouted one was dropped");
+    }
+
+    #[test]
+    fn shutdown_is_prompt_idempotent_and_frees_the_port() {
+        let dead_port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let a = Node::on_any_port(1);
+        let b = Node::on_any_port(2);
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        a.transport.set_peer_addr(NodeId(3), loopback(dead_port).to_string());
+        a.transport.send(vec![msg(1, 2, 1), msg(1, 3, 1)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 1)]);
+        // An idle inbound connection must not hold shutdown up either.
+        let _idle = std::net::TcpStream::connect(a.addr()).unwrap();
+
+        let began = Instant::now();
+        a.transport.shutdown();
+        assert!(began.elapsed() < Duration::from_secs(2), "took {:?}", began.elapsed());
+        a.transport.shutdown();
+        let clone = a.transport.clone();
+        clone.send(vec![msg(1, 2, 2)]);
+        clone.set_peer_addr(NodeId(2), b.addr());
+        assert!(clone.stats().is_empty());
+        std::net::TcpListener::bind(a.transport.local_addr()).expect("the port is free again");
+
+        // Dropping the last handle shuts down too.
+        let addr = b.transport.local_addr();
+        drop(b);
+        std::net::TcpListener::bind(addr).expect("the port is free after the last handle is gone");
     }
 }

@@ -318,7 +318,11 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
     let _ = write!(out, "log_entries:{}\r\nlog_size_bytes:{}\r\n", log.entries, log.size_bytes);
     if let Some(node) = s.node() {
         let st = node.status();
+        let c = node.counters();
         let _ = write!(out, "pending_proposals:{}\r\n", st.pending_proposals);
+        let _ = write!(out, "raft_rounds:{}\r\nraft_readies:{}\r\nproposals:{}\r\n", c.rounds, c.readies, c.proposals);
+        let _ = write!(out, "entries_persisted:{}\r\nfsyncs:{}\r\n", c.entries_persisted, c.fsyncs);
+        let _ = write!(out, "read_index_rounds:{}\r\nreads_confirmed:{}\r\n", c.read_index_rounds, c.reads);
         for t in node.transport().stats() {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
         }

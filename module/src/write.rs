@@ -24,11 +24,11 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
     let node = s.node().ok_or_else(not_initialized)?;
-    let status = node.status();
-    if let Some(fatal) = &status.fatal {
-        return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
-    }
-    if !status.is_leader() {
+    if !node.is_leader() {
+        let status = node.status();
+        if let Some(fatal) = &status.fatal {
+            return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
+        }
         return Err(state::redirect(&status));
     }
     determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
