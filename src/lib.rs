@@ -14,6 +14,8 @@ pub mod resp;
 pub mod routing;
 pub mod settings;
 pub mod snapshot_data;
+pub mod snapshot_file;
+pub mod snapshot_transfer;
 pub mod status;
 pub mod storage;
 pub mod transport;

@@ -13,16 +13,18 @@ use crate::membership::{Members, MembershipChange, NodeInfo};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
 use crate::snapshot_data;
+use crate::snapshot_transfer::{self, SnapshotDescriptor};
 use crate::status::{Counters, PeerProgress, Role, Status};
 use crate::storage::LogStore;
 use crate::transport::{Inbound, Transport, TransportConfig};
 use anyhow::Context as _;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use prost::Message as _;
-use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -47,11 +49,30 @@ pub trait StateMachine: Send + 'static {
 
     /// Replace the whole dataset with a snapshot's application bytes, taken at `index`.
     fn restore(&mut self, index: LogIndex, data: &[u8]);
+
+    /// A follower needs a snapshot the latest one cannot serve: take a new one soon (then call
+    /// [`Node::snapshot_taken`]).
+    fn request_snapshot(&mut self) {}
 }
 
 pub struct ApplyBatch<W> {
     pub entries: Vec<Committed<W>>,
     pub applied_to: LogIndex,
+    /// Term of the entry at `applied_to`, and the membership in force there: what a snapshot
+    /// taken right after this batch must record.
+    pub term: Term,
+    pub conf_state: ConfState,
+    pub members: Arc<Members>,
+}
+
+/// A snapshot file the state machine finished writing (see [`Node::snapshot_taken`]).
+#[derive(Clone, Debug)]
+pub struct TakenSnapshot {
+    pub index: LogIndex,
+    pub term: Term,
+    pub conf_state: ConfState,
+    pub members: Arc<Members>,
+    pub descriptor: SnapshotDescriptor,
 }
 
 pub struct Committed<W> {
@@ -72,6 +93,11 @@ pub struct NodeConfig {
     pub info: NodeInfo,
     pub timing: Timing,
     pub durability: Durability,
+    /// Where snapshot files are kept (and served to peers from).
+    pub snapshot_dir: PathBuf,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers replay them
+    /// rather than download the whole dataset.
+    pub trailing_logs: u64,
 }
 
 enum Request<W> {
@@ -82,6 +108,9 @@ enum Request<W> {
     Hello { from: NodeId, addr: String },
     Unreachable(NodeId),
     TransferLeader(NodeId),
+    SnapshotTaken(TakenSnapshot),
+    /// A snapshot message whose file has been fetched (or could not be).
+    SnapshotFetched { msg: Box<Message>, ok: bool },
     Shutdown,
 }
 
@@ -174,14 +203,22 @@ impl<S: StateMachine> Node<S> {
         };
 
         // The state machine starts empty: it is rebuilt from the latest snapshot and the log.
-        let snapshot_index = store.first_index().saturating_sub(1);
-        let snapshot = raft::Storage::snapshot(&store, 0, 0).ok();
-        if let Some(snap) = snapshot.filter(|s| s.get_metadata().index > 0) {
-            let (_, app) = snapshot_data::decode(&snap.data)?;
-            sm.restore(LogIndex(snap.get_metadata().index), app);
-        } else {
-            sm.restore(LogIndex(snapshot_index), &[]);
-        }
+        // The dataset resumes at the snapshot's index, which may be past the first log entry:
+        // entries kept behind it (trailing logs) are already in the snapshot and must not be
+        // applied again.
+        let snapshot = raft::Storage::snapshot(&store, 0, 0).ok().filter(|s| s.get_metadata().index > 0);
+        let snapshot_index = match snapshot {
+            Some(snap) => {
+                let (_, app) = snapshot_data::decode(&snap.data)?;
+                sm.restore(LogIndex(snap.get_metadata().index), app);
+                snap.get_metadata().index
+            }
+            None => {
+                let index = store.first_index().saturating_sub(1);
+                sm.restore(LogIndex(index), &[]);
+                index
+            }
+        };
 
         let raft_cfg = raft::Config {
             id: cfg.id.get(),
@@ -209,6 +246,7 @@ impl<S: StateMachine> Node<S> {
                 listen: cfg.listen,
                 advertise: cfg.info.raft_addr.clone(),
                 queue_limit: 4096,
+                snapshot_dir: Some(cfg.snapshot_dir.clone()),
             },
             move |inbound| {
                 let req = match inbound {
@@ -235,6 +273,10 @@ impl<S: StateMachine> Node<S> {
             stopped: AtomicBool::new(false),
         });
         let mut raft_loop = RaftLoop {
+            self_tx: tx.clone(),
+            snapshot_dir: cfg.snapshot_dir.clone(),
+            trailing_logs: cfg.trailing_logs,
+            fetching: None,
             id: cfg.id,
             raw,
             store: store.clone(),
@@ -367,6 +409,12 @@ impl<S: StateMachine> Node<S> {
         (i > 0 && self.is_leader()).then_some(LogIndex(i))
     }
 
+    /// The state machine finished writing a snapshot file: raft will offer it to followers that
+    /// need it, and the log is compacted up to it (keeping `trailing_logs` entries).
+    pub fn snapshot_taken(&self, taken: TakenSnapshot) {
+        let _ = self.tx.send(Request::SnapshotTaken(taken));
+    }
+
     /// Changes the tick length at runtime; election and heartbeat timeouts scale with it.
     pub fn set_tick_interval(&self, tick: Duration) {
         self.shared.tick_ms.store(tick.as_millis().max(1) as u64, Ordering::Relaxed);
@@ -440,6 +488,12 @@ fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
 }
 
 struct RaftLoop<S: StateMachine> {
+    /// For helper threads (snapshot fetches) to report back.
+    self_tx: Sender<Request<S::Waiter>>,
+    snapshot_dir: PathBuf,
+    trailing_logs: u64,
+    /// The snapshot file being fetched, if any.
+    fetching: Option<String>,
     id: NodeId,
     raw: RawNode<LogStore>,
     store: LogStore,
@@ -494,6 +548,9 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.lock_status().fatal = Some(msg);
                 break;
             }
+            if self.store.take_snapshot_wanted() {
+                self.sm.request_snapshot();
+            }
             self.check_leadership();
             self.publish_status();
             for (w, result) in self.membership_done.drain(..) {
@@ -521,11 +578,22 @@ impl<S: StateMachine> RaftLoop<S> {
             Request::ReadIndex { waiter, deadline } => self.reads_to_start.push((deadline, waiter)),
             Request::Raft(msgs) => {
                 for m in msgs {
-                    // A message for another id (a misrouted or stale peer) is dropped by raft
-                    // with an error; nothing to do but log at debug level.
-                    if let Err(e) = self.raw.step(m) {
-                        log::debug!("raft {} ignored a message: {e}", self.id);
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        self.on_snapshot_message(m);
+                    } else {
+                        self.step(m);
                     }
+                }
+            }
+            Request::SnapshotFetched { msg, ok } => {
+                self.fetching = None;
+                if ok {
+                    self.step(*msg);
+                }
+            }
+            Request::SnapshotTaken(taken) => {
+                if let Err(e) = self.on_snapshot_taken(taken) {
+                    log::error!("raft {}: could not record a new snapshot: {e:#}", self.id);
                 }
             }
             Request::Hello { from, addr } => {
@@ -539,6 +607,82 @@ impl<S: StateMachine> RaftLoop<S> {
             Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
             Request::Shutdown => self.shutdown = true,
         }
+    }
+
+    fn step(&mut self, m: Message) {
+        // A message for another id (a misrouted or stale peer) is dropped by raft with an error;
+        // nothing to do but log at debug level.
+        if let Err(e) = self.raw.step(m) {
+            log::debug!("raft {} ignored a message: {e}", self.id);
+        }
+    }
+
+    /// A leader sends us a snapshot: fetch its file first (on another thread), then step it.
+    fn on_snapshot_message(&mut self, m: Message) {
+        let descriptor = m
+            .snapshot
+            .as_ref()
+            .and_then(|snap| snapshot_data::decode(&snap.data).ok().and_then(|(_, app)| SnapshotDescriptor::decode(app)));
+        let Some(descriptor) = descriptor else {
+            return self.step(m);
+        };
+        if self.fetching.is_some() {
+            return; // one fetch at a time; the leader sends the snapshot again later
+        }
+        let Some(peer) = self.transport.peer_addr(NodeId(m.from)) else {
+            log::warn!("raft {}: snapshot from node {} whose address is unknown", self.id, m.from);
+            return;
+        };
+        log::info!("raft {}: fetching snapshot {} ({} bytes) from node {}", self.id, descriptor.file, descriptor.size, m.from);
+        self.fetching = Some(descriptor.file.clone());
+        let (tx, dir, id) = (self.self_tx.clone(), self.snapshot_dir.clone(), self.id);
+        let spawned = std::thread::Builder::new().name(format!("raft-fetch-{id}")).spawn(move || {
+            let started = Instant::now();
+            let ok = match snapshot_transfer::fetch(&peer, &descriptor, &dir) {
+                Ok(()) => {
+                    log::info!("raft {id}: fetched snapshot {} in {:?}", descriptor.file, started.elapsed());
+                    true
+                }
+                Err(e) => {
+                    log::warn!("raft {id}: fetching snapshot {} from {peer} failed: {e:#}", descriptor.file);
+                    false
+                }
+            };
+            let _ = tx.send(Request::SnapshotFetched { msg: Box::new(m), ok });
+        });
+        if spawned.is_err() {
+            self.fetching = None;
+        }
+    }
+
+    /// The state machine wrote a snapshot file: make it raft's snapshot and compact the log.
+    fn on_snapshot_taken(&mut self, t: TakenSnapshot) -> anyhow::Result<()> {
+        let current = raft::Storage::snapshot(&self.store, 0, 0).map(|s| s.get_metadata().index).unwrap_or(0);
+        if t.index.get() <= current {
+            return Ok(());
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.data = snapshot_data::encode(&t.members, &t.descriptor.encode());
+        let meta = snapshot.metadata.get_or_insert_with(Default::default);
+        meta.index = t.index.get();
+        meta.term = t.term.get();
+        meta.conf_state = Some(t.conf_state.clone());
+        self.store.set_snapshot(snapshot).context("storing the snapshot metadata")?;
+        let compact_to = (t.index.get() + 1).saturating_sub(self.trailing_logs).min(self.raw.raft.raft_log.applied + 1);
+        if compact_to > self.store.first_index() {
+            self.store.compact(compact_to).context("compacting the log")?;
+        }
+        self.store.sync()?;
+        let kept = self.snapshot_dir.join(&t.descriptor.file);
+        let _ = crate::snapshot_file::remove_older_than(&self.snapshot_dir, &kept);
+        log::info!(
+            "raft {}: snapshot at {} ({} bytes); log now starts at {}",
+            self.id,
+            t.index,
+            t.descriptor.size,
+            self.store.first_index()
+        );
+        Ok(())
     }
 
     fn not_leader(&self) -> Option<ProposeError> {
@@ -666,7 +810,7 @@ impl<S: StateMachine> RaftLoop<S> {
         // A leader may send appends while it persists its own copy: it only counts itself
         // towards the quorum once the entries are persisted (after advance).
         if !ready.messages().is_empty() {
-            self.transport.send(ready.take_messages());
+            self.send(ready.take_messages());
         }
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone(), sync)?;
@@ -691,7 +835,7 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         // Votes and append acknowledgements promise that the data is on disk: only now.
         if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
+            self.send(ready.take_persisted_messages());
         }
         self.complete_reads(ready.take_read_states());
 
@@ -700,11 +844,23 @@ impl<S: StateMachine> RaftLoop<S> {
             self.store.set_commit(commit, false).context("persisting the commit index")?;
         }
         if !light.messages().is_empty() {
-            self.transport.send(light.take_messages());
+            self.send(light.take_messages());
         }
         self.handle_committed(light.take_committed_entries())?;
         self.raw.advance_apply();
         Ok(())
+    }
+
+    /// Hands messages to the transport. A snapshot is reported as delivered as soon as it is
+    /// queued: the follower fetches the file itself and answers when it has installed it; if it
+    /// does not, raft probes it again and resends.
+    fn send(&mut self, msgs: Vec<Message>) {
+        let snapshot_to: Vec<u64> =
+            msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect();
+        self.transport.send(msgs);
+        for to in snapshot_to {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot, sync: bool) -> anyhow::Result<()> {
@@ -718,12 +874,16 @@ impl<S: StateMachine> RaftLoop<S> {
         for info in self.members.values().filter(|m| m.id != self.id) {
             self.transport.set_peer_addr(info.id, info.raft_addr.clone());
         }
+        let file = SnapshotDescriptor::decode(app).map(|d| d.file);
         self.store.apply_snapshot(snapshot, sync).context("storing the snapshot")?;
+        if let Some(file) = file {
+            let _ = crate::snapshot_file::remove_older_than(&self.snapshot_dir, &self.snapshot_dir.join(file));
+        }
         Ok(())
     }
 
     fn handle_committed(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
-        let Some(last) = entries.last().map(|e| LogIndex(e.index)) else {
+        let Some((last, last_term)) = entries.last().map(|e| (LogIndex(e.index), Term(e.term))) else {
             return Ok(());
         };
         let mut batch = Vec::with_capacity(entries.len());
@@ -760,7 +920,10 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
             }
         }
-        self.sm.apply(ApplyBatch { entries: batch, applied_to: last });
+        let mut conf_state = self.raw.raft.prs().conf().to_conf_state();
+        conf_state.voters.sort_unstable();
+        conf_state.learners.sort_unstable();
+        self.sm.apply(ApplyBatch { entries: batch, applied_to: last, term: last_term, conf_state, members: self.members.clone() });
         Ok(())
     }
 

@@ -21,10 +21,15 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub follower_proxy: bool,
     pub timing: Timing,
+    /// Take a snapshot once the log has this many entries past the last one (0: only on
+    /// RAFT.SNAPSHOT).
+    pub snapshot_threshold: u64,
+    /// Entries kept behind a snapshot for slightly lagging followers.
+    pub trailing_logs: u64,
 }
 
 pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
-                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks";
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, trailing-logs";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -50,6 +55,8 @@ impl Settings {
             write_timeout: Duration::from_secs(5),
             follower_proxy: false,
             timing: Timing::default(),
+            snapshot_threshold: 100_000,
+            trailing_logs: 5_000,
         };
         let mut have_dir = false;
         for arg in args {
@@ -108,6 +115,8 @@ impl Settings {
                 }
                 self.timing.heartbeat_ticks = v;
             }
+            "snapshot-threshold" => self.snapshot_threshold = value.parse().map_err(|_| bad("expected a number of entries (0 disables)"))?,
+            "trailing-logs" => self.trailing_logs = value.parse().map_err(|_| bad("expected a number of entries"))?,
             _ => return Err(SettingsError::UnknownKey(key.to_string())),
         }
         Ok(())

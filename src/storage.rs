@@ -183,6 +183,9 @@ struct Inner {
     meta: MetaDb,
     page_size: u64,
     state: RwLock<State>,
+    /// Raft asked for a snapshot the stored one cannot serve (too old, or taken before the
+    /// recipient joined): the application should make a fresh one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
     _claim: DirClaim,
 }
 
@@ -210,6 +213,27 @@ impl Drop for DirClaim {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|p| *p != self.0);
+    }
+}
+
+/// While alive, commits on this environment are synchronous (NO_SYNC cleared). Only the Raft
+/// loop writes, so toggling the flag cannot race another writer.
+struct DurableCommit<'a> {
+    env: &'a heed::Env,
+}
+
+impl<'a> DurableCommit<'a> {
+    fn begin(env: &'a heed::Env) -> Result<Self> {
+        unsafe { env.set_flags(EnvFlags::NO_SYNC, heed::FlagSetMode::Disable)? };
+        Ok(DurableCommit { env })
+    }
+}
+
+impl Drop for DurableCommit<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = unsafe { self.env.set_flags(EnvFlags::NO_SYNC, heed::FlagSetMode::Enable) } {
+            log::error!("cannot restore NO_SYNC on the raft log: {e}");
+        }
     }
 }
 
@@ -251,6 +275,7 @@ impl LogStore {
                 meta,
                 page_size,
                 state: RwLock::new(state),
+                snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
                 _claim: claim,
             }),
         })
@@ -301,6 +326,10 @@ impl LogStore {
             }
         }
         if !entries.is_empty() || hard_state.is_some() {
+            // A durable append commits with LMDB's own ordering: data pages flushed before the
+            // meta page that points at them. A NO_SYNC commit followed by one fsync would save a
+            // flush but let a power loss persist the meta page without its data.
+            let _durable = if sync { Some(DurableCommit::begin(&self.inner.env)?) } else { None };
             self.write(|txn, state| {
                 if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
                     if first.index < state.first_index() {
@@ -333,8 +362,7 @@ impl LogStore {
                 }
                 Ok(())
             })?;
-        }
-        if sync {
+        } else if sync {
             self.sync()?;
         }
         Ok(())
@@ -452,6 +480,11 @@ impl LogStore {
     }
 
     /// Flushes everything committed so far to disk.
+    /// True once after raft wanted a snapshot the stored one could not serve.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.inner.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.inner.env.force_sync()?;
         Ok(())
@@ -687,18 +720,25 @@ impl Storage for LogStore {
         Ok(LogStore::last_index(self))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // No snapshot at all, or one older than the follower needs: the application has to make
-        // a newer one first. Raft retries later on this error instead of sending a useless one.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // No snapshot at all, one older than the follower needs, or one taken before the
+        // follower joined (raft would drop it: it must find itself in the snapshot's ConfState):
+        // the application has to make a newer one first. Raft retries later on this error
+        // instead of sending a useless one.
+        let includes = |cs: &ConfState| to == 0 || cs.voters.contains(&to) || cs.learners.contains(&to);
         match self.read_snapshot()? {
             Some(snapshot)
-                if snapshot.metadata.as_ref().map_or(0, |m| m.index) >= request_index =>
+                if snapshot.metadata.as_ref().map_or(0, |m| m.index) >= request_index
+                    && snapshot.metadata.as_ref().and_then(|m| m.conf_state.as_ref()).map_or(false, includes) =>
             {
                 Ok(snapshot)
             }
-            _ => Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            )),
+            _ => {
+                if to != 0 {
+                    self.inner.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
+            }
         }
     }
 }
@@ -1040,7 +1080,12 @@ mod tests {
         assert_eq!((store.first_index(), store.last_index()), (5, 5));
         assert_eq!(store.term(4), Ok(2));
         assert_eq!(store.term(5), Ok(3));
-        assert_eq!(store.snapshot(4, 2).unwrap().data, b"state at 4".to_vec());
+        assert_eq!(store.snapshot(4, 1).unwrap().data, b"state at 4".to_vec());
+        // A peer missing from the snapshot's membership would drop it: refuse, and ask the
+        // application for a newer one.
+        assert!(store.snapshot(4, 2).is_err());
+        assert!(store.take_snapshot_wanted());
+        assert!(!store.take_snapshot_wanted(), "reported once");
     }
 
     #[test]

@@ -72,12 +72,14 @@ pub struct TransportConfig {
     pub advertise: String,
     /// Most messages waiting for one peer; more are dropped. Clamped to at least 1.
     pub queue_limit: usize,
+    /// Where this node's snapshot files are, for peers fetching them with `SNAPSHOT.CHUNK`.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl TransportConfig {
     /// A configuration with the default queue limit.
     pub fn new(me: NodeId, listen: SocketAddr, advertise: impl Into<String>) -> Self {
-        TransportConfig { me, listen, advertise: advertise.into(), queue_limit: DEFAULT_QUEUE_LIMIT }
+        TransportConfig { me, listen, advertise: advertise.into(), queue_limit: DEFAULT_QUEUE_LIMIT, snapshot_dir: None }
     }
 }
 
@@ -181,7 +183,8 @@ impl Transport {
         };
         let inbound: Callback = Arc::new(inbound);
         let handle = runtime.handle().clone();
-        handle.spawn(accept_loop(listener, cfg.me, inbound.clone()));
+        let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
+        handle.spawn(accept_loop(listener, cfg.me, inbound.clone(), snapshots));
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -501,12 +504,14 @@ async fn write_fully(writer: &mut (impl AsyncWrite + Unpin), buf: &[u8]) -> io::
 // ---------------------------------------------------------------------------------------------
 // Incoming side: the listener and one reader task per accepted connection.
 
-async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback) {
+type SnapshotDir = Option<Arc<std::path::PathBuf>>;
+
+async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snapshots: SnapshotDir) {
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, remote, me, inbound.clone()));
+                tokio::spawn(serve(stream, remote, me, inbound.clone(), snapshots.clone()));
             }
             Err(e) => {
                 // Typically out of file descriptors: pause instead of spinning on the error.
@@ -521,7 +526,7 @@ async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback) {
 struct Reject(String);
 
 /// Reads frames from one connection until it closes or misbehaves.
-async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: Callback) {
+async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: Callback, snapshots: SnapshotDir) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     loop {
@@ -532,7 +537,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: C
                 Ok(None) => break,
                 Err(e) => return reject(stream, remote, out, Reject(format!("protocol error: {e}"))).await,
             };
-            match handle(frame, me, &inbound) {
+            match handle(frame, me, &inbound, snapshots.as_deref().map(|p| p.as_path())) {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
                 Err(why) => return reject(stream, remote, out, why).await,
@@ -562,7 +567,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: C
 }
 
 /// Acts on one command; `Ok(Some)` is a reply to send back.
-fn handle(frame: Frame, me: NodeId, inbound: &Callback) -> Result<Option<Frame>, Reject> {
+fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::path::Path>) -> Result<Option<Frame>, Reject> {
     let not_a_command = || Reject("expected a command (an array of bulk strings)".into());
     let Frame::Array(mut args) = frame else {
         return Err(not_a_command());
@@ -608,6 +613,8 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback) -> Result<Option<Frame>,
         let addr = std::str::from_utf8(addr).map_err(|_| Reject("HELLO: address is not UTF-8".into()))?;
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string() });
         Ok(None)
+    } else if is("SNAPSHOT.CHUNK") {
+        snapshot_chunk(&args, snapshots).map(Some)
     } else if is("PING") {
         match args.len() {
             1 => Ok(Some(Frame::Simple("PONG".into()))),
@@ -618,6 +625,44 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback) -> Result<Option<Frame>,
         let shown = String::from_utf8_lossy(&name[..name.len().min(32)]).into_owned();
         Err(Reject(format!("unknown command '{shown}'")))
     }
+}
+
+/// Largest chunk a peer may ask for at once.
+pub const MAX_SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
+
+/// `SNAPSHOT.CHUNK <file> <offset> <len>`: bytes of one of our snapshot files. Only plain file
+/// names of snapshot files are served, never a path. A read error is an `-ERR` reply, not a reason
+/// to drop the connection (the fetcher retries or gives up).
+fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame, Reject> {
+    let usage = || Reject("usage: SNAPSHOT.CHUNK <file> <offset> <len>".into());
+    let [_, Frame::Bulk(file), Frame::Bulk(offset), Frame::Bulk(len)] = args else { return Err(usage()) };
+    let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
+    let (Some(offset), Some(len)) = (number(offset), number(len)) else { return Err(usage()) };
+    let Some(dir) = dir else { return Ok(Frame::Error("ERR this node serves no snapshots".into())) };
+    let name = std::str::from_utf8(file).unwrap_or("");
+    if !crate::snapshot_transfer::is_plain_name(name) {
+        return Err(Reject(format!("SNAPSHOT.CHUNK: '{}' is not a snapshot file name", String::from_utf8_lossy(file))));
+    }
+    let len = (len as usize).min(MAX_SNAPSHOT_CHUNK);
+    match read_chunk(&dir.join(name), offset, len) {
+        Ok(bytes) => Ok(Frame::Bulk(bytes.into())),
+        Err(e) => Ok(Frame::Error(format!("ERR cannot read {name}: {e}"))),
+    }
+}
+
+fn read_chunk(path: &std::path::Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 /// Logs, answers `-ERR <reason>` best-effort (after any replies still in `out`) and closes the

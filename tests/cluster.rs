@@ -71,6 +71,8 @@ fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durabil
         info: info(id, port),
         timing: fast_timing(),
         durability,
+        snapshot_dir: dir.to_path_buf(),
+        trailing_logs: 100,
     };
     let node = Node::start(cfg, store, Recorder { applied: applied.clone() }).unwrap();
     TestNode { id, dir: dir.to_path_buf(), port, node, applied }

@@ -9,6 +9,9 @@ use crossbeam_channel::{Receiver, Sender};
 use raftis_core::command_entry::CommandEntry;
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
+use crate::snapshot::AppliedPoint;
+use crate::state;
+use raftis_core::snapshot_transfer::SnapshotDescriptor;
 use raftis_core::LogIndex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,9 +76,14 @@ impl ApplyProgress {
     }
 }
 
-enum Job {
+pub enum Job {
     Apply(ApplyBatch<WriteWaiter>),
-    Restore { index: LogIndex },
+    /// Replace the dataset: empty `data` means an empty dataset, otherwise a snapshot descriptor.
+    Restore { index: LogIndex, data: Vec<u8> },
+    /// RAFT.SNAPSHOT: take one now and answer this client when it is done.
+    TakeSnapshot(Blocked),
+    /// Raft needs a newer snapshot for a follower.
+    SnapshotWanted,
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -91,21 +99,23 @@ impl StateMachine for RedisMachine {
     }
 
     fn restore(&mut self, index: LogIndex, data: &[u8]) {
-        if !data.is_empty() {
-            log::warn!("snapshot at {index} carries {} bytes of data that this version cannot load", data.len());
-        }
-        let _ = self.tx.send(Job::Restore { index });
+        let _ = self.tx.send(Job::Restore { index, data: data.to_vec() });
+    }
+
+    fn request_snapshot(&mut self) {
+        let _ = self.tx.send(Job::SnapshotWanted);
     }
 }
 
-/// Starts the apply thread; the returned machine feeds it.
-pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow::Result<RedisMachine> {
+/// Starts the apply thread; the returned machine feeds it, the sender reaches it directly.
+pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow::Result<(RedisMachine, Sender<Job>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new().name("raft-apply".into()).spawn(move || run(rx, ctx, progress))?;
-    Ok(RedisMachine { tx })
+    Ok((RedisMachine { tx: tx.clone() }, tx))
 }
 
 fn run(rx: Receiver<Job>, ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) {
+    let mut point = AppliedPoint::default();
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile is applied under the same lock.
         let jobs: Vec<Job> = std::iter::once(first).chain(rx.try_iter()).collect();
@@ -115,10 +125,13 @@ fn run(rx: Receiver<Job>, ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress
             let lock = ctx.lock();
             for job in jobs {
                 match job {
-                    Job::Restore { index } => {
-                        // The dataset is rebuilt from the log: whatever Redis loaded from its own
-                        // RDB/AOF files, or had before, must not count twice.
-                        ffi::free_call_reply(ffi::call_strs(lock.ctx(), &["FLUSHALL", "SYNC"]));
+                    Job::Restore { index, data } => {
+                        restore(lock.ctx(), index, &data);
+                        point = AppliedPoint { index, ..AppliedPoint::default() };
+                        if let Some(d) = SnapshotDescriptor::decode(&data) {
+                            let size = d.size;
+                            state::get().snapshots.set_latest(index, size);
+                        }
                         applied_to = Some(index);
                     }
                     Job::Apply(batch) => {
@@ -126,12 +139,19 @@ fn run(rx: Receiver<Job>, ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress
                         for committed in batch.entries {
                             apply_one(lock.ctx(), committed);
                         }
+                        point = AppliedPoint {
+                            index: batch.applied_to,
+                            term: batch.term,
+                            conf_state: batch.conf_state,
+                            members: batch.members,
+                        };
                         applied_to = Some(batch.applied_to);
                     }
+                    Job::TakeSnapshot(waiter) => state::get().snapshots.start(lock.ctx(), &point, Some(waiter)),
+                    Job::SnapshotWanted => state::get().snapshots.start(lock.ctx(), &point, None),
                 }
             }
-            // Commands must see the client's database, not whatever the last entry selected.
-            ffi::select_db(lock.ctx(), 0);
+            maybe_snapshot(lock.ctx(), &point);
         }
         progress.entries.fetch_add(entries, Ordering::Relaxed);
         progress.batches.fetch_add(1, Ordering::Relaxed);
@@ -167,5 +187,38 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
         (Some(w), outcome) => w.blocked.finish(outcome),
         (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
         (None, _) => {}
+    }
+}
+
+/// Takes a snapshot when the log has grown `snapshot-threshold` entries past the last one.
+fn maybe_snapshot(ctx: *mut ffi::RedisModuleCtx, point: &AppliedPoint) {
+    let s = state::get();
+    let threshold = s.snapshot_threshold();
+    if threshold == 0 || point.index.get() == 0 || s.snapshots.in_progress() {
+        return;
+    }
+    let last = s.snapshots.latest().map_or(0, |(i, _)| i.get());
+    if point.index.get().saturating_sub(last) >= threshold {
+        s.snapshots.start(ctx, point, None);
+    }
+}
+
+/// Replaces the dataset. A snapshot that cannot be loaded leaves the node unable to serve
+/// correct data: it is stopped rather than allowed to answer from a wrong dataset.
+fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
+    let Some(descriptor) = SnapshotDescriptor::decode(data) else {
+        // Whatever Redis loaded from its own files, or had before, must not count twice.
+        ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+        return;
+    };
+    let path = state::get().settings().dir.join(&descriptor.file);
+    let started = std::time::Instant::now();
+    match crate::snapshot::load(ctx, &path) {
+        Ok(keys) => log::info!("loaded snapshot {} at index {index}: {keys} keys in {:?}", descriptor.file, started.elapsed()),
+        Err(e) => {
+            log::error!("cannot load snapshot {}: {e:#}; this node stops serving", path.display());
+            ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+            state::get().set_fatal(format!("snapshot {} could not be loaded: {e}", descriptor.file));
+        }
     }
 }

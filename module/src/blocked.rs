@@ -14,6 +14,8 @@ pub enum Outcome {
     Error(String),
     Simple(String),
     Integer(i64),
+    /// Two integers (e.g. a snapshot's index and size).
+    Pair(i64, i64),
     /// Run this command for the client now, on the main thread, and send its reply (a read whose
     /// consistency conditions were just met).
     Run { argv: Vec<Vec<u8>>, resp3: bool },
@@ -73,6 +75,11 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
         Outcome::Error(e) => ffi::reply_error(ctx, e),
         Outcome::Simple(s) => ffi::reply_simple(ctx, s),
         Outcome::Integer(i) => ffi::reply_integer(ctx, *i),
+        Outcome::Pair(a, b) => {
+            ffi::reply_array(ctx, 2);
+            ffi::reply_integer(ctx, *a);
+            ffi::reply_integer(ctx, *b)
+        }
         Outcome::Run { argv, resp3 } => {
             // The context's client is the blocked client, so the call runs in its database.
             let reply = ffi::call(ctx, argv, *resp3);

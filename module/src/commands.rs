@@ -176,6 +176,18 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     Ok(Reply::Blocked)
 }
 
+/// `RAFT.SNAPSHOT`: takes a snapshot now; answers `[index, size in bytes]` when it is on disk.
+pub fn snapshot(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.snapshot"));
+    }
+    let s = state::get();
+    s.node().ok_or_else(not_initialized)?;
+    let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
+    s.send_to_apply(crate::apply::Job::TakeSnapshot(blocked))?;
+    Ok(Reply::Blocked)
+}
+
 /// `RAFT.PEERS`: one entry per member: id, suffrage, client address, raft address, and on the
 /// leader the replication progress (match index, raft progress state); -1 / "" elsewhere.
 pub fn peers(args: &[Vec<u8>]) -> Result {
@@ -263,6 +275,10 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("last_log_index", st.last_index.to_string());
     put("log_entries", (st.last_index.get() + 1).saturating_sub(st.first_index.get()).to_string());
     put("log_size_bytes", s.store.stats().size_bytes.to_string());
+    let (snap_index, snap_size) = s.snapshots.latest().map_or((0, 0), |(i, b)| (i.get(), b));
+    put("snapshot_index", snap_index.to_string());
+    put("snapshot_size_bytes", snap_size.to_string());
+    put("snapshot_in_progress", if s.snapshots.in_progress() { "yes" } else { "no" }.to_string());
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());
     put("pending_proposals", st.pending_proposals.to_string());

@@ -6,10 +6,10 @@ use crate::state;
 use raftis_core::settings::Settings;
 
 /// Changeable while running.
-const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms"];
+const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold"];
 /// Only as module arguments (they shape the node's identity or raft's fixed timers).
 const LOAD_ONLY: &[&str] =
-    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "follower-proxy"];
+    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "follower-proxy", "trailing-logs"];
 
 fn values(s: &Settings) -> Vec<(&'static str, String)> {
     vec![
@@ -19,6 +19,8 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("tick-ms", s.timing.tick_interval.as_millis().to_string()),
         ("election-ticks", s.timing.election_ticks.to_string()),
         ("heartbeat-ticks", s.timing.heartbeat_ticks.to_string()),
+        ("snapshot-threshold", s.snapshot_threshold.to_string()),
+        ("trailing-logs", s.trailing_logs.to_string()),
         ("follower-proxy", if s.follower_proxy { "yes" } else { "no" }.to_string()),
         ("dir", s.dir.display().to_string()),
         ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
@@ -87,6 +89,7 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                         n.set_durability(next.durability);
                     }
                 }
+                "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
                 "tick-ms" => {
                     if let Some(n) = &node {
                         n.set_tick_interval(next.timing.tick_interval);

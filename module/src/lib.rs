@@ -16,6 +16,7 @@ mod filter;
 mod logger;
 mod read;
 mod reply;
+mod snapshot;
 mod state;
 mod write;
 
@@ -77,6 +78,7 @@ command!(cmd_leader, |_, args| commands::leader(&args));
 command!(cmd_state, |_, args| commands::role(&args));
 command!(cmd_info, |_, args| commands::info(&args));
 command!(cmd_stats, |_, args| commands::stats(&args));
+command!(cmd_snapshot, |ctx, args| commands::snapshot(ctx, &args));
 
 type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString, c_int) -> c_int;
 
@@ -95,6 +97,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft.state", cmd_state, "readonly fast"),
     ("raft.info", cmd_info, "readonly fast"),
     ("raft.stats", cmd_stats, "readonly fast"),
+    ("raft.snapshot", cmd_snapshot, "admin"),
 ];
 
 #[no_mangle]
@@ -161,8 +164,11 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
     let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
     let table = command_table::load(ctx)?;
+    let databases: u32 = ffi::config_get(ctx, "databases").and_then(|d| d.parse().ok()).unwrap_or(16);
+    check_snapshot(&store, &settings.dir)?;
+    let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
-    let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx));
+    let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
 
     for (name, handler, flags) in COMMANDS {
         let (n, f) = (ffi::cstr(name), ffi::cstr(flags));
@@ -182,6 +188,25 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     } else {
         log::info!("Raftis loaded; this node is not in a cluster yet (RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN)");
     }
+    Ok(())
+}
+
+/// A node whose snapshot file is missing or corrupt refuses to start rather than serve a wrong
+/// dataset: the operator restores the file, or wipes `dir` and lets the node re-join.
+fn check_snapshot(store: &LogStore, dir: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) else { return Ok(()) };
+    let Ok((_, app)) = raftis_core::snapshot_data::decode(&snapshot.data) else {
+        anyhow::bail!("the raft log's snapshot record is corrupt");
+    };
+    let Some(descriptor) = raftis_core::snapshot_transfer::SnapshotDescriptor::decode(app) else { return Ok(()) };
+    let path = dir.join(&descriptor.file);
+    let summary = raftis_core::snapshot_file::verify(&path)
+        .map_err(|e| anyhow::anyhow!("snapshot {} is unusable ({e}); refusing to start with bad data", path.display()))?;
+    anyhow::ensure!(
+        summary.checksum == descriptor.checksum,
+        "snapshot {} does not match the log's record of it (checksum); refusing to start with bad data",
+        path.display()
+    );
     Ok(())
 }
 

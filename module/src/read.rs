@@ -35,6 +35,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
     }
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
+    if let Some(why) = s.fatal() {
+        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
+    }
     if !node.is_leader() {
         return Err(state::redirect(&node.status()));
     }

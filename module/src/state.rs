@@ -13,7 +13,10 @@ use raftis_core::storage::LogStore;
 use raftis_core::NodeId;
 use std::net::SocketAddr;
 use raftis_core::config::Consistency;
-use std::sync::atomic::{AtomicU8, Ordering};
+use crate::apply::Job;
+use crate::snapshot::Snapshots;
+use crossbeam_channel::Sender;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 const META_NODE_ID: &str = "node_id";
@@ -33,6 +36,13 @@ pub struct Raftis {
     apply_ctx: Arc<DetachedContext>,
     node: RwLock<Option<Arc<RaftNode>>>,
     consistency: AtomicU8,
+    snapshot_threshold: AtomicU64,
+    pub snapshots: Snapshots,
+    /// How many databases Redis has (snapshots cover them all).
+    pub databases: u32,
+    apply_tx: Mutex<Option<Sender<Job>>>,
+    /// Set when this node must stop serving (e.g. a snapshot it cannot load).
+    fatal: Mutex<Option<String>>,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
 }
@@ -57,9 +67,15 @@ impl Raftis {
         raft_addr: String,
         table: CommandTable,
         apply_ctx: DetachedContext,
+        databases: u32,
     ) -> Raftis {
         let r = Raftis {
             consistency: AtomicU8::new(0),
+            snapshot_threshold: AtomicU64::new(settings.snapshot_threshold),
+            snapshots: Snapshots::default(),
+            databases,
+            apply_tx: Mutex::new(None),
+            fatal: Mutex::new(None),
             settings: RwLock::new(settings.clone()),
             store,
             listen,
@@ -98,6 +114,30 @@ impl Raftis {
         self.settings.write().unwrap_or_else(|p| p.into_inner()).consistency = c;
     }
 
+    pub fn snapshot_threshold(&self) -> u64 {
+        self.snapshot_threshold.load(Ordering::Relaxed)
+    }
+
+    pub fn set_snapshot_threshold(&self, entries: u64) {
+        self.snapshot_threshold.store(entries, Ordering::Relaxed);
+    }
+
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_fatal(&self, why: String) {
+        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Queues work for the apply thread (RAFT.SNAPSHOT).
+    pub fn send_to_apply(&self, job: Job) -> Result<(), String> {
+        match &*self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(job).map_err(|_| "ERR the apply thread has stopped".to_string()),
+            None => Err(crate::write::not_initialized()),
+        }
+    }
+
     pub fn settings(&self) -> Settings {
         self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -126,13 +166,16 @@ impl Raftis {
         }
         self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?;
         let settings = self.settings();
-        let machine = apply::start(self.apply_ctx.clone(), self.progress.clone())?;
+        let (machine, apply_tx) = apply::start(self.apply_ctx.clone(), self.progress.clone())?;
+        *self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(apply_tx);
         let cfg = NodeConfig {
             id,
             listen: self.listen,
             info: self.info(id),
             timing: settings.timing.clone(),
             durability: settings.durability,
+            snapshot_dir: settings.dir.clone(),
+            trailing_logs: settings.trailing_logs,
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());

@@ -24,6 +24,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
     let node = s.node().ok_or_else(not_initialized)?;
+    if let Some(why) = s.fatal() {
+        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
+    }
     if !node.is_leader() {
         let status = node.status();
         if let Some(fatal) = &status.fatal {

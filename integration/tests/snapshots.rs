@@ -1,0 +1,122 @@
+//! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
+
+use raftis_integration::{digest, info_field, wait_for, Cluster, Server};
+use std::time::Duration;
+
+/// Small thresholds so a few thousand writes produce several snapshots.
+const SNAPSHOTTING: &[&str] = &["snapshot-threshold=5000", "trailing-logs=500", "consistency=low"];
+
+/// `n` writes in pipelined batches, every one acknowledged.
+fn write_many(server: &Server, prefix: &str, n: usize) {
+    let mut conn = server.client().unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            match i % 4 {
+                0 => pipe.cmd("SET").arg(format!("{prefix}:s{i}")).arg(i).ignore(),
+                1 => pipe.cmd("HSET").arg(format!("{prefix}:h{}", i % 100)).arg(i).arg(i).ignore(),
+                2 => pipe.cmd("RPUSH").arg(format!("{prefix}:l{}", i % 10)).arg(i).ignore(),
+                _ => pipe.cmd("SET").arg(format!("{prefix}:ttl{i}")).arg(i).arg("EX").arg(3600).ignore(),
+            };
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    }
+}
+
+fn same_dataset(cluster: &Cluster, nodes: &[usize]) {
+    cluster.wait_converged(nodes);
+    let digests: Vec<String> = nodes.iter().map(|i| digest(&cluster.nodes[*i])).collect();
+    if !digests.iter().all(|d| *d == digests[0]) {
+        for i in nodes {
+            let n = &cluster.nodes[*i];
+            let size: i64 = n.cmd(&["DBSIZE"]).unwrap_or(-1);
+            let info: String = n.cmd(&["RAFT.INFO"]).unwrap_or_default();
+            eprintln!("node {} dbsize {size}\n{info}\n{}", n.port, n.log_tail());
+        }
+        panic!("datasets differ: {digests:?}");
+    }
+}
+
+#[test]
+fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_one() {
+    let cluster = Cluster::start(3, SNAPSHOTTING).unwrap();
+    let leader = cluster.wait_leader();
+    write_many(&cluster.nodes[leader], "a", 50_000);
+    same_dataset(&cluster, &[0, 1, 2]);
+    for node in &cluster.nodes {
+        let snap = wait_for("a snapshot", Duration::from_secs(20), || {
+            let i = info_field(node, "snapshot_index");
+            (i >= 40_000).then_some(i)
+        });
+        let entries = wait_for("the log to be compacted", Duration::from_secs(20), || {
+            let e = info_field(node, "log_entries");
+            (e < 6_000).then_some(e)
+        });
+        eprintln!(
+            "node {}: snapshot at {snap} ({} bytes), {entries} log entries left",
+            node.port,
+            info_field(node, "snapshot_size_bytes")
+        );
+    }
+    // RAFT.SNAPSHOT on demand answers [index, size].
+    let (index, size): (i64, i64) = cluster.nodes[leader].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    assert!(index > 50_000 && size > 0, "{index} {size}");
+
+    // A fourth node joins long after the log was compacted: it must get a snapshot.
+    let fourth = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), SNAPSHOTTING).unwrap();
+    let reply: String = fourth.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap();
+    assert_eq!(reply, "OK");
+    let log = std::fs::read_to_string(fourth.dir.join("redis.log")).unwrap();
+    assert!(log.contains("fetched snapshot"), "the new node caught up from a snapshot:\n{}", fourth.log_tail());
+    let commit = info_field(&cluster.nodes[leader], "commit_index");
+    wait_for("the fourth node to apply", Duration::from_secs(20), || (info_field(&fourth, "applied_index") >= commit).then_some(()));
+    assert_eq!(digest(&fourth), digest(&cluster.nodes[leader]));
+}
+
+#[test]
+fn a_node_down_during_20000_writes_catches_up_and_restart_from_snapshot_keeps_the_dataset() {
+    let mut cluster = Cluster::start(3, SNAPSHOTTING).unwrap();
+    let leader = cluster.wait_leader();
+    let down = (leader + 1) % 3;
+    write_many(&cluster.nodes[leader], "before", 2_000);
+    cluster.nodes[down].kill9();
+    write_many(&cluster.nodes[leader], "during", 20_000);
+    cluster.nodes[down].restart().unwrap();
+    same_dataset(&cluster, &[0, 1, 2]);
+
+    // Every node restarts from its newest snapshot plus the log after it.
+    let before = digest(&cluster.nodes[leader]);
+    for n in cluster.nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in cluster.nodes.iter_mut() {
+        n.restart().unwrap();
+    }
+    cluster.wait_leader();
+    same_dataset(&cluster, &[0, 1, 2]);
+    assert_eq!(digest(&cluster.nodes[0]), before, "same dataset after restarting from snapshots");
+    let log = std::fs::read_to_string(cluster.nodes[0].dir.join("redis.log")).unwrap();
+    assert!(log.contains("loaded snapshot"), "restart used the snapshot:\n{}", cluster.nodes[0].log_tail());
+}
+
+#[test]
+fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
+    let mut cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();
+    write_many(&cluster.nodes[0], "x", 1_000);
+    let (_, size): (i64, i64) = cluster.nodes[0].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    assert!(size > 0);
+    cluster.nodes[0].kill9();
+    let raft_dir = cluster.nodes[0].dir.join("raft");
+    let file = std::fs::read_dir(&raft_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().map_or(false, |e| e == "rsnap"))
+        .expect("a snapshot file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&file, bytes).unwrap();
+    let err = cluster.nodes[0].restart().expect_err("a node with a corrupt snapshot must not start");
+    let text = format!("{err:#}");
+    assert!(text.contains("refusing to start with bad data"), "{text}");
+}

@@ -1,0 +1,223 @@
+//! Snapshots of the dataset, taken without stopping the server: the apply thread, holding Redis'
+//! global lock between two batches (so the dataset is exactly at a known log index), forks; the
+//! child writes every key as its DUMP payload and absolute expiry into a checksummed file and
+//! exits. Redis tells us on its main thread when the child is done; the file is verified on a
+//! background thread and handed to the Raft node, which compacts the log.
+//!
+//! Loading (restart, or a snapshot received from the leader) flushes the dataset and RESTOREs
+//! every record while holding the global lock, so clients never see a half-loaded dataset.
+
+use crate::blocked::{Blocked, Outcome};
+use crate::ffi::{self, api, RedisModuleCtx};
+use crate::state;
+use raftis_core::membership::Members;
+use raftis_core::node::TakenSnapshot;
+use raftis_core::snapshot_file::{self, Record, SnapshotMeta, SnapshotReader, SnapshotWriter};
+use raftis_core::snapshot_transfer::SnapshotDescriptor;
+use raftis_core::{LogIndex, Term};
+use raft::eraftpb::ConfState;
+use std::os::raw::{c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Where the dataset stands after the last applied batch: what a snapshot taken now records.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedPoint {
+    pub index: LogIndex,
+    pub term: Term,
+    pub conf_state: ConfState,
+    pub members: Arc<Members>,
+}
+
+struct InProgress {
+    point: AppliedPoint,
+    path: PathBuf,
+    started: Instant,
+    waiters: Vec<Blocked>,
+}
+
+#[derive(Default)]
+pub struct Snapshots {
+    in_progress: Mutex<Option<InProgress>>,
+    /// Index and size of the newest snapshot this node has.
+    latest: Mutex<Option<(LogIndex, u64)>>,
+}
+
+impl Snapshots {
+    pub fn latest(&self) -> Option<(LogIndex, u64)> {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_latest(&self, index: LogIndex, size: u64) {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, size));
+    }
+
+    pub fn in_progress(&self) -> bool {
+        self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Starts a snapshot at `point`. Must be called with the global lock held, between batches.
+    /// A waiter is answered when the snapshot is done; with one already running it joins that.
+    pub fn start(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Option<Blocked>) {
+        let mut slot = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = slot.as_mut() {
+            running.waiters.extend(waiter);
+            return;
+        }
+        if point.index.get() == 0 {
+            if let Some(w) = waiter {
+                w.finish(Outcome::Error("ERR nothing to snapshot yet".into()));
+            }
+            return;
+        }
+        if let Some((index, size)) = self.latest().filter(|(index, _)| *index == point.index) {
+            // Nothing applied since the last snapshot: it is the answer.
+            if let Some(w) = waiter {
+                w.finish(Outcome::Pair(index.get() as i64, size as i64));
+            }
+            return;
+        }
+        let dir = state::get().settings().dir;
+        let path = snapshot_file::snapshot_path(&dir, point.index, point.term);
+        let done: extern "C" fn(c_int, c_int, *mut c_void) = fork_done;
+        let pid = unsafe { api!(RedisModule_Fork)(Some(done), std::ptr::null_mut()) };
+        if pid == 0 {
+            // The child: write and leave. Nothing here may touch locks other threads could hold.
+            let code = match write_dataset(ctx, &path, point) {
+                Ok(_) => 0,
+                Err(e) => {
+                    ffi::log_line("warning", &format!("<raft> snapshot child failed: {e:#}"));
+                    1
+                }
+            };
+            unsafe { api!(RedisModule_ExitFromChild)(code) };
+            return;
+        }
+        if pid < 0 {
+            log::warn!("cannot fork for a snapshot now (another child process is running?); will retry");
+            if let Some(w) = waiter {
+                w.finish(Outcome::Error("ERR cannot fork for a snapshot right now (is a BGSAVE running?); retry".into()));
+            }
+            return;
+        }
+        log::info!("snapshot at index {} started (child pid {pid})", point.index);
+        *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters: waiter.into_iter().collect() });
+    }
+}
+
+/// In the child: every key of every database, DUMPed with its absolute expiry.
+fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) -> anyhow::Result<()> {
+    let meta = SnapshotMeta {
+        index: point.index,
+        term: point.term,
+        conf_state: point.conf_state.clone(),
+        members: (*point.members).clone(),
+    };
+    let mut writer = SnapshotWriter::create(path, &meta)?;
+    let databases = state::get().databases;
+    for db in 0..databases {
+        if !ffi::select_db(ctx, db) {
+            continue;
+        }
+        let mut cursor = b"0".to_vec();
+        loop {
+            let reply = ffi::call(ctx, &[b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"1000".to_vec()], false);
+            anyhow::ensure!(ffi::is_array(reply) && ffi::reply_len(reply) == 2, "SCAN failed in db {db}");
+            cursor = ffi::reply_bytes(ffi::reply_element(reply, 0)).to_vec();
+            let keys = ffi::reply_element(reply, 1);
+            for i in 0..ffi::reply_len(keys) {
+                let key = ffi::reply_bytes(ffi::reply_element(keys, i)).to_vec();
+                let dump = ffi::call(ctx, &[b"DUMP".to_vec(), key.clone()], false);
+                let payload = ffi::reply_bytes(dump).to_vec();
+                ffi::free_call_reply(dump);
+                if payload.is_empty() {
+                    continue; // expired or gone between SCAN and DUMP
+                }
+                let ttl = ffi::call(ctx, &[b"PEXPIRETIME".to_vec(), key.clone()], false);
+                let expire_at_ms = ffi::reply_integer_value(ttl);
+                ffi::free_call_reply(ttl);
+                writer.add(&Record { db, key, expire_at_ms: if expire_at_ms < 0 { -1 } else { expire_at_ms }, payload })?;
+            }
+            ffi::free_call_reply(reply);
+            if cursor == b"0" {
+                break;
+            }
+        }
+    }
+    writer.finish()?;
+    Ok(())
+}
+
+/// On Redis' main thread when the child exits: verify and publish off the main thread.
+extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        let s = state::get();
+        let Some(job) = s.snapshots.in_progress.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        if exitcode != 0 || bysignal != 0 {
+            log::error!("snapshot child failed (exit code {exitcode}, signal {bysignal})");
+            for w in job.waiters {
+                w.finish(Outcome::Error("ERR snapshot failed; see the Redis log".into()));
+            }
+            return;
+        }
+        let _ = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
+    });
+}
+
+fn publish(job: InProgress) {
+    let s = state::get();
+    let summary = match snapshot_file::verify(&job.path) {
+        Ok(summary) => summary,
+        Err(e) => {
+            log::error!("the snapshot just written at {} does not verify: {e}", job.path.display());
+            for w in job.waiters {
+                w.finish(Outcome::Error(format!("ERR snapshot failed verification: {e}")));
+            }
+            return;
+        }
+    };
+    let file = job.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    log::info!(
+        "snapshot at index {}: {} keys, {} bytes, written in {:?}",
+        job.point.index,
+        summary.records,
+        summary.size,
+        job.started.elapsed()
+    );
+    s.snapshots.set_latest(job.point.index, summary.size);
+    if let Some(node) = s.node() {
+        node.snapshot_taken(TakenSnapshot {
+            index: job.point.index,
+            term: job.point.term,
+            conf_state: job.point.conf_state.clone(),
+            members: job.point.members.clone(),
+            descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
+        });
+    }
+    for w in job.waiters {
+        w.finish(Outcome::Pair(job.point.index.get() as i64, summary.size as i64));
+    }
+}
+
+/// Replaces the dataset with the snapshot at `path` (global lock held by the caller).
+pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
+    let (_meta, reader) = SnapshotReader::open(path)?;
+    ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+    let mut n = 0;
+    for record in reader {
+        let r = record?;
+        ffi::select_db(ctx, r.db);
+        let ttl = if r.expire_at_ms < 0 { b"0".to_vec() } else { r.expire_at_ms.to_string().into_bytes() };
+        let reply = ffi::call(ctx, &[b"RESTORE".to_vec(), r.key, ttl, r.payload, b"ABSTTL".to_vec(), b"REPLACE".to_vec()], false);
+        if ffi::reply_type(reply) == redis_module::raw::REDISMODULE_REPLY_ERROR as c_int {
+            let e = String::from_utf8_lossy(ffi::reply_bytes(reply)).into_owned();
+            ffi::free_call_reply(reply);
+            anyhow::bail!("RESTORE failed: {e}");
+        }
+        ffi::free_call_reply(reply);
+        n += 1;
+    }
+    ffi::select_db(ctx, 0);
+    Ok(n)
+}

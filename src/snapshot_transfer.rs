@@ -1,0 +1,109 @@
+//! Moving snapshot files between nodes. A Raft snapshot message carries only a small descriptor
+//! (file name, size, checksum); the follower fetches the file itself from the sender's side port
+//! in chunks (`SNAPSHOT.CHUNK`), resuming a partial download, verifies it, and only then lets raft
+//! see the snapshot. The Raft loop never waits for the network.
+
+use crate::resp::{self, Frame};
+use crate::snapshot_file::{self, IncomingSnapshot};
+use anyhow::{bail, Context as _};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+const CHUNK: u64 = 1024 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDescriptor {
+    /// Plain file name inside the node's snapshot directory.
+    pub file: String,
+    pub size: u64,
+    pub checksum: u32,
+}
+
+impl SnapshotDescriptor {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("descriptor serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<SnapshotDescriptor> {
+        let d: SnapshotDescriptor = serde_json::from_slice(bytes).ok()?;
+        is_plain_name(&d.file).then_some(d)
+    }
+}
+
+/// A name we are willing to create or serve: no directories, no hidden files.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.ends_with(".rsnap")
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+}
+
+/// Makes sure `dir` holds the verified file `desc` describes, fetching it from `peer` if needed.
+pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path) -> anyhow::Result<()> {
+    let final_path = dir.join(&desc.file);
+    if let Ok(summary) = snapshot_file::verify(&final_path) {
+        if summary.checksum == desc.checksum && summary.size == desc.size {
+            return Ok(());
+        }
+    }
+    let mut incoming = IncomingSnapshot::begin(&final_path, desc.size, desc.checksum)?;
+    let addr = peer
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {peer}"))?
+        .next()
+        .with_context(|| format!("{peer} has no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {peer}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = BytesMut::with_capacity(2 * CHUNK as usize);
+    while incoming.offset() < desc.size {
+        let offset = incoming.offset();
+        let mut out = BytesMut::new();
+        let (off, len) = (offset.to_string(), CHUNK.to_string());
+        resp::encode_command(&[b"SNAPSHOT.CHUNK", desc.file.as_bytes(), off.as_bytes(), len.as_bytes()], &mut out);
+        stream.write_all(&out)?;
+        let frame = read_frame(&mut stream, &mut buf)?;
+        match frame {
+            Frame::Bulk(bytes) if !bytes.is_empty() => incoming.write_chunk(offset, &bytes)?,
+            Frame::Bulk(_) => bail!("{peer} sent an empty chunk at offset {offset} of {}", desc.file),
+            Frame::Error(e) => bail!("{peer} refused a chunk of {}: {e}", desc.file),
+            other => bail!("{peer} answered SNAPSHOT.CHUNK with {other:?}"),
+        }
+    }
+    incoming.finish()?;
+    Ok(())
+}
+
+fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Frame> {
+    let mut chunk = vec![0u8; 256 * 1024];
+    loop {
+        if let Some(frame) = resp::parse(buf)? {
+            return Ok(frame);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_round_trip_and_refuse_paths() {
+        let d = SnapshotDescriptor { file: "snapshot-00000000000000000042-3.rsnap".into(), size: 10, checksum: 7 };
+        assert_eq!(SnapshotDescriptor::decode(&d.encode()), Some(d));
+        for bad in ["../etc/passwd", "/abs.rsnap", ".hidden.rsnap", "a/b.rsnap", "x.txt", ""] {
+            let d = SnapshotDescriptor { file: bad.into(), size: 1, checksum: 1 };
+            assert_eq!(SnapshotDescriptor::decode(&d.encode()), None, "{bad}");
+        }
+    }
+}
