@@ -102,6 +102,12 @@ fn wait_leader(nodes: &[&TestNode]) -> NodeId {
     })
 }
 
+fn current_leader(nodes: &[TestNode]) -> &TestNode {
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    let id = wait_leader(&refs);
+    nodes.iter().find(|n| n.id == id).unwrap()
+}
+
 /// Proposes all values at once (so they batch), then waits for every acknowledgement.
 fn propose_all(leader: &TestNode, values: impl IntoIterator<Item = Vec<u8>>) -> Vec<Result<LogIndex, ProposeError>> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -157,9 +163,7 @@ fn three_node_cluster(root: &Path, durability: Durability) -> Vec<TestNode> {
 fn three_nodes_elect_one_leader_and_apply_1000_entries_in_the_same_order() {
     let root = tempfile::tempdir().unwrap();
     let nodes = three_node_cluster(root.path(), Durability::High);
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    let leader = wait_leader(&refs);
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = current_leader(&nodes);
 
     let expected = values("v", 1000);
     let results = propose_all(leader, expected.clone());
@@ -208,9 +212,7 @@ fn a_new_leader_takes_over_and_the_old_one_catches_up_after_restart() {
 fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
     let root = tempfile::tempdir().unwrap();
     let nodes = three_node_cluster(root.path(), Durability::High);
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    let leader = wait_leader(&refs);
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = current_leader(&nodes);
     let expected = values("durable", 300);
     assert_acked(propose_all(leader, expected.clone()));
 
@@ -223,9 +225,7 @@ fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
         let status = n.node.status();
         assert_eq!(status.voters, vec![NodeId(1), NodeId(2), NodeId(3)], "membership survives restart");
     }
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    let leader = wait_leader(&refs);
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = current_leader(&nodes);
     let more = values("more", 10);
     assert_acked(propose_all(leader, more.clone()));
     let all: Vec<Vec<u8>> = expected.into_iter().chain(more).collect();
@@ -238,9 +238,7 @@ fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
 fn garbage_on_the_side_port_does_not_stop_the_node() {
     let root = tempfile::tempdir().unwrap();
     let nodes = three_node_cluster(root.path(), Durability::Medium);
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    let leader = wait_leader(&refs);
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = current_leader(&nodes);
 
     for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"*2\r\n$4\r\nMSGS\r\n$5\r\nxxxxx\r\n", b"*1\r\n$-7\r\n", b"\x00\xff\xfe"] {
         let mut s = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
@@ -300,9 +298,7 @@ fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
 fn linearizable_reads_get_a_read_index_at_least_the_last_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let nodes = three_node_cluster(root.path(), Durability::High);
-    let refs: Vec<&TestNode> = nodes.iter().collect();
-    let leader = wait_leader(&refs);
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = current_leader(&nodes);
     let acked = propose_all(leader, values("w", 20));
     let last = acked.iter().map(|r| *r.as_ref().unwrap()).max().unwrap();
 

@@ -357,3 +357,33 @@ fn with_durability_high_killing_every_node_right_after_a_write_loses_nothing() {
     let v: i64 = leader.cmd(&["GET", "counter"]).unwrap();
     assert_eq!(v, acked);
 }
+
+#[test]
+fn a_paused_leader_never_serves_a_stale_linearizable_read_after_it_resumes() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let old = cluster.wait_leader();
+    let _: () = cluster.nodes[old].cmd(&["SET", "k", "old"]).unwrap();
+    // A connection to the old leader made before the pause; its request waits in the socket.
+    let mut stale_conn = cluster.nodes[old].client().unwrap();
+    cluster.nodes[old].pause();
+    let new = wait_for("a new leader while the old one is frozen", Duration::from_secs(15), || {
+        (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let mut conn = cluster.nodes[new].client().unwrap();
+    wait_for("the new leader to accept writes", Duration::from_secs(10), || {
+        redis::cmd("SET").arg("k").arg("new").query::<()>(&mut conn).ok()
+    });
+    cluster.nodes[old].resume();
+    // The old leader still believes it leads when it wakes up; ReadIndex must catch that.
+    match redis::cmd("GET").arg("k").query::<String>(&mut stale_conn) {
+        Ok(v) => assert_eq!(v, "new", "a linearizable read returned a stale value"),
+        Err(e) => assert!(
+            matches!(e.code(), Some("MOVED") | Some("TIMEOUT") | Some("CLUSTERDOWN")),
+            "unexpected error: {e}"
+        ),
+    }
+    // The cluster settles on one leader and nothing acknowledged is lost.
+    let leader = cluster.wait_leader();
+    let v: String = cluster.nodes[leader].cmd(&["GET", "k"]).unwrap();
+    assert_eq!(v, "new");
+}
