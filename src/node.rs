@@ -108,7 +108,7 @@ enum Request<W> {
     Hello { from: NodeId, addr: String },
     Unreachable(NodeId),
     TransferLeader(NodeId),
-    SnapshotTaken(TakenSnapshot),
+    SnapshotTaken(TakenSnapshot, Sender<()>),
     /// A snapshot message whose file has been fetched (or could not be).
     SnapshotFetched { msg: Box<Message>, ok: bool },
     Shutdown,
@@ -410,9 +410,14 @@ impl<S: StateMachine> Node<S> {
     }
 
     /// The state machine finished writing a snapshot file: raft will offer it to followers that
-    /// need it, and the log is compacted up to it (keeping `trailing_logs` entries).
-    pub fn snapshot_taken(&self, taken: TakenSnapshot) {
-        let _ = self.tx.send(Request::SnapshotTaken(taken));
+    /// need it, and the log is compacted up to it (keeping `trailing_logs` entries). Blocks until
+    /// the log durably records the snapshot; false if it could not.
+    pub fn snapshot_taken(&self, taken: TakenSnapshot) -> bool {
+        let (done, recorded) = crossbeam_channel::bounded(1);
+        if self.tx.send(Request::SnapshotTaken(taken, done)).is_err() {
+            return false;
+        }
+        recorded.recv_timeout(Duration::from_secs(60)).is_ok()
     }
 
     /// Changes the tick length at runtime; election and heartbeat timeouts scale with it.
@@ -591,9 +596,10 @@ impl<S: StateMachine> RaftLoop<S> {
                     self.step(*msg);
                 }
             }
-            Request::SnapshotTaken(taken) => {
-                if let Err(e) = self.on_snapshot_taken(taken) {
-                    log::error!("raft {}: could not record a new snapshot: {e:#}", self.id);
+            Request::SnapshotTaken(taken, done) => {
+                match self.on_snapshot_taken(taken) {
+                    Ok(()) => drop(done.send(())),
+                    Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
                 }
             }
             Request::Hello { from, addr } => {

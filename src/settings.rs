@@ -93,7 +93,8 @@ impl Settings {
             "write-timeout" => self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?),
             "follower-proxy" => {
                 self.follower_proxy = match value.to_ascii_lowercase().as_str() {
-                    "yes" => true,
+                    // Not built yet: accepting it would promise a behaviour that does not exist.
+                    "yes" => return Err(bad("follower-proxy is not supported yet; clients must follow -MOVED")),
                     "no" => false,
                     _ => return Err(bad("expected yes or no")),
                 }
@@ -154,5 +155,6 @@ mod tests {
         assert!(Settings::parse(&["dir=d", "raft-port=0"]).is_err());
         assert!(Settings::parse(&["dir=d", "advertise-addr=nohost"]).is_err());
         assert!(Settings::parse(&["dir=d", "heartbeat-ticks=50"]).is_err());
+        assert!(Settings::parse(&["dir=d", "follower-proxy=yes"]).unwrap_err().to_string().contains("not supported yet"));
     }
 }

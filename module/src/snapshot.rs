@@ -186,17 +186,22 @@ fn publish(job: InProgress) {
         job.started.elapsed()
     );
     s.snapshots.set_latest(job.point.index, summary.size);
-    if let Some(node) = s.node() {
+    let recorded = s.node().map_or(false, |node| {
         node.snapshot_taken(TakenSnapshot {
             index: job.point.index,
             term: job.point.term,
             conf_state: job.point.conf_state.clone(),
             members: job.point.members.clone(),
             descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
-        });
-    }
+        })
+    });
+    // Answered only once the log durably refers to the snapshot.
     for w in job.waiters {
-        w.finish(Outcome::Pair(job.point.index.get() as i64, summary.size as i64));
+        w.finish(if recorded {
+            Outcome::Pair(job.point.index.get() as i64, summary.size as i64)
+        } else {
+            Outcome::Error("ERR the snapshot was written but the raft log could not record it; see the Redis log".into())
+        });
     }
 }
 
