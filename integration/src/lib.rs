@@ -1,5 +1,7 @@
 //! Test harness: real `redis-server` processes with the real `libraftis.so`, on loopback ports,
 //! each with its own data directory. Every wait polls a condition with a deadline.
+pub mod checker;
+pub mod history;
 
 use anyhow::{bail, Context as _};
 use std::net::TcpListener;
