@@ -229,6 +229,16 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// A failing test keeps every node's data directory and redis.log for the post-mortem.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.root.disable_cleanup(true);
+            eprintln!("test failed: nodes' data and logs kept in {}", self.root.path().display());
+        }
+    }
+}
+
 /// A numeric field of RAFT.INFO.
 pub fn info_field(server: &Server, field: &str) -> u64 {
     let info: String = server.cmd(&["RAFT.INFO"]).unwrap_or_default();
