@@ -144,8 +144,10 @@ fn registers_stay_linearizable_and_counters_bounded_while_the_leader_is_killed()
     // Heal, then read the counter once more (a final, fault-free read).
     let leader = cluster.wait_leader();
     let op = history.invoke(99, Op::Read { key: "counter".into() });
-    let final_value: i64 = cluster.nodes[leader].cmd(&["GET", "counter"]).unwrap_or(0);
-    op.complete(Outcome::Ok(Some(Value::Int(final_value))));
+    match cluster.nodes[leader].cmd::<Option<i64>>(&["GET", "counter"]) {
+        Ok(v) => op.complete(Outcome::Ok(Some(v.map_or(Value::Nil, Value::Int)))),
+        Err(e) => op.complete(Outcome::Unknown(e.to_string())),
+    }
 
     let events = history.events();
     let ok = events.iter().filter(|e| e.is_ok()).count();
