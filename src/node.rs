@@ -926,9 +926,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
             }
         }
-        let mut conf_state = self.raw.raft.prs().conf().to_conf_state();
-        conf_state.voters.sort_unstable();
-        conf_state.learners.sort_unstable();
+        let conf_state = self.conf_state();
         self.sm.apply(ApplyBatch { entries: batch, applied_to: last, term: last_term, conf_state, members: self.members.clone() });
         Ok(())
     }
@@ -981,11 +979,17 @@ impl<S: StateMachine> RaftLoop<S> {
         self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish_status(&mut self) {
-        let raft = &self.raw.raft;
-        let mut conf = raft.prs().conf().to_conf_state();
+    /// The membership in force, with ids in a stable order.
+    fn conf_state(&self) -> ConfState {
+        let mut conf = self.raw.raft.prs().conf().to_conf_state();
         conf.voters.sort_unstable();
         conf.learners.sort_unstable();
+        conf
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let conf = self.conf_state();
         let role = match raft.state {
             StateRole::Leader => Role::Leader,
             StateRole::Candidate => Role::Candidate,

@@ -644,25 +644,10 @@ fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame
         return Err(Reject(format!("SNAPSHOT.CHUNK: '{}' is not a snapshot file name", String::from_utf8_lossy(file))));
     }
     let len = (len as usize).min(MAX_SNAPSHOT_CHUNK);
-    match read_chunk(&dir.join(name), offset, len) {
+    match crate::snapshot_file::read_chunk(&dir.join(name), offset, len) {
         Ok(bytes) => Ok(Frame::Bulk(bytes.into())),
         Err(e) => Ok(Frame::Error(format!("ERR cannot read {name}: {e}"))),
     }
-}
-
-fn read_chunk(path: &std::path::Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf)
 }
 
 /// Logs, answers `-ERR <reason>` best-effort (after any replies still in `out`) and closes the

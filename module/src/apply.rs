@@ -128,10 +128,6 @@ fn run(rx: Receiver<Job>, ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress
                     Job::Restore { index, data } => {
                         restore(lock.ctx(), index, &data);
                         point = AppliedPoint { index, ..AppliedPoint::default() };
-                        if let Some(d) = SnapshotDescriptor::decode(&data) {
-                            let size = d.size;
-                            state::get().snapshots.set_latest(index, size);
-                        }
                         applied_to = Some(index);
                     }
                     Job::Apply(batch) => {
@@ -211,6 +207,7 @@ fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
         ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
         return;
     };
+    state::get().snapshots.set_latest(index, descriptor.size);
     let path = state::get().settings().dir.join(&descriptor.file);
     let started = std::time::Instant::now();
     match crate::snapshot::load(ctx, &path) {
