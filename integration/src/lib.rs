@@ -2,6 +2,9 @@
 //! each with its own data directory. Every wait polls a condition with a deadline.
 pub mod checker;
 pub mod history;
+pub mod nemesis;
+pub mod netproxy;
+pub mod workload;
 
 use anyhow::{bail, Context as _};
 use std::net::TcpListener;
@@ -59,14 +62,29 @@ pub fn free_port_pair() -> u16 {
 pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
+    /// Module arguments (`key=value`).
     pub extra: Vec<String>,
+    /// Where Redis listens (`--bind`).
+    pub bind: String,
     child: Option<Child>,
 }
 
 impl Server {
     /// Starts redis-server with the module on `port`, data under `dir`.
     pub fn start(port: u16, dir: &Path, extra: &[&str]) -> anyhow::Result<Server> {
-        let mut s = Server { port, dir: dir.to_path_buf(), extra: extra.iter().map(|e| e.to_string()).collect(), child: None };
+        Self::start_bound(port, dir, "127.0.0.1", extra)
+    }
+
+    /// Like [`Server::start`], listening on the addresses in `bind` (the first one also carries
+    /// the side port).
+    pub fn start_bound(port: u16, dir: &Path, bind: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        let mut s = Server {
+            port,
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+            bind: bind.to_string(),
+            child: None,
+        };
         s.spawn()?;
         Ok(s)
     }
@@ -77,7 +95,9 @@ impl Server {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+            .arg("--bind")
+            .arg(&self.bind)
+            .args(["--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -127,8 +147,20 @@ impl Server {
         cmd.query(&mut c)
     }
 
+    /// Runs one command with a short deadline, for polling a node that may be paused or dead.
+    pub fn quick_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        let mut c = client.get_connection_with_timeout(Duration::from_millis(500))?;
+        c.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
     pub fn state(&self) -> String {
-        self.cmd::<String>(&["RAFT.STATE"]).unwrap_or_else(|e| format!("error: {e}"))
+        self.quick_cmd::<String>(&["RAFT.STATE"]).unwrap_or_else(|e| format!("error: {e}"))
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -163,6 +195,29 @@ impl Server {
         self.spawn()
     }
 
+    /// Kills the server and starts it again on the same port with an empty data directory: a
+    /// brand-new, uninitialized node (its old log and redis.log are kept aside for post-mortems).
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        if self.dir.exists() {
+            let mut n = 0;
+            let aside = loop {
+                let p = self.dir.with_extension(format!("old{n}"));
+                if !p.exists() {
+                    break p;
+                }
+                n += 1;
+            };
+            std::fs::rename(&self.dir, aside)?;
+        }
+        self.spawn()
+    }
+
+    /// This node's raft id (0 while uninitialized).
+    pub fn node_id(&self) -> u64 {
+        info_field(self, "node_id")
+    }
+
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -178,27 +233,76 @@ impl Drop for Server {
 
 pub struct Cluster {
     pub nodes: Vec<Server>,
+    /// The proxies between side ports, for clusters started with [`Cluster::start_partitionable`].
+    pub network: Option<netproxy::Network>,
     pub root: tempfile::TempDir,
 }
+
+/// The loopback address partitionable nodes advertise; the proxies listen there.
+const PROXY_HOST: &str = "127.0.0.2";
 
 impl Cluster {
     /// Starts `n` servers and forms a cluster: INIT on the first, JOIN on the others.
     pub fn start(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
+        Self::start_with(n, extra, false)
+    }
+
+    /// Like [`Cluster::start`], with every side-port connection going through a proxy that can
+    /// cut links between nodes (see [`netproxy`]).
+    pub fn start_partitionable(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
+        Self::start_with(n, extra, true)
+    }
+
+    fn start_with(n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
         let root = tempfile::Builder::new().prefix("raftis-it-").tempdir()?;
+        let network = partitionable.then(netproxy::Network::new);
         let mut nodes = Vec::new();
         for i in 0..n {
-            let port = free_port_pair();
-            nodes.push(Server::start(port, &root.path().join(format!("n{i}")), extra)?);
+            let dir = root.path().join(format!("n{i}"));
+            let server = match &network {
+                None => Server::start(free_port_pair(), &dir, extra)?,
+                Some(net) => {
+                    let port = loop {
+                        let p = free_port_pair();
+                        if TcpListener::bind((PROXY_HOST, p)).is_ok() && TcpListener::bind((PROXY_HOST, p + 10000)).is_ok() {
+                            break p;
+                        }
+                    };
+                    let listen: std::net::SocketAddr = format!("{PROXY_HOST}:{}", port + 10000).parse()?;
+                    let target: std::net::SocketAddr = format!("127.0.0.1:{}", port + 10000).parse()?;
+                    net.add_proxy(i, listen, target)?;
+                    let advertise = format!("advertise-addr={PROXY_HOST}:{port}");
+                    let mut args: Vec<&str> = extra.to_vec();
+                    args.push(&advertise);
+                    Server::start_bound(port, &dir, &format!("127.0.0.1 {PROXY_HOST}"), &args)?
+                }
+            };
+            nodes.push(server);
         }
-        let c = Cluster { nodes, root };
+        let c = Cluster { nodes, network, root };
         let init: String = c.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"])?;
         anyhow::ensure!(init == "OK", "INIT answered {init}");
         c.wait_leader();
-        for node in &c.nodes[1..] {
-            let reply: String = node.cmd(&["RAFT.CLUSTER", "JOIN", &c.nodes[0].addr()])?;
-            anyhow::ensure!(reply == "OK", "JOIN answered {reply}");
+        c.learn_id(0);
+        for i in 1..n {
+            c.join(i, 0)?;
         }
         Ok(c)
+    }
+
+    /// `RAFT.CLUSTER JOIN` of node `i` through node `via`.
+    pub fn join(&self, i: usize, via: usize) -> anyhow::Result<()> {
+        let reply: String = self.nodes[i].cmd(&["RAFT.CLUSTER", "JOIN", &self.nodes[via].addr()])?;
+        anyhow::ensure!(reply == "OK", "JOIN answered {reply}");
+        self.learn_id(i);
+        Ok(())
+    }
+
+    /// Tells the proxies node `i`'s raft id.
+    fn learn_id(&self, i: usize) {
+        if let Some(net) = &self.network {
+            net.set_id(self.nodes[i].node_id(), i);
+        }
     }
 
     /// Index of the leader once exactly one running node says it leads and it accepts writes.
@@ -241,7 +345,7 @@ impl Drop for Cluster {
 
 /// A numeric field of RAFT.INFO.
 pub fn info_field(server: &Server, field: &str) -> u64 {
-    let info: String = server.cmd(&["RAFT.INFO"]).unwrap_or_default();
+    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0)

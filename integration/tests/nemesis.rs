@@ -1,0 +1,85 @@
+//! Jepsen-style runs: clients record every operation against a real cluster while the nemesis
+//! kills, pauses, partitions and re-members nodes; then the history is checked (linearizable
+//! registers, counter bounds, list appends) and every node must hold the same dataset.
+//!
+//! The CI profile is short. `scripts/faults` runs the long one; these variables tune a run:
+//! `RAFTIS_FAULT_SECS` (fault phase length, default 15), `RAFTIS_FAULT_NODES` (3 or 5),
+//! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_SEED` (default: random, printed).
+
+use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
+use raftis_integration::history::dump_events;
+use raftis_integration::nemesis::{Fault, Nemesis};
+use raftis_integration::workload::{Clients, Mix, COUNTER_KEY};
+use raftis_integration::{digest, Cluster};
+use std::time::Duration;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs the workloads under `faults` and checks everything; panics with a report on failure.
+fn run(faults: &[Fault]) {
+    let secs = env("RAFTIS_FAULT_SECS", 15);
+    let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
+    let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
+    let seed = env("RAFTIS_FAULT_SEED", rand::random::<u32>() as u64);
+    eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
+
+    let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
+    let mut cluster = if partitions { Cluster::start_partitionable(nodes, &[]) } else { Cluster::start(nodes, &[]) }.unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let mut load = Clients::start(&ports, clients, Mix::ALL, seed, 20_000);
+    let mut nemesis = Nemesis::new(seed, load.history.clone());
+    nemesis.run(&mut cluster, faults, Duration::from_secs(secs));
+    // A quiet tail: the healed cluster must serve the clients again.
+    std::thread::sleep(Duration::from_secs(2));
+    load.stop();
+    load.final_reads(&ports, Mix::ALL);
+
+    let events = load.history.events();
+    let ok = events.iter().filter(|e| e.is_ok()).count();
+    let unknown = events.iter().filter(|e| e.is_unknown()).count();
+    eprintln!("{} operations: {ok} ok, {unknown} unknown, {} faults", events.len(), nemesis.log.len());
+    let report = |what: &str, v: Violation| -> ! {
+        panic!(
+            "{what}: {v}\nfaults:\n  {}\nnodes' data and logs are kept (see below); full history:\n{}",
+            nemesis.log.join("\n  "),
+            dump_events(&events)
+        )
+    };
+    if let Err(v) = check_register(&events) {
+        report("registers are not linearizable", v);
+    }
+    match check_counter(&events, COUNTER_KEY) {
+        Ok(c) => eprintln!("counter: {c:?}"),
+        Err(v) => report("counter out of bounds", v),
+    }
+    match check_list_append(&events) {
+        Ok(l) => eprintln!("lists: {} acknowledged appends, {} reads", l.acknowledged, l.reads),
+        Err(v) => report("list appends inconsistent", v),
+    }
+    assert!(ok > 200, "the cluster made too little progress under faults: {ok} acknowledged operations");
+
+    // Every node, healed, converges on the same dataset.
+    let all: Vec<usize> = (0..nodes).collect();
+    cluster.wait_converged(&all);
+    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "datasets differ after healing: {digests:?}");
+}
+
+#[test]
+fn kills_and_pauses_lose_nothing_acknowledged() {
+    run(Fault::PROCESS);
+}
+
+#[test]
+fn partitions_never_split_the_brain() {
+    run(Fault::NETWORK);
+}
+
+#[test]
+fn membership_changes_under_load_mixed_with_every_other_fault() {
+    let mut faults = vec![Fault::RemoveAndReAdd, Fault::RemoveAndReAdd];
+    faults.extend_from_slice(Fault::ALL);
+    run(&faults);
+}
