@@ -995,6 +995,10 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
         }
 
         // Occurrence counts: no duplicates, no phantom or failed values.
+        let mut appends_of: HashMap<i64, Vec<&Event>> = HashMap::new();
+        for a in &appends {
+            appends_of.entry(value_of(a)).or_default().push(a);
+        }
         for &(r, list) in &reads {
             let mut counts: HashMap<i64, usize> = HashMap::new();
             for v in list {
@@ -1003,7 +1007,7 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
             let mut values: Vec<(&i64, &usize)> = counts.iter().collect();
             values.sort();
             for (&v, &n) in values {
-                let mine: Vec<&Event> = appends.iter().copied().filter(|a| value_of(a) == v).collect();
+                let mine: Vec<&Event> = appends_of.get(&v).cloned().unwrap_or_default();
                 let possible: Vec<&Event> = mine
                     .iter()
                     .copied()
@@ -1068,12 +1072,32 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
                 ));
             }
         }
-        // Reads contain every append acknowledged before they began.
-        for &(r, list) in &reads {
-            let present: HashSet<i64> = list.iter().copied().collect();
-            if let Some(a) = appends.iter().find(|a| {
-                a.is_ok() && a.completed_at.is_some_and(|c| c < r.invoked_at) && !present.contains(&value_of(a))
-            }) {
+        // Reads contain every append acknowledged before they began. All reads are prefixes of
+        // the longest one by now, so a read holds a value iff the value's position there is
+        // below the read's length: walk the reads in invocation order along the acknowledged
+        // appends in completion order, keeping the furthest position needed so far.
+        let position: HashMap<i64, usize> = reads
+            .iter()
+            .max_by_key(|(_, l)| l.len())
+            .map(|(_, long)| long.iter().enumerate().map(|(i, v)| (*v, i)).collect())
+            .unwrap_or_default();
+        let mut acked: Vec<(&Event, u64)> =
+            appends.iter().filter_map(|a| Some((*a, a.completed_at?))).filter(|(a, _)| a.is_ok()).collect();
+        acked.sort_by_key(|(_, c)| *c);
+        let mut by_invocation: Vec<&(&Event, &[i64])> = reads.iter().collect();
+        by_invocation.sort_by_key(|(r, _)| r.invoked_at);
+        let (mut next, mut furthest): (usize, Option<(usize, &Event)>) = (0, None);
+        for &&(r, list) in &by_invocation {
+            while next < acked.len() && acked[next].1 < r.invoked_at {
+                let a = acked[next].0;
+                // A value no read holds needs a position beyond every list.
+                let pos = position.get(&value_of(a)).copied().unwrap_or(usize::MAX);
+                if furthest.is_none_or(|(p, _)| pos > p) {
+                    furthest = Some((pos, a));
+                }
+                next += 1;
+            }
+            if let Some(a) = furthest.filter(|(p, _)| *p >= list.len()).map(|(_, a)| a) {
                 return Err(violation(
                     key,
                     format!(

@@ -109,6 +109,16 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // If the test process dies (a failed assertion is fine, kill -9 of the runner is not),
+        // its servers die with it instead of lingering on their ports. The signal follows the
+        // spawning thread, which is the test's own thread for every server started here.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd.spawn().context("spawning redis-server")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -6,7 +6,8 @@
 //! - register: `SET rN <unique>` / `GET rN` (checked for linearizability);
 //! - counter: `INCR counter` (final value between acknowledged and attempted increments);
 //! - list append: `RPUSH lN <unique>` / `LRANGE lN 0 -1` (every acknowledged value present once,
-//!   reads prefixes of each other).
+//!   reads prefixes of each other). Appends move on to a new key every [`LIST_CHUNK`] values, so
+//!   lists (and the reads the checker compares) stay short however long a run is.
 
 use crate::history::{History, Op, Outcome, Value};
 use rand::rngs::StdRng;
@@ -17,7 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub const REGISTER_KEYS: usize = 4;
-pub const LIST_KEYS: usize = 2;
+/// Appends per list key before the workload moves on to the next key.
+pub const LIST_CHUNK: i64 = 200;
 pub const COUNTER_KEY: &str = "counter";
 
 /// Which workloads a run mixes.
@@ -125,6 +127,8 @@ pub struct Clients {
     pub history: History,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The next list value; list `lN` holds values `N * LIST_CHUNK ..`.
+    next_list_value: Arc<AtomicI64>,
 }
 
 impl Clients {
@@ -132,16 +136,18 @@ impl Clients {
         let history = History::new();
         let stop = Arc::new(AtomicBool::new(false));
         let next_value = Arc::new(AtomicI64::new(1));
+        let next_list_value = Arc::new(AtomicI64::new(0));
         let threads = (0..count)
             .map(|process| {
-                let (history, stop, next_value, ports) = (history.clone(), stop.clone(), next_value.clone(), ports.to_vec());
+                let (history, stop, ports) = (history.clone(), stop.clone(), ports.to_vec());
+                let counters = (next_value.clone(), next_list_value.clone());
                 std::thread::spawn(move || {
                     let mut client = Client::new(ports, process);
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
                     let mut ops = 0;
                     while !stop.load(Ordering::Relaxed) && ops < max_ops {
                         ops += 1;
-                        one_op(&mut client, &mut rng, &history, process, mix, &next_value);
+                        one_op(&mut client, &mut rng, &history, process, mix, &counters.0, &counters.1);
                         if !client.connected() {
                             // Between nodes (dead one, or redirected): back off like a real client.
                             std::thread::sleep(Duration::from_millis(20));
@@ -150,7 +156,7 @@ impl Clients {
                 })
             })
             .collect();
-        Clients { history, stop, threads }
+        Clients { history, stop, threads, next_list_value }
     }
 
     /// Stops the clients and waits for their last operations to complete.
@@ -170,7 +176,7 @@ impl Clients {
             reads.push((Op::Read { key: COUNTER_KEY.into() }, redis::cmd("GET").arg(COUNTER_KEY).clone()));
         }
         if mix.list {
-            for i in 0..LIST_KEYS {
+            for i in 0..=self.next_list_value.load(Ordering::Relaxed) / LIST_CHUNK {
                 let key = format!("l{i}");
                 reads.push((Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone()));
             }
@@ -199,7 +205,15 @@ impl Drop for Clients {
     }
 }
 
-fn one_op(client: &mut Client, rng: &mut StdRng, history: &History, process: usize, mix: Mix, next: &AtomicI64) {
+fn one_op(
+    client: &mut Client,
+    rng: &mut StdRng,
+    history: &History,
+    process: usize,
+    mix: Mix,
+    next: &AtomicI64,
+    next_list: &AtomicI64,
+) {
     let mut kinds = Vec::new();
     if mix.register {
         kinds.push(0);
@@ -222,11 +236,14 @@ fn one_op(client: &mut Client, rng: &mut StdRng, history: &History, process: usi
         }
         1 => (Op::Incr { key: COUNTER_KEY.into() }, redis::cmd("INCR").arg(COUNTER_KEY).clone()),
         _ => {
-            let key = format!("l{}", rng.gen_range(0..LIST_KEYS));
             if rng.gen_bool(0.7) {
-                let value = next.fetch_add(1, Ordering::Relaxed);
+                let value = next_list.fetch_add(1, Ordering::Relaxed);
+                let key = format!("l{}", value / LIST_CHUNK);
                 (Op::Append { key: key.clone(), value }, redis::cmd("RPUSH").arg(&key).arg(value).clone())
             } else {
+                // The list being appended to now, or the one just finished.
+                let current = next_list.load(Ordering::Relaxed) / LIST_CHUNK;
+                let key = format!("l{}", (current - rng.gen_range(0..2)).max(0));
                 (Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone())
             }
         }
