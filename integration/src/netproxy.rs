@@ -141,7 +141,7 @@ impl Drop for Network {
 /// Forwards one accepted connection to `to`'s side port until either side closes.
 fn relay(shared: Arc<Shared>, inbound: TcpStream, to: Slot, target: SocketAddr) -> io::Result<()> {
     inbound.set_read_timeout(Some(POLL * 5))?;
-    let (first, from) = identify(&shared, &inbound)?;
+    let (first, sender) = identify(&inbound)?;
     let outbound = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
     outbound.set_read_timeout(Some(POLL * 5))?;
     for s in [&inbound, &outbound] {
@@ -151,15 +151,20 @@ fn relay(shared: Arc<Shared>, inbound: TcpStream, to: Slot, target: SocketAddr) 
     let (in2, out2) = (inbound.try_clone()?, outbound.try_clone()?);
     let back_shared = shared.clone();
     // Replies (PONG, snapshot chunks) flow back; they are held when the reverse link is cut.
-    let back = std::thread::spawn(move || pump(&back_shared, out2, in2, Vec::new(), || (Some(to), from)));
-    let _ = pump(&shared, inbound, outbound, first, || (from, Some(to)));
+    // The sender's slot is looked up on every check: its id may be learnt after it connected.
+    let back = std::thread::spawn(move || {
+        let from = |s: &Shared| sender.and_then(|id| s.links().ids.get(&id).copied());
+        pump(&back_shared, out2, in2, Vec::new(), |s| (Some(to), from(s)))
+    });
+    let from = |s: &Shared| sender.and_then(|id| s.links().ids.get(&id).copied());
+    let _ = pump(&shared, inbound, outbound, first, |s| (from(s), Some(to)));
     let _ = back.join();
     Ok(())
 }
 
 /// Reads the connection's first bytes and, if they are a HELLO, who sent it. Returns the bytes
-/// read (they still have to be forwarded) and the sender's slot.
-fn identify(shared: &Shared, conn: &TcpStream) -> io::Result<(Vec<u8>, Option<Slot>)> {
+/// read (they still have to be forwarded) and the sender's raft id.
+fn identify(conn: &TcpStream) -> io::Result<(Vec<u8>, Option<u64>)> {
     let mut first = Vec::new();
     let mut buf = [0u8; 256];
     let mut conn = conn;
@@ -175,8 +180,7 @@ fn identify(shared: &Shared, conn: &TcpStream) -> io::Result<(Vec<u8>, Option<Sl
         if lines.len() > 5 || first.len() >= 200 {
             let hello = lines.get(2).is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"HELLO"));
             let id = lines.get(4).and_then(|l| std::str::from_utf8(l.trim_ascii()).ok()?.parse::<u64>().ok());
-            let from = if hello { id.and_then(|id| shared.links().ids.get(&id).copied()) } else { None };
-            return Ok((first, from));
+            return Ok((first, if hello { id } else { None }));
         }
         if !first.is_empty() && !first.starts_with(b"*") {
             break;
@@ -192,14 +196,14 @@ fn pump(
     mut src: TcpStream,
     mut dst: TcpStream,
     mut pending: Vec<u8>,
-    link: impl Fn() -> (Option<Slot>, Option<Slot>),
+    link: impl Fn(&Shared) -> (Option<Slot>, Option<Slot>),
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let result = (|| loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (from, to) = link();
+        let (from, to) = link(shared);
         if to.is_some_and(|to| shared.held(from, to)) || (to.is_none() && from.is_some_and(|f| shared.held(None, f))) {
             std::thread::sleep(POLL);
             continue;
@@ -303,5 +307,27 @@ mod tests {
         let mut got = vec![0u8; hello.len()];
         c.read_exact(&mut got).unwrap();
         assert_eq!(&got, hello);
+    }
+
+    /// Regression: a sender whose id was learnt only after it connected used to stay "unknown"
+    /// for the life of its connection, and so was cut by any partition touching its destination
+    /// (in a 3-node run, isolating one follower cut the leader off from the other follower too).
+    #[test]
+    fn a_sender_identified_after_connecting_is_judged_by_its_own_links() {
+        let net = Network::new();
+        let listen = free_addr();
+        net.add_proxy(1, listen, echo_server()).unwrap();
+        let mut c = TcpStream::connect(listen).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let hello = b"*3\r\n$5\r\nHELLO\r\n$1\r\n9\r\n$11\r\n127.0.0.2:1\r\n";
+        c.write_all(hello).unwrap();
+        let mut got = vec![0u8; hello.len()];
+        c.read_exact(&mut got).unwrap();
+        net.set_id(9, 0);
+        net.partition(&[vec![2], vec![0, 1]]);
+        c.write_all(b"more").unwrap();
+        let mut more = [0u8; 4];
+        c.read_exact(&mut more).unwrap();
+        assert_eq!(&more, b"more", "0 -> 1 is not cut, only 2 is");
     }
 }

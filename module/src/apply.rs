@@ -1,11 +1,12 @@
-//! The state machine side of the module: committed entries are executed on the Redis dataset by
-//! one apply thread that holds Redis' global lock for a whole batch (Redis' main thread is paused
-//! meanwhile, exactly as if the commands came from clients). The Raft loop only queues work here
-//! and never waits for Redis.
+//! The state machine side of the module: committed entries are executed on the Redis dataset on
+//! Redis' own main thread, between client commands, exactly as if clients had sent them. The Raft
+//! loop only queues work here and never waits for Redis: the first job queued wakes the main
+//! thread's event loop (`RedisModule_EventLoopAddOneShot`), which then runs everything queued by
+//! then as one batch. Running there (rather than on a thread that takes Redis' global lock) costs
+//! no lock hand-over and lets the replies of a batch go out in the same event-loop turn.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
-use crossbeam_channel::{Receiver, Sender};
 use raftis_core::command_entry::CommandEntry;
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -14,7 +15,8 @@ use crate::state;
 use raftis_core::snapshot_transfer::SnapshotDescriptor;
 use raftis_core::LogIndex;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::raw::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A client waiting for its write to be applied.
@@ -88,72 +90,115 @@ pub enum Job {
 
 /// The [`StateMachine`] the Raft node drives.
 pub struct RedisMachine {
-    tx: Sender<Job>,
+    queue: Queue,
 }
 
 impl StateMachine for RedisMachine {
     type Waiter = WriteWaiter;
 
     fn apply(&mut self, batch: ApplyBatch<WriteWaiter>) {
-        let _ = self.tx.send(Job::Apply(batch));
+        self.queue.send(Job::Apply(batch));
     }
 
     fn restore(&mut self, index: LogIndex, data: &[u8]) {
-        let _ = self.tx.send(Job::Restore { index, data: data.to_vec() });
+        self.queue.send(Job::Restore { index, data: data.to_vec() });
     }
 
     fn request_snapshot(&mut self) {
-        let _ = self.tx.send(Job::SnapshotWanted);
+        self.queue.send(Job::SnapshotWanted);
     }
 }
 
-/// Starts the apply thread; the returned machine feeds it, the sender reaches it directly.
-pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow::Result<(RedisMachine, Sender<Job>)> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::Builder::new().name("raft-apply".into()).spawn(move || run(rx, ctx, progress))?;
-    Ok((RedisMachine { tx: tx.clone() }, tx))
+/// Jobs waiting for Redis' main thread.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<QueueInner>,
 }
 
-fn run(rx: Receiver<Job>, ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) {
-    let mut point = AppliedPoint::default();
-    while let Ok(first) = rx.recv() {
-        // Everything queued meanwhile is applied under the same lock.
-        let jobs: Vec<Job> = std::iter::once(first).chain(rx.try_iter()).collect();
-        let mut applied_to = None;
-        let mut entries = 0;
-        {
-            let lock = ctx.lock();
-            for job in jobs {
-                match job {
-                    Job::Restore { index, data } => {
-                        restore(lock.ctx(), index, &data);
-                        point = AppliedPoint { index, ..AppliedPoint::default() };
-                        applied_to = Some(index);
-                    }
-                    Job::Apply(batch) => {
-                        entries += batch.entries.len() as u64;
-                        for committed in batch.entries {
-                            apply_one(lock.ctx(), committed);
-                        }
-                        point = AppliedPoint {
-                            index: batch.applied_to,
-                            term: batch.term,
-                            conf_state: batch.conf_state,
-                            members: batch.members,
-                        };
-                        applied_to = Some(batch.applied_to);
-                    }
-                    Job::TakeSnapshot(waiter) => state::get().snapshots.start(lock.ctx(), &point, Some(waiter)),
-                    Job::SnapshotWanted => state::get().snapshots.start(lock.ctx(), &point, None),
-                }
+struct QueueInner {
+    jobs: Mutex<Vec<Job>>,
+    /// A wake-up of the main thread is on its way: later jobs ride along with it.
+    scheduled: AtomicBool,
+    ctx: Arc<DetachedContext>,
+    progress: Arc<ApplyProgress>,
+    /// Where the dataset stands, for snapshots (only touched on the main thread).
+    point: Mutex<AppliedPoint>,
+}
+
+impl Queue {
+    pub fn send(&self, job: Job) {
+        self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).push(job);
+        if !self.inner.scheduled.swap(true, Ordering::AcqRel) {
+            // The one-shot holds a strong reference until it runs; Redis runs every one-shot.
+            let data = Arc::into_raw(self.inner.clone()) as *mut c_void;
+            unsafe { ffi::api!(RedisModule_EventLoopAddOneShot)(Some(on_main_thread), data) };
+        }
+    }
+}
+
+/// Creates the machine for the Raft node; the returned queue reaches the main thread directly.
+pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow::Result<(RedisMachine, Queue)> {
+    let inner = QueueInner {
+        jobs: Mutex::new(Vec::new()),
+        scheduled: AtomicBool::new(false),
+        ctx,
+        progress,
+        point: Mutex::new(AppliedPoint::default()),
+    };
+    let queue = Queue { inner: Arc::new(inner) };
+    Ok((RedisMachine { queue: queue.clone() }, queue))
+}
+
+extern "C" fn on_main_thread(data: *mut c_void) {
+    let inner = unsafe { Arc::from_raw(data as *const QueueInner) };
+    // Cleared before taking the jobs: a job queued from here on schedules a new wake-up.
+    inner.scheduled.store(false, Ordering::Release);
+    let jobs = std::mem::take(&mut *inner.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+    if jobs.is_empty() {
+        return;
+    }
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inner, jobs))).is_err() {
+        log::error!("panic while applying committed entries");
+    }
+}
+
+/// Runs a batch of jobs on the main thread (which holds Redis' global lock).
+fn run(inner: &QueueInner, jobs: Vec<Job>) {
+    let ctx = inner.ctx.0;
+    let mut point = inner.point.lock().unwrap_or_else(|p| p.into_inner());
+    let mut applied_to = None;
+    let mut entries = 0;
+    for job in jobs {
+        match job {
+            Job::Restore { index, data } => {
+                restore(ctx, index, &data);
+                *point = AppliedPoint { index, ..AppliedPoint::default() };
+                applied_to = Some(index);
             }
-            maybe_snapshot(lock.ctx(), &point);
+            Job::Apply(batch) => {
+                entries += batch.entries.len() as u64;
+                for committed in batch.entries {
+                    apply_one(ctx, committed);
+                }
+                *point = AppliedPoint {
+                    index: batch.applied_to,
+                    term: batch.term,
+                    conf_state: batch.conf_state,
+                    members: batch.members,
+                };
+                applied_to = Some(batch.applied_to);
+            }
+            Job::TakeSnapshot(waiter) => state::get().snapshots.start(ctx, &point, Some(waiter)),
+            Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
         }
-        progress.entries.fetch_add(entries, Ordering::Relaxed);
-        progress.batches.fetch_add(1, Ordering::Relaxed);
-        if let Some(index) = applied_to {
-            progress.advance(index);
-        }
+    }
+    maybe_snapshot(ctx, &point);
+    drop(point);
+    let progress = &inner.progress;
+    progress.entries.fetch_add(entries, Ordering::Relaxed);
+    progress.batches.fetch_add(1, Ordering::Relaxed);
+    if let Some(index) = applied_to {
+        progress.advance(index);
     }
 }
 

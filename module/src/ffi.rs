@@ -169,37 +169,16 @@ pub fn log_line(level: &str, msg: &str) {
     unsafe { api!(RedisModule_Log)(ptr::null_mut(), level.as_ptr(), fmt.as_ptr(), msg.as_ptr()) };
 }
 
-/// A context usable from any thread once it holds the global lock.
+/// A context tied to no client, for calls the module makes on the main thread on its own behalf
+/// (applying committed entries).
 pub struct DetachedContext(pub *mut RedisModuleCtx);
 
-// The pointer is only dereferenced by Redis under the global lock (or on the main thread).
+// The pointer is only dereferenced by Redis on its main thread.
 unsafe impl Send for DetachedContext {}
 unsafe impl Sync for DetachedContext {}
 
 impl DetachedContext {
     pub fn new(ctx: *mut RedisModuleCtx) -> DetachedContext {
         DetachedContext(unsafe { api!(RedisModule_GetDetachedThreadSafeContext)(ctx) })
-    }
-
-    /// Holds Redis' global lock for the life of the guard: Redis' main thread is paused.
-    pub fn lock(&self) -> GlobalLock<'_> {
-        unsafe { api!(RedisModule_ThreadSafeContextLock)(self.0) };
-        GlobalLock { ctx: self }
-    }
-}
-
-pub struct GlobalLock<'a> {
-    ctx: &'a DetachedContext,
-}
-
-impl GlobalLock<'_> {
-    pub fn ctx(&self) -> *mut RedisModuleCtx {
-        self.ctx.0
-    }
-}
-
-impl Drop for GlobalLock<'_> {
-    fn drop(&mut self) {
-        unsafe { api!(RedisModule_ThreadSafeContextUnlock)(self.ctx.0) };
     }
 }

@@ -1,11 +1,11 @@
-//! Snapshots of the dataset, taken without stopping the server: the apply thread, holding Redis'
-//! global lock between two batches (so the dataset is exactly at a known log index), forks; the
+//! Snapshots of the dataset, taken without stopping the server: Redis' main thread, applying
+//! committed entries between two batches (so the dataset is exactly at a known log index), forks; the
 //! child writes every key as its DUMP payload and absolute expiry into a checksummed file and
 //! exits. Redis tells us on its main thread when the child is done; the file is verified on a
 //! background thread and handed to the Raft node, which compacts the log.
 //!
 //! Loading (restart, or a snapshot received from the leader) flushes the dataset and RESTOREs
-//! every record while holding the global lock, so clients never see a half-loaded dataset.
+//! every record on the main thread in one go, so clients never see a half-loaded dataset.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
@@ -57,7 +57,7 @@ impl Snapshots {
         self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// Starts a snapshot at `point`. Must be called with the global lock held, between batches.
+    /// Starts a snapshot at `point`. Must be called on the main thread, between batches.
     /// A waiter is answered when the snapshot is done; with one already running it joins that.
     pub fn start(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Option<Blocked>) {
         let mut slot = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,7 +205,7 @@ fn publish(job: InProgress) {
     }
 }
 
-/// Replaces the dataset with the snapshot at `path` (global lock held by the caller).
+/// Replaces the dataset with the snapshot at `path` (on the main thread).
 pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
     let (_meta, reader) = SnapshotReader::open(path)?;
     ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use raftis_core::config::Consistency;
 use crate::apply::Job;
 use crate::snapshot::Snapshots;
-use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -40,7 +39,7 @@ pub struct Raftis {
     pub snapshots: Snapshots,
     /// How many databases Redis has (snapshots cover them all).
     pub databases: u32,
-    apply_tx: Mutex<Option<Sender<Job>>>,
+    apply_tx: Mutex<Option<apply::Queue>>,
     /// Set when this node must stop serving (e.g. a snapshot it cannot load).
     fatal: Mutex<Option<String>>,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
@@ -130,10 +129,13 @@ impl Raftis {
         *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
-    /// Queues work for the apply thread (RAFT.SNAPSHOT).
+    /// Queues work for the dataset on the main thread (RAFT.SNAPSHOT).
     pub fn send_to_apply(&self, job: Job) -> Result<(), String> {
         match &*self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(tx) => tx.send(job).map_err(|_| "ERR the apply thread has stopped".to_string()),
+            Some(queue) => {
+                queue.send(job);
+                Ok(())
+            }
             None => Err(crate::write::not_initialized()),
         }
     }
