@@ -4,7 +4,8 @@
 //!
 //! The CI profile is short. `scripts/faults` runs the long one; these variables tune a run:
 //! `RAFTIS_FAULT_SECS` (fault phase length, default 15), `RAFTIS_FAULT_NODES` (3 or 5),
-//! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_SEED` (default: random, printed).
+//! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_OPS` (operations per client at most, default
+//! 20,000), `RAFTIS_FAULT_SEED` (default: random, printed).
 
 use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
 use raftis_integration::history::dump_events;
@@ -22,13 +23,14 @@ fn run(faults: &[Fault]) {
     let secs = env("RAFTIS_FAULT_SECS", 15);
     let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
     let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
+    let max_ops = env("RAFTIS_FAULT_OPS", 20_000) as usize;
     let seed = env("RAFTIS_FAULT_SEED", rand::random::<u32>() as u64);
     eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
 
     let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
     let mut cluster = if partitions { Cluster::start_partitionable(nodes, &[]) } else { Cluster::start(nodes, &[]) }.unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let mut load = Clients::start(&ports, clients, Mix::ALL, seed, 20_000);
+    let mut load = Clients::start(&ports, clients, Mix::ALL, seed, max_ops);
     let mut nemesis = Nemesis::new(seed, load.history.clone());
     nemesis.run(&mut cluster, faults, Duration::from_secs(secs));
     // A quiet tail: the healed cluster must serve the clients again.
