@@ -119,6 +119,10 @@ struct QueueInner {
     jobs: Mutex<Vec<Job>>,
     /// A wake-up of the main thread is on its way: later jobs ride along with it.
     scheduled: AtomicBool,
+    /// Jobs are being applied right now (on the main thread).
+    applying: AtomicBool,
+    /// A wake-up arrived while applying and was put off.
+    missed: AtomicBool,
     ctx: Arc<DetachedContext>,
     progress: Arc<ApplyProgress>,
     /// Where the dataset stands, for snapshots (only touched on the main thread).
@@ -129,11 +133,15 @@ impl Queue {
     pub fn send(&self, job: Job) {
         self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).push(job);
         if !self.inner.scheduled.swap(true, Ordering::AcqRel) {
-            // The one-shot holds a strong reference until it runs; Redis runs every one-shot.
-            let data = Arc::into_raw(self.inner.clone()) as *mut c_void;
-            unsafe { ffi::api!(RedisModule_EventLoopAddOneShot)(Some(on_main_thread), data) };
+            wake(&self.inner);
         }
     }
+}
+
+fn wake(inner: &Arc<QueueInner>) {
+    // The one-shot holds a strong reference until it runs; Redis runs every one-shot.
+    let data = Arc::into_raw(inner.clone()) as *mut c_void;
+    unsafe { ffi::api!(RedisModule_EventLoopAddOneShot)(Some(on_main_thread), data) };
 }
 
 /// Creates the machine for the Raft node; the returned queue reaches the main thread directly.
@@ -141,6 +149,8 @@ pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow:
     let inner = QueueInner {
         jobs: Mutex::new(Vec::new()),
         scheduled: AtomicBool::new(false),
+        applying: AtomicBool::new(false),
+        missed: AtomicBool::new(false),
         ctx,
         progress,
         point: Mutex::new(AppliedPoint::default()),
@@ -151,14 +161,23 @@ pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow:
 
 extern "C" fn on_main_thread(data: *mut c_void) {
     let inner = unsafe { Arc::from_raw(data as *const QueueInner) };
+    // A command we are applying can hand control back to the event loop (a script running past
+    // busy-reply-threshold lets Redis process events while it runs). Applying more entries in
+    // the middle of it would break the script's atomicity: put the wake-up off until it is done.
+    if inner.applying.swap(true, Ordering::AcqRel) {
+        inner.missed.store(true, Ordering::Release);
+        return;
+    }
     // Cleared before taking the jobs: a job queued from here on schedules a new wake-up.
     inner.scheduled.store(false, Ordering::Release);
     let jobs = std::mem::take(&mut *inner.jobs.lock().unwrap_or_else(|p| p.into_inner()));
-    if jobs.is_empty() {
-        return;
-    }
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inner, jobs))).is_err() {
+    if !jobs.is_empty() && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&inner, jobs))).is_err() {
         log::error!("panic while applying committed entries");
+    }
+    inner.applying.store(false, Ordering::Release);
+    if inner.missed.swap(false, Ordering::AcqRel) {
+        inner.scheduled.store(true, Ordering::Release);
+        wake(&inner);
     }
 }
 
