@@ -5,6 +5,7 @@
 pub mod command_entry;
 pub mod config;
 pub mod determinism;
+pub mod forward;
 pub mod ids;
 pub mod membership;
 pub mod node;

@@ -93,8 +93,7 @@ impl Settings {
             "write-timeout" => self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?),
             "follower-proxy" => {
                 self.follower_proxy = match value.to_ascii_lowercase().as_str() {
-                    // Not built yet: accepting it would promise a behaviour that does not exist.
-                    "yes" => return Err(bad("follower-proxy is not supported yet; clients must follow -MOVED")),
+                    "yes" => true,
                     "no" => false,
                     _ => return Err(bad("expected yes or no")),
                 }
@@ -155,6 +154,7 @@ mod tests {
         assert!(Settings::parse(&["dir=d", "raft-port=0"]).is_err());
         assert!(Settings::parse(&["dir=d", "advertise-addr=nohost"]).is_err());
         assert!(Settings::parse(&["dir=d", "heartbeat-ticks=50"]).is_err());
-        assert!(Settings::parse(&["dir=d", "follower-proxy=yes"]).unwrap_err().to_string().contains("not supported yet"));
+        assert!(Settings::parse(&["dir=d", "follower-proxy=yes"]).unwrap().follower_proxy);
+        assert!(Settings::parse(&["dir=d", "follower-proxy=maybe"]).is_err());
     }
 }

@@ -15,6 +15,7 @@
 //! All networking runs on a current-thread tokio runtime on one dedicated thread, so the rest of
 //! Raftis (which is not async) only ever talks to it through non-blocking calls.
 
+use crate::forward::{self, ForwardDone, ForwardHandler, ForwardRequest};
 use crate::ids::NodeId;
 use crate::resp::{self, Frame};
 use anyhow::Context as _;
@@ -52,6 +53,10 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 const REJECT_LINGER: Duration = Duration::from_secs(1);
 /// How long shutdown waits for blocking work (DNS lookups while dialing) before giving up on it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// A backstop for a forwarded command on the leader (its own write-timeout normally ends it).
+const FORWARD_BACKSTOP: Duration = Duration::from_secs(60);
+/// Idle connections kept per leader address for forwarded commands.
+const FORWARD_POOL: usize = 32;
 
 /// What the transport hands to the Raft node.
 #[derive(Debug)]
@@ -104,6 +109,8 @@ pub struct Transport {
 }
 
 type Callback = Arc<dyn Fn(Inbound) + Send + Sync>;
+/// Set by the module once it can serve forwarded commands; empty means "refuse them".
+type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
 
 struct Inner {
     me: NodeId,
@@ -112,6 +119,9 @@ struct Inner {
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
+    forward_handler: ForwardSlot,
+    /// Idle connections to leaders, for forwarding commands (one command at a time each).
+    forward_pool: Mutex<HashMap<String, Vec<TcpStream>>>,
     state: Mutex<State>,
     /// Taken by the first shutdown, which makes shutdown idempotent.
     stop: Mutex<Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>>,
@@ -184,7 +194,8 @@ impl Transport {
         let inbound: Callback = Arc::new(inbound);
         let handle = runtime.handle().clone();
         let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
-        handle.spawn(accept_loop(listener, cfg.me, inbound.clone(), snapshots));
+        let forward_handler = ForwardSlot::default();
+        handle.spawn(accept_loop(listener, cfg.me, inbound.clone(), snapshots, forward_handler.clone()));
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -206,6 +217,8 @@ impl Transport {
                 local_addr,
                 runtime: handle,
                 inbound,
+                forward_handler,
+                forward_pool: Mutex::new(HashMap::new()),
                 state: Mutex::new(State { peers: HashMap::new(), closed: false }),
                 stop: Mutex::new(Some((stop_tx, thread))),
             }),
@@ -215,6 +228,28 @@ impl Transport {
     /// The address the listener is bound to (useful when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// Serves `FORWARD` requests from followers with `handler` (called on the transport thread;
+    /// it must hand the work off and return).
+    pub fn set_forward_handler(&self, handler: ForwardHandler) {
+        *self.inner.forward_handler.write().unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+
+    /// Sends `req` to the leader's side port at `addr` and calls `done` with its reply, or with
+    /// an error line: `CLUSTERDOWN` if the leader could not be reached (nothing was sent),
+    /// `TIMEOUT` if the answer did not come back within `timeout` (the command may have run).
+    pub fn forward(&self, addr: String, req: &ForwardRequest, timeout: Duration, done: ForwardDone) {
+        let mut request = BytesMut::new();
+        req.encode(&mut request);
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(async move {
+            let reply = match tokio::time::timeout(timeout, forward_once(&inner, &addr, &request)).await {
+                Ok(reply) => reply,
+                Err(_) => Err("TIMEOUT the leader did not answer in time; the command may or may not have taken effect".into()),
+            };
+            done(reply);
+        });
     }
 
     /// Adds a peer, or moves it to a new address (dropping the old connection and queue).
@@ -501,17 +536,62 @@ async fn write_fully(writer: &mut (impl AsyncWrite + Unpin), buf: &[u8]) -> io::
     Ok(())
 }
 
+/// One forwarded command on a pooled (or new) connection to the leader.
+async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::ForwardReply {
+    let pooled = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(addr).and_then(|v| v.pop());
+    let mut stream = match pooled {
+        Some(s) => s,
+        None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                s
+            }
+            Ok(Err(e)) => return Err(format!("CLUSTERDOWN cannot reach the leader at {addr}: {e}")),
+            Err(_) => return Err(format!("CLUSTERDOWN cannot reach the leader at {addr}: connect timed out")),
+        },
+    };
+    let lost = |e: &dyn std::fmt::Display| {
+        format!("TIMEOUT lost the connection to the leader ({e}); the command may or may not have taken effect")
+    };
+    write_fully(&mut stream, request).await.map_err(|e| lost(&e))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let frame = loop {
+        match resp::parse(&mut buf) {
+            Ok(Some(frame)) => break frame,
+            Ok(None) => {}
+            Err(e) => return Err(lost(&e)),
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err(lost(&"connection closed")),
+            Ok(_) => {}
+            Err(e) => return Err(lost(&e)),
+        }
+    };
+    if buf.is_empty() {
+        let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = pool.entry(addr.to_string()).or_default();
+        if idle.len() < FORWARD_POOL {
+            idle.push(stream);
+        }
+    }
+    match frame {
+        Frame::Bulk(raw) => Ok(raw.to_vec()),
+        Frame::Error(e) => Err(e),
+        other => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Incoming side: the listener and one reader task per accepted connection.
 
 type SnapshotDir = Option<Arc<std::path::PathBuf>>;
 
-async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snapshots: SnapshotDir) {
+async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snapshots: SnapshotDir, forward: ForwardSlot) {
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, remote, me, inbound.clone(), snapshots.clone()));
+                tokio::spawn(serve(stream, remote, me, inbound.clone(), snapshots.clone(), forward.clone()));
             }
             Err(e) => {
                 // Typically out of file descriptors: pause instead of spinning on the error.
@@ -526,7 +606,14 @@ async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snaps
 struct Reject(String);
 
 /// Reads frames from one connection until it closes or misbehaves.
-async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: Callback, snapshots: SnapshotDir) {
+async fn serve(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    me: NodeId,
+    inbound: Callback,
+    snapshots: SnapshotDir,
+    forward: ForwardSlot,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     loop {
@@ -537,6 +624,16 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: C
                 Ok(None) => break,
                 Err(e) => return reject(stream, remote, out, Reject(format!("protocol error: {e}"))).await,
             };
+            // A forwarded command is answered when the cluster has run it; replies stay in order
+            // because this connection waits for it before reading on.
+            if let Some(request) = as_forward(&frame) {
+                let reply = match request {
+                    Ok(req) => run_forwarded(&forward, req).await,
+                    Err(e) => Frame::Error(format!("ERR {e}")),
+                };
+                resp::encode(&reply, &mut out);
+                continue;
+            }
             match handle(frame, me, &inbound, snapshots.as_deref().map(|p| p.as_path())) {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
@@ -563,6 +660,34 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, me: NodeId, inbound: C
                 return;
             }
         }
+    }
+}
+
+/// `Some` if `frame` is a `FORWARD` command (with its parsed request, or why it is malformed).
+fn as_forward(frame: &Frame) -> Option<Result<ForwardRequest, String>> {
+    match frame {
+        Frame::Array(args) if matches!(args.first(), Some(Frame::Bulk(n)) if n.eq_ignore_ascii_case(b"FORWARD")) => {
+            Some(ForwardRequest::decode(&args[1..]))
+        }
+        _ => None,
+    }
+}
+
+async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest) -> Frame {
+    let handler = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(handler) = handler else {
+        return Frame::Error("ERR this node does not serve forwarded commands".into());
+    };
+    let (tx, rx) = oneshot::channel();
+    handler(
+        req,
+        Box::new(move |reply| {
+            let _ = tx.send(reply);
+        }),
+    );
+    match tokio::time::timeout(FORWARD_BACKSTOP, rx).await {
+        Ok(Ok(reply)) => forward::reply_frame(reply),
+        _ => Frame::Error("TIMEOUT the forwarded command was not answered; it may or may not have taken effect".into()),
     }
 }
 
@@ -1008,5 +1133,61 @@ mod tests {
         let addr = b.transport.local_addr();
         drop(b);
         std::net::TcpListener::bind(addr).expect("the port is free after the last handle is gone");
+    }
+
+    /// Forwards `req` from `from` to `to_addr` and waits for the outcome.
+    fn forward_and_wait(from: &Node, to_addr: &str, argv: &[&str]) -> forward::ForwardReply {
+        let (tx, rx) = std_mpsc::channel();
+        let req = ForwardRequest { db: 0, resp3: false, argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect() };
+        from.transport.forward(to_addr.to_string(), &req, DEADLINE, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv_timeout(DEADLINE * 2).expect("forward answers")
+    }
+
+    #[test]
+    fn forwarded_commands_reach_the_handler_and_their_replies_come_back() {
+        let leader = Node::on_any_port(1);
+        let follower = Node::on_any_port(2);
+        // Before the module installs a handler the leader refuses politely.
+        let refused = forward_and_wait(&follower, &leader.addr(), &["GET", "k"]).unwrap_err();
+        assert!(refused.contains("does not serve forwarded commands"), "{refused}");
+
+        // The handler answers later, from another thread, like the main thread would.
+        leader.transport.set_forward_handler(Arc::new(|req: ForwardRequest, done: ForwardDone| {
+            std::thread::spawn(move || {
+                let name = String::from_utf8_lossy(&req.argv[0]).to_string();
+                done(match name.as_str() {
+                    "ECHO" => Ok(format!("${}\r\n{}\r\n", req.argv[1].len(), String::from_utf8_lossy(&req.argv[1])).into_bytes()),
+                    _ => Err("MOVED 0 elsewhere:1".into()),
+                })
+            });
+        }));
+        for i in 0..20 {
+            let word = format!("w{i}");
+            let reply = forward_and_wait(&follower, &leader.addr(), &["ECHO", &word]).unwrap();
+            assert_eq!(reply, format!("${}\r\n{word}\r\n", word.len()).into_bytes());
+        }
+        assert_eq!(forward_and_wait(&follower, &leader.addr(), &["SET", "k", "v"]).unwrap_err(), "MOVED 0 elsewhere:1");
+        // Pipelined on one raw connection, replies keep the order of the requests.
+        let mut pipelined = Vec::new();
+        for word in ["a", "bb", "ccc"] {
+            let mut out = BytesMut::new();
+            ForwardRequest { db: 0, resp3: false, argv: vec![b"ECHO".to_vec(), word.as_bytes().to_vec()] }.encode(&mut out);
+            pipelined.extend_from_slice(&out);
+        }
+        let mut s = std::net::TcpStream::connect(leader.addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(&pipelined).unwrap();
+        let expected = b"$7\r\n$1\r\na\r\n\r\n$8\r\n$2\r\nbb\r\n\r\n$9\r\n$3\r\nccc\r\n\r\n";
+        let mut got = vec![0u8; expected.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+    }
+
+    #[test]
+    fn forwarding_to_a_dead_leader_says_nothing_was_sent() {
+        let follower = Node::on_any_port(2);
+        let dead = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().to_string();
+        let err = forward_and_wait(&follower, &dead, &["SET", "k", "v"]).unwrap_err();
+        assert!(err.starts_with("CLUSTERDOWN cannot reach the leader"), "{err}");
     }
 }

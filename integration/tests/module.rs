@@ -387,3 +387,70 @@ fn a_paused_leader_never_serves_a_stale_linearizable_read_after_it_resumes() {
     let v: String = cluster.nodes[leader].cmd(&["GET", "k"]).unwrap();
     assert_eq!(v, "new");
 }
+
+#[test]
+fn with_follower_proxy_a_follower_runs_writes_and_reads_through_the_leader() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+
+    // Writes and linearizable reads on a follower: the leader runs them, the follower relays.
+    let set: String = follower.cmd(&["SET", "proxied", "1"]).unwrap();
+    assert_eq!(set, "OK");
+    let incr: i64 = follower.cmd(&["INCR", "proxied"]).unwrap();
+    assert_eq!(incr, 2);
+    let got: String = follower.cmd(&["GET", "proxied"]).unwrap();
+    assert_eq!(got, "2", "a forwarded read sees the forwarded write");
+    let _: i64 = follower.cmd(&["HSET", "h", "a", "1", "b", "2"]).unwrap();
+    let mut all: Vec<String> = follower.cmd(&["HGETALL", "h"]).unwrap();
+    all.sort();
+    assert_eq!(all, ["1", "2", "a", "b"]);
+    let _: i64 = follower.cmd(&["RPUSH", "l", "x", "y"]).unwrap();
+    let l: Vec<String> = follower.cmd(&["LRANGE", "l", "0", "-1"]).unwrap();
+    assert_eq!(l, ["x", "y"]);
+    let missing: Option<String> = follower.cmd(&["GET", "nothing-here"]).unwrap();
+    assert_eq!(missing, None);
+    // The command's own error comes back as it is.
+    let err = follower.cmd::<i64>(&["INCR", "h"]).unwrap_err();
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    // SELECT on the follower's connection travels with the command.
+    let mut conn = follower.client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut conn).unwrap();
+    let _: () = redis::cmd("SET").arg("in-db-3").arg("yes").query(&mut conn).unwrap();
+    let mut on_leader = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut on_leader).unwrap();
+    let v: String = redis::cmd("GET").arg("in-db-3").query(&mut on_leader).unwrap();
+    assert_eq!(v, "yes");
+
+    // RESP3 replies (a map, a double) are relayed in RESP3, byte for byte what the leader sends.
+    let hgetall = b"*2\r\n$7\r\nHGETALL\r\n$1\r\nh\r\n";
+    let via_follower = resp3_exchange(follower.port, hgetall, 28);
+    assert_eq!(via_follower, resp3_exchange(cluster.nodes[leader].port, hgetall, 28));
+    assert!(via_follower.starts_with(b"%2\r\n"), "{}", String::from_utf8_lossy(&via_follower));
+    let zincrby = b"*4\r\n$7\r\nZINCRBY\r\n$1\r\nz\r\n$3\r\n1.5\r\n$1\r\nm\r\n";
+    assert_eq!(resp3_exchange(follower.port, zincrby, 6), b",1.5\r\n");
+
+    // Switched off at runtime, the follower redirects again.
+    let _: String = follower.cmd(&["RAFT.CONFIG", "SET", "follower-proxy", "no"]).unwrap();
+    let err = follower.cmd::<String>(&["SET", "proxied", "3"]).unwrap_err();
+    assert_eq!(err.code(), Some("MOVED"), "{err}");
+
+    // Every node applied the forwarded writes like any other.
+    cluster.wait_converged(&[0, 1, 2]);
+    let digests: Vec<String> = cluster.nodes.iter().map(raftis_integration::digest).collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+}
+
+/// On a fresh RESP3 connection (`HELLO 3`), sends `request` and returns `len` bytes of its reply.
+fn resp3_exchange(port: u16, request: &[u8], len: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(buf[0], b'%', "HELLO 3 answers a map: {:?}", String::from_utf8_lossy(&buf[..n]));
+    s.write_all(request).unwrap();
+    let mut out = vec![0u8; len];
+    s.read_exact(&mut out).unwrap();
+    out
+}

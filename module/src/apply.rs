@@ -8,6 +8,7 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
 use raftis_core::command_entry::CommandEntry;
+use raftis_core::forward::{ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
 use crate::snapshot::AppliedPoint;
@@ -21,14 +22,38 @@ use std::sync::{Arc, Mutex};
 
 /// A client waiting for its write to be applied.
 pub struct WriteWaiter {
-    pub blocked: Blocked,
+    pub reply_to: ReplyTo,
     /// The client speaks RESP3: its reply must be produced in RESP3 too.
     pub resp3: bool,
 }
 
+/// Where a write's reply goes.
+pub enum ReplyTo {
+    /// A client of this node.
+    Client(Blocked),
+    /// A follower's client (follower proxy): the raw reply goes back over the side port.
+    Forwarded(ForwardDone),
+}
+
+impl WriteWaiter {
+    fn finish(self, outcome: Outcome) {
+        match self.reply_to {
+            ReplyTo::Client(blocked) => blocked.finish(outcome),
+            ReplyTo::Forwarded(done) => match outcome {
+                Outcome::Call(reply) => {
+                    done(crate::forward::proto_of(reply).ok_or_else(|| "ERR command could not be executed".to_string()));
+                    ffi::free_call_reply(reply);
+                }
+                Outcome::Error(e) => done(Err(e)),
+                _ => done(Err("ERR unexpected reply for a forwarded write".into())),
+            },
+        }
+    }
+}
+
 impl Waiter for WriteWaiter {
     fn fail(self, err: ProposeError) {
-        self.blocked.finish(Outcome::Error(crate::state::error_reply(&err)));
+        self.finish(Outcome::Error(crate::state::error_reply(&err)));
     }
 }
 
@@ -86,6 +111,10 @@ pub enum Job {
     TakeSnapshot(Blocked),
     /// Raft needs a newer snapshot for a follower.
     SnapshotWanted,
+    /// A command a follower forwarded (follower proxy).
+    Forward { req: ForwardRequest, done: ForwardDone },
+    /// A forwarded read whose read index is applied: run it now.
+    RunForwarded { req: ForwardRequest, done: ForwardDone },
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -209,6 +238,8 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             }
             Job::TakeSnapshot(waiter) => state::get().snapshots.start(ctx, &point, Some(waiter)),
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
+            Job::Forward { req, done } => crate::forward::serve(req, done),
+            Job::RunForwarded { req, done } => crate::forward::run_read(ctx, req, done),
         }
     }
     maybe_snapshot(ctx, &point);
@@ -244,7 +275,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
         }
     };
     match (waiter, outcome) {
-        (Some(w), outcome) => w.blocked.finish(outcome),
+        (Some(w), outcome) => w.finish(outcome),
         (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
         (None, _) => {}
     }

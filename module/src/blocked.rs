@@ -19,6 +19,8 @@ pub enum Outcome {
     /// Run this command for the client now, on the main thread, and send its reply (a read whose
     /// consistency conditions were just met).
     Run { argv: Vec<Vec<u8>>, resp3: bool },
+    /// A reply the leader produced for a forwarded command, as raw RESP (follower proxy).
+    Relay(Vec<u8>),
 }
 
 pub struct Blocked {
@@ -80,6 +82,7 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
             ffi::reply_integer(ctx, *a);
             ffi::reply_integer(ctx, *b)
         }
+        Outcome::Relay(raw) => crate::forward::relay(ctx, raw),
         Outcome::Run { argv, resp3 } => {
             // The context's client is the blocked client, so the call runs in its database.
             let reply = ffi::call(ctx, argv, *resp3);

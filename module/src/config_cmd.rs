@@ -6,10 +6,10 @@ use crate::state;
 use raftis_core::settings::Settings;
 
 /// Changeable while running.
-const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold"];
+const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold", "follower-proxy"];
 /// Only as module arguments (they shape the node's identity or raft's fixed timers).
 const LOAD_ONLY: &[&str] =
-    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "follower-proxy", "trailing-logs"];
+    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "trailing-logs"];
 
 fn values(s: &Settings) -> Vec<(&'static str, String)> {
     vec![

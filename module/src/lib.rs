@@ -13,6 +13,7 @@ mod commands;
 mod config_cmd;
 mod ffi;
 mod filter;
+mod forward;
 mod logger;
 mod read;
 mod reply;

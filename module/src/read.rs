@@ -39,6 +39,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
         return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
     }
     if !node.is_leader() {
+        if crate::forward::enabled() {
+            return crate::forward::to_leader(ctx, argv);
+        }
         return Err(state::redirect(&node.status()));
     }
     let timeout = s.settings().write_timeout;

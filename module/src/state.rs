@@ -180,6 +180,7 @@ impl Raftis {
             trailing_logs: settings.trailing_logs,
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
+        node.transport().set_forward_handler(crate::forward::handler());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         Ok(node)
     }

@@ -2,7 +2,7 @@
 //! absolute), proposed, and the client blocks until the entry is applied here; the reply is the
 //! one Redis produced when applying it. Elsewhere the client is redirected.
 
-use crate::apply::WriteWaiter;
+use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
@@ -32,6 +32,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
         if let Some(fatal) = &status.fatal {
             return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
         }
+        if crate::forward::enabled() {
+            return crate::forward::to_leader(ctx, argv);
+        }
         return Err(state::redirect(&status));
     }
     determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
@@ -39,7 +42,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
     let timeout = s.settings.read().unwrap_or_else(|p| p.into_inner()).write_timeout;
     let resp3 = ffi::client_is_resp3(ctx);
     let blocked = Blocked::new(ctx, timeout + BACKSTOP);
-    node.propose(entry.encode(), WriteWaiter { blocked, resp3 }, Instant::now() + timeout);
+    node.propose(entry.encode(), WriteWaiter { reply_to: ReplyTo::Client(blocked), resp3 }, Instant::now() + timeout);
     Ok(())
 }
 
