@@ -20,6 +20,10 @@ fn env(name: &str, default: u64) -> u64 {
 
 /// Runs the workloads under `faults` and checks everything; panics with a report on failure.
 fn run(faults: &[Fault]) {
+    run_with(faults, &[]);
+}
+
+fn run_with(faults: &[Fault], module_args: &[&str]) {
     let secs = env("RAFTIS_FAULT_SECS", 15);
     let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
     let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
@@ -28,7 +32,12 @@ fn run(faults: &[Fault]) {
     eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
 
     let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
-    let mut cluster = if partitions { Cluster::start_partitionable(nodes, &[]) } else { Cluster::start(nodes, &[]) }.unwrap();
+    let mut cluster = if partitions {
+        Cluster::start_partitionable(nodes, module_args)
+    } else {
+        Cluster::start(nodes, module_args)
+    }
+    .unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let mut load = Clients::start(&ports, clients, Mix::ALL, seed, max_ops);
     let mut nemesis = Nemesis::new(seed, load.history.clone());
@@ -82,6 +91,12 @@ fn kills_and_pauses_lose_nothing_acknowledged() {
 #[test]
 fn partitions_never_split_the_brain() {
     run(Fault::NETWORK);
+}
+
+/// Clients stay on whichever node they reach; followers forward to the leader for them.
+#[test]
+fn the_follower_proxy_keeps_every_guarantee_under_faults() {
+    run_with(&[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom], &["follower-proxy=yes"]);
 }
 
 #[test]
