@@ -141,32 +141,24 @@ impl Server {
     }
 
     pub fn client(&self) -> anyhow::Result<redis::Connection> {
+        Ok(self.connect(Duration::from_secs(2), Duration::from_secs(15))?)
+    }
+
+    fn connect(&self, connect_timeout: Duration, read_timeout: Duration) -> redis::RedisResult<redis::Connection> {
         let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
-        let conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let conn = client.get_connection_with_timeout(connect_timeout)?;
+        conn.set_read_timeout(Some(read_timeout))?;
         Ok(conn)
     }
 
     /// Runs one command on a fresh connection.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let mut c = self.client().map_err(|e| redis::RedisError::from((redis::ErrorKind::IoError, "connect", e.to_string())))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c)
+        command(args).query(&mut self.connect(Duration::from_secs(2), Duration::from_secs(15))?)
     }
 
     /// Runs one command with a short deadline, for polling a node that may be paused or dead.
     pub fn quick_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
-        let mut c = client.get_connection_with_timeout(Duration::from_millis(500))?;
-        c.set_read_timeout(Some(Duration::from_secs(1)))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c)
+        command(args).query(&mut self.connect(Duration::from_millis(500), Duration::from_secs(1))?)
     }
 
     pub fn state(&self) -> String {
@@ -351,6 +343,14 @@ impl Drop for Cluster {
             eprintln!("test failed: nodes' data and logs kept in {}", self.root.path().display());
         }
     }
+}
+
+fn command(args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd
 }
 
 /// A numeric field of RAFT.INFO.

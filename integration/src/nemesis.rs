@@ -124,7 +124,7 @@ impl Nemesis {
                 net.partition(&groups);
                 let links = net.describe();
                 self.hold();
-                cluster.network.as_ref().unwrap().heal();
+                net.heal();
                 self.note(started, format!("{fault:?}: groups {groups:?} (cut {links}), then healed"));
             }
             Fault::RemoveAndReAdd => {
@@ -136,12 +136,11 @@ impl Nemesis {
                     Ok(_) => {
                         cluster.nodes[victim].restart_empty().expect("restarting a removed node empty");
                         self.hold();
-                        let joined = wait_for("the removed node to join again", Duration::from_secs(30), || {
+                        wait_for("the removed node to join again", Duration::from_secs(30), || {
                             let via = cluster.wait_leader();
                             cluster.join(victim, via).ok()
                         });
                         let new_id = cluster.nodes[victim].node_id();
-                        let _ = joined;
                         self.note(started, format!("{fault:?}: node {victim} (id {id}) removed, wiped, joined again as id {new_id}"));
                     }
                     // A leadership change in between is fine: this fault simply did not happen.

@@ -44,12 +44,16 @@ impl Shared {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether bytes from `from` (None: unknown source) to `to` are held now.
-    fn held(&self, from: Option<Slot>, to: Slot) -> bool {
+    /// Whether the bytes of a connection from raft id `sender` (None: not a raft connection) to
+    /// node `node` are held now: going to the node if `to_node`, coming back from it otherwise.
+    /// The sender's slot is looked up every time: its id may be learnt after it connected.
+    fn holds(&self, sender: Option<u64>, node: Slot, to_node: bool) -> bool {
         let links = self.links();
-        match from {
-            Some(f) => links.blocked.contains(&(f, to)),
-            None => links.blocked.iter().any(|(_, t)| *t == to),
+        match sender.and_then(|id| links.ids.get(&id).copied()) {
+            Some(peer) if to_node => links.blocked.contains(&(peer, node)),
+            Some(peer) => links.blocked.contains(&(node, peer)),
+            // An unknown source is held while any link into the node is cut.
+            None => links.blocked.iter().any(|(_, to)| *to == node),
         }
     }
 }
@@ -151,13 +155,8 @@ fn relay(shared: Arc<Shared>, inbound: TcpStream, to: Slot, target: SocketAddr) 
     let (in2, out2) = (inbound.try_clone()?, outbound.try_clone()?);
     let back_shared = shared.clone();
     // Replies (PONG, snapshot chunks) flow back; they are held when the reverse link is cut.
-    // The sender's slot is looked up on every check: its id may be learnt after it connected.
-    let back = std::thread::spawn(move || {
-        let from = |s: &Shared| sender.and_then(|id| s.links().ids.get(&id).copied());
-        pump(&back_shared, out2, in2, Vec::new(), |s| (Some(to), from(s)))
-    });
-    let from = |s: &Shared| sender.and_then(|id| s.links().ids.get(&id).copied());
-    let _ = pump(&shared, inbound, outbound, first, |s| (from(s), Some(to)));
+    let back = std::thread::spawn(move || pump(&back_shared, out2, in2, Vec::new(), |s| s.holds(sender, to, false)));
+    let _ = pump(&shared, inbound, outbound, first, |s| s.holds(sender, to, true));
     let _ = back.join();
     Ok(())
 }
@@ -189,22 +188,21 @@ fn identify(conn: &TcpStream) -> io::Result<(Vec<u8>, Option<u64>)> {
     Ok((first, None))
 }
 
-/// Copies `src` to `dst`, pausing while the link `link()` is blocked. Ends both sockets when
-/// either side closes or the network is dropped.
+/// Copies `src` to `dst`, pausing while `held` says so. Ends both sockets when either side
+/// closes or the network is dropped.
 fn pump(
     shared: &Shared,
     mut src: TcpStream,
     mut dst: TcpStream,
     mut pending: Vec<u8>,
-    link: impl Fn(&Shared) -> (Option<Slot>, Option<Slot>),
+    held: impl Fn(&Shared) -> bool,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let result = (|| loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (from, to) = link(shared);
-        if to.is_some_and(|to| shared.held(from, to)) || (to.is_none() && from.is_some_and(|f| shared.held(None, f))) {
+        if held(shared) {
             std::thread::sleep(POLL);
             continue;
         }

@@ -174,7 +174,7 @@ fn wake(inner: &Arc<QueueInner>) {
 }
 
 /// Creates the machine for the Raft node; the returned queue reaches the main thread directly.
-pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow::Result<(RedisMachine, Queue)> {
+pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> (RedisMachine, Queue) {
     let inner = QueueInner {
         jobs: Mutex::new(Vec::new()),
         scheduled: AtomicBool::new(false),
@@ -185,7 +185,7 @@ pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> anyhow:
         point: Mutex::new(AppliedPoint::default()),
     };
     let queue = Queue { inner: Arc::new(inner) };
-    Ok((RedisMachine { queue: queue.clone() }, queue))
+    (RedisMachine { queue: queue.clone() }, queue)
 }
 
 extern "C" fn on_main_thread(data: *mut c_void) {

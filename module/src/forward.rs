@@ -25,11 +25,6 @@ use std::time::{Duration, Instant};
 /// Extra time the follower's client waits beyond write-timeout (the leader answers first).
 const BACKSTOP: Duration = Duration::from_secs(2);
 
-/// Whether this node forwards instead of redirecting.
-pub fn enabled() -> bool {
-    state::get().settings().follower_proxy
-}
-
 /// Follower side: sends the client's command to the leader and blocks the client until the
 /// answer comes back. Errs (with the usual redirect) when no leader is known.
 pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), String> {
@@ -38,7 +33,7 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     let status = node.status();
     let leader = status.leader.and_then(|l| status.members.get(&l)).ok_or_else(|| state::redirect(&status))?;
     let req = ForwardRequest { db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx), argv };
-    let timeout = s.settings().write_timeout + Duration::from_secs(1);
+    let timeout = s.write_timeout() + Duration::from_secs(1);
     let blocked = Blocked::new(ctx, timeout + BACKSTOP);
     node.transport().forward(
         leader.raft_addr.clone(),
@@ -72,7 +67,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     }
     let refs: Vec<&[u8]> = req.argv.iter().map(|a| a.as_slice()).collect();
     let route = s.table.read().unwrap_or_else(|p| p.into_inner()).route(&refs);
-    let timeout = s.settings().write_timeout;
+    let timeout = s.write_timeout();
     match route {
         Route::Write => {
             let mut argv = req.argv;

@@ -39,12 +39,12 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
         return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
     }
     if !node.is_leader() {
-        if crate::forward::enabled() {
+        if s.follower_proxy() {
             return crate::forward::to_leader(ctx, argv);
         }
         return Err(state::redirect(&node.status()));
     }
-    let timeout = s.settings().write_timeout;
+    let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
     let blocked = Blocked::new(ctx, timeout + Duration::from_secs(1));
     let progress = s.progress.clone();

@@ -144,6 +144,16 @@ impl Raftis {
         self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The current write-timeout, without copying all settings (every request asks).
+    pub fn write_timeout(&self) -> std::time::Duration {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).write_timeout
+    }
+
+    /// Whether followers forward instead of redirecting.
+    pub fn follower_proxy(&self) -> bool {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).follower_proxy
+    }
+
     /// The id this node was given when it joined or created a cluster.
     pub fn stored_node_id(&self) -> anyhow::Result<Option<NodeId>> {
         Ok(match self.store.get_meta(META_NODE_ID)? {
@@ -168,7 +178,7 @@ impl Raftis {
         }
         self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?;
         let settings = self.settings();
-        let (machine, apply_tx) = apply::start(self.apply_ctx.clone(), self.progress.clone())?;
+        let (machine, apply_tx) = apply::start(self.apply_ctx.clone(), self.progress.clone());
         *self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(apply_tx);
         let cfg = NodeConfig {
             id,

@@ -32,14 +32,14 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
         if let Some(fatal) = &status.fatal {
             return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
         }
-        if crate::forward::enabled() {
+        if s.follower_proxy() {
             return crate::forward::to_leader(ctx, argv);
         }
         return Err(state::redirect(&status));
     }
     determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
     let entry = CommandEntry { db: ffi::selected_db(ctx), argv };
-    let timeout = s.settings.read().unwrap_or_else(|p| p.into_inner()).write_timeout;
+    let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
     let blocked = Blocked::new(ctx, timeout + BACKSTOP);
     node.propose(entry.encode(), WriteWaiter { reply_to: ReplyTo::Client(blocked), resp3 }, Instant::now() + timeout);
