@@ -1,11 +1,16 @@
-//! A Raft node: one `RawNode` driven by its own thread (the "Raft loop"), persisting to a
-//! [`LogStore`], talking to peers through a [`Transport`], and handing committed entries, in log
-//! order, to a [`StateMachine`].
+//! A Raft node: one `RawNode` driven by the "Raft loop", persisting to a [`LogStore`], talking
+//! to peers through a [`Transport`], and handing committed entries, in log order, to a
+//! [`StateMachine`].
 //!
 //! Everything that touches the `RawNode` happens on the Raft loop. Other threads talk to it
 //! through a channel of [`Request`]s and read its published [`Status`]. The loop drains every
 //! request already queued before it asks raft for a Ready, so a burst of proposals becomes one
 //! Ready, one LMDB transaction and one fsync (group commit).
+//!
+//! The loop is a task on the transport's network thread rather than a thread of its own: a
+//! round trip to the followers then wakes one thread per node instead of two, which on a small
+//! machine is most of what a round costs. The loop lets the connections write its messages
+//! before it blocks in an fsync, so a leader still persists while its appends travel.
 
 use crate::config::{Durability, Timing};
 use crate::ids::{LogIndex, NodeId, Term};
@@ -18,7 +23,7 @@ use crate::status::{Counters, PeerProgress, Role, Status};
 use crate::storage::LogStore;
 use crate::transport::{Inbound, Transport, TransportConfig};
 use anyhow::Context as _;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use prost::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
@@ -28,11 +33,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use std::time::{Duration, Instant};
 
 /// Requests drained per loop round before a Ready is processed. Bounds the latency one round
 /// adds while still batching generously.
 const MAX_REQUESTS_PER_ROUND: usize = 8192;
+
+/// How long a shutdown waits for the Raft loop to answer what it holds and stop.
+const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 const META_MEMBERS: &str = "members";
 const META_CONF_APPLIED: &str = "conf_applied";
@@ -160,10 +169,12 @@ struct Shared {
 
 /// Handle to a running node. Dropping it shuts the node down.
 pub struct Node<S: StateMachine> {
-    tx: Sender<Request<S::Waiter>>,
+    tx: UnboundedSender<Request<S::Waiter>>,
     shared: Arc<Shared>,
     transport: Transport,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Signalled when the Raft loop has stopped.
+    loop_stopped: crossbeam_channel::Receiver<()>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<S: StateMachine> Node<S> {
@@ -238,7 +249,7 @@ impl<S: StateMachine> Node<S> {
         let logger = raft_logger::logger(cfg.id.get());
         let raw = RawNode::new(&raft_cfg, store.clone(), &logger).context("starting raft")?;
 
-        let (tx, rx) = crossbeam_channel::unbounded::<Request<S::Waiter>>();
+        let (tx, rx) = mpsc::unbounded_channel::<Request<S::Waiter>>();
         let inbound_tx = tx.clone();
         let transport = Transport::start(
             TransportConfig {
@@ -297,21 +308,17 @@ impl<S: StateMachine> Node<S> {
             shutdown: false,
         };
         raft_loop.publish_status();
-        let mut threads = Vec::new();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("raft-{}", cfg.id))
-                .spawn(move || raft_loop.run())
-                .context("spawning the raft thread")?,
-        );
+        let (stopped_tx, loop_stopped) = crossbeam_channel::bounded(1);
+        transport.spawn(async move {
+            raft_loop.run().await;
+            let _ = stopped_tx.send(());
+        });
         let flusher_shared = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("raft-flush-{}", cfg.id))
-                .spawn(move || flush_every_second(flusher_shared, store))
-                .context("spawning the flush thread")?,
-        );
-        Ok(Node { tx, shared, transport, threads: Mutex::new(threads) })
+        let flusher = std::thread::Builder::new()
+            .name(format!("raft-flush-{}", cfg.id))
+            .spawn(move || flush_every_second(flusher_shared, store))
+            .context("spawning the flush thread")?;
+        Ok(Node { tx, shared, transport, loop_stopped, flusher: Mutex::new(Some(flusher)) })
     }
 
     /// Proposes `data` as a log entry. `waiter` is completed by the state machine when the entry
@@ -322,7 +329,7 @@ impl<S: StateMachine> Node<S> {
             return waiter.fail(ProposeError::Dropped("empty proposal".into()));
         }
         if let Err(e) = self.tx.send(Request::Propose { data, waiter, deadline }) {
-            if let Request::Propose { waiter, .. } = e.into_inner() {
+            if let Request::Propose { waiter, .. } = e.0 {
                 waiter.fail(ProposeError::Shutdown);
             }
         }
@@ -331,7 +338,7 @@ impl<S: StateMachine> Node<S> {
     /// One membership step; `waiter` completes when the change is committed and applied here.
     pub fn change_membership(&self, change: MembershipChange, waiter: Callback<()>, deadline: Instant) {
         if let Err(e) = self.tx.send(Request::ChangeMembership { change, waiter, deadline }) {
-            if let Request::ChangeMembership { waiter, .. } = e.into_inner() {
+            if let Request::ChangeMembership { waiter, .. } = e.0 {
                 waiter(Err(ProposeError::Shutdown));
             }
         }
@@ -341,7 +348,7 @@ impl<S: StateMachine> Node<S> {
     /// one). The waiter gets the commit index a linearizable read must wait to see applied.
     pub fn read_index(&self, waiter: Callback<LogIndex>, deadline: Instant) {
         if let Err(e) = self.tx.send(Request::ReadIndex { waiter, deadline }) {
-            if let Request::ReadIndex { waiter, .. } = e.into_inner() {
+            if let Request::ReadIndex { waiter, .. } = e.0 {
                 waiter(Err(ProposeError::Shutdown));
             }
         }
@@ -442,9 +449,13 @@ impl<S: StateMachine> Node<S> {
     pub fn shutdown(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
         let _ = self.tx.send(Request::Shutdown);
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in threads {
-            let _ = t.join();
+        // The loop answers what it holds before it stops. A shutdown from the network thread
+        // itself (a callback dropping the last handle) cannot wait for it: the loop runs there.
+        if !self.transport.on_network_thread() && self.loop_stopped.recv_timeout(LOOP_STOP_TIMEOUT).is_err() {
+            log::warn!("raft node: the raft loop did not stop in time");
+        }
+        if let Some(flusher) = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = flusher.join();
         }
         self.transport.shutdown();
     }
@@ -494,7 +505,7 @@ fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
 
 struct RaftLoop<S: StateMachine> {
     /// For helper threads (snapshot fetches) to report back.
-    self_tx: Sender<Request<S::Waiter>>,
+    self_tx: UnboundedSender<Request<S::Waiter>>,
     snapshot_dir: PathBuf,
     trailing_logs: u64,
     /// The snapshot file being fetched, if any.
@@ -505,7 +516,7 @@ struct RaftLoop<S: StateMachine> {
     sm: S,
     transport: Transport,
     shared: Arc<Shared>,
-    rx: Receiver<Request<S::Waiter>>,
+    rx: UnboundedReceiver<Request<S::Waiter>>,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -522,12 +533,11 @@ struct RaftLoop<S: StateMachine> {
 }
 
 impl<S: StateMachine> RaftLoop<S> {
-    fn run(mut self) {
+    async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
-                Ok(req) => {
+            match tokio::time::timeout_at(next_tick.into(), self.rx.recv()).await {
+                Ok(Some(req)) => {
                     self.handle(req);
                     for _ in 0..MAX_REQUESTS_PER_ROUND {
                         match self.rx.try_recv() {
@@ -536,8 +546,8 @@ impl<S: StateMachine> RaftLoop<S> {
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(None) => break,
+                Err(_elapsed) => {}
             }
             CounterCells::add(&self.shared.counters.rounds, 1);
             let now = Instant::now();
@@ -547,7 +557,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.expire(now);
             }
             self.start_reads();
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.on_ready().await {
                 let msg = format!("{e:#}");
                 log::error!("raft node {} stopped: {msg}", self.id);
                 self.lock_status().fatal = Some(msg);
@@ -561,12 +571,16 @@ impl<S: StateMachine> RaftLoop<S> {
             for (w, result) in self.membership_done.drain(..) {
                 w(result);
             }
+            // Lets the connections write what this round sent (acknowledgements, heartbeats)
+            // even while more requests keep the channel busy.
+            tokio::task::yield_now().await;
         }
         self.shared.is_leader.store(false, Ordering::Release);
         self.shared.ready_index.store(0, Ordering::Release);
         self.fail_everything(ProposeError::Shutdown);
         // Requests that raced with the stop still get an answer.
-        for req in self.rx.try_iter() {
+        self.rx.close();
+        while let Ok(req) = self.rx.try_recv() {
             fail_request(req, ProposeError::Shutdown);
         }
         self.publish_status();
@@ -805,7 +819,7 @@ impl<S: StateMachine> RaftLoop<S> {
         durability == Durability::High
     }
 
-    fn on_ready(&mut self) -> anyhow::Result<()> {
+    async fn on_ready(&mut self) -> anyhow::Result<()> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -817,6 +831,10 @@ impl<S: StateMachine> RaftLoop<S> {
         // towards the quorum once the entries are persisted (after advance).
         if !ready.messages().is_empty() {
             self.send(ready.take_messages());
+            if !ready.entries().is_empty() {
+                // The appends leave before the fsync below, not after it.
+                tokio::task::yield_now().await;
+            }
         }
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone(), sync)?;

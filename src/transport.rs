@@ -225,6 +225,19 @@ impl Transport {
         })
     }
 
+    /// Runs `task` on the network thread, beside the connections. The Raft loop lives there so
+    /// that a message goes from raft to its socket (and back) without waking another thread.
+    /// The task must not block for long: while it runs, no connection is served.
+    pub fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, task: F) {
+        self.inner.runtime.spawn(task);
+    }
+
+    /// True on the network thread (where callbacks and spawned tasks run).
+    pub fn on_network_thread(&self) -> bool {
+        let stop = self.inner.stop.lock().unwrap_or_else(|e| e.into_inner());
+        stop.as_ref().map_or(false, |(_, thread)| thread.thread().id() == std::thread::current().id())
+    }
+
     /// The address the listener is bound to (useful when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
