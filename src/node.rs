@@ -112,7 +112,8 @@ pub struct NodeConfig {
 enum Request<W> {
     Propose { data: Vec<u8>, waiter: W, deadline: Instant },
     ChangeMembership { change: MembershipChange, waiter: Callback<()>, deadline: Instant },
-    ReadIndex { waiter: Callback<LogIndex>, deadline: Instant },
+    /// With a term, the round only counts in that term (see [`Node::read_index_in_term`]).
+    ReadIndex { waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term> },
     Raft(Vec<Message>),
     Hello { from: NodeId, addr: String },
     Unreachable(NodeId),
@@ -157,6 +158,8 @@ struct Shared {
     status: Mutex<Status>,
     /// Cheap views of the status for hot paths (every client read asks).
     is_leader: AtomicBool,
+    /// The term while leading, 0 otherwise.
+    leading_term: AtomicU64,
     /// Index of the entry that made this leader ready (its own term's first commit); 0 if none.
     ready_index: AtomicU64,
     tick_ms: AtomicU64,
@@ -276,6 +279,7 @@ impl<S: StateMachine> Node<S> {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::initial(cfg.id)),
             is_leader: AtomicBool::new(false),
+            leading_term: AtomicU64::new(0),
             ready_index: AtomicU64::new(0),
             tick_ms: AtomicU64::new(cfg.timing.tick_interval.as_millis().max(1) as u64),
             counters: CounterCells::default(),
@@ -347,7 +351,18 @@ impl<S: StateMachine> Node<S> {
     /// Confirms leadership with a ReadIndex round (all reads queued in the same loop round share
     /// one). The waiter gets the commit index a linearizable read must wait to see applied.
     pub fn read_index(&self, waiter: Callback<LogIndex>, deadline: Instant) {
-        if let Err(e) = self.tx.send(Request::ReadIndex { waiter, deadline }) {
+        self.send_read_index(waiter, deadline, None);
+    }
+
+    /// A ReadIndex round that fails unless this node still leads in `term` when the round
+    /// starts. It confirms reads that already ran in that term: had another leader been elected
+    /// since, the round could not be confirmed in the same term.
+    pub fn read_index_in_term(&self, term: Term, waiter: Callback<LogIndex>, deadline: Instant) {
+        self.send_read_index(waiter, deadline, Some(term));
+    }
+
+    fn send_read_index(&self, waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term>) {
+        if let Err(e) = self.tx.send(Request::ReadIndex { waiter, deadline, term }) {
             if let Request::ReadIndex { waiter, .. } = e.0 {
                 waiter(Err(ProposeError::Shutdown));
             }
@@ -407,6 +422,12 @@ impl<S: StateMachine> Node<S> {
     /// True while this node leads. Lock-free: meant for every client command.
     pub fn is_leader(&self) -> bool {
         self.shared.is_leader.load(Ordering::Acquire)
+    }
+
+    /// The term this node leads in, if it leads. Lock-free.
+    pub fn leading_term(&self) -> Option<Term> {
+        let term = self.shared.leading_term.load(Ordering::Acquire);
+        (term > 0).then_some(Term(term))
     }
 
     /// While leading: the index of this term's first committed entry. A leader may serve
@@ -524,7 +545,7 @@ struct RaftLoop<S: StateMachine> {
     proposals: PendingProposals<S::Waiter>,
     membership_waiters: BTreeMap<LogIndex, (Term, Instant, Callback<()>)>,
     membership_done: Vec<(Callback<()>, Result<(), ProposeError>)>,
-    reads_to_start: Vec<(Instant, Callback<LogIndex>)>,
+    reads_to_start: Vec<(Instant, Option<Term>, Callback<LogIndex>)>,
     reads_in_flight: BTreeMap<u64, Vec<(Instant, Callback<LogIndex>)>>,
     next_read_id: u64,
     was_leader: bool,
@@ -576,6 +597,7 @@ impl<S: StateMachine> RaftLoop<S> {
             tokio::task::yield_now().await;
         }
         self.shared.is_leader.store(false, Ordering::Release);
+        self.shared.leading_term.store(0, Ordering::Release);
         self.shared.ready_index.store(0, Ordering::Release);
         self.fail_everything(ProposeError::Shutdown);
         // Requests that raced with the stop still get an answer.
@@ -594,7 +616,7 @@ impl<S: StateMachine> RaftLoop<S> {
         match req {
             Request::Propose { data, waiter, deadline } => self.propose(data, waiter, deadline),
             Request::ChangeMembership { change, waiter, deadline } => self.propose_membership(change, waiter, deadline),
-            Request::ReadIndex { waiter, deadline } => self.reads_to_start.push((deadline, waiter)),
+            Request::ReadIndex { waiter, deadline, term } => self.reads_to_start.push((deadline, term, waiter)),
             Request::Raft(msgs) => {
                 for m in msgs {
                     if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -756,9 +778,21 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         let reads = std::mem::take(&mut self.reads_to_start);
         if let Some(err) = self.not_leader() {
-            for (_, w) in reads {
+            for (_, _, w) in reads {
                 w(Err(err.clone()));
             }
+            return;
+        }
+        let term = Term(self.raw.raft.term);
+        let mut confirmable = Vec::with_capacity(reads.len());
+        for (deadline, wanted, w) in reads {
+            match wanted {
+                Some(t) if t != term => w(Err(ProposeError::LeadershipLost)),
+                _ => confirmable.push((deadline, w)),
+            }
+        }
+        let reads = confirmable;
+        if reads.is_empty() {
             return;
         }
         let id = self.next_read_id;
@@ -800,6 +834,8 @@ impl<S: StateMachine> RaftLoop<S> {
             self.shared.ready_index.store(0, Ordering::Release);
         }
         self.shared.is_leader.store(is_leader, Ordering::Release);
+        let term = if is_leader { self.raw.raft.term } else { 0 };
+        self.shared.leading_term.store(term, Ordering::Release);
         self.was_leader = is_leader;
     }
 
@@ -808,8 +844,10 @@ impl<S: StateMachine> RaftLoop<S> {
         for (_, (_, _, w)) in std::mem::take(&mut self.membership_waiters) {
             w(Err(err.clone()));
         }
-        let reads = std::mem::take(&mut self.reads_in_flight).into_values().flatten();
-        for (_, w) in reads.chain(std::mem::take(&mut self.reads_to_start)) {
+        for (_, w) in std::mem::take(&mut self.reads_in_flight).into_values().flatten() {
+            w(Err(err.clone()));
+        }
+        for (_, _, w) in std::mem::take(&mut self.reads_to_start) {
             w(Err(err.clone()));
         }
     }

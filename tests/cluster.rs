@@ -7,7 +7,7 @@ use raftis::node::{ApplyBatch, Node, NodeConfig, StateMachine};
 use raftis::proposal::{Callback, ProposeError};
 use raftis::status::Role;
 use raftis::storage::LogStore;
-use raftis::{LogIndex, NodeId};
+use raftis::{LogIndex, NodeId, Term};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -315,4 +315,23 @@ fn linearizable_reads_get_a_read_index_at_least_the_last_acknowledged_write() {
     let (tx, rx) = std::sync::mpsc::channel();
     follower.node.read_index(Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(5));
     assert!(matches!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), Err(ProposeError::NotLeader { .. })));
+}
+
+#[test]
+fn a_read_index_bound_to_a_term_is_confirmed_only_in_that_term() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let leader = current_leader(&nodes);
+    let term = leader.node.leading_term().expect("the leader knows its term");
+    for n in nodes.iter().filter(|n| n.id != leader.id) {
+        assert_eq!(n.node.leading_term(), None, "a follower does not lead");
+    }
+    let ask = |term| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        leader.node.read_index_in_term(term, Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(5));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    };
+    assert!(ask(term).is_ok(), "confirmed in the leader's own term");
+    assert!(matches!(ask(Term(term.get() - 1)), Err(ProposeError::LeadershipLost)), "an older term is not confirmed");
+    assert!(matches!(ask(Term(term.get() + 1)), Err(ProposeError::LeadershipLost)), "nor a newer one");
 }

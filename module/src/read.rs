@@ -3,9 +3,11 @@
 //! - `low`: the filter leaves reads alone; every node serves its local dataset.
 //! - `medium`: the filter leaves reads alone on a leader whose dataset has applied the first
 //!   entry of its term; anything else comes here.
-//! - `high`: every read comes here (`RAFT._READ <command ...>`). The leader confirms it still
-//!   leads with a ReadIndex round (all reads of one Raft round share it), waits until its dataset
-//!   has applied that index, then runs the read on Redis' main thread and replies.
+//! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
+//!   and holds the reply until a ReadIndex round confirms it still leads (see `held_read`).
+//!   Otherwise (a leader not ready yet, or a Redis without the hooks) the client is blocked: the
+//!   leader confirms it still leads with a ReadIndex round (all reads of one Raft round share
+//!   it), waits until its dataset has applied that index, then runs the read and replies.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, RedisModuleCtx};
@@ -43,6 +45,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
             return crate::forward::to_leader(ctx, argv);
         }
         return Err(state::redirect(&node.status()));
+    }
+    if crate::held_read::serve(ctx, &argv, &node) {
+        return Ok(());
     }
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
