@@ -454,7 +454,7 @@ fn raft_stat(server: &Server, field: &str) -> u64 {
 }
 
 #[test]
-fn a_pipeline_of_linearizable_reads_shares_leadership_checks_and_keeps_its_order() {
+fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_checks() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     // Writes and reads interleaved in one pipeline: every read sees the writes sent before it.
@@ -467,7 +467,12 @@ fn a_pipeline_of_linearizable_reads_shares_leadership_checks_and_keeps_its_order
     }
     request.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$7\r\nmissing\r\n*2\r\n$4\r\nLLEN\r\n$1\r\nk\r\n");
     expected.extend_from_slice(b"$-1\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+    // Connection commands run at once but answer in order; SELECT moves the writes after it.
+    request.extend_from_slice(b"PING\r\nINCR n\r\nSELECT 1\r\nGET k\r\nINCR n\r\nSELECT 0\r\nINCR n\r\nGET n\r\n");
+    expected.extend_from_slice(b"+PONG\r\n:1\r\n+OK\r\n$-1\r\n:1\r\n+OK\r\n:2\r\n$1\r\n2\r\n");
+    let writes0 = raft_stat(leader, "writes_held");
     assert_eq!(String::from_utf8_lossy(&raw_exchange(leader.port, &request, expected.len())), String::from_utf8_lossy(&expected));
+    assert_eq!(raft_stat(leader, "writes_held") - writes0, 53, "every write kept the pipeline flowing");
 
     // A deep pipeline of reads costs a few leadership checks, not one each.
     let (reads0, rounds0) = (raft_stat(leader, "reads_held"), raft_stat(leader, "read_index_rounds"));
@@ -489,7 +494,7 @@ fn a_pipeline_of_linearizable_reads_shares_leadership_checks_and_keeps_its_order
 }
 
 #[test]
-fn a_leader_that_cannot_confirm_a_read_closes_the_connection_without_answering() {
+fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_error() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let l = cluster.wait_leader();
     let _: () = cluster.nodes[l].cmd(&["SET", "k", "v"]).unwrap();
@@ -512,8 +517,60 @@ fn a_leader_that_cannot_confirm_a_read_closes_the_connection_without_answering()
         other => panic!("expected the connection to be closed unanswered, got {other:?} {:?}", String::from_utf8_lossy(&buf)),
     }
     assert_eq!(raft_stat(&cluster.nodes[l], "held_clients_closed"), 1);
+
     // Once the followers are back, reads are answered again.
-    let leader = cluster.wait_leader();
-    let v: String = wait_for("a read after the cluster healed", Duration::from_secs(15), || cluster.nodes[leader].cmd(&["GET", "k"]).ok());
+    let l = cluster.wait_leader();
+    let v: String = wait_for("a read after the cluster healed", Duration::from_secs(15), || cluster.nodes[l].cmd(&["GET", "k"]).ok());
     assert_eq!(v, "v");
+
+    // A pipelined write that cannot commit gets an error in its place, after the replies before it.
+    let _: () = wait_for("the healed leader to accept writes", Duration::from_secs(15), || cluster.nodes[l].cmd(&["SET", "w", "1"]).ok());
+    let mut conn = TcpStream::connect(("127.0.0.1", cluster.nodes[l].port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    for &f in &followers {
+        cluster.nodes[f].pause();
+    }
+    conn.write_all(b"PING\r\nSET w 2\r\nPING\r\n").unwrap();
+    let mut got = Vec::new();
+    while got.iter().filter(|b| **b == b'\n').count() < 3 {
+        let n = conn.read(&mut buf).expect("the write is answered");
+        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    for &f in &followers {
+        cluster.nodes[f].resume();
+    }
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with("+PONG\r\n-TIMEOUT ") && got.ends_with("\r\n+PONG\r\n"), "{got:?}");
+    // "May or may not have taken effect": either way every node agrees.
+    let leader = cluster.wait_leader();
+    let v: String = wait_for("a read after the cluster healed", Duration::from_secs(15), || cluster.nodes[leader].cmd(&["GET", "w"]).ok());
+    assert!(v == "1" || v == "2", "{v}");
+    cluster.wait_converged(&[0, 1, 2]);
+}
+
+#[test]
+fn a_client_that_disconnects_with_writes_in_flight_leaves_the_server_healthy() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let mut request = Vec::new();
+    for i in 0..2000 {
+        request.extend_from_slice(format!("SET gone:{i} {i}\r\nGET gone:{i}\r\n").as_bytes());
+    }
+    for _ in 0..5 {
+        let mut conn = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+        conn.write_all(&request).unwrap();
+        drop(conn);
+    }
+    // Every write that was read before the close was proposed; the server keeps serving.
+    let pong: String = leader.cmd(&["PING"]).unwrap();
+    assert_eq!(pong, "PONG");
+    wait_for("the held clients to be released", Duration::from_secs(15), || {
+        let clients: String = leader.cmd(&["CLIENT", "LIST"]).ok()?;
+        (clients.lines().count() == 1).then_some(())
+    });
+    let v: String = leader.cmd(&["SET", "after", "1"]).unwrap();
+    assert_eq!(v, "OK");
+    cluster.wait_converged(&[0, 1, 2]);
 }

@@ -33,6 +33,8 @@ pub enum ReplyTo {
     Client(Blocked),
     /// A follower's client (follower proxy): the raw reply goes back over the side port.
     Forwarded(ForwardDone),
+    /// A client of this node whose pipeline keeps flowing: the reply fills its slot.
+    Held(crate::held::HeldReply),
 }
 
 impl WriteWaiter {
@@ -46,6 +48,17 @@ impl WriteWaiter {
                 }
                 Outcome::Error(e) => done(Err(e)),
                 _ => done(Err("ERR unexpected reply for a forwarded write".into())),
+            },
+            ReplyTo::Held(held) => match outcome {
+                Outcome::Call(reply) => {
+                    match crate::forward::proto_of(reply) {
+                        Some(bytes) => held.finish(bytes),
+                        None => held.fail("ERR command could not be executed"),
+                    }
+                    ffi::free_call_reply(reply);
+                }
+                Outcome::Error(e) => held.fail(&e),
+                _ => held.fail("ERR unexpected reply for a write"),
             },
         }
     }

@@ -339,8 +339,9 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let _ = write!(out, "raft_rounds:{}\r\nraft_readies:{}\r\nproposals:{}\r\n", c.rounds, c.readies, c.proposals);
         let _ = write!(out, "entries_persisted:{}\r\nfsyncs:{}\r\n", c.entries_persisted, c.fsyncs);
         let _ = write!(out, "read_index_rounds:{}\r\nreads_confirmed:{}\r\n", c.read_index_rounds, c.reads);
-        let (held, closed) = crate::held_read::stats();
-        let _ = write!(out, "reads_held:{held}\r\nheld_clients_closed:{closed}\r\n");
+        for (name, value) in crate::held::stats() {
+            let _ = write!(out, "{name}:{value}\r\n");
+        }
         for t in node.transport().stats() {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
         }

@@ -14,7 +14,7 @@ mod config_cmd;
 mod ffi;
 mod filter;
 mod forward;
-mod held_read;
+mod held;
 mod logger;
 mod read;
 mod reply;
@@ -171,9 +171,10 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
     let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
-    log::info!("{}", held_read::describe());
+    held::init(ctx);
+    log::info!("{}", held::describe());
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
-    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(held_read::on_event_loop)) };
+    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(held::on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
 
     for (name, handler, flags) in COMMANDS {

@@ -4,7 +4,7 @@
 //! - `medium`: the filter leaves reads alone on a leader whose dataset has applied the first
 //!   entry of its term; anything else comes here.
 //! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
-//!   and holds the reply until a ReadIndex round confirms it still leads (see `held_read`).
+//!   and holds the reply until a ReadIndex round confirms it still leads (see `held`).
 //!   Otherwise (a leader not ready yet, or a Redis without the hooks) the client is blocked: the
 //!   leader confirms it still leads with a ReadIndex round (all reads of one Raft round share
 //!   it), waits until its dataset has applied that index, then runs the read and replies.
@@ -46,7 +46,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
         }
         return Err(state::redirect(&node.status()));
     }
-    if crate::held_read::serve(ctx, &argv, &node) {
+    if crate::held::read(ctx, &argv, &node) {
         return Ok(());
     }
     let timeout = s.write_timeout();

@@ -140,6 +140,11 @@ impl Raftis {
         }
     }
 
+    /// A context for calls on Redis' main thread outside any command (applying entries).
+    pub fn main_thread_ctx(&self) -> *mut crate::ffi::RedisModuleCtx {
+        self.apply_ctx.0
+    }
+
     pub fn settings(&self) -> Settings {
         self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -1,6 +1,8 @@
 //! `RAFT._CMD <command ...>`: a client write. On the leader it is pinned (relative times made
-//! absolute), proposed, and the client blocks until the entry is applied here; the reply is the
-//! one Redis produced when applying it. Elsewhere the client is redirected.
+//! absolute) and proposed; the reply is the one Redis produced when applying it here. A ready
+//! leader leaves a slot for it in the client's output and keeps reading its pipeline (see
+//! `held`); otherwise the client blocks until the entry is applied. Elsewhere the client is
+//! redirected (or forwarded, with follower-proxy).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
@@ -41,8 +43,11 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
     let entry = CommandEntry { db: ffi::selected_db(ctx), argv };
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
-    let blocked = Blocked::new(ctx, timeout + BACKSTOP);
-    node.propose(entry.encode(), WriteWaiter { reply_to: ReplyTo::Client(blocked), resp3 }, Instant::now() + timeout);
+    let reply_to = match crate::held::write_slot(ctx, &node) {
+        Some(slot) => ReplyTo::Held(slot),
+        None => ReplyTo::Client(Blocked::new(ctx, timeout + BACKSTOP)),
+    };
+    node.propose(entry.encode(), WriteWaiter { reply_to, resp3 }, Instant::now() + timeout);
     Ok(())
 }
 

@@ -1,0 +1,494 @@
+//! Held replies: a leader keeps a client's pipeline moving while the cluster confirms its commands.
+//!
+//! Redis stops reading a blocked client's pipeline until it is unblocked, so blocking a client for
+//! every replicated write and every linearizable read costs each connection one Raft round per
+//! command, however deep its pipeline. Instead, a leader answers into the client's output buffer
+//! and holds that output back: the client is *protected* (Redis' own mechanism, used while a slow
+//! script runs: nothing is read from or written to its socket) until every reply in it may leave.
+//!
+//! - A read runs at once; its reply may leave once a ReadIndex round that started after it, in the
+//!   same term, confirms this node still leads. Every read of one event-loop turn shares a round.
+//! - A write is proposed at once and leaves an empty slot in the output (Redis' deferred reply);
+//!   the slot is filled with the reply Redis produced when the entry was applied, or an error.
+//!   Writes of one client are proposed, and so applied, in pipeline order.
+//! - A read behind a write of the same client still in flight waits for it (a pipeline reads its
+//!   own writes): it gets a slot and runs when the writes before it are done.
+//!
+//! Replies go into the output buffer in command order, slots included, so the client sees them in
+//! order. The client is released when nothing it waits for is left.
+//!
+//! Why a held read is linearizable. Any write acknowledged before the read arrived was either
+//! acknowledged by this leader, which answers only after applying it here, or committed before
+//! this leader's term, and a ready leader has applied its term's first entry, which comes after
+//! all of those. So the dataset the read ran on holds every acknowledged write, unless another
+//! leader has been elected meanwhile. The confirming round rules that out: a majority answered
+//! this term's heartbeat after the read ran, and a majority that had elected a newer leader would
+//! not have. The reply leaves only after that confirmation.
+//!
+//! If a round fails (leadership lost, no quorum before the write timeout), the held replies must
+//! never leave: the connection is closed. A read changes nothing; writes held with it get the
+//! usual "unknown outcome" of a broken connection.
+//!
+//! Protecting a client and deferred replies are not part of the module API. Redis exports the
+//! functions (it links with -rdynamic); they are looked up at load. Without them, or with
+//! threaded I/O (whose writer does not skip protected clients), commands take the blocking path.
+
+use crate::ffi::{self, api, RedisModuleCtx};
+use crate::state::{self, RaftNode};
+use raftis_core::config::Consistency;
+use raftis_core::Term;
+use redis_module::raw::{self, RedisModuleEvent};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::os::raw::c_char;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+type ClientId = u64;
+
+/// A client with this many commands in flight blocks for the next one instead: Redis stops
+/// reading its pipeline until it is answered, which bounds the memory one client can tie up.
+const MAX_IN_FLIGHT_PER_CLIENT: usize = 1024;
+
+/// Redis internals, by their exported names.
+struct Hooks {
+    lookup_client: unsafe extern "C" fn(u64) -> *mut c_void,
+    protect: unsafe extern "C" fn(*mut c_void),
+    unprotect: unsafe extern "C" fn(*mut c_void),
+    free_async: unsafe extern "C" fn(*mut c_void),
+    /// Appends an empty slot to the client's output; null if the client takes no replies.
+    deferred_slot: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
+    fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
+}
+
+extern "C" {
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+}
+
+static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
+
+/// At load, on the main thread: decides whether replies can be held on this Redis.
+pub fn init(ctx: *mut RedisModuleCtx) {
+    HOOKS.get_or_init(|| {
+        let io_threads = ffi::config_get(ctx, "io-threads").unwrap_or_default();
+        if io_threads.trim() != "1" {
+            return Err(format!("io-threads is {io_threads}"));
+        }
+        // RTLD_DEFAULT (a null handle): the executable and everything it loaded.
+        let find = |name: &str| {
+            let c_name = ffi::cstr(name);
+            let f = unsafe { dlsym(std::ptr::null_mut(), c_name.as_ptr()) };
+            if f.is_null() {
+                Err(format!("this Redis does not export {name}"))
+            } else {
+                Ok(f)
+            }
+        };
+        Ok(unsafe {
+            Hooks {
+                lookup_client: std::mem::transmute(find("lookupClientByID")?),
+                protect: std::mem::transmute(find("protectClient")?),
+                unprotect: std::mem::transmute(find("unprotectClient")?),
+                free_async: std::mem::transmute(find("freeClientAsync")?),
+                deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
+                fill_slot: std::mem::transmute(find("setDeferredReply")?),
+            }
+        })
+    });
+}
+
+fn hooks() -> Option<&'static Hooks> {
+    HOOKS.get().and_then(|h| h.as_ref().ok())
+}
+
+/// Says at load how the leader answers pipelines.
+pub fn describe() -> String {
+    match HOOKS.get() {
+        Some(Ok(_)) => "the leader holds replies while the cluster confirms them: pipelines keep flowing".into(),
+        Some(Err(why)) => format!("{why}: writes and linearizable reads block their client until confirmed"),
+        None => "held replies not initialised".into(),
+    }
+}
+
+/// RAFT.STATS: reads and writes answered through held replies, and connections closed because
+/// their reads could not be confirmed.
+static READS_HELD: AtomicU64 = AtomicU64::new(0);
+static WRITES_HELD: AtomicU64 = AtomicU64::new(0);
+static CLIENTS_CLOSED: AtomicU64 = AtomicU64::new(0);
+
+pub fn stats() -> [(&'static str, u64); 3] {
+    [
+        ("reads_held", READS_HELD.load(Ordering::Relaxed)),
+        ("writes_held", WRITES_HELD.load(Ordering::Relaxed)),
+        ("held_clients_closed", CLIENTS_CLOSED.load(Ordering::Relaxed)),
+    ]
+}
+
+/// Only touched on Redis' main thread; the lock is never contended.
+static HELD: Mutex<Held> = Mutex::new(Held { clients: None, open: None, next_round: 1, next_slot: 1, in_turn: false });
+
+struct Held {
+    clients: Option<HashMap<ClientId, HeldClient>>,
+    /// Reads run since the last round was asked for; they share the next one.
+    open: Option<Round>,
+    next_round: u64,
+    next_slot: u64,
+    /// Redis is processing events and will call [`on_event_loop`] before it sleeps: a round
+    /// opened now is closed there. Outside (a pipeline resumed after a blocked command, which
+    /// Redis runs after the hook), a one-shot closes it on the next turn instead.
+    in_turn: bool,
+}
+
+/// A protected client: protected while `rounds > 0` or `slots` is not empty.
+struct HeldClient {
+    /// Read rounds that must confirm before its output may leave.
+    rounds: u32,
+    /// The latest round it joined, so a pipeline joins each round once.
+    last_round: u64,
+    /// Empty reply slots, in output order.
+    slots: VecDeque<Slot>,
+}
+
+struct Slot {
+    id: u64,
+    /// Redis' placeholder in the client's output list.
+    node: *mut c_void,
+    what: SlotFor,
+}
+
+enum SlotFor {
+    /// A write in flight; the reply once it is known.
+    Write(Option<Vec<u8>>),
+    /// A read waiting for the writes before it.
+    Read { argv: Vec<Vec<u8>>, db: u32, resp3: bool },
+}
+
+// Slots hold pointers into Redis' client structures; they are only used on the main thread.
+unsafe impl Send for Slot {}
+
+struct Round {
+    id: u64,
+    term: Term,
+    clients: Vec<ClientId>,
+}
+
+/// Only a ready leader holds replies, and only at consistency high: at lower levels reads run
+/// without passing here, so they could overtake a pipeline's own writes.
+fn ready_term(node: &RaftNode) -> Option<Term> {
+    let s = state::get();
+    if s.consistency() != Consistency::High {
+        return None;
+    }
+    let (term, ready) = (node.leading_term()?, node.leader_ready_index()?);
+    (s.progress.applied() >= ready).then_some(term)
+}
+
+/// The client of `ctx`, if replies can be held for it.
+fn client_of(ctx: *mut RedisModuleCtx, hooks: &Hooks) -> Option<(ClientId, *mut c_void)> {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let client = if id == 0 { std::ptr::null_mut() } else { unsafe { (hooks.lookup_client)(id) } };
+    (!client.is_null()).then_some((id, client))
+}
+
+/// Runs the read `argv` for the client of `ctx` (or queues it behind the client's writes) and
+/// holds its reply until confirmed. False, having done nothing: take the blocking path.
+pub fn read(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], node: &RaftNode) -> bool {
+    let Some(hooks) = hooks() else { return false };
+    let Some(term) = ready_term(node) else { return false };
+    let Some((id, client)) = client_of(ctx, hooks) else { return false };
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
+    if behind_writes {
+        if !queue_slot(&mut held, hooks, id, client, SlotFor::Read { argv: argv.to_vec(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) }) {
+            return false;
+        }
+    } else {
+        reply_with_call(ctx, argv);
+        join_round(&mut held, hooks, id, client, term);
+    }
+    READS_HELD.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// A write about to be proposed for the client of `ctx`: its reply gets a slot in the output.
+/// None: take the blocking path.
+pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply> {
+    let hooks = hooks()?;
+    ready_term(node)?;
+    let (id, client) = client_of(ctx, hooks)?;
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = held.next_slot;
+    if !queue_slot(&mut held, hooks, id, client, SlotFor::Write(None)) {
+        return None;
+    }
+    WRITES_HELD.fetch_add(1, Ordering::Relaxed);
+    Some(HeldReply { client: id, slot, done: false })
+}
+
+fn reply_with_call(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
+    let reply = ffi::call(ctx, argv, ffi::client_is_resp3(ctx));
+    if reply.is_null() {
+        ffi::reply_error(ctx, "ERR command could not be executed");
+    } else {
+        ffi::reply_call_reply(ctx, reply);
+        ffi::free_call_reply(reply);
+    }
+}
+
+fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
+    held.clients.get_or_insert_with(HashMap::new).entry(id).or_insert_with(|| {
+        unsafe { (hooks.protect)(client) };
+        HeldClient { rounds: 0, last_round: 0, slots: VecDeque::new() }
+    })
+}
+
+fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor) -> bool {
+    let in_flight = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len());
+    if in_flight >= MAX_IN_FLIGHT_PER_CLIENT {
+        return false;
+    }
+    let node = unsafe { (hooks.deferred_slot)(client) };
+    if node.is_null() {
+        // The client takes no replies (CLIENT REPLY OFF, closing): nothing to hold.
+        return false;
+    }
+    let slot = held.next_slot;
+    held.next_slot += 1;
+    protect_if_new(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
+    true
+}
+
+fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, term: Term) {
+    // Reads of another term cannot share a round with these: ask for theirs now.
+    if held.open.as_ref().map_or(false, |r| r.term != term) {
+        ask_confirmation(held.open.take());
+    }
+    if held.open.is_none() {
+        held.open = Some(Round { id: held.next_round, term, clients: Vec::new() });
+        held.next_round += 1;
+        // The round is asked for once this event-loop turn has run every command it read.
+        if !held.in_turn {
+            unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(close_round), std::ptr::null_mut()) };
+        }
+    }
+    let round_id = held.open.as_ref().map_or(0, |r| r.id);
+    let c = protect_if_new(held, hooks, id, client);
+    if c.last_round != round_id {
+        c.last_round = round_id;
+        c.rounds += 1;
+        if let Some(round) = held.open.as_mut() {
+            round.clients.push(id);
+        }
+    }
+}
+
+/// Subscribed to Redis' event-loop event (see `lib.rs`).
+pub extern "C" fn on_event_loop(_ctx: *mut RedisModuleCtx, _event: RedisModuleEvent, subevent: u64, _data: *mut c_void) {
+    let result = std::panic::catch_unwind(|| {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_AFTER_SLEEP {
+            held.in_turn = true;
+            return;
+        }
+        held.in_turn = false;
+        let open = held.open.take();
+        drop(held);
+        ask_confirmation(open);
+    });
+    if result.is_err() {
+        log::error!("panic in the event-loop hook for held replies");
+    }
+}
+
+extern "C" fn close_round(_data: *mut c_void) {
+    let result = std::panic::catch_unwind(|| {
+        let open = HELD.lock().unwrap_or_else(|p| p.into_inner()).open.take();
+        ask_confirmation(open);
+    });
+    if result.is_err() {
+        log::error!("panic while asking to confirm held reads");
+    }
+}
+
+/// Starts the ReadIndex round for `round`; its clients are released when it ends, one way or
+/// the other.
+fn ask_confirmation(round: Option<Round>) {
+    let Some(round) = round else { return };
+    let s = state::get();
+    let outcome = RoundOutcome { clients: round.clients, confirmed: false };
+    let Some(node) = s.node() else { return drop(outcome) };
+    node.read_index_in_term(
+        round.term,
+        Box::new(move |confirmed| {
+            let mut outcome = outcome;
+            outcome.confirmed = confirmed.is_ok();
+        }),
+        Instant::now() + s.write_timeout(),
+    );
+}
+
+/// The end of a round. Dropping it hands the verdict to the main thread, so a round that ends
+/// without an answer (the node went away) counts as not confirmed: held replies never leave
+/// unconfirmed, and no client stays held.
+struct RoundOutcome {
+    clients: Vec<ClientId>,
+    confirmed: bool,
+}
+
+impl Drop for RoundOutcome {
+    fn drop(&mut self) {
+        if self.clients.is_empty() {
+            return;
+        }
+        let verdict = Box::new((std::mem::take(&mut self.clients), self.confirmed));
+        unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(round_ended), Box::into_raw(verdict) as *mut c_void) };
+    }
+}
+
+extern "C" fn round_ended(data: *mut c_void) {
+    let verdict = unsafe { Box::from_raw(data as *mut (Vec<ClientId>, bool)) };
+    let (clients, confirmed) = *verdict;
+    if std::panic::catch_unwind(move || round_ended_on_main_thread(clients, confirmed)).is_err() {
+        log::error!("panic while releasing held replies");
+    }
+}
+
+fn round_ended_on_main_thread(clients: Vec<ClientId>, confirmed: bool) {
+    let Some(hooks) = hooks() else { return };
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for id in clients {
+        if !confirmed {
+            close(&mut held, hooks, id);
+            continue;
+        }
+        if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {
+            c.rounds -= 1;
+        }
+        release_if_done(&mut held, hooks, id);
+    }
+}
+
+/// Unconfirmed reads: the client's held output must never leave. Marked to close first, so
+/// Redis writes nothing more to it, then unprotected so Redis can free it.
+fn close(held: &mut Held, hooks: &Hooks, id: ClientId) {
+    if held.clients.as_mut().and_then(|c| c.remove(&id)).is_none() {
+        return;
+    }
+    let client = unsafe { (hooks.lookup_client)(id) };
+    if client.is_null() {
+        return;
+    }
+    unsafe { (hooks.free_async)(client) };
+    CLIENTS_CLOSED.fetch_add(1, Ordering::Relaxed);
+    log::warn!("closing client {id}: a leadership check for its reads failed, their replies must not be sent");
+    unsafe { (hooks.unprotect)(client) };
+}
+
+fn release_if_done(held: &mut Held, hooks: &Hooks, id: ClientId) {
+    let Some(clients) = held.clients.as_mut() else { return };
+    if clients.get(&id).map_or(false, |c| c.rounds == 0 && c.slots.is_empty()) {
+        clients.remove(&id);
+        let client = unsafe { (hooks.lookup_client)(id) };
+        if !client.is_null() {
+            unsafe { (hooks.unprotect)(client) };
+        }
+    }
+}
+
+/// A held write's way back to its slot. Finished on the main thread with the applied reply, or
+/// failed from anywhere; dropped unfinished, it fills the slot with an error.
+pub struct HeldReply {
+    client: ClientId,
+    slot: u64,
+    done: bool,
+}
+
+impl HeldReply {
+    /// On the main thread: the write's reply as Redis produced it (raw RESP).
+    pub fn finish(mut self, reply: Vec<u8>) {
+        self.done = true;
+        fill_write(self.client, self.slot, reply);
+    }
+
+    /// From any thread: the write failed with `error` (no leading '-').
+    pub fn fail(mut self, error: &str) {
+        self.done = true;
+        send_failure(self.client, self.slot, error);
+    }
+}
+
+impl Drop for HeldReply {
+    fn drop(&mut self) {
+        if !self.done {
+            send_failure(self.client, self.slot, "ERR internal error: request abandoned");
+        }
+    }
+}
+
+fn send_failure(client: ClientId, slot: u64, error: &str) {
+    let line = format!("-{}\r\n", error.replace(['\r', '\n'], " "));
+    let failure = Box::new((client, slot, line.into_bytes()));
+    unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(write_failed), Box::into_raw(failure) as *mut c_void) };
+}
+
+extern "C" fn write_failed(data: *mut c_void) {
+    let failure = unsafe { Box::from_raw(data as *mut (ClientId, u64, Vec<u8>)) };
+    let (client, slot, line) = *failure;
+    if std::panic::catch_unwind(move || fill_write(client, slot, line)).is_err() {
+        log::error!("panic while answering a failed write");
+    }
+}
+
+/// On the main thread: records a write's reply, then fills every slot at the front of the
+/// client's output that can be filled, running the reads that were waiting for those writes.
+fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
+    let Some(hooks) = hooks() else { return };
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) else { return };
+    if let Some(s) = c.slots.iter_mut().find(|s| s.id == slot) {
+        s.what = SlotFor::Write(Some(reply));
+    }
+    let client = unsafe { (hooks.lookup_client)(id) };
+    if client.is_null() {
+        held.clients.as_mut().map(|c| c.remove(&id));
+        return;
+    }
+    let mut ran_reads = false;
+    while let Some(front) = held.clients.as_mut().and_then(|c| c.get_mut(&id)).and_then(|c| c.slots.front_mut()) {
+        let bytes = match &mut front.what {
+            SlotFor::Write(None) => break,
+            SlotFor::Write(Some(reply)) => std::mem::take(reply),
+            SlotFor::Read { argv, db, resp3 } => {
+                ran_reads = true;
+                run_read(argv, *db, *resp3)
+            }
+        };
+        let node = front.node;
+        unsafe { (hooks.fill_slot)(client, node, bytes.as_ptr() as *const c_char, bytes.len()) };
+        if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {
+            c.slots.pop_front();
+        }
+    }
+    // Reads that ran just now still need their own confirmation.
+    if ran_reads {
+        match state::get().node().as_deref().and_then(ready_term) {
+            Some(term) => join_round(&mut held, hooks, id, client, term),
+            None => return close(&mut held, hooks, id),
+        }
+    }
+    release_if_done(&mut held, hooks, id);
+}
+
+/// A read that waited behind writes, run on the main thread in the client's database of the
+/// moment it was sent.
+fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
+    let ctx = state::get().main_thread_ctx();
+    if !ffi::select_db(ctx, db) {
+        return b"-ERR invalid database\r\n".to_vec();
+    }
+    let reply = ffi::call(ctx, argv, resp3);
+    let bytes = crate::forward::proto_of(reply).unwrap_or_else(|| b"-ERR command could not be executed\r\n".to_vec());
+    ffi::free_call_reply(reply);
+    bytes
+}
