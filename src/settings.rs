@@ -55,7 +55,7 @@ impl Settings {
             write_timeout: Duration::from_secs(5),
             follower_proxy: false,
             timing: Timing::default(),
-            snapshot_threshold: 100_000,
+            snapshot_threshold: 1_000_000,
             trailing_logs: 5_000,
         };
         let mut have_dir = false;
