@@ -156,9 +156,8 @@ impl CounterCells {
 
 struct Shared {
     status: Mutex<Status>,
-    /// Cheap views of the status for hot paths (every client read asks).
-    is_leader: AtomicBool,
-    /// The term while leading, 0 otherwise.
+    /// Cheap view of the status for hot paths (every client command asks): the term while
+    /// leading, 0 otherwise.
     leading_term: AtomicU64,
     /// Index of the entry that made this leader ready (its own term's first commit); 0 if none.
     ready_index: AtomicU64,
@@ -278,7 +277,6 @@ impl<S: StateMachine> Node<S> {
 
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::initial(cfg.id)),
-            is_leader: AtomicBool::new(false),
             leading_term: AtomicU64::new(0),
             ready_index: AtomicU64::new(0),
             tick_ms: AtomicU64::new(cfg.timing.tick_interval.as_millis().max(1) as u64),
@@ -421,7 +419,7 @@ impl<S: StateMachine> Node<S> {
 
     /// True while this node leads. Lock-free: meant for every client command.
     pub fn is_leader(&self) -> bool {
-        self.shared.is_leader.load(Ordering::Acquire)
+        self.leading_term().is_some()
     }
 
     /// The term this node leads in, if it leads. Lock-free.
@@ -596,7 +594,6 @@ impl<S: StateMachine> RaftLoop<S> {
             // even while more requests keep the channel busy.
             tokio::task::yield_now().await;
         }
-        self.shared.is_leader.store(false, Ordering::Release);
         self.shared.leading_term.store(0, Ordering::Release);
         self.shared.ready_index.store(0, Ordering::Release);
         self.fail_everything(ProposeError::Shutdown);
@@ -833,7 +830,6 @@ impl<S: StateMachine> RaftLoop<S> {
             self.leader_ready = false;
             self.shared.ready_index.store(0, Ordering::Release);
         }
-        self.shared.is_leader.store(is_leader, Ordering::Release);
         let term = if is_leader { self.raw.raft.term } else { 0 };
         self.shared.leading_term.store(term, Ordering::Release);
         self.was_leader = is_leader;

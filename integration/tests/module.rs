@@ -493,6 +493,19 @@ fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_c
     assert_eq!(raft_stat(leader, "held_clients_closed"), 0);
 }
 
+/// Runs `f` while every node but `leader` is stopped (SIGSTOP), then lets them continue.
+fn with_followers_paused<T>(cluster: &Cluster, leader: usize, f: impl FnOnce() -> T) -> T {
+    let followers: Vec<usize> = (0..cluster.nodes.len()).filter(|i| *i != leader).collect();
+    for &i in &followers {
+        cluster.nodes[i].pause();
+    }
+    let result = f();
+    for &i in &followers {
+        cluster.nodes[i].resume();
+    }
+    result
+}
+
 #[test]
 fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_error() {
     let cluster = Cluster::start(3, &[]).unwrap();
@@ -500,17 +513,12 @@ fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_err
     let _: () = cluster.nodes[l].cmd(&["SET", "k", "v"]).unwrap();
     let mut conn = TcpStream::connect(("127.0.0.1", cluster.nodes[l].port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let followers: Vec<usize> = (0..3).filter(|i| *i != l).collect();
-    for &f in &followers {
-        cluster.nodes[f].pause();
-    }
-    // The leader still believes it leads: the read runs, but no majority can confirm it.
-    conn.write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n").unwrap();
     let mut buf = [0u8; 64];
-    let got = conn.read(&mut buf);
-    for &f in &followers {
-        cluster.nodes[f].resume();
-    }
+    // The leader still believes it leads: the read runs, but no majority can confirm it.
+    let got = with_followers_paused(&cluster, l, || {
+        conn.write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n").unwrap();
+        conn.read(&mut buf)
+    });
     match got {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
@@ -527,20 +535,16 @@ fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_err
     let _: () = wait_for("the healed leader to accept writes", Duration::from_secs(15), || cluster.nodes[l].cmd(&["SET", "w", "1"]).ok());
     let mut conn = TcpStream::connect(("127.0.0.1", cluster.nodes[l].port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let followers: Vec<usize> = (0..3).filter(|i| *i != l).collect();
-    for &f in &followers {
-        cluster.nodes[f].pause();
-    }
-    conn.write_all(b"PING\r\nSET w 2\r\nPING\r\n").unwrap();
-    let mut got = Vec::new();
-    while got.iter().filter(|b| **b == b'\n').count() < 3 {
-        let n = conn.read(&mut buf).expect("the write is answered");
-        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    for &f in &followers {
-        cluster.nodes[f].resume();
-    }
+    let got = with_followers_paused(&cluster, l, || {
+        conn.write_all(b"PING\r\nSET w 2\r\nPING\r\n").unwrap();
+        let mut got = Vec::new();
+        while got.iter().filter(|b| **b == b'\n').count() < 3 {
+            let n = conn.read(&mut buf).expect("the write is answered");
+            assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("+PONG\r\n-TIMEOUT ") && got.ends_with("\r\n+PONG\r\n"), "{got:?}");
     // "May or may not have taken effect": either way every node agrees.

@@ -41,26 +41,26 @@ impl WriteWaiter {
     fn finish(self, outcome: Outcome) {
         match self.reply_to {
             ReplyTo::Client(blocked) => blocked.finish(outcome),
-            ReplyTo::Forwarded(done) => match outcome {
-                Outcome::Call(reply) => {
-                    done(crate::forward::proto_of(reply).ok_or_else(|| "ERR command could not be executed".to_string()));
-                    ffi::free_call_reply(reply);
-                }
-                Outcome::Error(e) => done(Err(e)),
-                _ => done(Err("ERR unexpected reply for a forwarded write".into())),
-            },
-            ReplyTo::Held(held) => match outcome {
-                Outcome::Call(reply) => {
-                    match crate::forward::proto_of(reply) {
-                        Some(bytes) => held.finish(bytes),
-                        None => held.fail("ERR command could not be executed"),
-                    }
-                    ffi::free_call_reply(reply);
-                }
-                Outcome::Error(e) => held.fail(&e),
-                _ => held.fail("ERR unexpected reply for a write"),
+            ReplyTo::Forwarded(done) => done(raw_reply(outcome)),
+            ReplyTo::Held(held) => match raw_reply(outcome) {
+                Ok(bytes) => held.finish(bytes),
+                Err(e) => held.fail(&e),
             },
         }
+    }
+}
+
+/// A write's reply as raw RESP, for replies that do not go through a blocked client; or the
+/// error (without the leading '-') to answer instead.
+fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
+    match outcome {
+        Outcome::Call(reply) => {
+            let bytes = crate::forward::proto_of(reply).ok_or_else(|| "ERR command could not be executed".to_string());
+            ffi::free_call_reply(reply);
+            bytes
+        }
+        Outcome::Error(e) => Err(e),
+        _ => Err("ERR unexpected reply for a write".into()),
     }
 }
 

@@ -200,7 +200,8 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], node: &RaftNode) -> bool
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
     if behind_writes {
-        if !queue_slot(&mut held, hooks, id, client, SlotFor::Read { argv: argv.to_vec(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) }) {
+        let read = SlotFor::Read { argv: argv.to_vec(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
+        if queue_slot(&mut held, hooks, id, client, read).is_none() {
             return false;
         }
     } else {
@@ -218,10 +219,7 @@ pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply
     ready_term(node)?;
     let (id, client) = client_of(ctx, hooks)?;
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    let slot = held.next_slot;
-    if !queue_slot(&mut held, hooks, id, client, SlotFor::Write(None)) {
-        return None;
-    }
+    let slot = queue_slot(&mut held, hooks, id, client, SlotFor::Write(None))?;
     WRITES_HELD.fetch_add(1, Ordering::Relaxed);
     Some(HeldReply { client: id, slot, done: false })
 }
@@ -243,20 +241,22 @@ fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *
     })
 }
 
-fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor) -> bool {
+/// Appends an empty reply slot to the client's output; its id, or None if the client cannot
+/// take one (too many in flight, or it takes no replies).
+fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor) -> Option<u64> {
     let in_flight = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len());
     if in_flight >= MAX_IN_FLIGHT_PER_CLIENT {
-        return false;
+        return None;
     }
     let node = unsafe { (hooks.deferred_slot)(client) };
     if node.is_null() {
         // The client takes no replies (CLIENT REPLY OFF, closing): nothing to hold.
-        return false;
+        return None;
     }
     let slot = held.next_slot;
     held.next_slot += 1;
     protect_if_new(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
-    true
+    Some(slot)
 }
 
 fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, term: Term) {
