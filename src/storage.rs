@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, DecodeIgnore, Str, U64};
-use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn};
 use prost::Message;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError as RaftStorageError};
@@ -349,10 +349,11 @@ impl LogStore {
                     if first.index <= state.last_index {
                         self.inner.entries.delete_range(txn, &(first.index..))?;
                     }
+                    // Every stored key is now below `first.index`: LMDB may append at the end of
+                    // its last page instead of searching the tree for each entry (and refuses,
+                    // rather than misplaces, a key that would not sort last).
                     for entry in entries {
-                        self.inner
-                            .entries
-                            .put(txn, &entry.index, &seal(entry))?;
+                        self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
                     }
                     state.last_index = last.index;
                 }
