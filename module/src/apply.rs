@@ -54,11 +54,7 @@ impl WriteWaiter {
 /// error (without the leading '-') to answer instead.
 fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
     match outcome {
-        Outcome::Call(reply) => {
-            let bytes = crate::forward::proto_of(reply).ok_or_else(|| "ERR command could not be executed".to_string());
-            ffi::free_call_reply(reply);
-            bytes
-        }
+        Outcome::Call(reply) => crate::forward::take_proto(reply),
         Outcome::Error(e) => Err(e),
         _ => Err("ERR unexpected reply for a write".into()),
     }

@@ -85,12 +85,7 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
         Outcome::Relay(raw) => crate::forward::relay(ctx, raw),
         Outcome::Run { argv, resp3 } => {
             // The context's client is the blocked client, so the call runs in its database.
-            let reply = ffi::call(ctx, argv, *resp3);
-            if reply.is_null() {
-                return ffi::reply_error(ctx, "ERR command could not be executed");
-            }
-            ffi::reply_call_reply(ctx, reply);
-            ffi::free_call_reply(reply);
+            ffi::call_and_reply(ctx, argv, *resp3);
             ffi::OK
         }
     }

@@ -76,6 +76,17 @@ pub fn reply_call_reply(ctx: *mut RedisModuleCtx, reply: *mut RedisModuleCallRep
     unsafe { api!(RedisModule_ReplyWithCallReply)(ctx, reply) }
 }
 
+/// Runs `argv` in the context's client and replies with what it returned.
+pub fn call_and_reply(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], resp3: bool) -> c_int {
+    let reply = call(ctx, argv, resp3);
+    if reply.is_null() {
+        return reply_error(ctx, "ERR command could not be executed");
+    }
+    let rc = reply_call_reply(ctx, reply);
+    free_call_reply(reply);
+    rc
+}
+
 pub fn free_call_reply(reply: *mut RedisModuleCallReply) {
     if !reply.is_null() {
         unsafe { api!(RedisModule_FreeCallReply)(reply) };

@@ -106,12 +106,14 @@ pub fn run_read(ctx: *mut RedisModuleCtx, req: ForwardRequest, done: ForwardDone
     if !ffi::select_db(ctx, req.db) {
         return done(Err(format!("ERR DB index {} is out of range", req.db)));
     }
-    let reply = ffi::call(ctx, &req.argv, req.resp3);
-    done(match proto_of(reply) {
-        Some(raw) => Ok(raw),
-        None => Err("ERR command could not be executed".into()),
-    });
+    done(take_proto(ffi::call(ctx, &req.argv, req.resp3)));
+}
+
+/// A call's reply as raw RESP, freeing it; the error to answer instead if there is none.
+pub fn take_proto(reply: *mut ffi::RedisModuleCallReply) -> Result<Vec<u8>, String> {
+    let raw = proto_of(reply).ok_or_else(|| "ERR command could not be executed".to_string());
     ffi::free_call_reply(reply);
+    raw
 }
 
 /// The reply exactly as Redis would have sent it to a client.

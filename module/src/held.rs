@@ -205,7 +205,7 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], node: &RaftNode) -> bool
             return false;
         }
     } else {
-        reply_with_call(ctx, argv);
+        ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
         join_round(&mut held, hooks, id, client, term);
     }
     READS_HELD.fetch_add(1, Ordering::Relaxed);
@@ -222,16 +222,6 @@ pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply
     let slot = queue_slot(&mut held, hooks, id, client, SlotFor::Write(None))?;
     WRITES_HELD.fetch_add(1, Ordering::Relaxed);
     Some(HeldReply { client: id, slot, done: false })
-}
-
-fn reply_with_call(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
-    let reply = ffi::call(ctx, argv, ffi::client_is_resp3(ctx));
-    if reply.is_null() {
-        ffi::reply_error(ctx, "ERR command could not be executed");
-    } else {
-        ffi::reply_call_reply(ctx, reply);
-        ffi::free_call_reply(reply);
-    }
 }
 
 fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
@@ -487,8 +477,5 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     if !ffi::select_db(ctx, db) {
         return b"-ERR invalid database\r\n".to_vec();
     }
-    let reply = ffi::call(ctx, argv, resp3);
-    let bytes = crate::forward::proto_of(reply).unwrap_or_else(|| b"-ERR command could not be executed\r\n".to_vec());
-    ffi::free_call_reply(reply);
-    bytes
+    crate::forward::take_proto(ffi::call(ctx, argv, resp3)).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes())
 }
