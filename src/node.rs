@@ -131,6 +131,7 @@ struct CounterCells {
     proposals: AtomicU64,
     entries_persisted: AtomicU64,
     fsyncs: AtomicU64,
+    persist_micros: AtomicU64,
     read_index_rounds: AtomicU64,
     reads: AtomicU64,
 }
@@ -148,6 +149,7 @@ impl CounterCells {
             proposals: get(&self.proposals),
             entries_persisted: get(&self.entries_persisted),
             fsyncs: get(&self.fsyncs),
+            persist_micros: get(&self.persist_micros),
             read_index_rounds: get(&self.read_index_rounds),
             reads: get(&self.reads),
         }
@@ -882,7 +884,9 @@ impl<S: StateMachine> RaftLoop<S> {
             let must_sync = sync
                 && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
             let sync = must_sync;
+            let started = Instant::now();
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
+            CounterCells::add(&self.shared.counters.persist_micros, started.elapsed().as_micros() as u64);
             CounterCells::add(&self.shared.counters.entries_persisted, entries.len() as u64);
             if sync {
                 CounterCells::add(&self.shared.counters.fsyncs, 1);

@@ -109,6 +109,8 @@ pub struct Counters {
     pub proposals: u64,
     pub entries_persisted: u64,
     pub fsyncs: u64,
+    /// Time the Raft loop spent writing its log (with the fsyncs, at durability high).
+    pub persist_micros: u64,
     pub read_index_rounds: u64,
     pub reads: u64,
 }
