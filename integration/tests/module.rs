@@ -6,12 +6,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// A deterministic mix of writes over every basic type.
+/// A deterministic mix of writes over every basic type, with argument counts on both sides of
+/// how the module hands arguments to Redis (one by one up to six, as a vector beyond).
 fn mixed_writes(n: usize) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     for i in 0..n {
         let k = i % 37;
-        let cmd: Vec<String> = match i % 8 {
+        let cmd: Vec<String> = match i % 10 {
             0 => vec!["SET".into(), format!("s{k}"), format!("v{i}")],
             1 => vec!["INCR".into(), format!("c{}", k % 5)],
             2 => vec!["HSET".into(), format!("h{}", k % 7), format!("f{i}"), format!("{i}")],
@@ -19,6 +20,12 @@ fn mixed_writes(n: usize) -> Vec<Vec<String>> {
             4 => vec!["SADD".into(), format!("set{}", k % 6), format!("m{}", i % 50)],
             5 => vec!["ZADD".into(), format!("z{}", k % 3), format!("{}", i % 100), format!("m{i}")],
             6 => vec!["LPOP".into(), format!("l{}", k % 4)],
+            7 => {
+                let m = format!("m{}", k % 5);
+                let pairs = [("a", format!("v{i}")), ("b", format!("{i}")), ("c", String::new()), ("d", format!("x{i}"))];
+                std::iter::once("MSET".to_string()).chain(pairs.into_iter().flat_map(|(f, v)| [format!("{m}{f}"), v])).collect()
+            }
+            8 => vec!["SADD".into(), format!("w{}", k % 3), format!("a{i}"), format!("b{i}"), format!("c{i}"), format!("d{i}"), format!("e{i}")],
             _ => vec!["EXPIRE".into(), format!("s{k}"), "1000".into()],
         };
         out.push(cmd);
@@ -51,6 +58,16 @@ fn a_thousand_mixed_writes_leave_every_node_with_the_same_dataset() {
     assert!(v > 1);
     let err = redis::cmd("INCR").arg("h0").query::<i64>(&mut conn).unwrap_err();
     assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    // Every argument arrived, in place, on the long commands and the short ones, empty ones too.
+    let last_mset = (0..1000).filter(|i| i % 10 == 7).max().unwrap();
+    let m = format!("m{}", last_mset % 37 % 5);
+    let values: Vec<String> = redis::cmd("MGET").arg(format!("{m}a")).arg(format!("{m}b")).arg(format!("{m}c")).arg(format!("{m}d")).query(&mut conn).unwrap();
+    assert_eq!(values, [format!("v{last_mset}"), format!("{last_mset}"), String::new(), format!("x{last_mset}")]);
+    let last_sadd = (0..1000).filter(|i| i % 10 == 8).max().unwrap();
+    let members: Vec<String> = redis::cmd("SMEMBERS").arg(format!("w{}", last_sadd % 37 % 3)).query(&mut conn).unwrap();
+    for m in ["a", "b", "c", "d", "e"] {
+        assert!(members.contains(&format!("{m}{last_sadd}")), "{m}{last_sadd} missing from {members:?}");
+    }
 }
 
 #[test]
