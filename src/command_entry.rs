@@ -10,6 +10,13 @@ pub struct CommandEntry {
     pub argv: Vec<Vec<u8>>,
 }
 
+/// A decoded entry that borrows its arguments from the log entry: applying one needs no copy.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CommandView<'a> {
+    pub db: u32,
+    pub argv: Vec<&'a [u8]>,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EntryError {
     #[error("log entry is truncated")]
@@ -33,8 +40,10 @@ impl CommandEntry {
         }
         out
     }
+}
 
-    pub fn decode(mut data: &[u8]) -> Result<CommandEntry, EntryError> {
+impl<'a> CommandView<'a> {
+    pub fn decode(mut data: &'a [u8]) -> Result<CommandView<'a>, EntryError> {
         let kind = take(&mut data, 1)?[0];
         if kind != KIND_COMMAND {
             return Err(EntryError::UnknownKind(kind));
@@ -45,12 +54,12 @@ impl CommandEntry {
         let mut argv = Vec::with_capacity(argc.min(data.len() / 4));
         for _ in 0..argc {
             let len = read_u32(&mut data)? as usize;
-            argv.push(take(&mut data, len)?.to_vec());
+            argv.push(take(&mut data, len)?);
         }
         if argv.is_empty() {
             return Err(EntryError::Empty);
         }
-        Ok(CommandEntry { db, argv })
+        Ok(CommandView { db, argv })
     }
 }
 
@@ -75,16 +84,18 @@ mod tests {
     #[test]
     fn round_trips_binary_arguments() {
         let e = CommandEntry { db: 3, argv: vec![b"SET".to_vec(), b"k\r\n\0".to_vec(), Vec::new()] };
-        assert_eq!(CommandEntry::decode(&e.encode()), Ok(e));
+        let bytes = e.encode();
+        let view = CommandView::decode(&bytes).unwrap();
+        assert_eq!((view.db, view.argv), (e.db, e.argv.iter().map(|a| a.as_slice()).collect()));
     }
 
     #[test]
     fn truncated_or_foreign_data_is_an_error_not_a_panic() {
         let bytes = CommandEntry { db: 0, argv: vec![b"INCR".to_vec(), b"x".to_vec()] }.encode();
         for n in 0..bytes.len() {
-            assert!(CommandEntry::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+            assert!(CommandView::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
         }
-        assert_eq!(CommandEntry::decode(&[9, 0, 0]), Err(EntryError::UnknownKind(9)));
-        assert_eq!(CommandEntry::decode(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), Err(EntryError::Truncated));
+        assert_eq!(CommandView::decode(&[9, 0, 0]), Err(EntryError::UnknownKind(9)));
+        assert_eq!(CommandView::decode(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), Err(EntryError::Truncated));
     }
 }

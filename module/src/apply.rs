@@ -7,7 +7,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
-use raftis_core::command_entry::CommandEntry;
+use raftis_core::command_entry::CommandView;
 use raftis_core::forward::{ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -265,7 +265,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let index = committed.index;
     let waiter = committed.waiter;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let entry = CommandEntry::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
+        let entry = CommandView::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
         if !ffi::select_db(ctx, entry.db) {
             return Err(format!("ERR log entry at {index} names database {} which does not exist here", entry.db));
         }
