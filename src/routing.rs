@@ -87,25 +87,39 @@ impl CommandTable {
     /// Classifies `argv` (the command and its arguments as the client sent them).
     pub fn route(&self, argv: &[&[u8]]) -> Route {
         let Some(first) = argv.first() else { return Route::Local };
-        let Ok(name) = std::str::from_utf8(first) else { return Route::Local };
-        let name = name.to_ascii_lowercase();
-        if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name.as_str()) {
+        // Every client command passes here, some twice: lower-case short names on the stack.
+        let mut stack = [0u8; 32];
+        let owned;
+        let name: &str = if first.len() <= stack.len() {
+            let lower = &mut stack[..first.len()];
+            lower.copy_from_slice(first);
+            lower.make_ascii_lowercase();
+            let Ok(name) = std::str::from_utf8(lower) else { return Route::Local };
+            name
+        } else {
+            let Ok(name) = std::str::from_utf8(first) else { return Route::Local };
+            owned = name.to_ascii_lowercase();
+            &owned
+        };
+        if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
             return Route::Local;
         }
         if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
             return Route::Refuse(format!("ERR {what} not supported by Raftis yet"));
         }
-        let Some(mut info) = self.commands.get(&name) else { return Route::Local };
-        let mut display = name.clone();
+        let Some(mut info) = self.commands.get(name) else { return Route::Local };
+        // The name errors use: the subcommand's, for a container whose subcommand we know.
+        let mut subcommand = None;
         if info.container && argv.len() >= 2 {
             if let Ok(sub) = std::str::from_utf8(argv[1]) {
                 let full = format!("{name}|{}", sub.to_ascii_lowercase());
                 if let Some(sub_info) = self.commands.get(&full) {
                     info = sub_info;
-                    display = full;
+                    subcommand = Some(full);
                 }
             }
         }
+        let display = subcommand.as_deref().unwrap_or(name);
         let argc = argv.len() as i64;
         let arity_ok = if info.arity >= 0 { argc == info.arity } else { argc >= -info.arity };
         if info.write {
@@ -159,6 +173,10 @@ mod tests {
         assert_eq!(route(&["RAFT.INFO"]), Route::Local);
         assert_eq!(route(&["NOSUCHCOMMAND", "x"]), Route::Local, "Redis answers unknown commands itself");
         assert_eq!(route(&["XREAD", "STREAMS", "s", "0"]), Route::Read);
+        assert_eq!(route(&["sEt", "k", "v"]), Route::Write, "names are case-insensitive");
+        let long = "X".repeat(40);
+        assert_eq!(route(&[long.as_str()]), Route::Local, "a name too long for the stack buffer still routes");
+        assert_eq!(table().route(&[b"SET\xff".as_slice(), b"k", b"v"]), Route::Local, "not UTF-8: Redis answers");
     }
 
     #[test]
@@ -168,5 +186,7 @@ mod tests {
         assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
+        let long_set = format!("SET{}", " ".repeat(40));
+        assert_eq!(route(&[long_set.as_str(), "k", "v"]), Route::Local, "only the exact name matches");
     }
 }
