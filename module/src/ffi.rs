@@ -135,7 +135,7 @@ pub fn call<A: AsRef<[u8]>>(ctx: *mut RedisModuleCtx, argv: &[A], resp3: bool) -
         owned_name = CString::new(name).expect("checked for NUL above");
         owned_name.as_ptr()
     };
-    let call = api!(RedisModule_Call);
+    let redis_call = api!(RedisModule_Call);
     if rest.len() > ARGS_ONE_BY_ONE {
         let strings: Vec<*mut RedisModuleString> = rest
             .iter()
@@ -146,7 +146,7 @@ pub fn call<A: AsRef<[u8]>>(ctx: *mut RedisModuleCtx, argv: &[A], resp3: bool) -
             .collect();
         let fmt: &[u8] = if resp3 { b"vE3\0" } else { b"vE\0" };
         let fmt = fmt.as_ptr() as *const c_char;
-        let reply = unsafe { call(ctx, name_ptr, fmt, strings.as_ptr(), strings.len()) };
+        let reply = unsafe { redis_call(ctx, name_ptr, fmt, strings.as_ptr(), strings.len()) };
         for s in strings {
             unsafe { api!(RedisModule_FreeString)(ctx, s) };
         }
@@ -164,14 +164,14 @@ pub fn call<A: AsRef<[u8]>>(ctx: *mut RedisModuleCtx, argv: &[A], resp3: bool) -
     let l = |i: usize| rest[i].as_ref().len();
     unsafe {
         match rest.len() {
-            0 => call(ctx, name_ptr, fmt),
-            1 => call(ctx, name_ptr, fmt, p(0), l(0)),
-            2 => call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1)),
-            3 => call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2)),
-            4 => call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3)),
-            5 => call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3), p(4), l(4)),
+            0 => redis_call(ctx, name_ptr, fmt),
+            1 => redis_call(ctx, name_ptr, fmt, p(0), l(0)),
+            2 => redis_call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1)),
+            3 => redis_call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2)),
+            4 => redis_call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3)),
+            5 => redis_call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3), p(4), l(4)),
             // ARGS_ONE_BY_ONE: more went the vector way above.
-            _ => call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3), p(4), l(4), p(5), l(5)),
+            _ => redis_call(ctx, name_ptr, fmt, p(0), l(0), p(1), l(1), p(2), l(2), p(3), l(3), p(4), l(4), p(5), l(5)),
         }
     }
 }
