@@ -6,6 +6,7 @@ pub mod command_entry;
 pub mod config;
 pub mod determinism;
 pub mod forward;
+mod heartbeats;
 pub mod ids;
 pub mod membership;
 pub mod node;

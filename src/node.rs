@@ -16,6 +16,7 @@ use crate::config::{Durability, Timing};
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::{Members, MembershipChange, NodeInfo};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
+use crate::heartbeats;
 use crate::raft_logger;
 use crate::snapshot_data;
 use crate::snapshot_transfer::{self, SnapshotDescriptor};
@@ -134,6 +135,7 @@ struct CounterCells {
     persist_micros: AtomicU64,
     read_index_rounds: AtomicU64,
     reads: AtomicU64,
+    heartbeats_coalesced: AtomicU64,
 }
 
 impl CounterCells {
@@ -152,6 +154,7 @@ impl CounterCells {
             persist_micros: get(&self.persist_micros),
             read_index_rounds: get(&self.read_index_rounds),
             reads: get(&self.reads),
+            heartbeats_coalesced: get(&self.heartbeats_coalesced),
         }
     }
 }
@@ -299,6 +302,7 @@ impl<S: StateMachine> Node<S> {
             transport: transport.clone(),
             shared: shared.clone(),
             rx,
+            round: Vec::new(),
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
@@ -538,6 +542,8 @@ struct RaftLoop<S: StateMachine> {
     transport: Transport,
     shared: Arc<Shared>,
     rx: UnboundedReceiver<Request<S::Waiter>>,
+    /// The requests of the current round (kept to reuse its allocation).
+    round: Vec<Request<S::Waiter>>,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -559,13 +565,24 @@ impl<S: StateMachine> RaftLoop<S> {
         while !self.shutdown {
             match tokio::time::timeout_at(next_tick.into(), self.rx.recv()).await {
                 Ok(Some(req)) => {
-                    self.handle(req);
-                    for _ in 0..MAX_REQUESTS_PER_ROUND {
+                    let mut round = std::mem::take(&mut self.round);
+                    round.push(req);
+                    while round.len() < MAX_REQUESTS_PER_ROUND {
                         match self.rx.try_recv() {
-                            Ok(req) => self.handle(req),
+                            Ok(req) => round.push(req),
                             Err(_) => break,
                         }
                     }
+                    let messages = round.iter_mut().filter_map(|req| match req {
+                        Request::Raft(msgs) => Some(msgs),
+                        _ => None,
+                    });
+                    let skipped = heartbeats::drop_superseded(messages);
+                    CounterCells::add(&self.shared.counters.heartbeats_coalesced, skipped as u64);
+                    for req in round.drain(..) {
+                        self.handle(req);
+                    }
+                    self.round = round;
                 }
                 Ok(None) => break,
                 Err(_elapsed) => {}

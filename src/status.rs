@@ -113,4 +113,7 @@ pub struct Counters {
     pub persist_micros: u64,
     pub read_index_rounds: u64,
     pub reads: u64,
+    /// Heartbeats (and responses) dropped unstepped because a later one from the same sender
+    /// arrived in the same round.
+    pub heartbeats_coalesced: u64,
 }

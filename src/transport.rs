@@ -16,6 +16,7 @@
 //! Raftis (which is not async) only ever talks to it through non-blocking calls.
 
 use crate::forward::{self, ForwardDone, ForwardHandler, ForwardRequest};
+use crate::heartbeats;
 use crate::ids::NodeId;
 use crate::resp::{self, Frame};
 use anyhow::Context as _;
@@ -497,6 +498,9 @@ async fn pump(stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
                     bytes += msg.encoded_len();
                     batch.push(msg);
                 }
+                // A peer that stopped reading (paused, or just reconnected) has a queue full of
+                // heartbeats; only the newest is worth sending.
+                heartbeats::drop_superseded(std::iter::once(&mut batch));
                 encode_msgs(&batch, &mut out);
                 let n = batch.len() as u64;
                 batch.clear();

@@ -4,7 +4,7 @@ use raftis_integration::{digest, info_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A deterministic mix of writes over every basic type, with argument counts on both sides of
 /// how the module hands arguments to Redis (one by one up to six, as a vector beyond).
@@ -597,4 +597,50 @@ fn a_client_that_disconnects_with_writes_in_flight_leaves_the_server_healthy() {
     let v: String = leader.cmd(&["SET", "after", "1"]).unwrap();
     assert_eq!(v, "OK");
     cluster.wait_converged(&[0, 1, 2]);
+}
+
+/// A leader elected while a node is down has never heard from it. Its leadership checks (one
+/// heartbeat each) pile up for that node and reach it in one go once it is back. Answered one by
+/// one, every answer made the leader send the node the same full append from its log: thousands
+/// of megabyte reads that once kept a leader's loop busy until the others deposed it. The
+/// backlog is coalesced now: the leader keeps its term and the node catches up.
+#[test]
+fn a_node_coming_back_to_a_backlog_of_heartbeats_does_not_stall_the_leader() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let first = cluster.wait_leader();
+    let down = (first + 1) % 3;
+    cluster.nodes[down].kill9();
+    // Far more log than one append carries (1 MiB), so every append to it is a full one.
+    let value = "v".repeat(100);
+    let mut conn = cluster.nodes[first].client().unwrap();
+    for chunk in 0..40 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("SET").arg(format!("k{}", chunk * 1000 + i)).arg(&value).ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    }
+    // A new term whose leader has never heard from the node that is down.
+    cluster.nodes[first].kill9();
+    cluster.nodes[first].restart().unwrap();
+    let leader = cluster.wait_leader();
+    let term = info_field(&cluster.nodes[leader], "term");
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let rounds0 = raft_stat(&cluster.nodes[leader], "read_index_rounds");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let v: String = redis::cmd("GET").arg("k0").query(&mut conn).unwrap();
+        assert_eq!(v, value);
+    }
+    let rounds = raft_stat(&cluster.nodes[leader], "read_index_rounds") - rounds0;
+    assert!(rounds > 1000, "only {rounds} leadership checks while the node was down");
+    cluster.nodes[down].restart().unwrap();
+
+    let commit = info_field(&cluster.nodes[leader], "commit_index");
+    wait_for("the restarted node to catch up", Duration::from_secs(30), || {
+        (info_field(&cluster.nodes[down], "applied_index") >= commit).then_some(())
+    });
+    assert_eq!(cluster.wait_leader(), leader, "the leader was deposed");
+    assert_eq!(info_field(&cluster.nodes[leader], "term"), term, "an election happened");
+    assert_eq!(digest(&cluster.nodes[down]), digest(&cluster.nodes[leader]));
 }
