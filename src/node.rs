@@ -13,10 +13,10 @@
 //! before it blocks in an fsync, so a leader still persists while its appends travel.
 
 use crate::config::{Durability, Timing};
+use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::{Members, MembershipChange, NodeInfo};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
-use crate::heartbeats;
 use crate::raft_logger;
 use crate::snapshot_data;
 use crate::snapshot_transfer::{self, SnapshotDescriptor};
