@@ -108,6 +108,9 @@ pub struct NodeConfig {
     /// Entries kept in the log behind a snapshot, so slightly lagging followers replay them
     /// rather than download the whole dataset.
     pub trailing_logs: u64,
+    /// ... and at most this many bytes of them (0: no byte limit), so large values cannot make
+    /// the kept tail outgrow the disk.
+    pub trailing_bytes: u64,
 }
 
 enum Request<W> {
@@ -169,6 +172,7 @@ struct Shared {
     tick_ms: AtomicU64,
     counters: CounterCells,
     durability: AtomicU8,
+    trailing_bytes: AtomicU64,
     /// Entries were written without fsync since the last flush (durability medium/low).
     dirty: AtomicBool,
     stopped: AtomicBool,
@@ -287,6 +291,7 @@ impl<S: StateMachine> Node<S> {
             tick_ms: AtomicU64::new(cfg.timing.tick_interval.as_millis().max(1) as u64),
             counters: CounterCells::default(),
             durability: AtomicU8::new(durability_code(cfg.durability)),
+            trailing_bytes: AtomicU64::new(cfg.trailing_bytes),
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         });
@@ -463,6 +468,11 @@ impl<S: StateMachine> Node<S> {
 
     pub fn set_durability(&self, durability: Durability) {
         self.shared.durability.store(durability_code(durability), Ordering::Relaxed);
+    }
+
+    /// Changes the byte limit on the log kept behind a snapshot, from the next snapshot on.
+    pub fn set_trailing_bytes(&self, bytes: u64) {
+        self.shared.trailing_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn transport(&self) -> &Transport {
@@ -726,7 +736,12 @@ impl<S: StateMachine> RaftLoop<S> {
         meta.term = t.term.get();
         meta.conf_state = Some(t.conf_state.clone());
         self.store.set_snapshot(snapshot).context("storing the snapshot metadata")?;
-        let compact_to = (t.index.get() + 1).saturating_sub(self.trailing_logs).min(self.raw.raft.raft_log.applied + 1);
+        let mut keep_from = (t.index.get() + 1).saturating_sub(self.trailing_logs);
+        let trailing_bytes = self.shared.trailing_bytes.load(Ordering::Relaxed);
+        if trailing_bytes > 0 {
+            keep_from = self.store.start_within_bytes(keep_from, t.index.get(), trailing_bytes).context("sizing the log tail")?;
+        }
+        let compact_to = keep_from.min(self.raw.raft.raft_log.applied + 1);
         if compact_to > self.store.first_index() {
             self.store.compact(compact_to).context("compacting the log")?;
         }

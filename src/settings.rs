@@ -24,12 +24,15 @@ pub struct Settings {
     /// Take a snapshot once the log has this many entries past the last one (0: only on
     /// RAFT.SNAPSHOT).
     pub snapshot_threshold: u64,
+    /// Also take one once this many bytes of entries were applied since the last one (0: no
+    /// limit). Counting entries alone lets a log of large values outgrow the disk.
+    pub snapshot_log_bytes: u64,
     /// Entries kept behind a snapshot for slightly lagging followers.
     pub trailing_logs: u64,
 }
 
 pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
-                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, trailing-logs";
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -56,6 +59,7 @@ impl Settings {
             follower_proxy: false,
             timing: Timing::default(),
             snapshot_threshold: 1_000_000,
+            snapshot_log_bytes: 1 << 30,
             trailing_logs: 5_000,
         };
         let mut have_dir = false;
@@ -116,11 +120,33 @@ impl Settings {
                 self.timing.heartbeat_ticks = v;
             }
             "snapshot-threshold" => self.snapshot_threshold = value.parse().map_err(|_| bad("expected a number of entries (0 disables)"))?,
+            "snapshot-log-size" => {
+                self.snapshot_log_bytes = parse_size(value).ok_or_else(|| bad("expected a size such as 512mb or 2gb (0 disables)"))?
+            }
             "trailing-logs" => self.trailing_logs = value.parse().map_err(|_| bad("expected a number of entries"))?,
             _ => return Err(SettingsError::UnknownKey(key.to_string())),
         }
         Ok(())
     }
+}
+
+/// A size the way redis.conf writes them: bytes, or with k/m/g (powers of 1000) or kb/mb/gb
+/// (powers of 1024), in any case.
+pub fn parse_size(value: &str) -> Option<u64> {
+    let lower = value.trim().to_ascii_lowercase();
+    let digits = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(digits);
+    let factor: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1 << 10,
+        "m" => 1000 * 1000,
+        "mb" => 1 << 20,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1 << 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(factor)
 }
 
 fn positive_ms(value: &str) -> Option<u64> {
@@ -156,5 +182,22 @@ mod tests {
         assert!(Settings::parse(&["dir=d", "heartbeat-ticks=50"]).is_err());
         assert!(Settings::parse(&["dir=d", "follower-proxy=yes"]).unwrap().follower_proxy);
         assert!(Settings::parse(&["dir=d", "follower-proxy=maybe"]).is_err());
+        let e = Settings::parse(&["dir=d", "snapshot-log-size=lots"]).unwrap_err().to_string();
+        assert!(e.contains("512mb"), "{e}");
+    }
+
+    #[test]
+    fn sizes_read_like_redis_conf() {
+        assert_eq!(Settings::parse(&["dir=d"]).unwrap().snapshot_log_bytes, 1 << 30);
+        assert_eq!(Settings::parse(&["dir=d", "snapshot-log-size=512MB"]).unwrap().snapshot_log_bytes, 512 << 20);
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1k"), Some(1000));
+        assert_eq!(parse_size("1kb"), Some(1024));
+        assert_eq!(parse_size("3g"), Some(3_000_000_000));
+        assert_eq!(parse_size("2Gb"), Some(2 << 30));
+        for bad in ["", "mb", "1.5gb", "-1", "1tb", "1 gb", "99999999999999999999", "18446744073709551615gb"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
     }
 }

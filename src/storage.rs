@@ -450,6 +450,28 @@ impl LogStore {
         })
     }
 
+    /// The first index of the longest run of entries ending at `last` that starts at `floor` or
+    /// later and weighs at most `budget` bytes as stored; `last + 1` if even entry `last` weighs
+    /// more. Reads only the stored lengths, not the entries.
+    pub fn start_within_bytes(&self, floor: u64, last: u64, budget: u64) -> Result<u64> {
+        let floor = floor.max(self.first_index());
+        if floor > last {
+            return Ok(last + 1);
+        }
+        let txn = self.inner.env.read_txn()?;
+        let mut start = last + 1;
+        let mut weight = 0u64;
+        for stored in self.inner.entries.rev_range(&txn, &(floor..=last))? {
+            let (index, bytes) = stored?;
+            weight = weight.saturating_add(bytes.len() as u64);
+            if weight > budget {
+                break;
+            }
+            start = index;
+        }
+        Ok(start)
+    }
+
     /// Stores a newer snapshot made by the application, leaving the log alone. Not fsynced on its
     /// own; a later `compact` relies on it, and LMDB commits land in order.
     pub fn set_snapshot(&self, snapshot: Snapshot) -> Result<()> {
@@ -1048,6 +1070,24 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn start_within_bytes_keeps_the_newest_entries_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let sized = |index: u64, len: usize| Entry { index, term: 1, data: vec![b'x'; len], ..Default::default() };
+        store.append(&[sized(1, 100), sized(2, 100), sized(3, 1000), sized(4, 100), sized(5, 100)], None, false).unwrap();
+        let weight = |i: u64| get(&store, i, i + 1).unwrap()[0].encoded_len() as u64 + 4;
+        let (small, big) = (weight(1), weight(3));
+        assert_eq!(store.start_within_bytes(1, 5, 2 * small).unwrap(), 4);
+        assert_eq!(store.start_within_bytes(1, 5, 2 * small + big - 1).unwrap(), 4);
+        assert_eq!(store.start_within_bytes(1, 5, 2 * small + big).unwrap(), 3);
+        assert_eq!(store.start_within_bytes(1, 5, u64::MAX).unwrap(), 1);
+        assert_eq!(store.start_within_bytes(2, 5, u64::MAX).unwrap(), 2, "never below the floor");
+        assert_eq!(store.start_within_bytes(1, 5, small - 1).unwrap(), 6, "not even the last one fits");
+        assert_eq!(store.start_within_bytes(1, 3, big - 1).unwrap(), 4);
+        assert_eq!(store.start_within_bytes(6, 5, 0).unwrap(), 6);
     }
 
     #[test]

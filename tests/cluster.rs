@@ -73,6 +73,7 @@ fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durabil
         durability,
         snapshot_dir: dir.to_path_buf(),
         trailing_logs: 100,
+        trailing_bytes: 0,
     };
     let node = Node::start(cfg, store, Recorder { applied: applied.clone() }).unwrap();
     TestNode { id, dir: dir.to_path_buf(), port, node, applied }

@@ -120,3 +120,55 @@ fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
     let text = format!("{err:#}");
     assert!(text.contains("refusing to start with bad data"), "{text}");
 }
+
+fn info_text(server: &Server, field: &str) -> String {
+    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
+    info.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
+}
+
+/// Large values reach `snapshot-log-size` long before `snapshot-threshold` entries: the log is
+/// snapshotted by bytes, and the tail kept behind a snapshot is bounded by bytes too (the default
+/// `trailing-logs` of 5000 entries would keep all of these).
+#[test]
+fn large_values_snapshot_by_log_size_and_bound_the_kept_tail() {
+    let cluster = Cluster::start(3, &["snapshot-log-size=1mb", "consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let value = "x".repeat(64 * 1024);
+    let write_values = |prefix: &str| {
+        let mut conn = cluster.nodes[leader].client().unwrap();
+        let mut pipe = redis::pipe();
+        for i in 0..64 {
+            pipe.cmd("SET").arg(format!("{prefix}{i}")).arg(&value).ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    };
+    write_values("big:");
+    same_dataset(&cluster, &[0, 1, 2]);
+    for node in &cluster.nodes {
+        wait_for("a snapshot taken by size", Duration::from_secs(20), || {
+            (info_field(node, "snapshot_index") > 0 && info_text(node, "snapshot_in_progress") == "no").then_some(())
+        });
+        // About 4 MiB written: at most 1 MiB kept behind the last snapshot, less than 1 MiB after.
+        let entries = wait_for("the log to be compacted by size", Duration::from_secs(20), || {
+            let e = info_field(node, "log_entries");
+            (e <= 40).then_some(e)
+        });
+        let since = info_field(node, "applied_bytes_since_snapshot");
+        assert!(since < 1 << 20, "{since} bytes applied since the last snapshot, over the 1 MiB limit");
+        eprintln!("node {}: {entries} log entries left, {since} bytes since the snapshot", node.port);
+    }
+
+    // 0 turns the size limit off (per node, at runtime): the entry threshold alone is far away.
+    let leader_node = &cluster.nodes[leader];
+    let bad = leader_node.cmd::<String>(&["RAFT.CONFIG", "SET", "snapshot-log-size", "lots"]).unwrap_err();
+    assert!(bad.to_string().contains("512mb"), "{bad}");
+    let ok: String = leader_node.cmd(&["RAFT.CONFIG", "SET", "snapshot-log-size", "0"]).unwrap();
+    assert_eq!(ok, "OK");
+    let got: Vec<String> = leader_node.cmd(&["RAFT.CONFIG", "GET", "snapshot-log-size"]).unwrap();
+    assert_eq!(got, ["snapshot-log-size", "0"]);
+    let before = info_field(leader_node, "snapshot_index");
+    write_values("more:");
+    same_dataset(&cluster, &[0, 1, 2]);
+    assert_eq!(info_field(leader_node, "snapshot_index"), before, "a snapshot was taken with the size limit off");
+    assert!(info_field(leader_node, "applied_bytes_since_snapshot") > 4 << 20);
+}

@@ -120,6 +120,9 @@ pub enum Job {
     TakeSnapshot(Blocked),
     /// Raft needs a newer snapshot for a follower.
     SnapshotWanted,
+    /// A snapshot just finished: take the next one now if the log outgrew the limits meanwhile
+    /// (otherwise only the next write would notice).
+    CheckSnapshot,
     /// A command a follower forwarded (follower proxy).
     Forward { req: ForwardRequest, done: ForwardDone },
     /// A forwarded read whose read index is applied: run it now.
@@ -234,6 +237,8 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             }
             Job::Apply(batch) => {
                 entries += batch.entries.len() as u64;
+                let bytes: usize = batch.entries.iter().map(|c| c.data.len()).sum();
+                state::get().snapshots.add_applied_bytes(bytes as u64);
                 for committed in batch.entries {
                     apply_one(ctx, committed);
                 }
@@ -247,6 +252,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             }
             Job::TakeSnapshot(waiter) => state::get().snapshots.start(ctx, &point, Some(waiter)),
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
+            Job::CheckSnapshot => {}
             Job::Forward { req, done } => crate::forward::serve(req, done),
             Job::RunForwarded { req, done } => crate::forward::run_read(ctx, req, done),
         }
@@ -290,15 +296,18 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     }
 }
 
-/// Takes a snapshot when the log has grown `snapshot-threshold` entries past the last one.
+/// Takes a snapshot when the log has grown `snapshot-threshold` entries or `snapshot-log-size`
+/// bytes past the last one.
 fn maybe_snapshot(ctx: *mut ffi::RedisModuleCtx, point: &AppliedPoint) {
     let s = state::get();
-    let threshold = s.snapshot_threshold();
-    if threshold == 0 || point.index.get() == 0 || s.snapshots.in_progress() {
+    if point.index.get() == 0 || s.snapshots.in_progress() {
         return;
     }
+    let (threshold, max_bytes) = (s.snapshot_threshold(), s.snapshot_log_bytes());
     let last = s.snapshots.latest().map_or(0, |(i, _)| i.get());
-    if point.index.get().saturating_sub(last) >= threshold {
+    let by_entries = threshold > 0 && point.index.get().saturating_sub(last) >= threshold;
+    let by_bytes = max_bytes > 0 && s.snapshots.applied_bytes() >= max_bytes;
+    if by_entries || by_bytes {
         s.snapshots.start(ctx, point, None);
     }
 }
@@ -311,7 +320,7 @@ fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
         ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
         return;
     };
-    state::get().snapshots.set_latest(index, descriptor.size);
+    state::get().snapshots.loaded(index, descriptor.size);
     let path = state::get().settings().dir.join(&descriptor.file);
     let started = std::time::Instant::now();
     match crate::snapshot::load(ctx, &path) {

@@ -278,6 +278,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     let (snap_index, snap_size) = s.snapshots.latest().map_or((0, 0), |(i, b)| (i.get(), b));
     put("snapshot_index", snap_index.to_string());
     put("snapshot_size_bytes", snap_size.to_string());
+    put("applied_bytes_since_snapshot", s.snapshots.applied_bytes().to_string());
     put("snapshot_in_progress", if s.snapshots.in_progress() { "yes" } else { "no" }.to_string());
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());

@@ -6,7 +6,7 @@ use crate::state;
 use raftis_core::settings::Settings;
 
 /// Changeable while running.
-const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold", "follower-proxy"];
+const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold", "snapshot-log-size", "follower-proxy"];
 /// Only as module arguments (they shape the node's identity or raft's fixed timers).
 const LOAD_ONLY: &[&str] =
     &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "trailing-logs"];
@@ -20,6 +20,7 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("election-ticks", s.timing.election_ticks.to_string()),
         ("heartbeat-ticks", s.timing.heartbeat_ticks.to_string()),
         ("snapshot-threshold", s.snapshot_threshold.to_string()),
+        ("snapshot-log-size", s.snapshot_log_bytes.to_string()),
         ("trailing-logs", s.trailing_logs.to_string()),
         ("follower-proxy", if s.follower_proxy { "yes" } else { "no" }.to_string()),
         ("dir", s.dir.display().to_string()),
@@ -90,6 +91,12 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                     }
                 }
                 "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
+                "snapshot-log-size" => {
+                    s.set_snapshot_log_bytes(next.snapshot_log_bytes);
+                    if let Some(n) = &node {
+                        n.set_trailing_bytes(next.snapshot_log_bytes);
+                    }
+                }
                 "tick-ms" => {
                     if let Some(n) = &node {
                         n.set_tick_interval(next.timing.tick_interval);

@@ -18,6 +18,7 @@ use raftis_core::{LogIndex, Term};
 use raft::eraftpb::ConfState;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -42,6 +43,9 @@ pub struct Snapshots {
     in_progress: Mutex<Option<InProgress>>,
     /// Index and size of the newest snapshot this node has.
     latest: Mutex<Option<(LogIndex, u64)>>,
+    /// Bytes of entries applied since the last snapshot started (or was loaded): roughly how
+    /// much log a new snapshot would let the node compact.
+    applied_bytes: AtomicU64,
 }
 
 impl Snapshots {
@@ -51,6 +55,20 @@ impl Snapshots {
 
     pub fn set_latest(&self, index: LogIndex, size: u64) {
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, size));
+    }
+
+    pub fn add_applied_bytes(&self, bytes: u64) {
+        self.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn applied_bytes(&self) -> u64 {
+        self.applied_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The dataset was just replaced by a snapshot: nothing applied on top of it yet.
+    pub fn loaded(&self, index: LogIndex, size: u64) {
+        self.set_latest(index, size);
+        self.applied_bytes.store(0, Ordering::Relaxed);
     }
 
     pub fn in_progress(&self) -> bool {
@@ -102,6 +120,7 @@ impl Snapshots {
             return;
         }
         log::info!("snapshot at index {} started (child pid {pid})", point.index);
+        self.applied_bytes.store(0, Ordering::Relaxed);
         *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters: waiter.into_iter().collect() });
     }
 }
@@ -195,6 +214,8 @@ fn publish(job: InProgress) {
             descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
         })
     });
+    // Entries applied while this one was written may already call for the next.
+    let _ = s.send_to_apply(crate::apply::Job::CheckSnapshot);
     // Answered only once the log durably refers to the snapshot.
     for w in job.waiters {
         w.finish(if recorded {

@@ -36,6 +36,7 @@ pub struct Raftis {
     node: RwLock<Option<Arc<RaftNode>>>,
     consistency: AtomicU8,
     snapshot_threshold: AtomicU64,
+    snapshot_log_bytes: AtomicU64,
     pub snapshots: Snapshots,
     /// How many databases Redis has (snapshots cover them all).
     pub databases: u32,
@@ -71,6 +72,7 @@ impl Raftis {
         let r = Raftis {
             consistency: AtomicU8::new(0),
             snapshot_threshold: AtomicU64::new(settings.snapshot_threshold),
+            snapshot_log_bytes: AtomicU64::new(settings.snapshot_log_bytes),
             snapshots: Snapshots::default(),
             databases,
             apply_tx: Mutex::new(None),
@@ -119,6 +121,14 @@ impl Raftis {
 
     pub fn set_snapshot_threshold(&self, entries: u64) {
         self.snapshot_threshold.store(entries, Ordering::Relaxed);
+    }
+
+    pub fn snapshot_log_bytes(&self) -> u64 {
+        self.snapshot_log_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_snapshot_log_bytes(&self, bytes: u64) {
+        self.snapshot_log_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn fatal(&self) -> Option<String> {
@@ -193,6 +203,7 @@ impl Raftis {
             durability: settings.durability,
             snapshot_dir: settings.dir.clone(),
             trailing_logs: settings.trailing_logs,
+            trailing_bytes: settings.snapshot_log_bytes,
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());

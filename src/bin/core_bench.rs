@@ -45,6 +45,7 @@ fn start(id: u64, dir: &Path, port: u16, durability: Durability, bootstrap: bool
         durability,
         snapshot_dir: dir.to_path_buf(),
         trailing_logs: 1000,
+        trailing_bytes: 0,
     };
     Node::start(cfg, store, Sink)
 }
