@@ -8,8 +8,9 @@
 //! alive.
 //!
 //! Raft tolerates lost messages, so the transport favours staying bounded over delivering
-//! everything: each peer has a fixed-size queue, [`Transport::send`] never blocks and drops (and
-//! counts) what does not fit, and a dead peer costs at most one queue of memory. When a connection
+//! everything: each peer has a queue limited in messages and in bytes, [`Transport::send`] never
+//! blocks and drops (and counts) what does not fit, and a dead peer costs at most one queue of
+//! memory. When a connection
 //! attempt or a write fails, [`Inbound::Unreachable`] tells raft to slow down on that peer.
 //!
 //! All networking runs on a current-thread tokio runtime on one dedicated thread, so the rest of
@@ -26,7 +27,7 @@ use raft::eraftpb::Message;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,6 +36,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
+/// Bytes waiting for one peer; more are dropped. The message limit alone would let a queue of full
+/// appends (up to 1 MiB each) hold gigabytes for a dead or slow peer.
+pub const MAX_QUEUE_BYTES: usize = 64 << 20;
 /// tokio's bounded channel needs a capacity of at least 1 and far below `usize::MAX`; a queue
 /// bigger than this would defeat the point of bounding memory anyway.
 const MAX_QUEUE_LIMIT: usize = 1 << 24;
@@ -96,6 +100,8 @@ pub struct PeerStats {
     pub connected: bool,
     /// Messages waiting in the peer's queue.
     pub queued: usize,
+    /// Their encoded size.
+    pub queued_bytes: usize,
     /// Messages written to the peer's connection.
     pub sent: u64,
     /// Messages dropped: queue full, or lost with a failed write.
@@ -154,6 +160,8 @@ impl Drop for Peer {
 #[derive(Default)]
 struct Link {
     connected: AtomicBool,
+    /// Encoded size of what waits in the queue (added by `send`, taken off as frames are built).
+    queued_bytes: AtomicUsize,
 }
 
 /// Kept across address changes, so the peer's totals survive a move.
@@ -331,8 +339,18 @@ impl Transport {
                 let to = NodeId(msg.to);
                 match state.peers.get(&to) {
                     Some(peer) => {
-                        if peer.queue.try_send(msg).is_err() {
-                            peer.counters.drop_messages(to, 1, "queue full");
+                        let size = msg.encoded_len();
+                        let queued = peer.link.queued_bytes.fetch_add(size, Ordering::Relaxed);
+                        // One message always fits, however large, so an oversized entry still
+                        // gets through once the queue has drained.
+                        let why = if queued > 0 && queued + size > MAX_QUEUE_BYTES {
+                            Some("queue over its byte limit")
+                        } else {
+                            peer.queue.try_send(msg).err().map(|_| "queue full")
+                        };
+                        if let Some(why) = why {
+                            peer.link.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                            peer.counters.drop_messages(to, 1, why);
                         }
                     }
                     None => {
@@ -364,6 +382,7 @@ impl Transport {
                 addr: peer.addr.clone(),
                 connected: peer.link.connected.load(Ordering::Relaxed),
                 queued: peer.queue.max_capacity() - peer.queue.capacity(),
+                queued_bytes: peer.link.queued_bytes.load(Ordering::Relaxed),
                 sent: peer.counters.sent.load(Ordering::Relaxed),
                 dropped: peer.counters.dropped.load(Ordering::Relaxed),
             })
@@ -498,6 +517,7 @@ async fn pump(stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
                     bytes += msg.encoded_len();
                     batch.push(msg);
                 }
+                task.link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 // A peer that stopped reading (paused, or just reconnected) has a queue full of
                 // heartbeats; only the newest is worth sending.
                 heartbeats::drop_superseded(std::iter::once(&mut batch));
@@ -1017,6 +1037,43 @@ mod tests {
         let indexes: Vec<u64> = got.iter().map(|m| m.index).collect();
         let expected: Vec<u64> = (0..DEFAULT_QUEUE_LIMIT as u64).chain([1_000_000]).collect();
         assert_eq!(indexes, expected, "what fitted in the queue, then the new message");
+    }
+
+    #[test]
+    fn a_dead_peer_queues_at_most_its_byte_limit_of_large_messages() {
+        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let a = Node::on_any_port(1);
+        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
+        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+
+        let big = |index: u64, len: usize| {
+            let mut m = msg(1, 2, index);
+            m.entries[0].data = vec![b'x'; len];
+            m
+        };
+        // One message larger than the whole limit still goes when the queue is empty.
+        a.transport.send(vec![big(0, MAX_QUEUE_BYTES + 1)]);
+        a.transport.send(vec![big(1, 10)]);
+        let stats = a.peer(2);
+        assert_eq!((stats.queued, stats.dropped), (1, 1), "{stats:?}");
+        assert!(stats.queued_bytes > MAX_QUEUE_BYTES);
+
+        let b = Node::start(2, loopback(port), DEFAULT_QUEUE_LIMIT);
+        assert_eq!(b.raft_messages(1)[0].index, 0);
+        wait_until("the queue to drain", || a.peer(2).queued == 0);
+        assert_eq!(a.peer(2).queued_bytes, 0);
+        drop(b);
+        wait_until("the connection to drop", || !a.peer(2).connected);
+
+        // 200 messages of 1 MiB: about 64 fit, the rest are dropped and counted.
+        let dropped_before = a.peer(2).dropped;
+        for i in 0..200 {
+            a.transport.send(vec![big(100 + i, 1 << 20)]);
+        }
+        let stats = a.peer(2);
+        assert!(stats.queued_bytes <= MAX_QUEUE_BYTES, "{stats:?}");
+        assert!((60..=64).contains(&stats.queued), "{stats:?}");
+        assert_eq!(stats.dropped - dropped_before, 200 - stats.queued as u64, "{stats:?}");
     }
 
     #[test]

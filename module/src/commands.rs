@@ -297,7 +297,7 @@ pub fn info_fields() -> Vec<(String, String)> {
             let _ = write!(line, ",match_index={},next_index={},state={}", p.matched, p.next, p.state);
         }
         if let Some(t) = transport.iter().find(|t| t.id == m.id) {
-            let _ = write!(line, ",connected={},queued={},dropped={}", if t.connected { "yes" } else { "no" }, t.queued, t.dropped);
+            let _ = write!(line, ",connected={},queued={},queued_bytes={},dropped={}", if t.connected { "yes" } else { "no" }, t.queued, t.queued_bytes, t.dropped);
         }
         put(&format!("peer{i}"), line);
     }
