@@ -41,6 +41,13 @@ use std::time::{Duration, Instant};
 /// adds while still batching generously.
 const MAX_REQUESTS_PER_ROUND: usize = 8192;
 
+/// A loop round longer than this is counted and logged. The loop also runs the side port: while
+/// one round lasts, this node sends no heartbeats and reads nothing from its peers, and a round
+/// past the election timeout gets a leader deposed without it noticing.
+const SLOW_ROUND: Duration = Duration::from_millis(500);
+/// Slow rounds are logged at most this often (every one is counted).
+const SLOW_ROUND_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a shutdown waits for the Raft loop to answer what it holds and stop.
 const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,6 +146,8 @@ struct CounterCells {
     read_index_rounds: AtomicU64,
     reads: AtomicU64,
     heartbeats_coalesced: AtomicU64,
+    slow_rounds: AtomicU64,
+    max_round_micros: AtomicU64,
 }
 
 impl CounterCells {
@@ -158,6 +167,8 @@ impl CounterCells {
             read_index_rounds: get(&self.read_index_rounds),
             reads: get(&self.reads),
             heartbeats_coalesced: get(&self.heartbeats_coalesced),
+            slow_rounds: get(&self.slow_rounds),
+            max_round_micros: get(&self.max_round_micros),
         }
     }
 }
@@ -308,6 +319,7 @@ impl<S: StateMachine> Node<S> {
             shared: shared.clone(),
             rx,
             round: Vec::new(),
+            slow_round_logged: None,
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
@@ -554,6 +566,8 @@ struct RaftLoop<S: StateMachine> {
     rx: UnboundedReceiver<Request<S::Waiter>>,
     /// The requests of the current round (kept to reuse its allocation).
     round: Vec<Request<S::Waiter>>,
+    /// When a slow round was last logged.
+    slow_round_logged: Option<Instant>,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -573,7 +587,10 @@ impl<S: StateMachine> RaftLoop<S> {
     async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
-            match tokio::time::timeout_at(next_tick.into(), self.rx.recv()).await {
+            let received = tokio::time::timeout_at(next_tick.into(), self.rx.recv()).await;
+            let started = Instant::now();
+            let mut requests = 0;
+            match received {
                 Ok(Some(req)) => {
                     let mut round = std::mem::take(&mut self.round);
                     round.push(req);
@@ -589,6 +606,7 @@ impl<S: StateMachine> RaftLoop<S> {
                     });
                     let skipped = heartbeats::drop_superseded(messages);
                     CounterCells::add(&self.shared.counters.heartbeats_coalesced, skipped as u64);
+                    requests = round.len();
                     for req in round.drain(..) {
                         self.handle(req);
                     }
@@ -619,6 +637,7 @@ impl<S: StateMachine> RaftLoop<S> {
             for (w, result) in self.membership_done.drain(..) {
                 w(result);
             }
+            self.account_round(started.elapsed(), requests);
             // Lets the connections write what this round sent (acknowledgements, heartbeats)
             // even while more requests keep the channel busy.
             tokio::task::yield_now().await;
@@ -632,6 +651,23 @@ impl<S: StateMachine> RaftLoop<S> {
             fail_request(req, ProposeError::Shutdown);
         }
         self.publish_status();
+    }
+
+    fn account_round(&mut self, took: Duration, requests: usize) {
+        let counters = &self.shared.counters;
+        counters.max_round_micros.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+        if took < SLOW_ROUND {
+            return;
+        }
+        CounterCells::add(&counters.slow_rounds, 1);
+        if self.slow_round_logged.map_or(true, |at| at.elapsed() >= SLOW_ROUND_LOG_EVERY) {
+            self.slow_round_logged = Some(Instant::now());
+            log::warn!(
+                "raft {}: one loop round took {took:?} ({requests} requests); meanwhile this node sent no heartbeats \
+                 and read nothing from its peers (RAFT.STATS slow_rounds counts them all)",
+                self.id
+            );
+        }
     }
 
     fn tick_interval(&self) -> Duration {

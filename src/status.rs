@@ -116,4 +116,7 @@ pub struct Counters {
     /// Heartbeats (and responses) dropped unstepped because a later one from the same sender
     /// arrived in the same round.
     pub heartbeats_coalesced: u64,
+    /// Loop rounds that took 500 ms or more, and the longest round so far.
+    pub slow_rounds: u64,
+    pub max_round_micros: u64,
 }

@@ -25,6 +25,10 @@ impl StateMachine for Recorder {
     fn apply(&mut self, batch: ApplyBatch<Self::Waiter>) {
         let mut applied = self.applied.lock().unwrap();
         for e in batch.entries {
+            // A way to make one loop round slow on purpose.
+            if let Some(ms) = e.data.strip_prefix(b"sleep-ms:").and_then(|ms| std::str::from_utf8(ms).ok()?.parse().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             applied.push(e.data);
             if let Some(w) = e.waiter {
                 w(Ok(e.index));
@@ -335,4 +339,23 @@ fn a_read_index_bound_to_a_term_is_confirmed_only_in_that_term() {
     assert!(ask(term).is_ok(), "confirmed in the leader's own term");
     assert!(matches!(ask(Term(term.get() - 1)), Err(ProposeError::LeadershipLost)), "an older term is not confirmed");
     assert!(matches!(ask(Term(term.get() + 1)), Err(ProposeError::LeadershipLost)), "nor a newer one");
+}
+
+#[test]
+fn a_slow_loop_round_is_counted_and_its_length_recorded() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start(NodeId(1), root.path(), free_port(), true, Durability::High);
+    let nodes = [node];
+    let leader = current_leader(&nodes);
+    assert_acked(propose_all(leader, values("quick", 10)));
+    let quick = leader.node.counters();
+    assert!(quick.max_round_micros > 0, "{quick:?}");
+
+    // Applying runs inside a round: an apply that takes 700 ms makes that round slow.
+    assert_acked(propose_all(leader, [b"sleep-ms:700".to_vec()]));
+    // The round is accounted once it ends, just after the entry was acknowledged.
+    let slow = wait_for("the slow round to be counted", Duration::from_secs(5), || {
+        Some(leader.node.counters()).filter(|c| c.slow_rounds > quick.slow_rounds)
+    });
+    assert!(slow.max_round_micros >= 700_000, "{slow:?}");
 }
