@@ -29,17 +29,24 @@ pub enum EntryError {
 
 impl CommandEntry {
     pub fn encode(&self) -> Vec<u8> {
-        let size = 9 + self.argv.iter().map(|a| 4 + a.len()).sum::<usize>();
-        let mut out = Vec::with_capacity(size);
-        out.push(KIND_COMMAND);
-        out.extend_from_slice(&self.db.to_be_bytes());
-        out.extend_from_slice(&(self.argv.len() as u32).to_be_bytes());
-        for arg in &self.argv {
-            out.extend_from_slice(&(arg.len() as u32).to_be_bytes());
-            out.extend_from_slice(arg);
-        }
-        out
+        encode_command(self.db, &self.argv)
     }
+}
+
+/// The log entry for a command in database `db`, from arguments of any form (borrowed from a
+/// client's command, or rewritten): the one copy a proposal needs.
+pub fn encode_command<A: AsRef<[u8]>>(db: u32, argv: &[A]) -> Vec<u8> {
+    let size = 9 + argv.iter().map(|a| 4 + a.as_ref().len()).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.push(KIND_COMMAND);
+    out.extend_from_slice(&db.to_be_bytes());
+    out.extend_from_slice(&(argv.len() as u32).to_be_bytes());
+    for arg in argv {
+        let arg = arg.as_ref();
+        out.extend_from_slice(&(arg.len() as u32).to_be_bytes());
+        out.extend_from_slice(arg);
+    }
+    out
 }
 
 impl<'a> CommandView<'a> {

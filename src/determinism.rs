@@ -6,12 +6,17 @@
 //! A rewrite is only made where the original would succeed; malformed arguments are left alone so
 //! that every node answers with the same error Redis would have given.
 
+use std::borrow::Cow;
+
+/// A command's arguments: borrowed from the client's command, owned where a rewrite replaced one.
+pub type Args<'a> = Vec<Cow<'a, [u8]>>;
+
 /// A write that cannot be replicated deterministically; the text is the error reply.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused(pub String);
 
 /// Rewrites `argv` in place for the leader's clock `now_ms` (milliseconds since the Unix epoch).
-pub fn pin(argv: &mut Vec<Vec<u8>>, now_ms: i64) -> Result<(), Refused> {
+pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
     let Some(name) = argv.first().map(|n| n.to_ascii_lowercase()) else { return Ok(()) };
     match name.as_slice() {
         b"set" => pin_set_options(argv, 3, now_ms),
@@ -20,23 +25,23 @@ pub fn pin(argv: &mut Vec<Vec<u8>>, now_ms: i64) -> Result<(), Refused> {
             let unit = if name == b"setex" { 1000 } else { 1 };
             if let Some(at) = deadline(&argv[2], unit, now_ms) {
                 let (key, value) = (argv[1].clone(), argv[3].clone());
-                *argv = vec![b"SET".to_vec(), key, value, b"PXAT".to_vec(), at.to_string().into_bytes()];
+                *argv = vec![Cow::Borrowed(b"SET"), key, value, Cow::Borrowed(b"PXAT"), owned(at)];
             }
         }
         b"expire" | b"pexpire" if argv.len() >= 3 => {
             let unit = if name == b"expire" { 1000 } else { 1 };
             // EXPIRE accepts zero and negative times (the key is deleted); so does PEXPIREAT.
             if let Some(at) = offset(&argv[2], unit, now_ms) {
-                argv[0] = b"PEXPIREAT".to_vec();
-                argv[2] = at.to_string().into_bytes();
+                argv[0] = Cow::Borrowed(b"PEXPIREAT");
+                argv[2] = owned(at);
             }
         }
         b"restore" if argv.len() >= 4 => {
             let absolute = argv[4..].iter().any(|a| a.eq_ignore_ascii_case(b"absttl"));
             if !absolute {
                 if let Some(at) = deadline(&argv[2], 1, now_ms) {
-                    argv[2] = at.to_string().into_bytes();
-                    argv.push(b"ABSTTL".to_vec());
+                    argv[2] = owned(at);
+                    argv.push(Cow::Borrowed(b"ABSTTL"));
                 }
             }
         }
@@ -58,7 +63,7 @@ pub fn pin(argv: &mut Vec<Vec<u8>>, now_ms: i64) -> Result<(), Refused> {
 }
 
 /// SET/GETEX: `EX s` and `PX ms` become `PXAT now+ttl`.
-fn pin_set_options(argv: &mut [Vec<u8>], first_option: usize, now_ms: i64) {
+fn pin_set_options(argv: &mut Args, first_option: usize, now_ms: i64) {
     let mut i = first_option;
     while i + 1 < argv.len() {
         let unit = if argv[i].eq_ignore_ascii_case(b"ex") {
@@ -70,8 +75,8 @@ fn pin_set_options(argv: &mut [Vec<u8>], first_option: usize, now_ms: i64) {
         };
         if let Some(unit) = unit {
             if let Some(at) = deadline(&argv[i + 1], unit, now_ms) {
-                argv[i] = b"PXAT".to_vec();
-                argv[i + 1] = at.to_string().into_bytes();
+                argv[i] = Cow::Borrowed(b"PXAT");
+                argv[i + 1] = owned(at);
             }
             i += 2;
         } else {
@@ -81,7 +86,7 @@ fn pin_set_options(argv: &mut [Vec<u8>], first_option: usize, now_ms: i64) {
 }
 
 /// XADD with an automatic id (`*`) takes its milliseconds from the leader's clock.
-fn pin_xadd_id(argv: &mut [Vec<u8>], now_ms: i64) {
+fn pin_xadd_id(argv: &mut Args, now_ms: i64) {
     let mut i = 2;
     while i < argv.len() {
         let a = &argv[i];
@@ -89,19 +94,23 @@ fn pin_xadd_id(argv: &mut [Vec<u8>], now_ms: i64) {
             i += 1;
         } else if a.eq_ignore_ascii_case(b"maxlen") || a.eq_ignore_ascii_case(b"minid") {
             i += 1;
-            if argv.get(i).map_or(false, |t| t == b"=" || t == b"~") {
+            if argv.get(i).map_or(false, |t| **t == *b"=" || **t == *b"~") {
                 i += 1;
             }
             i += 1; // threshold
         } else if a.eq_ignore_ascii_case(b"limit") {
             i += 2;
         } else {
-            if a == b"*" {
-                argv[i] = format!("{now_ms}-*").into_bytes();
+            if **a == *b"*" {
+                argv[i] = Cow::Owned(format!("{now_ms}-*").into_bytes());
             }
             return;
         }
     }
+}
+
+fn owned(n: i64) -> Cow<'static, [u8]> {
+    Cow::Owned(n.to_string().into_bytes())
 }
 
 fn parse_i64(arg: &[u8]) -> Option<i64> {
@@ -124,9 +133,9 @@ mod tests {
     use super::*;
 
     fn run(args: &[&str]) -> Result<Vec<String>, Refused> {
-        let mut argv: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let mut argv: Args = args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect();
         pin(&mut argv, 1_000_000)?;
-        Ok(argv.into_iter().map(|a| String::from_utf8(a).unwrap()).collect())
+        Ok(argv.into_iter().map(|a| String::from_utf8(a.into_owned()).unwrap()).collect())
     }
 
     #[test]

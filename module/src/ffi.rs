@@ -41,6 +41,11 @@ pub fn args_of(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<Vec<u8>> {
     (0..argc.max(0) as usize).map(|i| string_bytes(unsafe { *argv.add(i) }).to_vec()).collect()
 }
 
+/// A command's arguments without copying them: valid while the command runs.
+pub fn borrowed_args<'a>(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<&'a [u8]> {
+    (0..argc.max(0) as usize).map(|i| string_bytes(unsafe { *argv.add(i) })).collect()
+}
+
 /// A string owned by nobody: for APIs that take ownership (command filter arguments).
 pub fn new_string(bytes: &[u8]) -> *mut RedisModuleString {
     unsafe { api!(RedisModule_CreateString)(ptr::null_mut(), bytes.as_ptr() as *const c_char, bytes.len()) }
@@ -77,7 +82,7 @@ pub fn reply_call_reply(ctx: *mut RedisModuleCtx, reply: *mut RedisModuleCallRep
 }
 
 /// Runs `argv` in the context's client and replies with what it returned.
-pub fn call_and_reply(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], resp3: bool) -> c_int {
+pub fn call_and_reply<A: AsRef<[u8]>>(ctx: *mut RedisModuleCtx, argv: &[A], resp3: bool) -> c_int {
     let reply = call(ctx, argv, resp3);
     if reply.is_null() {
         return reply_error(ctx, "ERR command could not be executed");

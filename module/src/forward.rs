@@ -14,10 +14,11 @@ use crate::apply::{Job, ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
-use raftis_core::command_entry::CommandEntry;
-use raftis_core::determinism;
+use raftis_core::command_entry::encode_command;
+use raftis_core::determinism::{self, Args};
 use raftis_core::forward::{ForwardDone, ForwardHandler, ForwardRequest};
 use raftis_core::routing::Route;
+use std::borrow::Cow;
 use std::os::raw::{c_char, c_int, c_long};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,13 +71,13 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     let timeout = s.write_timeout();
     match route {
         Route::Write => {
-            let mut argv = req.argv;
+            let mut argv: Args = req.argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
             if let Err(e) = determinism::pin(&mut argv, ffi::now_ms()) {
                 return done(Err(e.0));
             }
-            let entry = CommandEntry { db: req.db, argv };
+            let entry = encode_command(req.db, &argv);
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3: req.resp3 };
-            node.propose(entry.encode(), waiter, Instant::now() + timeout);
+            node.propose(entry, waiter, Instant::now() + timeout);
         }
         Route::Read => {
             let progress = s.progress.clone();

@@ -193,14 +193,14 @@ fn client_of(ctx: *mut RedisModuleCtx, hooks: &Hooks) -> Option<(ClientId, *mut 
 
 /// Runs the read `argv` for the client of `ctx` (or queues it behind the client's writes) and
 /// holds its reply until confirmed. False, having done nothing: take the blocking path.
-pub fn read(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], node: &RaftNode) -> bool {
+pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     let Some(hooks) = hooks() else { return false };
     let Some(term) = ready_term(node) else { return false };
     let Some((id, client)) = client_of(ctx, hooks) else { return false };
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
     if behind_writes {
-        let read = SlotFor::Read { argv: argv.to_vec(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
+        let read = SlotFor::Read { argv: argv.iter().map(|a| a.to_vec()).collect(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
         if queue_slot(&mut held, hooks, id, client, read).is_none() {
             return false;
         }

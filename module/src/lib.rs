@@ -40,7 +40,23 @@ fn guard(
     handler: fn(*mut RedisModuleCtx, Vec<Vec<u8>>) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::args_of(argv, argc);
-    match std::panic::catch_unwind(|| handler(ctx, args)) {
+    answer(ctx, std::panic::catch_unwind(|| handler(ctx, args)))
+}
+
+/// [`guard`] for the handlers every client command goes through: they borrow the arguments
+/// (alive until the command returns) instead of copying each one.
+fn guard_borrowed(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+    handler: fn(*mut RedisModuleCtx, &[&[u8]]) -> Result<Reply, String>,
+) -> c_int {
+    let args = ffi::borrowed_args(argv, argc);
+    answer(ctx, std::panic::catch_unwind(|| handler(ctx, &args)))
+}
+
+fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, String>>) -> c_int {
+    match outcome {
         Ok(Ok(reply)) => reply.send(ctx),
         Ok(Err(e)) => {
             ffi::reply_error(ctx, &e);
@@ -64,10 +80,15 @@ macro_rules! command {
             guard(ctx, argv, argc, $handler)
         }
     };
+    (borrowed $fn_name:ident, $handler:expr) => {
+        extern "C" fn $fn_name(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
+            guard_borrowed(ctx, argv, argc, $handler)
+        }
+    };
 }
 
-command!(cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
-command!(cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
+command!(borrowed cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
+command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));

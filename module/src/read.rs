@@ -30,8 +30,8 @@ pub fn needs_confirmation() -> bool {
     }
 }
 
-pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> {
-    let argv: Vec<Vec<u8>> = args.into_iter().skip(1).collect();
+pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    let argv = &args[1..];
     if argv.is_empty() {
         return Err("ERR wrong number of arguments for 'raft._read' command".into());
     }
@@ -42,15 +42,16 @@ pub fn read(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> 
     }
     if !node.is_leader() {
         if s.follower_proxy() {
-            return crate::forward::to_leader(ctx, argv);
+            return crate::forward::to_leader(ctx, argv.iter().map(|a| a.to_vec()).collect());
         }
         return Err(state::redirect(&node.status()));
     }
-    if crate::held::read(ctx, &argv, &node) {
+    if crate::held::read(ctx, argv, &node) {
         return Ok(());
     }
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
+    let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
     let blocked = Blocked::new(ctx, timeout + Duration::from_secs(1));
     let progress = s.progress.clone();
     node.read_index(

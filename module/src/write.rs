@@ -8,19 +8,19 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
-use raftis_core::command_entry::CommandEntry;
-use raftis_core::determinism;
+use raftis_core::command_entry::encode_command;
+use raftis_core::determinism::{self, Args};
+use std::borrow::Cow;
 use raftis_core::routing::Route;
 use std::time::{Duration, Instant};
 
 /// How much longer than write-timeout Redis' own backstop timer waits.
 const BACKSTOP: Duration = Duration::from_secs(1);
 
-pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String> {
-    let mut argv: Vec<Vec<u8>> = args.into_iter().skip(1).collect();
-    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
+pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    let command = &args[1..];
     let s = state::get();
-    match s.table.read().unwrap_or_else(|p| p.into_inner()).route(&refs) {
+    match s.table.read().unwrap_or_else(|p| p.into_inner()).route(command) {
         Route::Write => {}
         Route::Refuse(e) => return Err(e),
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
@@ -35,19 +35,20 @@ pub fn write(ctx: *mut RedisModuleCtx, args: Vec<Vec<u8>>) -> Result<(), String>
             return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
         }
         if s.follower_proxy() {
-            return crate::forward::to_leader(ctx, argv);
+            return crate::forward::to_leader(ctx, command.iter().map(|a| a.to_vec()).collect());
         }
         return Err(state::redirect(&status));
     }
+    let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
-    let entry = CommandEntry { db: ffi::selected_db(ctx), argv };
+    let entry = encode_command(ffi::selected_db(ctx), &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
     let reply_to = match crate::held::write_slot(ctx, &node) {
         Some(slot) => ReplyTo::Held(slot),
         None => ReplyTo::Client(Blocked::new(ctx, timeout + BACKSTOP)),
     };
-    node.propose(entry.encode(), WriteWaiter { reply_to, resp3 }, Instant::now() + timeout);
+    node.propose(entry, WriteWaiter { reply_to, resp3 }, Instant::now() + timeout);
     Ok(())
 }
 
