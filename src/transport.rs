@@ -944,6 +944,19 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// A loopback port with nothing listening on it (for now).
+    fn unused_port() -> u16 {
+        std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port()
+    }
+
+    /// Node 1, told that node 2 is at `port` where nothing listens, once it has found that out.
+    fn with_dead_peer(port: u16) -> Node {
+        let a = Node::on_any_port(1);
+        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
+        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        a
+    }
+
     /// Polls `cond` until it holds; for state that is not announced through a channel.
     fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + DEADLINE;
@@ -1015,11 +1028,8 @@ mod tests {
 
     #[test]
     fn a_dead_peer_costs_a_bounded_queue_and_catches_up_when_it_comes_up() {
-        // A port with nothing listening (for now).
-        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
-        let a = Node::on_any_port(1);
-        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
-        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        let port = unused_port();
+        let a = with_dead_peer(port);
 
         for start in (0..100_000).step_by(1000) {
             a.transport.send((start..start + 1000).map(|i| msg(1, 2, i)).collect());
@@ -1041,10 +1051,8 @@ mod tests {
 
     #[test]
     fn a_dead_peer_queues_at_most_its_byte_limit_of_large_messages() {
-        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
-        let a = Node::on_any_port(1);
-        a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
-        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        let port = unused_port();
+        let a = with_dead_peer(port);
 
         let big = |index: u64, len: usize| {
             let mut m = msg(1, 2, index);
@@ -1078,7 +1086,7 @@ mod tests {
 
     #[test]
     fn peers_can_be_moved_and_removed() {
-        let port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let port = unused_port();
         let a = Node::on_any_port(1);
         let b = Node::on_any_port(2);
         a.transport.set_peer_addr(NodeId(2), loopback(port).to_string());
@@ -1183,7 +1191,7 @@ mod tests {
 
     #[test]
     fn shutdown_is_prompt_idempotent_and_frees_the_port() {
-        let dead_port = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().port();
+        let dead_port = unused_port();
         let a = Node::on_any_port(1);
         let b = Node::on_any_port(2);
         a.transport.set_peer_addr(NodeId(2), b.addr());
@@ -1260,7 +1268,7 @@ mod tests {
     #[test]
     fn forwarding_to_a_dead_leader_says_nothing_was_sent() {
         let follower = Node::on_any_port(2);
-        let dead = std::net::TcpListener::bind(loopback(0)).unwrap().local_addr().unwrap().to_string();
+        let dead = loopback(unused_port()).to_string();
         let err = forward_and_wait(&follower, &dead, &["SET", "k", "v"]).unwrap_err();
         assert!(err.starts_with("CLUSTERDOWN cannot reach the leader"), "{err}");
     }

@@ -38,7 +38,13 @@ pub fn string_bytes<'a>(s: *const RedisModuleString) -> &'a [u8] {
 }
 
 pub fn args_of(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<Vec<u8>> {
-    (0..argc.max(0) as usize).map(|i| string_bytes(unsafe { *argv.add(i) }).to_vec()).collect()
+    owned_args(&borrowed_args(argv, argc))
+}
+
+/// Copies of borrowed arguments, for work that outlives the command (blocked clients, queued
+/// reads, forwarding).
+pub fn owned_args(args: &[&[u8]]) -> Vec<Vec<u8>> {
+    args.iter().map(|a| a.to_vec()).collect()
 }
 
 /// A command's arguments without copying them: valid while the command runs.

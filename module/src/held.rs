@@ -200,7 +200,7 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
     if behind_writes {
-        let read = SlotFor::Read { argv: argv.iter().map(|a| a.to_vec()).collect(), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
+        let read = SlotFor::Read { argv: ffi::owned_args(argv), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
         if queue_slot(&mut held, hooks, id, client, read).is_none() {
             return false;
         }

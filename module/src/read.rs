@@ -42,7 +42,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     if !node.is_leader() {
         if s.follower_proxy() {
-            return crate::forward::to_leader(ctx, argv.iter().map(|a| a.to_vec()).collect());
+            return crate::forward::to_leader(ctx, ffi::owned_args(argv));
         }
         return Err(state::redirect(&node.status()));
     }
@@ -51,7 +51,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
-    let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
+    let argv = ffi::owned_args(argv);
     let blocked = Blocked::new(ctx, timeout + Duration::from_secs(1));
     let progress = s.progress.clone();
     node.read_index(

@@ -35,7 +35,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
             return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
         }
         if s.follower_proxy() {
-            return crate::forward::to_leader(ctx, command.iter().map(|a| a.to_vec()).collect());
+            return crate::forward::to_leader(ctx, ffi::owned_args(command));
         }
         return Err(state::redirect(&status));
     }
