@@ -41,6 +41,11 @@ use std::time::{Duration, Instant};
 /// adds while still batching generously.
 const MAX_REQUESTS_PER_ROUND: usize = 8192;
 
+/// Log entries dropped per loop round when compacting after a snapshot. Deleting a million
+/// small entries in one LMDB transaction kept the loop (and so heartbeats and appends) busy for
+/// ~0.45 s; this many take a few milliseconds, and the rounds in between serve everything else.
+const COMPACTION_STEP: u64 = 16_384;
+
 /// A loop round longer than this is counted and logged. The loop also runs the side port: while
 /// one round lasts, this node sends no heartbeats and reads nothing from its peers, and a round
 /// past the election timeout gets a leader deposed without it noticing.
@@ -148,6 +153,7 @@ struct CounterCells {
     heartbeats_coalesced: AtomicU64,
     slow_rounds: AtomicU64,
     max_round_micros: AtomicU64,
+    compaction_steps: AtomicU64,
 }
 
 impl CounterCells {
@@ -169,6 +175,7 @@ impl CounterCells {
             heartbeats_coalesced: get(&self.heartbeats_coalesced),
             slow_rounds: get(&self.slow_rounds),
             max_round_micros: get(&self.max_round_micros),
+            compaction_steps: get(&self.compaction_steps),
         }
     }
 }
@@ -320,6 +327,7 @@ impl<S: StateMachine> Node<S> {
             rx,
             round: Vec::new(),
             slow_round_logged: None,
+            compact_to: 0,
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
@@ -568,6 +576,8 @@ struct RaftLoop<S: StateMachine> {
     round: Vec<Request<S::Waiter>>,
     /// When a slow round was last logged.
     slow_round_logged: Option<Instant>,
+    /// The log is being compacted up to (not including) this index, a step per round.
+    compact_to: u64,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -587,7 +597,9 @@ impl<S: StateMachine> RaftLoop<S> {
     async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
-            let received = tokio::time::timeout_at(next_tick.into(), self.rx.recv()).await;
+            // With compaction left to do, a round runs at once even if nothing arrives.
+            let wake_at = if self.compacting() { Instant::now() } else { next_tick };
+            let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
             match received {
@@ -629,6 +641,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.lock_status().fatal = Some(msg);
                 break;
             }
+            self.compact_step();
             if self.store.take_snapshot_wanted() {
                 self.sm.request_snapshot();
             }
@@ -777,21 +790,43 @@ impl<S: StateMachine> RaftLoop<S> {
         if trailing_bytes > 0 {
             keep_from = self.store.start_within_bytes(keep_from, t.index.get(), trailing_bytes).context("sizing the log tail")?;
         }
-        let compact_to = keep_from.min(self.raw.raft.raft_log.applied + 1);
-        if compact_to > self.store.first_index() {
-            self.store.compact(compact_to).context("compacting the log")?;
-        }
+        // The entries go in steps, a few each round (`compact_step`), not all in this one.
+        self.compact_to = self.compact_to.max(keep_from.min(self.raw.raft.raft_log.applied + 1));
         self.store.sync()?;
         let kept = self.snapshot_dir.join(&t.descriptor.file);
         let _ = crate::snapshot_file::remove_older_than(&self.snapshot_dir, &kept);
         log::info!(
-            "raft {}: snapshot at {} ({} bytes); log now starts at {}",
+            "raft {}: snapshot at {} ({} bytes); compacting the log from {} up to {}",
             self.id,
             t.index,
             t.descriptor.size,
-            self.store.first_index()
+            self.store.first_index(),
+            self.compact_to
         );
         Ok(())
+    }
+
+    fn compacting(&self) -> bool {
+        self.compact_to > self.store.first_index()
+    }
+
+    /// Drops the next [`COMPACTION_STEP`] entries of the log below `compact_to`. Not fsynced: a
+    /// crash only leaves entries that the next snapshot compacts again.
+    fn compact_step(&mut self) {
+        let first = self.store.first_index();
+        if self.compact_to <= first {
+            return;
+        }
+        let to = self.compact_to.min(first.saturating_add(COMPACTION_STEP));
+        if let Err(e) = self.store.compact(to) {
+            log::error!("raft {}: compacting the log up to {to} failed (the next snapshot retries): {e:#}", self.id);
+            self.compact_to = 0;
+            return;
+        }
+        CounterCells::add(&self.shared.counters.compaction_steps, 1);
+        if to == self.compact_to {
+            log::info!("raft {}: log compacted; it now starts at {to}", self.id);
+        }
     }
 
     fn not_leader(&self) -> Option<ProposeError> {

@@ -119,4 +119,6 @@ pub struct Counters {
     /// Loop rounds that took 500 ms or more, and the longest round so far.
     pub slow_rounds: u64,
     pub max_round_micros: u64,
+    /// Transactions that dropped compacted entries from the log (a bounded number each).
+    pub compaction_steps: u64,
 }

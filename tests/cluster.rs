@@ -359,3 +359,37 @@ fn a_slow_loop_round_is_counted_and_its_length_recorded() {
     });
     assert!(slow.max_round_micros >= 700_000, "{slow:?}");
 }
+
+#[test]
+fn a_large_log_is_compacted_in_steps_after_a_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start(NodeId(1), root.path(), free_port(), true, Durability::Low);
+    let nodes = [node];
+    let leader = current_leader(&nodes);
+    let written = values("c", 50_000);
+    assert_acked(propose_all(leader, written.clone()));
+    wait_applied(leader, &written);
+
+    let status = leader.node.status();
+    let members: raftis::membership::Members = [(leader.id, info(leader.id, leader.port))].into_iter().collect();
+    let taken = raftis::node::TakenSnapshot {
+        index: status.applied,
+        term: status.term,
+        conf_state: raft::eraftpb::ConfState { voters: vec![leader.id.get()], ..Default::default() },
+        members: Arc::new(members),
+        descriptor: raftis::snapshot_transfer::SnapshotDescriptor { file: "snapshot-test".into(), size: 0, checksum: 0 },
+    };
+    let before = leader.node.counters().compaction_steps;
+    assert!(leader.node.snapshot_taken(taken), "the snapshot is recorded");
+
+    // 100 trailing entries are kept; the ~50k before them go a bounded number per round.
+    let keep_from = status.applied.get() + 1 - 100;
+    wait_for("the log to be compacted", Duration::from_secs(10), || {
+        (leader.node.status().first_index.get() == keep_from).then_some(())
+    });
+    let steps = leader.node.counters().compaction_steps - before;
+    assert!(steps >= 3, "50k entries were dropped in {steps} step(s)");
+
+    // The node keeps working on the compacted log.
+    assert_acked(propose_all(leader, values("after", 10)));
+}

@@ -343,6 +343,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let _ = write!(out, "read_index_rounds:{}\r\nreads_confirmed:{}\r\n", c.read_index_rounds, c.reads);
         let _ = write!(out, "heartbeats_coalesced:{}\r\n", c.heartbeats_coalesced);
         let _ = write!(out, "slow_rounds:{}\r\nmax_round_micros:{}\r\n", c.slow_rounds, c.max_round_micros);
+        let _ = write!(out, "compaction_steps:{}\r\n", c.compaction_steps);
         for (name, value) in crate::held::stats() {
             let _ = write!(out, "{name}:{value}\r\n");
         }
