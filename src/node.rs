@@ -134,6 +134,7 @@ enum Request<W> {
     Hello { from: NodeId, addr: String },
     Unreachable(NodeId),
     TransferLeader(NodeId),
+    SetTicks { election: usize, heartbeat: usize },
     SnapshotTaken(TakenSnapshot, Sender<()>),
     /// A snapshot message whose file has been fetched (or could not be).
     SnapshotFetched { msg: Box<Message>, ok: bool },
@@ -260,20 +261,7 @@ impl<S: StateMachine> Node<S> {
             }
         };
 
-        let raft_cfg = raft::Config {
-            id: cfg.id.get(),
-            election_tick: cfg.timing.election_ticks,
-            heartbeat_tick: cfg.timing.heartbeat_ticks,
-            applied: snapshot_index,
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            read_only_option: raft::ReadOnlyOption::Safe,
-            // Many small proposals per Ready: let raft pack them into few append messages.
-            batch_append: true,
-            ..Default::default()
-        };
+        let raft_cfg = raft_config(cfg.id, cfg.timing.election_ticks, cfg.timing.heartbeat_ticks, snapshot_index);
         raft_cfg.validate().context("invalid raft configuration")?;
         let logger = raft_logger::logger(cfg.id.get());
         let raw = RawNode::new(&raft_cfg, store.clone(), &logger).context("starting raft")?;
@@ -328,6 +316,7 @@ impl<S: StateMachine> Node<S> {
             round: Vec::new(),
             slow_round_logged: None,
             compact_to: 0,
+            ticks_wanted: None,
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
@@ -401,6 +390,17 @@ impl<S: StateMachine> Node<S> {
     /// Asks the leader to hand leadership to `to` (best effort).
     pub fn transfer_leader(&self, to: NodeId) {
         let _ = self.tx.send(Request::TransferLeader(to));
+    }
+
+    /// Changes raft's election and heartbeat timeouts (in ticks) on this running node. raft-rs
+    /// fixes them when a node is built, so the node rebuilds its raft state from the log (term,
+    /// vote, commit, membership: nothing is lost). A leader first hands leadership to its most
+    /// up-to-date voter, so the cluster keeps a leader throughout; a single-node cluster
+    /// re-elects itself at once.
+    pub fn set_ticks(&self, election: usize, heartbeat: usize) -> Result<(), String> {
+        raft_config(NodeId(1), election, heartbeat, 0).validate().map_err(|e| e.to_string())?;
+        let _ = self.tx.send(Request::SetTicks { election, heartbeat });
+        Ok(())
     }
 
     /// Blocking: adds `info` as a learner, waits until it has caught up with the log, then
@@ -522,6 +522,23 @@ impl<S: StateMachine> Drop for Node<S> {
     }
 }
 
+fn raft_config(id: NodeId, election_ticks: usize, heartbeat_ticks: usize, applied: u64) -> raft::Config {
+    raft::Config {
+        id: id.get(),
+        election_tick: election_ticks,
+        heartbeat_tick: heartbeat_ticks,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        // Many small proposals per Ready: let raft pack them into few append messages.
+        batch_append: true,
+        ..Default::default()
+    }
+}
+
 fn durability_code(d: Durability) -> u8 {
     match d {
         Durability::High => 0,
@@ -578,6 +595,9 @@ struct RaftLoop<S: StateMachine> {
     slow_round_logged: Option<Instant>,
     /// The log is being compacted up to (not including) this index, a step per round.
     compact_to: u64,
+    /// New election and heartbeat ticks waiting for a round boundary (and, on a leader, for
+    /// leadership to move away), with when they were asked for.
+    ticks_wanted: Option<(usize, usize, Instant)>,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -597,8 +617,9 @@ impl<S: StateMachine> RaftLoop<S> {
     async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
-            // With compaction left to do, a round runs at once even if nothing arrives.
-            let wake_at = if self.compacting() { Instant::now() } else { next_tick };
+            // With compaction left to do, or a Ready raft made outside a round (a campaign after
+            // new timeouts), a round runs at once even if nothing arrives.
+            let wake_at = if self.compacting() || self.raw.has_ready() { Instant::now() } else { next_tick };
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
@@ -646,6 +667,12 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.sm.request_snapshot();
             }
             self.check_leadership();
+            if let Err(e) = self.apply_wanted_ticks() {
+                let msg = format!("{e:#}");
+                log::error!("raft node {} stopped: {msg}", self.id);
+                self.lock_status().fatal = Some(msg);
+                break;
+            }
             self.publish_status();
             for (w, result) in self.membership_done.drain(..) {
                 w(result);
@@ -722,6 +749,7 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id.get()),
             Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
+            Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
             Request::Shutdown => self.shutdown = true,
         }
     }
@@ -803,6 +831,60 @@ impl<S: StateMachine> RaftLoop<S> {
             self.store.first_index(),
             self.compact_to
         );
+        Ok(())
+    }
+
+    fn want_ticks(&mut self, election: usize, heartbeat: usize) {
+        let raft = &self.raw.raft;
+        if (election, heartbeat) == (raft.election_timeout(), raft.heartbeat_timeout()) {
+            self.ticks_wanted = None;
+            return;
+        }
+        self.ticks_wanted = Some((election, heartbeat, Instant::now()));
+        if raft.state != StateRole::Leader {
+            return;
+        }
+        // Rebuilding makes a leader a follower: hand leadership over first, to the voter that
+        // has the most of the log (raft waits until it has all of it).
+        let successor = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.id.get() && self.conf_state().voters.contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id);
+        if let Some(to) = successor {
+            log::info!("raft {}: handing leadership to {to} before changing its timeouts", self.id);
+            self.raw.transfer_leader(to);
+        }
+    }
+
+    /// Rebuilds raft with the wanted ticks once this round left nothing pending and this node
+    /// no longer leads others (or the hand-over had an election timeout to happen).
+    fn apply_wanted_ticks(&mut self) -> anyhow::Result<()> {
+        let Some((election, heartbeat, since)) = self.ticks_wanted else { return Ok(()) };
+        if self.raw.has_ready() {
+            return Ok(());
+        }
+        let leader = self.raw.raft.state == StateRole::Leader;
+        let alone = self.conf_state().voters == [self.id.get()];
+        let grace = self.tick_interval() * self.raw.raft.election_timeout() as u32;
+        if leader && !alone && since.elapsed() < grace {
+            return Ok(());
+        }
+        self.ticks_wanted = None;
+        let applied = self.raw.raft.raft_log.applied;
+        let cfg = raft_config(self.id, election, heartbeat, applied);
+        cfg.validate().context("invalid raft timeouts")?;
+        let logger = raft_logger::logger(self.id.get());
+        // Term, vote, commit index, log and membership all come back from the store; only
+        // in-memory rounds are lost (a leader's pending reads, which check_leadership fails).
+        self.raw = RawNode::new(&cfg, self.store.clone(), &logger).context("rebuilding raft with new timeouts")?;
+        log::info!("raft {}: election timeout now {election} ticks, heartbeat {heartbeat} ticks", self.id);
+        if leader && alone {
+            // Nobody else can lead: elect ourselves again at once instead of after a timeout.
+            self.raw.campaign().context("re-electing the only voter")?;
+        }
+        self.check_leadership();
         Ok(())
     }
 
@@ -1186,6 +1268,8 @@ impl<S: StateMachine> RaftLoop<S> {
             progress,
             leader_ready: self.leader_ready,
             pending_proposals: self.proposals.len(),
+            election_ticks: raft.election_timeout(),
+            heartbeat_ticks: raft.heartbeat_timeout(),
             fatal: None,
         };
         let mut slot = self.lock_status();

@@ -66,6 +66,9 @@ pub struct Status {
     /// The leader has committed an entry of its own term, so its commit index is current.
     pub leader_ready: bool,
     pub pending_proposals: usize,
+    /// Raft's election and heartbeat timeouts, in ticks, as the running node has them.
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
     /// The node stopped because of an unrecoverable error (e.g. its disk failed).
     pub fatal: Option<String>,
 }
@@ -87,6 +90,8 @@ impl Status {
             progress: Vec::new(),
             leader_ready: false,
             pending_proposals: 0,
+            election_ticks: 0,
+            heartbeat_ticks: 0,
             fatal: None,
         }
     }

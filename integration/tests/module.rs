@@ -335,12 +335,24 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert!(err.contains("write-timeout"), "{err}");
     let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "dir", "/tmp"]).unwrap_err().to_string();
     assert!(err.contains("module argument"), "{err}");
+    // Raft's timeouts change on the running node: RAFT.INFO reads them back from raft itself.
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "election-ticks", "20"]).unwrap();
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "heartbeat-ticks", "4"]).unwrap();
+    wait_for("raft to run with the new timeouts", Duration::from_secs(10), || {
+        (info_field(n, "election_ticks") == 20 && info_field(n, "heartbeat_ticks") == 4).then_some(())
+    });
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "heartbeat-ticks", "20"]).unwrap_err().to_string();
+    assert!(err.contains("less than election-ticks"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "election-ticks", "4"]).unwrap_err().to_string();
+    assert!(err.contains("greater than heartbeat-ticks"), "{err}");
     let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "*t*"]).unwrap();
     let map: std::collections::HashMap<&str, &str> = got.chunks(2).map(|kv| (kv[0].as_str(), kv[1].as_str())).collect();
     assert_eq!(map["durability"], "medium", "a rejected SET changed nothing");
     assert_eq!(map["consistency"], "high");
     assert_eq!(map["write-timeout"], "2500");
     assert_eq!(map["tick-ms"], "50");
+    assert_eq!((map["election-ticks"], map["heartbeat-ticks"]), ("20", "4"));
+    assert_eq!(info_field(n, "election_ticks"), 20, "a refused SET left raft alone");
     // Still serving, with the new settings.
     let _: () = n.cmd(&["SET", "k", "v"]).unwrap();
     let info: String = n.cmd(&["INFO", "raft"]).unwrap();

@@ -269,6 +269,8 @@ pub fn info_fields() -> Vec<(String, String)> {
         "leader_addr",
         st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()),
     );
+    put("election_ticks", st.election_ticks.to_string());
+    put("heartbeat_ticks", st.heartbeat_ticks.to_string());
     put("commit_index", st.commit.to_string());
     put("applied_index", s.progress.applied().to_string());
     put("first_log_index", st.first_index.to_string());

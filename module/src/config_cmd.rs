@@ -6,10 +6,19 @@ use crate::state;
 use raftis_core::settings::Settings;
 
 /// Changeable while running.
-const RUNTIME: &[&str] = &["consistency", "durability", "write-timeout", "tick-ms", "snapshot-threshold", "snapshot-log-size", "follower-proxy"];
-/// Only as module arguments (they shape the node's identity or raft's fixed timers).
-const LOAD_ONLY: &[&str] =
-    &["dir", "raft-port", "node-id", "advertise-addr", "election-ticks", "heartbeat-ticks", "trailing-logs"];
+const RUNTIME: &[&str] = &[
+    "consistency",
+    "durability",
+    "write-timeout",
+    "tick-ms",
+    "election-ticks",
+    "heartbeat-ticks",
+    "snapshot-threshold",
+    "snapshot-log-size",
+    "follower-proxy",
+];
+/// Only as module arguments (they shape the node's identity or its log).
+const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs"];
 
 fn values(s: &Settings) -> Vec<(&'static str, String)> {
     vec![
@@ -100,6 +109,11 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                 "tick-ms" => {
                     if let Some(n) = &node {
                         n.set_tick_interval(next.timing.tick_interval);
+                    }
+                }
+                "election-ticks" | "heartbeat-ticks" => {
+                    if let Some(n) = &node {
+                        n.set_ticks(next.timing.election_ticks, next.timing.heartbeat_ticks).map_err(|e| format!("ERR {e}"))?;
                     }
                 }
                 _ => {}
