@@ -27,6 +27,9 @@ pub enum Fault {
     Bridge,
     /// Remove a follower from the cluster, wipe it, and join it again as a new node.
     RemoveAndReAdd,
+    /// Change raft's election and heartbeat ticks on every node at runtime (followers first):
+    /// each rebuilds its raft state, the leader after handing leadership over.
+    Retime,
 }
 
 impl Fault {
@@ -41,6 +44,7 @@ impl Fault {
         Fault::SplitMajority,
         Fault::Bridge,
         Fault::RemoveAndReAdd,
+        Fault::Retime,
     ];
 }
 
@@ -126,6 +130,19 @@ impl Nemesis {
                 self.hold();
                 net.heal();
                 self.note(started, format!("{fault:?}: groups {groups:?} (cut {links}), then healed"));
+            }
+            Fault::Retime => {
+                let election = self.rng.gen_range(8..=14);
+                let heartbeat = self.rng.gen_range(1..=3);
+                let order: Vec<usize> = (0..n).filter(|i| *i != leader).chain([leader]).collect();
+                for i in order {
+                    for (name, value) in [("election-ticks", election), ("heartbeat-ticks", heartbeat)] {
+                        let set = cluster.nodes[i].cmd::<String>(&["RAFT.CONFIG", "SET", name, &value.to_string()]);
+                        set.unwrap_or_else(|e| panic!("RAFT.CONFIG SET {name} {value} on node {i}: {e}"));
+                    }
+                }
+                self.hold();
+                self.note(started, format!("{fault:?}: election {election} ticks, heartbeat {heartbeat} on every node"));
             }
             Fault::RemoveAndReAdd => {
                 let followers: Vec<usize> = (0..n).filter(|i| *i != leader).collect();
