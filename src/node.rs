@@ -317,6 +317,7 @@ impl<S: StateMachine> Node<S> {
             slow_round_logged: None,
             compact_to: 0,
             ticks_wanted: None,
+            campaigned: false,
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
@@ -598,6 +599,8 @@ struct RaftLoop<S: StateMachine> {
     /// New election and heartbeat ticks waiting for a round boundary (and, on a leader, for
     /// leadership to move away), with when they were asked for.
     ticks_wanted: Option<(usize, usize, Instant)>,
+    /// A campaign was started after this round's Ready: the next round must not wait.
+    campaigned: bool,
     members: Arc<Members>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
@@ -617,9 +620,10 @@ impl<S: StateMachine> RaftLoop<S> {
     async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
-            // With compaction left to do, or a Ready raft made outside a round (a campaign after
-            // new timeouts), a round runs at once even if nothing arrives.
-            let wake_at = if self.compacting() || self.raw.has_ready() { Instant::now() } else { next_tick };
+            // With compaction left to do, or after a campaign started outside a round (new
+            // timeouts on a single node), a round runs at once even if nothing arrives.
+            let again = self.compacting() || std::mem::take(&mut self.campaigned);
+            let wake_at = if again { Instant::now() } else { next_tick };
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
@@ -883,6 +887,7 @@ impl<S: StateMachine> RaftLoop<S> {
         if leader && alone {
             // Nobody else can lead: elect ourselves again at once instead of after a timeout.
             self.raw.campaign().context("re-electing the only voter")?;
+            self.campaigned = true;
         }
         self.check_leadership();
         Ok(())
