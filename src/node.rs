@@ -688,6 +688,10 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         self.shared.leading_term.store(0, Ordering::Release);
         self.shared.ready_index.store(0, Ordering::Release);
+        // The commit index is written lazily; a clean stop leaves the newest on disk.
+        if let Err(e) = self.store.store_commit() {
+            log::warn!("raft {}: could not store the commit index at shutdown: {e:#}", self.id);
+        }
         self.fail_everything(ProposeError::Shutdown);
         // Requests that raced with the stop still get an answer.
         self.rx.close();

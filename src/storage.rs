@@ -27,6 +27,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, DecodeIgnore, Str, U64};
@@ -37,6 +38,11 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError as RaftStorageErr
 
 /// Name of the LMDB directory inside the node's data directory.
 const LOG_DIR: &str = "raft-log";
+
+/// How often a commit index that changed alone is written. Raft does not need it on disk (a
+/// restarted node learns it again from the leader), and writing it with every Ready cost each
+/// durable commit an extra LMDB page or two to flush, on every node.
+const COMMIT_STORE_EVERY: Duration = Duration::from_millis(100);
 
 /// The map is only address space: LMDB's file grows as pages are used, so reserving far more than
 /// any log needs costs nothing and spares us resizing the map at runtime.
@@ -156,11 +162,22 @@ struct State {
     truncated_term: u64,
     /// Equals `truncated_index` when the log holds no entries.
     last_index: u64,
+    /// When `hard_state` was last written; its commit index may be newer than the stored one.
+    hard_state_stored_at: Option<Instant>,
 }
 
 impl State {
     fn first_index(&self) -> u64 {
         self.truncated_index + 1
+    }
+
+    /// Whether `hs` must be written now: term and vote always (Raft's safety rests on them),
+    /// a commit index that moved alone only every `COMMIT_STORE_EVERY`.
+    fn must_store(&self, hs: &HardState, every: Duration) -> bool {
+        let stored = &self.hard_state;
+        hs.term != stored.term
+            || hs.vote != stored.vote
+            || (hs.commit != stored.commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
     }
 
     fn is_initialized(&self) -> bool {
@@ -183,6 +200,8 @@ struct Inner {
     meta: MetaDb,
     page_size: u64,
     state: RwLock<State>,
+    /// See `COMMIT_STORE_EVERY` (tests shorten or lengthen it).
+    commit_store_every: Mutex<Duration>,
     /// Raft asked for a snapshot the stored one cannot serve (too old, or taken before the
     /// recipient joined): the application should make a fresh one.
     snapshot_wanted: std::sync::atomic::AtomicBool,
@@ -275,6 +294,7 @@ impl LogStore {
                 meta,
                 page_size,
                 state: RwLock::new(state),
+                commit_store_every: Mutex::new(COMMIT_STORE_EVERY),
                 snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
                 _claim: claim,
             }),
@@ -358,7 +378,10 @@ impl LogStore {
                     state.last_index = last.index;
                 }
                 if let Some(hs) = hard_state {
-                    self.put_message(txn, key::HARD_STATE, hs)?;
+                    if state.must_store(hs, self.commit_store_every()) {
+                        self.put_message(txn, key::HARD_STATE, hs)?;
+                        state.hard_state_stored_at = Some(Instant::now());
+                    }
                     state.hard_state = hs.clone();
                 }
                 Ok(())
@@ -374,15 +397,49 @@ impl LogStore {
     }
 
     /// Moves only the commit index of the hard state (Raft reports commit advances on their own).
+    /// Records a new commit index. Written to disk at once with `sync`, otherwise at most every
+    /// `COMMIT_STORE_EVERY` (or by `store_commit`): after a crash the stored one may be older,
+    /// never newer, and Raft learns the rest from the leader again.
     pub fn set_commit(&self, commit: u64, sync: bool) -> Result<()> {
+        {
+            let mut state = self.inner.state.write().unwrap_or_else(PoisonError::into_inner);
+            if state.hard_state.commit == commit && !sync {
+                return Ok(());
+            }
+            let hs = HardState { commit, ..state.hard_state.clone() };
+            if !sync && !state.must_store(&hs, self.commit_store_every()) {
+                state.hard_state = hs;
+                return Ok(());
+            }
+        }
         self.write(|txn, state| {
             state.hard_state.commit = commit;
+            state.hard_state_stored_at = Some(Instant::now());
             self.put_message(txn, key::HARD_STATE, &state.hard_state)
         })?;
         if sync {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Writes the newest commit index now (not fsynced), e.g. before a clean shutdown.
+    pub fn store_commit(&self) -> Result<()> {
+        let commit = self.hard_state().commit;
+        self.write(|txn, state| {
+            state.hard_state.commit = commit;
+            state.hard_state_stored_at = Some(Instant::now());
+            self.put_message(txn, key::HARD_STATE, &state.hard_state)
+        })
+    }
+
+    fn commit_store_every(&self) -> Duration {
+        *self.inner.commit_store_every.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn set_commit_store_every(&self, every: Duration) {
+        *self.inner.commit_store_every.lock().unwrap_or_else(PoisonError::into_inner) = every;
     }
 
     /// Records the configuration the application has applied. Not fsynced on its own: it becomes
@@ -803,6 +860,10 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
         _ => truncated_index,
     };
 
+    // The commit index is written lazily (see `COMMIT_STORE_EVERY`) and may trail compaction;
+    // everything compacted was applied, so it was committed.
+    let mut hard_state = hard_state;
+    hard_state.commit = hard_state.commit.max(truncated_index);
     Ok(State {
         hard_state,
         conf_state,
@@ -810,6 +871,7 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
         truncated_index,
         truncated_term,
         last_index,
+        hard_state_stored_at: None,
     })
 }
 
@@ -1296,6 +1358,50 @@ mod tests {
             Err(StorageError::MissingSnapshotMetadata)
         ));
         assert!(!store.is_initialized());
+    }
+
+    #[test]
+    fn a_commit_index_that_moved_alone_is_written_lazily_and_never_behind_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = |commit| HardState { term: 2, vote: 1, commit };
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store.set_commit_store_every(Duration::from_secs(3600));
+            store.append(&entries_with_terms(1, &[2, 2, 2, 2, 2, 2]), Some(&hs(1)), true).unwrap();
+            // Only the commit index moves: kept in memory, not written.
+            store.append(&[], Some(&hs(3)), true).unwrap();
+            store.set_commit(4, false).unwrap();
+            assert_eq!(store.hard_state(), hs(4));
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(store.hard_state(), hs(1), "the commit index on disk may trail, never lead");
+
+        // A term or vote change is written at once, with the newest commit index.
+        store.set_commit_store_every(Duration::from_secs(3600));
+        store.set_commit(5, false).unwrap();
+        store.append(&[], Some(&HardState { term: 3, vote: 2, commit: 5 }), false).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(store.hard_state(), HardState { term: 3, vote: 2, commit: 5 });
+
+        // Compaction past the stored commit index (5) lifts it on open: compacted means applied.
+        store.set_commit_store_every(Duration::from_secs(3600));
+        store.set_commit(6, false).unwrap();
+        let mut snap = Snapshot::default();
+        snap.metadata = Some(SnapshotMetadata { index: 6, term: 2, ..Default::default() });
+        store.set_snapshot(snap).unwrap();
+        store.compact(7).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(store.hard_state().commit, 6);
+
+        // store_commit writes the newest on demand (a clean shutdown).
+        store.set_commit_store_every(Duration::from_secs(3600));
+        store.append(&entries_with_terms(7, &[3]), None, true).unwrap();
+        store.set_commit(7, false).unwrap();
+        store.store_commit().unwrap();
+        drop(store);
+        assert_eq!(LogStore::open(dir.path()).unwrap().hard_state().commit, 7);
     }
 
     #[test]
