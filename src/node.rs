@@ -661,9 +661,7 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             self.start_reads();
             if let Err(e) = self.on_ready().await {
-                let msg = format!("{e:#}");
-                log::error!("raft node {} stopped: {msg}", self.id);
-                self.lock_status().fatal = Some(msg);
+                self.stop_on(e);
                 break;
             }
             self.compact_step();
@@ -672,9 +670,7 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             self.check_leadership();
             if let Err(e) = self.apply_wanted_ticks() {
-                let msg = format!("{e:#}");
-                log::error!("raft node {} stopped: {msg}", self.id);
-                self.lock_status().fatal = Some(msg);
+                self.stop_on(e);
                 break;
             }
             self.publish_status();
@@ -699,6 +695,13 @@ impl<S: StateMachine> RaftLoop<S> {
             fail_request(req, ProposeError::Shutdown);
         }
         self.publish_status();
+    }
+
+    /// Records why the loop is about to stop, for the log and for `Status::fatal`.
+    fn stop_on(&mut self, e: anyhow::Error) {
+        let msg = format!("{e:#}");
+        log::error!("raft node {} stopped: {msg}", self.id);
+        self.lock_status().fatal = Some(msg);
     }
 
     fn account_round(&mut self, took: Duration, requests: usize) {
@@ -854,10 +857,11 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         // Rebuilding makes a leader a follower: hand leadership over first, to the voter that
         // has the most of the log (raft waits until it has all of it).
+        let voters = self.conf_state().voters;
         let successor = raft
             .prs()
             .iter()
-            .filter(|(id, _)| **id != self.id.get() && self.conf_state().voters.contains(id))
+            .filter(|(id, _)| **id != self.id.get() && voters.contains(id))
             .max_by_key(|(_, pr)| pr.matched)
             .map(|(id, _)| *id);
         if let Some(to) = successor {

@@ -171,13 +171,14 @@ impl State {
         self.truncated_index + 1
     }
 
-    /// Whether `hs` must be written now: term and vote always (Raft's safety rests on them),
-    /// a commit index that moved alone only every `COMMIT_STORE_EVERY`.
+    /// Whether `hs` must be written now: a new term or vote always (Raft's safety rests on
+    /// them, and they are always on disk as `hard_state` has them), a commit index that moved
+    /// alone only if `every` has passed since the hard state was last written.
     fn must_store(&self, hs: &HardState, every: Duration) -> bool {
-        let stored = &self.hard_state;
-        hs.term != stored.term
-            || hs.vote != stored.vote
-            || (hs.commit != stored.commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
+        let current = &self.hard_state;
+        hs.term != current.term
+            || hs.vote != current.vote
+            || (hs.commit != current.commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
     }
 
     fn is_initialized(&self) -> bool {
@@ -397,7 +398,7 @@ impl LogStore {
     }
 
     /// Moves only the commit index of the hard state (Raft reports commit advances on their own).
-    /// Records a new commit index. Written to disk at once with `sync`, otherwise at most every
+    /// Written to disk at once with `sync`, otherwise at most every
     /// `COMMIT_STORE_EVERY` (or by `store_commit`): after a crash the stored one may be older,
     /// never newer, and Raft learns the rest from the leader again.
     pub fn set_commit(&self, commit: u64, sync: bool) -> Result<()> {
@@ -412,11 +413,7 @@ impl LogStore {
                 return Ok(());
             }
         }
-        self.write(|txn, state| {
-            state.hard_state.commit = commit;
-            state.hard_state_stored_at = Some(Instant::now());
-            self.put_message(txn, key::HARD_STATE, &state.hard_state)
-        })?;
+        self.write_commit(commit)?;
         if sync {
             self.sync()?;
         }
@@ -425,7 +422,10 @@ impl LogStore {
 
     /// Writes the newest commit index now (not fsynced), e.g. before a clean shutdown.
     pub fn store_commit(&self) -> Result<()> {
-        let commit = self.hard_state().commit;
+        self.write_commit(self.hard_state().commit)
+    }
+
+    fn write_commit(&self, commit: u64) -> Result<()> {
         self.write(|txn, state| {
             state.hard_state.commit = commit;
             state.hard_state_stored_at = Some(Instant::now());

@@ -148,6 +148,24 @@ fn wait_applied(node: &TestNode, expected: &[Vec<u8>]) {
     assert_eq!(&*node.applied.lock().unwrap(), expected, "node {} applied a different sequence", node.id);
 }
 
+/// Proposes `n` more values through `leader` and checks that every node in `nodes` applied
+/// `earlier` followed by them, in order. Returns the whole sequence.
+fn append_and_check<'a>(
+    leader: &TestNode,
+    nodes: impl IntoIterator<Item = &'a TestNode>,
+    earlier: Vec<Vec<u8>>,
+    prefix: &str,
+    n: usize,
+) -> Vec<Vec<u8>> {
+    let more = values(prefix, n);
+    assert_acked(propose_all(leader, more.clone()));
+    let all: Vec<Vec<u8>> = earlier.into_iter().chain(more).collect();
+    for node in nodes {
+        wait_applied(node, &all);
+    }
+    all
+}
+
 /// Node 1 bootstraps, 2 and 3 join through the real membership path.
 fn three_node_cluster(root: &Path, durability: Durability) -> Vec<TestNode> {
     let n1 = start(NodeId(1), &root.join("n1"), free_port(), true, durability);
@@ -230,13 +248,7 @@ fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
         let status = n.node.status();
         assert_eq!(status.voters, vec![NodeId(1), NodeId(2), NodeId(3)], "membership survives restart");
     }
-    let leader = current_leader(&nodes);
-    let more = values("more", 10);
-    assert_acked(propose_all(leader, more.clone()));
-    let all: Vec<Vec<u8>> = expected.into_iter().chain(more).collect();
-    for n in &nodes {
-        wait_applied(n, &all);
-    }
+    append_and_check(current_leader(&nodes), &nodes, expected, "more", 10);
 }
 
 #[test]
@@ -291,12 +303,7 @@ fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
     assert!(!status.members.contains_key(&victim));
     nodes.retain(|n| n.id != victim);
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
-    let second = values("second", 200);
-    assert_acked(propose_all(leader, second.clone()));
-    let all: Vec<Vec<u8>> = first.into_iter().chain(second).collect();
-    for n in nodes.iter().chain(std::iter::once(&n4)) {
-        wait_applied(n, &all);
-    }
+    append_and_check(leader, nodes.iter().chain(std::iter::once(&n4)), first, "second", 200);
 }
 
 #[test]
@@ -417,12 +424,7 @@ fn election_and_heartbeat_ticks_change_on_a_running_cluster_without_losing_its_l
     // and the cluster keeps committing and applying in the same order.
     let leader = current_leader(&nodes);
     assert!(leader.node.status().term > old_term, "leadership changed hands, in a later term");
-    let second = values("after", 200);
-    assert_acked(propose_all(leader, second.clone()));
-    let all: Vec<Vec<u8>> = first.into_iter().chain(second).collect();
-    for n in &nodes {
-        wait_applied(n, &all);
-    }
+    append_and_check(leader, &nodes, first, "after", 200);
 }
 
 #[test]
@@ -438,7 +440,5 @@ fn a_single_node_changes_its_ticks_and_leads_again() {
         Some(leader.node.status()).filter(|s| s.election_ticks == 30 && s.heartbeat_ticks == 5 && s.leader_ready)
     });
     assert_eq!(status.role, Role::Leader);
-    let second = values("two", 50);
-    assert_acked(propose_all(leader, second.clone()));
-    wait_applied(leader, &first.into_iter().chain(second).collect::<Vec<_>>());
+    append_and_check(leader, [leader], first, "two", 50);
 }
