@@ -43,6 +43,15 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
     let leader = cluster.wait_leader();
     write_many(&cluster.nodes[leader], "a", 50_000);
     same_dataset(&cluster, &[0, 1, 2]);
+    // One snapshot per 5000 entries at most: a snapshot whose file is still being verified
+    // and recorded must not look overdue and start another.
+    for node in &cluster.nodes {
+        wait_for("snapshots to finish", Duration::from_secs(20), || {
+            (info_text(node, "snapshot_in_progress") == "no").then_some(())
+        });
+        let started = info_field(node, "snapshots_started");
+        assert!((1..=10).contains(&started), "node {}: {started} snapshots for 50000 entries", node.port);
+    }
     for node in &cluster.nodes {
         let snap = wait_for("a snapshot", Duration::from_secs(20), || {
             let i = info_field(node, "snapshot_index");

@@ -282,6 +282,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("snapshot_size_bytes", snap_size.to_string());
     put("applied_bytes_since_snapshot", s.snapshots.applied_bytes().to_string());
     put("snapshot_in_progress", if s.snapshots.in_progress() { "yes" } else { "no" }.to_string());
+    put("snapshots_started", s.snapshots.started().to_string());
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());
     put("pending_proposals", st.pending_proposals.to_string());

@@ -18,7 +18,7 @@ use raftis_core::{LogIndex, Term};
 use raft::eraftpb::ConfState;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -41,6 +41,11 @@ struct InProgress {
 #[derive(Default)]
 pub struct Snapshots {
     in_progress: Mutex<Option<InProgress>>,
+    /// A finished child's file is being verified and recorded in the log. Until `latest` names
+    /// it, the log still looks due for a snapshot: no automatic one may start meanwhile.
+    publishing: AtomicBool,
+    /// Snapshot children started since this process started (RAFT.INFO `snapshots_started`).
+    started: AtomicU64,
     /// Index and size of the newest snapshot this node has.
     latest: Mutex<Option<(LogIndex, u64)>>,
     /// Bytes of entries applied since the last snapshot started (or was loaded): roughly how
@@ -71,8 +76,13 @@ impl Snapshots {
         self.applied_bytes.store(0, Ordering::Relaxed);
     }
 
+    /// A child is writing a snapshot, or its file is being verified and recorded.
     pub fn in_progress(&self) -> bool {
-        self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.publishing.load(Ordering::Acquire) || self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Starts a snapshot at `point`. Must be called on the main thread, between batches.
@@ -120,6 +130,7 @@ impl Snapshots {
             return;
         }
         log::info!("snapshot at index {} started (child pid {pid})", point.index);
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.applied_bytes.store(0, Ordering::Relaxed);
         *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters: waiter.into_iter().collect() });
     }
@@ -180,11 +191,27 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
             }
             return;
         }
-        let _ = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
+        // Set before the job leaves `in_progress`, so `in_progress()` never reads false between.
+        s.snapshots.publishing.store(true, Ordering::Release);
+        let published = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
+        if published.is_err() {
+            log::error!("cannot start a thread to publish the snapshot; the next one will be taken later");
+            s.snapshots.publishing.store(false, Ordering::Release);
+        }
     });
 }
 
+/// Clears `publishing` however `publish` ends.
+struct Publishing;
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        state::get().snapshots.publishing.store(false, Ordering::Release);
+    }
+}
+
 fn publish(job: InProgress) {
+    let _publishing = Publishing;
     let s = state::get();
     let summary = match snapshot_file::verify(&job.path) {
         Ok(summary) => summary,
@@ -215,6 +242,7 @@ fn publish(job: InProgress) {
         })
     });
     // Entries applied while this one was written may already call for the next.
+    drop(_publishing);
     let _ = s.send_to_apply(crate::apply::Job::CheckSnapshot);
     // Answered only once the log durably refers to the snapshot.
     for w in job.waiters {
