@@ -627,6 +627,7 @@ impl<S: StateMachine> RaftLoop<S> {
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
+            self.store.set_ordered_commits(self.sync_writes());
             match received {
                 Ok(Some(req)) => {
                     let mut round = std::mem::take(&mut self.round);

@@ -206,6 +206,11 @@ struct Inner {
     /// Raft asked for a snapshot the stored one cannot serve (too old, or taken before the
     /// recipient joined): the application should make a fresh one.
     snapshot_wanted: std::sync::atomic::AtomicBool,
+    /// Every commit flushes its pages before the meta page that points at them, also commits
+    /// that need not be durable themselves (see `set_ordered_commits`).
+    ordered_commits: std::sync::atomic::AtomicBool,
+    /// Commits made with LMDB's own flushes (for tests).
+    durable_commits: std::sync::atomic::AtomicU64,
     _claim: DirClaim,
 }
 
@@ -243,9 +248,10 @@ struct DurableCommit<'a> {
 }
 
 impl<'a> DurableCommit<'a> {
-    fn begin(env: &'a heed::Env) -> Result<Self> {
-        unsafe { env.set_flags(EnvFlags::NO_SYNC, heed::FlagSetMode::Disable)? };
-        Ok(DurableCommit { env })
+    fn begin(inner: &'a Inner) -> Result<Self> {
+        unsafe { inner.env.set_flags(EnvFlags::NO_SYNC, heed::FlagSetMode::Disable)? };
+        inner.durable_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(DurableCommit { env: &inner.env })
     }
 }
 
@@ -297,6 +303,8 @@ impl LogStore {
                 state: RwLock::new(state),
                 commit_store_every: Mutex::new(COMMIT_STORE_EVERY),
                 snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
+                ordered_commits: std::sync::atomic::AtomicBool::new(true),
+                durable_commits: std::sync::atomic::AtomicU64::new(0),
                 _claim: claim,
             }),
         })
@@ -350,8 +358,7 @@ impl LogStore {
             // A durable append commits with LMDB's own ordering: data pages flushed before the
             // meta page that points at them. A NO_SYNC commit followed by one fsync would save a
             // flush but let a power loss persist the meta page without its data.
-            let _durable = if sync { Some(DurableCommit::begin(&self.inner.env)?) } else { None };
-            self.write(|txn, state| {
+            self.write_with(sync, |txn, state| {
                 if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
                     if first.index < state.first_index() {
                         return Err(StorageError::Compacted {
@@ -573,6 +580,7 @@ impl LogStore {
     /// Stores an application blob. Like `set_conf_state`, durable after the next sync.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         // No cached state changes, so no need for the state lock; LMDB serializes writers.
+        let _durable = self.durable_if(false)?;
         let mut txn = self.inner.env.write_txn()?;
         self.inner.meta.put(&mut txn, &app_key(key), value)?;
         txn.commit()?;
@@ -618,6 +626,24 @@ impl LogStore {
         }
     }
 
+    /// With durability high, every commit is made the way LMDB makes a durable one: its pages
+    /// flushed, then the meta page that points at them. Commits that need not be durable (the
+    /// commit index, membership, compaction, snapshot records) would otherwise leave a window,
+    /// until the next durable commit, in which a power loss could persist a meta page without
+    /// the pages it points at and damage the log. They are rare, so flushing them costs little.
+    /// Without it (durability medium and low) only `sync` commits are flushed.
+    pub fn set_ordered_commits(&self, ordered: bool) {
+        self.inner.ordered_commits.store(ordered, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn durable_if(&self, sync: bool) -> Result<Option<DurableCommit<'_>>> {
+        if sync || self.inner.ordered_commits.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(Some(DurableCommit::begin(&self.inner)?))
+        } else {
+            Ok(None)
+        }
+    }
+
     fn state(&self) -> RwLockReadGuard<'_, State> {
         // Writers publish the state only after a successful commit and never panic in between,
         // so a poisoned lock still guards a consistent state.
@@ -631,6 +657,12 @@ impl LogStore {
     /// copy only once the transaction has committed, so a failed write leaves cache and disk
     /// agreeing.
     fn write<T>(&self, f: impl FnOnce(&mut RwTxn, &mut State) -> Result<T>) -> Result<T> {
+        self.write_with(false, f)
+    }
+
+    /// `write`, durable before it returns with `sync` (or with ordered commits).
+    fn write_with<T>(&self, sync: bool, f: impl FnOnce(&mut RwTxn, &mut State) -> Result<T>) -> Result<T> {
+        let _durable = self.durable_if(sync)?;
         let mut state = self
             .inner
             .state
@@ -1358,6 +1390,39 @@ mod tests {
             Err(StorageError::MissingSnapshotMetadata)
         ));
         assert!(!store.is_initialized());
+    }
+
+    #[test]
+    fn with_ordered_commits_every_commit_is_durable_and_without_only_synced_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_commit_store_every(Duration::ZERO);
+        let durable = |store: &LogStore| store.inner.durable_commits.load(std::sync::atomic::Ordering::Relaxed);
+        let hs = |commit| HardState { term: 2, vote: 1, commit };
+        let mut snap = Snapshot::default();
+        snap.metadata = Some(SnapshotMetadata { index: 2, term: 2, ..Default::default() });
+        // Each write that need not be durable itself, then one that must be.
+        let writes = |store: &LogStore, first: u64| {
+            store.append(&entries_with_terms(first, &[2, 2, 2]), Some(&hs(first)), false).unwrap();
+            store.set_commit(first + 1, false).unwrap();
+            store.set_conf_state(&ConfState { voters: vec![1, 2, 3], ..Default::default() }).unwrap();
+            store.put_meta("members", b"1,2,3").unwrap();
+            store.append(&entries_with_terms(first + 3, &[2]), None, true).unwrap();
+        };
+
+        // The default, and durability high: nothing is committed without LMDB's flushes.
+        let before = durable(&store);
+        writes(&store, 1);
+        store.set_snapshot(snap.clone()).unwrap();
+        store.compact(3).unwrap();
+        assert_eq!(durable(&store) - before, 7, "every commit durable");
+
+        // Durability medium or low: only the commit asked to sync.
+        store.set_ordered_commits(false);
+        let before = durable(&store);
+        writes(&store, 5);
+        assert_eq!(durable(&store) - before, 1, "only the synced append");
+        assert_eq!(store.last_index(), 8);
     }
 
     #[test]
