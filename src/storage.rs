@@ -427,7 +427,8 @@ impl LogStore {
         Ok(())
     }
 
-    /// Writes the newest commit index now (not fsynced), e.g. before a clean shutdown.
+    /// Writes the newest commit index now (fsynced only with ordered commits), e.g. before a
+    /// clean shutdown.
     pub fn store_commit(&self) -> Result<()> {
         self.write_commit(self.hard_state().commit)
     }
@@ -449,8 +450,8 @@ impl LogStore {
         *self.inner.commit_store_every.lock().unwrap_or_else(PoisonError::into_inner) = every;
     }
 
-    /// Records the configuration the application has applied. Not fsynced on its own: it becomes
-    /// durable with the next synced write or `sync`.
+    /// Records the configuration the application has applied. Fsynced only with ordered commits
+    /// (`set_ordered_commits`); otherwise durable with the next synced write or `sync`.
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<()> {
         self.write(|txn, state| {
             self.put_message(txn, key::CONF_STATE, cs)?;
@@ -537,7 +538,8 @@ impl LogStore {
     }
 
     /// Stores a newer snapshot made by the application, leaving the log alone. Not fsynced on its
-    /// own; a later `compact` relies on it, and LMDB commits land in order.
+    /// own unless commits are ordered (`set_ordered_commits`). A later `compact` relies on it:
+    /// LMDB commits take effect in order (across a power loss, only ordered ones).
     pub fn set_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         let meta = snapshot
             .metadata
@@ -577,7 +579,7 @@ impl LogStore {
         Ok(())
     }
 
-    /// Stores an application blob. Like `set_conf_state`, durable after the next sync.
+    /// Stores an application blob. Durable like `set_conf_state`.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         // No cached state changes, so no need for the state lock; LMDB serializes writers.
         let _durable = self.durable_if(false)?;
