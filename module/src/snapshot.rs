@@ -191,7 +191,7 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
             }
             return;
         }
-        // Set before the job leaves `in_progress`, so `in_progress()` never reads false between.
+        // This and every caller of `in_progress()` run on the main thread: none sees the gap.
         s.snapshots.publishing.store(true, Ordering::Release);
         let published = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
         if published.is_err() {
