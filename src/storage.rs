@@ -26,6 +26,7 @@ use std::cmp;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -205,12 +206,12 @@ struct Inner {
     commit_store_every: Mutex<Duration>,
     /// Raft asked for a snapshot the stored one cannot serve (too old, or taken before the
     /// recipient joined): the application should make a fresh one.
-    snapshot_wanted: std::sync::atomic::AtomicBool,
+    snapshot_wanted: AtomicBool,
     /// Every commit flushes its pages before the meta page that points at them, also commits
     /// that need not be durable themselves (see `set_ordered_commits`).
-    ordered_commits: std::sync::atomic::AtomicBool,
+    ordered_commits: AtomicBool,
     /// Commits made with LMDB's own flushes (for tests).
-    durable_commits: std::sync::atomic::AtomicU64,
+    durable_commits: AtomicU64,
     _claim: DirClaim,
 }
 
@@ -250,7 +251,7 @@ struct DurableCommit<'a> {
 impl<'a> DurableCommit<'a> {
     fn begin(inner: &'a Inner) -> Result<Self> {
         unsafe { inner.env.set_flags(EnvFlags::NO_SYNC, heed::FlagSetMode::Disable)? };
-        inner.durable_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner.durable_commits.fetch_add(1, Ordering::Relaxed);
         Ok(DurableCommit { env: &inner.env })
     }
 }
@@ -302,9 +303,9 @@ impl LogStore {
                 page_size,
                 state: RwLock::new(state),
                 commit_store_every: Mutex::new(COMMIT_STORE_EVERY),
-                snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
-                ordered_commits: std::sync::atomic::AtomicBool::new(true),
-                durable_commits: std::sync::atomic::AtomicU64::new(0),
+                snapshot_wanted: AtomicBool::new(false),
+                ordered_commits: AtomicBool::new(true),
+                durable_commits: AtomicU64::new(0),
                 _claim: claim,
             }),
         })
@@ -571,7 +572,7 @@ impl LogStore {
     /// Flushes everything committed so far to disk.
     /// True once after raft wanted a snapshot the stored one could not serve.
     pub fn take_snapshot_wanted(&self) -> bool {
-        self.inner.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
+        self.inner.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -635,11 +636,11 @@ impl LogStore {
     /// the pages it points at and damage the log. They are rare, so flushing them costs little.
     /// Without it (durability medium and low) only `sync` commits are flushed.
     pub fn set_ordered_commits(&self, ordered: bool) {
-        self.inner.ordered_commits.store(ordered, std::sync::atomic::Ordering::Relaxed);
+        self.inner.ordered_commits.store(ordered, Ordering::Relaxed);
     }
 
     fn durable_if(&self, sync: bool) -> Result<Option<DurableCommit<'_>>> {
-        if sync || self.inner.ordered_commits.load(std::sync::atomic::Ordering::Relaxed) {
+        if sync || self.inner.ordered_commits.load(Ordering::Relaxed) {
             Ok(Some(DurableCommit::begin(&self.inner)?))
         } else {
             Ok(None)
@@ -850,7 +851,7 @@ impl Storage for LogStore {
             }
             _ => {
                 if to != 0 {
-                    self.inner.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.inner.snapshot_wanted.store(true, Ordering::Relaxed);
                 }
                 Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
             }
@@ -1399,7 +1400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         store.set_commit_store_every(Duration::ZERO);
-        let durable = |store: &LogStore| store.inner.durable_commits.load(std::sync::atomic::Ordering::Relaxed);
+        let durable = |store: &LogStore| store.inner.durable_commits.load(Ordering::Relaxed);
         let hs = |commit| HardState { term: 2, vote: 1, commit };
         let mut snap = Snapshot::default();
         snap.metadata = Some(SnapshotMetadata { index: 2, term: 2, ..Default::default() });
@@ -1415,7 +1416,7 @@ mod tests {
         // The default, and durability high: nothing is committed without LMDB's flushes.
         let before = durable(&store);
         writes(&store, 1);
-        store.set_snapshot(snap.clone()).unwrap();
+        store.set_snapshot(snap).unwrap();
         store.compact(3).unwrap();
         assert_eq!(durable(&store) - before, 7, "every commit durable");
 
