@@ -8,6 +8,7 @@ pub mod determinism;
 pub mod forward;
 mod heartbeats;
 pub mod ids;
+pub mod journal;
 pub mod membership;
 pub mod node;
 pub mod proposal;

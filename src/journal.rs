@@ -1,0 +1,205 @@
+//! The raft log's journal: what the log appended since its last checkpoint into LMDB.
+//!
+//! A durable LMDB commit rewrites, copy on write, the log's last pages, their branch pages and
+//! the free list, each a page of its own, and flushes twice (data, then the meta page). Per
+//! Ready that cost more than the replication itself. The journal makes a durable append one
+//! sequential write and one flush; the entries reach LMDB later, many at once, in one durable
+//! commit (a checkpoint), after which the journal starts over.
+//!
+//! Layout: a header block (magic, generation, checksum), then records, each
+//! `[len u32][crc u32][generation u64][payload]`, the checksum over generation and payload. A
+//! checkpoint bumps the generation in the header before anything new is written, so records of
+//! an older generation, still on disk past the new end, are never read as current. Reading
+//! stops at the first record that is empty, torn, or of another generation. The file is filled
+//! with zeros when created, so appends never change its size and a flush writes data only.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const MAGIC: u64 = 0x5241_4654_4a4e_4c31; // "RAFTJNL1"
+const HEADER_BYTES: u64 = 4096;
+const RECORD_HEAD: usize = 16;
+
+pub struct Journal {
+    file: File,
+    generation: u64,
+    /// Where the next record goes.
+    end: u64,
+    capacity: u64,
+}
+
+impl Journal {
+    /// Opens (creating, `capacity` bytes of zeros) the journal at `path`; returns it with the
+    /// payloads of the current generation's records, oldest first. New records go after them.
+    pub fn open(path: &Path, capacity: u64) -> io::Result<(Journal, Vec<Vec<u8>>)> {
+        if !path.exists() {
+            create(path, capacity)?;
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let capacity = file.metadata()?.len();
+        let mut header = [0u8; 20];
+        file.read_exact_at(&mut header, 0)?;
+        let magic = u64::from_le_bytes(header[0..8].try_into().unwrap());
+        let generation = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let crc = u32::from_le_bytes(header[16..20].try_into().unwrap());
+        if magic != MAGIC || crc != crc32fast::hash(&header[0..16]) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has no valid journal header", path.display())));
+        }
+        let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity };
+        let records = journal.read_records()?;
+        Ok((journal, records))
+    }
+
+    fn read_records(&mut self) -> io::Result<Vec<Vec<u8>>> {
+        let mut records = Vec::new();
+        loop {
+            let mut head = [0u8; RECORD_HEAD];
+            if self.end + RECORD_HEAD as u64 > self.capacity {
+                break;
+            }
+            self.file.read_exact_at(&mut head, self.end)?;
+            let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as u64;
+            let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
+            let generation = u64::from_le_bytes(head[8..16].try_into().unwrap());
+            if len == 0 || generation != self.generation || self.end + RECORD_HEAD as u64 + len > self.capacity {
+                break;
+            }
+            let mut payload = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut payload, self.end + RECORD_HEAD as u64)?;
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&head[8..16]);
+            hasher.update(&payload);
+            if hasher.finalize() != crc {
+                break;
+            }
+            self.end += RECORD_HEAD as u64 + len;
+            records.push(payload);
+        }
+        Ok(records)
+    }
+
+    /// Whether a record of `payload_len` bytes still fits.
+    pub fn fits(&self, payload_len: usize) -> bool {
+        self.end + (RECORD_HEAD + payload_len) as u64 <= self.capacity
+    }
+
+    /// Bytes of records written since the last checkpoint.
+    pub fn used(&self) -> u64 {
+        self.end - HEADER_BYTES
+    }
+
+    /// Appends one record (the caller checked it `fits`), flushed before returning with `sync`.
+    pub fn append(&mut self, payload: &[u8], sync: bool) -> io::Result<()> {
+        let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
+        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&self.generation.to_le_bytes());
+        hasher.update(payload);
+        record.extend_from_slice(&hasher.finalize().to_le_bytes());
+        record.extend_from_slice(&self.generation.to_le_bytes());
+        record.extend_from_slice(payload);
+        self.file.write_all_at(&record, self.end)?;
+        self.end += record.len() as u64;
+        if sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Starts a new generation: everything recorded so far is in LMDB and must never be read
+    /// again. With `sync`, durable before it returns, so no flushed record of the new
+    /// generation can be read with the old header.
+    pub fn restart(&mut self, sync: bool) -> io::Result<()> {
+        self.generation += 1;
+        self.file.write_all_at(&header(self.generation), 0)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        self.end = HEADER_BYTES;
+        Ok(())
+    }
+}
+
+fn header(generation: u64) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Writes the whole file under a temporary name and renames it, so a journal that exists is
+/// complete.
+fn create(path: &Path, capacity: u64) -> io::Result<()> {
+    let tmp = path.with_extension("new");
+    let mut file = File::create(&tmp)?;
+    let mut first = vec![0u8; HEADER_BYTES as usize];
+    first[..20].copy_from_slice(&header(1));
+    file.write_all(&first)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = capacity.saturating_sub(HEADER_BYTES);
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_come_back_in_order_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+            assert!(records.is_empty());
+            j.append(b"one", true).unwrap();
+            j.append(b"two", false).unwrap();
+        }
+        let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"one".to_vec(), b"two".to_vec()]);
+        // New records go after the ones read back.
+        j.append(b"three", true).unwrap();
+        drop(j);
+        let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records.len(), 3);
+        // After a restart the old records, still on disk past the new end, are not read.
+        j.restart(true).unwrap();
+        j.append(b"x", true).unwrap();
+        drop(j);
+        let (_, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"x".to_vec()]);
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+            j.append(b"kept", true).unwrap();
+            j.append(b"torn record", true).unwrap();
+            j.append(b"after", true).unwrap();
+        }
+        // Flip a byte in the second record's payload.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", HEADER_BYTES + (RECORD_HEAD + 4) as u64 + RECORD_HEAD as u64 + 2).unwrap();
+        let (j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"kept".to_vec()]);
+        assert!(j.fits(100));
+        assert!(!j.fits(1 << 16));
+    }
+}
