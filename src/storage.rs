@@ -10,10 +10,14 @@
 //!   The snapshot is split in two so that opening the log does not read a possibly huge dataset
 //!   just to learn its index; application keys get a prefix so they can never clobber Raft state.
 //!
-//! Durability: the environment is opened with `MDB_NOSYNC`, so a commit reaches the OS page cache
-//! but not the disk. Callers choose when to pay for an fsync: per write (`sync = true`, the group
-//! commit of one Raft `Ready`) or from a background flusher through [`LogStore::sync`]. A process
-//! crash loses nothing either way; what a power loss can do is up to that choice.
+//! Durability: appends go to a journal (`crate::journal`, `<dir>/raft-log/journal`) and stay in
+//! memory (the tail) until a checkpoint moves them into LMDB in one commit and restarts the
+//! journal; opening the store replays the journal. Callers choose when to pay for an fsync: per
+//! append (`sync = true`, the group commit of one Raft `Ready`: one journal write and flush) or
+//! from a background flusher through [`LogStore::sync`]. The environment is opened with
+//! `MDB_NOSYNC`; with ordered commits (durability high) every LMDB commit is made durably
+//! anyway, checkpoints included. A process crash loses nothing either way; what a power loss can
+//! do is up to that choice.
 //!
 //! Concurrency: writes come from one thread (the Raft loop) but everything takes `&self`. The
 //! cached indexes and states sit behind an `RwLock` that a writer holds for the whole write
@@ -32,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, DecodeIgnore, Str, U64};
+use crate::journal::Journal;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn};
 use prost::Message;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -212,8 +217,26 @@ struct Inner {
     ordered_commits: AtomicBool,
     /// Commits made with LMDB's own flushes (for tests).
     durable_commits: AtomicU64,
+    /// Entries appended since the last checkpoint, durable in the journal; see `crate::journal`.
+    tail: Mutex<Tail>,
     _claim: DirClaim,
 }
+
+/// The log past what LMDB holds: entries from `first` on, recorded in the journal. Stored
+/// entries from `first` on, if any, are superseded (a new leader overwrote them).
+struct Tail {
+    journal: Journal,
+    first: u64,
+    entries: Vec<Entry>,
+    /// When entries last moved into LMDB.
+    checkpointed_at: Instant,
+}
+
+/// The journal's size. A checkpoint empties it when it is half full, every
+/// `CHECKPOINT_EVERY`, or at `CHECKPOINT_ENTRIES` entries, whichever comes first.
+const JOURNAL_BYTES: u64 = 8 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+const CHECKPOINT_ENTRIES: usize = 16_384;
 
 /// Log directories with a live `LogStore` in this process. heed hands a second open of the same
 /// path the same environment, and two stores over one environment would each trust their own
@@ -294,8 +317,9 @@ impl LogStore {
         let page_size = u64::from(entries.stat(&txn)?.page_size);
         let state = load_state(&txn, entries, meta)?;
         txn.commit()?;
+        let (journal, records) = Journal::open(&path.join("journal"), JOURNAL_BYTES)?;
 
-        Ok(LogStore {
+        let store = LogStore {
             inner: Arc::new(Inner {
                 env,
                 entries,
@@ -306,9 +330,43 @@ impl LogStore {
                 snapshot_wanted: AtomicBool::new(false),
                 ordered_commits: AtomicBool::new(true),
                 durable_commits: AtomicU64::new(0),
+                tail: Mutex::new(Tail { journal, first: 0, entries: Vec::new(), checkpointed_at: Instant::now() }),
                 _claim: claim,
             }),
-        })
+        };
+        store.replay(records)?;
+        Ok(store)
+    }
+
+    /// At open: what the journal recorded since the last checkpoint, back in place and then
+    /// moved into LMDB, so the store starts with an empty journal.
+    fn replay(&self, records: Vec<Vec<u8>>) -> Result<()> {
+        let mut tail = self.tail();
+        let replayed = records.len();
+        for record in records {
+            let (mut entries, hs) = decode_record(&record)?;
+            // Entries below the log's start were applied and compacted since (possible only if a
+            // power loss below durability high kept LMDB's compaction but not the journal's
+            // restart): nothing to put back.
+            let first_index = self.first_index();
+            entries.retain(|e| e.index >= first_index);
+            self.check_append(&entries)?;
+            // LMDB may hold a newer commit index than the record (written alone since); term
+            // and vote only change through the journal, so the record's are never older.
+            let hs = hs.map(|hs| HardState { commit: hs.commit.max(self.hard_state().commit), ..hs });
+            self.remember(&mut tail, &entries, hs.as_ref(), hs.is_some());
+        }
+        if replayed > 0 {
+            log::info!("raft log: replayed {replayed} journal records up to index {}", self.last_index());
+        }
+        self.checkpoint(&mut tail)?;
+        // With durability below high the journal may have lost its last records while LMDB
+        // kept a commit index beyond them; Raft refuses a commit index past the log.
+        let mut state = self.inner.state.write().unwrap_or_else(PoisonError::into_inner);
+        if state.hard_state.commit > state.last_index {
+            state.hard_state.commit = state.last_index;
+        }
+        Ok(())
     }
 
     /// Whether this node already belongs to a cluster: it knows a member or has seen a term.
@@ -347,58 +405,129 @@ impl LogStore {
         hard_state: Option<&HardState>,
         sync: bool,
     ) -> Result<()> {
-        for pair in entries.windows(2) {
-            if pair[0].index.checked_add(1) != Some(pair[1].index) {
-                return Err(StorageError::NotConsecutive {
-                    previous: pair[0].index,
-                    found: pair[1].index,
-                });
+        if entries.is_empty() && hard_state.is_none() {
+            if sync {
+                self.sync()?;
+            }
+            return Ok(());
+        }
+        self.check_append(entries)?;
+        let mut tail = self.tail();
+        // Entries always go to the journal; a hard state only when it must be stored (see
+        // `State::must_store`), otherwise it waits for the next record or checkpoint.
+        let record_hs = hard_state.filter(|hs| self.state().must_store(hs, self.commit_store_every()));
+        if !entries.is_empty() || record_hs.is_some() {
+            let record = encode_record(entries, record_hs);
+            if !tail.journal.fits(record.len()) {
+                self.checkpoint(&mut tail)?;
+            }
+            if tail.journal.fits(record.len()) {
+                tail.journal.append(&record, sync)?;
+            } else {
+                // Larger than the whole journal: straight into LMDB, durably.
+                self.store_directly(entries, record_hs)?;
             }
         }
-        if !entries.is_empty() || hard_state.is_some() {
-            // A durable append commits with LMDB's own ordering: data pages flushed before the
-            // meta page that points at them. A NO_SYNC commit followed by one fsync would save a
-            // flush but let a power loss persist the meta page without its data.
-            self.write_with(sync, |txn, state| {
-                if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-                    if first.index < state.first_index() {
-                        return Err(StorageError::Compacted {
-                            index: first.index,
-                            first_index: state.first_index(),
-                        });
-                    }
-                    if first.index > state.last_index + 1 {
-                        return Err(StorageError::Gap {
-                            index: first.index,
-                            last_index: state.last_index,
-                        });
-                    }
-                    // A new leader overwrites a suffix it disagrees with; everything from the
-                    // first new index on is superseded, including entries past the new batch.
-                    if first.index <= state.last_index {
-                        self.inner.entries.delete_range(txn, &(first.index..))?;
-                    }
-                    // Every stored key is now below `first.index`: LMDB may append at the end of
-                    // its last page instead of searching the tree for each entry (and refuses,
-                    // rather than misplaces, a key that would not sort last).
-                    for entry in entries {
-                        self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
-                    }
-                    state.last_index = last.index;
-                }
-                if let Some(hs) = hard_state {
-                    if state.must_store(hs, self.commit_store_every()) {
-                        self.put_message(txn, key::HARD_STATE, hs)?;
-                        state.hard_state_stored_at = Some(Instant::now());
-                    }
-                    state.hard_state = hs.clone();
-                }
-                Ok(())
-            })?;
-        } else if sync {
-            self.sync()?;
+        self.remember(&mut tail, entries, hard_state, record_hs.is_some());
+        let due = tail.entries.len() >= CHECKPOINT_ENTRIES
+            || tail.journal.used() >= JOURNAL_BYTES / 2
+            || tail.checkpointed_at.elapsed() >= CHECKPOINT_EVERY;
+        if due {
+            self.checkpoint(&mut tail)?;
         }
         Ok(())
+    }
+
+    /// Refuses entries that would not continue the log: before its first index, or past its end.
+    fn check_append(&self, entries: &[Entry]) -> Result<()> {
+        for pair in entries.windows(2) {
+            if pair[0].index.checked_add(1) != Some(pair[1].index) {
+                return Err(StorageError::NotConsecutive { previous: pair[0].index, found: pair[1].index });
+            }
+        }
+        let Some(first) = entries.first() else { return Ok(()) };
+        let state = self.state();
+        if first.index < state.first_index() {
+            return Err(StorageError::Compacted { index: first.index, first_index: state.first_index() });
+        }
+        if first.index > state.last_index + 1 {
+            return Err(StorageError::Gap { index: first.index, last_index: state.last_index });
+        }
+        Ok(())
+    }
+
+    /// Puts appended (or replayed) entries and hard state in place in memory. A new leader
+    /// overwrites a suffix it disagrees with: everything from the first new index on is
+    /// superseded, including entries past the new batch, in the tail and in LMDB alike.
+    fn remember(&self, tail: &mut Tail, entries: &[Entry], hs: Option<&HardState>, hs_recorded: bool) {
+        if let Some(first) = entries.first() {
+            if tail.entries.is_empty() || first.index < tail.first {
+                tail.first = first.index;
+                tail.entries.clear();
+            } else {
+                tail.entries.truncate((first.index - tail.first) as usize);
+            }
+            tail.entries.extend_from_slice(entries);
+        }
+        let mut state = self.inner.state.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(last) = entries.last() {
+            state.last_index = last.index;
+        }
+        if let Some(hs) = hs {
+            state.hard_state = hs.clone();
+            if hs_recorded {
+                state.hard_state_stored_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Moves the tail into LMDB in one commit, with the newest hard state, then starts a new
+    /// journal generation. With ordered commits (durability high) the commit is durable before
+    /// the journal forgets; below high neither is flushed here, and the flush thread's `sync`
+    /// bounds what a power loss can take.
+    fn checkpoint(&self, tail: &mut Tail) -> Result<()> {
+        tail.checkpointed_at = Instant::now();
+        if tail.entries.is_empty() && tail.journal.used() == 0 {
+            return Ok(());
+        }
+        let first = tail.first;
+        self.write(|txn, state| {
+            if !tail.entries.is_empty() {
+                self.inner.entries.delete_range(txn, &(first..))?;
+                // Every stored key is now below `first`: LMDB may append at the end of its last
+                // page instead of searching the tree for each entry (and refuses, rather than
+                // misplaces, a key that would not sort last).
+                for entry in &tail.entries {
+                    self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
+                }
+            }
+            self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
+            Ok(())
+        })?;
+        tail.entries.clear();
+        tail.journal.restart(self.inner.ordered_commits.load(Ordering::Relaxed))?;
+        Ok(())
+    }
+
+    /// An append too large for the journal (the tail is empty: the caller checkpointed).
+    fn store_directly(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        self.write_with(true, |txn, state| {
+            if let Some(first) = entries.first() {
+                self.inner.entries.delete_range(txn, &(first.index..))?;
+                for entry in entries {
+                    self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
+                }
+            }
+            if let Some(hs) = hs {
+                self.put_message(txn, key::HARD_STATE, hs)?;
+                state.hard_state = hs.clone();
+            }
+            Ok(())
+        })
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.inner.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn set_hard_state(&self, hs: &HardState, sync: bool) -> Result<()> {
@@ -464,6 +593,9 @@ impl LogStore {
     /// Replaces the whole log with a snapshot received from the leader: entries are dropped, the
     /// log restarts after the snapshot's index, and the configuration is the snapshot's.
     pub fn apply_snapshot(&self, snapshot: Snapshot, sync: bool) -> Result<()> {
+        // The journal starts a new generation first: none of its records may be replayed onto
+        // the log that replaces them.
+        self.checkpoint(&mut self.tail())?;
         let index = snapshot
             .metadata
             .as_ref()
@@ -490,6 +622,8 @@ impl LogStore {
     /// `compact_index - 1` (see `set_snapshot`): it is what a follower needing those entries
     /// receives instead.
     pub fn compact(&self, compact_index: u64) -> Result<()> {
+        // Compaction works on LMDB alone, and no journal record may reach below it afterwards.
+        self.checkpoint(&mut self.tail())?;
         self.write(|txn, state| {
             if compact_index <= state.first_index() {
                 return Ok(());
@@ -520,6 +654,8 @@ impl LogStore {
     /// later and weighs at most `budget` bytes as stored; `last + 1` if even entry `last` weighs
     /// more. Reads only the stored lengths, not the entries.
     pub fn start_within_bytes(&self, floor: u64, last: u64, budget: u64) -> Result<u64> {
+        // It reads stored lengths: the tail must be in LMDB first.
+        self.checkpoint(&mut self.tail())?;
         let floor = floor.max(self.first_index());
         if floor > last {
             return Ok(last + 1);
@@ -576,6 +712,7 @@ impl LogStore {
     }
 
     pub fn sync(&self) -> Result<()> {
+        self.tail().journal.sync()?;
         self.inner.env.force_sync()?;
         Ok(())
     }
@@ -724,6 +861,7 @@ impl LogStore {
     }
 
     fn read_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>> {
+        let tail = self.tail();
         let state = self.state();
         if low < state.first_index() {
             return Err(StorageError::Compacted {
@@ -742,11 +880,13 @@ impl LogStore {
         }
         let max_size = max_size.filter(|&max| max != raft::NO_LIMIT);
 
+        // Entries from the tail's first on are read from the tail; LMDB's, if any, are stale.
+        let split = if tail.entries.is_empty() { high } else { tail.first.clamp(low, high) };
         let txn = self.inner.env.read_txn()?;
-        let mut stored = self.inner.entries.range(&txn, &(low..high))?;
+        let mut stored = self.inner.entries.range(&txn, &(low..split))?;
         let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
         let mut size = 0u64;
-        for expected in low..high {
+        for expected in low..split {
             let (index, bytes) = stored.next().ok_or_else(|| missing_entry(expected))??;
             if index != expected {
                 return Err(missing_entry(expected));
@@ -761,10 +901,20 @@ impl LogStore {
             }
             out.push(Entry::decode(body)?);
         }
+        if split < high && out.len() as u64 == split - low {
+            for entry in &tail.entries[(split - tail.first) as usize..(high - tail.first) as usize] {
+                size = size.saturating_add(entry.encoded_len() as u64);
+                if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                    break;
+                }
+                out.push(entry.clone());
+            }
+        }
         Ok(out)
     }
 
     fn read_term(&self, index: u64) -> Result<u64> {
+        let tail = self.tail();
         let state = self.state();
         if index == state.truncated_index {
             return Ok(state.truncated_term);
@@ -780,6 +930,9 @@ impl LogStore {
                 index,
                 last_index: state.last_index,
             });
+        }
+        if !tail.entries.is_empty() && index >= tail.first {
+            return Ok(tail.entries[(index - tail.first) as usize].term);
         }
         let txn = self.inner.env.read_txn()?;
         self.stored_term(&txn, index)
@@ -908,6 +1061,58 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
         last_index,
         hard_state_stored_at: None,
     })
+}
+
+/// A journal record: the entries appended (each in its stored form) and the hard state if it
+/// had to be stored. `[count u32][len u32, sealed entry]*[has_hs u8][term, vote, commit u64]`.
+fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + entries.iter().map(|e| 8 + e.encoded_len()).sum::<usize>());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for entry in entries {
+        let sealed = seal(entry);
+        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&sealed);
+    }
+    match hs {
+        Some(hs) => {
+            out.push(1);
+            for v in [hs.term, hs.vote, hs.commit] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        None => out.push(0),
+    }
+    out
+}
+
+fn decode_record(mut data: &[u8]) -> Result<(Vec<Entry>, Option<HardState>)> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+        if data.len() < n {
+            return Err(StorageError::Corrupt("a journal record is truncated".into()));
+        }
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Ok(head)
+    }
+    let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap());
+    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+    let count = u32_at(take(&mut data, 4)?) as usize;
+    let mut entries = Vec::with_capacity(count.min(data.len() / 8));
+    for _ in 0..count {
+        let len = u32_at(take(&mut data, 4)?) as usize;
+        let sealed = take(&mut data, len)?;
+        let entry = Entry::decode(unseal(0, sealed)?)?;
+        entries.push(entry);
+    }
+    let hs = match take(&mut data, 1)?[0] {
+        0 => None,
+        _ => Some(HardState {
+            term: u64_at(take(&mut data, 8)?),
+            vote: u64_at(take(&mut data, 8)?),
+            commit: u64_at(take(&mut data, 8)?),
+        }),
+    };
+    Ok((entries, hs))
 }
 
 /// Stored form of an entry: its prost encoding followed by a CRC32 of it (LMDB keeps no
@@ -1396,7 +1601,36 @@ mod tests {
     }
 
     #[test]
-    fn with_ordered_commits_every_commit_is_durable_and_without_only_synced_ones() {
+    fn appends_in_the_journal_survive_a_reopen_and_overwrite_stored_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = |term, commit| HardState { term, vote: 1, commit };
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store.append(&entries_with_terms(1, &[1, 1, 1, 1, 1]), Some(&hs(1, 2)), true).unwrap();
+            store.checkpoint(&mut store.tail()).unwrap();
+            // In the journal only: more entries, then a new leader overwriting 4.. (stored in
+            // LMDB) and 6.. (in the journal).
+            store.append(&entries_with_terms(6, &[1, 1, 1]), None, true).unwrap();
+            store.append(&entries_with_terms(4, &[2, 2]), Some(&hs(2, 3)), true).unwrap();
+            assert_eq!(store.last_index(), 5);
+            assert_eq!(get(&store, 1, 6).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2]));
+            assert_eq!(store.term(4), Ok(2));
+            // Dropped without a checkpoint, as a crash would.
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!((store.first_index(), store.last_index()), (1, 5));
+        assert_eq!(get(&store, 1, 6).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2]));
+        assert_eq!(store.hard_state(), hs(2, 3));
+        // The reopen moved everything into LMDB and started a new journal: a second reopen reads
+        // the same log, not the old records again.
+        store.append(&entries_with_terms(6, &[2]), None, true).unwrap();
+        drop(store);
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(get(&store, 1, 7).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2, 2]));
+    }
+
+    #[test]
+    fn with_ordered_commits_every_lmdb_commit_is_durable_and_without_none_is() {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         store.set_commit_store_every(Duration::ZERO);
@@ -1404,13 +1638,12 @@ mod tests {
         let hs = |commit| HardState { term: 2, vote: 1, commit };
         let mut snap = Snapshot::default();
         snap.metadata = Some(SnapshotMetadata { index: 2, term: 2, ..Default::default() });
-        // Each write that need not be durable itself, then one that must be.
+        // An append (journal only), then three LMDB writes that need not be durable themselves.
         let writes = |store: &LogStore, first: u64| {
             store.append(&entries_with_terms(first, &[2, 2, 2]), Some(&hs(first)), false).unwrap();
             store.set_commit(first + 1, false).unwrap();
             store.set_conf_state(&ConfState { voters: vec![1, 2, 3], ..Default::default() }).unwrap();
             store.put_meta("members", b"1,2,3").unwrap();
-            store.append(&entries_with_terms(first + 3, &[2]), None, true).unwrap();
         };
 
         // The default, and durability high: nothing is committed without LMDB's flushes.
@@ -1418,14 +1651,15 @@ mod tests {
         writes(&store, 1);
         store.set_snapshot(snap).unwrap();
         store.compact(3).unwrap();
-        assert_eq!(durable(&store) - before, 7, "every commit durable");
+        assert_eq!(durable(&store) - before, 6, "3 writes, the snapshot record, the checkpoint, the compaction");
 
-        // Durability medium or low: only the commit asked to sync.
+        // Durability medium or low: nothing, checkpoints included (the flush thread syncs).
         store.set_ordered_commits(false);
         let before = durable(&store);
-        writes(&store, 5);
-        assert_eq!(durable(&store) - before, 1, "only the synced append");
-        assert_eq!(store.last_index(), 8);
+        writes(&store, 4);
+        store.checkpoint(&mut store.tail()).unwrap();
+        assert_eq!(durable(&store) - before, 0, "nothing flushed");
+        assert_eq!(store.last_index(), 6);
     }
 
     #[test]
@@ -1556,6 +1790,8 @@ mod tests {
         store
             .append(&entries_with_terms(1, &[1, 1]), None, false)
             .unwrap();
+        // Into LMDB, where the damage is done.
+        store.checkpoint(&mut store.tail()).unwrap();
         let inner = &store.inner;
         let mut txn = inner.env.write_txn().unwrap();
         inner
@@ -1585,6 +1821,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         store.append(&entries_with_terms(1, &[1, 1, 1]), None, false).unwrap();
+        // Into LMDB, where the damage is done.
+        store.checkpoint(&mut store.tail()).unwrap();
         let mut txn = store.inner.env.write_txn().unwrap();
         let mut damaged = store.inner.entries.get(&txn, &2).unwrap().unwrap().to_vec();
         damaged[0] ^= 0x01;
@@ -1605,6 +1843,8 @@ mod tests {
         store
             .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
             .unwrap();
+        // Into LMDB, where the damage is done.
+        store.checkpoint(&mut store.tail()).unwrap();
         let mut txn = store.inner.env.write_txn().unwrap();
         store.inner.entries.delete(&mut txn, &2).unwrap();
         txn.commit().unwrap();
