@@ -490,17 +490,8 @@ impl LogStore {
         if tail.entries.is_empty() && tail.journal.used() == 0 {
             return Ok(());
         }
-        let first = tail.first;
         self.write(|txn, state| {
-            if !tail.entries.is_empty() {
-                self.inner.entries.delete_range(txn, &(first..))?;
-                // Every stored key is now below `first`: LMDB may append at the end of its last
-                // page instead of searching the tree for each entry (and refuses, rather than
-                // misplaces, a key that would not sort last).
-                for entry in &tail.entries {
-                    self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
-                }
-            }
+            self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
             Ok(())
         })?;
@@ -512,18 +503,26 @@ impl LogStore {
     /// An append too large for the journal (the tail is empty: the caller checkpointed).
     fn store_directly(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         self.write_with(true, |txn, state| {
-            if let Some(first) = entries.first() {
-                self.inner.entries.delete_range(txn, &(first.index..))?;
-                for entry in entries {
-                    self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
-                }
-            }
+            self.put_entries(txn, entries)?;
             if let Some(hs) = hs {
                 self.put_message(txn, key::HARD_STATE, hs)?;
                 state.hard_state = hs.clone();
             }
             Ok(())
         })
+    }
+
+    /// Stores `entries` in place of everything from the first of them on.
+    fn put_entries(&self, txn: &mut RwTxn, entries: &[Entry]) -> Result<()> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        self.inner.entries.delete_range(txn, &(first.index..))?;
+        // Every stored key is now below `first`: LMDB may append at the end of its last page
+        // instead of searching the tree for each entry (and refuses, rather than misplaces, a
+        // key that would not sort last).
+        for entry in entries {
+            self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
+        }
+        Ok(())
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
