@@ -416,23 +416,26 @@ impl LogStore {
         // Entries always go to the journal; a hard state only when it must be stored (see
         // `State::must_store`), otherwise it waits for the next record or checkpoint.
         let record_hs = hard_state.filter(|hs| self.state().must_store(hs, self.commit_store_every()));
+        let mut journalled = true;
         if !entries.is_empty() || record_hs.is_some() {
             let record = encode_record(entries, record_hs);
             if !tail.journal.fits(record.len()) {
                 self.checkpoint(&mut tail)?;
             }
-            if tail.journal.fits(record.len()) {
+            journalled = tail.journal.fits(record.len());
+            if journalled {
                 tail.journal.append(&record, sync)?;
-            } else {
-                // Larger than the whole journal: straight into LMDB, durably.
-                self.store_directly(entries, record_hs)?;
             }
         }
         self.remember(&mut tail, entries, hard_state, record_hs.is_some());
-        let due = tail.entries.len() >= CHECKPOINT_ENTRIES
+        if !journalled {
+            // Larger than the whole journal: straight into LMDB, durably, by a checkpoint of a
+            // tail that holds only this append.
+            self.checkpoint_with(&mut tail, true)?;
+        } else if tail.entries.len() >= CHECKPOINT_ENTRIES
             || tail.journal.used() >= JOURNAL_BYTES / 2
-            || tail.checkpointed_at.elapsed() >= CHECKPOINT_EVERY;
-        if due {
+            || tail.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+        {
             self.checkpoint(&mut tail)?;
         }
         Ok(())
@@ -486,30 +489,23 @@ impl LogStore {
     /// the journal forgets; below high neither is flushed here, and the flush thread's `sync`
     /// bounds what a power loss can take.
     fn checkpoint(&self, tail: &mut Tail) -> Result<()> {
+        self.checkpoint_with(tail, false)
+    }
+
+    /// `checkpoint`, durable before it returns with `sync` (or with ordered commits).
+    fn checkpoint_with(&self, tail: &mut Tail, sync: bool) -> Result<()> {
         tail.checkpointed_at = Instant::now();
         if tail.entries.is_empty() && tail.journal.used() == 0 {
             return Ok(());
         }
-        self.write(|txn, state| {
+        self.write_with(sync, |txn, state| {
             self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
             Ok(())
         })?;
         tail.entries.clear();
-        tail.journal.restart(self.inner.ordered_commits.load(Ordering::Relaxed))?;
+        tail.journal.restart(sync || self.inner.ordered_commits.load(Ordering::Relaxed))?;
         Ok(())
-    }
-
-    /// An append too large for the journal (the tail is empty: the caller checkpointed).
-    fn store_directly(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
-        self.write_with(true, |txn, state| {
-            self.put_entries(txn, entries)?;
-            if let Some(hs) = hs {
-                self.put_message(txn, key::HARD_STATE, hs)?;
-                state.hard_state = hs.clone();
-            }
-            Ok(())
-        })
     }
 
     /// Stores `entries` in place of everything from the first of them on.
@@ -1626,6 +1622,26 @@ mod tests {
         drop(store);
         let store = LogStore::open(dir.path()).unwrap();
         assert_eq!(get(&store, 1, 7).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2, 2]));
+    }
+
+    #[test]
+    fn an_append_larger_than_the_journal_goes_straight_into_lmdb() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = entries_with_terms(1, &[1, 1]);
+        big[1].data = vec![7u8; JOURNAL_BYTES as usize];
+        let hs = HardState { term: 1, vote: 1, commit: 1 };
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store.set_ordered_commits(false);
+            let before = store.inner.durable_commits.load(Ordering::Relaxed);
+            store.append(&big, Some(&hs), true).unwrap();
+            assert_eq!(store.inner.durable_commits.load(Ordering::Relaxed) - before, 1, "one durable commit");
+            assert!(store.tail().entries.is_empty(), "nothing left in the tail");
+            assert_eq!(store.tail().journal.used(), 0, "nothing in the journal");
+        }
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(get(&store, 1, 3).unwrap(), big);
+        assert_eq!(store.hard_state(), hs);
     }
 
     #[test]
