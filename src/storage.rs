@@ -227,10 +227,20 @@ struct Inner {
 struct Tail {
     journal: Journal,
     first: u64,
-    entries: Vec<Entry>,
+    entries: Vec<TailEntry>,
     /// When entries last moved into LMDB.
     checkpointed_at: Instant,
 }
+
+/// An entry of the tail with its stored form, sealed once for the journal record and reused
+/// when a checkpoint moves the entry into LMDB.
+struct TailEntry {
+    entry: Entry,
+    sealed: Sealed,
+}
+
+/// An entry's stored form (see `seal_into`); a cheap slice of the journal record it came in.
+type Sealed = bytes::Bytes;
 
 /// The journal's size. A checkpoint empties it when it is half full, every
 /// `CHECKPOINT_EVERY`, or at `CHECKPOINT_ENTRIES` entries, whichever comes first.
@@ -344,17 +354,17 @@ impl LogStore {
         let mut tail = self.tail();
         let replayed = records.len();
         for record in records {
-            let (mut entries, hs) = decode_record(&record)?;
+            let (mut entries, hs) = decode_record(&Sealed::from(record))?;
             // Entries below the log's start were applied and compacted since (possible only if a
             // power loss below durability high kept LMDB's compaction but not the journal's
             // restart): nothing to put back.
             let first_index = self.first_index();
-            entries.retain(|e| e.index >= first_index);
-            self.check_append(&entries)?;
+            entries.retain(|e| e.entry.index >= first_index);
+            self.check_append(entries.iter().map(|e| &e.entry))?;
             // LMDB may hold a newer commit index than the record (written alone since); term
             // and vote only change through the journal, so the record's are never older.
             let hs = hs.map(|hs| HardState { commit: hs.commit.max(self.hard_state().commit), ..hs });
-            self.remember(&mut tail, &entries, hs.as_ref(), hs.is_some());
+            self.remember(&mut tail, entries, hs.as_ref(), hs.is_some());
         }
         if replayed > 0 {
             log::info!("raft log: replayed {replayed} journal records up to index {}", self.last_index());
@@ -411,14 +421,16 @@ impl LogStore {
             }
             return Ok(());
         }
-        self.check_append(entries)?;
+        self.check_append(entries.iter())?;
         let mut tail = self.tail();
         // Entries always go to the journal; a hard state only when it must be stored (see
         // `State::must_store`), otherwise it waits for the next record or checkpoint.
         let record_hs = hard_state.filter(|hs| self.state().must_store(hs, self.commit_store_every()));
         let mut journalled = true;
+        let mut sealed = Vec::new();
         if !entries.is_empty() || record_hs.is_some() {
-            let record = encode_record(entries, record_hs);
+            let record;
+            (record, sealed) = encode_record(entries, record_hs);
             if !tail.journal.fits(record.len()) {
                 self.checkpoint(&mut tail)?;
             }
@@ -427,7 +439,8 @@ impl LogStore {
                 tail.journal.append(&record, sync)?;
             }
         }
-        self.remember(&mut tail, entries, hard_state, record_hs.is_some());
+        let entries = entries.iter().zip(sealed).map(|(entry, sealed)| TailEntry { entry: entry.clone(), sealed });
+        self.remember(&mut tail, entries.collect(), hard_state, record_hs.is_some());
         if !journalled {
             // Larger than the whole journal: straight into LMDB, durably, by a checkpoint of a
             // tail that holds only this append.
@@ -442,19 +455,21 @@ impl LogStore {
     }
 
     /// Refuses entries that would not continue the log: before its first index, or past its end.
-    fn check_append(&self, entries: &[Entry]) -> Result<()> {
-        for pair in entries.windows(2) {
-            if pair[0].index.checked_add(1) != Some(pair[1].index) {
-                return Err(StorageError::NotConsecutive { previous: pair[0].index, found: pair[1].index });
+    fn check_append<'a>(&self, mut entries: impl Iterator<Item = &'a Entry>) -> Result<()> {
+        let Some(first) = entries.next().map(|e| e.index) else { return Ok(()) };
+        let mut previous = first;
+        for entry in entries {
+            if previous.checked_add(1) != Some(entry.index) {
+                return Err(StorageError::NotConsecutive { previous, found: entry.index });
             }
+            previous = entry.index;
         }
-        let Some(first) = entries.first() else { return Ok(()) };
         let state = self.state();
-        if first.index < state.first_index() {
-            return Err(StorageError::Compacted { index: first.index, first_index: state.first_index() });
+        if first < state.first_index() {
+            return Err(StorageError::Compacted { index: first, first_index: state.first_index() });
         }
-        if first.index > state.last_index + 1 {
-            return Err(StorageError::Gap { index: first.index, last_index: state.last_index });
+        if first > state.last_index + 1 {
+            return Err(StorageError::Gap { index: first, last_index: state.last_index });
         }
         Ok(())
     }
@@ -462,19 +477,20 @@ impl LogStore {
     /// Puts appended (or replayed) entries and hard state in place in memory. A new leader
     /// overwrites a suffix it disagrees with: everything from the first new index on is
     /// superseded, including entries past the new batch, in the tail and in LMDB alike.
-    fn remember(&self, tail: &mut Tail, entries: &[Entry], hs: Option<&HardState>, hs_recorded: bool) {
-        if let Some(first) = entries.first() {
-            if tail.entries.is_empty() || first.index < tail.first {
-                tail.first = first.index;
+    fn remember(&self, tail: &mut Tail, entries: Vec<TailEntry>, hs: Option<&HardState>, hs_recorded: bool) {
+        let last = entries.last().map(|e| e.entry.index);
+        if let Some(first) = entries.first().map(|e| e.entry.index) {
+            if tail.entries.is_empty() || first < tail.first {
+                tail.first = first;
                 tail.entries.clear();
             } else {
-                tail.entries.truncate((first.index - tail.first) as usize);
+                tail.entries.truncate((first - tail.first) as usize);
             }
-            tail.entries.extend_from_slice(entries);
+            tail.entries.extend(entries);
         }
         let mut state = self.inner.state.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(last) = entries.last() {
-            state.last_index = last.index;
+        if let Some(last) = last {
+            state.last_index = last;
         }
         if let Some(hs) = hs {
             state.hard_state = hs.clone();
@@ -509,14 +525,14 @@ impl LogStore {
     }
 
     /// Stores `entries` in place of everything from the first of them on.
-    fn put_entries(&self, txn: &mut RwTxn, entries: &[Entry]) -> Result<()> {
+    fn put_entries(&self, txn: &mut RwTxn, entries: &[TailEntry]) -> Result<()> {
         let Some(first) = entries.first() else { return Ok(()) };
-        self.inner.entries.delete_range(txn, &(first.index..))?;
+        self.inner.entries.delete_range(txn, &(first.entry.index..))?;
         // Every stored key is now below `first`: LMDB may append at the end of its last page
         // instead of searching the tree for each entry (and refuses, rather than misplaces, a
         // key that would not sort last).
-        for entry in entries {
-            self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &entry.index, &seal(entry))?;
+        for e in entries {
+            self.inner.entries.put_with_flags(txn, PutFlags::APPEND, &e.entry.index, &e.sealed)?;
         }
         Ok(())
     }
@@ -897,12 +913,12 @@ impl LogStore {
             out.push(Entry::decode(body)?);
         }
         if split < high && out.len() as u64 == split - low {
-            for entry in &tail.entries[(split - tail.first) as usize..(high - tail.first) as usize] {
-                size = size.saturating_add(entry.encoded_len() as u64);
+            for e in &tail.entries[(split - tail.first) as usize..(high - tail.first) as usize] {
+                size = size.saturating_add(e.entry.encoded_len() as u64);
                 if !out.is_empty() && max_size.is_some_and(|max| size > max) {
                     break;
                 }
-                out.push(entry.clone());
+                out.push(e.entry.clone());
             }
         }
         Ok(out)
@@ -927,7 +943,7 @@ impl LogStore {
             });
         }
         if !tail.entries.is_empty() && index >= tail.first {
-            return Ok(tail.entries[(index - tail.first) as usize].term);
+            return Ok(tail.entries[(index - tail.first) as usize].entry.term);
         }
         let txn = self.inner.env.read_txn()?;
         self.stored_term(&txn, index)
@@ -1060,13 +1076,19 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
 
 /// A journal record: the entries appended (each in its stored form) and the hard state if it
 /// had to be stored. `[count u32][len u32, sealed entry]*[has_hs u8][term, vote, commit u64]`.
-fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> Vec<u8> {
+/// A journal record: `[count u32]([len u32][sealed entry])*[has_hs u8]([term][vote][commit] u64)`,
+/// with each entry's sealed form as a slice of it.
+fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> (Sealed, Vec<Sealed>) {
     let mut out = Vec::with_capacity(32 + entries.iter().map(|e| 8 + e.encoded_len()).sum::<usize>());
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    let mut spans = Vec::with_capacity(entries.len());
     for entry in entries {
-        let sealed = seal(entry);
-        out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        out.extend_from_slice(&sealed);
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        seal_into(entry, &mut out);
+        let len = (out.len() - len_at - 4) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        spans.push(len_at + 4..out.len());
     }
     match hs {
         Some(hs) => {
@@ -1077,10 +1099,13 @@ fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> Vec<u8> {
         }
         None => out.push(0),
     }
-    out
+    let record = Sealed::from(out);
+    let sealed = spans.into_iter().map(|span| record.slice(span)).collect();
+    (record, sealed)
 }
 
-fn decode_record(mut data: &[u8]) -> Result<(Vec<Entry>, Option<HardState>)> {
+fn decode_record(record: &Sealed) -> Result<(Vec<TailEntry>, Option<HardState>)> {
+    let mut data: &[u8] = record;
     fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
         if data.len() < n {
             return Err(StorageError::Corrupt("a journal record is truncated".into()));
@@ -1095,9 +1120,9 @@ fn decode_record(mut data: &[u8]) -> Result<(Vec<Entry>, Option<HardState>)> {
     let mut entries = Vec::with_capacity(count.min(data.len() / 8));
     for _ in 0..count {
         let len = u32_at(take(&mut data, 4)?) as usize;
-        let sealed = take(&mut data, len)?;
-        let entry = Entry::decode(unseal(0, sealed)?)?;
-        entries.push(entry);
+        let sealed = record.slice_ref(take(&mut data, len)?);
+        let entry = Entry::decode(unseal(0, &sealed)?)?;
+        entries.push(TailEntry { entry, sealed });
     }
     let hs = match take(&mut data, 1)?[0] {
         0 => None,
@@ -1110,13 +1135,14 @@ fn decode_record(mut data: &[u8]) -> Result<(Vec<Entry>, Option<HardState>)> {
     Ok((entries, hs))
 }
 
-/// Stored form of an entry: its prost encoding followed by a CRC32 of it (LMDB keeps no
-/// checksums of its own, and a flipped bit could still decode as a valid entry).
-fn seal(entry: &Entry) -> Vec<u8> {
-    let mut bytes = entry.encode_to_vec();
-    let crc = crc32fast::hash(&bytes);
-    bytes.extend_from_slice(&crc.to_be_bytes());
-    bytes
+/// Appends an entry's stored form to `out`: its prost encoding followed by a CRC32 of it (LMDB
+/// keeps no checksums of its own, and a flipped bit could still decode as a valid entry).
+fn seal_into(entry: &Entry, out: &mut Vec<u8>) {
+    let start = out.len();
+    // Only fails for lack of space, and a Vec grows as needed.
+    let _ = entry.encode(out);
+    let crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&crc.to_be_bytes());
 }
 
 fn unseal(index: u64, stored: &[u8]) -> Result<&[u8]> {
