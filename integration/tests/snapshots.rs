@@ -130,6 +130,37 @@ fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
     assert!(text.contains("refusing to start with bad data"), "{text}");
 }
 
+/// A RAFT.SNAPSHOT that arrives while the last snapshot's file is being verified and recorded
+/// waits for it instead of forking a second child, which would race its publication.
+#[test]
+fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
+    let cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();
+    let node = &cluster.nodes[0];
+    // Large enough that verifying the file takes a while: ~60 MB of values DUMP cannot compress.
+    let mut conn = node.client().unwrap();
+    for chunk in (0..150_000).collect::<Vec<_>>().chunks(2000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let value: String = (0..12).map(|_| format!("{:032x}", rand::random::<u128>())).collect();
+            pipe.cmd("SET").arg(format!("key:{i}")).arg(value).ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    }
+    let first = {
+        let mut conn = node.client().unwrap();
+        std::thread::spawn(move || redis::cmd("RAFT.SNAPSHOT").query::<(i64, i64)>(&mut conn).unwrap())
+    };
+    wait_for("the snapshot to be published", Duration::from_secs(60), || {
+        let info: String = redis::cmd("RAFT.INFO").query(&mut conn).unwrap();
+        info.lines().any(|l| l.trim() == "snapshot_phase:publishing").then_some(())
+    });
+    let second: (i64, i64) = redis::cmd("RAFT.SNAPSHOT").query(&mut conn).unwrap();
+    let first = first.join().unwrap();
+    assert_eq!(second, first, "nothing was applied in between: the same snapshot answers both");
+    assert_eq!(info_field(node, "snapshots_started"), 1, "one child, not a second racing the first");
+    assert_eq!(info_text(node, "snapshot_phase"), "none");
+}
+
 fn info_text(server: &Server, field: &str) -> String {
     let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
     info.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()

@@ -18,7 +18,7 @@ use raftis_core::{LogIndex, Term};
 use raft::eraftpb::ConfState;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -41,9 +41,12 @@ struct InProgress {
 #[derive(Default)]
 pub struct Snapshots {
     in_progress: Mutex<Option<InProgress>>,
-    /// A finished child's file is being verified and recorded in the log. Until `latest` names
-    /// it, the log still looks due for a snapshot: no automatic one may start meanwhile.
-    publishing: AtomicBool,
+    /// `Some` while a finished child's file is verified and recorded in the log, with the
+    /// RAFT.SNAPSHOT callers that came meanwhile. Until `latest` names the file, the log still
+    /// looks due for a snapshot, and a second child started now would race this publication
+    /// (recording it could remove this file while it is verified): none starts, and those
+    /// callers are served once it is recorded.
+    publishing: Mutex<Option<Vec<Blocked>>>,
     /// Snapshot children started since this process started (RAFT.INFO `snapshots_started`).
     started: AtomicU64,
     /// Index and size of the newest snapshot this node has.
@@ -78,7 +81,16 @@ impl Snapshots {
 
     /// A child is writing a snapshot, or its file is being verified and recorded.
     pub fn in_progress(&self) -> bool {
-        self.publishing.load(Ordering::Acquire) || self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.is_publishing() || self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// A finished child's file is being verified and recorded (RAFT.INFO `snapshot_phase`).
+    pub fn is_publishing(&self) -> bool {
+        self.publishing().is_some()
+    }
+
+    fn publishing(&self) -> std::sync::MutexGuard<'_, Option<Vec<Blocked>>> {
+        self.publishing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn started(&self) -> u64 {
@@ -91,6 +103,12 @@ impl Snapshots {
         let mut slot = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = slot.as_mut() {
             running.waiters.extend(waiter);
+            return;
+        }
+        if let Some(deferred) = self.publishing().as_mut() {
+            // Asked again once the one being published is recorded; it may be the answer. A
+            // request from Raft itself is simply dropped: it asks again while it still needs one.
+            deferred.extend(waiter);
             return;
         }
         if point.index.get() == 0 {
@@ -191,22 +209,29 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
             }
             return;
         }
-        // This and every caller of `in_progress()` run on the main thread: none sees the gap.
-        s.snapshots.publishing.store(true, Ordering::Release);
+        // This and every caller of `in_progress()` and `start()` run on the main thread: none
+        // sees the gap.
+        *s.snapshots.publishing() = Some(Vec::new());
         let published = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
         if published.is_err() {
             log::error!("cannot start a thread to publish the snapshot; the next one will be taken later");
-            s.snapshots.publishing.store(false, Ordering::Release);
+            *s.snapshots.publishing() = None;
         }
     });
 }
 
-/// Clears `publishing` however `publish` ends.
+/// Ends `publishing` however `publish` ends, and asks again for the snapshots requested
+/// meanwhile (on the main thread, like every request).
 struct Publishing;
 
 impl Drop for Publishing {
     fn drop(&mut self) {
-        state::get().snapshots.publishing.store(false, Ordering::Release);
+        let s = state::get();
+        let deferred = s.snapshots.publishing().take().unwrap_or_default();
+        for waiter in deferred {
+            // Should the queue be gone, the dropped request answers its client with an error.
+            let _ = s.send_to_apply(crate::apply::Job::TakeSnapshot(waiter));
+        }
     }
 }
 
