@@ -136,6 +136,11 @@ pub struct LogStats {
     /// file's high-water mark, free pages included; LMDB reuses pages freed by compaction but
     /// never shrinks the file, so this does not drop after `compact`.
     pub size_bytes: u64,
+    /// Bytes of records in the journal now: appended since the last checkpoint.
+    pub journal_bytes: u64,
+    /// Checkpoints that moved the journal's entries into LMDB, and the time they took.
+    pub checkpoints: u64,
+    pub checkpoint_micros: u64,
 }
 
 /// The `term` field of an `Entry` and nothing else. `term()` is on Raft's hot path and entries
@@ -217,6 +222,11 @@ struct Inner {
     ordered_commits: AtomicBool,
     /// Commits made with LMDB's own flushes (for tests).
     durable_commits: AtomicU64,
+    /// What the journal and its checkpoints cost (see `LogStats`); kept outside the tail's lock
+    /// so reading them never waits for an append's flush.
+    journal_bytes: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_micros: AtomicU64,
     /// Entries appended since the last checkpoint, durable in the journal; see `crate::journal`.
     tail: Mutex<Tail>,
     _claim: DirClaim,
@@ -340,6 +350,9 @@ impl LogStore {
                 snapshot_wanted: AtomicBool::new(false),
                 ordered_commits: AtomicBool::new(true),
                 durable_commits: AtomicU64::new(0),
+                journal_bytes: AtomicU64::new(0),
+                checkpoints: AtomicU64::new(0),
+                checkpoint_micros: AtomicU64::new(0),
                 tail: Mutex::new(Tail { journal, first: 0, entries: Vec::new(), checkpointed_at: Instant::now() }),
                 _claim: claim,
             }),
@@ -437,6 +450,7 @@ impl LogStore {
             journalled = tail.journal.fits(record.len());
             if journalled {
                 tail.journal.append(&record, sync)?;
+                self.inner.journal_bytes.store(tail.journal.used(), Ordering::Relaxed);
             }
         }
         let entries = entries.iter().zip(sealed).map(|(entry, sealed)| TailEntry { entry: entry.clone(), sealed });
@@ -510,7 +524,8 @@ impl LogStore {
 
     /// `checkpoint`, durable before it returns with `sync` (or with ordered commits).
     fn checkpoint_with(&self, tail: &mut Tail, sync: bool) -> Result<()> {
-        tail.checkpointed_at = Instant::now();
+        let started = Instant::now();
+        tail.checkpointed_at = started;
         if tail.entries.is_empty() && tail.journal.used() == 0 {
             return Ok(());
         }
@@ -521,6 +536,10 @@ impl LogStore {
         })?;
         tail.entries.clear();
         tail.journal.restart(sync || self.inner.ordered_commits.load(Ordering::Relaxed))?;
+        let inner = &self.inner;
+        inner.journal_bytes.store(tail.journal.used(), Ordering::Relaxed);
+        inner.checkpoints.fetch_add(1, Ordering::Relaxed);
+        inner.checkpoint_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -774,6 +793,9 @@ impl LogStore {
             last_index,
             entries: last_index + 1 - first_index,
             size_bytes: pages * self.inner.page_size,
+            journal_bytes: self.inner.journal_bytes.load(Ordering::Relaxed),
+            checkpoints: self.inner.checkpoints.load(Ordering::Relaxed),
+            checkpoint_micros: self.inner.checkpoint_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -1668,6 +1690,26 @@ mod tests {
         let store = LogStore::open(dir.path()).unwrap();
         assert_eq!(get(&store, 1, 3).unwrap(), big);
         assert_eq!(store.hard_state(), hs);
+    }
+
+    #[test]
+    fn stats_show_what_the_journal_holds_and_what_checkpoints_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        let before = store.stats();
+        assert_eq!(before.journal_bytes, 0, "a store opens with its journal checkpointed");
+        store.append(&entries_with_terms(1, &[1, 1, 1]), None, false).unwrap();
+        let appended = store.stats();
+        assert_eq!(appended.journal_bytes, store.tail().journal.used());
+        assert!(appended.journal_bytes > 0);
+        assert_eq!(appended.checkpoints, before.checkpoints, "no checkpoint yet");
+        store.checkpoint(&mut store.tail()).unwrap();
+        let after = store.stats();
+        assert_eq!(after.journal_bytes, 0, "the checkpoint emptied the journal");
+        assert_eq!(after.checkpoints, before.checkpoints + 1);
+        assert!(after.checkpoint_micros > before.checkpoint_micros, "a checkpoint takes some time");
+        store.checkpoint(&mut store.tail()).unwrap();
+        assert_eq!(store.stats().checkpoints, after.checkpoints, "an empty journal needs no checkpoint");
     }
 
     #[test]

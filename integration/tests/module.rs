@@ -480,6 +480,21 @@ fn resp3_exchange(port: u16, request: &[u8], len: usize) -> Vec<u8> {
     out
 }
 
+#[test]
+fn raft_stats_show_the_journal_and_its_checkpoints() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = cluster.leader();
+    let before = raft_stat(node, "checkpoints");
+    // An append checkpoints the journal once 100 ms passed since the last checkpoint.
+    wait_for("a checkpoint", Duration::from_secs(10), || {
+        let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
+        (raft_stat(node, "checkpoints") > before).then_some(())
+    });
+    assert!(raft_stat(node, "checkpoint_micros") > 0);
+    let journal = raft_stat(node, "journal_bytes");
+    assert!(journal < 4 << 20, "a checkpoint runs before the journal is half full: {journal}");
+}
+
 fn raft_stat(server: &Server, field: &str) -> u64 {
     let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();
     stats.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok())).unwrap()

@@ -344,6 +344,8 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
     let _ = write!(out, "applied_index:{}\r\n", s.progress.applied());
     let _ = write!(out, "log_first_index:{}\r\nlog_last_index:{}\r\n", log.first_index, log.last_index);
     let _ = write!(out, "log_entries:{}\r\nlog_size_bytes:{}\r\n", log.entries, log.size_bytes);
+    let _ = write!(out, "journal_bytes:{}\r\n", log.journal_bytes);
+    let _ = write!(out, "checkpoints:{}\r\ncheckpoint_micros:{}\r\n", log.checkpoints, log.checkpoint_micros);
     if let Some(node) = s.node() {
         let st = node.status();
         let c = node.counters();
