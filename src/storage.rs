@@ -535,7 +535,7 @@ impl LogStore {
             Ok(())
         })?;
         tail.entries.clear();
-        tail.journal.restart(sync || self.inner.ordered_commits.load(Ordering::Relaxed))?;
+        tail.journal.restart(self.flushes(sync))?;
         let inner = &self.inner;
         inner.journal_bytes.store(tail.journal.used(), Ordering::Relaxed);
         inner.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -809,8 +809,13 @@ impl LogStore {
         self.inner.ordered_commits.store(ordered, Ordering::Relaxed);
     }
 
+    /// Whether a write is flushed before it returns: asked to (`sync`), or commits are ordered.
+    fn flushes(&self, sync: bool) -> bool {
+        sync || self.inner.ordered_commits.load(Ordering::Relaxed)
+    }
+
     fn durable_if(&self, sync: bool) -> Result<Option<DurableCommit<'_>>> {
-        if sync || self.inner.ordered_commits.load(Ordering::Relaxed) {
+        if self.flushes(sync) {
             Ok(Some(DurableCommit::begin(&self.inner)?))
         } else {
             Ok(None)
@@ -1097,9 +1102,8 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
 }
 
 /// A journal record: the entries appended (each in its stored form) and the hard state if it
-/// had to be stored. `[count u32][len u32, sealed entry]*[has_hs u8][term, vote, commit u64]`.
-/// A journal record: `[count u32]([len u32][sealed entry])*[has_hs u8]([term][vote][commit] u64)`,
-/// with each entry's sealed form as a slice of it.
+/// had to be stored, `[count u32]([len u32][sealed entry])*[has_hs u8]([term][vote][commit] u64)`;
+/// returned with each entry's sealed form as a slice of it.
 fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> (Sealed, Vec<Sealed>) {
     let mut out = Vec::with_capacity(32 + entries.iter().map(|e| 8 + e.encoded_len()).sum::<usize>());
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());

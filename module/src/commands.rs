@@ -281,14 +281,8 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("snapshot_index", snap_index.to_string());
     put("snapshot_size_bytes", snap_size.to_string());
     put("applied_bytes_since_snapshot", s.snapshots.applied_bytes().to_string());
-    put("snapshot_in_progress", if s.snapshots.in_progress() { "yes" } else { "no" }.to_string());
-    let phase = if s.snapshots.is_publishing() {
-        "publishing"
-    } else if s.snapshots.in_progress() {
-        "writing"
-    } else {
-        "none"
-    };
+    let phase = s.snapshots.phase();
+    put("snapshot_in_progress", if phase == "none" { "no" } else { "yes" }.to_string());
     put("snapshot_phase", phase.to_string());
     put("snapshots_started", s.snapshots.started().to_string());
     put("voters", st.voters.len().to_string());

@@ -84,8 +84,19 @@ impl Snapshots {
         self.is_publishing() || self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// A finished child's file is being verified and recorded (RAFT.INFO `snapshot_phase`).
-    pub fn is_publishing(&self) -> bool {
+    /// Where a snapshot stands (RAFT.INFO `snapshot_phase`): `none`, `writing` (a child is
+    /// writing it) or `publishing` (its file is being verified and recorded).
+    pub fn phase(&self) -> &'static str {
+        if self.is_publishing() {
+            "publishing"
+        } else if self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            "writing"
+        } else {
+            "none"
+        }
+    }
+
+    fn is_publishing(&self) -> bool {
         self.publishing().is_some()
     }
 
