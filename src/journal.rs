@@ -10,8 +10,11 @@
 //! `[len u32][crc u32][generation u64][payload]`, the checksum over generation and payload. A
 //! checkpoint bumps the generation in the header before anything new is written, so records of
 //! an older generation, still on disk past the new end, are never read as current. Reading
-//! stops at the first record that is empty, torn, or of another generation. The file is filled
-//! with zeros when created, so appends never change its size and a flush writes data only.
+//! stops at the first record that is empty, torn, or of another generation; whatever lies past
+//! that point is never read later (after a replay the caller's checkpoint starts a new
+//! generation, and `open` starts one itself when it found none but something follows). The file
+//! is filled with zeros when created, so appends never change its size and a flush writes data
+//! only.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -49,6 +52,13 @@ impl Journal {
         }
         let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity };
         let records = journal.read_records()?;
+        if records.is_empty() && journal.generation_continues_past_end()? {
+            // Records of this generation past a torn first one were written but never flushed
+            // before a crash. A new record the torn one's size would bring them back into the
+            // journal: a new generation rules them out. (With records, the caller's checkpoint
+            // starts one anyway.)
+            journal.restart(true)?;
+        }
         Ok((journal, records))
     }
 
@@ -78,6 +88,18 @@ impl Journal {
             records.push(payload);
         }
         Ok(records)
+    }
+
+    /// Whether anything but zeros follows the end: an empty journal has nothing there, or
+    /// only older generations' records, which `read_records` already refuses.
+    fn generation_continues_past_end(&self) -> io::Result<bool> {
+        let mut head = [0u8; RECORD_HEAD];
+        if self.end + RECORD_HEAD as u64 > self.capacity {
+            return Ok(false);
+        }
+        self.file.read_exact_at(&mut head, self.end)?;
+        let generation = u64::from_le_bytes(head[8..16].try_into().unwrap());
+        Ok(head != [0u8; RECORD_HEAD] && generation == self.generation)
     }
 
     /// Whether a record of `payload_len` bytes still fits.
@@ -201,5 +223,26 @@ mod tests {
         assert_eq!(records, vec![b"kept".to_vec()]);
         assert!(j.fits(100));
         assert!(!j.fits(1 << 16));
+    }
+
+    #[test]
+    fn records_behind_a_torn_first_record_never_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            // Unflushed writes: after a crash the first may be torn while the second survived.
+            let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+            j.append(b"first", false).unwrap();
+            j.append(b"stale", false).unwrap();
+        }
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", HEADER_BYTES + RECORD_HEAD as u64).unwrap();
+        let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert!(records.is_empty());
+        // A new record exactly where, and as long as, the torn one.
+        j.append(b"fresh", true).unwrap();
+        drop(j);
+        let (_, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"fresh".to_vec()]);
     }
 }
