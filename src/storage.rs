@@ -735,12 +735,12 @@ impl LogStore {
         })
     }
 
-    /// Flushes everything committed so far to disk.
     /// True once after raft wanted a snapshot the stored one could not serve.
     pub fn take_snapshot_wanted(&self) -> bool {
         self.inner.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
+    /// Flushes everything written so far to disk: the journal, then LMDB.
     pub fn sync(&self) -> Result<()> {
         self.tail().journal.sync()?;
         self.inner.env.force_sync()?;
