@@ -19,7 +19,7 @@ use crate::membership::{Members, MembershipChange, NodeInfo};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
 use crate::snapshot_data;
-use crate::snapshot_transfer::{self, SnapshotDescriptor};
+use crate::snapshot_transfer::{self, FetchProgress, SnapshotDescriptor};
 use crate::status::{Counters, PeerProgress, Role, Status};
 use crate::storage::LogStore;
 use crate::transport::{Inbound, Transport, TransportConfig};
@@ -155,6 +155,9 @@ struct CounterCells {
     slow_rounds: AtomicU64,
     max_round_micros: AtomicU64,
     compaction_steps: AtomicU64,
+    snapshots_fetched: AtomicU64,
+    snapshot_fetch_failures: AtomicU64,
+    snapshot_bytes_fetched: AtomicU64,
 }
 
 impl CounterCells {
@@ -177,6 +180,9 @@ impl CounterCells {
             slow_rounds: get(&self.slow_rounds),
             max_round_micros: get(&self.max_round_micros),
             compaction_steps: get(&self.compaction_steps),
+            snapshots_fetched: get(&self.snapshots_fetched),
+            snapshot_fetch_failures: get(&self.snapshot_fetch_failures),
+            snapshot_bytes_fetched: get(&self.snapshot_bytes_fetched),
         }
     }
 }
@@ -195,6 +201,8 @@ struct Shared {
     /// Entries were written without fsync since the last flush (durability medium/low).
     dirty: AtomicBool,
     stopped: AtomicBool,
+    /// The snapshot file being downloaded from the leader, if any.
+    fetch: Mutex<Option<FetchProgress>>,
 }
 
 /// Handle to a running node. Dropping it shuts the node down.
@@ -300,6 +308,7 @@ impl<S: StateMachine> Node<S> {
             trailing_bytes: AtomicU64::new(cfg.trailing_bytes),
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            fetch: Mutex::new(None),
         });
         let mut raft_loop = RaftLoop {
             self_tx: tx.clone(),
@@ -447,6 +456,11 @@ impl<S: StateMachine> Node<S> {
 
     pub fn counters(&self) -> Counters {
         self.shared.counters.snapshot()
+    }
+
+    /// The snapshot file this node is downloading, and how far it got.
+    pub fn snapshot_fetch(&self) -> Option<FetchProgress> {
+        self.shared.fetch.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// True while this node leads. Lock-free: meant for every client command.
@@ -792,15 +806,28 @@ impl<S: StateMachine> RaftLoop<S> {
         };
         log::info!("raft {}: fetching snapshot {} ({} bytes) from node {}", self.id, descriptor.file, descriptor.size, m.from);
         self.fetching = Some(descriptor.file.clone());
-        let (tx, dir, id) = (self.self_tx.clone(), self.snapshot_dir.clone(), self.id);
+        let (tx, dir, id, shared) = (self.self_tx.clone(), self.snapshot_dir.clone(), self.id, self.shared.clone());
+        let from = NodeId(m.from);
         let spawned = std::thread::Builder::new().name(format!("raft-fetch-{id}")).spawn(move || {
             let started = Instant::now();
-            let ok = match snapshot_transfer::fetch(&peer, &descriptor, &dir) {
+            let mut last = None;
+            let result = snapshot_transfer::fetch(&peer, &descriptor, &dir, |received| {
+                // The first report is what an earlier attempt left: not fetched now.
+                let new = last.map_or(0, |l| received.saturating_sub(l));
+                last = Some(received);
+                CounterCells::add(&shared.counters.snapshot_bytes_fetched, new);
+                *shared.fetch.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(FetchProgress { file: descriptor.file.clone(), from, received, size: descriptor.size });
+            });
+            *shared.fetch.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let ok = match result {
                 Ok(()) => {
+                    CounterCells::add(&shared.counters.snapshots_fetched, 1);
                     log::info!("raft {id}: fetched snapshot {} in {:?}", descriptor.file, started.elapsed());
                     true
                 }
                 Err(e) => {
+                    CounterCells::add(&shared.counters.snapshot_fetch_failures, 1);
                     log::warn!("raft {id}: fetching snapshot {} from {peer} failed: {e:#}", descriptor.file);
                     false
                 }

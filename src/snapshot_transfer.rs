@@ -3,6 +3,7 @@
 //! in chunks (`SNAPSHOT.CHUNK`), resuming a partial download, verifies it, and only then lets raft
 //! see the snapshot. The Raft loop never waits for the network.
 
+use crate::ids::NodeId;
 use crate::resp::{self, Frame};
 use crate::snapshot_file::{self, IncomingSnapshot};
 use anyhow::{bail, Context as _};
@@ -43,15 +44,29 @@ pub fn is_plain_name(name: &str) -> bool {
         && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
 }
 
+/// A snapshot file being downloaded, as RAFT.INFO shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchProgress {
+    pub file: String,
+    pub from: NodeId,
+    /// Bytes on disk so far, including those of an earlier, interrupted attempt.
+    pub received: u64,
+    pub size: u64,
+}
+
 /// Makes sure `dir` holds the verified file `desc` describes, fetching it from `peer` if needed.
-pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path) -> anyhow::Result<()> {
+/// `progress` hears how many bytes of the file are on disk, before the first chunk and after
+/// each one.
+pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<()> {
     let final_path = dir.join(&desc.file);
     if let Ok(summary) = snapshot_file::verify(&final_path) {
         if summary.checksum == desc.checksum && summary.size == desc.size {
+            progress(desc.size);
             return Ok(());
         }
     }
     let mut incoming = IncomingSnapshot::begin(&final_path, desc.size, desc.checksum)?;
+    progress(incoming.offset());
     let addr = peer
         .to_socket_addrs()
         .with_context(|| format!("resolving {peer}"))?
@@ -69,7 +84,10 @@ pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path) -> anyhow::Resul
         stream.write_all(&out)?;
         let frame = read_frame(&mut stream, &mut buf)?;
         match frame {
-            Frame::Bulk(bytes) if !bytes.is_empty() => incoming.write_chunk(offset, &bytes)?,
+            Frame::Bulk(bytes) if !bytes.is_empty() => {
+                incoming.write_chunk(offset, &bytes)?;
+                progress(incoming.offset());
+            }
             Frame::Bulk(_) => bail!("{peer} sent an empty chunk at offset {offset} of {}", desc.file),
             Frame::Error(e) => bail!("{peer} refused a chunk of {}: {e}", desc.file),
             other => bail!("{peer} answered SNAPSHOT.CHUNK with {other:?}"),

@@ -126,4 +126,9 @@ pub struct Counters {
     pub max_round_micros: u64,
     /// Transactions that dropped compacted entries from the log (a bounded number each).
     pub compaction_steps: u64,
+    /// Snapshot files downloaded from a leader, downloads that failed (they are retried when
+    /// the leader sends the snapshot again), and the bytes received.
+    pub snapshots_fetched: u64,
+    pub snapshot_fetch_failures: u64,
+    pub snapshot_bytes_fetched: u64,
 }

@@ -361,6 +361,15 @@ pub fn info_field(server: &Server, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A counter from RAFT.STATS; panics if the node does not report it.
+pub fn stat_field(server: &Server, field: &str) -> u64 {
+    let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
+}
+
 /// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).
 pub fn digest(server: &Server) -> String {
     server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")

@@ -1,6 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
-use raftis_integration::{digest, info_field, wait_for, Cluster, Server};
+use raftis_integration::{digest, info_field, stat_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -484,20 +484,15 @@ fn resp3_exchange(port: u16, request: &[u8], len: usize) -> Vec<u8> {
 fn raft_stats_show_the_journal_and_its_checkpoints() {
     let cluster = Cluster::start(1, &[]).unwrap();
     let node = cluster.leader();
-    let before = raft_stat(node, "checkpoints");
+    let before = stat_field(node, "checkpoints");
     // An append checkpoints the journal once 100 ms passed since the last checkpoint.
     wait_for("a checkpoint", Duration::from_secs(10), || {
         let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
-        (raft_stat(node, "checkpoints") > before).then_some(())
+        (stat_field(node, "checkpoints") > before).then_some(())
     });
-    assert!(raft_stat(node, "checkpoint_micros") > 0);
-    let journal = raft_stat(node, "journal_bytes");
+    assert!(stat_field(node, "checkpoint_micros") > 0);
+    let journal = stat_field(node, "journal_bytes");
     assert!(journal < 4 << 20, "a checkpoint runs before the journal is half full: {journal}");
-}
-
-fn raft_stat(server: &Server, field: &str) -> u64 {
-    let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();
-    stats.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok())).unwrap()
 }
 
 #[test]
@@ -517,19 +512,19 @@ fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_c
     // Connection commands run at once but answer in order; SELECT moves the writes after it.
     request.extend_from_slice(b"PING\r\nINCR n\r\nSELECT 1\r\nGET k\r\nINCR n\r\nSELECT 0\r\nINCR n\r\nGET n\r\n");
     expected.extend_from_slice(b"+PONG\r\n:1\r\n+OK\r\n$-1\r\n:1\r\n+OK\r\n:2\r\n$1\r\n2\r\n");
-    let writes0 = raft_stat(leader, "writes_held");
+    let writes0 = stat_field(leader, "writes_held");
     assert_eq!(String::from_utf8_lossy(&raw_exchange(leader.port, &request, expected.len())), String::from_utf8_lossy(&expected));
-    assert_eq!(raft_stat(leader, "writes_held") - writes0, 53, "every write kept the pipeline flowing");
+    assert_eq!(stat_field(leader, "writes_held") - writes0, 53, "every write kept the pipeline flowing");
 
     // A deep pipeline of reads costs a few leadership checks, not one each.
-    let (reads0, rounds0) = (raft_stat(leader, "reads_held"), raft_stat(leader, "read_index_rounds"));
+    let (reads0, rounds0) = (stat_field(leader, "reads_held"), stat_field(leader, "read_index_rounds"));
     let mut request = Vec::new();
     for _ in 0..500 {
         request.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
     }
     let expected = b"$2\r\n49\r\n".repeat(500);
     assert_eq!(raw_exchange(leader.port, &request, expected.len()), expected);
-    let (reads, rounds) = (raft_stat(leader, "reads_held") - reads0, raft_stat(leader, "read_index_rounds") - rounds0);
+    let (reads, rounds) = (stat_field(leader, "reads_held") - reads0, stat_field(leader, "read_index_rounds") - rounds0);
     assert_eq!(reads, 500, "every read ran on the leader at once");
     assert!(rounds * 10 <= reads, "{rounds} leadership checks for {reads} pipelined reads");
 
@@ -537,7 +532,7 @@ fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_c
     let _: () = leader.cmd(&["HSET", "h", "f", "1.5"]).unwrap();
     let map = b"%1\r\n$1\r\nf\r\n$3\r\n1.5\r\n";
     assert_eq!(resp3_exchange(leader.port, b"*2\r\n$7\r\nHGETALL\r\n$1\r\nh\r\n", map.len()), map);
-    assert_eq!(raft_stat(leader, "held_clients_closed"), 0);
+    assert_eq!(stat_field(leader, "held_clients_closed"), 0);
 }
 
 /// Runs `f` while every node but `leader` is stopped (SIGSTOP), then lets them continue.
@@ -571,7 +566,7 @@ fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_err
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("expected the connection to be closed unanswered, got {other:?} {:?}", String::from_utf8_lossy(&buf)),
     }
-    assert_eq!(raft_stat(&cluster.nodes[l], "held_clients_closed"), 1);
+    assert_eq!(stat_field(&cluster.nodes[l], "held_clients_closed"), 1);
 
     // Once the followers are back, reads are answered again.
     let l = cluster.wait_leader();
@@ -653,13 +648,13 @@ fn a_node_coming_back_to_a_backlog_of_heartbeats_does_not_stall_the_leader() {
     let leader = cluster.wait_leader();
     let term = info_field(&cluster.nodes[leader], "term");
     let mut conn = cluster.nodes[leader].client().unwrap();
-    let rounds0 = raft_stat(&cluster.nodes[leader], "read_index_rounds");
+    let rounds0 = stat_field(&cluster.nodes[leader], "read_index_rounds");
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         let v: String = redis::cmd("GET").arg("k0").query(&mut conn).unwrap();
         assert_eq!(v, value);
     }
-    let rounds = raft_stat(&cluster.nodes[leader], "read_index_rounds") - rounds0;
+    let rounds = stat_field(&cluster.nodes[leader], "read_index_rounds") - rounds0;
     assert!(rounds > 1000, "only {rounds} leadership checks while the node was down");
     cluster.nodes[down].restart().unwrap();
 

@@ -1,6 +1,6 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
-use raftis_integration::{digest, info_field, wait_for, Cluster, Server};
+use raftis_integration::{digest, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 
 /// Small thresholds so a few thousand writes produce several snapshots.
@@ -72,11 +72,10 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
     assert!(index > 50_000 && size > 0, "{index} {size}");
 
     // A fourth node joins long after the log was compacted: it must get a snapshot.
-    let fourth = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), SNAPSHOTTING).unwrap();
+    let fourth = Server::start(free_port_pair(), &cluster.root.path().join("n3"), SNAPSHOTTING).unwrap();
     let reply: String = fourth.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap();
     assert_eq!(reply, "OK");
-    let log = std::fs::read_to_string(fourth.dir.join("redis.log")).unwrap();
-    assert!(log.contains("fetched snapshot"), "the new node caught up from a snapshot:\n{}", fourth.log_tail());
+    assert_eq!(stat_field(&fourth, "snapshots_fetched"), 1, "the new node caught up from a snapshot:\n{}", fourth.log_tail());
     let commit = info_field(&cluster.nodes[leader], "commit_index");
     wait_for("the fourth node to apply", Duration::from_secs(20), || (info_field(&fourth, "applied_index") >= commit).then_some(()));
     assert_eq!(digest(&fourth), digest(&cluster.nodes[leader]));
@@ -159,6 +158,34 @@ fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
     assert_eq!(second, first, "nothing was applied in between: the same snapshot answers both");
     assert_eq!(info_field(node, "snapshots_started"), 1, "one child, not a second racing the first");
     assert_eq!(info_text(node, "snapshot_phase"), "none");
+
+    // A node joining now downloads a snapshot (the leader takes a new one that includes the
+    // joiner as a learner), and RAFT.INFO shows the download while it runs.
+    let joiner = Server::start(free_port_pair(), &cluster.root.path().join("joiner"), &["snapshot-threshold=0"]).unwrap();
+    let join = {
+        let (mut joiner_conn, leader) = (joiner.client().unwrap(), node.addr());
+        std::thread::spawn(move || redis::cmd("RAFT.CLUSTER").arg("JOIN").arg(leader).query::<String>(&mut joiner_conn))
+    };
+    let mut watch = joiner.client().unwrap();
+    let seen = wait_for("the download to show in RAFT.INFO", Duration::from_secs(60), || {
+        let info: String = redis::cmd("RAFT.INFO").query(&mut watch).unwrap();
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.trim().to_string());
+        (field("snapshot_fetch_in_progress")? == "yes").then(|| {
+            let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok()).unwrap();
+            (field("snapshot_fetch_file").unwrap(), number("snapshot_fetch_from"), number("snapshot_fetch_received_bytes"), number("snapshot_fetch_size_bytes"))
+        })
+    });
+    assert_eq!(join.join().unwrap().unwrap(), "OK");
+    let size = info_field(node, "snapshot_size_bytes");
+    let (file, from, received, fetch_size) = seen;
+    assert!(file.ends_with(".rsnap"), "{file}");
+    assert_eq!((from, fetch_size), (node.node_id(), size), "the leader's snapshot, from the leader");
+    assert!(received <= size);
+    assert_eq!(info_text(&joiner, "snapshot_fetch_in_progress"), "no");
+    assert_eq!(stat_field(&joiner, "snapshots_fetched"), 1);
+    assert_eq!(stat_field(&joiner, "snapshot_fetch_failures"), 0);
+    assert_eq!(stat_field(&joiner, "snapshot_bytes_fetched"), size, "every byte fetched once");
+    assert_eq!(info_field(&joiner, "snapshot_size_bytes"), size, "the joiner loaded it");
 }
 
 fn info_text(server: &Server, field: &str) -> String {

@@ -285,6 +285,16 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("snapshot_in_progress", if phase == "none" { "no" } else { "yes" }.to_string());
     put("snapshot_phase", phase.to_string());
     put("snapshots_started", s.snapshots.started().to_string());
+    match node.snapshot_fetch() {
+        None => put("snapshot_fetch_in_progress", "no".into()),
+        Some(f) => {
+            put("snapshot_fetch_in_progress", "yes".into());
+            put("snapshot_fetch_file", f.file);
+            put("snapshot_fetch_from", f.from.to_string());
+            put("snapshot_fetch_received_bytes", f.received.to_string());
+            put("snapshot_fetch_size_bytes", f.size.to_string());
+        }
+    }
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());
     put("pending_proposals", st.pending_proposals.to_string());
@@ -351,6 +361,8 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let _ = write!(out, "heartbeats_coalesced:{}\r\n", c.heartbeats_coalesced);
         let _ = write!(out, "slow_rounds:{}\r\nmax_round_micros:{}\r\n", c.slow_rounds, c.max_round_micros);
         let _ = write!(out, "compaction_steps:{}\r\n", c.compaction_steps);
+        let _ = write!(out, "snapshots_fetched:{}\r\nsnapshot_fetch_failures:{}\r\n", c.snapshots_fetched, c.snapshot_fetch_failures);
+        let _ = write!(out, "snapshot_bytes_fetched:{}\r\n", c.snapshot_bytes_fetched);
         for (name, value) in crate::held::stats() {
             let _ = write!(out, "{name}:{value}\r\n");
         }
