@@ -42,14 +42,11 @@ impl Journal {
         }
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let capacity = file.metadata()?.len();
-        let mut header = [0u8; 20];
-        file.read_exact_at(&mut header, 0)?;
-        let magic = u64::from_le_bytes(header[0..8].try_into().unwrap());
-        let generation = u64::from_le_bytes(header[8..16].try_into().unwrap());
-        let crc = u32::from_le_bytes(header[16..20].try_into().unwrap());
-        if magic != MAGIC || crc != crc32fast::hash(&header[0..16]) {
+        let mut head = [0u8; 20];
+        file.read_exact_at(&mut head, 0)?;
+        let Some(generation) = generation_in(&head) else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has no valid journal header", path.display())));
-        }
+        };
         let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity };
         let records = journal.read_records()?;
         if records.is_empty() && journal.generation_continues_past_end()? {
@@ -157,6 +154,14 @@ fn header(generation: u64) -> [u8; 20] {
     h
 }
 
+/// The generation a `header` names, if it is one.
+fn generation_in(header: &[u8; 20]) -> Option<u64> {
+    let magic = u64::from_le_bytes(header[0..8].try_into().unwrap());
+    let generation = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let crc = u32::from_le_bytes(header[16..20].try_into().unwrap());
+    (magic == MAGIC && crc == crc32fast::hash(&header[0..16])).then_some(generation)
+}
+
 /// Writes the whole file under a temporary name and renames it, so a journal that exists is
 /// complete.
 fn create(path: &Path, capacity: u64) -> io::Result<()> {
@@ -180,6 +185,15 @@ fn create(path: &Path, capacity: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_names_its_generation_and_nothing_else_passes_for_one() {
+        assert_eq!(generation_in(&header(7)), Some(7));
+        let mut damaged = header(7);
+        damaged[9] ^= 1;
+        assert_eq!(generation_in(&damaged), None);
+        assert_eq!(generation_in(&[0u8; 20]), None);
+    }
 
     #[test]
     fn records_come_back_in_order_until_a_restart() {
