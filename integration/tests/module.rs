@@ -495,11 +495,9 @@ fn raft_stats_show_the_journal_and_its_checkpoints() {
     assert!(journal < 4 << 20, "a checkpoint runs before the journal is half full: {journal}");
 }
 
-#[test]
-fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_checks() {
-    let cluster = Cluster::start(3, &[]).unwrap();
-    let leader = cluster.leader();
-    // Writes and reads interleaved in one pipeline: every read sees the writes sent before it.
+/// Writes and reads interleaved in one pipeline, and the replies that show every read saw the
+/// writes sent before it (53 writes). Keys `k` and `n` must not exist yet.
+fn interleaved_pipeline() -> (Vec<u8>, Vec<u8>) {
     let mut request = Vec::new();
     let mut expected = Vec::new();
     for i in 0..50 {
@@ -512,6 +510,14 @@ fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_c
     // Connection commands run at once but answer in order; SELECT moves the writes after it.
     request.extend_from_slice(b"PING\r\nINCR n\r\nSELECT 1\r\nGET k\r\nINCR n\r\nSELECT 0\r\nINCR n\r\nGET n\r\n");
     expected.extend_from_slice(b"+PONG\r\n:1\r\n+OK\r\n$-1\r\n:1\r\n+OK\r\n:2\r\n$1\r\n2\r\n");
+    (request, expected)
+}
+
+#[test]
+fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_checks() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let (request, expected) = interleaved_pipeline();
     let writes0 = stat_field(leader, "writes_held");
     assert_eq!(String::from_utf8_lossy(&raw_exchange(leader.port, &request, expected.len())), String::from_utf8_lossy(&expected));
     assert_eq!(stat_field(leader, "writes_held") - writes0, 53, "every write kept the pipeline flowing");
@@ -533,6 +539,48 @@ fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_c
     let map = b"%1\r\n$1\r\nf\r\n$3\r\n1.5\r\n";
     assert_eq!(resp3_exchange(leader.port, b"*2\r\n$7\r\nHGETALL\r\n$1\r\nh\r\n", map.len()), map);
     assert_eq!(stat_field(leader, "held_clients_closed"), 0);
+}
+
+/// Below consistency high reads normally run untouched, yet a pipeline's writes still keep it
+/// flowing, and its reads still see its own writes; also a read that finds its connection with
+/// as many writes in flight as it may hold.
+#[test]
+fn pipelines_keep_flowing_and_read_their_own_writes_at_every_consistency_level() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
+        for node in &cluster.nodes {
+            let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", level]).unwrap();
+        }
+        // A database of its own per level, so `k` and `n` start absent (SELECT 1 and 0 inside
+        // the pipeline become db+1 and db).
+        let (request, expected) = interleaved_pipeline();
+        let shift = |bytes: Vec<u8>| {
+            String::from_utf8(bytes).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}")).into_bytes()
+        };
+        let request = [format!("SELECT {db}\r\n").into_bytes(), shift(request)].concat();
+        let expected = [b"+OK\r\n".to_vec(), expected].concat();
+        let writes0 = stat_field(leader, "writes_held");
+        let got = raw_exchange(leader.port, &request, expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected), "consistency {level}");
+        assert_eq!(stat_field(leader, "writes_held") - writes0, 53, "consistency {level}: every write kept the pipeline flowing");
+
+        // 1024 writes in flight fill the connection's slots: the read after them waits for them
+        // with its client blocked, and the pipeline goes on after it.
+        let mut request = format!("SELECT {db}\r\n").into_bytes();
+        let mut expected = b"+OK\r\n".to_vec();
+        for i in 1..=1024 {
+            request.extend_from_slice(b"INCR c\r\n");
+            expected.extend_from_slice(format!(":{i}\r\n").as_bytes());
+        }
+        request.extend_from_slice(b"GET c\r\nINCR c\r\nGET c\r\n");
+        expected.extend_from_slice(b"$4\r\n1024\r\n:1025\r\n$4\r\n1025\r\n");
+        let got = raw_exchange(leader.port, &request, expected.len());
+        // The replies that matter are the last few; show those when they differ.
+        let tail = |r: &[u8]| String::from_utf8_lossy(&r[r.len().saturating_sub(40)..]).into_owned();
+        assert_eq!(tail(&got), tail(&expected), "consistency {level}, a full pipeline");
+        assert!(got == expected, "consistency {level}, a full pipeline: the 1024 writes' replies differ");
+    }
 }
 
 /// Runs `f` while every node but `leader` is stopped (SIGSTOP), then lets them continue.

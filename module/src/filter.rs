@@ -33,7 +33,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     let redirect_to = match route {
         Route::Write => WRITE_COMMAND,
         Route::Refuse(_) => REFUSE_COMMAND,
-        Route::Read if crate::read::needs_confirmation() => crate::read::READ_COMMAND,
+        Route::Read if crate::read::needs_confirmation() || crate::held::any_held() => crate::read::READ_COMMAND,
         Route::Read | Route::Local => return,
     };
     unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };

@@ -13,6 +13,8 @@
 //!   Writes of one client are proposed, and so applied, in pipeline order.
 //! - A read behind a write of the same client still in flight waits for it (a pipeline reads its
 //!   own writes): it gets a slot and runs when the writes before it are done.
+//! - Below consistency high, writes are held the same way; reads need no confirmation and pass
+//!   here only to wait behind their own client's writes.
 //!
 //! Replies go into the output buffer in command order, slots included, so the client sees them in
 //! order. The client is released when nothing it waits for is left.
@@ -33,6 +35,7 @@
 //! functions (it links with -rdynamic); they are looked up at load. Without them, or with
 //! threaded I/O (whose writer does not skip protected clients), commands take the blocking path.
 
+use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state::{self, RaftNode};
 use raftis_core::config::Consistency;
@@ -43,7 +46,7 @@ use std::ffi::c_void;
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type ClientId = u64;
 
@@ -148,6 +151,10 @@ struct HeldClient {
     last_round: u64,
     /// Empty reply slots, in output order.
     slots: VecDeque<Slot>,
+    /// A read that came when the client already had as many slots as it may: the client is
+    /// blocked (Redis reads no more of its pipeline), and this runs the read once every slot
+    /// before it is filled.
+    when_drained: Option<Box<dyn FnOnce() + Send>>,
 }
 
 struct Slot {
@@ -173,15 +180,31 @@ struct Round {
     clients: Vec<ClientId>,
 }
 
-/// Only a ready leader holds replies, and only at consistency high: at lower levels reads run
-/// without passing here, so they could overtake a pipeline's own writes.
+/// Only a ready leader holds replies: its term, if this node is one.
 fn ready_term(node: &RaftNode) -> Option<Term> {
-    let s = state::get();
-    if s.consistency() != Consistency::High {
-        return None;
-    }
     let (term, ready) = (node.leading_term()?, node.leader_ready_index()?);
-    (s.progress.applied() >= ready).then_some(term)
+    (state::get().progress.applied() >= ready).then_some(term)
+}
+
+/// Whether any client has replies held. Below consistency high, the filter then sends reads
+/// through RAFT._READ, so a read cannot overtake its own pipeline's writes (see
+/// [`read_behind_writes`]); otherwise reads there run untouched.
+pub fn any_held() -> bool {
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).clients.as_ref().is_some_and(|c| !c.is_empty())
+}
+
+/// Below consistency high: queues the read `argv` behind the writes of its client still in flight,
+/// to run once they are applied. False, having done nothing, if the client has none: the read
+/// may run now.
+pub fn read_behind_writes(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> bool {
+    let Some(hooks) = hooks() else { return false };
+    let Some((id, client)) = client_of(ctx, hooks) else { return false };
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    if !held.clients.as_ref().and_then(|c| c.get(&id)).is_some_and(|c| !c.slots.is_empty()) {
+        return false;
+    }
+    // Once the writes are answered the read may simply run.
+    queue_read(&mut held, hooks, ctx, (id, client), argv, |blocked, argv, resp3| blocked.finish(Outcome::Run { argv, resp3 }))
 }
 
 /// The client of `ctx`, if replies can be held for it.
@@ -191,8 +214,9 @@ fn client_of(ctx: *mut RedisModuleCtx, hooks: &Hooks) -> Option<(ClientId, *mut 
     (!client.is_null()).then_some((id, client))
 }
 
-/// Runs the read `argv` for the client of `ctx` (or queues it behind the client's writes) and
-/// holds its reply until confirmed. False, having done nothing: take the blocking path.
+/// Consistency high: runs the read `argv` for the client of `ctx` (or queues it behind the
+/// client's writes) and holds its reply until confirmed. False, having done nothing: take the
+/// blocking path.
 pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     let Some(hooks) = hooks() else { return false };
     let Some(term) = ready_term(node) else { return false };
@@ -200,8 +224,9 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
     if behind_writes {
-        let read = SlotFor::Read { argv: ffi::owned_args(argv), db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx) };
-        if queue_slot(&mut held, hooks, id, client, read).is_none() {
+        // Blocked, the read takes the blocking path once the writes are answered: a leadership
+        // check started then covers them.
+        if !queue_read(&mut held, hooks, ctx, (id, client), argv, crate::read::confirm_then_run) {
             return false;
         }
     } else {
@@ -227,15 +252,18 @@ pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply
 fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
     held.clients.get_or_insert_with(HashMap::new).entry(id).or_insert_with(|| {
         unsafe { (hooks.protect)(client) };
-        HeldClient { rounds: 0, last_round: 0, slots: VecDeque::new() }
+        HeldClient { rounds: 0, last_round: 0, slots: VecDeque::new(), when_drained: None }
     })
+}
+
+fn is_full(held: &Held, id: ClientId) -> bool {
+    held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len()) >= MAX_IN_FLIGHT_PER_CLIENT
 }
 
 /// Appends an empty reply slot to the client's output; its id, or None if the client cannot
 /// take one (too many in flight, or it takes no replies).
 fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor) -> Option<u64> {
-    let in_flight = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len());
-    if in_flight >= MAX_IN_FLIGHT_PER_CLIENT {
+    if is_full(held, id) {
         return None;
     }
     let node = unsafe { (hooks.deferred_slot)(client) };
@@ -247,6 +275,30 @@ fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void,
     held.next_slot += 1;
     protect_if_new(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
     Some(slot)
+}
+
+/// Queues the read `argv` of the client of `ctx` behind its writes in flight. If the client has
+/// no slot left, it is blocked instead and `run_blocked` gets the read once the writes are
+/// answered. False, having done nothing, if the client takes no replies.
+fn queue_read(
+    held: &mut Held,
+    hooks: &Hooks,
+    ctx: *mut RedisModuleCtx,
+    (id, client): (ClientId, *mut c_void),
+    argv: &[&[u8]],
+    run_blocked: fn(Blocked, Vec<Vec<u8>>, bool),
+) -> bool {
+    let (argv, resp3) = (ffi::owned_args(argv), ffi::client_is_resp3(ctx));
+    if is_full(held, id) {
+        // Long enough for the writes before it and a leadership check of its own.
+        let blocked = Blocked::new(ctx, 2 * state::get().write_timeout() + Duration::from_secs(1));
+        if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {
+            c.when_drained = Some(Box::new(move || run_blocked(blocked, argv, resp3)));
+        }
+        return true;
+    }
+    let read = SlotFor::Read { argv, db: ffi::selected_db(ctx), resp3 };
+    queue_slot(held, hooks, id, client, read).is_some()
 }
 
 fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, term: Term) {
@@ -460,14 +512,19 @@ fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
             c.slots.pop_front();
         }
     }
-    // Reads that ran just now still need their own confirmation.
-    if ran_reads {
+    // Reads that ran just now still need their own confirmation (at consistency high).
+    if ran_reads && state::get().consistency() == Consistency::High {
         match state::get().node().as_deref().and_then(ready_term) {
             Some(term) => join_round(&mut held, hooks, id, client, term),
             None => return close(&mut held, hooks, id),
         }
     }
+    let drained = held.clients.as_mut().and_then(|c| c.get_mut(&id)).filter(|c| c.slots.is_empty()).and_then(|c| c.when_drained.take());
     release_if_done(&mut held, hooks, id);
+    drop(held);
+    if let Some(run) = drained {
+        run();
+    }
 }
 
 /// A read that waited behind writes, run on the main thread in the client's database of the

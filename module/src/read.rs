@@ -1,8 +1,11 @@
 //! Reads under the consistency levels.
 //!
-//! - `low`: the filter leaves reads alone; every node serves its local dataset.
-//! - `medium`: the filter leaves reads alone on a leader whose dataset has applied the first
-//!   entry of its term; anything else comes here.
+//! - `low`: every node serves its local dataset.
+//! - `medium`: a leader whose dataset has applied the first entry of its term serves its local
+//!   dataset; anything else comes here.
+//! - At both, the filter leaves reads alone unless some client's writes are in flight on this
+//!   leader with their replies held: then reads come here, and a read of such a client waits
+//!   for its writes (a pipeline reads its own writes), like at `high`.
 //! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
 //!   and holds the reply until a ReadIndex round confirms it still leads (see `held`).
 //!   Otherwise (a leader not ready yet, or a Redis without the hooks) the client is blocked: the
@@ -35,6 +38,14 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if argv.is_empty() {
         return Err("ERR wrong number of arguments for 'raft._read' command".into());
     }
+    if !needs_confirmation() {
+        // Here only because some client has writes in flight (see the filter): the read waits
+        // for its own client's writes, if it has any, and otherwise runs now.
+        if !crate::held::read_behind_writes(ctx, argv) {
+            ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
+        }
+        return Ok(());
+    }
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     if let Some(why) = s.fatal() {
@@ -49,17 +60,24 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::held::read(ctx, argv, &node) {
         return Ok(());
     }
-    let timeout = s.write_timeout();
-    let resp3 = ffi::client_is_resp3(ctx);
-    let argv = ffi::owned_args(argv);
-    let blocked = Blocked::new(ctx, timeout + Duration::from_secs(1));
+    let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
+    confirm_then_run(blocked, ffi::owned_args(argv), ffi::client_is_resp3(ctx));
+    Ok(())
+}
+
+/// The blocking path: confirms this node still leads with a ReadIndex round, waits until the
+/// dataset has applied the read index, then runs `argv` for the blocked client.
+pub fn confirm_then_run(blocked: Blocked, argv: Vec<Vec<u8>>, resp3: bool) {
+    let s = state::get();
+    let Some(node) = s.node() else {
+        return blocked.finish(Outcome::Error(crate::write::not_initialized()));
+    };
     let progress = s.progress.clone();
     node.read_index(
         Box::new(move |confirmed| match confirmed {
             Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Run { argv, resp3 }))),
             Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e))),
         }),
-        Instant::now() + timeout,
+        Instant::now() + s.write_timeout(),
     );
-    Ok(())
 }
