@@ -583,6 +583,40 @@ fn pipelines_keep_flowing_and_read_their_own_writes_at_every_consistency_level()
     }
 }
 
+/// At medium only a ready leader serves reads. A read that waited behind its pipeline's write on
+/// a leader that stepped down meanwhile is redirected, not served from the old leader's dataset.
+#[test]
+fn at_medium_a_read_queued_on_a_leader_that_stepped_down_is_redirected() {
+    let cluster = Cluster::start_partitionable(3, &["consistency=medium", "write-timeout=30000"]).unwrap();
+    let old = cluster.wait_leader();
+    let _: () = cluster.nodes[old].cmd(&["SET", "w", "1"]).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let net = cluster.network.as_ref().unwrap();
+    net.partition(&[vec![old], others.clone()]);
+    let mut conn = TcpStream::connect(("127.0.0.1", cluster.nodes[old].port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The write cannot commit; the read waits behind it.
+    conn.write_all(b"SET w 2\r\nGET w\r\n").unwrap();
+    let new = wait_for("the majority to elect a new leader", Duration::from_secs(30), || {
+        others.iter().copied().find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    // Healed, the old leader hears of the new term and steps down: its write fails, and the read
+    // behind it must not be served from its dataset.
+    net.heal();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.iter().filter(|b| **b == b'\n').count() < 2 {
+        let n = conn.read(&mut buf).expect("both commands are answered");
+        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let (write, read) = got.split_once("\r\n").unwrap();
+    assert!(write.starts_with('-'), "the write did not commit: {got:?}");
+    let to_new_leader = read.starts_with("-MOVED 0 ") && read.ends_with(&format!(":{}\r\n", cluster.nodes[new].port));
+    assert!(to_new_leader, "the read is redirected to the new leader: {got:?}");
+}
+
 /// Runs `f` while every node but `leader` is stopped (SIGSTOP), then lets them continue.
 fn with_followers_paused<T>(cluster: &Cluster, leader: usize, f: impl FnOnce() -> T) -> T {
     let followers: Vec<usize> = (0..cluster.nodes.len()).filter(|i| *i != leader).collect();

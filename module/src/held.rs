@@ -530,7 +530,14 @@ fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
 /// A read that waited behind writes, run on the main thread in the client's database of the
 /// moment it was sent.
 fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
-    let ctx = state::get().main_thread_ctx();
+    let s = state::get();
+    // At medium only a ready leader serves reads; this one may have stepped down meanwhile.
+    // (At high the read is confirmed after it runs; at low any node serves it.)
+    if s.consistency() == Consistency::Medium && crate::read::needs_confirmation() {
+        let redirect = s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status()));
+        return format!("-{redirect}\r\n").into_bytes();
+    }
+    let ctx = s.main_thread_ctx();
     if !ffi::select_db(ctx, db) {
         return b"-ERR invalid database\r\n".to_vec();
     }
