@@ -61,24 +61,14 @@ impl Journal {
 
     fn read_records(&mut self) -> io::Result<Vec<Vec<u8>>> {
         let mut records = Vec::new();
-        loop {
-            let mut head = [0u8; RECORD_HEAD];
-            if self.end + RECORD_HEAD as u64 > self.capacity {
-                break;
-            }
-            self.file.read_exact_at(&mut head, self.end)?;
-            let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as u64;
-            let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
-            let generation = u64::from_le_bytes(head[8..16].try_into().unwrap());
-            if len == 0 || generation != self.generation || self.end + RECORD_HEAD as u64 + len > self.capacity {
+        while let Some(head) = self.head_at_end()? {
+            let len = head.len as u64;
+            if len == 0 || head.generation != self.generation || self.end + RECORD_HEAD as u64 + len > self.capacity {
                 break;
             }
             let mut payload = vec![0u8; len as usize];
             self.file.read_exact_at(&mut payload, self.end + RECORD_HEAD as u64)?;
-            let mut hasher = crc32fast::Hasher::new();
-            hasher.update(&head[8..16]);
-            hasher.update(&payload);
-            if hasher.finalize() != crc {
+            if checksum(head.generation, &payload) != head.crc {
                 break;
             }
             self.end += RECORD_HEAD as u64 + len;
@@ -87,16 +77,20 @@ impl Journal {
         Ok(records)
     }
 
+    /// The record head at the end, if one fits there (it may be zeros, torn or stale).
+    fn head_at_end(&self) -> io::Result<Option<RecordHead>> {
+        if self.end + RECORD_HEAD as u64 > self.capacity {
+            return Ok(None);
+        }
+        let mut raw = [0u8; RECORD_HEAD];
+        self.file.read_exact_at(&mut raw, self.end)?;
+        Ok(Some(RecordHead::decode(&raw)))
+    }
+
     /// Whether anything but zeros follows the end: an empty journal has nothing there, or
     /// only older generations' records, which `read_records` already refuses.
     fn generation_continues_past_end(&self) -> io::Result<bool> {
-        let mut head = [0u8; RECORD_HEAD];
-        if self.end + RECORD_HEAD as u64 > self.capacity {
-            return Ok(false);
-        }
-        self.file.read_exact_at(&mut head, self.end)?;
-        let generation = u64::from_le_bytes(head[8..16].try_into().unwrap());
-        Ok(head != [0u8; RECORD_HEAD] && generation == self.generation)
+        Ok(self.head_at_end()?.is_some_and(|head| head != RecordHead::default() && head.generation == self.generation))
     }
 
     /// Whether a record of `payload_len` bytes still fits.
@@ -111,13 +105,9 @@ impl Journal {
 
     /// Appends one record (the caller checked it `fits`), flushed before returning with `sync`.
     pub fn append(&mut self, payload: &[u8], sync: bool) -> io::Result<()> {
+        let head = RecordHead { len: payload.len() as u32, crc: checksum(self.generation, payload), generation: self.generation };
         let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&self.generation.to_le_bytes());
-        hasher.update(payload);
-        record.extend_from_slice(&hasher.finalize().to_le_bytes());
-        record.extend_from_slice(&self.generation.to_le_bytes());
+        record.extend_from_slice(&head.encode());
         record.extend_from_slice(payload);
         self.file.write_all_at(&record, self.end)?;
         self.end += record.len() as u64;
@@ -143,6 +133,40 @@ impl Journal {
         self.end = HEADER_BYTES;
         Ok(())
     }
+}
+
+/// `[len u32][crc u32][generation u64]` before each record's payload.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RecordHead {
+    len: u32,
+    crc: u32,
+    generation: u64,
+}
+
+impl RecordHead {
+    fn encode(&self) -> [u8; RECORD_HEAD] {
+        let mut h = [0u8; RECORD_HEAD];
+        h[0..4].copy_from_slice(&self.len.to_le_bytes());
+        h[4..8].copy_from_slice(&self.crc.to_le_bytes());
+        h[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        h
+    }
+
+    fn decode(raw: &[u8; RECORD_HEAD]) -> RecordHead {
+        RecordHead {
+            len: u32::from_le_bytes(raw[0..4].try_into().unwrap()),
+            crc: u32::from_le_bytes(raw[4..8].try_into().unwrap()),
+            generation: u64::from_le_bytes(raw[8..16].try_into().unwrap()),
+        }
+    }
+}
+
+/// A record's checksum: over its generation and payload.
+fn checksum(generation: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&generation.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
 }
 
 fn header(generation: u64) -> [u8; 20] {
