@@ -923,26 +923,28 @@ impl LogStore {
         let txn = self.inner.env.read_txn()?;
         let mut stored = self.inner.entries.range(&txn, &(low..split))?;
         let mut out = Vec::with_capacity(cmp::min(high - low, 1024) as usize);
+        // Same accounting as raft::util::limit_size: an entry weighs its encoded length (what
+        // we stored), and the first one is returned whatever its size so that Raft always makes
+        // progress.
         let mut size = 0u64;
+        let mut room_for = |out: &Vec<Entry>, encoded_len: usize| {
+            size = size.saturating_add(encoded_len as u64);
+            out.is_empty() || max_size.is_none_or(|max| size <= max)
+        };
         for expected in low..split {
             let (index, bytes) = stored.next().ok_or_else(|| missing_entry(expected))??;
             if index != expected {
                 return Err(missing_entry(expected));
             }
-            // Same accounting as raft::util::limit_size: an entry weighs its encoded length
-            // (what we stored), and the first one is returned whatever its size so that Raft
-            // always makes progress.
             let body = unseal(index, bytes)?;
-            size = size.saturating_add(body.len() as u64);
-            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
-                break;
+            if !room_for(&out, body.len()) {
+                return Ok(out);
             }
             out.push(Entry::decode(body)?);
         }
-        if split < high && out.len() as u64 == split - low {
+        if split < high {
             for e in &tail.entries[(split - tail.first) as usize..(high - tail.first) as usize] {
-                size = size.saturating_add(e.entry.encoded_len() as u64);
-                if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                if !room_for(&out, e.entry.encoded_len()) {
                     break;
                 }
                 out.push(e.entry.clone());
@@ -1384,6 +1386,14 @@ mod tests {
 
     #[test]
     fn max_size_limits_like_raft() {
+        // Entries read from the tail, from LMDB, and from both.
+        for checkpoint_after in [None, Some(6), Some(3)] {
+            max_size_limits_like_raft_with(checkpoint_after);
+        }
+    }
+
+    /// Entries 1..=6, moved into LMDB up to `checkpoint_after`, the rest in the tail.
+    fn max_size_limits_like_raft_with(checkpoint_after: Option<usize>) {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path()).unwrap();
         let ents: Vec<Entry> = (1..=6)
@@ -1394,7 +1404,10 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        store.append(&ents, None, false).unwrap();
+        let stored = checkpoint_after.unwrap_or(0);
+        store.append(&ents[..stored], None, false).unwrap();
+        store.checkpoint(&mut store.tail()).unwrap();
+        store.append(&ents[stored..], None, false).unwrap();
 
         let size = |e: &Entry| e.encoded_len() as u64;
         let mut limits = vec![0, 1, raft::NO_LIMIT, u64::MAX - 1];
@@ -1404,7 +1417,7 @@ mod tests {
             let got = Storage::entries(&store, 2, 7, max, GetEntriesContext::empty(false)).unwrap();
             let mut want = ents[1..6].to_vec();
             limit_size(&mut want, Some(max));
-            assert_eq!(got, want, "max_size {max}");
+            assert_eq!(got, want, "max_size {max}, checkpoint after {checkpoint_after:?}");
         }
         // Zero still yields the first entry, so Raft always makes progress.
         assert_eq!(
