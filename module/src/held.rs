@@ -200,7 +200,7 @@ pub fn read_behind_writes(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> bool {
     let Some(hooks) = hooks() else { return false };
     let Some((id, client)) = client_of(ctx, hooks) else { return false };
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    if !held.clients.as_ref().and_then(|c| c.get(&id)).is_some_and(|c| !c.slots.is_empty()) {
+    if slots_of(&held, id) == 0 {
         return false;
     }
     // Once the writes are answered the read may simply run.
@@ -222,10 +222,10 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     let Some(term) = ready_term(node) else { return false };
     let Some((id, client)) = client_of(ctx, hooks) else { return false };
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    let behind_writes = held.clients.as_ref().and_then(|c| c.get(&id)).map_or(false, |c| !c.slots.is_empty());
-    if behind_writes {
-        // Blocked, the read takes the blocking path once the writes are answered: a leadership
-        // check started then covers them.
+    if slots_of(&held, id) > 0 {
+        // Behind the client's writes. Should it be blocked instead (too many in flight), it
+        // takes the blocking path once they are answered: a leadership check started then
+        // covers them.
         if !queue_read(&mut held, hooks, ctx, (id, client), argv, crate::read::confirm_then_run) {
             return false;
         }
@@ -256,8 +256,13 @@ fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *
     })
 }
 
+/// How many replies of this client wait in its output: writes in flight and reads behind them.
+fn slots_of(held: &Held, id: ClientId) -> usize {
+    held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len())
+}
+
 fn is_full(held: &Held, id: ClientId) -> bool {
-    held.clients.as_ref().and_then(|c| c.get(&id)).map_or(0, |c| c.slots.len()) >= MAX_IN_FLIGHT_PER_CLIENT
+    slots_of(held, id) >= MAX_IN_FLIGHT_PER_CLIENT
 }
 
 /// Appends an empty reply slot to the client's output; its id, or None if the client cannot

@@ -81,7 +81,7 @@ impl Snapshots {
 
     /// A child is writing a snapshot, or its file is being verified and recorded.
     pub fn in_progress(&self) -> bool {
-        self.is_publishing() || self.in_progress.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.phase() != "none"
     }
 
     /// Where a snapshot stands (RAFT.INFO `snapshot_phase`): `none`, `writing` (a child is
