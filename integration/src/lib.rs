@@ -353,21 +353,21 @@ fn command(args: &[&str]) -> redis::Cmd {
     cmd
 }
 
+/// The value of `field` in INFO-style `key:value` lines (RAFT.INFO, RAFT.STATS), trimmed.
+pub fn field_in<'a>(text: &'a str, field: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(str::trim)
+}
+
 /// A numeric field of RAFT.INFO.
 pub fn info_field(server: &Server, field: &str) -> u64 {
     let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
+    field_in(&info, field).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// A counter from RAFT.STATS; panics if the node does not report it.
 pub fn stat_field(server: &Server, field: &str) -> u64 {
     let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
+    field_in(&stats, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
 }
 
 /// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).

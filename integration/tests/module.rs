@@ -603,18 +603,23 @@ fn at_medium_a_read_queued_on_a_leader_that_stepped_down_is_redirected() {
     // Healed, the old leader hears of the new term and steps down: its write fails, and the read
     // behind it must not be served from its dataset.
     net.heal();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while got.iter().filter(|b| **b == b'\n').count() < 2 {
-        let n = conn.read(&mut buf).expect("both commands are answered");
-        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    let got = String::from_utf8_lossy(&got).into_owned();
+    let got = String::from_utf8_lossy(&read_lines(&mut conn, 2)).into_owned();
     let (write, read) = got.split_once("\r\n").unwrap();
     assert!(write.starts_with('-'), "the write did not commit: {got:?}");
     let to_new_leader = read.starts_with("-MOVED 0 ") && read.ends_with(&format!(":{}\r\n", cluster.nodes[new].port));
     assert!(to_new_leader, "the read is redirected to the new leader: {got:?}");
+}
+
+/// Reads until `lines` reply lines have come; panics if the connection closes first.
+fn read_lines(conn: &mut TcpStream, lines: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.iter().filter(|b| **b == b'\n').count() < lines {
+        let n = conn.read(&mut buf).expect("the commands are answered");
+        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
 
 /// Runs `f` while every node but `leader` is stopped (SIGSTOP), then lets them continue.
@@ -661,13 +666,7 @@ fn a_leader_that_cannot_confirm_closes_a_reader_and_answers_a_writer_with_an_err
     conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let got = with_followers_paused(&cluster, l, || {
         conn.write_all(b"PING\r\nSET w 2\r\nPING\r\n").unwrap();
-        let mut got = Vec::new();
-        while got.iter().filter(|b| **b == b'\n').count() < 3 {
-            let n = conn.read(&mut buf).expect("the write is answered");
-            assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        got
+        read_lines(&mut conn, 3)
     });
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("+PONG\r\n-TIMEOUT ") && got.ends_with("\r\n+PONG\r\n"), "{got:?}");

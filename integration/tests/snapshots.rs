@@ -1,6 +1,6 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
-use raftis_integration::{digest, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{digest, field_in, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 
 /// Small thresholds so a few thousand writes produce several snapshots.
@@ -151,7 +151,7 @@ fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
     };
     wait_for("the snapshot to be published", Duration::from_secs(60), || {
         let info: String = redis::cmd("RAFT.INFO").query(&mut conn).unwrap();
-        info.lines().any(|l| l.trim() == "snapshot_phase:publishing").then_some(())
+        (field_in(&info, "snapshot_phase") == Some("publishing")).then_some(())
     });
     let second: (i64, i64) = redis::cmd("RAFT.SNAPSHOT").query(&mut conn).unwrap();
     let first = first.join().unwrap();
@@ -169,10 +169,10 @@ fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
     let mut watch = joiner.client().unwrap();
     let seen = wait_for("the download to show in RAFT.INFO", Duration::from_secs(60), || {
         let info: String = redis::cmd("RAFT.INFO").query(&mut watch).unwrap();
-        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.trim().to_string());
-        (field("snapshot_fetch_in_progress")? == "yes").then(|| {
-            let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok()).unwrap();
-            (field("snapshot_fetch_file").unwrap(), number("snapshot_fetch_from"), number("snapshot_fetch_received_bytes"), number("snapshot_fetch_size_bytes"))
+        (field_in(&info, "snapshot_fetch_in_progress")? == "yes").then(|| {
+            let number = |name: &str| field_in(&info, name).and_then(|v| v.parse::<u64>().ok()).unwrap();
+            let file = field_in(&info, "snapshot_fetch_file").unwrap().to_string();
+            (file, number("snapshot_fetch_from"), number("snapshot_fetch_received_bytes"), number("snapshot_fetch_size_bytes"))
         })
     });
     assert_eq!(join.join().unwrap().unwrap(), "OK");
@@ -190,7 +190,7 @@ fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
 
 fn info_text(server: &Server, field: &str) -> String {
     let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
-    info.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
+    field_in(&info, field).unwrap_or_default().to_string()
 }
 
 /// Large values reach `snapshot-log-size` long before `snapshot-threshold` entries: the log is
