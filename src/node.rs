@@ -1050,17 +1050,21 @@ impl<S: StateMachine> RaftLoop<S> {
     /// A leader that stepped down cannot vouch for anything it had in flight.
     fn check_leadership(&mut self) {
         let is_leader = self.raw.raft.state == StateRole::Leader;
-        if self.was_leader && !is_leader {
-            log::warn!("raft {} lost leadership at term {}", self.id, self.raw.raft.term);
-            self.fail_everything(ProposeError::LeadershipLost);
-        }
         if !is_leader {
             self.leader_ready = false;
             self.shared.ready_index.store(0, Ordering::Release);
         }
         let term = if is_leader { self.raw.raft.term } else { 0 };
         self.shared.leading_term.store(term, Ordering::Release);
+        let lost = self.was_leader && !is_leader;
         self.was_leader = is_leader;
+        if lost {
+            log::warn!("raft {} lost leadership at term {}", self.id, self.raw.raft.term);
+            // Published before the waiters hear of it: whoever acts on a failed request (Redis'
+            // main thread) must already see that this node no longer leads, and who does.
+            self.publish_status();
+            self.fail_everything(ProposeError::LeadershipLost);
+        }
     }
 
     fn fail_everything(&mut self, err: ProposeError) {
