@@ -1,8 +1,13 @@
 //! The payload of a replicated write: the database it runs in and its arguments, exactly as the
-//! leader will have every node execute them. Layout (all integers big-endian):
-//! `kind u8 = 1 | db u32 | argc u32 | (len u32 | bytes) * argc`.
+//! leader will have every node execute them; or a transaction (MULTI/EXEC), several such commands
+//! that every node runs back to back. Layout (all integers big-endian):
+//! - a command: `kind u8 = 1 | body`
+//! - a transaction: `kind u8 = 2 | count u32 | body * count`
+//!
+//! where `body` is `db u32 | argc u32 | (len u32 | bytes) * argc`.
 
 const KIND_COMMAND: u8 = 1;
+const KIND_TRANSACTION: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandEntry {
@@ -15,6 +20,14 @@ pub struct CommandEntry {
 pub struct CommandView<'a> {
     pub db: u32,
     pub argv: Vec<&'a [u8]>,
+}
+
+/// A decoded log entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EntryView<'a> {
+    Command(CommandView<'a>),
+    /// Commands to run one after the other with nothing in between.
+    Transaction(Vec<CommandView<'a>>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,9 +49,29 @@ impl CommandEntry {
 /// The log entry for a command in database `db`, from arguments of any form (borrowed from a
 /// client's command, or rewritten): the one copy a proposal needs.
 pub fn encode_command<A: AsRef<[u8]>>(db: u32, argv: &[A]) -> Vec<u8> {
-    let size = 9 + argv.iter().map(|a| 4 + a.as_ref().len()).sum::<usize>();
-    let mut out = Vec::with_capacity(size);
+    let mut out = Vec::with_capacity(1 + body_size(argv));
     out.push(KIND_COMMAND);
+    encode_body(&mut out, db, argv);
+    out
+}
+
+/// The log entry for a transaction: each command with its database, in the order they run.
+pub fn encode_transaction<A: AsRef<[u8]>>(commands: &[(u32, Vec<A>)]) -> Vec<u8> {
+    let size = 5 + commands.iter().map(|(_, argv)| body_size(argv)).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.push(KIND_TRANSACTION);
+    out.extend_from_slice(&(commands.len() as u32).to_be_bytes());
+    for (db, argv) in commands {
+        encode_body(&mut out, *db, argv);
+    }
+    out
+}
+
+fn body_size<A: AsRef<[u8]>>(argv: &[A]) -> usize {
+    8 + argv.iter().map(|a| 4 + a.as_ref().len()).sum::<usize>()
+}
+
+fn encode_body<A: AsRef<[u8]>>(out: &mut Vec<u8>, db: u32, argv: &[A]) {
     out.extend_from_slice(&db.to_be_bytes());
     out.extend_from_slice(&(argv.len() as u32).to_be_bytes());
     for arg in argv {
@@ -46,22 +79,35 @@ pub fn encode_command<A: AsRef<[u8]>>(db: u32, argv: &[A]) -> Vec<u8> {
         out.extend_from_slice(&(arg.len() as u32).to_be_bytes());
         out.extend_from_slice(arg);
     }
-    out
+}
+
+impl<'a> EntryView<'a> {
+    pub fn decode(mut data: &'a [u8]) -> Result<EntryView<'a>, EntryError> {
+        match take(&mut data, 1)?[0] {
+            KIND_COMMAND => CommandView::decode_body(&mut data).map(EntryView::Command),
+            KIND_TRANSACTION => {
+                let count = read_u32(&mut data)? as usize;
+                // Never trust a count to size an allocation: each command needs at least 8 bytes.
+                let mut commands = Vec::with_capacity(count.min(data.len() / 8));
+                for _ in 0..count {
+                    commands.push(CommandView::decode_body(&mut data)?);
+                }
+                Ok(EntryView::Transaction(commands))
+            }
+            kind => Err(EntryError::UnknownKind(kind)),
+        }
+    }
 }
 
 impl<'a> CommandView<'a> {
-    pub fn decode(mut data: &'a [u8]) -> Result<CommandView<'a>, EntryError> {
-        let kind = take(&mut data, 1)?[0];
-        if kind != KIND_COMMAND {
-            return Err(EntryError::UnknownKind(kind));
-        }
-        let db = read_u32(&mut data)?;
-        let argc = read_u32(&mut data)? as usize;
-        // Never trust a count to size an allocation: each argument needs at least 4 bytes.
+    fn decode_body(data: &mut &'a [u8]) -> Result<CommandView<'a>, EntryError> {
+        let db = read_u32(data)?;
+        let argc = read_u32(data)? as usize;
+        // Each argument needs at least 4 bytes.
         let mut argv = Vec::with_capacity(argc.min(data.len() / 4));
         for _ in 0..argc {
-            let len = read_u32(&mut data)? as usize;
-            argv.push(take(&mut data, len)?);
+            let len = read_u32(data)? as usize;
+            argv.push(take(data, len)?);
         }
         if argv.is_empty() {
             return Err(EntryError::Empty);
@@ -92,17 +138,31 @@ mod tests {
     fn round_trips_binary_arguments() {
         let e = CommandEntry { db: 3, argv: vec![b"SET".to_vec(), b"k\r\n\0".to_vec(), Vec::new()] };
         let bytes = e.encode();
-        let view = CommandView::decode(&bytes).unwrap();
+        let EntryView::Command(view) = EntryView::decode(&bytes).unwrap() else { panic!("not a command") };
         assert_eq!((view.db, view.argv), (e.db, e.argv.iter().map(|a| a.as_slice()).collect()));
+    }
+
+    #[test]
+    fn a_transaction_round_trips_its_commands_in_order() {
+        let commands = vec![(0, vec![&b"SET"[..], b"a", b"1"]), (5, vec![&b"INCR"[..], b"\r\n"]), (0, vec![&b"GET"[..], b""])];
+        let bytes = encode_transaction(&commands);
+        let EntryView::Transaction(views) = EntryView::decode(&bytes).unwrap() else { panic!("not a transaction") };
+        let decoded: Vec<(u32, Vec<&[u8]>)> = views.into_iter().map(|v| (v.db, v.argv)).collect();
+        assert_eq!(decoded, commands);
+        for n in 0..bytes.len() {
+            assert!(EntryView::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        // A huge count with nothing behind it is an error, not a huge allocation.
+        assert_eq!(EntryView::decode(&[2, 255, 255, 255, 255]), Err(EntryError::Truncated));
     }
 
     #[test]
     fn truncated_or_foreign_data_is_an_error_not_a_panic() {
         let bytes = CommandEntry { db: 0, argv: vec![b"INCR".to_vec(), b"x".to_vec()] }.encode();
         for n in 0..bytes.len() {
-            assert!(CommandView::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+            assert!(EntryView::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
         }
-        assert_eq!(CommandView::decode(&[9, 0, 0]), Err(EntryError::UnknownKind(9)));
-        assert_eq!(CommandView::decode(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), Err(EntryError::Truncated));
+        assert_eq!(EntryView::decode(&[9, 0, 0]), Err(EntryError::UnknownKind(9)));
+        assert_eq!(EntryView::decode(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), Err(EntryError::Truncated));
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
-use raftis_core::command_entry::CommandView;
+use raftis_core::command_entry::{CommandView, EntryView};
 use raftis_core::forward::{ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -35,6 +35,8 @@ pub enum ReplyTo {
     Forwarded(ForwardDone),
     /// A client of this node whose pipeline keeps flowing: the reply fills its slot.
     Held(crate::held::HeldReply),
+    /// A transaction's commands, one slot each (None: the client takes no replies).
+    Transaction(Vec<Option<crate::held::HeldReply>>),
 }
 
 impl WriteWaiter {
@@ -42,11 +44,25 @@ impl WriteWaiter {
         match self.reply_to {
             ReplyTo::Client(blocked) => blocked.finish(outcome),
             ReplyTo::Forwarded(done) => done(raw_reply(outcome)),
-            ReplyTo::Held(held) => match raw_reply(outcome) {
-                Ok(bytes) => held.finish(bytes),
-                Err(e) => held.fail(&e),
-            },
+            ReplyTo::Held(held) => finish_held(held, outcome),
+            ReplyTo::Transaction(slots) => {
+                // Only a failure reaches here (the whole transaction): every command gets it.
+                let error = match raw_reply(outcome) {
+                    Err(e) => e,
+                    Ok(_) => "ERR unexpected reply for a transaction".into(),
+                };
+                for held in slots.into_iter().flatten() {
+                    held.fail(&error);
+                }
+            }
         }
+    }
+}
+
+fn finish_held(held: crate::held::HeldReply, outcome: Outcome) {
+    match raw_reply(outcome) {
+        Ok(bytes) => held.finish(bytes),
+        Err(e) => held.fail(&e),
     }
 }
 
@@ -269,26 +285,58 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
 
 fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let index = committed.index;
-    let waiter = committed.waiter;
+    let mut waiter = committed.waiter;
+    let resp3 = waiter.as_ref().map_or(false, |w| w.resp3);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let entry = CommandView::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
-        if !ffi::select_db(ctx, entry.db) {
-            return Err(format!("ERR log entry at {index} names database {} which does not exist here", entry.db));
+        match EntryView::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))? {
+            EntryView::Command(command) => {
+                let outcome = run_command(ctx, index, &command, resp3);
+                finish(waiter.take(), outcome);
+            }
+            EntryView::Transaction(commands) => {
+                // The leader's client waits for one reply per command; anyone else for none.
+                let mut slots = match waiter.take() {
+                    Some(WriteWaiter { reply_to: ReplyTo::Transaction(slots), .. }) => slots,
+                    Some(other) => {
+                        other.finish(Outcome::Error("ERR internal error: a transaction's waiter does not fit it".into()));
+                        Vec::new()
+                    }
+                    None => Vec::new(),
+                }
+                .into_iter();
+                // Back to back on the main thread: nothing runs between them.
+                for command in &commands {
+                    let outcome = run_command(ctx, index, command, resp3);
+                    match (slots.next().flatten(), outcome) {
+                        (Some(held), outcome) => finish_held(held, outcome),
+                        (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
+                        (None, _) => {}
+                    }
+                }
+            }
         }
-        let resp3 = waiter.as_ref().map_or(false, |w| w.resp3);
-        Ok(ffi::call(ctx, &entry.argv, resp3))
+        Ok::<(), String>(())
     }));
-    let outcome = match result {
-        Ok(Ok(reply)) => Outcome::Call(reply),
-        Ok(Err(msg)) => {
-            log::error!("{msg}");
-            Outcome::Error(msg)
-        }
-        Err(_) => {
-            log::error!("panic while applying the entry at {index}");
-            Outcome::Error(format!("ERR internal error applying entry {index}"))
-        }
+    let failure = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(msg)) => msg,
+        Err(_) => format!("ERR internal error applying entry {index}"),
     };
+    log::error!("{failure}");
+    finish(waiter, Outcome::Error(failure));
+}
+
+/// Runs one replicated command in its database.
+fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, command: &CommandView, resp3: bool) -> Outcome {
+    if !ffi::select_db(ctx, command.db) {
+        let msg = format!("ERR log entry at {index} names database {} which does not exist here", command.db);
+        log::error!("{msg}");
+        return Outcome::Error(msg);
+    }
+    Outcome::Call(ffi::call(ctx, &command.argv, resp3))
+}
+
+fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {
     match (waiter, outcome) {
         (Some(w), outcome) => w.finish(outcome),
         (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
