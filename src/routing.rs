@@ -25,6 +25,8 @@ pub enum Route {
     Write,
     /// Served according to the read consistency level.
     Read,
+    /// MULTI: the module starts the transaction, so it knows which clients have one open.
+    BeginTransaction,
     /// Answered with this error (without the leading '-').
     Refuse(String),
 }
@@ -35,15 +37,14 @@ const NEVER_REPLICATED: &[&str] = &[
     "command", "info", "config", "debug", "shutdown", "save", "bgsave", "bgrewriteaof", "slowlog", "latency",
     "memory", "module", "acl", "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe",
     "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut", "script",
+    // Redis queues a transaction's commands and runs them at EXEC, each one through this module.
+    "exec", "discard",
 ];
 
 /// Not supported yet: refused outright rather than half working.
 const REFUSED: &[(&str, &str)] = &[
-    ("multi", "transactions (MULTI/EXEC)"),
-    ("exec", "transactions (MULTI/EXEC)"),
-    ("discard", "transactions (MULTI/EXEC)"),
-    ("watch", "transactions (MULTI/EXEC)"),
-    ("unwatch", "transactions (MULTI/EXEC)"),
+    ("watch", "WATCH"),
+    ("unwatch", "WATCH"),
     ("eval", "scripts"),
     ("evalsha", "scripts"),
     ("eval_ro", "scripts"),
@@ -101,6 +102,9 @@ impl CommandTable {
             owned = name.to_ascii_lowercase();
             &owned
         };
+        if name == "multi" {
+            return Route::BeginTransaction;
+        }
         if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
             return Route::Local;
         }
@@ -182,7 +186,9 @@ mod tests {
     #[test]
     fn unsupported_and_malformed_writes_are_refused_with_redis_style_errors() {
         assert_eq!(route(&["SET", "k"]), Route::Refuse("ERR wrong number of arguments for 'set' command".into()));
-        assert!(matches!(route(&["MULTI"]), Route::Refuse(e) if e.starts_with("ERR transactions")));
+        assert_eq!(route(&["multi"]), Route::BeginTransaction);
+        assert_eq!(route(&["EXEC"]), Route::Local, "Redis runs the queued commands, each through the filter's route");
+        assert!(matches!(route(&["WATCH", "k"]), Route::Refuse(e) if e == "ERR WATCH not supported by Raftis yet"));
         assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));

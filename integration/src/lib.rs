@@ -7,7 +7,8 @@ pub mod netproxy;
 pub mod workload;
 
 use anyhow::{bail, Context as _};
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -373,4 +374,20 @@ pub fn stat_field(server: &Server, field: &str) -> u64 {
 /// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).
 pub fn digest(server: &Server) -> String {
     server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")
+}
+
+/// Sends raw RESP and reads until `expect_len` bytes arrived (or the peer closed).
+pub fn raw_exchange(port: u16, request: &[u8], expect_len: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < expect_len {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
 }

@@ -1,6 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
-use raftis_integration::{digest, info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{digest, info_field, raw_exchange, stat_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -157,22 +157,6 @@ fn restarting_every_node_keeps_every_acknowledged_write() {
     assert_eq!(items, (0..300).collect::<Vec<i64>>(), "order preserved");
 }
 
-/// Sends raw RESP and reads until `expect_len` bytes arrived (or the peer closed).
-fn raw_exchange(port: u16, request: &[u8], expect_len: usize) -> Vec<u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while out.len() < expect_len {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    out
-}
-
 #[test]
 fn replies_are_forwarded_byte_for_byte_in_resp2_and_resp3() {
     let cluster = Cluster::start(1, &[]).unwrap();
@@ -217,7 +201,7 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
     expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
-    expect_err(&["MULTI"], "not supported");
+    expect_err(&["WATCH", "k"], "not supported");
     expect_err(&["EVAL", "return 1", "0"], "not supported");
     expect_err(&["BLPOP", "l", "0"], "blocking");
     expect_err(&["SET", "onlykey"], "wrong number of arguments for 'set'");

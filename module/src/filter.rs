@@ -1,5 +1,6 @@
 //! The command filter: every client command passes here first, on Redis' main thread. Writes are
-//! redirected to `RAFT._CMD` (replicated), unsupported commands to `RAFT._REFUSE`; everything
+//! redirected to `RAFT._CMD` (replicated), MULTI to `RAFT._MULTI`, unsupported commands to
+//! `RAFT._REFUSE`, and reads to `RAFT._READ` when they must wait or be confirmed; everything
 //! else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
 //! entry never re-enters this path.
 
@@ -10,6 +11,7 @@ use redis_module::raw::RedisModuleCommandFilterCtx;
 
 pub const WRITE_COMMAND: &str = "raft._cmd";
 pub const REFUSE_COMMAND: &str = "raft._refuse";
+pub const MULTI_COMMAND: &str = "raft._multi";
 
 pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
     // A panic must not unwind into Redis; a command we fail to classify runs unchanged.
@@ -33,7 +35,10 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     let redirect_to = match route {
         Route::Write => WRITE_COMMAND,
         Route::Refuse(_) => REFUSE_COMMAND,
-        Route::Read if crate::read::needs_confirmation() || crate::held::any_held() => crate::read::READ_COMMAND,
+        Route::BeginTransaction => MULTI_COMMAND,
+        Route::Read if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() => {
+            crate::read::READ_COMMAND
+        }
         Route::Read | Route::Local => return,
     };
     unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };

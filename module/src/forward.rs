@@ -98,7 +98,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         }
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself; a peer sending one is confused, not a client.
-        Route::Local => done(Err("ERR only writes and reads are forwarded".into())),
+        Route::Local | Route::BeginTransaction => done(Err("ERR only writes and reads are forwarded".into())),
     }
 }
 

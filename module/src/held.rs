@@ -63,6 +63,8 @@ struct Hooks {
     /// Appends an empty slot to the client's output; null if the client takes no replies.
     deferred_slot: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
+    /// Redis' MULTI: opens a transaction on the client and answers +OK.
+    multi: unsafe extern "C" fn(*mut c_void),
 }
 
 extern "C" {
@@ -96,6 +98,7 @@ pub fn init(ctx: *mut RedisModuleCtx) {
                 free_async: std::mem::transmute(find("freeClientAsync")?),
                 deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
                 fill_slot: std::mem::transmute(find("setDeferredReply")?),
+                multi: std::mem::transmute(find("multiCommand")?),
             }
         })
     });
@@ -181,7 +184,7 @@ struct Round {
 }
 
 /// Only a ready leader holds replies: its term, if this node is one.
-fn ready_term(node: &RaftNode) -> Option<Term> {
+pub fn ready_term(node: &RaftNode) -> Option<Term> {
     let (term, ready) = (node.leading_term()?, node.leader_ready_index()?);
     (state::get().progress.applied() >= ready).then_some(term)
 }
@@ -242,11 +245,38 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
 pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply> {
     let hooks = hooks()?;
     ready_term(node)?;
+    reply_slot(ctx, hooks, Limit::PerClient)
+}
+
+/// A command of a transaction being run by EXEC on a ready leader: its reply gets a slot in the
+/// output, whatever the client already has in flight (the transaction is already in memory, and
+/// a client cannot be blocked in the middle of EXEC). None if the client takes no replies.
+pub fn transaction_slot(ctx: *mut RedisModuleCtx) -> Option<HeldReply> {
+    reply_slot(ctx, hooks()?, Limit::None)
+}
+
+fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit) -> Option<HeldReply> {
     let (id, client) = client_of(ctx, hooks)?;
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    let slot = queue_slot(&mut held, hooks, id, client, SlotFor::Write(None))?;
+    let slot = queue_slot(&mut held, hooks, id, client, SlotFor::Write(None), limit)?;
     WRITES_HELD.fetch_add(1, Ordering::Relaxed);
     Some(HeldReply { client: id, slot, done: false })
+}
+
+/// MULTI for the client of `ctx`, exactly as Redis runs it (the client queues its next commands
+/// and gets +OK). Transactions need held replies: their commands answer from the log.
+pub fn begin_multi(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
+    let hooks = hooks.as_ref().map_err(|why| format!("ERR transactions (MULTI/EXEC) need held replies, not available here: {why}"))?;
+    let (_, client) = client_of(ctx, hooks).ok_or("ERR MULTI needs a client connection")?;
+    unsafe { (hooks.multi)(client) };
+    Ok(())
+}
+
+/// Whether Redis is running the commands of an event-loop turn (its hook will run before it
+/// sleeps), rather than a pipeline resumed after the hook.
+pub fn in_turn() -> bool {
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).in_turn
 }
 
 fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
@@ -265,10 +295,17 @@ fn is_full(held: &Held, id: ClientId) -> bool {
     slots_of(held, id) >= MAX_IN_FLIGHT_PER_CLIENT
 }
 
+/// Whether a slot respects [`MAX_IN_FLIGHT_PER_CLIENT`].
+#[derive(PartialEq)]
+enum Limit {
+    PerClient,
+    None,
+}
+
 /// Appends an empty reply slot to the client's output; its id, or None if the client cannot
 /// take one (too many in flight, or it takes no replies).
-fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor) -> Option<u64> {
-    if is_full(held, id) {
+fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, what: SlotFor, limit: Limit) -> Option<u64> {
+    if limit == Limit::PerClient && is_full(held, id) {
         return None;
     }
     let node = unsafe { (hooks.deferred_slot)(client) };
@@ -303,7 +340,7 @@ fn queue_read(
         return true;
     }
     let read = SlotFor::Read { argv, db: ffi::selected_db(ctx), resp3 };
-    queue_slot(held, hooks, id, client, read).is_some()
+    queue_slot(held, hooks, id, client, read, Limit::PerClient).is_some()
 }
 
 fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, term: Term) {

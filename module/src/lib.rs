@@ -20,6 +20,7 @@ mod read;
 mod reply;
 mod snapshot;
 mod state;
+mod transaction;
 mod write;
 
 use ffi::{api, RedisModuleCtx, RedisModuleString};
@@ -91,6 +92,7 @@ command!(borrowed cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::
 command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
+command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
 command!(cmd_identify, |_, args| commands::identify(&args));
@@ -109,6 +111,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::WRITE_COMMAND, cmd_write, "write"),
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
     (read::READ_COMMAND, cmd_read, "readonly"),
+    (filter::MULTI_COMMAND, cmd_multi, "fast"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     ("raft._join", cmd_join, "admin"),
@@ -195,7 +198,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     held::init(ctx);
     log::info!("{}", held::describe());
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
-    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(held::on_event_loop)) };
+    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
 
     for (name, handler, flags) in COMMANDS {
@@ -251,6 +254,15 @@ fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
     ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
     Ok(())
+}
+
+/// Redis' event-loop event: held replies ask for their leadership checks, and the transaction
+/// EXEC built is proposed, before Redis sleeps.
+extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEvent, subevent: u64, data: *mut std::ffi::c_void) {
+    held::on_event_loop(ctx, event, subevent, data);
+    if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP as u64 && std::panic::catch_unwind(transaction::before_sleep).is_err() {
+        log::error!("panic in the event-loop hook for transactions");
+    }
 }
 
 extern "C" fn info_section(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {

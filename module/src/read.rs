@@ -6,6 +6,7 @@
 //! - At both, the filter leaves reads alone unless some client's writes are in flight on this
 //!   leader with their replies held: then reads come here, and a read of such a client waits
 //!   for its writes (a pipeline reads its own writes), like at `high`.
+//! - Inside EXEC a read joins its transaction, whatever the level (see `transaction`).
 //! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
 //!   and holds the reply until a ReadIndex round confirms it still leads (see `held`).
 //!   Otherwise (a leader not ready yet, or a Redis without the hooks) the client is blocked: the
@@ -37,6 +38,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let argv = &args[1..];
     if argv.is_empty() {
         return Err("ERR wrong number of arguments for 'raft._read' command".into());
+    }
+    if crate::transaction::in_exec(ctx) {
+        return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv));
     }
     if !needs_confirmation() {
         // Here only because some client has writes in flight (see the filter): the read waits

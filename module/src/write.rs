@@ -2,7 +2,8 @@
 //! absolute) and proposed; the reply is the one Redis produced when applying it here. A ready
 //! leader leaves a slot for it in the client's output and keeps reading its pipeline (see
 //! `held`); otherwise the client blocks until the entry is applied. Elsewhere the client is
-//! redirected (or forwarded, with follower-proxy).
+//! redirected (or forwarded, with follower-proxy). Inside EXEC the write joins its transaction
+//! (see `transaction`).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
@@ -25,6 +26,12 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         Route::Refuse(e) => return Err(e),
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
+    if crate::transaction::in_exec(ctx) {
+        let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
+        determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
+        let argv = argv.into_iter().map(Cow::into_owned).collect();
+        return crate::transaction::join(ctx, ffi::selected_db(ctx), argv);
+    }
     let node = s.node().ok_or_else(not_initialized)?;
     if let Some(why) = s.fatal() {
         return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
@@ -44,6 +51,8 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let entry = encode_command(ffi::selected_db(ctx), &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
+    // A transaction this client (or another) just ran goes into the log first.
+    crate::transaction::flush();
     let reply_to = match crate::held::write_slot(ctx, &node) {
         Some(slot) => ReplyTo::Held(slot),
         None => ReplyTo::Client(Blocked::new(ctx, timeout + BACKSTOP)),

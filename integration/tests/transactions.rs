@@ -1,0 +1,109 @@
+//! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
+
+use raftis_integration::{digest, raw_exchange, stat_field, Cluster};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Redis' own replies to a transaction: `+QUEUED` while queueing, EXEC's array in command order,
+/// SELECT inside it, an error inside it that does not stop the rest, DISCARD, a queueing error
+/// that aborts; then the refusal of WATCH. In database `db` (and `db + 1`).
+fn transaction_pipeline(db: u32) -> (String, String) {
+    let other = db + 1;
+    let request = format!(
+        "SELECT {db}\r\nSET k old\r\n\
+         MULTI\r\nGET k\r\nSET k v\r\nGET k\r\nINCR n\r\nPING\r\nSELECT {other}\r\nSET k other\r\nSELECT {db}\r\nLPUSH k x\r\nEXEC\r\n\
+         GET k\r\nMULTI\r\nSET k discarded\r\nDISCARD\r\nMULTI\r\nSET k aborted\r\nNOSUCHCOMMAND\r\nEXEC\r\nGET k\r\nWATCH k\r\n"
+    );
+    let expected = [
+        "+OK\r\n+OK\r\n",
+        "+OK\r\n",
+        &"+QUEUED\r\n".repeat(9),
+        "*9\r\n$3\r\nold\r\n+OK\r\n$1\r\nv\r\n:1\r\n+PONG\r\n+OK\r\n+OK\r\n+OK\r\n",
+        "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+        "$1\r\nv\r\n",
+        "+OK\r\n+QUEUED\r\n+OK\r\n",
+        "+OK\r\n+QUEUED\r\n-ERR unknown command 'NOSUCHCOMMAND', with args beginning with: \r\n",
+        "-EXECABORT Transaction discarded because of previous errors.\r\n",
+        "$1\r\nv\r\n",
+        "-ERR WATCH not supported by Raftis yet\r\n",
+    ]
+    .concat();
+    (request, expected)
+}
+
+#[test]
+fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_consistency_level() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
+        for node in &cluster.nodes {
+            let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", level]).unwrap();
+        }
+        let (request, expected) = transaction_pipeline(db);
+        let proposals = stat_field(leader, "proposals");
+        let got = raw_exchange(leader.port, request.as_bytes(), expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
+        // SET k old, then the whole transaction.
+        assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
+    // Consistency is still low from the last round: the follower answers from its own dataset.
+    let mut conn = follower.client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(7).query(&mut conn).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut conn).unwrap();
+    assert_eq!(v, "other", "SELECT inside EXEC chose the database of the commands after it");
+
+    // Transactions run on the leader: a follower redirects MULTI, so nothing gets queued there.
+    let err = follower.cmd::<String>(&["MULTI"]).unwrap_err();
+    assert_eq!(err.code(), Some("MOVED"), "{err}");
+}
+
+/// Clients INCR a counter while another reads and resets it in transactions (the way clients
+/// send them: `redis::pipe().atomic()`). A GET that ran on the dataset while increments were
+/// still on their way through the log, with its SET applied after them, would lose them.
+#[test]
+fn a_transaction_is_atomic_against_concurrent_writers() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.leader();
+    let writers = 3;
+    let per_writer = 1500;
+    let done = Arc::new(AtomicBool::new(false));
+    let incrementers: Vec<_> = (0..writers)
+        .map(|_| {
+            let mut conn = leader.client().unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..per_writer {
+                    let _: i64 = redis::cmd("INCR").arg("counter").query(&mut conn).unwrap();
+                }
+            })
+        })
+        .collect();
+    let reset = {
+        let mut conn = leader.client().unwrap();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut taken, mut rounds) = (0i64, 0);
+            while !done.load(Ordering::Acquire) {
+                let (v,): (Option<i64>,) =
+                    redis::pipe().atomic().cmd("GET").arg("counter").cmd("SET").arg("counter").arg(0).ignore().query(&mut conn).unwrap();
+                taken += v.unwrap_or(0);
+                rounds += 1;
+            }
+            (taken, rounds)
+        })
+    };
+    for t in incrementers {
+        t.join().unwrap();
+    }
+    done.store(true, Ordering::Release);
+    let (taken, rounds) = reset.join().unwrap();
+    let left: i64 = leader.cmd(&["GET", "counter"]).unwrap();
+    assert!(rounds > 10, "the transactions ran while the writers did ({rounds} rounds)");
+    assert_eq!(taken + left, (writers * per_writer) as i64, "every increment was either taken by a transaction or is left");
+    cluster.wait_converged(&[0, 1, 2]);
+    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+}

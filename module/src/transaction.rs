@@ -1,0 +1,187 @@
+//! MULTI/EXEC: a transaction is one log entry.
+//!
+//! Redis itself queues the commands sent between MULTI and EXEC (answering `+QUEUED`, aborting on
+//! an unknown command) and runs them at EXEC, each as the filter routed it: writes reach
+//! `RAFT._CMD`, reads `RAFT._READ`, connection commands (SELECT, PING) run natively. On the
+//! leader, each data command of the EXEC leaves a held reply slot and joins the transaction's
+//! batch instead of running. Once EXEC is over, the batch is proposed as one entry, and every node
+//! runs its commands back to back: nothing interleaves with them, and a read inside sees the
+//! writes before it. The leader fills the slots with the replies its own apply produced.
+//!
+//! For reads to reach `RAFT._READ` at consistency low and medium, the filter must know that a
+//! transaction may be open, and it cannot tell clients apart. So MULTI goes through
+//! `RAFT._MULTI`, which knows the client, opens the transaction the way Redis does and records
+//! the client; while any client is recorded, the filter routes every read through the module.
+//!
+//! WATCH is refused: its check would have to be made when the entry is applied, on every node.
+
+use crate::apply::{ReplyTo, WriteWaiter};
+use crate::ffi::{api, RedisModuleCtx};
+use crate::held::{self, HeldReply};
+use crate::state;
+use raftis_core::command_entry::encode_transaction;
+use redis_module::raw;
+use std::collections::HashSet;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+type ClientId = u64;
+
+/// Only touched on Redis' main thread; the lock is never contended.
+static TRANSACTIONS: Mutex<Transactions> = Mutex::new(Transactions { open: None, batch: None });
+/// How many clients may have a transaction open: the filter's cheap check.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+/// A batch waits to be proposed: the write path's cheap check.
+static BATCH: AtomicBool = AtomicBool::new(false);
+
+struct Transactions {
+    /// Clients that ran MULTI and may still be queueing commands.
+    open: Option<HashSet<ClientId>>,
+    /// The transaction EXEC is running (or has just run): its commands so far.
+    batch: Option<Batch>,
+}
+
+struct Batch {
+    client: ClientId,
+    /// Decided by its first command, so that every command of one EXEC joins, or none does:
+    /// leadership can change while EXEC runs, and a part of a transaction must never commit.
+    verdict: Result<(), String>,
+    commands: Vec<(u32, Vec<Vec<u8>>)>,
+    /// One per command; None when the client takes no replies.
+    slots: Vec<Option<HeldReply>>,
+    resp3: bool,
+}
+
+/// Whether some client may have a transaction open (see the module comment).
+pub fn any_open() -> bool {
+    OPEN.load(Ordering::Relaxed) > 0
+}
+
+/// Whether the command of `ctx` runs inside EXEC.
+pub fn in_exec(ctx: *mut RedisModuleCtx) -> bool {
+    let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
+    flags & raw::REDISMODULE_CTX_FLAGS_MULTI as i32 != 0
+}
+
+/// `RAFT._MULTI`, which the filter makes of MULTI. Transactions run on the leader only.
+pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    if in_exec(ctx) {
+        // Queued by Redis because the client was already in a transaction.
+        return Err("ERR MULTI calls can not be nested".into());
+    }
+    let s = state::get();
+    let node = s.node().ok_or_else(crate::write::not_initialized)?;
+    if let Some(why) = s.fatal() {
+        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
+    }
+    if !node.is_leader() {
+        return Err(state::redirect(&node.status()));
+    }
+    held::begin_multi(ctx)?;
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let mut t = lock();
+    if t.open.get_or_insert_with(HashSet::new).insert(id) {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A data command of the transaction EXEC is running for the client of `ctx`: it joins the
+/// batch, and its reply comes once the batch is applied. An error is this command's reply.
+pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(), String> {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let mut t = lock();
+    if t.batch.as_ref().is_some_and(|b| b.client != id) {
+        // Another client's EXEC is over: its transaction goes first.
+        propose(t.batch.take());
+    }
+    if t.batch.is_none() {
+        t.batch = Some(Batch {
+            client: id,
+            verdict: ready_leader(),
+            commands: Vec::new(),
+            slots: Vec::new(),
+            resp3: crate::ffi::client_is_resp3(ctx),
+        });
+        BATCH.store(true, Ordering::Release);
+        // Proposed when this event-loop turn ends; an EXEC run outside one (a pipeline resumed
+        // after a blocked command) gets a turn of its own.
+        if !held::in_turn() {
+            unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(flush_later), std::ptr::null_mut()) };
+        }
+    }
+    let batch = t.batch.as_mut().expect("opened above");
+    batch.verdict.clone()?;
+    batch.slots.push(held::transaction_slot(ctx));
+    batch.commands.push((db, argv));
+    Ok(())
+}
+
+fn ready_leader() -> Result<(), String> {
+    let node = state::get().node().ok_or_else(crate::write::not_initialized)?;
+    if held::ready_term(&node).is_some() {
+        return Ok(());
+    }
+    let status = node.status();
+    if node.is_leader() {
+        return Err("CLUSTERDOWN the leader is still applying the log of its term; retry".into());
+    }
+    Err(state::redirect(&status))
+}
+
+/// Proposes the transaction EXEC has built, if any. Every write proposed on this node calls
+/// this first, so a client's transaction is in the log before the commands it sent after EXEC.
+pub fn flush() {
+    if BATCH.load(Ordering::Acquire) {
+        let batch = lock().batch.take();
+        propose(batch);
+    }
+}
+
+fn propose(batch: Option<Batch>) {
+    BATCH.store(false, Ordering::Release);
+    let Some(batch) = batch else { return };
+    if batch.verdict.is_err() || batch.commands.is_empty() {
+        return;
+    }
+    let s = state::get();
+    let Some(node) = s.node() else {
+        // Dropped slots answer with an error.
+        return;
+    };
+    let entry = encode_transaction(&batch.commands);
+    let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(batch.slots), resp3: batch.resp3 };
+    node.propose(entry, waiter, Instant::now() + s.write_timeout());
+}
+
+extern "C" fn flush_later(_data: *mut c_void) {
+    if std::panic::catch_unwind(flush).is_err() {
+        log::error!("panic while proposing a transaction");
+    }
+}
+
+/// Before Redis sleeps: proposes the last EXEC's transaction and forgets clients that are no
+/// longer in one (EXEC, DISCARD, RESET, or gone).
+pub fn before_sleep() {
+    flush();
+    if OPEN.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let mut t = lock();
+    let Some(open) = t.open.as_mut() else { return };
+    open.retain(|id| in_multi(*id));
+    OPEN.store(open.len(), Ordering::Relaxed);
+}
+
+fn in_multi(id: ClientId) -> bool {
+    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
+    info.version = 1;
+    let rc = unsafe { api!(RedisModule_GetClientInfoById)(&mut info as *mut _ as *mut c_void, id) };
+    rc == raw::REDISMODULE_OK as i32 && info.flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 != 0
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Transactions> {
+    TRANSACTIONS.lock().unwrap_or_else(|p| p.into_inner())
+}
