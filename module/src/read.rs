@@ -43,8 +43,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv));
     }
     if !needs_confirmation() {
-        // Here only because some client has writes in flight (see the filter): the read waits
-        // for its own client's writes, if it has any, and otherwise runs now.
+        // Here only because some client has writes in flight or a transaction open (see the
+        // filter): the read waits for its own client's writes, if it has any, and otherwise
+        // runs now.
         if !crate::held::read_behind_writes(ctx, argv) {
             ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
         }
