@@ -52,10 +52,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return Ok(());
     }
     let s = state::get();
-    let node = s.node().ok_or_else(crate::write::not_initialized)?;
-    if let Some(why) = s.fatal() {
-        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
-    }
+    let node = s.serving_node()?;
     if !node.is_leader() {
         if s.follower_proxy() {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));

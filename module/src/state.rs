@@ -135,6 +135,16 @@ impl Raftis {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The node, for a client's read, write or transaction: an error reply if this node is not
+    /// in a cluster yet or stopped serving.
+    pub fn serving_node(&self) -> Result<Arc<RaftNode>, String> {
+        let node = self.node().ok_or_else(crate::write::not_initialized)?;
+        if let Some(why) = self.fatal() {
+            return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
+        }
+        Ok(node)
+    }
+
     pub fn set_fatal(&self, why: String) {
         *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }

@@ -71,11 +71,7 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // Queued by Redis because the client was already in a transaction.
         return Err("ERR MULTI calls can not be nested".into());
     }
-    let s = state::get();
-    let node = s.node().ok_or_else(crate::write::not_initialized)?;
-    if let Some(why) = s.fatal() {
-        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
-    }
+    let node = state::get().serving_node()?;
     if !node.is_leader() {
         return Err(state::redirect(&node.status()));
     }

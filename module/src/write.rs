@@ -32,10 +32,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         let argv = argv.into_iter().map(Cow::into_owned).collect();
         return crate::transaction::join(ctx, ffi::selected_db(ctx), argv);
     }
-    let node = s.node().ok_or_else(not_initialized)?;
-    if let Some(why) = s.fatal() {
-        return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
-    }
+    let node = s.serving_node()?;
     if !node.is_leader() {
         let status = node.status();
         if let Some(fatal) = &status.fatal {
