@@ -307,10 +307,9 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                 // Back to back on the main thread: nothing runs between them.
                 for command in &commands {
                     let outcome = run_command(ctx, index, command, resp3);
-                    match (slots.next().flatten(), outcome) {
-                        (Some(held), outcome) => finish_held(held, outcome),
-                        (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
-                        (None, _) => {}
+                    match slots.next().flatten() {
+                        Some(held) => finish_held(held, outcome),
+                        None => discard(outcome),
                     }
                 }
             }
@@ -337,10 +336,16 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, command: &Command
 }
 
 fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {
-    match (waiter, outcome) {
-        (Some(w), outcome) => w.finish(outcome),
-        (None, Outcome::Call(reply)) => ffi::free_call_reply(reply),
-        (None, _) => {}
+    match waiter {
+        Some(w) => w.finish(outcome),
+        None => discard(outcome),
+    }
+}
+
+/// An outcome nobody waits for (a follower's apply, a client that takes no replies).
+fn discard(outcome: Outcome) {
+    if let Outcome::Call(reply) = outcome {
+        ffi::free_call_reply(reply);
     }
 }
 
