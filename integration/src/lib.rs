@@ -324,6 +324,13 @@ impl Cluster {
         &self.nodes[self.wait_leader()]
     }
 
+    /// RAFT.CONFIG SET `name` `value` on every node, in node order; panics if one refuses.
+    pub fn config_set(&self, name: &str, value: &str) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.cmd::<()>(&["RAFT.CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("RAFT.CONFIG SET {name} {value} on node {i}: {e}"));
+        }
+    }
+
     /// Waits until every running node has applied as far as the leader has committed.
     pub fn wait_converged(&self, alive: &[usize]) {
         let leader = self.wait_leader();

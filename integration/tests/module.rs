@@ -282,17 +282,13 @@ fn consistency_levels_decide_who_serves_reads() {
     }
 
     // medium: leader-local reads, followers still redirect.
-    for n in &cluster.nodes {
-        let _: () = n.cmd(&["RAFT.CONFIG", "SET", "consistency", "medium"]).unwrap();
-    }
+    cluster.config_set("consistency", "medium");
     let v: i64 = l.cmd(&["GET", "reg"]).unwrap();
     assert_eq!(v, 199);
     assert_eq!(followers[0].cmd::<String>(&["GET", "reg"]).unwrap_err().code(), Some("MOVED"));
 
     // low: every node answers from its own dataset.
-    for n in &cluster.nodes {
-        let _: () = n.cmd(&["RAFT.CONFIG", "SET", "consistency", "low"]).unwrap();
-    }
+    cluster.config_set("consistency", "low");
     for f in &followers {
         wait_for("a follower to serve the value locally", Duration::from_secs(10), || {
             (f.cmd::<i64>(&["GET", "reg"]).ok() == Some(199)).then_some(())
@@ -533,9 +529,7 @@ fn pipelines_keep_flowing_and_read_their_own_writes_at_every_consistency_level()
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
-        for node in &cluster.nodes {
-            let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", level]).unwrap();
-        }
+        cluster.config_set("consistency", level);
         // A database of its own per level, so `k` and `n` start absent (SELECT 1 and 0 inside
         // the pipeline become db+1 and db).
         let (request, expected) = interleaved_pipeline();

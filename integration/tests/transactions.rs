@@ -36,9 +36,7 @@ fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_cons
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
-        for node in &cluster.nodes {
-            let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", level]).unwrap();
-        }
+        cluster.config_set("consistency", level);
         let (request, expected) = transaction_pipeline(db);
         let proposals = stat_field(leader, "proposals");
         let got = raw_exchange(leader.port, request.as_bytes(), expected.len());
