@@ -4,19 +4,31 @@
 //! a bulk string holding the command's reply exactly as Redis produced it (RESP2 or RESP3, as the
 //! client speaks), or an error line when the cluster could not run it (`MOVED`, `CLUSTERDOWN`,
 //! `TIMEOUT`: the same errors a client talking to the leader would get).
+//!
+//! A transaction (MULTI/EXEC) goes whole, so that it stays one log entry:
+//! `FORWARD-TX <2|3> <transaction>`, the transaction encoded as its log entry would be (see
+//! `command_entry`). Its reply is a bulk string holding an array of bulk strings, each one
+//! command's raw reply ([`encode_replies`]); or one error line for the whole transaction.
 
+use crate::command_entry::{encode_transaction, EntryView};
 use crate::resp::{self, Frame};
 use bytes::BytesMut;
 use std::sync::Arc;
 
-/// A command forwarded by a follower on behalf of its client.
+/// What a follower forwards on behalf of its client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardRequest {
-    /// The client's selected database.
-    pub db: u32,
-    /// The client speaks RESP3, so the reply must be produced in RESP3.
+    /// The client speaks RESP3, so the replies must be produced in RESP3.
     pub resp3: bool,
-    pub argv: Vec<Vec<u8>>,
+    pub what: Forwarded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    /// One command, in the client's selected database.
+    Command { db: u32, argv: Vec<Vec<u8>> },
+    /// The data commands of a transaction, each with its database, in the order EXEC ran them.
+    Transaction(Vec<(u32, Vec<Vec<u8>>)>),
 }
 
 /// The raw reply, or an error line (without the leading `-`).
@@ -28,33 +40,85 @@ pub type ForwardDone = Box<dyn FnOnce(ForwardReply) + Send>;
 /// What the leader does with a forwarded command (given to the transport by the module).
 pub type ForwardHandler = Arc<dyn Fn(ForwardRequest, ForwardDone) + Send + Sync>;
 
+pub const FORWARD: &[u8] = b"FORWARD";
+pub const FORWARD_TX: &[u8] = b"FORWARD-TX";
+
 impl ForwardRequest {
     pub fn encode(&self, out: &mut BytesMut) {
-        let db = self.db.to_string();
-        let mut parts: Vec<&[u8]> = vec![b"FORWARD", db.as_bytes(), if self.resp3 { b"3" } else { b"2" }];
-        parts.extend(self.argv.iter().map(|a| a.as_slice()));
-        resp::encode_command(&parts, out);
+        let protocol: &[u8] = if self.resp3 { b"3" } else { b"2" };
+        match &self.what {
+            Forwarded::Command { db, argv } => {
+                let db = db.to_string();
+                let mut parts: Vec<&[u8]> = vec![FORWARD, db.as_bytes(), protocol];
+                parts.extend(argv.iter().map(|a| a.as_slice()));
+                resp::encode_command(&parts, out);
+            }
+            Forwarded::Transaction(commands) => {
+                resp::encode_command(&[FORWARD_TX, protocol, &encode_transaction(commands)], out);
+            }
+        }
     }
 
-    /// Parses the arguments after `FORWARD`.
-    pub fn decode(args: &[Frame]) -> Result<ForwardRequest, String> {
-        let usage = || "usage: FORWARD <db> <2|3> <command> [arg ...]".to_string();
-        if args.len() < 3 {
-            return Err(usage());
-        }
+    /// Parses the arguments after `verb` ([`FORWARD`] or [`FORWARD_TX`]).
+    pub fn decode(verb: &[u8], args: &[Frame]) -> Result<ForwardRequest, String> {
+        let transaction = verb.eq_ignore_ascii_case(FORWARD_TX);
+        let usage = || match transaction {
+            true => "usage: FORWARD-TX <2|3> <transaction>".to_string(),
+            false => "usage: FORWARD <db> <2|3> <command> [arg ...]".to_string(),
+        };
         let bulk = |f: &Frame| match f {
             Frame::Bulk(b) => Ok(b.to_vec()),
             _ => Err(usage()),
         };
-        let db = std::str::from_utf8(&bulk(&args[0])?).ok().and_then(|s| s.parse().ok()).ok_or_else(usage)?;
-        let resp3 = match bulk(&args[1])?.as_slice() {
-            b"2" => false,
-            b"3" => true,
-            _ => return Err(usage()),
+        let protocol = |f: &Frame| match bulk(f)?.as_slice() {
+            b"2" => Ok(false),
+            b"3" => Ok(true),
+            _ => Err(usage()),
         };
+        if transaction {
+            let [resp3, entry] = args else { return Err(usage()) };
+            let commands = match EntryView::decode(&bulk(entry)?) {
+                Ok(EntryView::Transaction(commands)) if !commands.is_empty() => {
+                    commands.into_iter().map(|c| (c.db, c.argv.into_iter().map(<[u8]>::to_vec).collect())).collect()
+                }
+                _ => return Err("FORWARD-TX: malformed transaction".into()),
+            };
+            return Ok(ForwardRequest { resp3: protocol(resp3)?, what: Forwarded::Transaction(commands) });
+        }
+        if args.len() < 3 {
+            return Err(usage());
+        }
+        let db = std::str::from_utf8(&bulk(&args[0])?).ok().and_then(|s| s.parse().ok()).ok_or_else(usage)?;
+        let resp3 = protocol(&args[1])?;
         let argv = args[2..].iter().map(bulk).collect::<Result<Vec<_>, _>>()?;
-        Ok(ForwardRequest { db, resp3, argv })
+        Ok(ForwardRequest { resp3, what: Forwarded::Command { db, argv } })
     }
+}
+
+/// A forwarded transaction's replies, one raw reply per command, as one reply.
+pub fn encode_replies(replies: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    resp::encode_array_len(replies.len(), &mut out);
+    for reply in replies {
+        resp::encode_bulk(reply, &mut out);
+    }
+    out.to_vec()
+}
+
+/// The replies [`encode_replies`] packed; None if `raw` is not such a packing.
+pub fn decode_replies(raw: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut buf = BytesMut::from(raw);
+    let Ok(Some(Frame::Array(items))) = resp::parse(&mut buf) else { return None };
+    if !buf.is_empty() {
+        return None;
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Frame::Bulk(b) => Some(b.to_vec()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The frame that carries a forwarded command's outcome back.
@@ -69,22 +133,61 @@ pub fn reply_frame(reply: ForwardReply) -> Frame {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_request_survives_the_wire() {
-        let req = ForwardRequest { db: 3, resp3: true, argv: vec![b"SET".to_vec(), b"k".to_vec(), b"v\r\n".to_vec()] };
+    fn round_trip(req: &ForwardRequest, verb: &str) -> ForwardRequest {
         let mut out = BytesMut::new();
         req.encode(&mut out);
         let Some(Frame::Array(items)) = resp::parse(&mut out).unwrap() else { panic!("not an array") };
-        assert_eq!(items[0], Frame::Bulk("FORWARD".into()));
-        assert_eq!(ForwardRequest::decode(&items[1..]).unwrap(), req);
+        assert_eq!(items[0], Frame::Bulk(verb.to_string().into()));
+        let Frame::Bulk(verb) = &items[0] else { unreachable!() };
+        ForwardRequest::decode(verb, &items[1..]).unwrap()
+    }
+
+    #[test]
+    fn a_request_survives_the_wire() {
+        let argv = vec![b"SET".to_vec(), b"k".to_vec(), b"v\r\n".to_vec()];
+        let req = ForwardRequest { resp3: true, what: Forwarded::Command { db: 3, argv } };
+        assert_eq!(round_trip(&req, "FORWARD"), req);
+    }
+
+    #[test]
+    fn a_transaction_survives_the_wire_in_order() {
+        let commands = vec![
+            (0, vec![b"INCRBY".to_vec(), b"a".to_vec(), b"-5".to_vec()]),
+            (3, vec![b"GET".to_vec(), b"b\r\n".to_vec()]),
+            (0, vec![b"INCRBY".to_vec(), b"b".to_vec(), b"5".to_vec()]),
+        ];
+        let req = ForwardRequest { resp3: false, what: Forwarded::Transaction(commands) };
+        assert_eq!(round_trip(&req, "FORWARD-TX"), req);
     }
 
     #[test]
     fn malformed_requests_are_refused() {
         let b = |s: &str| Frame::Bulk(s.to_string().into());
-        assert!(ForwardRequest::decode(&[b("0"), b("2")]).is_err());
-        assert!(ForwardRequest::decode(&[b("x"), b("2"), b("GET")]).is_err());
-        assert!(ForwardRequest::decode(&[b("0"), b("4"), b("GET")]).is_err());
-        assert!(ForwardRequest::decode(&[b("0"), b("2"), Frame::Integer(1)]).is_err());
+        assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("2")]).is_err());
+        assert!(ForwardRequest::decode(FORWARD, &[b("x"), b("2"), b("GET")]).is_err());
+        assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("4"), b("GET")]).is_err());
+        assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("2"), Frame::Integer(1)]).is_err());
+        // A transaction must be a non-empty transaction entry.
+        let single = crate::command_entry::encode_command(0, &[b"GET".as_slice(), b"k"]);
+        let empty = encode_transaction::<Vec<u8>>(&[]);
+        for entry in [single, empty, b"junk".to_vec()] {
+            assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(entry.into())]).is_err());
+        }
+        let good = encode_transaction(&[(0, vec![b"GET".to_vec(), b"k".to_vec()])]);
+        assert!(ForwardRequest::decode(FORWARD_TX, &[b("5"), Frame::Bulk(good.clone().into())]).is_err());
+        assert!(ForwardRequest::decode(FORWARD_TX, &[b("2")]).is_err());
+        assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.into())]).is_ok());
+    }
+
+    #[test]
+    fn transaction_replies_come_apart_as_they_were_packed() {
+        // RESP3 values, errors and CRLF inside replies are opaque to the packing.
+        let replies = vec![b":1\r\n".to_vec(), b"-ERR no\r\n".to_vec(), b"%1\r\n+a\r\n,1.5\r\n".to_vec(), Vec::new()];
+        assert_eq!(decode_replies(&encode_replies(&replies)), Some(replies.clone()));
+        let mut trailing = encode_replies(&replies);
+        trailing.extend_from_slice(b":1\r\n");
+        assert_eq!(decode_replies(&trailing), None);
+        assert_eq!(decode_replies(b":1\r\n"), None);
+        assert_eq!(decode_replies(b"*1\r\n:1\r\n"), None);
     }
 }

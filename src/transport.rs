@@ -700,11 +700,13 @@ async fn serve(
     }
 }
 
-/// `Some` if `frame` is a `FORWARD` command (with its parsed request, or why it is malformed).
+/// `Some` if `frame` is a `FORWARD` or `FORWARD-TX` command (with its parsed request, or why it
+/// is malformed).
 fn as_forward(frame: &Frame) -> Option<Result<ForwardRequest, String>> {
-    match frame {
-        Frame::Array(args) if matches!(args.first(), Some(Frame::Bulk(n)) if n.eq_ignore_ascii_case(b"FORWARD")) => {
-            Some(ForwardRequest::decode(&args[1..]))
+    let Frame::Array(args) = frame else { return None };
+    match args.first() {
+        Some(Frame::Bulk(verb)) if verb.eq_ignore_ascii_case(forward::FORWARD) || verb.eq_ignore_ascii_case(forward::FORWARD_TX) => {
+            Some(ForwardRequest::decode(verb, &args[1..]))
         }
         _ => None,
     }
@@ -1217,10 +1219,15 @@ mod tests {
         std::net::TcpListener::bind(addr).expect("the port is free after the last handle is gone");
     }
 
+    fn forwarded(argv: &[&str]) -> ForwardRequest {
+        let argv = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+        ForwardRequest { resp3: false, what: forward::Forwarded::Command { db: 0, argv } }
+    }
+
     /// Forwards `req` from `from` to `to_addr` and waits for the outcome.
     fn forward_and_wait(from: &Node, to_addr: &str, argv: &[&str]) -> forward::ForwardReply {
         let (tx, rx) = std_mpsc::channel();
-        let req = ForwardRequest { db: 0, resp3: false, argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect() };
+        let req = forwarded(argv);
         from.transport.forward(to_addr.to_string(), &req, DEADLINE, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv_timeout(DEADLINE * 2).expect("forward answers")
     }
@@ -1236,9 +1243,10 @@ mod tests {
         // The handler answers later, from another thread, like the main thread would.
         leader.transport.set_forward_handler(Arc::new(|req: ForwardRequest, done: ForwardDone| {
             std::thread::spawn(move || {
-                let name = String::from_utf8_lossy(&req.argv[0]).to_string();
+                let forward::Forwarded::Command { argv, .. } = req.what else { return done(Err("ERR not a command".into())) };
+                let name = String::from_utf8_lossy(&argv[0]).to_string();
                 done(match name.as_str() {
-                    "ECHO" => Ok(format!("${}\r\n{}\r\n", req.argv[1].len(), String::from_utf8_lossy(&req.argv[1])).into_bytes()),
+                    "ECHO" => Ok(format!("${}\r\n{}\r\n", argv[1].len(), String::from_utf8_lossy(&argv[1])).into_bytes()),
                     _ => Err("MOVED 0 elsewhere:1".into()),
                 })
             });
@@ -1253,7 +1261,7 @@ mod tests {
         let mut pipelined = Vec::new();
         for word in ["a", "bb", "ccc"] {
             let mut out = BytesMut::new();
-            ForwardRequest { db: 0, resp3: false, argv: vec![b"ECHO".to_vec(), word.as_bytes().to_vec()] }.encode(&mut out);
+            forwarded(&["ECHO", word]).encode(&mut out);
             pipelined.extend_from_slice(&out);
         }
         let mut s = std::net::TcpStream::connect(leader.addr()).unwrap();

@@ -1,6 +1,6 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::{digest, raw_exchange, stat_field, Cluster};
+use raftis_integration::{digest, raw_exchange, stat_field, Cluster, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -59,12 +59,39 @@ fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_cons
     assert_eq!(err.code(), Some("MOVED"), "{err}");
 }
 
+/// With the follower proxy, a follower forwards a transaction whole: the client sees exactly what
+/// the leader would have answered, and the transaction is still one entry.
+#[test]
+fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.leader();
+    let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
+    // At low a follower's reads run on its own dataset, which may lag the replies it relays.
+    for (db, level) in [(2, "high"), (4, "medium")] {
+        cluster.config_set("consistency", level);
+        let (request, expected) = transaction_pipeline(db);
+        let proposals = stat_field(leader, "proposals");
+        let got = raw_exchange(follower.port, request.as_bytes(), expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
+        assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    assert_atomic_against_concurrent_writers(&cluster, follower);
+}
+
 /// Clients INCR a counter while another reads and resets it in transactions (the way clients
 /// send them: `redis::pipe().atomic()`). A GET that ran on the dataset while increments were
 /// still on their way through the log, with its SET applied after them, would lose them.
 #[test]
 fn a_transaction_is_atomic_against_concurrent_writers() {
     let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    assert_atomic_against_concurrent_writers(&cluster, cluster.leader());
+}
+
+/// The check above, with the transactions sent to `via`.
+fn assert_atomic_against_concurrent_writers(cluster: &Cluster, via: &Server) {
     let leader = cluster.leader();
     let writers = 3;
     let per_writer = 1500;
@@ -80,7 +107,7 @@ fn a_transaction_is_atomic_against_concurrent_writers() {
         })
         .collect();
     let reset = {
-        let mut conn = leader.client().unwrap();
+        let mut conn = via.client().unwrap();
         let done = done.clone();
         std::thread::spawn(move || {
             let (mut taken, mut rounds) = (0i64, 0);
@@ -105,3 +132,4 @@ fn a_transaction_is_atomic_against_concurrent_writers() {
     let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
     assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
 }
+

@@ -8,7 +8,7 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
 use raftis_core::command_entry::{CommandView, EntryView};
-use raftis_core::forward::{ForwardDone, ForwardRequest};
+use raftis_core::forward::{encode_replies, ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
 use crate::snapshot::AppliedPoint;
@@ -37,13 +37,15 @@ pub enum ReplyTo {
     Held(crate::held::HeldReply),
     /// A transaction's commands, one slot each (None: the client takes no replies).
     Transaction(Vec<Option<crate::held::HeldReply>>),
+    /// A follower's transaction (follower proxy): every command's raw reply goes back together.
+    ForwardedTransaction(ForwardDone),
 }
 
 impl WriteWaiter {
     fn finish(self, outcome: Outcome) {
         match self.reply_to {
             ReplyTo::Client(blocked) => blocked.finish(outcome),
-            ReplyTo::Forwarded(done) => done(raw_reply(outcome)),
+            ReplyTo::Forwarded(done) | ReplyTo::ForwardedTransaction(done) => done(raw_reply(outcome)),
             ReplyTo::Held(held) => finish_held(held, outcome),
             ReplyTo::Transaction(slots) => {
                 // Only a failure reaches here (the whole transaction): every command gets it.
@@ -142,7 +144,7 @@ pub enum Job {
     /// A command a follower forwarded (follower proxy).
     Forward { req: ForwardRequest, done: ForwardDone },
     /// A forwarded read whose read index is applied: run it now.
-    RunForwarded { req: ForwardRequest, done: ForwardDone },
+    RunForwarded { db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone },
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -270,7 +272,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
             Job::CheckSnapshot => {}
             Job::Forward { req, done } => crate::forward::serve(req, done),
-            Job::RunForwarded { req, done } => crate::forward::run_read(ctx, req, done),
+            Job::RunForwarded { db, argv, resp3, done } => crate::forward::run_read(ctx, db, argv, resp3, done),
         }
     }
     maybe_snapshot(ctx, &point);
@@ -294,22 +296,32 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                 finish(waiter.take(), outcome);
             }
             EntryView::Transaction(commands) => {
-                // The leader's client waits for one reply per command; anyone else for none.
-                let mut slots = match waiter.take() {
-                    Some(WriteWaiter { reply_to: ReplyTo::Transaction(slots), .. }) => slots,
-                    Some(other) => {
-                        other.finish(Outcome::Error("ERR internal error: a transaction's waiter does not fit it".into()));
-                        Vec::new()
-                    }
-                    None => Vec::new(),
-                }
-                .into_iter();
                 // Back to back on the main thread: nothing runs between them.
-                for command in &commands {
-                    let outcome = run_command(ctx, index, command, resp3);
-                    match slots.next().flatten() {
-                        Some(held) => finish_held(held, outcome),
-                        None => discard(outcome),
+                let outcomes = commands.iter().map(|command| run_command(ctx, index, command, resp3));
+                // The leader's client waits for one reply per command, a follower's client for
+                // all of them at once; anyone else for none.
+                match waiter.take().map(|w| w.reply_to) {
+                    Some(ReplyTo::Transaction(slots)) => {
+                        let mut slots = slots.into_iter();
+                        for outcome in outcomes {
+                            match slots.next().flatten() {
+                                Some(held) => finish_held(held, outcome),
+                                None => discard(outcome),
+                            }
+                        }
+                    }
+                    Some(ReplyTo::ForwardedTransaction(done)) => {
+                        let replies: Vec<Vec<u8>> = outcomes
+                            .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes()))
+                            .collect();
+                        done(Ok(encode_replies(&replies)));
+                    }
+                    other => {
+                        outcomes.for_each(discard);
+                        if let Some(reply_to) = other {
+                            let error = "ERR internal error: a transaction's waiter does not fit it";
+                            WriteWaiter { reply_to, resp3 }.finish(Outcome::Error(error.into()));
+                        }
                     }
                 }
             }

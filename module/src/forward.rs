@@ -4,19 +4,25 @@
 //!
 //! - Follower side: [`to_leader`] blocks the client and hands the command to the transport; the
 //!   leader's raw reply comes back and [`relay`] replays it to the client through the module API.
+//!   A transaction goes whole ([`transaction_to_leader`], `FORWARD-TX`): its commands' replies
+//!   fill the slots EXEC left for them (see `transaction`). The client's next forwarded command
+//!   waits until those replies are in, so it cannot overtake its own transaction (forwarded
+//!   requests travel on separate connections).
 //! - Leader side: [`handler`] receives forwarded commands on the transport thread and queues them
 //!   for the main thread, where [`serve`] runs them exactly like a client's: writes are pinned,
 //!   proposed and answered once applied; reads are linearizable (ReadIndex) whatever the
-//!   leader's own consistency level. A leader never forwards again: if it lost leadership the
-//!   follower gets the `-MOVED`/`-CLUSTERDOWN` a client would have.
+//!   leader's own consistency level; a transaction is proposed as one entry. A leader never
+//!   forwards again: if it lost leadership the follower gets the `-MOVED`/`-CLUSTERDOWN` a client
+//!   would have.
 
 use crate::apply::{Job, ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
-use crate::state;
-use raftis_core::command_entry::encode_command;
+use crate::held::HeldReply;
+use crate::state::{self, RaftNode};
+use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::{self, Args};
-use raftis_core::forward::{ForwardDone, ForwardHandler, ForwardRequest};
+use raftis_core::forward::{decode_replies, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
 use std::os::raw::{c_char, c_int, c_long};
@@ -27,27 +33,72 @@ use std::time::{Duration, Instant};
 const BACKSTOP: Duration = Duration::from_secs(2);
 
 /// Follower side: sends the client's command to the leader and blocks the client until the
-/// answer comes back. Errs (with the usual redirect) when no leader is known.
+/// answer comes back; after the client's forwarded transaction, if that is still on its way.
+/// Errs (with the usual redirect) when no leader is known.
 pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), String> {
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
-    let status = node.status();
-    let leader = status.leader.and_then(|l| status.members.get(&l)).ok_or_else(|| state::redirect(&status))?;
-    let req = ForwardRequest { db: ffi::selected_db(ctx), resp3: ffi::client_is_resp3(ctx), argv };
-    let timeout = s.write_timeout() + Duration::from_secs(1);
-    let blocked = Blocked::new(ctx, timeout + BACKSTOP);
-    node.transport().forward(
-        leader.raft_addr.clone(),
-        &req,
-        timeout,
-        Box::new(move |reply| {
+    leader_addr(&node)?;
+    let req = ForwardRequest { resp3: ffi::client_is_resp3(ctx), what: Forwarded::Command { db: ffi::selected_db(ctx), argv } };
+    let timeout = forward_timeout();
+    // Long enough for the transaction ahead of it as well.
+    let blocked = Blocked::new(ctx, 2 * timeout + BACKSTOP);
+    let send = move || {
+        let Some(node) = state::get().node() else {
+            return blocked.finish(Outcome::Error(crate::write::not_initialized()));
+        };
+        let leader = match leader_addr(&node) {
+            Ok(addr) => addr,
+            Err(e) => return blocked.finish(Outcome::Error(e)),
+        };
+        let relay = Box::new(move |reply: Result<Vec<u8>, String>| {
             blocked.finish(match reply {
                 Ok(raw) => Outcome::Relay(raw),
                 Err(e) => Outcome::Error(e),
             })
-        }),
-    );
+        });
+        node.transport().forward(leader, &req, timeout, relay);
+    };
+    crate::held::after_own_replies(ctx, Box::new(send));
     Ok(())
+}
+
+/// Follower side: sends a transaction EXEC ran here to the leader; each command's reply fills
+/// its slot (all of them get the error if the transaction could not run).
+pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Option<HeldReply>>, resp3: bool) {
+    let fail = |slots: Vec<Option<HeldReply>>, error: &str| slots.into_iter().flatten().for_each(|slot| slot.fail(error));
+    let Some(node) = state::get().node() else { return fail(slots, &crate::write::not_initialized()) };
+    let leader = match leader_addr(&node) {
+        Ok(addr) => addr,
+        Err(e) => return fail(slots, &e),
+    };
+    let req = ForwardRequest { resp3, what: Forwarded::Transaction(commands) };
+    let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
+        let replies = match reply.map(|raw| decode_replies(&raw)) {
+            Ok(Some(replies)) if replies.len() == slots.len() => replies,
+            Ok(_) => return fail(slots, "ERR the leader's replies to the transaction do not fit it"),
+            Err(e) => return fail(slots, &e),
+        };
+        for (slot, reply) in slots.into_iter().zip(replies) {
+            if let Some(slot) = slot {
+                slot.finish_from_any_thread(reply);
+            }
+        }
+    });
+    node.transport().forward(leader, &req, forward_timeout(), fill);
+}
+
+fn forward_timeout() -> Duration {
+    state::get().write_timeout() + Duration::from_secs(1)
+}
+
+/// The leader's side-port address, or the redirect to answer when no leader is known.
+fn leader_addr(node: &RaftNode) -> Result<String, String> {
+    let status = node.status();
+    match status.leader.and_then(|l| status.members.get(&l)) {
+        Some(leader) => Ok(leader.raft_addr.clone()),
+        None => Err(state::redirect(&status)),
+    }
 }
 
 /// Leader side: what the transport calls for each `FORWARD`.
@@ -59,24 +110,29 @@ pub fn handler() -> ForwardHandler {
     })
 }
 
-/// Leader side, on the main thread: runs one forwarded command like a client's.
+/// Leader side, on the main thread: runs one forwarded command (or transaction) like a client's.
 pub fn serve(req: ForwardRequest, done: ForwardDone) {
     let s = state::get();
     let Some(node) = s.node() else { return done(Err(crate::write::not_initialized())) };
     if !node.is_leader() {
         return done(Err(state::redirect(&node.status())));
     }
-    let refs: Vec<&[u8]> = req.argv.iter().map(|a| a.as_slice()).collect();
+    let resp3 = req.resp3;
+    let (db, argv) = match req.what {
+        Forwarded::Command { db, argv } => (db, argv),
+        Forwarded::Transaction(commands) => return serve_transaction(&node, commands, resp3, done),
+    };
+    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
     let route = s.table.read().unwrap_or_else(|p| p.into_inner()).route(&refs);
     let timeout = s.write_timeout();
     match route {
         Route::Write => {
-            let mut argv: Args = req.argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
-            if let Err(e) = determinism::pin(&mut argv, ffi::now_ms()) {
+            let mut pinned: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
+            if let Err(e) = determinism::pin(&mut pinned, ffi::now_ms()) {
                 return done(Err(e.0));
             }
-            let entry = encode_command(req.db, &argv);
-            let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3: req.resp3 };
+            let entry = encode_command(db, &pinned);
+            let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
         }
         Route::Read => {
@@ -86,7 +142,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
                     Ok(index) => progress.when_applied(
                         index,
                         Box::new(move || {
-                            if let Err(e) = state::get().send_to_apply(Job::RunForwarded { req, done }) {
+                            if let Err(e) = state::get().send_to_apply(Job::RunForwarded { db, argv, resp3, done }) {
                                 log::warn!("cannot run a forwarded read: {e}");
                             }
                         }),
@@ -102,12 +158,36 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     }
 }
 
-/// Leader side, on the main thread: a forwarded read whose ReadIndex is applied.
-pub fn run_read(ctx: *mut RedisModuleCtx, req: ForwardRequest, done: ForwardDone) {
-    if !ffi::select_db(ctx, req.db) {
-        return done(Err(format!("ERR DB index {} is out of range", req.db)));
+/// Leader side: a follower's transaction becomes one entry, its reads included (they run where
+/// the entry is applied). Writes are pinned again: a no-op for what the follower pinned, and this
+/// leader's clock for anything it did not.
+fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
+    let s = state::get();
+    let mut pinned = Vec::with_capacity(commands.len());
+    for (db, argv) in &commands {
+        let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
+        match s.table.read().unwrap_or_else(|p| p.into_inner()).route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
+            Route::Write => {
+                if let Err(e) = determinism::pin(&mut args, ffi::now_ms()) {
+                    return done(Err(e.0));
+                }
+            }
+            Route::Read => {}
+            _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),
+        }
+        pinned.push((*db, args));
     }
-    done(take_proto(ffi::call(ctx, &req.argv, req.resp3)));
+    let entry = encode_transaction(&pinned);
+    let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction(done), resp3 };
+    node.propose(entry, waiter, Instant::now() + s.write_timeout());
+}
+
+/// Leader side, on the main thread: a forwarded read whose read index is applied.
+pub fn run_read(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone) {
+    if !ffi::select_db(ctx, db) {
+        return done(Err(format!("ERR DB index {db} is out of range")));
+    }
+    done(take_proto(ffi::call(ctx, &argv, resp3)));
 }
 
 /// A call's reply as raw RESP, freeing it; the error to answer instead if there is none.

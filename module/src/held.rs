@@ -240,6 +240,22 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
     true
 }
 
+/// Runs `then` once every reply the client of `ctx` has held is in its output: at once if it has
+/// none, else when the last one is filled. The caller has blocked the client, so nothing else of
+/// its pipeline runs meanwhile.
+pub fn after_own_replies(ctx: *mut RedisModuleCtx, then: Box<dyn FnOnce() + Send>) {
+    let mut then = Some(then);
+    if let Some((id, _)) = hooks().and_then(|hooks| client_of(ctx, hooks)) {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)).filter(|c| !c.slots.is_empty()) {
+            c.when_drained = then.take();
+        }
+    }
+    if let Some(then) = then {
+        then();
+    }
+}
+
 /// A write about to be proposed for the client of `ctx`: its reply gets a slot in the output.
 /// None: take the blocking path.
 pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply> {
@@ -495,6 +511,12 @@ impl HeldReply {
         fill_write(self.client, self.slot, reply);
     }
 
+    /// From any thread: the reply, as raw RESP (a forwarded transaction's, from the leader).
+    pub fn finish_from_any_thread(mut self, reply: Vec<u8>) {
+        self.done = true;
+        send_reply(self.client, self.slot, reply);
+    }
+
     /// From any thread: the write failed with `error` (no leading '-').
     pub fn fail(mut self, error: &str) {
         self.done = true;
@@ -512,15 +534,20 @@ impl Drop for HeldReply {
 
 fn send_failure(client: ClientId, slot: u64, error: &str) {
     let line = format!("-{}\r\n", error.replace(['\r', '\n'], " "));
-    let failure = Box::new((client, slot, line.into_bytes()));
-    unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(write_failed), Box::into_raw(failure) as *mut c_void) };
+    send_reply(client, slot, line.into_bytes());
 }
 
-extern "C" fn write_failed(data: *mut c_void) {
-    let failure = unsafe { Box::from_raw(data as *mut (ClientId, u64, Vec<u8>)) };
-    let (client, slot, line) = *failure;
-    if std::panic::catch_unwind(move || fill_write(client, slot, line)).is_err() {
-        log::error!("panic while answering a failed write");
+/// Fills the slot on the main thread, from any thread.
+fn send_reply(client: ClientId, slot: u64, reply: Vec<u8>) {
+    let reply = Box::new((client, slot, reply));
+    unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(reply_arrived), Box::into_raw(reply) as *mut c_void) };
+}
+
+extern "C" fn reply_arrived(data: *mut c_void) {
+    let reply = unsafe { Box::from_raw(data as *mut (ClientId, u64, Vec<u8>)) };
+    let (client, slot, bytes) = *reply;
+    if std::panic::catch_unwind(move || fill_write(client, slot, bytes)).is_err() {
+        log::error!("panic while filling a held reply");
     }
 }
 

@@ -13,6 +13,10 @@
 //! `RAFT._MULTI`, which knows the client, opens the transaction the way Redis does and records
 //! the client; while any client is recorded, the filter routes every read through the module.
 //!
+//! On a follower with `follower-proxy yes`, the transaction is queued and run the same way, and
+//! the batch goes whole to the leader (see `forward`), which proposes it as one entry and sends
+//! every command's reply back for the slots.
+//!
 //! WATCH is refused: its check would have to be made when the entry is applied, on every node.
 
 use crate::apply::{ReplyTo, WriteWaiter};
@@ -47,7 +51,7 @@ struct Batch {
     client: ClientId,
     /// Decided by its first command, so that every command of one EXEC joins, or none does:
     /// leadership can change while EXEC runs, and a part of a transaction must never commit.
-    verdict: Result<(), String>,
+    verdict: Result<Destination, String>,
     commands: Vec<(u32, Vec<Vec<u8>>)>,
     /// One per command; None when the client takes no replies.
     slots: Vec<Option<HeldReply>>,
@@ -65,14 +69,25 @@ pub fn in_exec(ctx: *mut RedisModuleCtx) -> bool {
     flags & raw::REDISMODULE_CTX_FLAGS_MULTI as i32 != 0
 }
 
-/// `RAFT._MULTI`, which the filter makes of MULTI. Transactions run on the leader only.
+/// Where a transaction's batch goes.
+#[derive(Clone, Copy, Debug)]
+enum Destination {
+    /// Proposed by this node, a ready leader.
+    Log,
+    /// Forwarded to the leader by this follower (follower proxy).
+    Leader,
+}
+
+/// `RAFT._MULTI`, which the filter makes of MULTI. Transactions run on the leader, or through a
+/// follower that forwards them.
 pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     if in_exec(ctx) {
         // Queued by Redis because the client was already in a transaction.
         return Err("ERR MULTI calls can not be nested".into());
     }
-    let node = state::get().serving_node()?;
-    if !node.is_leader() {
+    let s = state::get();
+    let node = s.serving_node()?;
+    if !node.is_leader() && !s.follower_proxy() {
         return Err(state::redirect(&node.status()));
     }
     held::begin_multi(ctx)?;
@@ -96,7 +111,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(),
     if t.batch.is_none() {
         t.batch = Some(Batch {
             client: id,
-            verdict: ready_leader(),
+            verdict: destination(),
             commands: Vec::new(),
             slots: Vec::new(),
             resp3: crate::ffi::client_is_resp3(ctx),
@@ -115,14 +130,18 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(),
     Ok(())
 }
 
-fn ready_leader() -> Result<(), String> {
-    let node = state::get().node().ok_or_else(crate::write::not_initialized)?;
+fn destination() -> Result<Destination, String> {
+    let s = state::get();
+    let node = s.node().ok_or_else(crate::write::not_initialized)?;
     if held::ready_term(&node).is_some() {
-        return Ok(());
+        return Ok(Destination::Log);
     }
     let status = node.status();
     if node.is_leader() {
         return Err("CLUSTERDOWN the leader is still applying the log of its term; retry".into());
+    }
+    if s.follower_proxy() {
+        return Ok(Destination::Leader);
     }
     Err(state::redirect(&status))
 }
@@ -139,8 +158,12 @@ pub fn flush() {
 fn propose(batch: Option<Batch>) {
     BATCH.store(false, Ordering::Release);
     let Some(batch) = batch else { return };
-    if batch.verdict.is_err() || batch.commands.is_empty() {
-        return;
+    let destination = match batch.verdict {
+        Ok(destination) if !batch.commands.is_empty() => destination,
+        _ => return,
+    };
+    if let Destination::Leader = destination {
+        return crate::forward::transaction_to_leader(batch.commands, batch.slots, batch.resp3);
     }
     let s = state::get();
     let Some(node) = s.node() else {
