@@ -133,3 +133,15 @@ fn assert_atomic_against_concurrent_writers(cluster: &Cluster, via: &Server) {
     assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
 }
 
+/// With threaded I/O, replies cannot be held, so EXEC cannot run a transaction. MULTI still opens
+/// it: refused, it would have let the commands after it run one by one. They fail together.
+#[test]
+fn without_held_replies_a_transaction_fails_whole_and_changes_nothing() {
+    // Arguments after the module's own start a Redis directive of their own.
+    let cluster = Cluster::start(1, &["--io-threads", "2"]).unwrap();
+    let unavailable = "-ERR transactions (MULTI/EXEC) need held replies, not available here: io-threads is 2\r\n";
+    let request = "MULTI\r\nSET k 1\r\nGET k\r\nPING\r\nEXEC\r\nGET k\r\n";
+    let expected = ["+OK\r\n", &"+QUEUED\r\n".repeat(3), "*3\r\n", unavailable, unavailable, "+PONG\r\n", "$-1\r\n"].concat();
+    let got = raw_exchange(cluster.leader().port, request.as_bytes(), expected.len());
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+}

@@ -65,6 +65,8 @@ struct Hooks {
     fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
     /// Redis' MULTI: opens a transaction on the client and answers +OK.
     multi: unsafe extern "C" fn(*mut c_void),
+    /// Why replies cannot be held on this Redis although it exports all of the above.
+    cannot_hold: Option<String>,
 }
 
 extern "C" {
@@ -77,9 +79,8 @@ static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
 pub fn init(ctx: *mut RedisModuleCtx) {
     HOOKS.get_or_init(|| {
         let io_threads = ffi::config_get(ctx, "io-threads").unwrap_or_default();
-        if io_threads.trim() != "1" {
-            return Err(format!("io-threads is {io_threads}"));
-        }
+        // Threaded I/O's writer does not skip protected clients.
+        let cannot_hold = (io_threads.trim() != "1").then(|| format!("io-threads is {io_threads}"));
         // RTLD_DEFAULT (a null handle): the executable and everything it loaded.
         let find = |name: &str| {
             let c_name = ffi::cstr(name);
@@ -99,21 +100,39 @@ pub fn init(ctx: *mut RedisModuleCtx) {
                 deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
                 fill_slot: std::mem::transmute(find("setDeferredReply")?),
                 multi: std::mem::transmute(find("multiCommand")?),
+                cannot_hold,
             }
         })
     });
 }
 
+/// The hooks, if replies can be held here.
 fn hooks() -> Option<&'static Hooks> {
-    HOOKS.get().and_then(|h| h.as_ref().ok())
+    HOOKS.get().and_then(|h| h.as_ref().ok()).filter(|h| h.cannot_hold.is_none())
+}
+
+/// Why replies cannot be held here, if they cannot.
+fn cannot_hold() -> Option<String> {
+    match HOOKS.get() {
+        None => Some("held replies are not initialised".into()),
+        Some(Err(why)) => Some(why.clone()),
+        Some(Ok(hooks)) => hooks.cannot_hold.clone(),
+    }
 }
 
 /// Says at load how the leader answers pipelines.
 pub fn describe() -> String {
-    match HOOKS.get() {
-        Some(Ok(_)) => "the leader holds replies while the cluster confirms them: pipelines keep flowing".into(),
-        Some(Err(why)) => format!("{why}: writes and linearizable reads block their client until confirmed"),
-        None => "held replies not initialised".into(),
+    match cannot_hold() {
+        None => "the leader holds replies while the cluster confirms them: pipelines keep flowing".into(),
+        Some(why) => format!("{why}: writes and linearizable reads block their client until confirmed"),
+    }
+}
+
+/// Whether EXEC can run a transaction here: its commands answer from the log, into held slots.
+pub fn transactions_available() -> Result<(), String> {
+    match cannot_hold() {
+        None => Ok(()),
+        Some(why) => Err(format!("ERR transactions (MULTI/EXEC) need held replies, not available here: {why}")),
     }
 }
 
@@ -280,10 +299,12 @@ fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit) -> Option<H
 }
 
 /// MULTI for the client of `ctx`, exactly as Redis runs it (the client queues its next commands
-/// and gets +OK). Transactions need held replies: their commands answer from the log.
+/// and gets +OK). Opened even where EXEC cannot run a transaction (see
+/// [`transactions_available`]): its commands then fail inside EXEC, together. A refused MULTI
+/// would let the client's next commands run one by one, outside any transaction.
 pub fn begin_multi(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
-    let hooks = hooks.as_ref().map_err(|why| format!("ERR transactions (MULTI/EXEC) need held replies, not available here: {why}"))?;
+    let hooks = hooks.as_ref().map_err(|why| format!("ERR transactions (MULTI/EXEC) are not available here: {why}"))?;
     let (_, client) = client_of(ctx, hooks).ok_or("ERR MULTI needs a client connection")?;
     unsafe { (hooks.multi)(client) };
     Ok(())

@@ -131,6 +131,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(),
 }
 
 fn destination() -> Result<Destination, String> {
+    held::transactions_available()?;
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     if held::ready_term(&node).is_some() {
