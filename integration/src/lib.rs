@@ -4,6 +4,7 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod netproxy;
+pub mod transfers;
 pub mod workload;
 
 use anyhow::{bail, Context as _};

@@ -2,18 +2,20 @@
 //! recording its invocation before sending and its outcome after, against a cluster whose nodes
 //! may be dead, paused or cut off. Clients follow `-MOVED` and move on from nodes that fail them.
 //!
-//! Three workloads, mixed in one run on disjoint keys:
+//! Four workloads, mixed in one run on disjoint keys:
 //! - register: `SET rN <unique>` / `GET rN` (checked for linearizability);
 //! - counter: `INCR counter` (final value between acknowledged and attempted increments);
 //! - list append: `RPUSH lN <unique>` / `LRANGE lN 0 -1` (every acknowledged value present once,
 //!   reads prefixes of each other). Appends move on to a new key every [`LIST_CHUNK`] values, so
 //!   lists (and the reads the checker compares) stay short however long a run is.
+//! - transfers: MULTI/EXEC transactions between accounts, with a ledger (see [`transfers`]).
 
 use crate::history::{History, Op, Outcome, Value};
+use crate::transfers;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,10 +30,11 @@ pub struct Mix {
     pub register: bool,
     pub counter: bool,
     pub list: bool,
+    pub transfer: bool,
 }
 
 impl Mix {
-    pub const ALL: Mix = Mix { register: true, counter: true, list: true };
+    pub const ALL: Mix = Mix { register: true, counter: true, list: true, transfer: true };
 }
 
 /// A connection to "the cluster" as a plain Redis client sees it.
@@ -68,11 +71,21 @@ impl Client {
 
     /// Runs `cmd`, classifying a failure as definite (`Fail`) or not (`Unknown`).
     pub fn run(&mut self, cmd: &redis::Cmd) -> Result<redis::Value, Outcome> {
+        self.run_with(|conn| cmd.query(conn))
+    }
+
+    /// Runs a MULTI/EXEC pipeline. An error anywhere in it classifies the whole transaction: it
+    /// ran all or nothing.
+    pub fn run_transaction(&mut self, pipe: &redis::Pipeline) -> Result<redis::Value, Outcome> {
+        self.run_with(|conn| pipe.query(conn))
+    }
+
+    fn run_with(&mut self, request: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<redis::Value>) -> Result<redis::Value, Outcome> {
         let Some(conn) = self.connect() else {
             self.next_node();
             return Err(Outcome::Fail("connection refused".into()));
         };
-        match cmd.query::<redis::Value>(conn) {
+        match request(conn) {
             Ok(v) => Ok(v),
             Err(e) if e.code() == Some("MOVED") => {
                 let target = e.to_string().split_whitespace().last().and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
@@ -122,32 +135,50 @@ fn as_value(v: &redis::Value) -> Value {
     }
 }
 
+/// What the client threads share: where they record, and the next unique values.
+struct Shared {
+    history: History,
+    mix: Mix,
+    stop: AtomicBool,
+    /// The next register value.
+    next_value: AtomicI64,
+    /// The next list value; list `lN` holds values `N * LIST_CHUNK ..`.
+    next_list_value: AtomicI64,
+    /// The next transfer id (see [`transfers`]).
+    next_transfer: AtomicI64,
+    /// What the transfer snapshots found wrong, as they found it.
+    anomalies: Mutex<Vec<String>>,
+}
+
 /// Client threads working until `stop` is set or each has run `max_ops` operations.
 pub struct Clients {
     pub history: History,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    /// The next list value; list `lN` holds values `N * LIST_CHUNK ..`.
-    next_list_value: Arc<AtomicI64>,
 }
 
 impl Clients {
     pub fn start(ports: &[u16], count: usize, mix: Mix, seed: u64, max_ops: usize) -> Clients {
         let history = History::new();
-        let stop = Arc::new(AtomicBool::new(false));
-        let next_value = Arc::new(AtomicI64::new(1));
-        let next_list_value = Arc::new(AtomicI64::new(0));
+        let shared = Arc::new(Shared {
+            history: history.clone(),
+            mix,
+            stop: AtomicBool::new(false),
+            next_value: AtomicI64::new(1),
+            next_list_value: AtomicI64::new(0),
+            next_transfer: AtomicI64::new(0),
+            anomalies: Mutex::new(Vec::new()),
+        });
         let threads = (0..count)
             .map(|process| {
-                let (history, stop, ports) = (history.clone(), stop.clone(), ports.to_vec());
-                let counters = (next_value.clone(), next_list_value.clone());
+                let (shared, ports) = (shared.clone(), ports.to_vec());
                 std::thread::spawn(move || {
                     let mut client = Client::new(ports, process);
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
                     let mut ops = 0;
-                    while !stop.load(Ordering::Relaxed) && ops < max_ops {
+                    while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
                         ops += 1;
-                        one_op(&mut client, &mut rng, &history, process, mix, &counters.0, &counters.1);
+                        one_op(&mut client, &mut rng, &shared, process);
                         if !client.connected() {
                             // Between nodes (dead one, or redirected): back off like a real client.
                             std::thread::sleep(Duration::from_millis(20));
@@ -156,43 +187,45 @@ impl Clients {
                 })
             })
             .collect();
-        Clients { history, stop, threads, next_list_value }
+        Clients { history, shared, threads }
     }
 
     /// Stops the clients and waits for their last operations to complete.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 
-    /// After healing: one final read of the counter and of every list, retried on any node until
-    /// one answers (the list checker needs a final read to find lost appends).
-    pub fn final_reads(&self, ports: &[u16], mix: Mix) {
+    /// What the transfer snapshots found wrong (balances that do not add up to their ledger).
+    pub fn anomalies(&self) -> Vec<String> {
+        self.shared.anomalies.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After healing: one final read of the counter, of every list and of every ledger (with its
+    /// accounts), retried on any node until one answers (the list checker needs a final read to
+    /// find lost appends).
+    pub fn final_reads(&self, ports: &[u16]) {
+        let mix = self.shared.mix;
         let mut client = Client::new(ports.to_vec(), 0);
-        let mut reads: Vec<(Op, redis::Cmd)> = Vec::new();
+        let mut reads: Vec<Read> = Vec::new();
         if mix.counter {
-            reads.push((Op::Read { key: COUNTER_KEY.into() }, redis::cmd("GET").arg(COUNTER_KEY).clone()));
+            reads.push(Read::Command(Op::Read { key: COUNTER_KEY.into() }, redis::cmd("GET").arg(COUNTER_KEY).clone()));
         }
         if mix.list {
-            for i in 0..=self.next_list_value.load(Ordering::Relaxed) / LIST_CHUNK {
+            for i in 0..=self.shared.next_list_value.load(Ordering::Relaxed) / LIST_CHUNK {
                 let key = format!("l{i}");
-                reads.push((Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone()));
+                reads.push(Read::Command(Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone()));
             }
         }
-        for (op, cmd) in reads {
+        if mix.transfer {
+            reads.extend((0..=transfers::chunk_of(self.shared.next_transfer.load(Ordering::Relaxed))).map(Read::Snapshot));
+        }
+        for read in reads {
             let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let handle = self.history.invoke(usize::MAX / 2, op.clone());
-                match client.run(&cmd) {
-                    Ok(v) => {
-                        handle.complete(Outcome::Ok(Some(as_value(&v))));
-                        break;
-                    }
-                    Err(o) => handle.complete(o),
-                }
-                assert!(Instant::now() < deadline, "no node answered the final `{op}` for 30 s");
+            while !read.run(&mut client, &self.shared, usize::MAX / 2) {
+                assert!(Instant::now() < deadline, "no node answered the final `{}` for 30 s", read.op());
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -205,57 +238,113 @@ impl Drop for Clients {
     }
 }
 
-fn one_op(
-    client: &mut Client,
-    rng: &mut StdRng,
-    history: &History,
-    process: usize,
-    mix: Mix,
-    next: &AtomicI64,
-    next_list: &AtomicI64,
-) {
-    let mut kinds = Vec::new();
-    if mix.register {
-        kinds.push(0);
+/// One read, recorded in the history.
+enum Read {
+    Command(Op, redis::Cmd),
+    /// The accounts and ledger of a chunk of transfers, in one transaction.
+    Snapshot(i64),
+}
+
+impl Read {
+    fn op(&self) -> Op {
+        match self {
+            Read::Command(op, _) => op.clone(),
+            Read::Snapshot(chunk) => transfers::snapshot(*chunk).0,
+        }
     }
-    if mix.counter {
-        kinds.push(1);
+
+    /// Runs and records the read; whether it got an answer.
+    fn run(&self, client: &mut Client, shared: &Shared, process: usize) -> bool {
+        let handle = shared.history.invoke(process, self.op());
+        let outcome = match self {
+            Read::Command(_, cmd) => client.run(cmd).map(|v| as_value(&v)),
+            Read::Snapshot(chunk) => client.run_transaction(&transfers::snapshot(*chunk).1).map(|v| {
+                match transfers::check_snapshot(*chunk, &v) {
+                    Ok(ledger) => Value::List(ledger),
+                    Err(anomaly) => {
+                        shared.anomalies.lock().unwrap_or_else(|p| p.into_inner()).push(format!("p{process}: {anomaly}"));
+                        // Still recorded as read, for the list checker.
+                        as_value(v.as_sequence().and_then(|items| items.last()).unwrap_or(&redis::Value::Nil))
+                    }
+                }
+            }),
+        };
+        let answered = outcome.is_ok();
+        handle.complete(match outcome {
+            Ok(v) => Outcome::Ok(Some(v)),
+            // A read that failed observed nothing, whatever the reason.
+            Err(Outcome::Unknown(why)) => Outcome::Fail(why),
+            Err(o) => o,
+        });
+        answered
     }
-    if mix.list {
-        kinds.push(2);
-    }
-    let (op, cmd) = match kinds[rng.gen_range(0..kinds.len())] {
+}
+
+/// One operation of the workload.
+enum Step {
+    Read(Read),
+    /// A single-command write (or increment).
+    Write(Op, redis::Cmd),
+    /// A transfer, by id.
+    Transfer(i64),
+}
+
+fn one_op(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: usize) {
+    let mix = shared.mix;
+    let kinds: Vec<u8> = [(mix.register, 0), (mix.counter, 1), (mix.list, 2), (mix.transfer, 3)]
+        .into_iter()
+        .filter_map(|(on, kind)| on.then_some(kind))
+        .collect();
+    let step = match kinds[rng.gen_range(0..kinds.len())] {
         0 => {
             let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
             if rng.gen_bool(0.5) {
-                let value = next.fetch_add(1, Ordering::Relaxed);
-                (Op::Write { key: key.clone(), value }, redis::cmd("SET").arg(&key).arg(value).clone())
+                let value = shared.next_value.fetch_add(1, Ordering::Relaxed);
+                Step::Write(Op::Write { key: key.clone(), value }, redis::cmd("SET").arg(&key).arg(value).clone())
             } else {
-                (Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone())
+                Step::Read(Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone()))
             }
         }
-        1 => (Op::Incr { key: COUNTER_KEY.into() }, redis::cmd("INCR").arg(COUNTER_KEY).clone()),
-        _ => {
+        1 => Step::Write(Op::Incr { key: COUNTER_KEY.into() }, redis::cmd("INCR").arg(COUNTER_KEY).clone()),
+        2 => {
             if rng.gen_bool(0.7) {
-                let value = next_list.fetch_add(1, Ordering::Relaxed);
+                let value = shared.next_list_value.fetch_add(1, Ordering::Relaxed);
                 let key = format!("l{}", value / LIST_CHUNK);
-                (Op::Append { key: key.clone(), value }, redis::cmd("RPUSH").arg(&key).arg(value).clone())
+                Step::Write(Op::Append { key: key.clone(), value }, redis::cmd("RPUSH").arg(&key).arg(value).clone())
             } else {
                 // The list being appended to now, or the one just finished.
-                let current = next_list.load(Ordering::Relaxed) / LIST_CHUNK;
+                let current = shared.next_list_value.load(Ordering::Relaxed) / LIST_CHUNK;
                 let key = format!("l{}", (current - rng.gen_range(0..2)).max(0));
-                (Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone())
+                Step::Read(Read::Command(Op::ReadList { key: key.clone() }, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone()))
+            }
+        }
+        _ => {
+            if rng.gen_bool(0.7) {
+                Step::Transfer(shared.next_transfer.fetch_add(1, Ordering::Relaxed))
+            } else {
+                // The chunk being transferred in now, or the one just finished.
+                let current = transfers::chunk_of(shared.next_transfer.load(Ordering::Relaxed));
+                Step::Read(Read::Snapshot((current - rng.gen_range(0..2)).max(0)))
             }
         }
     };
-    let handle = history.invoke(process, op.clone());
-    let outcome = match client.run(&cmd) {
-        // A write's reply carries nothing the checkers need (RPUSH's length is not checked).
-        Ok(_) if matches!(op, Op::Write { .. } | Op::Append { .. }) => Outcome::Ok(None),
-        Ok(v) => Outcome::Ok(Some(as_value(&v))),
-        // A read that failed observed nothing, whatever the reason.
-        Err(Outcome::Unknown(why)) if op.is_read() => Outcome::Fail(why),
-        Err(o) => o,
-    };
-    handle.complete(outcome);
+    match step {
+        Step::Read(read) => {
+            read.run(client, shared, process);
+        }
+        Step::Write(op, cmd) => {
+            let handle = shared.history.invoke(process, op.clone());
+            handle.complete(match client.run(&cmd) {
+                // A write's reply carries nothing the checkers need (RPUSH's length is not checked).
+                Ok(_) if matches!(op, Op::Write { .. } | Op::Append { .. }) => Outcome::Ok(None),
+                Ok(v) => Outcome::Ok(Some(as_value(&v))),
+                Err(o) => o,
+            });
+        }
+        Step::Transfer(id) => {
+            let (op, pipe) = transfers::transfer(id);
+            let handle = shared.history.invoke(process, op);
+            handle.complete(client.run_transaction(&pipe).map_or_else(|o| o, |_| Outcome::Ok(None)));
+        }
+    }
 }
