@@ -130,6 +130,7 @@ enum Request<W> {
     ChangeMembership { change: MembershipChange, waiter: Callback<()>, deadline: Instant },
     /// With a term, the round only counts in that term (see [`Node::read_index_in_term`]).
     ReadIndex { waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term> },
+    LastProposed(Callback<LogIndex>),
     Raft(Vec<Message>),
     Hello { from: NodeId, addr: String },
     Unreachable(NodeId),
@@ -392,6 +393,17 @@ impl<S: StateMachine> Node<S> {
     fn send_read_index(&self, waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term>) {
         if let Err(e) = self.tx.send(Request::ReadIndex { waiter, deadline, term }) {
             if let Request::ReadIndex { waiter, .. } = e.0 {
+                waiter(Err(ProposeError::Shutdown));
+            }
+        }
+    }
+
+    /// A barrier behind every proposal sent before it: the waiter gets the index of the last
+    /// entry this leader has appended by then (so once that index is applied, every earlier
+    /// proposal has been applied or has failed), or an error if this node does not lead.
+    pub fn last_proposed_index(&self, waiter: Callback<LogIndex>) {
+        if let Err(e) = self.tx.send(Request::LastProposed(waiter)) {
+            if let Request::LastProposed(waiter) = e.0 {
                 waiter(Err(ProposeError::Shutdown));
             }
         }
@@ -745,6 +757,10 @@ impl<S: StateMachine> RaftLoop<S> {
             Request::Propose { data, waiter, deadline } => self.propose(data, waiter, deadline),
             Request::ChangeMembership { change, waiter, deadline } => self.propose_membership(change, waiter, deadline),
             Request::ReadIndex { waiter, deadline, term } => self.reads_to_start.push((deadline, term, waiter)),
+            Request::LastProposed(waiter) => match self.not_leader() {
+                Some(err) => waiter(Err(err)),
+                None => waiter(Ok(LogIndex(self.raw.raft.raft_log.last_index()))),
+            },
             Request::Raft(msgs) => {
                 for m in msgs {
                     if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -1328,6 +1344,7 @@ fn fail_request<W: Waiter>(req: Request<W>, err: ProposeError) {
         Request::Propose { waiter, .. } => waiter.fail(err),
         Request::ChangeMembership { waiter, .. } => waiter(Err(err)),
         Request::ReadIndex { waiter, .. } => waiter(Err(err)),
+        Request::LastProposed(waiter) => waiter(Err(err)),
         _ => {}
     }
 }

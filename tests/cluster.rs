@@ -329,6 +329,29 @@ fn linearizable_reads_get_a_read_index_at_least_the_last_acknowledged_write() {
     assert!(matches!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), Err(ProposeError::NotLeader { .. })));
 }
 
+/// Proposals still in flight when the barrier is asked for are at or below its index; a read
+/// index would not cover them (they are not committed yet).
+#[test]
+fn the_last_proposed_index_is_behind_every_earlier_proposal() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let leader = current_leader(&nodes);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for v in values("pending", 50) {
+        let tx = tx.clone();
+        leader.node.propose(v, Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(10));
+    }
+    let (btx, brx) = std::sync::mpsc::channel();
+    leader.node.last_proposed_index(Box::new(move |r| btx.send(r).unwrap()));
+    let barrier = brx.recv_timeout(Duration::from_secs(10)).unwrap().expect("the leader answers");
+    let last = (0..50).map(|_| rx.recv_timeout(Duration::from_secs(20)).unwrap().expect("acknowledged")).max();
+    assert_eq!(last, Some(barrier), "the barrier is the index of the last proposal before it");
+    let follower = nodes.iter().find(|n| n.id != leader.id).unwrap();
+    let (ftx, frx) = std::sync::mpsc::channel();
+    follower.node.last_proposed_index(Box::new(move |r| ftx.send(r).unwrap()));
+    assert!(matches!(frx.recv_timeout(Duration::from_secs(10)).unwrap(), Err(ProposeError::NotLeader { .. })));
+}
+
 #[test]
 fn a_read_index_bound_to_a_term_is_confirmed_only_in_that_term() {
     let root = tempfile::tempdir().unwrap();
