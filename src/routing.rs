@@ -27,6 +27,8 @@ pub enum Route {
     Read,
     /// MULTI: the module starts the transaction, so it knows which clients have one open.
     BeginTransaction,
+    /// WATCH: the module registers the keys and waits for the writes already proposed.
+    Watch,
     /// Answered with this error (without the leading '-').
     Refuse(String),
 }
@@ -38,13 +40,11 @@ const NEVER_REPLICATED: &[&str] = &[
     "memory", "module", "acl", "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe",
     "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut", "script",
     // Redis queues a transaction's commands and runs them at EXEC, each one through this module.
-    "exec", "discard",
+    "exec", "discard", "unwatch",
 ];
 
 /// Not supported yet: refused outright rather than half working.
 const REFUSED: &[(&str, &str)] = &[
-    ("watch", "WATCH"),
-    ("unwatch", "WATCH"),
     ("eval", "scripts"),
     ("evalsha", "scripts"),
     ("eval_ro", "scripts"),
@@ -104,6 +104,9 @@ impl CommandTable {
         };
         if name == "multi" {
             return Route::BeginTransaction;
+        }
+        if name == "watch" {
+            return Route::Watch;
         }
         if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
             return Route::Local;
@@ -188,7 +191,8 @@ mod tests {
         assert_eq!(route(&["SET", "k"]), Route::Refuse("ERR wrong number of arguments for 'set' command".into()));
         assert_eq!(route(&["multi"]), Route::BeginTransaction);
         assert_eq!(route(&["EXEC"]), Route::Local, "Redis runs the queued commands, each through the filter's route");
-        assert!(matches!(route(&["WATCH", "k"]), Route::Refuse(e) if e == "ERR WATCH not supported by Raftis yet"));
+        assert_eq!(route(&["WATCH", "k"]), Route::Watch);
+        assert_eq!(route(&["UNWATCH"]), Route::Local);
         assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));

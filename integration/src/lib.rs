@@ -384,9 +384,15 @@ pub fn digest(server: &Server) -> String {
     server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")
 }
 
-/// Sends raw RESP and reads until `expect_len` bytes arrived (or the peer closed).
+/// Sends raw RESP on a new connection and reads until `expect_len` bytes arrived (or the peer
+/// closed).
 pub fn raw_exchange(port: u16, request: &[u8], expect_len: usize) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    exchange_on(&mut s, request, expect_len)
+}
+
+/// [`raw_exchange`] on a connection of the caller's (which keeps its state: WATCH, SELECT ...).
+pub fn exchange_on(s: &mut TcpStream, request: &[u8], expect_len: usize) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(request).unwrap();
     let mut out = Vec::new();

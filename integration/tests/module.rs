@@ -201,7 +201,8 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
     expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
-    expect_err(&["WATCH", "k"], "not supported");
+    expect_err(&["WATCH"], "wrong number of arguments for 'watch'");
+    expect_err(&["RAFT._WATCH"], "wrong number of arguments for 'watch'");
     expect_err(&["EVAL", "return 1", "0"], "not supported");
     expect_err(&["BLPOP", "l", "0"], "blocking");
     expect_err(&["SET", "onlykey"], "wrong number of arguments for 'set'");

@@ -52,9 +52,38 @@ pub fn borrowed_args<'a>(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<
     (0..argc.max(0) as usize).map(|i| string_bytes(unsafe { *argv.add(i) })).collect()
 }
 
-/// A string owned by nobody: for APIs that take ownership (command filter arguments).
+/// A string owned by nobody: for APIs that take ownership (command filter arguments), or to be
+/// released with [`free_string`].
 pub fn new_string(bytes: &[u8]) -> *mut RedisModuleString {
     unsafe { api!(RedisModule_CreateString)(ptr::null_mut(), bytes.as_ptr() as *const c_char, bytes.len()) }
+}
+
+/// Releases a [`new_string`] (Redis may still hold references of its own).
+pub fn free_string(s: *mut RedisModuleString) {
+    unsafe { api!(RedisModule_FreeString)(ptr::null_mut(), s) };
+}
+
+/// Tells Redis that the keys the command `argv` writes are modified, in database `db` of `ctx`:
+/// clients watching them get their transaction marked dirty.
+pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]>]) {
+    if !select_db(ctx, db) {
+        return;
+    }
+    let mut strings: Vec<*mut RedisModuleString> = argv.iter().map(|a| new_string(a.as_ref())).collect();
+    let mut count: c_int = 0;
+    let keys = unsafe { api!(RedisModule_GetCommandKeys)(ctx, strings.as_mut_ptr(), strings.len() as c_int, &mut count) };
+    if !keys.is_null() {
+        let positions = unsafe { std::slice::from_raw_parts(keys, count.max(0) as usize) };
+        for &i in positions {
+            if let Some(key) = strings.get(i as usize) {
+                unsafe { api!(RedisModule_SignalModifiedKey)(ctx, *key) };
+            }
+        }
+        unsafe { api!(RedisModule_Free)(keys as *mut std::ffi::c_void) };
+    }
+    for s in strings {
+        free_string(s);
+    }
 }
 
 pub fn reply_error(ctx: *mut RedisModuleCtx, msg: &str) -> c_int {
@@ -110,6 +139,14 @@ pub fn selected_db(ctx: *mut RedisModuleCtx) -> u32 {
 
 pub fn select_db(ctx: *mut RedisModuleCtx, db: u32) -> bool {
     unsafe { api!(RedisModule_SelectDb)(ctx, db as c_int) == OK }
+}
+
+/// The `REDISMODULE_CLIENTINFO_FLAG_*` flags of client `id`; None if it is not connected.
+pub fn client_flags(id: u64) -> Option<u64> {
+    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
+    info.version = 1;
+    let rc = unsafe { api!(RedisModule_GetClientInfoById)(&mut info as *mut _ as *mut std::ffi::c_void, id) };
+    (rc == OK).then_some(info.flags)
 }
 
 pub fn client_is_resp3(ctx: *mut RedisModuleCtx) -> bool {

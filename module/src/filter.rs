@@ -1,7 +1,7 @@
 //! The command filter: every client command passes here first, on Redis' main thread. Writes are
-//! redirected to `RAFT._CMD` (replicated), MULTI to `RAFT._MULTI`, unsupported commands to
-//! `RAFT._REFUSE`, and reads to `RAFT._READ` when they must wait or be confirmed; everything
-//! else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
+//! redirected to `RAFT._CMD` (replicated), MULTI to `RAFT._MULTI`, WATCH to `RAFT._WATCH`,
+//! unsupported commands to `RAFT._REFUSE`, and reads to `RAFT._READ` when they must wait or be
+//! confirmed; everything else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
 //! entry never re-enters this path.
 
 use crate::ffi::{self, api};
@@ -12,6 +12,7 @@ use redis_module::raw::RedisModuleCommandFilterCtx;
 pub const WRITE_COMMAND: &str = "raft._cmd";
 pub const REFUSE_COMMAND: &str = "raft._refuse";
 pub const MULTI_COMMAND: &str = "raft._multi";
+pub const WATCH_COMMAND: &str = "raft._watch";
 
 pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
     // A panic must not unwind into Redis; a command we fail to classify runs unchanged.
@@ -36,6 +37,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         Route::Write => WRITE_COMMAND,
         Route::Refuse(_) => REFUSE_COMMAND,
         Route::BeginTransaction => MULTI_COMMAND,
+        Route::Watch => WATCH_COMMAND,
         Route::Read if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() => {
             crate::read::READ_COMMAND
         }

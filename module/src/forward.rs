@@ -131,6 +131,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
             if let Err(e) = determinism::pin(&mut pinned, ffi::now_ms()) {
                 return done(Err(e.0));
             }
+            crate::watch::touch(db, &pinned);
             let entry = encode_command(db, &pinned);
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
@@ -154,7 +155,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         }
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself; a peer sending one is confused, not a client.
-        Route::Local | Route::BeginTransaction => done(Err("ERR only writes and reads are forwarded".into())),
+        Route::Local | Route::BeginTransaction | Route::Watch => done(Err("ERR only writes and reads are forwarded".into())),
     }
 }
 
@@ -171,6 +172,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
                 if let Err(e) = determinism::pin(&mut args, ffi::now_ms()) {
                     return done(Err(e.0));
                 }
+                crate::watch::touch(*db, &args);
             }
             Route::Read => {}
             _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),

@@ -65,6 +65,8 @@ struct Hooks {
     fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
     /// Redis' MULTI: opens a transaction on the client and answers +OK.
     multi: unsafe extern "C" fn(*mut c_void),
+    /// Redis' WATCH of one key (a string object) in the client's database.
+    watch_key: unsafe extern "C" fn(*mut c_void, *mut c_void),
     /// Why replies cannot be held on this Redis although it exports all of the above.
     cannot_hold: Option<String>,
 }
@@ -100,6 +102,7 @@ pub fn init(ctx: *mut RedisModuleCtx) {
                 deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
                 fill_slot: std::mem::transmute(find("setDeferredReply")?),
                 multi: std::mem::transmute(find("multiCommand")?),
+                watch_key: std::mem::transmute(find("watchForKey")?),
                 cannot_hold,
             }
         })
@@ -307,6 +310,21 @@ pub fn begin_multi(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let hooks = hooks.as_ref().map_err(|why| format!("ERR transactions (MULTI/EXEC) are not available here: {why}"))?;
     let (_, client) = client_of(ctx, hooks).ok_or("ERR MULTI needs a client connection")?;
     unsafe { (hooks.multi)(client) };
+    Ok(())
+}
+
+/// WATCH of `keys` for the client of `ctx`, in its selected database, as Redis does it: from now
+/// on Redis marks the client's transaction dirty whenever one of them is modified.
+pub fn watch_keys(ctx: *mut RedisModuleCtx, keys: &[&[u8]]) -> Result<(), String> {
+    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
+    let hooks = hooks.as_ref().map_err(|why| format!("ERR WATCH is not available here: {why}"))?;
+    let (_, client) = client_of(ctx, hooks).ok_or("ERR WATCH needs a client connection")?;
+    for key in keys {
+        // Redis keeps its own reference to the key.
+        let key = ffi::new_string(key);
+        unsafe { (hooks.watch_key)(client, key as *mut c_void) };
+        ffi::free_string(key);
+    }
     Ok(())
 }
 

@@ -21,6 +21,7 @@ mod reply;
 mod snapshot;
 mod state;
 mod transaction;
+mod watch;
 mod write;
 
 use ffi::{api, RedisModuleCtx, RedisModuleString};
@@ -93,6 +94,7 @@ command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blo
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
 command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
+command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
 command!(cmd_identify, |_, args| commands::identify(&args));
@@ -112,6 +114,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
     (read::READ_COMMAND, cmd_read, "readonly"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
+    (filter::WATCH_COMMAND, cmd_watch, "fast"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     ("raft._join", cmd_join, "admin"),
@@ -256,12 +259,18 @@ fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Redis' event-loop event: held replies ask for their leadership checks, and the transaction
-/// EXEC built is proposed, before Redis sleeps.
+/// Redis' event-loop event: before Redis sleeps, held replies ask for their leadership checks,
+/// the transaction EXEC built is proposed, and WATCH forgets clients that have gone.
 extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEvent, subevent: u64, data: *mut std::ffi::c_void) {
     held::on_event_loop(ctx, event, subevent, data);
-    if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP as u64 && std::panic::catch_unwind(transaction::before_sleep).is_err() {
+    if subevent != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP as u64 {
+        return;
+    }
+    if std::panic::catch_unwind(transaction::before_sleep).is_err() {
         log::error!("panic in the event-loop hook for transactions");
+    }
+    if std::panic::catch_unwind(watch::before_sleep).is_err() {
+        log::error!("panic in the event-loop hook for WATCH");
     }
 }
 

@@ -17,7 +17,8 @@
 //! the batch goes whole to the leader (see `forward`), which proposes it as one entry and sends
 //! every command's reply back for the slots.
 //!
-//! WATCH is refused: its check would have to be made when the entry is applied, on every node.
+//! WATCH is Redis' own check at EXEC, with writes counted from when they are proposed (see
+//! `watch`): a dirty transaction never reaches this module.
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{api, RedisModuleCtx};
@@ -196,10 +197,7 @@ pub fn before_sleep() {
 }
 
 fn in_multi(id: ClientId) -> bool {
-    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
-    info.version = 1;
-    let rc = unsafe { api!(RedisModule_GetClientInfoById)(&mut info as *mut _ as *mut c_void, id) };
-    rc == raw::REDISMODULE_OK as i32 && info.flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 != 0
+    crate::ffi::client_flags(id).is_some_and(|flags| flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 != 0)
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Transactions> {

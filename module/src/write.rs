@@ -29,8 +29,10 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::transaction::in_exec(ctx) {
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
+        let db = ffi::selected_db(ctx);
+        crate::watch::touch(db, &argv);
         let argv = argv.into_iter().map(Cow::into_owned).collect();
-        return crate::transaction::join(ctx, ffi::selected_db(ctx), argv);
+        return crate::transaction::join(ctx, db, argv);
     }
     let node = s.serving_node()?;
     if !node.is_leader() {
@@ -45,7 +47,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
-    let entry = encode_command(ffi::selected_db(ctx), &argv);
+    let db = ffi::selected_db(ctx);
+    crate::watch::touch(db, &argv);
+    let entry = encode_command(db, &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
     // A transaction this client (or another) just ran goes into the log first.

@@ -1,0 +1,99 @@
+//! WATCH: optimistic locking for MULTI/EXEC, served by the leader.
+//!
+//! Redis marks a client's transaction dirty when a key it watches is modified, and a dirty EXEC
+//! answers nil and runs nothing. Here a write changes the dataset only once it is committed,
+//! while EXEC's transaction enters the log behind every write this leader has proposed by then.
+//! Counting a key as modified only when a write to it is applied would let a transaction commit
+//! behind a write its client's reads never saw. So:
+//! - WATCH registers the keys with Redis' own mechanism (applied writes mark the client dirty, as
+//!   always), then answers once every write proposed before it has been applied: a barrier behind
+//!   them (`last_proposed_index`). Those writes were concurrent with the WATCH, so counting them as
+//!   after it is linearizable; and the reads the client makes next see every write before it.
+//! - From then on, the leader tells Redis about the keys of every write as it *proposes* it
+//!   ([`touch`]), which marks the clients watching them dirty at once.
+//! - EXEC's check is Redis' own; a dirty transaction is never proposed.
+//!
+//! Only the leader serves WATCH (followers redirect, follower proxy or not): EXEC has to run where
+//! writes are proposed. Touching costs a little on every write while a client that ever ran WATCH
+//! is connected: Redis does not say when a client stops watching (UNWATCH, EXEC, RESET).
+
+use crate::blocked::{Blocked, Outcome};
+use crate::ffi::{self, api, RedisModuleCtx};
+use crate::state;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+type ClientId = u64;
+
+/// Clients that ran WATCH and are still connected. Only touched on Redis' main thread.
+static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });
+/// How many: the write path's cheap check.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// How often the set forgets clients that have gone.
+const PRUNE_EVERY: Duration = Duration::from_millis(100);
+
+struct Watchers {
+    clients: Option<HashSet<ClientId>>,
+    pruned: Option<Instant>,
+}
+
+/// `RAFT._WATCH WATCH <key> ...`, which the filter makes of WATCH.
+pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    let keys = args.get(2..).unwrap_or_default();
+    if keys.is_empty() {
+        return Err("ERR wrong number of arguments for 'watch' command".into());
+    }
+    if crate::transaction::in_exec(ctx) {
+        // Queued by Redis because the client is in a transaction; Redis' own WATCH says this.
+        return Err("ERR WATCH inside MULTI is not allowed".into());
+    }
+    let s = state::get();
+    let node = s.serving_node()?;
+    if !node.is_leader() {
+        return Err(state::redirect(&node.status()));
+    }
+    crate::held::watch_keys(ctx, keys)?;
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    if lock().clients.get_or_insert_with(HashSet::new).insert(id) {
+        COUNT.fetch_add(1, Ordering::Relaxed);
+    }
+    // A transaction EXEC has just built goes into the log before the barrier.
+    crate::transaction::flush();
+    let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
+    let progress = s.progress.clone();
+    node.last_proposed_index(Box::new(move |last| match last {
+        Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Simple("OK".into())))),
+        Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e))),
+    }));
+    Ok(())
+}
+
+/// A write of `argv` in database `db` is being proposed (or joins a transaction) on this node:
+/// clients watching its keys are marked dirty now, not when it is applied.
+pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
+    if COUNT.load(Ordering::Relaxed) > 0 {
+        ffi::signal_keys_of(state::get().main_thread_ctx(), db, argv);
+    }
+}
+
+/// Before Redis sleeps: forgets clients that have disconnected (at most every [`PRUNE_EVERY`]).
+pub fn before_sleep() {
+    if COUNT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let mut w = lock();
+    if w.pruned.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+        return;
+    }
+    w.pruned = Some(Instant::now());
+    let Some(clients) = w.clients.as_mut() else { return };
+    clients.retain(|id| ffi::client_flags(*id).is_some());
+    COUNT.store(clients.len(), Ordering::Relaxed);
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Watchers> {
+    WATCHERS.lock().unwrap_or_else(|p| p.into_inner())
+}
