@@ -170,6 +170,12 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     let _: () = redis::cmd("SELECT").arg(1).query(&mut other_db).unwrap();
     let _: () = redis::cmd("SET").arg("k").arg("x").query(&mut other_db).unwrap();
     exchange(&mut watcher, "MULTI\r\nSET k 5\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    // The client's own write counts too, as in Redis, though it is still on its way through the
+    // log when EXEC runs (it is proposed in the same event-loop turn); so does a flush.
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    exchange(&mut watcher, "SET k 6\r\nMULTI\r\nSET k 7\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$1\r\n6\r\n");
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    exchange(&mut watcher, "FLUSHALL\r\nMULTI\r\nSET k 8\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$-1\r\n");
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     let err = follower.cmd::<String>(&["WATCH", "k"]).unwrap_err();
     assert_eq!(err.code(), Some("MOVED"), "{err}");

@@ -10,7 +10,8 @@
 //!   them (`last_proposed_index`). Those writes were concurrent with the WATCH, so counting them as
 //!   after it is linearizable; and the reads the client makes next see every write before it.
 //! - From then on, the leader tells Redis about the keys of every write as it *proposes* it
-//!   ([`touch`]), which marks the clients watching them dirty at once.
+//!   ([`touch`]), which marks the clients watching them dirty at once. A write without keys
+//!   (FLUSHDB, FLUSHALL, SWAPDB) touches every key any client watches.
 //! - EXEC's check is Redis' own; a dirty transaction is never proposed.
 //!
 //! Only the leader serves WATCH (followers redirect, follower proxy or not): EXEC has to run where
@@ -20,14 +21,15 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 type ClientId = u64;
 
-/// Clients that ran WATCH and are still connected. Only touched on Redis' main thread.
+/// Clients that ran WATCH and are still connected, with the keys they asked for. Only touched
+/// on Redis' main thread.
 static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });
 /// How many: the write path's cheap check.
 static COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -36,7 +38,7 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 const PRUNE_EVERY: Duration = Duration::from_millis(100);
 
 struct Watchers {
-    clients: Option<HashSet<ClientId>>,
+    clients: Option<HashMap<ClientId, HashSet<(u32, Vec<u8>)>>>,
     pruned: Option<Instant>,
 }
 
@@ -57,9 +59,12 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     crate::held::watch_keys(ctx, keys)?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
-    if lock().clients.get_or_insert_with(HashSet::new).insert(id) {
-        COUNT.fetch_add(1, Ordering::Relaxed);
-    }
+    let db = ffi::selected_db(ctx);
+    let mut w = lock();
+    let clients = w.clients.get_or_insert_with(HashMap::new);
+    COUNT.store(clients.len() + usize::from(!clients.contains_key(&id)), Ordering::Relaxed);
+    clients.entry(id).or_default().extend(keys.iter().map(|k| (db, k.to_vec())));
+    drop(w);
     // A transaction EXEC has just built goes into the log before the barrier.
     crate::transaction::flush();
     let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
@@ -74,8 +79,21 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// A write of `argv` in database `db` is being proposed (or joins a transaction) on this node:
 /// clients watching its keys are marked dirty now, not when it is applied.
 pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
-    if COUNT.load(Ordering::Relaxed) > 0 {
-        ffi::signal_keys_of(state::get().main_thread_ctx(), db, argv);
+    if COUNT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let ctx = state::get().main_thread_ctx();
+    let positions = ffi::key_positions(ctx, argv);
+    if !positions.is_empty() {
+        for key in positions.into_iter().filter_map(|i| argv.get(i)) {
+            ffi::signal_modified_key(ctx, db, key.as_ref());
+        }
+        return;
+    }
+    let w = lock();
+    let watched: HashSet<&(u32, Vec<u8>)> = w.clients.iter().flat_map(|c| c.values()).flatten().collect();
+    for (db, key) in watched {
+        ffi::signal_modified_key(ctx, *db, key);
     }
 }
 
@@ -90,7 +108,7 @@ pub fn before_sleep() {
     }
     w.pruned = Some(Instant::now());
     let Some(clients) = w.clients.as_mut() else { return };
-    clients.retain(|id| ffi::client_flags(*id).is_some());
+    clients.retain(|id, _| ffi::client_flags(*id).is_some());
     COUNT.store(clients.len(), Ordering::Relaxed);
 }
 
