@@ -1,6 +1,7 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::{digest, raw_exchange, stat_field, Cluster, Server};
+use raftis_integration::{digest, raw_exchange, stat_field, wait_for, Cluster, Server};
+use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -176,6 +177,14 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     exchange(&mut watcher, "SET k 6\r\nMULTI\r\nSET k 7\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$1\r\n6\r\n");
     exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
     exchange(&mut watcher, "FLUSHALL\r\nMULTI\r\nSET k 8\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$-1\r\n");
+    // Once its transactions are over the leader forgets the watcher's keys; after UNWATCH alone
+    // it cannot tell, and remembers them until the client is gone.
+    let watching = || stat_field(leader, "watching_clients");
+    wait_for("the leader to forget a watch that EXEC ended", Duration::from_secs(5), || (watching() == 0).then_some(()));
+    exchange(&mut watcher, "WATCH k\r\nUNWATCH\r\n", "+OK\r\n+OK\r\n");
+    assert_eq!(watching(), 1);
+    drop(watcher);
+    wait_for("the leader to forget a client that has gone", Duration::from_secs(5), || (watching() == 0).then_some(()));
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     let err = follower.cmd::<String>(&["WATCH", "k"]).unwrap_err();
     assert_eq!(err.code(), Some("MOVED"), "{err}");

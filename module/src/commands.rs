@@ -366,6 +366,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         for (name, value) in crate::held::stats() {
             let _ = write!(out, "{name}:{value}\r\n");
         }
+        let _ = write!(out, "watching_clients:{}\r\n", crate::watch::clients());
         for t in node.transport().stats() {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
         }

@@ -93,6 +93,7 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     }
     held::begin_multi(ctx)?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    crate::watch::transaction_opened(id);
     let mut t = lock();
     if t.open.get_or_insert_with(HashSet::new).insert(id) {
         OPEN.fetch_add(1, Ordering::Relaxed);

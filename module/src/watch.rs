@@ -15,12 +15,15 @@
 //! - EXEC's check is Redis' own; a dirty transaction is never proposed.
 //!
 //! Only the leader serves WATCH (followers redirect, follower proxy or not): EXEC has to run where
-//! writes are proposed. Touching costs a little on every write while a client that ever ran WATCH
-//! is connected: Redis does not say when a client stops watching (UNWATCH, EXEC, RESET).
+//! writes are proposed. Redis does not tell a module when a client stops watching, so the keys
+//! are remembered here until the client's next transaction is over (EXEC and DISCARD unwatch
+//! everything) or the client is gone; UNWATCH and RESET alone leave them until then. While any
+//! are remembered, every write costs a little more.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
+use redis_module::raw;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -28,18 +31,33 @@ use std::time::{Duration, Instant};
 
 type ClientId = u64;
 
-/// Clients that ran WATCH and are still connected, with the keys they asked for. Only touched
-/// on Redis' main thread.
+/// Clients that may be watching keys, with the keys. Only touched on Redis' main thread.
 static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });
 /// How many: the write path's cheap check.
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 
-/// How often the set forgets clients that have gone.
+/// How often the clients whose watch is over are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_millis(100);
 
 struct Watchers {
-    clients: Option<HashMap<ClientId, HashSet<(u32, Vec<u8>)>>>,
+    clients: Option<HashMap<ClientId, Watched>>,
     pruned: Option<Instant>,
+}
+
+type Key = (u32, Vec<u8>);
+
+/// What one client watches, as far as this module can tell.
+#[derive(Default)]
+struct Watched {
+    /// Keys watched since the client's last MULTI.
+    current: HashSet<Key>,
+    /// Keys watched before the transaction the client has open: its EXEC or DISCARD unwatches them.
+    ending: HashSet<Key>,
+}
+
+/// RAFT.STATS: clients whose watched keys every proposed write is checked against.
+pub fn clients() -> usize {
+    COUNT.load(Ordering::Relaxed)
 }
 
 /// `RAFT._WATCH WATCH <key> ...`, which the filter makes of WATCH.
@@ -62,8 +80,8 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let db = ffi::selected_db(ctx);
     let mut w = lock();
     let clients = w.clients.get_or_insert_with(HashMap::new);
-    COUNT.store(clients.len() + usize::from(!clients.contains_key(&id)), Ordering::Relaxed);
-    clients.entry(id).or_default().extend(keys.iter().map(|k| (db, k.to_vec())));
+    clients.entry(id).or_default().current.extend(keys.iter().map(|k| (db, k.to_vec())));
+    COUNT.store(clients.len(), Ordering::Relaxed);
     drop(w);
     // A transaction EXEC has just built goes into the log before the barrier.
     crate::transaction::flush();
@@ -91,13 +109,26 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         return;
     }
     let w = lock();
-    let watched: HashSet<&(u32, Vec<u8>)> = w.clients.iter().flat_map(|c| c.values()).flatten().collect();
+    let watched: HashSet<&Key> = w.clients.iter().flat_map(|c| c.values()).flat_map(|c| c.current.iter().chain(&c.ending)).collect();
     for (db, key) in watched {
         ffi::signal_modified_key(ctx, *db, key);
     }
 }
 
-/// Before Redis sleeps: forgets clients that have disconnected (at most every [`PRUNE_EVERY`]).
+/// The client `id` has just opened a transaction: what it watches so far stops being watched
+/// when the transaction ends (its keys are remembered until then).
+pub fn transaction_opened(id: ClientId) {
+    if COUNT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    if let Some(c) = lock().clients.as_mut().and_then(|c| c.get_mut(&id)) {
+        let current = std::mem::take(&mut c.current);
+        c.ending.extend(current);
+    }
+}
+
+/// Before Redis sleeps (at most every [`PRUNE_EVERY`]): forgets the keys of transactions that
+/// are over, and clients that have gone or watch nothing left.
 pub fn before_sleep() {
     if COUNT.load(Ordering::Relaxed) == 0 {
         return;
@@ -108,7 +139,13 @@ pub fn before_sleep() {
     }
     w.pruned = Some(Instant::now());
     let Some(clients) = w.clients.as_mut() else { return };
-    clients.retain(|id, _| ffi::client_flags(*id).is_some());
+    clients.retain(|id, watched| {
+        let Some(flags) = ffi::client_flags(*id) else { return false };
+        if flags & raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64 == 0 {
+            watched.ending.clear();
+        }
+        !(watched.current.is_empty() && watched.ending.is_empty())
+    });
     COUNT.store(clients.len(), Ordering::Relaxed);
 }
 
