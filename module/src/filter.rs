@@ -32,7 +32,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         return;
     }
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();
-    let route = state::get().table.read().unwrap_or_else(|p| p.into_inner()).route(&argv);
+    let route = state::get().route(&argv);
     let redirect_to = match route {
         Route::Write => WRITE_COMMAND,
         Route::Refuse(_) => REFUSE_COMMAND,

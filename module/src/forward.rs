@@ -123,7 +123,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         Forwarded::Transaction(commands) => return serve_transaction(&node, commands, resp3, done),
     };
     let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
-    let route = s.table.read().unwrap_or_else(|p| p.into_inner()).route(&refs);
+    let route = s.route(&refs);
     let timeout = s.write_timeout();
     match route {
         Route::Write => {
@@ -167,7 +167,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     let mut pinned = Vec::with_capacity(commands.len());
     for (db, argv) in &commands {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
-        match s.table.read().unwrap_or_else(|p| p.into_inner()).route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
+        match s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
             Route::Write => {
                 if let Err(e) = determinism::pin(&mut args, ffi::now_ms()) {
                     return done(Err(e.0));

@@ -6,7 +6,7 @@ use crate::ffi::DetachedContext;
 use raftis_core::membership::NodeInfo;
 use raftis_core::node::{Node, NodeConfig};
 use raftis_core::proposal::ProposeError;
-use raftis_core::routing::CommandTable;
+use raftis_core::routing::{CommandTable, Route};
 use raftis_core::settings::Settings;
 use raftis_core::status::Status;
 use raftis_core::storage::LogStore;
@@ -30,7 +30,7 @@ pub struct Raftis {
     /// This node's addresses as peers and clients should use them.
     pub client_addr: String,
     pub raft_addr: String,
-    pub table: RwLock<CommandTable>,
+    table: RwLock<CommandTable>,
     pub progress: Arc<ApplyProgress>,
     apply_ctx: Arc<DetachedContext>,
     node: RwLock<Option<Arc<RaftNode>>>,
@@ -133,6 +133,11 @@ impl Raftis {
 
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where a command goes (see `raftis_core::routing`).
+    pub fn route(&self, argv: &[&[u8]]) -> Route {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).route(argv)
     }
 
     /// The node, for a client's read, write or transaction: an error reply if this node is not

@@ -21,7 +21,7 @@ const BACKSTOP: Duration = Duration::from_secs(1);
 pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let command = &args[1..];
     let s = state::get();
-    match s.table.read().unwrap_or_else(|p| p.into_inner()).route(command) {
+    match s.route(command) {
         Route::Write => {}
         Route::Refuse(e) => return Err(e),
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
@@ -65,7 +65,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// `RAFT._REFUSE <command ...>`: the error for a command Raftis does not support.
 pub fn refuse(args: Vec<Vec<u8>>) -> String {
     let refs: Vec<&[u8]> = args[1..].iter().map(|a| a.as_slice()).collect();
-    match state::get().table.read().unwrap_or_else(|p| p.into_inner()).route(&refs) {
+    match state::get().route(&refs) {
         Route::Refuse(e) => e,
         _ => "ERR command refused".into(),
     }
