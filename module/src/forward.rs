@@ -21,7 +21,7 @@ use crate::ffi::{self, api, RedisModuleCtx};
 use crate::held::HeldReply;
 use crate::state::{self, RaftNode};
 use raftis_core::command_entry::{encode_command, encode_transaction};
-use raftis_core::determinism::{self, Args};
+use raftis_core::determinism::Args;
 use raftis_core::forward::{decode_replies, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
@@ -128,10 +128,9 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     match route {
         Route::Write => {
             let mut pinned: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
-            if let Err(e) = determinism::pin(&mut pinned, ffi::now_ms()) {
-                return done(Err(e.0));
+            if let Err(e) = crate::write::prepare(db, &mut pinned) {
+                return done(Err(e));
             }
-            crate::watch::touch(db, &pinned);
             let entry = encode_command(db, &pinned);
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
@@ -169,10 +168,9 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
             Route::Write => {
-                if let Err(e) = determinism::pin(&mut args, ffi::now_ms()) {
-                    return done(Err(e.0));
+                if let Err(e) = crate::write::prepare(*db, &mut args) {
+                    return done(Err(e));
                 }
-                crate::watch::touch(*db, &args);
             }
             Route::Read => {}
             _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),

@@ -28,9 +28,8 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     if crate::transaction::in_exec(ctx) {
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
-        determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
         let db = ffi::selected_db(ctx);
-        crate::watch::touch(db, &argv);
+        prepare(db, &mut argv)?;
         let argv = argv.into_iter().map(Cow::into_owned).collect();
         return crate::transaction::join(ctx, db, argv);
     }
@@ -46,9 +45,8 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return Err(state::redirect(&status));
     }
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
-    determinism::pin(&mut argv, ffi::now_ms()).map_err(|r| r.0)?;
     let db = ffi::selected_db(ctx);
-    crate::watch::touch(db, &argv);
+    prepare(db, &mut argv)?;
     let entry = encode_command(db, &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
@@ -59,6 +57,15 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         None => ReplyTo::Client(Blocked::new(ctx, timeout + BACKSTOP)),
     };
     node.propose(entry, WriteWaiter { reply_to, resp3 }, Instant::now() + timeout);
+    Ok(())
+}
+
+/// Readies a write in database `db` for the log: relative times are made absolute with this
+/// node's clock (see `determinism`), and clients watching its keys learn it is coming (see
+/// `watch`). An error is the write's reply: it cannot be replicated.
+pub fn prepare(db: u32, argv: &mut Args) -> Result<(), String> {
+    determinism::pin(argv, ffi::now_ms()).map_err(|r| r.0)?;
+    crate::watch::touch(db, argv);
     Ok(())
 }
 
