@@ -63,21 +63,30 @@ pub fn free_string(s: *mut RedisModuleString) {
     unsafe { api!(RedisModule_FreeString)(ptr::null_mut(), s) };
 }
 
-/// Where the keys of the command `argv` are in it (from Redis' key specs); empty for a command
-/// without keys, or one Redis does not know.
-pub fn key_positions(ctx: *mut RedisModuleCtx, argv: &[impl AsRef<[u8]>]) -> Vec<usize> {
+/// Tells Redis that the keys the command `argv` writes in database `db` are modified (clients
+/// watching them get their transaction marked dirty). How many keys Redis' key specs found:
+/// none for a command without keys, or one Redis does not know.
+pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]>]) -> usize {
+    if !select_db(ctx, db) {
+        return 0;
+    }
     let mut strings: Vec<*mut RedisModuleString> = argv.iter().map(|a| new_string(a.as_ref())).collect();
     let mut count: c_int = 0;
     let keys = unsafe { api!(RedisModule_GetCommandKeys)(ctx, strings.as_mut_ptr(), strings.len() as c_int, &mut count) };
-    let mut positions = Vec::new();
+    let mut signalled = 0;
     if !keys.is_null() {
-        positions = unsafe { std::slice::from_raw_parts(keys, count.max(0) as usize) }.iter().map(|&i| i as usize).collect();
+        for &i in unsafe { std::slice::from_raw_parts(keys, count.max(0) as usize) } {
+            if let Some(key) = strings.get(i as usize) {
+                unsafe { api!(RedisModule_SignalModifiedKey)(ctx, *key) };
+                signalled += 1;
+            }
+        }
         unsafe { api!(RedisModule_Free)(keys as *mut std::ffi::c_void) };
     }
     for s in strings {
         free_string(s);
     }
-    positions
+    signalled
 }
 
 /// Tells Redis that `key` of database `db` is modified: clients watching it get their

@@ -101,11 +101,7 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         return;
     }
     let ctx = state::get().main_thread_ctx();
-    let positions = ffi::key_positions(ctx, argv);
-    if !positions.is_empty() {
-        for key in positions.into_iter().filter_map(|i| argv.get(i)) {
-            ffi::signal_modified_key(ctx, db, key.as_ref());
-        }
+    if ffi::signal_keys_of(ctx, db, argv) > 0 {
         return;
     }
     let w = lock();
