@@ -306,19 +306,24 @@ fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit) -> Option<H
 /// [`transactions_available`]): its commands then fail inside EXEC, together. A refused MULTI
 /// would let the client's next commands run one by one, outside any transaction.
 pub fn begin_multi(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
-    let hooks = hooks.as_ref().map_err(|why| format!("ERR transactions (MULTI/EXEC) are not available here: {why}"))?;
-    let (_, client) = client_of(ctx, hooks).ok_or("ERR MULTI needs a client connection")?;
+    let (hooks, client) = redis_client(ctx, "MULTI")?;
     unsafe { (hooks.multi)(client) };
     Ok(())
+}
+
+/// Redis' own client behind `ctx`, for running Redis' `command` on it (whether or not replies
+/// can be held here).
+fn redis_client(ctx: *mut RedisModuleCtx, command: &str) -> Result<(&'static Hooks, *mut c_void), String> {
+    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
+    let hooks = hooks.as_ref().map_err(|why| format!("ERR {command} is not available here: {why}"))?;
+    let (_, client) = client_of(ctx, hooks).ok_or_else(|| format!("ERR {command} needs a client connection"))?;
+    Ok((hooks, client))
 }
 
 /// WATCH of `keys` for the client of `ctx`, in its selected database, as Redis does it: from now
 /// on Redis marks the client's transaction dirty whenever one of them is modified.
 pub fn watch_keys(ctx: *mut RedisModuleCtx, keys: &[&[u8]]) -> Result<(), String> {
-    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
-    let hooks = hooks.as_ref().map_err(|why| format!("ERR WATCH is not available here: {why}"))?;
-    let (_, client) = client_of(ctx, hooks).ok_or("ERR WATCH needs a client connection")?;
+    let (hooks, client) = redis_client(ctx, "WATCH")?;
     for key in keys {
         // Redis keeps its own reference to the key.
         let key = ffi::new_string(key);
