@@ -344,6 +344,25 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Waits until `nodes` have applied everything committed, then asserts they hold the same
+    /// dataset (`DEBUG DIGEST`), printing each one's size, RAFT.INFO and log if not. The digest.
+    pub fn assert_same_dataset(&self, nodes: &[usize]) -> String {
+        self.wait_converged(nodes);
+        let digests: Vec<String> = nodes.iter().map(|i| digest(&self.nodes[*i])).collect();
+        if !digests.iter().all(|d| *d == digests[0]) {
+            for i in nodes {
+                let n = &self.nodes[*i];
+                let size: i64 = n.cmd(&["DBSIZE"]).unwrap_or(-1);
+                let info: String = n.cmd(&["RAFT.INFO"]).unwrap_or_default();
+                eprintln!("node {} dbsize {size}\n{info}\n{}", n.port, n.log_tail());
+            }
+            panic!("datasets differ: {digests:?}");
+        }
+        digests[0].clone()
+    }
+}
+
 impl Drop for Cluster {
     /// A failing test keeps every node's data directory and redis.log for the post-mortem.
     fn drop(&mut self) {

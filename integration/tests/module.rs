@@ -50,10 +50,8 @@ fn a_thousand_mixed_writes_leave_every_node_with_the_same_dataset() {
     for cmd in &writes {
         run(&mut conn, cmd).unwrap_or_else(|e| panic!("{cmd:?} failed: {e}"));
     }
-    cluster.wait_converged(&[0, 1, 2]);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert_ne!(digests[0], "0000000000000000000000000000000000000000", "dataset is not empty");
-    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    let digest = cluster.assert_same_dataset(&[0, 1, 2]);
+    assert_ne!(digest, "0000000000000000000000000000000000000000", "dataset is not empty");
     // Replies are Redis' own.
     let v: i64 = redis::cmd("INCR").arg("c0").query(&mut conn).unwrap();
     assert!(v > 1);
@@ -120,9 +118,7 @@ fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     }
     // The old leader comes back as a follower and catches up.
     cluster.nodes[old].restart().unwrap();
-    cluster.wait_converged(&[0, 1, 2]);
-    let d: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(d.iter().all(|x| *x == d[0]), "datasets differ after rejoin: {d:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
 #[test]
@@ -177,8 +173,7 @@ fn relative_expirations_are_made_absolute_by_the_leader() {
     cluster.wait_converged(&[0, 1, 2]);
     let at: Vec<i64> = cluster.nodes.iter().map(|n| n.cmd::<i64>(&["PEXPIRETIME", "ttl"]).unwrap()).collect();
     assert!(at[0] > 0 && at.iter().all(|t| *t == at[0]), "same absolute expiry everywhere: {at:?}");
-    let d: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(d.iter().all(|x| *x == d[0]));
+    cluster.assert_same_dataset(&[0, 1, 2]);
     let err = leader.cmd::<Value>(&["SPOP", "s"]).unwrap_err();
     assert!(err.to_string().contains("SPOP"), "{err}");
 }

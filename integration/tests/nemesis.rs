@@ -12,7 +12,7 @@ use raftis_integration::checker::{check_counter, check_list_append, check_regist
 use raftis_integration::history::dump_events;
 use raftis_integration::nemesis::{Fault, Nemesis};
 use raftis_integration::workload::{Clients, Mix, COUNTER_KEY};
-use raftis_integration::{digest, Cluster};
+use raftis_integration::Cluster;
 use std::time::Duration;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -83,9 +83,7 @@ fn run_with(faults: &[Fault], module_args: &[&str]) {
 
     // Every node, healed, converges on the same dataset.
     let all: Vec<usize> = (0..nodes).collect();
-    cluster.wait_converged(&all);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(digests.windows(2).all(|w| w[0] == w[1]), "datasets differ after healing: {digests:?}");
+    cluster.assert_same_dataset(&all);
 }
 
 #[test]

@@ -23,26 +23,12 @@ fn write_many(server: &Server, prefix: &str, n: usize) {
     }
 }
 
-fn same_dataset(cluster: &Cluster, nodes: &[usize]) {
-    cluster.wait_converged(nodes);
-    let digests: Vec<String> = nodes.iter().map(|i| digest(&cluster.nodes[*i])).collect();
-    if !digests.iter().all(|d| *d == digests[0]) {
-        for i in nodes {
-            let n = &cluster.nodes[*i];
-            let size: i64 = n.cmd(&["DBSIZE"]).unwrap_or(-1);
-            let info: String = n.cmd(&["RAFT.INFO"]).unwrap_or_default();
-            eprintln!("node {} dbsize {size}\n{info}\n{}", n.port, n.log_tail());
-        }
-        panic!("datasets differ: {digests:?}");
-    }
-}
-
 #[test]
 fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_one() {
     let cluster = Cluster::start(3, SNAPSHOTTING).unwrap();
     let leader = cluster.wait_leader();
     write_many(&cluster.nodes[leader], "a", 50_000);
-    same_dataset(&cluster, &[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
     // One snapshot per 5000 entries at most: a snapshot whose file is still being verified
     // and recorded must not look overdue and start another.
     for node in &cluster.nodes {
@@ -90,7 +76,7 @@ fn a_node_down_during_20000_writes_catches_up_and_restart_from_snapshot_keeps_th
     cluster.nodes[down].kill9();
     write_many(&cluster.nodes[leader], "during", 20_000);
     cluster.nodes[down].restart().unwrap();
-    same_dataset(&cluster, &[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
 
     // Every node restarts from its newest snapshot plus the log after it.
     let before = digest(&cluster.nodes[leader]);
@@ -101,7 +87,7 @@ fn a_node_down_during_20000_writes_catches_up_and_restart_from_snapshot_keeps_th
         n.restart().unwrap();
     }
     cluster.wait_leader();
-    same_dataset(&cluster, &[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
     assert_eq!(digest(&cluster.nodes[0]), before, "same dataset after restarting from snapshots");
     let log = std::fs::read_to_string(cluster.nodes[0].dir.join("redis.log")).unwrap();
     assert!(log.contains("loaded snapshot"), "restart used the snapshot:\n{}", cluster.nodes[0].log_tail());
@@ -210,7 +196,7 @@ fn large_values_snapshot_by_log_size_and_bound_the_kept_tail() {
         let () = pipe.query(&mut conn).unwrap();
     };
     write_values("big:");
-    same_dataset(&cluster, &[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
     for node in &cluster.nodes {
         wait_for("a snapshot taken by size", Duration::from_secs(20), || {
             (info_field(node, "snapshot_index") > 0 && info_text(node, "snapshot_in_progress") == "no").then_some(())
@@ -235,7 +221,7 @@ fn large_values_snapshot_by_log_size_and_bound_the_kept_tail() {
     assert_eq!(got, ["snapshot-log-size", "0"]);
     let before = info_field(leader_node, "snapshot_index");
     write_values("more:");
-    same_dataset(&cluster, &[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
     assert_eq!(info_field(leader_node, "snapshot_index"), before, "a snapshot was taken with the size limit off");
     assert!(info_field(leader_node, "applied_bytes_since_snapshot") > 4 << 20);
 }

@@ -1,6 +1,6 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::{digest, raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -45,9 +45,7 @@ fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_cons
         // SET k old, then the whole transaction.
         assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
     }
-    cluster.wait_converged(&[0, 1, 2]);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     // Consistency is still low from the last round: the follower answers from its own dataset.
     let mut conn = follower.client().unwrap();
@@ -76,9 +74,7 @@ fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
         assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
         assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
     }
-    cluster.wait_converged(&[0, 1, 2]);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
     assert_atomic_against_concurrent_writers(&cluster, follower);
 }
 
@@ -129,9 +125,7 @@ fn assert_atomic_against_concurrent_writers(cluster: &Cluster, via: &Server) {
     let left: i64 = leader.cmd(&["GET", "counter"]).unwrap();
     assert!(rounds > 10, "the transactions ran while the writers did ({rounds} rounds)");
     assert_eq!(taken + left, (writers * per_writer) as i64, "every increment was either taken by a transaction or is left");
-    cluster.wait_converged(&[0, 1, 2]);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
 /// With threaded I/O, replies cannot be held, so EXEC cannot run a transaction. MULTI still opens
@@ -235,7 +229,5 @@ fn optimistic_increments_under_watch_lose_nothing_to_concurrent_writers() {
         assert_eq!(total, optimists * per_optimist + incrementers * per_incrementer, "consistency {level}");
         assert!(retries.load(Ordering::Relaxed) > 0, "consistency {level}: no transaction ever had to retry; the test did not race");
     }
-    cluster.wait_converged(&[0, 1, 2]);
-    let digests: Vec<String> = cluster.nodes.iter().map(digest).collect();
-    assert!(digests.iter().all(|d| *d == digests[0]), "datasets differ: {digests:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
 }
