@@ -32,18 +32,23 @@ fn transaction_pipeline(db: u32) -> (String, String) {
     (request, expected)
 }
 
+/// Sends [`transaction_pipeline`] to `via`: Redis' replies byte for byte, and two proposals on
+/// the leader (SET k old, then the whole transaction).
+fn assert_transaction_pipeline(leader: &Server, via: &Server, db: u32, level: &str) {
+    let (request, expected) = transaction_pipeline(db);
+    let proposals = stat_field(leader, "proposals");
+    let got = raw_exchange(via.port, request.as_bytes(), expected.len());
+    assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
+    assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+}
+
 #[test]
 fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_consistency_level() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
         cluster.config_set("consistency", level);
-        let (request, expected) = transaction_pipeline(db);
-        let proposals = stat_field(leader, "proposals");
-        let got = raw_exchange(leader.port, request.as_bytes(), expected.len());
-        assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
-        // SET k old, then the whole transaction.
-        assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+        assert_transaction_pipeline(leader, leader, db, level);
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
@@ -68,11 +73,7 @@ fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
     // At low a follower's reads run on its own dataset, which may lag the replies it relays.
     for (db, level) in [(2, "high"), (4, "medium")] {
         cluster.config_set("consistency", level);
-        let (request, expected) = transaction_pipeline(db);
-        let proposals = stat_field(leader, "proposals");
-        let got = raw_exchange(follower.port, request.as_bytes(), expected.len());
-        assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
-        assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+        assert_transaction_pipeline(leader, follower, db, level);
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     assert_atomic_against_concurrent_writers(&cluster, follower);
