@@ -220,7 +220,7 @@ impl Clients {
             }
         }
         if mix.transfer {
-            reads.extend((0..=transfers::chunk_of(self.shared.next_transfer.load(Ordering::Relaxed))).map(Read::Snapshot));
+            reads.extend((0..=transfers::chunk_of(self.shared.next_transfer.load(Ordering::Relaxed))).map(Read::snapshot));
         }
         for read in reads {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -242,30 +242,32 @@ impl Drop for Clients {
 enum Read {
     Command(Op, redis::Cmd),
     /// The accounts and ledger of a chunk of transfers, in one transaction.
-    Snapshot(i64),
+    Snapshot { chunk: i64, op: Op, pipe: redis::Pipeline },
 }
 
 impl Read {
-    fn op(&self) -> Op {
+    fn snapshot(chunk: i64) -> Read {
+        let (op, pipe) = transfers::snapshot(chunk);
+        Read::Snapshot { chunk, op, pipe }
+    }
+
+    fn op(&self) -> &Op {
         match self {
-            Read::Command(op, _) => op.clone(),
-            Read::Snapshot(chunk) => transfers::snapshot(*chunk).0,
+            Read::Command(op, _) | Read::Snapshot { op, .. } => op,
         }
     }
 
     /// Runs and records the read; whether it got an answer.
     fn run(&self, client: &mut Client, shared: &Shared, process: usize) -> bool {
-        let handle = shared.history.invoke(process, self.op());
+        let handle = shared.history.invoke(process, self.op().clone());
         let outcome = match self {
             Read::Command(_, cmd) => client.run(cmd).map(|v| as_value(&v)),
-            Read::Snapshot(chunk) => client.run_transaction(&transfers::snapshot(*chunk).1).map(|v| {
-                match transfers::check_snapshot(*chunk, &v) {
-                    Ok(ledger) => Value::List(ledger),
-                    Err(anomaly) => {
-                        shared.anomalies.lock().unwrap_or_else(|p| p.into_inner()).push(format!("p{process}: {anomaly}"));
-                        // Still recorded as read, for the list checker.
-                        as_value(v.as_sequence().and_then(|items| items.last()).unwrap_or(&redis::Value::Nil))
-                    }
+            Read::Snapshot { chunk, pipe, .. } => client.run_transaction(pipe).map(|v| match transfers::check_snapshot(*chunk, &v) {
+                Ok(ledger) => Value::List(ledger),
+                Err(anomaly) => {
+                    shared.anomalies.lock().unwrap_or_else(|p| p.into_inner()).push(format!("p{process}: {anomaly}"));
+                    // Still recorded as read, for the list checker.
+                    as_value(v.as_sequence().and_then(|items| items.last()).unwrap_or(&redis::Value::Nil))
                 }
             }),
         };
@@ -324,7 +326,7 @@ fn one_op(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: usize
             } else {
                 // The chunk being transferred in now, or the one just finished.
                 let current = transfers::chunk_of(shared.next_transfer.load(Ordering::Relaxed));
-                Step::Read(Read::Snapshot((current - rng.gen_range(0..2)).max(0)))
+                Step::Read(Read::snapshot((current - rng.gen_range(0..2)).max(0)))
             }
         }
     };
