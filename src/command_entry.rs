@@ -3,11 +3,22 @@
 //! that every node runs back to back. Layout (all integers big-endian):
 //! - a command: `kind u8 = 1 | body`
 //! - a transaction: `kind u8 = 2 | count u32 | body * count`
+//! - either, at a time: `kind u8 = 3 | at i64 | command or transaction`
 //!
 //! where `body` is `db u32 | argc u32 | (len u32 | bytes) * argc`.
+//!
+//! The leader proposes every entry at a time (its clock when it proposed it): every node applies
+//! the entry as of that moment, so keys expire by the log's clock rather than each node's (see the
+//! module's `expiry`). Entries without one come from logs written before entries carried it.
 
 const KIND_COMMAND: u8 = 1;
 const KIND_TRANSACTION: u8 = 2;
+const KIND_AT: u8 = 3;
+
+/// The moment an entry happens, for every node that applies it: the proposing leader's clock, in
+/// milliseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryTime(pub i64);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandEntry {
@@ -22,7 +33,14 @@ pub struct CommandView<'a> {
     pub argv: Vec<&'a [u8]>,
 }
 
-/// A decoded log entry.
+/// A decoded log entry and the time it happens at, if it carries one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub at: Option<EntryTime>,
+    pub view: EntryView<'a>,
+}
+
+/// What a log entry runs.
 #[derive(Debug, PartialEq, Eq)]
 pub enum EntryView<'a> {
     Command(CommandView<'a>),
@@ -38,33 +56,44 @@ pub enum EntryError {
     UnknownKind(u8),
     #[error("log entry has no command")]
     Empty,
+    #[error("log entry carries two times")]
+    TwoTimes,
 }
 
 impl CommandEntry {
     pub fn encode(&self) -> Vec<u8> {
-        encode_command(self.db, &self.argv)
+        encode_command(None, self.db, &self.argv)
     }
 }
 
 /// The log entry for a command in database `db`, from arguments of any form (borrowed from a
 /// client's command, or rewritten): the one copy a proposal needs.
-pub fn encode_command<A: AsRef<[u8]>>(db: u32, argv: &[A]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + body_size(argv));
+pub fn encode_command<A: AsRef<[u8]>>(at: Option<EntryTime>, db: u32, argv: &[A]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + body_size(argv));
+    encode_time(&mut out, at);
     out.push(KIND_COMMAND);
     encode_body(&mut out, db, argv);
     out
 }
 
 /// The log entry for a transaction: each command with its database, in the order they run.
-pub fn encode_transaction<A: AsRef<[u8]>>(commands: &[(u32, Vec<A>)]) -> Vec<u8> {
-    let size = 5 + commands.iter().map(|(_, argv)| body_size(argv)).sum::<usize>();
+pub fn encode_transaction<A: AsRef<[u8]>>(at: Option<EntryTime>, commands: &[(u32, Vec<A>)]) -> Vec<u8> {
+    let size = 14 + commands.iter().map(|(_, argv)| body_size(argv)).sum::<usize>();
     let mut out = Vec::with_capacity(size);
+    encode_time(&mut out, at);
     out.push(KIND_TRANSACTION);
     out.extend_from_slice(&(commands.len() as u32).to_be_bytes());
     for (db, argv) in commands {
         encode_body(&mut out, *db, argv);
     }
     out
+}
+
+fn encode_time(out: &mut Vec<u8>, at: Option<EntryTime>) {
+    if let Some(EntryTime(ms)) = at {
+        out.push(KIND_AT);
+        out.extend_from_slice(&ms.to_be_bytes());
+    }
 }
 
 fn body_size<A: AsRef<[u8]>>(argv: &[A]) -> usize {
@@ -81,7 +110,22 @@ fn encode_body<A: AsRef<[u8]>>(out: &mut Vec<u8>, db: u32, argv: &[A]) {
     }
 }
 
+impl<'a> Entry<'a> {
+    pub fn decode(mut data: &'a [u8]) -> Result<Entry<'a>, EntryError> {
+        let mut at = None;
+        if data.first() == Some(&KIND_AT) {
+            let bytes = take(&mut data, 9)?;
+            at = Some(EntryTime(i64::from_be_bytes(bytes[1..].try_into().expect("8 bytes"))));
+            if data.first() == Some(&KIND_AT) {
+                return Err(EntryError::TwoTimes);
+            }
+        }
+        Ok(Entry { at, view: EntryView::decode(data)? })
+    }
+}
+
 impl<'a> EntryView<'a> {
+    /// A command or transaction without a time (the time, if any, is [`Entry`]'s to read).
     pub fn decode(mut data: &'a [u8]) -> Result<EntryView<'a>, EntryError> {
         match take(&mut data, 1)?[0] {
             KIND_COMMAND => CommandView::decode_body(&mut data).map(EntryView::Command),
@@ -145,7 +189,7 @@ mod tests {
     #[test]
     fn a_transaction_round_trips_its_commands_in_order() {
         let commands = vec![(0, vec![&b"SET"[..], b"a", b"1"]), (5, vec![&b"INCR"[..], b"\r\n"]), (0, vec![&b"GET"[..], b""])];
-        let bytes = encode_transaction(&commands);
+        let bytes = encode_transaction(None, &commands);
         let EntryView::Transaction(views) = EntryView::decode(&bytes).unwrap() else { panic!("not a transaction") };
         let decoded: Vec<(u32, Vec<&[u8]>)> = views.into_iter().map(|v| (v.db, v.argv)).collect();
         assert_eq!(decoded, commands);
@@ -164,5 +208,26 @@ mod tests {
         }
         assert_eq!(EntryView::decode(&[9, 0, 0]), Err(EntryError::UnknownKind(9)));
         assert_eq!(EntryView::decode(&[1, 0, 0, 0, 0, 255, 255, 255, 255]), Err(EntryError::Truncated));
+    }
+
+    #[test]
+    fn an_entry_carries_its_time_and_older_entries_have_none() {
+        let at = Some(EntryTime(1_700_000_000_123));
+        let command = encode_command(at, 2, &[b"INCR".as_slice(), b"k"]);
+        let decoded = Entry::decode(&command).unwrap();
+        assert_eq!(decoded.at, at);
+        assert_eq!(decoded.view, EntryView::Command(CommandView { db: 2, argv: vec![b"INCR", b"k"] }));
+        let transaction = encode_transaction(at, &[(0, vec![b"GET".as_slice(), b"k"])]);
+        assert_eq!(Entry::decode(&transaction).unwrap().at, at);
+        // Entries written before entries carried a time still decode, without one.
+        let old = CommandEntry { db: 0, argv: vec![b"DEL".to_vec(), b"k".to_vec()] }.encode();
+        assert_eq!(Entry::decode(&old).unwrap().at, None);
+        for n in 0..command.len() {
+            assert!(Entry::decode(&command[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut twice = vec![KIND_AT; 1];
+        twice.extend_from_slice(&0i64.to_be_bytes());
+        twice.extend_from_slice(&command);
+        assert_eq!(Entry::decode(&twice), Err(EntryError::TwoTimes));
     }
 }

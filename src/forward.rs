@@ -54,7 +54,7 @@ impl ForwardRequest {
                 resp::encode_command(&parts, out);
             }
             Forwarded::Transaction(commands) => {
-                resp::encode_command(&[FORWARD_TX, protocol, &encode_transaction(commands)], out);
+                resp::encode_command(&[FORWARD_TX, protocol, &encode_transaction(None, commands)], out);
             }
         }
     }
@@ -168,12 +168,12 @@ mod tests {
         assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("4"), b("GET")]).is_err());
         assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("2"), Frame::Integer(1)]).is_err());
         // A transaction must be a non-empty transaction entry.
-        let single = crate::command_entry::encode_command(0, &[b"GET".as_slice(), b"k"]);
-        let empty = encode_transaction::<Vec<u8>>(&[]);
+        let single = crate::command_entry::encode_command(None, 0, &[b"GET".as_slice(), b"k"]);
+        let empty = encode_transaction::<Vec<u8>>(None, &[]);
         for entry in [single, empty, b"junk".to_vec()] {
             assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(entry.into())]).is_err());
         }
-        let good = encode_transaction(&[(0, vec![b"GET".to_vec(), b"k".to_vec()])]);
+        let good = encode_transaction(None, &[(0, vec![b"GET".to_vec(), b"k".to_vec()])]);
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("5"), Frame::Bulk(good.clone().into())]).is_err());
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2")]).is_err());
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.into())]).is_ok());

@@ -15,6 +15,25 @@ pub struct CommandInfo {
     pub blocking: bool,
     /// Has subcommands ("container" commands such as CONFIG or OBJECT).
     pub container: bool,
+    /// Where the keys are, as COMMAND's first key, last key (negative: from the end) and step;
+    /// None when they move with the arguments (`movablekeys`).
+    pub keys: Option<KeySpan>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeySpan {
+    pub first: i64,
+    pub last: i64,
+    pub step: i64,
+}
+
+/// Where a command's keys are.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyPositions {
+    /// At these argument positions (none for a command without keys).
+    At(Vec<usize>),
+    /// Only Redis can tell, from the arguments (or the command is not in the table).
+    AskRedis,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,23 +104,33 @@ impl CommandTable {
         self.commands.get(name)
     }
 
+    /// Where the keys of `argv` are, when the command's fixed key span tells without reading
+    /// its arguments.
+    pub fn key_positions(&self, argv: &[&[u8]]) -> KeyPositions {
+        let Some(first) = argv.first() else { return KeyPositions::AskRedis };
+        with_lower_case(first, |name| {
+            let Some(KeySpan { first, last, step }) = name.and_then(|n| self.commands.get(n)).filter(|i| !i.container).and_then(|i| i.keys) else {
+                return KeyPositions::AskRedis;
+            };
+            let argc = argv.len() as i64;
+            if first <= 0 || step <= 0 {
+                return KeyPositions::At(Vec::new());
+            }
+            let last = if last < 0 { argc + last } else { last.min(argc - 1) };
+            KeyPositions::At((first..=last).step_by(step as usize).map(|i| i as usize).collect())
+        })
+    }
+
     /// Classifies `argv` (the command and its arguments as the client sent them).
     pub fn route(&self, argv: &[&[u8]]) -> Route {
         let Some(first) = argv.first() else { return Route::Local };
-        // Every client command passes here, some twice: lower-case short names on the stack.
-        let mut stack = [0u8; 32];
-        let owned;
-        let name: &str = if first.len() <= stack.len() {
-            let lower = &mut stack[..first.len()];
-            lower.copy_from_slice(first);
-            lower.make_ascii_lowercase();
-            let Ok(name) = std::str::from_utf8(lower) else { return Route::Local };
-            name
-        } else {
-            let Ok(name) = std::str::from_utf8(first) else { return Route::Local };
-            owned = name.to_ascii_lowercase();
-            &owned
-        };
+        with_lower_case(first, |name| match name {
+            Some(name) => self.route_named(name, argv),
+            None => Route::Local,
+        })
+    }
+
+    fn route_named(&self, name: &str, argv: &[&[u8]]) -> Route {
         if name == "multi" {
             return Route::BeginTransaction;
         }
@@ -149,19 +178,35 @@ impl CommandTable {
     }
 }
 
+/// Calls `f` with the command name in lower case (None if it is not UTF-8). Every client command
+/// and every applied entry passes here: short names are lowered on the stack.
+fn with_lower_case<T>(name: &[u8], f: impl FnOnce(Option<&str>) -> T) -> T {
+    let mut stack = [0u8; 32];
+    if name.len() <= stack.len() {
+        let lower = &mut stack[..name.len()];
+        lower.copy_from_slice(name);
+        lower.make_ascii_lowercase();
+        return f(std::str::from_utf8(lower).ok());
+    }
+    f(std::str::from_utf8(name).ok().map(|n| n.to_ascii_lowercase()).as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn table() -> CommandTable {
         let mut t = CommandTable::default();
-        t.insert("set", CommandInfo { arity: -3, write: true, ..Default::default() });
+        let span = |first, last, step| Some(KeySpan { first, last, step });
+        t.insert("set", CommandInfo { arity: -3, write: true, keys: span(1, 1, 1), ..Default::default() });
+        t.insert("mset", CommandInfo { arity: -3, write: true, keys: span(1, -1, 2), ..Default::default() });
+        t.insert("zunionstore", CommandInfo { arity: -4, write: true, keys: None, ..Default::default() });
         t.insert("get", CommandInfo { arity: 2, readonly: true, ..Default::default() });
         t.insert("blpop", CommandInfo { arity: -3, write: true, blocking: true, ..Default::default() });
         t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
-        t.insert("flushall", CommandInfo { arity: -1, write: true, ..Default::default() });
+        t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
         t
     }
 
@@ -184,6 +229,18 @@ mod tests {
         let long = "X".repeat(40);
         assert_eq!(route(&[long.as_str()]), Route::Local, "a name too long for the stack buffer still routes");
         assert_eq!(table().route(&[b"SET\xff".as_slice(), b"k", b"v"]), Route::Local, "not UTF-8: Redis answers");
+    }
+
+    #[test]
+    fn key_positions_come_from_the_key_span_or_from_redis() {
+        let at = |args: &[&str]| table().key_positions(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
+        assert_eq!(at(&["SET", "k", "v", "PX", "10"]), KeyPositions::At(vec![1]));
+        assert_eq!(at(&["mset", "a", "1", "b", "2", "c", "3"]), KeyPositions::At(vec![1, 3, 5]));
+        assert_eq!(at(&["FLUSHALL"]), KeyPositions::At(vec![]));
+        assert_eq!(at(&["ZUNIONSTORE", "d", "2", "a", "b"]), KeyPositions::AskRedis, "movable keys");
+        assert_eq!(at(&["OBJECT", "ENCODING", "k"]), KeyPositions::AskRedis, "a container's keys are its subcommand's");
+        assert_eq!(at(&["NOSUCH", "k"]), KeyPositions::AskRedis);
+        assert_eq!(at(&["SET"]), KeyPositions::At(vec![]), "a malformed command names no key past its end");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
-use raftis_core::command_entry::{CommandView, EntryView};
+use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
 use raftis_core::forward::{encode_replies, ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -249,7 +249,8 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
     for job in jobs {
         match job {
             Job::Restore { index, data } => {
-                restore(ctx, index, &data);
+                // Keys the clock has expired but the log has not are part of the dataset.
+                crate::expiry::suspended(|| restore(ctx, index, &data));
                 *point = AppliedPoint { index, ..AppliedPoint::default() };
                 applied_to = Some(index);
             }
@@ -257,9 +258,13 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
                 entries += batch.entries.len() as u64;
                 let bytes: usize = batch.entries.iter().map(|c| c.data.len()).sum();
                 state::get().snapshots.add_applied_bytes(bytes as u64);
-                for committed in batch.entries {
-                    apply_one(ctx, committed);
-                }
+                // With Redis' own expiry suspended: each command expires its keys by its entry's
+                // time (see `expiry`).
+                crate::expiry::suspended(|| {
+                    for committed in batch.entries {
+                        apply_one(ctx, committed);
+                    }
+                });
                 *point = AppliedPoint {
                     index: batch.applied_to,
                     term: batch.term,
@@ -290,14 +295,16 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let mut waiter = committed.waiter;
     let resp3 = waiter.as_ref().map_or(false, |w| w.resp3);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        match EntryView::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))? {
+        let Entry { at, view } = Entry::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
+        crate::expiry::applied(at);
+        match view {
             EntryView::Command(command) => {
-                let outcome = run_command(ctx, index, &command, resp3);
+                let outcome = run_command(ctx, index, at, &command, resp3);
                 finish(waiter.take(), outcome);
             }
             EntryView::Transaction(commands) => {
                 // Back to back on the main thread: nothing runs between them.
-                let outcomes = commands.iter().map(|command| run_command(ctx, index, command, resp3));
+                let outcomes = commands.iter().map(|command| run_command(ctx, index, at, command, resp3));
                 // The leader's client waits for one reply per command, a follower's client for
                 // all of them at once; anyone else for none.
                 match waiter.take().map(|w| w.reply_to) {
@@ -337,13 +344,17 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     finish(waiter, Outcome::Error(failure));
 }
 
-/// Runs one replicated command in its database.
-fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, command: &CommandView, resp3: bool) -> Outcome {
+/// Runs one replicated command in its database, as of the time its entry happens at, with
+/// Redis' own expiry suspended (see `expiry`).
+fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryTime>, command: &CommandView, resp3: bool) -> Outcome {
     if !ffi::select_db(ctx, command.db) {
         let msg = format!("ERR log entry at {index} names database {} which does not exist here", command.db);
         log::error!("{msg}");
         return Outcome::Error(msg);
     }
+    // Entries from before entries carried a time: nothing expires while they run, on any node.
+    let Some(at) = at else { return Outcome::Call(ffi::call(ctx, &command.argv, resp3)) };
+    crate::expiry::expire_due(ctx, &command.argv, at);
     Outcome::Call(ffi::call(ctx, &command.argv, resp3))
 }
 

@@ -2,7 +2,7 @@
 //! from reads by the flags Redis itself declares.
 
 use crate::ffi::{self, RedisModuleCallReply, RedisModuleCtx};
-use raftis_core::routing::{CommandInfo, CommandTable};
+use raftis_core::routing::{CommandInfo, CommandTable, KeySpan};
 
 pub fn load(ctx: *mut RedisModuleCtx) -> anyhow::Result<CommandTable> {
     let reply = ffi::call_strs(ctx, &["COMMAND"]);
@@ -20,6 +20,7 @@ pub fn load(ctx: *mut RedisModuleCtx) -> anyhow::Result<CommandTable> {
 }
 
 /// One `COMMAND` entry: [name, arity, flags, first, last, step, acl, tips, keyspecs, subcommands].
+/// Redis flags `movablekeys` every command whose keys its first/last/step cannot describe.
 fn add_entry(table: &mut CommandTable, entry: *mut RedisModuleCallReply, parent: Option<&str>) {
     if !ffi::is_array(entry) || ffi::reply_len(entry) < 3 {
         return;
@@ -28,15 +29,21 @@ fn add_entry(table: &mut CommandTable, entry: *mut RedisModuleCallReply, parent:
     let arity = ffi::reply_integer_value(ffi::reply_element(entry, 1));
     let flags = ffi::reply_element(entry, 2);
     let mut info = CommandInfo { arity, ..Default::default() };
+    let mut movable_keys = false;
     if ffi::is_array(flags) {
         for j in 0..ffi::reply_len(flags) {
             match ffi::reply_bytes(ffi::reply_element(flags, j)) {
                 b"write" => info.write = true,
                 b"readonly" => info.readonly = true,
                 b"blocking" => info.blocking = true,
+                b"movablekeys" => movable_keys = true,
                 _ => {}
             }
         }
+    }
+    if !movable_keys && ffi::reply_len(entry) > 5 {
+        let at = |i| ffi::reply_integer_value(ffi::reply_element(entry, i));
+        info.keys = Some(KeySpan { first: at(3), last: at(4), step: at(5) });
     }
     let subcommands = (ffi::reply_len(entry) > 9).then(|| ffi::reply_element(entry, 9));
     if let Some(subs) = subcommands.filter(|s| ffi::is_array(*s) && ffi::reply_len(*s) > 0) {

@@ -273,6 +273,9 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("heartbeat_ticks", st.heartbeat_ticks.to_string());
     put("commit_index", st.commit.to_string());
     put("applied_index", s.progress.applied().to_string());
+    for (k, v) in crate::expiry::info_fields() {
+        put(&k, v);
+    }
     put("first_log_index", st.first_index.to_string());
     put("last_log_index", st.last_index.to_string());
     put("log_entries", (st.last_index.get() + 1).saturating_sub(st.first_index.get()).to_string());

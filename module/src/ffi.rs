@@ -23,6 +23,22 @@ macro_rules! api {
 }
 pub(crate) use api;
 
+extern "C" {
+    fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char) -> *mut std::ffi::c_void;
+}
+
+/// A function Redis exports but the module API does not offer, looked up by name in the
+/// executable and everything it loaded (RTLD_DEFAULT, a null handle).
+pub fn find_symbol(name: &str) -> Result<*mut std::ffi::c_void, String> {
+    let c_name = cstr(name);
+    let f = unsafe { dlsym(ptr::null_mut(), c_name.as_ptr()) };
+    if f.is_null() {
+        Err(format!("this Redis does not export {name}"))
+    } else {
+        Ok(f)
+    }
+}
+
 /// A C string for the API; interior NULs (never in our own literals) are cut off.
 pub fn cstr(s: &str) -> CString {
     CString::new(s.split('\0').next().unwrap_or("")).expect("no NUL left")
@@ -70,23 +86,49 @@ pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]
     if !select_db(ctx, db) {
         return 0;
     }
-    let mut strings: Vec<*mut RedisModuleString> = argv.iter().map(|a| new_string(a.as_ref())).collect();
-    let mut count: c_int = 0;
-    let keys = unsafe { api!(RedisModule_GetCommandKeys)(ctx, strings.as_mut_ptr(), strings.len() as c_int, &mut count) };
-    let mut signalled = 0;
-    if !keys.is_null() {
-        for &i in unsafe { std::slice::from_raw_parts(keys, count.max(0) as usize) } {
-            if let Some(key) = strings.get(i as usize) {
-                unsafe { api!(RedisModule_SignalModifiedKey)(ctx, *key) };
-                signalled += 1;
-            }
+    let keys = CommandKeys::of(ctx, argv);
+    for key in keys.iter() {
+        unsafe { api!(RedisModule_SignalModifiedKey)(ctx, key) };
+    }
+    keys.len()
+}
+
+/// The keys of a command, as Redis' key specs find them (none for a command without keys, or one
+/// Redis does not know), as module strings.
+pub struct CommandKeys {
+    strings: Vec<*mut RedisModuleString>,
+    positions: Vec<usize>,
+}
+
+impl CommandKeys {
+    pub fn of(ctx: *mut RedisModuleCtx, argv: &[impl AsRef<[u8]>]) -> CommandKeys {
+        let mut strings: Vec<*mut RedisModuleString> = argv.iter().map(|a| new_string(a.as_ref())).collect();
+        let mut count: c_int = 0;
+        let found = unsafe { api!(RedisModule_GetCommandKeys)(ctx, strings.as_mut_ptr(), strings.len() as c_int, &mut count) };
+        let mut positions = Vec::new();
+        if !found.is_null() {
+            let found_slice = unsafe { std::slice::from_raw_parts(found, count.max(0) as usize) };
+            positions.extend(found_slice.iter().map(|&i| i as usize).filter(|&i| i < strings.len()));
+            unsafe { api!(RedisModule_Free)(found as *mut std::ffi::c_void) };
         }
-        unsafe { api!(RedisModule_Free)(keys as *mut std::ffi::c_void) };
+        CommandKeys { strings, positions }
     }
-    for s in strings {
-        free_string(s);
+
+    pub fn iter(&self) -> impl Iterator<Item = *mut RedisModuleString> + '_ {
+        self.positions.iter().map(|&i| self.strings[i])
     }
-    signalled
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+impl Drop for CommandKeys {
+    fn drop(&mut self) {
+        for s in self.strings.drain(..) {
+            free_string(s);
+        }
+    }
 }
 
 /// Tells Redis that `key` of database `db` is modified: clients watching it get their

@@ -128,10 +128,11 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     match route {
         Route::Write => {
             let mut pinned: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
-            if let Err(e) = crate::write::prepare(db, &mut pinned) {
+            let at = crate::expiry::stamp();
+            if let Err(e) = crate::write::prepare(db, &mut pinned, at) {
                 return done(Err(e));
             }
-            let entry = encode_command(db, &pinned);
+            let entry = encode_command(Some(at), db, &pinned);
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
         }
@@ -163,12 +164,13 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
 /// leader's clock for anything it did not.
 fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
     let s = state::get();
+    let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
     for (db, argv) in &commands {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
             Route::Write => {
-                if let Err(e) = crate::write::prepare(*db, &mut args) {
+                if let Err(e) = crate::write::prepare(*db, &mut args, at) {
                     return done(Err(e));
                 }
             }
@@ -177,7 +179,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
         }
         pinned.push((*db, args));
     }
-    let entry = encode_transaction(&pinned);
+    let entry = encode_transaction(Some(at), &pinned);
     let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction(done), resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }

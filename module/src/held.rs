@@ -71,10 +71,6 @@ struct Hooks {
     cannot_hold: Option<String>,
 }
 
-extern "C" {
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-}
-
 static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
 
 /// At load, on the main thread: decides whether replies can be held on this Redis.
@@ -83,16 +79,7 @@ pub fn init(ctx: *mut RedisModuleCtx) {
         let io_threads = ffi::config_get(ctx, "io-threads").unwrap_or_default();
         // Threaded I/O's writer does not skip protected clients.
         let cannot_hold = (io_threads.trim() != "1").then(|| format!("io-threads is {io_threads}"));
-        // RTLD_DEFAULT (a null handle): the executable and everything it loaded.
-        let find = |name: &str| {
-            let c_name = ffi::cstr(name);
-            let f = unsafe { dlsym(std::ptr::null_mut(), c_name.as_ptr()) };
-            if f.is_null() {
-                Err(format!("this Redis does not export {name}"))
-            } else {
-                Ok(f)
-            }
-        };
+        let find = ffi::find_symbol;
         Ok(unsafe {
             Hooks {
                 lookup_client: std::mem::transmute(find("lookupClientByID")?),
@@ -654,5 +641,7 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     if !ffi::select_db(ctx, db) {
         return b"-ERR invalid database\r\n".to_vec();
     }
-    crate::forward::take_proto(ffi::call(ctx, argv, resp3)).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes())
+    // This runs while entries are applied: Redis' own expiry has to judge what the read sees.
+    let reply = crate::expiry::resumed(|| ffi::call(ctx, argv, resp3));
+    crate::forward::take_proto(reply).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes())
 }

@@ -11,6 +11,7 @@ mod cluster_ops;
 mod command_table;
 mod commands;
 mod config_cmd;
+mod expiry;
 mod ffi;
 mod filter;
 mod forward;
@@ -200,6 +201,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
     held::init(ctx);
     log::info!("{}", held::describe());
+    log::info!("{}", expiry::init(ctx));
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
@@ -260,7 +262,8 @@ fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
 }
 
 /// Redis' event-loop event: before Redis sleeps, held replies ask for their leadership checks,
-/// the transaction EXEC built is proposed, and WATCH forgets clients that have gone.
+/// the transaction EXEC built is proposed, WATCH forgets clients that have gone, and Redis'
+/// background expiry is switched on or off (see `expiry`).
 extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEvent, subevent: u64, data: *mut std::ffi::c_void) {
     held::on_event_loop(ctx, event, subevent, data);
     if subevent != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP as u64 {
@@ -271,6 +274,9 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     }
     if std::panic::catch_unwind(watch::before_sleep).is_err() {
         log::error!("panic in the event-loop hook for WATCH");
+    }
+    if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
+        log::error!("panic in the event-loop hook for key expiry");
     }
 }
 

@@ -40,7 +40,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return Err("ERR wrong number of arguments for 'raft._read' command".into());
     }
     if crate::transaction::in_exec(ctx) {
-        return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv));
+        return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv), None);
     }
     if !needs_confirmation() {
         // Here only because some client has writes in flight or a transaction open (see the

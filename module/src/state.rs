@@ -6,7 +6,7 @@ use crate::ffi::DetachedContext;
 use raftis_core::membership::NodeInfo;
 use raftis_core::node::{Node, NodeConfig};
 use raftis_core::proposal::ProposeError;
-use raftis_core::routing::{CommandTable, Route};
+use raftis_core::routing::{CommandTable, KeyPositions, Route};
 use raftis_core::settings::Settings;
 use raftis_core::status::Status;
 use raftis_core::storage::LogStore;
@@ -138,6 +138,10 @@ impl Raftis {
     /// Where a command goes (see `raftis_core::routing`).
     pub fn route(&self, argv: &[&[u8]]) -> Route {
         self.table.read().unwrap_or_else(|p| p.into_inner()).route(argv)
+    }
+
+    pub fn key_positions(&self, argv: &[&[u8]]) -> KeyPositions {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).key_positions(argv)
     }
 
     /// The node, for a client's read, write or transaction: an error reply if this node is not

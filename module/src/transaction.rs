@@ -24,7 +24,7 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{api, RedisModuleCtx};
 use crate::held::{self, HeldReply};
 use crate::state;
-use raftis_core::command_entry::encode_transaction;
+use raftis_core::command_entry::{encode_transaction, EntryTime};
 use redis_module::raw;
 use std::collections::HashSet;
 use std::ffi::c_void;
@@ -57,6 +57,8 @@ struct Batch {
     /// One per command; None when the client takes no replies.
     slots: Vec<Option<HeldReply>>,
     resp3: bool,
+    /// The time the entry happens at: that of its first write (see `expiry`).
+    at: Option<EntryTime>,
 }
 
 /// Whether some client may have a transaction open (see the module comment).
@@ -103,7 +105,8 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 
 /// A data command of the transaction EXEC is running for the client of `ctx`: it joins the
 /// batch, and its reply comes once the batch is applied. An error is this command's reply.
-pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(), String> {
+/// A write comes pinned for time `at`.
+pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<EntryTime>) -> Result<(), String> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let mut t = lock();
     if t.batch.as_ref().is_some_and(|b| b.client != id) {
@@ -117,6 +120,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(),
             commands: Vec::new(),
             slots: Vec::new(),
             resp3: crate::ffi::client_is_resp3(ctx),
+            at: None,
         });
         BATCH.store(true, Ordering::Release);
         // Proposed when this event-loop turn ends; an EXEC run outside one (a pipeline resumed
@@ -127,6 +131,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Result<(),
     }
     let batch = t.batch.as_mut().expect("opened above");
     batch.verdict.clone()?;
+    batch.at = batch.at.or(at);
     batch.slots.push(held::transaction_slot(ctx));
     batch.commands.push((db, argv));
     Ok(())
@@ -173,7 +178,8 @@ fn propose(batch: Option<Batch>) {
         // Dropped slots answer with an error.
         return;
     };
-    let entry = encode_transaction(&batch.commands);
+    let at = batch.at.unwrap_or_else(crate::expiry::stamp);
+    let entry = encode_transaction(Some(at), &batch.commands);
     let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(batch.slots), resp3: batch.resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }

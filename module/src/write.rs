@@ -9,7 +9,7 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
-use raftis_core::command_entry::encode_command;
+use raftis_core::command_entry::{encode_command, EntryTime};
 use raftis_core::determinism::{self, Args};
 use std::borrow::Cow;
 use raftis_core::routing::Route;
@@ -29,9 +29,10 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::transaction::in_exec(ctx) {
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
-        prepare(db, &mut argv)?;
+        let at = crate::expiry::stamp();
+        prepare(db, &mut argv, at)?;
         let argv = argv.into_iter().map(Cow::into_owned).collect();
-        return crate::transaction::join(ctx, db, argv);
+        return crate::transaction::join(ctx, db, argv, Some(at));
     }
     let node = s.serving_node()?;
     if !node.is_leader() {
@@ -46,8 +47,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     let db = ffi::selected_db(ctx);
-    prepare(db, &mut argv)?;
-    let entry = encode_command(db, &argv);
+    let at = crate::expiry::stamp();
+    prepare(db, &mut argv, at)?;
+    let entry = encode_command(Some(at), db, &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
     // A transaction this client (or another) just ran goes into the log first.
@@ -60,11 +62,11 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     Ok(())
 }
 
-/// Readies a write in database `db` for the log: relative times are made absolute with this
-/// node's clock (see `determinism`), and clients watching its keys learn it is coming (see
-/// `watch`). An error is the write's reply: it cannot be replicated.
-pub fn prepare(db: u32, argv: &mut Args) -> Result<(), String> {
-    determinism::pin(argv, ffi::now_ms()).map_err(|r| r.0)?;
+/// Readies a write in database `db` for the log entry of time `at` (see `expiry::stamp`):
+/// relative times are made absolute from `at` (see `determinism`), and clients watching its keys
+/// learn it is coming (see `watch`). An error is the write's reply: it cannot be replicated.
+pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
+    determinism::pin(argv, at.0).map_err(|r| r.0)?;
     crate::watch::touch(db, argv);
     Ok(())
 }

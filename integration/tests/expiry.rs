@@ -1,0 +1,142 @@
+//! Keys expire by the log's clock: a node that applies an entry late (replaying its log after a
+//! restart, loading a snapshot, catching up after being cut off) treats keys as the leader did
+//! when it proposed the entry, and reaches the same dataset.
+
+use raftis_integration::{digest, field_in, wait_for, Cluster, Server};
+use std::time::{Duration, Instant};
+
+/// Writes on the leader until every node in `nodes` holds the same dataset, and returns its
+/// digest. Keys the log has expired leave a follower's memory when Redis' background expiry
+/// deletes them, which it does only while the follower applies recent entries: hence the writes.
+fn converge(cluster: &Cluster, nodes: &[usize]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let _: () = cluster.leader().cmd(&["SET", "tick", "1"]).unwrap();
+        cluster.wait_converged(nodes);
+        let digests: Vec<String> = nodes.iter().map(|i| digest(&cluster.nodes[*i])).collect();
+        if digests.iter().all(|d| *d == digests[0]) || Instant::now() > deadline {
+            // Past the deadline, this prints every node's state and fails.
+            return cluster.assert_same_dataset(nodes);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn raft_info(server: &Server, field: &str) -> String {
+    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
+    field_in(&info, field).unwrap_or_default().to_string()
+}
+
+fn get(server: &Server, key: &str) -> Option<String> {
+    server.cmd(&["GET", key]).unwrap()
+}
+
+/// Waits on the wall clock until `deadline` has passed by a margin: what is tested here is what
+/// nodes do once a key's deadline is behind them, so real time has to pass it.
+fn sleep_past(deadline: Instant) {
+    std::thread::sleep((deadline + Duration::from_millis(300)).saturating_duration_since(Instant::now()));
+}
+
+/// An INCR, an APPEND and an HINCRBY on each of the `n` keys of each kind.
+fn write_to_keys(conn: &mut redis::Connection, n: usize) {
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.cmd("INCR").arg(format!("c{i}")).ignore();
+        pipe.cmd("APPEND").arg(format!("s{i}")).arg("!").ignore();
+        pipe.cmd("HINCRBY").arg(format!("h{i}")).arg("f").arg(1).ignore();
+    }
+    pipe.query::<()>(conn).unwrap();
+}
+
+#[test]
+fn nodes_replaying_old_entries_expire_keys_as_the_leader_did() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let (from_snapshot, from_log) = match leader {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let ttl_ms = 1500;
+    let expires = Instant::now() + Duration::from_millis(ttl_ms);
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let n = 10;
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        let ttl = ttl_ms.to_string();
+        pipe.cmd("SET").arg(format!("c{i}")).arg(5).arg("PX").arg(&ttl).ignore();
+        pipe.cmd("SET").arg(format!("s{i}")).arg("hello").arg("PX").arg(&ttl).ignore();
+        pipe.cmd("HSET").arg(format!("h{i}")).arg("f").arg(1).ignore();
+        pipe.cmd("PEXPIRE").arg(format!("h{i}")).arg(&ttl).ignore();
+        pipe.cmd("SET").arg(format!("gone{i}")).arg("x").arg("PX").arg(&ttl).ignore();
+        pipe.cmd("SET").arg(format!("long{i}")).arg("v").arg("EX").arg(3600).ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    // One node snapshots now, while those keys live: after its restart it loads them from there.
+    cluster.wait_converged(&[0, 1, 2]);
+    let _: Vec<i64> = cluster.nodes[from_snapshot].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    // Writes to the keys before their deadline: they keep them, and their deadlines.
+    write_to_keys(&mut conn, n);
+    assert!(Instant::now() < expires, "the writes before the deadline took longer than {ttl_ms} ms");
+    assert_eq!(get(&cluster.nodes[leader], "c0").as_deref(), Some("6"));
+    sleep_past(expires);
+    // Writes to the same keys after it: they meet no key and start new ones, with no deadline.
+    write_to_keys(&mut conn, n);
+    assert_eq!(get(&cluster.nodes[leader], "c0").as_deref(), Some("1"));
+    drop(conn);
+
+    // Both followers apply all of it again, long after every deadline: one from its snapshot
+    // and the log after it, the other from its whole log.
+    cluster.nodes[from_snapshot].restart().unwrap();
+    cluster.nodes[from_log].restart().unwrap();
+    let digest = converge(&cluster, &[0, 1, 2]);
+    assert_ne!(digest, "0000000000000000000000000000000000000000");
+    cluster.config_set("consistency", "low");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        for k in 0..n {
+            let what = format!("node {i}, key number {k}");
+            assert_eq!(get(node, &format!("c{k}")).as_deref(), Some("1"), "{what}");
+            assert_eq!(get(node, &format!("s{k}")).as_deref(), Some("!"), "{what}");
+            let f: Option<String> = node.cmd(&["HGET", &format!("h{k}"), "f"]).unwrap();
+            assert_eq!(f.as_deref(), Some("1"), "{what}");
+            let ttls: Vec<i64> = ["c", "s", "h"].iter().map(|p| node.cmd(&["TTL", &format!("{p}{k}")]).unwrap()).collect();
+            assert_eq!(ttls, [-1, -1, -1], "{what}: the keys written after the deadline have none");
+            assert_eq!(get(node, &format!("gone{k}")), None, "{what}");
+            let long: i64 = node.cmd(&["TTL", &format!("long{k}")]).unwrap();
+            assert!(long > 3000, "{what}: TTL {long}");
+        }
+    }
+}
+
+#[test]
+fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
+    let cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let network = cluster.network.as_ref().unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let ttl_ms = 8000;
+    let expires = Instant::now() + Duration::from_millis(ttl_ms);
+    let l = &cluster.nodes[leader];
+    let _: () = l.cmd(&["SET", "k", "5", "PX", &ttl_ms.to_string()]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    // The follower is cut off and misses a write to the key made before its deadline; it runs
+    // on without a leader until the deadline is behind it.
+    network.partition(&[vec![follower], vec![leader, other]]);
+    let v: i64 = l.cmd(&["INCR", "k"]).unwrap();
+    assert_eq!(v, 6);
+    wait_for("the cut-off follower to stop Redis' background expiry", Duration::from_secs(6), || {
+        (raft_info(&cluster.nodes[follower], "background_expiry") == "off").then_some(())
+    });
+    assert!(Instant::now() < expires, "the follower noticed it was cut off only after the deadline");
+    sleep_past(expires);
+    network.heal();
+    // The write arrives after the deadline and must meet the key as the leader did: the key then
+    // expires everywhere. Had the follower's clock deleted it meanwhile, the INCR would leave
+    // k = 1, with no deadline, on that node alone.
+    converge(&cluster, &[0, 1, 2]);
+    cluster.config_set("consistency", "low");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        assert_eq!(get(node, "k"), None, "node {i}");
+    }
+}

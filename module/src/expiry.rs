@@ -1,0 +1,244 @@
+//! Keys expire by the log's clock, not by each node's.
+//!
+//! Redis expires a key once its own clock passes the key's deadline: lazily, when a command looks
+//! the key up, and in the background. Applying the log under that rule, the same committed write
+//! could meet a live key on one node and an expired one on another, and the datasets would part
+//! for good. `SET k 5 PX 1000` then `INCR k`, applied at once, leave no key once the second is
+//! up; replayed a minute later (a restart, a follower catching up) the SET's key is already dead,
+//! and the INCR creates `k = 1` with no expiry.
+//!
+//! So every entry carries the moment the leader proposed it at ([`EntryTime`], [`stamp`]), and
+//! every node applies it as of that moment:
+//! - While a command of the log runs, Redis' own expiry is suspended: Redis is told it is
+//!   loading, the state in which it expires nothing. Before the command, the keys it names are
+//!   expired by the entry's time ([`expire_due`]). What a write meets is then the same on every
+//!   node, however late it applies the entry.
+//! - Redis' background expiry, which deletes keys by the node's own clock, runs only while the
+//!   node is current: the leader once it has applied all it committed, a follower while it
+//!   applies entries proposed in the last 250 ms ([`before_sleep`]). A node that replays its log,
+//!   catches up, or is cut off keeps every key until the log expires it; so does a follower of an
+//!   idle cluster, until the next write (its reads still see such keys as expired).
+//! - Snapshots are written and loaded with expiry suspended, so they keep keys whose deadline the
+//!   clock has passed but the log has not.
+//!
+//! What remains: a key can still be deleted by a node's own clock on a node that is current, by
+//! the background expiry or by a read that finds it expired, while a write to it, proposed before
+//! its deadline, is still on its way to that node. That is the time an entry takes from proposal
+//! to apply, milliseconds, where before it was a restart or a partition.
+//!
+//! Telling Redis it is loading is not module API: `startLoading` and `stopLoading` are looked up
+//! at load. Without them, keys expire by each node's clock, as before (logged at load).
+
+use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
+use crate::state;
+use raftis_core::command_entry::EntryTime;
+use raftis_core::routing::KeyPositions;
+use redis_module::raw;
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A follower counts as current while its newest applied entry is this recent.
+const FRESH: Duration = Duration::from_millis(250);
+/// How often [`before_sleep`] looks again.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The latest time this node proposed or applied an entry at: stamps never go back, also across
+/// a change of leader (a new leader has applied its predecessors' entries, or will before it
+/// serves reads).
+static LATEST: AtomicI64 = AtomicI64::new(i64::MIN);
+/// The time of the newest entry applied here (i64::MIN: none yet, or one without a time).
+static APPLIED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+/// Whether Redis' background expiry runs now. Only changed on the main thread.
+static ACTIVE: AtomicBool = AtomicBool::new(true);
+/// Whether Redis' own expiry is suspended right now (only touched on the main thread).
+static SUSPENDED: AtomicBool = AtomicBool::new(false);
+static LAST_CHECK: Mutex<Option<Instant>> = Mutex::new(None);
+
+struct Hooks {
+    start_loading: unsafe extern "C" fn(usize, c_int, c_int),
+    stop_loading: unsafe extern "C" fn(c_int),
+}
+
+static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
+
+/// At load, on the main thread: finds Redis' loading switch and stops its background expiry
+/// until this node is current. Returns how keys expire here, for the log.
+pub fn init(ctx: *mut RedisModuleCtx) -> String {
+    let hooks = HOOKS.get_or_init(|| {
+        Ok(unsafe {
+            Hooks {
+                start_loading: std::mem::transmute(ffi::find_symbol("startLoading")?),
+                stop_loading: std::mem::transmute(ffi::find_symbol("stopLoading")?),
+            }
+        })
+    });
+    match hooks {
+        Ok(_) => {
+            set_active(ctx, false);
+            "keys expire by the log's clock: every node applies an entry as of the time it was proposed".into()
+        }
+        Err(why) => format!("{why}: keys expire by each node's own clock, and a node that replays old entries may differ"),
+    }
+}
+
+/// The time a new entry happens at: this node's clock, but never before an entry proposed or
+/// applied here.
+pub fn stamp() -> EntryTime {
+    let now = ffi::now_ms();
+    EntryTime(LATEST.fetch_max(now, Ordering::AcqRel).max(now))
+}
+
+/// Runs `f`, commands of the log (or a snapshot load), with Redis' own expiry suspended. A read
+/// for a client that runs meanwhile goes through [`resumed`]: it must not see keys whose
+/// deadline has passed.
+pub fn suspended<T>(f: impl FnOnce() -> T) -> T {
+    let Some(Ok(hooks)) = HOOKS.get() else { return f() };
+    if SUSPENDED.load(Ordering::Acquire) {
+        return f();
+    }
+    let _resume = Switch::suspend(hooks);
+    f()
+}
+
+/// Runs `f`, a client's read, with Redis' own expiry working, also in the middle of applying.
+pub fn resumed<T>(f: impl FnOnce() -> T) -> T {
+    let Some(Ok(hooks)) = HOOKS.get() else { return f() };
+    if !SUSPENDED.load(Ordering::Acquire) {
+        return f();
+    }
+    let _suspend_again = Switch::resume(hooks);
+    f()
+}
+
+/// Flips Redis' loading state, and flips it back when dropped.
+struct Switch {
+    hooks: &'static Hooks,
+    suspended: bool,
+}
+
+impl Switch {
+    fn suspend(hooks: &'static Hooks) -> Switch {
+        unsafe { (hooks.start_loading)(0, 0, 0) };
+        SUSPENDED.store(true, Ordering::Release);
+        Switch { hooks, suspended: true }
+    }
+
+    fn resume(hooks: &'static Hooks) -> Switch {
+        unsafe { (hooks.stop_loading)(1) };
+        SUSPENDED.store(false, Ordering::Release);
+        Switch { hooks, suspended: false }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        if self.suspended {
+            unsafe { (self.hooks.stop_loading)(1) };
+        } else {
+            unsafe { (self.hooks.start_loading)(0, 0, 0) };
+        }
+        SUSPENDED.store(!self.suspended, Ordering::Release);
+    }
+}
+
+/// Records that an entry of time `at` was applied.
+pub fn applied(at: Option<EntryTime>) {
+    if let Some(EntryTime(ms)) = at {
+        APPLIED_AT.store(ms, Ordering::Release);
+        LATEST.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+/// Deletes the keys the command `argv` names, in the selected database, whose deadline is before
+/// `at`: the keys Redis would find expired if its clock read `at`. Run before each command of the
+/// log. (A key a command leaves already expired, given a deadline in the past, is found by the
+/// next command that names it, whose time is no earlier; or by the background expiry.)
+pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
+    match state::get().key_positions(argv) {
+        KeyPositions::At(positions) => {
+            for i in positions {
+                let name = ffi::new_string(argv[i]);
+                expire_if_due(ctx, name, at);
+                ffi::free_string(name);
+            }
+        }
+        KeyPositions::AskRedis => {
+            let keys = CommandKeys::of(ctx, argv);
+            for name in keys.iter() {
+                expire_if_due(ctx, name, at);
+            }
+        }
+    }
+}
+
+fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime) {
+    let mode = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
+    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, mode) } as *mut raw::RedisModuleKey;
+    if key.is_null() {
+        return;
+    }
+    let exists = unsafe { api!(RedisModule_KeyType)(key) } != raw::REDISMODULE_KEYTYPE_EMPTY as c_int;
+    // Redis' own rule: a key is expired once the clock is past its deadline.
+    if exists {
+        let deadline = unsafe { api!(RedisModule_GetAbsExpire)(key) };
+        if deadline != raw::REDISMODULE_NO_EXPIRE as i64 && at.0 > deadline {
+            unsafe { api!(RedisModule_DeleteKey)(key) };
+        }
+    }
+    unsafe { api!(RedisModule_CloseKey)(key) };
+}
+
+/// Called before Redis sleeps: lets Redis' background expiry run only while this node is current.
+pub fn before_sleep(ctx: *mut RedisModuleCtx) {
+    if !matches!(HOOKS.get(), Some(Ok(_))) {
+        return;
+    }
+    {
+        let mut last = LAST_CHECK.lock().unwrap_or_else(|p| p.into_inner());
+        if last.map_or(false, |t| t.elapsed() < CHECK_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    let current = is_current();
+    if current != ACTIVE.load(Ordering::Acquire) {
+        set_active(ctx, current);
+    }
+}
+
+/// Whether this node's dataset is as recent as the log: it is the leader and has applied all it
+/// committed, or it follows a leader and has applied an entry proposed within [`FRESH`]. Only
+/// then can Redis' clock delete a key without the log disagreeing later, but for writes still on
+/// their way. (A follower cannot tell from a heartbeat that it has every committed entry: the
+/// commit index a leader sends a follower is capped at what that follower has.)
+fn is_current() -> bool {
+    let s = state::get();
+    let Some(node) = s.node() else { return false };
+    let status = node.status();
+    if status.leader.is_none() || status.fatal.is_some() {
+        return false;
+    }
+    if status.is_leader() && s.progress.applied() >= status.commit {
+        return true;
+    }
+    let applied_at = APPLIED_AT.load(Ordering::Acquire);
+    ffi::now_ms().saturating_sub(applied_at) <= FRESH.as_millis() as i64
+}
+
+fn set_active(ctx: *mut RedisModuleCtx, on: bool) {
+    let flag = if on { "1" } else { "0" };
+    ffi::free_call_reply(ffi::call_strs(ctx, &["DEBUG", "SET-ACTIVE-EXPIRE", flag]));
+    ACTIVE.store(on, Ordering::Release);
+    log::info!("Redis' background expiry {}", if on { "resumed: this node is current" } else { "paused until this node is current" });
+}
+
+/// RAFT.INFO: the time of the newest entry applied here, and whether Redis' background expiry runs.
+pub fn info_fields() -> Vec<(String, String)> {
+    let applied_at = APPLIED_AT.load(Ordering::Acquire);
+    vec![
+        ("applied_entry_time_ms".into(), if applied_at == i64::MIN { "-1".into() } else { applied_at.to_string() }),
+        ("background_expiry".into(), if ACTIVE.load(Ordering::Acquire) { "on" } else { "off" }.into()),
+    ]
+}
