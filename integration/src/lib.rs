@@ -392,6 +392,12 @@ pub fn info_field(server: &Server, field: &str) -> u64 {
     field_in(&info, field).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
+/// A field of RAFT.INFO as text (empty if the node does not answer or report it).
+pub fn info_text(server: &Server, field: &str) -> String {
+    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
+    field_in(&info, field).unwrap_or_default().to_string()
+}
+
 /// A counter from RAFT.STATS; panics if the node does not report it.
 pub fn stat_field(server: &Server, field: &str) -> u64 {
     let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();

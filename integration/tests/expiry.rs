@@ -2,7 +2,7 @@
 //! restart, loading a snapshot, catching up after being cut off) treats keys as the leader did
 //! when it proposed the entry, and reaches the same dataset.
 
-use raftis_integration::{digest, field_in, wait_for, Cluster, Server};
+use raftis_integration::{digest, info_text, wait_for, Cluster, Server};
 use std::time::{Duration, Instant};
 
 /// Writes on the leader until every node in `nodes` holds the same dataset, and returns its
@@ -20,11 +20,6 @@ fn converge(cluster: &Cluster, nodes: &[usize]) -> String {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn raft_info(server: &Server, field: &str) -> String {
-    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
-    field_in(&info, field).unwrap_or_default().to_string()
 }
 
 fn get(server: &Server, key: &str) -> Option<String> {
@@ -126,7 +121,7 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
     let v: i64 = l.cmd(&["INCR", "k"]).unwrap();
     assert_eq!(v, 6);
     wait_for("the cut-off follower to stop Redis' background expiry", Duration::from_secs(6), || {
-        (raft_info(&cluster.nodes[follower], "background_expiry") == "off").then_some(())
+        (info_text(&cluster.nodes[follower], "background_expiry") == "off").then_some(())
     });
     assert!(Instant::now() < expires, "the follower noticed it was cut off only after the deadline");
     sleep_past(expires);

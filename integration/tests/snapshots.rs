@@ -1,6 +1,6 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
-use raftis_integration::{digest, field_in, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 
 /// Small thresholds so a few thousand writes produce several snapshots.
@@ -172,11 +172,6 @@ fn a_snapshot_asked_for_while_the_last_one_is_published_waits_for_it() {
     assert_eq!(stat_field(&joiner, "snapshot_fetch_failures"), 0);
     assert_eq!(stat_field(&joiner, "snapshot_bytes_fetched"), size, "every byte fetched once");
     assert_eq!(info_field(&joiner, "snapshot_size_bytes"), size, "the joiner loaded it");
-}
-
-fn info_text(server: &Server, field: &str) -> String {
-    let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
-    field_in(&info, field).unwrap_or_default().to_string()
 }
 
 /// Large values reach `snapshot-log-size` long before `snapshot-threshold` entries: the log is
