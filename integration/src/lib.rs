@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -49,16 +50,31 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 }
 
 /// A client port whose side port (+10000) is free too.
+///
+/// Both come from below the kernel's ephemeral range, from which every outgoing connection (and
+/// the tests make many) takes its local port: a port picked there could be taken between the
+/// check and redis-server's bind. A counter keeps the tests of one process apart, and the start
+/// of its walk depends on the process id, so test binaries run one after the other rarely meet
+/// each other's lingering ports.
 pub fn free_port_pair() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if port < 20000 || port > 55000 {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    // Client ports in [LOWEST, ephemeral_start - 10000), side ports right above them.
+    let span = ephemeral_start.saturating_sub(10_000).saturating_sub(LOWEST);
+    assert!(span >= 1_000, "the ephemeral port range starts at {ephemeral_start}: too low to keep test ports out of it");
+    let offset = std::process::id() * 7_919 % span;
+    let _ = NEXT.compare_exchange(0, offset + 1, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = (LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }
+    panic!("no free pair of ports below {ephemeral_start}");
 }
 
 pub struct Server {
