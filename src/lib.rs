@@ -19,6 +19,7 @@ pub mod settings;
 pub mod snapshot_data;
 pub mod snapshot_file;
 pub mod snapshot_transfer;
+pub mod sort_patterns;
 pub mod status;
 pub mod storage;
 pub mod transport;

@@ -135,3 +135,46 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
         assert_eq!(get(node, "k"), None, "node {i}");
     }
 }
+
+#[test]
+fn sort_reads_its_pattern_keys_as_of_the_entry_time_on_every_node() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let replaying = (leader + 1) % 3;
+    let ttl_ms = 1500;
+    let expires = Instant::now() + Duration::from_millis(ttl_ms);
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let ttl = ttl_ms.to_string();
+    let mut pipe = redis::pipe();
+    pipe.cmd("RPUSH").arg("l").arg(&["a", "b", "c"]).ignore();
+    // Weights and objects that SORT reads through its patterns, all expiring: the weights order
+    // the list b, c, a; without them it sorts as a, b, c.
+    for (element, weight) in [("a", 3), ("b", 1), ("c", 2)] {
+        pipe.cmd("SET").arg(format!("w_{element}")).arg(weight).arg("PX").arg(&ttl).ignore();
+        pipe.cmd("HSET").arg(format!("o_{element}")).arg("name").arg(element.to_uppercase()).ignore();
+        pipe.cmd("PEXPIRE").arg(format!("o_{element}")).arg(&ttl).ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    let sort_into = |conn: &mut redis::Connection, dst: &str| -> i64 {
+        redis::cmd("SORT").arg(&["l", "BY", "w_*", "GET", "#", "GET", "o_*->name", "STORE", dst]).query(conn).unwrap()
+    };
+    assert_eq!(sort_into(&mut conn, "before"), 6);
+    assert!(Instant::now() < expires, "the writes before the deadline took longer than {ttl_ms} ms");
+    sleep_past(expires);
+    assert_eq!(sort_into(&mut conn, "after"), 6);
+    drop(conn);
+
+    // The follower replays both sorts long after the deadline. Redis does not count pattern keys
+    // among a command's keys: unless they are expired by the entry's time too, it would find the
+    // weights still there (nothing expires while the log is applied) and sort the second time as
+    // it did the first.
+    cluster.nodes[replaying].restart().unwrap();
+    converge(&cluster, &[0, 1, 2]);
+    cluster.config_set("consistency", "low");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let before: Vec<String> = node.cmd(&["LRANGE", "before", "0", "-1"]).unwrap();
+        assert_eq!(before, ["b", "B", "c", "C", "a", "A"], "node {i}");
+        let after: Vec<String> = node.cmd(&["LRANGE", "after", "0", "-1"]).unwrap();
+        assert_eq!(after, ["a", "", "b", "", "c", ""], "node {i}");
+    }
+}

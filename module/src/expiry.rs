@@ -11,8 +11,9 @@
 //! every node applies it as of that moment:
 //! - While a command of the log runs, Redis' own expiry is suspended: Redis is told it is
 //!   loading, the state in which it expires nothing. Before the command, the keys it names are
-//!   expired by the entry's time ([`expire_due`]). What a write meets is then the same on every
-//!   node, however late it applies the entry.
+//!   expired by the entry's time ([`expire_due`]), and so are the keys `SORT` reads through its
+//!   `BY` and `GET` patterns. What a write meets is then the same on every node, however late it
+//!   applies the entry.
 //! - Redis' background expiry, which deletes keys by the node's own clock, runs only while the
 //!   node is current: the leader once it has applied all it committed, a follower while it
 //!   applies entries proposed in the last 250 ms ([`before_sleep`]). A node that replays its log,
@@ -33,6 +34,7 @@ use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
 use crate::state;
 use raftis_core::command_entry::EntryTime;
 use raftis_core::routing::KeyPositions;
+use raftis_core::sort_patterns;
 use redis_module::raw;
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -171,6 +173,47 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
             }
         }
     }
+    let patterns = sort_patterns::lookups(argv);
+    if !patterns.is_empty() {
+        expire_sort_lookups(ctx, argv[1], &patterns, at);
+    }
+}
+
+/// `SORT key BY/GET pattern`: the keys the patterns read for each element of `key`, which Redis
+/// does not count among the command's keys. Expiring a key that the sort then does not read (a
+/// `LIMIT`, a `BY` that a later one overrides) changes nothing: it was expired as of `at` anyway.
+fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]], at: EntryTime) {
+    let name = ffi::new_string(key);
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, raw::REDISMODULE_READ as c_int) } as *mut raw::RedisModuleKey;
+    ffi::free_string(name);
+    if opened.is_null() {
+        return;
+    }
+    let kind = unsafe { api!(RedisModule_KeyType)(opened) };
+    unsafe { api!(RedisModule_CloseKey)(opened) };
+    let read_all: &[&[u8]] = match kind as isize {
+        raw::REDISMODULE_KEYTYPE_LIST => &[b"LRANGE", key, b"0", b"-1"],
+        raw::REDISMODULE_KEYTYPE_SET => &[b"SMEMBERS", key],
+        raw::REDISMODULE_KEYTYPE_ZSET => &[b"ZRANGE", key, b"0", b"-1"],
+        _ => return, // nothing to sort, or a type SORT refuses
+    };
+    let elements = ffi::call(ctx, read_all, false);
+    if elements.is_null() {
+        return;
+    }
+    if ffi::is_array(elements) {
+        for i in 0..ffi::reply_len(elements) {
+            let element = ffi::reply_bytes(ffi::reply_element(elements, i));
+            for pattern in patterns {
+                if let Some(looked_up) = sort_patterns::key_for(pattern, element) {
+                    let name = ffi::new_string(&looked_up);
+                    expire_if_due(ctx, name, at);
+                    ffi::free_string(name);
+                }
+            }
+        }
+    }
+    ffi::free_call_reply(elements);
 }
 
 fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime) {
