@@ -89,6 +89,13 @@ pub fn encode_transaction<A: AsRef<[u8]>>(at: Option<EntryTime>, commands: &[(u3
     out
 }
 
+/// An entry that only carries a time: an empty transaction, which runs nothing. An idle leader
+/// proposes one now and then so that its followers keep applying recent entries (the module's
+/// `expiry` lets a follower's Redis expire keys only then).
+pub fn encode_clock(at: EntryTime) -> Vec<u8> {
+    encode_transaction::<&[u8]>(Some(at), &[])
+}
+
 fn encode_time(out: &mut Vec<u8>, at: Option<EntryTime>) {
     if let Some(EntryTime(ms)) = at {
         out.push(KIND_AT);
@@ -229,5 +236,12 @@ mod tests {
         twice.extend_from_slice(&0i64.to_be_bytes());
         twice.extend_from_slice(&command);
         assert_eq!(Entry::decode(&twice), Err(EntryError::TwoTimes));
+    }
+
+    #[test]
+    fn a_clock_entry_is_a_time_and_nothing_to_run() {
+        let at = EntryTime(1_700_000_000_456);
+        let clock = encode_clock(at);
+        assert_eq!(Entry::decode(&clock).unwrap(), Entry { at: Some(at), view: EntryView::Transaction(Vec::new()) });
     }
 }

@@ -178,3 +178,24 @@ fn sort_reads_its_pattern_keys_as_of_the_entry_time_on_every_node() {
         assert_eq!(after, ["a", "", "b", "", "c", ""], "node {i}");
     }
 }
+
+#[test]
+fn followers_of_an_idle_cluster_expire_keys_too() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let _: () = cluster.nodes[leader].cmd(&["SET", "k", "v", "PX", "1000"]).unwrap();
+    let _: () = cluster.nodes[leader].cmd(&["SET", "kept", "v"]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    // No more writes. A follower runs Redis' background expiry only for 250 ms after applying an
+    // entry, long over by the key's deadline; without the leader's clock entries it would keep
+    // `k` for good. INFO keyspace counts the keys with a deadline in memory without expiring any.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        wait_for(&format!("node {i} to drop the expired key"), Duration::from_secs(10), || {
+            let keyspace: String = node.cmd(&["INFO", "keyspace"]).unwrap();
+            keyspace.contains("expires=0,").then_some(())
+        });
+    }
+    let kept: Option<String> = cluster.nodes[leader].cmd(&["GET", "kept"]).unwrap();
+    assert_eq!(kept.as_deref(), Some("v"));
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

@@ -39,6 +39,8 @@ pub enum ReplyTo {
     Transaction(Vec<Option<crate::held::HeldReply>>),
     /// A follower's transaction (follower proxy): every command's raw reply goes back together.
     ForwardedTransaction(ForwardDone),
+    /// Nobody: the leader's own clock entries (see `expiry`).
+    Nobody,
 }
 
 impl WriteWaiter {
@@ -57,6 +59,7 @@ impl WriteWaiter {
                     held.fail(&error);
                 }
             }
+            ReplyTo::Nobody => discard(outcome),
         }
     }
 }
@@ -323,12 +326,11 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                             .collect();
                         done(Ok(encode_replies(&replies)));
                     }
-                    other => {
+                    Some(ReplyTo::Nobody) | None => outcomes.for_each(discard),
+                    Some(reply_to) => {
                         outcomes.for_each(discard);
-                        if let Some(reply_to) = other {
-                            let error = "ERR internal error: a transaction's waiter does not fit it";
-                            WriteWaiter { reply_to, resp3 }.finish(Outcome::Error(error.into()));
-                        }
+                        let error = "ERR internal error: a transaction's waiter does not fit it";
+                        WriteWaiter { reply_to, resp3 }.finish(Outcome::Error(error.into()));
                     }
                 }
             }

@@ -17,8 +17,9 @@
 //! - Redis' background expiry, which deletes keys by the node's own clock, runs only while the
 //!   node is current: the leader once it has applied all it committed, a follower while it
 //!   applies entries proposed in the last 250 ms ([`before_sleep`]). A node that replays its log,
-//!   catches up, or is cut off keeps every key until the log expires it; so does a follower of an
-//!   idle cluster, until the next write (its reads still see such keys as expired).
+//!   catches up, or is cut off keeps every key until the log expires it. An idle leader proposes
+//!   an entry carrying only its clock once a second, so that its followers stay current part of
+//!   the time, and expire keys, without writes.
 //! - Snapshots are written and loaded with expiry suspended, so they keep keys whose deadline the
 //!   clock has passed but the log has not.
 //!
@@ -32,7 +33,8 @@
 
 use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
 use crate::state;
-use raftis_core::command_entry::EntryTime;
+use crate::apply::{ReplyTo, WriteWaiter};
+use raftis_core::command_entry::{encode_clock, EntryTime};
 use raftis_core::routing::KeyPositions;
 use raftis_core::sort_patterns;
 use redis_module::raw;
@@ -45,6 +47,11 @@ use std::time::{Duration, Instant};
 const FRESH: Duration = Duration::from_millis(250);
 /// How often [`before_sleep`] looks again.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// A leader that has proposed nothing for this long proposes an entry carrying only its clock:
+/// its followers then apply a recent entry and run the background expiry for [`FRESH`] after it,
+/// as they do under writes. (Redis' own master pings its replicas through the replication
+/// stream the same way.)
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
 
 /// The latest time this node proposed or applied an entry at: stamps never go back, also across
 /// a change of leader (a new leader has applied its predecessors' entries, or will before it
@@ -245,10 +252,33 @@ pub fn before_sleep(ctx: *mut RedisModuleCtx) {
         }
         *last = Some(Instant::now());
     }
+    propose_clock_if_idle();
     let current = is_current();
     if current != ACTIVE.load(Ordering::Acquire) {
         set_active(ctx, current);
     }
+}
+
+/// On a ready leader with followers that has proposed nothing for [`CLOCK_EVERY`]: proposes a
+/// clock entry (nobody waits for it; a failure to commit it is retried a period later).
+fn propose_clock_if_idle() {
+    let s = state::get();
+    let Some(node) = s.node() else { return };
+    if !node.is_leader() {
+        return;
+    }
+    let idle_ms = ffi::now_ms().saturating_sub(LATEST.load(Ordering::Acquire));
+    if idle_ms < CLOCK_EVERY.as_millis() as i64 {
+        return;
+    }
+    let status = node.status();
+    if !status.leader_ready || status.voters.len() + status.learners.len() < 2 {
+        return;
+    }
+    // Like every proposal here: a transaction EXEC just built, stamped earlier, goes first.
+    crate::transaction::flush();
+    let waiter = WriteWaiter { reply_to: ReplyTo::Nobody, resp3: false };
+    node.propose(encode_clock(stamp()), waiter, Instant::now() + s.write_timeout());
 }
 
 /// Whether this node's dataset is as recent as the log: it is the leader and has applied all it
@@ -274,7 +304,8 @@ fn set_active(ctx: *mut RedisModuleCtx, on: bool) {
     let flag = if on { "1" } else { "0" };
     ffi::free_call_reply(ffi::call_strs(ctx, &["DEBUG", "SET-ACTIVE-EXPIRE", flag]));
     ACTIVE.store(on, Ordering::Release);
-    log::info!("Redis' background expiry {}", if on { "resumed: this node is current" } else { "paused until this node is current" });
+    // At debug level: a follower of an idle cluster switches twice a second (see CLOCK_EVERY).
+    log::debug!("Redis' background expiry {}", if on { "resumed: this node is current" } else { "paused until this node is current" });
 }
 
 /// RAFT.INFO: the time of the newest entry applied here, and whether Redis' background expiry runs.
