@@ -166,6 +166,11 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     let _: () = redis::cmd("SELECT").arg(1).query(&mut other_db).unwrap();
     let _: () = redis::cmd("SET").arg("k").arg("x").query(&mut other_db).unwrap();
     exchange(&mut watcher, "MULTI\r\nSET k 5\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    // Nor does another client's transaction that reads `k` (it goes through the log too).
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    let mut reader = std::net::TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+    exchange(&mut reader, "MULTI\r\nGET k\r\nSORT k_list BY w_*\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n$1\r\n5\r\n*0\r\n");
+    exchange(&mut watcher, "MULTI\r\nSET k 5\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
     // The client's own write counts too, as in Redis, though it is still on its way through the
     // log when EXEC runs (it is proposed in the same event-loop turn); so does a flush.
     exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");

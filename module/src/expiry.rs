@@ -191,7 +191,7 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
 /// `LIMIT`, a `BY` that a later one overrides) changes nothing: it was expired as of `at` anyway.
 fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]], at: EntryTime) {
     let name = ffi::new_string(key);
-    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, raw::REDISMODULE_READ as c_int) } as *mut raw::RedisModuleKey;
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
     ffi::free_string(name);
     if opened.is_null() {
         return;
@@ -223,21 +223,34 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
     ffi::free_call_reply(elements);
 }
 
+/// How keys are opened to look at their deadline. Opened for writing, because a key that is due
+/// is deleted; but a look is not a modification (the module sets no implicit modified signal, see
+/// `lib.rs`), not an access (no LRU update), and not a keyspace miss (no `keymiss` event, which a
+/// read would send for a missing key).
+const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
+
 fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime) {
-    let mode = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
-    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, mode) } as *mut raw::RedisModuleKey;
+    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
     if key.is_null() {
         return;
     }
-    let exists = unsafe { api!(RedisModule_KeyType)(key) } != raw::REDISMODULE_KEYTYPE_EMPTY as c_int;
-    // Redis' own rule: a key is expired once the clock is past its deadline.
-    if exists {
-        let deadline = unsafe { api!(RedisModule_GetAbsExpire)(key) };
-        if deadline != raw::REDISMODULE_NO_EXPIRE as i64 && at.0 > deadline {
-            unsafe { api!(RedisModule_DeleteKey)(key) };
-        }
+    // Redis' own rule: a key is expired once the clock is past its deadline (a missing key has
+    // none).
+    let deadline = unsafe { api!(RedisModule_GetAbsExpire)(key) };
+    let due = deadline != raw::REDISMODULE_NO_EXPIRE as i64 && at.0 > deadline;
+    if due {
+        unsafe { api!(RedisModule_DeleteKey)(key) };
     }
     unsafe { api!(RedisModule_CloseKey)(key) };
+    if due {
+        // What Redis does when it expires a key itself: WATCH and client tracking learn the key
+        // changed, and keyspace notifications say `expired`.
+        let expired = ffi::cstr("expired");
+        unsafe {
+            api!(RedisModule_SignalModifiedKey)(ctx, name);
+            api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_EXPIRED as c_int, expired.as_ptr(), name);
+        }
+    }
 }
 
 /// Called before Redis sleeps: lets Redis' background expiry run only while this node is current.

@@ -199,6 +199,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
     let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
+    // The module opens keys for writing only to expire them (see `expiry`): closing such a key
+    // must not tell WATCH and client tracking it was modified. A deletion says so itself.
+    unsafe { api!(RedisModule_SetModuleOptions)(ctx, raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED as c_int) };
     held::init(ctx);
     log::info!("{}", held::describe());
     log::info!("{}", expiry::init(ctx));
