@@ -420,6 +420,14 @@ pub fn stat_field(server: &Server, field: &str) -> u64 {
     field_in(&stats, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
 }
 
+/// Entries a leader proposed for clients: all its proposals but an idle leader's clock entries
+/// (one RAFT.STATS, so that the two counts agree).
+pub fn client_proposals(leader: &Server) -> i64 {
+    let stats: String = leader.quick_cmd(&["RAFT.STATS"]).unwrap();
+    let field = |name| field_in(&stats, name).and_then(|v| v.parse::<i64>().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {name}"));
+    field("proposals") - field("clock_entries_proposed")
+}
+
 /// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).
 pub fn digest(server: &Server) -> String {
     server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")

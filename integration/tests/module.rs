@@ -1,6 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
-use raftis_integration::{digest, info_field, raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{client_proposals, digest, info_field, raw_exchange, stat_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -440,6 +440,53 @@ fn with_follower_proxy_a_follower_runs_writes_and_reads_through_the_leader() {
     cluster.wait_converged(&[0, 1, 2]);
     let digests: Vec<String> = cluster.nodes.iter().map(raftis_integration::digest).collect();
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+}
+
+/// A pipeline sent to a follower with the proxy reaches the leader whole, not a command at a time:
+/// its replies come back in order, reads see the writes before them, and the leader proposes a
+/// handful of entries for it rather than one per write (none for a pipeline of reads).
+#[test]
+fn with_follower_proxy_a_pipeline_goes_to_the_leader_in_one_piece() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let mut conn = follower.client().unwrap();
+    let writes = 100;
+    let mut pipe = redis::pipe();
+    for i in 0..writes {
+        pipe.cmd("INCR").arg("counter");
+        pipe.cmd("GET").arg("counter");
+        pipe.cmd("SET").arg(format!("k{i}")).arg(i);
+    }
+    // SELECT travels with the commands after it.
+    pipe.cmd("SELECT").arg(5).cmd("SET").arg("k0").arg("in-db-5").cmd("SELECT").arg(0).cmd("GET").arg("k0");
+    let before = client_proposals(&cluster.nodes[leader]);
+    let replies: Vec<Value> = pipe.query(&mut conn).unwrap();
+    let proposed = client_proposals(&cluster.nodes[leader]) - before;
+    for i in 0..writes {
+        let n = i as i64 + 1;
+        assert_eq!(replies[3 * i], Value::Int(n), "INCR number {n}");
+        assert_eq!(replies[3 * i + 1], Value::Data(n.to_string().into_bytes()), "GET after INCR number {n}");
+        assert_eq!(replies[3 * i + 2], Value::Okay);
+    }
+    assert_eq!(replies[3 * writes + 1], Value::Okay);
+    assert_eq!(replies[3 * writes + 3], Value::Data(b"0".to_vec()), "db 0's k0, not db 5's");
+    // One entry if Redis read the whole pipeline at once; a few if it came in pieces.
+    assert!((1..=10).contains(&proposed), "{proposed} entries for a pipeline of {} writes", 2 * writes + 1);
+    let mut on_leader = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(5).query(&mut on_leader).unwrap();
+    let v: String = redis::cmd("GET").arg("k0").query(&mut on_leader).unwrap();
+    assert_eq!(v, "in-db-5");
+    // A pipeline of reads is no entry at all: the leader confirms a read index and runs them.
+    let mut reads = redis::pipe();
+    for i in 0..writes {
+        reads.cmd("GET").arg(format!("k{i}"));
+    }
+    let before = client_proposals(&cluster.nodes[leader]);
+    let values: Vec<String> = reads.query(&mut conn).unwrap();
+    assert_eq!(client_proposals(&cluster.nodes[leader]) - before, 0);
+    assert_eq!(values, (0..writes).map(|i| i.to_string()).collect::<Vec<_>>());
+    cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
 /// On a fresh RESP3 connection (`HELLO 3`), sends `request` and returns `len` bytes of its reply.

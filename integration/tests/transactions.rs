@@ -1,6 +1,6 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::{raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{client_proposals, raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,15 +32,17 @@ fn transaction_pipeline(db: u32) -> (String, String) {
     (request, expected)
 }
 
-/// Sends [`transaction_pipeline`] to `via`: Redis' replies byte for byte, and two proposals on
-/// the leader (SET k old, then the whole transaction).
-fn assert_transaction_pipeline(leader: &Server, via: &Server, db: u32, level: &str) {
+/// Sends [`transaction_pipeline`] to `via`: Redis' replies byte for byte, and `entries` proposals
+/// on the leader: two sent to the leader (SET k old, then the whole transaction), one through a
+/// follower (which sends the whole pipeline at once).
+fn assert_transaction_pipeline(leader: &Server, via: &Server, db: u32, level: &str, entries: i64) {
     let (request, expected) = transaction_pipeline(db);
-    let proposals = stat_field(leader, "proposals");
+    let proposals = client_proposals(leader);
     let got = raw_exchange(via.port, request.as_bytes(), expected.len());
     assert_eq!(String::from_utf8_lossy(&got), expected, "consistency {level}");
-    assert_eq!(stat_field(leader, "proposals") - proposals, 2, "consistency {level}: a transaction is one entry");
+    assert_eq!(client_proposals(leader) - proposals, entries, "consistency {level}: a transaction is one entry");
 }
+
 
 #[test]
 fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_consistency_level() {
@@ -48,7 +50,7 @@ fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_cons
     let leader = cluster.leader();
     for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
         cluster.config_set("consistency", level);
-        assert_transaction_pipeline(leader, leader, db, level);
+        assert_transaction_pipeline(leader, leader, db, level, 2);
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
@@ -73,7 +75,7 @@ fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
     // At low a follower's reads run on its own dataset, which may lag the replies it relays.
     for (db, level) in [(2, "high"), (4, "medium")] {
         cluster.config_set("consistency", level);
-        assert_transaction_pipeline(leader, follower, db, level);
+        assert_transaction_pipeline(leader, follower, db, level, 1);
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     assert_atomic_against_concurrent_writers(&cluster, follower);

@@ -146,8 +146,8 @@ pub enum Job {
     CheckSnapshot,
     /// A command a follower forwarded (follower proxy).
     Forward { req: ForwardRequest, done: ForwardDone },
-    /// A forwarded read whose read index is applied: run it now.
-    RunForwarded { db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone },
+    /// Forwarded reads whose read index is applied: run them now, back to back.
+    RunForwarded { reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone },
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -280,7 +280,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
             Job::CheckSnapshot => {}
             Job::Forward { req, done } => crate::forward::serve(req, done),
-            Job::RunForwarded { db, argv, resp3, done } => crate::forward::run_read(ctx, db, argv, resp3, done),
+            Job::RunForwarded { reads, batch, resp3, done } => crate::forward::run_reads(ctx, reads, batch, resp3, done),
         }
     }
     maybe_snapshot(ctx, &point);

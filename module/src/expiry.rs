@@ -39,7 +39,7 @@ use raftis_core::routing::KeyPositions;
 use raftis_core::sort_patterns;
 use redis_module::raw;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ static ACTIVE: AtomicBool = AtomicBool::new(true);
 /// Whether Redis' own expiry is suspended right now (only touched on the main thread).
 static SUSPENDED: AtomicBool = AtomicBool::new(false);
 static LAST_CHECK: Mutex<Option<Instant>> = Mutex::new(None);
+/// RAFT.STATS: clock entries this node proposed (they count among its `proposals`).
+static CLOCK_ENTRIES: AtomicU64 = AtomicU64::new(0);
 
 struct Hooks {
     start_loading: unsafe extern "C" fn(usize, c_int, c_int),
@@ -292,6 +294,11 @@ fn propose_clock_if_idle() {
     crate::transaction::flush();
     let waiter = WriteWaiter { reply_to: ReplyTo::Nobody, resp3: false };
     node.propose(encode_clock(stamp()), waiter, Instant::now() + s.write_timeout());
+    CLOCK_ENTRIES.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn clock_entries_proposed() -> u64 {
+    CLOCK_ENTRIES.load(Ordering::Relaxed)
 }
 
 /// Whether this node's dataset is as recent as the log: it is the leader and has applied all it

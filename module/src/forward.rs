@@ -2,12 +2,14 @@
 //! serve sends it to the leader over the side port (`FORWARD`, see `raftis_core::forward`) and
 //! relays the reply, so clients that ignore `-MOVED` still work.
 //!
-//! - Follower side: [`to_leader`] blocks the client and hands the command to the transport; the
-//!   leader's raw reply comes back and [`relay`] replays it to the client through the module API.
-//!   A transaction goes whole ([`transaction_to_leader`], `FORWARD-TX`): its commands' replies
-//!   fill the slots EXEC left for them (see `transaction`). The client's next forwarded command
-//!   waits until those replies are in, so it cannot overtake its own transaction (forwarded
-//!   requests travel on separate connections).
+//! - Follower side: [`to_leader`] puts the command in its client's batch, which goes to the
+//!   leader whole at the end of the event-loop turn ([`transaction_to_leader`], `FORWARD-TX`)
+//!   with every transaction the client ran in that turn; the replies fill the slots left for
+//!   them in the client's output (see `transaction` and `held`). Where replies cannot be held
+//!   (too many in flight, or a Redis without the hooks) it blocks the client and sends the
+//!   command alone; the leader's raw reply comes back and [`relay`] replays it to the client
+//!   through the module API. Such a command waits until the client's earlier replies are in, so
+//!   it cannot overtake them (forwarded requests travel on separate connections).
 //! - Leader side: [`handler`] receives forwarded commands on the transport thread and queues them
 //!   for the main thread, where [`serve`] runs them exactly like a client's: writes are pinned,
 //!   proposed and answered once applied; reads are linearizable (ReadIndex) whatever the
@@ -20,9 +22,10 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::held::HeldReply;
 use crate::state::{self, RaftNode};
+use crate::transaction::Forwarding;
 use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::Args;
-use raftis_core::forward::{decode_replies, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
+use raftis_core::forward::{decode_replies, encode_replies, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
 use std::os::raw::{c_char, c_int, c_long};
@@ -39,7 +42,13 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     leader_addr(&node)?;
-    let req = ForwardRequest { resp3: ffi::client_is_resp3(ctx), what: Forwarded::Command { db: ffi::selected_db(ctx), argv } };
+    let db = ffi::selected_db(ctx);
+    let argv = match crate::transaction::join_forwarded(ctx, db, argv) {
+        Forwarding::Joined => return Ok(()),
+        Forwarding::Refused(e) => return Err(e),
+        Forwarding::Alone(argv) => argv,
+    };
+    let req = ForwardRequest { resp3: ffi::client_is_resp3(ctx), what: Forwarded::Command { db, argv } };
     let timeout = forward_timeout();
     // Long enough for the transaction ahead of it as well.
     let blocked = Blocked::new(ctx, 2 * timeout + BACKSTOP);
@@ -136,34 +145,46 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
         }
-        Route::Read => {
-            let progress = s.progress.clone();
-            node.read_index(
-                Box::new(move |confirmed| match confirmed {
-                    Ok(index) => progress.when_applied(
-                        index,
-                        Box::new(move || {
-                            if let Err(e) = state::get().send_to_apply(Job::RunForwarded { db, argv, resp3, done }) {
-                                log::warn!("cannot run a forwarded read: {e}");
-                            }
-                        }),
-                    ),
-                    Err(e) => done(Err(state::error_reply(&e))),
-                }),
-                Instant::now() + timeout,
-            );
-        }
+        Route::Read => confirm_then_run(&node, vec![(db, argv)], false, resp3, done),
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself; a peer sending one is confused, not a client.
         Route::Local | Route::BeginTransaction | Route::Watch => done(Err("ERR only writes and reads are forwarded".into())),
     }
 }
 
-/// Leader side: a follower's transaction becomes one entry, its reads included (they run where
-/// the entry is applied). Writes are pinned again: a no-op for what the follower pinned, and this
-/// leader's clock for anything it did not.
+/// Leader side: forwarded reads, linearizable. Once a ReadIndex round has confirmed this node
+/// still leads and its dataset has applied the read index, they run back to back on the main
+/// thread (nothing runs between them); `batch` sends their replies back together, as a forwarded
+/// transaction expects them, rather than the one reply of a forwarded command.
+fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
+    let s = state::get();
+    let progress = s.progress.clone();
+    node.read_index(
+        Box::new(move |confirmed| match confirmed {
+            Ok(index) => progress.when_applied(
+                index,
+                Box::new(move || {
+                    if let Err(e) = state::get().send_to_apply(Job::RunForwarded { reads, batch, resp3, done }) {
+                        log::warn!("cannot run a forwarded read: {e}");
+                    }
+                }),
+            ),
+            Err(e) => done(Err(state::error_reply(&e))),
+        }),
+        Instant::now() + s.write_timeout(),
+    );
+}
+
+/// Leader side: a follower's transaction (an EXEC, or a client's pipeline) becomes one entry, its
+/// reads included (they run where the entry is applied); one that only reads needs no entry and
+/// runs at a confirmed read index instead. Writes are pinned again: a no-op for what the
+/// follower pinned, and this leader's clock for anything it did not.
 fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
     let s = state::get();
+    let is_read = |argv: &Vec<Vec<u8>>| matches!(s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()), Route::Read);
+    if commands.iter().all(|(_, argv)| is_read(argv)) {
+        return confirm_then_run(node, commands, true, resp3, done);
+    }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
     for (db, argv) in &commands {
@@ -184,12 +205,21 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 
-/// Leader side, on the main thread: a forwarded read whose read index is applied.
-pub fn run_read(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone) {
-    if !ffi::select_db(ctx, db) {
-        return done(Err(format!("ERR DB index {db} is out of range")));
+/// Leader side, on the main thread: forwarded reads whose read index is applied (see
+/// [`confirm_then_run`]).
+pub fn run_reads(ctx: *mut RedisModuleCtx, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
+    let mut replies = Vec::with_capacity(reads.len());
+    for (db, argv) in reads {
+        let reply = match ffi::select_db(ctx, db) {
+            true => take_proto(ffi::call(ctx, &argv, resp3)),
+            false => Err(format!("ERR DB index {db} is out of range")),
+        };
+        if !batch {
+            return done(reply);
+        }
+        replies.push(reply.unwrap_or_else(|e| format!("-{e}\r\n").into_bytes()));
     }
-    done(take_proto(ffi::call(ctx, &argv, resp3)));
+    done(Ok(encode_replies(&replies)));
 }
 
 /// A call's reply as raw RESP, freeing it; the error to answer instead if there is none.

@@ -273,6 +273,12 @@ pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply
     reply_slot(ctx, hooks, Limit::PerClient)
 }
 
+/// A command a follower forwards to the leader for the client of `ctx` (see `transaction`): its
+/// reply gets a slot in the output. None: take the blocking path.
+pub fn forward_slot(ctx: *mut RedisModuleCtx) -> Option<HeldReply> {
+    reply_slot(ctx, hooks()?, Limit::PerClient)
+}
+
 /// A command of a transaction being run by EXEC on a ready leader: its reply gets a slot in the
 /// output, whatever the client already has in flight (the transaction is already in memory, and
 /// a client cannot be blocked in the middle of EXEC). None if the client takes no replies.

@@ -15,7 +15,9 @@
 //!
 //! On a follower with `follower-proxy yes`, the transaction is queued and run the same way, and
 //! the batch goes whole to the leader (see `forward`), which proposes it as one entry and sends
-//! every command's reply back for the slots.
+//! every command's reply back for the slots. The commands a client sends there outside MULTI
+//! join its batch too ([`join_forwarded`]): a pipeline sent to a follower reaches the leader in
+//! one piece instead of one round trip per command.
 //!
 //! WATCH is Redis' own check at EXEC, with writes counted from when they are proposed (see
 //! `watch`): a dirty transaction never reaches this module.
@@ -107,10 +109,55 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 /// batch, and its reply comes once the batch is applied. An error is this command's reply.
 /// A write comes pinned for time `at`.
 pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<EntryTime>) -> Result<(), String> {
-    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let mut t = lock();
+    let batch = batch_of(&mut t, ctx);
+    batch.verdict.clone()?;
+    batch.at = batch.at.or(at);
+    batch.slots.push(held::transaction_slot(ctx));
+    batch.commands.push((db, argv));
+    Ok(())
+}
+
+/// What became of a command a follower sends to the leader (see [`join_forwarded`]).
+pub enum Forwarding {
+    /// It joined its client's batch; its reply fills a slot.
+    Joined,
+    /// Its reply: it cannot be forwarded (no leader known).
+    Refused(String),
+    /// Not here: forward it on its own, blocking the client.
+    Alone(Vec<Vec<u8>>),
+}
+
+/// Follower proxy: a command the client of `ctx` sends outside MULTI, for the leader, joins the
+/// client's batch as a command of EXEC does, with a reply slot of its own, so that the client's
+/// pipeline keeps flowing. Everything a client sends in one event-loop turn goes to the leader
+/// together and in order (its EXECs included), as one entry: the commands of a pipeline may run
+/// back to back, which no client can tell from a pipeline's usual order. The client's output is
+/// held until the replies are in, so Redis reads nothing more from it meanwhile, and its next
+/// batch cannot overtake this one.
+pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> Forwarding {
+    if held::transactions_available().is_err() {
+        return Forwarding::Alone(argv);
+    }
+    let mut t = lock();
+    let batch = batch_of(&mut t, ctx);
+    match batch.verdict.clone() {
+        Ok(Destination::Leader) => {}
+        Ok(Destination::Log) => return Forwarding::Alone(argv),
+        Err(e) => return Forwarding::Refused(e),
+    }
+    // A client with too many replies in flight blocks instead (see `held`).
+    let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
+    batch.slots.push(Some(slot));
+    batch.commands.push((db, argv));
+    Forwarding::Joined
+}
+
+/// The batch of the client of `ctx`, opened if need be. Another client's batch is complete (its
+/// EXEC is over, or its pipeline read): it goes first.
+fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx) -> &'a mut Batch {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     if t.batch.as_ref().is_some_and(|b| b.client != id) {
-        // Another client's EXEC is over: its transaction goes first.
         propose(t.batch.take());
     }
     if t.batch.is_none() {
@@ -129,12 +176,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
             unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(flush_later), std::ptr::null_mut()) };
         }
     }
-    let batch = t.batch.as_mut().expect("opened above");
-    batch.verdict.clone()?;
-    batch.at = batch.at.or(at);
-    batch.slots.push(held::transaction_slot(ctx));
-    batch.commands.push((db, argv));
-    Ok(())
+    t.batch.as_mut().expect("opened above")
 }
 
 fn destination() -> Result<Destination, String> {
