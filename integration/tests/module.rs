@@ -486,6 +486,16 @@ fn with_follower_proxy_a_pipeline_goes_to_the_leader_in_one_piece() {
     let values: Vec<String> = reads.query(&mut conn).unwrap();
     assert_eq!(client_proposals(&cluster.nodes[leader]) - before, 0);
     assert_eq!(values, (0..writes).map(|i| i.to_string()).collect::<Vec<_>>());
+    // Large values: the batch is cut by size, the commands past it go alone, in order.
+    let big = |i: usize| char::from(b'a' + i as u8).to_string().repeat(1 << 20);
+    let mut large = redis::pipe();
+    for i in 0..12 {
+        large.cmd("SET").arg(format!("big{}", i % 3)).arg(big(i)).ignore();
+    }
+    large.cmd("STRLEN").arg("big2").cmd("GET").arg("big0");
+    let (len, last): (i64, String) = large.query(&mut conn).unwrap();
+    assert_eq!(len, 1 << 20);
+    assert_eq!(last, big(9), "the last SET of big0 wins");
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 

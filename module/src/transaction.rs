@@ -42,6 +42,10 @@ static TRANSACTIONS: Mutex<Transactions> = Mutex::new(Transactions { open: None,
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 /// A batch waits to be proposed: the write path's cheap check.
 static BATCH: AtomicBool = AtomicBool::new(false);
+/// A pipeline's command joins its client's batch for the leader (see [`join_forwarded`]) only
+/// while the batch stays under this size: a batch travels as one message, and the leader reads
+/// no bulk string over 256 MB. A command past it goes alone, after the batch's replies.
+const MAX_FORWARDED_BATCH_BYTES: usize = 8 << 20;
 
 struct Transactions {
     /// Clients that ran MULTI and may still be queueing commands.
@@ -56,6 +60,8 @@ struct Batch {
     /// leadership can change while EXEC runs, and a part of a transaction must never commit.
     verdict: Result<Destination, String>,
     commands: Vec<(u32, Vec<Vec<u8>>)>,
+    /// The size of the commands' arguments.
+    bytes: usize,
     /// One per command; None when the client takes no replies.
     slots: Vec<Option<HeldReply>>,
     resp3: bool,
@@ -114,8 +120,13 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
     batch.verdict.clone()?;
     batch.at = batch.at.or(at);
     batch.slots.push(held::transaction_slot(ctx));
+    batch.bytes += size_of(&argv);
     batch.commands.push((db, argv));
     Ok(())
+}
+
+fn size_of(argv: &[Vec<u8>]) -> usize {
+    argv.iter().map(|a| a.len() + 8).sum()
 }
 
 /// What became of a command a follower sends to the leader (see [`join_forwarded`]).
@@ -146,9 +157,14 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
         Ok(Destination::Log) => return Forwarding::Alone(argv),
         Err(e) => return Forwarding::Refused(e),
     }
+    let size = size_of(&argv);
+    if !batch.commands.is_empty() && batch.bytes + size > MAX_FORWARDED_BATCH_BYTES {
+        return Forwarding::Alone(argv);
+    }
     // A client with too many replies in flight blocks instead (see `held`).
     let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
     batch.slots.push(Some(slot));
+    batch.bytes += size;
     batch.commands.push((db, argv));
     Forwarding::Joined
 }
@@ -165,6 +181,7 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx) -> &'a mut Ba
             client: id,
             verdict: destination(),
             commands: Vec::new(),
+            bytes: 0,
             slots: Vec::new(),
             resp3: crate::ffi::client_is_resp3(ctx),
             at: None,
