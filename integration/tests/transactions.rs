@@ -43,7 +43,6 @@ fn assert_transaction_pipeline(leader: &Server, via: &Server, db: u32, level: &s
     assert_eq!(client_proposals(leader) - proposals, entries, "consistency {level}: a transaction is one entry");
 }
 
-
 #[test]
 fn a_transaction_answers_like_redis_and_is_one_entry_on_every_node_at_every_consistency_level() {
     let cluster = Cluster::start(3, &[]).unwrap();

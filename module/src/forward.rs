@@ -181,15 +181,15 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
 /// follower pinned, and this leader's clock for anything it did not.
 fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
     let s = state::get();
-    let is_read = |argv: &Vec<Vec<u8>>| matches!(s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()), Route::Read);
-    if commands.iter().all(|(_, argv)| is_read(argv)) {
+    let routes: Vec<Route> = commands.iter().map(|(_, argv)| s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>())).collect();
+    if routes.iter().all(|route| matches!(route, Route::Read)) {
         return confirm_then_run(node, commands, true, resp3, done);
     }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
-    for (db, argv) in &commands {
+    for ((db, argv), route) in commands.iter().zip(routes) {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
-        match s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>()) {
+        match route {
             Route::Write => {
                 if let Err(e) = crate::write::prepare(*db, &mut args, at) {
                     return done(Err(e));
