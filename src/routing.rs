@@ -3,7 +3,7 @@
 //! so new Redis commands are classified without a list to maintain; only the commands that must
 //! never be replicated and those not supported yet are named here.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// What Redis says about a command (one entry of `COMMAND`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,14 +82,54 @@ const REFUSED: &[(&str, &str)] = &[
 ];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
+///
+/// Every client command and every applied entry is looked up here, so each name's fate under
+/// Raftis (see [`Special`]) is decided once, when it is inserted, and the map hashes with
+/// `FxHash` (names are short and come from Redis' own table, not from an attacker's choice of
+/// map keys).
 #[derive(Clone, Debug, Default)]
 pub struct CommandTable {
-    commands: HashMap<String, CommandInfo>,
+    commands: FxHashMap<Box<str>, Known>,
+}
+
+#[derive(Clone, Debug)]
+struct Known {
+    info: CommandInfo,
+    special: Special,
+}
+
+/// What Raftis decides about a command by its name alone, before Redis' flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Special {
+    /// Decided by Redis' flags.
+    None,
+    BeginTransaction,
+    Watch,
+    Local,
+    Refused(&'static str),
+}
+
+impl Special {
+    fn of(name: &str) -> Special {
+        if name == "multi" {
+            Special::BeginTransaction
+        } else if name == "watch" {
+            Special::Watch
+        } else if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
+            Special::Local
+        } else if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
+            Special::Refused(what)
+        } else {
+            Special::None
+        }
+    }
 }
 
 impl CommandTable {
     pub fn insert(&mut self, name: &str, info: CommandInfo) {
-        self.commands.insert(name.to_ascii_lowercase(), info);
+        let name = name.to_ascii_lowercase();
+        let special = Special::of(&name);
+        self.commands.insert(name.into_boxed_str(), Known { info, special });
     }
 
     pub fn len(&self) -> usize {
@@ -101,7 +141,7 @@ impl CommandTable {
     }
 
     pub fn get(&self, name: &str) -> Option<&CommandInfo> {
-        self.commands.get(name)
+        self.commands.get(name).map(|k| &k.info)
     }
 
     /// Where the keys of `argv` are, when the command's fixed key span tells without reading
@@ -109,7 +149,7 @@ impl CommandTable {
     pub fn key_positions(&self, argv: &[&[u8]]) -> KeyPositions {
         let Some(first) = argv.first() else { return KeyPositions::AskRedis };
         with_lower_case(first, |name| {
-            let Some(KeySpan { first, last, step }) = name.and_then(|n| self.commands.get(n)).filter(|i| !i.container).and_then(|i| i.keys) else {
+            let Some(KeySpan { first, last, step }) = name.and_then(|n| self.get(n)).filter(|i| !i.container).and_then(|i| i.keys) else {
                 return KeyPositions::AskRedis;
             };
             let argc = argv.len() as i64;
@@ -131,25 +171,25 @@ impl CommandTable {
     }
 
     fn route_named(&self, name: &str, argv: &[&[u8]]) -> Route {
-        if name == "multi" {
-            return Route::BeginTransaction;
+        // A name Redis does not know is still ours to refuse or keep local (WAITAOF on 7.0).
+        let (special, info) = match self.commands.get(name) {
+            Some(known) => (known.special, Some(&known.info)),
+            None => (Special::of(name), None),
+        };
+        match special {
+            Special::BeginTransaction => return Route::BeginTransaction,
+            Special::Watch => return Route::Watch,
+            Special::Local => return Route::Local,
+            Special::Refused(what) => return Route::Refuse(format!("ERR {what} not supported by Raftis yet")),
+            Special::None => {}
         }
-        if name == "watch" {
-            return Route::Watch;
-        }
-        if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
-            return Route::Local;
-        }
-        if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
-            return Route::Refuse(format!("ERR {what} not supported by Raftis yet"));
-        }
-        let Some(mut info) = self.commands.get(name) else { return Route::Local };
+        let Some(mut info) = info else { return Route::Local };
         // The name errors use: the subcommand's, for a container whose subcommand we know.
         let mut subcommand = None;
         if info.container && argv.len() >= 2 {
             if let Ok(sub) = std::str::from_utf8(argv[1]) {
                 let full = format!("{name}|{}", sub.to_ascii_lowercase());
-                if let Some(sub_info) = self.commands.get(&full) {
+                if let Some(sub_info) = self.get(&full) {
                     info = sub_info;
                     subcommand = Some(full);
                 }
@@ -207,6 +247,12 @@ mod tests {
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
         t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
+        // Redis' own entries for names Raftis decides about by name, flags and all.
+        t.insert("MULTI", CommandInfo { arity: 1, ..Default::default() });
+        t.insert("watch", CommandInfo { arity: -2, keys: span(1, -1, 1), ..Default::default() });
+        t.insert("exec", CommandInfo { arity: 1, ..Default::default() });
+        t.insert("eval", CommandInfo { arity: -3, keys: None, ..Default::default() });
+        t.insert("publish", CommandInfo { arity: 3, write: true, ..Default::default() });
         t
     }
 
@@ -253,6 +299,11 @@ mod tests {
         assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
+        assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");
+        assert!(
+            matches!(route(&["waitaof", "1", "0", "0"]), Route::Refuse(e) if e.starts_with("ERR WAITAOF")),
+            "a name missing from Redis' table is still refused by name"
+        );
         let long_set = format!("SET{}", " ".repeat(40));
         assert_eq!(route(&[long_set.as_str(), "k", "v"]), Route::Local, "only the exact name matches");
     }

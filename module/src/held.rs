@@ -41,7 +41,8 @@ use crate::state::{self, RaftNode};
 use raftis_core::config::Consistency;
 use raftis_core::Term;
 use redis_module::raw::{self, RedisModuleEvent};
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,7 +145,8 @@ pub fn stats() -> [(&'static str, u64); 3] {
 static HELD: Mutex<Held> = Mutex::new(Held { clients: None, open: None, next_round: 1, next_slot: 1, in_turn: false });
 
 struct Held {
-    clients: Option<HashMap<ClientId, HeldClient>>,
+    /// Looked up for every held reply; client ids are Redis' own counter, so a fast hash is safe.
+    clients: Option<FxHashMap<ClientId, HeldClient>>,
     /// Reads run since the last round was asked for; they share the next one.
     open: Option<Round>,
     next_round: u64,
@@ -333,7 +335,7 @@ pub fn in_turn() -> bool {
 }
 
 fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
-    held.clients.get_or_insert_with(HashMap::new).entry(id).or_insert_with(|| {
+    held.clients.get_or_insert_with(FxHashMap::default).entry(id).or_insert_with(|| {
         unsafe { (hooks.protect)(client) };
         HeldClient { rounds: 0, last_round: 0, slots: VecDeque::new(), when_drained: None }
     })

@@ -28,7 +28,7 @@ use crate::held::{self, HeldReply};
 use crate::state;
 use raftis_core::command_entry::{encode_transaction, EntryTime};
 use redis_module::raw;
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -49,7 +49,7 @@ const MAX_FORWARDED_BATCH_BYTES: usize = 8 << 20;
 
 struct Transactions {
     /// Clients that ran MULTI and may still be queueing commands.
-    open: Option<HashSet<ClientId>>,
+    open: Option<FxHashSet<ClientId>>,
     /// The transaction EXEC is running (or has just run): its commands so far.
     batch: Option<Batch>,
 }
@@ -105,7 +105,7 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     crate::watch::transaction_opened(id);
     let mut t = lock();
-    if t.open.get_or_insert_with(HashSet::new).insert(id) {
+    if t.open.get_or_insert_with(FxHashSet::default).insert(id) {
         OPEN.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())

@@ -24,7 +24,8 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
 use redis_module::raw;
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -40,7 +41,7 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 const PRUNE_EVERY: Duration = Duration::from_millis(100);
 
 struct Watchers {
-    clients: Option<HashMap<ClientId, Watched>>,
+    clients: Option<FxHashMap<ClientId, Watched>>,
     pruned: Option<Instant>,
 }
 
@@ -79,7 +80,7 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let db = ffi::selected_db(ctx);
     let mut w = lock();
-    let clients = w.clients.get_or_insert_with(HashMap::new);
+    let clients = w.clients.get_or_insert_with(FxHashMap::default);
     clients.entry(id).or_default().current.extend(keys.iter().map(|k| (db, k.to_vec())));
     COUNT.store(clients.len(), Ordering::Relaxed);
     drop(w);
