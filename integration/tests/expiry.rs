@@ -199,3 +199,45 @@ fn followers_of_an_idle_cluster_expire_keys_too() {
     assert_eq!(kept.as_deref(), Some("v"));
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+#[test]
+fn a_key_the_log_expires_is_announced_as_expired() {
+    let cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let network = cluster.network.as_ref().unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let ttl_ms = 5000;
+    let expires = Instant::now() + Duration::from_millis(ttl_ms);
+    let l = &cluster.nodes[leader];
+    let _: () = l.cmd(&["SET", "k", "5", "PX", &ttl_ms.to_string()]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    // A subscriber to the follower's expiry events, as an application invalidating a cache would.
+    let f = &cluster.nodes[follower];
+    let _: () = f.cmd(&["CONFIG", "SET", "notify-keyspace-events", "Ex"]).unwrap();
+    let mut events = f.client().unwrap();
+    events.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut events = events.as_pubsub();
+    events.subscribe("__keyevent@0__:expired").unwrap();
+
+    // Cut off, the follower stops Redis' background expiry and keeps the key past its deadline.
+    network.partition(&[vec![follower], vec![leader, other]]);
+    wait_for("the cut-off follower to stop Redis' background expiry", Duration::from_secs(6), || {
+        (info_text(f, "background_expiry") == "off").then_some(())
+    });
+    assert!(Instant::now() < expires, "the follower noticed it was cut off only after the deadline");
+    sleep_past(expires);
+    let _: i64 = l.cmd(&["APPEND", "k", "x"]).unwrap();
+    network.heal();
+    // The follower applies the APPEND, stamped after the deadline, before it counts as current
+    // again: it is the log, not Redis' clock, that deletes the key there, and subscribers must
+    // hear of it as they would of any expiry.
+    let message = events.get_message().expect("an expired event from the follower");
+    assert_eq!(message.get_channel_name(), "__keyevent@0__:expired");
+    assert_eq!(message.get_payload::<String>().unwrap(), "k");
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.config_set("consistency", "low");
+    assert_eq!(get(f, "k").as_deref(), Some("x"));
+    let ttl: i64 = f.cmd(&["TTL", "k"]).unwrap();
+    assert_eq!(ttl, -1);
+}
