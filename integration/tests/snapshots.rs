@@ -27,6 +27,12 @@ fn write_many(server: &Server, prefix: &str, n: usize) {
 fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_one() {
     let cluster = Cluster::start(3, SNAPSHOTTING).unwrap();
     let leader = cluster.wait_leader();
+    // A key in another database, with a deadline: the snapshot carries every database and
+    // each key's expiry (the digests below cover both).
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(2).query(&mut conn).unwrap();
+    let _: () = redis::cmd("SET").arg("in-db-2").arg("yes").arg("EX").arg(3600).query(&mut conn).unwrap();
+    drop(conn);
     write_many(&cluster.nodes[leader], "a", 50_000);
     cluster.assert_same_dataset(&[0, 1, 2]);
     // One snapshot per 5000 entries at most: a snapshot whose file is still being verified
@@ -65,6 +71,14 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
     let commit = info_field(&cluster.nodes[leader], "commit_index");
     wait_for("the fourth node to apply", Duration::from_secs(20), || (info_field(&fourth, "applied_index") >= commit).then_some(()));
     assert_eq!(digest(&fourth), digest(&cluster.nodes[leader]));
+    let deadline_on = |server: &Server| -> i64 {
+        let mut conn = server.client().unwrap();
+        let _: () = redis::cmd("SELECT").arg(2).query(&mut conn).unwrap();
+        redis::cmd("PEXPIRETIME").arg("in-db-2").query(&mut conn).unwrap()
+    };
+    let deadline = deadline_on(&cluster.nodes[leader]);
+    assert!(deadline > 0, "{deadline}");
+    assert_eq!(deadline_on(&fourth), deadline, "the snapshot keeps each key's deadline to the millisecond");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
+use redis_module::raw;
 use crate::state;
 use raftis_core::membership::Members;
 use raftis_core::node::TakenSnapshot;
@@ -175,38 +176,68 @@ fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) ->
         conf_state: point.conf_state.clone(),
         members: (*point.members).clone(),
     };
-    let mut writer = SnapshotWriter::create(path, &meta)?;
+    let writer = SnapshotWriter::create(path, &meta)?;
+    let mut scan = Scan { writer, db: 0, failed: None };
     let databases = state::get().databases;
     for db in 0..databases {
         if !ffi::select_db(ctx, db) {
             continue;
         }
-        let mut cursor = b"0".to_vec();
-        loop {
-            let reply = ffi::call(ctx, &[b"SCAN".to_vec(), cursor.clone(), b"COUNT".to_vec(), b"1000".to_vec()], false);
-            anyhow::ensure!(ffi::is_array(reply) && ffi::reply_len(reply) == 2, "SCAN failed in db {db}");
-            cursor = ffi::reply_bytes(ffi::reply_element(reply, 0)).to_vec();
-            let keys = ffi::reply_element(reply, 1);
-            for i in 0..ffi::reply_len(keys) {
-                let key = ffi::reply_bytes(ffi::reply_element(keys, i)).to_vec();
-                let dump = ffi::call(ctx, &[b"DUMP".to_vec(), key.clone()], false);
-                let payload = ffi::reply_bytes(dump).to_vec();
-                ffi::free_call_reply(dump);
-                if payload.is_empty() {
-                    continue; // expired or gone between SCAN and DUMP
-                }
-                let ttl = ffi::call(ctx, &[b"PEXPIRETIME".to_vec(), key.clone()], false);
-                let expire_at_ms = ffi::reply_integer_value(ttl);
-                ffi::free_call_reply(ttl);
-                writer.add(&Record { db, key, expire_at_ms: if expire_at_ms < 0 { -1 } else { expire_at_ms }, payload })?;
-            }
-            ffi::free_call_reply(reply);
-            if cursor == b"0" {
-                break;
-            }
+        scan.db = db;
+        // The module API's scan hands each key over already opened: no SCAN replies to build
+        // and no PEXPIRETIME call per key, only the DUMP.
+        let cursor = unsafe { api!(RedisModule_ScanCursorCreate)() };
+        let privdata = &mut scan as *mut Scan as *mut c_void;
+        while scan.failed.is_none() && unsafe { api!(RedisModule_Scan)(ctx, cursor, Some(add_scanned), privdata) } != 0 {}
+        unsafe { api!(RedisModule_ScanCursorDestroy)(cursor) };
+        if let Some(e) = scan.failed.take() {
+            return Err(e);
         }
     }
-    writer.finish()?;
+    scan.writer.finish()?;
+    Ok(())
+}
+
+/// Where [`add_scanned`] writes, and the first error it met (the scan then stops).
+struct Scan {
+    writer: SnapshotWriter,
+    db: u32,
+    failed: Option<anyhow::Error>,
+}
+
+extern "C" fn add_scanned(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, key: *mut raw::RedisModuleKey, privdata: *mut c_void) {
+    // SAFETY: `write_dataset` passes its `Scan`, alive and otherwise untouched while Scan runs.
+    let scan = unsafe { &mut *(privdata as *mut Scan) };
+    if scan.failed.is_some() {
+        return;
+    }
+    let added = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| add_key(ctx, scan, name, key)));
+    match added {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => scan.failed = Some(e),
+        Err(_) => scan.failed = Some(anyhow::anyhow!("panic while writing a key")),
+    }
+}
+
+fn add_key(ctx: *mut RedisModuleCtx, scan: &mut Scan, name: *mut ffi::RedisModuleString, key: *mut raw::RedisModuleKey) -> anyhow::Result<()> {
+    let key_name = ffi::string_bytes(name);
+    let dump = ffi::call(ctx, &[b"DUMP".as_slice(), key_name], false);
+    let payload = ffi::reply_bytes(dump).to_vec();
+    ffi::free_call_reply(dump);
+    if payload.is_empty() {
+        return Ok(()); // not a key DUMP can serialize any more; nothing to restore
+    }
+    // Redis opens every scanned key for us; should it not have, PEXPIRETIME tells the same.
+    let expire_at_ms = if key.is_null() {
+        let ttl = ffi::call(ctx, &[b"PEXPIRETIME".as_slice(), key_name], false);
+        let at = ffi::reply_integer_value(ttl);
+        ffi::free_call_reply(ttl);
+        at
+    } else {
+        unsafe { api!(RedisModule_GetAbsExpire)(key) }
+    };
+    let expire_at_ms = if expire_at_ms < 0 { -1 } else { expire_at_ms };
+    scan.writer.add(&Record { db: scan.db, key: key_name.to_vec(), expire_at_ms, payload })?;
     Ok(())
 }
 
