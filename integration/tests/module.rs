@@ -225,6 +225,74 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     assert!(info_field(&cluster.nodes[0], "commit_index") > 0);
 }
 
+/// Odd arguments for every `RAFT.*` command, internal ones included (any client can send those):
+/// none, empty, not UTF-8, numbers out of range, globs, half-formed subcommands, too many, huge.
+fn odd_arguments() -> Vec<Vec<Vec<u8>>> {
+    let words = |ws: &[&str]| ws.iter().map(|w| w.as_bytes().to_vec()).collect::<Vec<_>>();
+    let mut sets = vec![
+        vec![],
+        words(&[""]),
+        vec![vec![0xff, 0xfe, 0x00]],
+        words(&["-1"]),
+        words(&["0"]),
+        words(&["18446744073709551616"]),
+        words(&["*"]),
+        words(&["GET"]),
+        words(&["SET", "k"]),
+        words(&["SET", "consistency"]),
+        words(&["SET", "durability", "\u{1}"]),
+        words(&["SET", "tick-ms", "-5"]),
+        words(&["SET", "write-timeout", "99999999999999999999"]),
+        words(&["INIT", "extra"]),
+        words(&["JOIN"]),
+        words(&["JOIN", ""]),
+        words(&["JOIN", "127.0.0.1:0"]),
+        words(&["JOIN", "[::1]:99999", "x:y:z"]),
+        words(&["1", "2", "3", "4", "5", "6", "7", "8"]),
+        vec![b"x".to_vec(); 64],
+    ];
+    sets.push(vec![vec![b'a'; 1 << 20]]);
+    sets
+}
+
+#[test]
+fn every_raft_command_answers_odd_arguments_and_the_server_lives_on() {
+    let mut cluster = Cluster::start(1, &["write-timeout=1000"]).unwrap();
+    let member = &cluster.nodes[0];
+    let mut empty = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("empty"), &["write-timeout=1000"]).unwrap();
+    // From Redis' own table, so a command added later is swept too.
+    let names: Vec<String> = member.cmd(&["COMMAND", "LIST", "FILTERBY", "PATTERN", "raft*"]).unwrap();
+    assert!(names.len() >= 10 && names.iter().any(|n| n == "raft._cmd"), "{names:?}");
+    for server in [member, &empty] {
+        let mut conn = server.client().unwrap();
+        for name in &names {
+            for args in odd_arguments() {
+                let what = format!("{name} with {} argument(s) on port {}", args.len(), server.port);
+                let mut cmd = redis::cmd(name);
+                for a in &args {
+                    cmd.arg(a.as_slice());
+                }
+                // Any reply will do, an error included; a dropped connection or no answer will not.
+                if let Err(e) = cmd.query::<Value>(&mut conn) {
+                    assert!(!e.is_io_error() && !e.is_timeout() && !e.is_connection_dropped(), "{what}: {e}");
+                }
+                // RAFT._MULTI opens a transaction, as MULTI (which the module turns into it) does.
+                let reset: String = redis::cmd("RESET").query(&mut conn).unwrap_or_else(|e| panic!("{what}: then RESET: {e}"));
+                assert_eq!(reset, "RESET", "{what}");
+                let pong: String = redis::cmd("PING").query(&mut conn).unwrap_or_else(|e| panic!("{what}: then PING: {e}"));
+                assert_eq!(pong, "PONG", "{what}");
+            }
+        }
+    }
+    assert!(empty.is_running(), "the empty node survived");
+    assert!(cluster.nodes[0].is_running(), "the member survived");
+    let member = &cluster.nodes[0];
+    // The member still replicates and serves.
+    let _: () = member.cmd(&["SET", "still", "alive"]).unwrap();
+    let v: String = member.cmd(&["GET", "still"]).unwrap();
+    assert_eq!(v, "alive");
+}
+
 #[test]
 fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let cluster = Cluster::start(3, &[]).unwrap();
