@@ -9,7 +9,6 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
-use redis_module::raw;
 use crate::state;
 use raftis_core::membership::Members;
 use raftis_core::node::TakenSnapshot;
@@ -17,6 +16,7 @@ use raftis_core::snapshot_file::{self, Record, SnapshotMeta, SnapshotReader, Sna
 use raftis_core::snapshot_transfer::SnapshotDescriptor;
 use raftis_core::{LogIndex, Term};
 use raft::eraftpb::ConfState;
+use redis_module::raw;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
