@@ -1,6 +1,7 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
 use raftis_integration::{digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, Cluster, Server};
+use redis::Value;
 use std::time::Duration;
 
 /// Small thresholds so a few thousand writes produce several snapshots.
@@ -127,6 +128,34 @@ fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
     let err = cluster.nodes[0].restart().expect_err("a node with a corrupt snapshot must not start");
     let text = format!("{err:#}");
     assert!(text.contains("refusing to start with bad data"), "{text}");
+}
+
+#[test]
+fn a_failed_snapshot_is_reported_and_the_next_one_succeeds() {
+    let cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();
+    let node = &cluster.nodes[0];
+    assert_eq!(info_text(node, "last_snapshot_status"), "none");
+    assert_eq!(info_text(node, "last_snapshot_duration_ms"), "-1");
+    write_many(node, "f", 1_000);
+    // A single node proposes nothing by itself: the next snapshot is at the applied index now. A
+    // directory where the child must create its file makes it fail, as a full disk would.
+    let (index, term) = (info_field(node, "applied_index"), info_field(node, "term"));
+    let raft_dir = node.dir.join("raft");
+    let in_the_way = raft_dir.join(format!("snapshot-{index:020}-{term}.rsnap.tmp"));
+    std::fs::create_dir(&in_the_way).unwrap();
+    let err = node.cmd::<Value>(&["RAFT.SNAPSHOT"]).expect_err("the snapshot cannot be written");
+    assert!(err.to_string().contains("snapshot failed"), "{err}");
+    assert_eq!(info_text(node, "last_snapshot_status"), "failed");
+    assert_eq!(info_field(node, "snapshots_failed"), 1);
+    assert_eq!(info_field(node, "snapshot_index"), 0);
+
+    std::fs::remove_dir(&in_the_way).unwrap();
+    let (at, size): (i64, i64) = node.cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    assert_eq!((at as u64, size > 0), (index, true));
+    assert_eq!(info_text(node, "last_snapshot_status"), "ok");
+    assert_eq!(info_field(node, "snapshots_failed"), 1);
+    let took: i64 = info_text(node, "last_snapshot_duration_ms").parse().unwrap();
+    assert!(took >= 0, "{took}");
 }
 
 /// A RAFT.SNAPSHOT that arrives while the last snapshot's file is being verified and recorded

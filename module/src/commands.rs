@@ -288,6 +288,10 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("snapshot_in_progress", if phase == "none" { "no" } else { "yes" }.to_string());
     put("snapshot_phase", phase.to_string());
     put("snapshots_started", s.snapshots.started().to_string());
+    let last = s.snapshots.last_ended();
+    put("last_snapshot_status", last.map_or("none", |e| if e.ok { "ok" } else { "failed" }).to_string());
+    put("last_snapshot_duration_ms", last.map_or(-1, |e| e.took.as_millis() as i64).to_string());
+    put("snapshots_failed", s.snapshots.failed().to_string());
     match node.snapshot_fetch() {
         None => put("snapshot_fetch_in_progress", "no".into()),
         Some(f) => {

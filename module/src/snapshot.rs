@@ -21,7 +21,7 @@ use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where the dataset stands after the last applied batch: what a snapshot taken now records.
 #[derive(Clone, Debug, Default)]
@@ -55,6 +55,18 @@ pub struct Snapshots {
     /// Bytes of entries applied since the last snapshot started (or was loaded): roughly how
     /// much log a new snapshot would let the node compact.
     applied_bytes: AtomicU64,
+    /// How the newest snapshot attempt ended, and how many failed: what an operator watches, as
+    /// Redis' `rdb_last_bgsave_status`, to learn that the log has stopped being compacted.
+    last_ended: Mutex<Option<Ended>>,
+    failed: AtomicU64,
+}
+
+/// How a snapshot attempt ended (RAFT.INFO `last_snapshot_status`, `last_snapshot_duration_ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct Ended {
+    pub ok: bool,
+    /// From the fork to the file recorded in the log (or to the failure).
+    pub took: Duration,
 }
 
 impl Snapshots {
@@ -109,6 +121,21 @@ impl Snapshots {
         self.started.load(Ordering::Relaxed)
     }
 
+    pub fn last_ended(&self) -> Option<Ended> {
+        *self.last_ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn ended(&self, ok: bool, took: Duration) {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.last_ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ended { ok, took });
+    }
+
     /// Starts a snapshot at `point`. Must be called on the main thread, between batches.
     /// A waiter is answered when the snapshot is done; with one already running it joins that.
     pub fn start(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Option<Blocked>) {
@@ -156,6 +183,7 @@ impl Snapshots {
         }
         if pid < 0 {
             log::warn!("cannot fork for a snapshot now (another child process is running?); will retry");
+            self.ended(false, Duration::ZERO);
             if let Some(w) = waiter {
                 w.finish(Outcome::Error("ERR cannot fork for a snapshot right now (is a BGSAVE running?); retry".into()));
             }
@@ -248,6 +276,7 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
         let Some(job) = s.snapshots.in_progress.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         if exitcode != 0 || bysignal != 0 {
             log::error!("snapshot child failed (exit code {exitcode}, signal {bysignal})");
+            s.snapshots.ended(false, job.started.elapsed());
             for w in job.waiters {
                 w.finish(Outcome::Error("ERR snapshot failed; see the Redis log".into()));
             }
@@ -256,9 +285,11 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
         // This and every caller of `in_progress()` and `start()` run on the main thread: none
         // sees the gap.
         *s.snapshots.publishing() = Some(Vec::new());
+        let started = job.started;
         let published = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || publish(job));
         if published.is_err() {
             log::error!("cannot start a thread to publish the snapshot; the next one will be taken later");
+            s.snapshots.ended(false, started.elapsed());
             *s.snapshots.publishing() = None;
         }
     });
@@ -286,6 +317,7 @@ fn publish(job: InProgress) {
         Ok(summary) => summary,
         Err(e) => {
             log::error!("the snapshot just written at {} does not verify: {e}", job.path.display());
+            s.snapshots.ended(false, job.started.elapsed());
             for w in job.waiters {
                 w.finish(Outcome::Error(format!("ERR snapshot failed verification: {e}")));
             }
@@ -310,6 +342,7 @@ fn publish(job: InProgress) {
             descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
         })
     });
+    s.snapshots.ended(recorded, job.started.elapsed());
     // Entries applied while this one was written may already call for the next.
     drop(_publishing);
     let _ = s.send_to_apply(crate::apply::Job::CheckSnapshot);
