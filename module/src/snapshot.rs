@@ -59,6 +59,8 @@ pub struct Snapshots {
     /// Redis' `rdb_last_bgsave_status`, to learn that the log has stopped being compacted.
     last_ended: Mutex<Option<Ended>>,
     failed: AtomicU64,
+    /// When a refused fork was last logged.
+    fork_refused_warned: Mutex<Option<Instant>>,
 }
 
 /// How a snapshot attempt ended (RAFT.INFO `last_snapshot_status`, `last_snapshot_duration_ms`).
@@ -182,8 +184,14 @@ impl Snapshots {
             return;
         }
         if pid < 0 {
-            log::warn!("cannot fork for a snapshot now (another child process is running?); will retry");
-            self.ended(false, Duration::ZERO);
+            // Another child (a BGSAVE) is running: not a failed snapshot but one not started yet,
+            // and asked for again with every applied batch, so said at most every 10 s.
+            let mut warned = self.fork_refused_warned.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.map_or(true, |at| at.elapsed() >= Duration::from_secs(10)) {
+                log::warn!("cannot fork for a snapshot now (another child process is running?); will retry");
+                *warned = Some(Instant::now());
+            }
+            drop(warned);
             if let Some(w) = waiter {
                 w.finish(Outcome::Error("ERR cannot fork for a snapshot right now (is a BGSAVE running?); retry".into()));
             }
