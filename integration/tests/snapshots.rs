@@ -158,6 +158,47 @@ fn a_failed_snapshot_is_reported_and_the_next_one_succeeds() {
     assert!(took >= 0, "{took}");
 }
 
+#[test]
+fn a_node_killed_while_its_snapshot_child_writes_restarts_at_once() {
+    let mut cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();
+    // Enough keys for the child to take about a second.
+    let keys = 500_000;
+    let mut conn = cluster.nodes[0].client().unwrap();
+    for chunk in (0..keys).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET").arg(format!("k{i}")).arg(i).ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    }
+    drop(conn);
+    let port = cluster.nodes[0].port;
+    // RAFT.SNAPSHOT blocks its caller until the snapshot is recorded: asked from a thread whose
+    // connection the kill below breaks.
+    let asking = std::thread::spawn(move || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        let _ = client.get_connection().and_then(|mut c| redis::cmd("RAFT.SNAPSHOT").query::<Value>(&mut c));
+    });
+    let log = cluster.nodes[0].dir.join("redis.log");
+    let child = wait_for("the snapshot child", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let pid = text.lines().rev().find_map(|l| l.split("started (child pid ").nth(1)?.strip_suffix(')')?.parse::<u32>().ok())?;
+        Some(pid)
+    });
+    let child_proc = std::path::PathBuf::from(format!("/proc/{child}"));
+    cluster.nodes[0].kill9();
+    assert!(child_proc.exists(), "the child finished before its server was killed: nothing tested");
+    // Its ports are free at once, not when the orphaned child is done: it holds no socket.
+    cluster.nodes[0].restart().unwrap_or_else(|e| panic!("restart while the old child still writes: {e:#}\n{}", cluster.nodes[0].log_tail()));
+    asking.join().unwrap();
+    cluster.wait_leader();
+    // Every key, plus the harness' own probe key.
+    let n: i64 = cluster.nodes[0].cmd(&["DBSIZE"]).unwrap();
+    assert_eq!(n, keys as i64 + 1);
+    let last: String = cluster.nodes[0].cmd(&["GET", &format!("k{}", keys - 1)]).unwrap();
+    assert_eq!(last, (keys - 1).to_string());
+}
+
 /// A RAFT.SNAPSHOT that arrives while the last snapshot's file is being verified and recorded
 /// waits for it instead of forking a second child, which would race its publication.
 #[test]

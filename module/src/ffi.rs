@@ -25,6 +25,24 @@ pub(crate) use api;
 
 extern "C" {
     fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char) -> *mut std::ffi::c_void;
+    fn close(fd: c_int) -> c_int;
+}
+
+/// In a forked child: closes every socket it inherited. Redis closes its own listening sockets in
+/// its children, but not the module's: a snapshot child would keep the side port bound, so a
+/// node killed while its child writes could not be restarted on the same ports until the child
+/// finished, and its peers' connections would stay open that long. The child needs no socket.
+pub fn close_inherited_sockets() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    // Listed first, closed after: the listing holds a descriptor of its own.
+    let sockets: Vec<c_int> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_link(e.path()).map_or(false, |target| target.to_string_lossy().starts_with("socket:")))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in sockets {
+        unsafe { close(fd) };
+    }
 }
 
 /// A function Redis exports but the module API does not offer, looked up by name in the

@@ -171,6 +171,7 @@ impl Snapshots {
         let pid = unsafe { api!(RedisModule_Fork)(Some(done), std::ptr::null_mut()) };
         if pid == 0 {
             // The child: write and leave. Nothing here may touch locks other threads could hold.
+            ffi::close_inherited_sockets();
             // With Redis' expiry suspended, as the log is applied: keys past their deadline by
             // the clock but not by the log are kept (see `expiry`).
             let code = match crate::expiry::suspended(|| write_dataset(ctx, &path, point)) {
