@@ -282,15 +282,26 @@ impl Cluster {
             let server = match &network {
                 None => Server::start(free_port_pair(), &dir, extra)?,
                 Some(net) => {
-                    let port = loop {
+                    // A port found free can be taken before the proxy binds it (seen once in
+                    // CI, by whom is not known): then another one is tried.
+                    let mut found = None;
+                    for _ in 0..100 {
                         let p = free_port_pair();
-                        if TcpListener::bind((PROXY_HOST, p)).is_ok() && TcpListener::bind((PROXY_HOST, p + 10000)).is_ok() {
-                            break p;
+                        if TcpListener::bind((PROXY_HOST, p)).is_err() || TcpListener::bind((PROXY_HOST, p + 10000)).is_err() {
+                            continue;
                         }
-                    };
-                    let listen: std::net::SocketAddr = format!("{PROXY_HOST}:{}", port + 10000).parse()?;
-                    let target: std::net::SocketAddr = format!("127.0.0.1:{}", port + 10000).parse()?;
-                    net.add_proxy(i, listen, target)?;
+                        let listen: std::net::SocketAddr = format!("{PROXY_HOST}:{}", p + 10000).parse()?;
+                        let target: std::net::SocketAddr = format!("127.0.0.1:{}", p + 10000).parse()?;
+                        match net.add_proxy(i, listen, target) {
+                            Ok(()) => {
+                                found = Some(p);
+                                break;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    let port = found.ok_or_else(|| anyhow::anyhow!("no free ports for node {i}'s proxy after 100 tries"))?;
                     let advertise = format!("advertise-addr={PROXY_HOST}:{port}");
                     let mut args: Vec<&str> = extra.to_vec();
                     args.push(&advertise);
