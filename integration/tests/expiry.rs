@@ -103,18 +103,22 @@ fn nodes_replaying_old_entries_expire_keys_as_the_leader_did() {
     }
 }
 
+/// A partitionable 3-node cluster where every node holds `k = 5`, due `ttl_ms` from now: the
+/// cluster, its [leader, a follower, the other follower], and the deadline.
+fn key_with_a_deadline(ttl_ms: u64) -> (Cluster, [usize; 3], Instant) {
+    let cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let expires = Instant::now() + Duration::from_millis(ttl_ms);
+    let _: () = cluster.nodes[leader].cmd(&["SET", "k", "5", "PX", &ttl_ms.to_string()]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    (cluster, [leader, (leader + 1) % 3, (leader + 2) % 3], expires)
+}
+
 #[test]
 fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
-    let cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let (cluster, [leader, follower, other], expires) = key_with_a_deadline(8000);
     let network = cluster.network.as_ref().unwrap();
-    let leader = cluster.wait_leader();
-    let follower = (leader + 1) % 3;
-    let other = (leader + 2) % 3;
-    let ttl_ms = 8000;
-    let expires = Instant::now() + Duration::from_millis(ttl_ms);
     let l = &cluster.nodes[leader];
-    let _: () = l.cmd(&["SET", "k", "5", "PX", &ttl_ms.to_string()]).unwrap();
-    cluster.wait_converged(&[0, 1, 2]);
     // The follower is cut off and misses a write to the key made before its deadline; it runs
     // on without a leader until the deadline is behind it.
     network.partition(&[vec![follower], vec![leader, other]]);
@@ -202,16 +206,9 @@ fn followers_of_an_idle_cluster_expire_keys_too() {
 
 #[test]
 fn a_key_the_log_expires_is_announced_as_expired() {
-    let cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let (cluster, [leader, follower, other], expires) = key_with_a_deadline(5000);
     let network = cluster.network.as_ref().unwrap();
-    let leader = cluster.wait_leader();
-    let follower = (leader + 1) % 3;
-    let other = (leader + 2) % 3;
-    let ttl_ms = 5000;
-    let expires = Instant::now() + Duration::from_millis(ttl_ms);
     let l = &cluster.nodes[leader];
-    let _: () = l.cmd(&["SET", "k", "5", "PX", &ttl_ms.to_string()]).unwrap();
-    cluster.wait_converged(&[0, 1, 2]);
     // A subscriber to the follower's expiry events, as an application invalidating a cache would.
     let f = &cluster.nodes[follower];
     let _: () = f.cmd(&["CONFIG", "SET", "notify-keyspace-events", "Ex"]).unwrap();
