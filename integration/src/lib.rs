@@ -287,7 +287,8 @@ impl Cluster {
                     let mut found = None;
                     for _ in 0..100 {
                         let p = free_port_pair();
-                        if TcpListener::bind((PROXY_HOST, p)).is_err() || TcpListener::bind((PROXY_HOST, p + 10000)).is_err() {
+                        // Redis binds the client port there too; the proxy's bind below checks its own.
+                        if TcpListener::bind((PROXY_HOST, p)).is_err() {
                             continue;
                         }
                         let listen: std::net::SocketAddr = format!("{PROXY_HOST}:{}", p + 10000).parse()?;

@@ -322,7 +322,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                     }
                     Some(ReplyTo::ForwardedTransaction(done)) => {
                         let replies: Vec<Vec<u8>> = outcomes
-                            .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes()))
+                            .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| crate::forward::error_proto(&e)))
                             .collect();
                         done(Ok(encode_replies(&replies)));
                     }

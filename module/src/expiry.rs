@@ -170,9 +170,7 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
     match state::get().key_positions(argv) {
         KeyPositions::At(positions) => {
             for i in positions {
-                let name = ffi::new_string(argv[i]);
-                expire_if_due(ctx, name, at);
-                ffi::free_string(name);
+                expire_named_if_due(ctx, argv[i], at);
             }
         }
         KeyPositions::AskRedis => {
@@ -215,9 +213,7 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
             let element = ffi::reply_bytes(ffi::reply_element(elements, i));
             for pattern in patterns {
                 if let Some(looked_up) = sort_patterns::key_for(pattern, element) {
-                    let name = ffi::new_string(&looked_up);
-                    expire_if_due(ctx, name, at);
-                    ffi::free_string(name);
+                    expire_named_if_due(ctx, &looked_up, at);
                 }
             }
         }
@@ -230,6 +226,12 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
 /// `lib.rs`), not an access (no LRU update), and not a keyspace miss (no `keymiss` event, which a
 /// read would send for a missing key).
 const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
+
+fn expire_named_if_due(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime) {
+    let name = ffi::new_string(key);
+    expire_if_due(ctx, name, at);
+    ffi::free_string(name);
+}
 
 fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime) {
     let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;

@@ -210,16 +210,22 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
 pub fn run_reads(ctx: *mut RedisModuleCtx, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
     let mut replies = Vec::with_capacity(reads.len());
     for (db, argv) in reads {
-        let reply = match ffi::select_db(ctx, db) {
-            true => take_proto(ffi::call(ctx, &argv, resp3)),
-            false => Err(format!("ERR DB index {db} is out of range")),
+        let reply = if ffi::select_db(ctx, db) {
+            take_proto(ffi::call(ctx, &argv, resp3))
+        } else {
+            Err(format!("ERR DB index {db} is out of range"))
         };
         if !batch {
             return done(reply);
         }
-        replies.push(reply.unwrap_or_else(|e| format!("-{e}\r\n").into_bytes()));
+        replies.push(reply.unwrap_or_else(|e| error_proto(&e)));
     }
     done(Ok(encode_replies(&replies)));
+}
+
+/// An error as a raw RESP reply line (`-ERR ...`), on one line whatever the message holds.
+pub fn error_proto(error: &str) -> Vec<u8> {
+    format!("-{}\r\n", error.replace(['\r', '\n'], " ")).into_bytes()
 }
 
 /// A call's reply as raw RESP, freeing it; the error to answer instead if there is none.

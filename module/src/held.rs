@@ -572,8 +572,7 @@ impl Drop for HeldReply {
 }
 
 fn send_failure(client: ClientId, slot: u64, error: &str) {
-    let line = format!("-{}\r\n", error.replace(['\r', '\n'], " "));
-    send_reply(client, slot, line.into_bytes());
+    send_reply(client, slot, crate::forward::error_proto(error));
 }
 
 /// Fills the slot on the main thread, from any thread.
@@ -643,7 +642,7 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     // (At high the read is confirmed after it runs; at low any node serves it.)
     if s.consistency() == Consistency::Medium && crate::read::needs_confirmation() {
         let redirect = s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status()));
-        return format!("-{redirect}\r\n").into_bytes();
+        return crate::forward::error_proto(&redirect);
     }
     let ctx = s.main_thread_ctx();
     if !ffi::select_db(ctx, db) {
@@ -651,5 +650,5 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     }
     // This runs while entries are applied: Redis' own expiry has to judge what the read sees.
     let reply = crate::expiry::resumed(|| ffi::call(ctx, argv, resp3));
-    crate::forward::take_proto(reply).unwrap_or_else(|e| format!("-{e}\r\n").into_bytes())
+    crate::forward::take_proto(reply).unwrap_or_else(|e| crate::forward::error_proto(&e))
 }
