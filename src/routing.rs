@@ -13,6 +13,10 @@ pub struct CommandInfo {
     pub write: bool,
     pub readonly: bool,
     pub blocking: bool,
+    /// Redis tips it as `nondeterministic_output` (TIME, RANDOMKEY, TTL, ...) or
+    /// `nondeterministic_output_order` (SMEMBERS, HGETALL, ...: the order of a hash table, whose
+    /// hash seed differs on every node).
+    pub nondeterministic: bool,
     /// Has subcommands ("container" commands such as CONFIG or OBJECT).
     pub container: bool,
     /// Where the keys are, as COMMAND's first key, last key (negative: from the end) and step;
@@ -57,17 +61,13 @@ const NEVER_REPLICATED: &[&str] = &[
     "select", "client", "auth", "hello", "monitor", "ping", "echo", "quit", "reset", "readonly", "readwrite",
     "command", "info", "config", "debug", "shutdown", "save", "bgsave", "bgrewriteaof", "slowlog", "latency",
     "memory", "module", "acl", "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe",
-    "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut", "script",
+    "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut",
     // Redis queues a transaction's commands and runs them at EXEC, each one through this module.
     "exec", "discard", "unwatch",
 ];
 
 /// Not supported yet: refused outright rather than half working.
 const REFUSED: &[(&str, &str)] = &[
-    ("eval", "scripts"),
-    ("evalsha", "scripts"),
-    ("eval_ro", "scripts"),
-    ("evalsha_ro", "scripts"),
     ("fcall", "functions"),
     ("fcall_ro", "functions"),
     ("function", "functions"),
@@ -80,6 +80,13 @@ const REFUSED: &[(&str, &str)] = &[
     ("sync", "Redis replication (Raftis replaces it)"),
     ("psync", "Redis replication (Raftis replaces it)"),
 ];
+
+/// Replicated whatever Redis' flags say: a script runs on every node, as one entry (see the
+/// module's `scripts`), and the script cache changes on every node.
+const REPLICATED: &[&str] = &["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|flush"];
+
+/// Refused by full name (a container's subcommand).
+const REFUSED_SUBCOMMANDS: &[(&str, &str)] = &[("script|debug", "SCRIPT DEBUG")];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -198,6 +205,15 @@ impl CommandTable {
         let display = subcommand.as_deref().unwrap_or(name);
         let argc = argv.len() as i64;
         let arity_ok = if info.arity >= 0 { argc == info.arity } else { argc >= -info.arity };
+        if let Some((_, what)) = REFUSED_SUBCOMMANDS.iter().find(|(n, _)| *n == display) {
+            return Route::Refuse(format!("ERR {what} not supported by Raftis yet"));
+        }
+        if REPLICATED.contains(&display) {
+            if !arity_ok {
+                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"));
+            }
+            return Route::Write;
+        }
         if info.write {
             if !arity_ok {
                 return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"));
@@ -215,6 +231,32 @@ impl CommandTable {
             return Route::Read;
         }
         Route::Local
+    }
+}
+
+impl CommandTable {
+    /// Whether a script may run `argv` (a command it calls): the error to raise in the script
+    /// instead, if every node could get a different answer from it. See the module's `scripts`.
+    pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
+        let first = argv.first()?;
+        with_lower_case(first, |name| {
+            let name = name?;
+            let mut info = self.get(name)?;
+            let mut display = name.to_string();
+            if info.container && argv.len() >= 2 {
+                let full = format!("{name}|{}", String::from_utf8_lossy(argv[1]).to_ascii_lowercase());
+                if let Some(sub) = self.get(&full) {
+                    info = sub;
+                    display = full;
+                }
+            }
+            info.nondeterministic.then(|| {
+                format!(
+                    "ERR {} inside a script could answer differently on every node; Raftis refuses it in scripts",
+                    display.replace('|', " ").to_uppercase()
+                )
+            })
+        })
     }
 }
 
@@ -252,6 +294,12 @@ mod tests {
         t.insert("watch", CommandInfo { arity: -2, keys: span(1, -1, 1), ..Default::default() });
         t.insert("exec", CommandInfo { arity: 1, ..Default::default() });
         t.insert("eval", CommandInfo { arity: -3, keys: None, ..Default::default() });
+        t.insert("script", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("script|load", CommandInfo { arity: 3, ..Default::default() });
+        t.insert("script|exists", CommandInfo { arity: -3, ..Default::default() });
+        t.insert("script|debug", CommandInfo { arity: 3, ..Default::default() });
+        t.insert("time", CommandInfo { arity: 1, nondeterministic: true, ..Default::default() });
+        t.insert("smembers", CommandInfo { arity: 2, readonly: true, nondeterministic: true, ..Default::default() });
         t.insert("publish", CommandInfo { arity: 3, write: true, ..Default::default() });
         t
     }
@@ -278,6 +326,16 @@ mod tests {
     }
 
     #[test]
+    fn scripts_may_not_call_commands_whose_answer_differs_between_nodes() {
+        let refused = |args: &[&str]| table().refused_in_scripts(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
+        assert!(refused(&["TIME"]).unwrap().starts_with("ERR TIME inside a script"));
+        assert!(refused(&["smembers", "s"]).unwrap().contains("SMEMBERS"));
+        assert_eq!(refused(&["SET", "k", "v"]), None);
+        assert_eq!(refused(&["GET", "k"]), None);
+        assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
+    }
+
+    #[test]
     fn key_positions_come_from_the_key_span_or_from_redis() {
         let at = |args: &[&str]| table().key_positions(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
         assert_eq!(at(&["SET", "k", "v", "PX", "10"]), KeyPositions::At(vec![1]));
@@ -296,7 +354,11 @@ mod tests {
         assert_eq!(route(&["EXEC"]), Route::Local, "Redis runs the queued commands, each through the filter's route");
         assert_eq!(route(&["WATCH", "k"]), Route::Watch);
         assert_eq!(route(&["UNWATCH"]), Route::Local);
-        assert!(matches!(route(&["eval", "return 1", "0"]), Route::Refuse(e) if e.starts_with("ERR scripts")));
+        assert_eq!(route(&["eval", "return 1", "0"]), Route::Write, "a script runs on every node");
+        assert!(matches!(route(&["eval", "return 1"]), Route::Refuse(e) if e.contains("wrong number")));
+        assert_eq!(route(&["SCRIPT", "LOAD", "return 1"]), Route::Write, "every node caches the script");
+        assert_eq!(route(&["script", "exists", "abc"]), Route::Local);
+        assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
         assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");

@@ -358,7 +358,8 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
     if let Some(at) = at {
         crate::expiry::expire_due(ctx, &command.argv, at);
     }
-    Outcome::Call(ffi::call(ctx, &command.argv, resp3))
+    let call = || ffi::call(ctx, &command.argv, resp3);
+    Outcome::Call(crate::scripts::apply(ctx, command.db, at, &command.argv, call))
 }
 
 fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {

@@ -19,6 +19,7 @@ mod held;
 mod logger;
 mod read;
 mod reply;
+mod scripts;
 mod snapshot;
 mod state;
 mod transaction;
@@ -94,6 +95,8 @@ command!(borrowed cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::
 command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
+command!(borrowed cmd_script_kill, |ctx, _| scripts::kill(ctx).map(|_| Reply::Blocked));
+command!(cmd_script_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
 command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
 command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
@@ -113,6 +116,8 @@ type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString,
 const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::WRITE_COMMAND, cmd_write, "write"),
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
+    (scripts::SCRIPT_ERROR_COMMAND, cmd_script_error, "fast"),
+    (scripts::KILL_COMMAND, cmd_script_kill, "allow-loading allow-busy fast"),
     (read::READ_COMMAND, cmd_read, "readonly"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
@@ -205,6 +210,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     held::init(ctx);
     log::info!("{}", held::describe());
     log::info!("{}", expiry::init(ctx));
+    log::info!("{}", scripts::init());
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
@@ -218,6 +224,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
         api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int)
     };
     anyhow::ensure!(!filter.is_null(), "cannot register the command filter");
+    // Not NOSELF: it must see what a script the module applies calls (see `scripts`).
+    let script_filter = unsafe { api!(RedisModule_RegisterCommandFilter)(ctx, Some(scripts::filter), 0) };
+    anyhow::ensure!(!script_filter.is_null(), "cannot register the script command filter");
     unsafe { api!(RedisModule_RegisterInfoFunc)(ctx, Some(info_section)) };
 
     if s.store.is_initialized() {

@@ -140,6 +140,10 @@ impl Raftis {
         self.table.read().unwrap_or_else(|p| p.into_inner()).route(argv)
     }
 
+    pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).refused_in_scripts(argv)
+    }
+
     pub fn key_positions(&self, argv: &[&[u8]]) -> KeyPositions {
         self.table.read().unwrap_or_else(|p| p.into_inner()).key_positions(argv)
     }

@@ -66,6 +66,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// relative times are made absolute from `at` (see `determinism`), and clients watching its keys
 /// learn it is coming (see `watch`). An error is the write's reply: it cannot be replicated.
 pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
+    crate::scripts::prepare(argv)?;
     determinism::pin(argv, at.0).map_err(|r| r.0)?;
     crate::watch::touch(db, argv);
     Ok(())

@@ -1,0 +1,143 @@
+//! Lua scripts run on every node from the log and leave every node with the same dataset.
+
+use raftis_integration::{stat_field, wait_for, Cluster};
+use redis::Value;
+use std::time::Duration;
+
+fn eval<T: redis::FromRedisValue>(conn: &mut redis::Connection, script: &str, keys: &[&str], args: &[&str]) -> redis::RedisResult<T> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+    cmd.query(conn)
+}
+
+#[test]
+fn scripts_run_the_same_on_every_node_also_when_replayed() {
+    // consistency=low lets the test read each node's own dataset.
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let mut conn = cluster.nodes[leader].client().unwrap();
+
+    // A write, its reply Redis' own.
+    let n: i64 = eval(&mut conn, "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])", &["a", "c"], &["x"]).unwrap();
+    assert_eq!(n, 1);
+    // math.random starts from the same seed on every node, at every script.
+    let r1: i64 = eval(&mut conn, "local r = math.random(1000000); redis.call('SET', KEYS[1], r); return r", &["random"], &[]).unwrap();
+    let r2: i64 = eval(&mut conn, "return math.random(1000000)", &[], &[]).unwrap();
+    assert_eq!(r1, r2);
+    // A relative time inside a script gets one deadline, from the entry's time.
+    let deadline: i64 =
+        eval(&mut conn, "redis.call('SET', KEYS[1], 'v', 'EX', 100); return redis.call('PEXPIRETIME', KEYS[1])", &["ttl"], &[]).unwrap();
+    assert!(deadline > 0);
+    // A key the script does not declare is still written, and replicated.
+    let _: () = eval(&mut conn, "redis.call('RPUSH', 'undeclared', 1, 2, 3)", &[], &[]).unwrap();
+    // Calls whose answer differs between nodes raise an error in the script; what it wrote before
+    // stays, as in Redis.
+    for (call, name) in [("redis.call('TIME')", "TIME"), ("redis.call('SMEMBERS', 's')", "SMEMBERS"), ("redis.call('RANDOMKEY')", "RANDOMKEY")] {
+        let script = format!("redis.call('INCR', 'before-refused'); return {call}");
+        let err = eval::<Value>(&mut conn, &script, &[], &[]).unwrap_err();
+        assert!(err.to_string().contains(&format!("{name} inside a script")), "{err}");
+    }
+    let err = eval::<Value>(&mut conn, "return redis.call('RAFT.INFO')", &[], &[]).unwrap_err();
+    assert!(err.to_string().contains("Raftis' own commands"), "{err}");
+    // A script Redis cannot compile: its error, and nothing known under its SHA1.
+    let err = eval::<Value>(&mut conn, "this is not lua", &[], &[]).unwrap_err();
+    assert!(err.to_string().contains("Error compiling script"), "{err}");
+
+    // SCRIPT LOAD goes through the log; EVALSHA reaches the log as the script's text.
+    let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg("return redis.call('INCRBY', KEYS[1], ARGV[1])").query(&mut conn).unwrap();
+    let v: i64 = redis::cmd("EVALSHA").arg(&sha).arg(1).arg("counter").arg(5).query(&mut conn).unwrap();
+    assert_eq!(v, 5);
+    let err = redis::cmd("EVALSHA").arg("0000000000000000000000000000000000000000").arg(0).query::<Value>(&mut conn).unwrap_err();
+    assert_eq!(err.code(), Some("NOSCRIPT"), "{err}");
+    let v: String = redis::cmd("EVAL_RO").arg("return redis.call('GET', KEYS[1])").arg(1).arg("a").query(&mut conn).unwrap();
+    assert_eq!(v, "x");
+    // Inside a transaction, with the rest of it.
+    let (v, w): (i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("EVALSHA")
+        .arg(&sha)
+        .arg(1)
+        .arg("counter")
+        .arg(1)
+        .cmd("EVAL")
+        .arg("return redis.call('INCR', KEYS[1])")
+        .arg(1)
+        .arg("counter")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!((v, w), (6, 7));
+    drop(conn);
+
+    for node in &cluster.nodes {
+        let ttl_deadline: i64 = node.cmd(&["PEXPIRETIME", "ttl"]).unwrap();
+        assert_eq!(ttl_deadline, deadline, "node {}", node.port);
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    for node in &cluster.nodes {
+        assert_eq!(stat_field(node, "known_scripts"), stat_field(&cluster.nodes[leader], "known_scripts"));
+    }
+
+    // A follower restarted from its log runs every script again, with an empty script cache, to
+    // the same dataset.
+    let follower = (leader + 1) % 3;
+    cluster.nodes[follower].kill9();
+    cluster.nodes[follower].restart().unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+
+    // Any node can lead and still turn a SHA1 its log loaded into the script.
+    cluster.nodes[leader].kill9();
+    let new = wait_for("a new leader", Duration::from_secs(10), || {
+        (0..3).filter(|i| *i != leader).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let mut conn = cluster.nodes[new].client().unwrap();
+    let v: i64 = wait_for("EVALSHA on the new leader", Duration::from_secs(10), || {
+        redis::cmd("EVALSHA").arg(&sha).arg(1).arg("counter").arg(10).query(&mut conn).ok()
+    });
+    assert_eq!(v, 17);
+    cluster.nodes[leader].restart().unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
+fn script_flush_and_the_commands_a_script_cannot_use_are_answered_clearly() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let sha: String = node.cmd(&["SCRIPT", "LOAD", "return 1"]).unwrap();
+    let exists: Vec<i64> = node.cmd(&["SCRIPT", "EXISTS", &sha]).unwrap();
+    assert_eq!(exists, [1]);
+    let _: () = node.cmd(&["SCRIPT", "FLUSH"]).unwrap();
+    let err = node.cmd::<Value>(&["EVALSHA", &sha, "0"]).unwrap_err();
+    assert_eq!(err.code(), Some("NOSCRIPT"), "a flushed script is forgotten by the log too: {err}");
+    assert_eq!(stat_field(node, "known_scripts"), 0);
+    let err = node.cmd::<Value>(&["SCRIPT", "DEBUG", "YES"]).unwrap_err();
+    assert!(err.to_string().contains("SCRIPT DEBUG"), "{err}");
+    let err = node.cmd::<Value>(&["EVAL", "return redis.call('SPOP', KEYS[1])", "1", "s"]).unwrap_err();
+    assert!(err.to_string().contains("SPOP"), "{err}");
+    let err = node.cmd::<Value>(&["EVAL", "return redis.call('FCALL', 'f', 0)", "0"]).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("function") || err.to_string().contains("not allowed"), "{err}");
+    let err = node.cmd::<Value>(&["FCALL", "f", "0"]).unwrap_err();
+    assert!(err.to_string().contains("functions not supported"), "{err}");
+    assert!(node.cmd::<String>(&["PING"]).is_ok());
+}
+
+#[test]
+fn a_script_that_never_ends_is_killed_on_every_node_and_the_cluster_goes_on() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    for node in &cluster.nodes {
+        let _: () = node.cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"]).unwrap();
+    }
+    let leader = cluster.wait_leader();
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let runner = std::thread::spawn(move || eval::<Value>(&mut conn, "while true do end", &[], &[]));
+    // Every node runs it (Redis answers -BUSY meanwhile); each one is told to stop it.
+    for node in &cluster.nodes {
+        let reply: String = wait_for("the script to run here", Duration::from_secs(10), || node.quick_cmd(&["SCRIPT", "KILL"]).ok());
+        assert_eq!(reply, "OK");
+    }
+    let err = runner.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("Script killed"), "{err}");
+    let _: () = cluster.nodes[leader].cmd(&["SET", "after", "1"]).unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    let err = cluster.nodes[leader].cmd::<Value>(&["SCRIPT", "KILL"]).unwrap_err();
+    assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
+}

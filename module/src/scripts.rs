@@ -1,0 +1,309 @@
+//! Lua scripts (`EVAL`, `EVALSHA` and their `_RO` forms) run on every node, each as one log entry,
+//! the way Redis replicated scripts before 5.0: verbatim. That only works if a script does the same
+//! thing on every node, however late a node applies it, so:
+//!
+//! - The log carries the script's text, never its SHA1: the leader turns `EVALSHA` into `EVAL`
+//!   from the scripts it knows (those its log loaded), so a node that lost its script cache (a
+//!   restart, a snapshot) still runs it. An unknown SHA1 gets Redis' `NOSCRIPT` at once.
+//!   `SCRIPT LOAD` and `SCRIPT FLUSH` go through the log too, so that every node knows the same
+//!   scripts and any of them can take over as leader.
+//! - `math.random` starts from the same seed at every script (Redis' own generator, reseeded
+//!   before each run, as Redis did when it replicated scripts verbatim).
+//! - What the script calls passes a second command filter: a command whose answer could differ
+//!   between nodes (Redis tips it `nondeterministic_output`: `TIME`, `RANDOMKEY`, `TTL`; or
+//!   `nondeterministic_output_order`: `SMEMBERS`, `HGETALL`, whose order follows a hash table
+//!   seeded differently on each node) raises an error in the script instead, so does a write
+//!   Raftis refuses anyway (`SPOP`); relative times are made absolute from the entry's time
+//!   (`SET k v EX 10` inside a script gets the same deadline everywhere), and the keys it names
+//!   are expired by that time, as a client's command's are (see `expiry`).
+//!
+//! `SCRIPT KILL` stays local: it stops the script on the node it is sent to (Redis' rule holds: not
+//! once the script has written). It is the way out of a script that never ends, which would hang
+//! every node and hang it again when the log is replayed (see the README). `FUNCTION`/`FCALL` are
+//! not supported yet (functions live in a library Redis keeps outside the dataset).
+//!
+//! Seeding Redis' generator and hashing a script are not module API: `redisSrand48` and `sha1hex`
+//! are looked up at load. Without them, scripts are refused.
+
+use crate::ffi::{self, api, RedisModuleCtx};
+use crate::state;
+use raftis_core::command_entry::EntryTime;
+use raftis_core::determinism::{self, Args};
+use raftis_core::routing::Route;
+use redis_module::raw::RedisModuleCommandFilterCtx;
+use rustc_hash::FxHashMap;
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::os::raw::{c_char, c_int};
+use std::sync::{Mutex, OnceLock};
+
+/// The command a refused call inside a script becomes: it answers its argument as an error.
+pub const SCRIPT_ERROR_COMMAND: &str = "raft._scripterr";
+/// What `SCRIPT KILL` becomes (see [`kill`]).
+pub const KILL_COMMAND: &str = "raft._scriptkill";
+
+struct Hooks {
+    /// Seeds the generator behind Lua's `math.random`.
+    srand: unsafe extern "C" fn(i32),
+    /// Redis' script SHA1: 40 hex digits and a NUL into the first argument.
+    sha1hex: unsafe extern "C" fn(*mut c_char, *const c_char, usize),
+    /// Redis' SCRIPT KILL for a client (it answers the client itself).
+    kill: unsafe extern "C" fn(*mut c_void, c_int),
+    lookup_client: unsafe extern "C" fn(u64) -> *mut c_void,
+    /// Redis' flag: it is serving clients in the middle of a long command (a script past
+    /// busy-reply-threshold). A command the filter sees then is a client's, not the script's.
+    serving_clients: *const c_int,
+}
+
+// The flag's address is Redis' own global, read only on the main thread.
+unsafe impl Send for Hooks {}
+unsafe impl Sync for Hooks {}
+
+static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
+
+/// The scripts this node's log loaded, by lower-case SHA1.
+static KNOWN: Mutex<Option<FxHashMap<String, Vec<u8>>>> = Mutex::new(None);
+
+/// The script being applied right now: its entry's time, its database, and the context that
+/// applies it (only touched on the main thread).
+#[derive(Clone, Copy)]
+struct Running {
+    at: EntryTime,
+    db: u32,
+    ctx: *mut RedisModuleCtx,
+}
+
+thread_local! {
+    static RUNNING: Cell<Option<Running>> = const { Cell::new(None) };
+}
+
+/// At load: finds the hooks. Returns how scripts run here, for the log.
+pub fn init() -> String {
+    let hooks = HOOKS.get_or_init(|| {
+        Ok(unsafe {
+            Hooks {
+                srand: std::mem::transmute(ffi::find_symbol("redisSrand48")?),
+                sha1hex: std::mem::transmute(ffi::find_symbol("sha1hex")?),
+                kill: std::mem::transmute(ffi::find_symbol("scriptKill")?),
+                lookup_client: std::mem::transmute(ffi::find_symbol("lookupClientByID")?),
+                serving_clients: ffi::find_symbol("ProcessingEventsWhileBlocked")? as *const c_int,
+            }
+        })
+    });
+    match hooks {
+        Ok(_) => "scripts run on every node from the log, with their nondeterministic calls refused".into(),
+        Err(why) => format!("{why}: scripts are refused"),
+    }
+}
+
+fn hooks() -> Result<&'static Hooks, String> {
+    match HOOKS.get() {
+        Some(Ok(hooks)) => Ok(hooks),
+        Some(Err(why)) => Err(format!("ERR scripts not supported by Raftis on this Redis: {why}")),
+        None => Err("ERR scripts not supported by Raftis: not initialised".into()),
+    }
+}
+
+fn is_script(name: &[u8]) -> bool {
+    [&b"eval"[..], b"eval_ro", b"evalsha", b"evalsha_ro"].iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// On the leader, before proposing: `EVALSHA sha ...` becomes `EVAL <its text> ...`.
+pub fn prepare(argv: &mut Args) -> Result<(), String> {
+    let Some(name) = argv.first() else { return Ok(()) };
+    if !is_script(name) && !name.eq_ignore_ascii_case(b"script") {
+        return Ok(());
+    }
+    hooks()?;
+    let by_sha = if name.eq_ignore_ascii_case(b"evalsha") {
+        b"EVAL".as_slice()
+    } else if name.eq_ignore_ascii_case(b"evalsha_ro") {
+        b"EVAL_RO".as_slice()
+    } else {
+        return Ok(());
+    };
+    let sha = String::from_utf8_lossy(&argv[1]).to_ascii_lowercase();
+    let known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(text) = known.as_ref().and_then(|k| k.get(&sha)) else {
+        return Err("NOSCRIPT No matching script. Please use EVAL.".into());
+    };
+    argv[0] = Cow::Borrowed(by_sha);
+    argv[1] = Cow::Owned(text.clone());
+    Ok(())
+}
+
+/// Applies `argv`, a command of the log, through `call`; scripts run as described above, and the
+/// script cache commands keep [`KNOWN`] in step with Redis' own cache.
+pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: &[&[u8]], call: impl FnOnce() -> T) -> T {
+    let Some(name) = argv.first() else { return call() };
+    if is_script(name) && argv.len() >= 2 {
+        let Ok(hooks) = hooks() else { return call() };
+        unsafe { (hooks.srand)(0) };
+        let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx })));
+        let result = call();
+        RUNNING.with(|r| r.set(previous));
+        if cached_by_redis(ctx, hooks, argv[1]) {
+            remember(hooks, argv[1]);
+        }
+        return result;
+    }
+    if name.eq_ignore_ascii_case(b"script") && argv.len() >= 2 {
+        let result = call();
+        if let Ok(hooks) = hooks() {
+            if argv[1].eq_ignore_ascii_case(b"load") && argv.len() == 3 && cached_by_redis(ctx, hooks, argv[2]) {
+                remember(hooks, argv[2]);
+            } else if argv[1].eq_ignore_ascii_case(b"flush") {
+                *KNOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        return result;
+    }
+    call()
+}
+
+/// `SCRIPT KILL`, also while the log applies a script. Redis considers itself loading then (see
+/// `expiry`) and answers `-LOADING` to its own SCRIPT KILL; this command is allowed while loading
+/// and runs Redis' own kill, with its rules and replies (`-UNKILLABLE` once the script wrote,
+/// `-NOTBUSY` when none runs). It stops the script on this node only.
+pub fn kill(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let hooks = hooks()?;
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let client = unsafe { (hooks.lookup_client)(id) };
+    if client.is_null() {
+        return Err("ERR SCRIPT KILL from a client Redis does not know".into());
+    }
+    if RUNNING.with(|r| r.get()).is_some() {
+        log::warn!("SCRIPT KILL of a script the log is applying: only this node stops it");
+    }
+    unsafe { (hooks.kill)(client, 1) };
+    Ok(())
+}
+
+fn sha1(hooks: &Hooks, text: &[u8]) -> String {
+    let mut digest = [0u8; 41];
+    unsafe { (hooks.sha1hex)(digest.as_mut_ptr() as *mut c_char, text.as_ptr() as *const c_char, text.len()) };
+    String::from_utf8_lossy(&digest[..40]).into_owned()
+}
+
+/// Whether Redis kept the script (it does not keep one that fails to compile).
+fn cached_by_redis(ctx: *mut RedisModuleCtx, hooks: &Hooks, text: &[u8]) -> bool {
+    let sha = sha1(hooks, text);
+    let reply = ffi::call(ctx, &[&b"SCRIPT"[..], b"EXISTS", sha.as_bytes()], false);
+    let exists = ffi::is_array(reply) && ffi::reply_len(reply) == 1 && ffi::reply_integer_value(ffi::reply_element(reply, 0)) == 1;
+    ffi::free_call_reply(reply);
+    exists
+}
+
+fn remember(hooks: &Hooks, text: &[u8]) {
+    let sha = sha1(hooks, text);
+    KNOWN.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+}
+
+/// RAFT.STATS: how many scripts this node knows.
+pub fn known_scripts() -> usize {
+    KNOWN.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |k| k.len())
+}
+
+/// The second command filter: it sees the commands a script calls (the first one skips them,
+/// being registered NOSELF), and acts only while a script of the log runs.
+pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
+    // Taken while policing: the module's own calls made meanwhile (expiring a `SORT`'s lookups)
+    // are not the script's.
+    if RUNNING.with(|r| r.get()).is_none() {
+        return;
+    }
+    if let Ok(hooks) = hooks() {
+        if unsafe { std::ptr::read_volatile(hooks.serving_clients) } != 0 {
+            // A client's command while the script runs. The module's own filter is skipped while
+            // it applies (NOSELF), and Redis answers -LOADING to every data command now (see
+            // `expiry`); only SCRIPT KILL needs routing.
+            route_kill(fctx);
+            return;
+        }
+    }
+    let Some(running) = RUNNING.with(|r| r.take()) else { return };
+    let running = match std::panic::catch_unwind(|| police(fctx, running)) {
+        Ok(next) => next,
+        Err(_) => {
+            log::error!("panic in the script command filter; the call is refused");
+            refuse(fctx, "ERR internal error checking a command inside a script");
+            running
+        }
+    };
+    RUNNING.with(|r| r.set(Some(running)));
+}
+
+/// Checks and pins one call of the running script; returns the script's state after it.
+fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
+    let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    if argc <= 0 {
+        return running;
+    }
+    let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) }).to_vec();
+    let argv: Vec<Vec<u8>> = (0..argc).map(arg).collect();
+    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
+    if refs[0].eq_ignore_ascii_case(b"select") {
+        // The script's own database from here on, for the keys its next calls name.
+        return match refs.get(1).and_then(|d| std::str::from_utf8(d).ok()?.parse().ok()) {
+            Some(db) => Running { db, ..running },
+            None => running,
+        };
+    }
+    let is_ours = refs[0].len() >= 5 && refs[0][..5].eq_ignore_ascii_case(b"raft.");
+    if is_ours && !refs[0].eq_ignore_ascii_case(SCRIPT_ERROR_COMMAND.as_bytes()) {
+        refuse(fctx, "ERR Raftis' own commands cannot be called from a script");
+        return running;
+    }
+    let s = state::get();
+    if let Some(error) = s.refused_in_scripts(&refs).or_else(|| match s.route(&refs) {
+        Route::Refuse(error) => Some(error),
+        _ => None,
+    }) {
+        refuse(fctx, &error);
+        return running;
+    }
+    let mut pinned: Args = refs.iter().map(|a| Cow::Borrowed(*a)).collect();
+    if let Err(refused) = determinism::pin(&mut pinned, running.at.0) {
+        refuse(fctx, &refused.0);
+        return running;
+    }
+    if pinned.iter().map(|a| a.as_ref()).ne(refs.iter().copied()) {
+        replace_args(fctx, &pinned);
+    }
+    // Keys are expired by the entry's time, as before a client's command (Redis' own expiry is
+    // suspended while the log applies).
+    let ctx = running.ctx;
+    let entry_db = ffi::selected_db(ctx);
+    if ffi::select_db(ctx, running.db) {
+        let pinned: Vec<&[u8]> = pinned.iter().map(|a| a.as_ref()).collect();
+        crate::expiry::expire_due(ctx, &pinned, running.at);
+    }
+    ffi::select_db(ctx, entry_db);
+    running
+}
+
+/// `SCRIPT KILL` becomes [`KILL_COMMAND`] (true); anything else is left alone.
+pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
+    let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
+    if argc == 2 && arg(0).eq_ignore_ascii_case(b"script") && arg(1).eq_ignore_ascii_case(b"kill") {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(KILL_COMMAND.as_bytes())) };
+        return true;
+    }
+    false
+}
+
+fn refuse(fctx: *mut RedisModuleCommandFilterCtx, error: &str) {
+    replace_args(fctx, &[Cow::Borrowed(SCRIPT_ERROR_COMMAND.as_bytes()), Cow::Borrowed(error.as_bytes())]);
+}
+
+fn replace_args(fctx: *mut RedisModuleCommandFilterCtx, args: &[Cow<[u8]>]) {
+    let count = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    for i in (0..count).rev() {
+        unsafe { api!(RedisModule_CommandFilterArgDelete)(fctx, i) };
+    }
+    for (i, a) in args.iter().enumerate() {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, i as c_int, ffi::new_string(a)) };
+    }
+}
