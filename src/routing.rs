@@ -4,6 +4,7 @@
 //! never be replicated and those not supported yet are named here.
 
 use rustc_hash::FxHashMap;
+use std::borrow::Cow;
 
 /// What Redis says about a command (one entry of `COMMAND`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,14 +80,13 @@ const REFUSED: &[(&str, &str)] = &[
     ("failover", "Redis replication (Raftis replaces it)"),
     ("sync", "Redis replication (Raftis replaces it)"),
     ("psync", "Redis replication (Raftis replaces it)"),
+    // A container's subcommand, by its full name.
+    ("script|debug", "SCRIPT DEBUG"),
 ];
 
 /// Replicated whatever Redis' flags say: a script runs on every node, as one entry (see the
 /// module's `scripts`), and the script cache changes on every node.
 const REPLICATED: &[&str] = &["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|flush"];
-
-/// Refused by full name (a container's subcommand).
-const REFUSED_SUBCOMMANDS: &[(&str, &str)] = &[("script|debug", "SCRIPT DEBUG")];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -113,6 +113,7 @@ enum Special {
     BeginTransaction,
     Watch,
     Local,
+    Replicated,
     Refused(&'static str),
 }
 
@@ -126,6 +127,8 @@ impl Special {
             Special::Local
         } else if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
             Special::Refused(what)
+        } else if REPLICATED.contains(&name) {
+            Special::Replicated
         } else {
             Special::None
         }
@@ -179,40 +182,25 @@ impl CommandTable {
 
     fn route_named(&self, name: &str, argv: &[&[u8]]) -> Route {
         // A name Redis does not know is still ours to refuse or keep local (WAITAOF on 7.0).
-        let (special, info) = match self.commands.get(name) {
-            Some(known) => (known.special, Some(&known.info)),
-            None => (Special::of(name), None),
-        };
+        let special = self.commands.get(name).map_or_else(|| Special::of(name), |known| known.special);
         match special {
             Special::BeginTransaction => return Route::BeginTransaction,
             Special::Watch => return Route::Watch,
             Special::Local => return Route::Local,
-            Special::Refused(what) => return Route::Refuse(format!("ERR {what} not supported by Raftis yet")),
-            Special::None => {}
+            Special::Refused(what) => return refused(what),
+            Special::None | Special::Replicated => {}
         }
-        let Some(mut info) = info else { return Route::Local };
-        // The name errors use: the subcommand's, for a container whose subcommand we know.
-        let mut subcommand = None;
-        if info.container && argv.len() >= 2 {
-            if let Ok(sub) = std::str::from_utf8(argv[1]) {
-                let full = format!("{name}|{}", sub.to_ascii_lowercase());
-                if let Some(sub_info) = self.get(&full) {
-                    info = sub_info;
-                    subcommand = Some(full);
-                }
-            }
-        }
-        let display = subcommand.as_deref().unwrap_or(name);
+        let Some((known, display)) = self.resolve(name, argv) else { return Route::Local };
+        let info = &known.info;
         let argc = argv.len() as i64;
         let arity_ok = if info.arity >= 0 { argc == info.arity } else { argc >= -info.arity };
-        if let Some((_, what)) = REFUSED_SUBCOMMANDS.iter().find(|(n, _)| *n == display) {
-            return Route::Refuse(format!("ERR {what} not supported by Raftis yet"));
-        }
-        if REPLICATED.contains(&display) {
-            if !arity_ok {
-                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"));
+        match known.special {
+            Special::Refused(what) => return refused(what),
+            Special::Replicated if !arity_ok => {
+                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"))
             }
-            return Route::Write;
+            Special::Replicated => return Route::Write,
+            _ => {}
         }
         if info.write {
             if !arity_ok {
@@ -232,32 +220,44 @@ impl CommandTable {
         }
         Route::Local
     }
-}
 
-impl CommandTable {
-    /// Whether a script may run `argv` (a command it calls): the error to raise in the script
-    /// instead, if every node could get a different answer from it. See the module's `scripts`.
-    pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
-        let first = argv.first()?;
-        with_lower_case(first, |name| {
-            let name = name?;
-            let mut info = self.get(name)?;
-            let mut display = name.to_string();
-            if info.container && argv.len() >= 2 {
-                let full = format!("{name}|{}", String::from_utf8_lossy(argv[1]).to_ascii_lowercase());
-                if let Some(sub) = self.get(&full) {
-                    info = sub;
-                    display = full;
+    /// The entry `argv` runs under, and the name errors give it: a container's subcommand when
+    /// Redis' table has it, the command itself otherwise; None for a name Redis does not know.
+    fn resolve<'a>(&'a self, name: &'a str, argv: &[&[u8]]) -> Option<(&'a Known, Cow<'a, str>)> {
+        let known = self.commands.get(name)?;
+        if known.info.container && argv.len() >= 2 {
+            if let Ok(sub) = std::str::from_utf8(argv[1]) {
+                let full = format!("{name}|{}", sub.to_ascii_lowercase());
+                if let Some(sub_known) = self.commands.get(full.as_str()) {
+                    return Some((sub_known, Cow::Owned(full)));
                 }
             }
-            info.nondeterministic.then(|| {
+        }
+        Some((known, Cow::Borrowed(name)))
+    }
+
+    /// Whether a script may run `argv` (a command it calls): the error to raise in the script
+    /// instead. Refused are the commands Raftis refuses anyway and those whose answer could differ
+    /// between nodes. See the module's `scripts`.
+    pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
+        let nondeterministic = with_lower_case(argv.first()?, |name| {
+            let (known, display) = self.resolve(name?, argv)?;
+            known.info.nondeterministic.then(|| {
                 format!(
                     "ERR {} inside a script could answer differently on every node; Raftis refuses it in scripts",
                     display.replace('|', " ").to_uppercase()
                 )
             })
+        });
+        nondeterministic.or_else(|| match self.route(argv) {
+            Route::Refuse(error) => Some(error),
+            _ => None,
         })
     }
+}
+
+fn refused(what: &str) -> Route {
+    Route::Refuse(format!("ERR {what} not supported by Raftis yet"))
 }
 
 /// Calls `f` with the command name in lower case (None if it is not UTF-8). Every client command
@@ -333,6 +333,7 @@ mod tests {
         assert_eq!(refused(&["SET", "k", "v"]), None);
         assert_eq!(refused(&["GET", "k"]), None);
         assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
+        assert!(refused(&["BLPOP", "l", "0"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
     }
 
     #[test]

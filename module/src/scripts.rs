@@ -29,7 +29,6 @@ use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
 use raftis_core::command_entry::EntryTime;
 use raftis_core::determinism::{self, Args};
-use raftis_core::routing::Route;
 use redis_module::raw::RedisModuleCommandFilterCtx;
 use rustc_hash::FxHashMap;
 use std::borrow::Cow;
@@ -143,16 +142,14 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
         let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx })));
         let result = call();
         RUNNING.with(|r| r.set(previous));
-        if cached_by_redis(ctx, hooks, argv[1]) {
-            remember(hooks, argv[1]);
-        }
+        remember_if_cached(ctx, hooks, argv[1]);
         return result;
     }
     if name.eq_ignore_ascii_case(b"script") && argv.len() >= 2 {
         let result = call();
         if let Ok(hooks) = hooks() {
-            if argv[1].eq_ignore_ascii_case(b"load") && argv.len() == 3 && cached_by_redis(ctx, hooks, argv[2]) {
-                remember(hooks, argv[2]);
+            if argv[1].eq_ignore_ascii_case(b"load") && argv.len() == 3 {
+                remember_if_cached(ctx, hooks, argv[2]);
             } else if argv[1].eq_ignore_ascii_case(b"flush") {
                 *KNOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
@@ -186,18 +183,15 @@ fn sha1(hooks: &Hooks, text: &[u8]) -> String {
     String::from_utf8_lossy(&digest[..40]).into_owned()
 }
 
-/// Whether Redis kept the script (it does not keep one that fails to compile).
-fn cached_by_redis(ctx: *mut RedisModuleCtx, hooks: &Hooks, text: &[u8]) -> bool {
+/// Records a script Redis kept in its cache (it does not keep one that fails to compile).
+fn remember_if_cached(ctx: *mut RedisModuleCtx, hooks: &Hooks, text: &[u8]) {
     let sha = sha1(hooks, text);
     let reply = ffi::call(ctx, &[&b"SCRIPT"[..], b"EXISTS", sha.as_bytes()], false);
-    let exists = ffi::is_array(reply) && ffi::reply_len(reply) == 1 && ffi::reply_integer_value(ffi::reply_element(reply, 0)) == 1;
+    let cached = ffi::is_array(reply) && ffi::reply_len(reply) == 1 && ffi::reply_integer_value(ffi::reply_element(reply, 0)) == 1;
     ffi::free_call_reply(reply);
-    exists
-}
-
-fn remember(hooks: &Hooks, text: &[u8]) {
-    let sha = sha1(hooks, text);
-    KNOWN.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+    if cached {
+        KNOWN.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+    }
 }
 
 /// RAFT.STATS: how many scripts this node knows.
@@ -208,11 +202,7 @@ pub fn known_scripts() -> usize {
 /// The second command filter: it sees the commands a script calls (the first one skips them,
 /// being registered NOSELF), and acts only while a script of the log runs.
 pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
-    // Taken while policing: the module's own calls made meanwhile (expiring a `SORT`'s lookups)
-    // are not the script's.
-    if RUNNING.with(|r| r.get()).is_none() {
-        return;
-    }
+    let Some(running) = RUNNING.with(|r| r.get()) else { return };
     if let Ok(hooks) = hooks() {
         if unsafe { std::ptr::read_volatile(hooks.serving_clients) } != 0 {
             // A client's command while the script runs. The module's own filter is skipped while
@@ -222,7 +212,9 @@ pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
             return;
         }
     }
-    let Some(running) = RUNNING.with(|r| r.take()) else { return };
+    // Cleared while policing: the module's own calls made meanwhile (expiring a `SORT`'s
+    // lookups) are not the script's.
+    RUNNING.with(|r| r.set(None));
     let running = match std::panic::catch_unwind(|| police(fctx, running)) {
         Ok(next) => next,
         Err(_) => {
@@ -255,11 +247,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
         refuse(fctx, "ERR Raftis' own commands cannot be called from a script");
         return running;
     }
-    let s = state::get();
-    if let Some(error) = s.refused_in_scripts(&refs).or_else(|| match s.route(&refs) {
-        Route::Refuse(error) => Some(error),
-        _ => None,
-    }) {
+    if let Some(error) = state::get().refused_in_scripts(&refs) {
         refuse(fctx, &error);
         return running;
     }
