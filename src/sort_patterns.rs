@@ -33,7 +33,7 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
             j += 1;
         } else if (is(b"by") || is(b"get")) && left >= 1 {
             let pattern = argv[j + 1];
-            if looks_up_keys(pattern) {
+            if star_of(pattern).is_some() {
                 patterns.push(pattern);
             }
             j += 1;
@@ -49,13 +49,8 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
 /// for a hash field dereference (`->field` after the `*`), the part before the arrow. `None` for
 /// patterns that read no key: `#` (the element itself) and patterns without a `*`.
 pub fn key_for(pattern: &[u8], element: &[u8]) -> Option<Vec<u8>> {
-    // Redis searches the pattern as a C string: nothing after a NUL byte is seen by the search.
-    let searched = c_string(pattern);
-    if searched == b"#" {
-        return None;
-    }
-    let star = searched.iter().position(|&b| b == b'*')?;
-    let after_star = &searched[star + 1..];
+    let star = star_of(pattern)?;
+    let after_star = &c_string(pattern)[star + 1..];
     // A dereference needs a field name after the arrow; a trailing "->" is part of the key.
     let field_len = find(after_star, b"->")
         .filter(|&arrow| arrow + 2 < after_star.len())
@@ -69,9 +64,14 @@ pub fn key_for(pattern: &[u8], element: &[u8]) -> Option<Vec<u8>> {
     Some(key)
 }
 
-fn looks_up_keys(pattern: &[u8]) -> bool {
+/// Where the `*` of a pattern that reads a key is; `None` for `#` and patterns without a `*`.
+/// Redis searches the pattern as a C string: nothing after a NUL byte is seen by the search.
+fn star_of(pattern: &[u8]) -> Option<usize> {
     let searched = c_string(pattern);
-    searched != b"#" && searched.contains(&b'*')
+    if searched == b"#" {
+        return None;
+    }
+    searched.iter().position(|&b| b == b'*')
 }
 
 fn c_string(bytes: &[u8]) -> &[u8] {

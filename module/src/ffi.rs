@@ -206,6 +206,9 @@ pub fn free_call_reply(reply: *mut RedisModuleCallReply) {
     }
 }
 
+/// Redis' id of a client (`RedisModule_GetClientId`): never reused while the server runs.
+pub type ClientId = u64;
+
 pub fn selected_db(ctx: *mut RedisModuleCtx) -> u32 {
     unsafe { api!(RedisModule_GetSelectedDb)(ctx) as u32 }
 }

@@ -36,7 +36,7 @@
 //! threaded I/O (whose writer does not skip protected clients), commands take the blocking path.
 
 use crate::blocked::{Blocked, Outcome};
-use crate::ffi::{self, api, RedisModuleCtx};
+use crate::ffi::{self, api, ClientId, RedisModuleCtx};
 use crate::state::{self, RaftNode};
 use raftis_core::config::Consistency;
 use raftis_core::Term;
@@ -48,8 +48,6 @@ use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-type ClientId = u64;
 
 /// A client with this many commands in flight blocks for the next one instead: Redis stops
 /// reading its pipeline until it is answered, which bounds the memory one client can tie up.

@@ -23,7 +23,7 @@
 //! `watch`): a dirty transaction never reaches this module.
 
 use crate::apply::{ReplyTo, WriteWaiter};
-use crate::ffi::{api, RedisModuleCtx};
+use crate::ffi::{api, ClientId, RedisModuleCtx};
 use crate::held::{self, HeldReply};
 use crate::state;
 use raftis_core::command_entry::{encode_transaction, EntryTime};
@@ -33,8 +33,6 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-
-type ClientId = u64;
 
 /// Only touched on Redis' main thread; the lock is never contended.
 static TRANSACTIONS: Mutex<Transactions> = Mutex::new(Transactions { open: None, batch: None });

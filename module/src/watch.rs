@@ -21,7 +21,7 @@
 //! are remembered, every write costs a little more.
 
 use crate::blocked::{Blocked, Outcome};
-use crate::ffi::{self, api, RedisModuleCtx};
+use crate::ffi::{self, api, ClientId, RedisModuleCtx};
 use crate::state;
 use redis_module::raw;
 use rustc_hash::FxHashMap;
@@ -29,8 +29,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-type ClientId = u64;
 
 /// Clients that may be watching keys, with the keys. Only touched on Redis' main thread.
 static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });
