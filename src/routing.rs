@@ -85,8 +85,10 @@ const REFUSED: &[(&str, &str)] = &[
 ];
 
 /// Replicated whatever Redis' flags say: a script runs on every node, as one entry (see the
-/// module's `scripts`), and the script cache changes on every node.
-const REPLICATED: &[&str] = &["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|flush"];
+/// module's `scripts`), and the script cache changes on every node. PFCOUNT is a read that
+/// rewrites the HyperLogLog's cached cardinality (Redis flags it `may_replicate` and replicates
+/// it): run as a read on one node, that node's bytes would part from the others'.
+const REPLICATED: &[&str] = &["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|flush", "pfcount"];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -194,18 +196,18 @@ impl CommandTable {
         let info = &known.info;
         let argc = argv.len() as i64;
         let arity_ok = if info.arity >= 0 { argc == info.arity } else { argc >= -info.arity };
-        match known.special {
-            Special::Refused(what) => return refused(what),
-            Special::Replicated if !arity_ok => {
-                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"))
-            }
-            Special::Replicated => return Route::Write,
-            _ => {}
+        if let Special::Refused(what) = known.special {
+            return refused(what);
+        }
+        if !arity_ok {
+            // Redis rejects it itself, with its own error, before anything runs; inside MULTI it
+            // also marks the transaction so that EXEC aborts it, as it must.
+            return Route::Local;
+        }
+        if known.special == Special::Replicated {
+            return Route::Write;
         }
         if info.write {
-            if !arity_ok {
-                return Route::Refuse(format!("ERR wrong number of arguments for '{display}' command"));
-            }
             if info.blocking {
                 return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
             }
@@ -284,6 +286,7 @@ mod tests {
         t.insert("mset", CommandInfo { arity: -3, write: true, keys: span(1, -1, 2), ..Default::default() });
         t.insert("zunionstore", CommandInfo { arity: -4, write: true, keys: None, ..Default::default() });
         t.insert("get", CommandInfo { arity: 2, readonly: true, ..Default::default() });
+        t.insert("pfcount", CommandInfo { arity: -2, readonly: true, ..Default::default() });
         t.insert("blpop", CommandInfo { arity: -3, write: true, blocking: true, ..Default::default() });
         t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
@@ -349,15 +352,16 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_and_malformed_writes_are_refused_with_redis_style_errors() {
-        assert_eq!(route(&["SET", "k"]), Route::Refuse("ERR wrong number of arguments for 'set' command".into()));
+    fn unsupported_writes_are_refused_and_malformed_ones_left_to_redis() {
+        assert_eq!(route(&["SET", "k"]), Route::Local, "Redis answers a wrong arity itself (and aborts a transaction)");
         assert_eq!(route(&["multi"]), Route::BeginTransaction);
         assert_eq!(route(&["EXEC"]), Route::Local, "Redis runs the queued commands, each through the filter's route");
         assert_eq!(route(&["WATCH", "k"]), Route::Watch);
         assert_eq!(route(&["UNWATCH"]), Route::Local);
         assert_eq!(route(&["eval", "return 1", "0"]), Route::Write, "a script runs on every node");
-        assert!(matches!(route(&["eval", "return 1"]), Route::Refuse(e) if e.contains("wrong number")));
+        assert_eq!(route(&["eval", "return 1"]), Route::Local, "a wrong arity is Redis' to answer");
         assert_eq!(route(&["SCRIPT", "LOAD", "return 1"]), Route::Write, "every node caches the script");
+        assert_eq!(route(&["PFCOUNT", "h"]), Route::Write, "it rewrites the HyperLogLog's cache");
         assert_eq!(route(&["script", "exists", "abc"]), Route::Local);
         assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
         assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));

@@ -178,6 +178,21 @@ fn relative_expirations_are_made_absolute_by_the_leader() {
     assert!(err.to_string().contains("SPOP"), "{err}");
 }
 
+/// PFCOUNT rewrites the HyperLogLog's cached cardinality: counted on the leader alone, the
+/// leader's bytes would differ from its followers'.
+#[test]
+fn a_hyperloglog_counted_on_the_leader_has_the_same_bytes_on_every_node() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.leader();
+    let _: i64 = leader.cmd(&["PFADD", "h", "a", "b", "c"]).unwrap();
+    let count: i64 = leader.cmd(&["PFCOUNT", "h"]).unwrap();
+    assert_eq!(count, 3);
+    cluster.wait_converged(&[0, 1, 2]);
+    let bytes: Vec<Vec<u8>> = cluster.nodes.iter().map(|n| n.cmd::<Vec<u8>>(&["GET", "h"]).unwrap()).collect();
+    assert!(bytes.iter().all(|b| *b == bytes[0]), "the HyperLogLog's bytes differ between nodes");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 #[test]
 fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     let mut cluster = Cluster::start(1, &[]).unwrap();

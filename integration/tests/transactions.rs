@@ -6,14 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Redis' own replies to a transaction: `+QUEUED` while queueing, EXEC's array in command order,
-/// SELECT inside it, an error inside it that does not stop the rest, DISCARD, a queueing error
-/// that aborts; then UNWATCH. In database `db` (and `db + 1`).
+/// SELECT inside it, an error inside it that does not stop the rest, DISCARD, queueing errors
+/// that abort it (an unknown command, a wrong number of arguments); then UNWATCH. In database `db` (and `db + 1`).
 fn transaction_pipeline(db: u32) -> (String, String) {
     let other = db + 1;
     let request = format!(
         "SELECT {db}\r\nSET k old\r\n\
          MULTI\r\nGET k\r\nSET k v\r\nGET k\r\nINCR n\r\nPING\r\nSELECT {other}\r\nSET k other\r\nSELECT {db}\r\nLPUSH k x\r\nEXEC\r\n\
-         GET k\r\nMULTI\r\nSET k discarded\r\nDISCARD\r\nMULTI\r\nSET k aborted\r\nNOSUCHCOMMAND\r\nEXEC\r\nGET k\r\nUNWATCH\r\n"
+         GET k\r\nMULTI\r\nSET k discarded\r\nDISCARD\r\nMULTI\r\nSET k aborted\r\nNOSUCHCOMMAND\r\nEXEC\r\n\
+         MULTI\r\nSET k aborted\r\nSET onlykey\r\nEXEC\r\nGET k\r\nUNWATCH\r\n"
     );
     let expected = [
         "+OK\r\n+OK\r\n",
@@ -24,6 +25,8 @@ fn transaction_pipeline(db: u32) -> (String, String) {
         "$1\r\nv\r\n",
         "+OK\r\n+QUEUED\r\n+OK\r\n",
         "+OK\r\n+QUEUED\r\n-ERR unknown command 'NOSUCHCOMMAND', with args beginning with: \r\n",
+        "-EXECABORT Transaction discarded because of previous errors.\r\n",
+        "+OK\r\n+QUEUED\r\n-ERR wrong number of arguments for 'set' command\r\n",
         "-EXECABORT Transaction discarded because of previous errors.\r\n",
         "$1\r\nv\r\n",
         "+OK\r\n",
