@@ -33,7 +33,17 @@ pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
             // EXPIRE accepts zero and negative times (the key is deleted); so does PEXPIREAT.
             if let Some(at) = offset(&argv[2], unit, now_ms) {
                 argv[0] = Cow::Borrowed(b"PEXPIREAT");
-                argv[2] = owned(at);
+                argv[2] = owned(at.max(0));
+            }
+        }
+        b"expireat" | b"pexpireat" if argv.len() >= 3 => {
+            // Redis deletes the key for any deadline already past, negative ones included. While
+            // the log applies, Redis does not (see the module's `expiry`), and a deadline of -1 left
+            // on a key reads as none at all: the key would live on. Every past deadline does the
+            // same as 0, which is past too (the NX/XX/GT/LT conditions compare it alike).
+            let unit = if name == b"expireat" { 1000 } else { 1 };
+            if parse_i64(&argv[2]).is_some_and(|t| t < 0 && t.checked_mul(unit).is_some()) {
+                argv[2] = owned(0);
             }
         }
         b"restore" if argv.len() >= 4 => {
@@ -158,6 +168,18 @@ mod tests {
         assert_eq!(run(&["SETEX", "k", "-5", "v"]).unwrap(), ["SETEX", "k", "-5", "v"]);
         let huge = i64::MAX.to_string();
         assert_eq!(run(&["EXPIRE", "k", &huge]).unwrap(), ["EXPIRE", "k", huge.as_str()]);
+    }
+
+    #[test]
+    fn deadlines_before_the_epoch_become_zero() {
+        // -1 left on a key would read as "no deadline" while Redis deletes the key at once.
+        assert_eq!(run(&["PEXPIREAT", "k", "-1"]).unwrap(), ["PEXPIREAT", "k", "0"]);
+        assert_eq!(run(&["expireat", "k", "-5", "GT"]).unwrap(), ["expireat", "k", "0", "GT"]);
+        assert_eq!(run(&["EXPIRE", "k", "-5000"]).unwrap(), ["PEXPIREAT", "k", "0"]);
+        assert_eq!(run(&["PEXPIREAT", "k", "5"]).unwrap(), ["PEXPIREAT", "k", "5"]);
+        // Past what Redis accepts: its own error.
+        let too_small = (i64::MIN / 1000 - 1).to_string();
+        assert_eq!(run(&["EXPIREAT", "k", &too_small]).unwrap(), ["EXPIREAT", "k", too_small.as_str()]);
     }
 
     #[test]

@@ -238,3 +238,42 @@ fn a_key_the_log_expires_is_announced_as_expired() {
     let ttl: i64 = f.cmd(&["TTL", "k"]).unwrap();
     assert_eq!(ttl, -1);
 }
+
+/// A deadline already past when it is set deletes the key at once, as in Redis, also inside a
+/// transaction or a script, where the next command must not find the key; and a deadline before
+/// 1970 (`PEXPIREAT k -1`) does not leave a key that never expires.
+#[test]
+fn a_deadline_already_past_deletes_the_key_at_once_on_every_node() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let keys_before: i64 = leader.cmd(&["DBSIZE"]).unwrap();
+    let mut conn = leader.client().unwrap();
+
+    let (set, expired, exists, size): (String, i64, i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("SET").arg("a").arg(1)
+        .cmd("EXPIRE").arg("a").arg(0)
+        .cmd("EXISTS").arg("a")
+        .cmd("DBSIZE")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!((set.as_str(), expired, exists, size), ("OK", 1, 0, keys_before), "inside a transaction");
+
+    let script = "redis.call('SET', KEYS[1], 1); redis.call('EXPIRE', KEYS[1], 0); return {redis.call('EXISTS', KEYS[1]), redis.call('DBSIZE')}";
+    let (exists, size): (i64, i64) = redis::cmd("EVAL").arg(script).arg(1).arg("b").query(&mut conn).unwrap();
+    assert_eq!((exists, size), (0, keys_before), "inside a script");
+
+    let _: () = redis::cmd("SET").arg("c").arg(1).query(&mut conn).unwrap();
+    let _: i64 = redis::cmd("PEXPIREAT").arg("c").arg(-1).query(&mut conn).unwrap();
+    let _: () = redis::cmd("SET").arg("d").arg(1).query(&mut conn).unwrap();
+    let v: String = redis::cmd("GETEX").arg("d").arg("PXAT").arg(1).query(&mut conn).unwrap();
+    assert_eq!(v, "1");
+    cluster.wait_converged(&[0, 1, 2]);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let size: i64 = node.cmd(&["DBSIZE"]).unwrap();
+        assert_eq!(size, keys_before, "node {i} still holds keys whose deadline had passed when it was set");
+        let exists: i64 = node.cmd(&["EXISTS", "c"]).unwrap();
+        assert_eq!(exists, 0, "node {i}: PEXPIREAT c -1 left a key that never expires");
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

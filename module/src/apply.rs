@@ -359,7 +359,11 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         crate::expiry::expire_due(ctx, &command.argv, at);
     }
     let call = || ffi::call(ctx, &command.argv, resp3);
-    Outcome::Call(crate::scripts::apply(ctx, command.db, at, &command.argv, call))
+    let reply = crate::scripts::apply(ctx, command.db, at, &command.argv, call);
+    if let Some(at) = at {
+        crate::expiry::delete_if_already_expired(ctx, &command.argv, at);
+    }
+    Outcome::Call(reply)
 }
 
 fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {

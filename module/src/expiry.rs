@@ -166,17 +166,41 @@ pub fn applied(at: Option<EntryTime>) {
 /// `at`: the keys Redis would find expired if its clock read `at`. Run before each command of the
 /// log. (A key a command leaves already expired, given a deadline in the past, is found by the
 /// next command that names it, whose time is no earlier; or by the background expiry.)
+/// After a command of the log: a command that gave its key a deadline the entry's time has passed
+/// (`EXPIREAT k 1`, `GETEX k PXAT 1`, `EXPIRE k 0`) deletes the key now, as Redis does when it is
+/// not loading. Redis is loading here (see the module comment), so it left the key with a deadline
+/// in the past, which `DBSIZE` and `SCAN` would count until each node's background expiry found
+/// it, and which a script's next call would still see (`EXPIRE k 0` leaves a deadline equal to the
+/// entry's time, not past it). `SET` is left alone: Redis itself keeps a key set with a past `PXAT`
+/// until something looks it up.
+pub fn delete_if_already_expired(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
+    if let Some(key) = deadline_key(argv) {
+        delete_key_if_already_expired(ctx, key, at);
+    }
+}
+
+/// The key `argv` may give a deadline that has already passed, for [`delete_if_already_expired`].
+pub fn deadline_key<'a>(argv: &[&'a [u8]]) -> Option<&'a [u8]> {
+    const SETS_A_DEADLINE: &[&[u8]] = &[b"expire", b"pexpire", b"expireat", b"pexpireat", b"getex", b"restore"];
+    let name = argv.first()?;
+    SETS_A_DEADLINE.iter().any(|n| name.eq_ignore_ascii_case(n)).then(|| argv.get(1).copied()).flatten()
+}
+
+pub fn delete_key_if_already_expired(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime) {
+    expire_named_if_due(ctx, key, at, Due::AtDeadline);
+}
+
 pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
     match state::get().key_positions(argv) {
         KeyPositions::At(positions) => {
             for i in positions {
-                expire_named_if_due(ctx, argv[i], at);
+                expire_named_if_due(ctx, argv[i], at, Due::PastDeadline);
             }
         }
         KeyPositions::AskRedis => {
             let keys = CommandKeys::of(ctx, argv);
             for name in keys.iter() {
-                expire_if_due(ctx, name, at);
+                expire_if_due(ctx, name, at, Due::PastDeadline);
             }
         }
     }
@@ -213,7 +237,7 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
             let element = ffi::reply_bytes(ffi::reply_element(elements, i));
             for pattern in patterns {
                 if let Some(looked_up) = sort_patterns::key_for(pattern, element) {
-                    expire_named_if_due(ctx, &looked_up, at);
+                    expire_named_if_due(ctx, &looked_up, at, Due::PastDeadline);
                 }
             }
         }
@@ -227,32 +251,49 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
 /// read would send for a missing key).
 const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
 
-fn expire_named_if_due(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime) {
+/// When a key's deadline counts as passed, in Redis' two rules.
+#[derive(Clone, Copy)]
+enum Due {
+    /// A key is expired once the clock is past its deadline (`keyIsExpired`).
+    PastDeadline,
+    /// A deadline being set is already passed when the clock has reached it (`checkAlreadyExpired`:
+    /// `EXPIRE k 0` deletes the key).
+    AtDeadline,
+}
+
+fn expire_named_if_due(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime, rule: Due) {
     let name = ffi::new_string(key);
-    expire_if_due(ctx, name, at);
+    expire_if_due(ctx, name, at, rule);
     ffi::free_string(name);
 }
 
-fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime) {
+fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime, rule: Due) {
     let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
     if key.is_null() {
         return;
     }
-    // Redis' own rule: a key is expired once the clock is past its deadline (a missing key has
-    // none).
+    // A missing key has no deadline.
     let deadline = unsafe { api!(RedisModule_GetAbsExpire)(key) };
-    let due = deadline != raw::REDISMODULE_NO_EXPIRE as i64 && at.0 > deadline;
+    let due = deadline != raw::REDISMODULE_NO_EXPIRE as i64
+        && match rule {
+            Due::PastDeadline => at.0 > deadline,
+            Due::AtDeadline => at.0 >= deadline,
+        };
     if due {
         unsafe { api!(RedisModule_DeleteKey)(key) };
     }
     unsafe { api!(RedisModule_CloseKey)(key) };
     if due {
-        // What Redis does when it expires a key itself: WATCH and client tracking learn the key
-        // changed, and keyspace notifications say `expired`.
-        let expired = ffi::cstr("expired");
+        // What Redis does when it deletes the key itself: WATCH and client tracking learn the key
+        // changed, and keyspace notifications say `expired` (or `del`, for a deadline set in the
+        // past).
+        let (class, event) = match rule {
+            Due::PastDeadline => (raw::REDISMODULE_NOTIFY_EXPIRED, ffi::cstr("expired")),
+            Due::AtDeadline => (raw::REDISMODULE_NOTIFY_GENERIC, ffi::cstr("del")),
+        };
         unsafe {
             api!(RedisModule_SignalModifiedKey)(ctx, name);
-            api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_EXPIRED as c_int, expired.as_ptr(), name);
+            api!(RedisModule_NotifyKeyspaceEvent)(ctx, class as c_int, event.as_ptr(), name);
         }
     }
 }

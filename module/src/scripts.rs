@@ -32,7 +32,7 @@ use raftis_core::determinism::{self, Args};
 use redis_module::raw::RedisModuleCommandFilterCtx;
 use rustc_hash::FxHashMap;
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::os::raw::{c_char, c_int};
 use std::sync::{Mutex, OnceLock};
@@ -75,6 +75,9 @@ struct Running {
 
 thread_local! {
     static RUNNING: Cell<Option<Running>> = const { Cell::new(None) };
+    /// The database and key of the running script's last call if that call set a deadline,
+    /// which may have passed already (see [`settle_deadline`]).
+    static SET_DEADLINE: RefCell<Option<(u32, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
 /// At load: finds the hooks. Returns how scripts run here, for the log.
@@ -141,6 +144,9 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
         unsafe { (hooks.srand)(0) };
         let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx })));
         let result = call();
+        if let Some(at) = at {
+            settle_deadline(ctx, at);
+        }
         RUNNING.with(|r| r.set(previous));
         remember_if_cached(ctx, hooks, argv[1]);
         return result;
@@ -232,6 +238,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     if argc <= 0 {
         return running;
     }
+    settle_deadline(running.ctx, running.at);
     let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) }).to_vec();
     let argv: Vec<Vec<u8>> = (0..argc).map(arg).collect();
     let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
@@ -266,9 +273,24 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     if ffi::select_db(ctx, running.db) {
         let pinned: Vec<&[u8]> = pinned.iter().map(|a| a.as_ref()).collect();
         crate::expiry::expire_due(ctx, &pinned, running.at);
+        if let Some(key) = crate::expiry::deadline_key(&pinned) {
+            SET_DEADLINE.with(|d| *d.borrow_mut() = Some((running.db, key.to_vec())));
+        }
     }
     ffi::select_db(ctx, entry_db);
     running
+}
+
+/// A deadline the script's last call set may have passed already: Redis, loading, kept the key
+/// (see `expiry::delete_if_already_expired`). It is deleted before anything else can see it: the
+/// script's next call, or the end of the script.
+fn settle_deadline(ctx: *mut RedisModuleCtx, at: EntryTime) {
+    let Some((db, key)) = SET_DEADLINE.with(|d| d.borrow_mut().take()) else { return };
+    let current = ffi::selected_db(ctx);
+    if ffi::select_db(ctx, db) {
+        crate::expiry::delete_key_if_already_expired(ctx, &key, at);
+    }
+    ffi::select_db(ctx, current);
 }
 
 /// `SCRIPT KILL` becomes [`KILL_COMMAND`] (true); anything else is left alone.
