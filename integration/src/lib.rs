@@ -4,6 +4,8 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod netproxy;
+pub mod random_commands;
+pub mod resp_conn;
 pub mod transfers;
 pub mod workload;
 
@@ -84,6 +86,8 @@ pub struct Server {
     pub extra: Vec<String>,
     /// Where Redis listens (`--bind`).
     pub bind: String,
+    /// Without the module: plain Redis, the reference a test compares Raftis with.
+    plain: bool,
     child: Option<Child>,
 }
 
@@ -96,11 +100,21 @@ impl Server {
     /// Like [`Server::start`], listening on the addresses in `bind` (the first one also carries
     /// the side port).
     pub fn start_bound(port: u16, dir: &Path, bind: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        Self::start_with(port, dir, bind, extra, false)
+    }
+
+    /// Plain redis-server, without the module, set up like the others (same Redis settings).
+    pub fn start_plain(port: u16, dir: &Path) -> anyhow::Result<Server> {
+        Self::start_with(port, dir, "127.0.0.1", &[], true)
+    }
+
+    fn start_with(port: u16, dir: &Path, bind: &str, extra: &[&str], plain: bool) -> anyhow::Result<Server> {
         let mut s = Server {
             port,
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|e| e.to_string()).collect(),
             bind: bind.to_string(),
+            plain,
             child: None,
         };
         s.spawn()?;
@@ -109,7 +123,6 @@ impl Server {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let module = module_path();
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -119,12 +132,11 @@ impl Server {
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .arg("--loadmodule")
-            .arg(&module)
-            .arg(format!("dir={}", self.dir.join("raft").display()))
-            .args(&self.extra)
-            .stdin(Stdio::null())
+            .arg(self.dir.join("redis.log"));
+        if !self.plain {
+            cmd.arg("--loadmodule").arg(module_path()).arg(format!("dir={}", self.dir.join("raft").display())).args(&self.extra);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         // If the test process dies (a failed assertion is fine, kill -9 of the runner is not),
@@ -375,19 +387,31 @@ impl Cluster {
 impl Cluster {
     /// Waits until `nodes` have applied everything committed, then asserts they hold the same
     /// dataset (`DEBUG DIGEST`), printing each one's size, RAFT.INFO and log if not. The digest.
+    ///
+    /// A key whose deadline has passed but that nothing has looked up since (`SET k v PXAT 1`
+    /// keeps it, as in Redis) counts in the digest until each node's background expiry deletes it,
+    /// at that node's own pace; so differing digests are polled for a few seconds before they
+    /// count as different datasets.
     pub fn assert_same_dataset(&self, nodes: &[usize]) -> String {
         self.wait_converged(nodes);
-        let digests: Vec<String> = nodes.iter().map(|i| digest(&self.nodes[*i])).collect();
-        if !digests.iter().all(|d| *d == digests[0]) {
-            for i in nodes {
-                let n = &self.nodes[*i];
-                let size: i64 = n.cmd(&["DBSIZE"]).unwrap_or(-1);
-                let info: String = n.cmd(&["RAFT.INFO"]).unwrap_or_default();
-                eprintln!("node {} dbsize {size}\n{info}\n{}", n.port, n.log_tail());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let digests = loop {
+            let digests: Vec<String> = nodes.iter().map(|i| digest(&self.nodes[*i])).collect();
+            if digests.iter().all(|d| *d == digests[0]) {
+                return digests[0].clone();
             }
-            panic!("datasets differ: {digests:?}");
+            if Instant::now() > deadline {
+                break digests;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for i in nodes {
+            let n = &self.nodes[*i];
+            let size: i64 = n.cmd(&["DBSIZE"]).unwrap_or(-1);
+            let info: String = n.cmd(&["RAFT.INFO"]).unwrap_or_default();
+            eprintln!("node {} dbsize {size}\n{info}\n{}", n.port, n.log_tail());
         }
-        digests[0].clone()
+        panic!("datasets differ: {digests:?}");
     }
 }
 

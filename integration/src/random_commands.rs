@@ -1,0 +1,285 @@
+//! Random commands drawn from Redis' own command table, for tests that hold Raftis to what plain
+//! Redis answers. Arguments mix a few keys, Redis' option words, edge-case numbers and junk: most
+//! commands fail on their arguments, as a careless client's would, and a good share reach the code
+//! that runs them.
+//!
+//! What would make plain Redis and Raftis differ for reasons that are not Raftis' is kept out, so
+//! that any difference left is one to look at:
+//! - what Redis itself tips as nondeterministic is marked ([`Output`]) for the caller to compare
+//!   loosely;
+//! - `XADD *` (an ID from each server's clock) is never generated, nor `math.random` in scripts;
+//! - relative TTLs are long enough that nothing expires while a test runs: the two servers' clocks
+//!   agree to milliseconds, not exactly, and a key expiring between them would be noise;
+//! - numbers stay below what would make a server allocate hundreds of megabytes (`SETBIT k 2^31`).
+//!
+//! Commands Raftis refuses (`SPOP`, `XCLAIM`, `XAUTOCLAIM`, `XREADGROUP`, blocking ones) are not
+//! drawn: their refusal is tested where it is documented.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use raftis::resp::Frame;
+
+/// How far a command's reply can be compared between two servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Byte for byte.
+    Exact,
+    /// The same elements in an order that depends on a hash table's seed (Redis' tip
+    /// `nondeterministic_output_order`: SMEMBERS, HGETALL ...).
+    Unordered,
+    /// Only whether it failed and how (Redis' tip `nondeterministic_output`: TTL, SRANDMEMBER ...).
+    ErrorsOnly,
+    /// A key's expiry time (EXPIRETIME, PEXPIRETIME): the same when there is none, otherwise close,
+    /// as the servers pinned a relative TTL at slightly different moments.
+    Deadline,
+}
+
+/// One command of Redis' table that may be drawn.
+#[derive(Clone, Debug)]
+struct Spec {
+    /// `["set"]`, or `["object", "encoding"]` for a subcommand.
+    words: Vec<String>,
+    /// Redis arity (of the whole command line): positive is exact, negative is a minimum.
+    arity: i64,
+    output: Output,
+}
+
+/// A drawn command and how its reply compares.
+#[derive(Clone, Debug)]
+pub struct Drawn {
+    pub args: Vec<Vec<u8>>,
+    pub output: Output,
+}
+
+/// Categories whose commands are never drawn: server administration and connection state, what the
+/// test does itself (transactions, SELECT) and what Raftis refuses (blocking commands).
+const EXCLUDED_CATEGORIES: &[&str] = &["@admin", "@connection", "@pubsub", "@scripting", "@blocking", "@transaction", "@dangerous"];
+/// `@dangerous` commands that are plain data commands after all.
+const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
+/// Refused by Raftis: their answer would depend on each node's luck or clock.
+const REFUSED_BY_RAFTIS: &[&str] = &["spop", "xclaim", "xautoclaim", "xreadgroup"];
+/// Server administration outside `@admin` (`ACL GENPASS` answers at random).
+const ADMINISTRATION: &[&str] = &["acl"];
+/// Not tipped, but compared like `nondeterministic_output`: MEMORY USAGE samples a hash table's
+/// elements in its seed's order; DBSIZE counts a key set with a past `PXAT` until Redis'
+/// background expiry deletes it, whenever that runs.
+const LOOSE: &[&str] = &["memory|usage", "dbsize"];
+/// Answer a key's expiry time.
+const DEADLINES: &[&str] = &["expiretime", "pexpiretime"];
+/// Wipe the dataset: drawn rarely, or little would be left to compare.
+const WIPING: &[&str] = &["flushdb", "flushall"];
+
+const KEYS: &[&str] = &["k0", "k1", "k2", "k3", "k4", "k5", "{t}a", "{t}b"];
+const WORDS: &[&str] = &[
+    "EX", "PX", "EXAT", "PXAT", "KEEPTTL", "NX", "XX", "GT", "LT", "CH", "INCR", "GET", "LIMIT", "WITHSCORES", "BY", "STORE",
+    "ALPHA", "DESC", "ASC", "COUNT", "MATCH", "TYPE", "LEFT", "RIGHT", "BEFORE", "AFTER", "REV", "BYSCORE", "BYLEX",
+    "WEIGHTS", "AGGREGATE", "SUM", "MIN", "MAX", "MAXLEN", "MINID", "~", "=", "$", ">", "-", "+", "0-1", "FIELDS",
+    "IDLE", "RETRYCOUNT", "FORCE", "JUSTID", "NOMKSTREAM", "GROUP", "g", "c", "ID", "REPLACE", "ABSTTL", "FREQ", "DB",
+    "1", "OVERFLOW", "WRAP", "SAT", "FAIL", "SET", "INCRBY", "u8", "i16", "#1", "BIT", "BYTE", "ENCODING",
+    "FROMMEMBER", "FROMLONLAT", "BYRADIUS", "BYBOX", "km", "m", "WITHCOORD", "WITHDIST", "WITHHASH", "ANY",
+    "STOREDIST", "CREATE", "DESTROY", "SETID", "DELCONSUMER", "CREATECONSUMER", "MKSTREAM", "ENTRIESREAD", "STREAMS",
+    "NOACK", "RANK", "LEN", "IDX", "MINMATCHLEN", "WITHMATCHLEN", "PERSIST",
+];
+/// Edge cases for counts, offsets, scores and times. Absolute times are either long past or far
+/// ahead (1.7e12 is 2023 in milliseconds and the distant future in seconds); no bit or byte offset
+/// here is both valid and large.
+const NUMBERS: &[&str] = &[
+    "0", "1", "-1", "2", "3", "10", "100", "1000", "5000", "4294967296", "-9223372036854775808", "18446744073709551616",
+    "1700000000000", "4102444800000",
+];
+const ODD_NUMBERS: &[&str] = &["1.5", "-inf", "+inf", "(1", "[a", "-", "+", "nan", "1e400", "0x10", ""];
+/// Scripts whose effect and reply depend only on their keys, arguments and data.
+const SCRIPTS: &[&str] = &[
+    "return redis.call('INCR', KEYS[1])",
+    "for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end return redis.call('LLEN', KEYS[1])",
+    "local v = redis.call('GET', KEYS[1]); if v then redis.call('SET', KEYS[2], v) end return v",
+    "return redis.pcall('HSET', KEYS[1], 'f', ARGV[1] or 'none')",
+    "redis.call('EXPIRE', KEYS[1], 100000); return redis.call('EXISTS', KEYS[1])",
+    "redis.call('SET', KEYS[1], 'x', 'EX', 100000); return redis.call('STRLEN', KEYS[1])",
+    "return redis.call('LPOP', KEYS[1])",
+    "return redis.call('ZADD', KEYS[1], ARGV[1] or 1, 'm')",
+];
+/// A relative TTL shorter than this (seconds or milliseconds) is stretched to it.
+const LONG_TTL: i64 = 100_000;
+
+pub struct RandomCommands {
+    rng: StdRng,
+    specs: Vec<Spec>,
+}
+
+impl RandomCommands {
+    /// From the reply to `COMMAND` of a plain Redis, with a seed (the same seed draws the same
+    /// commands).
+    pub fn new(command_table: &Frame, seed: u64) -> RandomCommands {
+        let Frame::Array(entries) = command_table else { panic!("COMMAND answered {command_table:?}") };
+        let mut specs = Vec::new();
+        for entry in entries {
+            let subcommands = match field(entry, 9) {
+                Some(Frame::Array(subs)) if !subs.is_empty() => subs.clone(),
+                _ => vec![entry.clone()],
+            };
+            for sub in &subcommands {
+                if let Some(spec) = spec_of(sub) {
+                    specs.push(spec);
+                }
+            }
+        }
+        specs.sort_by(|a, b| a.words.cmp(&b.words));
+        RandomCommands { rng: StdRng::seed_from_u64(seed), specs }
+    }
+
+    /// The generator's randomness, for the caller's own choices (so one seed replays a whole run).
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
+    /// A command; now and then a script.
+    pub fn draw(&mut self) -> Drawn {
+        if self.rng.gen_bool(0.03) {
+            return self.script();
+        }
+        let spec = loop {
+            let spec = self.specs.choose(&mut self.rng).unwrap().clone();
+            if !WIPING.contains(&spec.words[0].as_str()) || self.rng.gen_bool(0.1) {
+                break spec;
+            }
+        };
+        let mut args: Vec<Vec<u8>> = spec.words.iter().map(|w| w.clone().into_bytes()).collect();
+        let needed = spec.arity.unsigned_abs() as usize - args.len().min(spec.arity.unsigned_abs() as usize);
+        let mut extra = if spec.arity > 0 { needed } else { needed + [0, 0, 1, 2, 3, 5].choose(&mut self.rng).unwrap() };
+        // Sometimes the wrong number of arguments, for the error.
+        if self.rng.gen_bool(0.05) {
+            extra = if self.rng.gen() { extra + 1 } else { extra.saturating_sub(1) };
+        }
+        for _ in 0..extra {
+            let a = self.argument();
+            args.push(a);
+        }
+        stretch_ttls(&mut args);
+        Drawn { args, output: spec.output }
+    }
+
+    fn script(&mut self) -> Drawn {
+        let body = SCRIPTS.choose(&mut self.rng).unwrap();
+        let nkeys = self.rng.gen_range(1..=2);
+        let mut args = vec![b"EVAL".to_vec(), body.as_bytes().to_vec(), nkeys.to_string().into_bytes()];
+        for _ in 0..nkeys {
+            args.push(KEYS.choose(&mut self.rng).unwrap().as_bytes().to_vec());
+        }
+        for _ in 0..self.rng.gen_range(0..3) {
+            let a = self.argument();
+            args.push(a);
+        }
+        Drawn { args, output: Output::Exact }
+    }
+
+    fn argument(&mut self) -> Vec<u8> {
+        let r: f64 = self.rng.gen();
+        let word = |list: &[&str], rng: &mut StdRng| list.choose(rng).unwrap().as_bytes().to_vec();
+        if r < 0.35 {
+            word(KEYS, &mut self.rng)
+        } else if r < 0.6 {
+            word(WORDS, &mut self.rng)
+        } else if r < 0.8 {
+            word(NUMBERS, &mut self.rng)
+        } else if r < 0.88 {
+            word(ODD_NUMBERS, &mut self.rng)
+        } else if r < 0.95 {
+            format!("v{}", self.rng.gen_range(0..100)).into_bytes()
+        } else {
+            let len = self.rng.gen_range(1..8);
+            (0..len).map(|_| self.rng.gen()).collect()
+        }
+    }
+}
+
+/// The `i`-th element of a COMMAND entry.
+fn field(entry: &Frame, i: usize) -> Option<&Frame> {
+    match entry {
+        Frame::Array(items) => items.get(i),
+        _ => None,
+    }
+}
+
+fn texts(frame: Option<&Frame>) -> Vec<String> {
+    match frame {
+        Some(Frame::Array(items)) => items
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Simple(s) => Some(s.clone()),
+                Frame::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A drawable command from its COMMAND entry, or None if it is never drawn.
+fn spec_of(entry: &Frame) -> Option<Spec> {
+    let name = texts(Some(entry)).into_iter().next()?.to_ascii_lowercase();
+    let Some(Frame::Integer(arity)) = field(entry, 1) else { return None };
+    let words: Vec<String> = name.split('|').map(str::to_string).collect();
+    let categories = texts(field(entry, 6));
+    let dangerous_but_drawn = DANGEROUS_BUT_DRAWN.contains(&name.as_str());
+    if categories.iter().any(|c| EXCLUDED_CATEGORIES.contains(&c.as_str()) && !(c == "@dangerous" && dangerous_but_drawn))
+        || REFUSED_BY_RAFTIS.contains(&name.as_str())
+        || ADMINISTRATION.contains(&words[0].as_str())
+    {
+        return None;
+    }
+    let tips = texts(field(entry, 7));
+    let output = if DEADLINES.contains(&name.as_str()) {
+        Output::Deadline
+    } else if tips.iter().any(|t| t == "nondeterministic_output") || LOOSE.contains(&name.as_str()) {
+        Output::ErrorsOnly
+    } else if tips.iter().any(|t| t == "nondeterministic_output_order") {
+        Output::Unordered
+    } else {
+        Output::Exact
+    };
+    Some(Spec { words, arity: *arity, output })
+}
+
+/// Makes every relative TTL in `args` at least [`LONG_TTL`] (see the module's comment).
+fn stretch_ttls(args: &mut [Vec<u8>]) {
+    let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+    let ttl_positions: Vec<usize> = match name.as_str() {
+        "expire" | "pexpire" | "setex" | "psetex" => vec![2],
+        "set" | "getex" => (2..args.len().saturating_sub(1))
+            .filter(|i| args[*i].eq_ignore_ascii_case(b"ex") || args[*i].eq_ignore_ascii_case(b"px"))
+            .map(|i| i + 1)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let argc = args.len();
+    for i in ttl_positions.into_iter().filter(|i| *i < argc) {
+        let short = std::str::from_utf8(&args[i]).ok().and_then(|s| s.parse::<i64>().ok()).is_some_and(|t| (1..LONG_TTL).contains(&t));
+        if short {
+            args[i] = LONG_TTL.to_string().into_bytes();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<Vec<u8>> {
+        words.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn short_relative_ttls_are_stretched_and_absolute_ones_kept() {
+        let mut a = args(&["SET", "k", "v", "EX", "10", "PXAT", "10"]);
+        stretch_ttls(&mut a);
+        assert_eq!(a, args(&["SET", "k", "v", "EX", "100000", "PXAT", "10"]));
+        let mut a = args(&["pexpire", "k", "0"]);
+        stretch_ttls(&mut a);
+        assert_eq!(a, args(&["pexpire", "k", "0"]), "zero deletes at once on both servers");
+        let mut a = args(&["SETEX", "k", "3", "v"]);
+        stretch_ttls(&mut a);
+        assert_eq!(a, args(&["SETEX", "k", "100000", "v"]));
+    }
+}
