@@ -1,7 +1,8 @@
 //! Raftis answers what plain Redis answers. The same random commands (see
 //! `raftis_integration::random_commands`) go to a plain redis-server and to a node of a 3-node
 //! cluster, the leader or a follower that forwards them, alone, pipelined or in transactions.
-//! Every reply must be plain Redis' own, and in the end every node must hold plain Redis' dataset.
+//! Every reply must be plain Redis' own, and in the end every node must hold plain Redis' dataset,
+//! also a follower restarted to replay the whole log.
 //!
 //! `RAFTIS_DIFF_SEED=N` replays one seed (a failure names its seed), `RAFTIS_DIFF_STEPS=N` runs
 //! longer.
@@ -35,7 +36,7 @@ fn random_commands_get_plain_redis_answers_and_leave_its_dataset_on_every_node()
 }
 
 fn run(seed: u64, steps: usize) {
-    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let leader = cluster.wait_leader();
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let mut reference = RespConn::connect(plain.port).unwrap();
@@ -84,6 +85,11 @@ fn run(seed: u64, steps: usize) {
         }
     }
 
+    // A follower killed and restarted replays the whole log, later than the others applied it:
+    // it must reach the same dataset.
+    drop(nodes);
+    let replayed = (leader + 1) % cluster.nodes.len();
+    cluster.nodes[replayed].restart().unwrap();
     // Each node's own dataset against plain Redis' (consistency=low: a follower answers from its
     // own), then all of them against each other, expiry times included.
     cluster.wait_converged(&[0, 1, 2]);
