@@ -18,7 +18,7 @@
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use raftis::resp::Frame;
+use crate::resp_conn::Reply;
 
 /// How far a command's reply can be compared between two servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,12 +111,12 @@ pub struct RandomCommands {
 impl RandomCommands {
     /// From the reply to `COMMAND` of a plain Redis, with a seed (the same seed draws the same
     /// commands).
-    pub fn new(command_table: &Frame, seed: u64) -> RandomCommands {
-        let Frame::Array(entries) = command_table else { panic!("COMMAND answered {command_table:?}") };
+    pub fn new(command_table: &Reply, seed: u64) -> RandomCommands {
+        let Some(entries) = command_table.items() else { panic!("COMMAND answered {command_table:?}") };
         let mut specs = Vec::new();
         for entry in entries {
-            let subcommands = match field(entry, 9) {
-                Some(Frame::Array(subs)) if !subs.is_empty() => subs.clone(),
+            let subcommands = match field(entry, 9).and_then(Reply::items) {
+                Some(subs) if !subs.is_empty() => subs.to_vec(),
                 _ => vec![entry.clone()],
             };
             for sub in &subcommands {
@@ -195,31 +195,19 @@ impl RandomCommands {
 }
 
 /// The `i`-th element of a COMMAND entry.
-fn field(entry: &Frame, i: usize) -> Option<&Frame> {
-    match entry {
-        Frame::Array(items) => items.get(i),
-        _ => None,
-    }
+fn field(entry: &Reply, i: usize) -> Option<&Reply> {
+    entry.items()?.get(i)
 }
 
-fn texts(frame: Option<&Frame>) -> Vec<String> {
-    match frame {
-        Some(Frame::Array(items)) => items
-            .iter()
-            .filter_map(|f| match f {
-                Frame::Simple(s) => Some(s.clone()),
-                Frame::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+/// The strings in a list of a COMMAND entry (flags, categories, tips).
+fn texts(list: Option<&Reply>) -> Vec<String> {
+    list.and_then(Reply::items).map_or_else(Vec::new, |items| items.iter().filter_map(Reply::text).collect())
 }
 
 /// A drawable command from its COMMAND entry, or None if it is never drawn.
-fn spec_of(entry: &Frame) -> Option<Spec> {
+fn spec_of(entry: &Reply) -> Option<Spec> {
     let name = texts(Some(entry)).into_iter().next()?.to_ascii_lowercase();
-    let Some(Frame::Integer(arity)) = field(entry, 1) else { return None };
+    let arity = field(entry, 1)?.integer()?;
     let words: Vec<String> = name.split('|').map(str::to_string).collect();
     let categories = texts(field(entry, 6));
     let dangerous_but_drawn = DANGEROUS_BUT_DRAWN.contains(&name.as_str());
@@ -239,7 +227,7 @@ fn spec_of(entry: &Frame) -> Option<Spec> {
     } else {
         Output::Exact
     };
-    Some(Spec { words, arity: *arity, output })
+    Some(Spec { words, arity, output })
 }
 
 /// Makes every relative TTL in `args` at least [`LONG_TTL`] (see the module's comment).

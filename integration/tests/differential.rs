@@ -4,19 +4,21 @@
 //! Every reply must be plain Redis' own, and in the end every node must hold plain Redis' dataset,
 //! also a follower restarted to replay the whole log.
 //!
-//! `RAFTIS_DIFF_SEED=N` replays one seed (a failure names its seed), `RAFTIS_DIFF_STEPS=N` runs
+//! Runs are in RESP2 and in RESP3 (`HELLO 3` on every connection), where Redis' replies carry
+//! their types (maps, sets, doubles) that a relayed or held reply must keep.
+//!
+//! `RAFTIS_DIFF_SEED=N` replays one seed (a failure names its seed and protocol),
+//! `RAFTIS_DIFF_PROTOCOL=2|3` picks the protocol for it (default 2), `RAFTIS_DIFF_STEPS=N` runs
 //! longer.
 
-use bytes::Bytes;
-use raftis::resp::Frame;
 use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
-use raftis_integration::resp_conn::RespConn;
+use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{free_port_pair, Cluster, Server};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
-/// Seeds run when none is given: different mixes, the same ones every run.
-const SEEDS: &[u64] = &[1, 2];
+/// Seeds and protocols run when none is given: different mixes, the same ones every run.
+const RUNS: &[(u64, u8)] = &[(1, 2), (2, 3)];
 const STEPS: usize = 1500;
 /// Relative TTLs are pinned by plain Redis and by the leader at moments a little apart.
 const TTL_TOLERANCE_MS: i64 = 60_000;
@@ -25,23 +27,36 @@ const PROBE_KEY: &str = "__raftis_probe";
 
 #[test]
 fn random_commands_get_plain_redis_answers_and_leave_its_dataset_on_every_node() {
-    let seeds: Vec<u64> = match std::env::var("RAFTIS_DIFF_SEED") {
-        Ok(s) => vec![s.parse().expect("RAFTIS_DIFF_SEED is a number")],
-        Err(_) => SEEDS.to_vec(),
+    let runs: Vec<(u64, u8)> = match std::env::var("RAFTIS_DIFF_SEED") {
+        Ok(s) => {
+            let protocol = std::env::var("RAFTIS_DIFF_PROTOCOL").map_or(2, |p| p.parse().expect("RAFTIS_DIFF_PROTOCOL is 2 or 3"));
+            vec![(s.parse().expect("RAFTIS_DIFF_SEED is a number"), protocol)]
+        }
+        Err(_) => RUNS.to_vec(),
     };
     let steps = std::env::var("RAFTIS_DIFF_STEPS").map_or(STEPS, |s| s.parse().expect("RAFTIS_DIFF_STEPS is a number"));
-    for seed in seeds {
-        run(seed, steps);
+    for (seed, protocol) in runs {
+        run(seed, protocol, steps);
     }
 }
 
-fn run(seed: u64, steps: usize) {
+/// A connection speaking `protocol`.
+fn connect(port: u16, protocol: u8) -> RespConn {
+    let mut conn = RespConn::connect(port).unwrap();
+    if protocol == 3 {
+        let hello = conn.call(&[b"HELLO", b"3"]).unwrap();
+        assert!(!hello.is_error(), "HELLO 3 answered {hello:?}");
+    }
+    conn
+}
+
+fn run(seed: u64, protocol: u8, steps: usize) {
     let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let leader = cluster.wait_leader();
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
-    let mut reference = RespConn::connect(plain.port).unwrap();
+    let mut reference = connect(plain.port, protocol);
     ok(reference.call(&[b"SET", PROBE_KEY.as_bytes(), b"1"]).unwrap());
-    let mut nodes: Vec<RespConn> = cluster.nodes.iter().map(|n| RespConn::connect(n.port).unwrap()).collect();
+    let mut nodes: Vec<RespConn> = cluster.nodes.iter().map(|n| connect(n.port, protocol)).collect();
     let table = reference.call(&[b"COMMAND"]).unwrap();
     let mut commands = RandomCommands::new(&table, seed);
     let mut recent: VecDeque<String> = VecDeque::new();
@@ -68,14 +83,14 @@ fn run(seed: u64, steps: usize) {
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
         let expected = reference.pipeline(&args).unwrap();
         let got = nodes[node].pipeline(&args).unwrap_or_else(|e| {
-            panic!("seed {seed} step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
+            panic!("seed {seed} (RESP{protocol}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
         });
         let role = if node == leader { "leader" } else { "follower" };
         remember(&mut recent, format!("{step} ({role}): {}", show_batch(&batch)));
         for (i, drawn) in batch.iter().enumerate() {
             if !same(drawn.output, &expected[i], &got[i]) {
                 panic!(
-                    "seed {seed} step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
+                    "seed {seed} (RESP{protocol}) step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
                     show(&drawn.args),
                     expected[i],
                     got[i],
@@ -98,17 +113,17 @@ fn run(seed: u64, steps: usize) {
     ok(reference.call(&[b"SELECT", b"0"]).unwrap());
     ok(reference.call(&[b"SET", PROBE_KEY.as_bytes(), b"1"]).unwrap());
     for (i, node) in cluster.nodes.iter().enumerate() {
-        let mut conn = RespConn::connect(node.port).unwrap();
+        let mut conn = connect(node.port, protocol);
         for db in 0..16 {
             let want = dataset(&mut reference, db);
             let have = dataset(&mut conn, db);
-            let keys = |d: &BTreeMap<Bytes, KeyState>| d.keys().cloned().collect::<Vec<_>>();
-            assert_eq!(keys(&have), keys(&want), "seed {seed}: node {i}'s db {db} holds other keys than plain Redis");
+            let keys = |d: &BTreeMap<Vec<u8>, KeyState>| d.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{protocol}): node {i}'s db {db} holds other keys than plain Redis");
             for (key, w) in &want {
                 let h = &have[key];
                 assert!(
                     w.kind == h.kind && w.digest == h.digest && deadlines_agree(w.expires_at_ms, h.expires_at_ms),
-                    "seed {seed}: node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
+                    "seed {seed} (RESP{protocol}): node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
                 );
             }
         }
@@ -134,14 +149,17 @@ fn transaction(commands: &mut RandomCommands) -> Vec<Drawn> {
 }
 
 /// Whether two replies agree as far as `output` says they can.
-fn same(output: Output, expected: &Frame, got: &Frame) -> bool {
-    match (output, expected, got) {
-        (Output::Exact, ..) => expected == got,
-        (_, Frame::Error(_), _) | (_, _, Frame::Error(_)) => expected == got,
-        (Output::Unordered, ..) => leaves(expected) == leaves(got),
-        (Output::ErrorsOnly, ..) => true,
-        (Output::Deadline, Frame::Integer(a), Frame::Integer(b)) => deadlines_agree(*a, *b),
-        (Output::Deadline, ..) => expected == got,
+fn same(output: Output, expected: &Reply, got: &Reply) -> bool {
+    if output == Output::Exact || expected.is_error() || got.is_error() {
+        return expected == got;
+    }
+    match output {
+        Output::Unordered => expected.sorted_leaves() == got.sorted_leaves(),
+        Output::Deadline => match (expected.integer(), got.integer()) {
+            (Some(a), Some(b)) => deadlines_agree(a, b),
+            _ => expected == got,
+        },
+        Output::ErrorsOnly | Output::Exact => true,
     }
 }
 
@@ -154,59 +172,44 @@ fn deadlines_agree(a: i64, b: i64) -> bool {
     }
 }
 
-/// Every scalar in a reply, sorted: what an unordered reply must agree on.
-fn leaves(frame: &Frame) -> Vec<String> {
-    fn walk(frame: &Frame, out: &mut Vec<String>) {
-        match frame {
-            Frame::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            other => out.push(format!("{other:?}")),
-        }
-    }
-    let mut out = Vec::new();
-    walk(frame, &mut out);
-    out.sort();
-    out
-}
-
 #[derive(Debug, PartialEq, Eq)]
 struct KeyState {
-    kind: Frame,
-    digest: Frame,
+    kind: Reply,
+    digest: Reply,
     /// PEXPIRETIME: -1 without a TTL.
     expires_at_ms: i64,
 }
 
 /// Every key of database `db` with its type, value digest and expiry time.
-fn dataset(conn: &mut RespConn, db: usize) -> BTreeMap<Bytes, KeyState> {
+fn dataset(conn: &mut RespConn, db: usize) -> BTreeMap<Vec<u8>, KeyState> {
     ok(conn.call(&[b"SELECT", db.to_string().as_bytes()]).unwrap());
     let mut out = BTreeMap::new();
-    let mut cursor = Bytes::from_static(b"0");
+    let mut cursor = b"0".to_vec();
     loop {
         let reply = conn.call(&[b"SCAN", &cursor, b"COUNT", b"1000"]).unwrap();
-        let Frame::Array(parts) = reply else { panic!("SCAN answered {reply:?}") };
-        let [Frame::Bulk(next), Frame::Array(keys)] = parts.as_slice() else { panic!("SCAN answered {parts:?}") };
+        let (next, keys) = match reply.items() {
+            Some([next, keys]) => (next.bytes().expect("a cursor").to_vec(), keys.items().expect("keys").to_vec()),
+            _ => panic!("SCAN answered {reply:?}"),
+        };
         for key in keys {
-            let Frame::Bulk(key) = key else { panic!("SCAN listed {key:?}") };
-            let expires_at_ms = match conn.call(&[b"PEXPIRETIME", key]).unwrap() {
-                Frame::Integer(t) => t,
-                other => panic!("PEXPIRETIME answered {other:?}"),
-            };
+            let key = key.bytes().unwrap_or_else(|| panic!("SCAN listed {key:?}")).to_vec();
+            let expires_at = conn.call(&[b"PEXPIRETIME", &key]).unwrap();
             let state = KeyState {
-                kind: conn.call(&[b"TYPE", key]).unwrap(),
-                digest: conn.call(&[b"DEBUG", b"DIGEST-VALUE", key]).unwrap(),
-                expires_at_ms,
+                kind: conn.call(&[b"TYPE", &key]).unwrap(),
+                digest: conn.call(&[b"DEBUG", b"DIGEST-VALUE", &key]).unwrap(),
+                expires_at_ms: expires_at.integer().unwrap_or_else(|| panic!("PEXPIRETIME answered {expires_at:?}")),
             };
-            out.insert(key.clone(), state);
+            out.insert(key, state);
         }
-        if next.as_ref() == b"0" {
+        if next == b"0" {
             return out;
         }
-        cursor = next.clone();
+        cursor = next;
     }
 }
 
-fn ok(reply: Frame) {
-    assert_eq!(reply, Frame::Simple("OK".into()));
+fn ok(reply: Reply) {
+    assert_eq!(reply, Reply::Line(b'+', b"OK".to_vec()));
 }
 
 fn remember(recent: &mut VecDeque<String>, line: String) {
