@@ -50,7 +50,8 @@ fn connect(port: u16, protocol: u8) -> RespConn {
     conn
 }
 
-fn run(seed: u64, protocol: u8, steps: usize) {
+fn run(seed: u64, first_protocol: u8, steps: usize) {
+    let mut protocol = first_protocol;
     let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let leader = cluster.wait_leader();
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
@@ -76,21 +77,34 @@ fn run(seed: u64, protocol: u8, steps: usize) {
             transaction(&mut commands)
         } else if roll < 0.15 {
             let n = commands.rng().gen_range(2..6);
-            (0..n).map(|_| commands.draw()).collect()
+            let mut pipeline: Vec<Drawn> = (0..n).map(|_| commands.draw()).collect();
+            if commands.rng().gen_bool(0.2) {
+                // The protocol changes in the middle of the pipeline: the replies behind HELLO
+                // come in the other one (HELLO's own reply names the server and the client).
+                protocol = 5 - protocol;
+                let hello = Drawn { args: vec![b"HELLO".to_vec(), protocol.to_string().into_bytes()], output: Output::ErrorsOnly };
+                let at = commands.rng().gen_range(0..=pipeline.len());
+                pipeline.insert(at, hello);
+                for (i, conn) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != node) {
+                    let hello = conn.call(&[b"HELLO", protocol.to_string().as_bytes()]).unwrap();
+                    assert!(!hello.is_error(), "HELLO {protocol} on node {i}: {hello:?}");
+                }
+            }
+            pipeline
         } else {
             vec![commands.draw()]
         };
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
         let expected = reference.pipeline(&args).unwrap();
         let got = nodes[node].pipeline(&args).unwrap_or_else(|e| {
-            panic!("seed {seed} (RESP{protocol}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
+            panic!("seed {seed} (RESP{first_protocol}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
         });
         let role = if node == leader { "leader" } else { "follower" };
         remember(&mut recent, format!("{step} ({role}): {}", show_batch(&batch)));
         for (i, drawn) in batch.iter().enumerate() {
             if !same(drawn.output, &expected[i], &got[i]) {
                 panic!(
-                    "seed {seed} (RESP{protocol}) step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
+                    "seed {seed} (RESP{first_protocol}) step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
                     show(&drawn.args),
                     expected[i],
                     got[i],
@@ -118,12 +132,12 @@ fn run(seed: u64, protocol: u8, steps: usize) {
             let want = dataset(&mut reference, db);
             let have = dataset(&mut conn, db);
             let keys = |d: &BTreeMap<Vec<u8>, KeyState>| d.keys().cloned().collect::<Vec<_>>();
-            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{protocol}): node {i}'s db {db} holds other keys than plain Redis");
+            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{first_protocol}): node {i}'s db {db} holds other keys than plain Redis");
             for (key, w) in &want {
                 let h = &have[key];
                 assert!(
                     w.kind == h.kind && w.digest == h.digest && deadlines_agree(w.expires_at_ms, h.expires_at_ms),
-                    "seed {seed} (RESP{protocol}): node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
+                    "seed {seed} (RESP{first_protocol}): node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
                 );
             }
         }

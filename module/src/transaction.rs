@@ -159,6 +159,15 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
     if !batch.commands.is_empty() && batch.bytes + size > MAX_FORWARDED_BATCH_BYTES {
         return Forwarding::Alone(argv);
     }
+    // The leader answers a whole batch in one protocol; after a HELLO in the middle of a
+    // pipeline, the commands behind it need the other one.
+    if batch.resp3 != crate::ffi::client_is_resp3(ctx) {
+        if batch.commands.is_empty() {
+            batch.resp3 = !batch.resp3;
+        } else {
+            return Forwarding::Alone(argv);
+        }
+    }
     // A client with too many replies in flight blocks instead (see `held`).
     let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
     batch.slots.push(Some(slot));
