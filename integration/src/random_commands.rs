@@ -89,7 +89,8 @@ const NUMBERS: &[&str] = &[
     "1700000000000", "4102444800000",
 ];
 const ODD_NUMBERS: &[&str] = &["1.5", "-inf", "+inf", "(1", "[a", "-", "+", "nan", "1e400", "0x10", ""];
-/// Scripts whose effect and reply depend only on their keys, arguments and data.
+/// Scripts whose effect and reply depend only on their keys, arguments and data. Redis keeps every
+/// script `EVAL` ran in its cache, so `EVALSHA` finds it afterwards, until `SCRIPT FLUSH`.
 const SCRIPTS: &[&str] = &[
     "return redis.call('INCR', KEYS[1])",
     "for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end return redis.call('LLEN', KEYS[1])",
@@ -106,6 +107,8 @@ const LONG_TTL: i64 = 100_000;
 pub struct RandomCommands {
     rng: StdRng,
     specs: Vec<Spec>,
+    /// The SHA1 of each of [`SCRIPTS`], once the caller has learnt them (see [`Self::know_shas`]).
+    shas: Vec<Vec<u8>>,
 }
 
 impl RandomCommands {
@@ -126,7 +129,20 @@ impl RandomCommands {
             }
         }
         specs.sort_by(|a, b| a.words.cmp(&b.words));
-        RandomCommands { rng: StdRng::seed_from_u64(seed), specs }
+        RandomCommands { rng: StdRng::seed_from_u64(seed), specs, shas: Vec::new() }
+    }
+
+    /// The scripts this draws from, for the caller to learn their SHA1s (from `SCRIPT LOAD`).
+    pub fn scripts() -> &'static [&'static str] {
+        SCRIPTS
+    }
+
+    /// The SHA1 of each of [`Self::scripts`], in order: from now on scripts are also loaded with
+    /// `SCRIPT LOAD`, run with `EVALSHA` (`-NOSCRIPT` when the script cache does not hold them)
+    /// and flushed with `SCRIPT FLUSH`.
+    pub fn know_shas(&mut self, shas: Vec<Vec<u8>>) {
+        assert_eq!(shas.len(), SCRIPTS.len());
+        self.shas = shas;
     }
 
     /// The generator's randomness, for the caller's own choices (so one seed replays a whole run).
@@ -161,9 +177,21 @@ impl RandomCommands {
     }
 
     fn script(&mut self) -> Drawn {
-        let body = SCRIPTS.choose(&mut self.rng).unwrap();
+        let which = self.rng.gen_range(0..SCRIPTS.len());
+        let body = SCRIPTS[which].as_bytes().to_vec();
+        if !self.shas.is_empty() {
+            let r: f64 = self.rng.gen();
+            if r < 0.15 {
+                return Drawn { args: vec![b"SCRIPT".to_vec(), b"LOAD".to_vec(), body], output: Output::Exact };
+            }
+            if r < 0.2 {
+                return Drawn { args: vec![b"SCRIPT".to_vec(), b"FLUSH".to_vec()], output: Output::Exact };
+            }
+        }
+        let by_sha = !self.shas.is_empty() && self.rng.gen_bool(0.5);
+        let (name, script) = if by_sha { (b"EVALSHA".to_vec(), self.shas[which].clone()) } else { (b"EVAL".to_vec(), body) };
         let nkeys = self.rng.gen_range(1..=2);
-        let mut args = vec![b"EVAL".to_vec(), body.as_bytes().to_vec(), nkeys.to_string().into_bytes()];
+        let mut args = vec![name, script, nkeys.to_string().into_bytes()];
         for _ in 0..nkeys {
             args.push(KEYS.choose(&mut self.rng).unwrap().as_bytes().to_vec());
         }

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 /// One reply, as the server typed it: two replies are equal when their bytes are.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reply {
     /// Simple string `+`, error `-`, integer `:`, double `,`, boolean `#`, big number `(`: the line.
     Line(u8, Vec<u8>),
@@ -17,6 +17,20 @@ pub enum Reply {
     Null(u8),
     /// Array `*`, set `~`, push `>`, map `%` and attribute `|` (keys and values alternate).
     Aggregate(u8, Vec<Reply>),
+}
+
+/// Readable in a failed assertion: the type byte, then the text or the elements.
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Line(kind, data) | Reply::Blob(kind, data) => write!(f, "{}{:?}", *kind as char, String::from_utf8_lossy(data)),
+            Reply::Null(kind) => write!(f, "{}null", *kind as char),
+            Reply::Aggregate(kind, items) => {
+                write!(f, "{}", *kind as char)?;
+                f.debug_list().entries(items).finish()
+            }
+        }
+    }
 }
 
 impl Reply {

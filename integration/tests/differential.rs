@@ -13,7 +13,7 @@
 
 use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{free_port_pair, Cluster, Server};
+use raftis_integration::{free_port_pair, info_field, Cluster, Server};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -52,7 +52,8 @@ fn connect(port: u16, protocol: u8) -> RespConn {
 
 fn run(seed: u64, first_protocol: u8, steps: usize) {
     let mut protocol = first_protocol;
-    let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    // Snapshots every few hundred entries: the restarted follower loads one and replays the rest.
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes", "snapshot-threshold=400"]).unwrap();
     let leader = cluster.wait_leader();
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let mut reference = connect(plain.port, protocol);
@@ -60,6 +61,10 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
     let mut nodes: Vec<RespConn> = cluster.nodes.iter().map(|n| connect(n.port, protocol)).collect();
     let table = reference.call(&[b"COMMAND"]).unwrap();
     let mut commands = RandomCommands::new(&table, seed);
+    // The scripts' SHA1s, from plain Redis, whose cache is then emptied again.
+    let shas = RandomCommands::scripts().iter().map(|body| reference.call(&[b"SCRIPT", b"LOAD", body.as_bytes()]).unwrap().bytes().unwrap().to_vec()).collect();
+    ok(reference.call(&[b"SCRIPT", b"FLUSH"]).unwrap());
+    commands.know_shas(shas);
     let mut recent: VecDeque<String> = VecDeque::new();
 
     for step in 0..steps {
@@ -118,6 +123,7 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
     // it must reach the same dataset.
     drop(nodes);
     let replayed = (leader + 1) % cluster.nodes.len();
+    assert!(info_field(&cluster.nodes[replayed], "snapshot_index") > 0, "seed {seed}: no snapshot was taken to restart from");
     cluster.nodes[replayed].restart().unwrap();
     // Each node's own dataset against plain Redis' (consistency=low: a follower answers from its
     // own), then all of them against each other, expiry times included.

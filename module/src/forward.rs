@@ -187,12 +187,16 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
-    for ((db, argv), route) in commands.iter().zip(routes) {
+    // Writes that cannot enter the log (an EVALSHA of a script nobody loaded, an SPOP) answer
+    // their error in their own place, as on the leader's own clients; the others still run.
+    let mut refused = Vec::new();
+    for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
             Route::Write => {
                 if let Err(e) = crate::write::prepare(*db, &mut args, at) {
-                    return done(Err(e));
+                    refused.push((i, e));
+                    continue;
                 }
             }
             Route::Read => {}
@@ -200,9 +204,27 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
         }
         pinned.push((*db, args));
     }
+    if pinned.is_empty() {
+        let errors: Vec<Vec<u8>> = refused.iter().map(|(_, e)| error_proto(e)).collect();
+        return done(Ok(encode_replies(&errors)));
+    }
+    let done = if refused.is_empty() { done } else { with_refused(done, refused) };
     let entry = encode_transaction(Some(at), &pinned);
     let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction(done), resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
+}
+
+/// `done`, once the errors of the commands `refused` (by position, in order) are put back among
+/// the replies of those that ran.
+fn with_refused(done: ForwardDone, refused: Vec<(usize, String)>) -> ForwardDone {
+    Box::new(move |reply| {
+        let Ok(raw) = reply else { return done(reply) };
+        let Some(mut replies) = decode_replies(&raw) else { return done(Ok(raw)) };
+        for (i, error) in refused {
+            replies.insert(i.min(replies.len()), error_proto(&error));
+        }
+        done(Ok(encode_replies(&replies)))
+    })
 }
 
 /// Leader side, on the main thread: forwarded reads whose read index is applied (see
