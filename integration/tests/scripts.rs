@@ -141,3 +141,19 @@ fn a_script_that_never_ends_is_killed_on_every_node_and_the_cluster_goes_on() {
     let err = cluster.nodes[leader].cmd::<Value>(&["SCRIPT", "KILL"]).unwrap_err();
     assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
 }
+
+/// Through a follower, an EVALSHA the leader cannot resolve fails alone, as on the leader: the
+/// commands pipelined or queued with it still run.
+#[test]
+fn through_a_follower_an_unknown_sha_fails_alone() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let unknown = "EVALSHA 0000000000000000000000000000000000000000 0\r\n";
+    let request = format!("SET b 1\r\n{unknown}GET b\r\nMULTI\r\nSET a 1\r\n{unknown}GET a\r\nEXEC\r\n");
+    let noscript = "-NOSCRIPT No matching script. Please use EVAL.\r\n";
+    let expected = format!("+OK\r\n{noscript}$1\r\n1\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n{noscript}$1\r\n1\r\n");
+    let got = raftis_integration::raw_exchange(follower.port, request.as_bytes(), expected.len());
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
