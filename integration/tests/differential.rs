@@ -13,7 +13,7 @@
 
 use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{free_port_pair, info_field, Cluster, Server};
+use raftis_integration::{free_port_pair, info_field, redis, Cluster, Server};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -123,7 +123,10 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
     // it must reach the same dataset.
     drop(nodes);
     let replayed = (leader + 1) % cluster.nodes.len();
-    assert!(info_field(&cluster.nodes[replayed], "snapshot_index") > 0, "seed {seed}: no snapshot was taken to restart from");
+    if info_field(&cluster.nodes[replayed], "snapshot_index") == 0 {
+        // A short run wrote too little for one: it loads a snapshot all the same.
+        let _: redis::Value = cluster.nodes[replayed].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    }
     cluster.nodes[replayed].restart().unwrap();
     // Each node's own dataset against plain Redis' (consistency=low: a follower answers from its
     // own), then all of them against each other, expiry times included.

@@ -109,6 +109,13 @@ fn script_flush_and_the_commands_a_script_cannot_use_are_answered_clearly() {
     let err = node.cmd::<Value>(&["EVALSHA", &sha, "0"]).unwrap_err();
     assert_eq!(err.code(), Some("NOSCRIPT"), "a flushed script is forgotten by the log too: {err}");
     assert_eq!(stat_field(node, "known_scripts"), 0);
+    // Pipelined, none of it applied yet when the next is proposed: EVALSHA finds what EVAL ran
+    // before it and not what SCRIPT FLUSH dropped before it, as in Redis.
+    let evalsha = format!("*3\r\n$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n$1\r\n0\r\n");
+    let request = format!("*3\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n$1\r\n0\r\n{evalsha}SCRIPT FLUSH\r\n{evalsha}");
+    let expected = ":1\r\n:1\r\n+OK\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n";
+    let got = raftis_integration::raw_exchange(node.port, request.as_bytes(), expected.len());
+    assert_eq!(String::from_utf8_lossy(&got), expected);
     let err = node.cmd::<Value>(&["SCRIPT", "DEBUG", "YES"]).unwrap_err();
     assert!(err.to_string().contains("SCRIPT DEBUG"), "{err}");
     let err = node.cmd::<Value>(&["EVAL", "return redis.call('SPOP', KEYS[1])", "1", "s"]).unwrap_err();

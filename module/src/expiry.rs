@@ -162,10 +162,6 @@ pub fn applied(at: Option<EntryTime>) {
     }
 }
 
-/// Deletes the keys the command `argv` names, in the selected database, whose deadline is before
-/// `at`: the keys Redis would find expired if its clock read `at`. Run before each command of the
-/// log. (A key a command leaves already expired, given a deadline in the past, is found by the
-/// next command that names it, whose time is no earlier; or by the background expiry.)
 /// After a command of the log: a command that gave its key a deadline the entry's time has passed
 /// (`EXPIREAT k 1`, `GETEX k PXAT 1`, `EXPIRE k 0`) deletes the key now, as Redis does when it is
 /// not loading. Redis is loading here (see the module comment), so it left the key with a deadline
@@ -190,6 +186,11 @@ pub fn delete_key_if_already_expired(ctx: *mut RedisModuleCtx, key: &[u8], at: E
     expire_named_if_due(ctx, key, at, Due::AtDeadline);
 }
 
+/// Deletes the keys the command `argv` names, in the selected database, whose deadline is before
+/// `at`: the keys Redis would find expired if its clock read `at`. Run before each command of the
+/// log. (A key a command leaves with a deadline already past is deleted right after it, see
+/// [`delete_if_already_expired`], or, set by `SET ... PXAT`, found by the next command that names
+/// it, whose time is no earlier, or by the background expiry.)
 pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
     match state::get().key_positions(argv) {
         KeyPositions::At(positions) => {

@@ -112,17 +112,31 @@ fn is_script(name: &[u8]) -> bool {
 }
 
 /// On the leader, before proposing: `EVALSHA sha ...` becomes `EVAL <its text> ...`.
+///
+/// What is proposed next must see the script cache as the commands proposed before it leave it,
+/// not as the log has applied it so far: in a pipeline, `EVAL` then `EVALSHA` of the same script
+/// finds it, and `SCRIPT FLUSH` then `EVALSHA` does not, as in Redis, though none of them has been
+/// applied yet. So scripts are remembered (and forgotten) here already, and again when applied.
+/// (A script that does not compile is remembered here too: its `EVALSHA` gets the compile error
+/// where Redis would answer `NOSCRIPT`.)
 pub fn prepare(argv: &mut Args) -> Result<(), String> {
     let Some(name) = argv.first() else { return Ok(()) };
     if !is_script(name) && !name.eq_ignore_ascii_case(b"script") {
         return Ok(());
     }
-    hooks()?;
+    let hooks = hooks()?;
     let by_sha = if name.eq_ignore_ascii_case(b"evalsha") {
         b"EVAL".as_slice()
     } else if name.eq_ignore_ascii_case(b"evalsha_ro") {
         b"EVAL_RO".as_slice()
     } else {
+        if is_script(name) && argv.len() >= 2 {
+            remember(hooks, &argv[1]);
+        } else if argv.len() == 3 && argv[1].eq_ignore_ascii_case(b"load") {
+            remember(hooks, &argv[2]);
+        } else if argv.len() >= 2 && argv[1].eq_ignore_ascii_case(b"flush") {
+            forget_all();
+        }
         return Ok(());
     };
     let sha = String::from_utf8_lossy(&argv[1]).to_ascii_lowercase();
@@ -157,7 +171,7 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
             if argv[1].eq_ignore_ascii_case(b"load") && argv.len() == 3 {
                 remember_if_cached(ctx, hooks, argv[2]);
             } else if argv[1].eq_ignore_ascii_case(b"flush") {
-                *KNOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                forget_all();
             }
         }
         return result;
@@ -189,15 +203,28 @@ fn sha1(hooks: &Hooks, text: &[u8]) -> String {
     String::from_utf8_lossy(&digest[..40]).into_owned()
 }
 
-/// Records a script Redis kept in its cache (it does not keep one that fails to compile).
+/// Records a script Redis kept in its cache (it does not keep one that fails to compile, which
+/// [`prepare`] may have remembered: it is forgotten here, as on the other nodes).
 fn remember_if_cached(ctx: *mut RedisModuleCtx, hooks: &Hooks, text: &[u8]) {
     let sha = sha1(hooks, text);
     let reply = ffi::call(ctx, &[&b"SCRIPT"[..], b"EXISTS", sha.as_bytes()], false);
     let cached = ffi::is_array(reply) && ffi::reply_len(reply) == 1 && ffi::reply_integer_value(ffi::reply_element(reply, 0)) == 1;
     ffi::free_call_reply(reply);
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     if cached {
-        KNOWN.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+        known.get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+    } else if let Some(known) = known.as_mut() {
+        known.remove(&sha);
     }
+}
+
+fn remember(hooks: &Hooks, text: &[u8]) {
+    let sha = sha1(hooks, text);
+    KNOWN.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FxHashMap::default).insert(sha, text.to_vec());
+}
+
+fn forget_all() {
+    *KNOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 /// RAFT.STATS: how many scripts this node knows.
