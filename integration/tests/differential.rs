@@ -55,6 +55,9 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
     // Snapshots every few hundred entries: the restarted follower loads one and replays the rest.
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "snapshot-threshold=400"]).unwrap();
     let leader = cluster.wait_leader();
+    if let Ok(level) = std::env::var("RAFTIS_DIFF_CONSISTENCY") {
+        cluster.config_set("consistency", &level);
+    }
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let mut reference = connect(plain.port, protocol);
     ok(reference.call(&[b"SET", PROBE_KEY.as_bytes(), b"1"]).unwrap());

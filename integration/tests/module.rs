@@ -613,6 +613,27 @@ fn raft_stats_show_the_journal_and_its_checkpoints() {
 
 /// Writes and reads interleaved in one pipeline, and the replies that show every read saw the
 /// writes sent before it (53 writes). Keys `k` and `n` must not exist yet.
+/// Through a follower with the proxy too: its writes go to the leader, and a read behind them
+/// goes with them, also at `low`, where the follower could otherwise read before it has applied
+/// them itself.
+#[test]
+fn through_a_follower_a_pipeline_reads_its_own_writes_at_every_consistency_level() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
+        cluster.config_set("consistency", level);
+        let (request, expected) = interleaved_pipeline();
+        let shift = |bytes: Vec<u8>| {
+            String::from_utf8(bytes).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}")).into_bytes()
+        };
+        let request = [format!("SELECT {db}\r\n").into_bytes(), shift(request)].concat();
+        let expected = [b"+OK\r\n".to_vec(), expected].concat();
+        let got = raw_exchange(follower.port, &request, expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected), "consistency {level}");
+    }
+}
+
 fn interleaved_pipeline() -> (Vec<u8>, Vec<u8>) {
     let mut request = Vec::new();
     let mut expected = Vec::new();

@@ -219,6 +219,12 @@ pub fn read_behind_writes(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> bool {
     queue_read(&mut held, hooks, ctx, (id, client), argv, |blocked, argv, resp3| blocked.finish(Outcome::Run { argv, resp3 }))
 }
 
+/// Whether the client of `ctx` has replies in flight (writes, or reads behind them).
+pub fn has_replies_in_flight(ctx: *mut RedisModuleCtx) -> bool {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    slots_of(&HELD.lock().unwrap_or_else(|p| p.into_inner()), id) > 0
+}
+
 /// The client of `ctx`, if replies can be held for it.
 fn client_of(ctx: *mut RedisModuleCtx, hooks: &Hooks) -> Option<(ClientId, *mut c_void)> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };

@@ -5,7 +5,8 @@
 //!   dataset; anything else comes here.
 //! - At both, the filter leaves reads alone unless some client's writes are in flight on this
 //!   leader with their replies held: then reads come here, and a read of such a client waits
-//!   for its writes (a pipeline reads its own writes), like at `high`.
+//!   for its writes (a pipeline reads its own writes), like at `high`. On a follower that
+//!   forwards its clients' writes, such a read goes to the leader with them.
 //! - Inside EXEC a read joins its transaction, whatever the level (see `transaction`).
 //! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
 //!   and holds the reply until a ReadIndex round confirms it still leads (see `held`).
@@ -45,7 +46,11 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if !needs_confirmation() {
         // Here only because some client has writes in flight or a transaction open (see the
         // filter): the read waits for its own client's writes, if it has any, and otherwise
-        // runs now.
+        // runs now. On a follower that forwards them, this node may apply them only after the
+        // leader has answered: the read goes to the leader with them, to read them.
+        if crate::held::has_replies_in_flight(ctx) && forwards_to_leader() {
+            return crate::forward::to_leader(ctx, ffi::owned_args(argv));
+        }
         if !crate::held::read_behind_writes(ctx, argv) {
             ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
         }
@@ -65,6 +70,12 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
     confirm_then_run(blocked, ffi::owned_args(argv), ffi::client_is_resp3(ctx));
     Ok(())
+}
+
+/// Whether this node runs its clients' writes through the leader (a follower with the proxy).
+fn forwards_to_leader() -> bool {
+    let s = state::get();
+    s.follower_proxy() && s.node().is_some_and(|n| !n.is_leader())
 }
 
 /// The blocking path: confirms this node still leads with a ReadIndex round, waits until the
