@@ -7,9 +7,11 @@
 //! Runs are in RESP2 and in RESP3 (`HELLO 3` on every connection), where Redis' replies carry
 //! their types (maps, sets, doubles) that a relayed or held reply must keep.
 //!
-//! `RAFTIS_DIFF_SEED=N` replays one seed (a failure names its seed and protocol),
-//! `RAFTIS_DIFF_PROTOCOL=2|3` picks the protocol for it (default 2), `RAFTIS_DIFF_STEPS=N` runs
-//! longer.
+//! `RAFTIS_DIFF_SEED=N` replays one seed (a failure names its seed, protocol and read
+//! consistency), `RAFTIS_DIFF_PROTOCOL=2|3` and `RAFTIS_DIFF_CONSISTENCY=high|medium|low` pick
+//! them for it (default RESP2 and high; at `low` a follower may answer a read before it has
+//! applied a write the leader already acknowledged, which is `low`'s documented staleness, not a
+//! failure), `RAFTIS_DIFF_STEPS=N` runs longer.
 
 use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
@@ -17,8 +19,9 @@ use raftis_integration::{free_port_pair, info_field, redis, Cluster, Server};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
-/// Seeds and protocols run when none is given: different mixes, the same ones every run.
-const RUNS: &[(u64, u8)] = &[(1, 2), (2, 3)];
+/// Seeds, protocols and read consistency levels run when none is given: different mixes, the
+/// same ones every run.
+const RUNS: &[(u64, u8, &str)] = &[(1, 2, "high"), (2, 3, "high"), (3, 2, "medium")];
 const STEPS: usize = 1500;
 /// Relative TTLs are pinned by plain Redis and by the leader at moments a little apart.
 const TTL_TOLERANCE_MS: i64 = 60_000;
@@ -27,16 +30,17 @@ const PROBE_KEY: &str = "__raftis_probe";
 
 #[test]
 fn random_commands_get_plain_redis_answers_and_leave_its_dataset_on_every_node() {
-    let runs: Vec<(u64, u8)> = match std::env::var("RAFTIS_DIFF_SEED") {
+    let runs: Vec<(u64, u8, String)> = match std::env::var("RAFTIS_DIFF_SEED") {
         Ok(s) => {
             let protocol = std::env::var("RAFTIS_DIFF_PROTOCOL").map_or(2, |p| p.parse().expect("RAFTIS_DIFF_PROTOCOL is 2 or 3"));
-            vec![(s.parse().expect("RAFTIS_DIFF_SEED is a number"), protocol)]
+            let consistency = std::env::var("RAFTIS_DIFF_CONSISTENCY").unwrap_or_else(|_| "high".into());
+            vec![(s.parse().expect("RAFTIS_DIFF_SEED is a number"), protocol, consistency)]
         }
-        Err(_) => RUNS.to_vec(),
+        Err(_) => RUNS.iter().map(|(seed, protocol, consistency)| (*seed, *protocol, consistency.to_string())).collect(),
     };
     let steps = std::env::var("RAFTIS_DIFF_STEPS").map_or(STEPS, |s| s.parse().expect("RAFTIS_DIFF_STEPS is a number"));
-    for (seed, protocol) in runs {
-        run(seed, protocol, steps);
+    for (seed, protocol, consistency) in runs {
+        run(seed, protocol, &consistency, steps);
     }
 }
 
@@ -50,14 +54,12 @@ fn connect(port: u16, protocol: u8) -> RespConn {
     conn
 }
 
-fn run(seed: u64, first_protocol: u8, steps: usize) {
+fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
     let mut protocol = first_protocol;
     // Snapshots every few hundred entries: the restarted follower loads one and replays the rest.
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "snapshot-threshold=400"]).unwrap();
     let leader = cluster.wait_leader();
-    if let Ok(level) = std::env::var("RAFTIS_DIFF_CONSISTENCY") {
-        cluster.config_set("consistency", &level);
-    }
+    cluster.config_set("consistency", consistency);
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let mut reference = connect(plain.port, protocol);
     ok(reference.call(&[b"SET", PROBE_KEY.as_bytes(), b"1"]).unwrap());
@@ -105,14 +107,14 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
         let expected = reference.pipeline(&args).unwrap();
         let got = nodes[node].pipeline(&args).unwrap_or_else(|e| {
-            panic!("seed {seed} (RESP{first_protocol}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
+            panic!("seed {seed} (RESP{first_protocol}, {consistency}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
         });
         let role = if node == leader { "leader" } else { "follower" };
         remember(&mut recent, format!("{step} ({role}): {}", show_batch(&batch)));
         for (i, drawn) in batch.iter().enumerate() {
             if !same(drawn.output, &expected[i], &got[i]) {
                 panic!(
-                    "seed {seed} (RESP{first_protocol}) step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
+                    "seed {seed} (RESP{first_protocol}, {consistency}) step {step}: the {role} answered `{}`\n  plain Redis: {:?}\n  Raftis:      {:?}\nrecent steps:\n{}",
                     show(&drawn.args),
                     expected[i],
                     got[i],
@@ -144,12 +146,12 @@ fn run(seed: u64, first_protocol: u8, steps: usize) {
             let want = dataset(&mut reference, db);
             let have = dataset(&mut conn, db);
             let keys = |d: &BTreeMap<Vec<u8>, KeyState>| d.keys().cloned().collect::<Vec<_>>();
-            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{first_protocol}): node {i}'s db {db} holds other keys than plain Redis");
+            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{first_protocol}, {consistency}): node {i}'s db {db} holds other keys than plain Redis");
             for (key, w) in &want {
                 let h = &have[key];
                 assert!(
                     w.kind == h.kind && w.digest == h.digest && deadlines_agree(w.expires_at_ms, h.expires_at_ms),
-                    "seed {seed} (RESP{first_protocol}): node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
+                    "seed {seed} (RESP{first_protocol}, {consistency}): node {i}'s db {db} key {key:?} differs: plain Redis {w:?}, Raftis {h:?}"
                 );
             }
         }
