@@ -613,27 +613,6 @@ fn raft_stats_show_the_journal_and_its_checkpoints() {
 
 /// Writes and reads interleaved in one pipeline, and the replies that show every read saw the
 /// writes sent before it (53 writes). Keys `k` and `n` must not exist yet.
-/// Through a follower with the proxy too: its writes go to the leader, and a read behind them
-/// goes with them, also at `low`, where the follower could otherwise read before it has applied
-/// them itself.
-#[test]
-fn through_a_follower_a_pipeline_reads_its_own_writes_at_every_consistency_level() {
-    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
-    let leader = cluster.wait_leader();
-    let follower = &cluster.nodes[(leader + 1) % 3];
-    for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
-        cluster.config_set("consistency", level);
-        let (request, expected) = interleaved_pipeline();
-        let shift = |bytes: Vec<u8>| {
-            String::from_utf8(bytes).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}")).into_bytes()
-        };
-        let request = [format!("SELECT {db}\r\n").into_bytes(), shift(request)].concat();
-        let expected = [b"+OK\r\n".to_vec(), expected].concat();
-        let got = raw_exchange(follower.port, &request, expected.len());
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected), "consistency {level}");
-    }
-}
-
 fn interleaved_pipeline() -> (Vec<u8>, Vec<u8>) {
     let mut request = Vec::new();
     let mut expected = Vec::new();
@@ -648,6 +627,30 @@ fn interleaved_pipeline() -> (Vec<u8>, Vec<u8>) {
     request.extend_from_slice(b"PING\r\nINCR n\r\nSELECT 1\r\nGET k\r\nINCR n\r\nSELECT 0\r\nINCR n\r\nGET n\r\n");
     expected.extend_from_slice(b"+PONG\r\n:1\r\n+OK\r\n$-1\r\n:1\r\n+OK\r\n:2\r\n$1\r\n2\r\n");
     (request, expected)
+}
+
+/// [`interleaved_pipeline`] in database `db` of its own (and `db + 1`), so that `k` and `n` start
+/// absent: it begins with `SELECT db`, and its `SELECT 1` and `SELECT 0` become `db + 1` and `db`.
+fn interleaved_pipeline_in(db: u32) -> (Vec<u8>, Vec<u8>) {
+    let (request, expected) = interleaved_pipeline();
+    let request = String::from_utf8(request).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}"));
+    ([format!("SELECT {db}\r\n").into_bytes(), request.into_bytes()].concat(), [b"+OK\r\n".to_vec(), expected].concat())
+}
+
+/// Through a follower with the proxy too: its writes go to the leader, and a read behind them
+/// goes with them, also at `low`, where the follower could otherwise read before it has applied
+/// them itself.
+#[test]
+fn through_a_follower_a_pipeline_reads_its_own_writes_at_every_consistency_level() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
+        cluster.config_set("consistency", level);
+        let (request, expected) = interleaved_pipeline_in(db);
+        let got = raw_exchange(follower.port, &request, expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected), "consistency {level}");
+    }
 }
 
 #[test]
@@ -687,14 +690,7 @@ fn pipelines_keep_flowing_and_read_their_own_writes_at_every_consistency_level()
     let leader = cluster.leader();
     for (db, level) in [(2, "high"), (4, "medium"), (6, "low")] {
         cluster.config_set("consistency", level);
-        // A database of its own per level, so `k` and `n` start absent (SELECT 1 and 0 inside
-        // the pipeline become db+1 and db).
-        let (request, expected) = interleaved_pipeline();
-        let shift = |bytes: Vec<u8>| {
-            String::from_utf8(bytes).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}")).into_bytes()
-        };
-        let request = [format!("SELECT {db}\r\n").into_bytes(), shift(request)].concat();
-        let expected = [b"+OK\r\n".to_vec(), expected].concat();
+        let (request, expected) = interleaved_pipeline_in(db);
         let writes0 = stat_field(leader, "writes_held");
         let got = raw_exchange(leader.port, &request, expected.len());
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected), "consistency {level}");
