@@ -48,7 +48,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         // filter): the read waits for its own client's writes, if it has any, and otherwise
         // runs now. On a follower that forwards them, this node may apply them only after the
         // leader has answered: the read goes to the leader with them, to read them.
-        if crate::held::has_replies_in_flight(ctx) && forwards_to_leader() {
+        if forwards_to_leader() && crate::held::has_replies_in_flight(ctx) {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));
         }
         if !crate::held::read_behind_writes(ctx, argv) {

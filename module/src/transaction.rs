@@ -161,12 +161,12 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
     }
     // The leader answers a whole batch in one protocol; after a HELLO in the middle of a
     // pipeline, the commands behind it need the other one.
-    if batch.resp3 != crate::ffi::client_is_resp3(ctx) {
-        if batch.commands.is_empty() {
-            batch.resp3 = !batch.resp3;
-        } else {
+    let resp3 = crate::ffi::client_is_resp3(ctx);
+    if batch.resp3 != resp3 {
+        if !batch.commands.is_empty() {
             return Forwarding::Alone(argv);
         }
+        batch.resp3 = resp3;
     }
     // A client with too many replies in flight blocks instead (see `held`).
     let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
