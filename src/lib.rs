@@ -2,6 +2,7 @@
 //! RESP side port. Nothing here knows about the Redis module API; the module in `module/` plugs a
 //! state machine into [`node::Node`].
 
+pub mod blocking;
 pub mod command_entry;
 pub mod config;
 pub mod determinism;

@@ -53,6 +53,9 @@ pub enum Route {
     BeginTransaction,
     /// WATCH: the module registers the keys and waits for the writes already proposed.
     Watch,
+    /// A blocking pop (BLPOP and the like): replicated, and retried until it pops or times out
+    /// (see `blocking`). Inside MULTI or a script it does not block, as in Redis.
+    BlockingPop,
     /// Answered with this error (without the leading '-').
     Refuse(String),
 }
@@ -209,6 +212,9 @@ impl CommandTable {
         }
         if info.write {
             if info.blocking {
+                if crate::blocking::NAMES.contains(&name) {
+                    return Route::BlockingPop;
+                }
                 return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
             }
             return Route::Write;
@@ -288,6 +294,7 @@ mod tests {
         t.insert("get", CommandInfo { arity: 2, readonly: true, ..Default::default() });
         t.insert("pfcount", CommandInfo { arity: -2, readonly: true, ..Default::default() });
         t.insert("blpop", CommandInfo { arity: -3, write: true, blocking: true, ..Default::default() });
+        t.insert("xreadgroup", CommandInfo { arity: -7, write: true, blocking: true, ..Default::default() });
         t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
@@ -336,7 +343,8 @@ mod tests {
         assert_eq!(refused(&["SET", "k", "v"]), None);
         assert_eq!(refused(&["GET", "k"]), None);
         assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
-        assert!(refused(&["BLPOP", "l", "0"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
+        assert!(refused(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
+        assert_eq!(refused(&["BLPOP", "l", "0"]), None, "a script's pop does not block, as in Redis");
     }
 
     #[test]
@@ -364,7 +372,9 @@ mod tests {
         assert_eq!(route(&["PFCOUNT", "h"]), Route::Write, "it rewrites the HyperLogLog's cache");
         assert_eq!(route(&["script", "exists", "abc"]), Route::Local);
         assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
-        assert!(matches!(route(&["BLPOP", "l", "0"]), Route::Refuse(e) if e.contains("blocking")));
+        assert_eq!(route(&["BLPOP", "l", "0"]), Route::BlockingPop);
+        assert_eq!(route(&["blpop", "l"]), Route::Local, "a wrong arity is Redis' to answer");
+        assert!(matches!(route(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
         assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");
         assert!(

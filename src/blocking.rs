@@ -1,0 +1,113 @@
+//! Blocking pops: BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX and BZMPOP.
+//!
+//! Redis serves a blocked client the moment a push makes one of its keys non-empty, and sends its
+//! replicas the pop it made. Under Raft a pop has to be a log entry, so a leader runs a blocking
+//! pop as a series of attempts: each attempt is the client's command itself, proposed and applied
+//! on every node, where it cannot block (Redis answers a client that may not block at once, with
+//! a null when every key is empty). Between attempts the client waits until one of its keys holds
+//! something again. The module's `blocking` does the waiting; this file knows the commands' shapes.
+
+use std::time::Duration;
+
+/// What a blocking pop waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waits {
+    List,
+    SortedSet,
+}
+
+/// A blocking pop, as the client sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockingPop {
+    /// Positions of the keys it pops from (not BLMOVE's destination).
+    pub keys: Vec<usize>,
+    /// Position of the timeout.
+    pub timeout: usize,
+    pub waits: Waits,
+}
+
+/// The lower-case names of the blocking pops.
+pub const NAMES: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
+
+impl BlockingPop {
+    /// The blocking pop `argv` is; None for another command or one too short to have a timeout.
+    /// Arguments Redis would refuse (a bad `numkeys`) name no keys: the first attempt answers
+    /// Redis' error.
+    pub fn of(argv: &[&[u8]]) -> Option<BlockingPop> {
+        let name = std::str::from_utf8(argv.first()?).ok()?.to_ascii_lowercase();
+        let last = argv.len().checked_sub(1).filter(|l| *l >= 2)?;
+        let waits = if name.starts_with("bz") { Waits::SortedSet } else { Waits::List };
+        let (keys, timeout) = match name.as_str() {
+            "blpop" | "brpop" | "bzpopmin" | "bzpopmax" => ((1..last).collect(), last),
+            "brpoplpush" | "blmove" => (vec![1], last),
+            // BLMPOP timeout numkeys key [key ...] LEFT|RIGHT [COUNT count]
+            "blmpop" | "bzmpop" => {
+                let numkeys = std::str::from_utf8(argv[2]).ok().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+                let end = 3usize.saturating_add(numkeys).min(argv.len());
+                ((3..end).collect(), 1)
+            }
+            _ => return None,
+        };
+        Some(BlockingPop { keys, timeout, waits })
+    }
+}
+
+/// How long a client may wait, as Redis reads a blocking command's timeout (seconds, decimals
+/// allowed; 0 waits for ever: None). The errors are Redis' own.
+pub fn parse_timeout(arg: &[u8]) -> Result<Option<Duration>, String> {
+    let seconds = std::str::from_utf8(arg)
+        .ok()
+        .filter(|s| !s.starts_with(|c: char| c.is_ascii_whitespace()))
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| !s.is_nan())
+        .ok_or_else(|| "ERR timeout is not a float or out of range".to_string())?;
+    let millis = (seconds * 1000.0).ceil();
+    // Redis converts to a 64-bit integer: what does not fit comes out as the most negative one.
+    if !(millis > -9.2e18 && millis < 9.2e18) || millis < 0.0 {
+        return Err("ERR timeout is negative".into());
+    }
+    Ok((millis > 0.0).then(|| Duration::from_millis(millis as u64)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pop(args: &[&str]) -> Option<BlockingPop> {
+        BlockingPop::of(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn keys_and_timeout_are_found_for_every_shape() {
+        let blpop = pop(&["BLPOP", "a", "b", "1.5"]).unwrap();
+        assert_eq!((blpop.keys, blpop.timeout, blpop.waits), (vec![1, 2], 3, Waits::List));
+        let blmove = pop(&["blmove", "src", "dst", "LEFT", "RIGHT", "0"]).unwrap();
+        assert_eq!((blmove.keys, blmove.timeout), (vec![1], 5));
+        assert_eq!(pop(&["BRPOPLPUSH", "src", "dst", "0"]).unwrap().keys, vec![1]);
+        let bzmpop = pop(&["BZMPOP", "0", "2", "z1", "z2", "MIN", "COUNT", "3"]).unwrap();
+        assert_eq!((bzmpop.keys, bzmpop.timeout, bzmpop.waits), (vec![3, 4], 1, Waits::SortedSet));
+        assert_eq!(pop(&["BZPOPMAX", "z", "0"]).unwrap().waits, Waits::SortedSet);
+    }
+
+    #[test]
+    fn malformed_pops_name_no_key_past_their_end() {
+        assert_eq!(pop(&["BLMPOP", "0", "x", "l", "LEFT"]).unwrap().keys, Vec::<usize>::new(), "numkeys is not a number");
+        assert_eq!(pop(&["BLMPOP", "0", "9", "l", "LEFT"]).unwrap().keys, vec![3, 4]);
+        assert_eq!(pop(&["BLPOP", "l"]), None, "no timeout");
+        assert_eq!(pop(&["LPOP", "l", "1"]), None, "not a blocking pop");
+    }
+
+    #[test]
+    fn timeouts_read_as_redis_reads_them() {
+        assert_eq!(parse_timeout(b"0"), Ok(None), "0 waits for ever");
+        assert_eq!(parse_timeout(b"1.5"), Ok(Some(Duration::from_millis(1500))));
+        assert_eq!(parse_timeout(b"0.0001"), Ok(Some(Duration::from_millis(1))), "rounded up to a millisecond");
+        assert_eq!(parse_timeout(b"-0.0001"), Ok(None), "rounds to zero, as in Redis");
+        assert_eq!(parse_timeout(b"1e1"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse_timeout(b"-1").unwrap_err(), "ERR timeout is negative");
+        assert_eq!(parse_timeout(b"inf").unwrap_err(), "ERR timeout is negative", "Redis' integer conversion overflows");
+        for bad in [&b"abc"[..], b"", b" 1", b"1 ", b"nan", b"\xff"] {
+            assert_eq!(parse_timeout(bad).unwrap_err(), "ERR timeout is not a float or out of range", "{bad:?}");
+        }
+    }
+}
