@@ -39,6 +39,8 @@ pub enum ReplyTo {
     Transaction(Vec<Option<crate::held::HeldReply>>),
     /// A follower's transaction (follower proxy): every command's raw reply goes back together.
     ForwardedTransaction(ForwardDone),
+    /// An attempt of a blocking pop (see `blocking`): its waiting client, by id.
+    Pop(u64),
     /// Nobody: the leader's own clock entries (see `expiry`).
     Nobody,
 }
@@ -59,6 +61,7 @@ impl WriteWaiter {
                     held.fail(&error);
                 }
             }
+            ReplyTo::Pop(id) => crate::blocking::attempted(id, outcome),
             ReplyTo::Nobody => discard(outcome),
         }
     }
@@ -291,6 +294,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
     if let Some(index) = applied_to {
         progress.advance(index);
     }
+    crate::blocking::after_apply(ctx);
 }
 
 fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {

@@ -21,6 +21,8 @@ pub enum Outcome {
     Run { argv: Vec<Vec<u8>>, resp3: bool },
     /// A reply the leader produced for a forwarded command, as raw RESP (follower proxy).
     Relay(Vec<u8>),
+    /// A null array: `*-1` in RESP2, `_` in RESP3 (what Redis answers a blocking pop that timed out).
+    NullArray,
 }
 
 pub struct Blocked {
@@ -34,16 +36,21 @@ impl Blocked {
     /// Blocks the client of `ctx`. `timeout` is a backstop: the work normally finishes (or fails
     /// with its own error) before it.
     pub fn new(ctx: *mut RedisModuleCtx, timeout: Duration) -> Blocked {
+        Blocked::with_timeout_reply(ctx, timeout, Some(timeout_callback))
+    }
+
+    /// Blocks the client of `ctx`, which `on_timeout` answers if `timeout` passes first (zero: no
+    /// timeout, for a client that asked to wait for ever).
+    pub fn with_timeout_reply(ctx: *mut RedisModuleCtx, timeout: Duration, on_timeout: redis_module::raw::RedisModuleCmdFunc) -> Blocked {
         let bc = unsafe {
-            api!(RedisModule_BlockClient)(
-                ctx,
-                Some(reply_callback),
-                Some(timeout_callback),
-                Some(free_outcome),
-                timeout.as_millis() as i64,
-            )
+            api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_timeout, Some(free_outcome), timeout.as_millis() as i64)
         };
         Blocked { bc }
+    }
+
+    /// Redis' handle of the blocked client, to recognise it in Redis' callbacks.
+    pub fn handle(&self) -> *mut RedisModuleBlockedClient {
+        self.bc
     }
 
     pub fn finish(mut self, outcome: Outcome) {
@@ -83,6 +90,7 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
             ffi::reply_integer(ctx, *b)
         }
         Outcome::Relay(raw) => crate::forward::relay(ctx, raw),
+        Outcome::NullArray => unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) },
         Outcome::Run { argv, resp3 } => {
             // The context's client is the blocked client, so the call runs in its database.
             ffi::call_and_reply(ctx, argv, *resp3);

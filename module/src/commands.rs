@@ -374,6 +374,9 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "watching_clients:{}\r\n", crate::watch::clients());
+        for (name, value) in crate::blocking::stats() {
+            let _ = write!(out, "{name}:{value}\r\n");
+        }
         let _ = write!(out, "known_scripts:{}\r\n", crate::scripts::known_scripts());
         let _ = write!(out, "clock_entries_proposed:{}\r\n", crate::expiry::clock_entries_proposed());
         for t in node.transport().stats() {

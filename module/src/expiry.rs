@@ -215,14 +215,7 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
 /// does not count among the command's keys. Expiring a key that the sort then does not read (a
 /// `LIMIT`, a `BY` that a later one overrides) changes nothing: it was expired as of `at` anyway.
 fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]], at: EntryTime) {
-    let name = ffi::new_string(key);
-    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
-    ffi::free_string(name);
-    if opened.is_null() {
-        return;
-    }
-    let kind = unsafe { api!(RedisModule_KeyType)(opened) };
-    unsafe { api!(RedisModule_CloseKey)(opened) };
+    let (kind, _) = ffi::key_type_and_length(ctx, key);
     let read_all: &[&[u8]] = match kind as isize {
         raw::REDISMODULE_KEYTYPE_LIST => &[b"LRANGE", key, b"0", b"-1"],
         raw::REDISMODULE_KEYTYPE_SET => &[b"SMEMBERS", key],
@@ -246,12 +239,6 @@ fn expire_sort_lookups(ctx: *mut RedisModuleCtx, key: &[u8], patterns: &[&[u8]],
     ffi::free_call_reply(elements);
 }
 
-/// How keys are opened to look at their deadline. Opened for writing, because a key that is due
-/// is deleted; but a look is not a modification (the module sets no implicit modified signal, see
-/// `lib.rs`), not an access (no LRU update), and not a keyspace miss (no `keymiss` event, which a
-/// read would send for a missing key).
-const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
-
 /// When a key's deadline counts as passed, in Redis' two rules.
 #[derive(Clone, Copy)]
 enum Due {
@@ -269,7 +256,7 @@ fn expire_named_if_due(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime, rule
 }
 
 fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime, rule: Due) {
-    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) } as *mut raw::RedisModuleKey;
     if key.is_null() {
         return;
     }

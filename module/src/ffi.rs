@@ -111,6 +111,26 @@ pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]
     keys.len()
 }
 
+/// How the module opens keys only to look at them (or to expire them). Opened for writing, because
+/// a key that is due is deleted; but a look is not a modification (the module sets no implicit
+/// modified signal, see `lib.rs`), not an access (no LRU update), and not a keyspace miss (no
+/// `keymiss` event, which a read would send for a missing key).
+pub const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int;
+
+/// The type of `key` in the selected database (`REDISMODULE_KEYTYPE_*`, EMPTY when missing) and
+/// how many elements it holds (its length for a string), looked at quietly ([`QUIET_PROBE`]).
+pub fn key_type_and_length(ctx: *mut RedisModuleCtx, key: &[u8]) -> (c_int, usize) {
+    let name = new_string(key);
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    free_string(name);
+    if opened.is_null() {
+        return (raw::REDISMODULE_KEYTYPE_EMPTY as c_int, 0);
+    }
+    let found = unsafe { (api!(RedisModule_KeyType)(opened), api!(RedisModule_ValueLength)(opened)) };
+    unsafe { api!(RedisModule_CloseKey)(opened) };
+    found
+}
+
 /// The keys of a command, as Redis' key specs find them (none for a command without keys, or one
 /// Redis does not know), as module strings.
 pub struct CommandKeys {

@@ -148,7 +148,10 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         Route::Read => confirm_then_run(&node, vec![(db, argv)], false, resp3, done),
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself; a peer sending one is confused, not a client.
-        Route::Local | Route::BeginTransaction | Route::Watch => done(Err("ERR only writes and reads are forwarded".into())),
+        // A follower answers blocking pops with -MOVED: one may wait longer than any forward.
+        Route::Local | Route::BeginTransaction | Route::Watch | Route::BlockingPop => {
+            done(Err("ERR only writes and reads are forwarded".into()))
+        }
     }
 }
 
@@ -193,7 +196,8 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
-            Route::Write => {
+            // Inside a transaction a blocking pop does not block: a plain write.
+            Route::Write | Route::BlockingPop => {
                 if let Err(e) = crate::write::prepare(*db, &mut args, at) {
                     refused.push((i, e));
                     continue;

@@ -7,6 +7,7 @@
 
 mod apply;
 mod blocked;
+mod blocking;
 mod cluster_ops;
 mod command_table;
 mod commands;
@@ -93,6 +94,7 @@ macro_rules! command {
 
 command!(borrowed cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
 command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
+command!(borrowed cmd_block, |ctx, args| blocking::block(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
 command!(borrowed cmd_script_kill, |ctx, _| scripts::kill(ctx).map(|_| Reply::Blocked));
@@ -119,6 +121,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (scripts::SCRIPT_ERROR_COMMAND, cmd_script_error, "fast"),
     (scripts::KILL_COMMAND, cmd_script_kill, "allow-loading allow-busy fast"),
     (read::READ_COMMAND, cmd_read, "readonly"),
+    (blocking::BLOCK_COMMAND, cmd_block, "write"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
     ("raft.config", cmd_config, "admin"),
@@ -274,7 +277,8 @@ fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
 }
 
 /// Redis' event-loop event: before Redis sleeps, held replies ask for their leadership checks,
-/// the transaction EXEC built is proposed, WATCH forgets clients that have gone, and Redis'
+/// the transaction EXEC built is proposed, WATCH forgets clients that have gone, blocking pops
+/// waiting on a node that is no longer the leader are answered, and Redis'
 /// background expiry is switched on or off (see `expiry`).
 extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEvent, subevent: u64, data: *mut std::ffi::c_void) {
     held::on_event_loop(ctx, event, subevent, data);
@@ -286,6 +290,9 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     }
     if std::panic::catch_unwind(watch::before_sleep).is_err() {
         log::error!("panic in the event-loop hook for WATCH");
+    }
+    if std::panic::catch_unwind(blocking::before_sleep).is_err() {
+        log::error!("panic in the event-loop hook for blocking pops");
     }
     if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
         log::error!("panic in the event-loop hook for key expiry");

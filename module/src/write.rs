@@ -23,6 +23,8 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let s = state::get();
     match s.route(command) {
         Route::Write => {}
+        // Only inside EXEC (see `blocking`), where it does not block.
+        Route::BlockingPop if crate::transaction::in_exec(ctx) => {}
         Route::Refuse(e) => return Err(e),
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
