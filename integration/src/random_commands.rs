@@ -12,8 +12,9 @@
 //!   agree to milliseconds, not exactly, and a key expiring between them would be noise;
 //! - numbers stay below what would make a server allocate hundreds of megabytes (`SETBIT k 2^31`).
 //!
-//! Commands Raftis refuses (`SPOP`, `XCLAIM`, `XAUTOCLAIM`, `XREADGROUP`, blocking ones) are not
-//! drawn: their refusal is tested where it is documented.
+//! Commands Raftis refuses (`SPOP`, `XCLAIM`, `XAUTOCLAIM`, `XREADGROUP`, `XREAD BLOCK`) are not
+//! drawn: their refusal is tested where it is documented. Blocking pops are, with timeouts of a
+//! few milliseconds: an empty key answers null after the same wait on both servers.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -52,9 +53,23 @@ pub struct Drawn {
     pub output: Output,
 }
 
+impl Drawn {
+    /// A blocking pop (BLPOP and the like): Raftis serves it on the leader only, outside MULTI
+    /// (a follower redirects it, proxy or not).
+    pub fn is_blocking_pop(&self) -> bool {
+        BLOCKING_POPS.iter().any(|n| self.args[0].eq_ignore_ascii_case(n.as_bytes()))
+    }
+}
+
 /// Categories whose commands are never drawn: server administration and connection state, what the
-/// test does itself (transactions, SELECT) and what Raftis refuses (blocking commands).
+/// test does itself (transactions, SELECT) and blocking commands (but see [`BLOCKING_POPS`]).
 const EXCLUDED_CATEGORIES: &[&str] = &["@admin", "@connection", "@pubsub", "@scripting", "@blocking", "@transaction", "@dangerous"];
+/// `@blocking` commands that are drawn all the same, with a short timeout (see
+/// [`Drawn::is_blocking_pop`]).
+const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
+/// What a blocking pop's timeout is made: short waits, and the errors Redis gives. Never 0 (or
+/// what rounds to it), which would wait for ever.
+const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "-1", "x"];
 /// `@dangerous` commands that are plain data commands after all.
 const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
 /// Refused by Raftis: their answer would depend on each node's luck or clock.
@@ -173,7 +188,15 @@ impl RandomCommands {
             args.push(a);
         }
         stretch_ttls(&mut args);
-        Drawn { args, output: spec.output }
+        let mut drawn = Drawn { args, output: spec.output };
+        if drawn.is_blocking_pop() {
+            // BLPOP key [key ...] timeout; BLMPOP timeout numkeys key ...
+            let at = if drawn.args[0].ends_with(b"mpop") { 1 } else { drawn.args.len() - 1 };
+            if at > 0 && at < drawn.args.len() {
+                drawn.args[at] = POP_TIMEOUTS.choose(&mut self.rng).unwrap().as_bytes().to_vec();
+            }
+        }
+        drawn
     }
 
     fn script(&mut self) -> Drawn {
@@ -239,7 +262,12 @@ fn spec_of(entry: &Reply) -> Option<Spec> {
     let words: Vec<String> = name.split('|').map(str::to_string).collect();
     let categories = texts(field(entry, 6));
     let dangerous_but_drawn = DANGEROUS_BUT_DRAWN.contains(&name.as_str());
-    if categories.iter().any(|c| EXCLUDED_CATEGORIES.contains(&c.as_str()) && !(c == "@dangerous" && dangerous_but_drawn))
+    let excluded = |c: &String| {
+        EXCLUDED_CATEGORIES.contains(&c.as_str())
+            && !(c == "@dangerous" && dangerous_but_drawn)
+            && !(c == "@blocking" && BLOCKING_POPS.contains(&name.as_str()))
+    };
+    if categories.iter().any(excluded)
         || REFUSED_BY_RAFTIS.contains(&name.as_str())
         || ADMINISTRATION.contains(&words[0].as_str())
     {

@@ -97,6 +97,12 @@ impl RespConn {
 
     /// Sends the commands in one write, then reads one reply per command.
     pub fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> anyhow::Result<Vec<Reply>> {
+        self.send(commands)?;
+        commands.iter().map(|_| self.reply()).collect()
+    }
+
+    /// Sends the commands in one write and reads nothing: [`RespConn::reply`] reads the replies.
+    pub fn send(&mut self, commands: &[Vec<Vec<u8>>]) -> anyhow::Result<()> {
         let mut out = Vec::new();
         for args in commands {
             out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
@@ -107,7 +113,7 @@ impl RespConn {
             }
         }
         self.stream.write_all(&out)?;
-        commands.iter().map(|_| self.reply()).collect()
+        Ok(())
     }
 
     pub fn call(&mut self, args: &[&[u8]]) -> anyhow::Result<Reply> {
@@ -115,7 +121,8 @@ impl RespConn {
         Ok(self.pipeline(&[args])?.remove(0))
     }
 
-    fn reply(&mut self) -> anyhow::Result<Reply> {
+    /// The next reply (within the connection's read timeout).
+    pub fn reply(&mut self) -> anyhow::Result<Reply> {
         loop {
             let mut pos = 0;
             match parse(&self.buf, &mut pos) {

@@ -87,7 +87,7 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             transaction(&mut commands)
         } else if roll < 0.15 {
             let n = commands.rng().gen_range(2..6);
-            let mut pipeline: Vec<Drawn> = (0..n).map(|_| commands.draw()).collect();
+            let mut pipeline: Vec<Drawn> = (0..n).map(|_| draw_for(&mut commands, node == leader)).collect();
             if commands.rng().gen_bool(0.2) {
                 // The protocol changes in the middle of the pipeline: the replies behind HELLO
                 // come in the other one (HELLO's own reply names the server and the client).
@@ -102,7 +102,7 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             }
             pipeline
         } else {
-            vec![commands.draw()]
+            vec![draw_for(&mut commands, node == leader)]
         };
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
         let expected = reference.pipeline(&args).unwrap();
@@ -157,6 +157,17 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
         }
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// A command to send outside MULTI to the leader, or to a follower: no blocking pop for a
+/// follower, which redirects them (inside MULTI they do not block, and go anywhere).
+fn draw_for(commands: &mut RandomCommands, leader: bool) -> Drawn {
+    loop {
+        let drawn = commands.draw();
+        if leader || !drawn.is_blocking_pop() {
+            return drawn;
+        }
+    }
 }
 
 /// MULTI, a few commands, then EXEC (or now and then DISCARD). Only commands whose replies compare

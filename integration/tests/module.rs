@@ -214,7 +214,12 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["WATCH"], "wrong number of arguments for 'watch'");
     expect_err(&["RAFT._WATCH"], "wrong number of arguments for 'watch'");
     expect_err(&["FCALL", "f", "0"], "not supported");
-    expect_err(&["BLPOP", "l", "0"], "blocking");
+    expect_err(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], "blocking");
+    expect_err(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"], "blocking");
+    expect_err(&["RAFT._BLOCK"], "only takes blocking pops");
+    expect_err(&["RAFT._BLOCK", "GET", "k"], "only takes blocking pops");
+    expect_err(&["RAFT._BLOCK", "BLPOP", "l"], "only takes blocking pops");
+    expect_err(&["RAFT._BLOCK", "BLPOP", "l", "x"], "timeout is not a float");
     expect_err(&["SET", "onlykey"], "wrong number of arguments for 'set'");
     expect_err(&["MODULE", "UNLOAD", "raft"], "");
 

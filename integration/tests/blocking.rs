@@ -1,0 +1,226 @@
+//! Blocking pops (BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP): a client
+//! waits on the leader until a push, and the pop that serves it goes through the log, so every
+//! node pops the same element, clients are served in the order they came, and nothing pushed is
+//! lost or popped twice.
+
+use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::{stat_field, wait_for, Cluster, Server};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn args(a: &[&str]) -> Vec<Vec<u8>> {
+    a.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
+    conn.pipeline(&[args(a)]).unwrap().remove(0)
+}
+
+fn bulk(s: &str) -> Reply {
+    Reply::Blob(b'$', s.as_bytes().to_vec())
+}
+
+fn popped(key: &str, value: &str) -> Reply {
+    Reply::Aggregate(b'*', vec![bulk(key), bulk(value)])
+}
+
+fn waiting(server: &Server) -> u64 {
+    stat_field(server, "blocked_pops_waiting")
+}
+
+/// Sends a blocking pop on `conn` and returns once the leader counts `expected` clients waiting.
+fn block(conn: &mut RespConn, pop: &[&str], leader: &Server, expected: u64) {
+    conn.send(&[args(pop)]).unwrap();
+    wait_for("the pop to wait", WAIT, || (waiting(leader) == expected).then_some(()));
+}
+
+#[test]
+fn waiting_pops_are_served_in_arrival_order_and_every_node_pops_the_same() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let mut waiters: Vec<RespConn> = (0..3).map(|_| RespConn::connect(leader.port).unwrap()).collect();
+    for (i, w) in waiters.iter_mut().enumerate() {
+        block(w, &["BLPOP", "jobs", "other", "0"], leader, i as u64 + 1);
+    }
+    let mut producer = RespConn::connect(leader.port).unwrap();
+    assert_eq!(call(&mut producer, &["RPUSH", "jobs", "a", "b"]), Reply::Line(b':', b"2".to_vec()));
+    assert_eq!(waiters[0].reply().unwrap(), popped("jobs", "a"), "the first to come is served first");
+    assert_eq!(waiters[1].reply().unwrap(), popped("jobs", "b"));
+    assert_eq!(waiting(leader), 1, "two elements serve two clients");
+    // The third was not served meanwhile: it gets what comes next, on another of its keys.
+    assert_eq!(call(&mut producer, &["LPUSH", "other", "c"]), Reply::Line(b':', b"1".to_vec()));
+    assert_eq!(waiters[2].reply().unwrap(), popped("other", "c"));
+    assert_eq!(waiting(leader), 0);
+    // Every attempt, those that found nothing included, went through the log.
+    assert!(stat_field(leader, "blocked_pop_attempts") >= 5);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// Timeouts, errors, transactions and pipelines answer exactly as plain Redis does, in RESP2
+/// and RESP3.
+#[test]
+fn replies_are_those_of_plain_redis() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let plain_dir = cluster.root.path().join("plain");
+    let plain = Server::start_plain(raftis_integration::free_port_pair(), &plain_dir).unwrap();
+    let steps: &[&[&[&str]]] = &[
+        // Timeouts: a null array, or a null bulk string for the pops that move an element.
+        &[&["BLPOP", "l", "0.05"]],
+        &[&["BRPOPLPUSH", "l", "d", "0.05"]],
+        &[&["BLMOVE", "l", "d", "LEFT", "RIGHT", "0.05"]],
+        &[&["BZPOPMIN", "z", "0.05"]],
+        &[&["BLMPOP", "0.05", "1", "l", "LEFT"]],
+        &[&["BZMPOP", "0.05", "1", "z", "MIN"]],
+        // Errors, with nothing proposed or with the attempt's own.
+        &[&["BLPOP", "l", "-1"]],
+        &[&["BLPOP", "l", "abc"]],
+        &[&["BLMPOP", "0", "x", "l", "LEFT"]],
+        // Redis checks a pop's other arguments before its timeout, or after it, by command.
+        &[&["BZMPOP", "x", "y", "z", "MIN"]],
+        &[&["BLMOVE", "l", "d", "UP", "LEFT", "x"]],
+        &[&["BLPOP", "l", "x"]],
+        &[&["SET", "s", "v"]],
+        &[&["BLPOP", "s", "0"]],
+        // Served at once.
+        &[&["RPUSH", "l", "a", "b", "c", "d"]],
+        &[&["BLPOP", "nothing", "l", "0"]],
+        &[&["BRPOP", "l", "0"]],
+        &[&["BLMOVE", "l", "d", "RIGHT", "LEFT", "0"]],
+        &[&["BLMPOP", "0", "2", "nothing", "d", "RIGHT", "COUNT", "5"]],
+        &[&["ZADD", "z", "1", "a", "2", "b", "3", "c"]],
+        &[&["BZPOPMAX", "z", "0"]],
+        &[&["BZMPOP", "0", "1", "z", "MIN", "COUNT", "5"]],
+        // Inside MULTI nothing blocks: an empty key answers null at once.
+        &[&["MULTI"], &["BLPOP", "l", "0"], &["RPUSH", "l", "x"], &["BRPOP", "l", "0"], &["EXEC"]],
+        // A pipeline's pop sees the push before it, and the next command sees the pop.
+        &[&["RPUSH", "p", "1"], &["BLPOP", "p", "0"], &["LLEN", "p"], &["BLPOP", "p", "0.05"], &["LLEN", "p"]],
+    ];
+    for protocol in ["2", "3"] {
+        let mut raftis = RespConn::connect(leader.port).unwrap();
+        let mut redis = RespConn::connect(plain.port).unwrap();
+        for conn in [&mut raftis, &mut redis] {
+            call(conn, &["HELLO", protocol]);
+            call(conn, &["FLUSHALL"]);
+        }
+        for step in steps {
+            let commands: Vec<Vec<Vec<u8>>> = step.iter().map(|c| args(c)).collect();
+            let expected = redis.pipeline(&commands).unwrap();
+            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "RESP{protocol}: {step:?}");
+        }
+    }
+    assert_eq!(waiting(leader), 0);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
+fn a_pop_whose_client_leaves_takes_nothing_and_client_unblock_answers_as_in_redis() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let mut other = RespConn::connect(leader.port).unwrap();
+
+    let mut gone = RespConn::connect(leader.port).unwrap();
+    block(&mut gone, &["BLPOP", "q", "0"], leader, 1);
+    drop(gone);
+    wait_for("the pop of a closed connection to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
+    call(&mut other, &["RPUSH", "q", "kept"]);
+
+    let mut w = RespConn::connect(leader.port).unwrap();
+    let id = call(&mut w, &["CLIENT", "ID"]).integer().unwrap().to_string();
+    block(&mut w, &["BLPOP", "empty", "0"], leader, 1);
+    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer(), Some(1));
+    assert_eq!(w.reply().unwrap(), Reply::Null(b'*'), "unblocked as by its timeout");
+    block(&mut w, &["BRPOPLPUSH", "empty", "dst", "0"], leader, 1);
+    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id, "ERROR"]).integer(), Some(1));
+    let error = w.reply().unwrap();
+    assert_eq!(error.text().as_deref(), Some("UNBLOCKED client unblocked via CLIENT UNBLOCK"), "{error:?}");
+    wait_for("the unblocked pops to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
+    call(&mut other, &["RPUSH", "empty", "kept"]);
+
+    // Nothing was popped for the clients that are not waiting any more.
+    for key in ["q", "empty"] {
+        assert_eq!(call(&mut other, &["LRANGE", key, "0", "-1"]), Reply::Aggregate(b'*', vec![bulk("kept")]), "{key}");
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
+fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_and_followers_redirect_them() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let mut w = RespConn::connect(cluster.nodes[old].port).unwrap();
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
+    // New tick counts make a leader hand leadership over.
+    let mut admin = RespConn::connect(cluster.nodes[old].port).unwrap();
+    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "election-ticks", "12"]).text().as_deref(), Some("OK"));
+    let moved = w.reply().unwrap();
+    assert!(moved.text().is_some_and(|t| t.starts_with("MOVED ") || t.starts_with("CLUSTERDOWN")), "{moved:?}");
+    let new = wait_for("a new leader", WAIT, || {
+        let leader = cluster.wait_leader();
+        (leader != old).then_some(leader)
+    });
+    assert_eq!(waiting(&cluster.nodes[old]), 0);
+    // A pop may wait longer than a forwarded request can: followers redirect it, proxy or not.
+    let redirect = call(&mut w, &["BLPOP", "q", "0"]);
+    let expected = format!("MOVED 0 {}", cluster.nodes[new].addr());
+    assert_eq!(redirect.text(), Some(expected), "{redirect:?}");
+    // Inside a transaction a pop does not block, and the follower forwards it with the rest.
+    let replies = w.pipeline(&[args(&["MULTI"]), args(&["RPUSH", "q", "x"]), args(&["BLPOP", "q", "0"]), args(&["EXEC"])]).unwrap();
+    assert_eq!(replies[3], Reply::Aggregate(b'*', vec![Reply::Line(b':', b"1".to_vec()), popped("q", "x")]));
+}
+
+/// Consumers and producers on several connections: every element pushed is popped exactly once,
+/// and every node, one of them restarted from its log, holds the same dataset afterwards.
+#[test]
+fn producers_and_consumers_lose_and_duplicate_nothing() {
+    const ITEMS: usize = 300;
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let port = cluster.nodes[leader].port;
+    let consumed = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let consumers: Vec<_> = (0..4)
+        .map(|c| {
+            let (consumed, count) = (consumed.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut conn = RespConn::connect(port).unwrap();
+                // Each waits on a key of its own too, which nobody pushes to.
+                let own = format!("idle-{c}");
+                while count.load(Ordering::SeqCst) < ITEMS {
+                    let reply = call(&mut conn, &["BLPOP", &own, "work", "zwork", "0.5"]);
+                    let Some(items) = reply.items() else { continue };
+                    let item = String::from_utf8(items[1].bytes().unwrap().to_vec()).unwrap();
+                    consumed.lock().unwrap().push(item);
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let producers: Vec<_> = (0..2)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mut conn = RespConn::connect(port).unwrap();
+                for i in (p..ITEMS).step_by(2) {
+                    let reply = call(&mut conn, &["RPUSH", "work", &i.to_string()]);
+                    assert!(reply.integer().is_some(), "{reply:?}");
+                }
+            })
+        })
+        .collect();
+    for t in producers.into_iter().chain(consumers) {
+        t.join().unwrap();
+    }
+    let mut items: Vec<usize> = consumed.lock().unwrap().iter().map(|i| i.parse().unwrap()).collect();
+    items.sort_unstable();
+    assert_eq!(items, (0..ITEMS).collect::<Vec<_>>(), "every element popped exactly once");
+    assert_eq!(waiting(&cluster.nodes[leader]), 0);
+
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    cluster.nodes[follower].kill9();
+    cluster.nodes[follower].restart().unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
