@@ -224,3 +224,115 @@ fn producers_and_consumers_lose_and_duplicate_nothing() {
     cluster.wait_converged(&[0, 1, 2]);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// The leader is killed while consumers wait in BLPOP and a producer pushes: clients move to the
+/// new leader, and still no element is popped twice, none appears that was not pushed, and every
+/// acknowledged push is popped or left, but for as many as pops whose outcome is unknown (their
+/// connection broke, or they timed out, with an attempt in the log).
+#[test]
+fn a_killed_leader_loses_and_duplicates_nothing_its_consumers_popped() {
+    const ITEMS: usize = 300;
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let first = cluster.wait_leader();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let pushed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (ports, pushed) = (ports.clone(), pushed.clone());
+        std::thread::spawn(move || {
+            let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
+            let mut conn = None;
+            for i in 0..ITEMS {
+                loop {
+                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    match c.call(&[b"RPUSH", b"work", i.to_string().as_bytes()]) {
+                        Ok(reply) if reply.integer().is_some() => acknowledged.push(i),
+                        // Not applied: the same push again, on the leader.
+                        Ok(reply) if refused(&reply) => {
+                            conn = None;
+                            continue;
+                        }
+                        Ok(_) | Err(_) => {
+                            unknown.push(i);
+                            conn = None;
+                        }
+                    }
+                    break;
+                }
+                pushed.fetch_add(1, Ordering::SeqCst);
+            }
+            (acknowledged, unknown)
+        })
+    };
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let (ports, stop) = (ports.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut popped, mut unknown) = (Vec::new(), 0);
+                let mut conn = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    match c.call(&[b"BLPOP", b"work", b"0.5"]) {
+                        Ok(Reply::Aggregate(_, kv)) => popped.push(String::from_utf8(kv[1].bytes().unwrap().to_vec()).unwrap().parse::<usize>().unwrap()),
+                        Ok(Reply::Null(_)) => {}
+                        Ok(reply) if refused(&reply) => conn = None,
+                        Ok(_) | Err(_) => {
+                            unknown += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                (popped, unknown)
+            })
+        })
+        .collect();
+
+    wait_for("a third of the pushes", Duration::from_secs(30), || (pushed.load(Ordering::SeqCst) >= ITEMS / 3).then_some(()));
+    cluster.nodes[first].kill9();
+    wait_for("a new leader", Duration::from_secs(20), || {
+        (0..3).filter(|i| *i != first).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    cluster.nodes[first].restart().unwrap();
+    let (acknowledged, unknown_pushes) = producer.join().unwrap();
+    let leader = cluster.wait_leader();
+    wait_for("the consumers to empty the list", Duration::from_secs(30), || {
+        (cluster.nodes[leader].cmd::<i64>(&["LLEN", "work"]).ok()? == 0).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut popped = Vec::new();
+    let mut unknown_pops = 0;
+    for c in consumers {
+        let (p, u) = c.join().unwrap();
+        popped.extend(p);
+        unknown_pops += u;
+    }
+    let left: Vec<String> = cluster.nodes[leader].cmd(&["LRANGE", "work", "0", "-1"]).unwrap();
+    popped.extend(left.iter().map(|i| i.parse::<usize>().unwrap()));
+
+    let mut seen = std::collections::HashSet::new();
+    for item in &popped {
+        assert!(seen.insert(*item), "{item} was popped twice");
+        assert!(acknowledged.contains(item) || unknown_pushes.contains(item), "{item} was never pushed");
+    }
+    let lost: Vec<&usize> = acknowledged.iter().filter(|i| !seen.contains(i)).collect();
+    assert!(lost.len() <= unknown_pops, "acknowledged pushes {lost:?} are gone, with only {unknown_pops} pops of unknown outcome");
+    eprintln!("{} popped, {} unknown pops, {} unknown pushes, {} missing", popped.len(), unknown_pops, unknown_pushes.len(), lost.len());
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// A connection to whichever node leads now.
+fn leader_conn(ports: &[u16]) -> RespConn {
+    wait_for("a leader to connect to", Duration::from_secs(30), || {
+        ports.iter().find_map(|port| {
+            let mut conn = RespConn::connect(*port).ok()?;
+            let role = conn.call(&[b"RAFT.STATE"]).ok()?;
+            (role.text().as_deref() == Some("leader")).then_some(conn)
+        })
+    })
+}
+
+/// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
+fn refused(reply: &Reply) -> bool {
+    reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))
+}
