@@ -378,7 +378,7 @@ fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {
 }
 
 /// An outcome nobody waits for (a follower's apply, a client that takes no replies).
-fn discard(outcome: Outcome) {
+pub fn discard(outcome: Outcome) {
     if let Outcome::Call(reply) = outcome {
         ffi::free_call_reply(reply);
     }

@@ -171,7 +171,7 @@ pub fn attempted(id: u64, outcome: Outcome) {
     let mut w = lock();
     let Some(pop) = w.pops.get_mut(&id) else {
         drop(w);
-        return discard(outcome);
+        return crate::apply::discard(outcome);
     };
     pop.in_flight = false;
     let first = std::mem::replace(&mut pop.first, false);
@@ -368,12 +368,6 @@ fn remove(w: &mut Waiting, id: u64) -> Option<Pop> {
 
 fn is_null(reply: *mut ffi::RedisModuleCallReply) -> bool {
     !reply.is_null() && ffi::reply_type(reply) == redis_module::raw::REDISMODULE_REPLY_NULL as c_int
-}
-
-fn discard(outcome: Outcome) {
-    if let Outcome::Call(reply) = outcome {
-        ffi::free_call_reply(reply);
-    }
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Waiting> {
