@@ -54,7 +54,7 @@ pub enum Route {
     /// WATCH: the module registers the keys and waits for the writes already proposed.
     Watch,
     /// A blocking pop (BLPOP and the like): replicated, and retried until it pops or times out
-    /// (see `blocking`). Inside MULTI or a script it does not block, as in Redis.
+    /// (see `blocking`). Inside MULTI it does not block, as in Redis.
     BlockingPop,
     /// Answered with this error (without the leading '-').
     Refuse(String),

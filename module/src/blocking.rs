@@ -15,8 +15,8 @@
 //! unblocked by `CLIENT UNBLOCK`) with an attempt in flight loses what the attempt pops, as any
 //! write's reply is lost with its connection; otherwise its pop is simply forgotten. A leader
 //! that loses leadership answers its waiting clients `-MOVED` (as Redis Cluster does when a
-//! blocked client's slot moves). Inside MULTI and scripts the pops never reach here: they run
-//! once, without blocking, as in Redis.
+//! blocked client's slot moves). Inside MULTI the pops never reach here: they run once, without
+//! blocking, as in Redis (scripts may not call them at all, Redis' own rule).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
