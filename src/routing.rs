@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(refused(&["GET", "k"]), None);
         assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
         assert!(refused(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
-        assert_eq!(refused(&["BLPOP", "l", "0"]), None, "a script's pop does not block, as in Redis");
+        assert_eq!(refused(&["BLPOP", "l", "0"]), None, "Redis refuses it in scripts itself (its noscript flag)");
     }
 
     #[test]

@@ -243,7 +243,6 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
             attempts.push((*id, Attempt { argv: pop.argv.clone(), db: pop.db, resp3: pop.resp3 }));
         }
     }
-    drop(left);
     drop(w);
     for (id, attempt) in attempts {
         propose(&node, id, attempt);
