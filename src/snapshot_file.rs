@@ -6,8 +6,9 @@
 //! Layout, all integers big-endian:
 //!
 //! ```text
-//! "RAFTISSN"  version u32 (=1)
+//! "RAFTISSN"  version u32 (=2)
 //! header:   index u64 | term u64 | conf_state: len u32 + prost bytes | members: len u32 + JSON
+//! functions: len u32 + Redis' `FUNCTION DUMP` payload (empty: none)     (version 2 on)
 //! records:  0x01 | db u32 | key: len u32 + bytes | expire_at_ms i64 | payload: len u32 + bytes
 //! trailer:  0xFF | record count u64 | CRC32 u32 of every byte before it
 //! ```
@@ -30,7 +31,9 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RAFTISSN";
-const VERSION: u32 = 1;
+/// Version 2 added the function libraries; version 1 files (none) are still read.
+const VERSION: u32 = 2;
+const OLDEST_READABLE: u32 = 1;
 const TAG_RECORD: u8 = 0x01;
 const TAG_TRAILER: u8 = 0xFF;
 /// Bound on any one length-prefixed field. Lengths come from the file, so until the checksum
@@ -77,7 +80,7 @@ pub enum SnapshotError {
     Io(#[from] io::Error),
     #[error("not a Raftis snapshot file (bad magic)")]
     BadMagic,
-    #[error("unsupported snapshot format version {0} (this build reads version {VERSION})")]
+    #[error("unsupported snapshot format version {0} (this build reads versions {OLDEST_READABLE} to {VERSION})")]
     UnsupportedVersion(u32),
     #[error("snapshot file is truncated")]
     Truncated,
@@ -272,12 +275,15 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    pub fn create(path: &Path, meta: &SnapshotMeta) -> Result<Self> {
+    /// `functions` is the dataset's function libraries as Redis' `FUNCTION DUMP` gives them
+    /// (empty for none); they are not keys, so they travel beside them.
+    pub fn create(path: &Path, meta: &SnapshotMeta, functions: &[u8]) -> Result<Self> {
         let conf_state = meta.conf_state.encode_to_vec();
         let members = serde_json::to_vec(&meta.members)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot encode the members: {e}")))?;
         check_field("conf_state", &conf_state)?;
         check_field("members", &members)?;
+        check_field("functions", functions)?;
 
         let tmp = with_suffix(path, ".tmp");
         // Truncates a leftover of an earlier, crashed attempt at the same snapshot.
@@ -291,7 +297,8 @@ impl SnapshotWriter {
             out.put(&meta.index.get().to_be_bytes())?;
             out.put(&meta.term.get().to_be_bytes())?;
             out.put_field(&conf_state)?;
-            out.put_field(&members)
+            out.put_field(&members)?;
+            out.put_field(functions)
         })?;
         Ok(w)
     }
@@ -499,7 +506,8 @@ impl<R: Read> HashingReader<R> {
     }
 }
 
-fn read_header<R: Read>(r: &mut HashingReader<R>) -> Result<SnapshotMeta> {
+/// The header, and the format version it declares.
+fn read_header<R: Read>(r: &mut HashingReader<R>) -> Result<(SnapshotMeta, u32)> {
     let mut magic = [0u8; 8];
     let n = r.fill_up_to(&mut magic)?;
     if magic[..n] != MAGIC[..n] {
@@ -510,7 +518,7 @@ fn read_header<R: Read>(r: &mut HashingReader<R>) -> Result<SnapshotMeta> {
         return Err(SnapshotError::Truncated);
     }
     let version = r.u32()?;
-    if version != VERSION {
+    if !(OLDEST_READABLE..=VERSION).contains(&version) {
         return Err(SnapshotError::UnsupportedVersion(version));
     }
     let index = LogIndex(r.u64()?);
@@ -519,7 +527,16 @@ fn read_header<R: Read>(r: &mut HashingReader<R>) -> Result<SnapshotMeta> {
         .map_err(|e| SnapshotError::Corrupt(format!("conf_state does not decode: {e}")))?;
     let members = serde_json::from_slice(&r.field("members")?)
         .map_err(|e| SnapshotError::Corrupt(format!("members do not decode: {e}")))?;
-    Ok(SnapshotMeta { index, term, conf_state, members })
+    Ok((SnapshotMeta { index, term, conf_state, members }, version))
+}
+
+/// The function libraries after the header (none before version 2).
+fn read_functions<R: Read>(r: &mut HashingReader<R>, version: u32) -> Result<Vec<u8>> {
+    if version >= 2 {
+        r.field("functions")
+    } else {
+        Ok(Vec::new())
+    }
 }
 
 enum Tag {
@@ -564,7 +581,10 @@ fn read_trailer<R: Read>(r: &mut HashingReader<R>, records: u64) -> Result<u32> 
 
 /// The whole stream checked: header, structure, record count, checksum, nothing after.
 fn verify_stream<R: Read>(r: &mut HashingReader<R>) -> Result<(SnapshotMeta, u64, u32)> {
-    let meta = read_header(r)?;
+    let (meta, version) = read_header(r)?;
+    if version >= 2 {
+        r.skip_field("functions")?;
+    }
     let mut records = 0u64;
     loop {
         match read_tag(r)? {
@@ -585,7 +605,7 @@ fn verify_stream<R: Read>(r: &mut HashingReader<R>) -> Result<(SnapshotMeta, u64
 /// trusting the data.
 pub fn read_meta(path: &Path) -> Result<SnapshotMeta> {
     let mut r = HashingReader::new(BufReader::new(File::open(path)?));
-    read_header(&mut r)
+    read_header(&mut r).map(|(meta, _)| meta)
 }
 
 /// Streams the whole file (without keeping the records) and checks its structure, record count
@@ -599,6 +619,7 @@ pub fn verify(path: &Path) -> Result<SnapshotSummary> {
 /// The records of a verified snapshot, in file order.
 pub struct SnapshotReader {
     r: HashingReader<BufReader<File>>,
+    functions: Vec<u8>,
     records: u64,
     done: bool,
 }
@@ -612,8 +633,14 @@ impl SnapshotReader {
         verify_stream(&mut HashingReader::new(BufReader::with_capacity(IO_BUFFER, &file)))?;
         file.seek(SeekFrom::Start(0))?;
         let mut r = HashingReader::new(BufReader::with_capacity(IO_BUFFER, file));
-        let meta = read_header(&mut r)?;
-        Ok((meta, SnapshotReader { r, records: 0, done: false }))
+        let (meta, version) = read_header(&mut r)?;
+        let functions = read_functions(&mut r, version)?;
+        Ok((meta, SnapshotReader { r, functions, records: 0, done: false }))
+    }
+
+    /// The function libraries, as `FUNCTION DUMP` gave them; empty for none.
+    pub fn functions(&self) -> &[u8] {
+        &self.functions
     }
 }
 
@@ -818,7 +845,7 @@ mod tests {
 
     fn write_at(dir: &Path, index: u64, term: u64, recs: &[Record]) -> SnapshotSummary {
         let path = snapshot_path(dir, LogIndex(index), Term(term));
-        let mut w = SnapshotWriter::create(&path, &SnapshotMeta { term: Term(term), ..meta(index) }).unwrap();
+        let mut w = SnapshotWriter::create(&path, &SnapshotMeta { term: Term(term), ..meta(index) }, b"").unwrap();
         for r in recs {
             w.add(r).unwrap();
         }
@@ -873,6 +900,49 @@ mod tests {
     }
 
     #[test]
+    fn function_libraries_travel_beside_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = snapshot_path(dir.path(), LogIndex(9), Term(3));
+        let libraries = b"\xf5\xc3@X@\0binary dump payload\xff".to_vec();
+        let mut w = SnapshotWriter::create(&path, &meta(9), &libraries).unwrap();
+        for r in records(5) {
+            w.add(&r).unwrap();
+        }
+        let s = w.finish().unwrap();
+        assert_eq!(s.records, 5, "the libraries are not a key");
+        assert_eq!(verify(&path).unwrap(), s);
+        assert_eq!(read_meta(&path).unwrap(), meta(9));
+        let (m, reader) = SnapshotReader::open(&path).unwrap();
+        assert_eq!(m, meta(9));
+        assert_eq!(reader.functions(), libraries.as_slice());
+        assert_eq!(reader.map(|r| r.unwrap()).collect::<Vec<_>>(), records(5));
+    }
+
+    /// A file written before snapshots carried functions: no functions field, version 1.
+    #[test]
+    fn a_version_1_file_is_still_read_and_has_no_functions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = write(dir.path(), 5, &records(4));
+        let v2 = fs::read(&s.path).unwrap();
+        // The empty functions field is the 4 zero bytes right after the members field.
+        let members_len_at = 8 + 4 + 8 + 8 + 4 + u32::from_be_bytes(v2[28..32].try_into().unwrap()) as usize;
+        let functions_at = members_len_at + 4 + u32::from_be_bytes(v2[members_len_at..members_len_at + 4].try_into().unwrap()) as usize;
+        assert_eq!(&v2[functions_at..functions_at + 4], &[0, 0, 0, 0]);
+        let mut v1 = [&v2[..functions_at], &v2[functions_at + 4..v2.len() - 4]].concat();
+        v1[8..12].copy_from_slice(&1u32.to_be_bytes());
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_be_bytes());
+        let old = dir.path().join("old");
+        fs::write(&old, &v1).unwrap();
+
+        assert_eq!(verify(&old).unwrap().records, 4);
+        let (m, reader) = SnapshotReader::open(&old).unwrap();
+        assert_eq!(m, meta(5));
+        assert!(reader.functions().is_empty());
+        assert_eq!(reader.map(|r| r.unwrap()).collect::<Vec<_>>(), records(4));
+    }
+
+    #[test]
     fn read_meta_reads_the_header_only() {
         let dir = tempfile::tempdir().unwrap();
         let s = write(dir.path(), 77, &records(100));
@@ -902,10 +972,13 @@ mod tests {
         assert!(matches!(verify(&bad), Err(SnapshotError::Truncated)));
 
         let mut b = good.clone();
-        b[8..12].copy_from_slice(&2u32.to_be_bytes());
+        b[8..12].copy_from_slice(&3u32.to_be_bytes());
         fs::write(&bad, &b).unwrap();
-        assert!(matches!(read_meta(&bad), Err(SnapshotError::UnsupportedVersion(2))));
-        assert!(matches!(SnapshotReader::open(&bad), Err(SnapshotError::UnsupportedVersion(2))));
+        assert!(matches!(read_meta(&bad), Err(SnapshotError::UnsupportedVersion(3))));
+        assert!(matches!(SnapshotReader::open(&bad), Err(SnapshotError::UnsupportedVersion(3))));
+        b[8..12].copy_from_slice(&0u32.to_be_bytes());
+        fs::write(&bad, &b).unwrap();
+        assert!(matches!(verify(&bad), Err(SnapshotError::UnsupportedVersion(0))));
     }
 
     #[test]
@@ -1005,7 +1078,7 @@ mod tests {
     fn a_writer_dropped_unfinished_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = snapshot_path(dir.path(), LogIndex(3), Term(1));
-        let mut w = SnapshotWriter::create(&path, &meta(3)).unwrap();
+        let mut w = SnapshotWriter::create(&path, &meta(3), b"").unwrap();
         w.add(&records(1)[0]).unwrap();
         assert_eq!(names(dir.path()), vec!["snapshot-00000000000000000003-1.rsnap.tmp"]);
         drop(w);

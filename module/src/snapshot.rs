@@ -1,11 +1,12 @@
 //! Snapshots of the dataset, taken without stopping the server: Redis' main thread, applying
 //! committed entries between two batches (so the dataset is exactly at a known log index), forks; the
-//! child writes every key as its DUMP payload and absolute expiry into a checksummed file and
-//! exits. Redis tells us on its main thread when the child is done; the file is verified on a
+//! child writes the function libraries (`FUNCTION DUMP`) and every key as its DUMP payload and
+//! absolute expiry into a checksummed file and exits. Redis tells us on its main thread when the child is done; the file is verified on a
 //! background thread and handed to the Raft node, which compacts the log.
 //!
-//! Loading (restart, or a snapshot received from the leader) flushes the dataset and RESTOREs
-//! every record on the main thread in one go, so clients never see a half-loaded dataset.
+//! Loading (restart, or a snapshot received from the leader) flushes the dataset and the
+//! libraries and RESTOREs everything on the main thread in one go, so clients never see a
+//! half-loaded dataset.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
@@ -205,7 +206,8 @@ impl Snapshots {
     }
 }
 
-/// In the child: every key of every database, DUMPed with its absolute expiry.
+/// In the child: the function libraries, then every key of every database, DUMPed with its
+/// absolute expiry.
 fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) -> anyhow::Result<()> {
     let meta = SnapshotMeta {
         index: point.index,
@@ -213,7 +215,8 @@ fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) ->
         conf_state: point.conf_state.clone(),
         members: (*point.members).clone(),
     };
-    let writer = SnapshotWriter::create(path, &meta)?;
+    let functions = dump_functions(ctx)?;
+    let writer = SnapshotWriter::create(path, &meta, &functions)?;
     let mut scan = Scan { writer, db: 0, failed: None };
     let databases = state::get().databases;
     for db in 0..databases {
@@ -233,6 +236,24 @@ fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) ->
     }
     scan.writer.finish()?;
     Ok(())
+}
+
+/// The libraries as `FUNCTION DUMP` serializes them; empty when there are none.
+fn dump_functions(ctx: *mut RedisModuleCtx) -> anyhow::Result<Vec<u8>> {
+    let list = ffi::call_strs(ctx, &["FUNCTION", "LIST"]);
+    let none = ffi::is_array(list) && ffi::reply_len(list) == 0;
+    ffi::free_call_reply(list);
+    if none {
+        return Ok(Vec::new());
+    }
+    let dump = ffi::call_strs(ctx, &["FUNCTION", "DUMP"]);
+    let payload = ffi::reply_bytes(dump).to_vec();
+    let is_error = ffi::reply_type(dump) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    ffi::free_call_reply(dump);
+    if is_error || payload.is_empty() {
+        anyhow::bail!("FUNCTION DUMP failed: {}", String::from_utf8_lossy(&payload));
+    }
+    Ok(payload)
 }
 
 /// Where [`add_scanned`] writes, and the first error it met (the scan then stops).
@@ -365,10 +386,23 @@ fn publish(job: InProgress) {
     }
 }
 
-/// Replaces the dataset with the snapshot at `path` (on the main thread).
+/// Replaces the dataset and the function libraries with the snapshot at `path` (on the main
+/// thread).
 pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
     let (_meta, reader) = SnapshotReader::open(path)?;
     ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+    // FLUSHALL leaves the libraries alone.
+    let functions = if reader.functions().is_empty() {
+        ffi::call_strs(ctx, &["FUNCTION", "FLUSH", "SYNC"])
+    } else {
+        ffi::call(ctx, &[&b"FUNCTION"[..], b"RESTORE", reader.functions(), b"FLUSH"], false)
+    };
+    let failed = ffi::reply_type(functions) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    let error = String::from_utf8_lossy(ffi::reply_bytes(functions)).into_owned();
+    ffi::free_call_reply(functions);
+    if failed {
+        anyhow::bail!("FUNCTION RESTORE failed: {error}");
+    }
     let mut n = 0;
     for record in reader {
         let r = record?;
