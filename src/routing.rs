@@ -72,9 +72,6 @@ const NEVER_REPLICATED: &[&str] = &[
 
 /// Not supported yet: refused outright rather than half working.
 const REFUSED: &[(&str, &str)] = &[
-    ("fcall", "functions"),
-    ("fcall_ro", "functions"),
-    ("function", "functions"),
     ("wait", "WAIT (every acknowledged write is already on a majority)"),
     ("waitaof", "WAITAOF"),
     ("migrate", "MIGRATE"),
@@ -87,11 +84,13 @@ const REFUSED: &[(&str, &str)] = &[
     ("script|debug", "SCRIPT DEBUG"),
 ];
 
-/// Replicated whatever Redis' flags say: a script runs on every node, as one entry (see the
-/// module's `scripts`), and the script cache changes on every node. PFCOUNT is a read that
+/// Replicated whatever Redis' flags say: a script or a function runs on every node, as one entry
+/// (see the module's `scripts`), and the script cache changes on every node. (`FUNCTION LOAD`,
+/// `DELETE`, `FLUSH` and `RESTORE` need no mention: Redis flags them `write`.) PFCOUNT is a read that
 /// rewrites the HyperLogLog's cached cardinality (Redis flags it `may_replicate` and replicates
 /// it): run as a read on one node, that node's bytes would part from the others'.
-const REPLICATED: &[&str] = &["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script|flush", "pfcount"];
+const REPLICATED: &[&str] =
+    &["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script|load", "script|flush", "pfcount"];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -308,6 +307,11 @@ mod tests {
         t.insert("script|load", CommandInfo { arity: 3, ..Default::default() });
         t.insert("script|exists", CommandInfo { arity: -3, ..Default::default() });
         t.insert("script|debug", CommandInfo { arity: 3, ..Default::default() });
+        t.insert("fcall", CommandInfo { arity: -3, keys: None, ..Default::default() });
+        t.insert("function", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("function|load", CommandInfo { arity: -3, write: true, ..Default::default() });
+        t.insert("function|list", CommandInfo { arity: -2, ..Default::default() });
+        t.insert("function|kill", CommandInfo { arity: 2, ..Default::default() });
         t.insert("time", CommandInfo { arity: 1, nondeterministic: true, ..Default::default() });
         t.insert("smembers", CommandInfo { arity: 2, readonly: true, nondeterministic: true, ..Default::default() });
         t.insert("publish", CommandInfo { arity: 3, write: true, ..Default::default() });
@@ -371,6 +375,10 @@ mod tests {
         assert_eq!(route(&["SCRIPT", "LOAD", "return 1"]), Route::Write, "every node caches the script");
         assert_eq!(route(&["PFCOUNT", "h"]), Route::Write, "it rewrites the HyperLogLog's cache");
         assert_eq!(route(&["script", "exists", "abc"]), Route::Local);
+        assert_eq!(route(&["FCALL", "f", "0"]), Route::Write, "a function runs on every node, whatever its flags");
+        assert_eq!(route(&["FUNCTION", "LOAD", "#!lua name=l"]), Route::Write, "every node loads the library");
+        assert_eq!(route(&["function", "list"]), Route::Local);
+        assert_eq!(route(&["FUNCTION", "KILL"]), Route::Local, "it stops the function on the node it is sent to");
         assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
         assert_eq!(route(&["BLPOP", "l", "0"]), Route::BlockingPop);
         assert_eq!(route(&["blpop", "l"]), Route::Local, "a wrong arity is Redis' to answer");

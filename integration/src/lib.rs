@@ -10,6 +10,7 @@ pub mod transfers;
 pub mod workload;
 
 use anyhow::{bail, Context as _};
+use std::hash::{Hash as _, Hasher as _};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -386,7 +387,8 @@ impl Cluster {
 
 impl Cluster {
     /// Waits until `nodes` have applied everything committed, then asserts they hold the same
-    /// dataset (`DEBUG DIGEST`), printing each one's size, RAFT.INFO and log if not. The digest.
+    /// dataset ([`digest`]: keys and function libraries), printing each one's size, RAFT.INFO
+    /// and log if not. The digest.
     ///
     /// A key whose deadline has passed but that nothing has looked up since (`SET k v PXAT 1`
     /// keeps it, as in Redis) counts in the digest until each node's background expiry deletes it,
@@ -464,9 +466,38 @@ pub fn client_proposals(leader: &Server) -> i64 {
     field("proposals") - field("clock_entries_proposed")
 }
 
-/// DEBUG DIGEST: one hash of the whole dataset (values and expiry times).
+/// One fingerprint of the whole dataset: `DEBUG DIGEST` (values and expiry times) and the
+/// function libraries, which the log replicates and snapshots carry too.
 pub fn digest(server: &Server) -> String {
-    server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST")
+    let keys: String = server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST");
+    let libraries = libraries(server);
+    if libraries.is_empty() {
+        return keys;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    libraries.hash(&mut hasher);
+    format!("{keys} + {} libraries {:016x}", libraries.len(), hasher.finish())
+}
+
+/// The function libraries, `(name, code)`, by name (Redis lists them in an order that follows
+/// each server's hash seed).
+pub fn libraries(server: &Server) -> Vec<(String, String)> {
+    let listed: Vec<Vec<redis::Value>> = server.cmd(&["FUNCTION", "LIST", "WITHCODE"]).expect("FUNCTION LIST");
+    let mut libraries: Vec<(String, String)> = listed
+        .iter()
+        .map(|fields| {
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|kv| matches!(&kv[0], redis::Value::Data(d) if d == name.as_bytes()))
+                    .and_then(|kv| redis::from_redis_value::<String>(kv.get(1)?).ok())
+                    .unwrap_or_else(|| panic!("FUNCTION LIST without {name}: {fields:?}"))
+            };
+            (field("library_name"), field("library_code"))
+        })
+        .collect();
+    libraries.sort();
+    libraries
 }
 
 /// Sends raw RESP on a new connection and reads until `expect_len` bytes arrived (or the peer

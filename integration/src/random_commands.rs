@@ -116,6 +116,16 @@ const SCRIPTS: &[&str] = &[
     "return redis.call('LPOP', KEYS[1])",
     "return redis.call('ZADD', KEYS[1], ARGV[1] or 1, 'm')",
 ];
+/// Function libraries: two versions of `lib1` (loading the second needs `REPLACE`), and `lib3`,
+/// which cannot load beside `lib1` (it registers a function of the same name).
+const LIBRARIES: &[&str] = &[
+    "#!lua name=lib1\nredis.register_function('f_incr', function(keys) return redis.call('INCR', keys[1]) end)\nredis.register_function('f_push', function(keys, args) return redis.call('RPUSH', keys[1], args[1] or 'x') end)",
+    "#!lua name=lib1\nredis.register_function('f_incr', function(keys) return redis.call('INCRBY', keys[1], 2) end)",
+    "#!lua name=lib2\nredis.register_function{function_name='f_get', callback=function(keys) return redis.call('GET', keys[1]) end, flags={'no-writes'}}\nredis.register_function('f_hset', function(keys, args) return redis.call('HSET', keys[1], 'f', args[1] or 'v') end)",
+    "#!lua name=lib3\nredis.register_function('f_incr', function() return 0 end)",
+];
+const LIBRARY_NAMES: &[&str] = &["lib1", "lib2", "lib3", "nolib"];
+const FUNCTIONS: &[&str] = &["f_incr", "f_push", "f_get", "f_hset", "f_none"];
 /// A relative TTL shorter than this (seconds or milliseconds) is stretched to it.
 const LONG_TTL: i64 = 100_000;
 
@@ -165,7 +175,7 @@ impl RandomCommands {
         &mut self.rng
     }
 
-    /// A command; now and then a script.
+    /// A command; now and then a script or a function.
     pub fn draw(&mut self) -> Drawn {
         if self.rng.gen_bool(0.03) {
             return self.script();
@@ -200,6 +210,9 @@ impl RandomCommands {
     }
 
     fn script(&mut self) -> Drawn {
+        if self.rng.gen_bool(0.4) {
+            return self.function();
+        }
         let which = self.rng.gen_range(0..SCRIPTS.len());
         let body = SCRIPTS[which].as_bytes().to_vec();
         if !self.shas.is_empty() {
@@ -219,6 +232,31 @@ impl RandomCommands {
             args.push(KEYS.choose(&mut self.rng).unwrap().as_bytes().to_vec());
         }
         for _ in 0..self.rng.gen_range(0..3) {
+            let a = self.argument();
+            args.push(a);
+        }
+        Drawn { args, output: Output::Exact }
+    }
+
+    /// A function call, or now and then a change to the libraries.
+    fn function(&mut self) -> Drawn {
+        let r: f64 = self.rng.gen();
+        let words = |w: &[&str]| Drawn { args: w.iter().map(|a| a.as_bytes().to_vec()).collect(), output: Output::Exact };
+        let pick = |list: &[&'static str], rng: &mut StdRng| *list.choose(rng).unwrap();
+        if r < 0.15 {
+            let library = pick(LIBRARIES, &mut self.rng);
+            return if self.rng.gen() { words(&["FUNCTION", "LOAD", "REPLACE", library]) } else { words(&["FUNCTION", "LOAD", library]) };
+        }
+        if r < 0.2 {
+            return words(&["FUNCTION", "DELETE", pick(LIBRARY_NAMES, &mut self.rng)]);
+        }
+        if r < 0.22 {
+            return words(&["FUNCTION", "FLUSH"]);
+        }
+        let name = if self.rng.gen_bool(0.2) { "FCALL_RO" } else { "FCALL" };
+        let mut args = vec![name.as_bytes().to_vec(), pick(FUNCTIONS, &mut self.rng).as_bytes().to_vec(), b"1".to_vec()];
+        args.push(pick(KEYS, &mut self.rng).as_bytes().to_vec());
+        for _ in 0..self.rng.gen_range(0..2) {
             let a = self.argument();
             args.push(a);
         }

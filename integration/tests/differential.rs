@@ -1,8 +1,8 @@
 //! Raftis answers what plain Redis answers. The same random commands (see
 //! `raftis_integration::random_commands`) go to a plain redis-server and to a node of a 3-node
 //! cluster, the leader or a follower that forwards them, alone, pipelined or in transactions.
-//! Every reply must be plain Redis' own, and in the end every node must hold plain Redis' dataset,
-//! also a follower restarted to replay the whole log.
+//! Every reply must be plain Redis' own, and in the end every node must hold plain Redis' dataset
+//! and function libraries, also a follower restarted to replay the whole log.
 //!
 //! Runs are in RESP2 and in RESP3 (`HELLO 3` on every connection), where Redis' replies carry
 //! their types (maps, sets, doubles) that a relayed or held reply must keep.
@@ -15,7 +15,7 @@
 
 use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{free_port_pair, info_field, redis, Cluster, Server};
+use raftis_integration::{free_port_pair, info_field, libraries, redis, Cluster, Server};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -157,6 +157,7 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
         }
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
+    assert_eq!(libraries(&cluster.nodes[0]), libraries(&plain), "seed {seed} (RESP{first_protocol}, {consistency}): the function libraries differ");
 }
 
 /// A command to send outside MULTI to the leader, or to a follower: no blocking pop for a

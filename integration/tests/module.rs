@@ -213,7 +213,11 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
     expect_err(&["WATCH"], "wrong number of arguments for 'watch'");
     expect_err(&["RAFT._WATCH"], "wrong number of arguments for 'watch'");
-    expect_err(&["FCALL", "f", "0"], "not supported");
+    expect_err(&["FCALL", "f", "0"], "Function not found");
+    expect_err(&["FUNCTION", "LOAD", "not lua"], "Missing library metadata");
+    expect_err(&["FUNCTION", "RESTORE", "junk"], "payload version or checksum are wrong");
+    expect_err(&["FUNCTION", "KILL"], "No scripts in execution");
+    expect_err(&["RAFT._SCRIPTKILL", "FUNCTION", "KILL"], "No scripts in execution");
     expect_err(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], "blocking");
     expect_err(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"], "blocking");
     expect_err(&["RAFT._BLOCK"], "only takes blocking pops");

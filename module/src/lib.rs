@@ -97,7 +97,7 @@ command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blo
 command!(borrowed cmd_block, |ctx, args| blocking::block(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
-command!(borrowed cmd_script_kill, |ctx, _| scripts::kill(ctx).map(|_| Reply::Blocked));
+command!(borrowed cmd_script_kill, |ctx, args| scripts::kill(ctx, args).map(|_| Reply::Blocked));
 command!(cmd_script_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
 command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
 command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));

@@ -1,14 +1,18 @@
-//! Lua scripts (`EVAL`, `EVALSHA` and their `_RO` forms) run on every node, each as one log entry,
-//! the way Redis replicated scripts before 5.0: verbatim. That only works if a script does the same
-//! thing on every node, however late a node applies it, so:
+//! Lua scripts (`EVAL`, `EVALSHA` and their `_RO` forms) and functions (`FCALL`, `FCALL_RO`) run
+//! on every node, each call as one log entry, the way Redis replicated scripts before 5.0:
+//! verbatim. That only works if a script does the same thing on every node, however late a node
+//! applies it, so:
 //!
 //! - The log carries the script's text, never its SHA1: the leader turns `EVALSHA` into `EVAL`
 //!   from the scripts it knows (those its log loaded), so a node that lost its script cache (a
 //!   restart, a snapshot) still runs it. An unknown SHA1 gets Redis' `NOSCRIPT` at once.
 //!   `SCRIPT LOAD` and `SCRIPT FLUSH` go through the log too, so that every node knows the same
 //!   scripts and any of them can take over as leader.
-//! - `math.random` starts from the same seed at every script (Redis' own generator, reseeded
-//!   before each run, as Redis did when it replicated scripts verbatim).
+//! - Functions need no such care: `FUNCTION LOAD`, `DELETE`, `FLUSH` and `RESTORE` are writes of
+//!   the log, so every node holds the same libraries at every index, and snapshots carry them
+//!   (`FUNCTION DUMP`, see `snapshot`). `FCALL` names a function those libraries define.
+//! - `math.random` starts from the same seed at every script and function call (Redis' own
+//!   generator, reseeded before each run, as Redis did when it replicated scripts verbatim).
 //! - What the script calls passes a second command filter: a command whose answer could differ
 //!   between nodes (Redis tips it `nondeterministic_output`: `TIME`, `RANDOMKEY`, `TTL`; or
 //!   `nondeterministic_output_order`: `SMEMBERS`, `HGETALL`, whose order follows a hash table
@@ -17,13 +21,13 @@
 //!   (`SET k v EX 10` inside a script gets the same deadline everywhere), and the keys it names
 //!   are expired by that time, as a client's command's are (see `expiry`).
 //!
-//! `SCRIPT KILL` stays local: it stops the script on the node it is sent to (Redis' rule holds: not
-//! once the script has written). It is the way out of a script that never ends, which would hang
-//! every node and hang it again when the log is replayed (see the README). `FUNCTION`/`FCALL` are
-//! not supported yet (functions live in a library Redis keeps outside the dataset).
+//! `SCRIPT KILL` and `FUNCTION KILL` stay local: they stop the script on the node they are sent to
+//! (Redis' rule holds: not once the script has written). That is the way out of a script that
+//! never ends, which would hang every node and hang it again when the log is replayed (see the
+//! README).
 //!
 //! Seeding Redis' generator and hashing a script are not module API: `redisSrand48` and `sha1hex`
-//! are looked up at load. Without them, scripts are refused.
+//! are looked up at load. Without them, scripts and functions are refused.
 
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
@@ -39,7 +43,7 @@ use std::sync::{Mutex, OnceLock};
 
 /// The command a refused call inside a script becomes: it answers its argument as an error.
 pub const SCRIPT_ERROR_COMMAND: &str = "raft._scripterr";
-/// What `SCRIPT KILL` becomes (see [`kill`]).
+/// What `SCRIPT KILL` and `FUNCTION KILL` become (see [`kill`]).
 pub const KILL_COMMAND: &str = "raft._scriptkill";
 
 struct Hooks {
@@ -107,8 +111,14 @@ fn hooks() -> Result<&'static Hooks, String> {
     }
 }
 
-fn is_script(name: &[u8]) -> bool {
+/// `EVAL` and its forms: the second argument is the script's text or SHA1.
+fn is_eval(name: &[u8]) -> bool {
     [&b"eval"[..], b"eval_ro", b"evalsha", b"evalsha_ro"].iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// A script or a function call: Lua runs, and its calls are policed.
+fn runs_lua(name: &[u8]) -> bool {
+    is_eval(name) || name.eq_ignore_ascii_case(b"fcall") || name.eq_ignore_ascii_case(b"fcall_ro")
 }
 
 /// On the leader, before proposing: `EVALSHA sha ...` becomes `EVAL <its text> ...`.
@@ -121,7 +131,7 @@ fn is_script(name: &[u8]) -> bool {
 /// where Redis would answer `NOSCRIPT`.)
 pub fn prepare(argv: &mut Args) -> Result<(), String> {
     let Some(name) = argv.first() else { return Ok(()) };
-    if !is_script(name) && !name.eq_ignore_ascii_case(b"script") {
+    if !is_eval(name) && !name.eq_ignore_ascii_case(b"script") {
         return Ok(());
     }
     let hooks = hooks()?;
@@ -130,7 +140,7 @@ pub fn prepare(argv: &mut Args) -> Result<(), String> {
     } else if name.eq_ignore_ascii_case(b"evalsha_ro") {
         b"EVAL_RO".as_slice()
     } else {
-        if is_script(name) && argv.len() >= 2 {
+        if is_eval(name) && argv.len() >= 2 {
             remember(hooks, &argv[1]);
         } else if argv.len() == 3 && argv[1].eq_ignore_ascii_case(b"load") {
             remember(hooks, &argv[2]);
@@ -149,11 +159,11 @@ pub fn prepare(argv: &mut Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies `argv`, a command of the log, through `call`; scripts run as described above, and the
-/// script cache commands keep [`KNOWN`] in step with Redis' own cache.
+/// Applies `argv`, a command of the log, through `call`; scripts and functions run as described
+/// above, and the script cache commands keep [`KNOWN`] in step with Redis' own cache.
 pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: &[&[u8]], call: impl FnOnce() -> T) -> T {
     let Some(name) = argv.first() else { return call() };
-    if is_script(name) && argv.len() >= 2 {
+    if runs_lua(name) && argv.len() >= 2 {
         let Ok(hooks) = hooks() else { return call() };
         unsafe { (hooks.srand)(0) };
         let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx })));
@@ -162,8 +172,18 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
             settle_deadline(ctx, at);
         }
         RUNNING.with(|r| r.set(previous));
-        remember_if_cached(ctx, hooks, argv[1]);
+        if is_eval(name) {
+            remember_if_cached(ctx, hooks, argv[1]);
+        }
         return result;
+    }
+    if name.eq_ignore_ascii_case(b"function") {
+        // A library's code runs once as it loads; should it draw random numbers, it draws the
+        // same ones everywhere.
+        if let Ok(hooks) = hooks() {
+            unsafe { (hooks.srand)(0) };
+        }
+        return call();
     }
     if name.eq_ignore_ascii_case(b"script") && argv.len() >= 2 {
         let result = call();
@@ -179,11 +199,13 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
     call()
 }
 
-/// `SCRIPT KILL`, also while the log applies a script. Redis considers itself loading then (see
-/// `expiry`) and answers `-LOADING` to its own SCRIPT KILL; this command is allowed while loading
-/// and runs Redis' own kill, with its rules and replies (`-UNKILLABLE` once the script wrote,
-/// `-NOTBUSY` when none runs). It stops the script on this node only.
-pub fn kill(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+/// `SCRIPT KILL` or `FUNCTION KILL` (`args` is `[KILL_COMMAND, SCRIPT|FUNCTION, KILL]`), also
+/// while the log applies a script. Redis considers itself loading then (see `expiry`) and answers
+/// `-LOADING` to its own kill; this command is allowed while loading and runs Redis' own kill,
+/// with its rules and replies (`-UNKILLABLE` once the script wrote, `-NOTBUSY` when none runs,
+/// and neither kill stops the other's kind). It stops the script on this node only.
+pub fn kill(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    let is_eval = !args.get(1).is_some_and(|kind| kind.eq_ignore_ascii_case(b"function"));
     let hooks = hooks()?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let client = unsafe { (hooks.lookup_client)(id) };
@@ -193,7 +215,7 @@ pub fn kill(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     if RUNNING.with(|r| r.get()).is_some() {
         log::warn!("SCRIPT KILL of a script the log is applying: only this node stops it");
     }
-    unsafe { (hooks.kill)(client, 1) };
+    unsafe { (hooks.kill)(client, is_eval as c_int) };
     Ok(())
 }
 
@@ -320,11 +342,12 @@ fn settle_deadline(ctx: *mut RedisModuleCtx, at: EntryTime) {
     ffi::select_db(ctx, current);
 }
 
-/// `SCRIPT KILL` becomes [`KILL_COMMAND`] (true); anything else is left alone.
+/// `SCRIPT KILL` and `FUNCTION KILL` become [`KILL_COMMAND`] (true); anything else is left alone.
 pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
     let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
     let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
-    if argc == 2 && arg(0).eq_ignore_ascii_case(b"script") && arg(1).eq_ignore_ascii_case(b"kill") {
+    let kind = |name: &[u8]| name.eq_ignore_ascii_case(b"script") || name.eq_ignore_ascii_case(b"function");
+    if argc == 2 && kind(arg(0)) && arg(1).eq_ignore_ascii_case(b"kill") {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(KILL_COMMAND.as_bytes())) };
         return true;
     }
