@@ -15,6 +15,17 @@ pub type Args<'a> = Vec<Cow<'a, [u8]>>;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused(pub String);
 
+/// Writes that read Redis' own clock as they run, and so run with it pinned to their entry's time
+/// on every node (the module's `clock`): `XREADGROUP` stamps the messages it delivers,
+/// `XCLAIM` and `XAUTOCLAIM` compare those stamps with the time, and each of them (and
+/// `XGROUP CREATECONSUMER`) stamps the consumer's last-seen time.
+pub const RUN_BY_THE_LOG_CLOCK: &[&str] = &["xreadgroup", "xclaim", "xautoclaim", "xgroup"];
+
+/// Whether a command named `name` must run by the log's clock (see [`RUN_BY_THE_LOG_CLOCK`]).
+pub fn runs_by_the_log_clock(name: &[u8]) -> bool {
+    RUN_BY_THE_LOG_CLOCK.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
 /// Rewrites `argv` in place for the leader's clock `now_ms` (milliseconds since the Unix epoch).
 pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
     let Some(name) = argv.first().map(|n| n.to_ascii_lowercase()) else { return Ok(()) };
@@ -60,12 +71,6 @@ pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
             return Err(Refused(
                 "ERR SPOP picks members at random, which cannot be replicated; use SRANDMEMBER then SREM".into(),
             ))
-        }
-        b"xclaim" | b"xautoclaim" | b"xreadgroup" => {
-            return Err(Refused(format!(
-                "ERR {} depends on each node's clock and is not supported by Raftis yet",
-                String::from_utf8_lossy(&argv[0]).to_uppercase()
-            )))
         }
         _ => {}
     }
@@ -193,8 +198,15 @@ mod tests {
     }
 
     #[test]
-    fn random_and_clock_dependent_writes_are_refused() {
+    fn random_writes_are_refused() {
         assert!(run(&["SPOP", "s"]).unwrap_err().0.starts_with("ERR SPOP"));
-        assert!(run(&["xclaim", "s", "g", "c", "0", "1-1"]).unwrap_err().0.starts_with("ERR XCLAIM"));
+    }
+
+    #[test]
+    fn clock_reading_writes_pass_unchanged_to_run_by_the_log_clock() {
+        assert_eq!(run(&["xclaim", "s", "g", "c", "10", "1-1"]).unwrap(), ["xclaim", "s", "g", "c", "10", "1-1"]);
+        assert!(runs_by_the_log_clock(b"XREADGROUP"));
+        assert!(runs_by_the_log_clock(b"xautoclaim"));
+        assert!(!runs_by_the_log_clock(b"XADD"), "its automatic IDs are pinned by the leader instead");
     }
 }

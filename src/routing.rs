@@ -209,19 +209,24 @@ impl CommandTable {
         if known.special == Special::Replicated {
             return Route::Write;
         }
+        let blocking_refused = || Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
         if info.write {
             if info.blocking {
                 if crate::blocking::NAMES.contains(&name) {
                     return Route::BlockingPop;
                 }
-                return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
+                // XREADGROUP blocks only with BLOCK; without, it is a write like any other.
+                if name == "xreadgroup" && !stream_read_blocks(argv) {
+                    return Route::Write;
+                }
+                return blocking_refused();
             }
             return Route::Write;
         }
         if info.readonly {
             // XREAD may block; only its non-blocking form is a plain read.
-            if info.blocking && argv.iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
-                return Route::Refuse(format!("ERR blocking command '{display}' is not supported by Raftis yet"));
+            if info.blocking && stream_read_blocks(argv) {
+                return blocking_refused();
             }
             return Route::Read;
         }
@@ -244,23 +249,48 @@ impl CommandTable {
     }
 
     /// Whether a script may run `argv` (a command it calls): the error to raise in the script
-    /// instead. Refused are the commands Raftis refuses anyway and those whose answer could differ
-    /// between nodes. See the module's `scripts`.
+    /// instead. Refused are the commands Raftis refuses anyway, those whose answer could differ
+    /// between nodes, and those that read Redis' clock (a script does not run by the log's clock,
+    /// see `determinism::RUN_BY_THE_LOG_CLOCK`). See the module's `scripts`.
     pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
         let nondeterministic = with_lower_case(argv.first()?, |name| {
             let (known, display) = self.resolve(name?, argv)?;
-            known.info.nondeterministic.then(|| {
-                format!(
-                    "ERR {} inside a script could answer differently on every node; Raftis refuses it in scripts",
-                    display.replace('|', " ").to_uppercase()
-                )
-            })
+            let shown = display.replace('|', " ").to_uppercase();
+            if known.info.nondeterministic {
+                return Some(format!("ERR {shown} inside a script could answer differently on every node; Raftis refuses it in scripts"));
+            }
+            let reads_clock = display == "xreadgroup" || display == "xgroup|createconsumer";
+            reads_clock.then(|| format!("ERR {shown} inside a script would read each node's clock; Raftis refuses it in scripts"))
         });
         nondeterministic.or_else(|| match self.route(argv) {
             Route::Refuse(error) => Some(error),
             _ => None,
         })
     }
+}
+
+/// Whether `XREAD`/`XREADGROUP` `argv` asks to block: a `BLOCK` among the options before
+/// `STREAMS` (not a group, consumer or key that happens to be named so).
+fn stream_read_blocks(argv: &[&[u8]]) -> bool {
+    let mut i = 1;
+    while i < argv.len() {
+        let word = argv[i];
+        if word.eq_ignore_ascii_case(b"streams") {
+            return false;
+        }
+        if word.eq_ignore_ascii_case(b"block") {
+            return true;
+        }
+        // GROUP <group> <consumer>, COUNT <n>: their values are never options.
+        i += if word.eq_ignore_ascii_case(b"group") {
+            3
+        } else if word.eq_ignore_ascii_case(b"count") {
+            2
+        } else {
+            1
+        };
+    }
+    false
 }
 
 fn refused(what: &str) -> Route {
@@ -295,6 +325,9 @@ mod tests {
         t.insert("blpop", CommandInfo { arity: -3, write: true, blocking: true, ..Default::default() });
         t.insert("xreadgroup", CommandInfo { arity: -7, write: true, blocking: true, ..Default::default() });
         t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
+        t.insert("xgroup", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("xgroup|createconsumer", CommandInfo { arity: 5, write: true, ..Default::default() });
+        t.insert("xgroup|create", CommandInfo { arity: -5, write: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
         t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
@@ -347,7 +380,10 @@ mod tests {
         assert_eq!(refused(&["SET", "k", "v"]), None);
         assert_eq!(refused(&["GET", "k"]), None);
         assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
-        assert!(refused(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
+        assert!(refused(&["XREAD", "BLOCK", "1", "STREAMS", "s", "$"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
+        assert!(refused(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]).unwrap().contains("each node's clock"));
+        assert!(refused(&["XGROUP", "CREATECONSUMER", "s", "g", "c"]).unwrap().contains("XGROUP CREATECONSUMER inside a script"));
+        assert_eq!(refused(&["XGROUP", "CREATE", "s", "g", "$"]), None);
         assert_eq!(refused(&["BLPOP", "l", "0"]), None, "Redis refuses it in scripts itself (its noscript flag)");
     }
 
@@ -382,8 +418,11 @@ mod tests {
         assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
         assert_eq!(route(&["BLPOP", "l", "0"]), Route::BlockingPop);
         assert_eq!(route(&["blpop", "l"]), Route::Local, "a wrong arity is Redis' to answer");
-        assert!(matches!(route(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]), Route::Refuse(e) if e.contains("blocking")));
+        assert_eq!(route(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]), Route::Write, "it does not block");
+        assert_eq!(route(&["xreadgroup", "GROUP", "block", "block", "COUNT", "block", "STREAMS", "block", ">"]), Route::Write);
+        assert!(matches!(route(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]), Route::Refuse(e) if e.contains("blocking")));
         assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
+        assert_eq!(route(&["XREAD", "COUNT", "2", "STREAMS", "block", "$"]), Route::Read, "a stream may be named block");
         assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");
         assert!(
             matches!(route(&["waitaof", "1", "0", "0"]), Route::Refuse(e) if e.starts_with("ERR WAITAOF")),

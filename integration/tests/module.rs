@@ -219,7 +219,9 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["FUNCTION", "KILL"], "No scripts in execution");
     expect_err(&["RAFT._SCRIPTKILL", "FUNCTION", "KILL"], "No scripts in execution");
     expect_err(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], "blocking");
-    expect_err(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"], "blocking");
+    expect_err(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], "blocking");
+    expect_err(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"], "NOGROUP");
+    expect_err(&["XAUTOCLAIM", "s", "g", "c", "x", "0"], "Invalid min-idle-time");
     expect_err(&["RAFT._BLOCK"], "only takes blocking pops");
     expect_err(&["RAFT._BLOCK", "GET", "k"], "only takes blocking pops");
     expect_err(&["RAFT._BLOCK", "BLPOP", "l"], "only takes blocking pops");

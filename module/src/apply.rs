@@ -8,6 +8,7 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
 use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
+use raftis_core::determinism;
 use raftis_core::forward::{encode_replies, ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -363,7 +364,12 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         crate::expiry::expire_due(ctx, &command.argv, at);
     }
     let call = || ffi::call(ctx, &command.argv, resp3);
-    let reply = crate::scripts::apply(ctx, command.db, at, &command.argv, call);
+    let reply = match at {
+        Some(at) if command.argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) => {
+            crate::clock::pinned(at.0, call)
+        }
+        _ => crate::scripts::apply(ctx, command.db, at, &command.argv, call),
+    };
     if let Some(at) = at {
         crate::expiry::delete_if_already_expired(ctx, &command.argv, at);
     }

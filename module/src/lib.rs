@@ -8,6 +8,7 @@
 mod apply;
 mod blocked;
 mod blocking;
+mod clock;
 mod cluster_ops;
 mod command_table;
 mod commands;
@@ -214,6 +215,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     log::info!("{}", held::describe());
     log::info!("{}", expiry::init(ctx));
     log::info!("{}", scripts::init());
+    log::info!("{}", clock::init());
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");

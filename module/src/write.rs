@@ -69,6 +69,11 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// learn it is coming (see `watch`). An error is the write's reply: it cannot be replicated.
 pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
     crate::scripts::prepare(argv)?;
+    if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) {
+        crate::clock::available().map_err(|why| {
+            format!("ERR {} needs the log's clock, which this Redis cannot give: {why}", String::from_utf8_lossy(&argv[0]).to_uppercase())
+        })?;
+    }
     determinism::pin(argv, at.0).map_err(|r| r.0)?;
     crate::watch::touch(db, argv);
     Ok(())
