@@ -72,8 +72,14 @@ const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmp
 const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "-1", "x"];
 /// `@dangerous` commands that are plain data commands after all.
 const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
-/// Refused by Raftis: their answer would depend on each node's luck or clock.
-const REFUSED_BY_RAFTIS: &[&str] = &["spop", "xclaim", "xautoclaim", "xreadgroup"];
+/// Refused by Raftis: its answer would depend on each node's luck.
+const REFUSED_BY_RAFTIS: &[&str] = &["spop"];
+/// Flagged `@blocking`, but it blocks only with `BLOCK`, which is never drawn for it.
+const BLOCKS_ONLY_WHEN_ASKED: &[&str] = &["xreadgroup"];
+/// What `XCLAIM` and `XAUTOCLAIM` want idle: nothing, or more than any delivery drawn can be (a
+/// delivery time far back or ahead, by `IDLE` or `TIME`, stays on one side of each of these
+/// whether measured by plain Redis or by Raftis, a few milliseconds apart).
+const MIN_IDLE: &[&str] = &["0", "4294967296", "1700000000000", "4102444800000", "x"];
 /// Server administration outside `@admin` (`ACL GENPASS` answers at random).
 const ADMINISTRATION: &[&str] = &["acl"];
 /// Not tipped, but compared like `nondeterministic_output`: MEMORY USAGE samples a hash table's
@@ -134,6 +140,8 @@ pub struct RandomCommands {
     specs: Vec<Spec>,
     /// The SHA1 of each of [`SCRIPTS`], once the caller has learnt them (see [`Self::know_shas`]).
     shas: Vec<Vec<u8>>,
+    /// The last stream ID [`Self::consumer_group`] drew.
+    stream_ids: u64,
 }
 
 impl RandomCommands {
@@ -154,7 +162,7 @@ impl RandomCommands {
             }
         }
         specs.sort_by(|a, b| a.words.cmp(&b.words));
-        RandomCommands { rng: StdRng::seed_from_u64(seed), specs, shas: Vec::new() }
+        RandomCommands { rng: StdRng::seed_from_u64(seed), specs, shas: Vec::new(), stream_ids: 0 }
     }
 
     /// The scripts this draws from, for the caller to learn their SHA1s (from `SCRIPT LOAD`).
@@ -175,10 +183,13 @@ impl RandomCommands {
         &mut self.rng
     }
 
-    /// A command; now and then a script or a function.
+    /// A command; now and then a script, a function or a consumer group's command.
     pub fn draw(&mut self) -> Drawn {
         if self.rng.gen_bool(0.03) {
             return self.script();
+        }
+        if self.rng.gen_bool(0.03) {
+            return self.consumer_group();
         }
         let spec = loop {
             let spec = self.specs.choose(&mut self.rng).unwrap().clone();
@@ -199,6 +210,15 @@ impl RandomCommands {
         }
         stretch_ttls(&mut args);
         let mut drawn = Drawn { args, output: spec.output };
+        match spec.words[0].as_str() {
+            "xreadgroup" => {
+                for a in drawn.args.iter_mut().filter(|a| a.eq_ignore_ascii_case(b"block")) {
+                    *a = b"COUNT".to_vec();
+                }
+            }
+            "xclaim" | "xautoclaim" if drawn.args.len() > 4 => drawn.args[4] = MIN_IDLE.choose(&mut self.rng).unwrap().as_bytes().to_vec(),
+            _ => {}
+        }
         if drawn.is_blocking_pop() {
             // BLPOP key [key ...] timeout; BLMPOP timeout numkeys key ...
             let at = if drawn.args[0].ends_with(b"mpop") { 1 } else { drawn.args.len() - 1 };
@@ -236,6 +256,30 @@ impl RandomCommands {
             args.push(a);
         }
         Drawn { args, output: Output::Exact }
+    }
+
+    /// A well-formed consumer group command on a stream key (random arguments seldom make one):
+    /// groups are created, read through, acknowledged and claimed from.
+    fn consumer_group(&mut self) -> Drawn {
+        // Keys of their own, which other commands leave streams.
+        let key = *["s1", "s2"].choose(&mut self.rng).unwrap();
+        let consumer = *["c1", "c2", "c3"].choose(&mut self.rng).unwrap();
+        let min_idle = *MIN_IDLE[..4].choose(&mut self.rng).unwrap();
+        let count = self.rng.gen_range(1..4).to_string();
+        self.stream_ids += 1;
+        let id = format!("{}-1", self.stream_ids);
+        let args: Vec<&str> = match self.rng.gen_range(0..10) {
+            0 => vec!["XGROUP", "CREATE", key, "g", *["$", "0"].choose(&mut self.rng).unwrap(), "MKSTREAM"],
+            // Explicit IDs: an automatic one is each server's clock.
+            1 | 2 => vec!["XADD", key, &id, "f", consumer],
+            3 | 4 => vec!["XREADGROUP", "GROUP", "g", consumer, "COUNT", &count, "STREAMS", key, ">"],
+            5 => vec!["XREADGROUP", "GROUP", "g", consumer, "NOACK", "STREAMS", key, *[">", "0"].choose(&mut self.rng).unwrap()],
+            6 => vec!["XAUTOCLAIM", key, "g", consumer, min_idle, "0", "COUNT", &count],
+            7 => vec!["XAUTOCLAIM", key, "g", consumer, min_idle, "0", "JUSTID"],
+            8 => vec!["XPENDING", key, "g"],
+            _ => vec!["XGROUP", "CREATECONSUMER", key, "g", consumer],
+        };
+        Drawn { args: args.iter().map(|a| a.as_bytes().to_vec()).collect(), output: Output::Exact }
     }
 
     /// A function call, or now and then a change to the libraries.
@@ -303,7 +347,7 @@ fn spec_of(entry: &Reply) -> Option<Spec> {
     let excluded = |c: &String| {
         EXCLUDED_CATEGORIES.contains(&c.as_str())
             && !(c == "@dangerous" && dangerous_but_drawn)
-            && !(c == "@blocking" && BLOCKING_POPS.contains(&name.as_str()))
+            && !(c == "@blocking" && (BLOCKING_POPS.contains(&name.as_str()) || BLOCKS_ONLY_WHEN_ASKED.contains(&name.as_str())))
     };
     if categories.iter().any(excluded)
         || REFUSED_BY_RAFTIS.contains(&name.as_str())
