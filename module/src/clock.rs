@@ -15,8 +15,9 @@
 //! module's own threads and Redis' other threads read the real clock. Without the hook (an
 //! executable linked some other way), the commands that need it are refused ([`available`]).
 //!
-//! Only the commands in `raftis_core::determinism::RUN_BY_THE_LOG_CLOCK` run pinned: timing Redis'
-//! own work (command durations for `INFO commandstats`, the slow log) keeps the real clock.
+//! Only the commands in `raftis_core::determinism::RUN_BY_THE_LOG_CLOCK` run pinned, so only their
+//! timings are lost: Redis times a command by the same clock, and `INFO commandstats` and the slow
+//! log count 0 µs for them; every other command keeps the real clock.
 
 use std::ffi::{c_void, CStr};
 use std::os::raw::c_int;

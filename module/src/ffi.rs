@@ -351,6 +351,10 @@ pub fn reply_bytes<'a>(reply: *mut RedisModuleCallReply) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(p as *const u8, len) }
 }
 
+pub fn is_error(reply: *mut RedisModuleCallReply) -> bool {
+    !reply.is_null() && reply_type(reply) == raw::REDISMODULE_REPLY_ERROR as c_int
+}
+
 pub fn is_array(reply: *mut RedisModuleCallReply) -> bool {
     !reply.is_null() && reply_type(reply) == raw::REDISMODULE_REPLY_ARRAY as c_int
 }

@@ -32,7 +32,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
         return;
     }
-    if (name.eq_ignore_ascii_case(b"script") || name.eq_ignore_ascii_case(b"function")) && crate::scripts::route_kill(fctx) {
+    if crate::scripts::has_kill(name) && crate::scripts::route_kill(fctx) {
         return;
     }
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();

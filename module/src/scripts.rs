@@ -342,12 +342,16 @@ fn settle_deadline(ctx: *mut RedisModuleCtx, at: EntryTime) {
     ffi::select_db(ctx, current);
 }
 
+/// Whether `name` is a command with a `KILL` subcommand ([`route_kill`] routes it).
+pub fn has_kill(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"script") || name.eq_ignore_ascii_case(b"function")
+}
+
 /// `SCRIPT KILL` and `FUNCTION KILL` become [`KILL_COMMAND`] (true); anything else is left alone.
 pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
     let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
     let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
-    let kind = |name: &[u8]| name.eq_ignore_ascii_case(b"script") || name.eq_ignore_ascii_case(b"function");
-    if argc == 2 && kind(arg(0)) && arg(1).eq_ignore_ascii_case(b"kill") {
+    if argc == 2 && has_kill(arg(0)) && arg(1).eq_ignore_ascii_case(b"kill") {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(KILL_COMMAND.as_bytes())) };
         return true;
     }

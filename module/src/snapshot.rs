@@ -248,7 +248,7 @@ fn dump_functions(ctx: *mut RedisModuleCtx) -> anyhow::Result<Vec<u8>> {
     }
     let dump = ffi::call_strs(ctx, &["FUNCTION", "DUMP"]);
     let payload = ffi::reply_bytes(dump).to_vec();
-    let is_error = ffi::reply_type(dump) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    let is_error = ffi::is_error(dump);
     ffi::free_call_reply(dump);
     if is_error || payload.is_empty() {
         anyhow::bail!("FUNCTION DUMP failed: {}", String::from_utf8_lossy(&payload));
@@ -397,7 +397,7 @@ pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
     } else {
         ffi::call(ctx, &[&b"FUNCTION"[..], b"RESTORE", reader.functions(), b"FLUSH"], false)
     };
-    let failed = ffi::reply_type(functions) == raw::REDISMODULE_REPLY_ERROR as c_int;
+    let failed = ffi::is_error(functions);
     let error = String::from_utf8_lossy(ffi::reply_bytes(functions)).into_owned();
     ffi::free_call_reply(functions);
     if failed {
@@ -409,7 +409,7 @@ pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
         ffi::select_db(ctx, r.db);
         let ttl = if r.expire_at_ms < 0 { b"0".to_vec() } else { r.expire_at_ms.to_string().into_bytes() };
         let reply = ffi::call(ctx, &[b"RESTORE".to_vec(), r.key, ttl, r.payload, b"ABSTTL".to_vec(), b"REPLACE".to_vec()], false);
-        if ffi::reply_type(reply) == redis_module::raw::REDISMODULE_REPLY_ERROR as c_int {
+        if ffi::is_error(reply) {
             let e = String::from_utf8_lossy(ffi::reply_bytes(reply)).into_owned();
             ffi::free_call_reply(reply);
             anyhow::bail!("RESTORE failed: {e}");
