@@ -1,40 +1,60 @@
-//! Blocking pops: BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX and BZMPOP.
+//! Blocking commands: the pops (BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX,
+//! BZMPOP) and the stream reads with `BLOCK` (XREAD, XREADGROUP).
 //!
-//! Redis serves a blocked client the moment a push makes one of its keys non-empty, and sends its
-//! replicas the pop it made. Under Raft a pop has to be a log entry, so a leader runs a blocking
-//! pop as a series of attempts: each attempt is the client's command itself, proposed and applied
-//! on every node, where it cannot block (Redis answers a client that may not block at once, with
-//! a null when every key is empty). Between attempts the client waits until one of its keys holds
-//! something again. The module's `blocking` does the waiting; this file knows the commands' shapes.
+//! Redis serves a blocked client the moment a push (or an XADD) makes one of its keys ready, and
+//! sends its replicas the pop it made. Under Raft a pop has to be a log entry, so a leader runs a
+//! blocking command as a series of attempts: each attempt is the client's command itself, proposed
+//! and applied on every node, where it cannot block (Redis answers a client that may not block at
+//! once, with a null when nothing is there). Between attempts the client waits until one of its
+//! keys holds something for it again. The module's `blocking` does the waiting; this file knows
+//! the commands' shapes.
 
+use crate::stream_read::StreamRead;
 use std::time::Duration;
 
-/// What a blocking pop waits for.
+/// What a blocking command waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Waits {
     List,
     SortedSet,
+    /// `XREAD`: entries newer than the IDs it names. It only reads.
+    Stream(StreamRead),
+    /// `XREADGROUP`: entries its group has not been given yet.
+    Group(StreamRead),
 }
 
-/// A blocking pop, as the client sent it.
+/// The unit a blocking command's timeout is given in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Seconds,
+    Milliseconds,
+}
+
+/// A blocking command, as the client sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockingPop {
-    /// Positions of the keys it pops from (not BLMOVE's destination).
+pub struct BlockingCommand {
+    /// Positions of the keys it waits on (not BLMOVE's destination).
     pub keys: Vec<usize>,
     /// Position of the timeout.
     pub timeout: usize,
+    pub unit: Unit,
     pub waits: Waits,
 }
 
 /// The lower-case names of the blocking pops.
 pub const NAMES: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
 
-impl BlockingPop {
-    /// The blocking pop `argv` is; None for another command or one too short to have a timeout.
-    /// Arguments Redis would refuse (a bad `numkeys`) name no keys: the first attempt answers
-    /// Redis' error.
-    pub fn of(argv: &[&[u8]]) -> Option<BlockingPop> {
+impl BlockingCommand {
+    /// The blocking command `argv` is; None for another command, one too short to have a
+    /// timeout, or a stream read without `BLOCK`. Arguments Redis would refuse (a bad `numkeys`,
+    /// unbalanced streams and IDs) name no keys: the first attempt answers Redis' error.
+    pub fn of(argv: &[&[u8]]) -> Option<BlockingCommand> {
         let name = std::str::from_utf8(argv.first()?).ok()?.to_ascii_lowercase();
+        if name == "xread" || name == "xreadgroup" {
+            let read = StreamRead::parse(argv);
+            let waits = if name == "xread" { Waits::Stream(read) } else { Waits::Group(read) };
+            return Some(BlockingCommand { keys: read.keys(argv.len()).collect(), timeout: read.block?, unit: Unit::Milliseconds, waits });
+        }
         let last = argv.len().checked_sub(1).filter(|l| *l >= 2)?;
         let waits = if name.starts_with("bz") { Waits::SortedSet } else { Waits::List };
         let (keys, timeout) = match name.as_str() {
@@ -48,33 +68,49 @@ impl BlockingPop {
             }
             _ => return None,
         };
-        Some(BlockingPop { keys, timeout, waits })
+        Some(BlockingCommand { keys, timeout, unit: Unit::Seconds, waits })
+    }
+
+    /// Whether it only reads (`XREAD`): its attempts change nothing.
+    pub fn reads_only(&self) -> bool {
+        matches!(self.waits, Waits::Stream(_))
     }
 }
 
-/// How long a client may wait, as Redis reads a blocking command's timeout (seconds, decimals
-/// allowed; 0 waits for ever: None). The errors are Redis' own.
-pub fn parse_timeout(arg: &[u8]) -> Result<Option<Duration>, String> {
-    let seconds = std::str::from_utf8(arg)
-        .ok()
-        .filter(|s| !s.starts_with(|c: char| c.is_ascii_whitespace()))
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| !s.is_nan())
-        .ok_or_else(|| "ERR timeout is not a float or out of range".to_string())?;
-    let millis = (seconds * 1000.0).ceil();
-    // Redis converts to a 64-bit integer: what does not fit comes out as the most negative one.
-    if !(millis > -9.2e18 && millis < 9.2e18) || millis < 0.0 {
+/// How long a client may wait, as Redis reads a blocking command's timeout: seconds with decimals
+/// for the pops, whole milliseconds for the stream reads; 0 waits for ever (None). The errors are
+/// Redis' own.
+pub fn parse_timeout(arg: &[u8], unit: Unit) -> Result<Option<Duration>, String> {
+    let text = std::str::from_utf8(arg).ok().filter(|s| !s.starts_with(|c: char| c.is_ascii_whitespace()));
+    let millis = match unit {
+        Unit::Seconds => {
+            let seconds = text
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| !s.is_nan())
+                .ok_or_else(|| "ERR timeout is not a float or out of range".to_string())?;
+            let millis = (seconds * 1000.0).ceil();
+            // Redis converts to a 64-bit integer: what does not fit comes out as the most negative one.
+            if !(millis > -9.2e18 && millis < 9.2e18) || millis < 0.0 {
+                return Err("ERR timeout is negative".into());
+            }
+            millis as i64
+        }
+        Unit::Milliseconds => text
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| "ERR timeout is not an integer or out of range".to_string())?,
+    };
+    if millis < 0 {
         return Err("ERR timeout is negative".into());
     }
-    Ok((millis > 0.0).then(|| Duration::from_millis(millis as u64)))
+    Ok((millis > 0).then(|| Duration::from_millis(millis as u64)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pop(args: &[&str]) -> Option<BlockingPop> {
-        BlockingPop::of(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
+    fn pop(args: &[&str]) -> Option<BlockingCommand> {
+        BlockingCommand::of(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
     }
 
     #[test]
@@ -97,17 +133,45 @@ mod tests {
         assert_eq!(pop(&["LPOP", "l", "1"]), None, "not a blocking pop");
     }
 
+    fn parse_timeout_s(arg: &[u8]) -> Result<Option<Duration>, String> {
+        parse_timeout(arg, Unit::Seconds)
+    }
+
+    #[test]
+    fn stream_reads_block_only_with_block() {
+        let read = pop(&["XREAD", "COUNT", "2", "BLOCK", "100", "STREAMS", "a", "b", "$", "0"]).unwrap();
+        assert_eq!((read.keys, read.timeout, read.unit), (vec![6, 7], 4, Unit::Milliseconds));
+        assert!(matches!(read.waits, Waits::Stream(r) if r.count) && pop(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).unwrap().reads_only());
+        let group = pop(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]).unwrap();
+        assert_eq!((group.keys, group.timeout), (vec![7], 5));
+        assert!(matches!(group.waits, Waits::Group(r) if r.group == Some(2)));
+        assert!(!pop(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]).unwrap().reads_only());
+        assert_eq!(pop(&["XREAD", "STREAMS", "s", "$"]), None, "it does not block");
+        assert_eq!(pop(&["XREAD", "BLOCK", "0", "STREAMS", "s", "t", "$"]).unwrap().keys, Vec::<usize>::new(), "unbalanced");
+    }
+
+    #[test]
+    fn stream_read_timeouts_are_whole_milliseconds() {
+        let ms = |arg: &str| parse_timeout(arg.as_bytes(), Unit::Milliseconds);
+        assert_eq!(ms("0"), Ok(None));
+        assert_eq!(ms("250"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(ms("-1").unwrap_err(), "ERR timeout is negative");
+        for bad in ["1.5", "abc", "", " 1", "99999999999999999999"] {
+            assert_eq!(ms(bad).unwrap_err(), "ERR timeout is not an integer or out of range", "{bad:?}");
+        }
+    }
+
     #[test]
     fn timeouts_read_as_redis_reads_them() {
-        assert_eq!(parse_timeout(b"0"), Ok(None), "0 waits for ever");
-        assert_eq!(parse_timeout(b"1.5"), Ok(Some(Duration::from_millis(1500))));
-        assert_eq!(parse_timeout(b"0.0001"), Ok(Some(Duration::from_millis(1))), "rounded up to a millisecond");
-        assert_eq!(parse_timeout(b"-0.0001"), Ok(None), "rounds to zero, as in Redis");
-        assert_eq!(parse_timeout(b"1e1"), Ok(Some(Duration::from_secs(10))));
-        assert_eq!(parse_timeout(b"-1").unwrap_err(), "ERR timeout is negative");
-        assert_eq!(parse_timeout(b"inf").unwrap_err(), "ERR timeout is negative", "Redis' integer conversion overflows");
+        assert_eq!(parse_timeout_s(b"0"), Ok(None), "0 waits for ever");
+        assert_eq!(parse_timeout_s(b"1.5"), Ok(Some(Duration::from_millis(1500))));
+        assert_eq!(parse_timeout_s(b"0.0001"), Ok(Some(Duration::from_millis(1))), "rounded up to a millisecond");
+        assert_eq!(parse_timeout_s(b"-0.0001"), Ok(None), "rounds to zero, as in Redis");
+        assert_eq!(parse_timeout_s(b"1e1"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse_timeout_s(b"-1").unwrap_err(), "ERR timeout is negative");
+        assert_eq!(parse_timeout_s(b"inf").unwrap_err(), "ERR timeout is negative", "Redis' integer conversion overflows");
         for bad in [&b"abc"[..], b"", b" 1", b"1 ", b"nan", b"\xff"] {
-            assert_eq!(parse_timeout(bad).unwrap_err(), "ERR timeout is not a float or out of range", "{bad:?}");
+            assert_eq!(parse_timeout_s(bad).unwrap_err(), "ERR timeout is not a float or out of range", "{bad:?}");
         }
     }
 }

@@ -53,9 +53,13 @@ pub enum Route {
     BeginTransaction,
     /// WATCH: the module registers the keys and waits for the writes already proposed.
     Watch,
-    /// A blocking pop (BLPOP and the like): replicated, and retried until it pops or times out
-    /// (see `blocking`). Inside MULTI it does not block, as in Redis.
-    BlockingPop,
+    /// A blocking pop (BLPOP and the like) or `XREADGROUP ... BLOCK`: replicated, and retried
+    /// until it gets something or times out (see `blocking`). Inside MULTI it does not block, as
+    /// in Redis: a plain write.
+    Blocking,
+    /// `XREAD ... BLOCK`: served by the leader, at the first attempt or once a stream it reads
+    /// gets newer entries (see `blocking`). Inside MULTI it does not block: a plain read.
+    BlockingRead,
     /// Answered with this error (without the leading '-').
     Refuse(String),
 }
@@ -213,20 +217,20 @@ impl CommandTable {
         if info.write {
             if info.blocking {
                 if crate::blocking::NAMES.contains(&name) {
-                    return Route::BlockingPop;
+                    return Route::Blocking;
                 }
                 // XREADGROUP blocks only with BLOCK; without, it is a write like any other.
-                if name == "xreadgroup" && !stream_read_blocks(argv) {
-                    return Route::Write;
+                if name == "xreadgroup" {
+                    return if stream_read_blocks(argv) { Route::Blocking } else { Route::Write };
                 }
                 return blocking_refused();
             }
             return Route::Write;
         }
         if info.readonly {
-            // XREAD may block; only its non-blocking form is a plain read.
+            // XREAD blocks only with BLOCK; without, it is a read like any other.
             if info.blocking && stream_read_blocks(argv) {
-                return blocking_refused();
+                return if name == "xread" { Route::BlockingRead } else { blocking_refused() };
             }
             return Route::Read;
         }
@@ -272,25 +276,7 @@ impl CommandTable {
 /// Whether `XREAD`/`XREADGROUP` `argv` asks to block: a `BLOCK` among the options before
 /// `STREAMS` (not a group, consumer or key that happens to be named so).
 fn stream_read_blocks(argv: &[&[u8]]) -> bool {
-    let mut i = 1;
-    while i < argv.len() {
-        let word = argv[i];
-        if word.eq_ignore_ascii_case(b"streams") {
-            return false;
-        }
-        if word.eq_ignore_ascii_case(b"block") {
-            return true;
-        }
-        // GROUP <group> <consumer>, COUNT <n>: their values are never options.
-        i += if word.eq_ignore_ascii_case(b"group") {
-            3
-        } else if word.eq_ignore_ascii_case(b"count") {
-            2
-        } else {
-            1
-        };
-    }
-    false
+    crate::stream_read::StreamRead::parse(argv).block.is_some()
 }
 
 fn refused(what: &str) -> Route {
@@ -380,7 +366,7 @@ mod tests {
         assert_eq!(refused(&["SET", "k", "v"]), None);
         assert_eq!(refused(&["GET", "k"]), None);
         assert_eq!(refused(&["NOSUCH"]), None, "Redis answers unknown commands itself");
-        assert!(refused(&["XREAD", "BLOCK", "1", "STREAMS", "s", "$"]).unwrap().contains("blocking"), "what Raftis refuses anyway");
+        assert_eq!(refused(&["XREAD", "BLOCK", "1", "STREAMS", "s", "$"]), None, "Redis refuses BLOCK in scripts itself");
         assert!(refused(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]).unwrap().contains("each node's clock"));
         assert!(refused(&["XGROUP", "CREATECONSUMER", "s", "g", "c"]).unwrap().contains("XGROUP CREATECONSUMER inside a script"));
         assert_eq!(refused(&["XGROUP", "CREATE", "s", "g", "$"]), None);
@@ -416,12 +402,12 @@ mod tests {
         assert_eq!(route(&["function", "list"]), Route::Local);
         assert_eq!(route(&["FUNCTION", "KILL"]), Route::Local, "it stops the function on the node it is sent to");
         assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
-        assert_eq!(route(&["BLPOP", "l", "0"]), Route::BlockingPop);
+        assert_eq!(route(&["BLPOP", "l", "0"]), Route::Blocking);
         assert_eq!(route(&["blpop", "l"]), Route::Local, "a wrong arity is Redis' to answer");
         assert_eq!(route(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]), Route::Write, "it does not block");
         assert_eq!(route(&["xreadgroup", "GROUP", "block", "block", "COUNT", "block", "STREAMS", "block", ">"]), Route::Write);
-        assert!(matches!(route(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]), Route::Refuse(e) if e.contains("blocking")));
-        assert!(matches!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::Refuse(_)));
+        assert_eq!(route(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]), Route::Blocking);
+        assert_eq!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::BlockingRead);
         assert_eq!(route(&["XREAD", "COUNT", "2", "STREAMS", "block", "$"]), Route::Read, "a stream may be named block");
         assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");
         assert!(

@@ -40,8 +40,8 @@ pub enum ReplyTo {
     Transaction(Vec<Option<crate::held::HeldReply>>),
     /// A follower's transaction (follower proxy): every command's raw reply goes back together.
     ForwardedTransaction(ForwardDone),
-    /// An attempt of a blocking pop (see `blocking`): its waiting client, by id.
-    Pop(u64),
+    /// An attempt of a blocking command (see `blocking`): its waiting client, by id.
+    Attempt(u64),
     /// Nobody: the leader's own clock entries (see `expiry`).
     Nobody,
 }
@@ -62,7 +62,7 @@ impl WriteWaiter {
                     held.fail(&error);
                 }
             }
-            ReplyTo::Pop(id) => crate::blocking::attempted(id, outcome),
+            ReplyTo::Attempt(id) => crate::blocking::attempted(id, outcome),
             ReplyTo::Nobody => discard(outcome),
         }
     }

@@ -1,5 +1,6 @@
-//! `RAFT._BLOCK <command ...>`: blocking pops (BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN,
-//! BZPOPMAX, BZMPOP), served by the leader.
+//! `RAFT._BLOCK <command ...>`: blocking commands, served by the leader: the pops (BLPOP, BRPOP,
+//! BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP) and the stream reads with `BLOCK`
+//! (XREADGROUP, XREAD).
 //!
 //! Redis pops for a blocked client the moment a push fills one of its keys. Here a pop must be a
 //! log entry, so the leader blocks the client and proposes its command as an *attempt*: applied
@@ -9,25 +10,41 @@
 //! many of them, oldest first, as the keys hold elements ([`after_apply`]). The attempt that pops
 //! answers the client, with the reply Redis produced.
 //!
+//! Stream reads wait the same way, for what Redis would serve them:
+//! - `XREADGROUP ... BLOCK` delivers entries to a consumer: its attempts are entries, as a pop's
+//!   are. It is ready once a stream it reads has an entry newer than the last one its group was
+//!   given. One attempt per group is in flight at a time, so that a group's waiting consumers do
+//!   not all propose an attempt for the entry only the first of them will get. As in Redis, a
+//!   consumer whose stream is deleted, or whose group is destroyed, is answered an error.
+//! - `XREAD ... BLOCK` only reads. Its first attempt is an entry, so that it is linearizable and
+//!   its `$` means the last ID as of that point of the log; if it finds nothing, `$` becomes that
+//!   ID. From then on the leader runs it locally, without the log, once a stream it reads has an
+//!   entry newer than the ID it reads after. Everything the leader applied is committed, and what
+//!   it applied after the first attempt was committed after the client asked: the answer is the
+//!   dataset as it stood at a moment while the client waited.
+//! - A read served after blocking gets at most 1000 entries unless it has a `COUNT`, as in Redis.
+//!
 //! An attempt only pops for a client that still waits. A client whose timeout comes while an
 //! attempt is in flight gets that attempt's outcome: the element, a little late, if it popped
 //! one, rather than the element vanishing; a null otherwise. A client that disconnects (or is
 //! unblocked by `CLIENT UNBLOCK`) with an attempt in flight loses what the attempt pops, as any
-//! write's reply is lost with its connection; otherwise its pop is simply forgotten. A leader
+//! write's reply is lost with its connection; otherwise its wait is simply forgotten. A leader
 //! that loses leadership answers its waiting clients `-MOVED` (as Redis Cluster does when a
-//! blocked client's slot moves). Inside MULTI the pops never reach here: they run once, without
-//! blocking, as in Redis (scripts may not call them at all, Redis' own rule).
+//! blocked client's slot moves). Inside MULTI the blocking commands never reach here: they run
+//! once, without blocking, as in Redis (scripts may not call them at all, Redis' own rule).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
-use raftis_core::blocking::{self as shape, BlockingPop, Waits};
+use crate::stream_probe::{self, Newest};
+use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
 use raftis_core::command_entry::encode_command;
 use raftis_core::determinism::Args;
 use raftis_core::routing::Route;
+use raftis_core::stream_read::{has_entries_after, StreamId, StreamRead};
 use redis_module::raw::RedisModuleTimerID;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::os::raw::{c_int, c_void};
@@ -37,14 +54,14 @@ use std::time::{Duration, Instant};
 
 pub const BLOCK_COMMAND: &str = "raft._block";
 
-/// Clients waiting in a blocking pop, oldest first. Changed on the main thread, and on the Raft
-/// thread when an attempt's proposal fails.
-static WAITING: Mutex<Waiting> = Mutex::new(Waiting { pops: BTreeMap::new(), next: 1, stale_timers: Vec::new() });
+/// Clients waiting in a blocking command, oldest first. Changed on the main thread, and on the
+/// Raft thread when an attempt's proposal fails.
+static WAITING: Mutex<Waiting> = Mutex::new(Waiting { clients: BTreeMap::new(), next: 1, stale_timers: Vec::new() });
 /// How many: the apply path's cheap check.
 static COUNT: AtomicUsize = AtomicUsize::new(0);
-/// Timers of pops that are over wait to be stopped (see [`Waiting::stale_timers`]).
+/// Timers of waits that are over wait to be stopped (see [`Waiting::stale_timers`]).
 static STALE_TIMERS: AtomicBool = AtomicBool::new(false);
-/// RAFT.STATS: attempts proposed, the first of each pop included.
+/// RAFT.STATS: attempts proposed, the first of each wait included.
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 
 /// How much longer than its own timeout Redis' backstop timer lets a client wait: the attempt in
@@ -53,23 +70,30 @@ const BACKSTOP: Duration = Duration::from_secs(2);
 
 struct Waiting {
     /// By id: ids grow, so this is the order the clients came in.
-    pops: BTreeMap<u64, Pop>,
+    clients: BTreeMap<u64, Waiter>,
     next: u64,
-    /// The timeout timers of pops answered before their timeout. Redis' timers may only be
-    /// stopped on its main thread, and a pop can end on the Raft thread (a failed attempt): they
+    /// The timeout timers of waits answered before their timeout. Redis' timers may only be
+    /// stopped on its main thread, and a wait can end on the Raft thread (a failed attempt): they
     /// are stopped before Redis next sleeps, so that a client popping in a loop with a long
     /// timeout does not leave a timer behind each time.
     stale_timers: Vec<RedisModuleTimerID>,
 }
 
-struct Pop {
+/// A client waiting in a blocking command.
+struct Waiter {
     blocked: Blocked,
+    /// Its command, as its next attempt runs it.
     argv: Vec<Vec<u8>>,
     db: u32,
     resp3: bool,
-    /// The keys it pops from.
+    /// The keys it waits on.
     keys: Vec<Vec<u8>>,
     waits: Waits,
+    /// `XREAD`, for each key: the ID it reads after (None: one this module cannot read, so the
+    /// stream is looked at after every batch). Empty until its first attempt found nothing.
+    after: Vec<Option<StreamId>>,
+    /// `XREADGROUP`'s group.
+    group: Option<Vec<u8>>,
     /// How long it may wait, as read from its command (an error if it could not be read).
     timeout: Result<Option<Duration>, String>,
     arrived: Instant,
@@ -80,39 +104,43 @@ struct Pop {
     /// An attempt is in the log, not applied yet.
     in_flight: bool,
     /// Its timeout came, or its client went, while an attempt was in flight: it is answered (or
-    /// forgotten) once the attempt is, unless the attempt pops.
+    /// forgotten) once the attempt is, unless the attempt gets something.
     over: bool,
 }
 
-/// RAFT.STATS: clients waiting in a blocking pop now, and attempts proposed so far.
+/// RAFT.STATS: clients waiting in a blocking command now, and attempts proposed so far.
 pub fn stats() -> [(&'static str, u64); 2] {
     [("blocked_pops_waiting", COUNT.load(Ordering::Relaxed) as u64), ("blocked_pop_attempts", ATTEMPTS.load(Ordering::Relaxed))]
 }
 
-/// `RAFT._BLOCK <command ...>`, which the filter makes of a blocking pop.
+/// `RAFT._BLOCK <command ...>`, which the filter makes of a blocking command.
 pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let command = &args[1..];
     let s = state::get();
-    match s.route(command) {
-        Route::BlockingPop => {}
+    let reads_only = match s.route(command) {
+        Route::Blocking => false,
+        Route::BlockingRead => true,
         Route::Refuse(e) => return Err(e),
-        _ => return Err("ERR RAFT._BLOCK only takes blocking pops (it is used internally)".into()),
-    }
+        _ => return Err("ERR RAFT._BLOCK only takes blocking commands (it is used internally)".into()),
+    };
     if crate::transaction::in_exec(ctx) {
-        // Redis runs a blocking command of a transaction without blocking: a plain write.
+        // Redis runs a blocking command of a transaction without blocking: a plain write or read.
+        if reads_only {
+            return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(command), None);
+        }
         return crate::write::write(ctx, args);
     }
     let node = s.serving_node()?;
     if !node.is_leader() {
-        // Also with follower-proxy: a pop may wait for ever, longer than a forwarded request.
+        // Also with follower-proxy: a client may wait for ever, longer than a forwarded request.
         return Err(state::redirect(&node.status()));
     }
-    let Some(pop) = BlockingPop::of(command) else {
-        return Err("ERR wrong number of arguments for a blocking pop".into());
+    let Some(shape) = BlockingCommand::of(command) else {
+        return Err("ERR wrong number of arguments for a blocking command".into());
     };
     // Errors, a bad timeout's included, are Redis' to answer, in its own order: the first
     // attempt answers them. The timeout counts from now, but only matters once it found nothing.
-    let timeout = shape::parse_timeout(command[pop.timeout]);
+    let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
     let backstop = match &timeout {
         Ok(None) => Duration::ZERO,
         Ok(Some(t)) => *t + s.write_timeout() + BACKSTOP,
@@ -120,13 +148,19 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     };
     let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
     unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    let waiter = Pop {
+    let group = match shape.waits {
+        Waits::Group(StreamRead { group: Some(at), .. }) => Some(command[at].to_vec()),
+        _ => None,
+    };
+    let waiter = Waiter {
         blocked,
         argv: ffi::owned_args(command),
         db: ffi::selected_db(ctx),
         resp3: ffi::client_is_resp3(ctx),
-        keys: pop.keys.iter().map(|&i| command[i].to_vec()).collect(),
-        waits: pop.waits,
+        keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
+        waits: shape.waits,
+        after: Vec::new(),
+        group,
         timeout,
         arrived: Instant::now(),
         timer: None,
@@ -134,12 +168,12 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         in_flight: true,
         over: false,
     };
-    let attempt = Attempt { argv: waiter.argv.clone(), db: waiter.db, resp3: waiter.resp3 };
+    let attempt = Attempt::of(&waiter);
     let mut w = lock();
     let id = w.next;
     w.next += 1;
-    w.pops.insert(id, waiter);
-    COUNT.store(w.pops.len(), Ordering::Relaxed);
+    w.clients.insert(id, waiter);
+    COUNT.store(w.clients.len(), Ordering::Relaxed);
     drop(w);
     propose(&node, id, attempt);
     Ok(())
@@ -150,73 +184,112 @@ struct Attempt {
     argv: Vec<Vec<u8>>,
     db: u32,
     resp3: bool,
+    reads_only: bool,
+}
+
+impl Attempt {
+    fn of(waiter: &Waiter) -> Attempt {
+        let reads_only = matches!(waiter.waits, Waits::Stream(_));
+        Attempt { argv: waiter.argv.clone(), db: waiter.db, resp3: waiter.resp3, reads_only }
+    }
 }
 
 fn propose(node: &RaftNode, id: u64, attempt: Attempt) {
     let mut argv: Args = attempt.argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
     let at = crate::expiry::stamp();
-    if let Err(e) = crate::write::prepare(attempt.db, &mut argv, at) {
-        return attempted(id, Outcome::Error(e));
+    // A read has nothing to pin, and watchers of its keys nothing to learn.
+    if !attempt.reads_only {
+        if let Err(e) = crate::write::prepare(attempt.db, &mut argv, at) {
+            return attempted(id, Outcome::Error(e));
+        }
     }
     let entry = encode_command(Some(at), attempt.db, &argv);
     // A transaction EXEC has just built goes into the log first.
     crate::transaction::flush();
     ATTEMPTS.fetch_add(1, Ordering::Relaxed);
-    let waiter = WriteWaiter { reply_to: ReplyTo::Pop(id), resp3: attempt.resp3 };
+    let waiter = WriteWaiter { reply_to: ReplyTo::Attempt(id), resp3: attempt.resp3 };
     node.propose(entry, waiter, Instant::now() + state::get().write_timeout());
 }
 
-/// An attempt of the pop `id` was applied (on the main thread) or failed (on any thread).
+/// An attempt for the client `id` was applied (on the main thread, right after its entry) or
+/// failed (on any thread).
 pub fn attempted(id: u64, outcome: Outcome) {
     let mut w = lock();
-    let Some(pop) = w.pops.get_mut(&id) else {
+    let Some(waiter) = w.clients.get_mut(&id) else {
         drop(w);
         return crate::apply::discard(outcome);
     };
-    pop.in_flight = false;
-    let first = std::mem::replace(&mut pop.first, false);
+    waiter.in_flight = false;
+    let first = std::mem::replace(&mut waiter.first, false);
     let answer = match outcome {
         Outcome::Call(reply) if is_null(reply) => {
             ffi::free_call_reply(reply);
-            match (pop.over, first) {
+            if first && !waiter.over {
+                found_nothing(state::get().main_thread_ctx(), waiter);
+            }
+            match (waiter.over, first) {
                 (true, _) => Outcome::NullArray,
                 // Still waiting; the batch this attempt came in is looked at next (see
                 // `after_apply`).
                 (false, false) => return,
-                (false, true) => match start_timer(id, pop) {
+                (false, true) => match start_timer(id, waiter) {
                     Ok(()) => return,
                     Err(answer) => answer,
                 },
             }
         }
-        popped_or_failed => popped_or_failed,
+        got_something_or_failed => got_something_or_failed,
     };
-    let pop = remove(&mut w, id);
+    let waiter = remove(&mut w, id);
     drop(w);
-    if let Some(pop) = pop {
-        pop.blocked.finish(answer);
+    if let Some(waiter) = waiter {
+        waiter.blocked.finish(answer);
     }
 }
 
-/// The first attempt of the pop `id` found nothing (on the main thread): it now waits, until its
-/// timeout if it has one. Errs with the answer if it may not wait.
-fn start_timer(id: u64, pop: &mut Pop) -> Result<(), Outcome> {
+/// The first attempt of a stream read found nothing (on the main thread, as of its entry): what
+/// it waits for from now on, and how it is served.
+fn found_nothing(ctx: *mut RedisModuleCtx, waiter: &mut Waiter) {
+    let (Waits::Stream(read) | Waits::Group(read)) = waiter.waits else { return };
+    if let Waits::Stream(_) = waiter.waits {
+        if !ffi::select_db(ctx, waiter.db) {
+            return;
+        }
+        // Each key's ID follows the keys.
+        let ids = read.keys(waiter.argv.len()).map(|at| at + waiter.keys.len());
+        waiter.after = ids
+            .zip(&waiter.keys)
+            .map(|(at, key)| {
+                if waiter.argv[at] == b"$" {
+                    waiter.argv[at] = stream_probe::last_generated_id(ctx, key);
+                }
+                StreamId::parse(&waiter.argv[at])
+            })
+            .collect();
+    }
+    waiter.argv = read.served_after_blocking(&waiter.argv);
+}
+
+/// The first attempt for the client `id` found nothing (on the main thread): it now waits, until
+/// its timeout if it has one. Errs with the answer if it may not wait.
+fn start_timer(id: u64, waiter: &mut Waiter) -> Result<(), Outcome> {
     // Redis accepted a timeout this module cannot read (a hexadecimal float): nothing was popped.
-    let timeout = pop.timeout.clone().map_err(Outcome::Error)?;
+    let timeout = waiter.timeout.clone().map_err(Outcome::Error)?;
     let Some(timeout) = timeout else { return Ok(()) };
-    let left = (pop.arrived + timeout).saturating_duration_since(Instant::now());
+    let left = (waiter.arrived + timeout).saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(Outcome::NullArray);
     }
     let ms = left.as_millis().clamp(1, i64::MAX as u128) as i64;
     let ctx = state::get().main_thread_ctx();
-    pop.timer = Some(unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(deadline_passed), id as usize as *mut c_void) });
+    waiter.timer = Some(unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(deadline_passed), id as usize as *mut c_void) });
     Ok(())
 }
 
 /// After the main thread applied a batch of entries: proposes an attempt for each waiting client,
-/// oldest first, whose keys hold an element no older client's attempt is already after; answers
-/// the clients of a leader that is one no more.
+/// oldest first, whose keys hold something for it that no older client's attempt is already
+/// after, and serves the `XREAD`s that can read something; answers the clients of a leader that
+/// is one no more.
 pub fn after_apply(ctx: *mut RedisModuleCtx) {
     if COUNT.load(Ordering::Relaxed) == 0 {
         return;
@@ -226,26 +299,170 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
         return answer_if_deposed();
     }
     let mut attempts = Vec::new();
+    let mut reads = Vec::new();
+    let mut answers = Vec::new();
+    let mut look = Look::new(ctx);
     let mut w = lock();
-    // Elements left in each key once the attempts already in flight have taken theirs.
-    let mut left: FxHashMap<(u32, &[u8]), usize> = FxHashMap::default();
-    for (id, pop) in w.pops.iter_mut() {
-        if pop.over {
+    for waiter in w.clients.values().filter(|w| w.in_flight) {
+        look.busy.extend(group_keys(waiter));
+    }
+    for (id, waiter) in w.clients.iter_mut() {
+        if waiter.over {
             continue;
         }
-        let ready = pop.keys.iter().find(|key| {
-            *left.entry((pop.db, key.as_slice())).or_insert_with(|| elements(ctx, pop.db, key, pop.waits)) > 0
-        });
-        let Some(key) = ready else { continue };
-        *left.get_mut(&(pop.db, key.as_slice())).expect("counted above") -= 1;
-        if !pop.in_flight {
-            pop.in_flight = true;
-            attempts.push((*id, Attempt { argv: pop.argv.clone(), db: pop.db, resp3: pop.resp3 }));
+        match waiter.waits {
+            Waits::List | Waits::SortedSet => {
+                // Attempts in flight count too: each takes an element.
+                let Some(key) = waiter.keys.iter().find(|key| look.elements(waiter.db, key, waiter.waits) > 0) else { continue };
+                look.take(waiter.db, key);
+                if !waiter.in_flight {
+                    waiter.in_flight = true;
+                    attempts.push((*id, Attempt::of(waiter)));
+                }
+            }
+            Waits::Group(_) if !waiter.in_flight => match look.group_news(waiter) {
+                GroupNews::Nothing => {}
+                GroupNews::Entries => {
+                    look.busy.extend(group_keys(waiter));
+                    waiter.in_flight = true;
+                    attempts.push((*id, Attempt::of(waiter)));
+                }
+                GroupNews::Gone(error) => answers.push((*id, error)),
+            },
+            Waits::Group(_) => {}
+            Waits::Stream(_) => {
+                if !waiter.in_flight && look.stream_has_news(waiter) {
+                    reads.push(*id);
+                }
+            }
         }
     }
+    let answered: Vec<(Waiter, &str)> = answers.into_iter().filter_map(|(id, e)| Some((remove(&mut w, id)?, e))).collect();
     drop(w);
+    for (waiter, error) in answered {
+        waiter.blocked.finish(Outcome::Error(error.into()));
+    }
     for (id, attempt) in attempts {
         propose(&node, id, attempt);
+    }
+    for id in reads {
+        read_now(ctx, id);
+    }
+}
+
+/// What a waiting `XREADGROUP` can get now.
+enum GroupNews {
+    Nothing,
+    /// An entry its group has not been given: an attempt.
+    Entries,
+    /// Its stream or its group is gone: Redis' error.
+    Gone(&'static str),
+}
+
+/// What [`after_apply`] finds in the keys, each looked at once per batch, by the log's clock as
+/// an attempt will see it: a key the node's clock has passed but the log has not is still there
+/// (and the attempt expires it first, on every node).
+struct Look {
+    ctx: *mut RedisModuleCtx,
+    /// Elements left in each list or sorted set once the attempts already in flight have taken
+    /// theirs (0: missing, or another type).
+    left: FxHashMap<(u32, Vec<u8>), usize>,
+    /// The newest entry of each stream.
+    newest: FxHashMap<(u32, Vec<u8>), Newest>,
+    /// The last entry given to each group of a stream (None: no such group).
+    delivered: FxHashMap<(u32, Vec<u8>, Vec<u8>), Option<StreamId>>,
+    /// Groups of a stream with an attempt in flight: their other consumers wait for its outcome.
+    busy: FxHashSet<(u32, Vec<u8>, Vec<u8>)>,
+}
+
+impl Look {
+    fn new(ctx: *mut RedisModuleCtx) -> Look {
+        Look { ctx, left: FxHashMap::default(), newest: FxHashMap::default(), delivered: FxHashMap::default(), busy: FxHashSet::default() }
+    }
+
+    /// How many elements `key` holds for a pop that waits for `waits`.
+    fn elements(&mut self, db: u32, key: &[u8], waits: Waits) -> usize {
+        let ctx = self.ctx;
+        *self.left.entry((db, key.to_vec())).or_insert_with(|| elements(ctx, db, key, waits))
+    }
+
+    /// One element of `key` is spoken for.
+    fn take(&mut self, db: u32, key: &[u8]) {
+        if let Some(left) = self.left.get_mut(&(db, key.to_vec())) {
+            *left = left.saturating_sub(1);
+        }
+    }
+
+    fn newest(&mut self, db: u32, key: &[u8]) -> Newest {
+        let ctx = self.ctx;
+        *self.newest.entry((db, key.to_vec())).or_insert_with(|| {
+            if !ffi::select_db(ctx, db) {
+                return Newest::NoStream;
+            }
+            crate::expiry::suspended(|| stream_probe::newest_entry(ctx, key))
+        })
+    }
+
+    /// An `XREAD` can read something: a stream it reads has an entry after its ID.
+    fn stream_has_news(&mut self, waiter: &Waiter) -> bool {
+        let keys = waiter.keys.iter().zip(&waiter.after);
+        keys.into_iter().any(|(key, after)| has_entries_after(self.newest(waiter.db, key).entry(), *after))
+    }
+
+    /// What an `XREADGROUP` can get: an attempt once a stream it reads has an entry newer than the
+    /// last one its group was given, unless another attempt for the group is in flight.
+    fn group_news(&mut self, waiter: &Waiter) -> GroupNews {
+        let Some(group) = &waiter.group else { return GroupNews::Nothing };
+        if waiter.keys.iter().any(|key| self.busy.contains(&(waiter.db, key.clone(), group.clone()))) {
+            return GroupNews::Nothing;
+        }
+        for key in &waiter.keys {
+            let newest = match self.newest(waiter.db, key) {
+                // Redis answers its waiting consumers as soon as the stream is deleted.
+                Newest::NoStream => return GroupNews::Gone("UNBLOCKED the stream key no longer exists"),
+                newest => newest.entry(),
+            };
+            let ctx = self.ctx;
+            let delivered = *self.delivered.entry((waiter.db, key.clone(), group.clone())).or_insert_with(|| {
+                let look = || stream_probe::last_delivered(ctx, key, group);
+                crate::expiry::suspended(|| ffi::select_db(ctx, waiter.db).then(look).flatten())
+            });
+            match (newest, delivered) {
+                (_, None) => return GroupNews::Gone("NOGROUP the consumer group this client was blocked on no longer exists"),
+                (Some(newest), Some(delivered)) if newest > delivered => return GroupNews::Entries,
+                _ => {}
+            }
+        }
+        GroupNews::Nothing
+    }
+}
+
+/// The (database, stream, group) of each key an `XREADGROUP` reads.
+fn group_keys(waiter: &Waiter) -> Vec<(u32, Vec<u8>, Vec<u8>)> {
+    let Some(group) = &waiter.group else { return Vec::new() };
+    waiter.keys.iter().map(|key| (waiter.db, key.clone(), group.clone())).collect()
+}
+
+/// Serves the `XREAD` of the client `id` from this leader's dataset, if it reads something now.
+fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
+    let (argv, db, resp3) = match lock().clients.get(&id) {
+        Some(waiter) => (waiter.argv.clone(), waiter.db, waiter.resp3),
+        None => return,
+    };
+    if !ffi::select_db(ctx, db) {
+        return;
+    }
+    // The module's own call never blocks: a null when there is nothing after its IDs after all.
+    let reply = ffi::call(ctx, &argv, resp3);
+    if is_null(reply) {
+        return ffi::free_call_reply(reply);
+    }
+    let mut w = lock();
+    let waiter = remove(&mut w, id);
+    drop(w);
+    match waiter {
+        Some(waiter) => waiter.blocked.finish(Outcome::Call(reply)),
+        None => ffi::free_call_reply(reply),
     }
 }
 
@@ -273,15 +490,15 @@ fn answer_if_deposed() {
         return;
     }
     let mut w = lock();
-    let deposed: Vec<u64> = w.pops.iter().filter(|(_, p)| !p.in_flight).map(|(id, _)| *id).collect();
+    let deposed: Vec<u64> = w.clients.iter().filter(|(_, c)| !c.in_flight).map(|(id, _)| *id).collect();
     if deposed.is_empty() {
         return;
     }
-    let pops: Vec<Pop> = deposed.into_iter().filter_map(|id| remove(&mut w, id)).collect();
+    let waiters: Vec<Waiter> = deposed.into_iter().filter_map(|id| remove(&mut w, id)).collect();
     drop(w);
     let error = state::redirect(&node.status());
-    for pop in pops {
-        pop.blocked.finish(Outcome::Error(error.clone()));
+    for waiter in waiters {
+        waiter.blocked.finish(Outcome::Error(error.clone()));
     }
 }
 
@@ -290,12 +507,11 @@ fn elements(ctx: *mut RedisModuleCtx, db: u32, key: &[u8], waits: Waits) -> usiz
     if !ffi::select_db(ctx, db) {
         return 0;
     }
-    // By the log's clock, as the attempt will see it: a key the node's clock has passed but the
-    // log has not is still there (and the attempt expires it first, on every node).
     let (kind, len) = crate::expiry::suspended(|| ffi::key_type_and_length(ctx, key));
     let wanted = match waits {
         Waits::List => redis_module::raw::REDISMODULE_KEYTYPE_LIST,
         Waits::SortedSet => redis_module::raw::REDISMODULE_KEYTYPE_ZSET,
+        Waits::Stream(_) | Waits::Group(_) => return 0,
     };
     if kind as isize == wanted as isize {
         len
@@ -304,65 +520,65 @@ fn elements(ctx: *mut RedisModuleCtx, db: u32, key: &[u8], waits: Waits) -> usiz
     }
 }
 
-/// Redis' timer for a pop's own timeout.
+/// Redis' timer for a client's own timeout.
 extern "C" fn deadline_passed(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
     let id = data as usize as u64;
-    let run = || give_up(|pops| pops.get(&id).map(|_| id), Outcome::NullArray);
+    let run = || give_up(|clients| clients.get(&id).map(|_| id), Outcome::NullArray);
     if std::panic::catch_unwind(run).is_err() {
-        log::error!("panic in a blocking pop's timer");
+        log::error!("panic in a blocking command's timer");
     }
 }
 
-/// The client of a waiting pop disconnected (or `CLIENT UNBLOCK ... ERROR`): it is forgotten, and
-/// so is the pop, unless an attempt is in flight.
+/// A waiting client disconnected (or `CLIENT UNBLOCK ... ERROR`): it is forgotten, and so is its
+/// wait, unless an attempt is in flight.
 extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {
-    let run = || give_up(|pops| by_handle(pops, bc), Outcome::Error("ERR client disconnected".into()));
+    let run = || give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR client disconnected".into()));
     if std::panic::catch_unwind(run).is_err() {
-        log::error!("panic in a blocking pop's disconnect callback");
+        log::error!("panic in a blocking command's disconnect callback");
     }
 }
 
-/// Redis' own timeout for a pop's client: its backstop, or `CLIENT UNBLOCK` (with TIMEOUT). It
-/// answers as a timeout of the pop does (a null array, whichever the pop, as in Redis); the pop
-/// itself is over.
+/// Redis' own timeout for a waiting client: its backstop, or `CLIENT UNBLOCK` (with TIMEOUT). It
+/// answers as a timeout of the command does (a null array, whichever the command, as in Redis);
+/// the wait itself is over.
 extern "C" fn timed_out_by_redis(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
-    let run = || give_up(|pops| by_handle(pops, bc), Outcome::Error("ERR timed out".into()));
+    let run = || give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR timed out".into()));
     if std::panic::catch_unwind(run).is_err() {
-        log::error!("panic in a blocking pop's timeout callback");
+        log::error!("panic in a blocking command's timeout callback");
     }
     unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
 }
 
-/// Ends the pop `find` picks: at once, with `answer`, if no attempt is in flight; otherwise once
-/// the attempt is applied, unless it pops.
-fn give_up(find: impl FnOnce(&BTreeMap<u64, Pop>) -> Option<u64>, answer: Outcome) {
+/// Ends the wait `find` picks: at once, with `answer`, if no attempt is in flight; otherwise once
+/// the attempt is applied, unless it gets something.
+fn give_up(find: impl FnOnce(&BTreeMap<u64, Waiter>) -> Option<u64>, answer: Outcome) {
     let mut w = lock();
-    let Some(id) = find(&w.pops) else { return };
-    let Some(pop) = w.pops.get_mut(&id) else { return };
-    if pop.in_flight {
-        pop.over = true;
+    let Some(id) = find(&w.clients) else { return };
+    let Some(waiter) = w.clients.get_mut(&id) else { return };
+    if waiter.in_flight {
+        waiter.over = true;
         return;
     }
-    let pop = remove(&mut w, id);
+    let waiter = remove(&mut w, id);
     drop(w);
-    if let Some(pop) = pop {
-        pop.blocked.finish(answer);
+    if let Some(waiter) = waiter {
+        waiter.blocked.finish(answer);
     }
 }
 
-fn by_handle(pops: &BTreeMap<u64, Pop>, bc: *mut RedisModuleBlockedClient) -> Option<u64> {
-    pops.iter().find(|(_, p)| p.blocked.handle() == bc).map(|(id, _)| *id)
+fn by_handle(clients: &BTreeMap<u64, Waiter>, bc: *mut RedisModuleBlockedClient) -> Option<u64> {
+    clients.iter().find(|(_, c)| c.blocked.handle() == bc).map(|(id, _)| *id)
 }
 
-fn remove(w: &mut Waiting, id: u64) -> Option<Pop> {
-    let pop = w.pops.remove(&id);
-    COUNT.store(w.pops.len(), Ordering::Relaxed);
-    if let Some(timer) = pop.as_ref().and_then(|p| p.timer) {
+fn remove(w: &mut Waiting, id: u64) -> Option<Waiter> {
+    let waiter = w.clients.remove(&id);
+    COUNT.store(w.clients.len(), Ordering::Relaxed);
+    if let Some(timer) = waiter.as_ref().and_then(|c| c.timer) {
         w.stale_timers.push(timer);
         STALE_TIMERS.store(true, Ordering::Release);
     }
-    pop
+    waiter
 }
 
 fn is_null(reply: *mut ffi::RedisModuleCallReply) -> bool {

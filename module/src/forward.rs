@@ -148,8 +148,8 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         Route::Read => confirm_then_run(&node, vec![(db, argv)], false, resp3, done),
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself; a peer sending one is confused, not a client.
-        // A follower answers blocking pops with -MOVED: one may wait longer than any forward.
-        Route::Local | Route::BeginTransaction | Route::Watch | Route::BlockingPop => {
+        // A follower answers blocking commands with -MOVED: one may wait longer than any forward.
+        Route::Local | Route::BeginTransaction | Route::Watch | Route::Blocking | Route::BlockingRead => {
             done(Err("ERR only writes and reads are forwarded".into()))
         }
     }
@@ -185,7 +185,7 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
 fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
     let s = state::get();
     let routes: Vec<Route> = commands.iter().map(|(_, argv)| s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>())).collect();
-    if routes.iter().all(|route| matches!(route, Route::Read)) {
+    if routes.iter().all(|route| matches!(route, Route::Read | Route::BlockingRead)) {
         return confirm_then_run(node, commands, true, resp3, done);
     }
     let at = crate::expiry::stamp();
@@ -196,14 +196,14 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
-            // Inside a transaction a blocking pop does not block: a plain write.
-            Route::Write | Route::BlockingPop => {
+            // Inside a transaction a blocking command does not block: a plain write or read.
+            Route::Write | Route::Blocking => {
                 if let Err(e) = crate::write::prepare(*db, &mut args, at) {
                     refused.push((i, e));
                     continue;
                 }
             }
-            Route::Read => {}
+            Route::Read | Route::BlockingRead => {}
             _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),
         }
         pinned.push((*db, args));

@@ -24,6 +24,7 @@ mod reply;
 mod scripts;
 mod snapshot;
 mod state;
+mod stream_probe;
 mod transaction;
 mod watch;
 mod write;

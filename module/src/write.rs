@@ -24,7 +24,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     match s.route(command) {
         Route::Write => {}
         // Only inside EXEC (see `blocking`), where it does not block.
-        Route::BlockingPop if crate::transaction::in_exec(ctx) => {}
+        Route::Blocking if crate::transaction::in_exec(ctx) => {}
         Route::Refuse(e) => return Err(e),
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }

@@ -1,0 +1,227 @@
+//! Stream reads that block (`XREAD ... BLOCK`, `XREADGROUP ... BLOCK`): a client waits on the
+//! leader until a stream gets what it reads, and gets what plain Redis would give it. A consumer
+//! group's delivery goes through the log, so every node delivers the same entries to the same
+//! consumers.
+
+use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::{field_in, stat_field, wait_for, Cluster, Server};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn args(a: &[&str]) -> Vec<Vec<u8>> {
+    a.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
+    conn.pipeline(&[args(a)]).unwrap().remove(0)
+}
+
+/// Clients blocked on `server`: those this module holds on a Raftis node, Redis' own on plain Redis.
+fn waiting(server: &Server, plain: bool) -> u64 {
+    if plain {
+        let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
+        field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
+    } else {
+        stat_field(server, "blocked_pops_waiting")
+    }
+}
+
+/// Sends a blocking read on `conn` and returns once `server` counts `expected` clients waiting.
+fn block(conn: &mut RespConn, read: &[&str], server: &Server, plain: bool, expected: u64) {
+    conn.send(&[args(read)]).unwrap();
+    wait_for("the read to wait", WAIT, || (waiting(server, plain) == expected).then_some(()));
+}
+
+/// Readers waiting on `$` and consumers of one group waiting on `>` are served by each new entry
+/// as plain Redis serves them: every reader gets it, the first consumer to come gets it alone.
+/// Every node delivers the same entries to the same consumers.
+#[test]
+fn waiting_reads_get_what_plain_redis_gives_them() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let plain = Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let mut replies: Vec<Vec<Reply>> = Vec::new();
+    for (server, is_plain) in [(&plain, true), (leader, false)] {
+        let mut producer = RespConn::connect(server.port).unwrap();
+        call(&mut producer, &["XADD", "s", "1-1", "f", "old"]);
+        call(&mut producer, &["XGROUP", "CREATE", "s", "g", "$"]);
+        let reads: &[&[&str]] = &[
+            &["XREAD", "BLOCK", "0", "STREAMS", "s", "t", "$", "$"],
+            &["XREAD", "BLOCK", "0", "COUNT", "5", "STREAMS", "t", "s", "0", "1-1"],
+            &["XREADGROUP", "GROUP", "g", "c1", "BLOCK", "0", "STREAMS", "s", ">"],
+            &["XREADGROUP", "GROUP", "g", "c2", "BLOCK", "0", "STREAMS", "s", ">"],
+        ];
+        let mut readers: Vec<RespConn> = (0..reads.len()).map(|_| RespConn::connect(server.port).unwrap()).collect();
+        call(&mut readers[1], &["HELLO", "3"]);
+        for (i, (reader, read)) in readers.iter_mut().zip(reads).enumerate() {
+            block(reader, read, server, is_plain, i as u64 + 1);
+        }
+        // One entry at a time: Redis serves its waiting clients after each command.
+        call(&mut producer, &["XADD", "s", "2-1", "f", "new"]);
+        let mut got: Vec<Reply> = readers[..3].iter_mut().map(|r| r.reply().unwrap()).collect();
+        assert_eq!(waiting(server, is_plain), 1, "the second consumer still waits");
+        call(&mut producer, &["XADD", "t", "3-1", "f", "other key"]);
+        call(&mut producer, &["XADD", "s", "4-1", "f", "next"]);
+        got.push(readers[3].reply().unwrap());
+        got.push(call(&mut producer, &["XINFO", "CONSUMERS", "s", "g"]));
+
+        // A consumer whose group is destroyed, or whose stream is deleted, gets Redis' error; a
+        // reader of the deleted stream goes on waiting.
+        for stream in ["d1", "d2"] {
+            call(&mut producer, &["XADD", stream, "1-1", "f", "v"]);
+            call(&mut producer, &["XGROUP", "CREATE", stream, "g", "$"]);
+        }
+        block(&mut readers[0], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "d1", ">"], server, is_plain, 1);
+        block(&mut readers[1], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "d2", ">"], server, is_plain, 2);
+        block(&mut readers[2], &["XREAD", "BLOCK", "0", "STREAMS", "d2", "$"], server, is_plain, 3);
+        call(&mut producer, &["XGROUP", "DESTROY", "d1", "g"]);
+        got.push(readers[0].reply().unwrap());
+        call(&mut producer, &["DEL", "d2"]);
+        got.push(readers[1].reply().unwrap());
+        assert_eq!(waiting(server, is_plain), 1, "the reader still waits");
+        call(&mut producer, &["XADD", "d2", "2-1", "f", "again"]);
+        got.push(readers[2].reply().unwrap());
+        replies.push(got);
+    }
+    let raftis = replies.pop().unwrap();
+    for (i, (r, p)) in raftis.iter().zip(&replies[0]).enumerate() {
+        if i != 4 {
+            assert_eq!(r, p, "reply {i}");
+        }
+    }
+    assert!(raftis[5].text().is_some_and(|e| e.starts_with("NOGROUP")) && raftis[6].text().is_some_and(|e| e.starts_with("UNBLOCKED")));
+    // Each consumer has the entry it was given (idle times differ from plain Redis).
+    let consumers = format!("{:?}", raftis[4]);
+    assert!(consumers.contains("c1") && consumers.contains("c2"), "{consumers}");
+    assert_eq!(waiting(leader, false), 0);
+    // The first attempt of each, then one per delivery: a consumer whose group has had the new
+    // entry already does not try for it.
+    assert_eq!(stat_field(leader, "blocked_pop_attempts"), 6 + 3);
+    wait_for("every node to deliver the same", WAIT, || {
+        let states: Vec<String> =
+            cluster.nodes.iter().map(|n| format!("{:?}", n.cmd::<redis::Value>(&["XINFO", "STREAM", "s", "FULL"]).unwrap())).collect();
+        states.iter().all(|s| *s == states[0]).then_some(())
+    });
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// Timeouts, errors, transactions, pipelines and Redis' limit on what a read served after
+/// blocking gets: exactly the replies of plain Redis, in RESP2 and RESP3.
+#[test]
+fn replies_are_those_of_plain_redis() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let plain = Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let steps: &[&[&[&str]]] = &[
+        &[&["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"]],
+        // Timeouts: a null.
+        &[&["XREAD", "BLOCK", "50", "STREAMS", "s", "$"]],
+        &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "50", "STREAMS", "s", ">"]],
+        &[&["XREAD", "BLOCK", "50", "STREAMS", "missing", "0"]],
+        // Errors.
+        &[&["XREAD", "BLOCK", "-1", "STREAMS", "s", "$"]],
+        &[&["XREAD", "BLOCK", "1.5", "STREAMS", "s", "$"]],
+        &[&["XREAD", "BLOCK", "0", "STREAMS", "s", "t", "$"]],
+        &[&["XREAD", "BLOCK", "0", "STREAMS", "s", ">"]],
+        &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", "$"]],
+        &[&["XREADGROUP", "GROUP", "nogroup", "c", "BLOCK", "0", "STREAMS", "s", ">"]],
+        &[&["SET", "str", "v"]],
+        &[&["XREAD", "BLOCK", "0", "STREAMS", "str", "0"]],
+        // Served at once: what is there, and a consumer's own history.
+        &[&["XADD", "s", "1-1", "f", "a"], &["XADD", "s", "1-2", "f", "b"]],
+        &[&["XREAD", "BLOCK", "0", "STREAMS", "s", "0"]],
+        &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "COUNT", "1", "STREAMS", "s", ">"]],
+        &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", "0"]],
+        // Inside MULTI nothing blocks.
+        &[&["MULTI"], &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], &["XADD", "s", "2-1", "f", "c"], &["EXEC"]],
+        // A pipeline's read sees the entry before it.
+        &[&["XADD", "s", "3-1", "f", "d"], &["XREAD", "BLOCK", "0", "STREAMS", "s", "2-1"], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "50", "STREAMS", "s", ">"]],
+    ];
+    for protocol in ["2", "3"] {
+        let mut raftis = RespConn::connect(leader.port).unwrap();
+        let mut redis = RespConn::connect(plain.port).unwrap();
+        for conn in [&mut raftis, &mut redis] {
+            call(conn, &["HELLO", protocol]);
+            call(conn, &["FLUSHALL"]);
+        }
+        for step in steps {
+            let commands: Vec<Vec<Vec<u8>>> = step.iter().map(|c| args(c)).collect();
+            let expected = redis.pipeline(&commands).unwrap();
+            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "RESP{protocol}: {step:?}");
+        }
+        // A read served after blocking gets at most 1000 entries unless it has a COUNT: a
+        // transaction adds 1500 at once.
+        let mut batch = vec![args(&["MULTI"])];
+        batch.extend((1..=1500).map(|i| args(&["XADD", "s", &format!("{}-1", 100 + i), "f", "x"])));
+        batch.push(args(&["EXEC"]));
+        let mut got = Vec::new();
+        for (server, conn, is_plain) in [(&plain, &mut redis, true), (leader, &mut raftis, false)] {
+            let mut readers: Vec<RespConn> = (0..2).map(|_| RespConn::connect(server.port).unwrap()).collect();
+            for reader in readers.iter_mut() {
+                call(reader, &["HELLO", protocol]);
+            }
+            block(&mut readers[0], &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], server, is_plain, 1);
+            block(&mut readers[1], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], server, is_plain, 2);
+            conn.pipeline(&batch).unwrap();
+            got.push(readers.iter_mut().map(|r| r.reply().unwrap()).collect::<Vec<_>>());
+            // RESP2: [[stream, entries]]; RESP3: {stream: entries}.
+            let entries = |reply: &Reply| {
+                let top = reply.items()?;
+                let entries = match top.first()?.items() {
+                    Some(pair) => pair.get(1)?,
+                    None => top.get(1)?,
+                };
+                entries.items().map(<[Reply]>::len)
+            };
+            let counts: Vec<Option<usize>> = got.last().unwrap().iter().map(entries).collect();
+            assert_eq!(counts, [Some(1000), Some(1000)], "RESP{protocol}, plain: {is_plain}");
+        }
+        assert_eq!(got[1], got[0], "RESP{protocol}");
+    }
+    assert_eq!(waiting(leader, false), 0);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// A leader that steps down answers its waiting readers `-MOVED`; followers redirect blocking
+/// reads; a reader that leaves is forgotten and its group gives its entry to the next consumer.
+#[test]
+fn readers_are_redirected_moved_and_forgotten() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let old = cluster.wait_leader();
+    let leader = &cluster.nodes[old];
+    let mut admin = RespConn::connect(leader.port).unwrap();
+    call(&mut admin, &["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"]);
+    let mut leaving = RespConn::connect(leader.port).unwrap();
+    block(&mut leaving, &["XREADGROUP", "GROUP", "g", "gone", "BLOCK", "0", "STREAMS", "s", ">"], leader, false, 1);
+    drop(leaving);
+    wait_for("the reader that left to be forgotten", WAIT, || (waiting(leader, false) == 0).then_some(()));
+    let mut consumer = RespConn::connect(leader.port).unwrap();
+    block(&mut consumer, &["XREADGROUP", "GROUP", "g", "stays", "BLOCK", "0", "STREAMS", "s", ">"], leader, false, 1);
+    call(&mut admin, &["XADD", "s", "1-1", "f", "v"]);
+    let got = format!("{:?}", consumer.reply().unwrap());
+    assert!(got.contains("1-1"), "{got}");
+    let pending = call(&mut admin, &["XPENDING", "s", "g"]);
+    assert!(format!("{pending:?}").contains("stays") && !format!("{pending:?}").contains("gone"), "{pending:?}");
+
+    let mut reader = RespConn::connect(leader.port).unwrap();
+    block(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], leader, false, 1);
+    // New tick counts make a leader hand leadership over.
+    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "election-ticks", "12"]).text().as_deref(), Some("OK"));
+    let moved = reader.reply().unwrap();
+    assert!(moved.text().is_some_and(|t| t.starts_with("MOVED ") || t.starts_with("CLUSTERDOWN")), "{moved:?}");
+    let new = wait_for("another leader", WAIT, || {
+        let leader = cluster.wait_leader();
+        (leader != old).then_some(leader)
+    });
+    assert_eq!(waiting(leader, false), 0);
+    let redirect = call(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]);
+    assert_eq!(redirect.text(), Some(format!("MOVED 0 {}", cluster.nodes[new].addr())));
+    // The new leader serves it.
+    let mut reader = RespConn::connect(cluster.nodes[new].port).unwrap();
+    block(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "1-1"], &cluster.nodes[new], false, 1);
+    let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
+    call(&mut producer, &["XADD", "s", "2-1", "f", "v"]);
+    assert!(format!("{:?}", reader.reply().unwrap()).contains("2-1"));
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
