@@ -12,9 +12,9 @@
 //!   agree to milliseconds, not exactly, and a key expiring between them would be noise;
 //! - numbers stay below what would make a server allocate hundreds of megabytes (`SETBIT k 2^31`).
 //!
-//! Commands Raftis refuses (`SPOP`, `XCLAIM`, `XAUTOCLAIM`, `XREADGROUP`, `XREAD BLOCK`) are not
-//! drawn: their refusal is tested where it is documented. Blocking pops are, with timeouts of a
-//! few milliseconds: an empty key answers null after the same wait on both servers.
+//! Commands Raftis refuses (`SPOP`) are not drawn: their refusal is tested where it is documented.
+//! Blocking pops and stream reads are, with timeouts of a few milliseconds: an empty key answers
+//! null after the same wait on both servers.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -54,10 +54,11 @@ pub struct Drawn {
 }
 
 impl Drawn {
-    /// A blocking pop (BLPOP and the like): Raftis serves it on the leader only, outside MULTI
-    /// (a follower redirects it, proxy or not).
-    pub fn is_blocking_pop(&self) -> bool {
-        BLOCKING_POPS.iter().any(|n| self.args[0].eq_ignore_ascii_case(n.as_bytes()))
+    /// A blocking pop (BLPOP and the like) or a stream read that may block: Raftis serves it on
+    /// the leader only, outside MULTI (a follower redirects it, proxy or not).
+    pub fn is_blocking(&self) -> bool {
+        let named = |names: &[&str]| names.iter().any(|n| self.args[0].eq_ignore_ascii_case(n.as_bytes()));
+        named(BLOCKING_POPS) || (named(BLOCKS_ONLY_WHEN_ASKED) && self.args.iter().any(|a| a.eq_ignore_ascii_case(b"block")))
     }
 }
 
@@ -65,7 +66,7 @@ impl Drawn {
 /// test does itself (transactions, SELECT) and blocking commands (but see [`BLOCKING_POPS`]).
 const EXCLUDED_CATEGORIES: &[&str] = &["@admin", "@connection", "@pubsub", "@scripting", "@blocking", "@transaction", "@dangerous"];
 /// `@blocking` commands that are drawn all the same, with a short timeout (see
-/// [`Drawn::is_blocking_pop`]).
+/// [`Drawn::is_blocking`]).
 const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
 /// What a blocking pop's timeout is made: short waits, and the errors Redis gives. Never 0 (or
 /// what rounds to it), which would wait for ever.
@@ -74,8 +75,12 @@ const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "-1", "x"];
 const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
 /// Refused by Raftis: its answer would depend on each node's luck.
 const REFUSED_BY_RAFTIS: &[&str] = &["spop"];
-/// Flagged `@blocking`, but it blocks only with `BLOCK`, which is never drawn for it.
-const BLOCKS_ONLY_WHEN_ASKED: &[&str] = &["xreadgroup"];
+/// Flagged `@blocking`, but they block only with `BLOCK`, which is drawn for them with a short
+/// timeout ([`STREAM_TIMEOUTS`]).
+const BLOCKS_ONLY_WHEN_ASKED: &[&str] = &["xread", "xreadgroup"];
+/// What a stream read's `BLOCK` is given: short waits in milliseconds, and the errors Redis gives.
+/// Never 0, which would wait for ever.
+const STREAM_TIMEOUTS: &[&str] = &["1", "2", "5", "-1", "x"];
 /// What `XCLAIM` and `XAUTOCLAIM` want idle: nothing, or more than any delivery drawn can be (a
 /// delivery time far back or ahead, by `IDLE` or `TIME`, stays on one side of each of these
 /// whether measured by plain Redis or by Raftis, a few milliseconds apart).
@@ -211,15 +216,20 @@ impl RandomCommands {
         stretch_ttls(&mut args);
         let mut drawn = Drawn { args, output: spec.output };
         match spec.words[0].as_str() {
-            "xreadgroup" => {
-                for a in drawn.args.iter_mut().filter(|a| a.eq_ignore_ascii_case(b"block")) {
-                    *a = b"COUNT".to_vec();
+            "xread" | "xreadgroup" => {
+                if self.rng.gen_bool(0.3) {
+                    drawn.args.splice(1..1, [b"BLOCK".to_vec(), b"0".to_vec()]);
+                }
+                for i in 1..drawn.args.len().saturating_sub(1) {
+                    if drawn.args[i].eq_ignore_ascii_case(b"block") {
+                        drawn.args[i + 1] = STREAM_TIMEOUTS.choose(&mut self.rng).unwrap().as_bytes().to_vec();
+                    }
                 }
             }
             "xclaim" | "xautoclaim" if drawn.args.len() > 4 => drawn.args[4] = MIN_IDLE.choose(&mut self.rng).unwrap().as_bytes().to_vec(),
             _ => {}
         }
-        if drawn.is_blocking_pop() {
+        if BLOCKING_POPS.iter().any(|n| drawn.args[0].eq_ignore_ascii_case(n.as_bytes())) {
             // BLPOP key [key ...] timeout; BLMPOP timeout numkeys key ...
             let at = if drawn.args[0].ends_with(b"mpop") { 1 } else { drawn.args.len() - 1 };
             if at > 0 && at < drawn.args.len() {
@@ -259,7 +269,8 @@ impl RandomCommands {
     }
 
     /// A well-formed consumer group command on a stream key (random arguments seldom make one):
-    /// groups are created, read through, acknowledged and claimed from.
+    /// groups are created, read through, acknowledged and claimed from, and streams read with a
+    /// short `BLOCK`.
     fn consumer_group(&mut self) -> Drawn {
         // Keys of their own, which other commands leave streams.
         let key = *["s1", "s2"].choose(&mut self.rng).unwrap();
@@ -268,16 +279,19 @@ impl RandomCommands {
         let count = self.rng.gen_range(1..4).to_string();
         self.stream_ids += 1;
         let id = format!("{}-1", self.stream_ids);
-        let args: Vec<&str> = match self.rng.gen_range(0..10) {
+        let previous = format!("{}-1", self.stream_ids.saturating_sub(3));
+        let args: Vec<&str> = match self.rng.gen_range(0..11) {
             0 => vec!["XGROUP", "CREATE", key, "g", *["$", "0"].choose(&mut self.rng).unwrap(), "MKSTREAM"],
             // Explicit IDs: an automatic one is each server's clock.
             1 | 2 => vec!["XADD", key, &id, "f", consumer],
-            3 | 4 => vec!["XREADGROUP", "GROUP", "g", consumer, "COUNT", &count, "STREAMS", key, ">"],
+            3 => vec!["XREADGROUP", "GROUP", "g", consumer, "COUNT", &count, "STREAMS", key, ">"],
+            4 => vec!["XREADGROUP", "GROUP", "g", consumer, "BLOCK", *["1", "2"].choose(&mut self.rng).unwrap(), "STREAMS", key, ">"],
             5 => vec!["XREADGROUP", "GROUP", "g", consumer, "NOACK", "STREAMS", key, *[">", "0"].choose(&mut self.rng).unwrap()],
             6 => vec!["XAUTOCLAIM", key, "g", consumer, min_idle, "0", "COUNT", &count],
             7 => vec!["XAUTOCLAIM", key, "g", consumer, min_idle, "0", "JUSTID"],
             8 => vec!["XPENDING", key, "g"],
-            _ => vec!["XGROUP", "CREATECONSUMER", key, "g", consumer],
+            9 => vec!["XGROUP", "CREATECONSUMER", key, "g", consumer],
+            _ => vec!["XREAD", "BLOCK", *["1", "2"].choose(&mut self.rng).unwrap(), "STREAMS", key, *["$", "0", &previous].choose(&mut self.rng).unwrap()],
         };
         Drawn { args: args.iter().map(|a| a.as_bytes().to_vec()).collect(), output: Output::Exact }
     }

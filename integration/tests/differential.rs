@@ -160,12 +160,12 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
     assert_eq!(libraries(&cluster.nodes[0]), libraries(&plain), "seed {seed} (RESP{first_protocol}, {consistency}): the function libraries differ");
 }
 
-/// A command to send outside MULTI to the leader, or to a follower: no blocking pop for a
+/// A command to send outside MULTI to the leader, or to a follower: no blocking command for a
 /// follower, which redirects them (inside MULTI they do not block, and go anywhere).
 fn draw_for(commands: &mut RandomCommands, leader: bool) -> Drawn {
     loop {
         let drawn = commands.draw();
-        if leader || !drawn.is_blocking_pop() {
+        if leader || !drawn.is_blocking() {
             return drawn;
         }
     }
