@@ -5,6 +5,8 @@
 
 use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{field_in, stat_field, wait_for, Cluster, Server};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -224,4 +226,143 @@ fn readers_are_redirected_moved_and_forgotten() {
     call(&mut producer, &["XADD", "s", "2-1", "f", "v"]);
     assert!(format!("{:?}", reader.reply().unwrap()).contains("2-1"));
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// The leader is killed while consumers of one group wait in `XREADGROUP ... BLOCK` and a producer
+/// adds entries: consumers move to the new leader and, as stream consumers do after a failure,
+/// first read their own pending entries again. Every acknowledged entry then reaches exactly one
+/// consumer, and none reaches two: an entry delivered by an attempt whose reply was lost is in its
+/// consumer's pending list, on every node.
+#[test]
+fn a_killed_leader_delivers_every_entry_to_exactly_one_consumer() {
+    const ENTRIES: usize = 300;
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let first = cluster.wait_leader();
+    let _: () = cluster.nodes[first].cmd(&["XGROUP", "CREATE", "jobs", "g", "$", "MKSTREAM"]).unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let added = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (ports, added) = (ports.clone(), added.clone());
+        std::thread::spawn(move || {
+            let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
+            let mut conn = None;
+            for i in 1..=ENTRIES {
+                let id = format!("{i}-1");
+                loop {
+                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    match c.call(&[b"XADD", b"jobs", id.as_bytes(), b"n", id.as_bytes()]) {
+                        Ok(reply) if reply.text().as_deref() == Some(id.as_str()) => acknowledged.push(id.clone()),
+                        // Not applied: the same entry again, on the leader.
+                        Ok(reply) if refused(&reply) => {
+                            conn = None;
+                            continue;
+                        }
+                        Ok(_) | Err(_) => {
+                            unknown.push(id.clone());
+                            conn = None;
+                        }
+                    }
+                    break;
+                }
+                added.fetch_add(1, Ordering::SeqCst);
+            }
+            (acknowledged, unknown)
+        })
+    };
+    let consumers: Vec<_> = (0..3)
+        .map(|k| {
+            let (ports, stop) = (ports.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let name = format!("c{k}");
+                let mut received: Vec<String> = Vec::new();
+                let mut conn: Option<RespConn> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let fresh = conn.is_none();
+                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    // After a failure a consumer reads what it was given and did not acknowledge.
+                    let from: &[u8] = if fresh { b"0" } else { b">" };
+                    let read = c.call(&[b"XREADGROUP", b"GROUP", b"g", name.as_bytes(), b"COUNT", b"10", b"BLOCK", b"500", b"STREAMS", b"jobs", from]);
+                    let ids = match read {
+                        Ok(Reply::Null(_)) => continue,
+                        Ok(reply) => match entry_ids(&reply) {
+                            Some(ids) => ids,
+                            None => {
+                                conn = None;
+                                continue;
+                            }
+                        },
+                        Err(_) => {
+                            conn = None;
+                            continue;
+                        }
+                    };
+                    received.extend(ids.iter().cloned());
+                    if !ids.is_empty() {
+                        let mut ack: Vec<&[u8]> = vec![b"XACK", b"jobs", b"g"];
+                        ack.extend(ids.iter().map(|id| id.as_bytes()));
+                        if !matches!(c.call(&ack), Ok(reply) if reply.integer().is_some()) {
+                            conn = None;
+                        }
+                    }
+                }
+                (name, received)
+            })
+        })
+        .collect();
+
+    wait_for("a third of the entries", Duration::from_secs(30), || (added.load(Ordering::SeqCst) >= ENTRIES / 3).then_some(()));
+    cluster.nodes[first].kill9();
+    wait_for("a new leader", Duration::from_secs(20), || (0..3).filter(|i| *i != first).find(|i| cluster.nodes[*i].state() == "leader"));
+    cluster.nodes[first].restart().unwrap();
+    let (acknowledged, unknown) = producer.join().unwrap();
+    let leader = cluster.wait_leader();
+    let mut admin = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    wait_for("every entry delivered and acknowledged", Duration::from_secs(30), || {
+        let groups = admin.call(&[b"XINFO", b"GROUPS", b"jobs"]).ok()?;
+        let group = groups.items()?.first()?.items()?.to_vec();
+        let field = |name: &str| group.chunks(2).find(|kv| kv[0].text().as_deref() == Some(name)).and_then(|kv| kv[1].integer());
+        (field("lag") == Some(0) && field("pending") == Some(0)).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut owner: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for c in consumers {
+        let (name, received) = c.join().unwrap();
+        for id in received {
+            if let Some(other) = owner.insert(id.clone(), name.clone()) {
+                assert_eq!(other, name, "{id} was delivered to {other} and to {name}");
+            }
+        }
+    }
+    for id in owner.keys() {
+        assert!(acknowledged.contains(id) || unknown.contains(id), "{id} was never added");
+    }
+    let lost: Vec<&String> = acknowledged.iter().filter(|id| !owner.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "acknowledged entries {lost:?} reached no consumer");
+    eprintln!("{} delivered, {} entries of unknown outcome", owner.len(), unknown.len());
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// The IDs of the entries in an `XREADGROUP` reply (RESP2); None for an error.
+fn entry_ids(reply: &Reply) -> Option<Vec<String>> {
+    let streams = reply.items()?;
+    let entries = streams.first()?.items()?.get(1)?.items()?;
+    Some(entries.iter().filter_map(|e| e.items()?.first()?.text()).collect())
+}
+
+/// A connection to whichever node leads now.
+fn leader_conn(ports: &[u16]) -> RespConn {
+    wait_for("a leader to connect to", Duration::from_secs(30), || {
+        ports.iter().find_map(|port| {
+            let mut conn = RespConn::connect(*port).ok()?;
+            let role = conn.call(&[b"RAFT.STATE"]).ok()?;
+            (role.text().as_deref() == Some("leader")).then_some(conn)
+        })
+    })
+}
+
+/// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
+fn refused(reply: &Reply) -> bool {
+    reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))
 }
