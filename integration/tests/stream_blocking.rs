@@ -40,7 +40,7 @@ fn block(conn: &mut RespConn, read: &[&str], server: &Server, plain: bool, expec
 /// Every node delivers the same entries to the same consumers.
 #[test]
 fn waiting_reads_get_what_plain_redis_gives_them() {
-    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let cluster = Cluster::start(3, &[]).unwrap();
     let leader = &cluster.nodes[cluster.wait_leader()];
     let plain = Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let mut replies: Vec<Vec<Reply>> = Vec::new();
@@ -100,6 +100,7 @@ fn waiting_reads_get_what_plain_redis_gives_them() {
     // The first attempt of each, then one per delivery: a consumer whose group has had the new
     // entry already does not try for it.
     assert_eq!(stat_field(leader, "blocked_pop_attempts"), 6 + 3);
+    cluster.config_set("consistency", "low");
     wait_for("every node to deliver the same", WAIT, || {
         let states: Vec<String> =
             cluster.nodes.iter().map(|n| format!("{:?}", n.cmd::<redis::Value>(&["XINFO", "STREAM", "s", "FULL"]).unwrap())).collect();
@@ -183,6 +184,32 @@ fn replies_are_those_of_plain_redis() {
     }
     assert_eq!(waiting(leader, false), 0);
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// At consistency `low`, every node serves `XREAD ... BLOCK` from its own dataset, followers
+/// included, without the log; a consumer group's reads still go to the leader.
+#[test]
+fn at_low_consistency_every_node_serves_blocking_reads() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let mut producer = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    call(&mut producer, &["XADD", "s", "1-1", "f", "old"]);
+    cluster.wait_converged(&[0, 1, 2]);
+    let attempts = stat_field(&cluster.nodes[leader], "blocked_pop_attempts");
+    let mut reader = RespConn::connect(follower.port).unwrap();
+    assert_eq!(call(&mut reader, &["XREAD", "BLOCK", "10", "STREAMS", "s", "$"]), Reply::Null(b'*'), "timed out, on the follower");
+    let got = format!("{:?}", call(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "0"]));
+    assert!(got.contains("1-1"), "served at once: {got}");
+    block(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], follower, false, 1);
+    call(&mut producer, &["XADD", "s", "2-1", "f", "new"]);
+    let got = format!("{:?}", reader.reply().unwrap());
+    assert!(got.contains("2-1") && !got.contains("1-1"), "{got}");
+    assert_eq!(waiting(follower, false), 0);
+    assert_eq!(stat_field(&cluster.nodes[leader], "blocked_pop_attempts"), attempts, "no attempt went through the log");
+    call(&mut producer, &["XGROUP", "CREATE", "s", "g", "$"]);
+    let moved = call(&mut reader, &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]);
+    assert!(moved.text().is_some_and(|t| t.starts_with("MOVED")), "a group's read delivers: a write, {moved:?}");
 }
 
 /// A leader that steps down answers its waiting readers `-MOVED`; followers redirect blocking

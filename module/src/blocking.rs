@@ -22,6 +22,10 @@
 //!   entry newer than the ID it reads after. Everything the leader applied is committed, and what
 //!   it applied after the first attempt was committed after the client asked: the answer is the
 //!   dataset as it stood at a moment while the client waited.
+//! - Where every node serves reads (consistency `low`), `XREAD ... BLOCK` runs on the node it was
+//!   sent to, follower or leader, without the log: at once, then whenever a batch this node
+//!   applies brings a stream it reads a newer entry ([`wait_locally`]). Only a client with writes
+//!   still in flight goes through the leader, to read behind them.
 //! - A read served after blocking gets at most 1000 entries unless it has a `COUNT`, as in Redis.
 //!
 //! An attempt only pops for a client that still waits. A client whose timeout comes while an
@@ -40,6 +44,7 @@ use crate::state::{self, RaftNode};
 use crate::stream_probe::{self, Newest};
 use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
 use raftis_core::command_entry::encode_command;
+use raftis_core::config::Consistency;
 use raftis_core::determinism::Args;
 use raftis_core::routing::Route;
 use raftis_core::stream_read::{has_entries_after, StreamId, StreamRead};
@@ -94,6 +99,8 @@ struct Waiter {
     after: Vec<Option<StreamId>>,
     /// `XREADGROUP`'s group.
     group: Option<Vec<u8>>,
+    /// Served from this node's own dataset, whether it leads or not (see [`wait_locally`]).
+    local: bool,
     /// How long it may wait, as read from its command (an error if it could not be read).
     timeout: Result<Option<Duration>, String>,
     arrived: Instant,
@@ -131,13 +138,16 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return crate::write::write(ctx, args);
     }
     let node = s.serving_node()?;
+    let Some(shape) = BlockingCommand::of(command) else {
+        return Err("ERR wrong number of arguments for a blocking command".into());
+    };
+    if reads_only && s.consistency() == Consistency::Low && !crate::held::has_replies_in_flight(ctx) {
+        return wait_locally(ctx, command, shape);
+    }
     if !node.is_leader() {
         // Also with follower-proxy: a client may wait for ever, longer than a forwarded request.
         return Err(state::redirect(&node.status()));
     }
-    let Some(shape) = BlockingCommand::of(command) else {
-        return Err("ERR wrong number of arguments for a blocking command".into());
-    };
     // Errors, a bad timeout's included, are Redis' to answer, in its own order: the first
     // attempt answers them. The timeout counts from now, but only matters once it found nothing.
     let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
@@ -161,6 +171,7 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         waits: shape.waits,
         after: Vec::new(),
         group,
+        local: false,
         timeout,
         arrived: Instant::now(),
         timer: None,
@@ -176,6 +187,62 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     COUNT.store(w.clients.len(), Ordering::Relaxed);
     drop(w);
     propose(&node, id, attempt);
+    Ok(())
+}
+
+/// `XREAD ... BLOCK` at consistency `low`, from a client with no write in flight: it runs on this
+/// node's dataset now, and if it finds nothing it waits here, for a batch this node applies to
+/// bring one of its streams an entry after its ID ([`after_apply`]), whether this node leads or
+/// not, as any read at `low` is served.
+fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingCommand) -> Result<(), String> {
+    let resp3 = ffi::client_is_resp3(ctx);
+    // The module's own call never blocks: a null when there is nothing to read yet.
+    let reply = ffi::call(ctx, command, resp3);
+    if !is_null(reply) {
+        ffi::reply_call_reply(ctx, reply);
+        ffi::free_call_reply(reply);
+        return Ok(());
+    }
+    ffi::free_call_reply(reply);
+    let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
+    let backstop = match &timeout {
+        Ok(Some(t)) => *t + BACKSTOP,
+        _ => Duration::ZERO,
+    };
+    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
+    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    let mut waiter = Waiter {
+        blocked,
+        argv: ffi::owned_args(command),
+        db: ffi::selected_db(ctx),
+        resp3,
+        keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
+        waits: shape.waits,
+        after: Vec::new(),
+        group: None,
+        local: true,
+        timeout,
+        arrived: Instant::now(),
+        timer: None,
+        first: false,
+        in_flight: false,
+        over: false,
+    };
+    // Nothing runs between the read above and this: `$` is the last ID it saw.
+    found_nothing(state::get().main_thread_ctx(), &mut waiter);
+    let mut w = lock();
+    let id = w.next;
+    w.next += 1;
+    let answer = start_timer(id, &mut waiter).err();
+    w.clients.insert(id, waiter);
+    COUNT.store(w.clients.len(), Ordering::Relaxed);
+    if let Some(answer) = answer {
+        let waiter = remove(&mut w, id);
+        drop(w);
+        if let Some(waiter) = waiter {
+            waiter.blocked.finish(answer);
+        }
+    }
     Ok(())
 }
 
@@ -295,8 +362,9 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
         return;
     }
     let Some(node) = state::get().node() else { return };
-    if !node.is_leader() {
-        return answer_if_deposed();
+    let leader = node.is_leader();
+    if !leader {
+        answer_if_deposed();
     }
     let mut attempts = Vec::new();
     let mut reads = Vec::new();
@@ -307,7 +375,7 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
         look.busy.extend(group_keys(waiter));
     }
     for (id, waiter) in w.clients.iter_mut() {
-        if waiter.over {
+        if waiter.over || !(leader || waiter.local) {
             continue;
         }
         match waiter.waits {
@@ -483,14 +551,15 @@ pub fn before_sleep() {
 }
 
 /// A leader that lost its leadership and got it back meanwhile keeps its waiting clients: an
-/// attempt is an entry like any other, whichever term it is proposed in.
+/// attempt is an entry like any other, whichever term it is proposed in. Clients served locally
+/// (see [`wait_locally`]) wait on, whoever leads.
 fn answer_if_deposed() {
     let Some(node) = state::get().node() else { return };
     if node.is_leader() {
         return;
     }
     let mut w = lock();
-    let deposed: Vec<u64> = w.clients.iter().filter(|(_, c)| !c.in_flight).map(|(id, _)| *id).collect();
+    let deposed: Vec<u64> = w.clients.iter().filter(|(_, c)| !c.in_flight && !c.local).map(|(id, _)| *id).collect();
     if deposed.is_empty() {
         return;
     }
