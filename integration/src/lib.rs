@@ -435,6 +435,22 @@ fn command(args: &[&str]) -> redis::Cmd {
     cmd
 }
 
+/// A connection to whichever node leads now (asked with `RAFT.STATE`), within 30 s.
+pub fn leader_conn(ports: &[u16]) -> resp_conn::RespConn {
+    wait_for("a leader to connect to", Duration::from_secs(30), || {
+        ports.iter().find_map(|port| {
+            let mut conn = resp_conn::RespConn::connect(*port).ok()?;
+            let role = conn.call(&[b"RAFT.STATE"]).ok()?;
+            (role.text().as_deref() == Some("leader")).then_some(conn)
+        })
+    })
+}
+
+/// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
+pub fn refused(reply: &resp_conn::Reply) -> bool {
+    reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))
+}
+
 /// The value of `field` in INFO-style `key:value` lines (RAFT.INFO, RAFT.STATS), trimmed.
 pub fn field_in<'a>(text: &'a str, field: &str) -> Option<&'a str> {
     text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(str::trim)

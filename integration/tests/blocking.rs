@@ -4,7 +4,7 @@
 //! lost or popped twice.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{stat_field, wait_for, Cluster, Server};
+use raftis_integration::{leader_conn, refused, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -319,20 +319,4 @@ fn a_killed_leader_loses_and_duplicates_nothing_its_consumers_popped() {
     eprintln!("{} popped, {} unknown pops, {} unknown pushes, {} missing", popped.len(), unknown_pops, unknown_pushes.len(), lost.len());
     cluster.wait_converged(&[0, 1, 2]);
     cluster.assert_same_dataset(&[0, 1, 2]);
-}
-
-/// A connection to whichever node leads now.
-fn leader_conn(ports: &[u16]) -> RespConn {
-    wait_for("a leader to connect to", Duration::from_secs(30), || {
-        ports.iter().find_map(|port| {
-            let mut conn = RespConn::connect(*port).ok()?;
-            let role = conn.call(&[b"RAFT.STATE"]).ok()?;
-            (role.text().as_deref() == Some("leader")).then_some(conn)
-        })
-    })
-}
-
-/// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
-fn refused(reply: &Reply) -> bool {
-    reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))
 }

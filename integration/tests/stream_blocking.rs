@@ -4,7 +4,7 @@
 //! consumers.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{field_in, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{field_in, leader_conn, refused, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -376,20 +376,4 @@ fn entry_ids(reply: &Reply) -> Option<Vec<String>> {
     let streams = reply.items()?;
     let entries = streams.first()?.items()?.get(1)?.items()?;
     Some(entries.iter().filter_map(|e| e.items()?.first()?.text()).collect())
-}
-
-/// A connection to whichever node leads now.
-fn leader_conn(ports: &[u16]) -> RespConn {
-    wait_for("a leader to connect to", Duration::from_secs(30), || {
-        ports.iter().find_map(|port| {
-            let mut conn = RespConn::connect(*port).ok()?;
-            let role = conn.call(&[b"RAFT.STATE"]).ok()?;
-            (role.text().as_deref() == Some("leader")).then_some(conn)
-        })
-    })
-}
-
-/// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
-fn refused(reply: &Reply) -> bool {
-    reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))
 }
