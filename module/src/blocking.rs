@@ -156,38 +156,59 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         Ok(Some(t)) => *t + s.write_timeout() + BACKSTOP,
         Err(_) => s.write_timeout() + BACKSTOP,
     };
-    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    let group = match shape.waits {
-        Waits::Group(StreamRead { group: Some(at), .. }) => Some(command[at].to_vec()),
-        _ => None,
-    };
-    let waiter = Waiter {
-        blocked,
-        argv: ffi::owned_args(command),
-        db: ffi::selected_db(ctx),
-        resp3: ffi::client_is_resp3(ctx),
-        keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
-        waits: shape.waits,
-        after: Vec::new(),
-        group,
-        local: false,
-        timeout,
-        arrived: Instant::now(),
-        timer: None,
-        first: true,
-        in_flight: true,
-        over: false,
-    };
+    let waiter = Waiter::new(ctx, command, &shape, timeout, backstop, false);
     let attempt = Attempt::of(&waiter);
-    let mut w = lock();
-    let id = w.next;
-    w.next += 1;
-    w.clients.insert(id, waiter);
-    COUNT.store(w.clients.len(), Ordering::Relaxed);
-    drop(w);
+    let id = lock().add(waiter);
     propose(&node, id, attempt);
     Ok(())
+}
+
+impl Waiting {
+    /// Registers a waiting client: its id.
+    fn add(&mut self, waiter: Waiter) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.clients.insert(id, waiter);
+        COUNT.store(self.clients.len(), Ordering::Relaxed);
+        id
+    }
+}
+
+impl Waiter {
+    /// Blocks the client of `ctx`, which sent `command`, Redis giving up on it after `backstop`;
+    /// its first attempt is in flight, unless it waits `local`ly (see [`wait_locally`]).
+    fn new(
+        ctx: *mut RedisModuleCtx,
+        command: &[&[u8]],
+        shape: &BlockingCommand,
+        timeout: Result<Option<Duration>, String>,
+        backstop: Duration,
+        local: bool,
+    ) -> Waiter {
+        let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
+        unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+        let group = match shape.waits {
+            Waits::Group(StreamRead { group: Some(at), .. }) => Some(command[at].to_vec()),
+            _ => None,
+        };
+        Waiter {
+            blocked,
+            argv: ffi::owned_args(command),
+            db: ffi::selected_db(ctx),
+            resp3: ffi::client_is_resp3(ctx),
+            keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
+            waits: shape.waits,
+            after: Vec::new(),
+            group,
+            local,
+            timeout,
+            arrived: Instant::now(),
+            timer: None,
+            first: !local,
+            in_flight: !local,
+            over: false,
+        }
+    }
 }
 
 /// `XREAD ... BLOCK` at consistency `low`, from a client with no write in flight: it runs on this
@@ -209,33 +230,14 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
         Ok(Some(t)) => *t + BACKSTOP,
         _ => Duration::ZERO,
     };
-    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    let mut waiter = Waiter {
-        blocked,
-        argv: ffi::owned_args(command),
-        db: ffi::selected_db(ctx),
-        resp3,
-        keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
-        waits: shape.waits,
-        after: Vec::new(),
-        group: None,
-        local: true,
-        timeout,
-        arrived: Instant::now(),
-        timer: None,
-        first: false,
-        in_flight: false,
-        over: false,
-    };
+    let mut waiter = Waiter::new(ctx, command, &shape, timeout, backstop, true);
     // Nothing runs between the read above and this: `$` is the last ID it saw.
     found_nothing(state::get().main_thread_ctx(), &mut waiter);
     let mut w = lock();
+    // The id `add` gives it next, under the same lock.
     let id = w.next;
-    w.next += 1;
     let answer = start_timer(id, &mut waiter).err();
-    w.clients.insert(id, waiter);
-    COUNT.store(w.clients.len(), Ordering::Relaxed);
+    w.add(waiter);
     if let Some(answer) = answer {
         let waiter = remove(&mut w, id);
         drop(w);
