@@ -446,6 +446,40 @@ pub fn leader_conn(ports: &[u16]) -> resp_conn::RespConn {
     })
 }
 
+/// A producer for tests that kill nodes under load: sends `command(item)` for each of `items`, one
+/// at a time, to whichever node leads, again on a node that says it did not take it (`-MOVED`,
+/// `-CLUSTERDOWN`), and counts each item done in `done`. Returns the items `acknowledges` says
+/// were applied, and those whose outcome is unknown (another reply, or a broken connection).
+pub fn produce<T>(
+    ports: &[u16],
+    items: impl IntoIterator<Item = T>,
+    command: impl Fn(&T) -> Vec<Vec<u8>>,
+    acknowledges: impl Fn(&T, &resp_conn::Reply) -> bool,
+    done: &std::sync::atomic::AtomicUsize,
+) -> (Vec<T>, Vec<T>) {
+    let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
+    let mut conn = None;
+    for item in items {
+        let args = command(&item);
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let outcome = loop {
+            let c = conn.get_or_insert_with(|| leader_conn(ports));
+            match c.call(&args) {
+                Ok(reply) if acknowledges(&item, &reply) => break &mut acknowledged,
+                // Not applied: the same again, on the leader.
+                Ok(reply) if refused(&reply) => conn = None,
+                Ok(_) | Err(_) => {
+                    conn = None;
+                    break &mut unknown;
+                }
+            }
+        };
+        outcome.push(item);
+        done.fetch_add(1, Ordering::SeqCst);
+    }
+    (acknowledged, unknown)
+}
+
 /// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).
 pub fn refused(reply: &resp_conn::Reply) -> bool {
     reply.is_error() && reply.text().is_some_and(|t| t.starts_with("MOVED") || t.starts_with("CLUSTERDOWN"))

@@ -4,7 +4,7 @@
 //! lost or popped twice.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{leader_conn, refused, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{leader_conn, produce, refused, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -240,28 +240,8 @@ fn a_killed_leader_loses_and_duplicates_nothing_its_consumers_popped() {
     let producer = {
         let (ports, pushed) = (ports.clone(), pushed.clone());
         std::thread::spawn(move || {
-            let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
-            let mut conn = None;
-            for i in 0..ITEMS {
-                loop {
-                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
-                    match c.call(&[b"RPUSH", b"work", i.to_string().as_bytes()]) {
-                        Ok(reply) if reply.integer().is_some() => acknowledged.push(i),
-                        // Not applied: the same push again, on the leader.
-                        Ok(reply) if refused(&reply) => {
-                            conn = None;
-                            continue;
-                        }
-                        Ok(_) | Err(_) => {
-                            unknown.push(i);
-                            conn = None;
-                        }
-                    }
-                    break;
-                }
-                pushed.fetch_add(1, Ordering::SeqCst);
-            }
-            (acknowledged, unknown)
+            let push = |i: &usize| args(&["RPUSH", "work", &i.to_string()]);
+            produce(&ports, 0..ITEMS, push, |_, reply| reply.integer().is_some(), &pushed)
         })
     };
     let consumers: Vec<_> = (0..3)

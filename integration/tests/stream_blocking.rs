@@ -4,7 +4,7 @@
 //! consumers.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{field_in, leader_conn, refused, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{field_in, leader_conn, produce, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -272,29 +272,9 @@ fn a_killed_leader_delivers_every_entry_to_exactly_one_consumer() {
     let producer = {
         let (ports, added) = (ports.clone(), added.clone());
         std::thread::spawn(move || {
-            let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
-            let mut conn = None;
-            for i in 1..=ENTRIES {
-                let id = format!("{i}-1");
-                loop {
-                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
-                    match c.call(&[b"XADD", b"jobs", id.as_bytes(), b"n", id.as_bytes()]) {
-                        Ok(reply) if reply.text().as_deref() == Some(id.as_str()) => acknowledged.push(id.clone()),
-                        // Not applied: the same entry again, on the leader.
-                        Ok(reply) if refused(&reply) => {
-                            conn = None;
-                            continue;
-                        }
-                        Ok(_) | Err(_) => {
-                            unknown.push(id.clone());
-                            conn = None;
-                        }
-                    }
-                    break;
-                }
-                added.fetch_add(1, Ordering::SeqCst);
-            }
-            (acknowledged, unknown)
+            let ids = (1..=ENTRIES).map(|i| format!("{i}-1"));
+            let add = |id: &String| args(&["XADD", "jobs", id, "n", id]);
+            produce(&ports, ids, add, |id, reply| reply.text().as_deref() == Some(id.as_str()), &added)
         })
     };
     let consumers: Vec<_> = (0..3)
