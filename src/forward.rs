@@ -9,11 +9,19 @@
 //! `FORWARD-TX <2|3> <transaction>`, the transaction encoded as its log entry would be (see
 //! `command_entry`). Its reply is a bulk string holding an array of bulk strings, each one
 //! command's raw reply ([`encode_replies`]); or one error line for the whole transaction.
+//!
+//! A blocking command (`BLPOP`, `XREAD ... BLOCK`, ...) goes as
+//! `FORWARD-BLOCK <db> <2|3> <command> <arg>...` and is answered like `FORWARD`, but only when the
+//! command is: it may wait for ever. Its connection carries nothing else meanwhile, so the
+//! follower cancels it by hanging up (its client left or gave up, or another node leads now), and
+//! the leader, which watches the connection while it waits ([`Abandoned`]), forgets the wait.
 
 use crate::command_entry::{encode_transaction, EntryView};
 use crate::resp::{self, Frame};
 use bytes::BytesMut;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 /// What a follower forwards on behalf of its client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +35,8 @@ pub struct ForwardRequest {
 pub enum Forwarded {
     /// One command, in the client's selected database.
     Command { db: u32, argv: Vec<Vec<u8>> },
+    /// A blocking command, in the client's selected database: answered when it is, however late.
+    Blocking { db: u32, argv: Vec<Vec<u8>> },
     /// The data commands of a transaction, each with its database, in the order EXEC ran them.
     Transaction(Vec<(u32, Vec<Vec<u8>>)>),
 }
@@ -37,19 +47,66 @@ pub type ForwardReply = Result<Vec<u8>, String>;
 /// Called once with the outcome of a forwarded command.
 pub type ForwardDone = Box<dyn FnOnce(ForwardReply) + Send>;
 
-/// What the leader does with a forwarded command (given to the transport by the module).
-pub type ForwardHandler = Arc<dyn Fn(ForwardRequest, ForwardDone) + Send + Sync>;
+/// What the leader does with a forwarded command (given to the transport by the module). The
+/// [`Abandoned`] flag tells it when the follower stops waiting for the answer.
+pub type ForwardHandler = Arc<dyn Fn(ForwardRequest, ForwardDone, Abandoned) + Send + Sync>;
 
 pub const FORWARD: &[u8] = b"FORWARD";
 pub const FORWARD_TX: &[u8] = b"FORWARD-TX";
+pub const FORWARD_BLOCK: &[u8] = b"FORWARD-BLOCK";
+
+/// Leader side: set once the follower that forwarded a request hangs up before its answer.
+#[derive(Clone, Debug, Default)]
+pub struct Abandoned(Arc<AtomicBool>);
+
+impl Abandoned {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Follower side: ends a forwarded request before its answer comes, with the error to give its
+/// client; the connection it travelled on is closed, which tells the leader.
+#[derive(Clone, Default)]
+pub struct ForwardCancel(Arc<CancelState>);
+
+#[derive(Default)]
+struct CancelState {
+    reason: Mutex<Option<String>>,
+    wake: Notify,
+}
+
+impl ForwardCancel {
+    /// The first reason given is the one the request ends with.
+    pub fn cancel(&self, reason: impl Into<String>) {
+        self.0.reason.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.into());
+        // A permit is kept if nobody waits yet, so a cancel before the wait starts still counts.
+        self.0.wake.notify_one();
+    }
+
+    /// Resolves, with the reason, once [`ForwardCancel::cancel`] was called.
+    pub async fn cancelled(&self) -> String {
+        loop {
+            if let Some(reason) = self.0.reason.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return reason;
+            }
+            self.0.wake.notified().await;
+        }
+    }
+}
 
 impl ForwardRequest {
     pub fn encode(&self, out: &mut BytesMut) {
         let protocol: &[u8] = if self.resp3 { b"3" } else { b"2" };
         match &self.what {
-            Forwarded::Command { db, argv } => {
+            Forwarded::Command { db, argv } | Forwarded::Blocking { db, argv } => {
+                let verb = if matches!(self.what, Forwarded::Blocking { .. }) { FORWARD_BLOCK } else { FORWARD };
                 let db = db.to_string();
-                let mut parts: Vec<&[u8]> = vec![FORWARD, db.as_bytes(), protocol];
+                let mut parts: Vec<&[u8]> = vec![verb, db.as_bytes(), protocol];
                 parts.extend(argv.iter().map(|a| a.as_slice()));
                 resp::encode_command(&parts, out);
             }
@@ -59,12 +116,18 @@ impl ForwardRequest {
         }
     }
 
-    /// Parses the arguments after `verb` ([`FORWARD`] or [`FORWARD_TX`]).
+    /// Whether `verb` names a forwarded request.
+    pub fn is_verb(verb: &[u8]) -> bool {
+        [FORWARD, FORWARD_TX, FORWARD_BLOCK].iter().any(|v| verb.eq_ignore_ascii_case(v))
+    }
+
+    /// Parses the arguments after `verb` ([`FORWARD`], [`FORWARD_TX`] or [`FORWARD_BLOCK`]).
     pub fn decode(verb: &[u8], args: &[Frame]) -> Result<ForwardRequest, String> {
         let transaction = verb.eq_ignore_ascii_case(FORWARD_TX);
+        let blocking = verb.eq_ignore_ascii_case(FORWARD_BLOCK);
         let usage = || match transaction {
             true => "usage: FORWARD-TX <2|3> <transaction>".to_string(),
-            false => "usage: FORWARD <db> <2|3> <command> [arg ...]".to_string(),
+            false => format!("usage: {} <db> <2|3> <command> [arg ...]", String::from_utf8_lossy(verb).to_uppercase()),
         };
         let bulk = |f: &Frame| match f {
             Frame::Bulk(b) => Ok(b.to_vec()),
@@ -91,7 +154,8 @@ impl ForwardRequest {
         let db = std::str::from_utf8(&bulk(&args[0])?).ok().and_then(|s| s.parse().ok()).ok_or_else(usage)?;
         let resp3 = protocol(&args[1])?;
         let argv = args[2..].iter().map(bulk).collect::<Result<Vec<_>, _>>()?;
-        Ok(ForwardRequest { resp3, what: Forwarded::Command { db, argv } })
+        let what = if blocking { Forwarded::Blocking { db, argv } } else { Forwarded::Command { db, argv } };
+        Ok(ForwardRequest { resp3, what })
     }
 }
 
@@ -145,8 +209,19 @@ mod tests {
     #[test]
     fn a_request_survives_the_wire() {
         let argv = vec![b"SET".to_vec(), b"k".to_vec(), b"v\r\n".to_vec()];
-        let req = ForwardRequest { resp3: true, what: Forwarded::Command { db: 3, argv } };
+        let req = ForwardRequest { resp3: true, what: Forwarded::Command { db: 3, argv: argv.clone() } };
         assert_eq!(round_trip(&req, "FORWARD"), req);
+        let blocking = ForwardRequest { resp3: false, what: Forwarded::Blocking { db: 1, argv } };
+        assert_eq!(round_trip(&blocking, "FORWARD-BLOCK"), blocking);
+    }
+
+    #[test]
+    fn a_cancel_keeps_its_first_reason_and_counts_before_anyone_waits() {
+        let cancel = ForwardCancel::default();
+        cancel.cancel("first");
+        cancel.cancel("second");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(runtime.block_on(cancel.clone().cancelled()), "first");
     }
 
     #[test]
@@ -167,6 +242,7 @@ mod tests {
         assert!(ForwardRequest::decode(FORWARD, &[b("x"), b("2"), b("GET")]).is_err());
         assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("4"), b("GET")]).is_err());
         assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("2"), Frame::Integer(1)]).is_err());
+        assert!(ForwardRequest::decode(FORWARD_BLOCK, &[b("0"), b("2")]).unwrap_err().contains("FORWARD-BLOCK"));
         // A transaction must be a non-empty transaction entry.
         let single = crate::command_entry::encode_command(None, 0, &[b"GET".as_slice(), b"k"]);
         let empty = encode_transaction::<Vec<u8>>(None, &[]);

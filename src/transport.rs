@@ -16,7 +16,7 @@
 //! All networking runs on a current-thread tokio runtime on one dedicated thread, so the rest of
 //! Raftis (which is not async) only ever talks to it through non-blocking calls.
 
-use crate::forward::{self, ForwardDone, ForwardHandler, ForwardRequest};
+use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use crate::heartbeats;
 use crate::ids::NodeId;
 use crate::resp::{self, Frame};
@@ -62,6 +62,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 const FORWARD_BACKSTOP: Duration = Duration::from_secs(60);
 /// Idle connections kept per leader address for forwarded commands.
 const FORWARD_POOL: usize = 32;
+/// What a follower may send on a connection that waits for a forwarded command's answer before
+/// the leader stops reading it (it sends nothing, normally: the read only notices a hang-up).
+const FORWARD_READ_AHEAD: usize = 1 << 20;
 
 /// What the transport hands to the Raft node.
 #[derive(Debug)]
@@ -262,13 +265,30 @@ impl Transport {
     /// an error line: `CLUSTERDOWN` if the leader could not be reached (nothing was sent),
     /// `TIMEOUT` if the answer did not come back within `timeout` (the command may have run).
     pub fn forward(&self, addr: String, req: &ForwardRequest, timeout: Duration, done: ForwardDone) {
+        self.forward_until(addr, req, Some(timeout), ForwardCancel::default(), done);
+    }
+
+    /// Like [`Transport::forward`], with no timeout if `timeout` is None (a blocking command may
+    /// wait for ever), and ended early by `cancel`: `done` then gets the cancel's reason, and the
+    /// connection is closed, which tells the leader to stop waiting.
+    pub fn forward_until(&self, addr: String, req: &ForwardRequest, timeout: Option<Duration>, cancel: ForwardCancel, done: ForwardDone) {
         let mut request = BytesMut::new();
         req.encode(&mut request);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {
-            let reply = match tokio::time::timeout(timeout, forward_once(&inner, &addr, &request)).await {
-                Ok(reply) => reply,
-                Err(_) => Err("TIMEOUT the leader did not answer in time; the command may or may not have taken effect".into()),
+            let answer = async {
+                let once = forward_once(&inner, &addr, &request);
+                match timeout {
+                    None => once.await,
+                    Some(timeout) => tokio::time::timeout(timeout, once).await.unwrap_or_else(|_| {
+                        Err("TIMEOUT the leader did not answer in time; the command may or may not have taken effect".into())
+                    }),
+                }
+            };
+            // Dropping the unanswered request drops its connection (it is not pooled).
+            let reply = tokio::select! {
+                reply = answer => reply,
+                reason = cancel.cancelled() => Err(reason),
             };
             done(reply);
         });
@@ -662,10 +682,13 @@ async fn serve(
                 Err(e) => return reject(stream, remote, out, Reject(format!("protocol error: {e}"))).await,
             };
             // A forwarded command is answered when the cluster has run it; replies stay in order
-            // because this connection waits for it before reading on.
+            // because this connection waits for it before handling more.
             if let Some(request) = as_forward(&frame) {
                 let reply = match request {
-                    Ok(req) => run_forwarded(&forward, req).await,
+                    Ok(req) => match run_forwarded(&forward, req, &mut stream, &mut buf).await {
+                        Some(reply) => reply,
+                        None => return log::debug!("raft transport: {remote} hung up on a forwarded command"),
+                    },
                     Err(e) => Frame::Error(format!("ERR {e}")),
                 };
                 resp::encode(&reply, &mut out);
@@ -705,28 +728,58 @@ async fn serve(
 fn as_forward(frame: &Frame) -> Option<Result<ForwardRequest, String>> {
     let Frame::Array(args) = frame else { return None };
     match args.first() {
-        Some(Frame::Bulk(verb)) if verb.eq_ignore_ascii_case(forward::FORWARD) || verb.eq_ignore_ascii_case(forward::FORWARD_TX) => {
+        Some(Frame::Bulk(verb)) if ForwardRequest::is_verb(verb) => {
             Some(ForwardRequest::decode(verb, &args[1..]))
         }
         _ => None,
     }
 }
 
-async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest) -> Frame {
+/// The reply to one forwarded request, or None if the follower hung up before it came (the
+/// handler is told, through [`Abandoned`]). The connection is read meanwhile, to notice that:
+/// what arrives is kept in `buf` for later.
+async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
     let handler = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
     let Some(handler) = handler else {
-        return Frame::Error("ERR this node does not serve forwarded commands".into());
+        return Some(Frame::Error("ERR this node does not serve forwarded commands".into()));
+    };
+    // A blocking command may wait for ever; anything else is answered within write-timeout.
+    let backstop = match req.what {
+        Forwarded::Blocking { .. } => None,
+        _ => Some(FORWARD_BACKSTOP),
     };
     let (tx, rx) = oneshot::channel();
+    let abandoned = Abandoned::default();
     handler(
         req,
         Box::new(move |reply| {
             let _ = tx.send(reply);
         }),
+        abandoned.clone(),
     );
-    match tokio::time::timeout(FORWARD_BACKSTOP, rx).await {
-        Ok(Ok(reply)) => forward::reply_frame(reply),
-        _ => Frame::Error("TIMEOUT the forwarded command was not answered; it may or may not have taken effect".into()),
+    let answer = async {
+        match backstop {
+            Some(backstop) => tokio::time::timeout(backstop, rx).await.ok(),
+            None => Some(rx.await),
+        }
+    };
+    tokio::pin!(answer);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            reply = &mut answer => return Some(match reply {
+                Some(Ok(reply)) => forward::reply_frame(reply),
+                _ => Frame::Error("TIMEOUT the forwarded command was not answered; it may or may not have taken effect".into()),
+            }),
+            read = stream.read_buf(buf), if open => match read {
+                Ok(0) | Err(_) => {
+                    abandoned.set();
+                    return None;
+                }
+                // Only a misbehaving follower sends more before its answer; served after it.
+                Ok(_) => open = buf.len() < FORWARD_READ_AHEAD,
+            },
+        }
     }
 }
 
@@ -1241,7 +1294,7 @@ mod tests {
         assert!(refused.contains("does not serve forwarded commands"), "{refused}");
 
         // The handler answers later, from another thread, like the main thread would.
-        leader.transport.set_forward_handler(Arc::new(|req: ForwardRequest, done: ForwardDone| {
+        leader.transport.set_forward_handler(Arc::new(|req: ForwardRequest, done: ForwardDone, _: Abandoned| {
             std::thread::spawn(move || {
                 let forward::Forwarded::Command { argv, .. } = req.what else { return done(Err("ERR not a command".into())) };
                 let name = String::from_utf8_lossy(&argv[0]).to_string();
@@ -1279,5 +1332,43 @@ mod tests {
         let dead = loopback(unused_port()).to_string();
         let err = forward_and_wait(&follower, &dead, &["SET", "k", "v"]).unwrap_err();
         assert!(err.starts_with("CLUSTERDOWN cannot reach the leader"), "{err}");
+    }
+
+    #[test]
+    fn a_blocking_forward_waits_past_any_backstop_until_answered_or_cancelled() {
+        let leader = Node::on_any_port(1);
+        let follower = Node::on_any_port(2);
+        // The handler hands each request's answer and hang-up flag to the test.
+        let (handed_tx, handed) = std_mpsc::channel::<(ForwardDone, Abandoned)>();
+        let handed_tx = Mutex::new(handed_tx);
+        leader.transport.set_forward_handler(Arc::new(move |_req: ForwardRequest, done: ForwardDone, abandoned: Abandoned| {
+            handed_tx.lock().unwrap().send((done, abandoned)).unwrap();
+        }));
+        let blpop = || {
+            let argv = ["BLPOP", "q", "0"].iter().map(|a| a.as_bytes().to_vec()).collect();
+            ForwardRequest { resp3: false, what: Forwarded::Blocking { db: 0, argv } }
+        };
+        let start = |cancel: ForwardCancel| {
+            let (tx, rx) = std_mpsc::channel();
+            follower.transport.forward_until(leader.addr(), &blpop(), None, cancel, Box::new(move |r| tx.send(r).unwrap()));
+            let (done, abandoned) = handed.recv_timeout(DEADLINE).expect("the leader gets the request");
+            (rx, done, abandoned)
+        };
+
+        // Answered: the reply comes back, and nothing was abandoned.
+        let (replies, done, abandoned) = start(ForwardCancel::default());
+        done(Ok(b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n".to_vec()));
+        assert_eq!(replies.recv_timeout(DEADLINE).unwrap().unwrap(), b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
+        assert!(!abandoned.is_set());
+
+        // Cancelled: the follower's client gets the reason at once, and the leader sees the
+        // hang-up.
+        let cancel = ForwardCancel::default();
+        let (replies, _done, abandoned) = start(cancel.clone());
+        assert!(replies.recv_timeout(Duration::from_millis(50)).is_err(), "it waits");
+        assert!(!abandoned.is_set());
+        cancel.cancel("TIMEOUT gave up");
+        assert_eq!(replies.recv_timeout(DEADLINE).unwrap().unwrap_err(), "TIMEOUT gave up");
+        wait_until("the leader to see the hang-up", || abandoned.is_set());
     }
 }

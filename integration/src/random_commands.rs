@@ -53,20 +53,11 @@ pub struct Drawn {
     pub output: Output,
 }
 
-impl Drawn {
-    /// A blocking pop (BLPOP and the like) or a stream read that may block: Raftis serves it on
-    /// the leader only, outside MULTI (a follower redirects it, proxy or not).
-    pub fn is_blocking(&self) -> bool {
-        let named = |names: &[&str]| names.iter().any(|n| self.args[0].eq_ignore_ascii_case(n.as_bytes()));
-        named(BLOCKING_POPS) || (named(BLOCKS_ONLY_WHEN_ASKED) && self.args.iter().any(|a| a.eq_ignore_ascii_case(b"block")))
-    }
-}
 
 /// Categories whose commands are never drawn: server administration and connection state, what the
 /// test does itself (transactions, SELECT) and blocking commands (but see [`BLOCKING_POPS`]).
 const EXCLUDED_CATEGORIES: &[&str] = &["@admin", "@connection", "@pubsub", "@scripting", "@blocking", "@transaction", "@dangerous"];
-/// `@blocking` commands that are drawn all the same, with a short timeout (see
-/// [`Drawn::is_blocking`]).
+/// `@blocking` commands that are drawn all the same, with a short timeout ([`POP_TIMEOUTS`]).
 const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
 /// What a blocking pop's timeout is made: short waits, and the errors Redis gives. Never 0 (or
 /// what rounds to it), which would wait for ever.

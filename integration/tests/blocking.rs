@@ -60,11 +60,13 @@ fn waiting_pops_are_served_in_arrival_order_and_every_node_pops_the_same() {
 }
 
 /// Timeouts, errors, transactions and pipelines answer exactly as plain Redis does, in RESP2
-/// and RESP3.
+/// and RESP3, on the leader and through a follower with the proxy.
 #[test]
 fn replies_are_those_of_plain_redis() {
-    let cluster = Cluster::start(3, &[]).unwrap();
-    let leader = &cluster.nodes[cluster.wait_leader()];
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader_index = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_index];
+    let follower = &cluster.nodes[(leader_index + 1) % 3];
     let plain_dir = cluster.root.path().join("plain");
     let plain = Server::start_plain(raftis_integration::free_port_pair(), &plain_dir).unwrap();
     let steps: &[&[&[&str]]] = &[
@@ -99,8 +101,8 @@ fn replies_are_those_of_plain_redis() {
         // A pipeline's pop sees the push before it, and the next command sees the pop.
         &[&["RPUSH", "p", "1"], &["BLPOP", "p", "0"], &["LLEN", "p"], &["BLPOP", "p", "0.05"], &["LLEN", "p"]],
     ];
-    for protocol in ["2", "3"] {
-        let mut raftis = RespConn::connect(leader.port).unwrap();
+    for (node, protocol) in [(leader, "2"), (leader, "3"), (follower, "2"), (follower, "3")] {
+        let mut raftis = RespConn::connect(node.port).unwrap();
         let mut redis = RespConn::connect(plain.port).unwrap();
         for conn in [&mut raftis, &mut redis] {
             call(conn, &["HELLO", protocol]);
@@ -109,46 +111,84 @@ fn replies_are_those_of_plain_redis() {
         for step in steps {
             let commands: Vec<Vec<Vec<u8>>> = step.iter().map(|c| args(c)).collect();
             let expected = redis.pipeline(&commands).unwrap();
-            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "RESP{protocol}: {step:?}");
+            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "port {} RESP{protocol}: {step:?}", node.port);
         }
     }
     assert_eq!(waiting(leader), 0);
+    assert_eq!(stat_field(follower, "blocked_forwarded_waiting"), 0);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// On the leader, and through a follower with the proxy (which hangs up on the leader, so that it
+/// forgets the wait too).
 #[test]
 fn a_pop_whose_client_leaves_takes_nothing_and_client_unblock_answers_as_in_redis() {
-    let cluster = Cluster::start(3, &[]).unwrap();
-    let leader = &cluster.nodes[cluster.wait_leader()];
-    let mut other = RespConn::connect(leader.port).unwrap();
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader_index = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_index];
+    for via in [leader, &cluster.nodes[(leader_index + 1) % 3]] {
+        let mut other = RespConn::connect(via.port).unwrap();
+        let (q, empty) = (format!("q{}", via.port), format!("empty{}", via.port));
 
-    let mut gone = RespConn::connect(leader.port).unwrap();
-    block(&mut gone, &["BLPOP", "q", "0"], leader, 1);
-    drop(gone);
-    wait_for("the pop of a closed connection to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
-    call(&mut other, &["RPUSH", "q", "kept"]);
+        let mut gone = RespConn::connect(via.port).unwrap();
+        block(&mut gone, &["BLPOP", &q, "0"], leader, 1);
+        drop(gone);
+        wait_for("the pop of a closed connection to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
+        call(&mut other, &["RPUSH", &q, "kept"]);
 
-    let mut w = RespConn::connect(leader.port).unwrap();
-    let id = call(&mut w, &["CLIENT", "ID"]).integer().unwrap().to_string();
-    block(&mut w, &["BLPOP", "empty", "0"], leader, 1);
-    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer(), Some(1));
-    assert_eq!(w.reply().unwrap(), Reply::Null(b'*'), "unblocked as by its timeout");
-    block(&mut w, &["BRPOPLPUSH", "empty", "dst", "0"], leader, 1);
-    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id, "ERROR"]).integer(), Some(1));
-    let error = w.reply().unwrap();
-    assert_eq!(error.text().as_deref(), Some("UNBLOCKED client unblocked via CLIENT UNBLOCK"), "{error:?}");
-    wait_for("the unblocked pops to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
-    call(&mut other, &["RPUSH", "empty", "kept"]);
+        let mut w = RespConn::connect(via.port).unwrap();
+        let id = call(&mut w, &["CLIENT", "ID"]).integer().unwrap().to_string();
+        block(&mut w, &["BLPOP", &empty, "0"], leader, 1);
+        assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer(), Some(1));
+        assert_eq!(w.reply().unwrap(), Reply::Null(b'*'), "unblocked as by its timeout");
+        block(&mut w, &["BRPOPLPUSH", &empty, "dst", "0"], leader, 1);
+        assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id, "ERROR"]).integer(), Some(1));
+        let error = w.reply().unwrap();
+        assert_eq!(error.text().as_deref(), Some("UNBLOCKED client unblocked via CLIENT UNBLOCK"), "{error:?}");
+        wait_for("the unblocked pops to be forgotten", WAIT, || (waiting(leader) == 0).then_some(()));
+        call(&mut other, &["RPUSH", &empty, "kept"]);
 
-    // Nothing was popped for the clients that are not waiting any more.
-    for key in ["q", "empty"] {
-        assert_eq!(call(&mut other, &["LRANGE", key, "0", "-1"]), Reply::Aggregate(b'*', vec![bulk("kept")]), "{key}");
+        // Nothing was popped for the clients that are not waiting any more.
+        for key in [&q, &empty] {
+            assert_eq!(call(&mut other, &["LRANGE", key, "0", "-1"]), Reply::Aggregate(b'*', vec![bulk("kept")]), "{key}");
+        }
+        assert_eq!(stat_field(via, "blocked_forwarded_waiting"), 0);
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A leader that cannot answer (stopped here) cannot tell a follower's waiting client that it
+/// stepped down: the follower ends the wait itself once another node leads, and the stopped
+/// leader, resumed, pops nothing for it.
 #[test]
-fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_and_followers_redirect_them() {
+fn a_follower_ends_a_forwarded_wait_when_its_leader_is_replaced() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let via = &cluster.nodes[(old + 1) % 3];
+    let mut w = RespConn::connect(via.port).unwrap();
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
+    cluster.nodes[old].pause();
+    let error = w.reply().unwrap();
+    cluster.nodes[old].resume();
+    let new = cluster.wait_leader();
+    assert_eq!(
+        error.text().as_deref(),
+        Some("TIMEOUT the leader changed while the command waited; it may or may not have taken effect"),
+        "{error:?}"
+    );
+    assert_eq!(stat_field(via, "blocked_forwarded_waiting"), 0);
+    wait_for("the old leader to forget the wait", WAIT, || (waiting(&cluster.nodes[old]) == 0).then_some(()));
+    let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
+    call(&mut producer, &["RPUSH", "q", "kept"]);
+    assert_eq!(call(&mut producer, &["LRANGE", "q", "0", "-1"]), Reply::Aggregate(b'*', vec![bulk("kept")]));
+    // Waiting again, the client is forwarded to the new leader.
+    assert_eq!(call(&mut w, &["BLPOP", "q", "0"]), popped("q", "kept"));
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
+fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_and_followers_forward_them() {
     let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let old = cluster.wait_leader();
     let mut w = RespConn::connect(cluster.nodes[old].port).unwrap();
@@ -163,10 +203,19 @@ fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_and_followers_re
         (leader != old).then_some(leader)
     });
     assert_eq!(waiting(&cluster.nodes[old]), 0);
-    // A pop may wait longer than a forwarded request can: followers redirect it, proxy or not.
+    // The old leader, a follower now, forwards a pop with the proxy, to wait at the new leader.
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[new], 1);
+    assert_eq!(stat_field(&cluster.nodes[old], "blocked_forwarded_waiting"), 1);
+    let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
+    call(&mut producer, &["RPUSH", "q", "a"]);
+    assert_eq!(w.reply().unwrap(), popped("q", "a"));
+    assert_eq!(stat_field(&cluster.nodes[old], "blocked_forwarded_waiting"), 0);
+    // Without the proxy it redirects.
+    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "follower-proxy", "no"]).text().as_deref(), Some("OK"));
     let redirect = call(&mut w, &["BLPOP", "q", "0"]);
     let expected = format!("MOVED 0 {}", cluster.nodes[new].addr());
     assert_eq!(redirect.text(), Some(expected), "{redirect:?}");
+    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "follower-proxy", "yes"]).text().as_deref(), Some("OK"));
     // Inside a transaction a pop does not block, and the follower forwards it with the rest.
     let replies = w.pipeline(&[args(&["MULTI"]), args(&["RPUSH", "q", "x"]), args(&["BLPOP", "q", "0"]), args(&["EXEC"])]).unwrap();
     assert_eq!(replies[3], Reply::Aggregate(b'*', vec![Reply::Line(b':', b"1".to_vec()), popped("q", "x")]));
@@ -231,8 +280,19 @@ fn producers_and_consumers_lose_and_duplicate_nothing() {
 /// connection broke, or they timed out, with an attempt in the log).
 #[test]
 fn a_killed_leader_loses_and_duplicates_nothing_its_consumers_popped() {
+    consumers_outlive_a_killed_leader(false);
+}
+
+/// The same with consumers on the followers, which send their pops to the leader (follower
+/// proxy): a follower's connection to the killed leader breaks under its waiting clients.
+#[test]
+fn a_killed_leader_loses_and_duplicates_nothing_consumers_popped_through_followers() {
+    consumers_outlive_a_killed_leader(true);
+}
+
+fn consumers_outlive_a_killed_leader(through_followers: bool) {
     const ITEMS: usize = 300;
-    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let first = cluster.wait_leader();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let pushed = Arc::new(AtomicUsize::new(0));
@@ -245,13 +305,18 @@ fn a_killed_leader_loses_and_duplicates_nothing_its_consumers_popped() {
         })
     };
     let consumers: Vec<_> = (0..3)
-        .map(|_| {
+        .map(|k| {
             let (ports, stop) = (ports.clone(), stop.clone());
+            // One of the nodes that are not killed, which is a follower at first.
+            let follower = ports[(first + 1 + k % 2) % 3];
             std::thread::spawn(move || {
                 let (mut popped, mut unknown) = (Vec::new(), 0);
                 let mut conn = None;
                 while !stop.load(Ordering::SeqCst) {
-                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    let c = conn.get_or_insert_with(|| match through_followers {
+                        true => RespConn::connect(follower).unwrap(),
+                        false => leader_conn(&ports),
+                    });
                     match c.call(&[b"BLPOP", b"work", b"0.5"]) {
                         Ok(Reply::Aggregate(_, kv)) => popped.push(String::from_utf8(kv[1].bytes().unwrap().to_vec()).unwrap().parse::<usize>().unwrap()),
                         Ok(Reply::Null(_)) => {}

@@ -87,7 +87,7 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             transaction(&mut commands)
         } else if roll < 0.15 {
             let n = commands.rng().gen_range(2..6);
-            let mut pipeline: Vec<Drawn> = (0..n).map(|_| draw_for(&mut commands, node == leader)).collect();
+            let mut pipeline: Vec<Drawn> = (0..n).map(|_| commands.draw()).collect();
             if commands.rng().gen_bool(0.2) {
                 // The protocol changes in the middle of the pipeline: the replies behind HELLO
                 // come in the other one (HELLO's own reply names the server and the client).
@@ -102,12 +102,14 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             }
             pipeline
         } else {
-            vec![draw_for(&mut commands, node == leader)]
+            vec![commands.draw()]
         };
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
         let expected = reference.pipeline(&args).unwrap();
         let got = nodes[node].pipeline(&args).unwrap_or_else(|e| {
-            panic!("seed {seed} (RESP{first_protocol}, {consistency}) step {step}: node {node} failed on {}: {e}\n{}", show_batch(&batch), cluster.nodes[node].log_tail())
+            let recent = recent.iter().cloned().collect::<Vec<_>>().join("\n");
+            let log = cluster.nodes[node].log_tail();
+            panic!("seed {seed} (RESP{first_protocol}, {consistency}) step {step}: node {node} failed on {}: {e}\nrecent steps:\n{recent}\n{log}", show_batch(&batch))
         });
         let role = if node == leader { "leader" } else { "follower" };
         remember(&mut recent, format!("{step} ({role}): {}", show_batch(&batch)));
@@ -158,17 +160,6 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     assert_eq!(libraries(&cluster.nodes[0]), libraries(&plain), "seed {seed} (RESP{first_protocol}, {consistency}): the function libraries differ");
-}
-
-/// A command to send outside MULTI to the leader, or to a follower: no blocking command for a
-/// follower, which redirects them (inside MULTI they do not block, and go anywhere).
-fn draw_for(commands: &mut RandomCommands, leader: bool) -> Drawn {
-    loop {
-        let drawn = commands.draw();
-        if leader || !drawn.is_blocking() {
-            return drawn;
-        }
-    }
 }
 
 /// MULTI, a few commands, then EXEC (or now and then DISCARD). Only commands whose replies compare

@@ -113,8 +113,10 @@ fn waiting_reads_get_what_plain_redis_gives_them() {
 /// blocking gets: exactly the replies of plain Redis, in RESP2 and RESP3.
 #[test]
 fn replies_are_those_of_plain_redis() {
-    let cluster = Cluster::start(3, &[]).unwrap();
-    let leader = &cluster.nodes[cluster.wait_leader()];
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader_index = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_index];
+    let follower = &cluster.nodes[(leader_index + 1) % 3];
     let plain = Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let steps: &[&[&[&str]]] = &[
         &[&["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"]],
@@ -141,8 +143,8 @@ fn replies_are_those_of_plain_redis() {
         // A pipeline's read sees the entry before it.
         &[&["XADD", "s", "3-1", "f", "d"], &["XREAD", "BLOCK", "0", "STREAMS", "s", "2-1"], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "50", "STREAMS", "s", ">"]],
     ];
-    for protocol in ["2", "3"] {
-        let mut raftis = RespConn::connect(leader.port).unwrap();
+    for (node, protocol) in [(leader, "2"), (leader, "3"), (follower, "2"), (follower, "3")] {
+        let mut raftis = RespConn::connect(node.port).unwrap();
         let mut redis = RespConn::connect(plain.port).unwrap();
         for conn in [&mut raftis, &mut redis] {
             call(conn, &["HELLO", protocol]);
@@ -151,7 +153,7 @@ fn replies_are_those_of_plain_redis() {
         for step in steps {
             let commands: Vec<Vec<Vec<u8>>> = step.iter().map(|c| args(c)).collect();
             let expected = redis.pipeline(&commands).unwrap();
-            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "RESP{protocol}: {step:?}");
+            assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "port {} RESP{protocol}: {step:?}", node.port);
         }
         // A read served after blocking gets at most 1000 entries unless it has a COUNT: a
         // transaction adds 1500 at once.
@@ -159,13 +161,14 @@ fn replies_are_those_of_plain_redis() {
         batch.extend((1..=1500).map(|i| args(&["XADD", "s", &format!("{}-1", 100 + i), "f", "x"])));
         batch.push(args(&["EXEC"]));
         let mut got = Vec::new();
-        for (server, conn, is_plain) in [(&plain, &mut redis, true), (leader, &mut raftis, false)] {
+        // Readers on `server`, waiting where `waits_on` counts them.
+        for (server, waits_on, conn, is_plain) in [(&plain, &plain, &mut redis, true), (node, leader, &mut raftis, false)] {
             let mut readers: Vec<RespConn> = (0..2).map(|_| RespConn::connect(server.port).unwrap()).collect();
             for reader in readers.iter_mut() {
                 call(reader, &["HELLO", protocol]);
             }
-            block(&mut readers[0], &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], server, is_plain, 1);
-            block(&mut readers[1], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], server, is_plain, 2);
+            block(&mut readers[0], &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], waits_on, is_plain, 1);
+            block(&mut readers[1], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], waits_on, is_plain, 2);
             conn.pipeline(&batch).unwrap();
             got.push(readers.iter_mut().map(|r| r.reply().unwrap()).collect::<Vec<_>>());
             // RESP2: [[stream, entries]]; RESP3: {stream: entries}.
@@ -178,11 +181,12 @@ fn replies_are_those_of_plain_redis() {
                 entries.items().map(<[Reply]>::len)
             };
             let counts: Vec<Option<usize>> = got.last().unwrap().iter().map(entries).collect();
-            assert_eq!(counts, [Some(1000), Some(1000)], "RESP{protocol}, plain: {is_plain}");
+            assert_eq!(counts, [Some(1000), Some(1000)], "port {} RESP{protocol}, plain: {is_plain}", server.port);
         }
-        assert_eq!(got[1], got[0], "RESP{protocol}");
+        assert_eq!(got[1], got[0], "port {} RESP{protocol}", node.port);
     }
     assert_eq!(waiting(leader, false), 0);
+    assert_eq!(stat_field(follower, "blocked_forwarded_waiting"), 0);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
@@ -210,6 +214,14 @@ fn at_low_consistency_every_node_serves_blocking_reads() {
     call(&mut producer, &["XGROUP", "CREATE", "s", "g", "$"]);
     let moved = call(&mut reader, &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]);
     assert!(moved.text().is_some_and(|t| t.starts_with("MOVED")), "a group's read delivers: a write, {moved:?}");
+    // With the proxy, the follower sends it to wait at the leader.
+    call(&mut reader, &["RAFT.CONFIG", "SET", "follower-proxy", "yes"]);
+    block(&mut reader, &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], &cluster.nodes[leader], false, 1);
+    assert_eq!(stat_field(follower, "blocked_forwarded_waiting"), 1);
+    call(&mut producer, &["XADD", "s", "3-1", "f", "newer"]);
+    let got = format!("{:?}", reader.reply().unwrap());
+    assert!(got.contains("3-1") && got.contains("newer") && !got.contains("2-1"), "{got}");
+    assert_eq!(stat_field(follower, "blocked_forwarded_waiting"), 0);
 }
 
 /// A leader that steps down answers its waiting readers `-MOVED`; followers redirect blocking

@@ -9,7 +9,7 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
 use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
 use raftis_core::determinism;
-use raftis_core::forward::{encode_replies, ForwardDone, ForwardRequest};
+use raftis_core::forward::{encode_replies, Abandoned, ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
 use crate::snapshot::AppliedPoint;
@@ -77,7 +77,7 @@ fn finish_held(held: crate::held::HeldReply, outcome: Outcome) {
 
 /// A write's reply as raw RESP, for replies that do not go through a blocked client; or the
 /// error (without the leading '-') to answer instead.
-fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
+pub fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
     match outcome {
         Outcome::Call(reply) => crate::forward::take_proto(reply),
         Outcome::Error(e) => Err(e),
@@ -149,7 +149,7 @@ pub enum Job {
     /// (otherwise only the next write would notice).
     CheckSnapshot,
     /// A command a follower forwarded (follower proxy).
-    Forward { req: ForwardRequest, done: ForwardDone },
+    Forward { req: ForwardRequest, done: ForwardDone, abandoned: Abandoned },
     /// Forwarded reads whose read index is applied: run them now, back to back.
     RunForwarded { reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone },
 }
@@ -283,7 +283,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             Job::TakeSnapshot(waiter) => state::get().snapshots.start(ctx, &point, Some(waiter)),
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
             Job::CheckSnapshot => {}
-            Job::Forward { req, done } => crate::forward::serve(req, done),
+            Job::Forward { req, done, abandoned } => crate::forward::serve(req, done, abandoned),
             Job::RunForwarded { reads, batch, resp3, done } => crate::forward::run_reads(ctx, reads, batch, resp3, done),
         }
     }

@@ -36,12 +36,18 @@
 //! that loses leadership answers its waiting clients `-MOVED` (as Redis Cluster does when a
 //! blocked client's slot moves). Inside MULTI the blocking commands never reach here: they run
 //! once, without blocking, as in Redis (scripts may not call them at all, Redis' own rule).
+//!
+//! A follower with `follower-proxy yes` sends its clients' blocking commands here (see
+//! `forward_blocking`): they wait like this node's own clients, and their answers go back over
+//! the side port ([`serve_forwarded`]). A follower that hangs up stops its client's wait, as a
+//! client that disconnects does.
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
 use crate::stream_probe::{self, Newest};
+use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
 use raftis_core::command_entry::encode_command;
 use raftis_core::config::Consistency;
@@ -86,7 +92,7 @@ struct Waiting {
 
 /// A client waiting in a blocking command.
 struct Waiter {
-    blocked: Blocked,
+    client: Client,
     /// Its command, as its next attempt runs it.
     argv: Vec<Vec<u8>>,
     db: u32,
@@ -113,6 +119,24 @@ struct Waiter {
     /// Its timeout came, or its client went, while an attempt was in flight: it is answered (or
     /// forgotten) once the attempt is, unless the attempt gets something.
     over: bool,
+}
+
+/// Who waits, and how its answer reaches it.
+enum Client {
+    /// A client of this node, blocked.
+    Here(Blocked),
+    /// A follower's client (follower proxy): the answer goes back over the side port, raw. The
+    /// follower hangs up if its client stops waiting ([`Abandoned`]).
+    Forwarded { done: ForwardDone, abandoned: Abandoned },
+}
+
+impl Client {
+    /// Blocks the client of `ctx`, Redis giving up on it after `backstop` (zero: never).
+    fn block(ctx: *mut RedisModuleCtx, backstop: Duration) -> Client {
+        let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
+        unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+        Client::Here(blocked)
+    }
 }
 
 /// RAFT.STATS: clients waiting in a blocking command now, and attempts proposed so far.
@@ -145,7 +169,9 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return wait_locally(ctx, command, shape);
     }
     if !node.is_leader() {
-        // Also with follower-proxy: a client may wait for ever, longer than a forwarded request.
+        if s.follower_proxy() {
+            return crate::forward_blocking::to_leader(ctx, &node, command, shape::parse_timeout(command[shape.timeout], shape.unit));
+        }
         return Err(state::redirect(&node.status()));
     }
     // Errors, a bad timeout's included, are Redis' to answer, in its own order: the first
@@ -156,11 +182,30 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         Ok(Some(t)) => *t + s.write_timeout() + BACKSTOP,
         Err(_) => s.write_timeout() + BACKSTOP,
     };
-    let waiter = Waiter::new(ctx, command, &shape, timeout, backstop, false);
+    let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
+    let waiter = Waiter::new(Client::block(ctx, backstop), db, resp3, command, &shape, timeout, false);
+    first_attempt(&node, waiter);
+    Ok(())
+}
+
+/// Leader side of the follower proxy: a blocking command a follower's client sent, waiting here
+/// like one of this node's clients, its answer going back to the follower whenever it comes.
+/// Reads included: a forwarded `XREAD ... BLOCK` goes through the log, whatever the consistency.
+pub fn serve_forwarded(node: &RaftNode, db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone, abandoned: Abandoned) {
+    let command: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+    let Some(shape) = BlockingCommand::of(&command) else {
+        return done(Err("ERR wrong number of arguments for a blocking command".into()));
+    };
+    let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
+    let waiter = Waiter::new(Client::Forwarded { done, abandoned }, db, resp3, &command, &shape, timeout, false);
+    first_attempt(node, waiter);
+}
+
+/// Registers `waiter` and proposes its first attempt.
+fn first_attempt(node: &RaftNode, waiter: Waiter) {
     let attempt = Attempt::of(&waiter);
     let id = lock().add(waiter);
-    propose(&node, id, attempt);
-    Ok(())
+    propose(node, id, attempt);
 }
 
 impl Waiting {
@@ -175,27 +220,26 @@ impl Waiting {
 }
 
 impl Waiter {
-    /// Blocks the client of `ctx`, which sent `command`, Redis giving up on it after `backstop`;
-    /// its first attempt is in flight, unless it waits `local`ly (see [`wait_locally`]).
+    /// `client`, which sent `command` in database `db`, waits; its first attempt is in flight,
+    /// unless it waits `local`ly (see [`wait_locally`]).
     fn new(
-        ctx: *mut RedisModuleCtx,
+        client: Client,
+        db: u32,
+        resp3: bool,
         command: &[&[u8]],
         shape: &BlockingCommand,
         timeout: Result<Option<Duration>, String>,
-        backstop: Duration,
         local: bool,
     ) -> Waiter {
-        let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
-        unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
         let group = match shape.waits {
             Waits::Group(StreamRead { group: Some(at), .. }) => Some(command[at].to_vec()),
             _ => None,
         };
         Waiter {
-            blocked,
+            client,
             argv: ffi::owned_args(command),
-            db: ffi::selected_db(ctx),
-            resp3: ffi::client_is_resp3(ctx),
+            db,
+            resp3,
             keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
             waits: shape.waits,
             after: Vec::new(),
@@ -207,6 +251,17 @@ impl Waiter {
             first: !local,
             in_flight: !local,
             over: false,
+        }
+    }
+
+    /// Answers the client; its wait is over.
+    fn finish(self, outcome: Outcome) {
+        match self.client {
+            Client::Here(blocked) => blocked.finish(outcome),
+            Client::Forwarded { done, .. } => done(match outcome {
+                Outcome::NullArray => Ok(if self.resp3 { b"_\r\n".to_vec() } else { b"*-1\r\n".to_vec() }),
+                other => crate::apply::raw_reply(other),
+            }),
         }
     }
 }
@@ -230,7 +285,8 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
         Ok(Some(t)) => *t + BACKSTOP,
         _ => Duration::ZERO,
     };
-    let mut waiter = Waiter::new(ctx, command, &shape, timeout, backstop, true);
+    let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
+    let mut waiter = Waiter::new(Client::block(ctx, backstop), db, resp3, command, &shape, timeout, true);
     // Nothing runs between the read above and this: `$` is the last ID it saw.
     found_nothing(state::get().main_thread_ctx(), &mut waiter);
     let mut w = lock();
@@ -242,7 +298,7 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
         let waiter = remove(&mut w, id);
         drop(w);
         if let Some(waiter) = waiter {
-            waiter.blocked.finish(answer);
+            waiter.finish(answer);
         }
     }
     Ok(())
@@ -312,7 +368,7 @@ pub fn attempted(id: u64, outcome: Outcome) {
     let waiter = remove(&mut w, id);
     drop(w);
     if let Some(waiter) = waiter {
-        waiter.blocked.finish(answer);
+        waiter.finish(answer);
     }
 }
 
@@ -410,7 +466,7 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
     let answered: Vec<(Waiter, &str)> = answers.into_iter().filter_map(|(id, e)| Some((remove(&mut w, id)?, e))).collect();
     drop(w);
     for (waiter, error) in answered {
-        waiter.blocked.finish(Outcome::Error(error.into()));
+        waiter.finish(Outcome::Error(error.into()));
     }
     for (id, attempt) in attempts {
         propose(&node, id, attempt);
@@ -531,7 +587,7 @@ fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
     let waiter = remove(&mut w, id);
     drop(w);
     match waiter {
-        Some(waiter) => waiter.blocked.finish(Outcome::Call(reply)),
+        Some(waiter) => waiter.finish(Outcome::Call(reply)),
         None => ffi::free_call_reply(reply),
     }
 }
@@ -541,6 +597,7 @@ fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
 pub fn before_sleep() {
     if COUNT.load(Ordering::Relaxed) > 0 {
         answer_if_deposed();
+        forget_abandoned();
     }
     if STALE_TIMERS.swap(false, Ordering::AcqRel) {
         let timers = std::mem::take(&mut lock().stale_timers);
@@ -569,7 +626,7 @@ fn answer_if_deposed() {
     drop(w);
     let error = state::redirect(&node.status());
     for waiter in waiters {
-        waiter.blocked.finish(Outcome::Error(error.clone()));
+        waiter.finish(Outcome::Error(error.clone()));
     }
 }
 
@@ -634,12 +691,24 @@ fn give_up(find: impl FnOnce(&BTreeMap<u64, Waiter>) -> Option<u64>, answer: Out
     let waiter = remove(&mut w, id);
     drop(w);
     if let Some(waiter) = waiter {
-        waiter.blocked.finish(answer);
+        waiter.finish(answer);
     }
 }
 
 fn by_handle(clients: &BTreeMap<u64, Waiter>, bc: *mut RedisModuleBlockedClient) -> Option<u64> {
-    clients.iter().find(|(_, c)| c.blocked.handle() == bc).map(|(id, _)| *id)
+    clients.iter().find(|(_, c)| matches!(&c.client, Client::Here(blocked) if blocked.handle() == bc)).map(|(id, _)| *id)
+}
+
+/// Forgets the waits of forwarded clients whose follower hung up (their client left or gave up,
+/// or the follower stopped waiting on this node): as for a client of this node that leaves.
+fn forget_abandoned() {
+    let abandoned: Vec<u64> = {
+        let w = lock();
+        w.clients.iter().filter(|(_, c)| matches!(&c.client, Client::Forwarded { abandoned, .. } if abandoned.is_set())).map(|(id, _)| *id).collect()
+    };
+    for id in abandoned {
+        give_up(|clients| clients.get(&id).map(|_| id), Outcome::Error("ERR the follower hung up".into()));
+    }
 }
 
 fn remove(w: &mut Waiting, id: u64) -> Option<Waiter> {

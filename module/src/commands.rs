@@ -374,7 +374,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "watching_clients:{}\r\n", crate::watch::clients());
-        for (name, value) in crate::blocking::stats() {
+        for (name, value) in crate::blocking::stats().into_iter().chain(crate::forward_blocking::stats()) {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "known_scripts:{}\r\n", crate::scripts::known_scripts());

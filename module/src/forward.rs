@@ -25,7 +25,7 @@ use crate::state::{self, RaftNode};
 use crate::transaction::Forwarding;
 use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::Args;
-use raftis_core::forward::{decode_replies, encode_replies, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
+use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
 use std::os::raw::{c_char, c_int, c_long};
@@ -97,12 +97,12 @@ pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Opti
     node.transport().forward(leader, &req, forward_timeout(), fill);
 }
 
-fn forward_timeout() -> Duration {
+pub fn forward_timeout() -> Duration {
     state::get().write_timeout() + Duration::from_secs(1)
 }
 
 /// The leader's side-port address, or the redirect to answer when no leader is known.
-fn leader_addr(node: &RaftNode) -> Result<String, String> {
+pub fn leader_addr(node: &RaftNode) -> Result<String, String> {
     let status = node.status();
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => Ok(leader.raft_addr.clone()),
@@ -112,15 +112,15 @@ fn leader_addr(node: &RaftNode) -> Result<String, String> {
 
 /// Leader side: what the transport calls for each `FORWARD`.
 pub fn handler() -> ForwardHandler {
-    Arc::new(|req, done| {
-        if let Err(e) = state::get().send_to_apply(Job::Forward { req, done }) {
+    Arc::new(|req, done, abandoned| {
+        if let Err(e) = state::get().send_to_apply(Job::Forward { req, done, abandoned }) {
             log::warn!("cannot serve a forwarded command: {e}");
         }
     })
 }
 
 /// Leader side, on the main thread: runs one forwarded command (or transaction) like a client's.
-pub fn serve(req: ForwardRequest, done: ForwardDone) {
+pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
     let s = state::get();
     let Some(node) = s.node() else { return done(Err(crate::write::not_initialized())) };
     if !node.is_leader() {
@@ -130,6 +130,14 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
     let (db, argv) = match req.what {
         Forwarded::Command { db, argv } => (db, argv),
         Forwarded::Transaction(commands) => return serve_transaction(&node, commands, resp3, done),
+        Forwarded::Blocking { db, argv } => {
+            let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+            return match s.route(&refs) {
+                Route::Blocking | Route::BlockingRead => crate::blocking::serve_forwarded(&node, db, argv, resp3, done, abandoned),
+                Route::Refuse(e) => done(Err(e)),
+                _ => done(Err("ERR only blocking commands are forwarded to wait".into())),
+            };
+        }
     };
     let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
     let route = s.route(&refs);
@@ -147,8 +155,8 @@ pub fn serve(req: ForwardRequest, done: ForwardDone) {
         }
         Route::Read => confirm_then_run(&node, vec![(db, argv)], false, resp3, done),
         Route::Refuse(e) => done(Err(e)),
-        // The follower runs these itself; a peer sending one is confused, not a client.
-        // A follower answers blocking commands with -MOVED: one may wait longer than any forward.
+        // The follower runs these itself, or forwards them to wait (`FORWARD-BLOCK`); a peer
+        // sending one here is confused, not a client.
         Route::Local | Route::BeginTransaction | Route::Watch | Route::Blocking | Route::BlockingRead => {
             done(Err("ERR only writes and reads are forwarded".into()))
         }

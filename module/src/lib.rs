@@ -17,6 +17,7 @@ mod expiry;
 mod ffi;
 mod filter;
 mod forward;
+mod forward_blocking;
 mod held;
 mod logger;
 mod read;
@@ -296,6 +297,9 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     }
     if std::panic::catch_unwind(blocking::before_sleep).is_err() {
         log::error!("panic in the event-loop hook for blocking pops");
+    }
+    if std::panic::catch_unwind(forward_blocking::before_sleep).is_err() {
+        log::error!("panic in the event-loop hook for forwarded blocking commands");
     }
     if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
         log::error!("panic in the event-loop hook for key expiry");
