@@ -155,6 +155,12 @@ fn replies_are_those_of_plain_redis() {
             let expected = redis.pipeline(&commands).unwrap();
             assert_eq!(raftis.pipeline(&commands).unwrap(), expected, "port {} RESP{protocol}: {step:?}", node.port);
         }
+        // An error quoting the client's bytes, which need not be UTF-8, comes back as they are.
+        let mut read = args(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]);
+        read[2] = b"\xff\xfe".to_vec();
+        let expected = redis.pipeline(&[read.clone()]).unwrap();
+        assert!(expected[0].is_error());
+        assert_eq!(raftis.pipeline(&[read]).unwrap(), expected, "port {} RESP{protocol}", node.port);
         // A read served after blocking gets at most 1000 entries unless it has a COUNT: a
         // transaction adds 1500 at once.
         let mut batch = vec![args(&["MULTI"])];

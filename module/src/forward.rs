@@ -28,6 +28,7 @@ use raftis_core::determinism::Args;
 use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
+use std::ffi::CString;
 use std::os::raw::{c_char, c_int, c_long};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,44 +282,63 @@ pub fn proto_of(reply: *mut ffi::RedisModuleCallReply) -> Option<Vec<u8>> {
 
 /// Follower side, in the reply callback: replays the leader's raw reply to the client.
 pub fn relay(ctx: *mut RedisModuleCtx, raw: &[u8]) -> c_int {
+    // Checked whole before anything is emitted: the client must get exactly one reply, and a
+    // value half emitted cannot be taken back. Only a corrupt reply fails here.
     let mut pos = 0;
-    if emit(ctx, raw, &mut pos).is_none() || pos != raw.len() {
-        // Only reachable with a corrupt reply; the client must still get exactly one reply, and
-        // nothing has been emitted unless the first value parsed.
-        log::warn!("could not relay a forwarded reply ({} bytes)", raw.len());
-        if pos == 0 {
-            return ffi::reply_error(ctx, "ERR could not relay the leader's reply");
-        }
+    if emit(None, raw, &mut pos).is_none() || pos != raw.len() {
+        let start = String::from_utf8_lossy(&raw[..raw.len().min(120)]).escape_debug().to_string();
+        log::warn!("could not relay a forwarded reply ({} bytes, starting \"{start}\")", raw.len());
+        return ffi::reply_error(ctx, "ERR could not relay the leader's reply");
     }
+    emit(Some(ctx), raw, &mut 0);
     ffi::OK
 }
 
-/// Emits one RESP value starting at `pos` (RESP2 and RESP3 types), advancing `pos` past it.
-fn emit(ctx: *mut RedisModuleCtx, buf: &[u8], pos: &mut usize) -> Option<()> {
+/// Walks one RESP value starting at `pos` (RESP2 and RESP3 types), advancing `pos` past it, and
+/// emits it to the client of `ctx` if there is one (None: only checks it).
+fn emit(ctx: Option<*mut RedisModuleCtx>, buf: &[u8], pos: &mut usize) -> Option<()> {
     let kind = *buf.get(*pos)?;
     let line_end = *pos + buf[*pos..].windows(2).position(|w| w == b"\r\n")?;
     let line = &buf[*pos + 1..line_end];
     *pos = line_end + 2;
-    let text = std::str::from_utf8(line).ok();
-    let number = || text?.parse::<i64>().ok();
+    let number = || std::str::from_utf8(line).ok()?.parse::<i64>().ok();
+    // Runs the module API call that emits the value, when there is a client to emit to.
+    let out = |f: &dyn Fn(*mut RedisModuleCtx)| {
+        if let Some(ctx) = ctx {
+            f(ctx);
+        }
+    };
     unsafe {
         match kind {
+            // Status and error lines may hold any byte but CR and LF (an error quoting a
+            // client's argument, say).
             b'+' => {
-                api!(RedisModule_ReplyWithSimpleString)(ctx, ffi::cstr(text?).as_ptr());
+                let text = line_cstr(line);
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithSimpleString)(ctx, text.as_ptr());
+                });
             }
             b'-' => {
-                api!(RedisModule_ReplyWithError)(ctx, ffi::cstr(text?).as_ptr());
+                let text = line_cstr(line);
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithError)(ctx, text.as_ptr());
+                });
             }
             b':' => {
-                api!(RedisModule_ReplyWithLongLong)(ctx, number()?);
+                let n = number()?;
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithLongLong)(ctx, n);
+                });
             }
             b'$' => match number()? {
-                n if n < 0 => {
+                n if n < 0 => out(&|ctx| {
                     api!(RedisModule_ReplyWithNull)(ctx);
-                }
+                }),
                 n => {
                     let data = blob(buf, pos, n)?;
-                    api!(RedisModule_ReplyWithStringBuffer)(ctx, data.as_ptr() as *const c_char, data.len());
+                    out(&|ctx| {
+                        api!(RedisModule_ReplyWithStringBuffer)(ctx, data.as_ptr() as *const c_char, data.len());
+                    });
                 }
             },
             b'=' => {
@@ -326,24 +346,30 @@ fn emit(ctx: *mut RedisModuleCtx, buf: &[u8], pos: &mut usize) -> Option<()> {
                 let data = blob(buf, pos, number()?)?;
                 let (format, body) = (data.get(..3)?, data.get(4..)?);
                 let format = ffi::cstr(std::str::from_utf8(format).ok()?);
-                api!(RedisModule_ReplyWithVerbatimStringType)(ctx, body.as_ptr() as *const c_char, body.len(), format.as_ptr());
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithVerbatimStringType)(ctx, body.as_ptr() as *const c_char, body.len(), format.as_ptr());
+                });
             }
             b'*' | b'>' | b'~' | b'%' | b'|' => {
                 let n = number()?;
                 if n < 0 {
-                    api!(RedisModule_ReplyWithNullArray)(ctx);
+                    out(&|ctx| {
+                        api!(RedisModule_ReplyWithNullArray)(ctx);
+                    });
                     return Some(());
                 }
                 let children = match kind {
                     b'%' | b'|' => n * 2,
                     _ => n,
                 };
-                match kind {
-                    b'~' => api!(RedisModule_ReplyWithSet)(ctx, n as c_long),
-                    b'%' => api!(RedisModule_ReplyWithMap)(ctx, n as c_long),
-                    b'|' => api!(RedisModule_ReplyWithAttribute)(ctx, n as c_long),
-                    _ => api!(RedisModule_ReplyWithArray)(ctx, n as c_long),
-                };
+                out(&|ctx| {
+                    match kind {
+                        b'~' => api!(RedisModule_ReplyWithSet)(ctx, n as c_long),
+                        b'%' => api!(RedisModule_ReplyWithMap)(ctx, n as c_long),
+                        b'|' => api!(RedisModule_ReplyWithAttribute)(ctx, n as c_long),
+                        _ => api!(RedisModule_ReplyWithArray)(ctx, n as c_long),
+                    };
+                });
                 for _ in 0..children {
                     emit(ctx, buf, pos)?;
                 }
@@ -352,28 +378,43 @@ fn emit(ctx: *mut RedisModuleCtx, buf: &[u8], pos: &mut usize) -> Option<()> {
                     return emit(ctx, buf, pos);
                 }
             }
-            b'_' => {
+            b'_' => out(&|ctx| {
                 api!(RedisModule_ReplyWithNull)(ctx);
-            }
+            }),
             b'#' => {
-                api!(RedisModule_ReplyWithBool)(ctx, (line == b"t") as c_int);
+                let b = match line {
+                    b"t" => 1,
+                    b"f" => 0,
+                    _ => return None,
+                };
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithBool)(ctx, b);
+                });
             }
             b',' => {
-                let v = match text? {
+                let v = match std::str::from_utf8(line).ok()? {
                     "inf" => f64::INFINITY,
                     "-inf" => f64::NEG_INFINITY,
                     "nan" => f64::NAN,
                     t => t.parse().ok()?,
                 };
-                api!(RedisModule_ReplyWithDouble)(ctx, v);
+                out(&|ctx| {
+                    api!(RedisModule_ReplyWithDouble)(ctx, v);
+                });
             }
-            b'(' => {
+            b'(' => out(&|ctx| {
                 api!(RedisModule_ReplyWithBigNumber)(ctx, line.as_ptr() as *const c_char, line.len());
-            }
+            }),
             _ => return None,
         }
     }
     Some(())
+}
+
+/// A status or error line as a C string (cut at a NUL, which Redis' own lines never hold).
+fn line_cstr(line: &[u8]) -> CString {
+    let end = line.iter().position(|&b| b == 0).unwrap_or(line.len());
+    CString::new(&line[..end]).expect("no NUL left")
 }
 
 /// The `n` bytes of a bulk or verbatim string at `pos` (followed by CRLF), advancing past them.
