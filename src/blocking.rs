@@ -75,6 +75,27 @@ impl BlockingCommand {
     pub fn reads_only(&self) -> bool {
         matches!(self.waits, Waits::Stream(_))
     }
+
+    /// A pop `argv` (of this shape) narrowed to the keys at `ready`, a part of [`Self::keys`] in
+    /// the same order, for an attempt on the keys that hold something. Redis serves a waiting
+    /// client from a key that gets elements, whatever its other keys hold meanwhile; an attempt
+    /// that named them all would answer `-WRONGTYPE` for one that turned into another type
+    /// before the ready one. (The first attempt names them all: Redis checks every key when the
+    /// command comes in.)
+    pub fn narrowed_to(&self, argv: &[Vec<u8>], ready: &[usize]) -> Vec<Vec<u8>> {
+        let (Some(&first), Some(&last)) = (self.keys.first(), self.keys.last()) else { return argv.to_vec() };
+        if ready.is_empty() || ready.len() == self.keys.len() || !matches!(self.waits, Waits::List | Waits::SortedSet) {
+            return argv.to_vec();
+        }
+        let mut out: Vec<Vec<u8>> = argv[..first].to_vec();
+        out.extend(ready.iter().map(|&at| argv[at].clone()));
+        out.extend_from_slice(&argv[last + 1..]);
+        // BLMPOP and BZMPOP count their keys, in the argument before them.
+        if [&b"blmpop"[..], b"bzmpop"].iter().any(|name| argv[0].eq_ignore_ascii_case(name)) {
+            out[first - 1] = ready.len().to_string().into_bytes();
+        }
+        out
+    }
 }
 
 /// How long a client may wait, as Redis reads a blocking command's timeout: seconds with decimals
@@ -123,6 +144,24 @@ mod tests {
         let bzmpop = pop(&["BZMPOP", "0", "2", "z1", "z2", "MIN", "COUNT", "3"]).unwrap();
         assert_eq!((bzmpop.keys, bzmpop.timeout, bzmpop.waits), (vec![3, 4], 1, Waits::SortedSet));
         assert_eq!(pop(&["BZPOPMAX", "z", "0"]).unwrap().waits, Waits::SortedSet);
+    }
+
+    #[test]
+    fn a_retry_names_only_the_keys_that_are_ready() {
+        let narrowed = |args: &[&str], ready: &[usize]| {
+            let argv: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+            let shape = pop(args).unwrap();
+            let out = shape.narrowed_to(&argv, ready);
+            out.into_iter().map(|a| String::from_utf8(a).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(narrowed(&["BLPOP", "a", "b", "c", "0"], &[2]), ["BLPOP", "b", "0"]);
+        assert_eq!(narrowed(&["BZPOPMIN", "a", "b", "c", "1.5"], &[1, 3]), ["BZPOPMIN", "a", "c", "1.5"]);
+        assert_eq!(narrowed(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"], &[4, 5]), ["BLMPOP", "0", "2", "b", "c", "LEFT", "COUNT", "2"]);
+        assert_eq!(narrowed(&["BZMPOP", "0", "2", "a", "b", "MAX"], &[4]), ["BZMPOP", "0", "1", "b", "MAX"]);
+        // Unchanged: every key is ready, none is, or there is one key only.
+        assert_eq!(narrowed(&["BRPOP", "a", "b", "0"], &[1, 2]), ["BRPOP", "a", "b", "0"]);
+        assert_eq!(narrowed(&["BRPOP", "a", "b", "0"], &[]), ["BRPOP", "a", "b", "0"]);
+        assert_eq!(narrowed(&["BLMOVE", "a", "d", "LEFT", "RIGHT", "0"], &[1]), ["BLMOVE", "a", "d", "LEFT", "RIGHT", "0"]);
     }
 
     #[test]

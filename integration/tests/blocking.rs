@@ -119,6 +119,46 @@ fn replies_are_those_of_plain_redis() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A waiting pop is served from the key that gets elements, as in Redis, though another of its
+/// keys turned into another type meanwhile (a retry naming every key would meet that one first).
+#[test]
+fn a_waiting_pop_passes_over_keys_that_changed_type_as_in_redis() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let plain = Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let cases: &[(&[&str], &[&[&str]])] = &[
+        (&["BLPOP", "a", "b", "0"], &[&["SET", "a", "str"], &["RPUSH", "b", "x"]]),
+        (&["BLMPOP", "0", "3", "a", "b", "c", "RIGHT", "COUNT", "2"], &[&["SET", "a", "str"], &["RPUSH", "c", "x", "y", "z"]]),
+        (&["BZPOPMIN", "a", "b", "0"], &[&["SET", "a", "str"], &["ZADD", "b", "1", "m"]]),
+        (&["BZMPOP", "0", "2", "a", "b", "MAX"], &[&["SET", "a", "str"], &["ZADD", "b", "1", "m", "2", "n"]]),
+    ];
+    let blocked = |server: &Server, is_plain: bool| match is_plain {
+        true => {
+            let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
+            raftis_integration::field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
+        }
+        false => waiting(server),
+    };
+    let mut replies = Vec::new();
+    for (server, is_plain) in [(&plain, true), (leader, false)] {
+        let mut other = RespConn::connect(server.port).unwrap();
+        let mut w = RespConn::connect(server.port).unwrap();
+        for (pop, changes) in cases {
+            call(&mut other, &["FLUSHALL"]);
+            w.send(&[args(pop)]).unwrap();
+            wait_for("the pop to wait", WAIT, || (blocked(server, is_plain) == 1).then_some(()));
+            for change in *changes {
+                call(&mut other, change);
+            }
+            replies.push((pop.to_vec(), w.reply().unwrap()));
+        }
+    }
+    let (redis, raftis) = replies.split_at(cases.len());
+    assert_eq!(raftis, redis);
+    assert!(raftis.iter().all(|(_, reply)| !reply.is_error()), "{raftis:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 /// On the leader, and through a follower with the proxy (which hangs up on the leader, so that it
 /// forgets the wait too).
 #[test]

@@ -99,7 +99,9 @@ struct Waiter {
     resp3: bool,
     /// The keys it waits on.
     keys: Vec<Vec<u8>>,
-    waits: Waits,
+    /// What it waits for, where its keys are in `argv` (a retry narrows a pop to its ready
+    /// keys), its timeout's.
+    shape: BlockingCommand,
     /// `XREAD`, for each key: the ID it reads after (None: one this module cannot read, so the
     /// stream is looked at after every batch). Empty until its first attempt found nothing.
     after: Vec<Option<StreamId>>,
@@ -241,7 +243,7 @@ impl Waiter {
             db,
             resp3,
             keys: shape.keys.iter().map(|&i| command[i].to_vec()).collect(),
-            waits: shape.waits,
+            shape: shape.clone(),
             after: Vec::new(),
             group,
             local,
@@ -314,7 +316,7 @@ struct Attempt {
 
 impl Attempt {
     fn of(waiter: &Waiter) -> Attempt {
-        let reads_only = matches!(waiter.waits, Waits::Stream(_));
+        let reads_only = matches!(waiter.shape.waits, Waits::Stream(_));
         Attempt { argv: waiter.argv.clone(), db: waiter.db, resp3: waiter.resp3, reads_only }
     }
 }
@@ -375,8 +377,8 @@ pub fn attempted(id: u64, outcome: Outcome) {
 /// The first attempt of a stream read found nothing (on the main thread, as of its entry): what
 /// it waits for from now on, and how it is served.
 fn found_nothing(ctx: *mut RedisModuleCtx, waiter: &mut Waiter) {
-    let (Waits::Stream(read) | Waits::Group(read)) = waiter.waits else { return };
-    if let Waits::Stream(_) = waiter.waits {
+    let (Waits::Stream(read) | Waits::Group(read)) = waiter.shape.waits else { return };
+    if let Waits::Stream(_) = waiter.shape.waits {
         if !ffi::select_db(ctx, waiter.db) {
             return;
         }
@@ -436,14 +438,17 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
         if waiter.over || !(leader || waiter.local) {
             continue;
         }
-        match waiter.waits {
+        match waiter.shape.waits {
             Waits::List | Waits::SortedSet => {
                 // Attempts in flight count too: each takes an element.
-                let Some(key) = waiter.keys.iter().find(|key| look.elements(waiter.db, key, waiter.waits) > 0) else { continue };
-                look.take(waiter.db, key);
+                let ready: Vec<usize> = (0..waiter.keys.len()).filter(|&i| look.elements(waiter.db, &waiter.keys[i], waiter.shape.waits) > 0).collect();
+                let Some(&first) = ready.first() else { continue };
+                look.take(waiter.db, &waiter.keys[first]);
                 if !waiter.in_flight {
                     waiter.in_flight = true;
-                    attempts.push((*id, Attempt::of(waiter)));
+                    let positions: Vec<usize> = ready.iter().map(|&i| waiter.shape.keys[i]).collect();
+                    let argv = waiter.shape.narrowed_to(&waiter.argv, &positions);
+                    attempts.push((*id, Attempt { argv, ..Attempt::of(waiter) }));
                 }
             }
             Waits::Group(_) if !waiter.in_flight => match look.group_news(waiter) {
