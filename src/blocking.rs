@@ -106,8 +106,14 @@ pub fn parse_timeout(arg: &[u8], unit: Unit) -> Result<Option<Duration>, String>
     let millis = match unit {
         Unit::Seconds => {
             let seconds = text
-                .and_then(|s| s.parse::<f64>().ok())
-                .filter(|s| !s.is_nan())
+                .and_then(|s| s.parse::<f64>().ok().or_else(|| hex_float(s)).map(|v| (s, v)))
+                .filter(|(_, v)| !v.is_nan())
+                .map(|(s, v)| match v == 0.0 && has_nonzero_digit(s) {
+                    // Too small for a double, not for Redis' long double: a wait of a millisecond
+                    // once rounded up (negative ones round to zero).
+                    true => f64::MIN_POSITIVE.copysign(if s.starts_with('-') { -1.0 } else { 1.0 }),
+                    false => v,
+                })
                 .ok_or_else(|| "ERR timeout is not a float or out of range".to_string())?;
             let millis = (seconds * 1000.0).ceil();
             // Redis converts to a 64-bit integer: what does not fit comes out as the most negative one.
@@ -124,6 +130,44 @@ pub fn parse_timeout(arg: &[u8], unit: Unit) -> Result<Option<Duration>, String>
         return Err("ERR timeout is negative".into());
     }
     Ok((millis > 0).then(|| Duration::from_millis(millis as u64)))
+}
+
+/// The hexadecimal form of a float that `strtold`, and so Redis, reads:
+/// `[+-]0x<hex digits>[.<hex digits>][p[+-]<decimal exponent>]`.
+fn hex_float(s: &str) -> Option<f64> {
+    let (negative, unsigned) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let digits = unsigned.strip_prefix("0x").or_else(|| unsigned.strip_prefix("0X"))?;
+    let (mantissa, exponent) = match digits.split_once(['p', 'P']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().ok()?),
+        None => (digits, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
+    }
+    let mut value = 0.0f64;
+    for c in whole.chars() {
+        value = value * 16.0 + f64::from(c.to_digit(16)?);
+    }
+    let mut scale = 1.0 / 16.0;
+    for c in fraction.chars() {
+        value += f64::from(c.to_digit(16)?) * scale;
+        scale /= 16.0;
+    }
+    let value = value * 2f64.powi(exponent);
+    Some(if negative { -value } else { value })
+}
+
+/// Whether a float's digits (before its exponent) are not all zeros.
+fn has_nonzero_digit(s: &str) -> bool {
+    let unsigned = s.trim_start_matches(['+', '-']);
+    match unsigned.strip_prefix("0x").or_else(|| unsigned.strip_prefix("0X")) {
+        Some(hex) => hex.split(['p', 'P']).next().unwrap_or("").chars().any(|c| c.is_ascii_hexdigit() && c != '0'),
+        None => unsigned.split(['e', 'E']).next().unwrap_or("").chars().any(|c| ('1'..='9').contains(&c)),
+    }
 }
 
 #[cfg(test)]
@@ -209,6 +253,19 @@ mod tests {
         assert_eq!(parse_timeout_s(b"1e1"), Ok(Some(Duration::from_secs(10))));
         assert_eq!(parse_timeout_s(b"-1").unwrap_err(), "ERR timeout is negative");
         assert_eq!(parse_timeout_s(b"inf").unwrap_err(), "ERR timeout is negative", "Redis' integer conversion overflows");
+        // strtold's hexadecimal floats, and values below a double's range but not a long double's.
+        assert_eq!(parse_timeout_s(b"0x1p-1"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(parse_timeout_s(b"0X1.8P1"), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(parse_timeout_s(b"0xa"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse_timeout_s(b"-0x1p-20"), Ok(None), "rounds to zero");
+        assert_eq!(parse_timeout_s(b"0x0"), Ok(None));
+        assert_eq!(parse_timeout_s(b"1e-400"), Ok(Some(Duration::from_millis(1))));
+        assert_eq!(parse_timeout_s(b"0x1p-2000"), Ok(Some(Duration::from_millis(1))));
+        assert_eq!(parse_timeout_s(b"0e-400"), Ok(None));
+        assert_eq!(parse_timeout_s(b"-1e-400"), Ok(None));
+        for bad in ["0x", "0x1p", "0xg", "0x1.2.3", "0x1p1.5", "x1"] {
+            assert_eq!(parse_timeout_s(bad.as_bytes()).unwrap_err(), "ERR timeout is not a float or out of range", "{bad:?}");
+        }
         for bad in [&b"abc"[..], b"", b" 1", b"1 ", b"nan", b"\xff"] {
             assert_eq!(parse_timeout_s(bad).unwrap_err(), "ERR timeout is not a float or out of range", "{bad:?}");
         }

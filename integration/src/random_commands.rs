@@ -61,7 +61,7 @@ const EXCLUDED_CATEGORIES: &[&str] = &["@admin", "@connection", "@pubsub", "@scr
 const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop"];
 /// What a blocking pop's timeout is made: short waits, and the errors Redis gives. Never 0 (or
 /// what rounds to it), which would wait for ever.
-const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "-1", "x"];
+const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "0x1p-7", "-1", "x"];
 /// `@dangerous` commands that are plain data commands after all.
 const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
 /// Refused by Raftis: its answer would depend on each node's luck.

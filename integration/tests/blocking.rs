@@ -77,6 +77,9 @@ fn replies_are_those_of_plain_redis() {
         &[&["BZPOPMIN", "z", "0.05"]],
         &[&["BLMPOP", "0.05", "1", "l", "LEFT"]],
         &[&["BZMPOP", "0.05", "1", "z", "MIN"]],
+        // As strtold reads them: hexadecimal, and below a double's range.
+        &[&["BLPOP", "l", "0x1p-5"]],
+        &[&["BZPOPMIN", "z", "1e-400"]],
         // Errors, with nothing proposed or with the attempt's own.
         &[&["BLPOP", "l", "-1"]],
         &[&["BLPOP", "l", "abc"]],
