@@ -280,8 +280,19 @@ fn readers_are_redirected_moved_and_forgotten() {
 /// consumer's pending list, on every node.
 #[test]
 fn a_killed_leader_delivers_every_entry_to_exactly_one_consumer() {
+    consumers_outlive_a_killed_leader(false);
+}
+
+/// The same with the consumers on the followers, which send their reads to wait at the leader
+/// (follower proxy): a follower's connection to the killed leader breaks under them.
+#[test]
+fn a_killed_leader_delivers_every_entry_to_exactly_one_consumer_through_followers() {
+    consumers_outlive_a_killed_leader(true);
+}
+
+fn consumers_outlive_a_killed_leader(through_followers: bool) {
     const ENTRIES: usize = 300;
-    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let first = cluster.wait_leader();
     let _: () = cluster.nodes[first].cmd(&["XGROUP", "CREATE", "jobs", "g", "$", "MKSTREAM"]).unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
@@ -298,13 +309,18 @@ fn a_killed_leader_delivers_every_entry_to_exactly_one_consumer() {
     let consumers: Vec<_> = (0..3)
         .map(|k| {
             let (ports, stop) = (ports.clone(), stop.clone());
+            // One of the nodes that are not killed, which is a follower at first.
+            let follower = ports[(first + 1 + k % 2) % 3];
             std::thread::spawn(move || {
                 let name = format!("c{k}");
                 let mut received: Vec<String> = Vec::new();
                 let mut conn: Option<RespConn> = None;
                 while !stop.load(Ordering::SeqCst) {
                     let fresh = conn.is_none();
-                    let c = conn.get_or_insert_with(|| leader_conn(&ports));
+                    let c = conn.get_or_insert_with(|| match through_followers {
+                        true => RespConn::connect(follower).unwrap(),
+                        false => leader_conn(&ports),
+                    });
                     // After a failure a consumer reads what it was given and did not acknowledge.
                     let from: &[u8] = if fresh { b"0" } else { b">" };
                     let read = c.call(&[b"XREADGROUP", b"GROUP", b"g", name.as_bytes(), b"COUNT", b"10", b"BLOCK", b"500", b"STREAMS", b"jobs", from]);
