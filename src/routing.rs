@@ -53,6 +53,8 @@ pub enum Route {
     BeginTransaction,
     /// WATCH: the module registers the keys and waits for the writes already proposed.
     Watch,
+    /// WAIT: the leader counts the followers that hold every write proposed before it.
+    Wait,
     /// A blocking pop (BLPOP and the like) or `XREADGROUP ... BLOCK`: replicated, and retried
     /// until it gets something or times out (see `blocking`). Inside MULTI it does not block, as
     /// in Redis: a plain write.
@@ -76,7 +78,6 @@ const NEVER_REPLICATED: &[&str] = &[
 
 /// Not supported yet: refused outright rather than half working.
 const REFUSED: &[(&str, &str)] = &[
-    ("wait", "WAIT (every acknowledged write is already on a majority)"),
     ("waitaof", "WAITAOF"),
     ("migrate", "MIGRATE"),
     ("replicaof", "Redis replication (Raftis replaces it)"),
@@ -120,6 +121,7 @@ enum Special {
     None,
     BeginTransaction,
     Watch,
+    Wait,
     Local,
     Replicated,
     Refused(&'static str),
@@ -131,6 +133,8 @@ impl Special {
             Special::BeginTransaction
         } else if name == "watch" {
             Special::Watch
+        } else if name == "wait" {
+            Special::Wait
         } else if name.starts_with("raft.") || NEVER_REPLICATED.contains(&name) {
             Special::Local
         } else if let Some((_, what)) = REFUSED.iter().find(|(n, _)| *n == name) {
@@ -194,6 +198,7 @@ impl CommandTable {
         match special {
             Special::BeginTransaction => return Route::BeginTransaction,
             Special::Watch => return Route::Watch,
+            Special::Wait => return Route::Wait,
             Special::Local => return Route::Local,
             Special::Refused(what) => return refused(what),
             Special::None | Special::Replicated => {}
@@ -391,6 +396,7 @@ mod tests {
         assert_eq!(route(&["multi"]), Route::BeginTransaction);
         assert_eq!(route(&["EXEC"]), Route::Local, "Redis runs the queued commands, each through the filter's route");
         assert_eq!(route(&["WATCH", "k"]), Route::Watch);
+        assert_eq!(route(&["WAIT", "1", "0"]), Route::Wait);
         assert_eq!(route(&["UNWATCH"]), Route::Local);
         assert_eq!(route(&["eval", "return 1", "0"]), Route::Write, "a script runs on every node");
         assert_eq!(route(&["eval", "return 1"]), Route::Local, "a wrong arity is Redis' to answer");

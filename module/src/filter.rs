@@ -1,6 +1,6 @@
 //! The command filter: every client command passes here first, on Redis' main thread. Writes are
 //! redirected to `RAFT._CMD` (replicated), blocking commands to `RAFT._BLOCK`, MULTI to `RAFT._MULTI`,
-//! WATCH to `RAFT._WATCH`,
+//! WATCH to `RAFT._WATCH`, WAIT to `RAFT._WAIT`,
 //! unsupported commands to `RAFT._REFUSE`, and reads to `RAFT._READ` when they must wait or be
 //! confirmed; everything else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
 //! entry never re-enters this path.
@@ -42,6 +42,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         Route::Refuse(_) => REFUSE_COMMAND,
         Route::BeginTransaction => MULTI_COMMAND,
         Route::Watch => WATCH_COMMAND,
+        Route::Wait => crate::wait::WAIT_COMMAND,
         Route::Blocking | Route::BlockingRead => crate::blocking::BLOCK_COMMAND,
         Route::Read if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() => {
             crate::read::READ_COMMAND

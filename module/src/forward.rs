@@ -158,7 +158,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself, or forwards them to wait (`FORWARD-BLOCK`); a peer
         // sending one here is confused, not a client.
-        Route::Local | Route::BeginTransaction | Route::Watch | Route::Blocking | Route::BlockingRead => {
+        Route::Local | Route::BeginTransaction | Route::Watch | Route::Wait | Route::Blocking | Route::BlockingRead => {
             done(Err("ERR only writes and reads are forwarded".into()))
         }
     }

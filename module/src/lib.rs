@@ -27,6 +27,7 @@ mod snapshot;
 mod state;
 mod stream_probe;
 mod transaction;
+mod wait;
 mod watch;
 mod write;
 
@@ -104,6 +105,7 @@ command!(borrowed cmd_script_kill, |ctx, args| scripts::kill(ctx, args).map(|_| 
 command!(cmd_script_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
 command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
 command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));
+command!(borrowed cmd_wait, |ctx, args| wait::wait(ctx, args));
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
 command!(cmd_identify, |_, args| commands::identify(&args));
@@ -127,6 +129,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (blocking::BLOCK_COMMAND, cmd_block, "write"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
+    (wait::WAIT_COMMAND, cmd_wait, "fast"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     ("raft._join", cmd_join, "admin"),

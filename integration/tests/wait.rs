@@ -1,0 +1,56 @@
+//! WAIT: the leader counts the other nodes whose log holds a client's writes, waiting up to the
+//! timeout for as many as the client asks.
+
+use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::{free_port_pair, Cluster, Server};
+use std::time::{Duration, Instant};
+
+fn args(a: &[&str]) -> Vec<Vec<u8>> {
+    a.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
+    conn.pipeline(&[args(a)]).unwrap().remove(0)
+}
+
+#[test]
+fn wait_counts_the_followers_that_hold_the_clients_writes() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let mut raftis = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    let mut redis = RespConn::connect(plain.port).unwrap();
+    // Arguments are read as Redis reads them.
+    for bad in [&["WAIT", "x", "0"][..], &["WAIT", "1", "-1"], &["WAIT", "1", "1.5"], &["WAIT", "1"], &["WAIT", "1", "0", "2"]] {
+        let expected = call(&mut redis, bad);
+        assert!(expected.is_error(), "{bad:?}: {expected:?}");
+        assert_eq!(call(&mut raftis, bad), expected, "{bad:?}");
+    }
+
+    // Both followers take a write at once: the wait ends without a timeout.
+    call(&mut raftis, &["SET", "k", "v"]);
+    assert_eq!(call(&mut raftis, &["WAIT", "2", "0"]).integer(), Some(2));
+    // Asked for more nodes than there are, it answers the count at its timeout.
+    let began = Instant::now();
+    assert_eq!(call(&mut raftis, &["WAIT", "3", "100"]).integer(), Some(2));
+    assert!(began.elapsed() >= Duration::from_millis(100));
+
+    // A stopped follower does not get the next write: the other one is all the leader counts.
+    cluster.nodes[follower].pause();
+    call(&mut raftis, &["SET", "k", "w"]);
+    let counted = call(&mut raftis, &["WAIT", "2", "300"]);
+    cluster.nodes[follower].resume();
+    assert_eq!(counted.integer(), Some(1));
+    assert_eq!(call(&mut raftis, &["WAIT", "2", "0"]).integer(), Some(2), "it caught up");
+
+    // Inside MULTI it answers at once, as in Redis.
+    let replies = raftis.pipeline(&[args(&["MULTI"]), args(&["SET", "k", "x"]), args(&["WAIT", "5", "0"]), args(&["EXEC"])]).unwrap();
+    let Reply::Aggregate(_, exec) = &replies[3] else { panic!("{replies:?}") };
+    assert!(exec[1].integer().is_some_and(|n| (0..=2).contains(&n)), "{exec:?}");
+
+    // A follower redirects it: it is about the leader's log.
+    let mut on_follower = RespConn::connect(cluster.nodes[follower].port).unwrap();
+    let moved = call(&mut on_follower, &["WAIT", "1", "0"]);
+    assert!(moved.text().is_some_and(|t| t.starts_with("MOVED")), "{moved:?}");
+}

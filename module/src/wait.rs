@@ -1,0 +1,165 @@
+//! `WAIT numreplicas timeout`: how many other nodes hold this client's writes.
+//!
+//! Redis answers how many replicas acknowledged every write the client made before WAIT, waiting
+//! up to `timeout` milliseconds (0: for ever) until `numreplicas` of them have. Under Raft a write
+//! is acknowledged only once a majority has it, so WAIT tells about the other nodes: the leader
+//! counts the members, followers and learners, whose log holds every entry it had proposed when
+//! WAIT came (the client's writes are among them), as its replication progress shows. It looks
+//! again every few milliseconds until enough do, or answers the count it has when the timeout
+//! passes. Inside MULTI it answers at once, as in Redis. A follower redirects it (with the proxy
+//! too: it is about the leader's log).
+
+use crate::blocked::{Blocked, Outcome};
+use crate::reply::Reply;
+use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
+use crate::state;
+use raftis_core::blocking::{parse_timeout, Unit};
+use raftis_core::status::Status;
+use raftis_core::LogIndex;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub const WAIT_COMMAND: &str = "raft._wait";
+
+/// How often waiting clients are looked at.
+const CHECK_EVERY_MS: i64 = 2;
+
+/// Clients waiting in WAIT. Changed on the main thread, and on the Raft thread when a client's
+/// index is known.
+static WAITING: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
+/// Whether the timer that looks at them runs. Main thread only.
+static TIMER: Mutex<bool> = Mutex::new(false);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+struct Waiting {
+    /// Told apart by this, not by Redis' handle, which a later client may get again.
+    id: u64,
+    blocked: Blocked,
+    /// What every counted node must hold: None until the Raft loop says.
+    index: Option<LogIndex>,
+    wanted: i64,
+}
+
+/// `RAFT._WAIT WAIT numreplicas timeout`, which the filter makes of WAIT.
+pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
+    let [_, _, numreplicas, timeout] = args else {
+        return Err("ERR wrong number of arguments for 'wait' command".into());
+    };
+    // Redis reads them in this order, with these errors.
+    let wanted = std::str::from_utf8(numreplicas)
+        .ok()
+        .and_then(|n| n.parse::<i64>().ok())
+        .ok_or_else(|| "ERR value is not an integer or out of range".to_string())?;
+    let timeout = parse_timeout(timeout, Unit::Milliseconds)?;
+    let s = state::get();
+    let node = s.serving_node()?;
+    if !node.is_leader() {
+        return Err(state::redirect(&node.status()));
+    }
+    if crate::transaction::in_exec(ctx) {
+        let status = node.status();
+        return Ok(Reply::Integer(holding(&status, status.last_index)));
+    }
+    // Redis' timeout answers the count at that moment; zero waits for ever.
+    let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
+    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    lock().push(Waiting { id, blocked, index: None, wanted });
+    start_timer(ctx);
+    node.last_proposed_index(Box::new(move |last| {
+        let mut waiting = lock();
+        let Some(at) = waiting.iter().position(|w| w.id == id) else { return };
+        match last {
+            Ok(index) => waiting[at].index = Some(index),
+            Err(e) => {
+                let w = waiting.remove(at);
+                drop(waiting);
+                w.blocked.finish(Outcome::Error(state::error_reply(&e)));
+            }
+        }
+    }));
+    Ok(Reply::Blocked)
+}
+
+/// How many members other than the leader hold the log up to `index`.
+fn holding(status: &Status, index: LogIndex) -> i64 {
+    status.progress.iter().filter(|p| p.matched >= index).count() as i64
+}
+
+fn start_timer(ctx: *mut RedisModuleCtx) {
+    let mut running = TIMER.lock().unwrap_or_else(|p| p.into_inner());
+    if !*running {
+        *running = true;
+        unsafe { api!(RedisModule_CreateTimer)(ctx, CHECK_EVERY_MS, Some(check), std::ptr::null_mut()) };
+    }
+}
+
+/// Redis' timer: answers the clients enough nodes caught up with, or whose leader is deposed.
+extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
+    let run = || {
+        let node = state::get().node();
+        let status = node.as_ref().map(|node| node.status());
+        let mut waiting = lock();
+        let mut i = 0;
+        while i < waiting.len() {
+            let answer = match (&status, waiting[i].index) {
+                (Some(status), _) if !status.is_leader() => Some(Outcome::Error(state::redirect(status))),
+                (Some(status), Some(index)) => {
+                    let count = holding(status, index);
+                    (count >= waiting[i].wanted).then_some(Outcome::Integer(count))
+                }
+                _ => None,
+            };
+            match answer {
+                Some(answer) => waiting.remove(i).blocked.finish(answer),
+                None => i += 1,
+            }
+        }
+        let more = !waiting.is_empty();
+        drop(waiting);
+        let mut running = TIMER.lock().unwrap_or_else(|p| p.into_inner());
+        *running = more;
+        if more {
+            unsafe { api!(RedisModule_CreateTimer)(ctx, CHECK_EVERY_MS, Some(check), std::ptr::null_mut()) };
+        }
+    };
+    if std::panic::catch_unwind(run).is_err() {
+        log::error!("panic in WAIT's timer");
+        *TIMER.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
+/// The client's timeout: the count as it stands (0 before the Raft loop named the index).
+extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
+    let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
+    let run = || {
+        let index = forget(bc)?;
+        let status = state::get().node()?.status();
+        Some(holding(&status, index?))
+    };
+    let count = std::panic::catch_unwind(run).ok().flatten().unwrap_or(0);
+    ffi::reply_integer(ctx, count)
+}
+
+extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {
+    if std::panic::catch_unwind(|| forget(bc)).is_err() {
+        log::error!("panic in WAIT's disconnect callback");
+    }
+}
+
+/// Forgets the client `bc` (its `Blocked` is finished, for Redis to free): its index, if known.
+fn forget(bc: *mut RedisModuleBlockedClient) -> Option<Option<LogIndex>> {
+    let mut waiting = lock();
+    let at = waiting.iter().position(|w| w.blocked.handle() == bc)?;
+    let w = waiting.remove(at);
+    drop(waiting);
+    let index = w.index;
+    w.blocked.finish(Outcome::Error("ERR the client stopped waiting".into()));
+    Some(index)
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Vec<Waiting>> {
+    WAITING.lock().unwrap_or_else(|p| p.into_inner())
+}
