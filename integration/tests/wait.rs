@@ -53,4 +53,16 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     let mut on_follower = RespConn::connect(cluster.nodes[follower].port).unwrap();
     let moved = call(&mut on_follower, &["WAIT", "1", "0"]);
     assert!(moved.text().is_some_and(|t| t.starts_with("MOVED")), "{moved:?}");
+
+    // With the proxy, the follower sends it to wait at the leader, behind its client's writes.
+    call(&mut on_follower, &["RAFT.CONFIG", "SET", "follower-proxy", "yes"]);
+    let replies = on_follower.pipeline(&[args(&["SET", "k", "y"]), args(&["WAIT", "2", "0"])]).unwrap();
+    assert_eq!(replies[1].integer(), Some(2), "{replies:?}");
+    let began = Instant::now();
+    assert_eq!(call(&mut on_follower, &["WAIT", "3", "100"]).integer(), Some(2), "the count at its timeout");
+    assert!(began.elapsed() >= Duration::from_millis(100));
+    for bad in [&["WAIT", "x", "0"][..], &["WAIT", "1", "-1"]] {
+        assert_eq!(call(&mut on_follower, bad), call(&mut redis, bad), "{bad:?}");
+    }
+    assert_eq!(raftis_integration::stat_field(&cluster.nodes[follower], "blocked_forwarded_waiting"), 0);
 }

@@ -135,6 +135,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
             return match s.route(&refs) {
                 Route::Blocking | Route::BlockingRead => crate::blocking::serve_forwarded(&node, db, argv, resp3, done, abandoned),
+                Route::Wait => crate::wait::serve_forwarded(&node, argv, done, abandoned),
                 Route::Refuse(e) => done(Err(e)),
                 _ => done(Err("ERR only blocking commands are forwarded to wait".into())),
             };

@@ -1,7 +1,7 @@
-//! The follower proxy for blocking commands (`BLPOP`, `XREADGROUP ... BLOCK`, ...): a follower
-//! with `follower-proxy yes` sends one to the leader as `FORWARD-BLOCK`, where it waits like one of
-//! the leader's own clients (see `blocking`), and its client waits for the leader's answer,
-//! however long that takes: the leader answers the command's own timeout.
+//! The follower proxy for commands that wait (`BLPOP`, `XREADGROUP ... BLOCK`, ..., and `WAIT`): a
+//! follower with `follower-proxy yes` sends one to the leader as `FORWARD-BLOCK`, where it waits
+//! like one of the leader's own clients (see `blocking` and `wait`), and its client waits for the
+//! leader's answer, however long that takes: the leader answers the command's own timeout.
 //!
 //! The wait is a connection to the leader that carries nothing else. The follower hangs it up
 //! when its client stops waiting, so that the leader forgets the wait instead of popping for a

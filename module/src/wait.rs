@@ -6,20 +6,22 @@
 //! counts the members, followers and learners, whose log holds every entry it had proposed when
 //! WAIT came (the client's writes are among them), as its replication progress shows. It looks
 //! again every few milliseconds until enough do, or answers the count it has when the timeout
-//! passes. Inside MULTI it answers at once, as in Redis. A follower redirects it (with the proxy
-//! too: it is about the leader's log).
+//! passes. Inside MULTI it answers at once, as in Redis. A follower redirects it, or with the
+//! proxy sends it to wait at the leader like a blocking command (see `forward_blocking`), once its
+//! client's earlier writes are in.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::reply::Reply;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
-use crate::state;
+use crate::state::{self, RaftNode};
+use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::blocking::{parse_timeout, Unit};
 use raftis_core::status::Status;
 use raftis_core::LogIndex;
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const WAIT_COMMAND: &str = "raft._wait";
 
@@ -36,26 +38,63 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 struct Waiting {
     /// Told apart by this, not by Redis' handle, which a later client may get again.
     id: u64,
-    blocked: Blocked,
+    client: Client,
     /// What every counted node must hold: None until the Raft loop says.
     index: Option<LogIndex>,
     wanted: i64,
+    /// When it answers the count it has (a forwarded WAIT's timeout; Redis keeps this node's
+    /// clients' own).
+    deadline: Option<Instant>,
 }
 
-/// `RAFT._WAIT WAIT numreplicas timeout`, which the filter makes of WAIT.
-pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
-    let [_, _, numreplicas, timeout] = args else {
+/// Who waits, and how its answer reaches it.
+enum Client {
+    /// A client of this node, blocked.
+    Here(Blocked),
+    /// A follower's client (follower proxy); the follower hangs up if it stops waiting.
+    Forwarded { done: ForwardDone, abandoned: Abandoned },
+}
+
+impl Client {
+    fn finish(self, outcome: Outcome) {
+        match self {
+            Client::Here(blocked) => blocked.finish(outcome),
+            Client::Forwarded { done, .. } => done(match outcome {
+                Outcome::Integer(n) => Ok(format!(":{n}\r\n").into_bytes()),
+                Outcome::Error(e) => Err(e),
+                _ => Err("ERR unexpected reply to WAIT".into()),
+            }),
+        }
+    }
+
+    fn is_abandoned(&self) -> bool {
+        matches!(self, Client::Forwarded { abandoned, .. } if abandoned.is_set())
+    }
+}
+
+/// WAIT's arguments, read in Redis' order with Redis' errors: how many nodes, and for how long.
+fn parse(argv: &[&[u8]]) -> Result<(i64, Option<Duration>), String> {
+    let [_, numreplicas, timeout] = argv else {
         return Err("ERR wrong number of arguments for 'wait' command".into());
     };
-    // Redis reads them in this order, with these errors.
     let wanted = std::str::from_utf8(numreplicas)
         .ok()
         .and_then(|n| n.parse::<i64>().ok())
         .ok_or_else(|| "ERR value is not an integer or out of range".to_string())?;
-    let timeout = parse_timeout(timeout, Unit::Milliseconds)?;
+    Ok((wanted, parse_timeout(timeout, Unit::Milliseconds)?))
+}
+
+/// `RAFT._WAIT WAIT numreplicas timeout`, which the filter makes of WAIT.
+pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
+    let argv = &args[1..];
+    let (wanted, timeout) = parse(argv)?;
     let s = state::get();
     let node = s.serving_node()?;
     if !node.is_leader() {
+        if s.follower_proxy() && !crate::transaction::in_exec(ctx) {
+            crate::forward_blocking::to_leader(ctx, &node, argv, Ok(timeout))?;
+            return Ok(Reply::Blocked);
+        }
         return Err(state::redirect(&node.status()));
     }
     if crate::transaction::in_exec(ctx) {
@@ -65,9 +104,28 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     // Redis' timeout answers the count at that moment; zero waits for ever.
     let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
     unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    start(&node, Client::Here(blocked), wanted, None);
+    Ok(Reply::Blocked)
+}
+
+/// Leader side of the follower proxy: a follower's client's WAIT. Its timeout is the follower's
+/// to keep (it hangs up then); this node answers once enough nodes hold the log.
+pub fn serve_forwarded(node: &RaftNode, argv: Vec<Vec<u8>>, done: ForwardDone, abandoned: Abandoned) {
+    let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+    match parse(&refs) {
+        Ok((wanted, timeout)) => {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            start(node, Client::Forwarded { done, abandoned }, wanted, deadline)
+        }
+        Err(e) => done(Err(e)),
+    }
+}
+
+/// `client` waits until `wanted` nodes hold every entry proposed so far.
+fn start(node: &RaftNode, client: Client, wanted: i64, deadline: Option<Instant>) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    lock().push(Waiting { id, blocked, index: None, wanted });
-    start_timer(ctx);
+    lock().push(Waiting { id, client, index: None, wanted, deadline });
+    start_timer(state::get().main_thread_ctx());
     node.last_proposed_index(Box::new(move |last| {
         let mut waiting = lock();
         let Some(at) = waiting.iter().position(|w| w.id == id) else { return };
@@ -76,11 +134,10 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
             Err(e) => {
                 let w = waiting.remove(at);
                 drop(waiting);
-                w.blocked.finish(Outcome::Error(state::error_reply(&e)));
+                w.client.finish(Outcome::Error(state::error_reply(&e)));
             }
         }
     }));
-    Ok(Reply::Blocked)
 }
 
 /// How many members other than the leader hold the log up to `index`.
@@ -105,15 +162,17 @@ extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
         let mut i = 0;
         while i < waiting.len() {
             let answer = match (&status, waiting[i].index) {
+                _ if waiting[i].client.is_abandoned() => Some(Outcome::Error("ERR the follower hung up".into())),
                 (Some(status), _) if !status.is_leader() => Some(Outcome::Error(state::redirect(status))),
-                (Some(status), Some(index)) => {
-                    let count = holding(status, index);
-                    (count >= waiting[i].wanted).then_some(Outcome::Integer(count))
+                (Some(status), index) => {
+                    let count = index.map_or(0, |index| holding(status, index));
+                    let over = waiting[i].deadline.is_some_and(|at| Instant::now() >= at);
+                    (index.is_some() && count >= waiting[i].wanted || over).then_some(Outcome::Integer(count))
                 }
                 _ => None,
             };
             match answer {
-                Some(answer) => waiting.remove(i).blocked.finish(answer),
+                Some(answer) => waiting.remove(i).client.finish(answer),
                 None => i += 1,
             }
         }
@@ -152,11 +211,11 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
 /// Forgets the client `bc` (its `Blocked` is finished, for Redis to free): its index, if known.
 fn forget(bc: *mut RedisModuleBlockedClient) -> Option<Option<LogIndex>> {
     let mut waiting = lock();
-    let at = waiting.iter().position(|w| w.blocked.handle() == bc)?;
+    let at = waiting.iter().position(|w| matches!(&w.client, Client::Here(blocked) if blocked.handle() == bc))?;
     let w = waiting.remove(at);
     drop(waiting);
     let index = w.index;
-    w.blocked.finish(Outcome::Error("ERR the client stopped waiting".into()));
+    w.client.finish(Outcome::Error("ERR the client stopped waiting".into()));
     Some(index)
 }
 
