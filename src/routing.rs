@@ -71,7 +71,7 @@ const NEVER_REPLICATED: &[&str] = &[
     "select", "client", "auth", "hello", "monitor", "ping", "echo", "quit", "reset", "readonly", "readwrite",
     "command", "info", "config", "debug", "shutdown", "save", "bgsave", "bgrewriteaof", "slowlog", "latency",
     "memory", "module", "acl", "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe",
-    "sunsubscribe", "publish", "spublish", "pubsub", "time", "lastsave", "role", "lolwut",
+    "sunsubscribe", "pubsub", "time", "lastsave", "role", "lolwut",
     // Redis queues a transaction's commands and runs them at EXEC, each one through this module.
     "exec", "discard", "unwatch",
 ];
@@ -94,8 +94,11 @@ const REFUSED: &[(&str, &str)] = &[
 /// `DELETE`, `FLUSH` and `RESTORE` need no mention: Redis flags them `write`.) PFCOUNT is a read that
 /// rewrites the HyperLogLog's cached cardinality (Redis flags it `may_replicate` and replicates
 /// it): run as a read on one node, that node's bytes would part from the others'.
+///
+/// `PUBLISH` among them: Redis sends it to its replicas, whose subscribers get the message too; so
+/// does the log, to every node's.
 const REPLICATED: &[&str] =
-    &["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script|load", "script|flush", "pfcount"];
+    &["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script|load", "script|flush", "pfcount", "publish", "spublish"];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -338,7 +341,8 @@ mod tests {
         t.insert("function|kill", CommandInfo { arity: 2, ..Default::default() });
         t.insert("time", CommandInfo { arity: 1, nondeterministic: true, ..Default::default() });
         t.insert("smembers", CommandInfo { arity: 2, readonly: true, nondeterministic: true, ..Default::default() });
-        t.insert("publish", CommandInfo { arity: 3, write: true, ..Default::default() });
+        t.insert("publish", CommandInfo { arity: 3, ..Default::default() });
+        t.insert("lolwut", CommandInfo { arity: -1, write: true, ..Default::default() });
         t
     }
 
@@ -415,7 +419,8 @@ mod tests {
         assert_eq!(route(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]), Route::Blocking);
         assert_eq!(route(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]), Route::BlockingRead);
         assert_eq!(route(&["XREAD", "COUNT", "2", "STREAMS", "block", "$"]), Route::Read, "a stream may be named block");
-        assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Local, "never replicated, whatever its flags say");
+        assert_eq!(route(&["LOLWUT"]), Route::Local, "never replicated, whatever its flags say");
+        assert_eq!(route(&["PUBLISH", "ch", "m"]), Route::Write, "every node's subscribers get it");
         assert!(
             matches!(route(&["waitaof", "1", "0", "0"]), Route::Refuse(e) if e.starts_with("ERR WAITAOF")),
             "a name missing from Redis' table is still refused by name"

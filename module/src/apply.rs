@@ -20,6 +20,10 @@ use std::collections::BTreeMap;
 use std::os::raw::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How old a published message may be when a node applies it and still deliver it.
+const OLD_NEWS: Duration = Duration::from_secs(5);
 
 /// A client waiting for its write to be applied.
 pub struct WriteWaiter {
@@ -361,6 +365,9 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
     }
     // Entries from before entries carried a time: nothing expires while they run, on any node.
     if let Some(at) = at {
+        if is_old_news(&command.argv, at) {
+            return Outcome::Error(format!("ERR a message published {} ms ago is not delivered", ffi::now_ms() - at.0));
+        }
         crate::expiry::expire_due(ctx, &command.argv, at);
     }
     let call = || ffi::call(ctx, &command.argv, resp3);
@@ -374,6 +381,14 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         crate::expiry::delete_if_already_expired(ctx, &command.argv, at);
     }
     Outcome::Call(reply)
+}
+
+/// A `PUBLISH` (or `SPUBLISH`) whose entry is older than [`OLD_NEWS`] by this node's clock: a node
+/// replaying its log, or catching up after a partition, does not hand its subscribers messages
+/// from long ago. (Publishing changes no data, so skipping it cannot part the datasets.)
+fn is_old_news(argv: &[&[u8]], at: EntryTime) -> bool {
+    let publishes = argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"publish") || name.eq_ignore_ascii_case(b"spublish"));
+    publishes && ffi::now_ms().saturating_sub(at.0) > OLD_NEWS.as_millis() as i64
 }
 
 fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {
