@@ -4,6 +4,7 @@
 //! client is blocked with a timeout, so none waits forever.
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
+use raftis_core::forward::{Abandoned, ForwardDone};
 use std::os::raw::{c_int, c_void};
 use std::time::Duration;
 
@@ -23,6 +24,39 @@ pub enum Outcome {
     Relay(Vec<u8>),
     /// A null array: `*-1` in RESP2, `_` in RESP3 (what Redis answers a blocking pop that timed out).
     NullArray,
+}
+
+/// Who waits for a long-running command's answer (a blocking command, WAIT): a client of this
+/// node, blocked, or a follower's (follower proxy), whose answer goes back over the side port, raw.
+pub enum Requester {
+    Here(Blocked),
+    /// The follower hangs up if its client stops waiting ([`Abandoned`]).
+    Forwarded { done: ForwardDone, abandoned: Abandoned },
+}
+
+impl Requester {
+    /// Answers it; a forwarded answer in the client's protocol (`resp3`).
+    pub fn finish(self, outcome: Outcome, resp3: bool) {
+        let done = match self {
+            Requester::Here(blocked) => return blocked.finish(outcome),
+            Requester::Forwarded { done, .. } => done,
+        };
+        done(match outcome {
+            Outcome::NullArray => Ok(if resp3 { b"_\r\n".to_vec() } else { b"*-1\r\n".to_vec() }),
+            Outcome::Integer(n) => Ok(format!(":{n}\r\n").into_bytes()),
+            other => crate::apply::raw_reply(other),
+        })
+    }
+
+    /// The follower it waits for hung up.
+    pub fn is_abandoned(&self) -> bool {
+        matches!(self, Requester::Forwarded { abandoned, .. } if abandoned.is_set())
+    }
+
+    /// Whether it is the client Redis knows by `bc`.
+    pub fn is(&self, bc: *mut RedisModuleBlockedClient) -> bool {
+        matches!(self, Requester::Here(blocked) if blocked.handle() == bc)
+    }
 }
 
 pub struct Blocked {

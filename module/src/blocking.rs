@@ -43,7 +43,7 @@
 //! client that disconnects does.
 
 use crate::apply::{ReplyTo, WriteWaiter};
-use crate::blocked::{Blocked, Outcome};
+use crate::blocked::{Blocked, Outcome, Requester};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
 use crate::stream_probe::{self, Newest};
@@ -92,7 +92,7 @@ struct Waiting {
 
 /// A client waiting in a blocking command.
 struct Waiter {
-    client: Client,
+    client: Requester,
     /// Its command, as its next attempt runs it.
     argv: Vec<Vec<u8>>,
     db: u32,
@@ -123,22 +123,11 @@ struct Waiter {
     over: bool,
 }
 
-/// Who waits, and how its answer reaches it.
-enum Client {
-    /// A client of this node, blocked.
-    Here(Blocked),
-    /// A follower's client (follower proxy): the answer goes back over the side port, raw. The
-    /// follower hangs up if its client stops waiting ([`Abandoned`]).
-    Forwarded { done: ForwardDone, abandoned: Abandoned },
-}
-
-impl Client {
-    /// Blocks the client of `ctx`, Redis giving up on it after `backstop` (zero: never).
-    fn block(ctx: *mut RedisModuleCtx, backstop: Duration) -> Client {
-        let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
-        unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-        Client::Here(blocked)
-    }
+/// Blocks the client of `ctx`, Redis giving up on it after `backstop` (zero: never).
+fn block_client(ctx: *mut RedisModuleCtx, backstop: Duration) -> Requester {
+    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
+    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    Requester::Here(blocked)
 }
 
 /// RAFT.STATS: clients waiting in a blocking command now, and attempts proposed so far.
@@ -185,7 +174,7 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         Err(_) => s.write_timeout() + BACKSTOP,
     };
     let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
-    let waiter = Waiter::new(Client::block(ctx, backstop), db, resp3, command, &shape, timeout, false);
+    let waiter = Waiter::new(block_client(ctx, backstop), db, resp3, command, &shape, timeout, false);
     first_attempt(&node, waiter);
     Ok(())
 }
@@ -199,7 +188,7 @@ pub fn serve_forwarded(node: &RaftNode, db: u32, argv: Vec<Vec<u8>>, resp3: bool
         return done(Err("ERR wrong number of arguments for a blocking command".into()));
     };
     let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
-    let waiter = Waiter::new(Client::Forwarded { done, abandoned }, db, resp3, &command, &shape, timeout, false);
+    let waiter = Waiter::new(Requester::Forwarded { done, abandoned }, db, resp3, &command, &shape, timeout, false);
     first_attempt(node, waiter);
 }
 
@@ -225,7 +214,7 @@ impl Waiter {
     /// `client`, which sent `command` in database `db`, waits; its first attempt is in flight,
     /// unless it waits `local`ly (see [`wait_locally`]).
     fn new(
-        client: Client,
+        client: Requester,
         db: u32,
         resp3: bool,
         command: &[&[u8]],
@@ -258,13 +247,7 @@ impl Waiter {
 
     /// Answers the client; its wait is over.
     fn finish(self, outcome: Outcome) {
-        match self.client {
-            Client::Here(blocked) => blocked.finish(outcome),
-            Client::Forwarded { done, .. } => done(match outcome {
-                Outcome::NullArray => Ok(if self.resp3 { b"_\r\n".to_vec() } else { b"*-1\r\n".to_vec() }),
-                other => crate::apply::raw_reply(other),
-            }),
-        }
+        self.client.finish(outcome, self.resp3);
     }
 }
 
@@ -288,7 +271,7 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
         _ => Duration::ZERO,
     };
     let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
-    let mut waiter = Waiter::new(Client::block(ctx, backstop), db, resp3, command, &shape, timeout, true);
+    let mut waiter = Waiter::new(block_client(ctx, backstop), db, resp3, command, &shape, timeout, true);
     // Nothing runs between the read above and this: `$` is the last ID it saw.
     found_nothing(state::get().main_thread_ctx(), &mut waiter);
     let mut w = lock();
@@ -701,7 +684,7 @@ fn give_up(find: impl FnOnce(&BTreeMap<u64, Waiter>) -> Option<u64>, answer: Out
 }
 
 fn by_handle(clients: &BTreeMap<u64, Waiter>, bc: *mut RedisModuleBlockedClient) -> Option<u64> {
-    clients.iter().find(|(_, c)| matches!(&c.client, Client::Here(blocked) if blocked.handle() == bc)).map(|(id, _)| *id)
+    clients.iter().find(|(_, c)| c.client.is(bc)).map(|(id, _)| *id)
 }
 
 /// Forgets the waits of forwarded clients whose follower hung up (their client left or gave up,
@@ -709,7 +692,7 @@ fn by_handle(clients: &BTreeMap<u64, Waiter>, bc: *mut RedisModuleBlockedClient)
 fn forget_abandoned() {
     let abandoned: Vec<u64> = {
         let w = lock();
-        w.clients.iter().filter(|(_, c)| matches!(&c.client, Client::Forwarded { abandoned, .. } if abandoned.is_set())).map(|(id, _)| *id).collect()
+        w.clients.iter().filter(|(_, c)| c.client.is_abandoned()).map(|(id, _)| *id).collect()
     };
     for id in abandoned {
         give_up(|clients| clients.get(&id).map(|_| id), Outcome::Error("ERR the follower hung up".into()));

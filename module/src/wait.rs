@@ -10,7 +10,7 @@
 //! proxy sends it to wait at the leader like a blocking command (see `forward_blocking`), once its
 //! client's earlier writes are in.
 
-use crate::blocked::{Blocked, Outcome};
+use crate::blocked::{Blocked, Outcome, Requester};
 use crate::reply::Reply;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
@@ -38,38 +38,13 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 struct Waiting {
     /// Told apart by this, not by Redis' handle, which a later client may get again.
     id: u64,
-    client: Client,
+    client: Requester,
     /// What every counted node must hold: None until the Raft loop says.
     index: Option<LogIndex>,
     wanted: i64,
     /// When it answers the count it has (a forwarded WAIT's timeout; Redis keeps this node's
     /// clients' own).
     deadline: Option<Instant>,
-}
-
-/// Who waits, and how its answer reaches it.
-enum Client {
-    /// A client of this node, blocked.
-    Here(Blocked),
-    /// A follower's client (follower proxy); the follower hangs up if it stops waiting.
-    Forwarded { done: ForwardDone, abandoned: Abandoned },
-}
-
-impl Client {
-    fn finish(self, outcome: Outcome) {
-        match self {
-            Client::Here(blocked) => blocked.finish(outcome),
-            Client::Forwarded { done, .. } => done(match outcome {
-                Outcome::Integer(n) => Ok(format!(":{n}\r\n").into_bytes()),
-                Outcome::Error(e) => Err(e),
-                _ => Err("ERR unexpected reply to WAIT".into()),
-            }),
-        }
-    }
-
-    fn is_abandoned(&self) -> bool {
-        matches!(self, Client::Forwarded { abandoned, .. } if abandoned.is_set())
-    }
 }
 
 /// WAIT's arguments, read in Redis' order with Redis' errors: how many nodes, and for how long.
@@ -104,7 +79,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     // Redis' timeout answers the count at that moment; zero waits for ever.
     let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
     unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    start(&node, Client::Here(blocked), wanted, None);
+    start(&node, Requester::Here(blocked), wanted, None);
     Ok(Reply::Blocked)
 }
 
@@ -115,14 +90,14 @@ pub fn serve_forwarded(node: &RaftNode, argv: Vec<Vec<u8>>, done: ForwardDone, a
     match parse(&refs) {
         Ok((wanted, timeout)) => {
             let deadline = timeout.map(|t| Instant::now() + t);
-            start(node, Client::Forwarded { done, abandoned }, wanted, deadline)
+            start(node, Requester::Forwarded { done, abandoned }, wanted, deadline)
         }
         Err(e) => done(Err(e)),
     }
 }
 
 /// `client` waits until `wanted` nodes hold every entry proposed so far.
-fn start(node: &RaftNode, client: Client, wanted: i64, deadline: Option<Instant>) {
+fn start(node: &RaftNode, client: Requester, wanted: i64, deadline: Option<Instant>) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     lock().push(Waiting { id, client, index: None, wanted, deadline });
     start_timer(state::get().main_thread_ctx());
@@ -134,7 +109,7 @@ fn start(node: &RaftNode, client: Client, wanted: i64, deadline: Option<Instant>
             Err(e) => {
                 let w = waiting.remove(at);
                 drop(waiting);
-                w.client.finish(Outcome::Error(state::error_reply(&e)));
+                w.client.finish(Outcome::Error(state::error_reply(&e)), false);
             }
         }
     }));
@@ -172,7 +147,7 @@ extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
                 _ => None,
             };
             match answer {
-                Some(answer) => waiting.remove(i).client.finish(answer),
+                Some(answer) => waiting.remove(i).client.finish(answer, false),
                 None => i += 1,
             }
         }
@@ -211,11 +186,11 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
 /// Forgets the client `bc` (its `Blocked` is finished, for Redis to free): its index, if known.
 fn forget(bc: *mut RedisModuleBlockedClient) -> Option<Option<LogIndex>> {
     let mut waiting = lock();
-    let at = waiting.iter().position(|w| matches!(&w.client, Client::Here(blocked) if blocked.handle() == bc))?;
+    let at = waiting.iter().position(|w| w.client.is(bc))?;
     let w = waiting.remove(at);
     drop(waiting);
     let index = w.index;
-    w.client.finish(Outcome::Error("ERR the client stopped waiting".into()));
+    w.client.finish(Outcome::Error("ERR the client stopped waiting".into()), false);
     Some(index)
 }
 
