@@ -1,7 +1,7 @@
 //! Blocked clients: a client waiting for the cluster. Whatever thread finishes the work calls
 //! [`Blocked::finish`]; Redis then runs [`reply_callback`] on its main thread to send the reply.
 //! A `Blocked` that is dropped unfinished still unblocks its client with an error, and every
-//! client is blocked with a timeout, so none waits forever.
+//! client is blocked with a timeout, so none waits forever (but one whose command asked to).
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
 use raftis_core::forward::{Abandoned, ForwardDone};
