@@ -181,6 +181,11 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     exchange(&mut watcher, "SET k 6\r\nMULTI\r\nSET k 7\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$1\r\n6\r\n");
     exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
     exchange(&mut watcher, "FLUSHALL\r\nMULTI\r\nSET k 8\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$-1\r\n");
+    // Writes that change no key (a message, the script cache) touch nothing watched, as in Redis.
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    let _: i64 = leader.cmd(&["PUBLISH", "news", "m"]).unwrap();
+    let _: String = leader.cmd(&["SCRIPT", "LOAD", "return 1"]).unwrap();
+    exchange(&mut watcher, "MULTI\r\nSET k 9\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
     // Once its transactions are over the leader forgets the watcher's keys; after UNWATCH alone
     // it cannot tell, and remembers them until the client is gone.
     let watching = || stat_field(leader, "watching_clients");

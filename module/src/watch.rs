@@ -96,7 +96,7 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// A write of `argv` in database `db` is being proposed (or joins a transaction) on this node:
 /// clients watching its keys are marked dirty now, not when it is applied.
 pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
-    if COUNT.load(Ordering::Relaxed) == 0 {
+    if COUNT.load(Ordering::Relaxed) == 0 || changes_no_key(argv) {
         return;
     }
     let ctx = state::get().main_thread_ctx();
@@ -108,6 +108,13 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
     for (db, key) in watched {
         ffi::signal_modified_key(ctx, *db, key);
     }
+}
+
+/// Replicated commands that name no key and change none (a message, the script cache, the
+/// function libraries): a write without keys otherwise counts for every watched key.
+fn changes_no_key(argv: &[impl AsRef<[u8]>]) -> bool {
+    const NO_KEYS: &[&[u8]] = &[b"publish", b"spublish", b"script", b"function"];
+    argv.first().is_some_and(|name| NO_KEYS.iter().any(|n| name.as_ref().eq_ignore_ascii_case(n)))
 }
 
 /// The client `id` has just opened a transaction: what it watches so far stops being watched
