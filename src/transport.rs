@@ -595,8 +595,7 @@ async fn write_fully(writer: &mut (impl AsyncWrite + Unpin), buf: &[u8]) -> io::
 
 /// One forwarded command on a pooled (or new) connection to the leader.
 async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::ForwardReply {
-    let pooled = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(addr).and_then(|v| v.pop());
-    let mut stream = match pooled {
+    let mut stream = match pooled_connection(inner, addr) {
         Some(s) => s,
         None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
@@ -636,6 +635,22 @@ async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::For
         Frame::Error(e) => Err(e),
         other => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
     }
+}
+
+/// An idle pooled connection to `addr` that is still open. One the leader has closed meanwhile
+/// (it restarted, say) reads as ended: it is dropped, rather than sent a command whose answer
+/// could never come and whose outcome would then be unknown.
+fn pooled_connection(inner: &Inner, addr: &str) -> Option<TcpStream> {
+    let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
+    let idle = pool.get_mut(addr)?;
+    while let Some(stream) = idle.pop() {
+        // Nothing is due on an idle connection: anything but "nothing yet" means it is unusable.
+        match stream.try_read(&mut [0u8; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(stream),
+            _ => continue,
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1332,6 +1347,29 @@ mod tests {
         let dead = loopback(unused_port()).to_string();
         let err = forward_and_wait(&follower, &dead, &["SET", "k", "v"]).unwrap_err();
         assert!(err.starts_with("CLUSTERDOWN cannot reach the leader"), "{err}");
+    }
+
+    #[test]
+    fn a_pooled_connection_the_leader_closed_is_not_used_again() {
+        // A leader that answers one command per connection, then closes it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (closed_tx, closed) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                let mut request = [0u8; 1024];
+                let _ = conn.read(&mut request).unwrap();
+                conn.write_all(b"$4\r\n:1\r\n\r\n").unwrap();
+                drop(conn);
+                let _ = closed_tx.send(());
+            }
+        });
+        let follower = Node::on_any_port(2);
+        for i in 0..3 {
+            assert_eq!(forward_and_wait(&follower, &addr, &["INCR", "k"]), Ok(b":1\r\n".to_vec()), "forward {i}");
+            closed.recv_timeout(DEADLINE).expect("the leader closed the connection");
+        }
     }
 
     #[test]
