@@ -19,7 +19,7 @@
 use crate::command_entry::{encode_transaction, EntryView};
 use crate::resp::{self, Frame};
 use bytes::BytesMut;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -59,9 +59,20 @@ pub const FORWARD_BLOCK: &[u8] = b"FORWARD-BLOCK";
 #[derive(Clone, Debug, Default)]
 pub struct Abandoned(Arc<AtomicBool>);
 
+/// How many forwarded requests have been abandoned so far: waiters need looking at only when it
+/// moved.
+static ABANDONED: AtomicU64 = AtomicU64::new(0);
+
+/// See [`ABANDONED`].
+pub fn abandoned_so_far() -> u64 {
+    ABANDONED.load(Ordering::Acquire)
+}
+
 impl Abandoned {
     pub fn set(&self) {
-        self.0.store(true, Ordering::Release);
+        if !self.0.swap(true, Ordering::AcqRel) {
+            ABANDONED.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     pub fn is_set(&self) -> bool {

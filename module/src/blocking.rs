@@ -183,6 +183,10 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// like one of this node's clients, its answer going back to the follower whenever it comes.
 /// Reads included: a forwarded `XREAD ... BLOCK` goes through the log, whatever the consistency.
 pub fn serve_forwarded(node: &RaftNode, db: u32, argv: Vec<Vec<u8>>, resp3: bool, done: ForwardDone, abandoned: Abandoned) {
+    if abandoned.is_set() {
+        // The follower hung up before this node got to it: nobody waits any more.
+        return;
+    }
     let command: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
     let Some(shape) = BlockingCommand::of(&command) else {
         return done(Err("ERR wrong number of arguments for a blocking command".into()));
@@ -690,6 +694,11 @@ fn by_handle(clients: &BTreeMap<u64, Waiter>, bc: *mut RedisModuleBlockedClient)
 /// Forgets the waits of forwarded clients whose follower hung up (their client left or gave up,
 /// or the follower stopped waiting on this node): as for a client of this node that leaves.
 fn forget_abandoned() {
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let now = raftis_core::forward::abandoned_so_far();
+    if SEEN.swap(now, Ordering::AcqRel) == now {
+        return;
+    }
     let abandoned: Vec<u64> = {
         let w = lock();
         w.clients.iter().filter(|(_, c)| c.client.is_abandoned()).map(|(id, _)| *id).collect()
