@@ -99,6 +99,11 @@ impl ForwardCancel {
         self.0.wake.notify_one();
     }
 
+    /// The reason it was cancelled with, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.0.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Resolves, with the reason, once [`ForwardCancel::cancel`] was called.
     pub async fn cancelled(&self) -> String {
         loop {

@@ -200,6 +200,32 @@ fn a_pop_whose_client_leaves_takes_nothing_and_client_unblock_answers_as_in_redi
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A follower's client keeps waiting across a change of leader: the leader that steps down says
+/// the pop did not run there, and the follower sends it to the next one, for what is left of its
+/// timeout.
+#[test]
+fn a_forwarded_pop_follows_the_leader_when_it_steps_down() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let via = &cluster.nodes[(old + 1) % 3];
+    let mut forever = RespConn::connect(via.port).unwrap();
+    let mut briefly = RespConn::connect(via.port).unwrap();
+    block(&mut forever, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
+    block(&mut briefly, &["BLPOP", "empty", "3"], &cluster.nodes[old], 2);
+    // New tick counts make a leader hand leadership over.
+    let _: () = cluster.nodes[old].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "12"]).unwrap();
+    let new = wait_for("a new leader", WAIT, || {
+        let leader = cluster.wait_leader();
+        (leader != old).then_some(leader)
+    });
+    wait_for("the pops to wait at the new leader", WAIT, || (waiting(&cluster.nodes[new]) == 2).then_some(()));
+    let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
+    call(&mut producer, &["RPUSH", "q", "x"]);
+    assert_eq!(forever.reply().unwrap(), popped("q", "x"));
+    assert_eq!(briefly.reply().unwrap(), Reply::Null(b'*'), "its timeout, not an error");
+    assert_eq!(stat_field(via, "blocked_forwarded_waiting"), 0);
+}
+
 /// A leader that cannot answer (stopped here) cannot tell a follower's waiting client that it
 /// stepped down: the follower ends the wait itself once another node leads, and the stopped
 /// leader, resumed, pops nothing for it.

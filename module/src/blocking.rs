@@ -161,7 +161,8 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     if !node.is_leader() {
         if s.follower_proxy() {
-            return crate::forward_blocking::to_leader(ctx, &node, command, shape::parse_timeout(command[shape.timeout], shape.unit));
+            let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
+            return crate::forward_blocking::to_leader(ctx, &node, command, timeout, (shape.timeout, shape.unit));
         }
         return Err(state::redirect(&node.status()));
     }

@@ -16,6 +16,7 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
+use raftis_core::blocking::Unit;
 use raftis_core::forward::{ForwardCancel, ForwardRequest, Forwarded};
 use std::collections::BTreeMap;
 use std::os::raw::c_int;
@@ -37,8 +38,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 const BACKSTOP: Duration = Duration::from_secs(2);
 
 struct Waiting {
-    /// The side-port address of the leader it was sent to (None until it is sent).
+    /// The side-port address of the leader it was sent to (None while it is not on its way).
     leader: Option<String>,
+    /// Since when this node has known another leader than that one.
+    replaced_since: Option<Instant>,
     cancel: ForwardCancel,
 }
 
@@ -47,20 +50,22 @@ pub fn stats() -> [(&'static str, u64); 1] {
     [("blocked_forwarded_waiting", COUNT.load(Ordering::Relaxed) as u64)]
 }
 
+/// Where a command's timeout is, and in what unit, so that a re-sent command waits only what is
+/// left of it.
+pub type TimeoutArg = (usize, Unit);
+
 /// Sends the blocking `command` of the client of `ctx` to the leader, once the client's earlier
 /// replies are in, and blocks the client until the leader answers. `timeout` is the command's, as
-/// read from it (None: for ever). Errs with the redirect when no leader is known.
+/// read from its argument at `timeout_arg` (None: for ever). Errs with the redirect when no
+/// leader is known.
 pub fn to_leader(
     ctx: *mut RedisModuleCtx,
     node: &RaftNode,
     command: &[&[u8]],
     timeout: Result<Option<Duration>, String>,
+    timeout_arg: TimeoutArg,
 ) -> Result<(), String> {
     crate::forward::leader_addr(node)?;
-    let req = ForwardRequest {
-        resp3: ffi::client_is_resp3(ctx),
-        what: Forwarded::Blocking { db: ffi::selected_db(ctx), argv: ffi::owned_args(command) },
-    };
     let extra = 2 * crate::forward::forward_timeout() + BACKSTOP;
     let backstop = match timeout {
         Ok(None) => None,
@@ -72,28 +77,119 @@ pub fn to_leader(
     unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
     let cancel = ForwardCancel::default();
     let registered = Registered::new(blocked.handle() as usize, cancel.clone());
-    let send = move || {
+    let forward = Forward {
+        resp3: ffi::client_is_resp3(ctx),
+        db: ffi::selected_db(ctx),
+        argv: ffi::owned_args(command),
+        deadline: timeout.ok().flatten().map(|t| Instant::now() + t),
+        timeout_arg,
+        backstop,
+        cancel,
+        registered,
+        blocked,
+        sends: 0,
+    };
+    crate::held::after_own_replies(ctx, Box::new(move || forward.send()));
+    Ok(())
+}
+
+/// A client's command on its way to the leader, and what it takes to send it again.
+struct Forward {
+    resp3: bool,
+    db: u32,
+    argv: Vec<Vec<u8>>,
+    /// When the command's own timeout ends (None: it waits for ever).
+    deadline: Option<Instant>,
+    timeout_arg: TimeoutArg,
+    /// How long the transport waits for the answer.
+    backstop: Option<Duration>,
+    cancel: ForwardCancel,
+    registered: Registered,
+    blocked: Blocked,
+    /// How many times it was sent.
+    sends: u32,
+}
+
+/// How many times a command is sent to a new leader after the last one said it did not run it.
+const MAX_SENDS: u32 = 5;
+/// How long a leader that says `-CLUSTERDOWN` (not ready yet) is given before a command goes to it again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long after this node knows a new leader the one a command waits on has to say it stepped
+/// down before the client is told it may or may not have run.
+const STEP_DOWN_ANSWER: Duration = Duration::from_secs(1);
+/// How long a follower waits to learn of a new leader before it gives the redirect to its client.
+const NEW_LEADER_WAIT: Duration = Duration::from_secs(5);
+
+impl Forward {
+    /// Sends it to the leader this node knows; the answer goes to the client, but for an answer
+    /// that says the command did not run there (`-MOVED`, `-CLUSTERDOWN`: a leader that stepped
+    /// down while it waited, or one that was not the leader any more): then it goes to the next
+    /// leader, for what is left of its timeout ([`Forward::again`]).
+    fn send(mut self) {
         let found = state::get().node().ok_or_else(crate::write::not_initialized);
         let (node, addr) = match found.and_then(|node| Ok((crate::forward::leader_addr(&node)?, node))) {
             Ok((addr, node)) => (node, addr),
-            Err(e) => {
-                // Gone from the registry before Redis may reuse the handle.
-                drop(registered);
-                return blocked.finish(Outcome::Error(e));
-            }
+            Err(e) => return self.finish(Outcome::Error(e)),
         };
-        registered.sent_to(&addr);
-        let answer = Box::new(move |reply: Result<Vec<u8>, String>| {
-            drop(registered);
-            blocked.finish(match reply {
-                Ok(raw) => Outcome::Relay(raw),
-                Err(e) => Outcome::Error(e),
-            })
+        self.registered.sent_to(Some(&addr));
+        self.sends += 1;
+        let req = ForwardRequest { resp3: self.resp3, what: Forwarded::Blocking { db: self.db, argv: self.argv.clone() } };
+        let (backstop, cancel, sent_to) = (self.backstop, self.cancel.clone(), addr.clone());
+        let answer = Box::new(move |reply: Result<Vec<u8>, String>| match reply {
+            Ok(raw) => self.finish(Outcome::Relay(raw)),
+            Err(e) if did_not_run(&e) && self.sends < MAX_SENDS && self.cancel.reason().is_none() => {
+                self.registered.sent_to(None);
+                // Off the transport's thread: this waits for the new leader to be known.
+                std::thread::spawn(move || self.again(sent_to, e));
+            }
+            Err(e) => self.finish(Outcome::Error(e)),
         });
         node.transport().forward_until(addr, &req, backstop, cancel, answer);
-    };
-    crate::held::after_own_replies(ctx, Box::new(send));
-    Ok(())
+    }
+
+    /// The leader at `refused_by` answered `error` without running the command: sends it to the
+    /// next leader once this node knows one, for what is left of its timeout; or gives `error`
+    /// to the client if none is known in time, or if its timeout is over (a null array then,
+    /// as a timeout answers).
+    fn again(mut self, refused_by: String, error: String) {
+        let waiting_since = Instant::now();
+        let leader = || state::get().node().and_then(|node| crate::forward::leader_addr(&node).ok());
+        // `-MOVED`: another node leads, which this one may not know yet. `-CLUSTERDOWN`: the
+        // leader was not ready (or none was known); a moment later it may be.
+        let ready = |addr: &String| *addr != refused_by || (error.starts_with("CLUSTERDOWN") && waiting_since.elapsed() >= RETRY_PAUSE);
+        while !leader().is_some_and(|addr| ready(&addr)) {
+            if waiting_since.elapsed() > NEW_LEADER_WAIT || self.cancel.reason().is_some() {
+                return self.finish(Outcome::Error(error));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = left.as_millis();
+            if ms == 0 {
+                return self.finish(Outcome::NullArray);
+            }
+            let (at, unit) = self.timeout_arg;
+            if let Some(arg) = self.argv.get_mut(at) {
+                *arg = match unit {
+                    Unit::Seconds => format!("{}.{:03}", ms / 1000, ms % 1000).into_bytes(),
+                    Unit::Milliseconds => ms.to_string().into_bytes(),
+                };
+            }
+        }
+        self.send();
+    }
+
+    fn finish(self, outcome: Outcome) {
+        // Gone from the registry before Redis may reuse the handle.
+        drop(self.registered);
+        self.blocked.finish(outcome);
+    }
+}
+
+/// Whether a leader's `error` says that the command did not run there.
+fn did_not_run(error: &str) -> bool {
+    error.starts_with("MOVED ") || error.starts_with("CLUSTERDOWN ")
 }
 
 /// Before Redis sleeps, now and then: clients waiting on a node that no longer leads stop.
@@ -111,8 +207,15 @@ pub fn before_sleep() {
     let Some(node) = state::get().node() else { return };
     // No known leader is no news: an election may still confirm the one they wait on.
     let Ok(leader) = crate::forward::leader_addr(&node) else { return };
-    for waiting in lock().values() {
-        if waiting.leader.as_ref().is_some_and(|sent_to| *sent_to != leader) {
+    for waiting in lock().values_mut() {
+        if !waiting.leader.as_ref().is_some_and(|sent_to| *sent_to != leader) {
+            waiting.replaced_since = None;
+            continue;
+        }
+        // A leader that stepped down says so itself, and the command goes to the next one; one
+        // that says nothing is stopped or cut off.
+        let since = *waiting.replaced_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= STEP_DOWN_ANSWER {
             waiting.cancel.cancel("TIMEOUT the leader changed while the command waited; it may or may not have taken effect");
         }
     }
@@ -125,14 +228,16 @@ struct Registered(usize);
 impl Registered {
     fn new(handle: usize, cancel: ForwardCancel) -> Registered {
         let mut waiting = lock();
-        waiting.insert(handle, Waiting { leader: None, cancel });
+        waiting.insert(handle, Waiting { leader: None, replaced_since: None, cancel });
         COUNT.store(waiting.len(), Ordering::Relaxed);
         Registered(handle)
     }
 
-    fn sent_to(&self, leader: &str) {
+    /// On its way to `leader`, or (None) waiting to be sent again.
+    fn sent_to(&self, leader: Option<&str>) {
         if let Some(waiting) = lock().get_mut(&self.0) {
-            waiting.leader = Some(leader.to_string());
+            waiting.leader = leader.map(str::to_string);
+            waiting.replaced_since = None;
         }
     }
 }

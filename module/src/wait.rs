@@ -67,7 +67,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     let node = s.serving_node()?;
     if !node.is_leader() {
         if s.follower_proxy() && !crate::transaction::in_exec(ctx) {
-            crate::forward_blocking::to_leader(ctx, &node, argv, Ok(timeout))?;
+            crate::forward_blocking::to_leader(ctx, &node, argv, Ok(timeout), (2, Unit::Milliseconds))?;
             return Ok(Reply::Blocked);
         }
         return Err(state::redirect(&node.status()));
