@@ -9,9 +9,14 @@
 //! - the client disconnects, or `CLIENT UNBLOCK` ends its wait;
 //! - Redis' backstop fires: the command's timeout, plus time for the attempt in flight then and
 //!   for the answer's way back, has passed without an answer;
-//! - another node leads now. A leader that steps down answers its waiting clients `-MOVED`
-//!   itself, but one that is cut off or stopped cannot; its client then gets `-TIMEOUT`, since an
-//!   attempt already in its log may still have popped.
+//! - another node leads and the old leader has not said, within a second, that it stepped down:
+//!   it is cut off or stopped, and the client gets `-TIMEOUT`, since an attempt already in its
+//!   log may still have popped.
+//!
+//! A leader that steps down answers its waiting clients `-MOVED` (nothing ran for them), and so
+//! does a node that is not the leader any more when the command arrives. The follower then sends
+//! the command to the next leader, for what is left of its timeout ([`Forward::again`]), so its
+//! client keeps waiting across a change of leader.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
