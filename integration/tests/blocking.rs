@@ -256,35 +256,49 @@ fn a_follower_ends_a_forwarded_wait_when_its_leader_is_replaced() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A leader that steps down answers its waiting clients `-MOVED`; with the proxy they wait on at
+/// the next leader instead, and a follower forwards the pops it gets.
 #[test]
-fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_and_followers_forward_them() {
-    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
-    let old = cluster.wait_leader();
-    let mut w = RespConn::connect(cluster.nodes[old].port).unwrap();
-    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
+fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_or_sends_them_on_with_the_proxy() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let first = cluster.wait_leader();
+    let mut w = RespConn::connect(cluster.nodes[first].port).unwrap();
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[first], 1);
     // New tick counts make a leader hand leadership over.
-    let mut admin = RespConn::connect(cluster.nodes[old].port).unwrap();
-    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "election-ticks", "12"]).text().as_deref(), Some("OK"));
+    let _: () = cluster.nodes[first].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "12"]).unwrap();
     let moved = w.reply().unwrap();
     assert!(moved.text().is_some_and(|t| t.starts_with("MOVED ") || t.starts_with("CLUSTERDOWN")), "{moved:?}");
-    let new = wait_for("a new leader", WAIT, || {
+    let second = wait_for("a new leader", WAIT, || {
         let leader = cluster.wait_leader();
-        (leader != old).then_some(leader)
+        (leader != first).then_some(leader)
     });
-    assert_eq!(waiting(&cluster.nodes[old]), 0);
-    // The old leader, a follower now, forwards a pop with the proxy, to wait at the new leader.
-    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[new], 1);
-    assert_eq!(stat_field(&cluster.nodes[old], "blocked_forwarded_waiting"), 1);
-    let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
+    assert_eq!(waiting(&cluster.nodes[first]), 0);
+
+    cluster.config_set("follower-proxy", "yes");
+    let mut w = RespConn::connect(cluster.nodes[second].port).unwrap();
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[second], 1);
+    let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "14"]).unwrap();
+    let third = wait_for("a new leader", WAIT, || {
+        let leader = cluster.wait_leader();
+        (leader != second).then_some(leader)
+    });
+    wait_for("the pop to wait on at the new leader", WAIT, || (waiting(&cluster.nodes[third]) == 1).then_some(()));
+    assert_eq!(stat_field(&cluster.nodes[second], "blocked_forwarded_waiting"), 1);
+    let mut producer = RespConn::connect(cluster.nodes[third].port).unwrap();
     call(&mut producer, &["RPUSH", "q", "a"]);
-    assert_eq!(w.reply().unwrap(), popped("q", "a"));
-    assert_eq!(stat_field(&cluster.nodes[old], "blocked_forwarded_waiting"), 0);
+    assert_eq!(w.reply().unwrap(), popped("q", "a"), "the client waited on, through the change");
+
+    // The old leader, a follower now, forwards a pop with the proxy, to wait at the new leader.
+    block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[third], 1);
+    call(&mut producer, &["RPUSH", "q", "b"]);
+    assert_eq!(w.reply().unwrap(), popped("q", "b"));
+    assert_eq!(stat_field(&cluster.nodes[second], "blocked_forwarded_waiting"), 0);
     // Without the proxy it redirects.
-    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "follower-proxy", "no"]).text().as_deref(), Some("OK"));
+    let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "follower-proxy", "no"]).unwrap();
     let redirect = call(&mut w, &["BLPOP", "q", "0"]);
-    let expected = format!("MOVED 0 {}", cluster.nodes[new].addr());
+    let expected = format!("MOVED 0 {}", cluster.nodes[third].addr());
     assert_eq!(redirect.text(), Some(expected), "{redirect:?}");
-    assert_eq!(call(&mut admin, &["RAFT.CONFIG", "SET", "follower-proxy", "yes"]).text().as_deref(), Some("OK"));
+    let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "follower-proxy", "yes"]).unwrap();
     // Inside a transaction a pop does not block, and the follower forwards it with the rest.
     let replies = w.pipeline(&[args(&["MULTI"]), args(&["RPUSH", "q", "x"]), args(&["BLPOP", "q", "0"]), args(&["EXEC"])]).unwrap();
     assert_eq!(replies[3], Reply::Aggregate(b'*', vec![Reply::Line(b':', b"1".to_vec()), popped("q", "x")]));

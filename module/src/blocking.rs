@@ -34,7 +34,8 @@
 //! unblocked by `CLIENT UNBLOCK`) with an attempt in flight loses what the attempt pops, as any
 //! write's reply is lost with its connection; otherwise its wait is simply forgotten. A leader
 //! that loses leadership answers its waiting clients `-MOVED` (as Redis Cluster does when a
-//! blocked client's slot moves). Inside MULTI the blocking commands never reach here: they run
+//! blocked client's slot moves), or with the proxy sends their commands on to the next leader
+//! (see `forward_blocking::take_over`). Inside MULTI the blocking commands never reach here: they run
 //! once, without blocking, as in Redis (scripts may not call them at all, Redis' own rule).
 //!
 //! A follower with `follower-proxy yes` sends its clients' blocking commands here (see
@@ -617,9 +618,19 @@ fn answer_if_deposed() {
     }
     let waiters: Vec<Waiter> = deposed.into_iter().filter_map(|id| remove(&mut w, id)).collect();
     drop(w);
-    let error = state::redirect(&node.status());
+    let status = node.status();
+    let error = state::redirect(&status);
+    // With the proxy, this node's own clients wait on at the next leader, as its followers' do.
+    let me = status.members.get(&status.id).map(|m| m.raft_addr.clone()).filter(|_| state::get().follower_proxy());
     for waiter in waiters {
-        waiter.finish(Outcome::Error(error.clone()));
+        match (&me, waiter.client, waiter.timeout) {
+            (Some(me), Requester::Here(blocked), Ok(timeout)) => {
+                let deadline = timeout.map(|t| waiter.arrived + t);
+                let timeout_arg = (waiter.shape.timeout, waiter.shape.unit);
+                crate::forward_blocking::take_over(blocked, waiter.db, waiter.resp3, waiter.argv, deadline, timeout_arg, me.clone(), error.clone());
+            }
+            (_, client, _) => client.finish(Outcome::Error(error.clone()), waiter.resp3),
+        }
     }
 }
 
@@ -653,7 +664,11 @@ extern "C" fn deadline_passed(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
 /// A waiting client disconnected (or `CLIENT UNBLOCK ... ERROR`): it is forgotten, and so is its
 /// wait, unless an attempt is in flight.
 extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {
-    let run = || give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR client disconnected".into()));
+    let run = || {
+        give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR client disconnected".into()));
+        // It may wait at another leader now (see `forward_blocking::take_over`).
+        crate::forward_blocking::cancel(bc, "ERR client disconnected");
+    };
     if std::panic::catch_unwind(run).is_err() {
         log::error!("panic in a blocking command's disconnect callback");
     }
@@ -664,7 +679,10 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
 /// the wait itself is over.
 extern "C" fn timed_out_by_redis(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
-    let run = || give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR timed out".into()));
+    let run = || {
+        give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR timed out".into()));
+        crate::forward_blocking::cancel(bc, "ERR timed out");
+    };
     if std::panic::catch_unwind(run).is_err() {
         log::error!("panic in a blocking command's timeout callback");
     }

@@ -98,6 +98,21 @@ pub fn to_leader(
     Ok(())
 }
 
+/// With the proxy, a client of this node that waited in a blocking command while this node led,
+/// now that it leads no more (`was_leader`: its side-port address): its command, as its next
+/// attempt would have run it, goes to the next leader for what is left of its timeout (until
+/// `deadline`), instead of the client getting `redirect`. (Nothing ran for it yet: a client with
+/// an attempt in flight gets that attempt's outcome.)
+pub fn take_over(blocked: Blocked, db: u32, resp3: bool, argv: Vec<Vec<u8>>, deadline: Option<Instant>, timeout_arg: TimeoutArg, was_leader: String, redirect: String) {
+    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    let cancel = ForwardCancel::default();
+    let registered = Registered::new(blocked.handle() as usize, cancel.clone());
+    let extra = 2 * crate::forward::forward_timeout() + BACKSTOP;
+    let backstop = deadline.map(|at| at.saturating_duration_since(Instant::now()) + extra);
+    let forward = Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, sends: 0 };
+    std::thread::spawn(move || forward.again(was_leader, redirect));
+}
+
 /// A client's command on its way to the leader, and what it takes to send it again.
 struct Forward {
     resp3: bool,
@@ -256,7 +271,7 @@ impl Drop for Registered {
 }
 
 /// Ends the forward of the client `bc`, if it is still on its way.
-fn cancel(bc: *mut RedisModuleBlockedClient, reason: &str) {
+pub fn cancel(bc: *mut RedisModuleBlockedClient, reason: &str) {
     if let Some(waiting) = lock().get(&(bc as usize)) {
         waiting.cancel.cancel(reason);
     }
