@@ -37,6 +37,16 @@ fn block(conn: &mut RespConn, pop: &[&str], leader: &Server, expected: u64) {
     wait_for("the pop to wait", WAIT, || (waiting(leader) == expected).then_some(()));
 }
 
+/// Makes the leader `old` hand leadership over (a leader given new tick counts does, to rebuild its
+/// Raft state), and returns the new leader.
+fn step_down(cluster: &Cluster, old: usize, election_ticks: &str) -> usize {
+    let _: () = cluster.nodes[old].cmd(&["RAFT.CONFIG", "SET", "election-ticks", election_ticks]).unwrap();
+    wait_for("a new leader", WAIT, || {
+        let leader = cluster.wait_leader();
+        (leader != old).then_some(leader)
+    })
+}
+
 #[test]
 fn waiting_pops_are_served_in_arrival_order_and_every_node_pops_the_same() {
     let cluster = Cluster::start(3, &[]).unwrap();
@@ -212,12 +222,7 @@ fn a_forwarded_pop_follows_the_leader_when_it_steps_down() {
     let mut briefly = RespConn::connect(via.port).unwrap();
     block(&mut forever, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
     block(&mut briefly, &["BLPOP", "empty", "3"], &cluster.nodes[old], 2);
-    // New tick counts make a leader hand leadership over.
-    let _: () = cluster.nodes[old].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "12"]).unwrap();
-    let new = wait_for("a new leader", WAIT, || {
-        let leader = cluster.wait_leader();
-        (leader != old).then_some(leader)
-    });
+    let new = step_down(&cluster, old, "12");
     wait_for("the pops to wait at the new leader", WAIT, || (waiting(&cluster.nodes[new]) == 2).then_some(()));
     let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();
     call(&mut producer, &["RPUSH", "q", "x"]);
@@ -264,24 +269,15 @@ fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_or_sends_them_on
     let first = cluster.wait_leader();
     let mut w = RespConn::connect(cluster.nodes[first].port).unwrap();
     block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[first], 1);
-    // New tick counts make a leader hand leadership over.
-    let _: () = cluster.nodes[first].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "12"]).unwrap();
+    let second = step_down(&cluster, first, "12");
     let moved = w.reply().unwrap();
     assert!(moved.text().is_some_and(|t| t.starts_with("MOVED ") || t.starts_with("CLUSTERDOWN")), "{moved:?}");
-    let second = wait_for("a new leader", WAIT, || {
-        let leader = cluster.wait_leader();
-        (leader != first).then_some(leader)
-    });
     assert_eq!(waiting(&cluster.nodes[first]), 0);
 
     cluster.config_set("follower-proxy", "yes");
     let mut w = RespConn::connect(cluster.nodes[second].port).unwrap();
     block(&mut w, &["BLPOP", "q", "0"], &cluster.nodes[second], 1);
-    let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "election-ticks", "14"]).unwrap();
-    let third = wait_for("a new leader", WAIT, || {
-        let leader = cluster.wait_leader();
-        (leader != second).then_some(leader)
-    });
+    let third = step_down(&cluster, second, "14");
     wait_for("the pop to wait on at the new leader", WAIT, || (waiting(&cluster.nodes[third]) == 1).then_some(()));
     assert_eq!(stat_field(&cluster.nodes[second], "blocked_forwarded_waiting"), 1);
     let mut producer = RespConn::connect(cluster.nodes[third].port).unwrap();
