@@ -82,6 +82,12 @@ impl Blocked {
         Blocked { bc }
     }
 
+    /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
+    /// ERROR` ends its wait); it replaces any callback set before.
+    pub fn on_disconnect(&self, callback: extern "C" fn(*mut RedisModuleCtx, *mut RedisModuleBlockedClient)) {
+        unsafe { api!(RedisModule_SetDisconnectCallback)(self.bc, Some(callback)) };
+    }
+
     /// Redis' handle of the blocked client, to recognise it in Redis' callbacks.
     pub fn handle(&self) -> *mut RedisModuleBlockedClient {
         self.bc

@@ -127,7 +127,7 @@ struct Waiter {
 /// Blocks the client of `ctx`, Redis giving up on it after `backstop` (zero: never).
 fn block_client(ctx: *mut RedisModuleCtx, backstop: Duration) -> Requester {
     let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    blocked.on_disconnect(disconnected);
     Requester::Here(blocked)
 }
 
@@ -162,8 +162,7 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     if !node.is_leader() {
         if s.follower_proxy() {
-            let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
-            return crate::forward_blocking::to_leader(ctx, &node, command, timeout, (shape.timeout, shape.unit));
+            return crate::forward_blocking::to_leader(ctx, &node, command, (shape.timeout, shape.unit));
         }
         return Err(state::redirect(&node.status()));
     }
@@ -305,8 +304,13 @@ struct Attempt {
 
 impl Attempt {
     fn of(waiter: &Waiter) -> Attempt {
+        Attempt::running(waiter, waiter.argv.clone())
+    }
+
+    /// `waiter`'s attempt, running `argv` (its command narrowed to the keys that are ready).
+    fn running(waiter: &Waiter, argv: Vec<Vec<u8>>) -> Attempt {
         let reads_only = matches!(waiter.shape.waits, Waits::Stream(_));
-        Attempt { argv: waiter.argv.clone(), db: waiter.db, resp3: waiter.resp3, reads_only }
+        Attempt { argv, db: waiter.db, resp3: waiter.resp3, reads_only }
     }
 }
 
@@ -437,7 +441,7 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
                     waiter.in_flight = true;
                     let positions: Vec<usize> = ready.iter().map(|&i| waiter.shape.keys[i]).collect();
                     let argv = waiter.shape.narrowed_to(&waiter.argv, &positions);
-                    attempts.push((*id, Attempt { argv, ..Attempt::of(waiter) }));
+                    attempts.push((*id, Attempt::running(waiter, argv)));
                 }
             }
             Waits::Group(_) if !waiter.in_flight => match look.group_news(waiter) {

@@ -21,7 +21,7 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
-use raftis_core::blocking::Unit;
+use raftis_core::blocking::{parse_timeout, Unit};
 use raftis_core::forward::{ForwardCancel, ForwardRequest, Forwarded};
 use std::collections::BTreeMap;
 use std::os::raw::c_int;
@@ -60,40 +60,22 @@ pub fn stats() -> [(&'static str, u64); 1] {
 pub type TimeoutArg = (usize, Unit);
 
 /// Sends the blocking `command` of the client of `ctx` to the leader, once the client's earlier
-/// replies are in, and blocks the client until the leader answers. `timeout` is the command's, as
-/// read from its argument at `timeout_arg` (None: for ever). Errs with the redirect when no
-/// leader is known.
-pub fn to_leader(
-    ctx: *mut RedisModuleCtx,
-    node: &RaftNode,
-    command: &[&[u8]],
-    timeout: Result<Option<Duration>, String>,
-    timeout_arg: TimeoutArg,
-) -> Result<(), String> {
+/// replies are in, and blocks the client until the leader answers. Its timeout is the argument at
+/// `timeout_arg`. Errs with the redirect when no leader is known.
+pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], timeout_arg: TimeoutArg) -> Result<(), String> {
     crate::forward::leader_addr(node)?;
-    let extra = 2 * crate::forward::forward_timeout() + BACKSTOP;
+    let (at, unit) = timeout_arg;
+    let timeout = parse_timeout(command.get(at).copied().unwrap_or_default(), unit);
     let backstop = match timeout {
         Ok(None) => None,
-        Ok(Some(t)) => Some(t + extra),
+        Ok(Some(t)) => Some(answer_within(t)),
         // The leader answers Redis' error for it at once.
-        Err(_) => Some(extra),
+        Err(_) => Some(answer_within(Duration::ZERO)),
     };
     let blocked = Blocked::with_timeout_reply(ctx, backstop.unwrap_or(Duration::ZERO), Some(timed_out));
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    let cancel = ForwardCancel::default();
-    let registered = Registered::new(blocked.handle() as usize, cancel.clone());
-    let forward = Forward {
-        resp3: ffi::client_is_resp3(ctx),
-        db: ffi::selected_db(ctx),
-        argv: ffi::owned_args(command),
-        deadline: timeout.ok().flatten().map(|t| Instant::now() + t),
-        timeout_arg,
-        backstop,
-        cancel,
-        registered,
-        blocked,
-        sends: 0,
-    };
+    let deadline = timeout.ok().flatten().map(|t| Instant::now() + t);
+    let (resp3, db) = (ffi::client_is_resp3(ctx), ffi::selected_db(ctx));
+    let forward = Forward::new(blocked, resp3, db, ffi::owned_args(command), deadline, timeout_arg, backstop);
     crate::held::after_own_replies(ctx, Box::new(move || forward.send()));
     Ok(())
 }
@@ -104,13 +86,15 @@ pub fn to_leader(
 /// `deadline`), instead of the client getting `redirect`. (Nothing ran for it yet: a client with
 /// an attempt in flight gets that attempt's outcome.)
 pub fn take_over(blocked: Blocked, db: u32, resp3: bool, argv: Vec<Vec<u8>>, deadline: Option<Instant>, timeout_arg: TimeoutArg, was_leader: String, redirect: String) {
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
-    let cancel = ForwardCancel::default();
-    let registered = Registered::new(blocked.handle() as usize, cancel.clone());
-    let extra = 2 * crate::forward::forward_timeout() + BACKSTOP;
-    let backstop = deadline.map(|at| at.saturating_duration_since(Instant::now()) + extra);
-    let forward = Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, sends: 0 };
+    let backstop = deadline.map(|at| answer_within(at.saturating_duration_since(Instant::now())));
+    let forward = Forward::new(blocked, resp3, db, argv, deadline, timeout_arg, backstop);
     std::thread::spawn(move || forward.again(was_leader, redirect));
+}
+
+/// How long a client whose command waits `wait` at the leader waits for the answer: an attempt
+/// in flight at the timeout is answered first, and the answer has its way back.
+fn answer_within(wait: Duration) -> Duration {
+    wait + 2 * crate::forward::forward_timeout() + BACKSTOP
 }
 
 /// A client's command on its way to the leader, and what it takes to send it again.
@@ -141,6 +125,23 @@ const STEP_DOWN_ANSWER: Duration = Duration::from_secs(1);
 const NEW_LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl Forward {
+    /// The client behind `blocked` waits for `argv` at the leader; this node now hears when it
+    /// leaves, and keeps it in [`WAITING`] until it is answered.
+    fn new(
+        blocked: Blocked,
+        resp3: bool,
+        db: u32,
+        argv: Vec<Vec<u8>>,
+        deadline: Option<Instant>,
+        timeout_arg: TimeoutArg,
+        backstop: Option<Duration>,
+    ) -> Forward {
+        blocked.on_disconnect(disconnected);
+        let cancel = ForwardCancel::default();
+        let registered = Registered::new(blocked.handle() as usize, cancel.clone());
+        Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, sends: 0 }
+    }
+
     /// Sends it to the leader this node knows; the answer goes to the client, but for an answer
     /// that says the command did not run there (`-MOVED`, `-CLUSTERDOWN`: a leader that stepped
     /// down while it waited, or one that was not the leader any more): then it goes to the next

@@ -67,7 +67,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     let node = s.serving_node()?;
     if !node.is_leader() {
         if s.follower_proxy() && !crate::transaction::in_exec(ctx) {
-            crate::forward_blocking::to_leader(ctx, &node, argv, Ok(timeout), (2, Unit::Milliseconds))?;
+            crate::forward_blocking::to_leader(ctx, &node, argv, (2, Unit::Milliseconds))?;
             return Ok(Reply::Blocked);
         }
         return Err(state::redirect(&node.status()));
@@ -78,7 +78,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     }
     // Redis' timeout answers the count at that moment; zero waits for ever.
     let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
-    unsafe { api!(RedisModule_SetDisconnectCallback)(blocked.handle(), Some(disconnected)) };
+    blocked.on_disconnect(disconnected);
     start(&node, Requester::Here(blocked), wanted, None);
     Ok(Reply::Blocked)
 }
