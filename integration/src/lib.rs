@@ -350,6 +350,15 @@ impl Cluster {
         }
     }
 
+    /// Kills the leader `leader` with SIGKILL once `done` reaches a third of `total` (a producer's
+    /// progress), waits for another node to lead, and restarts it.
+    pub fn kill_leader_midway(&mut self, leader: usize, done: &std::sync::atomic::AtomicUsize, total: usize) {
+        wait_for("a third of the producer's items", Duration::from_secs(30), || (done.load(Ordering::SeqCst) >= total / 3).then_some(()));
+        self.nodes[leader].kill9();
+        wait_for("a new leader", Duration::from_secs(20), || (0..self.nodes.len()).filter(|i| *i != leader).find(|i| self.nodes[*i].state() == "leader"));
+        self.nodes[leader].restart().unwrap();
+    }
+
     /// Index of the leader once exactly one running node says it leads and it accepts writes.
     pub fn wait_leader(&self) -> usize {
         wait_for("a leader", Duration::from_secs(20), || {
@@ -478,6 +487,27 @@ pub fn produce<T>(
         done.fetch_add(1, Ordering::SeqCst);
     }
     (acknowledged, unknown)
+}
+
+/// Clients waiting in a blocking command on `server`: Redis' own count on plain Redis, the
+/// module's on a Raftis node.
+pub fn waiting_clients(server: &Server, plain: bool) -> u64 {
+    if plain {
+        let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
+        field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
+    } else {
+        stat_field(server, "blocked_pops_waiting")
+    }
+}
+
+/// A consumer's connection in a test that kills the leader `first` under load: to whichever node
+/// leads now, or, `through_followers`, to one of the two other nodes (by the consumer's number
+/// `k`), a follower at first, which sends what waits to the leader (follower proxy).
+pub fn consumer_conn(ports: &[u16], first: usize, k: usize, through_followers: bool) -> resp_conn::RespConn {
+    match through_followers {
+        true => resp_conn::RespConn::connect(ports[(first + 1 + k % 2) % ports.len()]).unwrap(),
+        false => leader_conn(ports),
+    }
 }
 
 /// An error that says the request did not take effect (`-MOVED`, `-CLUSTERDOWN`).

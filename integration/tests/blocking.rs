@@ -4,7 +4,7 @@
 //! lost or popped twice.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{leader_conn, produce, refused, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{consumer_conn, produce, refused, stat_field, wait_for, waiting_clients, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -145,13 +145,6 @@ fn a_waiting_pop_passes_over_keys_that_changed_type_as_in_redis() {
         (&["BZPOPMIN", "a", "b", "0"], &[&["SET", "a", "str"], &["ZADD", "b", "1", "m"]]),
         (&["BZMPOP", "0", "2", "a", "b", "MAX"], &[&["SET", "a", "str"], &["ZADD", "b", "1", "m", "2", "n"]]),
     ];
-    let blocked = |server: &Server, is_plain: bool| match is_plain {
-        true => {
-            let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
-            raftis_integration::field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
-        }
-        false => waiting(server),
-    };
     let mut replies = Vec::new();
     for (server, is_plain) in [(&plain, true), (leader, false)] {
         let mut other = RespConn::connect(server.port).unwrap();
@@ -159,7 +152,7 @@ fn a_waiting_pop_passes_over_keys_that_changed_type_as_in_redis() {
         for (pop, changes) in cases {
             call(&mut other, &["FLUSHALL"]);
             w.send(&[args(pop)]).unwrap();
-            wait_for("the pop to wait", WAIT, || (blocked(server, is_plain) == 1).then_some(()));
+            wait_for("the pop to wait", WAIT, || (waiting_clients(server, is_plain) == 1).then_some(()));
             for change in *changes {
                 call(&mut other, change);
             }
@@ -386,16 +379,11 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
     let consumers: Vec<_> = (0..3)
         .map(|k| {
             let (ports, stop) = (ports.clone(), stop.clone());
-            // One of the nodes that are not killed, which is a follower at first.
-            let follower = ports[(first + 1 + k % 2) % 3];
             std::thread::spawn(move || {
                 let (mut popped, mut unknown) = (Vec::new(), 0);
                 let mut conn = None;
                 while !stop.load(Ordering::SeqCst) {
-                    let c = conn.get_or_insert_with(|| match through_followers {
-                        true => RespConn::connect(follower).unwrap(),
-                        false => leader_conn(&ports),
-                    });
+                    let c = conn.get_or_insert_with(|| consumer_conn(&ports, first, k, through_followers));
                     match c.call(&[b"BLPOP", b"work", b"0.5"]) {
                         Ok(Reply::Aggregate(_, kv)) => popped.push(String::from_utf8(kv[1].bytes().unwrap().to_vec()).unwrap().parse::<usize>().unwrap()),
                         Ok(Reply::Null(_)) => {}
@@ -411,12 +399,7 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
         })
         .collect();
 
-    wait_for("a third of the pushes", Duration::from_secs(30), || (pushed.load(Ordering::SeqCst) >= ITEMS / 3).then_some(()));
-    cluster.nodes[first].kill9();
-    wait_for("a new leader", Duration::from_secs(20), || {
-        (0..3).filter(|i| *i != first).find(|i| cluster.nodes[*i].state() == "leader")
-    });
-    cluster.nodes[first].restart().unwrap();
+    cluster.kill_leader_midway(first, &pushed, ITEMS);
     let (acknowledged, unknown_pushes) = producer.join().unwrap();
     let leader = cluster.wait_leader();
     wait_for("the consumers to empty the list", Duration::from_secs(30), || {

@@ -4,7 +4,7 @@
 //! consumers.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{field_in, leader_conn, produce, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{consumer_conn, produce, stat_field, wait_for, waiting_clients, Cluster, Server};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,20 +19,10 @@ fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
     conn.pipeline(&[args(a)]).unwrap().remove(0)
 }
 
-/// Clients blocked on `server`: those this module holds on a Raftis node, Redis' own on plain Redis.
-fn waiting(server: &Server, plain: bool) -> u64 {
-    if plain {
-        let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
-        field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
-    } else {
-        stat_field(server, "blocked_pops_waiting")
-    }
-}
-
 /// Sends a blocking read on `conn` and returns once `server` counts `expected` clients waiting.
 fn block(conn: &mut RespConn, read: &[&str], server: &Server, plain: bool, expected: u64) {
     conn.send(&[args(read)]).unwrap();
-    wait_for("the read to wait", WAIT, || (waiting(server, plain) == expected).then_some(()));
+    wait_for("the read to wait", WAIT, || (waiting_clients(server, plain) == expected).then_some(()));
 }
 
 /// Readers waiting on `$` and consumers of one group waiting on `>` are served by each new entry
@@ -62,7 +52,7 @@ fn waiting_reads_get_what_plain_redis_gives_them() {
         // One entry at a time: Redis serves its waiting clients after each command.
         call(&mut producer, &["XADD", "s", "2-1", "f", "new"]);
         let mut got: Vec<Reply> = readers[..3].iter_mut().map(|r| r.reply().unwrap()).collect();
-        assert_eq!(waiting(server, is_plain), 1, "the second consumer still waits");
+        assert_eq!(waiting_clients(server, is_plain), 1, "the second consumer still waits");
         call(&mut producer, &["XADD", "t", "3-1", "f", "other key"]);
         call(&mut producer, &["XADD", "s", "4-1", "f", "next"]);
         got.push(readers[3].reply().unwrap());
@@ -81,7 +71,7 @@ fn waiting_reads_get_what_plain_redis_gives_them() {
         got.push(readers[0].reply().unwrap());
         call(&mut producer, &["DEL", "d2"]);
         got.push(readers[1].reply().unwrap());
-        assert_eq!(waiting(server, is_plain), 1, "the reader still waits");
+        assert_eq!(waiting_clients(server, is_plain), 1, "the reader still waits");
         call(&mut producer, &["XADD", "d2", "2-1", "f", "again"]);
         got.push(readers[2].reply().unwrap());
         replies.push(got);
@@ -96,7 +86,7 @@ fn waiting_reads_get_what_plain_redis_gives_them() {
     // Each consumer has the entry it was given (idle times differ from plain Redis).
     let consumers = format!("{:?}", raftis[4]);
     assert!(consumers.contains("c1") && consumers.contains("c2"), "{consumers}");
-    assert_eq!(waiting(leader, false), 0);
+    assert_eq!(waiting_clients(leader, false), 0);
     // The first attempt of each, then one per delivery: a consumer whose group has had the new
     // entry already does not try for it.
     assert_eq!(stat_field(leader, "blocked_pop_attempts"), 6 + 3);
@@ -191,7 +181,7 @@ fn replies_are_those_of_plain_redis() {
         }
         assert_eq!(got[1], got[0], "port {} RESP{protocol}", node.port);
     }
-    assert_eq!(waiting(leader, false), 0);
+    assert_eq!(waiting_clients(leader, false), 0);
     assert_eq!(stat_field(follower, "blocked_forwarded_waiting"), 0);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
@@ -215,7 +205,7 @@ fn at_low_consistency_every_node_serves_blocking_reads() {
     call(&mut producer, &["XADD", "s", "2-1", "f", "new"]);
     let got = format!("{:?}", reader.reply().unwrap());
     assert!(got.contains("2-1") && !got.contains("1-1"), "{got}");
-    assert_eq!(waiting(follower, false), 0);
+    assert_eq!(waiting_clients(follower, false), 0);
     assert_eq!(stat_field(&cluster.nodes[leader], "blocked_pop_attempts"), attempts, "no attempt went through the log");
     call(&mut producer, &["XGROUP", "CREATE", "s", "g", "$"]);
     let moved = call(&mut reader, &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]);
@@ -242,7 +232,7 @@ fn readers_are_redirected_moved_and_forgotten() {
     let mut leaving = RespConn::connect(leader.port).unwrap();
     block(&mut leaving, &["XREADGROUP", "GROUP", "g", "gone", "BLOCK", "0", "STREAMS", "s", ">"], leader, false, 1);
     drop(leaving);
-    wait_for("the reader that left to be forgotten", WAIT, || (waiting(leader, false) == 0).then_some(()));
+    wait_for("the reader that left to be forgotten", WAIT, || (waiting_clients(leader, false) == 0).then_some(()));
     let mut consumer = RespConn::connect(leader.port).unwrap();
     block(&mut consumer, &["XREADGROUP", "GROUP", "g", "stays", "BLOCK", "0", "STREAMS", "s", ">"], leader, false, 1);
     call(&mut admin, &["XADD", "s", "1-1", "f", "v"]);
@@ -261,7 +251,7 @@ fn readers_are_redirected_moved_and_forgotten() {
         let leader = cluster.wait_leader();
         (leader != old).then_some(leader)
     });
-    assert_eq!(waiting(leader, false), 0);
+    assert_eq!(waiting_clients(leader, false), 0);
     let redirect = call(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]);
     assert_eq!(redirect.text(), Some(format!("MOVED 0 {}", cluster.nodes[new].addr())));
     // The new leader serves it.
@@ -309,18 +299,13 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
     let consumers: Vec<_> = (0..3)
         .map(|k| {
             let (ports, stop) = (ports.clone(), stop.clone());
-            // One of the nodes that are not killed, which is a follower at first.
-            let follower = ports[(first + 1 + k % 2) % 3];
             std::thread::spawn(move || {
                 let name = format!("c{k}");
                 let mut received: Vec<String> = Vec::new();
                 let mut conn: Option<RespConn> = None;
                 while !stop.load(Ordering::SeqCst) {
                     let fresh = conn.is_none();
-                    let c = conn.get_or_insert_with(|| match through_followers {
-                        true => RespConn::connect(follower).unwrap(),
-                        false => leader_conn(&ports),
-                    });
+                    let c = conn.get_or_insert_with(|| consumer_conn(&ports, first, k, through_followers));
                     // After a failure a consumer reads what it was given and did not acknowledge.
                     let from: &[u8] = if fresh { b"0" } else { b">" };
                     let read = c.call(&[b"XREADGROUP", b"GROUP", b"g", name.as_bytes(), b"COUNT", b"10", b"BLOCK", b"500", b"STREAMS", b"jobs", from]);
@@ -352,10 +337,7 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
         })
         .collect();
 
-    wait_for("a third of the entries", Duration::from_secs(30), || (added.load(Ordering::SeqCst) >= ENTRIES / 3).then_some(()));
-    cluster.nodes[first].kill9();
-    wait_for("a new leader", Duration::from_secs(20), || (0..3).filter(|i| *i != first).find(|i| cluster.nodes[*i].state() == "leader"));
-    cluster.nodes[first].restart().unwrap();
+    cluster.kill_leader_midway(first, &added, ENTRIES);
     let (acknowledged, unknown) = producer.join().unwrap();
     let leader = cluster.wait_leader();
     let mut admin = RespConn::connect(cluster.nodes[leader].port).unwrap();
