@@ -224,6 +224,23 @@ fn a_forwarded_pop_follows_the_leader_when_it_steps_down() {
     assert_eq!(stat_field(via, "blocked_forwarded_waiting"), 0);
 }
 
+/// A pop that a follower could not deliver (its leader was just killed) has not run yet: at the
+/// next leader it runs once, as its first attempt, even if its timeout is over by then, and takes
+/// the element that was there all along, as Redis would have at once.
+#[test]
+fn a_pop_that_missed_a_killed_leader_runs_at_the_next_one_though_its_timeout_is_over() {
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let via = (old + 1) % 3;
+    let _: i64 = cluster.nodes[old].cmd(&["RPUSH", "q", "x"]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.nodes[old].kill9();
+    // The follower still takes the dead node for the leader: it cannot reach it, and the pop
+    // goes to the next leader once one is elected, well past its 100 ms.
+    let mut w = RespConn::connect(cluster.nodes[via].port).unwrap();
+    assert_eq!(call(&mut w, &["BLPOP", "q", "0.1"]), popped("q", "x"));
+}
+
 /// A leader that cannot answer (stopped here) cannot tell a follower's waiting client that it
 /// stepped down: the follower ends the wait itself once another node leads, and the stopped
 /// leader, resumed, pops nothing for it.

@@ -110,18 +110,18 @@ struct Forward {
     cancel: ForwardCancel,
     registered: Registered,
     blocked: Blocked,
-    /// How many times it was sent.
-    sends: u32,
+    /// When a leader first answered that it did not run it (None: none has).
+    refused_since: Option<Instant>,
 }
 
-/// How many times a command is sent to a new leader after the last one said it did not run it.
-const MAX_SENDS: u32 = 5;
-/// How long a leader that says `-CLUSTERDOWN` (not ready yet) is given before a command goes to it again.
+/// How long a leader that says `-CLUSTERDOWN` (not ready yet, or not reachable) is given before a
+/// command goes to it again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How long after this node knows a new leader the one a command waits on has to say it stepped
 /// down before the client is told it may or may not have run.
 const STEP_DOWN_ANSWER: Duration = Duration::from_secs(1);
-/// How long a follower waits to learn of a new leader before it gives the redirect to its client.
+/// How long a follower keeps sending a command that leaders answer did not run, waiting to learn
+/// of one that runs it, before it gives the last answer to its client.
 const NEW_LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl Forward {
@@ -139,26 +139,25 @@ impl Forward {
         blocked.on_disconnect(disconnected);
         let cancel = ForwardCancel::default();
         let registered = Registered::new(blocked.handle() as usize, cancel.clone());
-        Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, sends: 0 }
+        Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, refused_since: None }
     }
 
     /// Sends it to the leader this node knows; the answer goes to the client, but for an answer
     /// that says the command did not run there (`-MOVED`, `-CLUSTERDOWN`: a leader that stepped
     /// down while it waited, or one that was not the leader any more): then it goes to the next
     /// leader, for what is left of its timeout ([`Forward::again`]).
-    fn send(mut self) {
+    fn send(self) {
         let found = state::get().node().ok_or_else(crate::write::not_initialized);
         let (node, addr) = match found.and_then(|node| Ok((crate::forward::leader_addr(&node)?, node))) {
             Ok((addr, node)) => (node, addr),
             Err(e) => return self.finish(Outcome::Error(e)),
         };
         self.registered.sent_to(Some(&addr));
-        self.sends += 1;
         let req = ForwardRequest { resp3: self.resp3, what: Forwarded::Blocking { db: self.db, argv: self.argv.clone() } };
         let (backstop, cancel, sent_to) = (self.backstop, self.cancel.clone(), addr.clone());
         let answer = Box::new(move |reply: Result<Vec<u8>, String>| match reply {
             Ok(raw) => self.finish(Outcome::Relay(raw)),
-            Err(e) if did_not_run(&e) && self.sends < MAX_SENDS && self.cancel.reason().is_none() => {
+            Err(e) if did_not_run(&e) && self.may_send_again() => {
                 self.registered.sent_to(None);
                 // Off the transport's thread: this waits for the new leader to be known.
                 std::thread::spawn(move || self.again(sent_to, e));
@@ -169,27 +168,28 @@ impl Forward {
     }
 
     /// The leader at `refused_by` answered `error` without running the command: sends it to the
-    /// next leader once this node knows one, for what is left of its timeout; or gives `error`
-    /// to the client if none is known in time, or if its timeout is over (a null array then,
-    /// as a timeout answers).
+    /// next leader once this node knows one, for what is left of its timeout (at least a
+    /// millisecond); or gives `error` to the client once leaders have refused it for
+    /// [`NEW_LEADER_WAIT`].
     fn again(mut self, refused_by: String, error: String) {
-        let waiting_since = Instant::now();
+        let refused_at = Instant::now();
+        self.refused_since.get_or_insert(refused_at);
         let leader = || state::get().node().and_then(|node| crate::forward::leader_addr(&node).ok());
         // `-MOVED`: another node leads, which this one may not know yet. `-CLUSTERDOWN`: the
-        // leader was not ready (or none was known); a moment later it may be.
-        let ready = |addr: &String| *addr != refused_by || (error.starts_with("CLUSTERDOWN") && waiting_since.elapsed() >= RETRY_PAUSE);
+        // leader was not ready or could not be reached (killed, say, before an election); a
+        // moment later it may be, or another may lead.
+        let ready = |addr: &String| *addr != refused_by || (error.starts_with("CLUSTERDOWN") && refused_at.elapsed() >= RETRY_PAUSE);
         while !leader().is_some_and(|addr| ready(&addr)) {
-            if waiting_since.elapsed() > NEW_LEADER_WAIT || self.cancel.reason().is_some() {
+            if !self.may_send_again() {
                 return self.finish(Outcome::Error(error));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ms = left.as_millis();
-            if ms == 0 {
-                return self.finish(Outcome::NullArray);
-            }
+            // Nothing ran yet, so the command still gets its first attempt, which serves it if it
+            // can, as Redis would have at once: a timeout that is over waits a millisecond (zero
+            // would mean for ever).
+            let ms = deadline.saturating_duration_since(Instant::now()).as_millis().max(1);
             let (at, unit) = self.timeout_arg;
             if let Some(arg) = self.argv.get_mut(at) {
                 *arg = match unit {
@@ -199,6 +199,11 @@ impl Forward {
             }
         }
         self.send();
+    }
+
+    /// Its client still waits, and leaders have not refused it for [`NEW_LEADER_WAIT`] yet.
+    fn may_send_again(&self) -> bool {
+        self.cancel.reason().is_none() && self.refused_since.is_none_or(|since| since.elapsed() <= NEW_LEADER_WAIT)
     }
 
     fn finish(self, outcome: Outcome) {
