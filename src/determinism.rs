@@ -1,7 +1,8 @@
 //! Every node executes each replicated write itself, so a write must mean the same thing on every
 //! node at whatever moment it applies it. The leader rewrites time-relative arguments into
-//! absolute ones before proposing (`EXPIRE k 10` becomes `PEXPIREAT k <now+10s>`), and refuses
-//! writes whose effect is chosen at random or by the local clock in ways it cannot pin down.
+//! absolute ones before proposing (`EXPIRE k 10` becomes `PEXPIREAT k <now+10s>`). A write whose
+//! effect Redis chooses at random (`SPOP`) gets its outcome drawn by the leader instead, and settled
+//! alike on every node (see `set_pop`).
 //!
 //! A rewrite is only made where the original would succeed; malformed arguments are left alone so
 //! that every node answers with the same error Redis would have given.
@@ -10,10 +11,6 @@ use std::borrow::Cow;
 
 /// A command's arguments: borrowed from the client's command, owned where a rewrite replaced one.
 pub type Args<'a> = Vec<Cow<'a, [u8]>>;
-
-/// A write that cannot be replicated deterministically; the text is the error reply.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Refused(pub String);
 
 /// Writes that read Redis' own clock as they run, and so run with it pinned to their entry's time
 /// on every node (the module's `clock`): `XREADGROUP` stamps the messages it delivers,
@@ -27,8 +24,8 @@ pub fn runs_by_the_log_clock(name: &[u8]) -> bool {
 }
 
 /// Rewrites `argv` in place for the leader's clock `now_ms` (milliseconds since the Unix epoch).
-pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
-    let Some(name) = argv.first().map(|n| n.to_ascii_lowercase()) else { return Ok(()) };
+pub fn pin(argv: &mut Args, now_ms: i64) {
+    let Some(name) = argv.first().map(|n| n.to_ascii_lowercase()) else { return };
     match name.as_slice() {
         b"set" => pin_set_options(argv, 3, now_ms),
         b"getex" => pin_set_options(argv, 2, now_ms),
@@ -67,14 +64,8 @@ pub fn pin(argv: &mut Args, now_ms: i64) -> Result<(), Refused> {
             }
         }
         b"xadd" => pin_xadd_id(argv, now_ms),
-        b"spop" => {
-            return Err(Refused(
-                "ERR SPOP picks members at random, which cannot be replicated; use SRANDMEMBER then SREM".into(),
-            ))
-        }
         _ => {}
     }
-    Ok(())
 }
 
 /// SET/GETEX: `EX s` and `PX ms` become `PXAT now+ttl`.
@@ -147,64 +138,64 @@ fn offset(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
 mod tests {
     use super::*;
 
-    fn run(args: &[&str]) -> Result<Vec<String>, Refused> {
+    fn run(args: &[&str]) -> Vec<String> {
         let mut argv: Args = args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect();
-        pin(&mut argv, 1_000_000)?;
-        Ok(argv.into_iter().map(|a| String::from_utf8(a.into_owned()).unwrap()).collect())
+        pin(&mut argv, 1_000_000);
+        argv.into_iter().map(|a| String::from_utf8(a.into_owned()).unwrap()).collect()
     }
 
     #[test]
     fn relative_expirations_become_absolute() {
-        assert_eq!(run(&["SET", "k", "v", "EX", "10"]).unwrap(), ["SET", "k", "v", "PXAT", "1010000"]);
-        assert_eq!(run(&["set", "k", "v", "NX", "px", "5"]).unwrap(), ["set", "k", "v", "NX", "PXAT", "1000005"]);
-        assert_eq!(run(&["SETEX", "k", "2", "v"]).unwrap(), ["SET", "k", "v", "PXAT", "1002000"]);
-        assert_eq!(run(&["PSETEX", "k", "2", "v"]).unwrap(), ["SET", "k", "v", "PXAT", "1000002"]);
-        assert_eq!(run(&["EXPIRE", "k", "3", "NX"]).unwrap(), ["PEXPIREAT", "k", "1003000", "NX"]);
-        assert_eq!(run(&["PEXPIRE", "k", "-1"]).unwrap(), ["PEXPIREAT", "k", "999999"]);
-        assert_eq!(run(&["GETEX", "k", "EX", "1"]).unwrap(), ["GETEX", "k", "PXAT", "1001000"]);
-        assert_eq!(run(&["RESTORE", "k", "50", "payload"]).unwrap(), ["RESTORE", "k", "1000050", "payload", "ABSTTL"]);
-        assert_eq!(run(&["RESTORE", "k", "0", "payload"]).unwrap(), ["RESTORE", "k", "0", "payload"]);
+        assert_eq!(run(&["SET", "k", "v", "EX", "10"]), ["SET", "k", "v", "PXAT", "1010000"]);
+        assert_eq!(run(&["set", "k", "v", "NX", "px", "5"]), ["set", "k", "v", "NX", "PXAT", "1000005"]);
+        assert_eq!(run(&["SETEX", "k", "2", "v"]), ["SET", "k", "v", "PXAT", "1002000"]);
+        assert_eq!(run(&["PSETEX", "k", "2", "v"]), ["SET", "k", "v", "PXAT", "1000002"]);
+        assert_eq!(run(&["EXPIRE", "k", "3", "NX"]), ["PEXPIREAT", "k", "1003000", "NX"]);
+        assert_eq!(run(&["PEXPIRE", "k", "-1"]), ["PEXPIREAT", "k", "999999"]);
+        assert_eq!(run(&["GETEX", "k", "EX", "1"]), ["GETEX", "k", "PXAT", "1001000"]);
+        assert_eq!(run(&["RESTORE", "k", "50", "payload"]), ["RESTORE", "k", "1000050", "payload", "ABSTTL"]);
+        assert_eq!(run(&["RESTORE", "k", "0", "payload"]), ["RESTORE", "k", "0", "payload"]);
     }
 
     #[test]
     fn arguments_redis_would_reject_are_left_for_redis_to_reject() {
-        assert_eq!(run(&["SET", "k", "v", "EX", "0"]).unwrap(), ["SET", "k", "v", "EX", "0"]);
-        assert_eq!(run(&["SET", "k", "v", "EX", "ten"]).unwrap(), ["SET", "k", "v", "EX", "ten"]);
-        assert_eq!(run(&["SETEX", "k", "-5", "v"]).unwrap(), ["SETEX", "k", "-5", "v"]);
+        assert_eq!(run(&["SET", "k", "v", "EX", "0"]), ["SET", "k", "v", "EX", "0"]);
+        assert_eq!(run(&["SET", "k", "v", "EX", "ten"]), ["SET", "k", "v", "EX", "ten"]);
+        assert_eq!(run(&["SETEX", "k", "-5", "v"]), ["SETEX", "k", "-5", "v"]);
         let huge = i64::MAX.to_string();
-        assert_eq!(run(&["EXPIRE", "k", &huge]).unwrap(), ["EXPIRE", "k", huge.as_str()]);
+        assert_eq!(run(&["EXPIRE", "k", &huge]), ["EXPIRE", "k", huge.as_str()]);
     }
 
     #[test]
     fn deadlines_before_the_epoch_become_zero() {
         // -1 left on a key would read as "no deadline" while Redis deletes the key at once.
-        assert_eq!(run(&["PEXPIREAT", "k", "-1"]).unwrap(), ["PEXPIREAT", "k", "0"]);
-        assert_eq!(run(&["expireat", "k", "-5", "GT"]).unwrap(), ["expireat", "k", "0", "GT"]);
-        assert_eq!(run(&["EXPIRE", "k", "-5000"]).unwrap(), ["PEXPIREAT", "k", "0"]);
-        assert_eq!(run(&["PEXPIREAT", "k", "5"]).unwrap(), ["PEXPIREAT", "k", "5"]);
+        assert_eq!(run(&["PEXPIREAT", "k", "-1"]), ["PEXPIREAT", "k", "0"]);
+        assert_eq!(run(&["expireat", "k", "-5", "GT"]), ["expireat", "k", "0", "GT"]);
+        assert_eq!(run(&["EXPIRE", "k", "-5000"]), ["PEXPIREAT", "k", "0"]);
+        assert_eq!(run(&["PEXPIREAT", "k", "5"]), ["PEXPIREAT", "k", "5"]);
         // Past what Redis accepts: its own error.
         let too_small = (i64::MIN / 1000 - 1).to_string();
-        assert_eq!(run(&["EXPIREAT", "k", &too_small]).unwrap(), ["EXPIREAT", "k", too_small.as_str()]);
+        assert_eq!(run(&["EXPIREAT", "k", &too_small]), ["EXPIREAT", "k", too_small.as_str()]);
     }
 
     #[test]
     fn xadd_automatic_ids_use_the_leaders_clock() {
-        assert_eq!(run(&["XADD", "s", "*", "f", "v"]).unwrap(), ["XADD", "s", "1000000-*", "f", "v"]);
+        assert_eq!(run(&["XADD", "s", "*", "f", "v"]), ["XADD", "s", "1000000-*", "f", "v"]);
         assert_eq!(
-            run(&["XADD", "s", "NOMKSTREAM", "MAXLEN", "~", "10", "LIMIT", "5", "*", "f", "v"]).unwrap(),
+            run(&["XADD", "s", "NOMKSTREAM", "MAXLEN", "~", "10", "LIMIT", "5", "*", "f", "v"]),
             ["XADD", "s", "NOMKSTREAM", "MAXLEN", "~", "10", "LIMIT", "5", "1000000-*", "f", "v"]
         );
-        assert_eq!(run(&["XADD", "s", "5-1", "f", "v"]).unwrap(), ["XADD", "s", "5-1", "f", "v"]);
+        assert_eq!(run(&["XADD", "s", "5-1", "f", "v"]), ["XADD", "s", "5-1", "f", "v"]);
     }
 
     #[test]
-    fn random_writes_are_refused() {
-        assert!(run(&["SPOP", "s"]).unwrap_err().0.starts_with("ERR SPOP"));
+    fn random_writes_pass_unchanged_to_be_chosen_alike_where_applied() {
+        assert_eq!(run(&["SPOP", "s", "2"]), ["SPOP", "s", "2"]);
     }
 
     #[test]
     fn clock_reading_writes_pass_unchanged_to_run_by_the_log_clock() {
-        assert_eq!(run(&["xclaim", "s", "g", "c", "10", "1-1"]).unwrap(), ["xclaim", "s", "g", "c", "10", "1-1"]);
+        assert_eq!(run(&["xclaim", "s", "g", "c", "10", "1-1"]), ["xclaim", "s", "g", "c", "10", "1-1"]);
         assert!(runs_by_the_log_clock(b"XREADGROUP"));
         assert!(runs_by_the_log_clock(b"xautoclaim"));
         assert!(!runs_by_the_log_clock(b"XADD"), "its automatic IDs are pinned by the leader instead");

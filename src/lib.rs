@@ -16,6 +16,7 @@ pub mod proposal;
 mod raft_logger;
 pub mod resp;
 pub mod routing;
+pub mod set_pop;
 pub mod settings;
 pub mod snapshot_data;
 pub mod snapshot_file;

@@ -84,6 +84,7 @@ fn finish_held(held: crate::held::HeldReply, outcome: Outcome) {
 pub fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
     match outcome {
         Outcome::Call(reply) => crate::forward::take_proto(reply),
+        Outcome::Relay(raw) => Ok(raw),
         Outcome::Error(e) => Err(e),
         _ => Err("ERR unexpected reply for a write".into()),
     }
@@ -369,6 +370,9 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
             return Outcome::Error(format!("ERR a message published {} ms ago is not delivered", ffi::now_ms() - at.0));
         }
         crate::expiry::expire_due(ctx, &command.argv, at);
+    }
+    if let Some(popped) = crate::set_pop::apply(ctx, index, &command.argv, resp3) {
+        return popped;
     }
     let call = || ffi::call(ctx, &command.argv, resp3);
     let reply = match at {

@@ -200,7 +200,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
-    // Writes that cannot enter the log (an EVALSHA of a script nobody loaded, an SPOP) answer
+    // Writes that cannot enter the log (an EVALSHA of a script nobody loaded) answer
     // their error in their own place, as on the leader's own clients; the others still run.
     let mut refused = Vec::new();
     for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {

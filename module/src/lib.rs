@@ -23,6 +23,7 @@ mod logger;
 mod read;
 mod reply;
 mod scripts;
+mod set_pop;
 mod snapshot;
 mod state;
 mod stream_probe;

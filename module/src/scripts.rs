@@ -16,10 +16,11 @@
 //! - What the script calls passes a second command filter: a command whose answer could differ
 //!   between nodes (Redis tips it `nondeterministic_output`: `TIME`, `RANDOMKEY`, `TTL`; or
 //!   `nondeterministic_output_order`: `SMEMBERS`, `HGETALL`, whose order follows a hash table
-//!   seeded differently on each node) raises an error in the script instead, so does a write
-//!   Raftis refuses anyway (`SPOP`); relative times are made absolute from the entry's time
-//!   (`SET k v EX 10` inside a script gets the same deadline everywhere), and the keys it names
-//!   are expired by that time, as a client's command's are (see `expiry`).
+//!   seeded differently on each node; `SPOP` among them: a script's would be Redis' own pop, at
+//!   random on each node) raises an error in the script instead; relative times are made
+//!   absolute from the entry's time (`SET k v EX 10` inside a script gets the same deadline
+//!   everywhere), and the keys it names are expired by that time, as a client's command's are
+//!   (see `expiry`).
 //!
 //! `SCRIPT KILL` and `FUNCTION KILL` stay local: they stop the script on the node they are sent to
 //! (Redis' rule holds: not once the script has written). That is the way out of a script that
@@ -308,10 +309,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
         return running;
     }
     let mut pinned: Args = refs.iter().map(|a| Cow::Borrowed(*a)).collect();
-    if let Err(refused) = determinism::pin(&mut pinned, running.at.0) {
-        refuse(fctx, &refused.0);
-        return running;
-    }
+    determinism::pin(&mut pinned, running.at.0);
     if pinned.iter().map(|a| a.as_ref()).ne(refs.iter().copied()) {
         replace_args(fctx, &pinned);
     }

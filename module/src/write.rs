@@ -65,8 +65,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 }
 
 /// Readies a write in database `db` for the log entry of time `at` (see `expiry::stamp`):
-/// relative times are made absolute from `at` (see `determinism`), and clients watching its keys
-/// learn it is coming (see `watch`). An error is the write's reply: it cannot be replicated.
+/// relative times are made absolute from `at` (see `determinism`), an `SPOP` gets the members it
+/// will pop (see `set_pop`), and clients watching its keys learn it is coming (see `watch`). An
+/// error is the write's reply: it cannot be replicated.
 pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
     crate::scripts::prepare(argv)?;
     if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) {
@@ -74,7 +75,8 @@ pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
             format!("ERR {} needs the log's clock, which this Redis cannot give: {why}", String::from_utf8_lossy(&argv[0]).to_uppercase())
         })?;
     }
-    determinism::pin(argv, at.0).map_err(|r| r.0)?;
+    determinism::pin(argv, at.0);
+    crate::set_pop::draw_candidates(db, argv)?;
     crate::watch::touch(db, argv);
     Ok(())
 }
