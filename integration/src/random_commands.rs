@@ -12,7 +12,7 @@
 //!   agree to milliseconds, not exactly, and a key expiring between them would be noise;
 //! - numbers stay below what would make a server allocate hundreds of megabytes (`SETBIT k 2^31`).
 //!
-//! Commands Raftis refuses (`SPOP`) are not drawn: their refusal is tested where it is documented.
+//! `SPOP` is drawn: which members it pops is each server's choice ([`Output::Popped`]).
 //! Blocking pops and stream reads are, with timeouts of a few milliseconds: an empty key answers
 //! null after the same wait on both servers.
 
@@ -34,6 +34,10 @@ pub enum Output {
     /// A key's expiry time (EXPIRETIME, PEXPIRETIME): the same when there is none, otherwise close,
     /// as the servers pinned a relative TTL at slightly different moments.
     Deadline,
+    /// `SPOP`: the members it pops are each server's (random) choice. The caller runs it on Raftis
+    /// first and has plain Redis remove what Raftis popped ([`as_removal`]), so the two datasets
+    /// stay the same.
+    Popped,
 }
 
 /// One command of Redis' table that may be drawn.
@@ -64,8 +68,6 @@ const BLOCKING_POPS: &[&str] = &["blpop", "brpop", "brpoplpush", "blmove", "blmp
 const POP_TIMEOUTS: &[&str] = &["0.01", "0.02", "0.001", "0x1p-7", "-1", "x"];
 /// `@dangerous` commands that are plain data commands after all.
 const DANGEROUS_BUT_DRAWN: &[&str] = &["sort", "sort_ro", "flushdb", "flushall", "swapdb"];
-/// Refused by Raftis: its answer would depend on each node's luck.
-const REFUSED_BY_RAFTIS: &[&str] = &["spop"];
 /// Flagged `@blocking`, but they block only with `BLOCK`, which is drawn for them with a short
 /// timeout ([`STREAM_TIMEOUTS`]).
 const BLOCKS_ONLY_WHEN_ASKED: &[&str] = &["xread", "xreadgroup"];
@@ -187,6 +189,9 @@ impl RandomCommands {
         if self.rng.gen_bool(0.03) {
             return self.consumer_group();
         }
+        if self.rng.gen_bool(0.02) {
+            return self.set_pop();
+        }
         let spec = loop {
             let spec = self.specs.choose(&mut self.rng).unwrap().clone();
             if !WIPING.contains(&spec.words[0].as_str()) || self.rng.gen_bool(0.1) {
@@ -287,6 +292,24 @@ impl RandomCommands {
         Drawn { args: args.iter().map(|a| a.as_bytes().to_vec()).collect(), output: Output::Exact }
     }
 
+    /// Sets filled and popped: a random command seldom finds a set to pop from.
+    fn set_pop(&mut self) -> Drawn {
+        // Keys of their own, which other commands leave sets.
+        let key = *["p1", "p2"].choose(&mut self.rng).unwrap();
+        let count = self.rng.gen_range(0..6).to_string();
+        let (args, output) = match self.rng.gen_range(0..6) {
+            0 | 1 => {
+                let n = self.rng.gen_range(1..9);
+                let members: Vec<String> = (0..n).map(|_| format!("m{}", self.rng.gen_range(0..20))).collect();
+                (["SADD", key].into_iter().map(String::from).chain(members).collect(), Output::Exact)
+            }
+            2 => (vec!["SPOP".to_string(), key.to_string()], Output::Popped),
+            3 | 4 => (vec!["SPOP".to_string(), key.to_string(), count], Output::Popped),
+            _ => (vec!["SMEMBERS".to_string(), key.to_string()], Output::Unordered),
+        };
+        Drawn { args: args.into_iter().map(String::into_bytes).collect(), output }
+    }
+
     /// A function call, or now and then a change to the libraries.
     fn function(&mut self) -> Drawn {
         let r: f64 = self.rng.gen();
@@ -354,14 +377,13 @@ fn spec_of(entry: &Reply) -> Option<Spec> {
             && !(c == "@dangerous" && dangerous_but_drawn)
             && !(c == "@blocking" && (BLOCKING_POPS.contains(&name.as_str()) || BLOCKS_ONLY_WHEN_ASKED.contains(&name.as_str())))
     };
-    if categories.iter().any(excluded)
-        || REFUSED_BY_RAFTIS.contains(&name.as_str())
-        || ADMINISTRATION.contains(&words[0].as_str())
-    {
+    if categories.iter().any(excluded) || ADMINISTRATION.contains(&words[0].as_str()) {
         return None;
     }
     let tips = texts(field(entry, 7));
-    let output = if DEADLINES.contains(&name.as_str()) {
+    let output = if name == "spop" {
+        Output::Popped
+    } else if DEADLINES.contains(&name.as_str()) {
         Output::Deadline
     } else if tips.iter().any(|t| t == "nondeterministic_output") || LOOSE.contains(&name.as_str()) {
         Output::ErrorsOnly
@@ -413,4 +435,18 @@ mod tests {
         stretch_ttls(&mut a);
         assert_eq!(a, args(&["SETEX", "k", "100000", "v"]));
     }
+}
+
+/// What plain Redis runs in place of the `SPOP` `args` that Raftis answered `popped`: the removal of
+/// the members Raftis popped (`SREM`, which answers how many it removed), so that both datasets
+/// lose the same members; None when Raftis popped nothing (an error, a missing key, a count of
+/// zero), which plain Redis must answer the same.
+pub fn as_removal(args: &[Vec<u8>], popped: &Reply) -> Option<(Vec<Vec<u8>>, usize)> {
+    let members: Vec<Vec<u8>> = match popped {
+        Reply::Blob(b'$', member) => vec![member.clone()],
+        Reply::Aggregate(_, items) if !items.is_empty() => items.iter().map(|i| i.bytes().map(<[u8]>::to_vec)).collect::<Option<_>>()?,
+        _ => return None,
+    };
+    let n = members.len();
+    Some(([b"SREM".to_vec(), args.get(1)?.clone()].into_iter().chain(members).collect(), n))
 }

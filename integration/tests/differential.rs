@@ -13,7 +13,7 @@
 //! applied a write the leader already acknowledged, which is `low`'s documented staleness, not a
 //! failure), `RAFTIS_DIFF_STEPS=N` runs longer.
 
-use raftis_integration::random_commands::{Drawn, Output, RandomCommands};
+use raftis_integration::random_commands::{as_removal, Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{free_port_pair, info_field, libraries, redis, Cluster, Server};
 use rand::Rng;
@@ -105,12 +105,31 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             vec![commands.draw()]
         };
         let args: Vec<Vec<Vec<u8>>> = batch.iter().map(|d| d.args.clone()).collect();
-        let expected = reference.pipeline(&args).unwrap();
-        let got = nodes[node].pipeline(&args).unwrap_or_else(|e| {
-            let recent = recent.iter().cloned().collect::<Vec<_>>().join("\n");
-            let log = cluster.nodes[node].log_tail();
-            panic!("seed {seed} (RESP{first_protocol}, {consistency}) step {step}: node {node} failed on {}: {e}\nrecent steps:\n{recent}\n{log}", show_batch(&batch))
-        });
+        let mut on_raftis = |args: &[Vec<Vec<u8>>]| {
+            nodes[node].pipeline(args).unwrap_or_else(|e| {
+                let recent = recent.iter().cloned().collect::<Vec<_>>().join("\n");
+                let log = cluster.nodes[node].log_tail();
+                panic!("seed {seed} (RESP{first_protocol}, {consistency}) step {step}: node {node} failed on {}: {e}\nrecent steps:\n{recent}\n{log}", show_batch(&batch))
+            })
+        };
+        let (expected, got) = if batch.iter().any(|d| d.output == Output::Popped) {
+            // Raftis pops first; plain Redis then removes the members Raftis popped, and must
+            // find every one of them there.
+            let got = on_raftis(&args);
+            let removals: Vec<Option<(Vec<Vec<u8>>, usize)>> =
+                batch.iter().zip(&got).map(|(d, g)| if d.output == Output::Popped { as_removal(&d.args, g) } else { None }).collect();
+            let instead: Vec<Vec<Vec<u8>>> = removals.iter().zip(&args).map(|(r, a)| r.as_ref().map_or_else(|| a.clone(), |(srem, _)| srem.clone())).collect();
+            let mut expected = reference.pipeline(&instead).unwrap();
+            for (i, removal) in removals.iter().enumerate() {
+                if let Some((_, n)) = removal {
+                    assert_eq!(expected[i].integer(), Some(*n as i64), "seed {seed} step {step}: `{}` popped {:?}, which plain Redis' set did not all hold", show(&args[i]), got[i]);
+                    expected[i] = got[i].clone();
+                }
+            }
+            (expected, got)
+        } else {
+            (reference.pipeline(&args).unwrap(), on_raftis(&args))
+        };
         let role = if node == leader { "leader" } else { "follower" };
         remember(&mut recent, format!("{step} ({role}): {}", show_batch(&batch)));
         for (i, drawn) in batch.iter().enumerate() {
@@ -181,7 +200,7 @@ fn transaction(commands: &mut RandomCommands) -> Vec<Drawn> {
 
 /// Whether two replies agree as far as `output` says they can.
 fn same(output: Output, expected: &Reply, got: &Reply) -> bool {
-    if output == Output::Exact || expected.is_error() || got.is_error() {
+    if matches!(output, Output::Exact | Output::Popped) || expected.is_error() || got.is_error() {
         return expected == got;
     }
     match output {
@@ -190,7 +209,7 @@ fn same(output: Output, expected: &Reply, got: &Reply) -> bool {
             (Some(a), Some(b)) => deadlines_agree(a, b),
             _ => expected == got,
         },
-        Output::ErrorsOnly | Output::Exact => true,
+        Output::ErrorsOnly | Output::Exact | Output::Popped => true,
     }
 }
 
