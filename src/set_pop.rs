@@ -38,8 +38,10 @@ pub const HINT: &[u8] = b"HINT";
 /// Splits an `SPOP` entry's arguments into the client's (`SPOP key [count]`) and the leader's
 /// candidates (empty when it wrote none).
 pub fn split_hint<'a, 'b>(argv: &'b [&'a [u8]]) -> (&'b [&'a [u8]], &'b [&'a [u8]]) {
-    // After the key: a count is digits, so `HINT` in its place means there is none.
-    match (2..argv.len().min(4)).find(|&at| argv[at] == HINT) {
+    // After the key, and before at least one candidate (the leader writes none without one): a
+    // count is digits, so `HINT` in its place means there is none, and a client's `SPOP key HINT`
+    // is a count Redis refuses.
+    match (2..argv.len().min(4)).find(|&at| argv[at] == HINT && at + 1 < argv.len()) {
         Some(at) => (&argv[..at], &argv[at + 1..]),
         None => (argv, &[]),
     }
@@ -68,8 +70,9 @@ fn positive_count(arg: &[u8]) -> Option<usize> {
 }
 
 /// The `count` members the entry at log index `seed` chooses, besides those it already `taken`,
-/// from a set whose members are offered one by one ([`Choice::offer`]). Each node lists its set in its own order, and a scan may offer a
-/// member twice: neither changes the choice. Keeps only the `count` best members seen so far.
+/// from a set whose members are offered one by one ([`Choice::offer`]). Each node lists its set
+/// in its own order, and a scan may offer a member twice: neither changes the choice. Keeps only
+/// the `count` best members seen so far.
 pub struct Choice {
     count: usize,
     seed: u64,
@@ -219,6 +222,8 @@ mod tests {
         assert_eq!(split(&["SPOP", "s"]), (2, vec![]));
         assert_eq!(split(&["SPOP", "s", "2"]), (3, vec![]));
         assert_eq!(split(&["SPOP", "s", "HINT", "a"]), (2, vec!["a".to_string()]));
+        // A client's count of HINT is no marker: Redis refuses the count.
+        assert_eq!(split(&["SPOP", "s", "HINT"]), (3, vec![]));
         assert_eq!(split(&["SPOP", "s", "2", "HINT", "a", "HINT"]), (3, vec!["a".to_string(), "HINT".to_string()]));
         // A key called HINT is the key.
         assert_eq!(split(&["SPOP", "HINT", "2", "HINT", "b"]), (3, vec!["b".to_string()]));

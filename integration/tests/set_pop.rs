@@ -65,6 +65,8 @@ fn spop_answers_as_redis_does_through_the_leader_and_a_follower() {
                 &["SPOP", s, "05"],
                 &["SPOP", s, "+1"],
                 &["SPOP", s, "1", "2"],
+                &["SPOP", s, "HINT"],
+                &["SPOP", s, "HINT", "m1"],
                 &["SPOP", str_key],
                 &["SPOP", str_key, "0"],
                 &["SPOP", str_key, "-1"],
