@@ -17,20 +17,20 @@ use std::ffi::c_void;
 use std::os::raw::c_char;
 
 /// On the leader, before an `SPOP` in database `db` is proposed: draws the members it will pop from
-/// this node's dataset (`SRANDMEMBER`) and appends them to `argv` as candidates. Errs with Redis'
-/// reply to an `SPOP` with too many arguments, which must not reach the log: there, arguments after
-/// the client's are the leader's candidates. A follower that readies a transaction for the leader
-/// (see `forward`) leaves the pop as its client sent it: the leader readies it again.
+/// this node's dataset (`SRANDMEMBER`) and appends them to `argv` as candidates. Errs, on any node,
+/// with Redis' reply to an `SPOP` with too many arguments, which must not reach the log: there,
+/// arguments after the client's are the leader's candidates. A follower that readies a transaction
+/// for the leader (see `forward`) draws nothing: the leader readies the pop again.
 pub fn draw_candidates(db: u32, argv: &mut Args) -> Result<(), String> {
     if !argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"spop")) {
-        return Ok(());
-    }
-    if !state::get().node().is_some_and(|node| node.is_leader()) {
         return Ok(());
     }
     let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_ref()).collect();
     if set_pop::has_too_many_arguments(&refs) {
         return Err("ERR syntax error".into());
+    }
+    if !state::get().node().is_some_and(|node| node.is_leader()) {
+        return Ok(());
     }
     let Some(requested) = set_pop::requested(&refs) else { return Ok(()) };
     let ctx = state::get().main_thread_ctx();
