@@ -64,5 +64,16 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     for bad in [&["WAIT", "x", "0"][..], &["WAIT", "1", "-1"]] {
         assert_eq!(call(&mut on_follower, bad), call(&mut redis, bad), "{bad:?}");
     }
+    // Inside a transaction it goes with the transaction, and the leader answers it at once, with
+    // the followers that hold what it proposed before (a clock entry may be on its way).
+    let replies = on_follower.pipeline(&[args(&["MULTI"]), args(&["SET", "k", "t"]), args(&["WAIT", "2", "0"]), args(&["GET", "k"]), args(&["EXEC"])]).unwrap();
+    let Reply::Aggregate(_, exec) = &replies[4] else { panic!("{replies:?}") };
+    assert_eq!(exec.len(), 3, "{exec:?}");
+    assert!(exec[1].integer().is_some_and(|n| (0..=2).contains(&n)), "{exec:?}");
+    assert_eq!(exec[2].text().as_deref(), Some("t"), "{exec:?}");
+    let replies = on_follower.pipeline(&[args(&["MULTI"]), args(&["WAIT", "1", "0"]), args(&["WAIT", "x", "0"]), args(&["EXEC"])]).unwrap();
+    let Reply::Aggregate(_, exec) = &replies[3] else { panic!("{replies:?}") };
+    assert!(exec[0].integer().is_some_and(|n| (0..=2).contains(&n)), "{exec:?}");
+    assert!(exec[1].is_error(), "{exec:?}");
     assert_eq!(raftis_integration::stat_field(&cluster.nodes[follower], "blocked_forwarded_waiting"), 0);
 }

@@ -200,42 +200,47 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
-    // Writes that cannot enter the log (an EVALSHA of a script nobody loaded) answer
-    // their error in their own place, as on the leader's own clients; the others still run.
-    let mut refused = Vec::new();
+    // Answered here, in their own place, rather than in the entry: writes that cannot enter the
+    // log (an EVALSHA of a script nobody loaded) with their error, as on the leader's own
+    // clients, and WAIT, which does not wait inside a transaction. The others still run.
+    let mut in_place = Vec::new();
     for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
             // Inside a transaction a blocking command does not block: a plain write or read.
             Route::Write | Route::Blocking => {
                 if let Err(e) = crate::write::prepare(*db, &mut args, at) {
-                    refused.push((i, e));
+                    in_place.push((i, error_proto(&e)));
                     continue;
                 }
             }
             Route::Read | Route::BlockingRead => {}
+            Route::Wait => {
+                in_place.push((i, format!(":{}\r\n", crate::wait::at_once(node)).into_bytes()));
+                continue;
+            }
             _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),
         }
         pinned.push((*db, args));
     }
     if pinned.is_empty() {
-        let errors: Vec<Vec<u8>> = refused.iter().map(|(_, e)| error_proto(e)).collect();
-        return done(Ok(encode_replies(&errors)));
+        let replies: Vec<Vec<u8>> = in_place.into_iter().map(|(_, reply)| reply).collect();
+        return done(Ok(encode_replies(&replies)));
     }
-    let done = if refused.is_empty() { done } else { with_refused(done, refused) };
+    let done = if in_place.is_empty() { done } else { with_in_place(done, in_place) };
     let entry = encode_transaction(Some(at), &pinned);
     let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction(done), resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 
-/// `done`, once the errors of the commands `refused` (by position, in order) are put back among
-/// the replies of those that ran.
-fn with_refused(done: ForwardDone, refused: Vec<(usize, String)>) -> ForwardDone {
+/// `done`, once the replies of the commands answered `in_place` (by position, in order) are put
+/// back among the replies of those that ran.
+fn with_in_place(done: ForwardDone, in_place: Vec<(usize, Vec<u8>)>) -> ForwardDone {
     Box::new(move |reply| {
         let Ok(raw) = reply else { return done(reply) };
         let Some(mut replies) = decode_replies(&raw) else { return done(Ok(raw)) };
-        for (i, error) in refused {
-            replies.insert(i.min(replies.len()), error_proto(&error));
+        for (i, answer) in in_place {
+            replies.insert(i.min(replies.len()), answer);
         }
         done(Ok(encode_replies(&replies)))
     })

@@ -8,7 +8,8 @@
 //! again every few milliseconds until enough do, or answers the count it has when the timeout
 //! passes. Inside MULTI it answers at once, as in Redis. A follower redirects it, or with the
 //! proxy sends it to wait at the leader like a blocking command (see `forward_blocking`), once its
-//! client's earlier writes are in.
+//! client's earlier writes are in; inside a transaction it goes with the transaction, and the
+//! leader answers it at once there.
 
 use crate::blocked::{Blocked, Outcome, Requester};
 use crate::reply::Reply;
@@ -66,15 +67,20 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     let s = state::get();
     let node = s.serving_node()?;
     if !node.is_leader() {
-        if s.follower_proxy() && !crate::transaction::in_exec(ctx) {
-            crate::forward_blocking::to_leader(ctx, &node, argv, (2, Unit::Milliseconds))?;
-            return Ok(Reply::Blocked);
+        if !s.follower_proxy() {
+            return Err(state::redirect(&node.status()));
         }
-        return Err(state::redirect(&node.status()));
+        if crate::transaction::in_exec(ctx) {
+            // It goes with the transaction, and the leader answers it in place ([`at_once`]).
+            let argv = ffi::owned_args(argv);
+            crate::transaction::join(ctx, ffi::selected_db(ctx), argv, None)?;
+        } else {
+            crate::forward_blocking::to_leader(ctx, &node, argv, (2, Unit::Milliseconds))?;
+        }
+        return Ok(Reply::Blocked);
     }
     if crate::transaction::in_exec(ctx) {
-        let status = node.status();
-        return Ok(Reply::Integer(holding(&status, status.last_index)));
+        return Ok(Reply::Integer(at_once(&node)));
     }
     // Redis' timeout answers the count at that moment; zero waits for ever.
     let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
@@ -113,6 +119,13 @@ fn start(node: &RaftNode, client: Requester, wanted: i64, deadline: Option<Insta
             }
         }
     }));
+}
+
+/// WAIT inside a transaction, which does not wait, as in Redis: how many members other than the
+/// leader hold every entry proposed so far.
+pub fn at_once(node: &RaftNode) -> i64 {
+    let status = node.status();
+    holding(&status, status.last_index)
 }
 
 /// How many members other than the leader hold the log up to `index`.
