@@ -12,7 +12,7 @@ use raftis_core::set_pop::{self, Choice, HINT};
 use raftis_core::LogIndex;
 use redis_module::raw;
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::ffi::c_void;
 use std::os::raw::c_char;
 
@@ -80,10 +80,12 @@ fn still_held(ctx: *mut RedisModuleCtx, key: &[u8], candidates: &[&[u8]], count:
     let ask: Vec<&[u8]> = [&b"SMISMEMBER"[..], key].into_iter().chain(candidates.iter().copied()).collect();
     let answers = ffi::call(ctx, &ask, false);
     let mut held: Vec<Vec<u8>> = Vec::new();
+    // A pop of most of a big set has as many candidates: a set, not a scan of `held`, per one.
+    let mut seen: HashSet<&[u8]> = HashSet::with_capacity(candidates.len());
     if ffi::is_array(answers) && ffi::reply_len(answers) == candidates.len() {
         for (i, candidate) in candidates.iter().enumerate() {
             let is_member = ffi::reply_integer_value(ffi::reply_element(answers, i)) == 1;
-            if held.len() < count && is_member && !held.iter().any(|h| h == candidate) {
+            if held.len() < count && is_member && seen.insert(candidate) {
                 held.push(candidate.to_vec());
             }
         }
