@@ -11,6 +11,7 @@ mod heartbeats;
 pub mod ids;
 pub mod journal;
 pub mod membership;
+pub mod memory_limit;
 pub mod node;
 pub mod proposal;
 mod raft_logger;

@@ -13,6 +13,8 @@ pub struct CommandInfo {
     pub arity: i64,
     pub write: bool,
     pub readonly: bool,
+    /// May grow memory: refused over the memory limit (see `memory_limit`).
+    pub denyoom: bool,
     pub blocking: bool,
     /// Redis tips it as `nondeterministic_output` (TIME, RANDOMKEY, TTL, ...) or
     /// `nondeterministic_output_order` (SMEMBERS, HGETALL, ...: the order of a hash table, whose
@@ -260,6 +262,21 @@ impl CommandTable {
         Some((known, Cow::Borrowed(name)))
     }
 
+    /// Whether `argv` may grow memory (Redis flags it `denyoom`): refused over the memory limit.
+    pub fn grows_memory(&self, argv: &[&[u8]]) -> bool {
+        self.flag(argv, |info| info.denyoom)
+    }
+
+    /// Whether `argv` is flagged a write.
+    pub fn writes(&self, argv: &[&[u8]]) -> bool {
+        self.flag(argv, |info| info.write)
+    }
+
+    fn flag(&self, argv: &[&[u8]], flag: impl Fn(&CommandInfo) -> bool) -> bool {
+        let Some(first) = argv.first() else { return false };
+        with_lower_case(first, |name| name.and_then(|n| self.resolve(n, argv)).is_some_and(|(known, _)| flag(&known.info)))
+    }
+
     /// Whether a script may run `argv` (a command it calls): the error to raise in the script
     /// instead. Refused are the commands Raftis refuses anyway, those whose answer could differ
     /// between nodes, and those that read Redis' clock (a script does not run by the log's clock,
@@ -311,7 +328,8 @@ mod tests {
     fn table() -> CommandTable {
         let mut t = CommandTable::default();
         let span = |first, last, step| Some(KeySpan { first, last, step });
-        t.insert("set", CommandInfo { arity: -3, write: true, keys: span(1, 1, 1), ..Default::default() });
+        t.insert("set", CommandInfo { arity: -3, write: true, denyoom: true, keys: span(1, 1, 1), ..Default::default() });
+        t.insert("del", CommandInfo { arity: -2, write: true, keys: span(1, -1, 1), ..Default::default() });
         t.insert("mset", CommandInfo { arity: -3, write: true, keys: span(1, -1, 2), ..Default::default() });
         t.insert("zunionstore", CommandInfo { arity: -4, write: true, keys: None, ..Default::default() });
         t.insert("get", CommandInfo { arity: 2, readonly: true, ..Default::default() });
@@ -321,7 +339,8 @@ mod tests {
         t.insert("xread", CommandInfo { arity: -4, readonly: true, blocking: true, ..Default::default() });
         t.insert("xgroup", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("xgroup|createconsumer", CommandInfo { arity: 5, write: true, ..Default::default() });
-        t.insert("xgroup|create", CommandInfo { arity: -5, write: true, ..Default::default() });
+        t.insert("xgroup|create", CommandInfo { arity: -5, write: true, denyoom: true, ..Default::default() });
+        t.insert("xgroup|destroy", CommandInfo { arity: 4, write: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
         t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
@@ -380,6 +399,19 @@ mod tests {
         assert!(refused(&["XGROUP", "CREATECONSUMER", "s", "g", "c"]).unwrap().contains("XGROUP CREATECONSUMER inside a script"));
         assert_eq!(refused(&["XGROUP", "CREATE", "s", "g", "$"]), None);
         assert_eq!(refused(&["BLPOP", "l", "0"]), None, "Redis refuses it in scripts itself (its noscript flag)");
+    }
+
+    #[test]
+    fn flags_are_read_for_the_subcommand_too() {
+        let t = table();
+        let argv = |args: &[&'static str]| args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>();
+        assert!(t.grows_memory(&argv(&["set", "k", "v"])));
+        assert!(!t.grows_memory(&argv(&["DEL", "k"])));
+        assert!(t.writes(&argv(&["DEL", "k"])));
+        assert!(t.grows_memory(&argv(&["XGROUP", "create", "s", "g", "$"])));
+        assert!(!t.grows_memory(&argv(&["XGROUP", "DESTROY", "s", "g"])));
+        assert!(!t.writes(&argv(&["GET", "k"])));
+        assert!(!t.grows_memory(&argv(&["NOSUCH"])) && !t.grows_memory(&[]));
     }
 
     #[test]

@@ -29,10 +29,12 @@ pub struct Settings {
     pub snapshot_log_bytes: u64,
     /// Entries kept behind a snapshot for slightly lagging followers.
     pub trailing_logs: u64,
+    /// The memory limit the leader holds writes to, in bytes (0: none); see `memory_limit`.
+    pub maxmemory: u64,
 }
 
 pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
-                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs";
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs, maxmemory";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -61,6 +63,7 @@ impl Settings {
             snapshot_threshold: 1_000_000,
             snapshot_log_bytes: 1 << 30,
             trailing_logs: 5_000,
+            maxmemory: 0,
         };
         let mut have_dir = false;
         for arg in args {
@@ -124,6 +127,7 @@ impl Settings {
                 self.snapshot_log_bytes = parse_size(value).ok_or_else(|| bad("expected a size such as 512mb or 2gb (0 disables)"))?
             }
             "trailing-logs" => self.trailing_logs = value.parse().map_err(|_| bad("expected a number of entries"))?,
+            "maxmemory" => self.maxmemory = parse_size(value).ok_or_else(|| bad("expected a size such as 512mb or 2gb (0: no limit)"))?,
             _ => return Err(SettingsError::UnknownKey(key.to_string())),
         }
         Ok(())
@@ -190,6 +194,9 @@ mod tests {
     fn sizes_read_like_redis_conf() {
         assert_eq!(Settings::parse(&["dir=d"]).unwrap().snapshot_log_bytes, 1 << 30);
         assert_eq!(Settings::parse(&["dir=d", "snapshot-log-size=512MB"]).unwrap().snapshot_log_bytes, 512 << 20);
+        assert_eq!(Settings::parse(&["dir=d"]).unwrap().maxmemory, 0);
+        assert_eq!(Settings::parse(&["dir=d", "maxmemory=2gb"]).unwrap().maxmemory, 2 << 30);
+        assert!(Settings::parse(&["dir=d", "maxmemory=much"]).unwrap_err().to_string().contains("0: no limit"));
         assert_eq!(parse_size("0"), Some(0));
         assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("1k"), Some(1000));

@@ -134,7 +134,10 @@ impl Server {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(self.dir.join("redis.log"));
-        if !self.plain {
+        if self.plain {
+            // A test may load the module into it at runtime (MODULE LOAD).
+            cmd.args(["--enable-module-command", "yes"]);
+        } else {
             cmd.arg("--loadmodule").arg(module_path()).arg(format!("dir={}", self.dir.join("raft").display())).args(&self.extra);
         }
         cmd.stdin(Stdio::null())

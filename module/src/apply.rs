@@ -9,6 +9,7 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
 use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
 use raftis_core::determinism;
+use raftis_core::memory_limit;
 use raftis_core::forward::{encode_replies, Abandoned, ForwardDone, ForwardRequest};
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
@@ -364,25 +365,25 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         log::error!("{msg}");
         return Outcome::Error(msg);
     }
+    // A script the leader proposed while over its memory limit (see `memory`).
+    let (over_limit, argv) = memory_limit::split_mark(&command.argv);
     // Entries from before entries carried a time: nothing expires while they run, on any node.
     if let Some(at) = at {
-        if is_old_news(&command.argv, at) {
+        if is_old_news(argv, at) {
             return Outcome::Error(format!("ERR a message published {} ms ago is not delivered", ffi::now_ms() - at.0));
         }
-        crate::expiry::expire_due(ctx, &command.argv, at);
+        crate::expiry::expire_due(ctx, argv, at);
     }
-    if let Some(popped) = crate::set_pop::apply(ctx, index, &command.argv, resp3) {
+    if let Some(popped) = crate::set_pop::apply(ctx, index, argv, resp3) {
         return popped;
     }
-    let call = || ffi::call(ctx, &command.argv, resp3);
+    let call = || ffi::call(ctx, argv, resp3);
     let reply = match at {
-        Some(at) if command.argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) => {
-            crate::clock::pinned(at.0, call)
-        }
-        _ => crate::scripts::apply(ctx, command.db, at, &command.argv, call),
+        Some(at) if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) => crate::clock::pinned(at.0, call),
+        _ => crate::scripts::apply(ctx, command.db, at, argv, over_limit, call),
     };
     if let Some(at) = at {
-        crate::expiry::delete_if_already_expired(ctx, &command.argv, at);
+        crate::expiry::delete_if_already_expired(ctx, argv, at);
     }
     Outcome::Call(reply)
 }

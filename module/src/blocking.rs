@@ -166,6 +166,9 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         }
         return Err(state::redirect(&node.status()));
     }
+    if !reads_only {
+        crate::memory::refuse_if_over_limit(command)?;
+    }
     // Errors, a bad timeout's included, are Redis' to answer, in its own order: the first
     // attempt answers them. The timeout counts from now, but only matters once it found nothing.
     let timeout = shape::parse_timeout(command[shape.timeout], shape.unit);
@@ -189,6 +192,9 @@ pub fn serve_forwarded(node: &RaftNode, db: u32, argv: Vec<Vec<u8>>, resp3: bool
         return;
     }
     let command: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+    if let Err(e) = crate::memory::refuse_if_over_limit(&command) {
+        return done(Err(e));
+    }
     let Some(shape) = BlockingCommand::of(&command) else {
         return done(Err("ERR wrong number of arguments for a blocking command".into()));
     };

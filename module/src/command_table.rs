@@ -35,6 +35,7 @@ fn add_entry(table: &mut CommandTable, entry: *mut RedisModuleCallReply, parent:
             match ffi::reply_bytes(ffi::reply_element(flags, j)) {
                 b"write" => info.write = true,
                 b"readonly" => info.readonly = true,
+                b"denyoom" => info.denyoom = true,
                 b"blocking" => info.blocking = true,
                 b"movablekeys" => movable_keys = true,
                 _ => {}

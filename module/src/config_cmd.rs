@@ -16,6 +16,7 @@ const RUNTIME: &[&str] = &[
     "snapshot-threshold",
     "snapshot-log-size",
     "follower-proxy",
+    "maxmemory",
 ];
 /// Only as module arguments (they shape the node's identity or its log).
 const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs"];
@@ -32,6 +33,7 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("snapshot-log-size", s.snapshot_log_bytes.to_string()),
         ("trailing-logs", s.trailing_logs.to_string()),
         ("follower-proxy", if s.follower_proxy { "yes" } else { "no" }.to_string()),
+        ("maxmemory", s.maxmemory.to_string()),
         ("dir", s.dir.display().to_string()),
         ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
         ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
@@ -100,6 +102,10 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                     }
                 }
                 "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
+                "maxmemory" => {
+                    crate::memory::check_limit(next.maxmemory).map_err(|e| format!("ERR {e}"))?;
+                    s.set_maxmemory(next.maxmemory);
+                }
                 "snapshot-log-size" => {
                     s.set_snapshot_log_bytes(next.snapshot_log_bytes);
                     if let Some(n) = &node {

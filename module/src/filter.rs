@@ -1,7 +1,8 @@
 //! The command filter: every client command passes here first, on Redis' main thread. Writes are
 //! redirected to `RAFT._CMD` (replicated), blocking commands to `RAFT._BLOCK`, MULTI to `RAFT._MULTI`,
 //! WATCH to `RAFT._WATCH`, WAIT to `RAFT._WAIT`,
-//! unsupported commands to `RAFT._REFUSE`, and reads to `RAFT._READ` when they must wait or be
+//! unsupported commands to `RAFT._REFUSE`, a `CONFIG SET` Raftis cannot allow to an error (see
+//! `redis_settings`), and reads to `RAFT._READ` when they must wait or be
 //! confirmed; everything else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
 //! entry never re-enters this path.
 
@@ -14,6 +15,9 @@ pub const WRITE_COMMAND: &str = "raft._cmd";
 pub const REFUSE_COMMAND: &str = "raft._refuse";
 pub const MULTI_COMMAND: &str = "raft._multi";
 pub const WATCH_COMMAND: &str = "raft._watch";
+/// What a refused command becomes (a `CONFIG SET` here, a call inside a script in `scripts`): it
+/// answers its argument as an error.
+pub const ERROR_COMMAND: &str = "raft._error";
 
 pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
     // A panic must not unwind into Redis; a command we fail to classify runs unchanged.
@@ -36,6 +40,12 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         return;
     }
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();
+    if name.eq_ignore_ascii_case(b"config") {
+        if let Some(error) = crate::redis_settings::refuse_config_set(&argv) {
+            answer_error(fctx, argc, &error);
+        }
+        return;
+    }
     let route = state::get().route(&argv);
     let redirect_to = match route {
         Route::Write => WRITE_COMMAND,
@@ -50,4 +60,16 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         Route::Read | Route::Local => return,
     };
     unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };
+}
+
+/// Makes the command answer `error`: it becomes the command that answers its argument as an error
+/// (inside MULTI it is queued and answers at EXEC, as a `CONFIG SET` Redis refuses does).
+fn answer_error(fctx: *mut RedisModuleCommandFilterCtx, argc: i32, error: &str) {
+    for i in (0..argc).rev() {
+        unsafe { api!(RedisModule_CommandFilterArgDelete)(fctx, i) };
+    }
+    unsafe {
+        api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(ERROR_COMMAND.as_bytes()));
+        api!(RedisModule_CommandFilterArgInsert)(fctx, 1, ffi::new_string(error.as_bytes()));
+    }
 }

@@ -148,7 +148,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
         Route::Write => {
             let mut pinned: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
             let at = crate::expiry::stamp();
-            if let Err(e) = crate::write::prepare(db, &mut pinned, at) {
+            if let Err(e) = crate::write::prepare_admitted(db, &mut pinned, at) {
                 return done(Err(e));
             }
             let entry = encode_command(Some(at), db, &pinned);
@@ -201,7 +201,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
     // Answered here, in their own place, rather than in the entry: writes that cannot enter the
-    // log (an EVALSHA of a script nobody loaded) with their error, as on the leader's own
+    // log (an EVALSHA of a script nobody loaded, a write over the memory limit) with their error, as on the leader's own
     // clients, and WAIT, which does not wait inside a transaction. The others still run.
     let mut in_place = Vec::new();
     for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
@@ -209,7 +209,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
         match route {
             // Inside a transaction a blocking command does not block: a plain write or read.
             Route::Write | Route::Blocking => {
-                if let Err(e) = crate::write::prepare(*db, &mut args, at) {
+                if let Err(e) = crate::write::prepare_admitted(*db, &mut args, at) {
                     in_place.push((i, error_proto(&e)));
                     continue;
                 }

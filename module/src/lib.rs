@@ -20,7 +20,9 @@ mod forward;
 mod forward_blocking;
 mod held;
 mod logger;
+mod memory;
 mod read;
+mod redis_settings;
 mod reply;
 mod scripts;
 mod set_pop;
@@ -103,7 +105,7 @@ command!(borrowed cmd_block, |ctx, args| blocking::block(ctx, args).map(|_| Repl
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
 command!(borrowed cmd_script_kill, |ctx, args| scripts::kill(ctx, args).map(|_| Reply::Blocked));
-command!(cmd_script_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
+command!(cmd_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
 command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
 command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));
 command!(borrowed cmd_wait, |ctx, args| wait::wait(ctx, args));
@@ -124,7 +126,7 @@ type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString,
 const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::WRITE_COMMAND, cmd_write, "write"),
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
-    (scripts::SCRIPT_ERROR_COMMAND, cmd_script_error, "fast"),
+    (filter::ERROR_COMMAND, cmd_error, "fast"),
     (scripts::KILL_COMMAND, cmd_script_kill, "allow-loading allow-busy fast"),
     (read::READ_COMMAND, cmd_read, "readonly"),
     (blocking::BLOCK_COMMAND, cmd_block, "write"),
@@ -177,7 +179,12 @@ pub extern "C" fn RedisModule_OnUnload(_ctx: *mut RedisModuleCtx) -> c_int {
 
 fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let settings = Settings::parse(args)?;
-    check_redis_config(ctx)?;
+    redis_settings::check_at_load(ctx)?;
+    // Without Redis' allocation counter no limit can be held; the node still runs without one.
+    if let Err(why) = memory::init() {
+        log::warn!("{why}: no memory limit can be set");
+    }
+    memory::check_limit(settings.maxmemory).map_err(|e| anyhow::anyhow!("maxmemory={}: {e}", settings.maxmemory))?;
 
     let port: u16 = ffi::config_get(ctx, "port")
         .and_then(|p| p.parse().ok())
@@ -266,21 +273,6 @@ fn check_snapshot(store: &LogStore, dir: &std::path::Path) -> anyhow::Result<()>
         "snapshot {} does not match the log's record of it (checksum); refusing to start with bad data",
         path.display()
     );
-    Ok(())
-}
-
-/// Redis' own persistence would load a dataset the log then replays on top of, and eviction
-/// would delete keys on one node only: both break the replicas' equality.
-fn check_redis_config(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
-    if ffi::config_get(ctx, "appendonly").as_deref() == Some("yes") {
-        anyhow::bail!("appendonly must be 'no': the Raft log is the source of truth");
-    }
-    let policy = ffi::config_get(ctx, "maxmemory-policy").unwrap_or_default();
-    if policy != "noeviction" {
-        anyhow::bail!("maxmemory-policy must be 'noeviction' (is '{policy}'): eviction would make nodes diverge");
-    }
-    // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
-    ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
     Ok(())
 }
 

@@ -20,7 +20,8 @@
 //!   random on each node) raises an error in the script instead; relative times are made
 //!   absolute from the entry's time (`SET k v EX 10` inside a script gets the same deadline
 //!   everywhere), and the keys it names are expired by that time, as a client's command's are
-//!   (see `expiry`).
+//!   (see `expiry`). A script the leader proposed over its memory limit fails its first call that
+//!   may grow memory, if that comes before any write, on every node (see `memory`).
 //!
 //! `SCRIPT KILL` and `FUNCTION KILL` stay local: they stop the script on the node they are sent to
 //! (Redis' rule holds: not once the script has written). That is the way out of a script that
@@ -34,6 +35,7 @@ use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
 use raftis_core::command_entry::EntryTime;
 use raftis_core::determinism::{self, Args};
+use raftis_core::memory_limit;
 use redis_module::raw::RedisModuleCommandFilterCtx;
 use rustc_hash::FxHashMap;
 use std::borrow::Cow;
@@ -42,8 +44,6 @@ use std::ffi::c_void;
 use std::os::raw::{c_char, c_int};
 use std::sync::{Mutex, OnceLock};
 
-/// The command a refused call inside a script becomes: it answers its argument as an error.
-pub const SCRIPT_ERROR_COMMAND: &str = "raft._scripterr";
 /// What `SCRIPT KILL` and `FUNCTION KILL` become (see [`kill`]).
 pub const KILL_COMMAND: &str = "raft._scriptkill";
 
@@ -76,6 +76,10 @@ struct Running {
     at: EntryTime,
     db: u32,
     ctx: *mut RedisModuleCtx,
+    /// The leader was over its memory limit when it proposed the script (see `memory`).
+    over_limit: bool,
+    /// A call of the script was a write.
+    wrote: bool,
 }
 
 thread_local! {
@@ -162,12 +166,15 @@ pub fn prepare(argv: &mut Args) -> Result<(), String> {
 
 /// Applies `argv`, a command of the log, through `call`; scripts and functions run as described
 /// above, and the script cache commands keep [`KNOWN`] in step with Redis' own cache.
-pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: &[&[u8]], call: impl FnOnce() -> T) -> T {
+///
+/// `over_limit`: the leader proposed the script while over its memory limit. As in Redis, the
+/// script's first call that may grow memory then fails, unless the script wrote before it.
+pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: &[&[u8]], over_limit: bool, call: impl FnOnce() -> T) -> T {
     let Some(name) = argv.first() else { return call() };
     if runs_lua(name) && argv.len() >= 2 {
         let Ok(hooks) = hooks() else { return call() };
         unsafe { (hooks.srand)(0) };
-        let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx })));
+        let previous = RUNNING.with(|r| r.replace(at.map(|at| Running { at, db, ctx, over_limit, wrote: false })));
         let result = call();
         if let Some(at) = at {
             settle_deadline(ctx, at);
@@ -300,14 +307,25 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
         };
     }
     let is_ours = refs[0].len() >= 5 && refs[0][..5].eq_ignore_ascii_case(b"raft.");
-    if is_ours && !refs[0].eq_ignore_ascii_case(SCRIPT_ERROR_COMMAND.as_bytes()) {
+    if is_ours && !refs[0].eq_ignore_ascii_case(crate::filter::ERROR_COMMAND.as_bytes()) {
         refuse(fctx, "ERR Raftis' own commands cannot be called from a script");
         return running;
     }
-    if let Some(error) = state::get().refused_in_scripts(&refs) {
+    let s = state::get();
+    if let Some(error) = s.refused_in_scripts(&refs) {
         refuse(fctx, &error);
         return running;
     }
+    // Only a script proposed over the limit needs to know whether it wrote yet.
+    let running = if running.over_limit && !running.wrote {
+        if s.grows_memory(&refs) {
+            refuse(fctx, memory_limit::OOM_ERROR);
+            return running;
+        }
+        Running { wrote: s.writes(&refs), ..running }
+    } else {
+        running
+    };
     let mut pinned: Args = refs.iter().map(|a| Cow::Borrowed(*a)).collect();
     determinism::pin(&mut pinned, running.at.0);
     if pinned.iter().map(|a| a.as_ref()).ne(refs.iter().copied()) {
@@ -357,7 +375,7 @@ pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
 }
 
 fn refuse(fctx: *mut RedisModuleCommandFilterCtx, error: &str) {
-    replace_args(fctx, &[Cow::Borrowed(SCRIPT_ERROR_COMMAND.as_bytes()), Cow::Borrowed(error.as_bytes())]);
+    replace_args(fctx, &[Cow::Borrowed(crate::filter::ERROR_COMMAND.as_bytes()), Cow::Borrowed(error.as_bytes())]);
 }
 
 fn replace_args(fctx: *mut RedisModuleCommandFilterCtx, args: &[Cow<[u8]>]) {

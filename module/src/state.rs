@@ -37,6 +37,7 @@ pub struct Raftis {
     consistency: AtomicU8,
     snapshot_threshold: AtomicU64,
     snapshot_log_bytes: AtomicU64,
+    maxmemory: AtomicU64,
     pub snapshots: Snapshots,
     /// How many databases Redis has (snapshots cover them all).
     pub databases: u32,
@@ -73,6 +74,7 @@ impl Raftis {
             consistency: AtomicU8::new(0),
             snapshot_threshold: AtomicU64::new(settings.snapshot_threshold),
             snapshot_log_bytes: AtomicU64::new(settings.snapshot_log_bytes),
+            maxmemory: AtomicU64::new(settings.maxmemory),
             snapshots: Snapshots::default(),
             databases,
             apply_tx: Mutex::new(None),
@@ -131,6 +133,15 @@ impl Raftis {
         self.snapshot_log_bytes.store(bytes, Ordering::Relaxed);
     }
 
+    /// The memory limit in bytes (0: none); read on every write while one is set.
+    pub fn maxmemory(&self) -> u64 {
+        self.maxmemory.load(Ordering::Relaxed)
+    }
+
+    pub fn set_maxmemory(&self, bytes: u64) {
+        self.maxmemory.store(bytes, Ordering::Relaxed);
+    }
+
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -142,6 +153,14 @@ impl Raftis {
 
     pub fn refused_in_scripts(&self, argv: &[&[u8]]) -> Option<String> {
         self.table.read().unwrap_or_else(|p| p.into_inner()).refused_in_scripts(argv)
+    }
+
+    pub fn grows_memory(&self, argv: &[&[u8]]) -> bool {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).grows_memory(argv)
+    }
+
+    pub fn writes(&self, argv: &[&[u8]]) -> bool {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).writes(argv)
     }
 
     pub fn key_positions(&self, argv: &[&[u8]]) -> KeyPositions {

@@ -3,7 +3,8 @@
 //! leader leaves a slot for it in the client's output and keeps reading its pipeline (see
 //! `held`); otherwise the client blocks until the entry is applied. Elsewhere the client is
 //! redirected (or forwarded, with follower-proxy). Inside EXEC the write joins its transaction
-//! (see `transaction`).
+//! (see `transaction`). Over the memory limit, the leader refuses what may grow memory (see
+//! `memory`).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
@@ -11,6 +12,7 @@ use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
 use raftis_core::command_entry::{encode_command, EntryTime};
 use raftis_core::determinism::{self, Args};
+use raftis_core::memory_limit;
 use std::borrow::Cow;
 use raftis_core::routing::Route;
 use std::time::{Duration, Instant};
@@ -32,7 +34,12 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
         let at = crate::expiry::stamp();
-        prepare(db, &mut argv, at)?;
+        // A follower forwarding the transaction leaves the memory limit to the leader.
+        if s.node().is_some_and(|n| n.is_leader()) {
+            prepare_admitted(db, &mut argv, at)?;
+        } else {
+            prepare(db, &mut argv, at)?;
+        }
         let argv = argv.into_iter().map(Cow::into_owned).collect();
         return crate::transaction::join(ctx, db, argv, Some(at));
     }
@@ -50,7 +57,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     let db = ffi::selected_db(ctx);
     let at = crate::expiry::stamp();
-    prepare(db, &mut argv, at)?;
+    prepare_admitted(db, &mut argv, at)?;
     let entry = encode_command(Some(at), db, &argv);
     let timeout = s.write_timeout();
     let resp3 = ffi::client_is_resp3(ctx);
@@ -69,6 +76,16 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// will pop (see `set_pop`), and clients watching its keys learn it is coming (see `watch`). An
 /// error is the write's reply: it cannot be replicated.
 pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
+    ready(db, argv, at, false)
+}
+
+/// [`prepare`] for a client's command on the leader, which also holds the memory limit: over it,
+/// a write that may grow memory is refused, and a script is marked (see `memory`).
+pub fn prepare_admitted(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
+    ready(db, argv, at, true)
+}
+
+fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Result<(), String> {
     crate::scripts::prepare(argv)?;
     if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) {
         crate::clock::available().map_err(|why| {
@@ -77,7 +94,12 @@ pub fn prepare(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), String> {
     }
     determinism::pin(argv, at.0);
     crate::set_pop::draw_candidates(db, argv)?;
+    // Refused before WATCH hears of it: a write that never happens must not abort a transaction.
+    let mark = hold_memory_limit && crate::memory::admit(argv)?;
     crate::watch::touch(db, argv);
+    if mark {
+        argv.insert(0, Cow::Borrowed(memory_limit::OVER_LIMIT));
+    }
     Ok(())
 }
 

@@ -1,0 +1,94 @@
+//! The Redis settings a Raftis node depends on, held at load and against `CONFIG SET` later: each
+//! of them, changed on one node, would make that node apply the log differently from the others,
+//! or load a dataset the log then replays on top of.
+//!
+//! - `appendonly` stays `no` and `save` empty: the log is the source of truth, and Redis' own
+//!   files would either be loaded under it or cost forks for nothing (a failed background save
+//!   would also make that node refuse the writes of scripts, `MISCONF`).
+//! - `maxmemory-policy` stays `noeviction`: eviction picks keys on each node independently.
+//! - `maxmemory` stays 0: Raftis holds the limit itself (`maxmemory=` of the module; see
+//!   `raftis_core::memory_limit`).
+//! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
+//!   every write, and on that node alone a script's.
+
+use crate::ffi::{self, RedisModuleCtx};
+use raftis_core::settings::parse_size;
+
+/// Why `value` cannot be given to `name` (lower case) on a Raftis node; None if it can.
+fn refusal(name: &str, value: &str) -> Option<&'static str> {
+    let value = value.trim();
+    match name {
+        "appendonly" if !value.eq_ignore_ascii_case("no") => Some("the Raft log is the source of truth; appendonly must stay 'no'"),
+        "save" if !value.is_empty() => Some("the dataset is rebuilt from the Raft log (RAFT.SNAPSHOT snapshots it); save must stay empty"),
+        "maxmemory-policy" if !value.eq_ignore_ascii_case("noeviction") => {
+            Some("eviction would delete keys on one node only; maxmemory-policy must stay 'noeviction'")
+        }
+        // Sizes Redis itself cannot read are its to refuse.
+        "maxmemory" if parse_size(value).is_some_and(|bytes| bytes != 0) => {
+            Some("Raftis holds the memory limit itself, on the leader; use RAFT.CONFIG SET maxmemory (Redis' own must stay 0)")
+        }
+        "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>().map_or(true, |n| n != 0) => {
+            Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
+        }
+        _ => None,
+    }
+}
+
+/// At load: Redis' settings as Raftis needs them, or the reason the module cannot load.
+pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
+    // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
+    ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
+    for name in ["appendonly", "save", "maxmemory-policy", "maxmemory", "min-replicas-to-write"] {
+        let value = ffi::config_get(ctx, name).unwrap_or_default();
+        if let Some(why) = refusal(name, &value) {
+            anyhow::bail!("{name} is '{value}': {why}");
+        }
+    }
+    Ok(())
+}
+
+/// `CONFIG SET name value [name value ...]` (`argv` as the client sent it): the error that
+/// refuses it whole, as Redis refuses a `CONFIG SET` with one bad pair; None to let Redis run it.
+pub fn refuse_config_set(argv: &[&[u8]]) -> Option<String> {
+    let is_set = argv.len() >= 2 && argv[0].eq_ignore_ascii_case(b"config") && argv[1].eq_ignore_ascii_case(b"set");
+    if !is_set {
+        return None;
+    }
+    argv[2..].chunks_exact(2).find_map(|pair| {
+        let name = String::from_utf8_lossy(pair[0]).to_ascii_lowercase();
+        let why = refusal(&name, &String::from_utf8_lossy(pair[1]))?;
+        Some(format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(args: &[&str]) -> Option<String> {
+        refuse_config_set(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn settings_the_log_depends_on_cannot_change() {
+        assert!(refused(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]).unwrap().contains("'maxmemory-policy'"));
+        assert!(refused(&["config", "set", "appendonly", "YES"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "save", "3600 1"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "maxmemory", "1gb"]).unwrap().contains("RAFT.CONFIG SET maxmemory"));
+        assert!(refused(&["CONFIG", "SET", "min-slaves-to-write", "1"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "hz", "20", "MAXMEMORY-POLICY", "volatile-ttl"]).is_some(), "any pair refuses all");
+    }
+
+    #[test]
+    fn harmless_values_and_other_settings_pass() {
+        assert_eq!(refused(&["CONFIG", "SET", "maxmemory-policy", "NoEviction"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "appendonly", "no"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "save", ""]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "maxmemory", "0mb"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "maxmemory", "lots"]), None, "Redis refuses what it cannot read");
+        assert_eq!(refused(&["CONFIG", "SET", "min-replicas-to-write", "0"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "hz", "20"]), None);
+        assert_eq!(refused(&["CONFIG", "GET", "maxmemory-policy"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "appendonly"]), None, "a missing value is Redis' to answer");
+    }
+}
