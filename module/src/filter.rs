@@ -42,7 +42,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();
     if name.eq_ignore_ascii_case(b"config") {
         if let Some(error) = crate::redis_settings::refuse_config_set(&argv) {
-            answer_error(fctx, argc, &error);
+            answer_error(fctx, &error);
         }
         return;
     }
@@ -62,14 +62,19 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };
 }
 
-/// Makes the command answer `error`: it becomes the command that answers its argument as an error
-/// (inside MULTI it is queued and answers at EXEC, as a `CONFIG SET` Redis refuses does).
-fn answer_error(fctx: *mut RedisModuleCommandFilterCtx, argc: i32, error: &str) {
-    for i in (0..argc).rev() {
+/// Makes the command answer `error`: it becomes [`ERROR_COMMAND`] (inside MULTI it is queued and
+/// answers at EXEC, as a `CONFIG SET` Redis refuses does).
+pub fn answer_error(fctx: *mut RedisModuleCommandFilterCtx, error: &str) {
+    replace_args(fctx, &[ERROR_COMMAND.as_bytes(), error.as_bytes()]);
+}
+
+/// Replaces the command and all its arguments.
+pub fn replace_args<A: AsRef<[u8]>>(fctx: *mut RedisModuleCommandFilterCtx, args: &[A]) {
+    let count = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    for i in (0..count).rev() {
         unsafe { api!(RedisModule_CommandFilterArgDelete)(fctx, i) };
     }
-    unsafe {
-        api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(ERROR_COMMAND.as_bytes()));
-        api!(RedisModule_CommandFilterArgInsert)(fctx, 1, ffi::new_string(error.as_bytes()));
+    for (i, a) in args.iter().enumerate() {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, i as i32, ffi::new_string(a.as_ref())) };
     }
 }

@@ -282,7 +282,7 @@ pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
         Ok(next) => next,
         Err(_) => {
             log::error!("panic in the script command filter; the call is refused");
-            refuse(fctx, "ERR internal error checking a command inside a script");
+            crate::filter::answer_error(fctx, "ERR internal error checking a command inside a script");
             running
         }
     };
@@ -308,18 +308,18 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     }
     let is_ours = refs[0].len() >= 5 && refs[0][..5].eq_ignore_ascii_case(b"raft.");
     if is_ours && !refs[0].eq_ignore_ascii_case(crate::filter::ERROR_COMMAND.as_bytes()) {
-        refuse(fctx, "ERR Raftis' own commands cannot be called from a script");
+        crate::filter::answer_error(fctx, "ERR Raftis' own commands cannot be called from a script");
         return running;
     }
     let s = state::get();
     if let Some(error) = s.refused_in_scripts(&refs) {
-        refuse(fctx, &error);
+        crate::filter::answer_error(fctx, &error);
         return running;
     }
     // Only a script proposed over the limit needs to know whether it wrote yet.
     let running = if running.over_limit && !running.wrote {
         if s.grows_memory(&refs) {
-            refuse(fctx, memory_limit::OOM_ERROR);
+            crate::filter::answer_error(fctx, memory_limit::OOM_ERROR);
             return running;
         }
         Running { wrote: s.writes(&refs), ..running }
@@ -329,7 +329,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     let mut pinned: Args = refs.iter().map(|a| Cow::Borrowed(*a)).collect();
     determinism::pin(&mut pinned, running.at.0);
     if pinned.iter().map(|a| a.as_ref()).ne(refs.iter().copied()) {
-        replace_args(fctx, &pinned);
+        crate::filter::replace_args(fctx, &pinned);
     }
     // Keys are expired by the entry's time, as before a client's command (Redis' own expiry is
     // suspended while the log applies).
@@ -372,18 +372,4 @@ pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
         return true;
     }
     false
-}
-
-fn refuse(fctx: *mut RedisModuleCommandFilterCtx, error: &str) {
-    replace_args(fctx, &[Cow::Borrowed(crate::filter::ERROR_COMMAND.as_bytes()), Cow::Borrowed(error.as_bytes())]);
-}
-
-fn replace_args(fctx: *mut RedisModuleCommandFilterCtx, args: &[Cow<[u8]>]) {
-    let count = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
-    for i in (0..count).rev() {
-        unsafe { api!(RedisModule_CommandFilterArgDelete)(fctx, i) };
-    }
-    for (i, a) in args.iter().enumerate() {
-        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, i as c_int, ffi::new_string(a)) };
-    }
 }
