@@ -644,13 +644,23 @@ fn pooled_connection(inner: &Inner, addr: &str) -> Option<TcpStream> {
     let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
     let idle = pool.get_mut(addr)?;
     while let Some(stream) = idle.pop() {
-        // Nothing is due on an idle connection: anything but "nothing yet" means it is unusable.
-        match stream.try_read(&mut [0u8; 1]) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(stream),
-            _ => continue,
+        if nothing_to_read(&stream) {
+            return Some(stream);
         }
     }
     None
+}
+
+/// Whether the socket has nothing to read, neither data nor the peer's close, as the kernel sees
+/// it now. Nothing is due on an idle connection, so anything else makes it unusable. (tokio's own
+/// `try_read` answers from its reactor's last look, which can predate a close that has arrived.)
+fn nothing_to_read(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    let peeked = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 // ---------------------------------------------------------------------------------------------
