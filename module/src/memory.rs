@@ -37,7 +37,7 @@ pub fn check_limit(bytes: u64) -> Result<(), String> {
 }
 
 /// The memory Redis has allocated, as `INFO memory` reports `used_memory`.
-pub fn used() -> Option<u64> {
+fn used() -> Option<u64> {
     match USED_MEMORY.get() {
         Some(Ok(f)) => Some(unsafe { f() } as u64),
         _ => None,
@@ -72,13 +72,21 @@ pub fn admit(argv: &Args) -> Result<bool, String> {
         Some(ScriptFlags::MayRunOverLimit) => Ok(false),
         Some(ScriptFlags::RefusedOverLimit) => Err(OOM_ERROR.into()),
         // An unknown function (Redis' own error when it applies), or no script at all.
-        None => refuse_if_over_limit(&argv.iter().map(|a| a.as_ref()).collect::<Vec<_>>()).map(|()| false),
+        None => refuse_if_grows(&argv.iter().map(|a| a.as_ref()).collect::<Vec<_>>()).map(|()| false),
     }
 }
 
 /// A command that is never a script (a blocking pop): refused over the limit if it may grow memory.
 pub fn refuse_if_over_limit(argv: &[&[u8]]) -> Result<(), String> {
-    if over_limit() && state::get().grows_memory(argv) {
+    if over_limit() {
+        refuse_if_grows(argv)?;
+    }
+    Ok(())
+}
+
+/// Over the limit (the caller checked): Redis' error for a command that may grow memory.
+fn refuse_if_grows(argv: &[&[u8]]) -> Result<(), String> {
+    if state::get().grows_memory(argv) {
         return Err(OOM_ERROR.into());
     }
     Ok(())
