@@ -2,7 +2,7 @@
 //! place. The module refuses to load on any error, and the message names what is valid.
 
 use crate::config::{Consistency, Durability, Timing};
-use crate::ids::NodeId;
+use crate::ids::{LogIndex, NodeId};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,10 +31,13 @@ pub struct Settings {
     pub trailing_logs: u64,
     /// The memory limit the leader holds writes to, in bytes (0: none); see `memory_limit`.
     pub maxmemory: u64,
+    /// A log entry calling a script that never ends, which this node does not run (the way out
+    /// when it hangs every node, even after a restart).
+    pub skip_entry: Option<LogIndex>,
 }
 
 pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
-                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs, maxmemory";
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs, maxmemory, skip-entry";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -64,6 +67,7 @@ impl Settings {
             snapshot_log_bytes: 1 << 30,
             trailing_logs: 5_000,
             maxmemory: 0,
+            skip_entry: None,
         };
         let mut have_dir = false;
         for arg in args {
@@ -128,6 +132,9 @@ impl Settings {
             }
             "trailing-logs" => self.trailing_logs = value.parse().map_err(|_| bad("expected a number of entries"))?,
             "maxmemory" => self.maxmemory = parse_size(value).ok_or_else(|| bad("expected a size such as 512mb or 2gb (0: no limit)"))?,
+            "skip-entry" => {
+                self.skip_entry = Some(LogIndex(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a log index (a positive integer)"))?))
+            }
             _ => return Err(SettingsError::UnknownKey(key.to_string())),
         }
         Ok(())
@@ -186,6 +193,9 @@ mod tests {
         assert!(Settings::parse(&["dir=d", "heartbeat-ticks=50"]).is_err());
         assert!(Settings::parse(&["dir=d", "follower-proxy=yes"]).unwrap().follower_proxy);
         assert!(Settings::parse(&["dir=d", "follower-proxy=maybe"]).is_err());
+        assert_eq!(Settings::parse(&["dir=d"]).unwrap().skip_entry, None);
+        assert_eq!(Settings::parse(&["dir=d", "skip-entry=42"]).unwrap().skip_entry, Some(LogIndex(42)));
+        assert!(Settings::parse(&["dir=d", "skip-entry=0"]).unwrap_err().to_string().contains("log index"));
         let e = Settings::parse(&["dir=d", "snapshot-log-size=lots"]).unwrap_err().to_string();
         assert!(e.contains("512mb"), "{e}");
     }

@@ -1,6 +1,6 @@
 //! Lua scripts run on every node from the log and leave every node with the same dataset.
 
-use raftis_integration::{stat_field, wait_for, Cluster};
+use raftis_integration::{field_in, info_field, stat_field, wait_for, Cluster};
 use redis::Value;
 use std::time::Duration;
 
@@ -146,6 +146,76 @@ fn a_script_that_never_ends_is_killed_on_every_node_and_the_cluster_goes_on() {
     let err = cluster.nodes[leader].cmd::<Value>(&["SCRIPT", "KILL"]).unwrap_err();
     assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
 }
+
+/// A script that writes and then never ends holds every node, and would hold them again each
+/// time they replay their logs: SCRIPT KILL cannot stop it. RAFT.INFO and the log name the entry;
+/// started again with skip-entry, every node passes it by, and a later restart without the
+/// argument does not run it again (a snapshot covers it).
+#[test]
+fn a_script_that_writes_and_never_ends_is_skipped_at_the_operators_request() {
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let _: () = cluster.nodes[leader].cmd(&["SET", "before", "1"]).unwrap();
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let runner = std::thread::spawn(move || eval::<Value>(&mut conn, "redis.call('SET', 'written', 1) while true do end", &[], &[]));
+
+    // RAFT.INFO answers while the script holds a node, and names the entry.
+    let stuck: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            wait_for("the script to hold this node", Duration::from_secs(10), || {
+                let info: String = node.quick_cmd(&["RAFT.INFO"]).ok()?;
+                let index: u64 = field_in(&info, "applying_index")?.parse().ok()?;
+                let running: u64 = field_in(&info, "applying_for_ms")?.parse().ok()?;
+                (index > 0 && running >= 200).then_some(index)
+            })
+        })
+        .collect();
+    let entry = stuck[0];
+    assert!(stuck.iter().all(|i| *i == entry), "{stuck:?}");
+    let err = cluster.nodes[leader].quick_cmd::<Value>(&["SCRIPT", "KILL"]).unwrap_err();
+    assert_eq!(err.code(), Some("UNKILLABLE"), "{err}");
+    // The watchdog tells the operator what to do, with the index.
+    let advice = format!("start each again with the module argument skip-entry={entry}");
+    wait_for("the watchdog's advice in the log", WATCHDOG_REPORT, || {
+        std::fs::read_to_string(cluster.nodes[leader].dir.join("redis.log")).ok()?.contains(&advice).then_some(())
+    });
+
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    assert!(runner.join().unwrap().is_err());
+    for node in &mut cluster.nodes {
+        node.extra.push(format!("skip-entry={entry}"));
+        node.restart().unwrap();
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    for node in &cluster.nodes {
+        assert_eq!(node.cmd::<String>(&["GET", "before"]).unwrap(), "1");
+        assert_eq!(node.cmd::<i64>(&["EXISTS", "written"]).unwrap(), 0, "the skipped script's write");
+        assert_eq!(node.cmd::<Vec<String>>(&["RAFT.CONFIG", "GET", "skip-entry"]).unwrap(), ["skip-entry", &entry.to_string()]);
+        wait_for("a snapshot past the skipped entry", Duration::from_secs(20), || {
+            (info_field(node, "snapshot_index") >= entry).then_some(())
+        });
+    }
+
+    // Without the argument again, the nodes start from their snapshots and never meet the entry.
+    for node in &mut cluster.nodes {
+        node.extra.pop();
+        node.restart().unwrap();
+    }
+    let leader = cluster.wait_leader();
+    let _: () = cluster.nodes[leader].cmd(&["SET", "after", "1"]).unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    for node in &cluster.nodes {
+        assert_eq!(node.cmd::<i64>(&["EXISTS", "before", "after", "written"]).unwrap(), 2);
+    }
+}
+
+/// How soon the watchdog reports a stuck entry at the latest: it looks once a second and reports
+/// one running for 10 s (`runaway::SLOW_AFTER`).
+const WATCHDOG_REPORT: Duration = Duration::from_secs(20);
 
 /// Through a follower, an EVALSHA the leader cannot resolve fails alone, as on the leader: the
 /// commands pipelined or queued with it still run.

@@ -293,6 +293,13 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             Job::RunForwarded { reads, batch, resp3, done } => crate::forward::run_reads(ctx, reads, batch, resp3, done),
         }
     }
+    crate::runaway::end();
+    let s = state::get();
+    let latest = || s.snapshots.latest().map_or(LogIndex(0), |(index, _)| index);
+    if crate::runaway::snapshot_wanted(latest) && !s.snapshots.in_progress() {
+        // So that a restart does not replay the skipped entry (see `runaway`).
+        s.snapshots.start(ctx, &point, None);
+    }
     maybe_snapshot(ctx, &point);
     drop(point);
     let progress = &inner.progress;
@@ -311,6 +318,11 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Entry { at, view } = Entry::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
         crate::expiry::applied(at);
+        crate::runaway::begin(index);
+        if crate::runaway::skips(index, &view) {
+            finish(waiter.take(), Outcome::Error(crate::runaway::skipped_error(index)));
+            return Ok(());
+        }
         match view {
             EntryView::Command(command) => {
                 let outcome = run_command(ctx, index, at, &command, resp3);

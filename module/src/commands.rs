@@ -273,6 +273,10 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("heartbeat_ticks", st.heartbeat_ticks.to_string());
     put("commit_index", st.commit.to_string());
     put("applied_index", s.progress.applied().to_string());
+    // Only seen while an entry holds the main thread: RAFT.INFO answers then (see `runaway`).
+    let (applying, running) = crate::runaway::applying().map_or((0, 0), |(i, d)| (i.get(), d.as_millis()));
+    put("applying_index", applying.to_string());
+    put("applying_for_ms", running.to_string());
     for (k, v) in crate::expiry::info_fields() {
         put(&k, v);
     }

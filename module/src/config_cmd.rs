@@ -19,7 +19,7 @@ const RUNTIME: &[&str] = &[
     "maxmemory",
 ];
 /// Only as module arguments (they shape the node's identity or its log).
-const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs"];
+const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs", "skip-entry"];
 
 fn values(s: &Settings) -> Vec<(&'static str, String)> {
     vec![
@@ -38,6 +38,7 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
         ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
         ("advertise-addr", state::get().client_addr.clone()),
+        ("skip-entry", s.skip_entry.map_or(String::new(), |i| i.to_string())),
     ]
 }
 

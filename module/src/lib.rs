@@ -24,6 +24,7 @@ mod memory;
 mod read;
 mod redis_settings;
 mod reply;
+mod runaway;
 mod scripts;
 mod set_pop;
 mod snapshot;
@@ -142,7 +143,8 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft.peers", cmd_peers, "readonly fast"),
     ("raft.leader", cmd_leader, "readonly fast"),
     ("raft.state", cmd_state, "readonly fast"),
-    ("raft.info", cmd_info, "readonly fast"),
+    // Answers while a script the log applies holds the main thread (see `runaway`).
+    ("raft.info", cmd_info, "readonly fast allow-loading allow-busy"),
     ("raft.stats", cmd_stats, "readonly fast"),
     ("raft.snapshot", cmd_snapshot, "admin"),
 ];
@@ -220,6 +222,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     check_snapshot(&store, &settings.dir)?;
     let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
+    runaway::init(settings.skip_entry);
     let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
     // The module opens keys for writing only to expire them (see `expiry`): closing such a key
     // must not tell WATCH and client tracking it was modified. A deletion says so itself.

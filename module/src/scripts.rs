@@ -25,8 +25,8 @@
 //!
 //! `SCRIPT KILL` and `FUNCTION KILL` stay local: they stop the script on the node they are sent to
 //! (Redis' rule holds: not once the script has written). That is the way out of a script that
-//! never ends, which would hang every node and hang it again when the log is replayed (see the
-//! README).
+//! never ends, which would hang every node and hang it again when the log is replayed; for one
+//! that has written, see `runaway`.
 //!
 //! Seeding Redis' generator and hashing a script are not module API: `redisSrand48` and `sha1hex`
 //! are looked up at load. Without them, scripts and functions are refused.
@@ -122,7 +122,7 @@ fn is_eval(name: &[u8]) -> bool {
 }
 
 /// A script or a function call: Lua runs, and its calls are policed.
-fn runs_lua(name: &[u8]) -> bool {
+pub fn runs_lua(name: &[u8]) -> bool {
     is_eval(name) || name.eq_ignore_ascii_case(b"fcall") || name.eq_ignore_ascii_case(b"fcall_ro")
 }
 
