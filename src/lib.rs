@@ -6,6 +6,7 @@ pub mod blocking;
 pub mod command_entry;
 pub mod config;
 pub mod determinism;
+pub mod disk_space;
 pub mod forward;
 mod heartbeats;
 pub mod ids;

@@ -21,7 +21,7 @@ use crate::raft_logger;
 use crate::snapshot_data;
 use crate::snapshot_transfer::{self, FetchProgress, SnapshotDescriptor};
 use crate::status::{Counters, PeerProgress, Role, Status};
-use crate::storage::LogStore;
+use crate::storage::{LogStore, StorageError};
 use crate::transport::{Inbound, Transport, TransportConfig};
 use anyhow::Context as _;
 use crossbeam_channel::Sender;
@@ -75,6 +75,10 @@ pub trait StateMachine: Send + 'static {
     /// A follower needs a snapshot the latest one cannot serve: take a new one soon (then call
     /// [`Node::snapshot_taken`]).
     fn request_snapshot(&mut self) {}
+
+    /// The Raft loop stopped for good on an error (`why`, also in [`Status::fatal`]): nothing
+    /// more will be applied, and the dataset should no longer be served.
+    fn stopped(&mut self, _why: &str) {}
 }
 
 pub struct ApplyBatch<W> {
@@ -726,8 +730,16 @@ impl<S: StateMachine> RaftLoop<S> {
 
     /// Records why the loop is about to stop, for the log and for `Status::fatal`.
     fn stop_on(&mut self, e: anyhow::Error) {
-        let msg = format!("{e:#}");
+        let mut msg = format!("{e:#}");
+        let disk_failed = e.chain().any(|cause| {
+            cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<StorageError>(), Some(StorageError::Lmdb(_) | StorageError::Io(_)))
+        });
+        if disk_failed {
+            // A full disk shows up as a bare I/O error.
+            msg = format!("{msg} ({})", crate::disk_space::describe(self.store.path()));
+        }
         log::error!("raft node {} stopped: {msg}", self.id);
+        self.sm.stopped(&msg);
         self.lock_status().fatal = Some(msg);
     }
 

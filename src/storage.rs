@@ -229,7 +229,7 @@ struct Inner {
     checkpoint_micros: AtomicU64,
     /// Entries appended since the last checkpoint, durable in the journal; see `crate::journal`.
     tail: Mutex<Tail>,
-    _claim: DirClaim,
+    claim: DirClaim,
 }
 
 /// The log past what LMDB holds: entries from `first` on, recorded in the journal. Stored
@@ -354,7 +354,7 @@ impl LogStore {
                 checkpoints: AtomicU64::new(0),
                 checkpoint_micros: AtomicU64::new(0),
                 tail: Mutex::new(Tail { journal, first: 0, entries: Vec::new(), checkpointed_at: Instant::now() }),
-                _claim: claim,
+                claim,
             }),
         };
         store.replay(records)?;
@@ -390,6 +390,11 @@ impl LogStore {
             state.hard_state.commit = state.last_index;
         }
         Ok(())
+    }
+
+    /// Where the log lives (`<dir>/raft-log`).
+    pub fn path(&self) -> &Path {
+        &self.inner.claim.0
     }
 
     /// Whether this node already belongs to a cluster: it knows a member or has seen a term.

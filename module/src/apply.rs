@@ -179,6 +179,10 @@ impl StateMachine for RedisMachine {
     fn request_snapshot(&mut self) {
         self.queue.send(Job::SnapshotWanted);
     }
+
+    fn stopped(&mut self, why: &str) {
+        state::get().set_fatal(format!("raft node stopped: {why}"));
+    }
 }
 
 /// Jobs waiting for Redis' main thread.

@@ -8,6 +8,7 @@ use crate::reply::Reply;
 use crate::state::{self, Raftis};
 use crate::write::not_initialized;
 use raftis_core::membership::NodeInfo;
+use raftis_core::status::Status;
 use raftis_core::NodeId;
 use std::fmt::Write as _;
 
@@ -229,19 +230,31 @@ pub fn leader(args: &[Vec<u8>]) -> Result {
     }
     let node = state::get().node().ok_or_else(not_initialized)?;
     let st = node.status();
+    if st.fatal.is_some() {
+        return Err(state::redirect(&st));
+    }
     let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or("CLUSTERDOWN No raft leader")?;
     Ok(Reply::Array(vec![Reply::Integer(leader.id.get() as i64), Reply::bulk(leader.client_addr.clone())]))
 }
 
-/// `RAFT.STATE`: leader, follower, candidate, pre-candidate, learner or uninitialized.
+/// `RAFT.STATE`: leader, follower, candidate, pre-candidate, learner, stopped or uninitialized.
 pub fn role(args: &[Vec<u8>]) -> Result {
     if args.len() != 1 {
         return Err(wrong_args("raft.state"));
     }
     Ok(Reply::Simple(match state::get().node() {
-        Some(node) => node.status().role.to_string(),
+        Some(node) => role_name(&node.status()),
         None => "uninitialized".into(),
     }))
+}
+
+/// A node that stopped serving (`fatal_error` in RAFT.INFO) is `stopped`, whatever Raft role it
+/// held last.
+fn role_name(status: &Status) -> String {
+    if status.fatal.is_some() || state::get().fatal().is_some() {
+        return "stopped".into();
+    }
+    status.role.to_string()
 }
 
 /// `key:value` lines describing this node, for RAFT.INFO and INFO raft.
@@ -262,7 +275,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     };
     let st = node.status();
     put("node_id", st.id.to_string());
-    put("role", st.role.to_string());
+    put("role", role_name(&st));
     put("term", st.term.to_string());
     put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));
     put(
@@ -309,8 +322,8 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());
     put("pending_proposals", st.pending_proposals.to_string());
-    if let Some(fatal) = &st.fatal {
-        put("fatal_error", fatal.clone());
+    if let Some(fatal) = st.fatal.clone().or_else(|| s.fatal()) {
+        put("fatal_error", fatal);
     }
     let transport = node.transport().stats();
     for (i, m) in st.members.values().enumerate() {

@@ -54,7 +54,9 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         Route::Watch => WATCH_COMMAND,
         Route::Wait => crate::wait::WAIT_COMMAND,
         Route::Blocking | Route::BlockingRead => crate::blocking::BLOCK_COMMAND,
-        Route::Read if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() => {
+        Route::Read
+            if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() || state::get().stopped() =>
+        {
             crate::read::READ_COMMAND
         }
         Route::Read | Route::Local => return,

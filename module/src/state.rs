@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use raftis_core::config::Consistency;
 use crate::apply::Job;
 use crate::snapshot::Snapshots;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 const META_NODE_ID: &str = "node_id";
@@ -42,8 +42,11 @@ pub struct Raftis {
     /// How many databases Redis has (snapshots cover them all).
     pub databases: u32,
     apply_tx: Mutex<Option<apply::Queue>>,
-    /// Set when this node must stop serving (e.g. a snapshot it cannot load).
+    /// Set when this node must stop serving: a snapshot it cannot load, or its Raft loop stopped
+    /// (a log it cannot write, e.g. on a full disk).
     fatal: Mutex<Option<String>>,
+    /// Whether `fatal` is set, for the command filter (read on every command).
+    stopped: AtomicBool,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
 }
@@ -79,6 +82,7 @@ impl Raftis {
             databases,
             apply_tx: Mutex::new(None),
             fatal: Mutex::new(None),
+            stopped: AtomicBool::new(false),
             settings: RwLock::new(settings.clone()),
             store,
             listen,
@@ -146,6 +150,19 @@ impl Raftis {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether this node stopped serving (see [`Raftis::fatal`]). Lock-free.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The reply to a client's data command once this node stopped serving.
+    pub fn refuse_if_stopped(&self) -> Result<(), String> {
+        match self.stopped().then(|| self.fatal()).flatten() {
+            Some(why) => Err(stopped_error(&why)),
+            None => Ok(()),
+        }
+    }
+
     /// Where a command goes (see `raftis_core::routing`).
     pub fn route(&self, argv: &[&[u8]]) -> Route {
         self.table.read().unwrap_or_else(|p| p.into_inner()).route(argv)
@@ -171,14 +188,14 @@ impl Raftis {
     /// in a cluster yet or stopped serving.
     pub fn serving_node(&self) -> Result<Arc<RaftNode>, String> {
         let node = self.node().ok_or_else(crate::write::not_initialized)?;
-        if let Some(why) = self.fatal() {
-            return Err(format!("CLUSTERDOWN this node stopped serving: {why}"));
-        }
+        self.refuse_if_stopped()?;
         Ok(node)
     }
 
+    /// This node stops serving, for good (until it is restarted). The first reason is kept.
     pub fn set_fatal(&self, why: String) {
-        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+        self.stopped.store(true, Ordering::Release);
     }
 
     /// Queues work for the dataset on the main thread (RAFT.SNAPSHOT).
@@ -254,8 +271,18 @@ impl Raftis {
     }
 }
 
-/// `-MOVED` to the leader's client address, or `-CLUSTERDOWN` when there is none.
+/// The error for a client's command on a node that stopped serving.
+pub fn stopped_error(why: &str) -> String {
+    format!("CLUSTERDOWN this node stopped serving: {why}")
+}
+
+/// `-MOVED` to the leader's client address, or `-CLUSTERDOWN` when there is none or this node
+/// stopped.
 pub fn redirect(status: &Status) -> String {
+    // A node whose Raft loop stopped still names the leader it knew last, possibly itself.
+    if let Some(fatal) = &status.fatal {
+        return stopped_error(fatal);
+    }
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => format!("MOVED 0 {}", leader.client_addr),
         None => "CLUSTERDOWN No raft leader".to_string(),

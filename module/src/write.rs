@@ -46,10 +46,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let node = s.serving_node()?;
     if !node.is_leader() {
         let status = node.status();
-        if let Some(fatal) = &status.fatal {
-            return Err(format!("CLUSTERDOWN raft node stopped: {fatal}"));
-        }
-        if s.follower_proxy() {
+        if s.follower_proxy() && status.fatal.is_none() {
             return crate::forward::to_leader(ctx, ffi::owned_args(command));
         }
         return Err(state::redirect(&status));
