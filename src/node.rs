@@ -127,6 +127,8 @@ pub struct NodeConfig {
     /// ... and at most this many bytes of them (0: no byte limit), so large values cannot make
     /// the kept tail outgrow the disk.
     pub trailing_bytes: u64,
+    /// Proposals larger than this are refused (see [`crate::settings::Settings::max_entry_bytes`]).
+    pub max_entry_bytes: u64,
 }
 
 enum Request<W> {
@@ -203,6 +205,7 @@ struct Shared {
     counters: CounterCells,
     durability: AtomicU8,
     trailing_bytes: AtomicU64,
+    max_entry_bytes: AtomicU64,
     /// Entries were written without fsync since the last flush (durability medium/low).
     dirty: AtomicBool,
     stopped: AtomicBool,
@@ -311,6 +314,7 @@ impl<S: StateMachine> Node<S> {
             counters: CounterCells::default(),
             durability: AtomicU8::new(durability_code(cfg.durability)),
             trailing_bytes: AtomicU64::new(cfg.trailing_bytes),
+            max_entry_bytes: AtomicU64::new(cfg.max_entry_bytes),
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
@@ -364,6 +368,13 @@ impl<S: StateMachine> Node<S> {
         if data.is_empty() {
             // Empty entries are raft's own (leader no-ops); never let a proposal look like one.
             return waiter.fail(ProposeError::Dropped("empty proposal".into()));
+        }
+        let limit = self.max_entry_bytes();
+        if data.len() as u64 > limit {
+            // raft copies an entry several times on every node within one loop round, which holds
+            // up heartbeats: a large enough one costs an election (and a side-port frame is
+            // limited anyway).
+            return waiter.fail(ProposeError::TooLarge { bytes: data.len() as u64, limit });
         }
         if let Err(e) = self.tx.send(Request::Propose { data, waiter, deadline }) {
             if let Request::Propose { waiter, .. } = e.0 {
@@ -519,6 +530,14 @@ impl<S: StateMachine> Node<S> {
 
     pub fn set_durability(&self, durability: Durability) {
         self.shared.durability.store(durability_code(durability), Ordering::Relaxed);
+    }
+
+    pub fn max_entry_bytes(&self) -> u64 {
+        self.shared.max_entry_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_entry_bytes(&self, bytes: u64) {
+        self.shared.max_entry_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Changes the byte limit on the log kept behind a snapshot, from the next snapshot on.

@@ -27,6 +27,9 @@ pub enum ProposeError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     Shutdown,
+    /// The entry is larger than the node takes (`max-entry-size`): refused before Raft saw it.
+    #[error("entry of {bytes} bytes is over the limit of {limit} bytes")]
+    TooLarge { bytes: u64, limit: u64 },
 }
 
 /// The completion side of a proposal, chosen by the state machine. The node calls `fail` when it

@@ -430,6 +430,37 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert!(info.contains("raft_durability:medium"), "{info}");
 }
 
+/// A write whose log entry would be over max-entry-size is refused at once, whole, through the
+/// leader or a follower, and changes nothing; a transaction counts as one entry.
+#[test]
+fn a_write_over_max_entry_size_is_refused_whole_and_changes_nothing() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes", "max-entry-size=1mb"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    let big = "x".repeat(2 << 20);
+    let part = "y".repeat(600 << 10);
+    for node in [leader, follower] {
+        let err = cluster.nodes[node].cmd::<()>(&["SET", "big", &big]).unwrap_err().to_string();
+        assert!(err.contains("too large for the Raft log") && err.contains("over max-entry-size (1048576 bytes)"), "{err}");
+    }
+    // Each write fits alone; the transaction holding both does not.
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let err = redis::pipe().atomic().cmd("SET").arg("a").arg(&part).cmd("SET").arg("b").arg(&part).query::<Vec<Value>>(&mut conn).unwrap_err();
+    assert!(err.to_string().contains("too large for the Raft log"), "{err}");
+    assert_eq!(cluster.nodes[leader].cmd::<i64>(&["EXISTS", "a", "b"]).unwrap(), 0);
+    let _: () = redis::cmd("SET").arg("a").arg(&part).query(&mut conn).unwrap();
+    // Raised at runtime, the limit lets the large write through.
+    cluster.config_set("max-entry-size", "4mb");
+    let got: Vec<String> = cluster.nodes[leader].cmd(&["RAFT.CONFIG", "GET", "max-entry-size"]).unwrap();
+    assert_eq!(got, ["max-entry-size", "4194304"]);
+    let _: () = cluster.nodes[follower].cmd(&["SET", "big", &big]).unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    let exist: i64 = cluster.nodes[leader].cmd(&["EXISTS", "a", "b", "big"]).unwrap();
+    assert_eq!(exist, 2, "a and big, not b");
+    let err = cluster.nodes[leader].cmd::<()>(&["RAFT.CONFIG", "SET", "max-entry-size", "1gb"]).unwrap_err().to_string();
+    assert!(err.contains("1kb to 255mb"), "{err}");
+}
+
 #[test]
 fn with_durability_high_killing_every_node_right_after_a_write_loses_nothing() {
     let mut cluster = Cluster::start(3, &["durability=high"]).unwrap();

@@ -17,6 +17,7 @@ const RUNTIME: &[&str] = &[
     "snapshot-log-size",
     "follower-proxy",
     "maxmemory",
+    "max-entry-size",
 ];
 /// Only as module arguments (they shape the node's identity or its log).
 const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs", "skip-entry"];
@@ -34,6 +35,7 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("trailing-logs", s.trailing_logs.to_string()),
         ("follower-proxy", if s.follower_proxy { "yes" } else { "no" }.to_string()),
         ("maxmemory", s.maxmemory.to_string()),
+        ("max-entry-size", s.max_entry_bytes.to_string()),
         ("dir", s.dir.display().to_string()),
         ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
         ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
@@ -103,6 +105,11 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                     }
                 }
                 "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
+                "max-entry-size" => {
+                    if let Some(n) = &node {
+                        n.set_max_entry_bytes(next.max_entry_bytes);
+                    }
+                }
                 "maxmemory" => {
                     crate::memory::check_limit(next.maxmemory).map_err(|e| format!("ERR {e}"))?;
                     s.set_maxmemory(next.maxmemory);

@@ -43,6 +43,11 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     leader_addr(&node)?;
+    // The leader would refuse it too, but it could not even travel: a side-port frame is limited.
+    let (bytes, limit) = (argv.iter().map(|a| a.len() as u64).sum::<u64>(), node.max_entry_bytes());
+    if bytes > limit {
+        return Err(state::too_large(bytes, limit));
+    }
     let db = ffi::selected_db(ctx);
     let argv = match crate::transaction::join_forwarded(ctx, db, argv) {
         Forwarding::Joined => return Ok(()),

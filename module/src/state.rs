@@ -263,12 +263,18 @@ impl Raftis {
             snapshot_dir: settings.dir.clone(),
             trailing_logs: settings.trailing_logs,
             trailing_bytes: settings.snapshot_log_bytes,
+            max_entry_bytes: settings.max_entry_bytes,
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         Ok(node)
     }
+}
+
+/// The error for a write whose log entry would be `bytes` long, over `max-entry-size`.
+pub fn too_large(bytes: u64, limit: u64) -> String {
+    format!("ERR the write is too large for the Raft log: its entry would be {bytes} bytes, over max-entry-size ({limit} bytes)")
 }
 
 /// The error for a client's command on a node that stopped serving.
@@ -306,5 +312,6 @@ pub fn error_reply(err: &ProposeError) -> String {
         ProposeError::Shutdown => "TIMEOUT the node is shutting down; the request may or may not have taken effect".into(),
         ProposeError::Overwritten => "CLUSTERDOWN the request was discarded by a new leader; retry it".into(),
         ProposeError::Dropped(why) => format!("CLUSTERDOWN the request was not accepted: {why}"),
+        ProposeError::TooLarge { bytes, limit } => too_large(*bytes, *limit),
     }
 }

@@ -46,6 +46,7 @@ fn start(id: u64, dir: &Path, port: u16, durability: Durability, bootstrap: bool
         snapshot_dir: dir.to_path_buf(),
         trailing_logs: 1000,
         trailing_bytes: 0,
+        max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
     };
     Node::start(cfg, store, Sink)
 }
