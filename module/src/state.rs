@@ -309,7 +309,10 @@ pub fn error_reply(err: &ProposeError) -> String {
         ProposeError::Timeout => {
             "TIMEOUT the request was not committed within write-timeout; it may still take effect".into()
         }
-        ProposeError::Shutdown => "TIMEOUT the node is shutting down; the request may or may not have taken effect".into(),
+        ProposeError::Shutdown => match get().fatal() {
+            Some(why) => format!("TIMEOUT this node stopped serving ({why}); the request may or may not have taken effect"),
+            None => "TIMEOUT the node is shutting down; the request may or may not have taken effect".into(),
+        },
         ProposeError::Overwritten => "CLUSTERDOWN the request was discarded by a new leader; retry it".into(),
         ProposeError::Dropped(why) => format!("CLUSTERDOWN the request was not accepted: {why}"),
         ProposeError::TooLarge { bytes, limit } => too_large(*bytes, *limit),
