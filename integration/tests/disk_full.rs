@@ -1,8 +1,8 @@
-//! A node whose disk fills up stops serving and says why; the others go on without it, and once
-//! there is room again it catches up. The small disk is a tmpfs, which takes root to mount: where
+//! A leader whose disk fills up stops serving and says why; the others elect a leader and go on
+//! without it, and once there is room again it catches up. The small disk is a tmpfs, which takes root to mount: where
 //! that is not possible the test says so and does nothing.
 
-use raftis_integration::{field_in, wait_for, Cluster};
+use raftis_integration::{field_in, free_port_pair, wait_for, Cluster, Server};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -35,38 +35,46 @@ impl Drop for SmallDisk {
 }
 
 #[test]
-fn a_node_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_is_room() {
-    // consistency=low: each node would serve reads from its own dataset.
-    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
-    let Some(disk) = SmallDisk::mount(&cluster.root.path().join("small-disk"), 24) else {
+fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_is_room() {
+    // Dropped in reverse: the cluster (its servers, then its data), the mount, its mount point.
+    let mount_point = tempfile::Builder::new().prefix("raftis-small-disk-").tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(mount_point.path(), 24) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let leader = cluster.wait_leader();
-    let victim = (leader + 1) % 3;
+    // consistency=low: each node would serve reads from its own dataset. Node 0, on the small
+    // disk, starts the cluster and leads it.
+    let args = ["consistency=low"];
+    let root = tempfile::Builder::new().prefix("raftis-it-").tempdir().unwrap();
+    let nodes = vec![
+        Server::start(free_port_pair(), &disk.path.join("n0"), &args).unwrap(),
+        Server::start(free_port_pair(), &root.path().join("n1"), &args).unwrap(),
+        Server::start(free_port_pair(), &root.path().join("n2"), &args).unwrap(),
+    ];
+    let mut cluster = Cluster { nodes, network: None, root };
+    let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    assert_eq!(cluster.wait_leader(), 0);
+    cluster.join(1, 0).unwrap();
+    cluster.join(2, 0).unwrap();
 
-    // The victim, a follower, moves onto the small disk with everything it holds.
-    let node = &mut cluster.nodes[victim];
-    node.kill9();
-    let moved = disk.path.join("node");
-    let copied = Command::new("cp").arg("-a").arg(&node.dir).arg(&moved).status().unwrap();
-    assert!(copied.success());
-    node.dir = moved;
-    node.restart().unwrap();
-
-    // ~40 MB of writes, more than its disk holds: the other two are a majority and acknowledge
-    // every one of them.
+    // 100 KB writes until the leader's disk is full: an acknowledged write is kept, and the
+    // one in flight when it stopped is told so, its outcome unknown.
     let value = "v".repeat(100_000);
-    let writes = 400;
-    let mut conn = cluster.nodes[leader].client().unwrap();
-    for i in 0..writes {
-        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(&value).query(&mut conn).unwrap();
-    }
+    let mut conn = cluster.nodes[0].client().unwrap();
+    let mut acknowledged = Vec::new();
+    let err = loop {
+        let key = format!("k{}", acknowledged.len());
+        match redis::cmd("SET").arg(&key).arg(&value).query::<()>(&mut conn) {
+            Ok(()) => acknowledged.push(key),
+            Err(e) => break e,
+        }
+        assert!(acknowledged.len() < 1000, "100 MB written to a 24 MB disk");
+    };
+    assert!(matches!(err.code(), Some("TIMEOUT" | "CLUSTERDOWN")) && err.to_string().contains("stopped serving"), "{err}");
 
-    // The victim stopped, and every reply says why, at every consistency level (no stale reads
-    // from a node that no longer follows the log, and no -MOVED to itself).
-    let node = &cluster.nodes[victim];
-    wait_for("the node with the full disk to stop", Duration::from_secs(20), || (node.state() == "stopped").then_some(()));
+    // It says why, and answers nothing else (no stale reads, no -MOVED to itself).
+    let node = &cluster.nodes[0];
+    assert_eq!(node.state(), "stopped");
     let info: String = node.cmd(&["RAFT.INFO"]).unwrap();
     let why = field_in(&info, "fatal_error").unwrap_or_else(|| panic!("no fatal_error in\n{info}")).to_string();
     assert!(why.contains("bytes free on the disk holding"), "{why}");
@@ -76,16 +84,17 @@ fn a_node_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_is
         assert_eq!(err.code(), Some("CLUSTERDOWN"), "{command:?}: {err}");
         assert!(err.to_string().contains("stopped serving"), "{command:?}: {err}");
     }
-    // The others go on.
-    let _: () = redis::cmd("SET").arg("after").arg("1").query(&mut conn).unwrap();
+    // The other two elect a leader and go on.
+    let leader = wait_for("a new leader", Duration::from_secs(20), || (1..3).find(|i| cluster.nodes[*i].state() == "leader"));
+    wait_for("writes on the new leader", Duration::from_secs(20), || cluster.nodes[leader].cmd::<()>(&["SET", "after", "1"]).ok());
 
-    // Room again, and a restart: the node catches up, and nothing acknowledged is missing.
-    disk.grow(96);
-    cluster.nodes[victim].restart().unwrap();
+    // Room again, and a restart: it catches up, and nothing acknowledged is missing anywhere.
+    disk.grow(128);
+    cluster.nodes[0].restart().unwrap();
     cluster.assert_same_dataset(&[0, 1, 2]);
-    let node = &cluster.nodes[victim];
-    for i in [0, writes / 2, writes - 1] {
-        assert_eq!(node.cmd::<String>(&["GET", &format!("k{i}")]).unwrap().len(), value.len(), "k{i}");
+    for node in &cluster.nodes {
+        for key in acknowledged.iter().chain([&"after".to_string()]) {
+            assert_eq!(node.cmd::<i64>(&["EXISTS", key]).unwrap(), 1, "{key} on {}", node.port);
+        }
     }
-    assert_eq!(node.cmd::<String>(&["GET", "after"]).unwrap(), "1");
 }
