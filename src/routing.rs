@@ -91,6 +91,13 @@ const REFUSED: &[(&str, &str)] = &[
     ("script|debug", "SCRIPT DEBUG"),
 ];
 
+/// `DEBUG` stays local, but these subcommands would change one node's dataset, or how it follows
+/// the log, behind the log's back: `RELOAD` and `LOADAOF` load files of this node's own,
+/// `POPULATE` adds keys, `SET-ACTIVE-EXPIRE` is the module's to switch (see `expiry` in the
+/// module), and `SET-DISABLE-DENY-SCRIPTS` lets scripts run commands that would answer differently
+/// on every node.
+const DEBUG_REFUSED: &[&str] = &["reload", "loadaof", "populate", "set-active-expire", "set-disable-deny-scripts"];
+
 /// Replicated whatever Redis' flags say: a script or a function runs on every node, as one entry
 /// (see the module's `scripts`), and the script cache changes on every node. (`FUNCTION LOAD`,
 /// `DELETE`, `FLUSH` and `RESTORE` need no mention: Redis flags them `write`.) PFCOUNT is a read that
@@ -204,6 +211,7 @@ impl CommandTable {
             Special::BeginTransaction => return Route::BeginTransaction,
             Special::Watch => return Route::Watch,
             Special::Wait => return Route::Wait,
+            Special::Local if name == "debug" => return debug_route(argv),
             Special::Local => return Route::Local,
             Special::Refused(what) => return refused(what),
             Special::None | Special::Replicated => {}
@@ -304,6 +312,17 @@ fn stream_read_blocks(argv: &[&[u8]]) -> bool {
     crate::stream_read::StreamRead::parse(argv).block.is_some()
 }
 
+fn debug_route(argv: &[&[u8]]) -> Route {
+    let Some(sub) = argv.get(1) else { return Route::Local };
+    match DEBUG_REFUSED.iter().find(|refused| sub.eq_ignore_ascii_case(refused.as_bytes())) {
+        Some(refused) => Route::Refuse(format!(
+            "ERR DEBUG {} is refused by Raftis: it would change this node's dataset, or how the node follows the log, behind the log's back",
+            refused.to_uppercase()
+        )),
+        None => Route::Local,
+    }
+}
+
 fn refused(what: &str) -> Route {
     Route::Refuse(format!("ERR {what} not supported by Raftis yet"))
 }
@@ -384,6 +403,17 @@ mod tests {
         let long = "X".repeat(40);
         assert_eq!(route(&[long.as_str()]), Route::Local, "a name too long for the stack buffer still routes");
         assert_eq!(table().route(&[b"SET\xff".as_slice(), b"k", b"v"]), Route::Local, "not UTF-8: Redis answers");
+    }
+
+    #[test]
+    fn debug_stays_local_but_what_would_change_one_nodes_dataset_is_refused() {
+        assert_eq!(route(&["DEBUG", "DIGEST"]), Route::Local);
+        assert_eq!(route(&["debug", "sleep", "0"]), Route::Local);
+        assert_eq!(route(&["DEBUG"]), Route::Local, "Redis answers the wrong arity itself");
+        for sub in ["POPULATE", "reload", "LoadAof", "SET-ACTIVE-EXPIRE", "set-disable-deny-scripts"] {
+            let Route::Refuse(e) = route(&["DEBUG", sub, "1"]) else { panic!("DEBUG {sub} not refused") };
+            assert!(e.starts_with(&format!("ERR DEBUG {} is refused by Raftis", sub.to_uppercase())), "{e}");
+        }
     }
 
     #[test]

@@ -229,6 +229,12 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT._BLOCK", "BLPOP", "l", "x"], "timeout is not a float");
     expect_err(&["SET", "onlykey"], "wrong number of arguments for 'set'");
     expect_err(&["MODULE", "UNLOAD", "raft"], "");
+    // DEBUG that would change this node's dataset alone (the harness enables DEBUG).
+    let keys: i64 = node.cmd(&["DBSIZE"]).unwrap();
+    expect_err(&["DEBUG", "POPULATE", "100"], "DEBUG POPULATE is refused by Raftis");
+    expect_err(&["DEBUG", "SET-ACTIVE-EXPIRE", "1"], "DEBUG SET-ACTIVE-EXPIRE is refused by Raftis");
+    assert_eq!(node.cmd::<i64>(&["DBSIZE"]).unwrap(), keys);
+    assert!(node.cmd::<String>(&["DEBUG", "DIGEST"]).is_ok());
 
     // An uninitialized node joining a dead address answers an error instead of hanging.
     let lonely = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("lonely"), &[]).unwrap();
