@@ -29,12 +29,15 @@ pub enum MembershipChange {
     AddLearner(NodeInfo),
     Promote(NodeId),
     Remove(NodeId),
+    /// New addresses for a member, which stays what it is (a voter, or a learner): a node that
+    /// came back from a restart on another address (see [`Readdress`]).
+    Readdress { info: NodeInfo, learner: bool },
 }
 
 impl MembershipChange {
     pub fn node_id(&self) -> NodeId {
         match self {
-            MembershipChange::AddVoter(info) | MembershipChange::AddLearner(info) => info.id,
+            MembershipChange::AddVoter(info) | MembershipChange::AddLearner(info) | MembershipChange::Readdress { info, .. } => info.id,
             MembershipChange::Promote(id) | MembershipChange::Remove(id) => *id,
         }
     }
@@ -45,8 +48,13 @@ impl MembershipChange {
             MembershipChange::AddVoter(info) => {
                 (ConfChangeType::AddNode, serde_json::to_vec(info).expect("NodeInfo serializes"))
             }
-            MembershipChange::AddLearner(info) => {
+            MembershipChange::AddLearner(info) | MembershipChange::Readdress { info, learner: true } => {
                 (ConfChangeType::AddLearnerNode, serde_json::to_vec(info).expect("NodeInfo serializes"))
+            }
+            // Adding a voter that is one already changes nothing in raft's configuration; the
+            // context carries the new addresses to every node's address book.
+            MembershipChange::Readdress { info, learner: false } => {
+                (ConfChangeType::AddNode, serde_json::to_vec(info).expect("NodeInfo serializes"))
             }
             MembershipChange::Promote(_) => (ConfChangeType::AddNode, Vec::new()),
             MembershipChange::Remove(_) => (ConfChangeType::RemoveNode, Vec::new()),
@@ -80,6 +88,36 @@ impl MembershipChange {
     }
 }
 
+/// Members that said, dialing this node, that they are now at other addresses. The member list
+/// is what the log says, so a node restarted on another address (another port, a container's new
+/// IP) would hear nothing from the others until the log said so: the leader proposes the new
+/// addresses ([`MembershipChange::Readdress`]), one change at a time.
+#[derive(Default)]
+pub struct Readdress {
+    wanted: BTreeMap<NodeId, NodeInfo>,
+}
+
+impl Readdress {
+    /// A member dialed in from `raft_addr`, saying clients reach it at `client_addr`. Anything
+    /// else than a member's `HELLO` with both addresses, one of them new, is no news.
+    pub fn heard(&mut self, members: &Members, from: NodeId, raft_addr: &str, client_addr: Option<&str>) {
+        let (Some(known), Some(client_addr)) = (members.get(&from), client_addr) else { return };
+        if known.raft_addr == raft_addr && known.client_addr == client_addr {
+            self.wanted.remove(&from);
+            return;
+        }
+        self.wanted.insert(from, NodeInfo { id: from, raft_addr: raft_addr.to_string(), client_addr: client_addr.to_string() });
+    }
+
+    /// The next change to propose, if one is still wanted. `is_learner` says which kind of member
+    /// an id is; members gone, or already at the addresses wanted, are forgotten.
+    pub fn next(&mut self, members: &Members, is_learner: impl Fn(NodeId) -> bool) -> Option<MembershipChange> {
+        self.wanted.retain(|id, info| members.get(id).is_some_and(|known| known != info));
+        let info = self.wanted.values().next()?.clone();
+        Some(MembershipChange::Readdress { learner: is_learner(info.id), info })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +135,32 @@ mod tests {
         let (cc, _) = MembershipChange::Remove(NodeId(4)).to_raft();
         MembershipChange::apply_to_members(&cc, &mut members);
         assert!(members.is_empty());
+    }
+
+    #[test]
+    fn a_member_heard_at_new_addresses_is_readdressed_once() {
+        let old = NodeInfo { id: NodeId(2), raft_addr: "10.0.0.2:17001".into(), client_addr: "10.0.0.2:7001".into() };
+        let mut members = Members::from([(NodeId(2), old.clone())]);
+        let mut readdress = Readdress::default();
+        readdress.heard(&members, NodeId(2), "10.0.0.2:17001", Some("10.0.0.2:7001"));
+        readdress.heard(&members, NodeId(9), "10.0.0.9:17001", Some("10.0.0.9:7001"));
+        readdress.heard(&members, NodeId(2), "10.0.0.7:17001", None);
+        assert_eq!(readdress.next(&members, |_| false), None, "same addresses, a stranger, an old peer's HELLO");
+
+        readdress.heard(&members, NodeId(2), "10.0.0.7:17001", Some("10.0.0.7:7001"));
+        let moved = NodeInfo { id: NodeId(2), raft_addr: "10.0.0.7:17001".into(), client_addr: "10.0.0.7:7001".into() };
+        let change = readdress.next(&members, |_| false).unwrap();
+        assert_eq!(change, MembershipChange::Readdress { info: moved.clone(), learner: false });
+        let (cc, _) = change.to_raft();
+        assert_eq!(cc.changes[0].get_change_type(), ConfChangeType::AddNode);
+        MembershipChange::apply_to_members(&cc, &mut members);
+        assert_eq!(members[&NodeId(2)], moved);
+        assert_eq!(readdress.next(&members, |_| false), None, "done once the log says so");
+
+        readdress.heard(&members, NodeId(2), "10.0.0.8:17001", Some("10.0.0.8:7001"));
+        let (cc, _) = readdress.next(&members, |_| true).unwrap().to_raft();
+        assert_eq!(cc.changes[0].get_change_type(), ConfChangeType::AddLearnerNode, "a learner stays one");
+        members.clear();
+        assert_eq!(readdress.next(&members, |_| true), None, "removed meanwhile");
     }
 }

@@ -15,7 +15,7 @@
 use crate::config::{Durability, Timing};
 use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
-use crate::membership::{Members, MembershipChange, NodeInfo};
+use crate::membership::{Members, MembershipChange, NodeInfo, Readdress};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
 use crate::snapshot_data;
@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 /// Requests drained per loop round before a Ready is processed. Bounds the latency one round
 /// adds while still batching generously.
 const MAX_REQUESTS_PER_ROUND: usize = 8192;
+/// How often the leader proposes new addresses for a member that moved, at most.
+const READDRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Log entries dropped per loop round when compacting after a snapshot. Deleting a million
 /// small entries in one LMDB transaction kept the loop (and so heartbeats and appends) busy for
@@ -138,7 +140,7 @@ enum Request<W> {
     ReadIndex { waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term> },
     LastProposed(Callback<LogIndex>),
     Raft(Vec<Message>),
-    Hello { from: NodeId, addr: String },
+    Hello { from: NodeId, addr: String, client_addr: Option<String> },
     Unreachable(NodeId),
     TransferLeader(NodeId),
     SetTicks { election: usize, heartbeat: usize },
@@ -289,13 +291,14 @@ impl<S: StateMachine> Node<S> {
                 me: cfg.id,
                 listen: cfg.listen,
                 advertise: cfg.info.raft_addr.clone(),
+                advertise_client: Some(cfg.info.client_addr.clone()),
                 queue_limit: 4096,
                 snapshot_dir: Some(cfg.snapshot_dir.clone()),
             },
             move |inbound| {
                 let req = match inbound {
                     Inbound::Raft(msgs) => Request::Raft(msgs),
-                    Inbound::Hello { from, addr } => Request::Hello { from, addr },
+                    Inbound::Hello { from, addr, client_addr } => Request::Hello { from, addr, client_addr },
                     Inbound::Unreachable(id) => Request::Unreachable(id),
                 };
                 let _ = inbound_tx.send(req);
@@ -340,6 +343,8 @@ impl<S: StateMachine> Node<S> {
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
             membership_waiters: BTreeMap::new(),
+            readdress: Readdress::default(),
+            readdress_proposed: None,
             membership_done: Vec::new(),
             reads_to_start: Vec::new(),
             reads_in_flight: BTreeMap::new(),
@@ -656,6 +661,9 @@ struct RaftLoop<S: StateMachine> {
     conf_applied: LogIndex,
     proposals: PendingProposals<S::Waiter>,
     membership_waiters: BTreeMap<LogIndex, (Term, Instant, Callback<()>)>,
+    /// Members heard at new addresses, and when their change was last proposed.
+    readdress: Readdress,
+    readdress_proposed: Option<Instant>,
     membership_done: Vec<(Callback<()>, Result<(), ProposeError>)>,
     reads_to_start: Vec<(Instant, Option<Term>, Callback<LogIndex>)>,
     reads_in_flight: BTreeMap<u64, Vec<(Instant, Callback<LogIndex>)>>,
@@ -719,6 +727,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.sm.request_snapshot();
             }
             self.check_leadership();
+            self.propose_readdress();
             if let Err(e) = self.apply_wanted_ticks() {
                 self.stop_on(e);
                 break;
@@ -813,10 +822,15 @@ impl<S: StateMachine> RaftLoop<S> {
                     Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
                 }
             }
-            Request::Hello { from, addr } => {
-                // The member list is authoritative; a hello only fills in peers we have not
-                // learnt yet (e.g. the leader, seen by a node that is joining).
-                if from != self.id && self.transport.peer_addr(from).is_none() {
+            Request::Hello { from, addr, client_addr } => {
+                if from == self.id {
+                    return;
+                }
+                // The member list is authoritative: a hello fills in peers we have not learnt yet
+                // (e.g. the leader, seen by a node that is joining), and a member at new addresses
+                // gets them through the log.
+                self.readdress.heard(&self.members, from, &addr, client_addr.as_deref());
+                if self.transport.peer_addr(from).is_none() {
                     self.transport.set_peer_addr(from, addr);
                 }
             }
@@ -1041,6 +1055,28 @@ impl<S: StateMachine> RaftLoop<S> {
             Ok(()) => waiter(Err(ProposeError::Dropped("raft did not append the change".into()))),
             Err(e) => waiter(Err(ProposeError::Dropped(e.to_string()))),
         }
+    }
+
+    /// On the leader: gives a member heard at new addresses those addresses, through the log, one
+    /// membership change at a time and at most one attempt a second.
+    fn propose_readdress(&mut self) {
+        if self.not_leader().is_some() || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        if self.readdress_proposed.is_some_and(|at| at.elapsed() < READDRESS_EVERY) {
+            return;
+        }
+        let learners = &self.raw.raft.prs().conf().learners();
+        let Some(change) = self.readdress.next(&self.members, |id| learners.contains(&id.get())) else { return };
+        log::info!("raft {}: proposing new addresses for a member: {change:?}", self.id);
+        self.readdress_proposed = Some(Instant::now());
+        let id = self.id;
+        let logged: Callback<()> = Box::new(move |result| {
+            if let Err(e) = result {
+                log::warn!("raft {id}: new addresses for a member not recorded ({e}); retrying");
+            }
+        });
+        self.propose_membership(change, logged, Instant::now() + READDRESS_EVERY * 10);
     }
 
     /// All reads queued this round share one ReadIndex request.

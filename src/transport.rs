@@ -2,7 +2,7 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr>` and then sends `MSGS <m1> <m2> ...` frames, each a RESP array of
+//! `HELLO <id> <advertise-addr> [<client-addr>]` and then sends `MSGS <m1> <m2> ...` frames, each a RESP array of
 //! bulk strings holding prost-encoded raft messages; nothing is answered. The listener also
 //! answers `PING` with `+PONG`, so `redis-cli -p <raft-port> PING` tells an operator the port is
 //! alive.
@@ -71,8 +71,9 @@ const FORWARD_READ_AHEAD: usize = 1 << 20;
 pub enum Inbound {
     /// The messages of one `MSGS` frame, in the order they were sent.
     Raft(Vec<Message>),
-    /// A peer dialed us and said where it can be reached.
-    Hello { from: NodeId, addr: String },
+    /// A peer dialed us and said where it can be reached: its side port, and its client port
+    /// (peers of this version say both).
+    Hello { from: NodeId, addr: String, client_addr: Option<String> },
     /// Messages to this peer could not be delivered (unknown peer, failed connect or write).
     Unreachable(NodeId),
 }
@@ -83,6 +84,9 @@ pub struct TransportConfig {
     pub listen: SocketAddr,
     /// `host:port` peers dial to reach this node.
     pub advertise: String,
+    /// `host:port` clients reach this node at, said in `HELLO` too (so a member that moved can
+    /// be given its new addresses, see the node's `readdress`).
+    pub advertise_client: Option<String>,
     /// Most messages waiting for one peer; more are dropped. Clamped to at least 1.
     pub queue_limit: usize,
     /// Where this node's snapshot files are, for peers fetching them with `SNAPSHOT.CHUNK`.
@@ -92,7 +96,14 @@ pub struct TransportConfig {
 impl TransportConfig {
     /// A configuration with the default queue limit.
     pub fn new(me: NodeId, listen: SocketAddr, advertise: impl Into<String>) -> Self {
-        TransportConfig { me, listen, advertise: advertise.into(), queue_limit: DEFAULT_QUEUE_LIMIT, snapshot_dir: None }
+        TransportConfig {
+            me,
+            listen,
+            advertise: advertise.into(),
+            advertise_client: None,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            snapshot_dir: None,
+        }
     }
 }
 
@@ -125,6 +136,7 @@ type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
 struct Inner {
     me: NodeId,
     advertise: String,
+    advertise_client: Option<String>,
     queue_limit: usize,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
@@ -225,6 +237,7 @@ impl Transport {
             inner: Arc::new(Inner {
                 me: cfg.me,
                 advertise: cfg.advertise,
+                advertise_client: cfg.advertise_client,
                 queue_limit: cfg.queue_limit.clamp(1, MAX_QUEUE_LIMIT),
                 local_addr,
                 runtime: handle,
@@ -318,7 +331,7 @@ impl Transport {
             let task = inner.runtime.spawn(run_peer(PeerTask {
                 id,
                 addr: addr.clone(),
-                hello: hello_frame(inner.me, &inner.advertise),
+                hello: hello_frame(inner.me, &inner.advertise, inner.advertise_client.as_deref()),
                 rx,
                 link: link.clone(),
                 counters: counters.clone(),
@@ -450,9 +463,12 @@ impl Drop for Inner {
     }
 }
 
-fn hello_frame(me: NodeId, advertise: &str) -> Bytes {
+fn hello_frame(me: NodeId, advertise: &str, client: Option<&str>) -> Bytes {
     let mut out = BytesMut::new();
-    resp::encode_command(&[b"HELLO", me.to_string().as_bytes(), advertise.as_bytes()], &mut out);
+    let id = me.to_string();
+    let mut args = vec![&b"HELLO"[..], id.as_bytes(), advertise.as_bytes()];
+    args.extend(client.map(str::as_bytes));
+    resp::encode_command(&args, &mut out);
     out.freeze()
 }
 
@@ -844,8 +860,15 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::
         }
         Ok(None)
     } else if is("HELLO") {
-        let (3, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
-            return Err(Reject("usage: HELLO <node-id> <host:port>".into()));
+        let (3 | 4, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+            return Err(Reject("usage: HELLO <node-id> <host:port> [<client host:port>]".into()));
+        };
+        let client_addr = match args.get(3) {
+            Some(Frame::Bulk(client)) => {
+                Some(std::str::from_utf8(client).map_err(|_| Reject("HELLO: client address is not UTF-8".into()))?.to_string())
+            }
+            Some(_) => return Err(Reject("usage: HELLO <node-id> <host:port> [<client host:port>]".into())),
+            None => None,
         };
         let from = std::str::from_utf8(id)
             .ok()
@@ -853,7 +876,7 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::
             .filter(|&id| id != 0)
             .ok_or_else(|| Reject("HELLO: invalid node id".into()))?;
         let addr = std::str::from_utf8(addr).map_err(|_| Reject("HELLO: address is not UTF-8".into()))?;
-        inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string() });
+        inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {
         snapshot_chunk(&args, snapshots).map(Some)
@@ -1076,7 +1099,7 @@ mod tests {
         b.transport.send(to_a.clone());
 
         let hello = b.wait_for("a HELLO", |i| match i {
-            Inbound::Hello { from, addr } => Some((from, addr)),
+            Inbound::Hello { from, addr, .. } => Some((from, addr)),
             _ => None,
         });
         assert_eq!(hello, (NodeId(1), "node-1.test:7000".to_string()));
@@ -1240,7 +1263,7 @@ mod tests {
         s.read_exact(&mut pong).unwrap();
         assert_eq!(&pong, b"+PONG\r\n");
         let hello = b.wait_for("HELLO from 7", |i| match i {
-            Inbound::Hello { from, addr } => Some((from, addr)),
+            Inbound::Hello { from, addr, .. } => Some((from, addr)),
             _ => None,
         });
         assert_eq!(hello, (NodeId(7), "node-7:1".to_string()));

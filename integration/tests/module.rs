@@ -436,6 +436,34 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert!(info.contains("raft_durability:medium"), "{info}");
 }
 
+/// A node restarted on other ports (as a container comes back with another IP) is given its new
+/// addresses through the log: it said them when it dialed the others, the leader proposed them,
+/// and every node reaches it there again.
+#[test]
+fn a_node_restarted_on_another_address_is_readdressed_and_catches_up() {
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    // A follower, then the leader (the others elect another one, which readdresses it).
+    for (step, moved) in [(leader + 1) % 3, leader].into_iter().enumerate() {
+        let id = cluster.nodes[moved].node_id();
+        let key = format!("before-{step}");
+        let _: () = cluster.leader().cmd(&["SET", &key, "1"]).unwrap();
+        let node = &mut cluster.nodes[moved];
+        node.kill9();
+        node.port = raftis_integration::free_port_pair();
+        node.restart().unwrap();
+        let line = format!("id={id},addr={},raft_addr=127.0.0.1:{},", node.addr(), node.port + 10000);
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            wait_for(&format!("node {i} to know node {moved}'s new addresses"), Duration::from_secs(20), || {
+                node.cmd::<String>(&["RAFT.INFO"]).ok().filter(|info| info.contains(&line)).map(|_| ())
+            });
+        }
+        let _: () = cluster.leader().cmd(&["SET", "after", &key]).unwrap();
+        cluster.assert_same_dataset(&[0, 1, 2]);
+        assert_eq!(cluster.nodes[moved].cmd::<i64>(&["EXISTS", &key, "after"]).unwrap(), 2);
+    }
+}
+
 /// A write whose log entry would be over max-entry-size is refused at once, whole, through the
 /// leader or a follower, and changes nothing; a transaction counts as one entry.
 #[test]
