@@ -1243,6 +1243,7 @@ mod tests {
             (b":5\r\n", "-ERR expected a command"),
             (b"*2\r\n$5\r\nHELLO\r\n$1\r\n0\r\n", "-ERR usage: HELLO"),
             (b"*3\r\n$5\r\nHELLO\r\n$1\r\n0\r\n$1\r\nx\r\n", "-ERR HELLO: invalid node id"),
+            (b"*4\r\n$5\r\nHELLO\r\n$1\r\n7\r\n$1\r\nx\r\n:1\r\n", "-ERR usage: HELLO"),
             (&good_then_bad, "+PONG\r\n-ERR protocol error"),
         ];
         for (garbage, expected) in cases {
@@ -1254,7 +1255,7 @@ mod tests {
         // A new, well-formed connection is served...
         let mut s = std::net::TcpStream::connect(b.addr()).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut good = command(&[b"HELLO", b"7", b"node-7:1"]);
+        let mut good = command(&[b"HELLO", b"7", b"node-7:1", b"node-7:2"]);
         let encoded = msg(7, 2, 42).encode_to_vec();
         good.extend(command(&[b"MSGS", &encoded]));
         good.extend(command(&[b"PING"]));
@@ -1263,10 +1264,10 @@ mod tests {
         s.read_exact(&mut pong).unwrap();
         assert_eq!(&pong, b"+PONG\r\n");
         let hello = b.wait_for("HELLO from 7", |i| match i {
-            Inbound::Hello { from, addr, .. } => Some((from, addr)),
+            Inbound::Hello { from, addr, client_addr } => Some((from, addr, client_addr)),
             _ => None,
         });
-        assert_eq!(hello, (NodeId(7), "node-7:1".to_string()));
+        assert_eq!(hello, (NodeId(7), "node-7:1".to_string(), Some("node-7:2".to_string())));
         assert_eq!(b.raft_messages(1), vec![msg(7, 2, 42)]);
 
         // ... and so is the peer connected all along.
