@@ -36,6 +36,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
         return;
     }
+    crate::acl::command_seen(name);
     if crate::scripts::has_kill(name) && crate::scripts::route_kill(fctx) {
         return;
     }

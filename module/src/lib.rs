@@ -5,6 +5,7 @@
 //! Every entry point from Redis goes through [`guard`]: a panic becomes an `-ERR` reply and a log
 //! line instead of aborting redis-server.
 
+mod acl;
 mod apply;
 mod blocked;
 mod blocking;
@@ -100,16 +101,39 @@ macro_rules! command {
     };
 }
 
-command!(borrowed cmd_write, |ctx, args| write::write(ctx, args).map(|_| Reply::Blocked));
-command!(borrowed cmd_read, |ctx, args| read::read(ctx, args).map(|_| Reply::Blocked));
-command!(borrowed cmd_block, |ctx, args| blocking::block(ctx, args).map(|_| Reply::Blocked));
+// The client's command behind each internal one is checked against its user's ACL rules first
+// (see `acl`).
+command!(borrowed cmd_write, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    write::write(ctx, args).map(|_| Reply::Blocked)
+});
+command!(borrowed cmd_read, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    read::read(ctx, args).map(|_| Reply::Blocked)
+});
+command!(borrowed cmd_block, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    blocking::block(ctx, args).map(|_| Reply::Blocked)
+});
 command!(cmd_config, |_, args| config_cmd::config(&args));
 command!(cmd_refuse, |_, args| Err(write::refuse(args)));
-command!(borrowed cmd_script_kill, |ctx, args| scripts::kill(ctx, args).map(|_| Reply::Blocked));
+command!(borrowed cmd_script_kill, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    scripts::kill(ctx, args).map(|_| Reply::Blocked)
+});
 command!(cmd_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
-command!(borrowed cmd_multi, |ctx, _| transaction::begin(ctx).map(|_| Reply::Blocked));
-command!(borrowed cmd_watch, |ctx, args| watch::watch(ctx, args).map(|_| Reply::Blocked));
-command!(borrowed cmd_wait, |ctx, args| wait::wait(ctx, args));
+command!(borrowed cmd_multi, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    transaction::begin(ctx).map(|_| Reply::Blocked)
+});
+command!(borrowed cmd_watch, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    watch::watch(ctx, args).map(|_| Reply::Blocked)
+});
+command!(borrowed cmd_wait, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    wait::wait(ctx, args)
+});
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
 command!(cmd_identify, |_, args| commands::identify(&args));

@@ -123,6 +123,18 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
     Ok(())
 }
 
+/// A command of the EXEC that `ctx`'s client runs now was refused before it could join (its user
+/// may not run it, see `acl`): nothing of the transaction runs, as Redis refuses such a command
+/// when it is queued and then discards the transaction. Commands that joined already, and those
+/// after it, answer why.
+pub fn abort(ctx: *mut RedisModuleCtx, refused: &str) {
+    let mut t = lock();
+    let batch = batch_of(&mut t, ctx);
+    if batch.verdict.is_ok() {
+        batch.verdict = Err(format!("EXECABORT Transaction discarded because a command was refused: {refused}"));
+    }
+}
+
 fn size_of(argv: &[Vec<u8>]) -> usize {
     argv.iter().map(|a| a.len() + 8).sum()
 }
@@ -234,7 +246,12 @@ fn propose(batch: Option<Batch>) {
     let Some(batch) = batch else { return };
     let destination = match batch.verdict {
         Ok(destination) if !batch.commands.is_empty() => destination,
-        _ => return,
+        Ok(_) => return,
+        Err(error) => {
+            // Aborted after some commands joined (see `abort`): they get the reason too.
+            batch.slots.into_iter().flatten().for_each(|slot| slot.fail(&error));
+            return;
+        }
     };
     if let Destination::Leader = destination {
         return crate::forward::transaction_to_leader(batch.commands, batch.slots, batch.resp3);

@@ -1,0 +1,179 @@
+//! ACL rules for commands the filter hands to the module.
+//!
+//! Redis checks a client's ACL rules against the command it runs, and after the filter that is
+//! `RAFT._CMD` (or `RAFT._READ`, ...), not the command the client sent. Module commands belong to
+//! no ACL category in Redis 7.0, so a restricted user must be granted them by name (see the
+//! README), and then Redis no longer checks the real command: `+raft._cmd` would let a user
+//! limited to `+set ~app:*` run `DEL other`. So each internal command checks the client's command
+//! against the client's user itself, with Redis' own `ACL DRYRUN`, and refuses it with the
+//! `-NOPERM` reply Redis would have given.
+//!
+//! `ACL DRYRUN` costs a command call: when the only user is an unrestricted `default` (Redis' own
+//! default, and what a deployment without ACL has), nothing can be refused and nothing is
+//! checked. Which of the two holds is learnt from `ACL LIST` again after any `ACL` command or
+//! `EXEC` (a transaction may hold an `ACL SETUSER`) has passed the filter.
+//!
+//! Inside MULTI, Redis refuses a command at queueing and discards the transaction at EXEC; here the
+//! refusal comes at EXEC, and discards the whole transaction just the same.
+//!
+//! A script's own calls run when the log applies it, without the caller's user, so Redis could
+//! not check them as it would: scripts and functions are refused to users with any restriction.
+
+use crate::ffi::{self, api, RedisModuleCtx};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNKNOWN: u8 = 0;
+/// Only an unrestricted `default` user.
+const OPEN: u8 = 1;
+const RESTRICTED: u8 = 2;
+
+static USERS: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// From the filter, for every command: an `ACL` command (or an `EXEC`, which may hold one) is
+/// about to change the users, so they are looked at again before the next check.
+pub fn command_seen(name: &[u8]) {
+    if name.eq_ignore_ascii_case(b"acl") || name.eq_ignore_ascii_case(b"exec") {
+        USERS.store(UNKNOWN, Ordering::Relaxed);
+    }
+}
+
+/// Checks that the calling client's user may run `argv`: `Err` is the `-NOPERM` reply. Inside
+/// EXEC, a refusal discards the whole transaction (see `transaction::abort`).
+pub fn check(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {
+    let verdict = check_user(ctx, argv);
+    if let Err(refused) = &verdict {
+        if crate::transaction::in_exec(ctx) {
+            crate::transaction::abort(ctx, refused);
+        }
+    }
+    verdict
+}
+
+fn check_user(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {
+    if !restricted(ctx) || argv.is_empty() {
+        return Ok(());
+    }
+    let user = current_user(ctx);
+    if crate::scripts::runs_lua(argv[0]) && !is_unrestricted(ctx, &user) {
+        return Err(format!(
+            "NOPERM Raftis runs a script's calls when the log applies it, without the ACL rules of user '{}'; \
+             scripts and functions are refused to users with restrictions",
+            String::from_utf8_lossy(&user)
+        ));
+    }
+    let mut dryrun: Vec<&[u8]> = vec![b"ACL", b"DRYRUN", &user];
+    dryrun.extend_from_slice(argv);
+    let reply = ffi::call(ctx, &dryrun, false);
+    // Anything but a refusal (OK, or an error about the command itself, which Redis will answer
+    // when it runs it) lets the command through.
+    let verdict = if reply.is_null() || ffi::is_error(reply) { None } else { refusal(ffi::reply_bytes(reply)) };
+    ffi::free_call_reply(reply);
+    verdict.map_or(Ok(()), Err)
+}
+
+/// Redis' own `-NOPERM` reply for `ACL DRYRUN`'s reason, or None for `OK`.
+fn refusal(reason: &[u8]) -> Option<String> {
+    if reason == b"OK" {
+        return None;
+    }
+    let reason = String::from_utf8_lossy(reason);
+    let what = if reason.starts_with("This user has no permissions to access the") {
+        if reason.ends_with(" channel") {
+            "access one of the channels used as arguments".to_string()
+        } else {
+            "access one of the keys used as arguments".to_string()
+        }
+    } else if let Some(run) = reason.strip_prefix("This user has no permissions to ") {
+        run.to_string()
+    } else {
+        return Some(format!("NOPERM {reason}"));
+    };
+    Some(format!("NOPERM this user has no permissions to {what}"))
+}
+
+fn restricted(ctx: *mut RedisModuleCtx) -> bool {
+    match USERS.load(Ordering::Relaxed) {
+        OPEN => false,
+        RESTRICTED => true,
+        _ => {
+            let users = ffi::call(ctx, &[&b"ACL"[..], b"LIST"], false);
+            let lines: Vec<Vec<u8>> = if ffi::is_array(users) {
+                (0..ffi::reply_len(users)).map(|i| ffi::reply_bytes(ffi::reply_element(users, i)).to_vec()).collect()
+            } else {
+                Vec::new()
+            };
+            ffi::free_call_reply(users);
+            let open = matches!(lines.as_slice(), [only] if is_open_default(only));
+            USERS.store(if open { OPEN } else { RESTRICTED }, Ordering::Relaxed);
+            !open
+        }
+    }
+}
+
+/// `user default on nopass sanitize-payload ~* &* +@all` (or with passwords): every command, key
+/// and channel, as Redis starts without ACL configuration.
+fn is_open_default(line: &[u8]) -> bool {
+    let line = String::from_utf8_lossy(line);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let grants_everything = words.ends_with(&["~*", "&*", "+@all"]);
+    words.get(..3) == Some(&["user", "default", "on"][..]) && grants_everything && !line.contains('(')
+}
+
+/// Whether `user` may run every command on every key and channel (`ACL GETUSER`).
+fn is_unrestricted(ctx: *mut RedisModuleCtx, user: &[u8]) -> bool {
+    let reply = ffi::call(ctx, &[&b"ACL"[..], b"GETUSER", user], false);
+    let mut fields = std::collections::HashMap::new();
+    if ffi::is_array(reply) {
+        let n = ffi::reply_len(reply);
+        for i in (0..n.saturating_sub(1)).step_by(2) {
+            let value = ffi::reply_element(reply, i + 1);
+            let value = if ffi::is_array(value) { format!("[{}]", ffi::reply_len(value)) } else { String::from_utf8_lossy(ffi::reply_bytes(value)).into_owned() };
+            fields.insert(String::from_utf8_lossy(ffi::reply_bytes(ffi::reply_element(reply, i))).into_owned(), value);
+        }
+    }
+    ffi::free_call_reply(reply);
+    let is = |field: &str, wanted: &str| fields.get(field).is_some_and(|v| v == wanted);
+    is("commands", "+@all") && is("keys", "~*") && is("channels", "&*") && is("selectors", "[0]")
+}
+
+fn current_user(ctx: *mut RedisModuleCtx) -> Vec<u8> {
+    let name = unsafe { api!(RedisModule_GetCurrentUserName)(ctx) };
+    if name.is_null() {
+        return b"default".to_vec();
+    }
+    let user = ffi::string_bytes(name).to_vec();
+    ffi::free_string(name);
+    user
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dryrun_reasons_become_redis_own_noperm_replies() {
+        assert_eq!(refusal(b"OK"), None);
+        assert_eq!(
+            refusal(b"This user has no permissions to run the 'del' command").unwrap(),
+            "NOPERM this user has no permissions to run the 'del' command"
+        );
+        assert_eq!(
+            refusal(b"This user has no permissions to access the 'other' key").unwrap(),
+            "NOPERM this user has no permissions to access one of the keys used as arguments"
+        );
+        assert_eq!(
+            refusal(b"This user has no permissions to access the 'news' channel").unwrap(),
+            "NOPERM this user has no permissions to access one of the channels used as arguments"
+        );
+    }
+
+    #[test]
+    fn only_an_unrestricted_default_user_leaves_nothing_to_check() {
+        assert!(is_open_default(b"user default on nopass sanitize-payload ~* &* +@all"));
+        assert!(is_open_default(b"user default on #5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8 ~* &* +@all"));
+        assert!(!is_open_default(b"user default on nopass ~app:* &* +@all"));
+        assert!(!is_open_default(b"user default on nopass ~* &* +@all -flushall"));
+        assert!(!is_open_default(b"user default off nopass ~* &* +@all"));
+        assert!(!is_open_default(b"user default on nopass ~* &* +@all (~x +get)"));
+    }
+}
