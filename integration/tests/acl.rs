@@ -49,6 +49,17 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     // A script's calls cannot be checked as Redis would: refused to a restricted user.
     refused(run(&mut app, &["EVAL", "return redis.call('GET', 'other')", "0"]), "scripts and functions are refused");
 
+    // Each refusal is in ACL LOG, as Redis logs its own.
+    let log: Vec<Vec<Value>> = node.cmd(&["ACL", "LOG"]).unwrap();
+    let objects: Vec<String> = log
+        .iter()
+        .filter_map(|entry| {
+            let at = entry.iter().position(|v| *v == Value::Data(b"object".to_vec()))?;
+            redis::from_redis_value::<String>(&entry[at + 1]).ok()
+        })
+        .collect();
+    assert!(objects.contains(&"other".to_string()) && objects.contains(&"del".to_string()), "{log:?}");
+
     let plain = |args: &[&str]| node.cmd::<Value>(args).unwrap();
     assert_eq!(plain(&["GET", "other"]), Value::Data(b"secret".to_vec()), "nothing refused was written");
     assert_eq!(plain(&["EXISTS", "app:1", "app:2"]), Value::Int(1), "app:1 only: the transaction ran none of its commands");

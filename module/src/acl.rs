@@ -20,6 +20,7 @@
 //! not check them as it would: scripts and functions are refused to users with any restriction.
 
 use crate::ffi::{self, api, RedisModuleCtx};
+use redis_module::raw;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 const UNKNOWN: u8 = 0;
@@ -68,27 +69,56 @@ fn check_user(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {
     // when it runs it) lets the command through.
     let verdict = if reply.is_null() || ffi::is_error(reply) { None } else { refusal(ffi::reply_bytes(reply)) };
     ffi::free_call_reply(reply);
-    verdict.map_or(Ok(()), Err)
+    let Some(refused) = verdict else { return Ok(()) };
+    log_refusal(ctx, &user, &refused);
+    Err(refused.reply)
+}
+
+/// What `ACL DRYRUN` refused and why.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    /// Redis' own `-NOPERM` reply (without the '-').
+    reply: String,
+    /// For `ACL LOG`: what was refused (a command, key or channel name) and which kind it is.
+    object: String,
+    kind: raw::RedisModuleACLLogEntryReason,
 }
 
 /// Redis' own `-NOPERM` reply for `ACL DRYRUN`'s reason, or None for `OK`.
-fn refusal(reason: &[u8]) -> Option<String> {
+fn refusal(reason: &[u8]) -> Option<Refusal> {
     if reason == b"OK" {
         return None;
     }
     let reason = String::from_utf8_lossy(reason);
-    let what = if reason.starts_with("This user has no permissions to access the") {
+    // The reason names what it refuses between quotes: "... the 'other' key".
+    let object = reason.split('\'').nth(1).unwrap_or_default().to_string();
+    let (what, kind) = if reason.starts_with("This user has no permissions to access the") {
         if reason.ends_with(" channel") {
-            "access one of the channels used as arguments".to_string()
+            ("access one of the channels used as arguments".to_string(), raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CHANNEL)
         } else {
-            "access one of the keys used as arguments".to_string()
+            ("access one of the keys used as arguments".to_string(), raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_KEY)
         }
     } else if let Some(run) = reason.strip_prefix("This user has no permissions to ") {
-        run.to_string()
+        (run.to_string(), raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD)
     } else {
-        return Some(format!("NOPERM {reason}"));
+        let kind = raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD;
+        return Some(Refusal { reply: format!("NOPERM {reason}"), object, kind });
     };
-    Some(format!("NOPERM this user has no permissions to {what}"))
+    Some(Refusal { reply: format!("NOPERM this user has no permissions to {what}"), object, kind })
+}
+
+/// An entry in `ACL LOG`, as Redis makes for a command it refuses.
+fn log_refusal(ctx: *mut RedisModuleCtx, user: &[u8], refused: &Refusal) {
+    let name = ffi::new_string(user);
+    let module_user = unsafe { api!(RedisModule_GetModuleUserFromUserName)(name) };
+    ffi::free_string(name);
+    if module_user.is_null() {
+        return;
+    }
+    let object = ffi::new_string(refused.object.as_bytes());
+    unsafe { api!(RedisModule_ACLAddLogEntry)(ctx, module_user, object, refused.kind) };
+    ffi::free_string(object);
+    unsafe { api!(RedisModule_FreeModuleUser)(module_user) };
 }
 
 fn restricted(ctx: *mut RedisModuleCtx) -> bool {
@@ -153,18 +183,15 @@ mod tests {
     #[test]
     fn dryrun_reasons_become_redis_own_noperm_replies() {
         assert_eq!(refusal(b"OK"), None);
-        assert_eq!(
-            refusal(b"This user has no permissions to run the 'del' command").unwrap(),
-            "NOPERM this user has no permissions to run the 'del' command"
-        );
-        assert_eq!(
-            refusal(b"This user has no permissions to access the 'other' key").unwrap(),
-            "NOPERM this user has no permissions to access one of the keys used as arguments"
-        );
-        assert_eq!(
-            refusal(b"This user has no permissions to access the 'news' channel").unwrap(),
-            "NOPERM this user has no permissions to access one of the channels used as arguments"
-        );
+        let command = refusal(b"This user has no permissions to run the 'del' command").unwrap();
+        assert_eq!(command.reply, "NOPERM this user has no permissions to run the 'del' command");
+        assert_eq!((command.object.as_str(), command.kind), ("del", raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD));
+        let key = refusal(b"This user has no permissions to access the 'other' key").unwrap();
+        assert_eq!(key.reply, "NOPERM this user has no permissions to access one of the keys used as arguments");
+        assert_eq!((key.object.as_str(), key.kind), ("other", raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_KEY));
+        let channel = refusal(b"This user has no permissions to access the 'news' channel").unwrap();
+        assert_eq!(channel.reply, "NOPERM this user has no permissions to access one of the channels used as arguments");
+        assert_eq!(channel.kind, raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CHANNEL);
     }
 
     #[test]
