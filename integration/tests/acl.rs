@@ -29,11 +29,16 @@ fn refused(result: redis::RedisResult<Value>, reason: &str) {
 
 #[test]
 fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
-    let cluster = Cluster::start(1, &[]).unwrap();
-    let node = &cluster.nodes[0];
+    let cluster = Cluster::start(2, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let node = &cluster.nodes[leader];
+    let follower = &cluster.nodes[1 - leader];
     let mut setuser = vec!["ACL", "SETUSER", "app", "on", ">pw", "+@read", "+set", "+multi", "+exec", "+eval", "~app:*"];
     setuser.extend_from_slice(GRANTS);
-    let _: () = node.cmd(&setuser).unwrap();
+    // ACL users are per node, as in Redis.
+    for n in [node, follower] {
+        let _: () = n.cmd(&setuser).unwrap();
+    }
     let _: () = node.cmd(&["SET", "other", "secret"]).unwrap();
     let mut app = connect_as(node, "app", "pw");
 
@@ -49,6 +54,12 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     // A script's calls cannot be checked as Redis would: refused to a restricted user.
     refused(run(&mut app, &["EVAL", "return redis.call('GET', 'other')", "0"]), "scripts and functions are refused");
 
+    // Through a follower that forwards to the leader, the follower checks.
+    let mut via_follower = connect_as(follower, "app", "pw");
+    assert_eq!(run(&mut via_follower, &["SET", "app:f", "x"]).unwrap(), Value::Okay);
+    refused(run(&mut via_follower, &["SET", "other", "y"]), "access one of the keys used as arguments");
+    refused(run(&mut via_follower, &["GET", "other"]), "access one of the keys used as arguments");
+
     // Each refusal is in ACL LOG, as Redis logs its own.
     let log: Vec<Vec<Value>> = node.cmd(&["ACL", "LOG"]).unwrap();
     let objects: Vec<String> = log
@@ -62,7 +73,7 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
 
     let plain = |args: &[&str]| node.cmd::<Value>(args).unwrap();
     assert_eq!(plain(&["GET", "other"]), Value::Data(b"secret".to_vec()), "nothing refused was written");
-    assert_eq!(plain(&["EXISTS", "app:1", "app:2"]), Value::Int(1), "app:1 only: the transaction ran none of its commands");
+    assert_eq!(plain(&["EXISTS", "app:1", "app:2", "app:f"]), Value::Int(2), "app:1 and app:f: the transaction ran none of its commands");
     // The default user is not restricted: its scripts run.
     assert_eq!(plain(&["EVAL", "return redis.call('GET', 'other')", "0"]), Value::Data(b"secret".to_vec()));
 
