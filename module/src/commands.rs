@@ -229,10 +229,8 @@ pub fn leader(args: &[Vec<u8>]) -> Result {
         return Err(wrong_args("raft.leader"));
     }
     let node = state::get().node().ok_or_else(not_initialized)?;
+    state::get().refuse_if_stopped()?;
     let st = node.status();
-    if st.fatal.is_some() {
-        return Err(state::redirect(&st));
-    }
     let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or("CLUSTERDOWN No raft leader")?;
     Ok(Reply::Array(vec![Reply::Integer(leader.id.get() as i64), Reply::bulk(leader.client_addr.clone())]))
 }
@@ -251,7 +249,7 @@ pub fn role(args: &[Vec<u8>]) -> Result {
 /// A node that stopped serving (`fatal_error` in RAFT.INFO) is `stopped`, whatever Raft role it
 /// held last.
 fn role_name(status: &Status) -> String {
-    if status.fatal.is_some() || state::get().fatal().is_some() {
+    if state::get().stopped() {
         return "stopped".into();
     }
     status.role.to_string()
@@ -322,7 +320,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("voters", st.voters.len().to_string());
     put("learners", st.learners.len().to_string());
     put("pending_proposals", st.pending_proposals.to_string());
-    if let Some(fatal) = st.fatal.clone().or_else(|| s.fatal()) {
+    if let Some(fatal) = s.fatal() {
         put("fatal_error", fatal);
     }
     let transport = node.transport().stats();

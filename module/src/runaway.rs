@@ -107,11 +107,13 @@ pub fn snapshot_wanted(latest: impl FnOnce() -> LogIndex) -> bool {
     !covered
 }
 
+/// The command an entry's `argv` runs, behind the memory limit's mark if it carries one.
+fn command_name<'a>(argv: &[&'a [u8]]) -> Option<&'a [u8]> {
+    memory_limit::split_mark(argv).1.first().copied()
+}
+
 fn calls_a_script(view: &EntryView) -> bool {
-    let runs_lua = |argv: &[&[u8]]| {
-        let (_, argv) = memory_limit::split_mark(argv);
-        argv.first().is_some_and(|name| crate::scripts::runs_lua(name))
-    };
+    let runs_lua = |argv: &[&[u8]]| command_name(argv).is_some_and(crate::scripts::runs_lua);
     match view {
         EntryView::Command(command) => runs_lua(&command.argv),
         EntryView::Transaction(commands) => commands.iter().any(|command| runs_lua(&command.argv)),
@@ -120,10 +122,7 @@ fn calls_a_script(view: &EntryView) -> bool {
 
 /// `EVAL`, or `MULTI/EXEC of SET, FCALL`: what a log line can say about an entry.
 fn describe(view: &EntryView) -> String {
-    let name = |argv: &[&[u8]]| {
-        let (_, argv) = memory_limit::split_mark(argv);
-        argv.first().map_or(String::from("?"), |n| String::from_utf8_lossy(n).to_uppercase())
-    };
+    let name = |argv: &[&[u8]]| command_name(argv).map_or(String::from("?"), |n| String::from_utf8_lossy(n).to_uppercase());
     match view {
         EntryView::Command(command) => name(&command.argv),
         EntryView::Transaction(commands) => {

@@ -150,7 +150,8 @@ impl Raftis {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether this node stopped serving (see [`Raftis::fatal`]). Lock-free.
+    /// Whether this node stopped serving (see [`Raftis::fatal`]; a Raft loop that stops sets it
+    /// too, through the state machine). Lock-free.
     pub fn stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
     }
@@ -286,8 +287,8 @@ pub fn stopped_error(why: &str) -> String {
 /// stopped.
 pub fn redirect(status: &Status) -> String {
     // A node whose Raft loop stopped still names the leader it knew last, possibly itself.
-    if let Some(fatal) = &status.fatal {
-        return stopped_error(fatal);
+    if let Err(stopped) = get().refuse_if_stopped() {
+        return stopped;
     }
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => format!("MOVED 0 {}", leader.client_addr),

@@ -46,7 +46,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let node = s.serving_node()?;
     if !node.is_leader() {
         let status = node.status();
-        if s.follower_proxy() && status.fatal.is_none() {
+        if s.follower_proxy() {
             return crate::forward::to_leader(ctx, ffi::owned_args(command));
         }
         return Err(state::redirect(&status));
