@@ -2,7 +2,7 @@
 //! travel in the context of each membership entry and in snapshots, so every node learns them
 //! from the log itself.
 
-use crate::ids::NodeId;
+use crate::ids::{LogIndex, NodeId};
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -88,6 +88,16 @@ impl MembershipChange {
     }
 }
 
+/// Whether a node asking for votes was removed from the cluster, as far as this node can tell
+/// for certain. The asker believes it is a member, so some committed entry at or before its last
+/// log entry (`their_last`) made it one; every node applies the same committed entries in the
+/// same order, so if this node has applied at least that far (`applied`) and the asker is no
+/// longer among its members (`is_member`), a later committed entry removed it. A node that has
+/// applied less cannot tell a removed member from one whose addition it has not seen yet.
+pub fn removed_voter(is_member: impl Fn(NodeId) -> bool, applied: LogIndex, from: NodeId, their_last: LogIndex) -> bool {
+    their_last.get() > 0 && applied >= their_last && !is_member(from)
+}
+
 /// Members that said, dialing this node, that they are now at other addresses. The member list
 /// is what the log says, so a node restarted on another address (another port, a container's new
 /// IP) would hear nothing from the others until the log said so: the leader proposes the new
@@ -135,6 +145,17 @@ mod tests {
         let (cc, _) = MembershipChange::Remove(NodeId(4)).to_raft();
         MembershipChange::apply_to_members(&cc, &mut members);
         assert!(members.is_empty());
+    }
+
+    #[test]
+    fn only_a_node_that_applied_past_the_askers_log_calls_it_removed() {
+        let members = [NodeId(1), NodeId(2)];
+        let is_member = |id: NodeId| members.contains(&id);
+        assert!(removed_voter(is_member, LogIndex(75), NodeId(3), LogIndex(65)), "applied past its log, not a member");
+        assert!(removed_voter(is_member, LogIndex(65), NodeId(3), LogIndex(65)), "applied exactly its log");
+        assert!(!removed_voter(is_member, LogIndex(64), NodeId(3), LogIndex(65)), "its addition may be ahead of us");
+        assert!(!removed_voter(is_member, LogIndex(75), NodeId(2), LogIndex(65)), "a member");
+        assert!(!removed_voter(is_member, LogIndex(0), NodeId(3), LogIndex(0)), "nothing applied, empty log");
     }
 
     #[test]

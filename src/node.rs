@@ -15,7 +15,7 @@
 use crate::config::{Durability, Timing};
 use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
-use crate::membership::{Members, MembershipChange, NodeInfo, Readdress};
+use crate::membership::{self, Members, MembershipChange, NodeInfo, Readdress};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
 use crate::snapshot_data;
@@ -26,7 +26,7 @@ use crate::transport::{Inbound, Transport, TransportConfig};
 use anyhow::Context as _;
 use crossbeam_channel::Sender;
 use prost::Message as _;
-use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +60,9 @@ const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 const META_MEMBERS: &str = "members";
 const META_CONF_APPLIED: &str = "conf_applied";
+/// Why this node was removed from the cluster, once it knows: it then stays stopped, restarts
+/// included (its data is no longer replicated; it joins again with an empty dir).
+const META_REMOVED: &str = "removed";
 
 /// The application on top of the log. The Raft loop calls it; it must not block for long (the
 /// Redis module hands batches to Redis' main thread and returns).
@@ -81,6 +84,11 @@ pub trait StateMachine: Send + 'static {
     /// The Raft loop stopped for good on an error (`why`, also in [`Status::fatal`]): nothing
     /// more will be applied, and the dataset should no longer be served.
     fn stopped(&mut self, _why: &str) {}
+    /// This node was removed from the cluster (`why`, also in [`Status::fatal`]); the Raft loop
+    /// has stopped for good, as for [`StateMachine::stopped`].
+    fn removed(&mut self, why: &str) {
+        self.stopped(why)
+    }
 }
 
 pub struct ApplyBatch<W> {
@@ -142,6 +150,8 @@ enum Request<W> {
     Raft(Vec<Message>),
     Hello { from: NodeId, addr: String, client_addr: Option<String> },
     Unreachable(NodeId),
+    /// A peer says this node was removed from the cluster.
+    Removed { by: NodeId, why: String },
     TransferLeader(NodeId),
     SetTicks { election: usize, heartbeat: usize },
     SnapshotTaken(TakenSnapshot, Sender<()>),
@@ -256,6 +266,7 @@ impl<S: StateMachine> Node<S> {
             Some(bytes) => serde_json::from_slice(&bytes).context("decoding the member list")?,
             None => Members::new(),
         };
+        let removed = store.get_meta(META_REMOVED)?.map(|why| String::from_utf8_lossy(&why).into_owned());
         let conf_applied = match store.get_meta(META_CONF_APPLIED)? {
             Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().context("conf_applied is corrupt")?),
             None => 0,
@@ -300,6 +311,7 @@ impl<S: StateMachine> Node<S> {
                     Inbound::Raft(msgs) => Request::Raft(msgs),
                     Inbound::Hello { from, addr, client_addr } => Request::Hello { from, addr, client_addr },
                     Inbound::Unreachable(id) => Request::Unreachable(id),
+                    Inbound::Removed { by, why } => Request::Removed { by, why },
                 };
                 let _ = inbound_tx.send(req);
             },
@@ -322,6 +334,17 @@ impl<S: StateMachine> Node<S> {
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
         });
+        let status = shared.clone();
+        transport.set_removed_check(Arc::new(move |from, their_last| {
+            let status = status.status.lock().unwrap_or_else(|p| p.into_inner());
+            let is_member = |id: NodeId| status.voters.contains(&id) || status.learners.contains(&id);
+            membership::removed_voter(is_member, status.applied, from, LogIndex(their_last)).then(|| {
+                let (me, applied) = (status.id, status.applied);
+                format!(
+                    "node {me} has applied the removal of node {from} (applied up to {applied}, its log ends at {their_last})"
+                )
+            })
+        }));
         let mut raft_loop = RaftLoop {
             self_tx: tx.clone(),
             snapshot_dir: cfg.snapshot_dir.clone(),
@@ -352,6 +375,7 @@ impl<S: StateMachine> Node<S> {
             was_leader: false,
             leader_ready: false,
             shutdown: false,
+            removed,
         };
         raft_loop.publish_status();
         let (stopped_tx, loop_stopped) = crossbeam_channel::bounded(1);
@@ -671,12 +695,18 @@ struct RaftLoop<S: StateMachine> {
     was_leader: bool,
     leader_ready: bool,
     shutdown: bool,
+    /// Why this node was removed from the cluster, once it learns it: the loop then stops.
+    removed: Option<String>,
 }
 
 impl<S: StateMachine> RaftLoop<S> {
     async fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
+            if let Some(why) = self.removed.take() {
+                self.leave(why);
+                break;
+            }
             // With compaction left to do, or after a campaign started outside a round (new
             // timeouts on a single node), a round runs at once even if nothing arrives.
             let again = self.compacting() || std::mem::take(&mut self.campaigned);
@@ -771,6 +801,21 @@ impl<S: StateMachine> RaftLoop<S> {
         self.lock_status().fatal = Some(msg);
     }
 
+    /// Stops for good: this node is no longer a member, so nothing it holds is replicated any
+    /// more and it must serve nothing (raft would leave it campaigning, or following nobody, for
+    /// ever). Remembered in the store, so a restart stops again at once.
+    fn leave(&mut self, why: String) {
+        if let Err(e) = self.store.put_meta(META_REMOVED, why.as_bytes()) {
+            log::warn!("raft node {}: could not record its removal (a restart will learn it again): {e:#}", self.id);
+        }
+        for id in self.members.keys() {
+            self.transport.remove_peer(*id);
+        }
+        log::error!("raft node {} stopped: {why}", self.id);
+        self.sm.removed(&why);
+        self.lock_status().fatal = Some(why);
+    }
+
     fn account_round(&mut self, took: Duration, requests: usize) {
         let counters = &self.shared.counters;
         counters.max_round_micros.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
@@ -835,6 +880,10 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id.get()),
+            Request::Removed { by, why } => {
+                log::warn!("raft {}: node {by} says this node was removed from the cluster: {why}", self.id);
+                self.removed.get_or_insert(format!("removed from the cluster: {why}"));
+            }
             Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
             Request::Shutdown => self.shutdown = true,
@@ -1305,6 +1354,14 @@ impl<S: StateMachine> RaftLoop<S> {
             return Ok(());
         }
         let conf_state = self.raw.apply_conf_change(cc).context("applying a membership change")?;
+        let removes_me =
+            cc.changes.iter().any(|c| c.node_id == self.id.get() && c.get_change_type() == ConfChangeType::RemoveNode);
+        if removes_me {
+            let why = format!("removed from the cluster: its removal was committed at index {index}");
+            // Before the membership is stored: a restart would not apply this entry again.
+            self.store.put_meta(META_REMOVED, why.as_bytes()).context("recording this node's removal")?;
+            self.removed = Some(why);
+        }
         self.store.set_conf_state(&conf_state).context("persisting the membership")?;
         let before: Vec<NodeId> = self.members.keys().copied().collect();
         MembershipChange::apply_to_members(cc, Arc::make_mut(&mut self.members));

@@ -2,10 +2,11 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr> [<client-addr>]` and then sends `MSGS <m1> <m2> ...` frames, each a RESP array of
-//! bulk strings holding prost-encoded raft messages; nothing is answered. The listener also
-//! answers `PING` with `+PONG`, so `redis-cli -p <raft-port> PING` tells an operator the port is
-//! alive.
+//! `HELLO <id> <advertise-addr> [<client-addr>]` and then sends `MSGS <m1> <m2> ...` frames, each
+//! a RESP array of bulk strings holding prost-encoded raft messages. Nothing is answered, except by
+//! an error that closes the connection (`-REMOVED ...` to a node that asks for votes after it was
+//! removed from the cluster). The listener also answers `PING` with `+PONG`, so
+//! `redis-cli -p <raft-port> PING` tells an operator the port is alive.
 //!
 //! Raft tolerates lost messages, so the transport favours staying bounded over delivering
 //! everything: each peer has a queue limited in messages and in bytes, [`Transport::send`] never
@@ -23,7 +24,7 @@ use crate::resp::{self, Frame};
 use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a rejected connection is kept half-open so the client can read our `-ERR` before the
 /// socket closes (closing with unread input would send a reset that may destroy the reply).
 const REJECT_LINGER: Duration = Duration::from_secs(1);
+/// How long a removed peer's queued messages may take to go out before its connection is dropped.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for blocking work (DNS lookups while dialing) before giving up on it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// A backstop for a forwarded command on the leader (its own write-timeout normally ends it).
@@ -76,7 +79,14 @@ pub enum Inbound {
     Hello { from: NodeId, addr: String, client_addr: Option<String> },
     /// Messages to this peer could not be delivered (unknown peer, failed connect or write).
     Unreachable(NodeId),
+    /// A peer closed our connection with `-REMOVED <why>`: it has applied this node's removal
+    /// from the cluster (see [`Transport::set_removed_check`]).
+    Removed { by: NodeId, why: String },
 }
+
+/// Whether the member `from`, asking for votes with `last_index` as the index of its last log
+/// entry, is known to have been removed from the cluster; `Some(why)` if so.
+pub type RemovedCheck = Arc<dyn Fn(NodeId, u64) -> Option<String> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -132,6 +142,8 @@ pub struct Transport {
 type Callback = Arc<dyn Fn(Inbound) + Send + Sync>;
 /// Set by the module once it can serve forwarded commands; empty means "refuse them".
 type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
+/// Set by the Raft node; empty means no vote is refused.
+type RemovedSlot = Arc<std::sync::RwLock<Option<RemovedCheck>>>;
 
 struct Inner {
     me: NodeId,
@@ -142,6 +154,7 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     inbound: Callback,
     forward_handler: ForwardSlot,
+    removed_check: RemovedSlot,
     /// Idle connections to leaders, for forwarding commands (one command at a time each).
     forward_pool: Mutex<HashMap<String, Vec<TcpStream>>>,
     state: Mutex<State>,
@@ -161,12 +174,28 @@ struct Peer {
     queue: mpsc::Sender<Message>,
     link: Arc<Link>,
     counters: Arc<Counters>,
-    task: JoinHandle<()>,
+    /// Taken only by [`Peer::retire`].
+    task: Option<JoinHandle<()>>,
+}
+
+impl Peer {
+    /// Drops the peer once what is queued for it has gone out (the task ends when the closed
+    /// queue is empty), or after [`RETIRE_GRACE`] if it cannot be delivered.
+    fn retire(mut self, runtime: &tokio::runtime::Handle) {
+        let Some(task) = self.task.take() else { return };
+        drop(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(RETIRE_GRACE).await;
+            task.abort();
+        });
+    }
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -219,7 +248,15 @@ impl Transport {
         let handle = runtime.handle().clone();
         let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
         let forward_handler = ForwardSlot::default();
-        handle.spawn(accept_loop(listener, cfg.me, inbound.clone(), snapshots, forward_handler.clone()));
+        let removed_check = RemovedSlot::default();
+        let served = Served {
+            me: cfg.me,
+            inbound: inbound.clone(),
+            snapshots,
+            forward: forward_handler.clone(),
+            removed: removed_check.clone(),
+        };
+        handle.spawn(accept_loop(listener, served));
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -243,6 +280,7 @@ impl Transport {
                 runtime: handle,
                 inbound,
                 forward_handler,
+                removed_check,
                 forward_pool: Mutex::new(HashMap::new()),
                 state: Mutex::new(State { peers: HashMap::new(), closed: false }),
                 stop: Mutex::new(Some((stop_tx, thread))),
@@ -272,6 +310,14 @@ impl Transport {
     /// it must hand the work off and return).
     pub fn set_forward_handler(&self, handler: ForwardHandler) {
         *self.inner.forward_handler.write().unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+
+    /// Refuses the votes of members that `check` says were removed from the cluster: their
+    /// connection is closed with `-REMOVED <why>`, which their transport reports as
+    /// [`Inbound::Removed`]. Raft itself never tells a removed node: the leader stops writing to
+    /// it, and with pre-vote the others ignore its campaigns, so it would ask for votes for ever.
+    pub fn set_removed_check(&self, check: RemovedCheck) {
+        *self.inner.removed_check.write().unwrap_or_else(|p| p.into_inner()) = Some(check);
     }
 
     /// Sends `req` to the leader's side port at `addr` and calls `done` with its reply, or with
@@ -338,16 +384,19 @@ impl Transport {
                 inbound: inner.inbound.clone(),
             }));
             log::info!("raft transport: peer {id} is at {addr}");
-            replaced = state.peers.insert(id, Peer { addr, queue, link, counters, task });
+            replaced = state.peers.insert(id, Peer { addr, queue, link, counters, task: Some(task) });
         }
         drop(replaced);
     }
 
-    /// Forgets a peer: its queue and connection are dropped.
+    /// Forgets a peer: no more messages are queued for it, and its connection is closed once
+    /// those already queued have gone out. A member removed from the cluster still gets the
+    /// messages sent with its removal (the commit index that lets it apply the change itself).
     pub fn remove_peer(&self, id: NodeId) {
         let removed = self.inner.state().peers.remove(&id);
-        if removed.is_some() {
+        if let Some(peer) = removed {
             log::info!("raft transport: peer {id} removed");
+            peer.retire(&self.inner.runtime);
         }
     }
 
@@ -575,7 +624,13 @@ async fn pump(stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
             read = reader.read(&mut scratch) => {
                 return Err(match read {
                     Ok(0) => anyhow::anyhow!("peer closed the connection"),
-                    Ok(n) => anyhow::anyhow!("peer answered {:?}", String::from_utf8_lossy(&scratch[..n]).trim_end()),
+                    Ok(n) => {
+                        let answer = String::from_utf8_lossy(&scratch[..n]);
+                        if let Some(why) = answer.strip_prefix("-REMOVED ") {
+                            (task.inbound)(Inbound::Removed { by: task.id, why: why.trim_end().to_string() });
+                        }
+                        anyhow::anyhow!("peer answered {:?}", answer.trim_end())
+                    }
                     Err(e) => anyhow::Error::new(e).context("read failed"),
                 });
             }
@@ -684,12 +739,22 @@ fn nothing_to_read(stream: &TcpStream) -> bool {
 
 type SnapshotDir = Option<Arc<std::path::PathBuf>>;
 
-async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snapshots: SnapshotDir, forward: ForwardSlot) {
+/// What the listener's connections are served with.
+#[derive(Clone)]
+struct Served {
+    me: NodeId,
+    inbound: Callback,
+    snapshots: SnapshotDir,
+    forward: ForwardSlot,
+    removed: RemovedSlot,
+}
+
+async fn accept_loop(listener: TcpListener, served: Served) {
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, remote, me, inbound.clone(), snapshots.clone(), forward.clone()));
+                tokio::spawn(serve(stream, remote, served.clone()));
             }
             Err(e) => {
                 // Typically out of file descriptors: pause instead of spinning on the error.
@@ -700,18 +765,18 @@ async fn accept_loop(listener: TcpListener, me: NodeId, inbound: Callback, snaps
     }
 }
 
-/// Why a connection is being closed: sent back as `-ERR <reason>` and logged.
+/// Why a connection is being closed: the error line sent back (and logged).
 struct Reject(String);
 
+impl Reject {
+    /// An `-ERR` reply: the peer sent something this side does not accept.
+    fn err(reason: impl std::fmt::Display) -> Reject {
+        Reject(format!("ERR {reason}"))
+    }
+}
+
 /// Reads frames from one connection until it closes or misbehaves.
-async fn serve(
-    mut stream: TcpStream,
-    remote: SocketAddr,
-    me: NodeId,
-    inbound: Callback,
-    snapshots: SnapshotDir,
-    forward: ForwardSlot,
-) {
+async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     loop {
@@ -720,13 +785,13 @@ async fn serve(
             let frame = match resp::parse(&mut buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(e) => return reject(stream, remote, out, Reject(format!("protocol error: {e}"))).await,
+                Err(e) => return reject(stream, remote, out, Reject::err(format!("protocol error: {e}"))).await,
             };
             // A forwarded command is answered when the cluster has run it; replies stay in order
             // because this connection waits for it before handling more.
             if let Some(request) = as_forward(&frame) {
                 let reply = match request {
-                    Ok(req) => match run_forwarded(&forward, req, &mut stream, &mut buf).await {
+                    Ok(req) => match run_forwarded(&served.forward, req, &mut stream, &mut buf).await {
                         Some(reply) => reply,
                         None => return log::debug!("raft transport: {remote} hung up on a forwarded command"),
                     },
@@ -735,7 +800,7 @@ async fn serve(
                 resp::encode(&reply, &mut out);
                 continue;
             }
-            match handle(frame, me, &inbound, snapshots.as_deref().map(|p| p.as_path())) {
+            match handle(frame, &served) {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
                 Err(why) => return reject(stream, remote, out, why).await,
@@ -825,8 +890,9 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
 }
 
 /// Acts on one command; `Ok(Some)` is a reply to send back.
-fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::path::Path>) -> Result<Option<Frame>, Reject> {
-    let not_a_command = || Reject("expected a command (an array of bulk strings)".into());
+fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
+    let (me, inbound) = (served.me, &served.inbound);
+    let not_a_command = || Reject::err("expected a command (an array of bulk strings)");
     let Frame::Array(mut args) = frame else {
         return Err(not_a_command());
     };
@@ -840,15 +906,18 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::
         let mut misrouted = 0;
         for (i, arg) in args.iter().enumerate().skip(1) {
             let Frame::Bulk(bytes) = arg else {
-                return Err(Reject(format!("MSGS argument {i} is not a bulk string")));
+                return Err(Reject::err(format!("MSGS argument {i} is not a bulk string")));
             };
             let msg = Message::decode(&bytes[..])
-                .map_err(|e| Reject(format!("MSGS argument {i} is not a raft message: {e}")))?;
+                .map_err(|e| Reject::err(format!("MSGS argument {i} is not a raft message: {e}")))?;
             // A peer that knows us under another node's (old) address: raft trusts `to`, so such
             // messages must not reach it.
             if msg.to != me.get() {
                 misrouted += 1;
                 continue;
+            }
+            if let Some(why) = removed_voter(&served.removed, &msg) {
+                return Err(Reject(format!("REMOVED {why}")));
             }
             msgs.push(msg);
         }
@@ -861,35 +930,44 @@ fn handle(frame: Frame, me: NodeId, inbound: &Callback, snapshots: Option<&std::
         Ok(None)
     } else if is("HELLO") {
         let (3 | 4, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
-            return Err(Reject("usage: HELLO <node-id> <host:port> [<client host:port>]".into()));
+            return Err(Reject::err("usage: HELLO <node-id> <host:port> [<client host:port>]"));
         };
         let client_addr = match args.get(3) {
             Some(Frame::Bulk(client)) => {
-                Some(std::str::from_utf8(client).map_err(|_| Reject("HELLO: client address is not UTF-8".into()))?.to_string())
+                Some(std::str::from_utf8(client).map_err(|_| Reject::err("HELLO: client address is not UTF-8"))?.to_string())
             }
-            Some(_) => return Err(Reject("usage: HELLO <node-id> <host:port> [<client host:port>]".into())),
+            Some(_) => return Err(Reject::err("usage: HELLO <node-id> <host:port> [<client host:port>]")),
             None => None,
         };
         let from = std::str::from_utf8(id)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
             .filter(|&id| id != 0)
-            .ok_or_else(|| Reject("HELLO: invalid node id".into()))?;
-        let addr = std::str::from_utf8(addr).map_err(|_| Reject("HELLO: address is not UTF-8".into()))?;
+            .ok_or_else(|| Reject::err("HELLO: invalid node id"))?;
+        let addr = std::str::from_utf8(addr).map_err(|_| Reject::err("HELLO: address is not UTF-8"))?;
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {
-        snapshot_chunk(&args, snapshots).map(Some)
+        snapshot_chunk(&args, served.snapshots.as_deref().map(|p| p.as_path())).map(Some)
     } else if is("PING") {
         match args.len() {
             1 => Ok(Some(Frame::Simple("PONG".into()))),
             2 => Ok(Some(args.swap_remove(1))),
-            _ => Err(Reject("usage: PING [message]".into())),
+            _ => Err(Reject::err("usage: PING [message]")),
         }
     } else {
         let shown = String::from_utf8_lossy(&name[..name.len().min(32)]).into_owned();
-        Err(Reject(format!("unknown command '{shown}'")))
+        Err(Reject::err(format!("unknown command '{shown}'")))
     }
+}
+
+/// Why the sender of `msg` is refused, if it asks for votes and was removed from the cluster.
+fn removed_voter(slot: &RemovedSlot, msg: &Message) -> Option<String> {
+    if !matches!(msg.get_msg_type(), MessageType::MsgRequestVote | MessageType::MsgRequestPreVote) {
+        return None;
+    }
+    let check = slot.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    check(NodeId(msg.from), msg.index)
 }
 
 /// Largest chunk a peer may ask for at once.
@@ -899,14 +977,14 @@ pub const MAX_SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
 /// names of snapshot files are served, never a path. A read error is an `-ERR` reply, not a reason
 /// to drop the connection (the fetcher retries or gives up).
 fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame, Reject> {
-    let usage = || Reject("usage: SNAPSHOT.CHUNK <file> <offset> <len>".into());
+    let usage = || Reject::err("usage: SNAPSHOT.CHUNK <file> <offset> <len>");
     let [_, Frame::Bulk(file), Frame::Bulk(offset), Frame::Bulk(len)] = args else { return Err(usage()) };
     let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
     let (Some(offset), Some(len)) = (number(offset), number(len)) else { return Err(usage()) };
     let Some(dir) = dir else { return Ok(Frame::Error("ERR this node serves no snapshots".into())) };
     let name = std::str::from_utf8(file).unwrap_or("");
     if !crate::snapshot_transfer::is_plain_name(name) {
-        return Err(Reject(format!("SNAPSHOT.CHUNK: '{}' is not a snapshot file name", String::from_utf8_lossy(file))));
+        return Err(Reject::err(format!("SNAPSHOT.CHUNK: '{}' is not a snapshot file name", String::from_utf8_lossy(file))));
     }
     let len = (len as usize).min(MAX_SNAPSHOT_CHUNK);
     match crate::snapshot_file::read_chunk(&dir.join(name), offset, len) {
@@ -915,11 +993,11 @@ fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame
     }
 }
 
-/// Logs, answers `-ERR <reason>` best-effort (after any replies still in `out`) and closes the
-/// connection.
-async fn reject(mut stream: TcpStream, remote: SocketAddr, mut out: BytesMut, Reject(reason): Reject) {
-    log::warn!("raft transport: closing connection from {remote}: {reason}");
-    resp::encode(&Frame::Error(format!("ERR {reason}")), &mut out);
+/// Logs, answers with the error line best-effort (after any replies still in `out`) and closes
+/// the connection.
+async fn reject(mut stream: TcpStream, remote: SocketAddr, mut out: BytesMut, Reject(line): Reject) {
+    log::warn!("raft transport: closing connection from {remote}: {line}");
+    resp::encode(&Frame::Error(line), &mut out);
     let _ = tokio::time::timeout(REJECT_LINGER, async {
         stream.write_all(&out).await?;
         stream.shutdown().await?;
@@ -1109,6 +1187,39 @@ mod tests {
         let stats = a.peer(2);
         assert!(stats.connected);
         assert_eq!((stats.addr, stats.queued, stats.dropped), (b.addr(), 0, 0));
+    }
+
+    #[test]
+    fn a_removed_node_asking_for_votes_is_told_so_and_its_other_messages_pass() {
+        let a = Node::on_any_port(1);
+        let b = Node::on_any_port(2);
+        b.transport.set_removed_check(Arc::new(|from, last_index| {
+            (from == NodeId(1) && last_index <= 40).then(|| format!("node 2 has applied the removal of node {from}"))
+        }));
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        let vote = |msg_type: MessageType, index: u64| Message {
+            msg_type: msg_type as i32,
+            from: 1,
+            to: 2,
+            term: 4,
+            index,
+            ..Default::default()
+        };
+
+        // Appends, and votes from a log the check cannot judge, reach raft.
+        let passed = vec![msg(1, 2, 7), vote(MessageType::MsgRequestPreVote, 41)];
+        a.transport.send(passed.clone());
+        assert_eq!(b.raft_messages(2), passed);
+
+        for msg_type in [MessageType::MsgRequestPreVote, MessageType::MsgRequestVote] {
+            a.transport.send(vec![vote(msg_type, 40)]);
+            let (by, why) = a.wait_for("Removed", |i| match i {
+                Inbound::Removed { by, why } => Some((by, why)),
+                _ => None,
+            });
+            assert_eq!((by, why.as_str()), (NodeId(2), "node 2 has applied the removal of node 1"));
+        }
+        assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_))), "the refused votes never reach raft");
     }
 
     #[test]

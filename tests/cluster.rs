@@ -297,14 +297,29 @@ fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
     assert_eq!(leader.node.status().voters, vec![NodeId(1), NodeId(2), NodeId(3), NodeId(4)]);
 
     // Remove a follower; the remaining three keep committing.
-    let victim = nodes.iter().find(|n| n.id != leader_id).unwrap().id;
+    let removed = nodes.remove(nodes.iter().position(|n| n.id != leader_id).unwrap());
+    let victim = removed.id;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let term = leader.node.status().term;
     leader.node.change_membership_blocking(MembershipChange::Remove(victim), deadline).unwrap();
     let status = leader.node.status();
     assert!(!status.voters.contains(&victim));
     assert!(!status.members.contains_key(&victim));
-    nodes.retain(|n| n.id != victim);
-    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     append_and_check(leader, nodes.iter().chain(std::iter::once(&n4)), first, "second", 200);
+
+    // The removed node, still running, learns it (raft alone would leave it campaigning for
+    // ever) and stops, without ever having disturbed the others' leader.
+    let why = wait_for("the removed node to stop", Duration::from_secs(10), || removed.node.status().fatal);
+    assert!(why.starts_with("removed from the cluster: "), "{why}");
+    let status = leader.node.status();
+    assert_eq!((status.role, status.term), (Role::Leader, term), "no election");
+
+    // It stays stopped across a restart, at once.
+    let (dir, port) = (removed.dir.clone(), removed.port);
+    drop(removed);
+    let restarted = start(victim, &dir, port, false, Durability::Low);
+    let again = wait_for("the restarted node to stop", Duration::from_secs(2), || restarted.node.status().fatal);
+    assert_eq!(again, why);
 }
 
 #[test]
@@ -465,4 +480,20 @@ fn a_single_node_changes_its_ticks_and_leads_again() {
     });
     assert_eq!(status.role, Role::Leader);
     append_and_check(leader, [leader], first, "two", 50);
+}
+
+#[test]
+fn a_voter_that_applies_its_own_removal_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start(NodeId(1), &root.path().join("n1"), free_port(), true, Durability::Low);
+    wait_leader(&[&n1]);
+    let n2 = start(NodeId(2), &root.path().join("n2"), free_port(), false, Durability::Low);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    n1.node.add_member(info(n2.id, n2.port), deadline).expect("member added");
+    // With two voters the removal needs node 2's own acknowledgement, and the leader announces
+    // the new commit index to both before it applies the change and stops writing to node 2.
+    n1.node.change_membership_blocking(MembershipChange::Remove(n2.id), deadline).unwrap();
+    let why = wait_for("node 2 to stop", Duration::from_secs(10), || n2.node.status().fatal);
+    assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
+    assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
 }

@@ -331,7 +331,7 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     let _: () = leader.cmd(&["SET", "before", "1"]).unwrap();
-    let fourth =
+    let mut fourth =
         Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &["consistency=low"]).unwrap();
     let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
     assert!(id > 0);
@@ -345,6 +345,35 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
     assert_eq!(peers.len(), 3);
     let _: () = leader.cmd(&["SET", "after", "1"]).unwrap();
+
+    // The removed node, still running, stops serving (at consistency=low it would otherwise
+    // answer from a dataset nothing updates any more) and says why.
+    let leader_term = info_field(leader, "term");
+    wait_for("the removed node to stop", Duration::from_secs(10), || (fourth.state() == "stopped").then_some(()));
+    let refused = |node: &Server, args: &[&str]| {
+        let err = node.cmd::<Value>(args).unwrap_err();
+        assert_eq!(err.code(), Some("CLUSTERDOWN"), "{args:?}: {err}");
+        assert!(err.to_string().contains("removed from the cluster"), "{args:?}: {err}");
+        assert!(err.to_string().contains("empty its dir"), "{args:?}: {err}");
+    };
+    refused(&fourth, &["GET", "before"]);
+    refused(&fourth, &["SET", "x", "1"]);
+    // A restart keeps it stopped, and it cannot join again with what it holds.
+    fourth.restart().unwrap();
+    assert_eq!(fourth.state(), "stopped");
+    refused(&fourth, &["GET", "before"]);
+    refused(&fourth, &["RAFT.CLUSTER", "JOIN", &leader.addr()]);
+    let err = leader.cmd::<i64>(&["RAFT.ADDPEER", &fourth.addr()]).unwrap_err();
+    assert!(err.to_string().contains("removed from the cluster"), "{err}");
+    assert_eq!((leader.state(), info_field(leader, "term")), ("leader".to_string(), leader_term), "no election meanwhile");
+
+    // Emptied, it joins again as a new member and catches up.
+    fourth.restart_empty().unwrap();
+    let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
+    assert!(id > 0);
+    wait_for("the node added again to apply", Duration::from_secs(10), || {
+        fourth.cmd::<Option<String>>(&["GET", "after"]).ok().flatten()
+    });
 }
 
 #[test]

@@ -183,6 +183,10 @@ impl StateMachine for RedisMachine {
     fn stopped(&mut self, why: &str) {
         state::get().set_fatal(format!("raft node stopped: {why}"));
     }
+
+    fn removed(&mut self, why: &str) {
+        state::get().set_fatal(format!("{why}; to serve again it must join anew: empty its dir, restart it and RAFT.CLUSTER JOIN"));
+    }
 }
 
 /// Jobs waiting for Redis' main thread.

@@ -54,6 +54,11 @@ fn start_joining_node(s: &Raftis) -> std::result::Result<NodeId, String> {
 pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     let s = state::get();
     let sub = args.get(1).map(|a| text(a).to_ascii_lowercase()).unwrap_or_default();
+    if matches!(sub.as_str(), "init" | "join") {
+        // Its Raft loop is gone for good (a removed node, a failed disk): it can neither lead a
+        // new cluster nor catch up with one.
+        s.refuse_if_stopped()?;
+    }
     match sub.as_str() {
         "init" if args.len() == 2 => {
             if s.node().is_some() || s.store.is_initialized() {
@@ -119,6 +124,7 @@ pub fn identify(args: &[Vec<u8>]) -> Result {
         return Err(wrong_args("raft._identify"));
     }
     let s = state::get();
+    s.refuse_if_stopped()?;
     if is_member(s) {
         return Err("ERR this node already belongs to a cluster".into());
     }
