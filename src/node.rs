@@ -458,6 +458,29 @@ impl<S: StateMachine> Node<S> {
         let _ = self.tx.send(Request::TransferLeader(to));
     }
 
+    /// On a leader about to go away: hands leadership to its most up-to-date voter and waits,
+    /// until `deadline` at most, for this node to stop leading, so the cluster has a new leader
+    /// at once instead of after an election timeout. Returns the node it handed over to, or why
+    /// it did not (not the leader, no other voter, or no hand-over in time). Blocks the caller.
+    pub fn hand_over_leadership(&self, deadline: Instant) -> Result<NodeId, String> {
+        let status = self.status();
+        if !status.is_leader() {
+            return Err("this node does not lead".into());
+        }
+        let to = status.successor().ok_or("no other voter to hand leadership to")?;
+        self.transfer_leader(to);
+        loop {
+            let status = self.status();
+            if !status.is_leader() {
+                return Ok(to);
+            }
+            if Instant::now() >= deadline || status.fatal.is_some() {
+                return Err(format!("node {to} did not take over in time"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Changes raft's election and heartbeat timeouts (in ticks) on this running node. raft-rs
     /// fixes them when a node is built, so the node rebuilds its raft state from the log (term,
     /// vote, commit, membership: nothing is lost). A leader first hands leadership to its most

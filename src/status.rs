@@ -103,6 +103,13 @@ impl Status {
     pub fn progress_of(&self, id: NodeId) -> Option<&PeerProgress> {
         self.progress.iter().find(|p| p.id == id)
     }
+
+    /// On a leader: the voter to hand leadership to. One the leader is replicating to (not
+    /// probing: it may be down) with the most of the log, since raft brings it up to date first.
+    pub fn successor(&self) -> Option<NodeId> {
+        let voters = self.progress.iter().filter(|p| !p.is_learner);
+        voters.max_by_key(|p| (p.state == "replicate", p.matched)).map(|p| p.id)
+    }
 }
 
 /// Work the Raft loop has done since start, for RAFT.STATS and the benchmark: proposals per
@@ -131,4 +138,28 @@ pub struct Counters {
     pub snapshots_fetched: u64,
     pub snapshot_fetch_failures: u64,
     pub snapshot_bytes_fetched: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_successor_is_a_replicating_voter_with_the_most_of_the_log() {
+        let peer = |id: u64, matched: u64, state: &str, is_learner: bool| PeerProgress {
+            id: NodeId(id),
+            matched: LogIndex(matched),
+            next: LogIndex(matched + 1),
+            state: state.into(),
+            is_learner,
+        };
+        let mut status = Status::initial(NodeId(1));
+        assert_eq!(status.successor(), None, "alone");
+        status.progress = vec![peer(2, 90, "replicate", false), peer(3, 95, "probe", false), peer(4, 99, "replicate", true)];
+        assert_eq!(status.successor(), Some(NodeId(2)), "not a learner, nor one that may be down");
+        status.progress.push(peer(5, 93, "replicate", false));
+        assert_eq!(status.successor(), Some(NodeId(5)), "the most of the log");
+        status.progress.retain(|p| p.state == "probe");
+        assert_eq!(status.successor(), Some(NodeId(3)), "a probed voter rather than none");
+    }
 }

@@ -122,6 +122,28 @@ fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
 }
 
 #[test]
+fn a_leader_that_shuts_down_hands_leadership_over_first() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    // An election now waits 10-20 s for the old leader's silence: a new leader within a few
+    // seconds can only come from the hand-over.
+    cluster.config_set("tick-ms", "1000");
+    let old = cluster.wait_leader();
+    let _: () = cluster.nodes[old].cmd(&["SET", "before", "1"]).unwrap();
+    let _ = cluster.nodes[old].cmd::<Value>(&["SHUTDOWN", "NOSAVE"]);
+    wait_for("the old leader to exit", Duration::from_secs(10), || (!cluster.nodes[old].is_running()).then_some(()));
+    let new = wait_for("a new leader", Duration::from_secs(5), || {
+        (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let taken: Option<String> = wait_for("the new leader to serve", Duration::from_secs(5), || {
+        let _: () = cluster.nodes[new].cmd(&["SET", "after", "1"]).ok()?;
+        cluster.nodes[new].cmd(&["GET", "before"]).ok()
+    });
+    assert_eq!(taken.as_deref(), Some("1"));
+    let log = cluster.nodes[old].log_tail();
+    assert!(log.contains("handed leadership to node"), "{log}");
+}
+
+#[test]
 fn restarting_every_node_keeps_every_acknowledged_write() {
     // consistency=low lets the test read each node's own dataset.
     let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();

@@ -151,3 +151,24 @@ pub fn remove(node: Arc<RaftNode>, id: NodeId) -> Outcome {
         Err(e) => Outcome::Error(state::error_reply(&e)),
     }
 }
+
+/// Redis is exiting. A leader that simply vanished would leave the cluster without one for an
+/// election timeout (1-2 s by default) and fail every write meanwhile; handing leadership to the
+/// most up-to-date voter first takes a round trip or two, as for `RAFT.REMOVEPEER` of the leader.
+/// Runs on Redis' main thread, which is done serving clients by now (Redis itself saves its RDB
+/// file at this point); bounded by one election timeout, after which raft gives up the hand-over
+/// anyway.
+pub fn before_exit() {
+    let s = state::get();
+    let Some(node) = s.node() else { return };
+    let status = node.status();
+    if !status.is_leader() || status.voters.len() < 2 {
+        return;
+    }
+    let wait = s.settings().timing.tick_interval * status.election_ticks as u32;
+    let wait = wait.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    match node.hand_over_leadership(Instant::now() + wait) {
+        Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
+        Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
+    }
+}

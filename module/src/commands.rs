@@ -167,8 +167,7 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     }
     if id == status.id {
         // A leader cannot safely remove itself: hand leadership to the most up-to-date voter.
-        let successor = status.progress.iter().filter(|p| !p.is_learner).max_by_key(|p| p.matched).map(|p| p.id);
-        return match successor {
+        return match status.successor() {
             Some(to) => {
                 node.transfer_leader(to);
                 Err(format!(

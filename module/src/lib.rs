@@ -259,6 +259,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
+    let shutdown = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_SHUTDOWN, dataver: 1 };
+    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, shutdown, Some(on_shutdown)) };
+    anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the shutdown event");
 
     for (name, handler, flags) in COMMANDS {
         let (n, f) = (ffi::cstr(name), ffi::cstr(flags));
@@ -326,6 +329,13 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     }
     if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
         log::error!("panic in the event-loop hook for key expiry");
+    }
+}
+
+/// Redis is about to exit (`SHUTDOWN`, or SIGTERM): a leader hands leadership over first.
+extern "C" fn on_shutdown(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, _subevent: u64, _data: *mut std::ffi::c_void) {
+    if std::panic::catch_unwind(cluster_ops::before_exit).is_err() {
+        log::error!("panic while handing leadership over at shutdown");
     }
 }
 
