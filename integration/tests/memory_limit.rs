@@ -145,6 +145,10 @@ fn redis_settings_the_log_depends_on_are_held() {
         assert_ne!(now.items().and_then(|i| i[1].text()).as_deref(), Some(value), "{name} changed");
     }
     assert_eq!(call(&mut conn, &["CONFIG", "GET", "hz"]).items().and_then(|i| i[1].text()).as_deref(), Some("10"), "refused whole");
+    // The port the others know this node by may be set again, not changed.
+    let moved = call(&mut conn, &["CONFIG", "SET", "port", &(node.port + 1).to_string()]);
+    assert!(moved.is_error() && moved.text().unwrap_or_default().contains(&format!("port {}", node.port)), "{moved:?}");
+    assert_eq!(call(&mut conn, &["CONFIG", "SET", "port", &node.port.to_string()]).text().as_deref(), Some("OK"));
     assert_eq!(call(&mut conn, &["CONFIG", "SET", "maxmemory-policy", "noeviction", "hz", "12"]).text().as_deref(), Some("OK"));
     let queued = conn.pipeline(&[args(&["MULTI"]), args(&["CONFIG", "SET", "appendonly", "yes"]), args(&["EXEC"])]).unwrap();
     assert!(queued[2].items().is_some_and(|r| r[0].is_error()), "{queued:?}");

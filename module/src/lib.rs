@@ -216,6 +216,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
         .and_then(|p| p.parse().ok())
         .filter(|p| *p > 0)
         .ok_or_else(|| anyhow::anyhow!("Raftis needs Redis to listen on a TCP port"))?;
+    redis_settings::remember_port(port);
     let raft_port = match settings.raft_port {
         Some(p) => p,
         None => port.checked_add(10000).ok_or_else(|| anyhow::anyhow!("port {port} + 10000 is not a port; set raft-port"))?,

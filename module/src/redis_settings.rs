@@ -10,9 +10,31 @@
 //!   `raftis_core::memory_limit`).
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
+//! - `port` keeps the value it had at load: the others know this node's client address.
 
 use crate::ffi::{self, RedisModuleCtx};
 use raftis_core::settings::parse_size;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// The port Redis listened on at load: the one this node's client address names.
+static PORT_AT_LOAD: AtomicU16 = AtomicU16::new(0);
+
+/// Records the port this node's client address (and `-MOVED` replies to it) was built from.
+pub fn remember_port(port: u16) {
+    PORT_AT_LOAD.store(port, Ordering::Relaxed);
+}
+
+/// `port` may be set again to what it is, not changed: the other nodes, and the `-MOVED` replies
+/// they give out, know this node by the address it had at load.
+fn port_refusal(value: &str) -> Option<String> {
+    let at_load = PORT_AT_LOAD.load(Ordering::Relaxed);
+    if at_load == 0 || value.trim().parse::<u16>() == Ok(at_load) {
+        return None;
+    }
+    Some(format!(
+        "the cluster knows this node at port {at_load}; restart it with the new port instead (it tells the others its new address as it dials them)"
+    ))
+}
 
 /// Why `value` cannot be given to `name` (lower case) on a Raftis node; None if it can.
 fn refusal(name: &str, value: &str) -> Option<&'static str> {
@@ -56,7 +78,11 @@ pub fn refuse_config_set(argv: &[&[u8]]) -> Option<String> {
     }
     argv[2..].chunks_exact(2).find_map(|pair| {
         let name = String::from_utf8_lossy(pair[0]).to_ascii_lowercase();
-        let why = refusal(&name, &String::from_utf8_lossy(pair[1]))?;
+        let value = String::from_utf8_lossy(pair[1]);
+        let why = match name.as_str() {
+            "port" => port_refusal(&value)?,
+            _ => refusal(&name, &value)?.to_string(),
+        };
         Some(format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"))
     })
 }
@@ -77,6 +103,14 @@ mod tests {
         assert!(refused(&["CONFIG", "SET", "maxmemory", "1gb"]).unwrap().contains("RAFT.CONFIG SET maxmemory"));
         assert!(refused(&["CONFIG", "SET", "min-slaves-to-write", "1"]).is_some());
         assert!(refused(&["CONFIG", "SET", "hz", "20", "MAXMEMORY-POLICY", "volatile-ttl"]).is_some(), "any pair refuses all");
+    }
+
+    #[test]
+    fn the_port_the_cluster_knows_may_be_set_again_but_not_changed() {
+        remember_port(7002);
+        assert_eq!(refused(&["CONFIG", "SET", "port", "7002"]), None);
+        let err = refused(&["CONFIG", "SET", "hz", "20", "PORT", "7005"]).unwrap();
+        assert!(err.contains("'port'") && err.contains("port 7002"), "{err}");
     }
 
     #[test]
