@@ -355,6 +355,9 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let _: () = leader.cmd(&["SET", "before", "1"]).unwrap();
     let mut fourth =
         Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &["consistency=low"]).unwrap();
+    // In no cluster yet, its (empty) dataset is nobody's, even at consistency=low.
+    let err = fourth.cmd::<Option<String>>(&["GET", "before"]).unwrap_err();
+    assert!(err.code() == Some("CLUSTERDOWN") && err.to_string().contains("not part of a cluster yet"), "{err}");
     let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
     assert!(id > 0);
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();

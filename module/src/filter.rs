@@ -56,7 +56,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         Route::Wait => crate::wait::WAIT_COMMAND,
         Route::Blocking | Route::BlockingRead => crate::blocking::BLOCK_COMMAND,
         Route::Read
-            if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() || state::get().stopped() =>
+            if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() || !state::get().may_read_locally() =>
         {
             crate::read::READ_COMMAND
         }

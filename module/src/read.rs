@@ -43,8 +43,9 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::transaction::in_exec(ctx) {
         return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv), None);
     }
-    // Also at consistency low: a stopped node's dataset falls further behind for good.
-    state::get().refuse_if_stopped()?;
+    // Also at consistency low: a stopped node's dataset falls further behind for good, and one
+    // in no cluster yet holds nobody's data.
+    state::get().serving_node()?;
     if !needs_confirmation() {
         // Here only because some client has writes in flight or a transaction open (see the
         // filter): the read waits for its own client's writes, if it has any, and otherwise

@@ -47,6 +47,8 @@ pub struct Raftis {
     fatal: Mutex<Option<String>>,
     /// Whether `fatal` is set, for the command filter (read on every command).
     stopped: AtomicBool,
+    /// Whether `node` is set, for the command filter.
+    has_node: AtomicBool,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
 }
@@ -92,6 +94,7 @@ impl Raftis {
             progress: Arc::new(ApplyProgress::default()),
             apply_ctx: Arc::new(apply_ctx),
             node: RwLock::new(None),
+            has_node: AtomicBool::new(false),
             starting: Mutex::new(()),
         };
         r.set_consistency(settings.consistency);
@@ -154,6 +157,13 @@ impl Raftis {
     /// too, through the state machine). Lock-free.
     pub fn stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Whether a read may run on the local dataset without asking (at consistency low): not
+    /// on a node that is in no cluster yet (its dataset is nobody's), nor on one that stopped.
+    /// Lock-free.
+    pub fn may_read_locally(&self) -> bool {
+        self.has_node.load(Ordering::Acquire) && !self.stopped()
     }
 
     /// The reply to a client's data command once this node stopped serving.
@@ -269,6 +279,7 @@ impl Raftis {
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+        self.has_node.store(true, Ordering::Release);
         Ok(node)
     }
 }
