@@ -402,6 +402,32 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
 }
 
 #[test]
+fn joining_a_cluster_without_a_leader_fails_with_clusterdown_and_can_be_retried() {
+    let mut cluster = Cluster::start(2, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    cluster.nodes[leader].kill9();
+    let survivor = &cluster.nodes[1 - leader];
+    wait_for("the survivor to lose its leader", Duration::from_secs(10), || {
+        (survivor.cmd::<Value>(&["RAFT.LEADER"]).is_err()).then_some(())
+    });
+    let joiner = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n2"), &[]).unwrap();
+    // One member of two cannot elect a leader: the join gives up after a while rather than
+    // blocking for the whole catch-up allowance, and says why.
+    let err = joiner.cmd::<String>(&["RAFT.CLUSTER", "JOIN", &survivor.addr()]).unwrap_err();
+    assert_eq!(err.code(), Some("CLUSTERDOWN"), "{err}");
+    assert!(err.to_string().contains("no leader"), "{err}");
+    assert_eq!(joiner.state(), "uninitialized");
+    // With the other member back, the same node joins.
+    cluster.nodes[leader].restart().unwrap();
+    wait_for("a leader", Duration::from_secs(20), || {
+        (0..2).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let joined: String = joiner.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[1 - leader].addr()]).unwrap();
+    assert_eq!(joined, "OK");
+    wait_for("the joined node to apply its promotion", Duration::from_secs(10), || (joiner.state() == "follower").then_some(()));
+}
+
+#[test]
 fn consistency_levels_decide_who_serves_reads() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.wait_leader();

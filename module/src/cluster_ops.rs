@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// Joining includes the new node catching up with the whole log: allow for a big one.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a join waits for a cluster in which no member knows a leader (an election takes an
+/// election timeout or two, 1-4 s by default).
+const NO_LEADER_PATIENCE: Duration = Duration::from_secs(15);
 const MAX_REDIRECTS: usize = 8;
 
 /// One request/response exchange with a Redis-speaking server.
@@ -62,8 +65,11 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
     let id = me.id.get().to_string();
     let parts: [&[u8]; 4] = [b"RAFT._JOIN", id.as_bytes(), me.raft_addr.as_bytes(), me.client_addr.as_bytes()];
     let mut last_error = String::new();
+    let mut leaderless_since: Option<Instant> = None;
     loop {
         let mut reachable = false;
+        // Whether every member that answered this round said it knows no leader.
+        let (mut leaderless, mut leader_known) = (false, false);
         for seed in &seeds {
             let mut addr = seed.clone();
             for _ in 0..MAX_REDIRECTS {
@@ -72,6 +78,7 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
                     Ok(Frame::Simple(_)) => return Outcome::Simple("OK".into()),
                     Ok(Frame::Error(e)) if e.starts_with("MOVED ") => {
                         reachable = true;
+                        leader_known = true;
                         match e.split_whitespace().nth(2) {
                             Some(leader) => addr = leader.to_string(),
                             None => return Outcome::Error(format!("ERR {addr} answered a malformed redirect: {e}")),
@@ -81,6 +88,8 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
                     // No leader right now, or a timeout: the cluster may recover; retry.
                     Ok(Frame::Error(e)) if e.starts_with("CLUSTERDOWN") || e.starts_with("TIMEOUT") => {
                         reachable = true;
+                        leaderless |= e.starts_with("CLUSTERDOWN");
+                        leader_known |= e.starts_with("TIMEOUT");
                         last_error = format!("{addr}: {e}");
                     }
                     Ok(Frame::Error(e)) => return Outcome::Error(format!("ERR {addr} refused the join: {e}")),
@@ -92,6 +101,12 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
         }
         if !reachable {
             return Outcome::Error(format!("ERR cannot reach any of the given nodes ({last_error})"));
+        }
+        if !leaderless || leader_known {
+            leaderless_since = None;
+        } else if leaderless_since.get_or_insert_with(Instant::now).elapsed() >= NO_LEADER_PATIENCE {
+            let waited = NO_LEADER_PATIENCE.as_secs();
+            return Outcome::Error(format!("CLUSTERDOWN the cluster has had no leader for {waited} s ({last_error}); join once it has one"));
         }
         if Instant::now() >= deadline {
             return Outcome::Error(format!("TIMEOUT could not join the cluster in time ({last_error})"));

@@ -252,10 +252,14 @@ pub fn role(args: &[Vec<u8>]) -> Result {
 }
 
 /// A node that stopped serving (`fatal_error` in RAFT.INFO) is `stopped`, whatever Raft role it
-/// held last.
+/// held last; one started to join that no leader has added yet (no membership at all, as after
+/// a join that timed out) is still `uninitialized`.
 fn role_name(status: &Status) -> String {
     if state::get().stopped() {
         return "stopped".into();
+    }
+    if status.voters.is_empty() && status.learners.is_empty() {
+        return "uninitialized".into();
     }
     status.role.to_string()
 }
