@@ -264,7 +264,7 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     assert!(err.to_string().contains("cannot reach"), "{err}");
     let err = lonely.cmd::<String>(&["SET", "k", "v"]).unwrap_err();
     assert_eq!(err.code(), Some("CLUSTERDOWN"), "{err}");
-    assert_eq!(lonely.state(), "follower", "the join attempt started an empty node");
+    assert_eq!(lonely.state(), "uninitialized", "no leader added it");
 
     // Garbage on the side port closes that connection only.
     let raft_port = node.port + 10000;
@@ -365,6 +365,17 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     wait_for("node 4 to apply", Duration::from_secs(10), || {
         fourth.cmd::<Option<String>>(&["GET", "before"]).ok().flatten()
     });
+    // Something that is not Redis at all is named as such.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_addr = http.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = http.accept() {
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let err = leader.cmd::<i64>(&["RAFT.ADDPEER", &http_addr]).unwrap_err().to_string();
+    assert!(err.contains("not a Redis server") && err.contains("HTTP/1.1 400"), "{err}");
+
     let removed: String = leader.cmd(&["RAFT.REMOVEPEER", &id.to_string()]).unwrap();
     assert_eq!(removed, "OK");
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();

@@ -38,7 +38,11 @@ pub fn request(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow::Result
     let mut buf = BytesMut::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(frame) = resp::parse(&mut buf).map_err(|e| anyhow::anyhow!("{addr}: bad reply: {e}"))? {
+        let parsed = resp::parse(&mut buf).map_err(|e| {
+            let start = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
+            anyhow::anyhow!("{addr}: not a Redis server (it answered {start:?}: {e})")
+        })?;
+        if let Some(frame) = parsed {
             return Ok(frame);
         }
         let n = stream.read(&mut chunk).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
@@ -131,7 +135,7 @@ pub fn add_member(node: Arc<RaftNode>, info: NodeInfo) -> Outcome {
 pub fn add_peer(node: Arc<RaftNode>, addr: String) -> Outcome {
     let reply = match request(&addr, &[b"RAFT._IDENTIFY"], Duration::from_secs(5)) {
         Ok(r) => r,
-        Err(e) => return Outcome::Error(format!("ERR cannot reach {e}")),
+        Err(e) => return Outcome::Error(format!("ERR cannot add {e}")),
     };
     let info = match reply {
         Frame::Array(items) if items.len() == 3 => {
