@@ -826,11 +826,8 @@ impl<S: StateMachine> RaftLoop<S> {
 
     /// Stops for good: this node is no longer a member, so nothing it holds is replicated any
     /// more and it must serve nothing (raft would leave it campaigning, or following nobody, for
-    /// ever). Remembered in the store, so a restart stops again at once.
+    /// ever). Whoever learnt of the removal has recorded it, so a restart stops again at once.
     fn leave(&mut self, why: String) {
-        if let Err(e) = self.store.put_meta(META_REMOVED, why.as_bytes()) {
-            log::warn!("raft node {}: could not record its removal (a restart will learn it again): {e:#}", self.id);
-        }
         for id in self.members.keys() {
             self.transport.remove_peer(*id);
         }
@@ -903,10 +900,16 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id.get()),
-            Request::Removed { by, why } => {
+            // Several members may say so in one round; the first is recorded.
+            Request::Removed { by, why } if self.removed.is_none() => {
                 log::warn!("raft {}: node {by} says this node was removed from the cluster: {why}", self.id);
-                self.removed.get_or_insert(format!("removed from the cluster: {why}"));
+                let why = format!("removed from the cluster: {why}");
+                if let Err(e) = self.store.put_meta(META_REMOVED, why.as_bytes()) {
+                    log::warn!("raft {}: could not record its removal (a restart learns it again): {e:#}", self.id);
+                }
+                self.removed = Some(why);
             }
+            Request::Removed { .. } => {}
             Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
             Request::Shutdown => self.shutdown = true,
