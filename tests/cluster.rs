@@ -497,3 +497,19 @@ fn a_voter_that_applies_its_own_removal_stops() {
     assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
     assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
 }
+
+#[test]
+fn a_learner_removed_while_it_runs_stops_too() {
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start(NodeId(1), &root.path().join("n1"), free_port(), true, Durability::Low);
+    wait_leader(&[&n1]);
+    let n2 = start(NodeId(2), &root.path().join("n2"), free_port(), false, Durability::Low);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    n1.node.change_membership_blocking(MembershipChange::AddLearner(info(n2.id, n2.port)), deadline).unwrap();
+    wait_for("node 2 to be a learner", Duration::from_secs(10), || (n2.node.status().role == Role::Learner).then_some(()));
+    // A learner never asks for votes: only the commit of its removal, sent as it is removed, can
+    // tell it.
+    n1.node.change_membership_blocking(MembershipChange::Remove(n2.id), deadline).unwrap();
+    let why = wait_for("node 2 to stop", Duration::from_secs(10), || n2.node.status().fatal);
+    assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
+}
