@@ -482,34 +482,41 @@ fn a_single_node_changes_its_ticks_and_leads_again() {
     append_and_check(leader, [leader], first, "two", 50);
 }
 
+/// Node 1 leads a cluster of its own; node 2 is started empty, for the test to add.
+fn a_leader_and_an_empty_node(root: &Path) -> (TestNode, TestNode) {
+    let n1 = start(NodeId(1), &root.join("n1"), free_port(), true, Durability::Low);
+    wait_leader(&[&n1]);
+    let n2 = start(NodeId(2), &root.join("n2"), free_port(), false, Durability::Low);
+    (n1, n2)
+}
+
+/// Removes `member` through `leader` and waits for it to stop on applying that removal itself.
+fn remove_and_see_it_stop(leader: &TestNode, member: &TestNode) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    leader.node.change_membership_blocking(MembershipChange::Remove(member.id), deadline).unwrap();
+    let why = wait_for("the removed node to stop", Duration::from_secs(10), || member.node.status().fatal);
+    assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
+}
+
 #[test]
 fn a_voter_that_applies_its_own_removal_stops() {
     let root = tempfile::tempdir().unwrap();
-    let n1 = start(NodeId(1), &root.path().join("n1"), free_port(), true, Durability::Low);
-    wait_leader(&[&n1]);
-    let n2 = start(NodeId(2), &root.path().join("n2"), free_port(), false, Durability::Low);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    n1.node.add_member(info(n2.id, n2.port), deadline).expect("member added");
+    let (n1, n2) = a_leader_and_an_empty_node(root.path());
+    n1.node.add_member(info(n2.id, n2.port), Instant::now() + Duration::from_secs(10)).expect("member added");
     // With two voters the removal needs node 2's own acknowledgement, and the leader announces
     // the new commit index to both before it applies the change and stops writing to node 2.
-    n1.node.change_membership_blocking(MembershipChange::Remove(n2.id), deadline).unwrap();
-    let why = wait_for("node 2 to stop", Duration::from_secs(10), || n2.node.status().fatal);
-    assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
+    remove_and_see_it_stop(&n1, &n2);
     assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
 }
 
 #[test]
 fn a_learner_removed_while_it_runs_stops_too() {
     let root = tempfile::tempdir().unwrap();
-    let n1 = start(NodeId(1), &root.path().join("n1"), free_port(), true, Durability::Low);
-    wait_leader(&[&n1]);
-    let n2 = start(NodeId(2), &root.path().join("n2"), free_port(), false, Durability::Low);
+    let (n1, n2) = a_leader_and_an_empty_node(root.path());
     let deadline = Instant::now() + Duration::from_secs(10);
     n1.node.change_membership_blocking(MembershipChange::AddLearner(info(n2.id, n2.port)), deadline).unwrap();
     wait_for("node 2 to be a learner", Duration::from_secs(10), || (n2.node.status().role == Role::Learner).then_some(()));
     // A learner never asks for votes: only the commit of its removal, sent as it is removed, can
     // tell it.
-    n1.node.change_membership_blocking(MembershipChange::Remove(n2.id), deadline).unwrap();
-    let why = wait_for("node 2 to stop", Duration::from_secs(10), || n2.node.status().fatal);
-    assert!(why.starts_with("removed from the cluster: its removal was committed at index "), "{why}");
+    remove_and_see_it_stop(&n1, &n2);
 }
