@@ -14,6 +14,7 @@ pub mod journal;
 pub mod membership;
 pub mod memory_limit;
 pub mod node;
+pub mod peer_auth;
 pub mod proposal;
 mod raft_logger;
 pub mod resp;

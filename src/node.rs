@@ -139,6 +139,8 @@ pub struct NodeConfig {
     pub trailing_bytes: u64,
     /// Proposals larger than this are refused (see [`crate::settings::Settings::max_entry_bytes`]).
     pub max_entry_bytes: u64,
+    /// The cluster's `raft-password`, if it has one (see [`crate::peer_auth`]).
+    pub password: Option<crate::peer_auth::Password>,
 }
 
 enum Request<W> {
@@ -305,6 +307,7 @@ impl<S: StateMachine> Node<S> {
                 advertise_client: Some(cfg.info.client_addr.clone()),
                 queue_limit: 4096,
                 snapshot_dir: Some(cfg.snapshot_dir.clone()),
+                password: cfg.password.clone(),
             },
             move |inbound| {
                 let req = match inbound {
@@ -943,11 +946,12 @@ impl<S: StateMachine> RaftLoop<S> {
         log::info!("raft {}: fetching snapshot {} ({} bytes) from node {}", self.id, descriptor.file, descriptor.size, m.from);
         self.fetching = Some(descriptor.file.clone());
         let (tx, dir, id, shared) = (self.self_tx.clone(), self.snapshot_dir.clone(), self.id, self.shared.clone());
+        let password = self.transport.password();
         let from = NodeId(m.from);
         let spawned = std::thread::Builder::new().name(format!("raft-fetch-{id}")).spawn(move || {
             let started = Instant::now();
             let mut last = None;
-            let result = snapshot_transfer::fetch(&peer, &descriptor, &dir, |received| {
+            let result = snapshot_transfer::fetch(&peer, password.as_ref(), &descriptor, &dir, |received| {
                 // The first report is what an earlier attempt left: not fetched now.
                 let new = last.map_or(0, |l| received.saturating_sub(l));
                 last = Some(received);

@@ -194,6 +194,38 @@ fn parse_i64(line: &[u8]) -> Option<i64> {
     std::str::from_utf8(line).ok()?.parse().ok()
 }
 
+/// Reads from a blocking `reader` into `buf` until one whole frame is there, and returns it.
+/// What follows the frame stays in `buf`, for the next call.
+pub fn read_frame(reader: &mut impl std::io::Read, buf: &mut BytesMut) -> std::io::Result<Frame> {
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        if let Some(frame) = parse(buf).map_err(invalid_data)? {
+            return Ok(frame);
+        }
+        match reader.read(&mut chunk)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// [`read_frame`] from an async reader.
+pub async fn read_frame_async(reader: &mut (impl tokio::io::AsyncRead + Unpin), buf: &mut BytesMut) -> std::io::Result<Frame> {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        if let Some(frame) = parse(buf).map_err(invalid_data)? {
+            return Ok(frame);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+fn invalid_data(e: ProtocolError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
 /// Enough of a bad line to recognise it in an error message, without echoing megabytes.
 fn lossy_prefix(line: &[u8]) -> String {
     String::from_utf8_lossy(&line[..line.len().min(32)]).into_owned()

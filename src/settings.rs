@@ -3,6 +3,7 @@
 
 use crate::config::{Consistency, Durability, Timing};
 use crate::ids::{LogIndex, NodeId};
+use crate::peer_auth::Password;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,10 +38,12 @@ pub struct Settings {
     /// A log entry calling a script that never ends, which this node does not run (the way out
     /// when it hangs every node, even after a restart).
     pub skip_entry: Option<LogIndex>,
+    /// The cluster's shared secret (see [`crate::peer_auth`]); `None` leaves the side port open.
+    pub raft_password: Option<Password>,
 }
 
 pub const KEYS: &str = "dir, raft-port, node-id, consistency, durability, advertise-addr, write-timeout, \
-                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs, maxmemory, max-entry-size, skip-entry";
+                        follower-proxy, tick-ms, election-ticks, heartbeat-ticks, snapshot-threshold, snapshot-log-size, trailing-logs, maxmemory, max-entry-size, skip-entry, raft-password";
 
 /// `max-entry-size`: 16 MB by default. On the 2-core test VM one loop round took ~0.3 s for a 16 MB
 /// entry and 0.5-1.2 s for 32-64 MB, where a follower's election timeout (1-2 s) is near.
@@ -79,6 +82,7 @@ impl Settings {
             maxmemory: 0,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             skip_entry: None,
+            raft_password: None,
         };
         let mut have_dir = false;
         for arg in args {
@@ -151,6 +155,7 @@ impl Settings {
             "skip-entry" => {
                 self.skip_entry = Some(LogIndex(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a log index (a positive integer)"))?))
             }
+            "raft-password" => self.raft_password = Password::new(value.as_bytes()),
             _ => return Err(SettingsError::UnknownKey(key.to_string())),
         }
         Ok(())
@@ -220,6 +225,9 @@ mod tests {
         assert!(Settings::parse(&["dir=d", "skip-entry=0"]).unwrap_err().to_string().contains("log index"));
         let e = Settings::parse(&["dir=d", "snapshot-log-size=lots"]).unwrap_err().to_string();
         assert!(e.contains("512mb"), "{e}");
+        assert_eq!(Settings::parse(&["dir=d"]).unwrap().raft_password, None);
+        assert_eq!(Settings::parse(&["dir=d", "raft-password="]).unwrap().raft_password, None);
+        assert!(Settings::parse(&["dir=d", "raft-password=a=b"]).unwrap().raft_password.unwrap().matches(b"a=b"));
     }
 
     #[test]

@@ -4,12 +4,13 @@
 //! see the snapshot. The Raft loop never waits for the network.
 
 use crate::ids::NodeId;
+use crate::peer_auth::{self, Password};
 use crate::resp::{self, Frame};
 use crate::snapshot_file::{self, IncomingSnapshot};
 use anyhow::{bail, Context as _};
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
@@ -54,10 +55,16 @@ pub struct FetchProgress {
     pub size: u64,
 }
 
-/// Makes sure `dir` holds the verified file `desc` describes, fetching it from `peer` if needed.
-/// `progress` hears how many bytes of the file are on disk, before the first chunk and after
-/// each one.
-pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<()> {
+/// Makes sure `dir` holds the verified file `desc` describes, fetching it from `peer` if needed
+/// (with `password`, the cluster's `raft-password`, if it has one). `progress` hears how many
+/// bytes of the file are on disk, before the first chunk and after each one.
+pub fn fetch(
+    peer: &str,
+    password: Option<&Password>,
+    desc: &SnapshotDescriptor,
+    dir: &Path,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
     let final_path = dir.join(&desc.file);
     if let Ok(summary) = snapshot_file::verify(&final_path) {
         if summary.checksum == desc.checksum && summary.size == desc.size {
@@ -75,6 +82,9 @@ pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path, mut progress: im
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {peer}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    if let Some(password) = password {
+        peer_auth::authenticate_blocking(&mut stream, password).with_context(|| format!("authenticating with {peer}"))?;
+    }
     let mut buf = BytesMut::with_capacity(2 * CHUNK as usize);
     while incoming.offset() < desc.size {
         let offset = incoming.offset();
@@ -82,7 +92,7 @@ pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path, mut progress: im
         let (off, len) = (offset.to_string(), CHUNK.to_string());
         resp::encode_command(&[b"SNAPSHOT.CHUNK", desc.file.as_bytes(), off.as_bytes(), len.as_bytes()], &mut out);
         stream.write_all(&out)?;
-        let frame = read_frame(&mut stream, &mut buf)?;
+        let frame = resp::read_frame(&mut stream, &mut buf)?;
         match frame {
             Frame::Bulk(bytes) if !bytes.is_empty() => {
                 incoming.write_chunk(offset, &bytes)?;
@@ -95,20 +105,6 @@ pub fn fetch(peer: &str, desc: &SnapshotDescriptor, dir: &Path, mut progress: im
     }
     incoming.finish()?;
     Ok(())
-}
-
-fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Frame> {
-    let mut chunk = vec![0u8; 256 * 1024];
-    loop {
-        if let Some(frame) = resp::parse(buf)? {
-            return Ok(frame);
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection closed");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! a RESP array of bulk strings holding prost-encoded raft messages. Nothing is answered, except by
 //! an error that closes the connection (`-REMOVED ...` to a node that asks for votes after it was
 //! removed from the cluster). The listener also answers `PING` with `+PONG`, so
-//! `redis-cli -p <raft-port> PING` tells an operator the port is alive.
+//! `redis-cli -p <raft-port> PING` tells an operator the port is alive. With a `raft-password`,
+//! every connection starts with `AUTH <password>` (see [`peer_auth`]).
 //!
 //! Raft tolerates lost messages, so the transport favours staying bounded over delivering
 //! everything: each peer has a queue limited in messages and in bytes, [`Transport::send`] never
@@ -20,6 +21,7 @@
 use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use crate::heartbeats;
 use crate::ids::NodeId;
+use crate::peer_auth::{self, Gate, Password};
 use crate::resp::{self, Frame};
 use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
@@ -101,6 +103,8 @@ pub struct TransportConfig {
     pub queue_limit: usize,
     /// Where this node's snapshot files are, for peers fetching them with `SNAPSHOT.CHUNK`.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// The cluster's `raft-password`: asked of every connection, and given on every one dialed.
+    pub password: Option<Password>,
 }
 
 impl TransportConfig {
@@ -113,6 +117,7 @@ impl TransportConfig {
             advertise_client: None,
             queue_limit: DEFAULT_QUEUE_LIMIT,
             snapshot_dir: None,
+            password: None,
         }
     }
 }
@@ -150,6 +155,7 @@ struct Inner {
     advertise: String,
     advertise_client: Option<String>,
     queue_limit: usize,
+    password: Option<Password>,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
@@ -255,6 +261,7 @@ impl Transport {
             snapshots,
             forward: forward_handler.clone(),
             removed: removed_check.clone(),
+            password: cfg.password.clone(),
         };
         handle.spawn(accept_loop(listener, served));
 
@@ -276,6 +283,7 @@ impl Transport {
                 advertise: cfg.advertise,
                 advertise_client: cfg.advertise_client,
                 queue_limit: cfg.queue_limit.clamp(1, MAX_QUEUE_LIMIT),
+                password: cfg.password,
                 local_addr,
                 runtime: handle,
                 inbound,
@@ -304,6 +312,12 @@ impl Transport {
     /// The address the listener is bound to (useful when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The `raft-password` this transport gives and asks for, for other connections to peers'
+    /// side ports (snapshot downloads).
+    pub fn password(&self) -> Option<Password> {
+        self.inner.password.clone()
     }
 
     /// Serves `FORWARD` requests from followers with `handler` (called on the transport thread;
@@ -378,6 +392,7 @@ impl Transport {
                 id,
                 addr: addr.clone(),
                 hello: hello_frame(inner.me, &inner.advertise, inner.advertise_client.as_deref()),
+                password: inner.password.clone(),
                 rx,
                 link: link.clone(),
                 counters: counters.clone(),
@@ -528,6 +543,7 @@ struct PeerTask {
     id: NodeId,
     addr: String,
     hello: Bytes,
+    password: Option<Password>,
     rx: mpsc::Receiver<Message>,
     link: Arc<Link>,
     counters: Arc<Counters>,
@@ -585,7 +601,10 @@ async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
 
 /// Streams the queue into a connected socket until the queue closes (`Ok`) or the connection
 /// fails (`Err`). Everything queued when a message arrives goes out in one frame and one write.
-async fn pump(stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
+async fn pump(mut stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> {
+    if let Some(password) = &task.password {
+        peer_auth::authenticate(&mut stream, password).await?;
+    }
     let (mut reader, mut writer) = stream.into_split();
     write_fully(&mut writer, &task.hello).await.context("sending HELLO failed")?;
     let mut batch: Vec<Message> = Vec::new();
@@ -669,8 +688,13 @@ async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::For
     let mut stream = match pooled_connection(inner, addr) {
         Some(s) => s,
         None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
+            Ok(Ok(mut s)) => {
                 let _ = s.set_nodelay(true);
+                if let Some(password) = &inner.password {
+                    if let Err(e) = peer_auth::authenticate(&mut s, password).await {
+                        return Err(format!("CLUSTERDOWN cannot use the leader at {addr}: {e:#}"));
+                    }
+                }
                 s
             }
             Ok(Err(e)) => return Err(format!("CLUSTERDOWN cannot reach the leader at {addr}: {e}")),
@@ -682,17 +706,10 @@ async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::For
     };
     write_fully(&mut stream, request).await.map_err(|e| lost(&e))?;
     let mut buf = BytesMut::with_capacity(4096);
-    let frame = loop {
-        match resp::parse(&mut buf) {
-            Ok(Some(frame)) => break frame,
-            Ok(None) => {}
-            Err(e) => return Err(lost(&e)),
-        }
-        match stream.read_buf(&mut buf).await {
-            Ok(0) => return Err(lost(&"connection closed")),
-            Ok(_) => {}
-            Err(e) => return Err(lost(&e)),
-        }
+    let frame = match resp::read_frame_async(&mut stream, &mut buf).await {
+        Ok(frame) => frame,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(lost(&"connection closed")),
+        Err(e) => return Err(lost(&e)),
     };
     if buf.is_empty() {
         let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -747,6 +764,7 @@ struct Served {
     snapshots: SnapshotDir,
     forward: ForwardSlot,
     removed: RemovedSlot,
+    password: Option<Password>,
 }
 
 async fn accept_loop(listener: TcpListener, served: Served) {
@@ -779,6 +797,7 @@ impl Reject {
 async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
+    let mut authenticated = served.password.is_none();
     loop {
         // Handle every complete frame already buffered before reading more.
         loop {
@@ -787,6 +806,14 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
                 Ok(None) => break,
                 Err(e) => return reject(stream, remote, out, Reject::err(format!("protocol error: {e}"))).await,
             };
+            match peer_auth::gate(served.password.as_ref(), &mut authenticated, &frame) {
+                Gate::Pass => {}
+                Gate::Accepted => {
+                    resp::encode(&Frame::Simple("OK".into()), &mut out);
+                    continue;
+                }
+                Gate::Refuse(line) => return reject(stream, remote, out, Reject(line)).await,
+            }
             // A forwarded command is answered when the cluster has run it; replies stay in order
             // because this connection waits for it before handling more.
             if let Some(request) = as_forward(&frame) {
@@ -1054,13 +1081,25 @@ mod tests {
 
     impl Node {
         fn start(me: u64, listen: SocketAddr, queue_limit: usize) -> Node {
+            let mut cfg = TransportConfig::new(NodeId(me), listen, format!("node-{me}.test:7000"));
+            cfg.queue_limit = queue_limit;
+            Node::with_config(cfg)
+        }
+
+        /// A node on any port whose cluster has the `raft-password` `password`.
+        fn with_password(me: u64, password: &str) -> Node {
+            let mut cfg = TransportConfig::new(NodeId(me), loopback(0), format!("node-{me}.test:7000"));
+            cfg.password = Password::new(password.as_bytes());
+            Node::with_config(cfg)
+        }
+
+        fn with_config(cfg: TransportConfig) -> Node {
             init_log();
+            let me = cfg.me;
             let (tx, rx) = std_mpsc::channel();
             let tx = Mutex::new(tx);
             let off_thread = Arc::new(AtomicBool::new(false));
             let flag = off_thread.clone();
-            let mut cfg = TransportConfig::new(NodeId(me), listen, format!("node-{me}.test:7000"));
-            cfg.queue_limit = queue_limit;
             let transport = Transport::start(cfg, move |inbound| {
                 let name = std::thread::current().name().unwrap_or_default().to_string();
                 if name != format!("raft-net-{me}") {
@@ -1484,6 +1523,45 @@ mod tests {
         let mut got = vec![0u8; expected.len()];
         s.read_exact(&mut got).unwrap();
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+    }
+
+    #[test]
+    fn a_raft_password_keeps_out_whoever_does_not_know_it() {
+        let a = Node::with_password(1, "s3cret");
+        let b = Node::with_password(2, "s3cret");
+        let stranger = Node::with_password(3, "guess");
+        let open = Node::on_any_port(4);
+        for node in [&a, &stranger, &open] {
+            node.transport.set_peer_addr(NodeId(2), b.addr());
+        }
+        b.transport.set_forward_handler(Arc::new(|_: ForwardRequest, done: ForwardDone, _: Abandoned| done(Ok(b"+OK\r\n".to_vec()))));
+
+        // The other member's messages and forwarded commands get through.
+        a.transport.send(vec![msg(1, 2, 1)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 1)]);
+        assert_eq!(forward_and_wait(&a, &b.addr(), &["SET", "k", "v"]).unwrap(), b"+OK\r\n");
+
+        // A wrong password or none: nothing arrives, and the sender hears why.
+        stranger.transport.send(vec![msg(3, 2, 7)]);
+        open.transport.send(vec![msg(4, 2, 8)]);
+        stranger.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        open.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        let refused = forward_and_wait(&stranger, &b.addr(), &["FLUSHALL"]).unwrap_err();
+        assert!(refused.starts_with("CLUSTERDOWN") && refused.contains("WRONGPASS"), "{refused}");
+        let refused = forward_and_wait(&open, &b.addr(), &["FLUSHALL"]).unwrap_err();
+        assert!(refused.contains("NOAUTH"), "{refused}");
+        // The same by hand: every command before AUTH is refused, the snapshot files included.
+        for request in [command(&[b"PING"]), command(&[b"SNAPSHOT.CHUNK", b"x.rsnap", b"0", b"10"]), command(&[b"HELLO", b"9", b"x:1"])] {
+            assert_eq!(raw_exchange(&b.addr(), &request), b"-NOAUTH Authentication required.\r\n");
+        }
+        let mut good = command(&[b"AUTH", b"s3cret"]);
+        good.extend(command(&[b"PING"]));
+        good.extend(command(&[b"AUTH", b"guess"]));
+        assert_eq!(raw_exchange(&b.addr(), &good), b"+OK\r\n+PONG\r\n-WRONGPASS invalid raft-password\r\n");
+        // A node without a password says so rather than accept any.
+        let refused = String::from_utf8(raw_exchange(&open.addr(), &command(&[b"AUTH", b"s3cret"]))).unwrap();
+        assert!(refused.starts_with("-ERR AUTH: this node has no raft-password"), "{refused}");
+        assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_) | Inbound::Hello { from: NodeId(3 | 4 | 9), .. })));
     }
 
     #[test]

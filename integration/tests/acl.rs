@@ -1,8 +1,10 @@
-//! ACL users: Redis checks the internal command the filter turned a client's command into, so the
-//! module checks the client's own command against the user's rules, as Redis would have.
+//! Access control. ACL users: Redis checks the internal command the filter turned a client's
+//! command into, so the module checks the client's own command against the user's rules, as Redis
+//! would have. And the cluster's `raft-password`, which nodes prove to each other.
 
-use raftis_integration::{Cluster, Server};
+use raftis_integration::{field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
 use redis::Value;
+use std::time::Duration;
 
 /// The internal commands a restricted user's traffic becomes (README, *ACL users*).
 const GRANTS: &[&str] =
@@ -85,4 +87,102 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     // Once the users are gone, nothing is checked any more, and the default user's writes go on.
     let _: () = node.cmd(&["ACL", "DELUSER", "app", "bare"]).unwrap();
     let _: () = node.cmd(&["SET", "after", "1"]).unwrap();
+}
+
+/// Redis' own password, set on every node once the cluster is formed (the harness' checks of a
+/// starting server know none).
+const REDIS_PASSWORD: &str = "redis-pw";
+const WITH_RAFT_PASSWORD: &[&str] = &["raft-password=cluster-pw", "consistency=low", "trailing-logs=100", "follower-proxy=yes"];
+
+fn protect(node: &Server) {
+    let _: () = node.cmd(&["CONFIG", "SET", "requirepass", REDIS_PASSWORD]).unwrap();
+}
+
+fn as_default(node: &Server, args: &[&str]) -> redis::RedisResult<Value> {
+    run(&mut connect_as(node, "default", REDIS_PASSWORD), args)
+}
+
+fn error_of(result: redis::RedisResult<Value>) -> String {
+    result.expect_err("refused").to_string()
+}
+
+/// A node started with `extra` and Redis' password, that is not in the cluster yet.
+fn newcomer(cluster: &Cluster, name: &str, extra: &[&str]) -> Server {
+    let node = Server::start(free_port_pair(), &cluster.root.path().join(name), extra).unwrap();
+    protect(&node);
+    node
+}
+
+#[test]
+fn with_a_raft_password_nodes_that_know_it_form_a_cluster_behind_requirepass_and_no_one_else_gets_in() {
+    // INIT and JOIN: the joining nodes log in to the leader's client port as peers.
+    let cluster = Cluster::start(3, WITH_RAFT_PASSWORD).unwrap();
+    let leader = cluster.wait_leader();
+    let node = &cluster.nodes[leader];
+    for i in 0..300 {
+        let _: () = node.cmd(&["SET", &format!("k{i}"), &i.to_string()]).unwrap();
+    }
+    // Compacted past the first entries: a node that joins now needs the snapshot file, which it
+    // fetches from the leader's side port.
+    let _: Value = node.cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    for n in &cluster.nodes {
+        protect(n);
+    }
+    assert_eq!(as_default(node, &["RAFT.CONFIG", "GET", "raft-password"]).unwrap(), Value::Bulk(vec![
+        Value::Data(b"raft-password".to_vec()),
+        Value::Data(b"(set)".to_vec())
+    ]));
+
+    // Behind requirepass, a node with the password joins, and one is added with RAFT.ADDPEER.
+    let joiner = newcomer(&cluster, "joiner", WITH_RAFT_PASSWORD);
+    assert_eq!(as_default(&joiner, &["RAFT.CLUSTER", "JOIN", &node.addr()]).unwrap(), Value::Okay);
+    let added = newcomer(&cluster, "added", WITH_RAFT_PASSWORD);
+    assert!(matches!(as_default(node, &["RAFT.ADDPEER", &added.addr()]).unwrap(), Value::Int(id) if id > 0));
+    let _: () = redis::cmd("SET").arg("after").arg("joins").query(&mut connect_as(node, "default", REDIS_PASSWORD)).unwrap();
+    for n in [&joiner, &added] {
+        let mut conn = connect_as(n, "default", REDIS_PASSWORD);
+        wait_for("the new node to catch up", Duration::from_secs(60), || {
+            let got: Option<String> = redis::cmd("GET").arg("after").query(&mut conn).unwrap();
+            got.is_some().then_some(())
+        });
+        assert_eq!(redis::cmd("GET").arg("k0").query::<String>(&mut conn).unwrap(), "0");
+        let stats: String = redis::cmd("RAFT.STATS").query(&mut conn).unwrap();
+        assert_eq!(field_in(&stats, "snapshots_fetched"), Some("1"), "{stats}");
+        // Writes sent to it go through the leader's side port (follower-proxy).
+        assert!(redis::cmd("INCR").arg("through-followers").query::<i64>(&mut conn).unwrap() > 0);
+    }
+
+    // A node with another password, or none, cannot join, nor be added, and hears why.
+    let stranger = newcomer(&cluster, "stranger", &["raft-password=guess"]);
+    let err = error_of(as_default(&stranger, &["RAFT.CLUSTER", "JOIN", &node.addr()]));
+    assert!(err.contains("refused the join") && err.contains("WRONGPASS"), "{err}");
+    let err = error_of(as_default(node, &["RAFT.ADDPEER", &stranger.addr()]));
+    assert!(err.contains("cannot be added") && err.contains("WRONGPASS"), "{err}");
+    let open = newcomer(&cluster, "open", &[]);
+    let err = error_of(as_default(&open, &["RAFT.CLUSTER", "JOIN", &node.addr()]));
+    assert!(err.contains("NOAUTH") && err.contains("raft-password=..."), "{err}");
+    let err = error_of(as_default(node, &["RAFT.ADDPEER", &open.addr()]));
+    assert!(err.contains("this node has no raft-password"), "{err}");
+    // An admin's own connection is no peer: RAFT._JOIN wants the password proven.
+    let err = error_of(as_default(node, &["RAFT._JOIN", "99", "127.0.0.1:1", "127.0.0.1:2"]));
+    assert!(err.starts_with("NOAUTH") && err.contains("this node has a raft-password"), "{err}");
+    // A peer's login allows the two internal commands and nothing else.
+    let mut login = redis::Client::open(format!("redis://127.0.0.1:{}/", node.port)).unwrap().get_connection().unwrap();
+    assert_eq!(run(&mut login, &["RAFT._AUTH", "cluster-pw"]).unwrap(), Value::Okay);
+    refused(run(&mut login, &["GET", "k0"]), "'get'");
+    refused(run(&mut login, &["CONFIG", "GET", "requirepass"]), "'config|get'");
+    assert!(error_of(run(&mut login, &["RAFT._AUTH", "guess"])).contains("WRONGPASS"));
+
+    // The side port serves nothing before AUTH, and nothing after a wrong one.
+    let side = node.port + 10000;
+    let forward = b"*6\r\n$7\r\nFORWARD\r\n$1\r\n0\r\n$1\r\n2\r\n$3\r\nSET\r\n$2\r\nk0\r\n$5\r\npwned\r\n";
+    let reply = raw_exchange(side, forward, usize::MAX);
+    assert_eq!(String::from_utf8_lossy(&reply), "-NOAUTH Authentication required.\r\n");
+    let mut wrong = b"*2\r\n$4\r\nAUTH\r\n$5\r\nguess\r\n".to_vec();
+    wrong.extend_from_slice(forward);
+    let reply = raw_exchange(side, &wrong, usize::MAX);
+    assert_eq!(String::from_utf8_lossy(&reply), "-WRONGPASS invalid raft-password\r\n");
+    assert_eq!(as_default(node, &["GET", "k0"]).unwrap(), Value::Data(b"0".to_vec()), "nothing forwarded ran");
+    let good = b"*2\r\n$4\r\nAUTH\r\n$10\r\ncluster-pw\r\n*1\r\n$4\r\nPING\r\n";
+    assert_eq!(String::from_utf8_lossy(&raw_exchange(side, good, 12)), "+OK\r\n+PONG\r\n");
 }

@@ -166,7 +166,7 @@ fn is_unrestricted(ctx: *mut RedisModuleCtx, user: &[u8]) -> bool {
     is("commands", "+@all") && is("keys", "~*") && is("channels", "&*") && is("selectors", "[0]")
 }
 
-fn current_user(ctx: *mut RedisModuleCtx) -> Vec<u8> {
+pub fn current_user(ctx: *mut RedisModuleCtx) -> Vec<u8> {
     let name = unsafe { api!(RedisModule_GetCurrentUserName)(ctx) };
     if name.is_null() {
         return b"default".to_vec();

@@ -3,6 +3,7 @@
 //! address, removing one. Nodes reach each other's client port with a tiny RESP client.
 
 use crate::blocked::{Blocked, Outcome};
+use crate::peer_user;
 use crate::state::{self, RaftNode};
 use bytes::BytesMut;
 use raftis_core::membership::{MembershipChange, NodeInfo};
@@ -21,8 +22,18 @@ pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const NO_LEADER_PATIENCE: Duration = Duration::from_secs(15);
 const MAX_REDIRECTS: usize = 8;
 
-/// One request/response exchange with a Redis-speaking server.
-pub fn request(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow::Result<Frame> {
+/// One request/response exchange with another node's client port, logged in as a peer first
+/// when the cluster has a raft-password (see `peer_user`). A refused login is the reply.
+pub fn request_as_peer(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow::Result<Frame> {
+    match state::get().settings().raft_password {
+        Some(password) => request(addr, &[&[peer_user::AUTH_COMMAND.as_bytes(), password.as_bytes()], parts], timeout),
+        None => request(addr, &[parts], timeout),
+    }
+}
+
+/// Sends `commands` to a Redis-speaking server in one go and returns the last one's reply, or
+/// the first error an earlier one got.
+pub fn request(addr: &str, commands: &[&[&[u8]]], timeout: Duration) -> anyhow::Result<Frame> {
     let sock = addr
         .to_socket_addrs()
         .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?
@@ -33,17 +44,24 @@ pub fn request(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow::Result
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut out = BytesMut::new();
-    resp::encode_command(parts, &mut out);
+    for parts in commands {
+        resp::encode_command(parts, &mut out);
+    }
     stream.write_all(&out)?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    let mut waiting = commands.len();
     loop {
         let parsed = resp::parse(&mut buf).map_err(|e| {
             let start = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
             anyhow::anyhow!("{addr}: not a Redis server (it answered {start:?}: {e})")
         })?;
         if let Some(frame) = parsed {
-            return Ok(frame);
+            waiting -= 1;
+            if waiting == 0 || matches!(frame, Frame::Error(_)) {
+                return Ok(frame);
+            }
+            continue;
         }
         let n = stream.read(&mut chunk).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
         anyhow::ensure!(n > 0, "{addr}: connection closed");
@@ -78,7 +96,7 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
             let mut addr = seed.clone();
             for _ in 0..MAX_REDIRECTS {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match request(&addr, &parts, remaining.max(Duration::from_millis(100))) {
+                match request_as_peer(&addr, &parts, remaining.max(Duration::from_millis(100))) {
                     Ok(Frame::Simple(_)) => return Outcome::Simple("OK".into()),
                     Ok(Frame::Error(e)) if e.starts_with("MOVED ") => {
                         reachable = true;
@@ -96,7 +114,7 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
                         leader_known |= e.starts_with("TIMEOUT");
                         last_error = format!("{addr}: {e}");
                     }
-                    Ok(Frame::Error(e)) => return Outcome::Error(format!("ERR {addr} refused the join: {e}")),
+                    Ok(Frame::Error(e)) => return Outcome::Error(format!("ERR {addr} refused the join: {}", peer_user::explain(&e))),
                     Ok(other) => return Outcome::Error(format!("ERR {addr} answered unexpectedly: {other:?}")),
                     Err(e) => last_error = e.to_string(),
                 }
@@ -133,7 +151,7 @@ pub fn add_member(node: Arc<RaftNode>, info: NodeInfo) -> Outcome {
 
 /// `RAFT.ADDPEER host:port`: ask the server there who it is, then add it.
 pub fn add_peer(node: Arc<RaftNode>, addr: String) -> Outcome {
-    let reply = match request(&addr, &[b"RAFT._IDENTIFY"], Duration::from_secs(5)) {
+    let reply = match request_as_peer(&addr, &[b"RAFT._IDENTIFY"], Duration::from_secs(5)) {
         Ok(r) => r,
         Err(e) => return Outcome::Error(format!("ERR cannot add {e}")),
     };
@@ -151,7 +169,7 @@ pub fn add_peer(node: Arc<RaftNode>, addr: String) -> Outcome {
                 _ => return Outcome::Error(format!("ERR {addr} answered RAFT._IDENTIFY with a malformed reply")),
             }
         }
-        Frame::Error(e) => return Outcome::Error(format!("ERR {addr} cannot be added: {e}")),
+        Frame::Error(e) => return Outcome::Error(format!("ERR {addr} cannot be added: {}", peer_user::explain(&e))),
         other => return Outcome::Error(format!("ERR {addr} is not a Raftis node (answered {other:?})")),
     };
     let id = info.id;

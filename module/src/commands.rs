@@ -3,6 +3,7 @@
 
 use crate::blocked::Blocked;
 use crate::cluster_ops;
+use crate::peer_user;
 use crate::ffi::RedisModuleCtx;
 use crate::reply::Reply;
 use crate::state::{self, Raftis};
@@ -102,6 +103,7 @@ pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 4 {
         return Err(wrong_args("raft._join"));
     }
+    peer_user::require_peer(ctx, "joining it")?;
     let id = text(&args[1]).parse::<u64>().ok().filter(|v| *v > 0).ok_or("ERR invalid node id")?;
     let (raft_addr, client_addr) = (text(&args[2]), text(&args[3]));
     valid_addr(&raft_addr)?;
@@ -119,10 +121,11 @@ pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
 }
 
 /// `RAFT._IDENTIFY`: an empty node tells a leader who it is, so the leader can add it.
-pub fn identify(args: &[Vec<u8>]) -> Result {
+pub fn identify(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 1 {
         return Err(wrong_args("raft._identify"));
     }
+    peer_user::require_peer(ctx, "adding it to a cluster")?;
     let s = state::get();
     s.refuse_if_stopped()?;
     if is_member(s) {

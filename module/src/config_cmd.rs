@@ -20,7 +20,7 @@ const RUNTIME: &[&str] = &[
     "max-entry-size",
 ];
 /// Only as module arguments (they shape the node's identity or its log).
-const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs", "skip-entry"];
+const LOAD_ONLY: &[&str] = &["dir", "raft-port", "node-id", "advertise-addr", "trailing-logs", "skip-entry", "raft-password"];
 
 fn values(s: &Settings) -> Vec<(&'static str, String)> {
     vec![
@@ -41,6 +41,8 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
         ("advertise-addr", state::get().client_addr.clone()),
         ("skip-entry", s.skip_entry.map_or(String::new(), |i| i.to_string())),
+        // Whether there is one, never the password itself.
+        ("raft-password", if s.raft_password.is_some() { "(set)" } else { "" }.to_string()),
     ]
 }
 

@@ -22,6 +22,7 @@ mod forward_blocking;
 mod held;
 mod logger;
 mod memory;
+mod peer_user;
 mod read;
 mod redis_settings;
 mod reply;
@@ -135,8 +136,9 @@ command!(borrowed cmd_wait, |ctx, args| {
     wait::wait(ctx, args)
 });
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
+command!(cmd_auth, |ctx, args| peer_user::auth(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
-command!(cmd_identify, |_, args| commands::identify(&args));
+command!(cmd_identify, |ctx, args| commands::identify(ctx, &args));
 command!(cmd_addpeer, |ctx, args| commands::add_peer(ctx, &args));
 command!(cmd_removepeer, |ctx, args| commands::remove_peer(ctx, &args));
 command!(cmd_peers, |_, args| commands::peers(&args));
@@ -160,6 +162,8 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (wait::WAIT_COMMAND, cmd_wait, "fast"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
+    // Needs no login: it is how other nodes log in (see `peer_user`).
+    (peer_user::AUTH_COMMAND, cmd_auth, "no-auth fast"),
     ("raft._join", cmd_join, "admin"),
     ("raft._identify", cmd_identify, "admin"),
     ("raft.addpeer", cmd_addpeer, "admin"),
@@ -273,6 +277,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
         api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int)
     };
     anyhow::ensure!(!filter.is_null(), "cannot register the command filter");
+    peer_user::init()?;
     // Not NOSELF: it must see what a script the module applies calls (see `scripts`).
     let script_filter = unsafe { api!(RedisModule_RegisterCommandFilter)(ctx, Some(scripts::filter), 0) };
     anyhow::ensure!(!script_filter.is_null(), "cannot register the script command filter");

@@ -275,6 +275,7 @@ impl Raftis {
             trailing_logs: settings.trailing_logs,
             trailing_bytes: settings.snapshot_log_bytes,
             max_entry_bytes: settings.max_entry_bytes,
+            password: settings.raft_password.clone(),
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
