@@ -51,6 +51,10 @@ const MAX_BATCH_MSGS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection counts as working once it has stayed up this long. The receiver answers nothing
+/// when all is well, so a refusal (a wrong raft-password) comes after the connect succeeded;
+/// counting such a connection as working would retry it every MIN_BACKOFF and warn every time.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 /// Without a deadline, dialing a black-holed address waits for the kernel's SYN retries (minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A peer that accepts no bytes at all for this long is treated as gone. This is a stall timeout
@@ -397,6 +401,8 @@ impl Transport {
                 link: link.clone(),
                 counters: counters.clone(),
                 inbound: inner.inbound.clone(),
+                backoff: MIN_BACKOFF,
+                failing: false,
             }));
             log::info!("raft transport: peer {id} is at {addr}");
             replaced = state.peers.insert(id, Peer { addr, queue, link, counters, task: Some(task) });
@@ -548,6 +554,21 @@ struct PeerTask {
     link: Arc<Link>,
     counters: Arc<Counters>,
     inbound: Callback,
+    /// The wait before the next connection attempt.
+    backoff: Duration,
+    /// Whether the last connection failed; the outage is warned about once, not on every retry.
+    failing: bool,
+}
+
+impl PeerTask {
+    /// The connection has stayed up for [`HEALTHY_AFTER`]: the outage, if any, is over.
+    fn healthy(&mut self) {
+        if self.failing {
+            log::info!("raft transport: reconnected to peer {} at {}", self.id, self.addr);
+        }
+        self.failing = false;
+        self.backoff = MIN_BACKOFF;
+    }
 }
 
 /// Keeps one connection to the peer up, reconnecting with exponential backoff, and streams the
@@ -556,18 +577,10 @@ struct PeerTask {
 /// While disconnected nothing reads the queue, so it fills up to its limit and `send` drops the
 /// rest: a dead peer costs one queue of memory, and what is queued goes out once it is back.
 async fn run_peer(mut task: PeerTask) {
-    let mut backoff = MIN_BACKOFF;
-    // Warn once per outage, not on every retry.
-    let mut failing = false;
     loop {
         let error = match connect(&task.addr).await {
             Ok(stream) => {
                 task.link.connected.store(true, Ordering::Relaxed);
-                if failing {
-                    log::info!("raft transport: reconnected to peer {} at {}", task.id, task.addr);
-                }
-                failing = false;
-                backoff = MIN_BACKOFF;
                 let result = pump(stream, &mut task).await;
                 task.link.connected.store(false, Ordering::Relaxed);
                 match result {
@@ -577,15 +590,15 @@ async fn run_peer(mut task: PeerTask) {
             }
             Err(e) => e,
         };
-        if failing {
+        if task.failing {
             log::debug!("raft transport: peer {} at {}: {error:#}", task.id, task.addr);
         } else {
             log::warn!("raft transport: peer {} at {}: {error:#}; retrying", task.id, task.addr);
         }
-        failing = true;
+        task.failing = true;
         (task.inbound)(Inbound::Unreachable(task.id));
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(task.backoff).await;
+        task.backoff = (task.backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -610,8 +623,15 @@ async fn pump(mut stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> 
     let mut batch: Vec<Message> = Vec::new();
     let mut out = BytesMut::new();
     let mut scratch = [0u8; 256];
+    let healthy = tokio::time::sleep(HEALTHY_AFTER);
+    tokio::pin!(healthy);
+    let mut proven = false;
     loop {
         tokio::select! {
+            _ = &mut healthy, if !proven => {
+                proven = true;
+                task.healthy();
+            }
             first = task.rx.recv() => {
                 let Some(first) = first else { return Ok(()) };
                 let mut bytes = first.encoded_len();
@@ -1562,6 +1582,32 @@ mod tests {
         let refused = String::from_utf8(raw_exchange(&open.addr(), &command(&[b"AUTH", b"s3cret"]))).unwrap();
         assert!(refused.starts_with("-ERR AUTH: this node has no raft-password"), "{refused}");
         assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_) | Inbound::Hello { from: NodeId(3 | 4 | 9), .. })));
+    }
+
+    #[test]
+    fn a_peer_that_refuses_us_right_after_connecting_is_retried_with_backoff() {
+        // A peer that accepts, answers an error and hangs up (as one with another raft-password
+        // does): each attempt "connects", but must not count as a working connection.
+        let peer = std::net::TcpListener::bind(loopback(0)).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let a = Node::on_any_port(1);
+        a.transport.set_peer_addr(NodeId(2), peer.local_addr().unwrap().to_string());
+        a.transport.send(vec![msg(1, 2, 1)]);
+        let started = Instant::now();
+        let mut attempts = 0;
+        while started.elapsed() < Duration::from_secs(3) {
+            match peer.accept() {
+                Ok((mut s, _)) => {
+                    attempts += 1;
+                    let _ = s.write_all(b"-NOAUTH Authentication required.\r\n");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        // Backing off from 50 ms, doubling: 6 attempts in 3 s; every 50 ms would be ~50.
+        assert!((2..=10).contains(&attempts), "{attempts} connection attempts in 3 s");
+        assert!(!a.peer(2).connected);
     }
 
     #[test]
