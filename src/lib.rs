@@ -6,6 +6,7 @@ pub mod blocking;
 pub mod command_entry;
 pub mod config;
 pub mod determinism;
+pub mod dir_lock;
 pub mod disk_space;
 pub mod forward;
 mod heartbeats;

@@ -176,6 +176,21 @@ fn restarting_every_node_keeps_every_acknowledged_write() {
 }
 
 #[test]
+fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    let _: () = cluster.nodes[0].cmd(&["SET", "k", "v"]).unwrap();
+    let dir = cluster.nodes[0].dir.clone();
+    let err = Server::start(raftis_integration::free_port_pair(), &dir, &[]).err().expect("the second server is refused").to_string();
+    assert!(err.contains("is in use by another running node (pid"), "{err}");
+    assert_eq!(cluster.nodes[0].cmd::<String>(&["GET", "k"]).unwrap(), "v", "the first one runs on");
+    // The lock dies with its process, kill -9 included.
+    cluster.nodes[0].kill9();
+    let second = Server::start(raftis_integration::free_port_pair(), &dir, &[]).unwrap();
+    wait_for("the node to lead again", Duration::from_secs(10), || (second.state() == "leader").then_some(()));
+    assert_eq!(second.cmd::<String>(&["GET", "k"]).unwrap(), "v");
+}
+
+#[test]
 fn replies_are_forwarded_byte_for_byte_in_resp2_and_resp3() {
     let cluster = Cluster::start(1, &[]).unwrap();
     let port = cluster.leader().port;

@@ -245,6 +245,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&settings.dir)
         .map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
+    // Held until the process exits (the module cannot be unloaded).
+    static DIR_LOCK: std::sync::OnceLock<raftis_core::dir_lock::DirLock> = std::sync::OnceLock::new();
+    let _ = DIR_LOCK.set(raftis_core::dir_lock::lock(&settings.dir)?);
     let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
     let table = command_table::load(ctx)?;
     let databases: u32 = ffi::config_get(ctx, "databases").and_then(|d| d.parse().ok()).unwrap_or(16);
