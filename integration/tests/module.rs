@@ -191,6 +191,25 @@ fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
 }
 
 #[test]
+fn a_redis_with_renamed_or_disabled_commands_refuses_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("redis.log");
+    let status = std::process::Command::new("redis-server")
+        .args(["--port", &raftis_integration::free_port_pair().to_string(), "--bind", "127.0.0.1"])
+        .arg("--logfile")
+        .arg(&log)
+        .args(["--rename-command", "FLUSHALL", "MYFLUSH", "--rename-command", "KEYS", ""])
+        .arg("--loadmodule")
+        .arg(raftis_integration::module_path())
+        .arg(format!("dir={}", dir.path().join("raft").display()))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "redis-server must not start with the module refused");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("FLUSHALL, KEYS renamed or disabled here") && log.contains("ACL rules instead"), "{log}");
+}
+
+#[test]
 fn replies_are_forwarded_byte_for_byte_in_resp2_and_resp3() {
     let cluster = Cluster::start(1, &[]).unwrap();
     let port = cluster.leader().port;

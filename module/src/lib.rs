@@ -209,6 +209,7 @@ pub extern "C" fn RedisModule_OnUnload(_ctx: *mut RedisModuleCtx) -> c_int {
 
 fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let settings = Settings::parse(args)?;
+    redis_settings::check_commands_at_load(ctx)?;
     redis_settings::check_at_load(ctx)?;
     // Without Redis' allocation counter no limit can be held; the node still runs without one.
     if let Err(why) = memory::init() {

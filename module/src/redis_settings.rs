@@ -11,6 +11,10 @@
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
 //! - `port` keeps the value it had at load: the others know this node's client address.
+//! - no command is renamed or disabled (`rename-command`): every node must be able to run every
+//!   command of the log under its own name (a script's calls included), and the module calls
+//!   some itself (`FLUSHALL` before loading a snapshot, `CONFIG`, `DEBUG SET-ACTIVE-EXPIRE`...).
+//!   A write renamed on one node would also run there alone, past the log.
 
 use crate::ffi::{self, RedisModuleCtx};
 use raftis_core::settings::parse_size;
@@ -57,6 +61,39 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
 }
 
 /// At load: Redis' settings as Raftis needs them, or the reason the module cannot load.
+/// Refuses to load when `rename-command` renamed or disabled any of Redis' commands. `ACL CAT`
+/// lists Redis' original command table, `COMMAND INFO` looks names up in the current one.
+pub fn check_commands_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
+    const ADVICE: &str = "rename-command cannot be used with Raftis: every node must run every command of the log \
+                          alike, and the module calls some itself; restrict commands with ACL rules instead \
+                          (ACL SETUSER default -flushall -keys, say)";
+    let mut names = std::collections::BTreeSet::new();
+    for category in ["fast", "slow"] {
+        let reply = ffi::call_strs(ctx, &["ACL", "CAT", category]);
+        let listed = ffi::is_array(reply);
+        for i in 0..if listed { ffi::reply_len(reply) } else { 0 } {
+            let name = String::from_utf8_lossy(ffi::reply_bytes(ffi::reply_element(reply, i))).to_ascii_lowercase();
+            if !name.contains('|') {
+                names.insert(name);
+            }
+        }
+        ffi::free_call_reply(reply);
+        anyhow::ensure!(listed, "ACL CAT does not answer, so Redis' commands cannot be checked: {ADVICE}");
+    }
+    let mut argv = vec!["COMMAND", "INFO"];
+    argv.extend(names.iter().map(String::as_str));
+    let reply = ffi::call_strs(ctx, &argv);
+    let answered = ffi::is_array(reply) && ffi::reply_len(reply) == names.len();
+    let missing: Vec<String> = match answered {
+        true => names.iter().enumerate().filter(|(i, _)| !ffi::is_array(ffi::reply_element(reply, *i))).map(|(_, n)| n.to_uppercase()).collect(),
+        false => Vec::new(),
+    };
+    ffi::free_call_reply(reply);
+    anyhow::ensure!(answered, "COMMAND INFO does not answer, so Redis' commands cannot be checked: {ADVICE}");
+    anyhow::ensure!(missing.is_empty(), "{} renamed or disabled here: {ADVICE}", missing.join(", "));
+    Ok(())
+}
+
 pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
     ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
