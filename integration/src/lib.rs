@@ -87,6 +87,8 @@ pub struct Server {
     pub extra: Vec<String>,
     /// Where Redis listens (`--bind`).
     pub bind: String,
+    /// Redis' own settings (`--name value` words), beyond those every server gets.
+    pub redis_args: Vec<String>,
     /// Without the module: plain Redis, the reference a test compares Raftis with.
     plain: bool,
     child: Option<Child>,
@@ -109,17 +111,30 @@ impl Server {
         Self::start_with(port, dir, "127.0.0.1", &[], true)
     }
 
+    /// Like [`Server::start`], with Redis settings of its own (`["--databases", "32"]`).
+    pub fn start_with_redis_args(port: u16, dir: &Path, redis_args: &[&str], extra: &[&str]) -> anyhow::Result<Server> {
+        let mut s = Self::unstarted(port, dir, "127.0.0.1", extra, false);
+        s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
+        s.spawn()?;
+        Ok(s)
+    }
+
     fn start_with(port: u16, dir: &Path, bind: &str, extra: &[&str], plain: bool) -> anyhow::Result<Server> {
-        let mut s = Server {
+        let mut s = Self::unstarted(port, dir, bind, extra, plain);
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn unstarted(port: u16, dir: &Path, bind: &str, extra: &[&str], plain: bool) -> Server {
+        Server {
             port,
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|e| e.to_string()).collect(),
             bind: bind.to_string(),
+            redis_args: Vec::new(),
             plain,
             child: None,
-        };
-        s.spawn()?;
-        Ok(s)
+        }
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -133,7 +148,8 @@ impl Server {
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
-            .arg(self.dir.join("redis.log"));
+            .arg(self.dir.join("redis.log"))
+            .args(&self.redis_args);
         if self.plain {
             // A test may load the module into it at runtime (MODULE LOAD).
             cmd.args(["--enable-module-command", "yes"]);

@@ -191,6 +191,41 @@ fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
 }
 
 #[test]
+fn a_node_with_fewer_databases_stops_rather_than_skip_a_write_and_catches_up_once_fixed() {
+    let mut cluster = Cluster::start(2, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let dir = cluster.root.path().join("small");
+    let small = Server::start_with_redis_args(raftis_integration::free_port_pair(), &dir, &["--databases", "8"], &["consistency=low"]).unwrap();
+    cluster.nodes.push(small);
+    cluster.join(2, leader).unwrap();
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(10).query(&mut conn).unwrap();
+    let _: () = redis::cmd("SET").arg("x").arg("in-db-10").query(&mut conn).unwrap();
+
+    // The node that has no database 10 stops, rather than go on with a dataset the others do not have.
+    let small = &cluster.nodes[2];
+    wait_for("the small node to stop", Duration::from_secs(10), || (small.state() == "stopped").then_some(()));
+    let err = small.cmd::<String>(&["GET", "anything"]).unwrap_err().to_string();
+    assert!(err.contains("writes to database 10, and this node has 8 (databases 8)"), "{err}");
+    assert!(small.cmd::<Value>(&["RAFT.SNAPSHOT"]).unwrap_err().to_string().contains("stopped serving"));
+    // The others go on without it.
+    let _: () = cluster.nodes[leader].cmd(&["SET", "after", "1"]).unwrap();
+
+    // Restarted with enough databases, it replays the log it kept and holds both writes.
+    cluster.nodes[2].redis_args = vec!["--databases".into(), "16".into()];
+    cluster.nodes[2].restart().unwrap();
+    let small = &cluster.nodes[2];
+    wait_for("the node to follow again", Duration::from_secs(20), || {
+        let mut c = small.client().ok()?;
+        let after: Option<String> = redis::cmd("GET").arg("after").query(&mut c).ok()?;
+        after.is_some().then_some(c)
+    });
+    let mut c = small.client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(10).query(&mut c).unwrap();
+    assert_eq!(redis::cmd("GET").arg("x").query::<String>(&mut c).unwrap(), "in-db-10");
+}
+
+#[test]
 fn a_redis_with_renamed_or_disabled_commands_refuses_the_module() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("redis.log");

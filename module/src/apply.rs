@@ -294,7 +294,11 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
                 };
                 applied_to = Some(batch.applied_to);
             }
-            Job::TakeSnapshot(waiter) => state::get().snapshots.start(ctx, &point, Some(waiter)),
+            Job::TakeSnapshot(waiter) => match state::get().refuse_if_stopped() {
+                Ok(()) => state::get().snapshots.start(ctx, &point, Some(waiter)),
+                Err(stopped) => waiter.finish(Outcome::Error(stopped)),
+            },
+            Job::SnapshotWanted if state::get().stopped() => {}
             Job::SnapshotWanted => state::get().snapshots.start(ctx, &point, None),
             Job::CheckSnapshot => {}
             Job::Forward { req, done, abandoned } => crate::forward::serve(req, done, abandoned),
@@ -304,11 +308,14 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
     crate::runaway::end();
     let s = state::get();
     let latest = || s.snapshots.latest().map_or(LogIndex(0), |(index, _)| index);
-    if crate::runaway::snapshot_wanted(latest) && !s.snapshots.in_progress() {
+    if s.stopped() {
+        // Its dataset may be wrong (see `Raftis::dataset_cannot_follow`): never a snapshot of it.
+    } else if crate::runaway::snapshot_wanted(latest) && !s.snapshots.in_progress() {
         // So that a restart does not replay the skipped entry (see `runaway`).
         s.snapshots.start(ctx, &point, None);
+    } else {
+        maybe_snapshot(ctx, &point);
     }
-    maybe_snapshot(ctx, &point);
     drop(point);
     let progress = &inner.progress;
     progress.entries.fetch_add(entries, Ordering::Relaxed);
@@ -322,6 +329,9 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
 fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let index = committed.index;
     let mut waiter = committed.waiter;
+    if let Err(stopped) = state::get().refuse_if_stopped() {
+        return finish(waiter, Outcome::Error(stopped));
+    }
     let resp3 = waiter.as_ref().map_or(false, |w| w.resp3);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Entry { at, view } = Entry::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
@@ -381,9 +391,15 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
 /// Redis' own expiry suspended (see `expiry`).
 fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryTime>, command: &CommandView, resp3: bool) -> Outcome {
     if !ffi::select_db(ctx, command.db) {
-        let msg = format!("ERR log entry at {index} names database {} which does not exist here", command.db);
-        log::error!("{msg}");
-        return Outcome::Error(msg);
+        let databases = state::get().databases;
+        let why = format!(
+            "log entry {index} writes to database {}, and this node has {databases} (databases {databases}): every node needs \
+             as many databases as the others; restart it with their databases setting (at least {})",
+            command.db,
+            command.db + 1
+        );
+        state::get().dataset_cannot_follow(why.clone());
+        return Outcome::Error(state::stopped_error(&why));
     }
     // A script the leader proposed while over its memory limit (see `memory`).
     let (over_limit, argv) = memory_limit::split_mark(&command.argv);
@@ -460,9 +476,8 @@ fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
     match crate::snapshot::load(ctx, &path) {
         Ok(keys) => log::info!("loaded snapshot {} at index {index}: {keys} keys in {:?}", descriptor.file, started.elapsed()),
         Err(e) => {
-            log::error!("cannot load snapshot {}: {e:#}; this node stops serving", path.display());
             ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
-            state::get().set_fatal(format!("snapshot {} could not be loaded: {e}", descriptor.file));
+            state::get().dataset_cannot_follow(format!("snapshot {} could not be loaded: {e}", descriptor.file));
         }
     }
 }

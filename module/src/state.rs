@@ -209,6 +209,29 @@ impl Raftis {
         self.stopped.store(true, Ordering::Release);
     }
 
+    /// This node's dataset cannot follow the log any more (an entry it cannot run as the others
+    /// do, a snapshot it cannot load). It stops serving, applies nothing more and takes no more
+    /// snapshots (one would record the wrong dataset as the truth for the next start), and leaves
+    /// the cluster's Raft traffic to the others: as a voter that still answered, it could lead,
+    /// and hold every write up. A restart once the cause is fixed replays the log again.
+    pub fn dataset_cannot_follow(&self, why: String) {
+        log::error!("{why}; this node stops serving and leaves the others to go on without it");
+        self.set_fatal(why);
+        let Some(node) = self.node() else { return };
+        let wait = self.settings().timing.tick_interval * node.status().election_ticks as u32;
+        let spawned = std::thread::Builder::new().name("raft-step-aside".into()).spawn(move || {
+            // Handing leadership over first spares the others an election timeout.
+            let deadline = std::time::Instant::now() + wait.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
+            if let Ok(to) = node.hand_over_leadership(deadline) {
+                log::info!("handed leadership to node {to}");
+            }
+            node.shutdown();
+        });
+        if let Err(e) = spawned {
+            log::error!("cannot spawn a thread to stop the raft node: {e}");
+        }
+    }
+
     /// Queues work for the dataset on the main thread (RAFT.SNAPSHOT).
     pub fn send_to_apply(&self, job: Job) -> Result<(), String> {
         match &*self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) {
