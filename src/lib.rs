@@ -22,6 +22,7 @@ pub mod resp;
 pub mod routing;
 pub mod set_pop;
 pub mod settings;
+pub mod shared_settings;
 pub mod snapshot_data;
 pub mod snapshot_file;
 pub mod snapshot_transfer;

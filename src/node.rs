@@ -141,6 +141,8 @@ pub struct NodeConfig {
     pub max_entry_bytes: u64,
     /// The cluster's `raft-password`, if it has one (see [`crate::peer_auth`]).
     pub password: Option<crate::peer_auth::Password>,
+    /// The Redis settings every node must share (see [`crate::shared_settings`]); None: not compared.
+    pub shared: Option<crate::shared_settings::SharedSettings>,
 }
 
 enum Request<W> {
@@ -308,6 +310,7 @@ impl<S: StateMachine> Node<S> {
                 queue_limit: 4096,
                 snapshot_dir: Some(cfg.snapshot_dir.clone()),
                 password: cfg.password.clone(),
+                shared: cfg.shared.clone(),
             },
             move |inbound| {
                 let req = match inbound {

@@ -2,7 +2,8 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr> [<client-addr>]` and then sends `MSGS <m1> <m2> ...` frames, each
+//! `HELLO <id> <advertise-addr> [<client-addr> [<shared settings>]]` (a node whose settings differ
+//! is refused, see [`crate::shared_settings`]) and then sends `MSGS <m1> <m2> ...` frames, each
 //! a RESP array of bulk strings holding prost-encoded raft messages. Nothing is answered, except by
 //! an error that closes the connection (`-REMOVED ...` to a node that asks for votes after it was
 //! removed from the cluster). The listener also answers `PING` with `+PONG`, so
@@ -23,6 +24,7 @@ use crate::heartbeats;
 use crate::ids::NodeId;
 use crate::peer_auth::{self, Gate, Password};
 use crate::resp::{self, Frame};
+use crate::shared_settings::SharedSettings;
 use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
@@ -109,6 +111,9 @@ pub struct TransportConfig {
     pub snapshot_dir: Option<std::path::PathBuf>,
     /// The cluster's `raft-password`: asked of every connection, and given on every one dialed.
     pub password: Option<Password>,
+    /// This node's Redis settings that every node must share, said in `HELLO` and compared with
+    /// what dialers say (with `advertise_client` only).
+    pub shared: Option<SharedSettings>,
 }
 
 impl TransportConfig {
@@ -122,6 +127,7 @@ impl TransportConfig {
             queue_limit: DEFAULT_QUEUE_LIMIT,
             snapshot_dir: None,
             password: None,
+            shared: None,
         }
     }
 }
@@ -160,6 +166,7 @@ struct Inner {
     advertise_client: Option<String>,
     queue_limit: usize,
     password: Option<Password>,
+    shared: Option<SharedSettings>,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
@@ -266,6 +273,7 @@ impl Transport {
             forward: forward_handler.clone(),
             removed: removed_check.clone(),
             password: cfg.password.clone(),
+            shared: cfg.shared.clone(),
         };
         handle.spawn(accept_loop(listener, served));
 
@@ -288,6 +296,7 @@ impl Transport {
                 advertise_client: cfg.advertise_client,
                 queue_limit: cfg.queue_limit.clamp(1, MAX_QUEUE_LIMIT),
                 password: cfg.password,
+                shared: cfg.shared,
                 local_addr,
                 runtime: handle,
                 inbound,
@@ -395,7 +404,7 @@ impl Transport {
             let task = inner.runtime.spawn(run_peer(PeerTask {
                 id,
                 addr: addr.clone(),
-                hello: hello_frame(inner.me, &inner.advertise, inner.advertise_client.as_deref()),
+                hello: hello_frame(inner.me, &inner.advertise, inner.advertise_client.as_deref(), inner.shared.as_ref()),
                 password: inner.password.clone(),
                 rx,
                 link: link.clone(),
@@ -533,11 +542,15 @@ impl Drop for Inner {
     }
 }
 
-fn hello_frame(me: NodeId, advertise: &str, client: Option<&str>) -> Bytes {
+fn hello_frame(me: NodeId, advertise: &str, client: Option<&str>, shared: Option<&SharedSettings>) -> Bytes {
     let mut out = BytesMut::new();
     let id = me.to_string();
+    let shared = shared.map(SharedSettings::encode);
     let mut args = vec![&b"HELLO"[..], id.as_bytes(), advertise.as_bytes()];
-    args.extend(client.map(str::as_bytes));
+    if let Some(client) = client {
+        args.push(client.as_bytes());
+        args.extend(shared.as_ref().map(String::as_bytes));
+    }
     resp::encode_command(&args, &mut out);
     out.freeze()
 }
@@ -785,6 +798,7 @@ struct Served {
     forward: ForwardSlot,
     removed: RemovedSlot,
     password: Option<Password>,
+    shared: Option<SharedSettings>,
 }
 
 async fn accept_loop(listener: TcpListener, served: Served) {
@@ -976,21 +990,28 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
         }
         Ok(None)
     } else if is("HELLO") {
-        let (3 | 4, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
-            return Err(Reject::err("usage: HELLO <node-id> <host:port> [<client host:port>]"));
+        let usage = || Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings>]]");
+        let (3..=5, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+            return Err(usage());
         };
-        let client_addr = match args.get(3) {
-            Some(Frame::Bulk(client)) => {
-                Some(std::str::from_utf8(client).map_err(|_| Reject::err("HELLO: client address is not UTF-8"))?.to_string())
-            }
-            Some(_) => return Err(Reject::err("usage: HELLO <node-id> <host:port> [<client host:port>]")),
-            None => None,
+        let text = |i: usize, what: &str| match args.get(i) {
+            Some(Frame::Bulk(bytes)) => std::str::from_utf8(bytes)
+                .map(|s| Some(s.to_string()))
+                .map_err(|_| Reject::err(format!("HELLO: {what} is not UTF-8"))),
+            Some(_) => Err(usage()),
+            None => Ok(None),
         };
+        let client_addr = text(3, "client address")?;
         let from = std::str::from_utf8(id)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
             .filter(|&id| id != 0)
             .ok_or_else(|| Reject::err("HELLO: invalid node id"))?;
+        if let (Some(ours), Some(theirs)) = (&served.shared, text(4, "settings")?) {
+            if let Some(differ) = ours.differences(&SharedSettings::decode(&theirs)) {
+                return Err(Reject::err(format!("node {from}'s Redis settings differ from this node's: {differ}")));
+            }
+        }
         let addr = std::str::from_utf8(addr).map_err(|_| Reject::err("HELLO: address is not UTF-8"))?;
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
@@ -1582,6 +1603,27 @@ mod tests {
         let refused = String::from_utf8(raw_exchange(&open.addr(), &command(&[b"AUTH", b"s3cret"]))).unwrap();
         assert!(refused.starts_with("-ERR AUTH: this node has no raft-password"), "{refused}");
         assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_) | Inbound::Hello { from: NodeId(3 | 4 | 9), .. })));
+    }
+
+    #[test]
+    fn a_node_whose_shared_settings_differ_is_refused_with_what_differs() {
+        let with = |me: u64, databases: &str| {
+            let mut cfg = TransportConfig::new(NodeId(me), loopback(0), format!("node-{me}.test:7000"));
+            cfg.advertise_client = Some(format!("client-{me}.test:6379"));
+            cfg.shared = Some(SharedSettings::read(|name| if name == "databases" { databases.into() } else { "1".into() }));
+            Node::with_config(cfg)
+        };
+        let (a, b, odd) = (with(1, "16"), with(2, "16"), with(3, "32"));
+        a.transport.set_peer_addr(NodeId(2), b.addr());
+        odd.transport.set_peer_addr(NodeId(2), b.addr());
+        a.transport.send(vec![msg(1, 2, 1)]);
+        assert_eq!(b.raft_messages(1), vec![msg(1, 2, 1)]);
+        odd.transport.send(vec![msg(3, 2, 1)]);
+        odd.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        let hello = command(&[b"HELLO", b"3", b"x:1", b"y:2", SharedSettings::decode("databases=32").encode().as_bytes()]);
+        let refused = String::from_utf8(raw_exchange(&b.addr(), &hello)).unwrap();
+        assert!(refused.starts_with("-ERR node 3's Redis settings differ from this node's: databases is 32 there and 16 here"), "{refused}");
+        assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_) | Inbound::Hello { from: NodeId(3), .. })));
     }
 
     #[test]

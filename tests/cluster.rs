@@ -80,6 +80,7 @@ fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durabil
         trailing_bytes: 0,
         max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
         password: None,
+        shared: None,
     };
     let node = Node::start(cfg, store, Recorder { applied: applied.clone() }).unwrap();
     TestNode { id, dir: dir.to_path_buf(), port, node, applied }

@@ -190,39 +190,70 @@ fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
     assert_eq!(second.cmd::<String>(&["GET", "k"]).unwrap(), "v");
 }
 
+/// Nodes whose settings differ never talk (see the next test); a single node is its own majority
+/// and replays its own log at start, which is how one with fewer databases meets an entry it
+/// cannot run as it ran before.
 #[test]
-fn a_node_with_fewer_databases_stops_rather_than_skip_a_write_and_catches_up_once_fixed() {
-    let mut cluster = Cluster::start(2, &["consistency=low"]).unwrap();
-    let leader = cluster.wait_leader();
-    let dir = cluster.root.path().join("small");
-    let small = Server::start_with_redis_args(raftis_integration::free_port_pair(), &dir, &["--databases", "8"], &["consistency=low"]).unwrap();
-    cluster.nodes.push(small);
-    cluster.join(2, leader).unwrap();
-    let mut conn = cluster.nodes[leader].client().unwrap();
+fn a_node_restarted_with_fewer_databases_stops_rather_than_skip_a_write_and_catches_up_once_fixed() {
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    let mut conn = cluster.nodes[0].client().unwrap();
     let _: () = redis::cmd("SELECT").arg(10).query(&mut conn).unwrap();
     let _: () = redis::cmd("SET").arg("x").arg("in-db-10").query(&mut conn).unwrap();
+    let _: () = cluster.nodes[0].cmd(&["SET", "in-db-0", "1"]).unwrap();
 
-    // The node that has no database 10 stops, rather than go on with a dataset the others do not have.
-    let small = &cluster.nodes[2];
-    wait_for("the small node to stop", Duration::from_secs(10), || (small.state() == "stopped").then_some(()));
-    let err = small.cmd::<String>(&["GET", "anything"]).unwrap_err().to_string();
+    // It stops at that entry, rather than go on with a dataset short of it (and snapshot it).
+    cluster.nodes[0].redis_args = vec!["--databases".into(), "8".into()];
+    cluster.nodes[0].restart().unwrap();
+    let node = &cluster.nodes[0];
+    wait_for("the node to stop", Duration::from_secs(10), || (node.state() == "stopped").then_some(()));
+    let err = node.cmd::<String>(&["GET", "in-db-0"]).unwrap_err().to_string();
     assert!(err.contains("writes to database 10, and this node has 8 (databases 8)"), "{err}");
-    assert!(small.cmd::<Value>(&["RAFT.SNAPSHOT"]).unwrap_err().to_string().contains("stopped serving"));
-    // The others go on without it.
-    let _: () = cluster.nodes[leader].cmd(&["SET", "after", "1"]).unwrap();
+    assert!(node.cmd::<Value>(&["RAFT.SNAPSHOT"]).unwrap_err().to_string().contains("stopped serving"));
 
-    // Restarted with enough databases, it replays the log it kept and holds both writes.
-    cluster.nodes[2].redis_args = vec!["--databases".into(), "16".into()];
-    cluster.nodes[2].restart().unwrap();
-    let small = &cluster.nodes[2];
-    wait_for("the node to follow again", Duration::from_secs(20), || {
-        let mut c = small.client().ok()?;
-        let after: Option<String> = redis::cmd("GET").arg("after").query(&mut c).ok()?;
-        after.is_some().then_some(c)
-    });
-    let mut c = small.client().unwrap();
+    // Restarted with its former setting, it replays its log whole.
+    cluster.nodes[0].redis_args.clear();
+    cluster.nodes[0].restart().unwrap();
+    let node = &cluster.nodes[0];
+    wait_for("the node to lead again", Duration::from_secs(10), || node.cmd::<Option<String>>(&["GET", "in-db-0"]).ok().flatten());
+    let mut c = node.client().unwrap();
     let _: () = redis::cmd("SELECT").arg(10).query(&mut c).unwrap();
     assert_eq!(redis::cmd("GET").arg("x").query::<String>(&mut c).unwrap(), "in-db-10");
+}
+
+#[test]
+fn nodes_whose_redis_settings_differ_are_kept_apart() {
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let odd_args = ["--stream-node-max-entries", "10"];
+    let dir = cluster.root.path().join("odd");
+    let odd = Server::start_with_redis_args(raftis_integration::free_port_pair(), &dir, &odd_args, &["consistency=low"]).unwrap();
+    let err = odd.cmd::<String>(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap_err().to_string();
+    assert!(err.contains("refused the join") && err.contains("stream-node-max-entries is 10 there and 100 here"), "{err}");
+    let err = cluster.nodes[leader].cmd::<Value>(&["RAFT.ADDPEER", &odd.addr()]).unwrap_err().to_string();
+    assert!(err.contains("cannot be added: its Redis settings differ"), "{err}");
+    let err = cluster.nodes[leader].cmd::<String>(&["CONFIG", "SET", "stream-node-max-entries", "50"]).unwrap_err().to_string();
+    assert!(err.contains("every node must have the same value"), "{err}");
+
+    // A member restarted with another value is cut off from the others (each side refuses the
+    // other's HELLO), so it cannot apply the log differently; the others go on.
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let other = (0..3).find(|&i| i != leader && i != follower).unwrap();
+    cluster.nodes[follower].redis_args = odd_args.iter().map(|a| a.to_string()).collect();
+    cluster.nodes[follower].restart().unwrap();
+    wait_for("the restarted node to refuse the leader", Duration::from_secs(20), || {
+        cluster.nodes[follower].log_tail().contains("Redis settings differ from this node's: stream-node-max-entries is 100 there and 10 here").then_some(())
+    });
+    let _: () = cluster.nodes[leader].cmd(&["SET", "while-apart", "1"]).unwrap();
+    wait_for("the other follower to apply it", Duration::from_secs(10), || {
+        cluster.nodes[other].cmd::<Option<String>>(&["GET", "while-apart"]).unwrap().map(|_| ())
+    });
+    assert_eq!(cluster.nodes[follower].cmd::<Option<String>>(&["GET", "while-apart"]).unwrap(), None);
+    // With the same settings again, it catches up.
+    cluster.nodes[follower].redis_args.clear();
+    cluster.nodes[follower].restart().unwrap();
+    wait_for("the node to catch up", Duration::from_secs(20), || {
+        cluster.nodes[follower].cmd::<Option<String>>(&["GET", "while-apart"]).ok().flatten().map(|_| ())
+    });
 }
 
 #[test]

@@ -8,6 +8,7 @@ use crate::state::{self, RaftNode};
 use bytes::BytesMut;
 use raftis_core::membership::{MembershipChange, NodeInfo};
 use raftis_core::resp::{self, Frame};
+use raftis_core::shared_settings::SharedSettings;
 use raftis_core::NodeId;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -85,7 +86,8 @@ pub fn in_background(blocked: Blocked, name: &str, work: impl FnOnce() -> Outcom
 pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
     let deadline = Instant::now() + JOIN_TIMEOUT;
     let id = me.id.get().to_string();
-    let parts: [&[u8]; 4] = [b"RAFT._JOIN", id.as_bytes(), me.raft_addr.as_bytes(), me.client_addr.as_bytes()];
+    let shared = state::get().shared.encode();
+    let parts: [&[u8]; 5] = [b"RAFT._JOIN", id.as_bytes(), me.raft_addr.as_bytes(), me.client_addr.as_bytes(), shared.as_bytes()];
     let mut last_error = String::new();
     let mut leaderless_since: Option<Instant> = None;
     loop {
@@ -156,18 +158,23 @@ pub fn add_peer(node: Arc<RaftNode>, addr: String) -> Outcome {
         Err(e) => return Outcome::Error(format!("ERR cannot add {e}")),
     };
     let info = match reply {
-        Frame::Array(items) if items.len() == 3 => {
+        Frame::Array(items) if (3..=4).contains(&items.len()) => {
             let text = |f: &Frame| match f {
                 Frame::Bulk(b) => Some(String::from_utf8_lossy(b).into_owned()),
                 Frame::Simple(s) => Some(s.clone()),
                 _ => None,
             };
-            match (&items[0], text(&items[1]), text(&items[2])) {
+            let info = match (&items[0], text(&items[1]), text(&items[2])) {
                 (Frame::Integer(id), Some(raft_addr), Some(client_addr)) if *id > 0 => {
                     NodeInfo { id: NodeId(*id as u64), raft_addr, client_addr }
                 }
                 _ => return Outcome::Error(format!("ERR {addr} answered RAFT._IDENTIFY with a malformed reply")),
+            };
+            let differ = items.get(3).and_then(text).and_then(|theirs| state::get().shared.differences(&SharedSettings::decode(&theirs)));
+            if let Some(differ) = differ {
+                return Outcome::Error(format!("ERR {addr} cannot be added: its Redis settings differ from this cluster's: {differ}"));
             }
+            info
         }
         Frame::Error(e) => return Outcome::Error(format!("ERR {addr} cannot be added: {}", peer_user::explain(&e))),
         other => return Outcome::Error(format!("ERR {addr} is not a Raftis node (answered {other:?})")),

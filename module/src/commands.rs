@@ -10,6 +10,7 @@ use crate::state::{self, Raftis};
 use crate::write::not_initialized;
 use raftis_core::membership::NodeInfo;
 use raftis_core::status::Status;
+use raftis_core::shared_settings::SharedSettings;
 use raftis_core::NodeId;
 use std::fmt::Write as _;
 
@@ -98,9 +99,10 @@ fn leader_node(s: &Raftis) -> std::result::Result<std::sync::Arc<state::RaftNode
     Ok(node)
 }
 
-/// `RAFT._JOIN id raft-addr client-addr` (sent by a joining node to the leader).
+/// `RAFT._JOIN id raft-addr client-addr [settings]` (sent by a joining node to the leader; the
+/// settings every node must share, see `raftis_core::shared_settings`).
 pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
-    if args.len() != 4 {
+    if !(4..=5).contains(&args.len()) {
         return Err(wrong_args("raft._join"));
     }
     peer_user::require_peer(ctx, "joining it")?;
@@ -109,6 +111,11 @@ pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     valid_addr(&raft_addr)?;
     valid_addr(&client_addr)?;
     let node = leader_node(state::get())?;
+    if let Some(theirs) = args.get(4) {
+        if let Some(differ) = state::get().shared.differences(&SharedSettings::decode(&text(theirs))) {
+            return Err(format!("ERR the joining node's Redis settings differ from this cluster's: {differ}"));
+        }
+    }
     let info = NodeInfo { id: NodeId(id), raft_addr, client_addr };
     if let Some(existing) = node.status().members.get(&info.id) {
         if existing != &info {
@@ -132,7 +139,12 @@ pub fn identify(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         return Err("ERR this node already belongs to a cluster".into());
     }
     let id = start_joining_node(s)?;
-    Ok(Reply::Array(vec![Reply::Integer(id.get() as i64), Reply::bulk(s.raft_addr.clone()), Reply::bulk(s.client_addr.clone())]))
+    Ok(Reply::Array(vec![
+        Reply::Integer(id.get() as i64),
+        Reply::bulk(s.raft_addr.clone()),
+        Reply::bulk(s.client_addr.clone()),
+        Reply::bulk(s.shared.encode()),
+    ]))
 }
 
 /// `RAFT.ADDPEER host:port` (on the leader): adds the empty node at that client address.

@@ -252,11 +252,12 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
     let table = command_table::load(ctx)?;
     let databases: u32 = ffi::config_get(ctx, "databases").and_then(|d| d.parse().ok()).unwrap_or(16);
+    let shared = raftis_core::shared_settings::SharedSettings::read(|name| ffi::config_get(ctx, name).unwrap_or_default());
     check_snapshot(&store, &settings.dir)?;
     let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
     runaway::init(settings.skip_entry);
-    let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases));
+    let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases, shared));
     // The module opens keys for writing only to expire them (see `expiry`): closing such a key
     // must not tell WATCH and client tracking it was modified. A deletion says so itself.
     unsafe { api!(RedisModule_SetModuleOptions)(ctx, raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED as c_int) };

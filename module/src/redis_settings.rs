@@ -11,6 +11,8 @@
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
 //! - `port` keeps the value it had at load: the others know this node's client address.
+//! - the settings every node must share (`raftis_core::shared_settings`) keep their values:
+//!   nodes compare them only when they connect.
 //! - no command is renamed or disabled (`rename-command`): every node must be able to run every
 //!   command of the log under its own name (a script's calls included), and the module calls
 //!   some itself (`FLUSHALL` before loading a snapshot, `CONFIG`, `DEBUG SET-ACTIVE-EXPIRE`...).
@@ -18,6 +20,7 @@
 
 use crate::ffi::{self, RedisModuleCtx};
 use raftis_core::settings::parse_size;
+use raftis_core::shared_settings;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 /// The port Redis listened on at load: the one this node's client address names.
@@ -56,11 +59,14 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>().map_or(true, |n| n != 0) => {
             Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
         }
+        _ if shared_settings::NAMES.contains(&name) => Some(
+            "every node must have the same value (they compare them when they connect): set it in every node's \
+             configuration and restart them one at a time",
+        ),
         _ => None,
     }
 }
 
-/// At load: Redis' settings as Raftis needs them, or the reason the module cannot load.
 /// Refuses to load when `rename-command` renamed or disabled any of Redis' commands. `ACL CAT`
 /// lists Redis' original command table, `COMMAND INFO` looks names up in the current one.
 pub fn check_commands_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
@@ -94,6 +100,7 @@ pub fn check_commands_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// At load: Redis' settings as Raftis needs them, or the reason the module cannot load.
 pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
     ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));

@@ -1,6 +1,7 @@
 //! The module's global state: settings, the log store, the Raft node once this server belongs
 //! to a cluster, and the apply machinery. Created once in `RedisModule_OnLoad`.
 
+use raftis_core::shared_settings::SharedSettings;
 use crate::apply::{self, ApplyProgress, RedisMachine};
 use crate::ffi::DetachedContext;
 use raftis_core::membership::NodeInfo;
@@ -41,6 +42,9 @@ pub struct Raftis {
     pub snapshots: Snapshots,
     /// How many databases Redis has (snapshots cover them all).
     pub databases: u32,
+    /// The Redis settings every node must share, as they were at load (see
+    /// `raftis_core::shared_settings`).
+    pub shared: SharedSettings,
     apply_tx: Mutex<Option<apply::Queue>>,
     /// Set when this node must stop serving: a snapshot it cannot load, or its Raft loop stopped
     /// (a log it cannot write, e.g. on a full disk).
@@ -74,6 +78,7 @@ impl Raftis {
         table: CommandTable,
         apply_ctx: DetachedContext,
         databases: u32,
+        shared: SharedSettings,
     ) -> Raftis {
         let r = Raftis {
             consistency: AtomicU8::new(0),
@@ -82,6 +87,7 @@ impl Raftis {
             maxmemory: AtomicU64::new(settings.maxmemory),
             snapshots: Snapshots::default(),
             databases,
+            shared,
             apply_tx: Mutex::new(None),
             fatal: Mutex::new(None),
             stopped: AtomicBool::new(false),
@@ -299,6 +305,7 @@ impl Raftis {
             trailing_bytes: settings.snapshot_log_bytes,
             max_entry_bytes: settings.max_entry_bytes,
             password: settings.raft_password.clone(),
+            shared: Some(self.shared.clone()),
         };
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());

@@ -48,6 +48,7 @@ fn start(id: u64, dir: &Path, port: u16, durability: Durability, bootstrap: bool
         trailing_bytes: 0,
         max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
         password: None,
+        shared: None,
     };
     Node::start(cfg, store, Sink)
 }
