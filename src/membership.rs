@@ -88,13 +88,13 @@ impl MembershipChange {
     }
 }
 
-/// Whether a node asking for votes was removed from the cluster, as far as this node can tell
-/// for certain. The asker believes it is a member, so some committed entry at or before its last
+/// Whether a node asking for votes, or dialing in (it dials the members it knows of), was removed
+/// from the cluster, as far as this node can tell for certain. The asker believes it is a member, so some committed entry at or before its last
 /// log entry (`their_last`) made it one; every node applies the same committed entries in the
 /// same order, so if this node has applied at least that far (`applied`) and the asker is no
 /// longer among its members (`is_member`), a later committed entry removed it. A node that has
 /// applied less cannot tell a removed member from one whose addition it has not seen yet.
-pub fn removed_voter(is_member: impl Fn(NodeId) -> bool, applied: LogIndex, from: NodeId, their_last: LogIndex) -> bool {
+pub fn was_removed(is_member: impl Fn(NodeId) -> bool, applied: LogIndex, from: NodeId, their_last: LogIndex) -> bool {
     their_last.get() > 0 && applied >= their_last && !is_member(from)
 }
 
@@ -151,11 +151,11 @@ mod tests {
     fn only_a_node_that_applied_past_the_askers_log_calls_it_removed() {
         let members = [NodeId(1), NodeId(2)];
         let is_member = |id: NodeId| members.contains(&id);
-        assert!(removed_voter(is_member, LogIndex(75), NodeId(3), LogIndex(65)), "applied past its log, not a member");
-        assert!(removed_voter(is_member, LogIndex(65), NodeId(3), LogIndex(65)), "applied exactly its log");
-        assert!(!removed_voter(is_member, LogIndex(64), NodeId(3), LogIndex(65)), "its addition may be ahead of us");
-        assert!(!removed_voter(is_member, LogIndex(75), NodeId(2), LogIndex(65)), "a member");
-        assert!(!removed_voter(is_member, LogIndex(0), NodeId(3), LogIndex(0)), "nothing applied, empty log");
+        assert!(was_removed(is_member, LogIndex(75), NodeId(3), LogIndex(65)), "applied past its log, not a member");
+        assert!(was_removed(is_member, LogIndex(65), NodeId(3), LogIndex(65)), "applied exactly its log");
+        assert!(!was_removed(is_member, LogIndex(64), NodeId(3), LogIndex(65)), "its addition may be ahead of us");
+        assert!(!was_removed(is_member, LogIndex(75), NodeId(2), LogIndex(65)), "a member");
+        assert!(!was_removed(is_member, LogIndex(0), NodeId(3), LogIndex(0)), "nothing applied, empty log");
     }
 
     #[test]

@@ -323,6 +323,8 @@ impl<S: StateMachine> Node<S> {
             },
         )
         .with_context(|| format!("starting the side port on {}", cfg.listen))?;
+        // Before the first dial: a member that removed this node meanwhile tells it in answer.
+        transport.set_last_index(store.last_index());
         for info in members.values().filter(|m| m.id != cfg.id) {
             transport.set_peer_addr(info.id, info.raft_addr.clone());
         }
@@ -344,7 +346,7 @@ impl<S: StateMachine> Node<S> {
         transport.set_removed_check(Arc::new(move |from, their_last| {
             let status = status.status.lock().unwrap_or_else(|p| p.into_inner());
             let is_member = |id: NodeId| status.voters.contains(&id) || status.learners.contains(&id);
-            membership::removed_voter(is_member, status.applied, from, LogIndex(their_last)).then(|| {
+            membership::was_removed(is_member, status.applied, from, LogIndex(their_last)).then(|| {
                 let (me, applied) = (status.id, status.applied);
                 format!(
                     "node {me} has applied the removal of node {from} (applied up to {applied}, its log ends at {their_last})"
@@ -781,6 +783,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.stop_on(e);
                 break;
             }
+            self.transport.set_last_index(self.store.last_index());
             self.compact_step();
             if self.store.take_snapshot_wanted() {
                 self.sm.request_snapshot();

@@ -2,11 +2,12 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr> [<client-addr> [<shared settings>]]` (a node whose settings differ
-//! is refused, see [`crate::shared_settings`]) and then sends `MSGS <m1> <m2> ...` frames, each
+//! `HELLO <id> <advertise-addr> [<client-addr> <shared settings> <last log index>]` (a node
+//! whose settings differ is refused, see [`crate::shared_settings`], and so is one the cluster
+//! removed) and then sends `MSGS <m1> <m2> ...` frames, each
 //! a RESP array of bulk strings holding prost-encoded raft messages. Nothing is answered, except by
-//! an error that closes the connection (`-REMOVED ...` to a node that asks for votes after it was
-//! removed from the cluster). The listener also answers `PING` with `+PONG`, so
+//! an error that closes the connection (`-REMOVED ...` to a node that says hello or asks for votes
+//! after it was removed from the cluster). The listener also answers `PING` with `+PONG`, so
 //! `redis-cli -p <raft-port> PING` tells an operator the port is alive. With a `raft-password`,
 //! every connection starts with `AUTH <password>` (see [`peer_auth`]).
 //!
@@ -26,7 +27,7 @@ use crate::peer_auth::{self, Gate, Password};
 use crate::resp::{self, Frame};
 use crate::shared_settings::SharedSettings;
 use anyhow::Context as _;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use prost::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
@@ -167,6 +168,8 @@ struct Inner {
     queue_limit: usize,
     password: Option<Password>,
     shared: Option<SharedSettings>,
+    /// The index of the last entry in this node's log, said in `HELLO`.
+    last_index: Arc<AtomicU64>,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
@@ -297,6 +300,7 @@ impl Transport {
                 queue_limit: cfg.queue_limit.clamp(1, MAX_QUEUE_LIMIT),
                 password: cfg.password,
                 shared: cfg.shared,
+                last_index: Arc::default(),
                 local_addr,
                 runtime: handle,
                 inbound,
@@ -325,6 +329,13 @@ impl Transport {
     /// The address the listener is bound to (useful when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The index of the last entry in this node's log, for the `HELLO` of connections made from
+    /// now on: a member that has applied further and no longer counts this node tells it it was
+    /// removed (a learner that was down while it was removed would hear it no other way).
+    pub fn set_last_index(&self, index: u64) {
+        self.inner.last_index.store(index, Ordering::Relaxed);
     }
 
     /// The `raft-password` this transport gives and asks for, for other connections to peers'
@@ -404,7 +415,13 @@ impl Transport {
             let task = inner.runtime.spawn(run_peer(PeerTask {
                 id,
                 addr: addr.clone(),
-                hello: hello_frame(inner.me, &inner.advertise, inner.advertise_client.as_deref(), inner.shared.as_ref()),
+                hello: Hello {
+                    me: inner.me,
+                    advertise: inner.advertise.clone(),
+                    client: inner.advertise_client.clone(),
+                    shared: inner.shared.as_ref().map(SharedSettings::encode),
+                    last_index: inner.last_index.clone(),
+                },
                 password: inner.password.clone(),
                 rx,
                 link: link.clone(),
@@ -542,17 +559,29 @@ impl Drop for Inner {
     }
 }
 
-fn hello_frame(me: NodeId, advertise: &str, client: Option<&str>, shared: Option<&SharedSettings>) -> Bytes {
-    let mut out = BytesMut::new();
-    let id = me.to_string();
-    let shared = shared.map(SharedSettings::encode);
-    let mut args = vec![&b"HELLO"[..], id.as_bytes(), advertise.as_bytes()];
-    if let Some(client) = client {
-        args.push(client.as_bytes());
-        args.extend(shared.as_ref().map(String::as_bytes));
+/// What a connection to a peer starts with.
+struct Hello {
+    me: NodeId,
+    advertise: String,
+    client: Option<String>,
+    /// Encoded; compared only when given.
+    shared: Option<String>,
+    last_index: Arc<AtomicU64>,
+}
+
+impl Hello {
+    /// The `HELLO` frame, with the log's last index as of now.
+    fn frame(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        let id = self.me.to_string();
+        let last_index = self.last_index.load(Ordering::Relaxed).to_string();
+        let mut args = vec![&b"HELLO"[..], id.as_bytes(), self.advertise.as_bytes()];
+        if let Some(client) = &self.client {
+            args.extend([client.as_bytes(), self.shared.as_deref().unwrap_or_default().as_bytes(), last_index.as_bytes()]);
+        }
+        resp::encode_command(&args, &mut out);
+        out
     }
-    resp::encode_command(&args, &mut out);
-    out.freeze()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,7 +590,7 @@ fn hello_frame(me: NodeId, advertise: &str, client: Option<&str>, shared: Option
 struct PeerTask {
     id: NodeId,
     addr: String,
-    hello: Bytes,
+    hello: Hello,
     password: Option<Password>,
     rx: mpsc::Receiver<Message>,
     link: Arc<Link>,
@@ -632,7 +661,7 @@ async fn pump(mut stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> 
         peer_auth::authenticate(&mut stream, password).await?;
     }
     let (mut reader, mut writer) = stream.into_split();
-    write_fully(&mut writer, &task.hello).await.context("sending HELLO failed")?;
+    write_fully(&mut writer, &task.hello.frame()).await.context("sending HELLO failed")?;
     let mut batch: Vec<Message> = Vec::new();
     let mut out = BytesMut::new();
     let mut scratch = [0u8; 256];
@@ -990,8 +1019,8 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
         }
         Ok(None)
     } else if is("HELLO") {
-        let usage = || Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings>]]");
-        let (3..=5, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+        let usage = || Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index>]]]");
+        let (3..=6, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
             return Err(usage());
         };
         let text = |i: usize, what: &str| match args.get(i) {
@@ -1007,9 +1036,15 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
             .and_then(|s| s.parse::<u64>().ok())
             .filter(|&id| id != 0)
             .ok_or_else(|| Reject::err("HELLO: invalid node id"))?;
-        if let (Some(ours), Some(theirs)) = (&served.shared, text(4, "settings")?) {
+        if let (Some(ours), Some(theirs)) = (&served.shared, text(4, "settings")?.filter(|t| !t.is_empty())) {
             if let Some(differ) = ours.differences(&SharedSettings::decode(&theirs)) {
                 return Err(Reject::err(format!("node {from}'s Redis settings differ from this node's: {differ}")));
+            }
+        }
+        if let Some(last_index) = text(5, "last log index")? {
+            let last_index = last_index.parse::<u64>().map_err(|_| Reject::err("HELLO: invalid last log index"))?;
+            if let Some(why) = removed_member(&served.removed, NodeId(from), last_index) {
+                return Err(Reject(format!("REMOVED {why}")));
             }
         }
         let addr = std::str::from_utf8(addr).map_err(|_| Reject::err("HELLO: address is not UTF-8"))?;
@@ -1034,8 +1069,13 @@ fn removed_voter(slot: &RemovedSlot, msg: &Message) -> Option<String> {
     if !matches!(msg.get_msg_type(), MessageType::MsgRequestVote | MessageType::MsgRequestPreVote) {
         return None;
     }
+    removed_member(slot, NodeId(msg.from), msg.index)
+}
+
+/// Why `from`, whose log ends at `last_index`, is refused, if it was removed from the cluster.
+fn removed_member(slot: &RemovedSlot, from: NodeId, last_index: u64) -> Option<String> {
     let check = slot.read().unwrap_or_else(|p| p.into_inner()).clone()?;
-    check(NodeId(msg.from), msg.index)
+    check(from, last_index)
 }
 
 /// Largest chunk a peer may ask for at once.

@@ -522,3 +522,24 @@ fn a_learner_removed_while_it_runs_stops_too() {
     // tell it.
     remove_and_see_it_stop(&n1, &n2);
 }
+
+#[test]
+fn a_learner_removed_while_it_was_down_learns_it_when_it_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (n1, n2) = a_leader_and_an_empty_node(root.path());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    n1.node.change_membership_blocking(MembershipChange::AddLearner(info(n2.id, n2.port)), deadline).unwrap();
+    let first = values("first", 20);
+    assert_acked(propose_all(&n1, first.clone()));
+    wait_applied(&n2, &first);
+    let (dir, port) = (n2.dir.clone(), n2.port);
+    drop(n2);
+    n1.node.change_membership_blocking(MembershipChange::Remove(NodeId(2)), deadline).unwrap();
+
+    // A learner asks nobody for votes, and nobody writes to it any more: only the answer to its
+    // HELLO, which says how far its log goes, can tell it.
+    let restarted = start(NodeId(2), &dir, port, false, Durability::Low);
+    let why = wait_for("the restarted learner to stop", Duration::from_secs(10), || restarted.node.status().fatal);
+    assert!(why.starts_with("removed from the cluster: "), "{why}");
+    assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
+}
