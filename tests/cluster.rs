@@ -511,24 +511,29 @@ fn a_voter_that_applies_its_own_removal_stops() {
     assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
 }
 
-#[test]
-fn a_learner_removed_while_it_runs_stops_too() {
-    let root = tempfile::tempdir().unwrap();
-    let (n1, n2) = a_leader_and_an_empty_node(root.path());
+/// Node 1 leads, node 2 is its learner.
+fn a_leader_and_a_learner(root: &Path) -> (TestNode, TestNode) {
+    let (n1, n2) = a_leader_and_an_empty_node(root);
     let deadline = Instant::now() + Duration::from_secs(10);
     n1.node.change_membership_blocking(MembershipChange::AddLearner(info(n2.id, n2.port)), deadline).unwrap();
     wait_for("node 2 to be a learner", Duration::from_secs(10), || (n2.node.status().role == Role::Learner).then_some(()));
-    // A learner never asks for votes: only the commit of its removal, sent as it is removed, can
-    // tell it.
+    (n1, n2)
+}
+
+#[test]
+fn a_learner_removed_while_it_runs_stops_too() {
+    let root = tempfile::tempdir().unwrap();
+    let (n1, n2) = a_leader_and_a_learner(root.path());
+    // A learner never asks for votes: running, it learns from the commit of its removal, sent as
+    // it is removed.
     remove_and_see_it_stop(&n1, &n2);
 }
 
 #[test]
 fn a_learner_removed_while_it_was_down_learns_it_when_it_comes_back() {
     let root = tempfile::tempdir().unwrap();
-    let (n1, n2) = a_leader_and_an_empty_node(root.path());
+    let (n1, n2) = a_leader_and_a_learner(root.path());
     let deadline = Instant::now() + Duration::from_secs(10);
-    n1.node.change_membership_blocking(MembershipChange::AddLearner(info(n2.id, n2.port)), deadline).unwrap();
     let first = values("first", 20);
     assert_acked(propose_all(&n1, first.clone()));
     wait_applied(&n2, &first);
