@@ -243,6 +243,11 @@ fn nodes_whose_redis_settings_differ_are_kept_apart() {
     wait_for("the restarted node to refuse the leader", Duration::from_secs(20), || {
         cluster.nodes[follower].log_tail().contains("Redis settings differ from this node's: stream-node-max-entries is 100 there and 10 here").then_some(())
     });
+    // The leader's RAFT.INFO says why that peer is down.
+    wait_for("the leader to show why", Duration::from_secs(10), || {
+        let info: String = cluster.nodes[leader].cmd(&["RAFT.INFO"]).unwrap();
+        info.lines().any(|l| l.contains("_last_error:") && l.contains("stream-node-max-entries is 100 there and 10 here")).then_some(())
+    });
     let _: () = cluster.nodes[leader].cmd(&["SET", "while-apart", "1"]).unwrap();
     wait_for("the other follower to apply it", Duration::from_secs(10), || {
         cluster.nodes[other].cmd::<Option<String>>(&["GET", "while-apart"]).unwrap().map(|_| ())
@@ -522,9 +527,12 @@ fn joining_a_cluster_without_a_leader_fails_with_clusterdown_and_can_be_retried(
         (survivor.cmd::<Value>(&["RAFT.LEADER"]).is_err()).then_some(())
     });
     let joiner = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n2"), &[]).unwrap();
-    // One member of two cannot elect a leader: the join gives up after a while rather than
+    // One member of two cannot elect a leader: the join gives up after a while (15 s, as long
+    // as the harness' usual read timeout, hence a connection that waits longer) rather than
     // blocking for the whole catch-up allowance, and says why.
-    let err = joiner.cmd::<String>(&["RAFT.CLUSTER", "JOIN", &survivor.addr()]).unwrap_err();
+    let mut patient = joiner.client().unwrap();
+    patient.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let err = redis::cmd("RAFT.CLUSTER").arg("JOIN").arg(survivor.addr()).query::<String>(&mut patient).unwrap_err();
     assert_eq!(err.code(), Some("CLUSTERDOWN"), "{err}");
     assert!(err.to_string().contains("no leader"), "{err}");
     assert_eq!(joiner.state(), "uninitialized");
