@@ -146,6 +146,8 @@ pub struct PeerStats {
     pub sent: u64,
     /// Messages dropped: queue full, or lost with a failed write.
     pub dropped: u64,
+    /// Why the connection failed last, while it is down (a refusal says what the peer answered).
+    pub last_error: Option<String>,
 }
 
 /// Handle to the transport. Clones share one transport; it shuts down on [`Transport::shutdown`]
@@ -226,6 +228,8 @@ struct Link {
     connected: AtomicBool,
     /// Encoded size of what waits in the queue (added by `send`, taken off as frames are built).
     queued_bytes: AtomicUsize,
+    /// Why the last connection failed; cleared once one works.
+    last_error: Mutex<Option<String>>,
 }
 
 /// Kept across address changes, so the peer's totals survive a move.
@@ -514,6 +518,7 @@ impl Transport {
                 queued_bytes: peer.link.queued_bytes.load(Ordering::Relaxed),
                 sent: peer.counters.sent.load(Ordering::Relaxed),
                 dropped: peer.counters.dropped.load(Ordering::Relaxed),
+                last_error: peer.link.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             })
             .collect();
         stats.sort_by_key(|s| s.id);
@@ -605,6 +610,7 @@ struct PeerTask {
 impl PeerTask {
     /// The connection has stayed up for [`HEALTHY_AFTER`]: the outage, if any, is over.
     fn healthy(&mut self) {
+        *self.link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if self.failing {
             log::info!("raft transport: reconnected to peer {} at {}", self.id, self.addr);
         }
@@ -632,6 +638,7 @@ async fn run_peer(mut task: PeerTask) {
             }
             Err(e) => e,
         };
+        *task.link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{error:#}"));
         if task.failing {
             log::debug!("raft transport: peer {} at {}: {error:#}", task.id, task.addr);
         } else {
@@ -1660,6 +1667,8 @@ mod tests {
         assert_eq!(b.raft_messages(1), vec![msg(1, 2, 1)]);
         odd.transport.send(vec![msg(3, 2, 1)]);
         odd.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        let why = odd.peer(2).last_error.expect("the refusal is kept");
+        assert!(why.contains("Redis settings differ from this node's: databases is 32 there and 16 here"), "{why}");
         let hello = command(&[b"HELLO", b"3", b"x:1", b"y:2", SharedSettings::decode("databases=32").encode().as_bytes()]);
         let refused = String::from_utf8(raw_exchange(&b.addr(), &hello)).unwrap();
         assert!(refused.starts_with("-ERR node 3's Redis settings differ from this node's: databases is 32 there and 16 here"), "{refused}");

@@ -357,10 +357,15 @@ pub fn info_fields() -> Vec<(String, String)> {
         if let Some(p) = st.progress_of(m.id) {
             let _ = write!(line, ",match_index={},next_index={},state={}", p.matched, p.next, p.state);
         }
-        if let Some(t) = transport.iter().find(|t| t.id == m.id) {
+        let link = transport.iter().find(|t| t.id == m.id);
+        if let Some(t) = link {
             let _ = write!(line, ",connected={},queued={},queued_bytes={},dropped={}", if t.connected { "yes" } else { "no" }, t.queued, t.queued_bytes, t.dropped);
         }
         put(&format!("peer{i}"), line);
+        // Why it is down, on a line of its own: the text has commas and spaces of its own.
+        if let Some(why) = link.filter(|t| !t.connected).and_then(|t| t.last_error.as_ref()) {
+            put(&format!("peer{i}_last_error"), why.replace(['\r', '\n'], " "));
+        }
     }
     f
 }
