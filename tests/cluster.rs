@@ -548,3 +548,23 @@ fn a_learner_removed_while_it_was_down_learns_it_when_it_comes_back() {
     assert!(why.starts_with("removed from the cluster: "), "{why}");
     assert_eq!(n1.node.status().voters, vec![NodeId(1)]);
 }
+
+#[test]
+fn a_node_joining_where_a_removed_member_lived_is_not_taken_for_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (n1, n2) = a_leader_and_a_learner(root.path());
+    // Node 2 was a member for more history than one append carries (1 MiB): a newcomer at its
+    // address applies that history in steps, and dials node 2 (itself) while it does, long
+    // before it reaches its own addition.
+    let history: Vec<Vec<u8>> = (0..3000).map(|i| format!("{i:01024}").into_bytes()).collect();
+    assert_acked(propose_all(&n1, history.clone()));
+    wait_applied(&n2, &history);
+    n1.node.change_membership_blocking(MembershipChange::Remove(n2.id), Instant::now() + Duration::from_secs(10)).unwrap();
+    let port = n2.port;
+    drop(n2);
+    let n3 = start(NodeId(3), &root.path().join("n3"), port, false, Durability::Low);
+    n1.node.add_member(info(n3.id, port), Instant::now() + Duration::from_secs(20)).expect("node 3 joins");
+    wait_applied(&n3, &history);
+    assert_eq!(n3.node.status().fatal, None);
+    assert_eq!(n1.node.status().voters, vec![NodeId(1), NodeId(3)]);
+}
