@@ -10,7 +10,7 @@ use raftis_core::membership::{MembershipChange, NodeInfo};
 use raftis_core::resp::{self, Frame};
 use raftis_core::shared_settings::SharedSettings;
 use raftis_core::NodeId;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,24 +50,20 @@ pub fn request(addr: &str, commands: &[&[&[u8]]], timeout: Duration) -> anyhow::
     }
     stream.write_all(&out)?;
     let mut buf = BytesMut::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let mut waiting = commands.len();
-    loop {
-        let parsed = resp::parse(&mut buf).map_err(|e| {
-            let start = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
-            anyhow::anyhow!("{addr}: not a Redis server (it answered {start:?}: {e})")
-        })?;
-        if let Some(frame) = parsed {
-            waiting -= 1;
-            if waiting == 0 || matches!(frame, Frame::Error(_)) {
-                return Ok(frame);
+    for left in (0..commands.len()).rev() {
+        let frame = resp::read_frame(&mut stream, &mut buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                let start = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
+                anyhow::anyhow!("{addr}: not a Redis server (it answered {start:?}: {e})")
             }
-            continue;
+            std::io::ErrorKind::UnexpectedEof => anyhow::anyhow!("{addr}: connection closed"),
+            _ => anyhow::anyhow!("{addr}: {e}"),
+        })?;
+        if left == 0 || matches!(frame, Frame::Error(_)) {
+            return Ok(frame);
         }
-        let n = stream.read(&mut chunk).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
-        anyhow::ensure!(n > 0, "{addr}: connection closed");
-        buf.extend_from_slice(&chunk[..n]);
     }
+    anyhow::bail!("{addr}: no command to send")
 }
 
 /// Runs `work` on a new thread and answers the blocked client with its outcome.
@@ -209,9 +205,7 @@ pub fn before_exit() {
     if !status.is_leader() || status.voters.len() < 2 {
         return;
     }
-    let wait = s.settings().timing.tick_interval * status.election_ticks as u32;
-    let wait = wait.clamp(Duration::from_millis(200), Duration::from_secs(5));
-    match node.hand_over_leadership(Instant::now() + wait) {
+    match s.hand_over_leadership(&node) {
         Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
         Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
     }

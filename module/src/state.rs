@@ -224,11 +224,9 @@ impl Raftis {
         log::error!("{why}; this node stops serving and leaves the others to go on without it");
         self.set_fatal(why);
         let Some(node) = self.node() else { return };
-        let wait = self.settings().timing.tick_interval * node.status().election_ticks as u32;
         let spawned = std::thread::Builder::new().name("raft-step-aside".into()).spawn(move || {
             // Handing leadership over first spares the others an election timeout.
-            let deadline = std::time::Instant::now() + wait.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
-            if let Ok(to) = node.hand_over_leadership(deadline) {
+            if let Ok(to) = get().hand_over_leadership(&node) {
                 log::info!("handed leadership to node {to}");
             }
             node.shutdown();
@@ -236,6 +234,15 @@ impl Raftis {
         if let Err(e) = spawned {
             log::error!("cannot spawn a thread to stop the raft node: {e}");
         }
+    }
+
+    /// Hands leadership to the most up-to-date voter if this node leads, and waits for it: one
+    /// election timeout at most (0.2-5 s), after which raft gives the hand-over up anyway.
+    /// Blocks the caller.
+    pub fn hand_over_leadership(&self, node: &RaftNode) -> Result<NodeId, String> {
+        let wait = self.settings().timing.tick_interval * node.status().election_ticks as u32;
+        let wait = wait.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
+        node.hand_over_leadership(std::time::Instant::now() + wait)
     }
 
     /// Queues work for the dataset on the main thread (RAFT.SNAPSHOT).
