@@ -324,7 +324,7 @@ impl<S: StateMachine> Node<S> {
         )
         .with_context(|| format!("starting the side port on {}", cfg.listen))?;
         // Before the first dial: a member that removed this node meanwhile tells it in answer.
-        transport.set_last_index(membership_claim(&raw, cfg.id, store.last_index()));
+        transport.set_last_index(membership_claim(&raw, cfg.id));
         for info in members.values().filter(|m| m.id != cfg.id) {
             transport.set_peer_addr(info.id, info.raft_addr.clone());
         }
@@ -638,11 +638,11 @@ impl<S: StateMachine> Drop for Node<S> {
 /// no longer counts it, conclude it was removed. A node still catching up in its join has not
 /// applied its own addition yet (that entry is further on): it claims nothing (0), or it would
 /// be judged by memberships from before it was added.
-fn membership_claim<S: raft::Storage>(raw: &RawNode<S>, id: NodeId, last_index: u64) -> u64 {
+fn membership_claim<S: raft::Storage>(raw: &RawNode<S>, id: NodeId) -> u64 {
     let conf = raw.raft.prs().conf();
     let counted = conf.voters().contains(id.get()) || conf.learners().contains(&id.get());
     if counted {
-        last_index
+        raw.raft.raft_log.last_index()
     } else {
         0
     }
@@ -799,7 +799,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.stop_on(e);
                 break;
             }
-            self.transport.set_last_index(membership_claim(&self.raw, self.id, self.store.last_index()));
+            self.transport.set_last_index(membership_claim(&self.raw, self.id));
             self.compact_step();
             if self.store.take_snapshot_wanted() {
                 self.sm.request_snapshot();
