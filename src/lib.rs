@@ -18,6 +18,7 @@ pub mod node;
 pub mod peer_auth;
 pub mod proposal;
 mod raft_logger;
+pub mod recovery;
 pub mod resp;
 pub mod routing;
 pub mod set_pop;

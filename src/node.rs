@@ -18,6 +18,7 @@ use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::{self, Members, MembershipChange, NodeInfo, Readdress};
 use crate::proposal::{Callback, Pending, PendingProposals, ProposeError, Waiter};
 use crate::raft_logger;
+use crate::recovery::{self, Recovery, META_RECOVERY};
 use crate::snapshot_data;
 use crate::snapshot_transfer::{self, FetchProgress, SnapshotDescriptor};
 use crate::status::{Counters, PeerProgress, Role, Status};
@@ -28,7 +29,7 @@ use crossbeam_channel::Sender;
 use prost::Message as _;
 use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -57,6 +58,9 @@ const SLOW_ROUND_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a shutdown waits for the Raft loop to answer what it holds and stop.
 const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a recovered node asks again for the snapshot that ends its recovery.
+const RECOVERY_SNAPSHOT_RETRY: Duration = Duration::from_secs(2);
 
 const META_MEMBERS: &str = "members";
 const META_CONF_APPLIED: &str = "conf_applied";
@@ -158,6 +162,8 @@ enum Request<W> {
     Removed { by: NodeId, why: String },
     TransferLeader(NodeId),
     SetTicks { election: usize, heartbeat: usize },
+    /// Make this node the only voter of a cluster that lost its majority (see [`crate::recovery`]).
+    Recover(Sender<Result<LogIndex, String>>),
     SnapshotTaken(TakenSnapshot, Sender<()>),
     /// A snapshot message whose file has been fetched (or could not be).
     SnapshotFetched { msg: Box<Message>, ok: bool },
@@ -266,6 +272,15 @@ impl<S: StateMachine> Node<S> {
     /// Starts the side port and the Raft loop. A store that was never bootstrapped gives a node
     /// that waits to be added to a cluster by its leader.
     pub fn start(cfg: NodeConfig, store: LogStore, mut sm: S) -> anyhow::Result<Node<S>> {
+        let recovered = match store.get_meta(META_RECOVERY)? {
+            Some(bytes) => Some(Recovery::decode(&bytes).context("the recovery record is corrupt")?),
+            None => None,
+        };
+        if let Some(rec) = recovered.as_ref().filter(|r| !r.done) {
+            // A crash in the middle of the recovery: finish it.
+            store_recovered_membership(&store, &cfg.info, rec).context("finishing an interrupted recovery")?;
+        }
+        let recovered = recovered.map(|r| Recovery { done: true, ..r });
         let members: Members = match store.get_meta(META_MEMBERS)? {
             Some(bytes) => serde_json::from_slice(&bytes).context("decoding the member list")?,
             None => Members::new(),
@@ -345,6 +360,12 @@ impl<S: StateMachine> Node<S> {
         let status = shared.clone();
         transport.set_removed_check(Arc::new(move |from, their_last| {
             let status = status.status.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(rec) = status.recovered.as_ref().filter(|r| r.left(from)) {
+                return Some(format!(
+                    "node {} recovered the cluster on its own at index {} and left node {from} behind",
+                    status.id, rec.at
+                ));
+            }
             let is_member = |id: NodeId| status.voters.contains(&id) || status.learners.contains(&id);
             membership::was_removed(is_member, status.applied, from, LogIndex(their_last)).then(|| {
                 let (me, applied) = (status.id, status.applied);
@@ -359,6 +380,7 @@ impl<S: StateMachine> Node<S> {
             trailing_logs: cfg.trailing_logs,
             fetching: None,
             id: cfg.id,
+            me: cfg.info.clone(),
             raw,
             store: store.clone(),
             sm,
@@ -384,6 +406,10 @@ impl<S: StateMachine> Node<S> {
             leader_ready: false,
             shutdown: false,
             removed,
+            recovery: recovered,
+            recover_wanted: None,
+            recovery_snapshot_asked: None,
+            last_heard: BTreeMap::new(),
         };
         raft_loop.publish_status();
         let (stopped_tx, loop_stopped) = crossbeam_channel::bounded(1);
@@ -500,6 +526,21 @@ impl<S: StateMachine> Node<S> {
         Ok(())
     }
 
+    /// Blocking: makes this node the only voter of a cluster that lost its majority for good,
+    /// keeping its whole log (see [`crate::recovery`]). Returns the index the recovery was made
+    /// at, or why it was refused. The node then elects itself.
+    pub fn recover(&self) -> Result<LogIndex, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.tx.send(Request::Recover(tx)).is_err() {
+            return Err("the raft node has stopped".into());
+        }
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(answer) => answer,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err("the raft node has stopped".into()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err("the raft loop did not answer in time".into()),
+        }
+    }
+
     /// Blocking: adds `info` as a learner, waits until it has caught up with the log, then
     /// promotes it to voter. Runs on the caller's thread (never Redis' main thread).
     pub fn add_member(&self, info: NodeInfo, deadline: Instant) -> Result<(), ProposeError> {
@@ -507,6 +548,15 @@ impl<S: StateMachine> Node<S> {
         let status = self.status();
         if status.voters.contains(&id) {
             return Ok(());
+        }
+        // After a recovery, a new node must start from the snapshot that follows it, never from
+        // the old membership's history (see `crate::recovery`).
+        while self.status().recovery_pending() {
+            if Instant::now() >= deadline {
+                let status = self.status();
+                return Err(ProposeError::Dropped(status.recovered.as_ref().map(recovery_pending_message).unwrap_or_default()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         if !status.learners.contains(&id) {
             self.change_membership_blocking(MembershipChange::AddLearner(info), deadline)?;
@@ -744,6 +794,16 @@ struct RaftLoop<S: StateMachine> {
     shutdown: bool,
     /// Why this node was removed from the cluster, once it learns it: the loop then stops.
     removed: Option<String>,
+    /// This node's own addresses, as it runs now.
+    me: NodeInfo,
+    /// The recovery this node made, if any (see [`crate::recovery`]).
+    recovery: Option<Recovery>,
+    /// A recovery asked for, waiting for a round boundary.
+    recover_wanted: Option<Sender<Result<LogIndex, String>>>,
+    /// When the snapshot that ends a recovery was last asked for.
+    recovery_snapshot_asked: Option<Instant>,
+    /// When each peer's last message arrived: a recovery is refused while another member talks.
+    last_heard: BTreeMap<NodeId, Instant>,
 }
 
 impl<S: StateMachine> RaftLoop<S> {
@@ -810,6 +870,11 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.stop_on(e);
                 break;
             }
+            if let Err(e) = self.recover_if_wanted() {
+                self.stop_on(e);
+                break;
+            }
+            self.finish_recovery();
             self.publish_status();
             for (w, result) in self.membership_done.drain(..) {
                 w(result);
@@ -892,7 +957,12 @@ impl<S: StateMachine> RaftLoop<S> {
                 None => waiter(Ok(LogIndex(self.raw.raft.raft_log.last_index()))),
             },
             Request::Raft(msgs) => {
+                let now = Instant::now();
                 for m in msgs {
+                    if self.left_behind(NodeId(m.from)) {
+                        continue;
+                    }
+                    self.last_heard.insert(NodeId(m.from), now);
                     if m.get_msg_type() == MessageType::MsgSnapshot {
                         self.on_snapshot_message(m);
                     } else {
@@ -913,7 +983,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
             }
             Request::Hello { from, addr, client_addr } => {
-                if from == self.id {
+                if from == self.id || self.left_behind(from) {
                     return;
                 }
                 // The member list is authoritative: a hello fills in peers we have not learnt yet
@@ -937,6 +1007,11 @@ impl<S: StateMachine> RaftLoop<S> {
             Request::Removed { .. } => {}
             Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
+            Request::Recover(done) => {
+                if let Some(earlier) = self.recover_wanted.replace(done) {
+                    let _ = earlier.send(Err("another RECOVER came first".into()));
+                }
+            }
             Request::Shutdown => self.shutdown = true,
         }
     }
@@ -1019,6 +1094,11 @@ impl<S: StateMachine> RaftLoop<S> {
         if trailing_bytes > 0 {
             keep_from = self.store.start_within_bytes(keep_from, t.index.get(), trailing_bytes).context("sizing the log tail")?;
         }
+        let first = LogIndex(self.store.first_index());
+        if self.recovery.as_ref().map_or(false, |r| r.pending(first) && t.index >= r.at) {
+            // Nothing from before the recovery may be left for a new node to replay.
+            keep_from = t.index.get() + 1;
+        }
         // The entries go in steps, a few each round (`compact_step`), not all in this one.
         self.compact_to = self.compact_to.max(keep_from.min(self.raw.raft.raft_log.applied + 1));
         self.store.sync()?;
@@ -1091,6 +1171,101 @@ impl<S: StateMachine> RaftLoop<S> {
         Ok(())
     }
 
+    fn left_behind(&self, id: NodeId) -> bool {
+        self.recovery.as_ref().map_or(false, |r| r.left(id))
+    }
+
+    /// Runs a recovery asked for, at a round boundary (raft has nothing in flight to persist).
+    /// An error is a store that failed half-way: the node stops, and finishes at its next start.
+    fn recover_if_wanted(&mut self) -> anyhow::Result<()> {
+        if self.recover_wanted.is_none() || self.raw.has_ready() {
+            return Ok(());
+        }
+        let done = self.recover_wanted.take().expect("checked above");
+        let result = self.recover();
+        let answer = match &result {
+            Ok(at) => Ok(*at),
+            Err(RecoverError::Refused(why)) => Err(why.clone()),
+            Err(RecoverError::Store(e)) => Err(format!("the recovery could not be stored: {e:#}")),
+        };
+        let _ = done.send(answer);
+        match result {
+            Err(RecoverError::Store(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn recover(&mut self) -> Result<LogIndex, RecoverError> {
+        let conf = self.conf_state();
+        let voters: Vec<NodeId> = conf.voters.iter().map(|v| NodeId(*v)).collect();
+        let alive_within = self.tick_interval() * self.raw.raft.election_timeout() as u32 * recovery::ALIVE_WITHIN_ELECTIONS;
+        let heard_from: Vec<NodeId> =
+            self.last_heard.iter().filter(|(_, at)| at.elapsed() < alive_within).map(|(id, _)| *id).collect();
+        let raft = &self.raw.raft;
+        recovery::check(&recovery::Situation {
+            me: self.id,
+            leading: raft.state == StateRole::Leader,
+            leader: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
+            voters: &voters,
+            heard_from: &heard_from,
+        })
+        .map_err(RecoverError::Refused)?;
+        let at = LogIndex(raft.raft_log.last_index());
+        let (election, heartbeat, applied) = (raft.election_timeout(), raft.heartbeat_timeout(), raft.raft_log.applied);
+        let mut left: BTreeSet<NodeId> = self.members.keys().copied().collect();
+        left.extend(conf.voters.iter().chain(&conf.learners).map(|v| NodeId(*v)));
+        // Those an earlier recovery left behind stay left behind.
+        left.extend(self.recovery.iter().flat_map(|r| r.left_behind.iter().copied()));
+        left.remove(&self.id);
+        let rec = Recovery { at, left_behind: left.into_iter().collect(), done: false };
+
+        // The record first: a crash before the membership is stored finishes it at the next start.
+        let store = || -> anyhow::Result<Members> {
+            self.store.put_meta(META_RECOVERY, &rec.encode())?;
+            self.store.sync()?;
+            store_recovered_membership(&self.store, &self.me, &rec)
+        };
+        let members = store().map_err(RecoverError::Store)?;
+        self.members = Arc::new(members);
+        self.conf_applied = at;
+        for id in &rec.left_behind {
+            self.transport.remove_peer(*id);
+        }
+        // Term, vote, commit index and log come back from the store, the membership is the new one.
+        let cfg = raft_config(self.id, election, heartbeat, applied);
+        let logger = raft_logger::logger(self.id.get());
+        self.raw = RawNode::new(&cfg, self.store.clone(), &logger).context("rebuilding raft").map_err(RecoverError::Store)?;
+        self.raw.campaign().context("electing the recovered node").map_err(RecoverError::Store)?;
+        self.campaigned = true;
+        self.recovery = Some(Recovery { done: true, ..rec.clone() });
+        self.recovery_snapshot_asked = None;
+        self.check_leadership();
+        log::warn!(
+            "raft {}: RECOVER: this node is now the only voter of the cluster, with its whole log (up to {at}); \
+             left behind: {}. It drops the log from before once a snapshot follows the recovery; add new nodes then",
+            self.id,
+            rec.left_behind.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        Ok(at)
+    }
+
+    /// After a recovery, asks for the snapshot that lets the log from before it go (see
+    /// [`crate::recovery`]), again now and then until one is taken.
+    fn finish_recovery(&mut self) {
+        let Some(rec) = &self.recovery else { return };
+        if !rec.pending(LogIndex(self.store.first_index())) || self.compact_to > rec.at.get() {
+            return;
+        }
+        if self.raw.raft.raft_log.applied < rec.at.get() {
+            return;
+        }
+        if self.recovery_snapshot_asked.map_or(false, |at| at.elapsed() < RECOVERY_SNAPSHOT_RETRY) {
+            return;
+        }
+        self.recovery_snapshot_asked = Some(Instant::now());
+        self.sm.request_snapshot();
+    }
+
     fn compacting(&self) -> bool {
         self.compact_to > self.store.first_index()
     }
@@ -1145,6 +1320,14 @@ impl<S: StateMachine> RaftLoop<S> {
     fn propose_membership(&mut self, change: MembershipChange, waiter: Callback<()>, deadline: Instant) {
         if let Some(err) = self.not_leader() {
             return waiter(Err(err));
+        }
+        let adds = matches!(change, MembershipChange::AddLearner(_) | MembershipChange::AddVoter(_));
+        if let Some(rec) = self.recovery.as_ref().filter(|r| adds && r.pending(LogIndex(self.store.first_index()))) {
+            return waiter(Err(ProposeError::Dropped(recovery_pending_message(rec))));
+        }
+        if self.left_behind(change.node_id()) && !matches!(change, MembershipChange::Remove(_)) {
+            let why = format!("node {} was left behind by a recovery: it must join with another id", change.node_id());
+            return waiter(Err(ProposeError::Dropped(why)));
         }
         let (cc, context) = change.to_raft();
         let before = self.raw.raft.raft_log.last_index();
@@ -1508,11 +1691,38 @@ impl<S: StateMachine> RaftLoop<S> {
             election_ticks: raft.election_timeout(),
             heartbeat_ticks: raft.heartbeat_timeout(),
             fatal: None,
+            recovered: self.recovery.clone(),
         };
         let mut slot = self.lock_status();
         let fatal = slot.fatal.take();
         *slot = Status { fatal, ..status };
     }
+}
+
+enum RecoverError {
+    Refused(String),
+    Store(anyhow::Error),
+}
+
+/// Makes `me` the only voter and member of the cluster, as `rec` decided, and marks the record
+/// done. Written after the record itself (see [`RaftLoop::recover`]).
+fn store_recovered_membership(store: &LogStore, me: &NodeInfo, rec: &Recovery) -> anyhow::Result<Members> {
+    store.set_conf_state(&ConfState { voters: vec![me.id.get()], ..Default::default() })?;
+    let mut members = Members::new();
+    members.insert(me.id, me.clone());
+    store.put_meta(META_MEMBERS, &serde_json::to_vec(&members)?)?;
+    store.put_meta(META_CONF_APPLIED, &rec.at.get().to_be_bytes())?;
+    store.put_meta(META_RECOVERY, &Recovery { done: true, ..rec.clone() }.encode())?;
+    store.sync()?;
+    Ok(members)
+}
+
+fn recovery_pending_message(rec: &Recovery) -> String {
+    format!(
+        "this node recovered the cluster at index {} and is still dropping the log from before it \
+         (a snapshot, then compaction): nodes can be added once RAFT.INFO shows recovery_pending:no",
+        rec.at
+    )
 }
 
 fn fail_request<W: Waiter>(req: Request<W>, err: ProposeError) {
@@ -1521,6 +1731,7 @@ fn fail_request<W: Waiter>(req: Request<W>, err: ProposeError) {
         Request::ChangeMembership { waiter, .. } => waiter(Err(err)),
         Request::ReadIndex { waiter, .. } => waiter(Err(err)),
         Request::LastProposed(waiter) => waiter(Err(err)),
+        Request::Recover(done) => drop(done.send(Err(err.to_string()))),
         _ => {}
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::Members;
+use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;
 
@@ -71,6 +72,8 @@ pub struct Status {
     pub heartbeat_ticks: usize,
     /// The node stopped because of an unrecoverable error (e.g. its disk failed).
     pub fatal: Option<String>,
+    /// The recovery this node made of a cluster that had lost its majority, if it made one.
+    pub recovered: Option<Recovery>,
 }
 
 impl Status {
@@ -93,7 +96,13 @@ impl Status {
             election_ticks: 0,
             heartbeat_ticks: 0,
             fatal: None,
+            recovered: None,
         }
+    }
+
+    /// A recovery this node made still has the log from before it to drop: no node joins yet.
+    pub fn recovery_pending(&self) -> bool {
+        self.recovered.as_ref().map_or(false, |r| r.pending(self.first_index))
     }
 
     pub fn is_leader(&self) -> bool {

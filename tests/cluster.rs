@@ -568,3 +568,50 @@ fn a_node_joining_where_a_removed_member_lived_is_not_taken_for_it() {
     assert_eq!(n3.node.status().fatal, None);
     assert_eq!(n1.node.status().voters, vec![NodeId(1), NodeId(3)]);
 }
+
+#[test]
+fn a_survivor_recovers_a_cluster_that_lost_its_majority_and_commits_its_whole_log() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::High);
+    let first = append_and_check(current_leader(&nodes), &nodes, Vec::new(), "first", 50);
+    let leader = current_leader(&nodes).id;
+    nodes.retain(|n| n.id == leader);
+    let survivor = nodes.pop().unwrap();
+    // Appended by the survivor once the others are gone: in its log, never committed.
+    let stranded = values("stranded", 5);
+    let results = propose_all(&survivor, stranded.clone());
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+
+    wait_for("the survivor to step down", Duration::from_secs(10), || (!survivor.node.is_leader()).then_some(()));
+    let at = wait_for("RECOVER to be accepted", Duration::from_secs(10), || match survivor.node.recover() {
+        Ok(at) => Some(at),
+        Err(why) if why.contains("spoke to this node moments ago") || why.contains("leads this cluster") => None,
+        Err(why) => panic!("{why}"),
+    });
+    assert!(at >= LogIndex(first.len() as u64 + stranded.len() as u64), "{at}");
+    wait_leader(&[&survivor]);
+    let status = survivor.node.status();
+    assert_eq!(status.voters, vec![survivor.id]);
+    assert_eq!(status.recovered.as_ref().map(|r| r.at), Some(at));
+    let mut left = status.recovered.unwrap().left_behind;
+    left.sort();
+    assert_eq!(left.len(), 2);
+    assert!(!left.contains(&survivor.id));
+    let all = append_and_check(&survivor, [&survivor], [first, stranded].concat(), "after", 10);
+    assert!(survivor.node.recover().unwrap_err().contains("leads"));
+
+    // A crash between the recovery's record and the new membership: the next start finishes it.
+    let (id, dir, port) = (survivor.id, survivor.dir.clone(), survivor.port);
+    drop(survivor);
+    let store = LogStore::open(&dir).unwrap();
+    let record = raftis::recovery::Recovery { at, left_behind: left, done: false };
+    store.put_meta(raftis::recovery::META_RECOVERY, &record.encode()).unwrap();
+    let old = raft::eraftpb::ConfState { voters: vec![1, 2, 3], ..Default::default() };
+    store.set_conf_state(&old).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let again = start(id, &dir, port, false, Durability::High);
+    wait_leader(&[&again]);
+    assert_eq!(again.node.status().voters, vec![id]);
+    append_and_check(&again, [&again], all, "restarted", 5);
+}

@@ -408,6 +408,8 @@ fn odd_arguments() -> Vec<Vec<Vec<u8>>> {
         words(&["JOIN", ""]),
         words(&["JOIN", "127.0.0.1:0"]),
         words(&["JOIN", "[::1]:99999", "x:y:z"]),
+        words(&["RECOVER"]),
+        words(&["RECOVER", "now"]),
         words(&["1", "2", "3", "4", "5", "6", "7", "8"]),
         vec![b"x".to_vec(); 64],
     ];

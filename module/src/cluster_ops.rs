@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 /// Joining includes the new node catching up with the whole log: allow for a big one.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A recovered node elects itself at once; this bounds the wait for it to lead, ready.
+pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a join waits for a cluster in which no member knows a leader (an election takes an
 /// election timeout or two, 1-4 s by default).
 const NO_LEADER_PATIENCE: Duration = Duration::from_secs(15);
@@ -208,5 +210,31 @@ pub fn before_exit() {
     match s.hand_over_leadership(&node) {
         Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
         Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
+    }
+}
+
+/// `RAFT.CLUSTER RECOVER`: makes this node the only voter of a cluster that lost its majority
+/// (see `raftis_core::recovery`), then waits until it leads, ready to serve.
+pub fn recover(node: Arc<RaftNode>) -> Outcome {
+    let at = match node.recover() {
+        Ok(at) => at,
+        Err(why) => return Outcome::Error(format!("ERR cannot recover: {why}")),
+    };
+    let deadline = Instant::now() + RECOVER_TIMEOUT;
+    loop {
+        let status = node.status();
+        if status.is_leader() && status.leader_ready {
+            log::warn!("recovered the cluster at index {at}: node {} leads it alone", status.id);
+            return Outcome::Simple("OK".into());
+        }
+        if let Some(why) = status.fatal {
+            return Outcome::Error(format!("ERR the recovery was recorded, but the node stopped: {why}"));
+        }
+        if Instant::now() >= deadline {
+            return Outcome::Error(format!(
+                "TIMEOUT the recovery was recorded at index {at}, but this node does not lead yet; see RAFT.INFO"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

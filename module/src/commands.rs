@@ -52,11 +52,11 @@ fn start_joining_node(s: &Raftis) -> std::result::Result<NodeId, String> {
     Ok(id)
 }
 
-/// `RAFT.CLUSTER INIT` | `RAFT.CLUSTER JOIN host:port [host:port ...]`
+/// `RAFT.CLUSTER INIT` | `RAFT.CLUSTER JOIN host:port [host:port ...]` | `RAFT.CLUSTER RECOVER`
 pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     let s = state::get();
     let sub = args.get(1).map(|a| text(a).to_ascii_lowercase()).unwrap_or_default();
-    if matches!(sub.as_str(), "init" | "join") {
+    if matches!(sub.as_str(), "init" | "join" | "recover") {
         // Its Raft loop is gone for good (a removed node, a failed disk): it can neither lead a
         // new cluster nor catch up with one.
         s.refuse_if_stopped()?;
@@ -85,8 +85,16 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             cluster_ops::in_background(blocked, "raft-join", move || cluster_ops::join(seeds, me));
             Ok(Reply::Blocked)
         }
-        "init" | "join" => Err(wrong_args("raft.cluster")),
-        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN host:port [host:port ...]".into()),
+        "recover" if args.len() == 2 => {
+            let node = s.node().filter(|_| is_member(s)).ok_or("ERR this node is not part of a cluster: there is nothing to recover")?;
+            let blocked = Blocked::new(ctx, cluster_ops::RECOVER_TIMEOUT + std::time::Duration::from_secs(5));
+            cluster_ops::in_background(blocked, "raft-recover", move || cluster_ops::recover(node));
+            Ok(Reply::Blocked)
+        }
+        "init" | "join" | "recover" => Err(wrong_args("raft.cluster")),
+        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT, RAFT.CLUSTER JOIN host:port [host:port ...] \
+                  or RAFT.CLUSTER RECOVER"
+            .into()),
     }
 }
 
@@ -314,6 +322,13 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("applying_for_ms", running.to_string());
     for (k, v) in crate::expiry::info_fields() {
         put(&k, v);
+    }
+    // A node that recovered its cluster alone (RAFT.CLUSTER RECOVER): where, whom it left behind,
+    // and whether it still drops the log from before (no node can join until it has).
+    if let Some(rec) = &st.recovered {
+        put("recovered_at_index", rec.at.to_string());
+        put("recovered_left_behind", rec.left_behind.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(","));
+        put("recovery_pending", if st.recovery_pending() { "yes" } else { "no" }.into());
     }
     put("first_log_index", st.first_index.to_string());
     put("last_log_index", st.last_index.to_string());
