@@ -203,7 +203,21 @@ pub fn decode_replies(raw: &[u8]) -> Option<Vec<Vec<u8>>> {
 
 /// The frame that carries a forwarded command's outcome back.
 pub fn reply_frame(reply: ForwardReply) -> Frame {
+    reply_frame_within(reply, resp::MAX_BULK)
+}
+
+/// A reply over `limit` bytes would not be read by the follower (the side port reads no bulk
+/// string longer), which would then report a lost connection and an unknown outcome: it gets an
+/// error saying so instead. (A value that big is read with a plain Redis `GET` of over 256 MB,
+/// possible with `proto-max-bulk-len` at its 512 MB default.)
+fn reply_frame_within(reply: ForwardReply, limit: usize) -> Frame {
     match reply {
+        Ok(raw) if raw.len() > limit => Frame::Error(format!(
+            "ERR the reply is {} bytes, over the {} MB the follower proxy carries; the command ran on the leader \
+             (a write in it took effect): send it to the leader to read its reply",
+            raw.len(),
+            limit >> 20
+        )),
         Ok(raw) => Frame::Bulk(raw.into()),
         Err(e) => Frame::Error(e),
     }
@@ -212,6 +226,14 @@ pub fn reply_frame(reply: ForwardReply) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_too_large_for_the_side_port_becomes_an_error_that_says_so() {
+        assert_eq!(reply_frame_within(Ok(vec![b'x'; 4]), 4), Frame::Bulk(b"xxxx".to_vec().into()));
+        let Frame::Error(e) = reply_frame_within(Ok(vec![b'x'; 5 << 20]), 4 << 20) else { panic!("not an error") };
+        assert!(e.starts_with("ERR the reply is 5242880 bytes, over the 4 MB"), "{e}");
+        assert_eq!(reply_frame_within(Err("MOVED 0 a:1".into()), 4), Frame::Error("MOVED 0 a:1".into()));
+    }
 
     fn round_trip(req: &ForwardRequest, verb: &str) -> ForwardRequest {
         let mut out = BytesMut::new();
