@@ -1154,13 +1154,7 @@ impl<S: StateMachine> RaftLoop<S> {
             return Ok(());
         }
         self.ticks_wanted = None;
-        let applied = self.raw.raft.raft_log.applied;
-        let cfg = raft_config(self.id, election, heartbeat, applied);
-        cfg.validate().context("invalid raft timeouts")?;
-        let logger = raft_logger::logger(self.id.get());
-        // Term, vote, commit index, log and membership all come back from the store; only
-        // in-memory rounds are lost (a leader's pending reads, which check_leadership fails).
-        self.raw = RawNode::new(&cfg, self.store.clone(), &logger).context("rebuilding raft with new timeouts")?;
+        self.rebuild_raft(election, heartbeat).context("rebuilding raft with new timeouts")?;
         log::info!("raft {}: election timeout now {election} ticks, heartbeat {heartbeat} ticks", self.id);
         if leader && alone {
             // Nobody else can lead: elect ourselves again at once instead of after a timeout.
@@ -1211,7 +1205,7 @@ impl<S: StateMachine> RaftLoop<S> {
         })
         .map_err(RecoverError::Refused)?;
         let at = LogIndex(raft.raft_log.last_index());
-        let (election, heartbeat, applied) = (raft.election_timeout(), raft.heartbeat_timeout(), raft.raft_log.applied);
+        let (election, heartbeat) = (raft.election_timeout(), raft.heartbeat_timeout());
         let mut left: BTreeSet<NodeId> = self.members.keys().copied().collect();
         left.extend(conf.voters.iter().chain(&conf.learners).map(|v| NodeId(*v)));
         // Those an earlier recovery left behind stay left behind.
@@ -1231,10 +1225,8 @@ impl<S: StateMachine> RaftLoop<S> {
         for id in &rec.left_behind {
             self.transport.remove_peer(*id);
         }
-        // Term, vote, commit index and log come back from the store, the membership is the new one.
-        let cfg = raft_config(self.id, election, heartbeat, applied);
-        let logger = raft_logger::logger(self.id.get());
-        self.raw = RawNode::new(&cfg, self.store.clone(), &logger).context("rebuilding raft").map_err(RecoverError::Store)?;
+        // With the new membership from the store.
+        self.rebuild_raft(election, heartbeat).context("rebuilding raft").map_err(RecoverError::Store)?;
         self.raw.campaign().context("electing the recovered node").map_err(RecoverError::Store)?;
         self.campaigned = true;
         self.recovery = Some(Recovery { done: true, ..rec.clone() });
@@ -1264,6 +1256,17 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         self.recovery_snapshot_asked = Some(Instant::now());
         self.sm.request_snapshot();
+    }
+
+    /// Builds raft afresh from the store: term, vote, commit index, log and membership all come
+    /// back from it; only in-memory rounds are lost (a leader's pending reads, which
+    /// check_leadership fails).
+    fn rebuild_raft(&mut self, election: usize, heartbeat: usize) -> anyhow::Result<()> {
+        let cfg = raft_config(self.id, election, heartbeat, self.raw.raft.raft_log.applied);
+        cfg.validate().context("invalid raft timeouts")?;
+        let logger = raft_logger::logger(self.id.get());
+        self.raw = RawNode::new(&cfg, self.store.clone(), &logger)?;
+        Ok(())
     }
 
     fn compacting(&self) -> bool {
