@@ -280,7 +280,7 @@ impl<S: StateMachine> Node<S> {
             // A crash in the middle of the recovery: finish it.
             store_recovered_membership(&store, &cfg.info, rec).context("finishing an interrupted recovery")?;
         }
-        let recovered = recovered.map(|r| Recovery { done: true, ..r });
+        let recovered = recovered.map(|r| Arc::new(Recovery { done: true, ..r }));
         let members: Members = match store.get_meta(META_MEMBERS)? {
             Some(bytes) => serde_json::from_slice(&bytes).context("decoding the member list")?,
             None => Members::new(),
@@ -554,7 +554,7 @@ impl<S: StateMachine> Node<S> {
         while self.status().recovery_pending() {
             if Instant::now() >= deadline {
                 let status = self.status();
-                return Err(ProposeError::Dropped(status.recovered.as_ref().map(recovery_pending_message).unwrap_or_default()));
+                return Err(ProposeError::Dropped(status.recovered.as_ref().map(|r| recovery_pending_message(r)).unwrap_or_default()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -797,7 +797,7 @@ struct RaftLoop<S: StateMachine> {
     /// This node's own addresses, as it runs now.
     me: NodeInfo,
     /// The recovery this node made, if any (see [`crate::recovery`]).
-    recovery: Option<Recovery>,
+    recovery: Option<Arc<Recovery>>,
     /// A recovery asked for, waiting for a round boundary.
     recover_wanted: Option<Sender<Result<LogIndex, String>>>,
     /// When the snapshot that ends a recovery was last asked for.
@@ -1094,8 +1094,7 @@ impl<S: StateMachine> RaftLoop<S> {
         if trailing_bytes > 0 {
             keep_from = self.store.start_within_bytes(keep_from, t.index.get(), trailing_bytes).context("sizing the log tail")?;
         }
-        let first = LogIndex(self.store.first_index());
-        if self.recovery.as_ref().map_or(false, |r| r.pending(first) && t.index >= r.at) {
+        if self.pending_recovery().map_or(false, |r| t.index >= r.at) {
             // Nothing from before the recovery may be left for a new node to replay.
             keep_from = t.index.get() + 1;
         }
@@ -1165,6 +1164,11 @@ impl<S: StateMachine> RaftLoop<S> {
         Ok(())
     }
 
+    /// The recovery this node made, while the log from before it is still there.
+    fn pending_recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_deref().filter(|r| r.pending(LogIndex(self.store.first_index())))
+    }
+
     fn left_behind(&self, id: NodeId) -> bool {
         self.recovery.as_ref().map_or(false, |r| r.left(id))
     }
@@ -1229,7 +1233,7 @@ impl<S: StateMachine> RaftLoop<S> {
         self.rebuild_raft(election, heartbeat).context("rebuilding raft").map_err(RecoverError::Store)?;
         self.raw.campaign().context("electing the recovered node").map_err(RecoverError::Store)?;
         self.campaigned = true;
-        self.recovery = Some(Recovery { done: true, ..rec.clone() });
+        self.recovery = Some(Arc::new(Recovery { done: true, ..rec.clone() }));
         self.recovery_snapshot_asked = None;
         self.check_leadership();
         log::warn!(
@@ -1244,8 +1248,8 @@ impl<S: StateMachine> RaftLoop<S> {
     /// After a recovery, asks for the snapshot that lets the log from before it go (see
     /// [`crate::recovery`]), again now and then until one is taken.
     fn finish_recovery(&mut self) {
-        let Some(rec) = &self.recovery else { return };
-        if !rec.pending(LogIndex(self.store.first_index())) || self.compact_to > rec.at.get() {
+        let Some(rec) = self.pending_recovery() else { return };
+        if self.compact_to > rec.at.get() {
             return;
         }
         if self.raw.raft.raft_log.applied < rec.at.get() {
@@ -1325,7 +1329,7 @@ impl<S: StateMachine> RaftLoop<S> {
             return waiter(Err(err));
         }
         let adds = matches!(change, MembershipChange::AddLearner(_) | MembershipChange::AddVoter(_));
-        if let Some(rec) = self.recovery.as_ref().filter(|r| adds && r.pending(LogIndex(self.store.first_index()))) {
+        if let Some(rec) = self.pending_recovery().filter(|_| adds) {
             return waiter(Err(ProposeError::Dropped(recovery_pending_message(rec))));
         }
         if self.left_behind(change.node_id()) && !matches!(change, MembershipChange::Remove(_)) {

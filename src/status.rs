@@ -73,7 +73,7 @@ pub struct Status {
     /// The node stopped because of an unrecoverable error (e.g. its disk failed).
     pub fatal: Option<String>,
     /// The recovery this node made of a cluster that had lost its majority, if it made one.
-    pub recovered: Option<Recovery>,
+    pub recovered: Option<Arc<Recovery>>,
 }
 
 impl Status {

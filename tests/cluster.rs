@@ -593,7 +593,7 @@ fn a_survivor_recovers_a_cluster_that_lost_its_majority_and_commits_its_whole_lo
     let status = survivor.node.status();
     assert_eq!(status.voters, vec![survivor.id]);
     assert_eq!(status.recovered.as_ref().map(|r| r.at), Some(at));
-    let mut left = status.recovered.unwrap().left_behind;
+    let mut left = status.recovered.unwrap().left_behind.clone();
     left.sort();
     assert_eq!(left.len(), 2);
     assert!(!left.contains(&survivor.id));
