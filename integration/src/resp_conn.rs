@@ -82,6 +82,16 @@ impl Reply {
     }
 }
 
+/// A command's arguments as the wire carries them.
+pub fn args(a: &[&str]) -> Vec<Vec<u8>> {
+    a.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+/// Runs one command and returns its reply; a test fails on a lost connection.
+pub fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
+    conn.pipeline(&[args(a)]).unwrap().remove(0)
+}
+
 pub struct RespConn {
     stream: TcpStream,
     buf: Vec<u8>,

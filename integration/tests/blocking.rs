@@ -3,21 +3,13 @@
 //! node pops the same element, clients are served in the order they came, and nothing pushed is
 //! lost or popped twice.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{consumer_conn, produce, refused, stat_field, wait_for, waiting_clients, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 fn bulk(s: &str) -> Reply {
     Reply::Blob(b'$', s.as_bytes().to_vec())

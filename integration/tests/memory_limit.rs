@@ -3,16 +3,8 @@
 //! alike on every node, a restarted node included; a follower's own memory never changes what it
 //! applies; and the Redis settings the log depends on cannot be changed under it.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, RespConn};
 use raftis_integration::{free_port_pair, module_path, Cluster, Server};
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 const LIBRARY: &str = "#!lua name=lib
 redis.register_function('plain', function(keys, args) return redis.call('SET', keys[1], args[1]) end)

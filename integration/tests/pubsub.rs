@@ -2,20 +2,12 @@
 //! get each message, in the order it was published. A node that applies a message long after it
 //! was published (replaying its log, catching up) does not deliver it.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::Cluster;
 use std::time::{Duration, Instant};
 
 /// How old a message may be when a node applies it (the module's `OLD_NEWS`), and some margin.
 const OLD_NEWS: Duration = Duration::from_secs(5);
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 fn message(channel: &str, text: &str) -> Reply {
     let bulk = |s: &str| Reply::Blob(b'$', s.as_bytes().to_vec());

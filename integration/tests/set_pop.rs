@@ -2,17 +2,9 @@
 //! members the leader drew are gone by the time the pop applies, and on a node that applies the
 //! entries again after a restart.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{free_port_pair, Cluster, Server};
 use std::collections::BTreeSet;
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 fn members(n: usize) -> BTreeSet<Vec<u8>> {
     (0..n).map(|i| format!("m{i}").into_bytes()).collect()

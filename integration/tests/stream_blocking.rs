@@ -3,21 +3,13 @@
 //! group's delivery goes through the log, so every node delivers the same entries to the same
 //! consumers.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{consumer_conn, produce, stat_field, wait_for, waiting_clients, Cluster, Server};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 /// Sends a blocking read on `conn` and returns once `server` counts `expected` clients waiting.
 fn block(conn: &mut RespConn, read: &[&str], server: &Server, plain: bool, expected: u64) {

@@ -1,17 +1,9 @@
 //! WAIT: the leader counts the other nodes whose log holds a client's writes, waiting up to the
 //! timeout for as many as the client asks.
 
-use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{free_port_pair, Cluster, Server};
 use std::time::{Duration, Instant};
-
-fn args(a: &[&str]) -> Vec<Vec<u8>> {
-    a.iter().map(|s| s.as_bytes().to_vec()).collect()
-}
-
-fn call(conn: &mut RespConn, a: &[&str]) -> Reply {
-    conn.pipeline(&[args(a)]).unwrap().remove(0)
-}
 
 #[test]
 fn wait_counts_the_followers_that_hold_the_clients_writes() {
