@@ -21,6 +21,11 @@ impl SharedSettings {
         SharedSettings(NAMES.iter().map(|name| (name.to_string(), value_of(name))).collect())
     }
 
+    /// One setting's value, as read.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
     /// `name=value` words, as `HELLO` and `RAFT._JOIN` carry them.
     pub fn encode(&self) -> String {
         self.0.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" ")

@@ -251,8 +251,8 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let _ = DIR_LOCK.set(raftis_core::dir_lock::lock(&settings.dir)?);
     let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
     let table = command_table::load(ctx)?;
-    let databases: u32 = ffi::config_get(ctx, "databases").and_then(|d| d.parse().ok()).unwrap_or(16);
     let shared = raftis_core::shared_settings::SharedSettings::read(|name| ffi::config_get(ctx, name).unwrap_or_default());
+    let databases: u32 = shared.get("databases").and_then(|d| d.parse().ok()).unwrap_or(16);
     check_snapshot(&store, &settings.dir)?;
     let _ = raftis_core::snapshot_file::remove_leftovers(&settings.dir);
     let apply_ctx = ffi::DetachedContext::new(ctx);
