@@ -1,0 +1,362 @@
+//! The Raft loop's round: wait for requests (or the next tick), handle them, then process one
+//! Ready (send, persist, apply) and publish the node's status. The rest of what the loop does is
+//! in its sibling files, by concern.
+
+use super::*;
+use super::proposals::fail_request;
+
+impl<S: StateMachine> RaftLoop<S> {
+    pub(super) async fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick_interval();
+        while !self.shutdown {
+            if let Some(why) = self.removed.take() {
+                self.leave(why);
+                break;
+            }
+            // With compaction left to do, or after a campaign started outside a round (new
+            // timeouts on a single node), a round runs at once even if nothing arrives.
+            let again = self.compacting() || std::mem::take(&mut self.campaigned);
+            let wake_at = if again { Instant::now() } else { next_tick };
+            let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
+            let started = Instant::now();
+            let mut requests = 0;
+            self.store.set_ordered_commits(self.sync_writes());
+            match received {
+                Ok(Some(req)) => {
+                    let mut round = std::mem::take(&mut self.round);
+                    round.push(req);
+                    while round.len() < MAX_REQUESTS_PER_ROUND {
+                        match self.rx.try_recv() {
+                            Ok(req) => round.push(req),
+                            Err(_) => break,
+                        }
+                    }
+                    let messages = round.iter_mut().filter_map(|req| match req {
+                        Request::Raft(msgs) => Some(msgs),
+                        _ => None,
+                    });
+                    let skipped = heartbeats::drop_superseded(messages);
+                    CounterCells::add(&self.shared.counters.heartbeats_coalesced, skipped as u64);
+                    requests = round.len();
+                    for req in round.drain(..) {
+                        self.handle(req);
+                    }
+                    self.round = round;
+                }
+                Ok(None) => break,
+                Err(_elapsed) => {}
+            }
+            CounterCells::add(&self.shared.counters.rounds, 1);
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick = now + self.tick_interval();
+                self.expire(now);
+            }
+            self.start_reads();
+            if let Err(e) = self.on_ready().await {
+                self.stop_on(e);
+                break;
+            }
+            self.transport.set_last_index(membership_claim(&self.raw, self.id));
+            self.compact_step();
+            if self.store.take_snapshot_wanted() {
+                self.sm.request_snapshot();
+            }
+            self.check_leadership();
+            self.propose_readdress();
+            if let Err(e) = self.apply_wanted_ticks() {
+                self.stop_on(e);
+                break;
+            }
+            if let Err(e) = self.recover_if_wanted() {
+                self.stop_on(e);
+                break;
+            }
+            self.finish_recovery();
+            self.publish_status();
+            for (w, result) in self.membership_done.drain(..) {
+                w(result);
+            }
+            self.account_round(started.elapsed(), requests);
+            // Lets the connections write what this round sent (acknowledgements, heartbeats)
+            // even while more requests keep the channel busy.
+            tokio::task::yield_now().await;
+        }
+        self.shared.leading_term.store(0, Ordering::Release);
+        self.shared.ready_index.store(0, Ordering::Release);
+        // The commit index is written lazily; a clean stop leaves the newest on disk.
+        if let Err(e) = self.store.store_commit() {
+            log::warn!("raft {}: could not store the commit index at shutdown: {e:#}", self.id);
+        }
+        self.fail_everything(ProposeError::Shutdown);
+        // Requests that raced with the stop still get an answer.
+        self.rx.close();
+        while let Ok(req) = self.rx.try_recv() {
+            fail_request(req, ProposeError::Shutdown);
+        }
+        self.publish_status();
+    }
+
+    /// Records why the loop is about to stop, for the log and for `Status::fatal`.
+    fn stop_on(&mut self, e: anyhow::Error) {
+        let mut msg = format!("{e:#}");
+        let disk_failed = e.chain().any(|cause| {
+            cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<StorageError>(), Some(StorageError::Lmdb(_) | StorageError::Io(_)))
+        });
+        if disk_failed {
+            // A full disk shows up as a bare I/O error.
+            msg = format!("{msg} ({})", crate::disk_space::describe(self.store.path()));
+        }
+        log::error!("raft node {} stopped: {msg}", self.id);
+        self.sm.stopped(&msg);
+        self.lock_status().fatal = Some(msg);
+    }
+
+    /// Stops for good: this node is no longer a member, so nothing it holds is replicated any
+    /// more and it must serve nothing (raft would leave it campaigning, or following nobody, for
+    /// ever). Whoever learnt of the removal has recorded it, so a restart stops again at once.
+    fn leave(&mut self, why: String) {
+        for id in self.members.keys() {
+            self.transport.remove_peer(*id);
+        }
+        log::error!("raft node {} stopped: {why}", self.id);
+        self.sm.removed(&why);
+        self.lock_status().fatal = Some(why);
+    }
+
+    fn account_round(&mut self, took: Duration, requests: usize) {
+        let counters = &self.shared.counters;
+        counters.max_round_micros.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+        if took < SLOW_ROUND {
+            return;
+        }
+        CounterCells::add(&counters.slow_rounds, 1);
+        if self.slow_round_logged.map_or(true, |at| at.elapsed() >= SLOW_ROUND_LOG_EVERY) {
+            self.slow_round_logged = Some(Instant::now());
+            log::warn!(
+                "raft {}: one loop round took {took:?} ({requests} requests); meanwhile this node sent no heartbeats \
+                 and read nothing from its peers (RAFT.STATS slow_rounds counts them all)",
+                self.id
+            );
+        }
+    }
+
+    pub(super) fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.shared.tick_ms.load(Ordering::Relaxed))
+    }
+
+    fn handle(&mut self, req: Request<S::Waiter>) {
+        match req {
+            Request::Propose { data, waiter, deadline } => self.propose(data, waiter, deadline),
+            Request::ChangeMembership { change, waiter, deadline } => self.propose_membership(change, waiter, deadline),
+            Request::ReadIndex { waiter, deadline, term } => self.reads_to_start.push((deadline, term, waiter)),
+            Request::LastProposed(waiter) => match self.not_leader() {
+                Some(err) => waiter(Err(err)),
+                None => waiter(Ok(LogIndex(self.raw.raft.raft_log.last_index()))),
+            },
+            Request::Raft(msgs) => {
+                let now = Instant::now();
+                for m in msgs {
+                    if self.left_behind(NodeId(m.from)) {
+                        continue;
+                    }
+                    self.last_heard.insert(NodeId(m.from), now);
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        self.on_snapshot_message(m);
+                    } else {
+                        self.step(m);
+                    }
+                }
+            }
+            Request::SnapshotFetched { msg, ok } => {
+                self.fetching = None;
+                if ok {
+                    self.step(*msg);
+                }
+            }
+            Request::SnapshotTaken(taken, done) => {
+                match self.on_snapshot_taken(taken) {
+                    Ok(()) => drop(done.send(())),
+                    Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
+                }
+            }
+            Request::Hello { from, addr, client_addr } => {
+                if from == self.id || self.left_behind(from) {
+                    return;
+                }
+                // The member list is authoritative: a hello fills in peers we have not learnt yet
+                // (e.g. the leader, seen by a node that is joining), and a member at new addresses
+                // gets them through the log.
+                self.readdress.heard(&self.members, from, &addr, client_addr.as_deref());
+                if self.transport.peer_addr(from).is_none() {
+                    self.transport.set_peer_addr(from, addr);
+                }
+            }
+            Request::Unreachable(id) => self.raw.report_unreachable(id.get()),
+            // Several members may say so in one round; the first is recorded.
+            Request::Removed { by, why } if self.removed.is_none() => {
+                log::warn!("raft {}: node {by} says this node was removed from the cluster: {why}", self.id);
+                let why = format!("removed from the cluster: {why}");
+                if let Err(e) = self.store.put_meta(META_REMOVED, why.as_bytes()) {
+                    log::warn!("raft {}: could not record its removal (a restart learns it again): {e:#}", self.id);
+                }
+                self.removed = Some(why);
+            }
+            Request::Removed { .. } => {}
+            Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
+            Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
+            Request::Recover(done) => {
+                if let Some(earlier) = self.recover_wanted.replace(done) {
+                    let _ = earlier.send(Err("another RECOVER came first".into()));
+                }
+            }
+            Request::Shutdown => self.shutdown = true,
+        }
+    }
+
+    pub(super) fn step(&mut self, m: Message) {
+        // A message for another id (a misrouted or stale peer) is dropped by raft with an error;
+        // nothing to do but log at debug level.
+        if let Err(e) = self.raw.step(m) {
+            log::debug!("raft {} ignored a message: {e}", self.id);
+        }
+    }
+
+    fn sync_writes(&self) -> bool {
+        let durability = durability_from_code(self.shared.durability.load(Ordering::Relaxed));
+        durability == Durability::High
+    }
+
+    async fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        let sync = self.sync_writes();
+        CounterCells::add(&self.shared.counters.readies, 1);
+
+        // A leader may send appends while it persists its own copy: it only counts itself
+        // towards the quorum once the entries are persisted (after advance).
+        if !ready.messages().is_empty() {
+            self.send(ready.take_messages());
+            if !ready.entries().is_empty() {
+                // The appends leave before the fsync below, not after it.
+                tokio::task::yield_now().await;
+            }
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone(), sync)?;
+        }
+        self.handle_committed(ready.take_committed_entries())?;
+        let entries = ready.take_entries();
+        if !entries.is_empty() || ready.hs().is_some() {
+            // Only entries, term and vote must be on disk before we answer; a commit index that
+            // is lost in a crash is learnt again from the leader.
+            let stored = self.store.hard_state();
+            let must_sync = sync
+                && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
+            let sync = must_sync;
+            let started = Instant::now();
+            self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
+            CounterCells::add(&self.shared.counters.persist_micros, started.elapsed().as_micros() as u64);
+            CounterCells::add(&self.shared.counters.entries_persisted, entries.len() as u64);
+            if sync {
+                CounterCells::add(&self.shared.counters.fsyncs, 1);
+            }
+            if !sync {
+                self.shared.dirty.store(true, Ordering::Release);
+            }
+        }
+        // Votes and append acknowledgements promise that the data is on disk: only now.
+        if !ready.persisted_messages().is_empty() {
+            self.send(ready.take_persisted_messages());
+        }
+        self.complete_reads(ready.take_read_states());
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit, false).context("persisting the commit index")?;
+        }
+        if !light.messages().is_empty() {
+            self.send(light.take_messages());
+        }
+        self.handle_committed(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    /// Hands messages to the transport. A snapshot is reported as delivered as soon as it is
+    /// queued: the follower fetches the file itself and answers when it has installed it; if it
+    /// does not, raft probes it again and resends.
+    fn send(&mut self, msgs: Vec<Message>) {
+        let snapshot_to: Vec<u64> =
+            msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect();
+        self.transport.send(msgs);
+        for to in snapshot_to {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The membership in force, with ids in a stable order.
+    pub(super) fn conf_state(&self) -> ConfState {
+        let mut conf = self.raw.raft.prs().conf().to_conf_state();
+        conf.voters.sort_unstable();
+        conf.learners.sort_unstable();
+        conf
+    }
+
+    pub(super) fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let conf = self.conf_state();
+        let role = match raft.state {
+            StateRole::Leader => Role::Leader,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Follower if conf.learners.contains(&self.id.get()) => Role::Learner,
+            StateRole::Follower => Role::Follower,
+        };
+        let progress = if role == Role::Leader {
+            raft.prs()
+                .iter()
+                .filter(|(id, _)| **id != self.id.get())
+                .map(|(id, pr)| PeerProgress {
+                    id: NodeId(*id),
+                    matched: LogIndex(pr.matched),
+                    next: LogIndex(pr.next_idx),
+                    state: format!("{:?}", pr.state).to_lowercase(),
+                    is_learner: conf.learners.contains(id),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let status = Status {
+            id: self.id,
+            role,
+            term: Term(raft.term),
+            leader: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
+            commit: LogIndex(raft.raft_log.committed),
+            applied: LogIndex(raft.raft_log.applied),
+            first_index: LogIndex(self.store.first_index()),
+            last_index: LogIndex(raft.raft_log.last_index()),
+            voters: conf.voters.iter().map(|v| NodeId(*v)).collect(),
+            learners: conf.learners.iter().map(|v| NodeId(*v)).collect(),
+            members: self.members.clone(),
+            progress,
+            leader_ready: self.leader_ready,
+            pending_proposals: self.proposals.len(),
+            election_ticks: raft.election_timeout(),
+            heartbeat_ticks: raft.heartbeat_timeout(),
+            fatal: None,
+            recovered: self.recovery.clone(),
+        };
+        let mut slot = self.lock_status();
+        let fatal = slot.fatal.take();
+        *slot = Status { fatal, ..status };
+    }
+}
