@@ -1,0 +1,75 @@
+//! A follower's side of the proxy: a forwarded command goes to the leader on a pooled (or new)
+//! connection, and its reply comes back to the module.
+
+use super::*;
+
+/// Idle connections kept per leader address for forwarded commands.
+const FORWARD_POOL: usize = 32;
+
+/// One forwarded command on a pooled (or new) connection to the leader.
+pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::ForwardReply {
+    let mut stream = match pooled_connection(inner, addr) {
+        Some(s) => s,
+        None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(mut s)) => {
+                let _ = s.set_nodelay(true);
+                if let Some(password) = &inner.password {
+                    if let Err(e) = peer_auth::authenticate(&mut s, password).await {
+                        return Err(format!("CLUSTERDOWN cannot use the leader at {addr}: {e:#}"));
+                    }
+                }
+                s
+            }
+            Ok(Err(e)) => return Err(format!("CLUSTERDOWN cannot reach the leader at {addr}: {e}")),
+            Err(_) => return Err(format!("CLUSTERDOWN cannot reach the leader at {addr}: connect timed out")),
+        },
+    };
+    let lost = |e: &dyn std::fmt::Display| {
+        format!("TIMEOUT lost the connection to the leader ({e}); the command may or may not have taken effect")
+    };
+    write_fully(&mut stream, request).await.map_err(|e| lost(&e))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let frame = match resp::read_frame_async(&mut stream, &mut buf).await {
+        Ok(frame) => frame,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(lost(&"connection closed")),
+        Err(e) => return Err(lost(&e)),
+    };
+    if buf.is_empty() {
+        let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = pool.entry(addr.to_string()).or_default();
+        if idle.len() < FORWARD_POOL {
+            idle.push(stream);
+        }
+    }
+    match frame {
+        Frame::Bulk(raw) => Ok(raw.to_vec()),
+        Frame::Error(e) => Err(e),
+        other => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
+    }
+}
+
+/// An idle pooled connection to `addr` that is still open. One the leader has closed meanwhile
+/// (it restarted, say) reads as ended: it is dropped, rather than sent a command whose answer
+/// could never come and whose outcome would then be unknown.
+fn pooled_connection(inner: &Inner, addr: &str) -> Option<TcpStream> {
+    let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
+    let idle = pool.get_mut(addr)?;
+    while let Some(stream) = idle.pop() {
+        if nothing_to_read(&stream) {
+            return Some(stream);
+        }
+    }
+    None
+}
+
+/// Whether the socket has nothing to read, neither data nor the peer's close, as the kernel sees
+/// it now. Nothing is due on an idle connection, so anything else makes it unusable. (tokio's own
+/// `try_read` answers from its reactor's last look, which can predate a close that has arrived.)
+fn nothing_to_read(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    let peeked = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
