@@ -683,15 +683,19 @@ fn a_directory_is_open_once_per_process() {
     LogStore::open(dir.path()).unwrap();
 }
 
+/// A store holding entries of these terms from index 1, moved into LMDB (where the tests below
+/// damage them).
+fn checkpointed(dir: &Path, terms: &[u64]) -> LogStore {
+    let store = LogStore::open(dir).unwrap();
+    store.append(&entries_with_terms(1, terms), None, false).unwrap();
+    store.checkpoint(&mut store.tail()).unwrap();
+    store
+}
+
 #[test]
 fn corrupt_records_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(&entries_with_terms(1, &[1, 1]), None, false)
-        .unwrap();
-    // Into LMDB, where the damage is done.
-    store.checkpoint(&mut store.tail()).unwrap();
+    let store = checkpointed(dir.path(), &[1, 1]);
     let inner = &store.inner;
     let mut txn = inner.env.write_txn().unwrap();
     inner
@@ -719,10 +723,7 @@ fn corrupt_records_are_errors_not_panics() {
 #[test]
 fn a_flipped_bit_in_a_stored_entry_is_caught_by_its_checksum() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LogStore::open(dir.path()).unwrap();
-    store.append(&entries_with_terms(1, &[1, 1, 1]), None, false).unwrap();
-    // Into LMDB, where the damage is done.
-    store.checkpoint(&mut store.tail()).unwrap();
+    let store = checkpointed(dir.path(), &[1, 1, 1]);
     let mut txn = store.inner.env.write_txn().unwrap();
     let mut damaged = store.inner.entries.get(&txn, &2).unwrap().unwrap().to_vec();
     damaged[0] ^= 0x01;
@@ -739,12 +740,7 @@ fn a_flipped_bit_in_a_stored_entry_is_caught_by_its_checksum() {
 #[test]
 fn a_hole_in_the_stored_log_is_reported_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
-        .unwrap();
-    // Into LMDB, where the damage is done.
-    store.checkpoint(&mut store.tail()).unwrap();
+    let store = checkpointed(dir.path(), &[1, 1, 1]);
     let mut txn = store.inner.env.write_txn().unwrap();
     store.inner.entries.delete(&mut txn, &2).unwrap();
     txn.commit().unwrap();
