@@ -600,6 +600,9 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     let n = &cluster.nodes[0];
     let all: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "*"]).unwrap();
     assert!(all.chunks(2).any(|kv| kv[0] == "durability" && kv[1] == "high"), "{all:?}");
+    // Not given at load: the id the node runs as.
+    let id: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "node-id"]).unwrap();
+    assert_eq!(id, ["node-id".to_string(), n.node_id().to_string()]);
     let _: () = n.cmd(&["RAFT.CONFIG", "SET", "durability", "medium"]).unwrap();
     let _: () = n.cmd(&["RAFT.CONFIG", "SET", "write-timeout", "2500"]).unwrap();
     let _: () = n.cmd(&["RAFT.CONFIG", "SET", "tick-ms", "50"]).unwrap();

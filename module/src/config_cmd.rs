@@ -38,7 +38,8 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
         ("max-entry-size", s.max_entry_bytes.to_string()),
         ("dir", s.dir.display().to_string()),
         ("raft-port", state::get().raft_addr.rsplit(':').next().unwrap_or_default().to_string()),
-        ("node-id", s.node_id.map_or(String::new(), |n| n.to_string())),
+        // The id this node runs as; before it is in a cluster, the one asked for at load, if any.
+        ("node-id", state::get().node().map(|n| n.status().id).or(s.node_id).map_or(String::new(), |n| n.to_string())),
         ("advertise-addr", state::get().client_addr.clone()),
         ("skip-entry", s.skip_entry.map_or(String::new(), |i| i.to_string())),
         // Whether there is one, never the password itself.
