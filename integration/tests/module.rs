@@ -410,6 +410,9 @@ fn odd_arguments() -> Vec<Vec<Vec<u8>>> {
         words(&["JOIN", "[::1]:99999", "x:y:z"]),
         words(&["RECOVER"]),
         words(&["RECOVER", "now"]),
+        words(&["CLUSTER"]),
+        words(&["CLUSTER", "SLOTS"]),
+        words(&["READONLY", "now"]),
         words(&["1", "2", "3", "4", "5", "6", "7", "8"]),
         vec![b"x".to_vec(); 64],
     ];

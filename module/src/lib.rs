@@ -11,6 +11,7 @@ mod blocked;
 mod blocking;
 mod clock;
 mod cluster_ops;
+mod cluster_view;
 mod command_table;
 mod commands;
 mod config_cmd;
@@ -135,6 +136,10 @@ command!(borrowed cmd_wait, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     wait::wait(ctx, args)
 });
+command!(borrowed cmd_cluster_view, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    cluster_view::cluster(args)
+});
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_auth, |ctx, args| peer_user::auth(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
@@ -160,6 +165,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
     (wait::WAIT_COMMAND, cmd_wait, "fast"),
+    (cluster_view::CLUSTER_COMMAND, cmd_cluster_view, "readonly fast"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     // Needs no login: it is how other nodes log in (see `peer_user`).

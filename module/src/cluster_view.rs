@@ -1,0 +1,57 @@
+//! `RAFT._CLUSTER`: the Redis Cluster commands a cluster-aware client asks, answered with the
+//! map of `raftis_core::cluster_view` (one shard, the leader its master). Plain Redis answers
+//! them `-ERR This instance has cluster support disabled`, and such a client then gives up.
+//! `READONLY` and `READWRITE` answer `+OK` and change nothing: what a follower serves is still
+//! the node's `consistency`.
+
+use crate::reply::Reply;
+use crate::state;
+use raftis_core::cluster_view::{self, ClusterView, SLOTS};
+
+pub const CLUSTER_COMMAND: &str = "raft._cluster";
+
+const SUBCOMMANDS: &[&str] = &["slots", "nodes", "myid", "info"];
+
+/// Whether the filter hands `argv` to [`CLUSTER_COMMAND`]. Any other `CLUSTER` subcommand goes to
+/// Redis, which refuses it as it does without cluster support.
+pub fn answers(argv: &[&[u8]]) -> bool {
+    let is = |i: usize, word: &str| argv.get(i).is_some_and(|a| a.eq_ignore_ascii_case(word.as_bytes()));
+    match argv.len() {
+        1 => is(0, "readonly") || is(0, "readwrite"),
+        2 => is(0, "cluster") && SUBCOMMANDS.iter().any(|sub| is(1, sub)),
+        _ => false,
+    }
+}
+
+/// `args` is `RAFT._CLUSTER` followed by what the client sent.
+pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
+    if !answers(&args[1..]) {
+        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, NODES, MYID or INFO, READONLY or READWRITE (it is used internally)".into());
+    }
+    let name = String::from_utf8_lossy(args[1]).to_ascii_lowercase();
+    if name == "readonly" || name == "readwrite" {
+        return Ok(Reply::ok());
+    }
+    let sub = String::from_utf8_lossy(args[2]).to_ascii_lowercase();
+    let s = state::get();
+    let node = s.node().ok_or_else(crate::write::not_initialized)?;
+    s.refuse_if_stopped()?;
+    let st = node.status();
+    let view = ClusterView::new(st.id, st.leader, &st.voters, &st.members, st.term);
+    let no_leader = || "CLUSTERDOWN No raft leader".to_string();
+    match sub.as_str() {
+        "myid" => Ok(Reply::bulk(cluster_view::node_name(st.id))),
+        "info" => Ok(Reply::Bulk(cluster_view::info_text(view.as_ref(), st.voters.len(), st.term).into_bytes())),
+        "nodes" => Ok(Reply::Bulk(view.ok_or_else(no_leader)?.nodes_text().into_bytes())),
+        "slots" => {
+            let view = view.ok_or_else(no_leader)?;
+            let entry = |n: &cluster_view::ClusterNode| {
+                Reply::Array(vec![Reply::bulk(n.host.clone()), Reply::Integer(n.port.into()), Reply::bulk(n.name.clone())])
+            };
+            let mut range = vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1), entry(&view.leader)];
+            range.extend(view.replicas.iter().map(entry));
+            Ok(Reply::Array(vec![Reply::Array(range)]))
+        }
+        _ => Err(format!("ERR unknown subcommand '{sub}'")),
+    }
+}
