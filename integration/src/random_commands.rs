@@ -80,6 +80,10 @@ const STREAM_TIMEOUTS: &[&str] = &["1", "2", "5", "-1", "x"];
 const MIN_IDLE: &[&str] = &["0", "4294967296", "1700000000000", "4102444800000", "x"];
 /// Server administration outside `@admin` (`ACL GENPASS` answers at random).
 const ADMINISTRATION: &[&str] = &["acl"];
+/// Redis Cluster's commands: Raftis answers `CLUSTER SLOTS`, `NODES`, `MYID` and `INFO` as a
+/// cluster of one shard, on purpose, where plain Redis has no cluster support (see
+/// `tests/cluster_clients.rs`).
+const CLUSTER: &[&str] = &["cluster"];
 /// Not tipped, but compared like `nondeterministic_output`: MEMORY USAGE samples a hash table's
 /// elements in its seed's order; DBSIZE counts a key set with a past `PXAT` until Redis'
 /// background expiry deletes it, whenever that runs.
@@ -377,7 +381,7 @@ fn spec_of(entry: &Reply) -> Option<Spec> {
             && !(c == "@dangerous" && dangerous_but_drawn)
             && !(c == "@blocking" && (BLOCKING_POPS.contains(&name.as_str()) || BLOCKS_ONLY_WHEN_ASKED.contains(&name.as_str())))
     };
-    if categories.iter().any(excluded) || ADMINISTRATION.contains(&words[0].as_str()) {
+    if categories.iter().any(excluded) || ADMINISTRATION.contains(&words[0].as_str()) || CLUSTER.contains(&words[0].as_str()) {
         return None;
     }
     let tips = texts(field(entry, 7));
