@@ -38,7 +38,7 @@ pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
     s.refuse_if_stopped()?;
     let st = node.status();
     let view = ClusterView::new(st.id, st.leader, &st.voters, &st.members, st.term);
-    let no_leader = || "CLUSTERDOWN No raft leader".to_string();
+    let no_leader = || state::NO_LEADER.to_string();
     match sub.as_str() {
         "myid" => Ok(Reply::bulk(cluster_view::node_name(st.id))),
         "info" => Ok(Reply::Bulk(cluster_view::info_text(view.as_ref(), st.voters.len(), st.term).into_bytes())),

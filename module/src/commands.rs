@@ -259,7 +259,7 @@ pub fn leader(args: &[Vec<u8>]) -> Result {
     let node = state::get().node().ok_or_else(not_initialized)?;
     state::get().refuse_if_stopped()?;
     let st = node.status();
-    let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or("CLUSTERDOWN No raft leader")?;
+    let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or(state::NO_LEADER)?;
     Ok(Reply::Array(vec![Reply::Integer(leader.id.get() as i64), Reply::bulk(leader.client_addr.clone())]))
 }
 

@@ -332,6 +332,9 @@ pub fn stopped_error(why: &str) -> String {
     format!("CLUSTERDOWN this node stopped serving: {why}")
 }
 
+/// The error for a request this node cannot serve or send anywhere: it knows no leader.
+pub const NO_LEADER: &str = "CLUSTERDOWN No raft leader";
+
 /// `-MOVED` to the leader's client address, or `-CLUSTERDOWN` when there is none or this node
 /// stopped.
 pub fn redirect(status: &Status) -> String {
@@ -341,7 +344,7 @@ pub fn redirect(status: &Status) -> String {
     }
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => format!("MOVED 0 {}", leader.client_addr),
-        None => "CLUSTERDOWN No raft leader".to_string(),
+        None => NO_LEADER.to_string(),
     }
 }
 
@@ -351,7 +354,7 @@ pub fn error_reply(err: &ProposeError) -> String {
     match err {
         ProposeError::NotLeader { .. } => match get().node() {
             Some(node) => redirect(&node.status()),
-            None => "CLUSTERDOWN No raft leader".to_string(),
+            None => NO_LEADER.to_string(),
         },
         ProposeError::LeadershipLost => {
             "TIMEOUT leadership changed while the request was in flight; it may or may not have taken effect".into()
