@@ -12,6 +12,52 @@ use crate::membership::Members;
 /// Redis Cluster's hash slots; the one shard holds them all.
 pub const SLOTS: u16 = 16384;
 
+/// The hash slot of a key, as Redis Cluster computes it. The one shard holds them all, but a
+/// `-MOVED` names the slot of the command's key, and some clients (redis-py, ioredis) move only
+/// that slot to the node it names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HashSlot(pub u16);
+
+impl HashSlot {
+    /// What a `-MOVED` names for a command without keys. Redis Cluster never redirects one, so no
+    /// slot is more right than another.
+    pub const NO_KEY: HashSlot = HashSlot(0);
+
+    /// CRC16 (XMODEM) of the key modulo 16384; of its hash tag only when it has one: the bytes
+    /// between its first `{` and the first `}` after it, if there are any.
+    pub fn of_key(key: &[u8]) -> HashSlot {
+        let hashed = key
+            .iter()
+            .position(|&b| b == b'{')
+            .and_then(|open| {
+                let tag = &key[open + 1..];
+                tag.iter().position(|&b| b == b'}').map(|close| &tag[..close])
+            })
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or(key);
+        HashSlot(crc16(hashed) % SLOTS)
+    }
+}
+
+impl std::fmt::Display for HashSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// CRC16-CCITT as Redis Cluster uses it (XMODEM: polynomial 0x1021, initial value 0). A bit at a
+/// time: it only runs to name a slot, never on the path of a served command.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
 /// One node as the map shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNode {
@@ -134,6 +180,20 @@ mod tests {
         assert_eq!(ClusterView::new(NodeId(1), Some(NodeId(9)), &[NodeId(1), NodeId(9)], &members(), Term(1)), None);
         let info = info_text(None, 2, Term(1));
         assert!(info.contains("cluster_state:fail\r\n") && info.contains("cluster_slots_assigned:0\r\n"), "{info}");
+    }
+
+    #[test]
+    fn keys_hash_to_the_slots_redis_cluster_gives_them() {
+        // The check value of CRC16/XMODEM, which Redis Cluster's specification gives too.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(HashSlot::of_key(b"foo"), HashSlot(12182));
+        assert_eq!(HashSlot::of_key(b""), HashSlot(0));
+        // Only the first tag counts, and only a non-empty one.
+        assert_eq!(HashSlot::of_key(b"{user1000}.following"), HashSlot::of_key(b"user1000"));
+        assert_eq!(HashSlot::of_key(b"foo{}{bar}"), HashSlot(crc16(b"foo{}{bar}") % SLOTS));
+        assert_eq!(HashSlot::of_key(b"foo{{bar}}zap"), HashSlot::of_key(b"{bar"));
+        assert_eq!(HashSlot::of_key(b"foo{bar}{zap}"), HashSlot::of_key(b"bar"));
+        assert_eq!(HashSlot::of_key(b"{unclosed"), HashSlot(crc16(b"{unclosed") % SLOTS));
     }
 
     #[test]

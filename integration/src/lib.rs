@@ -111,6 +111,14 @@ impl Server {
         Self::start_with(port, dir, "127.0.0.1", &[], true)
     }
 
+    /// Plain redis-server with Redis settings of its own (`["--cluster-enabled", "yes"]`).
+    pub fn start_plain_with_redis_args(port: u16, dir: &Path, redis_args: &[&str]) -> anyhow::Result<Server> {
+        let mut s = Self::unstarted(port, dir, "127.0.0.1", &[], true);
+        s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
+        s.spawn()?;
+        Ok(s)
+    }
+
     /// Like [`Server::start`], with Redis settings of its own (`["--databases", "32"]`).
     pub fn start_with_redis_args(port: u16, dir: &Path, redis_args: &[&str], extra: &[&str]) -> anyhow::Result<Server> {
         let mut s = Self::unstarted(port, dir, "127.0.0.1", extra, false);

@@ -294,7 +294,7 @@ fn a_leader_that_steps_down_answers_its_waiting_pops_with_moved_or_sends_them_on
     // Without the proxy it redirects.
     let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "follower-proxy", "no"]).unwrap();
     let redirect = call(&mut w, &["BLPOP", "q", "0"]);
-    let expected = format!("MOVED 0 {}", cluster.nodes[third].addr());
+    let expected = format!("MOVED {} {}", redis::cluster_routing::get_slot(b"q"), cluster.nodes[third].addr());
     assert_eq!(redirect.text(), Some(expected), "{redirect:?}");
     let _: () = cluster.nodes[second].cmd(&["RAFT.CONFIG", "SET", "follower-proxy", "yes"]).unwrap();
     // Inside a transaction a pop does not block, and the follower forwards it with the rest.

@@ -2,7 +2,10 @@
 //! leader as the master of every slot, so a cluster-mode client (here the `redis` crate's) sends
 //! its commands to the leader, and after the leader changes it follows `-MOVED` to the new one.
 
-use raftis_integration::{wait_for, Cluster};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use raftis_integration::resp_conn::RespConn;
+use raftis_integration::{free_port_pair, wait_for, Cluster, Server};
 use redis::cluster::ClusterClient;
 use redis::Commands;
 use std::time::Duration;
@@ -41,7 +44,7 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
         assert_eq!(ok, "OK");
     }
     // What Redis answers without cluster support stays so.
-    let err = cluster.nodes[follower].cmd::<String>(&["CLUSTER", "KEYSLOT", "k"]).unwrap_err().to_string();
+    let err = cluster.nodes[follower].cmd::<String>(&["CLUSTER", "COUNTKEYSINSLOT", "0"]).unwrap_err().to_string();
     assert!(err.contains("cluster support disabled"), "{err}");
 
     // Given only a follower's address, the client finds the leader from the map.
@@ -74,4 +77,54 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
     assert_eq!(on_new_leader.len(), 300);
     let got: i64 = conn.get("key:299").unwrap();
     assert_eq!(got, 299);
+}
+
+/// A follower's `-MOVED` names the hash slot of the command's key, as Redis Cluster computes it
+/// (a cluster-enabled redis-server is the reference), whatever finds the key: a fixed position
+/// (writes, reads, blocking commands), WATCH's own arguments, or Redis from the arguments (EVAL).
+/// `CLUSTER KEYSLOT` answers the same slot.
+#[test]
+fn moved_names_the_slot_of_the_commands_key() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let dir = tempfile::tempdir().unwrap();
+    let nodes_conf = dir.path().join("nodes.conf");
+    let redis_args = ["--cluster-enabled", "yes", "--cluster-config-file", nodes_conf.to_str().unwrap()];
+    let reference = Server::start_plain_with_redis_args(free_port_pair(), dir.path(), &redis_args).unwrap();
+    let mut reference_conn = RespConn::connect(reference.port).unwrap();
+
+    let mut keys: Vec<Vec<u8>> = ["foo", "", "{user1000}.following", "a{}{b}", "x{{y}}z", "{a}{b}", "{unclosed", "}{"]
+        .iter()
+        .map(|k| k.as_bytes().to_vec())
+        .collect();
+    keys.push(vec![0xff, 0x00, b'{', 0x80, b'}']);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..40 {
+        let len = rng.gen_range(1..12);
+        keys.push((0..len).map(|_| *[b'{', b'}', b'a', b'b', 0x00, 0xfe].choose(&mut rng).unwrap()).collect());
+    }
+
+    let mut conn = RespConn::connect(follower.port).unwrap();
+    let leader_addr = cluster.nodes[leader].addr();
+    for key in &keys {
+        let slot = reference_conn.call(&[b"CLUSTER", b"KEYSLOT", key]).unwrap().integer().expect("the reference's slot");
+        let ours = conn.call(&[b"CLUSTER", b"KEYSLOT", key]).unwrap();
+        assert_eq!(ours.integer(), Some(slot), "CLUSTER KEYSLOT {key:?}: {ours:?}");
+        let commands: [&[&[u8]]; 6] = [
+            &[b"SET", key, b"v"],
+            &[b"GET", key],
+            &[b"BLPOP", key, b"0"],
+            &[b"XREAD", b"BLOCK", b"0", b"STREAMS", key, b"$"],
+            &[b"WATCH", key],
+            &[b"EVAL", b"return 1", b"1", key],
+        ];
+        for command in commands {
+            let moved = conn.call(command).unwrap();
+            assert_eq!(moved.text(), Some(format!("MOVED {slot} {leader_addr}")), "{command:?}");
+        }
+    }
+    // A command without keys names slot 0, as any would do.
+    let moved = conn.call(&[b"EVAL", b"return 1", b"0"]).unwrap();
+    assert_eq!(moved.text(), Some(format!("MOVED 0 {leader_addr}")));
 }

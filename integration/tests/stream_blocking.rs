@@ -245,7 +245,8 @@ fn readers_are_redirected_moved_and_forgotten() {
     });
     assert_eq!(waiting_clients(leader, false), 0);
     let redirect = call(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]);
-    assert_eq!(redirect.text(), Some(format!("MOVED 0 {}", cluster.nodes[new].addr())));
+    let slot = redis::cluster_routing::get_slot(b"s");
+    assert_eq!(redirect.text(), Some(format!("MOVED {slot} {}", cluster.nodes[new].addr())));
     // The new leader serves it.
     let mut reader = RespConn::connect(cluster.nodes[new].port).unwrap();
     block(&mut reader, &["XREAD", "BLOCK", "0", "STREAMS", "s", "1-1"], &cluster.nodes[new], false, 1);

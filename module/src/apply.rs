@@ -7,6 +7,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
 use raftis_core::determinism;
 use raftis_core::memory_limit;
@@ -93,7 +94,10 @@ pub fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
 
 impl Waiter for WriteWaiter {
     fn fail(self, err: ProposeError) {
-        self.finish(Outcome::Error(crate::state::error_reply(&err)));
+        // Only a write that lost a race with an election fails with `NotLeader`: its `-MOVED`
+        // names no slot, as keeping the slot would cost every write a hash. A client that moves
+        // only the slot named still reaches the leader: its retry here gets the slot of its key.
+        self.finish(Outcome::Error(crate::state::error_reply(&err, HashSlot::NO_KEY)));
     }
 }
 

@@ -45,6 +45,7 @@
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome, Requester};
+use crate::cluster_view::slot_of;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
 use crate::stream_probe::{self, Newest};
@@ -164,7 +165,7 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         if s.follower_proxy() {
             return crate::forward_blocking::to_leader(ctx, &node, command, (shape.timeout, shape.unit));
         }
-        return Err(state::redirect(&node.status()));
+        return Err(state::redirect(&node.status(), slot_of(ctx, command)));
     }
     if !reads_only {
         crate::memory::refuse_if_over_limit(command)?;
@@ -629,17 +630,18 @@ fn answer_if_deposed() {
     let waiters: Vec<Waiter> = deposed.into_iter().filter_map(|id| remove(&mut w, id)).collect();
     drop(w);
     let status = node.status();
-    let error = state::redirect(&status);
+    let ctx = state::get().main_thread_ctx();
     // With the proxy, this node's own clients wait on at the next leader, as its followers' do.
     let me = status.members.get(&status.id).map(|m| m.raft_addr.clone()).filter(|_| state::get().follower_proxy());
     for waiter in waiters {
+        let error = state::redirect(&status, slot_of(ctx, &waiter.argv));
         match (&me, waiter.client, waiter.timeout) {
             (Some(me), Requester::Here(blocked), Ok(timeout)) => {
                 let deadline = timeout.map(|t| waiter.arrived + t);
                 let timeout_arg = (waiter.shape.timeout, waiter.shape.unit);
-                crate::forward_blocking::take_over(blocked, waiter.db, waiter.resp3, waiter.argv, deadline, timeout_arg, me.clone(), error.clone());
+                crate::forward_blocking::take_over(blocked, waiter.db, waiter.resp3, waiter.argv, deadline, timeout_arg, me.clone(), error);
             }
-            (_, client, _) => client.finish(Outcome::Error(error.clone()), waiter.resp3),
+            (_, client, _) => client.finish(Outcome::Error(error), waiter.resp3),
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::blocked::{Blocked, Outcome};
 use crate::peer_user;
 use crate::state::{self, RaftNode};
 use bytes::BytesMut;
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::{MembershipChange, NodeInfo};
 use raftis_core::resp::{self, Frame};
 use raftis_core::shared_settings::SharedSettings;
@@ -145,7 +146,7 @@ pub fn add_member(node: Arc<RaftNode>, info: NodeInfo) -> Outcome {
             log::info!("node {id} is now a voting member");
             Outcome::Simple("OK".into())
         }
-        Err(e) => Outcome::Error(state::error_reply(&e)),
+        Err(e) => Outcome::Error(state::error_reply(&e, HashSlot::NO_KEY)),
     }
 }
 
@@ -190,7 +191,7 @@ pub fn remove(node: Arc<RaftNode>, id: NodeId) -> Outcome {
             log::info!("node {id} was removed from the cluster");
             Outcome::Simple("OK".into())
         }
-        Err(e) => Outcome::Error(state::error_reply(&e)),
+        Err(e) => Outcome::Error(state::error_reply(&e, HashSlot::NO_KEY)),
     }
 }
 

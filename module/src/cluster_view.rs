@@ -2,15 +2,38 @@
 //! map of `raftis_core::cluster_view` (one shard, the leader its master). Plain Redis answers
 //! them `-ERR This instance has cluster support disabled`, and such a client then gives up.
 //! `READONLY` and `READWRITE` answer `+OK` and change nothing: what a follower serves is still
-//! the node's `consistency`.
+//! the node's `consistency`. `CLUSTER KEYSLOT` answers as Redis Cluster does, and [`slot_of`]
+//! gives the slot a `-MOVED` names.
 
+use crate::ffi::{CommandKeys, RedisModuleCtx};
 use crate::reply::Reply;
 use crate::state;
-use raftis_core::cluster_view::{self, ClusterView, SLOTS};
+use raftis_core::cluster_view::{self, ClusterView, HashSlot, SLOTS};
+use raftis_core::routing::KeyPositions;
 
 pub const CLUSTER_COMMAND: &str = "raft._cluster";
 
 const SUBCOMMANDS: &[&str] = &["slots", "nodes", "myid", "info"];
+
+/// The slot a `-MOVED` for `argv` names: that of its first key, as in Redis Cluster (where every
+/// key of a command shares one slot), or [`HashSlot::NO_KEY`]. Main thread only: Redis finds the keys of commands
+/// like `EVAL` from their arguments.
+pub fn slot_of(ctx: *mut RedisModuleCtx, argv: &[impl AsRef<[u8]>]) -> HashSlot {
+    let refs: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
+    if refs.is_empty() {
+        return HashSlot::NO_KEY;
+    }
+    let first = match state::get().key_positions(&refs) {
+        KeyPositions::At(positions) => positions.first().copied(),
+        KeyPositions::AskRedis => CommandKeys::of(ctx, &refs).positions().first().copied(),
+    };
+    first.and_then(|i| refs.get(i)).map_or(HashSlot::NO_KEY, |key| HashSlot::of_key(key))
+}
+
+/// The slot for a batch of commands (a transaction): that of the first with a key.
+pub fn slot_of_first(ctx: *mut RedisModuleCtx, commands: &[(u32, Vec<Vec<u8>>)]) -> HashSlot {
+    commands.iter().map(|(_, argv)| slot_of(ctx, argv)).find(|slot| *slot != HashSlot::NO_KEY).unwrap_or(HashSlot::NO_KEY)
+}
 
 /// Whether the filter hands `argv` to [`CLUSTER_COMMAND`]. Any other `CLUSTER` subcommand goes to
 /// Redis, which refuses it as it does without cluster support.
@@ -19,6 +42,7 @@ pub fn answers(argv: &[&[u8]]) -> bool {
     match argv.len() {
         1 => is(0, "readonly") || is(0, "readwrite"),
         2 => is(0, "cluster") && SUBCOMMANDS.iter().any(|sub| is(1, sub)),
+        3 => is(0, "cluster") && is(1, "keyslot"),
         _ => false,
     }
 }
@@ -26,13 +50,19 @@ pub fn answers(argv: &[&[u8]]) -> bool {
 /// `args` is `RAFT._CLUSTER` followed by what the client sent.
 pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
     if !answers(&args[1..]) {
-        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, NODES, MYID or INFO, READONLY or READWRITE (it is used internally)".into());
+        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, NODES, MYID, INFO or KEYSLOT, READONLY or READWRITE \
+                    (it is used internally)"
+            .into());
     }
     let name = String::from_utf8_lossy(args[1]).to_ascii_lowercase();
     if name == "readonly" || name == "readwrite" {
         return Ok(Reply::ok());
     }
     let sub = String::from_utf8_lossy(args[2]).to_ascii_lowercase();
+    if sub == "keyslot" {
+        // Needs no cluster: the slot depends on the key alone.
+        return Ok(Reply::Integer(HashSlot::of_key(args[3]).0.into()));
+    }
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     s.refuse_if_stopped()?;

@@ -8,6 +8,7 @@ use crate::ffi::RedisModuleCtx;
 use crate::reply::Reply;
 use crate::state::{self, Raftis};
 use crate::write::not_initialized;
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::NodeInfo;
 use raftis_core::status::Status;
 use raftis_core::shared_settings::SharedSettings;
@@ -102,7 +103,7 @@ fn leader_node(s: &Raftis) -> std::result::Result<std::sync::Arc<state::RaftNode
     let node = s.node().ok_or_else(not_initialized)?;
     let status = node.status();
     if !status.is_leader() {
-        return Err(state::redirect(&status));
+        return Err(state::redirect(&status, HashSlot::NO_KEY));
     }
     Ok(node)
 }

@@ -159,6 +159,11 @@ impl CommandKeys {
     pub fn len(&self) -> usize {
         self.positions.len()
     }
+
+    /// Where the keys are among the arguments.
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
 }
 
 impl Drop for CommandKeys {

@@ -19,10 +19,12 @@
 
 use crate::apply::{Job, ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
+use crate::cluster_view::{slot_of, slot_of_first};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::held::HeldReply;
 use crate::state::{self, RaftNode};
 use crate::transaction::Forwarding;
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::Args;
 use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
@@ -112,7 +114,7 @@ pub fn leader_addr(node: &RaftNode) -> Result<String, String> {
     let status = node.status();
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => Ok(leader.raft_addr.clone()),
-        None => Err(state::redirect(&status)),
+        None => Err(state::redirect(&status, HashSlot::NO_KEY)),
     }
 }
 
@@ -130,7 +132,11 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
     let s = state::get();
     let Some(node) = s.node() else { return done(Err(crate::write::not_initialized())) };
     if !node.is_leader() {
-        return done(Err(state::redirect(&node.status())));
+        let slot = match &req.what {
+            Forwarded::Command { argv, .. } | Forwarded::Blocking { argv, .. } => slot_of(s.main_thread_ctx(), argv),
+            Forwarded::Transaction(commands) => slot_of_first(s.main_thread_ctx(), commands),
+        };
+        return done(Err(state::redirect(&node.status(), slot)));
     }
     let resp3 = req.resp3;
     let (db, argv) = match req.what {
@@ -177,6 +183,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
 fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
     let s = state::get();
     let progress = s.progress.clone();
+    let slot = slot_of_first(s.main_thread_ctx(), &reads);
     node.read_index(
         Box::new(move |confirmed| match confirmed {
             Ok(index) => progress.when_applied(
@@ -187,7 +194,7 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
                     }
                 }),
             ),
-            Err(e) => done(Err(state::error_reply(&e))),
+            Err(e) => done(Err(state::error_reply(&e, slot))),
         }),
         Instant::now() + s.write_timeout(),
     );

@@ -645,7 +645,8 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     // At medium only a ready leader serves reads; this one may have stepped down meanwhile.
     // (At high the read is confirmed after it runs; at low any node serves it.)
     if s.consistency() == Consistency::Medium && crate::read::needs_confirmation() {
-        let redirect = s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status()));
+        let slot = crate::cluster_view::slot_of(s.main_thread_ctx(), argv);
+        let redirect = s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status(), slot));
         return crate::forward::error_proto(&redirect);
     }
     let ctx = s.main_thread_ctx();

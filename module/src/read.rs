@@ -15,6 +15,7 @@
 //!   it), waits until its dataset has applied that index, then runs the read and replies.
 
 use crate::blocked::{Blocked, Outcome};
+use crate::cluster_view::slot_of;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
 use raftis_core::config::Consistency;
@@ -65,7 +66,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         if s.follower_proxy() {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));
         }
-        return Err(state::redirect(&node.status()));
+        return Err(state::redirect(&node.status(), slot_of(ctx, argv)));
     }
     if crate::held::read(ctx, argv, &node) {
         return Ok(());
@@ -89,10 +90,11 @@ pub fn confirm_then_run(blocked: Blocked, argv: Vec<Vec<u8>>, resp3: bool) {
         return blocked.finish(Outcome::Error(crate::write::not_initialized()));
     };
     let progress = s.progress.clone();
+    let slot = slot_of(s.main_thread_ctx(), &argv);
     node.read_index(
         Box::new(move |confirmed| match confirmed {
             Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Run { argv, resp3 }))),
-            Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e))),
+            Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e, slot))),
         }),
         Instant::now() + s.write_timeout(),
     );

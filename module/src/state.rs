@@ -1,6 +1,7 @@
 //! The module's global state: settings, the log store, the Raft node once this server belongs
 //! to a cluster, and the apply machinery. Created once in `RedisModule_OnLoad`.
 
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::shared_settings::SharedSettings;
 use crate::apply::{self, ApplyProgress, RedisMachine};
 use crate::ffi::DetachedContext;
@@ -335,25 +336,26 @@ pub fn stopped_error(why: &str) -> String {
 /// The error for a request this node cannot serve or send anywhere: it knows no leader.
 pub const NO_LEADER: &str = "CLUSTERDOWN No raft leader";
 
-/// `-MOVED` to the leader's client address, or `-CLUSTERDOWN` when there is none or this node
-/// stopped.
-pub fn redirect(status: &Status) -> String {
+/// `-MOVED` to the leader's client address for a command on `slot` (see
+/// `cluster_view::slot_of`), or `-CLUSTERDOWN` when there is no leader or this node stopped.
+pub fn redirect(status: &Status, slot: HashSlot) -> String {
     // A node whose Raft loop stopped still names the leader it knew last, possibly itself.
     if let Err(stopped) = get().refuse_if_stopped() {
         return stopped;
     }
     match status.leader.and_then(|l| status.members.get(&l)) {
-        Some(leader) => format!("MOVED 0 {}", leader.client_addr),
+        Some(leader) => format!("MOVED {slot} {}", leader.client_addr),
         None => NO_LEADER.to_string(),
     }
 }
 
 /// The error reply for a request the cluster did not complete. `-TIMEOUT` always means the
-/// outcome is unknown; `-MOVED` and `-CLUSTERDOWN` mean the request took no effect.
-pub fn error_reply(err: &ProposeError) -> String {
+/// outcome is unknown; `-MOVED` (naming `slot`) and `-CLUSTERDOWN` mean the request took no
+/// effect.
+pub fn error_reply(err: &ProposeError, slot: HashSlot) -> String {
     match err {
         ProposeError::NotLeader { .. } => match get().node() {
-            Some(node) => redirect(&node.status()),
+            Some(node) => redirect(&node.status(), slot),
             None => NO_LEADER.to_string(),
         },
         ProposeError::LeadershipLost => {

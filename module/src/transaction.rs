@@ -26,6 +26,7 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{api, ClientId, RedisModuleCtx};
 use crate::held::{self, HeldReply};
 use crate::state;
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_transaction, EntryTime};
 use redis_module::raw;
 use rustc_hash::FxHashSet;
@@ -97,7 +98,8 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let s = state::get();
     let node = s.serving_node()?;
     if !node.is_leader() && !s.follower_proxy() {
-        return Err(state::redirect(&node.status()));
+        // MULTI names no key: the client is to learn the leader, whatever the slot.
+        return Err(state::redirect(&node.status(), HashSlot::NO_KEY));
     }
     held::begin_multi(ctx)?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
@@ -114,7 +116,7 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 /// A write comes pinned for time `at`.
 pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<EntryTime>) -> Result<(), String> {
     let mut t = lock();
-    let batch = batch_of(&mut t, ctx);
+    let batch = batch_of(&mut t, ctx, &argv);
     batch.verdict.clone()?;
     batch.at = batch.at.or(at);
     batch.slots.push(held::transaction_slot(ctx));
@@ -129,7 +131,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
 /// after it, answer why.
 pub fn abort(ctx: *mut RedisModuleCtx, refused: &str) {
     let mut t = lock();
-    let batch = batch_of(&mut t, ctx);
+    let batch = batch_of(&mut t, ctx, &[]);
     if batch.verdict.is_ok() {
         batch.verdict = Err(format!("EXECABORT Transaction discarded because a command was refused: {refused}"));
     }
@@ -161,7 +163,7 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
         return Forwarding::Alone(argv);
     }
     let mut t = lock();
-    let batch = batch_of(&mut t, ctx);
+    let batch = batch_of(&mut t, ctx, &argv);
     match batch.verdict.clone() {
         Ok(Destination::Leader) => {}
         Ok(Destination::Log) => return Forwarding::Alone(argv),
@@ -188,9 +190,9 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
     Forwarding::Joined
 }
 
-/// The batch of the client of `ctx`, opened if need be. Another client's batch is complete (its
-/// EXEC is over, or its pipeline read): it goes first.
-fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx) -> &'a mut Batch {
+/// The batch of the client of `ctx`, opened if need be for its command `first`. Another client's
+/// batch is complete (its EXEC is over, or its pipeline read): it goes first.
+fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx, first: &[Vec<u8>]) -> &'a mut Batch {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     if t.batch.as_ref().is_some_and(|b| b.client != id) {
         propose(t.batch.take());
@@ -198,7 +200,7 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx) -> &'a mut Ba
     if t.batch.is_none() {
         t.batch = Some(Batch {
             client: id,
-            verdict: destination(),
+            verdict: destination(ctx, first),
             commands: Vec::new(),
             bytes: 0,
             slots: Vec::new(),
@@ -215,7 +217,8 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx) -> &'a mut Ba
     t.batch.as_mut().expect("opened above")
 }
 
-fn destination() -> Result<Destination, String> {
+/// Where the batch that starts with the command `first` goes; `-MOVED` names its key's slot.
+fn destination(ctx: *mut RedisModuleCtx, first: &[Vec<u8>]) -> Result<Destination, String> {
     held::transactions_available()?;
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
@@ -229,7 +232,7 @@ fn destination() -> Result<Destination, String> {
     if s.follower_proxy() {
         return Ok(Destination::Leader);
     }
-    Err(state::redirect(&status))
+    Err(state::redirect(&status, crate::cluster_view::slot_of(ctx, first)))
 }
 
 /// Proposes the transaction EXEC has built, if any. Every write proposed on this node calls

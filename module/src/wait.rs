@@ -15,6 +15,7 @@ use crate::blocked::{Blocked, Outcome, Requester};
 use crate::reply::Reply;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::blocking::{parse_timeout, Unit};
 use raftis_core::status::Status;
@@ -68,7 +69,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     let node = s.serving_node()?;
     if !node.is_leader() {
         if !s.follower_proxy() {
-            return Err(state::redirect(&node.status()));
+            return Err(state::redirect(&node.status(), HashSlot::NO_KEY));
         }
         if crate::transaction::in_exec(ctx) {
             // It goes with the transaction, and the leader answers it in place ([`at_once`]).
@@ -115,7 +116,7 @@ fn start(node: &RaftNode, client: Requester, wanted: i64, deadline: Option<Insta
             Err(e) => {
                 let w = waiting.remove(at);
                 drop(waiting);
-                w.client.finish(Outcome::Error(state::error_reply(&e)), false);
+                w.client.finish(Outcome::Error(state::error_reply(&e, HashSlot::NO_KEY)), false);
             }
         }
     }));
@@ -151,7 +152,7 @@ extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
         while i < waiting.len() {
             let answer = match (&status, waiting[i].index) {
                 _ if waiting[i].client.is_abandoned() => Some(Outcome::Error("ERR the follower hung up".into())),
-                (Some(status), _) if !status.is_leader() => Some(Outcome::Error(state::redirect(status))),
+                (Some(status), _) if !status.is_leader() => Some(Outcome::Error(state::redirect(status, HashSlot::NO_KEY))),
                 (Some(status), index) => {
                     let count = index.map_or(0, |index| holding(status, index));
                     let over = waiting[i].deadline.is_some_and(|at| Instant::now() >= at);

@@ -29,6 +29,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use raftis_core::cluster_view::HashSlot;
 
 /// Clients that may be watching keys, with the keys. Only touched on Redis' main thread.
 static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });
@@ -71,8 +72,9 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     let s = state::get();
     let node = s.serving_node()?;
+    let slot = HashSlot::of_key(keys[0]);
     if !node.is_leader() {
-        return Err(state::redirect(&node.status()));
+        return Err(state::redirect(&node.status(), slot));
     }
     crate::held::watch_keys(ctx, keys)?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
@@ -88,7 +90,7 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let progress = s.progress.clone();
     node.last_proposed_index(Box::new(move |last| match last {
         Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Simple("OK".into())))),
-        Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e))),
+        Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e, slot))),
     }));
     Ok(())
 }

@@ -49,7 +49,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         if s.follower_proxy() {
             return crate::forward::to_leader(ctx, ffi::owned_args(command));
         }
-        return Err(state::redirect(&status));
+        return Err(state::redirect(&status, crate::cluster_view::slot_of(ctx, command)));
     }
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     let db = ffi::selected_db(ctx);
