@@ -84,8 +84,17 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     let _: () = node.cmd(&["ACL", "SETUSER", "bare", "on", ">pw", "+@write", "+@read", "~*"]).unwrap();
     let mut bare = connect_as(node, "bare", "pw");
     refused(run(&mut bare, &["SET", "app:3", "x"]), "'raft._cmd'");
+    // A monitoring user: the INFO that shows the Cluster section runs as `raft._info` (see
+    // *Redis Cluster clients*), still checked against the user's `+info`.
+    let _: () = node.cmd(&["ACL", "SETUSER", "monitor", "on", ">pw", "+info", "+raft._info"]).unwrap();
+    let mut monitor = connect_as(node, "monitor", "pw");
+    let info: String = redis::from_redis_value(&run(&mut monitor, &["INFO"]).unwrap()).unwrap();
+    assert!(info.contains("cluster_enabled:1\r\n"), "{info}");
+    let _: () = node.cmd(&["ACL", "SETUSER", "monitor", "-info"]).unwrap();
+    refused(run(&mut monitor, &["INFO", "cluster"]), "run the 'info' command");
+    refused(run(&mut bare, &["INFO"]), "'raft._info'");
     // Once the users are gone, nothing is checked any more, and the default user's writes go on.
-    let _: () = node.cmd(&["ACL", "DELUSER", "app", "bare"]).unwrap();
+    let _: () = node.cmd(&["ACL", "DELUSER", "app", "bare", "monitor"]).unwrap();
     let _: () = node.cmd(&["SET", "after", "1"]).unwrap();
 }
 

@@ -4,7 +4,7 @@
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use raftis_integration::resp_conn::RespConn;
+use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{free_port_pair, wait_for, Cluster, Server};
 use redis::cluster::ClusterClient;
 use redis::Commands;
@@ -127,4 +127,96 @@ fn moved_names_the_slot_of_the_commands_key() {
     // A command without keys names slot 0, as any would do.
     let moved = conn.call(&[b"EVAL", b"return 1", b"0"]).unwrap();
     assert_eq!(moved.text(), Some(format!("MOVED 0 {leader_addr}")));
+}
+
+/// redis-py's cluster client, as Debian ships it (4.3), on the same path as the Rust client
+/// above. That version also reads `cluster_enabled` in `INFO` first and refuses a server that
+/// says 0; an `INFO` that shows the Cluster section says 1 here, the other sections are Redis'
+/// own.
+#[test]
+fn redis_py_writes_through_the_leader_and_finds_the_next_one() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    for sections in [&["INFO"][..], &["INFO", "cluster"], &["INFO", "server", "CLUSTER"], &["INFO", "everything"]] {
+        let info: String = follower.cmd(sections).unwrap();
+        assert!(info.contains("# Cluster\r\ncluster_enabled:1\r\n"), "{sections:?}: {info}");
+    }
+    let memory: String = follower.cmd(&["INFO", "memory"]).unwrap();
+    assert!(memory.contains("used_memory:") && !memory.contains("cluster_enabled"), "{memory}");
+    // RESP3 clients get INFO's text as Redis sends it: a verbatim string.
+    let mut resp3 = RespConn::connect(follower.port).unwrap();
+    resp3.call(&[b"HELLO", b"3"]).unwrap();
+    let info = resp3.call(&[b"INFO", b"cluster"]).unwrap();
+    assert_eq!(info, Reply::Blob(b'=', b"txt:# Cluster\r\ncluster_enabled:1\r\n".to_vec()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = RedisPy::start(follower.port, dir.path());
+    assert_eq!(client.ask("primaries"), cluster.nodes[leader].port.to_string());
+    assert_eq!(client.ask("set 0 200"), "ok");
+    let on_leader: Vec<String> = cluster.nodes[leader].cmd(&["KEYS", "key:*"]).unwrap();
+    assert_eq!(on_leader.len(), 200);
+
+    cluster.nodes[leader].pause();
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        (0..3).filter(|i| *i != leader).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    cluster.nodes[leader].resume();
+    wait_for("the old leader to follow", Duration::from_secs(20), || (cluster.nodes[leader].state() == "follower").then_some(()));
+    // The old leader answers -MOVED; the client moves the slots it names, then reads the map anew.
+    assert_eq!(client.ask("set 200 400"), "ok");
+    let on_new_leader: Vec<String> = cluster.nodes[new_leader].cmd(&["KEYS", "key:*"]).unwrap();
+    assert_eq!(on_new_leader.len(), 400);
+    assert_eq!(client.ask("get key:399"), "399");
+    assert_eq!(client.ask("primaries"), cluster.nodes[new_leader].port.to_string());
+}
+
+/// `integration/clients/redis_py_cluster.py`, run by Debian's Python, which has Debian's redis-py
+/// (`scripts/setup` installs it).
+struct RedisPy {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    stderr_file: std::path::PathBuf,
+}
+
+impl RedisPy {
+    fn start(port: u16, dir: &std::path::Path) -> RedisPy {
+        let stderr_file = dir.join("redis-py.stderr");
+        let script = raftis_integration::workspace().join("integration/clients/redis_py_cluster.py");
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_file).unwrap())
+            .spawn()
+            .expect("/usr/bin/python3 (scripts/setup installs python3-redis)");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut client = RedisPy { child, stdout, stderr_file };
+        assert_eq!(client.line(), "ready");
+        client
+    }
+
+    fn ask(&mut self, request: &str) -> String {
+        use std::io::Write as _;
+        writeln!(self.child.stdin.as_mut().unwrap(), "{request}").unwrap();
+        self.line()
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let line = line.trim_end().to_string();
+        let stderr = std::fs::read_to_string(&self.stderr_file).unwrap_or_default();
+        assert!(!line.is_empty() && !line.starts_with("error"), "redis-py: {line:?}; its stderr:\n{stderr}");
+        line
+    }
+}
+
+impl Drop for RedisPy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

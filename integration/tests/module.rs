@@ -414,6 +414,8 @@ fn odd_arguments() -> Vec<Vec<Vec<u8>>> {
         words(&["CLUSTER", "SLOTS"]),
         words(&["CLUSTER", "KEYSLOT"]),
         words(&["CLUSTER", "KEYSLOT", ""]),
+        words(&["INFO", "cluster"]),
+        words(&["INFO", "all", "bogus"]),
         words(&["READONLY", "now"]),
         words(&["1", "2", "3", "4", "5", "6", "7", "8"]),
         vec![b"x".to_vec(); 64],

@@ -4,14 +4,20 @@
 //! `READONLY` and `READWRITE` answer `+OK` and change nothing: what a follower serves is still
 //! the node's `consistency`. `CLUSTER KEYSLOT` answers as Redis Cluster does, and [`slot_of`]
 //! gives the slot a `-MOVED` names.
+//!
+//! Some clients (redis-py before 5) also read `cluster_enabled` in `INFO` before they ask for
+//! the map, and refuse a server that says 0, which Redis always says here (its own cluster mode
+//! must stay off: Raftis routes the commands). So an `INFO` that shows the Cluster section goes
+//! to [`INFO_COMMAND`], which runs Redis' own and says 1 instead.
 
-use crate::ffi::{CommandKeys, RedisModuleCtx};
+use crate::ffi::{self, CommandKeys, RedisModuleCtx};
 use crate::reply::Reply;
 use crate::state;
 use raftis_core::cluster_view::{self, ClusterView, HashSlot, SLOTS};
 use raftis_core::routing::KeyPositions;
 
 pub const CLUSTER_COMMAND: &str = "raft._cluster";
+pub const INFO_COMMAND: &str = "raft._info";
 
 const SUBCOMMANDS: &[&str] = &["slots", "nodes", "myid", "info"];
 
@@ -47,6 +53,42 @@ pub fn answers(argv: &[&[u8]]) -> bool {
     }
 }
 
+/// Whether the `INFO` of `argv` shows the Cluster section, so the filter hands it to
+/// [`INFO_COMMAND`]. Other sections stay Redis' own business.
+pub fn info_shows_cluster(argv: &[&[u8]]) -> bool {
+    const WITH_CLUSTER: [&[u8]; 4] = [b"default", b"all", b"everything", b"cluster"];
+    let Some((name, sections)) = argv.split_first() else { return false };
+    name.eq_ignore_ascii_case(b"info")
+        && (sections.is_empty() || sections.iter().any(|s| WITH_CLUSTER.iter().any(|w| s.eq_ignore_ascii_case(w))))
+}
+
+/// `RAFT._INFO INFO [section ...]`: Redis' own `INFO`, with `cluster_enabled:1`.
+pub fn info(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
+    if !args.get(1..).is_some_and(info_shows_cluster) {
+        return Err("ERR RAFT._INFO only takes an INFO that shows the Cluster section (it is used internally)".into());
+    }
+    let reply = ffi::call(ctx, &args[1..], false);
+    if reply.is_null() {
+        return Err("ERR INFO could not be run".into());
+    }
+    let text = ffi::reply_bytes(reply).to_vec();
+    let failed = ffi::is_error(reply);
+    ffi::free_call_reply(reply);
+    if failed {
+        return Err(String::from_utf8_lossy(&text).into_owned());
+    }
+    Ok(Reply::Verbatim(with_cluster_enabled(text)))
+}
+
+/// INFO's text with its Cluster section's `cluster_enabled:0` made 1.
+fn with_cluster_enabled(mut text: Vec<u8>) -> Vec<u8> {
+    const DISABLED: &[u8] = b"# Cluster\r\ncluster_enabled:0\r\n";
+    if let Some(at) = text.windows(DISABLED.len()).position(|w| w == DISABLED) {
+        text[at + DISABLED.len() - 3] = b'1';
+    }
+    text
+}
+
 /// `args` is `RAFT._CLUSTER` followed by what the client sent.
 pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
     if !answers(&args[1..]) {
@@ -71,8 +113,8 @@ pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
     let no_leader = || state::NO_LEADER.to_string();
     match sub.as_str() {
         "myid" => Ok(Reply::bulk(cluster_view::node_name(st.id))),
-        "info" => Ok(Reply::Bulk(cluster_view::info_text(view.as_ref(), st.voters.len(), st.term).into_bytes())),
-        "nodes" => Ok(Reply::Bulk(view.ok_or_else(no_leader)?.nodes_text().into_bytes())),
+        "info" => Ok(Reply::Verbatim(cluster_view::info_text(view.as_ref(), st.voters.len(), st.term).into_bytes())),
+        "nodes" => Ok(Reply::Verbatim(view.ok_or_else(no_leader)?.nodes_text().into_bytes())),
         "slots" => {
             let view = view.ok_or_else(no_leader)?;
             let entry = |n: &cluster_view::ClusterNode| {

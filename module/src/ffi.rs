@@ -201,6 +201,12 @@ pub fn reply_bulk(ctx: *mut RedisModuleCtx, bytes: &[u8]) -> c_int {
     OK
 }
 
+/// A verbatim string of format `txt` (a bulk string to a RESP2 client).
+pub fn reply_verbatim(ctx: *mut RedisModuleCtx, text: &[u8]) -> c_int {
+    unsafe { api!(RedisModule_ReplyWithVerbatimStringType)(ctx, text.as_ptr() as *const c_char, text.len(), c"txt".as_ptr()) };
+    OK
+}
+
 pub fn reply_integer(ctx: *mut RedisModuleCtx, v: i64) -> c_int {
     unsafe { api!(RedisModule_ReplyWithLongLong)(ctx, v as c_longlong) };
     OK

@@ -1,7 +1,8 @@
 //! The command filter: every client command passes here first, on Redis' main thread. Writes are
 //! redirected to `RAFT._CMD` (replicated), blocking commands to `RAFT._BLOCK`, MULTI to `RAFT._MULTI`,
 //! WATCH to `RAFT._WATCH`, WAIT to `RAFT._WAIT`, the Redis Cluster commands a cluster-aware client
-//! asks (`CLUSTER SLOTS`, `READONLY`, ...) to `RAFT._CLUSTER`,
+//! asks (`CLUSTER SLOTS`, `READONLY`, ...) to `RAFT._CLUSTER` and an `INFO` that shows the
+//! Cluster section to `RAFT._INFO`,
 //! unsupported commands to `RAFT._REFUSE`, a `CONFIG SET` Raftis cannot allow to an error (see
 //! `redis_settings`), and reads to `RAFT._READ` when they must wait or be
 //! confirmed; everything else runs untouched. Our own `RedisModule_Call`s are not filtered (NOSELF), so applying an
@@ -50,6 +51,10 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
     }
     if crate::cluster_view::answers(&argv) {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(crate::cluster_view::CLUSTER_COMMAND.as_bytes())) };
+        return;
+    }
+    if crate::cluster_view::info_shows_cluster(&argv) {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(crate::cluster_view::INFO_COMMAND.as_bytes())) };
         return;
     }
     let route = state::get().route(&argv);

@@ -140,6 +140,10 @@ command!(borrowed cmd_cluster_view, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     cluster_view::cluster(args)
 });
+command!(borrowed cmd_cluster_info, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    cluster_view::info(ctx, args)
+});
 command!(cmd_cluster, |ctx, args| commands::cluster(ctx, &args));
 command!(cmd_auth, |ctx, args| peer_user::auth(ctx, &args));
 command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
@@ -166,6 +170,8 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
     (wait::WAIT_COMMAND, cmd_wait, "fast"),
     (cluster_view::CLUSTER_COMMAND, cmd_cluster_view, "readonly fast"),
+    // Like INFO itself: it answers while Redis loads its data, and on a replica that is stale.
+    (cluster_view::INFO_COMMAND, cmd_cluster_info, "allow-loading allow-stale"),
     ("raft.config", cmd_config, "admin"),
     ("raft.cluster", cmd_cluster, "admin"),
     // Needs no login: it is how other nodes log in (see `peer_user`).

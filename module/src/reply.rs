@@ -6,6 +6,9 @@ use crate::ffi::{self, RedisModuleCtx};
 pub enum Reply {
     Simple(String),
     Bulk(Vec<u8>),
+    /// Text for people (INFO and the like): a verbatim string in RESP3, as Redis' own replies
+    /// of that kind, and a bulk string in RESP2.
+    Verbatim(Vec<u8>),
     Integer(i64),
     Array(Vec<Reply>),
     /// The client was blocked; its reply comes later.
@@ -28,6 +31,9 @@ impl Reply {
             }
             Reply::Bulk(b) => {
                 ffi::reply_bulk(ctx, b);
+            }
+            Reply::Verbatim(text) => {
+                ffi::reply_verbatim(ctx, text);
             }
             Reply::Integer(i) => {
                 ffi::reply_integer(ctx, *i);
