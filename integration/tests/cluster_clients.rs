@@ -4,8 +4,8 @@
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{free_port_pair, wait_for, Cluster, Server};
+use raftis_integration::resp_conn::{args, Reply, RespConn};
+use raftis_integration::{free_port_pair, stat_field, wait_for, Cluster, Server};
 use redis::cluster::ClusterClient;
 use redis::Commands;
 use std::time::Duration;
@@ -169,6 +169,52 @@ fn redis_py_writes_through_the_leader_and_finds_the_next_one() {
     assert_eq!(on_new_leader.len(), 400);
     assert_eq!(client.ask("get key:399"), "399");
     assert_eq!(client.ask("primaries"), cluster.nodes[new_leader].port.to_string());
+    // Reading from replicas: the followers send its reads to the leader (see the test below).
+    assert_eq!(client.ask("replica-get 0 400"), "ok");
+    let readonly: u64 = (0..3).filter(|i| *i != new_leader).map(|i| stat_field(&cluster.nodes[i], "readonly_clients")).sum();
+    assert!(readonly >= 1, "the client sent READONLY to a follower");
+}
+
+/// A connection that sent `READONLY` to a follower, as cluster-mode clients do before they read
+/// from replicas, has its reads served through the leader, linearizable as the node's
+/// consistency says, blocking ones included; its writes still get `-MOVED`. `READWRITE` ends it,
+/// and so does hanging up.
+#[test]
+fn a_readonly_connection_reads_through_a_follower() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = &cluster.nodes[(leader + 1) % 3];
+    let mut writer = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    let mut conn = RespConn::connect(follower.port).unwrap();
+    let moved = format!("MOVED {} {}", redis::cluster_routing::get_slot(b"k"), cluster.nodes[leader].addr());
+    assert_eq!(conn.call(&[b"GET", b"k"]).unwrap().text(), Some(moved.clone()));
+    assert_eq!(conn.call(&[b"READONLY"]).unwrap().text().as_deref(), Some("OK"));
+    assert_eq!(stat_field(follower, "readonly_clients"), 1);
+    for i in 0..20 {
+        let value = i.to_string();
+        assert_eq!(writer.call(&[b"SET", b"k", value.as_bytes()]).unwrap().text().as_deref(), Some("OK"));
+        // Right after the write was acknowledged, the follower's reply has it.
+        assert_eq!(conn.call(&[b"GET", b"k"]).unwrap().text(), Some(value));
+    }
+    assert_eq!(conn.call(&[b"SET", b"k", b"x"]).unwrap().text(), Some(moved.clone()));
+    // A blocking read waits at the leader.
+    conn.send(&[args(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"])]).unwrap();
+    wait_for("the read to wait at the leader", Duration::from_secs(10), || {
+        (stat_field(&cluster.nodes[leader], "blocked_pops_waiting") == 1).then_some(())
+    });
+    writer.call(&[b"XADD", b"s", b"1-1", b"f", b"v"]).unwrap();
+    let read = format!("{:?}", conn.reply().unwrap());
+    assert!(read.contains("1-1"), "{read}");
+
+    assert_eq!(conn.call(&[b"READWRITE"]).unwrap().text().as_deref(), Some("OK"));
+    assert_eq!(conn.call(&[b"GET", b"k"]).unwrap().text(), Some(moved));
+    assert_eq!(stat_field(follower, "readonly_clients"), 0);
+    conn.call(&[b"READONLY"]).unwrap();
+    assert_eq!(stat_field(follower, "readonly_clients"), 1);
+    drop(conn);
+    wait_for("the closed connection to be forgotten", Duration::from_secs(10), || {
+        (stat_field(follower, "readonly_clients") == 0).then_some(())
+    });
 }
 
 /// `integration/clients/redis_py_cluster.py`, run by Debian's Python, which has Debian's redis-py

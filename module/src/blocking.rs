@@ -162,7 +162,7 @@ pub fn block(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         return wait_locally(ctx, command, shape);
     }
     if !node.is_leader() {
-        if s.follower_proxy() {
+        if s.follower_proxy() || (reads_only && crate::replica_reads::through_leader(ctx)) {
             return crate::forward_blocking::to_leader(ctx, &node, command, (shape.timeout, shape.unit));
         }
         return Err(state::redirect(&node.status(), slot_of(ctx, command)));

@@ -1,8 +1,8 @@
 //! `RAFT._CLUSTER`: the Redis Cluster commands a cluster-aware client asks, answered with the
 //! map of `raftis_core::cluster_view` (one shard, the leader its master). Plain Redis answers
 //! them `-ERR This instance has cluster support disabled`, and such a client then gives up.
-//! `READONLY` and `READWRITE` answer `+OK` and change nothing: what a follower serves is still
-//! the node's `consistency`. `CLUSTER KEYSLOT` answers as Redis Cluster does, and [`slot_of`]
+//! `READONLY` and `READWRITE` answer `+OK`; what a follower serves is still the node's
+//! `consistency` (see `replica_reads`). `CLUSTER KEYSLOT` answers as Redis Cluster does, and [`slot_of`]
 //! gives the slot a `-MOVED` names.
 //!
 //! Some clients (redis-py before 5) also read `cluster_enabled` in `INFO` before they ask for
@@ -90,7 +90,7 @@ fn with_cluster_enabled(mut text: Vec<u8>) -> Vec<u8> {
 }
 
 /// `args` is `RAFT._CLUSTER` followed by what the client sent.
-pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
+pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     if !answers(&args[1..]) {
         return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, NODES, MYID, INFO or KEYSLOT, READONLY or READWRITE \
                     (it is used internally)"
@@ -98,6 +98,7 @@ pub fn cluster(args: &[&[u8]]) -> Result<Reply, String> {
     }
     let name = String::from_utf8_lossy(args[1]).to_ascii_lowercase();
     if name == "readonly" || name == "readwrite" {
+        crate::replica_reads::set(ctx, name == "readonly");
         return Ok(Reply::ok());
     }
     let sub = String::from_utf8_lossy(args[2]).to_ascii_lowercase();

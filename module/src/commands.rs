@@ -438,6 +438,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "known_scripts:{}\r\n", crate::scripts::known_scripts());
+        let _ = write!(out, "readonly_clients:{}\r\n", crate::replica_reads::count());
         let _ = write!(out, "clock_entries_proposed:{}\r\n", crate::expiry::clock_entries_proposed());
         for t in node.transport().stats() {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);

@@ -26,6 +26,7 @@ mod memory;
 mod peer_user;
 mod read;
 mod redis_settings;
+mod replica_reads;
 mod reply;
 mod runaway;
 mod scripts;
@@ -138,7 +139,7 @@ command!(borrowed cmd_wait, |ctx, args| {
 });
 command!(borrowed cmd_cluster_view, |ctx, args| {
     acl::check(ctx, &args[1..])?;
-    cluster_view::cluster(args)
+    cluster_view::cluster(ctx, args)
 });
 command!(borrowed cmd_cluster_info, |ctx, args| {
     acl::check(ctx, &args[1..])?;
@@ -281,6 +282,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
+    let client_change = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_CLIENT_CHANGE, dataver: 1 };
+    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, client_change, Some(replica_reads::on_client_change)) };
+    anyhow::ensure!(rc == ffi::OK, "cannot subscribe to client changes");
     let shutdown = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_SHUTDOWN, dataver: 1 };
     let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, shutdown, Some(on_shutdown)) };
     anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the shutdown event");

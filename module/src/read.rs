@@ -13,6 +13,9 @@
 //!   Otherwise (a leader not ready yet, or a Redis without the hooks) the client is blocked: the
 //!   leader confirms it still leads with a ReadIndex round (all reads of one Raft round share
 //!   it), waits until its dataset has applied that index, then runs the read and replies.
+//! - A follower answers the reads that come here `-MOVED`, or sends them to the leader: all of
+//!   them with `follower-proxy yes`, those of a `READONLY` connection always (see
+//!   `replica_reads`).
 
 use crate::blocked::{Blocked, Outcome};
 use crate::cluster_view::slot_of;
@@ -63,7 +66,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let s = state::get();
     let node = s.serving_node()?;
     if !node.is_leader() {
-        if s.follower_proxy() {
+        if s.follower_proxy() || crate::replica_reads::through_leader(ctx) {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));
         }
         return Err(state::redirect(&node.status(), slot_of(ctx, argv)));

@@ -229,7 +229,8 @@ fn destination(ctx: *mut RedisModuleCtx, first: &[Vec<u8>]) -> Result<Destinatio
     if node.is_leader() {
         return Err("CLUSTERDOWN the leader is still applying the log of its term; retry".into());
     }
-    if s.follower_proxy() {
+    // A read of a `READONLY` connection may start a batch too (see `replica_reads`).
+    if s.follower_proxy() || crate::replica_reads::through_leader(ctx) {
         return Ok(Destination::Leader);
     }
     Err(state::redirect(&status, crate::cluster_view::slot_of(ctx, first)))
