@@ -61,6 +61,7 @@ fn crc16(bytes: &[u8]) -> u16 {
 /// One node as the map shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNode {
+    pub id: NodeId,
     /// Redis Cluster names nodes with 40 hex characters.
     pub name: String,
     pub host: String,
@@ -93,7 +94,7 @@ impl ClusterView {
             let info = members.get(&id)?;
             let (host, port) = split(&info.client_addr)?;
             let bus_port = split(&info.raft_addr).map_or(0, |(_, p)| p);
-            Some(ClusterNode { name: node_name(id), host, port, bus_port, myself: id == me })
+            Some(ClusterNode { id, name: node_name(id), host, port, bus_port, myself: id == me })
         };
         let leader_id = leader?;
         let leader = node(leader_id)?;

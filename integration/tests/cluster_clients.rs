@@ -22,6 +22,21 @@ fn owner_of_every_slot(slots: &redis::Value) -> (String, i64) {
     (host, port)
 }
 
+/// `CLUSTER SHARDS` in RESP2: the nodes of its one shard, each as field -> value.
+fn shard_nodes(shards: &redis::Value) -> Vec<std::collections::HashMap<String, String>> {
+    let redis::Value::Bulk(shards) = shards else { panic!("CLUSTER SHARDS: {shards:?}") };
+    assert_eq!(shards.len(), 1, "one shard: {shards:?}");
+    let shard: std::collections::HashMap<String, redis::Value> = redis::from_redis_value(&shards[0]).unwrap();
+    let slots: Vec<i64> = redis::from_redis_value(&shard["slots"]).unwrap();
+    assert_eq!(slots, [0, 16383]);
+    let nodes: Vec<std::collections::HashMap<String, redis::Value>> = redis::from_redis_value(&shard["nodes"]).unwrap();
+    let text = |v: &redis::Value| match v {
+        redis::Value::Int(i) => i.to_string(),
+        v => redis::from_redis_value::<String>(v).unwrap(),
+    };
+    nodes.iter().map(|n| n.iter().map(|(k, v)| (k.clone(), text(v))).collect()).collect()
+}
+
 #[test]
 fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
     let cluster = Cluster::start(3, &[]).unwrap();
@@ -42,7 +57,22 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
         assert_eq!(nodes.lines().filter(|l| l.contains("master - ") && l.ends_with(" connected 0-16383")).count(), 1, "{nodes}");
         let ok: String = node.cmd(&["READONLY"]).unwrap();
         assert_eq!(ok, "OK");
+        // Redis 7's map: one shard, every slot, the leader its master.
+        let shards: redis::Value = node.cmd(&["CLUSTER", "SHARDS"]).unwrap();
+        let nodes = shard_nodes(&shards);
+        assert_eq!(nodes.len(), 3, "{shards:?}");
+        assert_eq!((nodes[0]["role"].as_str(), nodes[0]["port"].as_str()), ("master", leader_port.to_string().as_str()));
+        assert!(nodes[1..].iter().all(|n| n["role"] == "replica" && n["health"] == "online"), "{nodes:?}");
+        assert!(nodes.iter().any(|n| n["id"] == myid), "{nodes:?}");
     }
+    // The leader knows how far each node has the log: the write that made it ready, at least.
+    let on_leader = shard_nodes(&cluster.nodes[leader].cmd(&["CLUSTER", "SHARDS"]).unwrap());
+    assert!(on_leader.iter().all(|n| n["replication-offset"].parse::<u64>().unwrap() > 0), "{on_leader:?}");
+    // In RESP3 a shard and a node are maps, as in Redis.
+    let mut resp3 = RespConn::connect(cluster.nodes[follower].port).unwrap();
+    resp3.call(&[b"HELLO", b"3"]).unwrap();
+    let shards = resp3.call(&[b"CLUSTER", b"SHARDS"]).unwrap();
+    assert!(matches!(&shards.items().unwrap()[0], Reply::Aggregate(b'%', _)), "{shards:?}");
     // What Redis answers without cluster support stays so.
     let err = cluster.nodes[follower].cmd::<String>(&["CLUSTER", "COUNTKEYSINSLOT", "0"]).unwrap_err().to_string();
     assert!(err.contains("cluster support disabled"), "{err}");

@@ -15,11 +15,12 @@ use crate::reply::Reply;
 use crate::state;
 use raftis_core::cluster_view::{self, ClusterView, HashSlot, SLOTS};
 use raftis_core::routing::KeyPositions;
+use raftis_core::LogIndex;
 
 pub const CLUSTER_COMMAND: &str = "raft._cluster";
 pub const INFO_COMMAND: &str = "raft._info";
 
-const SUBCOMMANDS: &[&str] = &["slots", "nodes", "myid", "info"];
+const SUBCOMMANDS: &[&str] = &["slots", "shards", "nodes", "myid", "info"];
 
 /// The slot a `-MOVED` for `argv` names: that of its first key, as in Redis Cluster (where every
 /// key of a command shares one slot), or [`HashSlot::NO_KEY`]. Main thread only: Redis finds the keys of commands
@@ -92,7 +93,7 @@ fn with_cluster_enabled(mut text: Vec<u8>) -> Vec<u8> {
 /// `args` is `RAFT._CLUSTER` followed by what the client sent.
 pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     if !answers(&args[1..]) {
-        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, NODES, MYID, INFO or KEYSLOT, READONLY or READWRITE \
+        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, SHARDS, NODES, MYID, INFO or KEYSLOT, READONLY or READWRITE \
                     (it is used internally)"
             .into());
     }
@@ -124,6 +125,39 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
             let mut range = vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1), entry(&view.leader)];
             range.extend(view.replicas.iter().map(entry));
             Ok(Reply::Array(vec![Reply::Array(range)]))
+        }
+        "shards" => {
+            let view = view.ok_or_else(no_leader)?;
+            // How far each node has the log, as far as this node knows: its own applied index, the
+            // leader's commit index, and on the leader its followers' matched index (else 0).
+            let offset = |n: &cluster_view::ClusterNode| {
+                let index = match st.progress_of(n.id) {
+                    _ if n.myself => st.applied,
+                    _ if Some(n.id) == st.leader => st.commit,
+                    Some(progress) => progress.matched,
+                    None => LogIndex(0),
+                };
+                Reply::Integer(index.0 as i64)
+            };
+            let node = |n: &cluster_view::ClusterNode, role: &str| {
+                let field = |name: &str, value: Reply| (Reply::bulk(name), value);
+                Reply::Map(vec![
+                    field("id", Reply::bulk(n.name.clone())),
+                    field("port", Reply::Integer(n.port.into())),
+                    field("ip", Reply::bulk(n.host.clone())),
+                    field("endpoint", Reply::bulk(n.host.clone())),
+                    field("role", Reply::bulk(role)),
+                    field("replication-offset", offset(n)),
+                    field("health", Reply::bulk("online")),
+                ])
+            };
+            let mut nodes = vec![node(&view.leader, "master")];
+            nodes.extend(view.replicas.iter().map(|n| node(n, "replica")));
+            let shard = Reply::Map(vec![
+                (Reply::bulk("slots"), Reply::Array(vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1)])),
+                (Reply::bulk("nodes"), Reply::Array(nodes)),
+            ]);
+            Ok(Reply::Array(vec![shard]))
         }
         _ => Err(format!("ERR unknown subcommand '{sub}'")),
     }

@@ -216,6 +216,11 @@ pub fn reply_array(ctx: *mut RedisModuleCtx, len: usize) {
     unsafe { api!(RedisModule_ReplyWithArray)(ctx, len as c_long) };
 }
 
+/// A map of `len` pairs (an array of `2 * len` items to a RESP2 client).
+pub fn reply_map(ctx: *mut RedisModuleCtx, len: usize) {
+    unsafe { api!(RedisModule_ReplyWithMap)(ctx, len as c_long) };
+}
+
 pub fn reply_call_reply(ctx: *mut RedisModuleCtx, reply: *mut RedisModuleCallReply) -> c_int {
     unsafe { api!(RedisModule_ReplyWithCallReply)(ctx, reply) }
 }

@@ -11,6 +11,8 @@ pub enum Reply {
     Verbatim(Vec<u8>),
     Integer(i64),
     Array(Vec<Reply>),
+    /// A map in RESP3; its keys and values in turn, as an array, in RESP2.
+    Map(Vec<(Reply, Reply)>),
     /// The client was blocked; its reply comes later.
     Blocked,
 }
@@ -42,6 +44,13 @@ impl Reply {
                 ffi::reply_array(ctx, items.len());
                 for item in items {
                     item.send(ctx);
+                }
+            }
+            Reply::Map(pairs) => {
+                ffi::reply_map(ctx, pairs.len());
+                for (key, value) in pairs {
+                    key.send(ctx);
+                    value.send(ctx);
                 }
             }
             Reply::Blocked => {}
