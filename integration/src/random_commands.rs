@@ -80,7 +80,7 @@ const STREAM_TIMEOUTS: &[&str] = &["1", "2", "5", "-1", "x"];
 const MIN_IDLE: &[&str] = &["0", "4294967296", "1700000000000", "4102444800000", "x"];
 /// Server administration outside `@admin` (`ACL GENPASS` answers at random).
 const ADMINISTRATION: &[&str] = &["acl"];
-/// Redis Cluster's commands: Raftis answers `CLUSTER SLOTS`, `NODES`, `MYID` and `INFO` as a
+/// Redis Cluster's commands: Raftis answers `CLUSTER SLOTS`, `SHARDS`, `NODES`, `KEYSLOT` and the like as a
 /// cluster of one shard, on purpose, where plain Redis has no cluster support (see
 /// `tests/cluster_clients.rs`).
 const CLUSTER: &[&str] = &["cluster"];
