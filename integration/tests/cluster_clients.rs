@@ -37,6 +37,18 @@ fn shard_nodes(shards: &redis::Value) -> Vec<std::collections::HashMap<String, S
     nodes.iter().map(|n| n.iter().map(|(k, v)| (k.clone(), text(v))).collect()).collect()
 }
 
+/// Pauses the leader until another node leads, then resumes it and waits until it follows.
+/// Returns the new leader.
+fn hand_over_by_pausing(cluster: &Cluster, leader: usize) -> usize {
+    cluster.nodes[leader].pause();
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        (0..cluster.nodes.len()).filter(|i| *i != leader).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    cluster.nodes[leader].resume();
+    wait_for("the old leader to follow", Duration::from_secs(20), || (cluster.nodes[leader].state() == "follower").then_some(()));
+    new_leader
+}
+
 #[test]
 fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
     let cluster = Cluster::start(3, &[]).unwrap();
@@ -90,12 +102,7 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
 
     // Another node takes over while the old leader is paused; back, it is a follower that answers
     // -MOVED, and the client fetches the new map and goes on. None acknowledged is lost.
-    cluster.nodes[leader].pause();
-    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
-        (0..3).filter(|i| *i != leader).find(|i| cluster.nodes[*i].state() == "leader")
-    });
-    cluster.nodes[leader].resume();
-    wait_for("the old leader to follow", Duration::from_secs(20), || (cluster.nodes[leader].state() == "follower").then_some(()));
+    let new_leader = hand_over_by_pausing(&cluster, leader);
     for i in 200..300 {
         wait_for("a write through the cluster client after the leader changed", Duration::from_secs(30), || {
             conn.set::<_, _, ()>(format!("key:{i}"), i).ok()
@@ -187,12 +194,7 @@ fn redis_py_writes_through_the_leader_and_finds_the_next_one() {
     let on_leader: Vec<String> = cluster.nodes[leader].cmd(&["KEYS", "key:*"]).unwrap();
     assert_eq!(on_leader.len(), 200);
 
-    cluster.nodes[leader].pause();
-    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
-        (0..3).filter(|i| *i != leader).find(|i| cluster.nodes[*i].state() == "leader")
-    });
-    cluster.nodes[leader].resume();
-    wait_for("the old leader to follow", Duration::from_secs(20), || (cluster.nodes[leader].state() == "follower").then_some(()));
+    let new_leader = hand_over_by_pausing(&cluster, leader);
     // The old leader answers -MOVED; the client moves the slots it names, then reads the map anew.
     assert_eq!(client.ask("set 200 400"), "ok");
     let on_new_leader: Vec<String> = cluster.nodes[new_leader].cmd(&["KEYS", "key:*"]).unwrap();

@@ -2,8 +2,8 @@
 //! map of `raftis_core::cluster_view` (one shard, the leader its master). Plain Redis answers
 //! them `-ERR This instance has cluster support disabled`, and such a client then gives up.
 //! `READONLY` and `READWRITE` answer `+OK`; what a follower serves is still the node's
-//! `consistency` (see `replica_reads`). `CLUSTER KEYSLOT` answers as Redis Cluster does, and [`slot_of`]
-//! gives the slot a `-MOVED` names.
+//! `consistency` (see `replica_reads`). `CLUSTER KEYSLOT` answers as Redis Cluster does, and
+//! [`slot_of`] gives the slot a `-MOVED` names.
 //!
 //! Some clients (redis-py before 5) also read `cluster_enabled` in `INFO` before they ask for
 //! the map, and refuse a server that says 0, which Redis always says here (its own cluster mode
@@ -13,8 +13,9 @@
 use crate::ffi::{self, CommandKeys, RedisModuleCtx};
 use crate::reply::Reply;
 use crate::state;
-use raftis_core::cluster_view::{self, ClusterView, HashSlot, SLOTS};
+use raftis_core::cluster_view::{self, ClusterNode, ClusterView, HashSlot, SLOTS};
 use raftis_core::routing::KeyPositions;
+use raftis_core::status::Status;
 use raftis_core::LogIndex;
 
 pub const CLUSTER_COMMAND: &str = "raft._cluster";
@@ -23,8 +24,8 @@ pub const INFO_COMMAND: &str = "raft._info";
 const SUBCOMMANDS: &[&str] = &["slots", "shards", "nodes", "myid", "info"];
 
 /// The slot a `-MOVED` for `argv` names: that of its first key, as in Redis Cluster (where every
-/// key of a command shares one slot), or [`HashSlot::NO_KEY`]. Main thread only: Redis finds the keys of commands
-/// like `EVAL` from their arguments.
+/// key of a command shares one slot), or [`HashSlot::NO_KEY`]. Main thread only: Redis finds the
+/// keys of commands like `EVAL` from their arguments.
 pub fn slot_of(ctx: *mut RedisModuleCtx, argv: &[impl AsRef<[u8]>]) -> HashSlot {
     let refs: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
     if refs.is_empty() {
@@ -119,46 +120,48 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
         "nodes" => Ok(Reply::Verbatim(view.ok_or_else(no_leader)?.nodes_text().into_bytes())),
         "slots" => {
             let view = view.ok_or_else(no_leader)?;
-            let entry = |n: &cluster_view::ClusterNode| {
+            let entry = |n: &ClusterNode| {
                 Reply::Array(vec![Reply::bulk(n.host.clone()), Reply::Integer(n.port.into()), Reply::bulk(n.name.clone())])
             };
             let mut range = vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1), entry(&view.leader)];
             range.extend(view.replicas.iter().map(entry));
             Ok(Reply::Array(vec![Reply::Array(range)]))
         }
-        "shards" => {
-            let view = view.ok_or_else(no_leader)?;
-            // How far each node has the log, as far as this node knows: its own applied index, the
-            // leader's commit index, and on the leader its followers' matched index (else 0).
-            let offset = |n: &cluster_view::ClusterNode| {
-                let index = match st.progress_of(n.id) {
-                    _ if n.myself => st.applied,
-                    _ if Some(n.id) == st.leader => st.commit,
-                    Some(progress) => progress.matched,
-                    None => LogIndex(0),
-                };
-                Reply::Integer(index.0 as i64)
-            };
-            let node = |n: &cluster_view::ClusterNode, role: &str| {
-                let field = |name: &str, value: Reply| (Reply::bulk(name), value);
-                Reply::Map(vec![
-                    field("id", Reply::bulk(n.name.clone())),
-                    field("port", Reply::Integer(n.port.into())),
-                    field("ip", Reply::bulk(n.host.clone())),
-                    field("endpoint", Reply::bulk(n.host.clone())),
-                    field("role", Reply::bulk(role)),
-                    field("replication-offset", offset(n)),
-                    field("health", Reply::bulk("online")),
-                ])
-            };
-            let mut nodes = vec![node(&view.leader, "master")];
-            nodes.extend(view.replicas.iter().map(|n| node(n, "replica")));
-            let shard = Reply::Map(vec![
-                (Reply::bulk("slots"), Reply::Array(vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1)])),
-                (Reply::bulk("nodes"), Reply::Array(nodes)),
-            ]);
-            Ok(Reply::Array(vec![shard]))
-        }
+        "shards" => Ok(shards(&view.ok_or_else(no_leader)?, &st)),
         _ => Err(format!("ERR unknown subcommand '{sub}'")),
     }
+}
+
+/// `CLUSTER SHARDS`, Redis 7's form of the map, as this node (of status `st`) knows it.
+fn shards(view: &ClusterView, st: &Status) -> Reply {
+    // How far each node has the log, as far as this node knows: its own applied index, the
+    // leader's commit index, and on the leader its followers' matched index (else 0).
+    let offset = |n: &ClusterNode| {
+        let index = match st.progress_of(n.id) {
+            _ if n.myself => st.applied,
+            _ if Some(n.id) == st.leader => st.commit,
+            Some(progress) => progress.matched,
+            None => LogIndex(0),
+        };
+        Reply::Integer(index.0 as i64)
+    };
+    let node = |n: &ClusterNode, role: &str| {
+        let field = |name: &str, value: Reply| (Reply::bulk(name), value);
+        Reply::Map(vec![
+            field("id", Reply::bulk(n.name.clone())),
+            field("port", Reply::Integer(n.port.into())),
+            field("ip", Reply::bulk(n.host.clone())),
+            field("endpoint", Reply::bulk(n.host.clone())),
+            field("role", Reply::bulk(role)),
+            field("replication-offset", offset(n)),
+            field("health", Reply::bulk("online")),
+        ])
+    };
+    let mut nodes = vec![node(&view.leader, "master")];
+    nodes.extend(view.replicas.iter().map(|n| node(n, "replica")));
+    let shard = Reply::Map(vec![
+        (Reply::bulk("slots"), Reply::Array(vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1)])),
+        (Reply::bulk("nodes"), Reply::Array(nodes)),
+    ]);
+    Reply::Array(vec![shard])
 }

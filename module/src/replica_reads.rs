@@ -25,13 +25,13 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 pub fn set(ctx: *mut RedisModuleCtx, readonly: bool) {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let mut clients = CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
-    let set = clients.get_or_insert_with(FxHashSet::default);
+    let ids = clients.get_or_insert_with(FxHashSet::default);
     if readonly {
-        set.insert(id);
+        ids.insert(id);
     } else {
-        set.remove(&id);
+        ids.remove(&id);
     }
-    COUNT.store(set.len(), Ordering::Relaxed);
+    COUNT.store(ids.len(), Ordering::Relaxed);
 }
 
 /// Whether the client of `ctx` sent `READONLY`: on a follower, its reads go to the leader.
@@ -40,7 +40,7 @@ pub fn through_leader(ctx: *mut RedisModuleCtx) -> bool {
         return false;
     }
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
-    CLIENTS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|set| set.contains(&id))
+    CLIENTS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|ids| ids.contains(&id))
 }
 
 /// Server event: a client disconnected; it is forgotten.
@@ -51,9 +51,9 @@ pub extern "C" fn on_client_change(_ctx: *mut RedisModuleCtx, _event: raw::Redis
     let id = unsafe { (*(data as *const raw::RedisModuleClientInfo)).id };
     let _ = std::panic::catch_unwind(|| {
         let mut clients = CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(set) = clients.as_mut() {
-            set.remove(&id);
-            COUNT.store(set.len(), Ordering::Relaxed);
+        if let Some(ids) = clients.as_mut() {
+            ids.remove(&id);
+            COUNT.store(ids.len(), Ordering::Relaxed);
         }
     });
 }
