@@ -103,32 +103,27 @@ impl Server {
     /// Like [`Server::start`], listening on the addresses in `bind` (the first one also carries
     /// the side port).
     pub fn start_bound(port: u16, dir: &Path, bind: &str, extra: &[&str]) -> anyhow::Result<Server> {
-        Self::start_with(port, dir, bind, extra, false)
+        Self::start_with(port, dir, bind, &[], extra, false)
     }
 
     /// Plain redis-server, without the module, set up like the others (same Redis settings).
     pub fn start_plain(port: u16, dir: &Path) -> anyhow::Result<Server> {
-        Self::start_with(port, dir, "127.0.0.1", &[], true)
+        Self::start_with(port, dir, "127.0.0.1", &[], &[], true)
     }
 
     /// Plain redis-server with Redis settings of its own (`["--cluster-enabled", "yes"]`).
     pub fn start_plain_with_redis_args(port: u16, dir: &Path, redis_args: &[&str]) -> anyhow::Result<Server> {
-        let mut s = Self::unstarted(port, dir, "127.0.0.1", &[], true);
-        s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
-        s.spawn()?;
-        Ok(s)
+        Self::start_with(port, dir, "127.0.0.1", redis_args, &[], true)
     }
 
     /// Like [`Server::start`], with Redis settings of its own (`["--databases", "32"]`).
     pub fn start_with_redis_args(port: u16, dir: &Path, redis_args: &[&str], extra: &[&str]) -> anyhow::Result<Server> {
-        let mut s = Self::unstarted(port, dir, "127.0.0.1", extra, false);
-        s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
-        s.spawn()?;
-        Ok(s)
+        Self::start_with(port, dir, "127.0.0.1", redis_args, extra, false)
     }
 
-    fn start_with(port: u16, dir: &Path, bind: &str, extra: &[&str], plain: bool) -> anyhow::Result<Server> {
+    fn start_with(port: u16, dir: &Path, bind: &str, redis_args: &[&str], extra: &[&str], plain: bool) -> anyhow::Result<Server> {
         let mut s = Self::unstarted(port, dir, bind, extra, plain);
+        s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
         s.spawn()?;
         Ok(s)
     }
