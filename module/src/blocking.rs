@@ -43,21 +43,23 @@
 //! the side port ([`serve_forwarded`]). A follower that hangs up stops its client's wait, as a
 //! client that disconnects does.
 
+mod readiness;
+
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome, Requester};
 use crate::cluster_view::slot_of;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
-use crate::stream_probe::{self, Newest};
+use crate::stream_probe;
+use readiness::{group_keys, GroupNews, Look};
 use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
 use raftis_core::command_entry::encode_command;
 use raftis_core::config::Consistency;
 use raftis_core::determinism::Args;
 use raftis_core::routing::Route;
-use raftis_core::stream_read::{has_entries_after, StreamId, StreamRead};
+use raftis_core::stream_read::{StreamId, StreamRead};
 use redis_module::raw::RedisModuleTimerID;
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::os::raw::{c_int, c_void};
@@ -481,99 +483,6 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
     }
 }
 
-/// What a waiting `XREADGROUP` can get now.
-enum GroupNews {
-    Nothing,
-    /// An entry its group has not been given: an attempt.
-    Entries,
-    /// Its stream or its group is gone: Redis' error.
-    Gone(&'static str),
-}
-
-/// What [`after_apply`] finds in the keys, each looked at once per batch, by the log's clock as
-/// an attempt will see it: a key the node's clock has passed but the log has not is still there
-/// (and the attempt expires it first, on every node).
-struct Look {
-    ctx: *mut RedisModuleCtx,
-    /// Elements left in each list or sorted set once the attempts already in flight have taken
-    /// theirs (0: missing, or another type).
-    left: FxHashMap<(u32, Vec<u8>), usize>,
-    /// The newest entry of each stream.
-    newest: FxHashMap<(u32, Vec<u8>), Newest>,
-    /// The last entry given to each group of a stream (None: no such group).
-    delivered: FxHashMap<(u32, Vec<u8>, Vec<u8>), Option<StreamId>>,
-    /// Groups of a stream with an attempt in flight: their other consumers wait for its outcome.
-    busy: FxHashSet<(u32, Vec<u8>, Vec<u8>)>,
-}
-
-impl Look {
-    fn new(ctx: *mut RedisModuleCtx) -> Look {
-        Look { ctx, left: FxHashMap::default(), newest: FxHashMap::default(), delivered: FxHashMap::default(), busy: FxHashSet::default() }
-    }
-
-    /// How many elements `key` holds for a pop that waits for `waits`.
-    fn elements(&mut self, db: u32, key: &[u8], waits: Waits) -> usize {
-        let ctx = self.ctx;
-        *self.left.entry((db, key.to_vec())).or_insert_with(|| elements(ctx, db, key, waits))
-    }
-
-    /// One element of `key` is spoken for.
-    fn take(&mut self, db: u32, key: &[u8]) {
-        if let Some(left) = self.left.get_mut(&(db, key.to_vec())) {
-            *left = left.saturating_sub(1);
-        }
-    }
-
-    fn newest(&mut self, db: u32, key: &[u8]) -> Newest {
-        let ctx = self.ctx;
-        *self.newest.entry((db, key.to_vec())).or_insert_with(|| {
-            if !ffi::select_db(ctx, db) {
-                return Newest::NoStream;
-            }
-            crate::expiry::suspended(|| stream_probe::newest_entry(ctx, key))
-        })
-    }
-
-    /// An `XREAD` can read something: a stream it reads has an entry after its ID.
-    fn stream_has_news(&mut self, waiter: &Waiter) -> bool {
-        let keys = waiter.keys.iter().zip(&waiter.after);
-        keys.into_iter().any(|(key, after)| has_entries_after(self.newest(waiter.db, key).entry(), *after))
-    }
-
-    /// What an `XREADGROUP` can get: an attempt once a stream it reads has an entry newer than the
-    /// last one its group was given, unless another attempt for the group is in flight.
-    fn group_news(&mut self, waiter: &Waiter) -> GroupNews {
-        let Some(group) = &waiter.group else { return GroupNews::Nothing };
-        if waiter.keys.iter().any(|key| self.busy.contains(&(waiter.db, key.clone(), group.clone()))) {
-            return GroupNews::Nothing;
-        }
-        for key in &waiter.keys {
-            let newest = match self.newest(waiter.db, key) {
-                // Redis answers its waiting consumers as soon as the stream is deleted.
-                Newest::NoStream => return GroupNews::Gone("UNBLOCKED the stream key no longer exists"),
-                newest => newest.entry(),
-            };
-            let ctx = self.ctx;
-            let delivered = *self.delivered.entry((waiter.db, key.clone(), group.clone())).or_insert_with(|| {
-                let look = || stream_probe::last_delivered(ctx, key, group);
-                crate::expiry::suspended(|| ffi::select_db(ctx, waiter.db).then(look).flatten())
-            });
-            match (newest, delivered) {
-                (_, None) => return GroupNews::Gone("NOGROUP the consumer group this client was blocked on no longer exists"),
-                (Some(newest), Some(delivered)) if newest > delivered => return GroupNews::Entries,
-                _ => {}
-            }
-        }
-        GroupNews::Nothing
-    }
-}
-
-/// The (database, stream, group) of each key an `XREADGROUP` reads.
-fn group_keys(waiter: &Waiter) -> Vec<(u32, Vec<u8>, Vec<u8>)> {
-    let Some(group) = &waiter.group else { return Vec::new() };
-    waiter.keys.iter().map(|key| (waiter.db, key.clone(), group.clone())).collect()
-}
-
 /// Serves the `XREAD` of the client `id` from this leader's dataset, if it reads something now.
 fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
     let (argv, db, resp3) = match lock().clients.get(&id) {
@@ -643,24 +552,6 @@ fn answer_if_deposed() {
             }
             (_, client, _) => client.finish(Outcome::Error(error), waiter.resp3),
         }
-    }
-}
-
-/// How many elements `key` holds for a pop that waits for `waits` (0: missing, or another type).
-fn elements(ctx: *mut RedisModuleCtx, db: u32, key: &[u8], waits: Waits) -> usize {
-    if !ffi::select_db(ctx, db) {
-        return 0;
-    }
-    let (kind, len) = crate::expiry::suspended(|| ffi::key_type_and_length(ctx, key));
-    let wanted = match waits {
-        Waits::List => redis_module::raw::REDISMODULE_KEYTYPE_LIST,
-        Waits::SortedSet => redis_module::raw::REDISMODULE_KEYTYPE_ZSET,
-        Waits::Stream(_) | Waits::Group(_) => return 0,
-    };
-    if kind as isize == wanted as isize {
-        len
-    } else {
-        0
     }
 }
 

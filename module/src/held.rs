@@ -35,6 +35,11 @@
 //! functions (it links with -rdynamic); they are looked up at load. Without them, or with
 //! threaded I/O (whose writer does not skip protected clients), commands take the blocking path.
 
+mod redis_hooks;
+
+pub use redis_hooks::{describe, init, transactions_available};
+use redis_hooks::{exported, hooks, Hooks};
+
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, ClientId, RedisModuleCtx};
 use crate::state::{self, RaftNode};
@@ -46,84 +51,12 @@ use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A client with this many commands in flight blocks for the next one instead: Redis stops
 /// reading its pipeline until it is answered, which bounds the memory one client can tie up.
 const MAX_IN_FLIGHT_PER_CLIENT: usize = 1024;
-
-/// Redis internals, by their exported names.
-struct Hooks {
-    lookup_client: unsafe extern "C" fn(u64) -> *mut c_void,
-    protect: unsafe extern "C" fn(*mut c_void),
-    unprotect: unsafe extern "C" fn(*mut c_void),
-    free_async: unsafe extern "C" fn(*mut c_void),
-    /// Appends an empty slot to the client's output; null if the client takes no replies.
-    deferred_slot: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
-    fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
-    /// Redis' MULTI: opens a transaction on the client and answers +OK.
-    multi: unsafe extern "C" fn(*mut c_void),
-    /// Redis' WATCH of one key (a string object) in the client's database.
-    watch_key: unsafe extern "C" fn(*mut c_void, *mut c_void),
-    /// Why replies cannot be held on this Redis although it exports all of the above.
-    cannot_hold: Option<String>,
-}
-
-static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
-
-/// At load, on the main thread: decides whether replies can be held on this Redis.
-pub fn init(ctx: *mut RedisModuleCtx) {
-    HOOKS.get_or_init(|| {
-        let io_threads = ffi::config_get(ctx, "io-threads").unwrap_or_default();
-        // Threaded I/O's writer does not skip protected clients.
-        let cannot_hold = (io_threads.trim() != "1").then(|| format!("io-threads is {io_threads}"));
-        let find = ffi::find_symbol;
-        Ok(unsafe {
-            Hooks {
-                lookup_client: std::mem::transmute(find("lookupClientByID")?),
-                protect: std::mem::transmute(find("protectClient")?),
-                unprotect: std::mem::transmute(find("unprotectClient")?),
-                free_async: std::mem::transmute(find("freeClientAsync")?),
-                deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
-                fill_slot: std::mem::transmute(find("setDeferredReply")?),
-                multi: std::mem::transmute(find("multiCommand")?),
-                watch_key: std::mem::transmute(find("watchForKey")?),
-                cannot_hold,
-            }
-        })
-    });
-}
-
-/// The hooks, if replies can be held here.
-fn hooks() -> Option<&'static Hooks> {
-    HOOKS.get().and_then(|h| h.as_ref().ok()).filter(|h| h.cannot_hold.is_none())
-}
-
-/// Why replies cannot be held here, if they cannot.
-fn cannot_hold() -> Option<String> {
-    match HOOKS.get() {
-        None => Some("held replies are not initialised".into()),
-        Some(Err(why)) => Some(why.clone()),
-        Some(Ok(hooks)) => hooks.cannot_hold.clone(),
-    }
-}
-
-/// Says at load how the leader answers pipelines.
-pub fn describe() -> String {
-    match cannot_hold() {
-        None => "the leader holds replies while the cluster confirms them: pipelines keep flowing".into(),
-        Some(why) => format!("{why}: writes and linearizable reads block their client until confirmed"),
-    }
-}
-
-/// Whether EXEC can run a transaction here: its commands answer from the log, into held slots.
-pub fn transactions_available() -> Result<(), String> {
-    match cannot_hold() {
-        None => Ok(()),
-        Some(why) => Err(format!("ERR transactions (MULTI/EXEC) need held replies, not available here: {why}")),
-    }
-}
 
 /// RAFT.STATS: reads and writes answered through held replies, and connections closed because
 /// their reads could not be confirmed.
@@ -313,8 +246,7 @@ pub fn begin_multi(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 /// Redis' own client behind `ctx`, for running Redis' `command` on it (whether or not replies
 /// can be held here).
 fn redis_client(ctx: *mut RedisModuleCtx, command: &str) -> Result<(&'static Hooks, *mut c_void), String> {
-    let hooks = HOOKS.get().ok_or("ERR held replies are not initialised")?;
-    let hooks = hooks.as_ref().map_err(|why| format!("ERR {command} is not available here: {why}"))?;
+    let hooks = exported().map_err(|why| format!("ERR {command} is not available here: {why}"))?;
     let (_, client) = client_of(ctx, hooks).ok_or_else(|| format!("ERR {command} needs a client connection"))?;
     Ok((hooks, client))
 }
