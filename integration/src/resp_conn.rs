@@ -105,6 +105,11 @@ impl RespConn {
         Ok(RespConn { stream, buf: Vec::new() })
     }
 
+    /// How long [`RespConn::reply`] waits for bytes before it errs (15 s from `connect`).
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        Ok(self.stream.set_read_timeout(Some(timeout))?)
+    }
+
     /// Sends the commands in one write, then reads one reply per command.
     pub fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> anyhow::Result<Vec<Reply>> {
         self.send(commands)?;

@@ -1,0 +1,174 @@
+//! Every command in Redis' table, with odd arguments, on a three-node cluster: whatever Redis or
+//! Raftis answers, no server may crash, no handler may panic, no connection may be dropped or left
+//! without an answer, and in the end every node must hold the same dataset.
+//!
+//! `differential.rs` sends well-formed commands and compares replies with plain Redis'. These are
+//! not well formed: the arity is Redis' own, sometimes one off, and the arguments are words from
+//! other commands' syntax, numbers at the limits, binary and long strings. They go to the leader
+//! and to followers (which forward), in RESP2 and RESP3, alone and inside MULTI, and include the
+//! module's own `RAFT.*` commands and the internal `RAFT._*` ones a client could call directly.
+//!
+//! `RAFTIS_ODD_SEED=N` replays a seed (a failure names it), `RAFTIS_ODD_STEPS=N` runs longer.
+
+use raftis_integration::resp_conn::{Reply, RespConn};
+use raftis_integration::{info_field, Cluster};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+const STEPS: usize = 2500;
+const SEED: u64 = 1;
+
+/// Commands left out, whole or as `name|subcommand`: they end the server or the connection, stop
+/// every client (`CLIENT PAUSE`), stop replies (`CLIENT REPLY`, `REPLCONF ACK`), turn the connection
+/// into something that answers more than once per command (subscriptions, `MONITOR`, `SYNC`), or
+/// change the membership, which the final comparison counts on.
+const LEFT_OUT: &[&str] = &[
+    "shutdown", "debug", "module", "monitor", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
+    "punsubscribe", "sunsubscribe", "sync", "psync", "replconf", "client|pause", "client|reply", "client|kill",
+    "acl|setuser", "acl|deluser", "acl|load", "raft.addpeer", "raft.removepeer",
+];
+
+/// What arguments are drawn from.
+const WORDS: &[&[u8]] = &[
+    b"k1", b"k2", b"{t}a", b"{t}b", b"", b"0", b"1", b"-1", b"2", b"100", b"9223372036854775807",
+    b"-9223372036854775808", b"18446744073709551616", b"1.5", b"inf", b"-inf", b"nan", b"EX", b"PX", b"EXAT",
+    b"PXAT", b"NX", b"XX", b"KEEPTTL", b"GET", b"BLOCK", b"STREAMS", b"$", b">", b"*", b"+", b"-", b"COUNT",
+    b"LIMIT", b"BY", b"STORE", b"WITHSCORES", b"MAXLEN", b"~", b"=", b"GROUP", b"LEFT", b"RIGHT", b"WEIGHTS",
+    b"AGGREGATE", b"SUM", b"MIN", b"MAX", b"0-1", b"1-0", b"\x00\xff\xfe", b"REPLACE", b"ABSTTL", b"IDLETIME",
+    b"FREQ", b"MATCH", b"TYPE", b"LEN", b"RANK", b"IDX", b"MINMATCHLEN", b"SCHEDULE", b"ASYNC", b"consistency",
+    b"durability", b"follower-proxy", b"low", b"medium", b"high", b"yes", b"no",
+];
+
+/// How long a blocking command may wait before its connection is dropped and opened anew; any
+/// other command must answer within the connection's usual 15 s.
+const BLOCKING_WAIT: Duration = Duration::from_millis(300);
+
+struct Command {
+    name: Vec<u8>,
+    arity: i64,
+    subcommands: Vec<Vec<u8>>,
+    blocking: bool,
+}
+
+#[test]
+fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
+    let seed = std::env::var("RAFTIS_ODD_SEED").map_or(SEED, |s| s.parse().expect("RAFTIS_ODD_SEED is a number"));
+    let steps = std::env::var("RAFTIS_ODD_STEPS").map_or(STEPS, |s| s.parse().expect("RAFTIS_ODD_STEPS is a number"));
+    eprintln!("RAFTIS_ODD_SEED={seed} RAFTIS_ODD_STEPS={steps}");
+    let cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=2000"]).unwrap();
+    let leader = cluster.wait_leader();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let term = info_field(&cluster.nodes[leader], "term");
+    let table = command_table(ports[leader]);
+    assert!(table.len() > 200 && table.iter().any(|c| c.name == b"raft._cmd"), "{} commands", table.len());
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut conns: Vec<RespConn> = ports.iter().map(|p| RespConn::connect(*p).unwrap()).collect();
+    let (mut answered, mut errors, mut gave_up_waiting) = (0usize, 0usize, 0usize);
+    for step in 0..steps {
+        // Most go to the leader, whose dataset every write goes through.
+        let node = if rng.gen_bool(0.6) { leader } else { rng.gen_range(0..ports.len()) };
+        let mut batch = vec![draw(&table, &mut rng)];
+        if rng.gen_bool(0.05) {
+            batch = std::iter::once(vec![b"MULTI".to_vec()])
+                .chain((0..rng.gen_range(1..5)).map(|_| draw(&table, &mut rng)))
+                .chain(std::iter::once(vec![b"EXEC".to_vec()]))
+                .collect();
+        }
+        let blocking = batch.len() == 1 && table.iter().any(|c| c.blocking && c.name.eq_ignore_ascii_case(&batch[0][0]));
+        let what = || format!("step {step} (RAFTIS_ODD_SEED={seed}), port {}: {}", ports[node], shown(&batch));
+        let conn = &mut conns[node];
+        conn.set_read_timeout(if blocking { BLOCKING_WAIT } else { Duration::from_secs(15) }).unwrap();
+        let replies = conn.pipeline(&batch);
+        match replies {
+            Ok(replies) => {
+                for reply in &replies {
+                    let text = reply.text().unwrap_or_default();
+                    assert!(!text.contains("internal error"), "{}: {reply:?}", what());
+                    if reply.is_error() {
+                        errors += 1;
+                    } else {
+                        answered += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                let waited = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                });
+                // A leader that lost its leadership closes the connections whose reads it cannot
+                // confirm; nothing else may drop one, and only a blocking command may wait.
+                let new_term = info_field(&cluster.nodes[leader], "term") != term;
+                assert!((waited && blocking) || new_term, "{}: {e:#}", what());
+                gave_up_waiting += 1;
+                conns[node] = RespConn::connect(ports[node]).unwrap_or_else(|e| panic!("{}: then connect: {e}", what()));
+            }
+        }
+    }
+    eprintln!("{answered} replies, {errors} errors, {gave_up_waiting} blocking commands given up on");
+    // Enough of the commands did something for the comparison to mean something.
+    assert!(answered > steps / 4, "{answered} of {steps} commands answered without an error");
+
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let pong: String = node.cmd(&["PING"]).unwrap_or_else(|e| panic!("node {i} after the run: {e}"));
+        assert_eq!(pong, "PONG");
+        assert!(!node.log().contains("panic"), "node {i} logged a panic:\n{}", node.log_tail());
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// One command: a name from the table (and a subcommand, mostly), then as many arguments as its
+/// arity asks, or a few more where it takes any number, and now and then one too few or too many.
+fn draw(table: &[Command], rng: &mut StdRng) -> Vec<Vec<u8>> {
+    let command = &table[rng.gen_range(0..table.len())];
+    let mut args = vec![command.name.clone()];
+    if !command.subcommands.is_empty() && rng.gen_bool(0.9) {
+        args.push(command.subcommands[rng.gen_range(0..command.subcommands.len())].clone());
+    }
+    let mut wanted = command.arity.unsigned_abs() as i64 - args.len() as i64;
+    if command.arity < 0 {
+        wanted += [0, 0, 1, 2, 3, 4, 6][rng.gen_range(0..7)];
+    }
+    if rng.gen_bool(0.05) {
+        wanted += if rng.gen_bool(0.5) { 1 } else { -1 };
+    }
+    for _ in 0..wanted.max(0) {
+        let word = if rng.gen_bool(0.01) { vec![b'x'; 300] } else { WORDS[rng.gen_range(0..WORDS.len())].to_vec() };
+        args.push(word);
+    }
+    args
+}
+
+/// Redis' command table, as `COMMAND` lists it on `port`, without [`LEFT_OUT`].
+fn command_table(port: u16) -> Vec<Command> {
+    let mut conn = RespConn::connect(port).unwrap();
+    let listed = conn.call(&[b"COMMAND"]).unwrap();
+    let mut table = Vec::new();
+    for entry in listed.items().expect("COMMAND lists commands") {
+        let fields = entry.items().expect("a command is an array");
+        let name = fields[0].bytes().unwrap().to_ascii_lowercase();
+        if LEFT_OUT.contains(&String::from_utf8_lossy(&name).as_ref()) {
+            continue;
+        }
+        let flags: Vec<String> = fields[2].items().unwrap().iter().filter_map(Reply::text).collect();
+        let subcommands = fields.get(9).and_then(Reply::items).unwrap_or_default();
+        let subcommands = subcommands
+            .iter()
+            .filter_map(|sub| sub.items()?.first()?.text())
+            .filter(|full| !LEFT_OUT.contains(&full.to_ascii_lowercase().as_str()))
+            .filter_map(|full| Some(full.split_once('|')?.1.as_bytes().to_vec()))
+            .collect();
+        let blocking = flags.iter().any(|f| f == "blocking") || name == b"wait";
+        table.push(Command { name, arity: fields[1].integer().unwrap(), subcommands, blocking });
+    }
+    table
+}
+
+fn shown(batch: &[Vec<Vec<u8>>]) -> String {
+    let shown: Vec<String> = batch
+        .iter()
+        .map(|args| args.iter().map(|a| format!("{:?}", String::from_utf8_lossy(a))).collect::<Vec<_>>().join(" "))
+        .collect();
+    shown.join(" | ")
+}
