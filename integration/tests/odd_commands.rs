@@ -1,6 +1,7 @@
 //! Every command in Redis' table, with odd arguments, on a three-node cluster: whatever Redis or
 //! Raftis answers, no server may crash, no handler may panic, no connection may be dropped or left
-//! without an answer, and in the end every node must hold the same dataset.
+//! without an answer, and in the end every node must hold the same dataset, also a follower
+//! killed and restarted, which replays its log (after the snapshot a drawn `RAFT.SNAPSHOT` made).
 //!
 //! `differential.rs` sends well-formed commands and compares replies with plain Redis'. These are
 //! not well formed: the arity is Redis' own, sometimes one off, and the arguments are words from
@@ -56,7 +57,7 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
     let seed = std::env::var("RAFTIS_ODD_SEED").map_or(SEED, |s| s.parse().expect("RAFTIS_ODD_SEED is a number"));
     let steps = std::env::var("RAFTIS_ODD_STEPS").map_or(STEPS, |s| s.parse().expect("RAFTIS_ODD_STEPS is a number"));
     eprintln!("RAFTIS_ODD_SEED={seed} RAFTIS_ODD_STEPS={steps}");
-    let cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=2000"]).unwrap();
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=2000"]).unwrap();
     let leader = cluster.wait_leader();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let term = info_field(&cluster.nodes[leader], "term");
@@ -115,6 +116,12 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
         assert_eq!(pong, "PONG");
         assert!(!node.log().contains("panic"), "node {i} logged a panic:\n{}", node.log_tail());
     }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+
+    // What the log holds, replayed, makes the same dataset again.
+    let follower = (leader + 1) % cluster.nodes.len();
+    cluster.nodes[follower].kill9();
+    cluster.nodes[follower].restart().unwrap();
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
