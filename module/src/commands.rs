@@ -4,7 +4,7 @@
 use crate::blocked::Blocked;
 use crate::cluster_ops;
 use crate::peer_user;
-use crate::ffi::RedisModuleCtx;
+use crate::ffi::{self, RedisModuleCtx};
 use crate::reply::Reply;
 use crate::state::{self, Raftis};
 use crate::write::not_initialized;
@@ -40,6 +40,41 @@ fn is_member(s: &Raftis) -> bool {
     })
 }
 
+/// A node that is in no cluster yet may still hold keys: Redis loads its own dump file at start
+/// (clients cannot write before the node is in a cluster). Creating or joining a cluster replaces
+/// the dataset with the log's, so `action` is refused rather than let them vanish unasked, as
+/// Redis Cluster refuses to add a node that holds keys.
+fn refuse_if_holding_keys(ctx: *mut RedisModuleCtx, s: &Raftis, action: &str) -> std::result::Result<(), String> {
+    if s.node().is_some() || s.store.is_initialized() {
+        return Ok(());
+    }
+    let keys = keys_held(ctx);
+    if keys == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "ERR this node holds {keys} keys, which Redis loaded from its own files, and {action} would discard them: \
+         restart it without them (move its dump file out of Redis' dir), or, to keep them, copy them into the \
+         cluster through its leader (scripts/import)"
+    ))
+}
+
+/// How many keys the node holds, in every database (`INFO keyspace`).
+fn keys_held(ctx: *mut RedisModuleCtx) -> u64 {
+    let reply = ffi::call_strs(ctx, &["INFO", "keyspace"]);
+    let text = String::from_utf8_lossy(ffi::reply_bytes(reply)).into_owned();
+    ffi::free_call_reply(reply);
+    keys_in_keyspace(&text)
+}
+
+/// The keys `INFO keyspace` counts: `db0:keys=3,expires=0,avg_ttl=0` lines, added up.
+fn keys_in_keyspace(info: &str) -> u64 {
+    info.lines()
+        .filter(|line| line.starts_with("db"))
+        .filter_map(|line| line.split_once(":keys=")?.1.split(',').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// Starts an empty node that a leader can add, reusing the id of an earlier attempt.
 fn start_joining_node(s: &Raftis) -> std::result::Result<NodeId, String> {
     if let Some(node) = s.node() {
@@ -67,6 +102,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             if s.node().is_some() || s.store.is_initialized() {
                 return Err("ERR this node already belongs to a cluster".into());
             }
+            refuse_if_holding_keys(ctx, s, "RAFT.CLUSTER INIT")?;
             let id = s.settings().node_id.unwrap_or(NodeId(1));
             s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
             log::info!("created a new cluster with node {id} as its first member");
@@ -80,6 +116,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             for seed in &seeds {
                 valid_addr(seed)?;
             }
+            refuse_if_holding_keys(ctx, s, "joining a cluster")?;
             let id = start_joining_node(s)?;
             let me = s.info(id);
             let blocked = Blocked::new(ctx, cluster_ops::JOIN_TIMEOUT + std::time::Duration::from_secs(5));
@@ -147,6 +184,7 @@ pub fn identify(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if is_member(s) {
         return Err("ERR this node already belongs to a cluster".into());
     }
+    refuse_if_holding_keys(ctx, s, "joining a cluster")?;
     let id = start_joining_node(s)?;
     Ok(Reply::Array(vec![
         Reply::Integer(id.get() as i64),
@@ -445,4 +483,16 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         }
     }
     Ok(Reply::Bulk(out.into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys_in_keyspace;
+
+    #[test]
+    fn keys_are_added_up_over_every_database() {
+        assert_eq!(keys_in_keyspace("# Keyspace\r\n"), 0);
+        let info = "# Keyspace\r\ndb0:keys=30,expires=1,avg_ttl=0\r\ndb1:keys=47,expires=0,avg_ttl=0\r\ndb15:keys=3,expires=0,avg_ttl=0\r\n";
+        assert_eq!(keys_in_keyspace(info), 80);
+    }
 }

@@ -1,0 +1,70 @@
+//! Bringing an existing Redis dataset into Raftis. A node that is in no cluster yet but holds keys
+//! (Redis loaded its dump file at start) refuses to create or join a cluster, which would replace
+//! them; `scripts/import` copies a Redis server's keys and function libraries into a running
+//! cluster through its leader, and every node ends with exactly the source's dataset.
+
+use raftis_integration::{digest, free_port_pair, workspace, Cluster, Server};
+use std::process::Command;
+
+/// A plain Redis holding a bit of everything, in two databases, with expiry times and a library.
+fn source(dir: &std::path::Path) -> Server {
+    let plain = Server::start_plain(free_port_pair(), dir).unwrap();
+    let mut conn = plain.client().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("SET").arg(format!("s{i}")).arg(format!("value {i}")).ignore();
+        pipe.cmd("SADD").arg("set").arg(format!("member {i}")).ignore();
+        pipe.cmd("HSET").arg("hash").arg(format!("f{i}")).arg(i).ignore();
+        pipe.cmd("ZADD").arg("zset").arg(i).arg(format!("m{i}")).ignore();
+        pipe.cmd("RPUSH").arg("list").arg(i).ignore();
+        pipe.cmd("XADD").arg("stream").arg("*").arg("n").arg(i).ignore();
+    }
+    pipe.cmd("SET").arg("soon").arg("gone").arg("EX").arg(3600).ignore();
+    pipe.cmd("PEXPIRE").arg("hash").arg(7_200_000).ignore();
+    pipe.cmd("SELECT").arg(2).ignore();
+    pipe.cmd("SET").arg("elsewhere").arg("db2").ignore();
+    pipe.cmd("SELECT").arg(0).ignore();
+    pipe.cmd("FUNCTION").arg("LOAD").arg("#!lua name=imported\nredis.register_function('imported_f', function(keys, args) return 1 end)").ignore();
+    pipe.query::<()>(&mut conn).unwrap();
+    plain
+}
+
+#[test]
+fn a_node_holding_keys_refuses_to_form_or_join_a_cluster_and_the_import_script_copies_them_in() {
+    let root = tempfile::tempdir().unwrap();
+    let plain = source(&root.path().join("plain"));
+    let keys = 307;
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+
+    // A node started on that dump file holds its keys, and will not let them vanish.
+    let loaded_dir = root.path().join("loaded");
+    std::fs::create_dir_all(&loaded_dir).unwrap();
+    std::fs::copy(root.path().join("plain/dump.rdb"), loaded_dir.join("dump.rdb")).unwrap();
+    let loaded = Server::start(free_port_pair(), &loaded_dir, &[]).unwrap();
+    let init = loaded.cmd::<()>(&["RAFT.CLUSTER", "INIT"]).unwrap_err().to_string();
+    assert!(init.contains(&format!("this node holds {keys} keys")) && init.contains("RAFT.CLUSTER INIT would discard them"), "{init}");
+
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let join = loaded.cmd::<()>(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap_err().to_string();
+    assert!(join.contains("joining a cluster would discard them"), "{join}");
+    let added = cluster.nodes[leader].cmd::<()>(&["RAFT.ADDPEER", &loaded.addr()]).unwrap_err().to_string();
+    assert!(added.contains(&format!("this node holds {keys} keys")), "RAFT.ADDPEER passes the refusal on: {added}");
+    let state: String = loaded.cmd(&["RAFT.STATE"]).unwrap();
+    assert_eq!(state, "uninitialized");
+    let info: String = loaded.cmd(&["INFO", "keyspace"]).unwrap();
+    assert!(info.contains("db0:keys=306") && info.contains("db2:keys=1"), "the keys are still there:\n{info}");
+
+    // The import script, given any node, copies everything in through the leader.
+    let follower = (leader + 1) % cluster.nodes.len();
+    let out = Command::new(workspace().join("scripts/import")).arg(plain.addr()).arg(cluster.nodes[follower].addr()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "scripts/import: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("imported {keys} keys")) && stdout.contains("1 function libraries"), "{stdout}");
+
+    // Values, types, expiry times and the library: the same on every node as in the source, given
+    // the key `Cluster::wait_leader` writes to find the leader.
+    let imported = cluster.assert_same_dataset(&[0, 1, 2]);
+    let _: () = plain.cmd(&["SET", "__raftis_probe", "1"]).unwrap();
+    assert_eq!(imported, digest(&plain), "the cluster holds the source's dataset");
+}
