@@ -48,7 +48,7 @@ fn refuse_if_holding_keys(ctx: *mut RedisModuleCtx, s: &Raftis, action: &str) ->
     if s.node().is_some() || s.store.is_initialized() {
         return Ok(());
     }
-    let keys = keys_held(ctx);
+    let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
     if keys == 0 {
         return Ok(());
     }
@@ -60,11 +60,14 @@ fn refuse_if_holding_keys(ctx: *mut RedisModuleCtx, s: &Raftis, action: &str) ->
 }
 
 /// How many keys the node holds, in every database (`INFO keyspace`).
-fn keys_held(ctx: *mut RedisModuleCtx) -> u64 {
+fn keys_held(ctx: *mut RedisModuleCtx) -> Option<u64> {
     let reply = ffi::call_strs(ctx, &["INFO", "keyspace"]);
+    if reply.is_null() {
+        return None;
+    }
     let text = String::from_utf8_lossy(ffi::reply_bytes(reply)).into_owned();
     ffi::free_call_reply(reply);
-    keys_in_keyspace(&text)
+    Some(keys_in_keyspace(&text))
 }
 
 /// The keys `INFO keyspace` counts: `db0:keys=3,expires=0,avg_ttl=0` lines, added up.
