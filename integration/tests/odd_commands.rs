@@ -32,7 +32,7 @@ const LEFT_OUT: &[&str] = &[
 
 /// What arguments are drawn from.
 const WORDS: &[&[u8]] = &[
-    b"k1", b"k2", b"{t}a", b"{t}b", b"", b"0", b"1", b"-1", b"2", b"100", b"9223372036854775807",
+    b"k1", b"k2", b"{t}a", b"{t}b", b"", b"0", b"1", b"-1", b"2", b"3", b"100", b"9223372036854775807",
     b"-9223372036854775808", b"18446744073709551616", b"1.5", b"inf", b"-inf", b"nan", b"EX", b"PX", b"EXAT",
     b"PXAT", b"NX", b"XX", b"KEEPTTL", b"GET", b"BLOCK", b"STREAMS", b"$", b">", b"*", b"+", b"-", b"COUNT",
     b"LIMIT", b"BY", b"STORE", b"WITHSCORES", b"MAXLEN", b"~", b"=", b"GROUP", b"LEFT", b"RIGHT", b"WEIGHTS",
@@ -65,7 +65,7 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
     assert!(table.len() > 200 && table.iter().any(|c| c.name == b"raft._cmd"), "{} commands", table.len());
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut conns: Vec<RespConn> = ports.iter().map(|p| RespConn::connect(*p).unwrap()).collect();
+    let mut conns: Vec<RespConn> = ports.iter().map(|p| connect(*p, &mut rng)).collect();
     let (mut answered, mut errors, mut gave_up_waiting) = (0usize, 0usize, 0usize);
     for step in 0..steps {
         // Most go to the leader, whose dataset every write goes through.
@@ -103,7 +103,7 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
                 let new_term = info_field(&cluster.nodes[leader], "term") != term;
                 assert!((waited && blocking) || new_term, "{}: {e:#}", what());
                 gave_up_waiting += 1;
-                conns[node] = RespConn::connect(ports[node]).unwrap_or_else(|e| panic!("{}: then connect: {e}", what()));
+                conns[node] = connect(ports[node], &mut rng);
             }
         }
     }
@@ -123,6 +123,16 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
     cluster.nodes[follower].kill9();
     cluster.nodes[follower].restart().unwrap();
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// A connection to `port`, in RESP3 (`HELLO 3`) half the time.
+fn connect(port: u16, rng: &mut StdRng) -> RespConn {
+    let mut conn = RespConn::connect(port).unwrap_or_else(|e| panic!("connect to {port}: {e}"));
+    if rng.gen_bool(0.5) {
+        let hello = conn.call(&[b"HELLO", b"3"]).unwrap();
+        assert!(!hello.is_error(), "HELLO 3 on {port}: {hello:?}");
+    }
+    conn
 }
 
 /// One command: a name from the table (and a subcommand, mostly), then as many arguments as its
