@@ -9,7 +9,10 @@
 //! and to followers (which forward), in RESP2 and RESP3, alone and inside MULTI, and include the
 //! module's own `RAFT.*` commands and the internal `RAFT._*` ones a client could call directly.
 //!
-//! `RAFTIS_ODD_SEED=N` replays a seed (a failure names it), `RAFTIS_ODD_STEPS=N` runs longer.
+//! A second run does the same while nodes are killed and restarted.
+//!
+//! `RAFTIS_ODD_SEED=N` replays a seed (a failure names it), `RAFTIS_ODD_STEPS=N` runs longer,
+//! `RAFTIS_ODD_KILL_EVERY=N` kills more or less often in the second run.
 
 use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{info_field, Cluster};
@@ -54,11 +57,23 @@ struct Command {
 
 #[test]
 fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
+    run(None);
+}
+
+/// The same while a node, the leader half the time, is killed and restarted every 500 commands:
+/// what was cut short by a kill or a change of leader may have been applied or not, but every node
+/// must end with the same dataset, and nothing may panic.
+#[test]
+fn odd_commands_while_nodes_are_killed_leave_every_node_alike() {
+    run(Some(std::env::var("RAFTIS_ODD_KILL_EVERY").map_or(500, |s| s.parse().expect("RAFTIS_ODD_KILL_EVERY is a number"))));
+}
+
+fn run(kill_every: Option<usize>) {
     let seed = std::env::var("RAFTIS_ODD_SEED").map_or(SEED, |s| s.parse().expect("RAFTIS_ODD_SEED is a number"));
     let steps = std::env::var("RAFTIS_ODD_STEPS").map_or(STEPS, |s| s.parse().expect("RAFTIS_ODD_STEPS is a number"));
-    eprintln!("RAFTIS_ODD_SEED={seed} RAFTIS_ODD_STEPS={steps}");
+    eprintln!("RAFTIS_ODD_SEED={seed} RAFTIS_ODD_STEPS={steps}, a kill every {kill_every:?} commands");
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=2000"]).unwrap();
-    let leader = cluster.wait_leader();
+    let mut leader = cluster.wait_leader();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let term = info_field(&cluster.nodes[leader], "term");
     let table = command_table(ports[leader]);
@@ -67,7 +82,16 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut conns: Vec<RespConn> = ports.iter().map(|p| connect(*p, &mut rng)).collect();
     let (mut answered, mut errors, mut gave_up_waiting) = (0usize, 0usize, 0usize);
+    let mut kills = 0;
     for step in 0..steps {
+        if kill_every.is_some_and(|every| step % every == every - 1) {
+            let victim = if rng.gen_bool(0.5) { leader } else { rng.gen_range(0..ports.len()) };
+            cluster.nodes[victim].kill9();
+            cluster.nodes[victim].restart().unwrap();
+            leader = cluster.wait_leader();
+            conns[victim] = connect(ports[victim], &mut rng);
+            kills += 1;
+        }
         // Most go to the leader, whose dataset every write goes through.
         let node = if rng.gen_bool(0.6) { leader } else { rng.gen_range(0..ports.len()) };
         let mut batch = vec![draw(&table, &mut rng)];
@@ -99,15 +123,16 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
                     matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
                 });
                 // A leader that lost its leadership closes the connections whose reads it cannot
-                // confirm; nothing else may drop one, and only a blocking command may wait.
+                // confirm, and a killed node closes them all; nothing else may drop one, and only a
+                // blocking command may wait.
                 let new_term = info_field(&cluster.nodes[leader], "term") != term;
-                assert!((waited && blocking) || new_term, "{}: {e:#}", what());
+                assert!((waited && blocking) || new_term || kills > 0, "{}: {e:#}", what());
                 gave_up_waiting += 1;
                 conns[node] = connect(ports[node], &mut rng);
             }
         }
     }
-    eprintln!("{answered} replies, {errors} errors, {gave_up_waiting} blocking commands given up on");
+    eprintln!("{answered} replies, {errors} errors, {gave_up_waiting} connections given up on, {kills} kills");
     // Enough of the commands did something for the comparison to mean something.
     assert!(answered > steps / 4, "{answered} of {steps} commands answered without an error");
 
@@ -119,6 +144,7 @@ fn every_command_with_odd_arguments_leaves_every_node_running_and_alike() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 
     // What the log holds, replayed, makes the same dataset again.
+    let leader = cluster.wait_leader();
     let follower = (leader + 1) % cluster.nodes.len();
     cluster.nodes[follower].kill9();
     cluster.nodes[follower].restart().unwrap();
