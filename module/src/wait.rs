@@ -63,6 +63,9 @@ fn parse(argv: &[&[u8]]) -> Result<(i64, Option<Duration>), String> {
 
 /// `RAFT._WAIT WAIT numreplicas timeout`, which the filter makes of WAIT.
 pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
+    if !args.get(1).is_some_and(|name| name.eq_ignore_ascii_case(b"wait")) {
+        return Err("ERR RAFT._WAIT only takes WAIT numreplicas timeout (it is used internally)".into());
+    }
     let argv = &args[1..];
     let (wanted, timeout) = parse(argv)?;
     let s = state::get();

@@ -62,6 +62,9 @@ pub fn clients() -> usize {
 
 /// `RAFT._WATCH WATCH <key> ...`, which the filter makes of WATCH.
 pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    if !args.get(1).is_some_and(|name| name.eq_ignore_ascii_case(b"watch")) {
+        return Err("ERR RAFT._WATCH only takes WATCH key [key ...] (it is used internally)".into());
+    }
     let keys = args.get(2..).unwrap_or_default();
     if keys.is_empty() {
         return Err("ERR wrong number of arguments for 'watch' command".into());
