@@ -337,7 +337,10 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
     expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
     expect_err(&["WATCH"], "wrong number of arguments for 'watch'");
-    expect_err(&["RAFT._WATCH"], "wrong number of arguments for 'watch'");
+    // Called directly, the internal commands say so rather than misread their arguments.
+    expect_err(&["RAFT._WATCH"], "RAFT._WATCH only takes WATCH key [key ...] (it is used internally)");
+    expect_err(&["RAFT._WATCH", "k"], "RAFT._WATCH only takes WATCH key [key ...] (it is used internally)");
+    expect_err(&["RAFT._WAIT", "100", "0"], "RAFT._WAIT only takes WAIT numreplicas timeout (it is used internally)");
     expect_err(&["FCALL", "f", "0"], "Function not found");
     expect_err(&["FUNCTION", "LOAD", "not lua"], "Missing library metadata");
     expect_err(&["FUNCTION", "RESTORE", "junk"], "payload version or checksum are wrong");
