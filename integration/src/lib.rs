@@ -291,6 +291,10 @@ impl Drop for Server {
     }
 }
 
+/// The key [`Cluster::wait_leader`] writes (value `1`) to probe the leader: a test that compares
+/// a cluster's dataset with another server's writes it there too.
+pub const PROBE_KEY: &str = "__raftis_probe";
+
 pub struct Cluster {
     pub nodes: Vec<Server>,
     /// The proxies between side ports, for clusters started with [`Cluster::start_partitionable`].
@@ -386,7 +390,8 @@ impl Cluster {
         self.nodes[leader].restart().unwrap();
     }
 
-    /// Index of the leader once exactly one running node says it leads and it accepts writes.
+    /// Index of the leader once exactly one running node says it leads and it accepts writes
+    /// (it answers a write of `PROBE_KEY`).
     pub fn wait_leader(&self) -> usize {
         wait_for("a leader", Duration::from_secs(20), || {
             let leaders: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].state() == "leader").collect();
@@ -394,7 +399,7 @@ impl Cluster {
                 return None;
             }
             // The leader serves writes once it has committed an entry of its term.
-            self.nodes[leaders[0]].cmd::<String>(&["SET", "__raftis_probe", "1"]).ok().map(|_| leaders[0])
+            self.nodes[leaders[0]].cmd::<String>(&["SET", PROBE_KEY, "1"]).ok().map(|_| leaders[0])
         })
     }
 

@@ -15,7 +15,7 @@
 
 use raftis_integration::random_commands::{as_removal, Drawn, Output, RandomCommands};
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{free_port_pair, info_field, libraries, redis, Cluster, Server};
+use raftis_integration::{free_port_pair, info_field, libraries, redis, Cluster, Server, PROBE_KEY};
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -25,8 +25,6 @@ const RUNS: &[(u64, u8, &str)] = &[(1, 2, "high"), (2, 3, "high"), (3, 2, "mediu
 const STEPS: usize = 1500;
 /// Relative TTLs are pinned by plain Redis and by the leader at moments a little apart.
 const TTL_TOLERANCE_MS: i64 = 60_000;
-/// The key `Cluster::wait_leader` writes to probe the leader.
-const PROBE_KEY: &str = "__raftis_probe";
 
 #[test]
 fn random_commands_get_plain_redis_answers_and_leave_its_dataset_on_every_node() {

@@ -3,7 +3,7 @@
 //! them; `scripts/import` copies a Redis server's keys and function libraries into a running
 //! cluster through its leader, and every node ends with exactly the source's dataset.
 
-use raftis_integration::{digest, free_port_pair, workspace, Cluster, Server};
+use raftis_integration::{digest, free_port_pair, workspace, Cluster, Server, PROBE_KEY};
 use std::process::Command;
 
 /// A plain Redis holding a bit of everything, in two databases, with expiry times and a library.
@@ -65,6 +65,6 @@ fn a_node_holding_keys_refuses_to_form_or_join_a_cluster_and_the_import_script_c
     // Values, types, expiry times and the library: the same on every node as in the source, given
     // the key `Cluster::wait_leader` writes to find the leader.
     let imported = cluster.assert_same_dataset(&[0, 1, 2]);
-    let _: () = plain.cmd(&["SET", "__raftis_probe", "1"]).unwrap();
+    let _: () = plain.cmd(&["SET", PROBE_KEY, "1"]).unwrap();
     assert_eq!(imported, digest(&plain), "the cluster holds the source's dataset");
 }
