@@ -33,5 +33,6 @@ pub mod stream_read;
 pub mod status;
 pub mod storage;
 pub mod transport;
+pub mod unwind;
 
 pub use ids::{LogIndex, NodeId, Term};

@@ -420,6 +420,7 @@ impl<S: StateMachine> Node<S> {
             leader_ready: false,
             shutdown: false,
             removed,
+            must_stop: None,
             recovery: recovered,
             recover_wanted: None,
             recovery_snapshot_asked: None,
@@ -808,6 +809,8 @@ struct RaftLoop<S: StateMachine> {
     shutdown: bool,
     /// Why this node was removed from the cluster, once it learns it: the loop then stops.
     removed: Option<String>,
+    /// Why the loop must stop at the next round, found while handling a request.
+    must_stop: Option<anyhow::Error>,
     /// This node's own addresses, as it runs now.
     me: NodeInfo,
     /// The recovery this node made, if any (see [`crate::recovery`]).

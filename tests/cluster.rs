@@ -615,3 +615,48 @@ fn a_survivor_recovers_a_cluster_that_lost_its_majority_and_commits_its_whole_lo
     assert_eq!(again.node.status().voters, vec![id]);
     append_and_check(&again, [&again], all, "restarted", 5);
 }
+
+/// A copy of a stopped node's directory.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_node_restarted_from_an_older_copy_of_its_dir_stops_with_why_and_the_others_go_on() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::High);
+    let leader_id = current_leader(&nodes).id;
+    let first = append_and_check(current_leader(&nodes), &nodes, Vec::new(), "first", 20);
+
+    // A follower is stopped and its dir copied as it is now (a backup, or a clone of its VM).
+    let follower = nodes.remove(nodes.iter().position(|n| n.id != leader_id).unwrap());
+    let (id, dir, port) = (follower.id, follower.dir.clone(), follower.port);
+    drop(follower);
+    let old_copy = root.path().join("old-copy");
+    copy_dir(&dir, &old_copy);
+    // It comes back and acknowledges more entries; then it is started from the old copy.
+    nodes.push(start(id, &dir, port, false, Durability::High));
+    let all = append_and_check(current_leader(&nodes), &nodes, first, "second", 50);
+    drop(nodes.pop());
+    std::fs::remove_dir_all(&dir).unwrap();
+    copy_dir(&old_copy, &dir);
+    let restored = start(id, &dir, port, false, Durability::High);
+
+    // raft would panic on the leader's first heartbeat; the node stops and says why.
+    let why = wait_for("the restored node to stop", Duration::from_secs(10), || restored.node.status().fatal);
+    assert!(why.contains("entries it acknowledged are gone"), "{why}");
+    assert!(why.contains(&format!("RAFT.REMOVEPEER {id}")), "{why}");
+    let refused = propose_all(&restored, values("on-the-copy", 1));
+    assert!(refused[0].is_err(), "a stopped node takes no proposals: {refused:?}");
+    // The two others carry on.
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    append_and_check(leader, &nodes, all, "third", 20);
+}

@@ -6,11 +6,24 @@ use super::*;
 use super::proposals::fail_request;
 
 impl<S: StateMachine> RaftLoop<S> {
+    /// Runs the loop until the node stops, then answers everything still waiting. A panic in a
+    /// round stops the node as an error would, rather than leave it serving with a frozen status.
     pub(super) async fn run(mut self) {
+        if let Err(panic) = crate::unwind::CatchUnwind::new(self.rounds()).await {
+            self.stop_on(anyhow::anyhow!("internal error: {panic}"));
+        }
+        self.wind_down();
+    }
+
+    async fn rounds(&mut self) {
         let mut next_tick = Instant::now() + self.tick_interval();
         while !self.shutdown {
             if let Some(why) = self.removed.take() {
                 self.leave(why);
+                break;
+            }
+            if let Some(why) = self.must_stop.take() {
+                self.stop_on(why);
                 break;
             }
             // With compaction left to do, or after a campaign started outside a round (new
@@ -83,6 +96,9 @@ impl<S: StateMachine> RaftLoop<S> {
             // even while more requests keep the channel busy.
             tokio::task::yield_now().await;
         }
+    }
+
+    fn wind_down(&mut self) {
         self.shared.leading_term.store(0, Ordering::Release);
         self.shared.ready_index.store(0, Ordering::Release);
         // The commit index is written lazily; a clean stop leaves the newest on disk.
@@ -216,11 +232,36 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     pub(super) fn step(&mut self, m: Message) {
+        if let Some(why) = self.lost_acknowledged_entries(&m) {
+            // raft would panic on this heartbeat; nothing this node can do makes it whole.
+            self.must_stop.get_or_insert(why);
+            return;
+        }
         // A message for another id (a misrouted or stale peer) is dropped by raft with an error;
         // nothing to do but log at debug level.
         if let Err(e) = self.raw.step(m) {
             log::debug!("raft {} ignored a message: {e}", self.id);
         }
+    }
+
+    /// Why this node must stop, if `m` is a heartbeat from a current leader that says this node
+    /// holds entries past the end of its log. The leader only counts an entry as a follower's
+    /// once the follower has acknowledged it, so entries this node acknowledged are gone: its
+    /// raft dir went back in time. raft cannot repair that under the same id (it panics here),
+    /// and the node must not vote as if its log were whole.
+    fn lost_acknowledged_entries(&self, m: &Message) -> Option<anyhow::Error> {
+        let last = self.raw.raft.raft_log.last_index();
+        if m.get_msg_type() != MessageType::MsgHeartbeat || m.term < self.raw.raft.term || m.commit <= last {
+            return None;
+        }
+        let (id, leader, held) = (self.id, m.from, m.commit);
+        Some(anyhow::anyhow!(
+            "this node's log ends at index {last}, but the leader (node {leader}) has it down as holding entries \
+             up to {held}: entries it acknowledged are gone. Its raft dir is older than the node itself (a backup \
+             or a copy started in its place), or it lost writes in a machine crash (durability low or medium). \
+             It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, \
+             and join it again (RAFT.CLUSTER JOIN)"
+        ))
     }
 
     fn sync_writes(&self) -> bool {
