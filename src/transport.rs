@@ -2,10 +2,11 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr> [<client-addr> <shared settings> <last log index>]` (a node
-//! whose settings differ is refused, see [`crate::shared_settings`], and so is one the cluster
-//! removed) and then sends `MSGS <m1> <m2> ...` frames, each
-//! a RESP array of bulk strings holding prost-encoded raft messages. Nothing is answered, except by
+//! `HELLO <id> <advertise-addr> [<client-addr> <shared settings> <last log index> <incarnation>]`
+//! (a node whose settings differ is refused, see [`crate::shared_settings`], so is one the
+//! cluster removed, and so is a second server with a live one's id, see `claims`) and then sends
+//! `MSGS <m1> <m2> ...` frames, each a RESP array of bulk strings holding prost-encoded raft
+//! messages. Nothing is answered, except by
 //! an error that closes the connection (`-REMOVED ...` to a node that says hello or asks for votes
 //! after it was removed from the cluster). The listener also answers `PING` with `+PONG`, so
 //! `redis-cli -p <raft-port> PING` tells an operator the port is alive. With a `raft-password`,
@@ -45,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+mod claims;
 mod dial;
 mod forwarding;
 mod listen;
@@ -166,6 +168,8 @@ struct Inner {
     shared: Option<SharedSettings>,
     /// The index of the last entry in this node's log, said in `HELLO`.
     last_index: Arc<AtomicU64>,
+    /// Said in `HELLO`, to tell this server from another with the same node id (see `claims`).
+    incarnation: u64,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
@@ -267,6 +271,7 @@ impl Transport {
         let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
         let forward_handler = ForwardSlot::default();
         let removed_check = RemovedSlot::default();
+        let incarnation = claims::new_incarnation();
         let served = Served {
             me: cfg.me,
             inbound: inbound.clone(),
@@ -275,6 +280,7 @@ impl Transport {
             removed: removed_check.clone(),
             password: cfg.password.clone(),
             shared: cfg.shared.clone(),
+            claims: Arc::default(),
         };
         handle.spawn(accept_loop(listener, served));
 
@@ -299,6 +305,7 @@ impl Transport {
                 password: cfg.password,
                 shared: cfg.shared,
                 last_index: Arc::default(),
+                incarnation,
                 local_addr,
                 runtime: handle,
                 inbound,
@@ -419,6 +426,7 @@ impl Transport {
                     client: inner.advertise_client.clone(),
                     shared: inner.shared.as_ref().map(SharedSettings::encode),
                     last_index: inner.last_index.clone(),
+                    incarnation: inner.incarnation,
                 },
                 password: inner.password.clone(),
                 rx,

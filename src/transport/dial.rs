@@ -23,6 +23,8 @@ pub(super) struct Hello {
     /// Encoded; compared only when given.
     pub(super) shared: Option<String>,
     pub(super) last_index: Arc<AtomicU64>,
+    /// This transport's, to tell it from another server with the same id (see [`super::claims`]).
+    pub(super) incarnation: u64,
 }
 
 impl Hello {
@@ -31,9 +33,11 @@ impl Hello {
         let mut out = BytesMut::new();
         let id = self.me.to_string();
         let last_index = self.last_index.load(Ordering::Relaxed).to_string();
+        let incarnation = self.incarnation.to_string();
         let mut args = vec![&b"HELLO"[..], id.as_bytes(), self.advertise.as_bytes()];
         if let Some(client) = &self.client {
-            args.extend([client.as_bytes(), self.shared.as_deref().unwrap_or_default().as_bytes(), last_index.as_bytes()]);
+            let shared = self.shared.as_deref().unwrap_or_default();
+            args.extend([client.as_bytes(), shared.as_bytes(), last_index.as_bytes(), incarnation.as_bytes()]);
         }
         resp::encode_command(&args, &mut out);
         out

@@ -2,7 +2,9 @@
 //! the password and `HELLO`, hands raft messages to the node, runs forwarded commands and serves
 //! snapshot chunks.
 
+use super::claims::Claims;
 use super::*;
+use std::time::Instant;
 
 /// How long a rejected connection is kept half-open so the client can read our `-ERR` before the
 /// socket closes (closing with unread input would send a reset that may destroy the reply).
@@ -25,6 +27,7 @@ pub(super) struct Served {
     pub(super) removed: RemovedSlot,
     pub(super) password: Option<Password>,
     pub(super) shared: Option<SharedSettings>,
+    pub(super) claims: Arc<Claims>,
 }
 
 pub(super) async fn accept_loop(listener: TcpListener, served: Served) {
@@ -53,11 +56,33 @@ impl Reject {
     }
 }
 
+/// The node id and incarnation a connection said hello as (see [`Claims`]), given up when the
+/// connection ends, however it ends.
+struct Speaker {
+    claims: Arc<Claims>,
+    claim: Option<(NodeId, u64)>,
+}
+
+impl Speaker {
+    fn release(&mut self) {
+        if let Some((id, incarnation)) = self.claim.take() {
+            self.claims.closed(id, incarnation);
+        }
+    }
+}
+
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Reads frames from one connection until it closes or misbehaves.
 async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     let mut authenticated = served.password.is_none();
+    let mut speaker = Speaker { claims: served.claims.clone(), claim: None };
     loop {
         // Handle every complete frame already buffered before reading more.
         loop {
@@ -87,7 +112,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
                 resp::encode(&reply, &mut out);
                 continue;
             }
-            match handle(frame, &served) {
+            match handle(frame, &served, &mut speaker) {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
                 Err(why) => return reject(stream, remote, out, why).await,
@@ -177,7 +202,7 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
 }
 
 /// Acts on one command; `Ok(Some)` is a reply to send back.
-fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
+fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option<Frame>, Reject> {
     let (me, inbound) = (served.me, &served.inbound);
     let not_a_command = || Reject::err("expected a command (an array of bulk strings)");
     let Frame::Array(mut args) = frame else {
@@ -189,6 +214,9 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
     // Case-insensitive, as in Redis: an operator may well type `ping`.
     let is = |command: &str| name.eq_ignore_ascii_case(command.as_bytes());
     if is("MSGS") {
+        if let Some((id, incarnation)) = speaker.claim {
+            served.claims.heard(id, incarnation, Instant::now()).map_err(Reject::err)?;
+        }
         let mut msgs = Vec::with_capacity(args.len() - 1);
         let mut misrouted = 0;
         for (i, arg) in args.iter().enumerate().skip(1) {
@@ -216,8 +244,10 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
         }
         Ok(None)
     } else if is("HELLO") {
-        let usage = || Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index>]]]");
-        let (3..=6, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+        let usage = || {
+            Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index> [<incarnation>]]]]")
+        };
+        let (3..=7, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
             return Err(usage());
         };
         let text = |i: usize, what: &str| match args.get(i) {
@@ -245,6 +275,12 @@ fn handle(frame: Frame, served: &Served) -> Result<Option<Frame>, Reject> {
             }
         }
         let addr = std::str::from_utf8(addr).map_err(|_| Reject::err("HELLO: address is not UTF-8"))?;
+        if let Some(incarnation) = text(6, "incarnation")? {
+            let incarnation = incarnation.parse::<u64>().map_err(|_| Reject::err("HELLO: invalid incarnation"))?;
+            speaker.release();
+            served.claims.hello(NodeId(from), incarnation, addr, Instant::now()).map_err(Reject::err)?;
+            speaker.claim = Some((NodeId(from), incarnation));
+        }
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {

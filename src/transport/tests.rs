@@ -634,3 +634,32 @@ fn a_blocking_forward_waits_past_any_backstop_until_answered_or_cancelled() {
     assert_eq!(replies.recv_timeout(DEADLINE).unwrap().unwrap_err(), "TIMEOUT gave up");
     wait_until("the leader to see the hang-up", || abandoned.is_set());
 }
+
+#[test]
+fn a_second_server_with_a_connected_ones_node_id_is_refused_until_the_first_is_gone() {
+    // Two servers started from copies of one raft dir: both are node 3, with addresses of their own.
+    let node = |me: u64, client: &str| {
+        let mut cfg = TransportConfig::new(NodeId(me), loopback(0), format!("{client}.test:17000"));
+        cfg.advertise_client = Some(format!("{client}.test:7000"));
+        Node::with_config(cfg)
+    };
+    let (b, first, copy) = (node(2, "b"), node(3, "original"), node(3, "copy"));
+    first.transport.set_peer_addr(NodeId(2), b.addr());
+    first.transport.send(vec![msg(3, 2, 1)]);
+    assert_eq!(b.raft_messages(1), vec![msg(3, 2, 1)]);
+
+    copy.transport.set_peer_addr(NodeId(2), b.addr());
+    copy.transport.send(vec![msg(3, 2, 2)]);
+    copy.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+    let why = copy.peer(2).last_error.expect("the refusal is kept");
+    assert!(why.contains("another server is already node 3 here, connected from original.test:17000"), "{why}");
+    first.transport.send(vec![msg(3, 2, 3)]);
+    assert_eq!(b.raft_messages(1), vec![msg(3, 2, 3)], "the first one keeps the id; the copy's message is not delivered");
+    assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Hello { ref addr, .. } if addr.starts_with("copy"))));
+
+    // The first one stops (its connection closes): the copy is let in at its next attempt.
+    drop(first);
+    copy.transport.send(vec![msg(3, 2, 4)]);
+    let delivered = b.raft_messages(1);
+    assert_eq!(delivered.last(), Some(&msg(3, 2, 4)), "{delivered:?}");
+}

@@ -1,0 +1,82 @@
+//! A node is its raft dir: the dir holds its id and its log. A copy of that dir started as a
+//! second server (a cloned VM, a backup restored beside the original) must neither take the
+//! node's place while the node runs nor rejoin with a log that went back in time; each case is
+//! refused with an error that says what happened and what to do.
+
+use raftis_integration::{digest, free_port_pair, wait_for, Cluster, Server};
+use std::path::Path;
+use std::time::Duration;
+
+/// A copy of a stopped server's dir, without its Redis log.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_name() != "redis.log" {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn raft_info(server: &Server) -> String {
+    server.quick_cmd::<String>(&["RAFT.INFO"]).unwrap_or_default()
+}
+
+#[test]
+fn a_copy_of_a_nodes_dir_is_refused_while_the_node_runs_and_stops_with_why_once_it_is_behind() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let original = (leader + 1) % 3;
+    for i in 0..20 {
+        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("before-{i}"), "1"]).unwrap();
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    let id = cluster.nodes[original].node_id();
+
+    // The follower stops, its dir is copied, and both the follower and the copy start.
+    cluster.nodes[original].kill9();
+    let copy_dir_path = cluster.nodes[original].dir.with_extension("copy");
+    copy_dir(&cluster.nodes[original].dir, &copy_dir_path);
+    cluster.nodes[original].restart().unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    let mut copy = Server::start(free_port_pair(), &copy_dir_path, &[]).unwrap();
+
+    // The copy is refused by the leader, which keeps the original in its place.
+    let refused = format!("another server is already node {id} here");
+    wait_for("the copy to be refused", Duration::from_secs(20), || raft_info(&copy).contains(&refused).then_some(()));
+    assert!(cluster.nodes[leader].log().contains(&refused), "the leader's log says it too");
+    for i in 0..20 {
+        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("after-{i}"), "1"]).unwrap();
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    let nodes: String = cluster.nodes[leader].cmd(&["CLUSTER", "NODES"]).unwrap();
+    let original_port = cluster.nodes[original].port;
+    assert!(nodes.contains(&format!(":{original_port}@")), "{nodes}");
+    assert!(!nodes.contains(&format!(":{}@", copy.port)), "{nodes}");
+
+    // The original goes for good: the copy is let in, but its log misses entries that node id
+    // acknowledged since the copy was made, so it stops and says what to do.
+    cluster.nodes[original].kill9();
+    let why = wait_for("the copy to stop", Duration::from_secs(20), || {
+        let info = raft_info(&copy);
+        info.contains("role:stopped").then_some(info)
+    });
+    assert!(why.contains("entries it acknowledged are gone"), "{why}");
+    assert!(why.contains(&format!("RAFT.REMOVEPEER {id}")), "{why}");
+    let err = copy.cmd::<String>(&["GET", "before-1"]).unwrap_err();
+    assert_eq!(err.kind(), redis::ErrorKind::ClusterDown, "{err}");
+    assert!(err.to_string().contains("entries it acknowledged are gone"), "{err}");
+    assert!(!copy.log().contains("panic"), "{}", copy.log_tail());
+
+    // What it says works: removed, emptied and joined again, it catches up.
+    let _: () = cluster.nodes[leader].cmd(&["RAFT.REMOVEPEER", &id.to_string()]).unwrap();
+    copy.restart_empty().unwrap();
+    let joined: String = copy.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap();
+    assert_eq!(joined, "OK");
+    let expected = digest(&cluster.nodes[leader]);
+    wait_for("the rejoined copy to catch up", Duration::from_secs(20), || (digest(&copy) == expected).then_some(()));
+    assert_ne!(copy.node_id(), id, "it is a new member");
+}
