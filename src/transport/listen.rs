@@ -247,7 +247,8 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
         let usage = || {
             Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index> [<incarnation>]]]]")
         };
-        let (3..=7, Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
+        // Words after those this build knows are ignored: a node of a later build may say more.
+        let (3.., Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
             return Err(usage());
         };
         let text = |i: usize, what: &str| match args.get(i) {

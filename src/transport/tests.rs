@@ -358,7 +358,8 @@ fn garbage_closes_only_that_connection() {
     // A new, well-formed connection is served...
     let mut s = std::net::TcpStream::connect(b.addr()).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut good = command(&[b"HELLO", b"7", b"node-7:1", b"node-7:2"]);
+    // (with an incarnation, and a word of a later build, which is ignored)
+    let mut good = command(&[b"HELLO", b"7", b"node-7:1", b"node-7:2", b"", b"0", b"99", b"later"]);
     let encoded = msg(7, 2, 42).encode_to_vec();
     good.extend(command(&[b"MSGS", &encoded]));
     good.extend(command(&[b"PING"]));
