@@ -3,6 +3,7 @@
 //! state machine into [`node::Node`].
 
 pub mod blocking;
+pub mod cluster_id;
 pub mod cluster_view;
 pub mod command_entry;
 pub mod config;

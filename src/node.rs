@@ -17,6 +17,7 @@
 //! (`proposals`), committed entries (`committed`), snapshots and compaction (`snapshots`), new
 //! tick counts (`ticks`) and `RAFT.CLUSTER RECOVER` (`recovering`).
 
+use crate::cluster_id::ClusterId;
 use crate::config::{Durability, Timing};
 use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
@@ -263,6 +264,7 @@ impl<S: StateMachine> Node<S> {
     /// Makes `store` the log of a new single-node cluster with `info` as its only voter. The
     /// first log entry is the membership change that adds it (with its addresses), committed by
     /// construction: nodes that join later replay the whole membership history from the log.
+    /// The cluster gets a new random id (see [`crate::cluster_id`]).
     pub fn bootstrap(store: &LogStore, info: &NodeInfo) -> anyhow::Result<()> {
         anyhow::ensure!(!store.is_initialized(), "this node already belongs to a cluster");
         let (cc, context) = MembershipChange::AddVoter(info.clone()).to_raft();
@@ -279,6 +281,7 @@ impl<S: StateMachine> Node<S> {
         members.insert(info.id, info.clone());
         store.put_meta(META_MEMBERS, &serde_json::to_vec(&members)?)?;
         store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
+        ClusterId::random().save(store)?;
         store.sync()?;
         Ok(())
     }
@@ -340,6 +343,7 @@ impl<S: StateMachine> Node<S> {
                 snapshot_dir: Some(cfg.snapshot_dir.clone()),
                 password: cfg.password.clone(),
                 shared: cfg.shared.clone(),
+                cluster: ClusterId::load(&store)?,
             },
             move |inbound| {
                 let req = match inbound {

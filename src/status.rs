@@ -3,6 +3,7 @@
 
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::Members;
+use crate::cluster_id::ClusterId;
 use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ pub struct Status {
     pub fatal: Option<String>,
     /// The recovery this node made of a cluster that had lost its majority, if it made one.
     pub recovered: Option<Arc<Recovery>>,
+    /// Unknown on a node that has not followed a leader yet, and in clusters made before ids.
+    pub cluster: ClusterId,
 }
 
 impl Status {
@@ -97,6 +100,7 @@ impl Status {
             heartbeat_ticks: 0,
             fatal: None,
             recovered: None,
+            cluster: ClusterId::UNKNOWN,
         }
     }
 

@@ -2,9 +2,10 @@
 //!
 //! Every node listens on its raft address and dials one long-lived outgoing TCP connection to each
 //! peer. Connections carry traffic one way: the dialer introduces itself with
-//! `HELLO <id> <advertise-addr> [<client-addr> <shared settings> <last log index> <incarnation>]`
-//! (a node whose settings differ is refused, see [`crate::shared_settings`], so is one the
-//! cluster removed, and so is a second server with a live one's id, see `claims`) and then sends
+//! `HELLO <id> <advertise-addr> [<client-addr> <shared settings> <last log index> <incarnation>
+//! <cluster id>]` (a node of another cluster is refused, see [`crate::cluster_id`], so is one
+//! whose settings differ, see [`crate::shared_settings`], one the cluster removed, and a second
+//! server with a live one's id, see `claims`) and then sends
 //! `MSGS <m1> <m2> ...` frames, each a RESP array of bulk strings holding prost-encoded raft
 //! messages. Nothing is answered, except by
 //! an error that closes the connection (`-REMOVED ...` to a node that says hello or asks for votes
@@ -25,6 +26,7 @@
 //! the files beside it: `dial` (to each peer), `listen` (from them) and `forwarding` (a
 //! follower's proxied commands).
 
+use crate::cluster_id::ClusterId;
 use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
 use crate::heartbeats;
 use crate::ids::NodeId;
@@ -111,6 +113,8 @@ pub struct TransportConfig {
     /// This node's Redis settings that every node must share, said in `HELLO` and compared with
     /// what dialers say (with `advertise_client` only).
     pub shared: Option<SharedSettings>,
+    /// This node's cluster, said in `HELLO`; peers of another are refused (see [`crate::cluster_id`]).
+    pub cluster: ClusterId,
 }
 
 impl TransportConfig {
@@ -125,6 +129,7 @@ impl TransportConfig {
             snapshot_dir: None,
             password: None,
             shared: None,
+            cluster: ClusterId::UNKNOWN,
         }
     }
 }
@@ -159,6 +164,19 @@ type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
 /// Set by the Raft node; empty means no vote is refused.
 type RemovedSlot = Arc<std::sync::RwLock<Option<RemovedCheck>>>;
 
+/// This node's cluster id, which a joining node learns late, and the ones its peers said.
+#[derive(Default)]
+struct Clusters {
+    ours: AtomicU64,
+    said: Mutex<HashMap<NodeId, ClusterId>>,
+}
+
+impl Clusters {
+    fn ours(&self) -> ClusterId {
+        ClusterId(self.ours.load(Ordering::Relaxed))
+    }
+}
+
 struct Inner {
     me: NodeId,
     advertise: String,
@@ -170,6 +188,7 @@ struct Inner {
     last_index: Arc<AtomicU64>,
     /// Said in `HELLO`, to tell this server from another with the same node id (see `claims`).
     incarnation: u64,
+    clusters: Arc<Clusters>,
     local_addr: SocketAddr,
     runtime: tokio::runtime::Handle,
     inbound: Callback,
@@ -272,6 +291,7 @@ impl Transport {
         let forward_handler = ForwardSlot::default();
         let removed_check = RemovedSlot::default();
         let incarnation = claims::new_incarnation();
+        let clusters = Arc::new(Clusters { ours: AtomicU64::new(cfg.cluster.0), said: Mutex::default() });
         let served = Served {
             me: cfg.me,
             inbound: inbound.clone(),
@@ -281,6 +301,7 @@ impl Transport {
             password: cfg.password.clone(),
             shared: cfg.shared.clone(),
             claims: Arc::default(),
+            clusters: clusters.clone(),
         };
         handle.spawn(accept_loop(listener, served));
 
@@ -306,6 +327,7 @@ impl Transport {
                 shared: cfg.shared,
                 last_index: Arc::default(),
                 incarnation,
+                clusters,
                 local_addr,
                 runtime: handle,
                 inbound,
@@ -341,6 +363,22 @@ impl Transport {
     /// removed (a learner that was down while it was removed would hear it no other way).
     pub fn set_last_index(&self, index: u64) {
         self.inner.last_index.store(index, Ordering::Relaxed);
+    }
+
+    /// This node's cluster id, as it says it in `HELLO` and checks peers' against.
+    pub fn cluster_id(&self) -> ClusterId {
+        self.inner.clusters.ours()
+    }
+
+    /// Sets the cluster id of a node that joined without one, for the connections made from now
+    /// on (those open keep saying none, which no member refuses).
+    pub fn set_cluster_id(&self, id: ClusterId) {
+        self.inner.clusters.ours.store(id.0, Ordering::Relaxed);
+    }
+
+    /// The cluster id `peer` said in its last `HELLO`, if it said one.
+    pub fn cluster_said_by(&self, peer: NodeId) -> Option<ClusterId> {
+        self.inner.clusters.said.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).copied()
     }
 
     /// The `raft-password` this transport gives and asks for, for other connections to peers'
@@ -427,6 +465,7 @@ impl Transport {
                     shared: inner.shared.as_ref().map(SharedSettings::encode),
                     last_index: inner.last_index.clone(),
                     incarnation: inner.incarnation,
+                    cluster: inner.clusters.clone(),
                 },
                 password: inner.password.clone(),
                 rx,

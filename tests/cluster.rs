@@ -660,3 +660,20 @@ fn a_node_restarted_from_an_older_copy_of_its_dir_stops_with_why_and_the_others_
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     append_and_check(leader, &nodes, all, "third", 20);
 }
+
+#[test]
+fn the_nodes_that_join_take_the_cluster_id_of_the_one_that_made_the_cluster_and_keep_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::Medium);
+    let made = nodes[0].node.status().cluster;
+    assert!(made.is_known());
+    for n in &nodes[1..] {
+        wait_for(&format!("node {} to take the cluster id", n.id), Duration::from_secs(10), || {
+            (n.node.status().cluster == made).then_some(())
+        });
+    }
+    let (id, dir, port) = (nodes[2].id, nodes[2].dir.clone(), nodes[2].port);
+    drop(nodes.pop());
+    let restarted = start(id, &dir, port, false, Durability::Medium);
+    assert_eq!(restarted.node.status().cluster, made, "kept with the log");
+}

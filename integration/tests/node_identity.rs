@@ -3,7 +3,7 @@
 //! node's place while the node runs nor rejoin with a log that went back in time; each case is
 //! refused with an error that says what happened and what to do.
 
-use raftis_integration::{digest, free_port_pair, wait_for, Cluster, Server};
+use raftis_integration::{digest, free_port_pair, info_field, info_text, wait_for, Cluster, Server};
 use std::path::Path;
 use std::time::Duration;
 
@@ -79,4 +79,49 @@ fn a_copy_of_a_nodes_dir_is_refused_while_the_node_runs_and_stops_with_why_once_
     let expected = digest(&cluster.nodes[leader]);
     wait_for("the rejoined copy to catch up", Duration::from_secs(20), || (digest(&copy) == expected).then_some(()));
     assert_ne!(copy.node_id(), id, "it is a new member");
+}
+
+#[test]
+fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    for i in 0..10 {
+        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("old-{i}"), "1"]).unwrap();
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    let old_id = info_text(&cluster.nodes[0], "cluster_id");
+    assert_eq!(old_id.len(), 16, "{old_id}");
+    for n in &cluster.nodes[1..] {
+        assert_eq!(info_text(n, "cluster_id"), old_id, "the nodes that joined took it");
+    }
+
+    // The node that made the cluster (node id 1, as every INIT makes) is wiped and made into a
+    // new cluster at the same address, while the other two go on as the old one.
+    cluster.nodes[0].restart_empty().unwrap();
+    let init: String = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    assert_eq!(init, "OK");
+    let fresh = &cluster.nodes[0];
+    wait_for("the new cluster's leader", Duration::from_secs(10), || (fresh.state() == "leader").then_some(()));
+    let _: () = wait_for("a write to the new cluster", Duration::from_secs(10), || fresh.cmd(&["SET", "new", "1"]).ok());
+    let new_id = info_text(fresh, "cluster_id");
+    assert!(new_id.len() == 16 && new_id != old_id, "{new_id} {old_id}");
+
+    // The old cluster elects a leader, which goes on sending to node 1's address: refused.
+    let old_leader = wait_for("the old cluster's leader", Duration::from_secs(20), || {
+        (1..3).find(|i| cluster.nodes[*i].state() == "leader")
+    });
+    let old = &cluster.nodes[old_leader];
+    let refusal = format!("node {} belongs to another cluster", old.node_id());
+    let said = wait_for("the old leader to be refused", Duration::from_secs(20), || {
+        let info: String = old.quick_cmd(&["RAFT.INFO"]).ok()?;
+        info.lines().find(|l| l.contains("last_error") && l.contains("another cluster")).map(str::to_string)
+    });
+    assert!(said.contains(&refusal) && said.contains(&format!("this node's is {new_id}")), "{said}");
+    assert!(fresh.log().contains("belongs to another cluster"), "{}", fresh.log_tail());
+
+    // The new cluster is untouched: still its own leader, in its first terms, with its own data.
+    assert_eq!(fresh.state(), "leader");
+    assert!(info_field(fresh, "term") <= 2, "the old cluster's terms never reached it");
+    assert_eq!(fresh.cmd::<Option<String>>(&["GET", "new"]).unwrap().as_deref(), Some("1"));
+    assert_eq!(fresh.cmd::<Option<String>>(&["GET", "old-1"]).unwrap(), None);
 }

@@ -347,6 +347,8 @@ pub fn info_fields() -> Vec<(String, String)> {
     };
     let st = node.status();
     put("node_id", st.id.to_string());
+    // Empty until a joining node follows a leader, and in clusters made before cluster ids.
+    put("cluster_id", if st.cluster.is_known() { st.cluster.to_string() } else { String::new() });
     put("role", role_name(&st));
     put("term", st.term.to_string());
     put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));

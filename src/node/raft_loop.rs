@@ -78,6 +78,7 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             self.check_leadership();
             self.propose_readdress();
+            self.adopt_cluster_id();
             if let Err(e) = self.apply_wanted_ticks() {
                 self.stop_on(e);
                 break;
@@ -264,6 +265,26 @@ impl<S: StateMachine> RaftLoop<S> {
         ))
     }
 
+    /// A node that joined has no cluster id until it follows a leader; it then keeps the one
+    /// that leader said in its `HELLO`. Raft only follows a leader that reached it through a
+    /// connection this node accepted, and a node without an id accepts any: a joining node is
+    /// reached by the leader that is adding it and by the members it learns from the log.
+    fn adopt_cluster_id(&mut self) {
+        if self.transport.cluster_id().is_known() || self.raw.raft.leader_id == 0 || self.raw.raft.leader_id == self.id.get() {
+            return;
+        }
+        let Some(id) = self.transport.cluster_said_by(NodeId(self.raw.raft.leader_id)).filter(|id| id.is_known()) else {
+            return;
+        };
+        match id.save(&self.store) {
+            Ok(()) => {
+                log::info!("raft {}: this node is in cluster {id}", self.id);
+                self.transport.set_cluster_id(id);
+            }
+            Err(e) => log::warn!("raft {}: could not record the cluster id (it is learnt again): {e:#}", self.id),
+        }
+    }
+
     fn sync_writes(&self) -> bool {
         let durability = durability_from_code(self.shared.durability.load(Ordering::Relaxed));
         durability == Durability::High
@@ -395,6 +416,7 @@ impl<S: StateMachine> RaftLoop<S> {
             heartbeat_ticks: raft.heartbeat_timeout(),
             fatal: None,
             recovered: self.recovery.clone(),
+            cluster: self.transport.cluster_id(),
         };
         let mut slot = self.lock_status();
         let fatal = slot.fatal.take();

@@ -25,6 +25,8 @@ pub(super) struct Hello {
     pub(super) last_index: Arc<AtomicU64>,
     /// This transport's, to tell it from another server with the same id (see [`super::claims`]).
     pub(super) incarnation: u64,
+    /// This node's cluster id, as of each connection made.
+    pub(super) cluster: Arc<Clusters>,
 }
 
 impl Hello {
@@ -34,10 +36,11 @@ impl Hello {
         let id = self.me.to_string();
         let last_index = self.last_index.load(Ordering::Relaxed).to_string();
         let incarnation = self.incarnation.to_string();
+        let cluster = self.cluster.ours().to_string();
         let mut args = vec![&b"HELLO"[..], id.as_bytes(), self.advertise.as_bytes()];
         if let Some(client) = &self.client {
             let shared = self.shared.as_deref().unwrap_or_default();
-            args.extend([client.as_bytes(), shared.as_bytes(), last_index.as_bytes(), incarnation.as_bytes()]);
+            args.extend([client.as_bytes(), shared.as_bytes(), last_index.as_bytes(), incarnation.as_bytes(), cluster.as_bytes()]);
         }
         resp::encode_command(&args, &mut out);
         out

@@ -28,6 +28,7 @@ pub(super) struct Served {
     pub(super) password: Option<Password>,
     pub(super) shared: Option<SharedSettings>,
     pub(super) claims: Arc<Claims>,
+    pub(super) clusters: Arc<Clusters>,
 }
 
 pub(super) async fn accept_loop(listener: TcpListener, served: Served) {
@@ -245,7 +246,10 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
         Ok(None)
     } else if is("HELLO") {
         let usage = || {
-            Reject::err("usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index> [<incarnation>]]]]")
+            Reject::err(
+                "usage: HELLO <node-id> <host:port> [<client host:port> [<settings> [<last log index> [<incarnation> \
+                 [<cluster id>]]]]]",
+            )
         };
         // Words after those this build knows are ignored: a node of a later build may say more.
         let (3.., Some(Frame::Bulk(id)), Some(Frame::Bulk(addr))) = (args.len(), args.get(1), args.get(2)) else {
@@ -264,6 +268,13 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
             .and_then(|s| s.parse::<u64>().ok())
             .filter(|&id| id != 0)
             .ok_or_else(|| Reject::err("HELLO: invalid node id"))?;
+        if let Some(theirs) = text(7, "cluster id")? {
+            let theirs = ClusterId::parse(&theirs).ok_or_else(|| Reject::err("HELLO: invalid cluster id"))?;
+            if let Some(why) = served.clusters.ours().refuses(theirs, from) {
+                return Err(Reject::err(why));
+            }
+            served.clusters.said.lock().unwrap_or_else(|p| p.into_inner()).insert(NodeId(from), theirs);
+        }
         if let (Some(ours), Some(theirs)) = (&served.shared, text(4, "settings")?.filter(|t| !t.is_empty())) {
             if let Some(differ) = ours.differences(&SharedSettings::decode(&theirs)) {
                 return Err(Reject::err(format!("node {from}'s Redis settings differ from this node's: {differ}")));

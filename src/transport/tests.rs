@@ -1,4 +1,5 @@
 use super::*;
+use crate::cluster_id::ClusterId;
 use raft::eraftpb::{Entry, MessageType};
 use std::io::{Read, Write};
 use std::sync::mpsc as std_mpsc;
@@ -358,8 +359,8 @@ fn garbage_closes_only_that_connection() {
     // A new, well-formed connection is served...
     let mut s = std::net::TcpStream::connect(b.addr()).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    // (with an incarnation, and a word of a later build, which is ignored)
-    let mut good = command(&[b"HELLO", b"7", b"node-7:1", b"node-7:2", b"", b"0", b"99", b"later"]);
+    // (with an incarnation, no cluster id, and a word of a later build, which is ignored)
+    let mut good = command(&[b"HELLO", b"7", b"node-7:1", b"node-7:2", b"", b"0", b"99", b"0", b"later"]);
     let encoded = msg(7, 2, 42).encode_to_vec();
     good.extend(command(&[b"MSGS", &encoded]));
     good.extend(command(&[b"PING"]));
@@ -663,4 +664,35 @@ fn a_second_server_with_a_connected_ones_node_id_is_refused_until_the_first_is_g
     copy.transport.send(vec![msg(3, 2, 4)]);
     let delivered = b.raft_messages(1);
     assert_eq!(delivered.last(), Some(&msg(3, 2, 4)), "{delivered:?}");
+}
+
+#[test]
+fn a_node_of_another_cluster_is_refused_and_one_without_a_cluster_id_is_heard() {
+    let node = |me: u64, cluster: u64| {
+        let mut cfg = TransportConfig::new(NodeId(me), loopback(0), format!("node-{me}.test:17000"));
+        cfg.advertise_client = Some(format!("node-{me}.test:7000"));
+        cfg.cluster = ClusterId(cluster);
+        Node::with_config(cfg)
+    };
+    let (b, same, other, joining) = (node(2, 0xb), node(1, 0xb), node(4, 0xa), node(3, 0));
+    for n in [&same, &other, &joining] {
+        n.transport.set_peer_addr(NodeId(2), b.addr());
+    }
+    other.transport.send(vec![msg(4, 2, 1)]);
+    other.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+    let why = other.peer(2).last_error.expect("the refusal is kept");
+    assert!(why.contains("node 4 belongs to another cluster (cluster id 000000000000000a; this node's is 000000000000000b)"), "{why}");
+    assert_eq!(b.transport.cluster_said_by(NodeId(4)), None, "a refused HELLO is not recorded");
+
+    same.transport.send(vec![msg(1, 2, 2)]);
+    joining.transport.send(vec![msg(3, 2, 3)]);
+    let mut got = b.raft_messages(2);
+    got.sort_by_key(|m| m.index);
+    assert_eq!(got, vec![msg(1, 2, 2), msg(3, 2, 3)], "the other cluster's message is not delivered");
+    assert_eq!(b.transport.cluster_said_by(NodeId(1)), Some(ClusterId(0xb)));
+    assert_eq!(b.transport.cluster_said_by(NodeId(3)), Some(ClusterId::UNKNOWN));
+
+    // A joining node that learnt its cluster says it from its next connection on.
+    joining.transport.set_cluster_id(ClusterId(0xb));
+    assert_eq!(joining.transport.cluster_id(), ClusterId(0xb));
 }
