@@ -431,6 +431,12 @@ impl<S: StateMachine> Node<S> {
             last_heard: BTreeMap::new(),
         };
         raft_loop.publish_status();
+        if let Some(why) = raft_loop.removed.clone() {
+            // Stopped before it serves anything: the loop says so in its first round, and a read
+            // at consistency=low could otherwise slip in before that.
+            raft_loop.sm.removed(&why);
+            raft_loop.shared.status.lock().unwrap_or_else(|p| p.into_inner()).fatal = Some(why);
+        }
         let (stopped_tx, loop_stopped) = crossbeam_channel::bounded(1);
         transport.spawn(async move {
             raft_loop.run().await;
