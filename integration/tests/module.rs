@@ -1,6 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
-use raftis_integration::{client_proposals, digest, info_field, raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{client_proposals, digest, info_field, info_text, raw_exchange, stat_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -482,6 +482,9 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     wait_for("node 4 to apply", Duration::from_secs(10), || {
         fourth.cmd::<Option<String>>(&["GET", "before"]).ok().flatten()
     });
+    let cluster_id = info_text(leader, "cluster_id");
+    assert_eq!(cluster_id.len(), 16, "made by INIT: {cluster_id:?}");
+    wait_for("node 4 to take the cluster id", Duration::from_secs(10), || (info_text(&fourth, "cluster_id") == cluster_id).then_some(()));
     // Something that is not Redis at all is named as such.
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let http_addr = http.local_addr().unwrap().to_string();
