@@ -82,6 +82,9 @@ const META_CONF_APPLIED: &str = "conf_applied";
 /// Why this node was removed from the cluster, once it knows: it then stays stopped, restarts
 /// included (its data is no longer replicated; it joins again with an empty dir).
 const META_REMOVED: &str = "removed";
+/// How long a member at a joining node's address must have been silent before it is taken for
+/// the one that was there before and removed (see [`Node::retire_previous_at`]).
+const SILENT_BEFORE_REPLACED: Duration = Duration::from_secs(3);
 
 /// The application on top of the log. The Raft loop calls it; it must not block for long (the
 /// Redis module hands batches to Redis' main thread and returns).
@@ -429,6 +432,7 @@ impl<S: StateMachine> Node<S> {
             recover_wanted: None,
             recovery_snapshot_asked: None,
             last_heard: BTreeMap::new(),
+            started_at: Instant::now(),
         };
         raft_loop.publish_status();
         if let Some(why) = raft_loop.removed.clone() {
@@ -584,6 +588,7 @@ impl<S: StateMachine> Node<S> {
             std::thread::sleep(Duration::from_millis(20));
         }
         if !status.learners.contains(&id) {
+            self.retire_previous_at(&info, deadline)?;
             self.change_membership_blocking(MembershipChange::AddLearner(info), deadline)?;
         }
         // A learner that has not caught up would stall the quorum as soon as it votes.
@@ -601,6 +606,45 @@ impl<S: StateMachine> Node<S> {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.change_membership_blocking(MembershipChange::Promote(id), deadline)
+    }
+
+    /// Removes the member that was at `info`'s side-port address before, if one was: a node
+    /// whose dir was lost joins again from the same address with a new id, and the old id would
+    /// otherwise stay a voter that never answers (a 3-node cluster would need all of its other
+    /// three live nodes for a quorum of 4). Two live servers cannot listen on one address, so the
+    /// old one is gone, but only once it is silent is it removed: a member that still talks to
+    /// the leader means the joining node's address is wrong, and the join is refused.
+    fn retire_previous_at(&self, info: &NodeInfo, deadline: Instant) -> Result<(), ProposeError> {
+        // A member that talks is not waited for long: the joining node's address is wrong.
+        let give_up = deadline.min(Instant::now() + 2 * SILENT_BEFORE_REPLACED);
+        loop {
+            let status = self.status();
+            let Some(old) = status.members.values().find(|m| m.id != info.id && m.raft_addr == info.raft_addr).map(|m| m.id)
+            else {
+                return Ok(());
+            };
+            if !status.is_leader() {
+                return Err(ProposeError::NotLeader { leader: status.leader });
+            }
+            let addr = &info.raft_addr;
+            if old == status.id {
+                return Err(ProposeError::Dropped(format!("{addr} is this leader's own side port (node {old})")));
+            }
+            let talking = status.progress_of(old).map_or(true, |p| p.silent_for < SILENT_BEFORE_REPLACED);
+            if !talking {
+                log::warn!("raft {}: node {} joins at {addr}, where node {old} was: removing node {old}", status.id, info.id);
+                self.change_membership_blocking(MembershipChange::Remove(old), deadline)?;
+                continue;
+            }
+            if Instant::now() >= give_up {
+                return Err(ProposeError::Dropped(format!(
+                    "node {old}, a member, is at {addr} and still talks to the leader: the joining node {} cannot \
+                     be reached there (check its advertise-addr)",
+                    info.id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Blocking form of [`Node::change_membership`].
@@ -831,4 +875,6 @@ struct RaftLoop<S: StateMachine> {
     recovery_snapshot_asked: Option<Instant>,
     /// When each peer's last message arrived: a recovery is refused while another member talks.
     last_heard: BTreeMap<NodeId, Instant>,
+    /// When this loop started: a peer not heard from since has been silent at least that long.
+    started_at: Instant,
 }

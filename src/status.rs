@@ -46,6 +46,9 @@ pub struct PeerProgress {
     /// raft's probe / replicate / snapshot state.
     pub state: String,
     pub is_learner: bool,
+    /// How long the leader has not heard from it: since its last message, or since the leader
+    /// started if it never heard from it.
+    pub silent_for: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +168,7 @@ mod tests {
             next: LogIndex(matched + 1),
             state: state.into(),
             is_learner,
+            silent_for: std::time::Duration::ZERO,
         };
         let mut status = Status::initial(NodeId(1));
         assert_eq!(status.successor(), None, "alone");

@@ -677,3 +677,37 @@ fn the_nodes_that_join_take_the_cluster_id_of_the_one_that_made_the_cluster_and_
     let restarted = start(id, &dir, port, false, Durability::Medium);
     assert_eq!(restarted.node.status().cluster, made, "kept with the log");
 }
+
+#[test]
+fn a_node_that_joins_again_at_a_lost_members_address_replaces_it_but_not_a_live_one() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::Medium);
+    let leader_id = current_leader(&nodes).id;
+    let first = append_and_check(current_leader(&nodes), &nodes, Vec::new(), "first", 20);
+
+    // A live member's address given by a node that is not there: refused, nothing removed.
+    let live = nodes.iter().find(|n| n.id != leader_id).unwrap();
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let refused = leader.node.add_member(info(NodeId(9), live.port), Instant::now() + Duration::from_secs(20));
+    match refused {
+        Err(ProposeError::Dropped(why)) => assert!(why.contains(&format!("node {}, a member, is at", live.id)), "{why}"),
+        other => panic!("joining at a live member's address: {other:?}"),
+    }
+    assert_eq!(leader.node.status().voters.len(), 3);
+
+    // A follower loses its dir and joins again from the same address, as a new node.
+    let lost = nodes.remove(nodes.iter().position(|n| n.id != leader_id).unwrap());
+    let (old_id, dir, port) = (lost.id, lost.dir.clone(), lost.port);
+    drop(lost);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let new_id = NodeId(old_id.get() + 100);
+    let fresh = start(new_id, &dir, port, false, Durability::Medium);
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    leader.node.add_member(info(new_id, port), Instant::now() + Duration::from_secs(20)).expect("joined in its place");
+    let status = leader.node.status();
+    assert_eq!(status.voters.len(), 3, "{:?}", status.voters);
+    assert!(!status.voters.contains(&old_id) && !status.members.contains_key(&old_id), "{:?}", status.voters);
+    nodes.push(fresh);
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    append_and_check(leader, &nodes, first, "second", 20);
+}

@@ -125,3 +125,27 @@ fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() 
     assert_eq!(fresh.cmd::<Option<String>>(&["GET", "new"]).unwrap().as_deref(), Some("1"));
     assert_eq!(fresh.cmd::<Option<String>>(&["GET", "old-1"]).unwrap(), None);
 }
+
+#[test]
+fn a_node_that_lost_its_dir_and_joins_again_takes_its_old_selfs_place() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    for i in 0..10 {
+        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("k{i}"), "1"]).unwrap();
+    }
+    let lost = (leader + 1) % 3;
+    let old_id = cluster.nodes[lost].node_id();
+    cluster.nodes[lost].restart_empty().unwrap();
+    let joined: String = cluster.nodes[lost].cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap();
+    assert_eq!(joined, "OK");
+    let new_id = cluster.nodes[lost].node_id();
+    assert_ne!(new_id, old_id);
+
+    let leader_node = &cluster.nodes[leader];
+    assert_eq!(info_field(leader_node, "voters"), 3, "the old id is no voter any more");
+    let nodes: String = leader_node.cmd(&["CLUSTER", "NODES"]).unwrap();
+    let port = format!(":{}@", cluster.nodes[lost].port);
+    assert_eq!(nodes.matches(&port).count(), 1, "{nodes}");
+    assert!(leader_node.log().contains(&format!("where node {old_id} was: removing node {old_id}")), "{}", leader_node.log_tail());
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

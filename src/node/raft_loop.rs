@@ -392,6 +392,7 @@ impl<S: StateMachine> RaftLoop<S> {
                     next: LogIndex(pr.next_idx),
                     state: format!("{:?}", pr.state).to_lowercase(),
                     is_learner: conf.learners.contains(id),
+                    silent_for: self.last_heard.get(&NodeId(*id)).unwrap_or(&self.started_at).elapsed(),
                 })
                 .collect()
         } else {
