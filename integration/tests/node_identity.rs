@@ -21,18 +21,24 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A 3-node cluster holding `n` keys named `prefix-i`, and its leader's index.
+fn cluster_holding(prefix: &str, n: usize) -> (Cluster, usize) {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    for i in 0..n {
+        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("{prefix}-{i}"), "1"]).unwrap();
+    }
+    (cluster, leader)
+}
+
 fn raft_info(server: &Server) -> String {
     server.quick_cmd::<String>(&["RAFT.INFO"]).unwrap_or_default()
 }
 
 #[test]
 fn a_copy_of_a_nodes_dir_is_refused_while_the_node_runs_and_stops_with_why_once_it_is_behind() {
-    let mut cluster = Cluster::start(3, &[]).unwrap();
-    let leader = cluster.wait_leader();
+    let (mut cluster, leader) = cluster_holding("before", 20);
     let original = (leader + 1) % 3;
-    for i in 0..20 {
-        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("before-{i}"), "1"]).unwrap();
-    }
     cluster.wait_converged(&[0, 1, 2]);
     let id = cluster.nodes[original].node_id();
 
@@ -83,11 +89,7 @@ fn a_copy_of_a_nodes_dir_is_refused_while_the_node_runs_and_stops_with_why_once_
 
 #[test]
 fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() {
-    let mut cluster = Cluster::start(3, &[]).unwrap();
-    let leader = cluster.wait_leader();
-    for i in 0..10 {
-        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("old-{i}"), "1"]).unwrap();
-    }
+    let (mut cluster, leader) = cluster_holding("old", 10);
     cluster.wait_converged(&[0, 1, 2]);
     let old_id = info_text(&cluster.nodes[0], "cluster_id");
     assert_eq!(old_id.len(), 16, "{old_id}");
@@ -128,11 +130,7 @@ fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() 
 
 #[test]
 fn a_node_that_lost_its_dir_and_joins_again_takes_its_old_selfs_place() {
-    let mut cluster = Cluster::start(3, &[]).unwrap();
-    let leader = cluster.wait_leader();
-    for i in 0..10 {
-        let _: () = cluster.nodes[leader].cmd(&["SET", &format!("k{i}"), "1"]).unwrap();
-    }
+    let (mut cluster, leader) = cluster_holding("k", 10);
     let lost = (leader + 1) % 3;
     let old_id = cluster.nodes[lost].node_id();
     cluster.nodes[lost].restart_empty().unwrap();
