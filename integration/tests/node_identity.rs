@@ -89,7 +89,7 @@ fn a_copy_of_a_nodes_dir_is_refused_while_the_node_runs_and_stops_with_why_once_
 
 #[test]
 fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() {
-    let (mut cluster, leader) = cluster_holding("old", 10);
+    let (mut cluster, _) = cluster_holding("old", 10);
     cluster.wait_converged(&[0, 1, 2]);
     let old_id = info_text(&cluster.nodes[0], "cluster_id");
     assert_eq!(old_id.len(), 16, "{old_id}");
