@@ -435,11 +435,11 @@ impl<S: StateMachine> Node<S> {
             started_at: Instant::now(),
         };
         raft_loop.publish_status();
-        if let Some(why) = raft_loop.removed.clone() {
-            // Stopped before it serves anything: the loop says so in its first round, and a read
-            // at consistency=low could otherwise slip in before that.
-            raft_loop.sm.removed(&why);
-            raft_loop.shared.status.lock().unwrap_or_else(|p| p.into_inner()).fatal = Some(why);
+        if let Some(why) = raft_loop.removed.take() {
+            // Stopped before it serves anything, not in the loop's first round: a read at
+            // consistency=low could slip in before that. The loop then only winds down.
+            raft_loop.leave(why);
+            raft_loop.shutdown = true;
         }
         let (stopped_tx, loop_stopped) = crossbeam_channel::bounded(1);
         transport.spawn(async move {

@@ -133,7 +133,7 @@ impl<S: StateMachine> RaftLoop<S> {
     /// Stops for good: this node is no longer a member, so nothing it holds is replicated any
     /// more and it must serve nothing (raft would leave it campaigning, or following nobody, for
     /// ever). Whoever learnt of the removal has recorded it, so a restart stops again at once.
-    fn leave(&mut self, why: String) {
+    pub(super) fn leave(&mut self, why: String) {
         for id in self.members.keys() {
             self.transport.remove_peer(*id);
         }
