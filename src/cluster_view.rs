@@ -5,9 +5,14 @@
 //! already follow `-MOVED`, which is how a follower answers a write. What they also need is the
 //! map they ask for at start and again after a `-MOVED`: `CLUSTER SLOTS` or `CLUSTER NODES`. With
 //! it they send every command to the leader, and find the new one after an election.
+//!
+//! The leader also says which of its followers it has lost, as Redis Cluster flags a node it can
+//! no longer reach: a client that reads from replicas then leaves those out. A follower only
+//! knows the leader and itself, and shows every member online.
 
 use crate::ids::{NodeId, Term};
-use crate::membership::Members;
+use crate::status::Status;
+use std::time::Duration;
 
 /// Redis Cluster's hash slots; the one shard holds them all.
 pub const SLOTS: u16 = 16384;
@@ -58,6 +63,36 @@ fn crc16(bytes: &[u8]) -> u16 {
     crc
 }
 
+/// How a node of the map is doing, as far as the answering node can tell (Redis Cluster's
+/// `health`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Online,
+    /// The leader is sending it a snapshot: it serves nothing until it has loaded it.
+    Loading,
+    /// The leader has heard nothing from it for [`failed_after`].
+    Failed,
+}
+
+impl Health {
+    /// The word `CLUSTER SHARDS` gives, as Redis writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Online => "online",
+            Health::Loading => "loading",
+            Health::Failed => "fail",
+        }
+    }
+}
+
+/// How long a leader goes without hearing from a member before the map shows it failed: the
+/// longest election timeout, after which a follower that had heard nothing from the leader would
+/// have stood for election itself. Heartbeats go every few ticks, so a live member is never near
+/// it; a fork or a slow disk stalling one for a second does not flag it.
+pub fn failed_after(tick: Duration, election_ticks: usize) -> Duration {
+    tick * 2 * election_ticks as u32
+}
+
 /// One node as the map shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNode {
@@ -69,6 +104,7 @@ pub struct ClusterNode {
     /// The side port, shown where Redis Cluster shows its bus port.
     pub bus_port: u16,
     pub myself: bool,
+    pub health: Health,
 }
 
 /// The map: the leader first, then the other voters. Learners are left out: they are still
@@ -87,26 +123,42 @@ pub fn node_name(id: NodeId) -> String {
 }
 
 impl ClusterView {
-    /// The map as this node (`me`) knows it; `None` while it knows no leader, or has no address
-    /// for it.
-    pub fn new(me: NodeId, leader: Option<NodeId>, voters: &[NodeId], members: &Members, epoch: Term) -> Option<ClusterView> {
+    /// The map as the node of status `st` knows it; `None` while it knows no leader, or has no
+    /// address for it. A leader flags a follower it has not heard from for `failed_after`.
+    pub fn new(st: &Status, failed_after: Duration) -> Option<ClusterView> {
+        let health = |id: NodeId| match st.progress_of(id) {
+            Some(p) if p.silent_for >= failed_after => Health::Failed,
+            Some(p) if p.state == "snapshot" => Health::Loading,
+            _ => Health::Online,
+        };
         let node = |id: NodeId| {
-            let info = members.get(&id)?;
+            let info = st.members.get(&id)?;
             let (host, port) = split(&info.client_addr)?;
             let bus_port = split(&info.raft_addr).map_or(0, |(_, p)| p);
-            Some(ClusterNode { id, name: node_name(id), host, port, bus_port, myself: id == me })
+            Some(ClusterNode { id, name: node_name(id), host, port, bus_port, myself: id == st.id, health: health(id) })
         };
-        let leader_id = leader?;
+        let leader_id = st.leader?;
         let leader = node(leader_id)?;
-        let replicas = voters.iter().filter(|id| **id != leader_id).filter_map(|id| node(*id)).collect();
-        Some(ClusterView { leader, replicas, epoch })
+        let replicas = st.voters.iter().filter(|id| **id != leader_id).filter_map(|id| node(*id)).collect();
+        Some(ClusterView { leader, replicas, epoch: st.term })
+    }
+
+    /// The replicas a client may be sent to: those not failed (`CLUSTER SLOTS` leaves the others
+    /// out, as Redis Cluster does).
+    pub fn live_replicas(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.replicas.iter().filter(|n| n.health != Health::Failed)
     }
 
     /// `CLUSTER NODES`: one line per node, as Redis Cluster writes them.
     pub fn nodes_text(&self) -> String {
         let line = |n: &ClusterNode, role: &str, master: &str, slots: &str| {
-            let flags = if n.myself { format!("myself,{role}") } else { role.to_string() };
-            format!("{} {}:{}@{} {flags} {master} 0 0 {} connected{slots}\n", n.name, n.host, n.port, n.bus_port, self.epoch)
+            let mut flags = if n.myself { format!("myself,{role}") } else { role.to_string() };
+            let mut link = "connected";
+            if n.health == Health::Failed {
+                flags.push_str(",fail");
+                link = "disconnected";
+            }
+            format!("{} {}:{}@{} {flags} {master} 0 0 {} {link}{slots}\n", n.name, n.host, n.port, n.bus_port, self.epoch)
         };
         let mut out = line(&self.leader, "master", "-", &format!(" 0-{}", SLOTS - 1));
         for replica in &self.replicas {
@@ -147,7 +199,10 @@ fn split(addr: &str) -> Option<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::NodeInfo;
+    use crate::ids::LogIndex;
+    use crate::membership::{Members, NodeInfo};
+    use crate::status::PeerProgress;
+    use std::sync::Arc;
 
     fn members() -> Members {
         let mut m = Members::new();
@@ -158,10 +213,22 @@ mod tests {
         m
     }
 
+    /// Node `me`'s status in a cluster led by `leader`.
+    fn status(me: u64, leader: Option<u64>, voters: &[u64], term: u64) -> Status {
+        let mut st = Status::initial(NodeId(me));
+        st.leader = leader.map(NodeId);
+        st.voters = voters.iter().copied().map(NodeId).collect();
+        st.members = Arc::new(members());
+        st.term = Term(term);
+        st
+    }
+
+    const FAILED_AFTER: Duration = Duration::from_secs(2);
+
     #[test]
     fn the_leader_owns_every_slot_and_the_other_voters_replicate_it() {
         // Node 4 is a learner: not a voter, so not in the map.
-        let view = ClusterView::new(NodeId(3), Some(NodeId(2)), &[NodeId(1), NodeId(2), NodeId(3)], &members(), Term(7)).unwrap();
+        let view = ClusterView::new(&status(3, Some(2), &[1, 2, 3], 7), FAILED_AFTER).unwrap();
         assert_eq!(view.leader.name, "0000000000000000000000000000000000000002");
         assert_eq!((view.leader.host.as_str(), view.leader.port, view.leader.bus_port), ("127.0.0.1", 7002, 17002));
         assert_eq!(view.replicas.iter().map(|n| n.port).collect::<Vec<_>>(), [7001, 7003]);
@@ -175,10 +242,41 @@ mod tests {
     }
 
     #[test]
+    fn the_leader_flags_followers_it_lost_or_is_sending_a_snapshot() {
+        let peer = |id: u64, state: &str, silent_ms: u64| PeerProgress {
+            id: NodeId(id),
+            matched: LogIndex(5),
+            next: LogIndex(6),
+            state: state.into(),
+            is_learner: false,
+            silent_for: Duration::from_millis(silent_ms),
+        };
+        let mut st = status(1, Some(1), &[1, 2, 3, 4], 3);
+        st.progress = vec![peer(2, "probe", 2_000), peer(3, "snapshot", 150), peer(4, "replicate", 1_999)];
+        let view = ClusterView::new(&st, FAILED_AFTER).unwrap();
+        let health: Vec<_> = view.replicas.iter().map(|n| (n.id.get(), n.health)).collect();
+        assert_eq!(health, [(2, Health::Failed), (3, Health::Loading), (4, Health::Online)]);
+        assert_eq!(view.live_replicas().map(|n| n.id.get()).collect::<Vec<_>>(), [3, 4]);
+        let text = view.nodes_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains(" myself,master - 0 0 3 connected 0-16383"), "{}", lines[0]);
+        assert!(lines[1].ends_with(" slave,fail 0000000000000000000000000000000000000001 0 0 3 disconnected"), "{}", lines[1]);
+        assert!(lines[2].ends_with(" slave 0000000000000000000000000000000000000001 0 0 3 connected"), "{}", lines[2]);
+        // A follower does not know how the others are doing.
+        let view = ClusterView::new(&status(2, Some(1), &[1, 2, 3, 4], 3), FAILED_AFTER).unwrap();
+        assert!(view.replicas.iter().all(|n| n.health == Health::Online));
+    }
+
+    #[test]
+    fn a_member_fails_after_the_longest_election_timeout() {
+        assert_eq!(failed_after(Duration::from_millis(100), 10), Duration::from_secs(2));
+    }
+
+    #[test]
     fn without_a_leader_there_is_no_map() {
-        assert_eq!(ClusterView::new(NodeId(1), None, &[NodeId(1), NodeId(2)], &members(), Term(1)), None);
+        assert_eq!(ClusterView::new(&status(1, None, &[1, 2], 1), FAILED_AFTER), None);
         // A leader this node has no address for yet.
-        assert_eq!(ClusterView::new(NodeId(1), Some(NodeId(9)), &[NodeId(1), NodeId(9)], &members(), Term(1)), None);
+        assert_eq!(ClusterView::new(&status(1, Some(9), &[1, 9], 1), FAILED_AFTER), None);
         let info = info_text(None, 2, Term(1));
         assert!(info.contains("cluster_state:fail\r\n") && info.contains("cluster_slots_assigned:0\r\n"), "{info}");
     }

@@ -112,7 +112,8 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     s.refuse_if_stopped()?;
     let st = node.status();
-    let view = ClusterView::new(st.id, st.leader, &st.voters, &st.members, st.term);
+    let failed_after = cluster_view::failed_after(s.settings().timing.tick_interval, st.election_ticks);
+    let view = ClusterView::new(&st, failed_after);
     let no_leader = || state::NO_LEADER.to_string();
     match sub.as_str() {
         "myid" => Ok(Reply::bulk(cluster_view::node_name(st.id))),
@@ -124,7 +125,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
                 Reply::Array(vec![Reply::bulk(n.host.clone()), Reply::Integer(n.port.into()), Reply::bulk(n.name.clone())])
             };
             let mut range = vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1), entry(&view.leader)];
-            range.extend(view.replicas.iter().map(entry));
+            range.extend(view.live_replicas().map(entry));
             Ok(Reply::Array(vec![Reply::Array(range)]))
         }
         "shards" => Ok(shards(&view.ok_or_else(no_leader)?, &st)),
@@ -154,7 +155,7 @@ fn shards(view: &ClusterView, st: &Status) -> Reply {
             field("endpoint", Reply::bulk(n.host.clone())),
             field("role", Reply::bulk(role)),
             field("replication-offset", offset(n)),
-            field("health", Reply::bulk("online")),
+            field("health", Reply::bulk(n.health.as_str())),
         ])
     };
     let mut nodes = vec![node(&view.leader, "master")];

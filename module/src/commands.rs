@@ -414,7 +414,8 @@ pub fn info_fields() -> Vec<(String, String)> {
             line.push_str(",self=yes");
         }
         if let Some(p) = st.progress_of(m.id) {
-            let _ = write!(line, ",match_index={},next_index={},state={}", p.matched, p.next, p.state);
+            let heard = p.silent_for.as_millis();
+            let _ = write!(line, ",match_index={},next_index={},state={},last_heard_ms={heard}", p.matched, p.next, p.state);
         }
         let link = transport.iter().find(|t| t.id == m.id);
         if let Some(t) = link {
