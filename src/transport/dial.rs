@@ -2,6 +2,7 @@
 //! fails, that says `HELLO` and then writes the peer's queued messages in `MSGS` frames.
 
 use super::*;
+use crate::unwind::CatchUnwind;
 
 /// One outgoing frame holds at most this many messages / bytes, so a deep queue becomes a few
 /// large writes rather than one giant buffer.
@@ -85,7 +86,12 @@ pub(super) async fn run_peer(mut task: PeerTask) {
         let error = match connect(&task.addr).await {
             Ok(stream) => {
                 task.link.connected.store(true, Ordering::Relaxed);
-                let result = pump(stream, &mut task).await;
+                // A panic (a bug) ends this connection, not the task: a vanished task would leave
+                // the peer's queue unread, and every message for it dropped, for good.
+                let result = match CatchUnwind::new(pump(stream, &mut task)).await {
+                    Ok(result) => result,
+                    Err(panic) => Err(anyhow::anyhow!("internal error: {panic}")),
+                };
                 task.link.connected.store(false, Ordering::Relaxed);
                 match result {
                     Ok(()) => return,

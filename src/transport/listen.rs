@@ -3,6 +3,7 @@
 //! snapshot chunks.
 
 use super::claims::Claims;
+use crate::unwind::CatchUnwind;
 use super::*;
 use std::time::Instant;
 
@@ -32,6 +33,16 @@ pub(super) struct Served {
 }
 
 pub(super) async fn accept_loop(listener: TcpListener, served: Served) {
+    // Each connection is a task of its own, so a panic serving one closes only it. One here (a
+    // bug) would otherwise close the port for good while the node went on looking alive.
+    loop {
+        if let Err(panic) = CatchUnwind::new(accept_connections(&listener, &served)).await {
+            log::error!("raft transport: internal error accepting connections: {panic}; accepting again");
+        }
+    }
+}
+
+async fn accept_connections(listener: &TcpListener, served: &Served) {
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {

@@ -696,3 +696,50 @@ fn a_node_of_another_cluster_is_refused_and_one_without_a_cluster_id_is_heard() 
     joining.transport.set_cluster_id(ClusterId(0xb));
     assert_eq!(joining.transport.cluster_id(), ClusterId(0xb));
 }
+
+#[test]
+fn a_panic_on_a_peers_connection_ends_that_connection_not_the_peer() {
+    init_log();
+    // The callback panics the first time a peer says it removed us (a stand-in for any bug
+    // while a connection is pumped); the peer must still be dialed again and get its messages.
+    let peer = std::net::TcpListener::bind(loopback(0)).unwrap();
+    peer.set_nonblocking(true).unwrap();
+    let panicked = Arc::new(AtomicBool::new(false));
+    let flag = panicked.clone();
+    let transport = Transport::start(TransportConfig::new(NodeId(1), loopback(0), "node-1.test:7000"), move |inbound| {
+        if matches!(inbound, Inbound::Removed { .. }) && !flag.swap(true, Ordering::SeqCst) {
+            panic!("a bug while a connection is pumped");
+        }
+    })
+    .unwrap();
+    transport.set_peer_addr(NodeId(2), peer.local_addr().unwrap().to_string());
+    transport.send(vec![msg(1, 2, 1)]);
+    let accept = || {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match peer.accept() {
+                Ok((s, _)) => return s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    };
+    let mut first = accept();
+    first.write_all(b"-REMOVED node 2 has removed node 1\r\n").unwrap();
+    wait_until("the callback to panic", || panicked.load(Ordering::SeqCst));
+
+    let mut second = accept();
+    second.set_nonblocking(false).unwrap();
+    second.set_read_timeout(Some(DEADLINE)).unwrap();
+    transport.send(vec![msg(1, 2, 2)]);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(b"payload 2".len()).any(|w| w == b"payload 2") {
+        let n = second.read(&mut buf).expect("the second connection carries the next message");
+        assert!(n > 0, "the second connection closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    transport.shutdown();
+}
