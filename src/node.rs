@@ -133,6 +133,19 @@ pub struct TakenSnapshot {
     pub descriptor: SnapshotDescriptor,
 }
 
+impl TakenSnapshot {
+    /// Raft's snapshot for it: the address book and the file's descriptor as its data.
+    fn to_raft(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.data = snapshot_data::encode(&self.members, &self.descriptor.encode());
+        let meta = snapshot.metadata.get_or_insert_with(Default::default);
+        meta.index = self.index.get();
+        meta.term = self.term.get();
+        meta.conf_state = Some(self.conf_state.clone());
+        snapshot
+    }
+}
+
 pub struct Committed<W> {
     pub index: LogIndex,
     pub term: Term,
@@ -286,6 +299,23 @@ impl<S: StateMachine> Node<S> {
         store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
         ClusterId::random().save(store)?;
         store.sync()?;
+        Ok(())
+    }
+
+    /// Like [`Node::bootstrap`], for a cluster whose dataset starts as what the state machine
+    /// already holds: `seed`, a snapshot of it at index 1 whose only voter is `info`. The log
+    /// starts after it, so every node that joins loads the snapshot rather than replaying a log
+    /// that never held those keys. Written so that a crash leaves either no cluster (the metadata
+    /// written first is overwritten by the next attempt) or the whole of it.
+    pub fn bootstrap_from(store: &LogStore, info: &NodeInfo, seed: &TakenSnapshot) -> anyhow::Result<()> {
+        anyhow::ensure!(!store.is_initialized(), "this node already belongs to a cluster");
+        let only_voter = seed.conf_state.voters == [info.id.get()] && seed.conf_state.learners.is_empty();
+        let first = seed.index == LogIndex(1) && seed.term == Term(1);
+        anyhow::ensure!(first && only_voter, "not a snapshot to start a cluster from");
+        store.put_meta(META_MEMBERS, &serde_json::to_vec(&*seed.members)?)?;
+        store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
+        ClusterId::random().save(store)?;
+        store.bootstrap(seed.to_raft()).context("recording the first snapshot")?;
         Ok(())
     }
 

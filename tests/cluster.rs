@@ -711,3 +711,33 @@ fn a_node_that_joins_again_at_a_lost_members_address_replaces_it_but_not_a_live_
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     append_and_check(leader, &nodes, first, "second", 20);
 }
+
+#[test]
+fn a_cluster_made_from_a_seed_snapshot_has_a_log_that_starts_after_it() {
+    let root = tempfile::tempdir().unwrap();
+    let me = info(NodeId(1), free_port());
+    let seed = |index: u64, voters: Vec<u64>| raftis::node::TakenSnapshot {
+        index: LogIndex(index),
+        term: Term(1),
+        conf_state: raft::eraftpb::ConfState { voters, ..Default::default() },
+        members: Arc::new([(me.id, me.clone())].into_iter().collect()),
+        descriptor: raftis::snapshot_transfer::SnapshotDescriptor { file: "snapshot-seed.rsnap".into(), size: 7, checksum: 9 },
+    };
+    let store = LogStore::open(root.path()).unwrap();
+    assert!(Node::<Recorder>::bootstrap_from(&store, &me, &seed(5, vec![1])).is_err(), "not at index 1");
+    assert!(Node::<Recorder>::bootstrap_from(&store, &me, &seed(1, vec![1, 2])).is_err(), "another voter");
+    assert!(!store.is_initialized(), "a refused seed leaves no cluster");
+
+    Node::<Recorder>::bootstrap_from(&store, &me, &seed(1, vec![1])).unwrap();
+    assert_eq!((store.first_index(), store.conf_state().voters), (2, vec![1]));
+    let snapshot = raft::Storage::snapshot(&store, 0, 0).unwrap();
+    assert_eq!((snapshot.get_metadata().index, snapshot.get_metadata().term), (1, 1));
+    let (members, app) = raftis::snapshot_data::decode(&snapshot.data).unwrap();
+    assert_eq!(members.get(&me.id), Some(&me));
+    assert_eq!(raftis::snapshot_transfer::SnapshotDescriptor::decode(app).unwrap().file, "snapshot-seed.rsnap");
+    assert!(Node::<Recorder>::bootstrap_from(&store, &me, &seed(1, vec![1])).is_err(), "only once");
+    drop(store);
+    // Reopened, as after a crash right after it: still there.
+    let store = LogStore::open(root.path()).unwrap();
+    assert_eq!((store.first_index(), store.is_initialized()), (2, true));
+}

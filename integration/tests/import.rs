@@ -3,7 +3,7 @@
 //! them; `scripts/import` copies a Redis server's keys and function libraries into a running
 //! cluster through its leader, and every node ends with exactly the source's dataset.
 
-use raftis_integration::{digest, free_port_pair, workspace, Cluster, Server, PROBE_KEY};
+use raftis_integration::{digest, free_port_pair, info_field, stat_field, workspace, Cluster, Server, PROBE_KEY};
 use std::process::Command;
 
 /// A plain Redis holding a bit of everything, in two databases, with expiry times and a library.
@@ -67,4 +67,53 @@ fn a_node_holding_keys_refuses_to_form_or_join_a_cluster_and_the_import_script_c
     let imported = cluster.assert_same_dataset(&[0, 1, 2]);
     let _: () = plain.cmd(&["SET", PROBE_KEY, "1"]).unwrap();
     assert_eq!(imported, digest(&plain), "the cluster holds the source's dataset");
+}
+
+/// `RAFT.CLUSTER INIT KEEPDATA` makes the keys Redis loaded the new cluster's dataset: they are
+/// written into its first snapshot, at index 1, and its log starts after that, so every node that
+/// joins loads them. Restarted, the node that made the cluster holds the cluster's dataset, not
+/// its dump file's again.
+#[test]
+fn init_keepdata_makes_the_keys_redis_loaded_the_clusters_dataset() {
+    let root = tempfile::tempdir().unwrap();
+    let plain = source(&root.path().join("plain"));
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = root.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if i == 0 {
+            std::fs::copy(root.path().join("plain/dump.rdb"), dir.join("dump.rdb")).unwrap();
+        }
+        nodes.push(Server::start(free_port_pair(), &dir, &[]).unwrap());
+    }
+    let refused = nodes[0].cmd::<()>(&["RAFT.CLUSTER", "INIT"]).unwrap_err().to_string();
+    assert!(refused.contains("RAFT.CLUSTER INIT KEEPDATA to make them the new cluster's dataset"), "{refused}");
+    let ok: String = nodes[0].cmd(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap();
+    assert_eq!(ok, "OK");
+    let again = nodes[0].cmd::<()>(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap_err().to_string();
+    assert!(again.contains("already belongs to a cluster"), "{again}");
+    let mut cluster = Cluster { nodes, network: None, root };
+    let leader = cluster.wait_leader();
+    assert_eq!(leader, 0);
+    assert_eq!(info_field(&cluster.nodes[0], "snapshot_index"), 1);
+    assert_eq!(info_field(&cluster.nodes[0], "first_log_index"), 2, "no entry from before the snapshot");
+    cluster.join(1, 0).unwrap();
+    cluster.join(2, 0).unwrap();
+    let _: () = plain.cmd(&["SET", PROBE_KEY, "1"]).unwrap();
+    let kept = cluster.assert_same_dataset(&[0, 1, 2]);
+    assert_eq!(kept, digest(&plain), "every node holds what Redis loaded, expiry times and libraries included");
+    for joined in &cluster.nodes[1..] {
+        assert!(stat_field(joined, "snapshots_fetched") >= 1, "a joining node loads the first snapshot");
+    }
+
+    // The cluster goes on from there, and a restart does not bring the dump file's keys back.
+    let _: () = cluster.nodes[0].cmd(&["DEL", "s0", "list"]).unwrap();
+    let _: () = cluster.nodes[0].cmd(&["SET", "after", "init"]).unwrap();
+    let changed = cluster.assert_same_dataset(&[0, 1, 2]);
+    assert_ne!(changed, kept);
+    cluster.nodes[0].restart().unwrap();
+    cluster.wait_leader();
+    // Node 0's digest among them: with its dump file's keys back it would differ.
+    assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), changed, "the restarted node holds the cluster's dataset");
 }

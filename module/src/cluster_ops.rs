@@ -10,7 +10,10 @@ use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::{MembershipChange, NodeInfo};
 use raftis_core::resp::{self, Frame};
 use raftis_core::shared_settings::SharedSettings;
-use raftis_core::NodeId;
+use crate::snapshot::AppliedPoint;
+use raft::eraftpb::ConfState;
+use raftis_core::node::TakenSnapshot;
+use raftis_core::{LogIndex, NodeId, Term};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -67,6 +70,35 @@ pub fn request(addr: &str, commands: &[&[&[u8]]], timeout: Duration) -> anyhow::
         }
     }
     anyhow::bail!("{addr}: no command to send")
+}
+
+/// Where a new cluster made by `RAFT.CLUSTER INIT KEEPDATA` starts: index 1 of term 1, the node
+/// `me` its only voter, as after the first entry of a cluster made by a plain INIT.
+pub fn seed_point(me: NodeInfo) -> AppliedPoint {
+    AppliedPoint {
+        index: LogIndex(1),
+        term: Term(1),
+        conf_state: ConfState { voters: vec![me.id.get()], ..Default::default() },
+        members: Arc::new([(me.id, me)].into_iter().collect()),
+    }
+}
+
+/// `RAFT.CLUSTER INIT KEEPDATA`, once the dataset Redis loaded is written as `seed` (on the
+/// thread that verified the file): records it as the first snapshot of a new cluster and starts
+/// the node. The node loads it back like any snapshot, so Redis then holds exactly what every
+/// node that joins will load. Nothing is recorded if the snapshot could not be written: the
+/// command can be run again.
+pub fn create_from(seed: TakenSnapshot) -> Result<(), String> {
+    let s = state::get();
+    let Some(&id) = seed.conf_state.voters.first() else {
+        return Err("ERR internal error: a first snapshot without a voter".into());
+    };
+    let id = NodeId(id);
+    RaftNode::bootstrap_from(&s.store, &s.info(id), &seed).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
+    s.start_node(id, false).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
+    let file = &seed.descriptor.file;
+    log::info!("created a new cluster with node {id} as its first member, from the dataset in snapshot {file}");
+    Ok(())
 }
 
 /// Runs `work` on a new thread and answers the blocked client with its outcome.

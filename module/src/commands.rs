@@ -40,6 +40,8 @@ fn is_member(s: &Raftis) -> bool {
     })
 }
 
+const INIT: &str = "RAFT.CLUSTER INIT";
+
 /// A node that is in no cluster yet may still hold keys: Redis loads its own dump file at start
 /// (clients cannot write before the node is in a cluster). Creating or joining a cluster replaces
 /// the dataset with the log's, so `action` is refused rather than let them vanish unasked, as
@@ -52,10 +54,14 @@ fn refuse_if_holding_keys(ctx: *mut RedisModuleCtx, s: &Raftis, action: &str) ->
     if keys == 0 {
         return Ok(());
     }
+    let keep = if action == INIT {
+        "RAFT.CLUSTER INIT KEEPDATA to make them the new cluster's dataset"
+    } else {
+        "copy them into the cluster through its leader (scripts/import)"
+    };
     Err(format!(
         "ERR this node holds {keys} keys, which Redis loaded from its own files, and {action} would discard them: \
-         restart it without them (move its dump file out of Redis' dir), or, to keep them, copy them into the \
-         cluster through its leader (scripts/import)"
+         restart it without them (move its dump file out of Redis' dir), or, to keep them, {keep}"
     ))
 }
 
@@ -105,11 +111,28 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             if s.node().is_some() || s.store.is_initialized() {
                 return Err("ERR this node already belongs to a cluster".into());
             }
-            refuse_if_holding_keys(ctx, s, "RAFT.CLUSTER INIT")?;
+            refuse_if_holding_keys(ctx, s, INIT)?;
             let id = s.settings().node_id.unwrap_or(NodeId(1));
             s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
             log::info!("created a new cluster with node {id} as its first member");
             Ok(Reply::ok())
+        }
+        "init" if args.len() == 3 && args[2].eq_ignore_ascii_case(b"keepdata") => {
+            if s.node().is_some() || s.store.is_initialized() {
+                return Err("ERR this node already belongs to a cluster".into());
+            }
+            let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
+            let id = s.settings().node_id.unwrap_or(NodeId(1));
+            if keys == 0 {
+                // Nothing to keep: an INIT like any other.
+                s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
+                log::info!("created a new cluster with node {id} as its first member");
+                return Ok(Reply::ok());
+            }
+            log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {keys} keys Redis loaded into the first snapshot");
+            let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
+            s.snapshots.seed(ctx, &crate::cluster_ops::seed_point(s.info(id)), blocked);
+            Ok(Reply::Blocked)
         }
         "join" if args.len() >= 3 => {
             if is_member(s) {
@@ -133,7 +156,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             Ok(Reply::Blocked)
         }
         "init" | "join" | "recover" => Err(wrong_args("raft.cluster")),
-        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT, RAFT.CLUSTER JOIN host:port [host:port ...] \
+        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT [KEEPDATA], RAFT.CLUSTER JOIN host:port [host:port ...] \
                   or RAFT.CLUSTER RECOVER"
             .into()),
     }

@@ -38,6 +38,20 @@ struct InProgress {
     path: PathBuf,
     started: Instant,
     waiters: Vec<Blocked>,
+    purpose: Purpose,
+}
+
+const SEEDING: &str =
+    "ERR RAFT.CLUSTER INIT KEEPDATA is writing this node's dataset into its first snapshot; retry once it is done";
+
+/// What a snapshot is taken for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// To compact the log behind it (the usual case).
+    Compaction,
+    /// `RAFT.CLUSTER INIT KEEPDATA`: the dataset Redis loaded becomes a new cluster's first
+    /// snapshot; the cluster is made once the file is written (see `cluster_ops::create_from`).
+    Seed,
 }
 
 #[derive(Default)]
@@ -142,9 +156,27 @@ impl Snapshots {
     /// Starts a snapshot at `point`. Must be called on the main thread, between batches.
     /// A waiter is answered when the snapshot is done; with one already running it joins that.
     pub fn start(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Option<Blocked>) {
+        self.begin(ctx, point, waiter, Purpose::Compaction);
+    }
+
+    /// `RAFT.CLUSTER INIT KEEPDATA`, on the main thread of a node in no cluster: writes the
+    /// dataset as the snapshot `point` (index 1, this node the only voter), then makes the cluster
+    /// from it and answers `waiter` `+OK`. Refused while a snapshot is being written.
+    pub fn seed(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Blocked) {
+        if self.in_progress() {
+            return waiter.finish(Outcome::Error(SEEDING.into()));
+        }
+        self.begin(ctx, point, Some(waiter), Purpose::Seed);
+    }
+
+    fn begin(&self, ctx: *mut RedisModuleCtx, point: &AppliedPoint, waiter: Option<Blocked>, purpose: Purpose) {
         let mut slot = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = slot.as_mut() {
-            running.waiters.extend(waiter);
+            match (running.purpose, waiter) {
+                // Its one waiter is the INIT, answered +OK, not with a snapshot.
+                (Purpose::Seed, Some(w)) => w.finish(Outcome::Error(SEEDING.into())),
+                (_, waiter) => running.waiters.extend(waiter),
+            }
             return;
         }
         if let Some(deferred) = self.publishing().as_mut() {
@@ -159,7 +191,8 @@ impl Snapshots {
             }
             return;
         }
-        if let Some((index, size)) = self.latest().filter(|(index, _)| *index == point.index) {
+        let compaction = purpose == Purpose::Compaction;
+        if let Some((index, size)) = self.latest().filter(|(index, _)| *index == point.index && compaction) {
             // Nothing applied since the last snapshot: it is the answer.
             if let Some(w) = waiter {
                 w.finish(Outcome::Pair(index.get() as i64, size as i64));
@@ -202,7 +235,8 @@ impl Snapshots {
         log::info!("snapshot at index {} started (child pid {pid})", point.index);
         self.started.fetch_add(1, Ordering::Relaxed);
         self.applied_bytes.store(0, Ordering::Relaxed);
-        *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters: waiter.into_iter().collect() });
+        let waiters = waiter.into_iter().collect();
+        *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters, purpose });
     }
 }
 
@@ -362,16 +396,30 @@ fn publish(job: InProgress) {
         summary.size,
         job.started.elapsed()
     );
+    let taken = TakenSnapshot {
+        index: job.point.index,
+        term: job.point.term,
+        conf_state: job.point.conf_state.clone(),
+        members: job.point.members.clone(),
+        descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
+    };
+    if job.purpose == Purpose::Seed {
+        let made = crate::cluster_ops::create_from(taken);
+        s.snapshots.ended(made.is_ok(), job.started.elapsed());
+        let outcome = match made {
+            Ok(()) => Outcome::Simple("OK".into()),
+            Err(e) => {
+                log::error!("RAFT.CLUSTER INIT KEEPDATA: {e}");
+                Outcome::Error(e)
+            }
+        };
+        if let Some(w) = job.waiters.into_iter().next() {
+            w.finish(outcome);
+        }
+        return;
+    }
     s.snapshots.set_latest(job.point.index, summary.size);
-    let recorded = s.node().map_or(false, |node| {
-        node.snapshot_taken(TakenSnapshot {
-            index: job.point.index,
-            term: job.point.term,
-            conf_state: job.point.conf_state.clone(),
-            members: job.point.members.clone(),
-            descriptor: SnapshotDescriptor { file, size: summary.size, checksum: summary.checksum },
-        })
-    });
+    let recorded = s.node().map_or(false, |node| node.snapshot_taken(taken));
     s.snapshots.ended(recorded, job.started.elapsed());
     // Entries applied while this one was written may already call for the next.
     drop(_publishing);

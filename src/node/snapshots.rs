@@ -62,13 +62,7 @@ impl<S: StateMachine> RaftLoop<S> {
         if t.index.get() <= current {
             return Ok(());
         }
-        let mut snapshot = Snapshot::default();
-        snapshot.data = snapshot_data::encode(&t.members, &t.descriptor.encode());
-        let meta = snapshot.metadata.get_or_insert_with(Default::default);
-        meta.index = t.index.get();
-        meta.term = t.term.get();
-        meta.conf_state = Some(t.conf_state.clone());
-        self.store.set_snapshot(snapshot).context("storing the snapshot metadata")?;
+        self.store.set_snapshot(t.to_raft()).context("storing the snapshot metadata")?;
         let mut keep_from = (t.index.get() + 1).saturating_sub(self.trailing_logs);
         let trailing_bytes = self.shared.trailing_bytes.load(Ordering::Relaxed);
         if trailing_bytes > 0 {
