@@ -3,7 +3,7 @@
 //! them; `scripts/import` copies a Redis server's keys and function libraries into a running
 //! cluster through its leader, and every node ends with exactly the source's dataset.
 
-use raftis_integration::{digest, free_port_pair, info_field, stat_field, workspace, Cluster, Server, PROBE_KEY};
+use raftis_integration::{digest, free_port_pair, info_field, info_text, stat_field, workspace, Cluster, Server, PROBE_KEY};
 use std::process::Command;
 
 /// A plain Redis holding a bit of everything, in two databases, with expiry times and a library.
@@ -89,8 +89,11 @@ fn init_keepdata_makes_the_keys_redis_loaded_the_clusters_dataset() {
     }
     let refused = nodes[0].cmd::<()>(&["RAFT.CLUSTER", "INIT"]).unwrap_err().to_string();
     assert!(refused.contains("RAFT.CLUSTER INIT KEEPDATA to make them the new cluster's dataset"), "{refused}");
+    // Before a node exists, RAFT.INFO already shows where a snapshot stands.
+    assert_eq!(info_text(&nodes[0], "snapshot_phase"), "none");
     let ok: String = nodes[0].cmd(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap();
     assert_eq!(ok, "OK");
+    assert_eq!(info_text(&nodes[0], "last_snapshot_status"), "ok");
     let again = nodes[0].cmd::<()>(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap_err().to_string();
     assert!(again.contains("already belongs to a cluster"), "{again}");
     let mut cluster = Cluster { nodes, network: None, root };

@@ -353,6 +353,18 @@ fn role_name(status: &Status) -> String {
 }
 
 /// `key:value` lines describing this node, for RAFT.INFO and INFO raft.
+/// Whether a snapshot is being taken, in which phase, and how the attempts went.
+fn snapshot_attempts(s: &Raftis, put: &mut impl FnMut(&str, String)) {
+    let phase = s.snapshots.phase();
+    put("snapshot_in_progress", if phase == "none" { "no" } else { "yes" }.to_string());
+    put("snapshot_phase", phase.to_string());
+    put("snapshots_started", s.snapshots.started().to_string());
+    let last = s.snapshots.last_ended();
+    put("last_snapshot_status", last.map_or("none", |e| if e.ok { "ok" } else { "failed" }).to_string());
+    put("last_snapshot_duration_ms", last.map_or(-1, |e| e.took.as_millis() as i64).to_string());
+    put("snapshots_failed", s.snapshots.failed().to_string());
+}
+
 pub fn info_fields() -> Vec<(String, String)> {
     let s = state::get();
     let settings = s.settings();
@@ -366,6 +378,8 @@ pub fn info_fields() -> Vec<(String, String)> {
     let Some(node) = s.node() else {
         put("node_id", "0".into());
         put("role", "uninitialized".into());
+        // RAFT.CLUSTER INIT KEEPDATA writes the first snapshot before there is a node.
+        snapshot_attempts(s, &mut put);
         return f;
     };
     let st = node.status();
@@ -405,14 +419,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("snapshot_index", snap_index.to_string());
     put("snapshot_size_bytes", snap_size.to_string());
     put("applied_bytes_since_snapshot", s.snapshots.applied_bytes().to_string());
-    let phase = s.snapshots.phase();
-    put("snapshot_in_progress", if phase == "none" { "no" } else { "yes" }.to_string());
-    put("snapshot_phase", phase.to_string());
-    put("snapshots_started", s.snapshots.started().to_string());
-    let last = s.snapshots.last_ended();
-    put("last_snapshot_status", last.map_or("none", |e| if e.ok { "ok" } else { "failed" }).to_string());
-    put("last_snapshot_duration_ms", last.map_or(-1, |e| e.took.as_millis() as i64).to_string());
-    put("snapshots_failed", s.snapshots.failed().to_string());
+    snapshot_attempts(s, &mut put);
     match node.snapshot_fetch() {
         None => put("snapshot_fetch_in_progress", "no".into()),
         Some(f) => {
