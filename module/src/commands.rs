@@ -107,32 +107,26 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         s.refuse_if_stopped()?;
     }
     match sub.as_str() {
-        "init" if args.len() == 2 => {
+        "init" if args.len() == 2 || (args.len() == 3 && args[2].eq_ignore_ascii_case(b"keepdata")) => {
             if s.node().is_some() || s.store.is_initialized() {
                 return Err("ERR this node already belongs to a cluster".into());
             }
-            refuse_if_holding_keys(ctx, s, INIT)?;
             let id = s.settings().node_id.unwrap_or(NodeId(1));
+            if args.len() == 2 {
+                refuse_if_holding_keys(ctx, s, INIT)?;
+            } else {
+                let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
+                // With no keys to keep, it is an INIT like any other.
+                if keys > 0 {
+                    log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {keys} keys Redis loaded into the first snapshot");
+                    let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
+                    s.snapshots.seed(ctx, &crate::cluster_ops::seed_point(s.info(id)), blocked);
+                    return Ok(Reply::Blocked);
+                }
+            }
             s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
             log::info!("created a new cluster with node {id} as its first member");
             Ok(Reply::ok())
-        }
-        "init" if args.len() == 3 && args[2].eq_ignore_ascii_case(b"keepdata") => {
-            if s.node().is_some() || s.store.is_initialized() {
-                return Err("ERR this node already belongs to a cluster".into());
-            }
-            let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
-            let id = s.settings().node_id.unwrap_or(NodeId(1));
-            if keys == 0 {
-                // Nothing to keep: an INIT like any other.
-                s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
-                log::info!("created a new cluster with node {id} as its first member");
-                return Ok(Reply::ok());
-            }
-            log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {keys} keys Redis loaded into the first snapshot");
-            let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
-            s.snapshots.seed(ctx, &crate::cluster_ops::seed_point(s.info(id)), blocked);
-            Ok(Reply::Blocked)
         }
         "join" if args.len() >= 3 => {
             if is_member(s) {
@@ -352,7 +346,6 @@ fn role_name(status: &Status) -> String {
     status.role.to_string()
 }
 
-/// `key:value` lines describing this node, for RAFT.INFO and INFO raft.
 /// Whether a snapshot is being taken, in which phase, and how the attempts went.
 fn snapshot_attempts(s: &Raftis, put: &mut impl FnMut(&str, String)) {
     let phase = s.snapshots.phase();
@@ -365,6 +358,7 @@ fn snapshot_attempts(s: &Raftis, put: &mut impl FnMut(&str, String)) {
     put("snapshots_failed", s.snapshots.failed().to_string());
 }
 
+/// `key:value` lines describing this node, for RAFT.INFO and INFO raft.
 pub fn info_fields() -> Vec<(String, String)> {
     let s = state::get();
     let settings = s.settings();
