@@ -417,6 +417,10 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
     if let Some(popped) = crate::set_pop::apply(ctx, index, argv, resp3) {
         return popped;
     }
+    // Redis may serve clients while a script runs, without the filter (see `held`).
+    if argv.first().is_some_and(|name| crate::scripts::runs_lua(name)) {
+        crate::held::before_long_command();
+    }
     let call = || ffi::call(ctx, argv, resp3);
     let reply = match at {
         Some(at) if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) => crate::clock::pinned(at.0, call),

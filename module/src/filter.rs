@@ -23,39 +23,50 @@ pub const ERROR_COMMAND: &str = "raft._error";
 
 pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
     // A panic must not unwind into Redis; a command we fail to classify runs unchanged.
-    if std::panic::catch_unwind(|| classify(fctx)).is_err() {
+    let classified = std::panic::catch_unwind(|| classify(fctx));
+    // Even then, no lone write may be overtaken by this command's reply (see `held`).
+    let to_held_path = classified.as_ref().is_ok_and(|to| *to == Destination::HeldPath);
+    if std::panic::catch_unwind(|| crate::held::before_filtered_command(to_held_path)).is_err() || classified.is_err() {
         log::error!("panic in the command filter; command left unchanged");
     }
 }
 
-fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
+/// Where a command goes: to `RAFT._CMD` or `RAFT._READ`, whose replies may be held, or elsewhere.
+#[derive(PartialEq)]
+enum Destination {
+    HeldPath,
+    Elsewhere,
+}
+
+fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
     let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
     if argc <= 0 {
-        return;
+        return Destination::Elsewhere;
     }
     let arg = |i: i32| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
     let name = arg(0);
     if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
-        return;
+        let held_path = name.eq_ignore_ascii_case(WRITE_COMMAND.as_bytes()) || name.eq_ignore_ascii_case(crate::read::READ_COMMAND.as_bytes());
+        return if held_path { Destination::HeldPath } else { Destination::Elsewhere };
     }
     crate::acl::command_seen(name);
     if crate::scripts::has_kill(name) && crate::scripts::route_kill(fctx) {
-        return;
+        return Destination::Elsewhere;
     }
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();
     if name.eq_ignore_ascii_case(b"config") {
         if let Some(error) = crate::redis_settings::refuse_config_set(&argv) {
             answer_error(fctx, &error);
         }
-        return;
+        return Destination::Elsewhere;
     }
     if crate::cluster_view::answers(&argv) {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(crate::cluster_view::CLUSTER_COMMAND.as_bytes())) };
-        return;
+        return Destination::Elsewhere;
     }
     if crate::cluster_view::info_shows_cluster(&argv) {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(crate::cluster_view::INFO_COMMAND.as_bytes())) };
-        return;
+        return Destination::Elsewhere;
     }
     let route = state::get().route(&argv);
     let redirect_to = match route {
@@ -70,9 +81,14 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) {
         {
             crate::read::READ_COMMAND
         }
-        Route::Read | Route::Local => return,
+        Route::Read | Route::Local => return Destination::Elsewhere,
     };
     unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };
+    if redirect_to == WRITE_COMMAND || redirect_to == crate::read::READ_COMMAND {
+        Destination::HeldPath
+    } else {
+        Destination::Elsewhere
+    }
 }
 
 /// Makes the command answer `error`: it becomes [`ERROR_COMMAND`] (inside MULTI it is queued and

@@ -19,6 +19,16 @@
 //! Replies go into the output buffer in command order, slots included, so the client sees them in
 //! order. The client is released when nothing it waits for is left.
 //!
+//! A lone write needs none of that. A write from a client with nothing else in flight (a
+//! connection that sends one command and waits for its answer, the usual case) gets no slot and
+//! its client is not protected: the reply is appended once it is known. Protecting and releasing
+//! a client costs Redis two `epoll_ctl` calls, about a fifth of the leader's main-thread time per
+//! write when every connection has one write in flight. The reply still comes in order if
+//! nothing else enters the client's output before it, so before any other command of that client
+//! runs, its lone write gets its slot after all, at the end of the output, and the client is
+//! protected (see [`before_command`]). Out-of-band output (a RESP3 push) may pass the reply, as
+//! it may pass a reply in Redis itself.
+//!
 //! Why a held read is linearizable. Any write acknowledged before the read arrived was either
 //! acknowledged by this leader, which answers only after applying it here, or committed before
 //! this leader's term, and a ready leader has applied its term's first entry, which comes after
@@ -63,21 +73,26 @@ const MAX_IN_FLIGHT_PER_CLIENT: usize = 1024;
 static READS_HELD: AtomicU64 = AtomicU64::new(0);
 static WRITES_HELD: AtomicU64 = AtomicU64::new(0);
 static CLIENTS_CLOSED: AtomicU64 = AtomicU64::new(0);
+/// Held writes that were lone writes when proposed (see the module doc).
+static LONE_WRITES: AtomicU64 = AtomicU64::new(0);
 
-pub fn stats() -> [(&'static str, u64); 3] {
+pub fn stats() -> [(&'static str, u64); 4] {
     [
         ("reads_held", READS_HELD.load(Ordering::Relaxed)),
         ("writes_held", WRITES_HELD.load(Ordering::Relaxed)),
+        ("lone_writes", LONE_WRITES.load(Ordering::Relaxed)),
         ("held_clients_closed", CLIENTS_CLOSED.load(Ordering::Relaxed)),
     ]
 }
 
 /// Only touched on Redis' main thread; the lock is never contended.
-static HELD: Mutex<Held> = Mutex::new(Held { clients: None, open: None, next_round: 1, next_slot: 1, in_turn: false });
+static HELD: Mutex<Held> = Mutex::new(Held { clients: None, lone: 0, open: None, next_round: 1, next_slot: 1, in_turn: false });
 
 struct Held {
     /// Looked up for every held reply; client ids are Redis' own counter, so a fast hash is safe.
     clients: Option<FxHashMap<ClientId, HeldClient>>,
+    /// How many of them have a lone write (are not protected).
+    lone: usize,
     /// Reads run since the last round was asked for; they share the next one.
     open: Option<Round>,
     next_round: u64,
@@ -88,8 +103,11 @@ struct Held {
     in_turn: bool,
 }
 
-/// A protected client: protected while `rounds > 0` or `slots` is not empty.
+/// A client with replies held: protected while `rounds > 0` or `slots` is not empty, unless its
+/// one slot is a lone write.
 struct HeldClient {
+    /// False while its one slot is a lone write.
+    protected: bool,
     /// Read rounds that must confirm before its output may leave.
     rounds: u32,
     /// The latest round it joined, so a pipeline joins each round once.
@@ -104,7 +122,8 @@ struct HeldClient {
 
 struct Slot {
     id: u64,
-    /// Redis' placeholder in the client's output list.
+    /// Redis' placeholder in the client's output list. Null for a lone write, or if the client
+    /// stopped taking replies before a lone write got its slot (its reply then goes nowhere).
     node: *mut c_void,
     what: SlotFor,
 }
@@ -209,26 +228,39 @@ pub fn after_own_replies(ctx: *mut RedisModuleCtx, then: Box<dyn FnOnce() + Send
 pub fn write_slot(ctx: *mut RedisModuleCtx, node: &RaftNode) -> Option<HeldReply> {
     let hooks = hooks()?;
     ready_term(node)?;
-    reply_slot(ctx, hooks, Limit::PerClient)
+    reply_slot(ctx, hooks, Limit::PerClient, Lone::Allowed)
 }
 
 /// A command a follower forwards to the leader for the client of `ctx` (see `transaction`): its
 /// reply gets a slot in the output. None: take the blocking path.
 pub fn forward_slot(ctx: *mut RedisModuleCtx) -> Option<HeldReply> {
-    reply_slot(ctx, hooks()?, Limit::PerClient)
+    reply_slot(ctx, hooks()?, Limit::PerClient, Lone::NotAllowed)
 }
 
 /// A command of a transaction being run by EXEC on a ready leader: its reply gets a slot in the
 /// output, whatever the client already has in flight (the transaction is already in memory, and
 /// a client cannot be blocked in the middle of EXEC). None if the client takes no replies.
 pub fn transaction_slot(ctx: *mut RedisModuleCtx) -> Option<HeldReply> {
-    reply_slot(ctx, hooks()?, Limit::None)
+    reply_slot(ctx, hooks()?, Limit::None, Lone::NotAllowed)
 }
 
-fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit) -> Option<HeldReply> {
+/// Whether a write may be a lone write. Only a plain client write may: a forwarded command or
+/// one inside EXEC can have output Redis adds behind it without a command of its own.
+#[derive(PartialEq)]
+enum Lone {
+    Allowed,
+    NotAllowed,
+}
+
+fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit, lone: Lone) -> Option<HeldReply> {
     let (id, client) = client_of(ctx, hooks)?;
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    let slot = queue_slot(&mut held, hooks, id, client, SlotFor::Write(None), limit)?;
+    let has_held = held.clients.as_ref().is_some_and(|c| c.contains_key(&id));
+    let slot = if lone == Lone::Allowed && !has_held {
+        lone_write(&mut held, hooks, id, client)?
+    } else {
+        queue_slot(&mut held, hooks, id, client, SlotFor::Write(None), limit)?
+    };
     WRITES_HELD.fetch_add(1, Ordering::Relaxed);
     Some(HeldReply { client: id, slot, done: false })
 }
@@ -270,11 +302,113 @@ pub fn in_turn() -> bool {
     HELD.lock().unwrap_or_else(|p| p.into_inner()).in_turn
 }
 
-fn protect_if_new<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
+/// The held state of a client, protected: new, or its lone write given its slot.
+fn protected_client<'a>(held: &'a mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> &'a mut HeldClient {
+    protect_lone(held, hooks, id);
     held.clients.get_or_insert_with(FxHashMap::default).entry(id).or_insert_with(|| {
         unsafe { (hooks.protect)(client) };
-        HeldClient { rounds: 0, last_round: 0, slots: VecDeque::new(), when_drained: None }
+        HeldClient { protected: true, rounds: 0, last_round: 0, slots: VecDeque::new(), when_drained: None }
     })
+}
+
+/// A write of a client with nothing else in flight: no slot, no protection (see the module doc).
+/// None if the client takes no reply now (CLIENT REPLY OFF or SKIP, closing).
+fn lone_write(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void) -> Option<u64> {
+    // The check Redis makes before adding any reply. It also queues the client to have its output
+    // written, which finds nothing to write.
+    if unsafe { (hooks.prepare_to_write)(client) } != redis_hooks::C_OK {
+        return None;
+    }
+    let slot = held.next_slot;
+    held.next_slot += 1;
+    held.lone += 1;
+    let lone = Slot { id: slot, node: std::ptr::null_mut(), what: SlotFor::Write(None) };
+    let c = HeldClient { protected: false, rounds: 0, last_round: 0, slots: VecDeque::from([lone]), when_drained: None };
+    held.clients.get_or_insert_with(FxHashMap::default).insert(id, c);
+    LONE_WRITES.fetch_add(1, Ordering::Relaxed);
+    Some(slot)
+}
+
+/// Before a module command of the client of `ctx` runs (see `lib.rs`): a lone write of that
+/// client gets its slot, so that nothing the command answers overtakes its reply.
+pub fn before_command(ctx: *mut RedisModuleCtx) {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(hooks) = hooks().filter(|_| held.lone > 0) else { return };
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    protect_lone(&mut held, hooks, id);
+}
+
+/// From the filter, before every client command. Whose command it is cannot be known there, so
+/// every lone write gets its slot, unless the command goes to `RAFT._CMD` or `RAFT._READ`
+/// (`to_held_path`), which see to their own client's (see [`before_command`]) and take slots
+/// themselves. Redis may refuse even those before they run, with an error that would overtake a
+/// lone write's reply; then every lone write gets its slot too.
+pub fn before_filtered_command(to_held_path: bool) {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(hooks) = hooks().filter(|_| held.lone > 0) else { return };
+    if to_held_path && !redis_may_refuse(hooks) {
+        return;
+    }
+    protect_every_lone(&mut held, hooks);
+}
+
+/// Before the log applies a command during which Redis may serve clients (a script past
+/// `busy-reply-threshold`). Redis then answers their commands itself, and the filter does not
+/// see them: Redis skips it while the module is inside a call of its own. So every lone write
+/// gets its slot first.
+pub fn before_long_command() {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(hooks) = hooks().filter(|_| held.lone > 0) {
+        protect_every_lone(&mut held, hooks);
+    }
+}
+
+fn protect_every_lone(held: &mut Held, hooks: &Hooks) {
+    let lone: Vec<ClientId> = held.clients.iter().flatten().filter(|(_, c)| !c.protected).map(|(id, _)| *id).collect();
+    for id in lone {
+        protect_lone(held, hooks, id);
+    }
+}
+
+/// Whether Redis may answer `RAFT._CMD` or `RAFT._READ` with an error of its own instead of
+/// running it (see `processCommand`). It refuses them for no other reason Raftis allows: ACL
+/// rules and logins change through commands, which give every lone write its slot on the way.
+fn redis_may_refuse(hooks: &Hooks) -> bool {
+    let loading = || {
+        let flags = unsafe { api!(RedisModule_GetContextFlags)(state::get().main_thread_ctx()) };
+        flags & raw::REDISMODULE_CTX_FLAGS_LOADING as i32 != 0
+    };
+    let busy_or_disk_error = unsafe { (hooks.yielding)() != 0 || (hooks.disk_error)() != 0 };
+    busy_or_disk_error || loading()
+}
+
+/// If client `id` has a lone write, gives it its slot at the end of the output, where its reply
+/// belongs as nothing has entered the output since, and protects the client.
+fn protect_lone(held: &mut Held, hooks: &Hooks, id: ClientId) {
+    if held.clients.as_ref().and_then(|c| c.get(&id)).is_none_or(|c| c.protected) {
+        return;
+    }
+    let client = unsafe { (hooks.lookup_client)(id) };
+    if client.is_null() {
+        forget(held, id);
+        return;
+    }
+    held.lone -= 1;
+    let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) else { return };
+    for slot in c.slots.iter_mut().filter(|s| s.node.is_null()) {
+        slot.node = unsafe { (hooks.deferred_slot)(client) };
+    }
+    unsafe { (hooks.protect)(client) };
+    c.protected = true;
+}
+
+/// Drops the held state of client `id`; releasing the client is the caller's business.
+fn forget(held: &mut Held, id: ClientId) -> Option<HeldClient> {
+    let c = held.clients.as_mut()?.remove(&id)?;
+    if !c.protected {
+        held.lone -= 1;
+    }
+    Some(c)
 }
 
 /// How many replies of this client wait in its output: writes in flight and reads behind them.
@@ -306,7 +440,7 @@ fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void,
     }
     let slot = held.next_slot;
     held.next_slot += 1;
-    protect_if_new(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
+    protected_client(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
     Some(slot)
 }
 
@@ -348,7 +482,7 @@ fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void,
         }
     }
     let round_id = held.open.as_ref().map_or(0, |r| r.id);
-    let c = protect_if_new(held, hooks, id, client);
+    let c = protected_client(held, hooks, id, client);
     if c.last_round != round_id {
         c.last_round = round_id;
         c.rounds += 1;
@@ -447,9 +581,7 @@ fn round_ended_on_main_thread(clients: Vec<ClientId>, confirmed: bool) {
 /// Unconfirmed reads: the client's held output must never leave. Marked to close first, so
 /// Redis writes nothing more to it, then unprotected so Redis can free it.
 fn close(held: &mut Held, hooks: &Hooks, id: ClientId) {
-    if held.clients.as_mut().and_then(|c| c.remove(&id)).is_none() {
-        return;
-    }
+    let Some(c) = forget(held, id) else { return };
     let client = unsafe { (hooks.lookup_client)(id) };
     if client.is_null() {
         return;
@@ -457,13 +589,17 @@ fn close(held: &mut Held, hooks: &Hooks, id: ClientId) {
     unsafe { (hooks.free_async)(client) };
     CLIENTS_CLOSED.fetch_add(1, Ordering::Relaxed);
     log::warn!("closing client {id}: a leadership check for its reads failed, their replies must not be sent");
-    unsafe { (hooks.unprotect)(client) };
+    if c.protected {
+        unsafe { (hooks.unprotect)(client) };
+    }
 }
 
 fn release_if_done(held: &mut Held, hooks: &Hooks, id: ClientId) {
-    let Some(clients) = held.clients.as_mut() else { return };
-    if clients.get(&id).map_or(false, |c| c.rounds == 0 && c.slots.is_empty()) {
-        clients.remove(&id);
+    let done = held.clients.as_ref().and_then(|c| c.get(&id)).is_some_and(|c| c.rounds == 0 && c.slots.is_empty());
+    if !done {
+        return;
+    }
+    if forget(held, id).is_some_and(|c| c.protected) {
         let client = unsafe { (hooks.lookup_client)(id) };
         if !client.is_null() {
             unsafe { (hooks.unprotect)(client) };
@@ -536,11 +672,12 @@ fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
     }
     let client = unsafe { (hooks.lookup_client)(id) };
     if client.is_null() {
-        held.clients.as_mut().map(|c| c.remove(&id));
+        forget(&mut held, id);
         return;
     }
     let mut ran_reads = false;
-    while let Some(front) = held.clients.as_mut().and_then(|c| c.get_mut(&id)).and_then(|c| c.slots.front_mut()) {
+    while let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {
+        let Some(front) = c.slots.front_mut() else { break };
         let bytes = match &mut front.what {
             SlotFor::Write(None) => break,
             SlotFor::Write(Some(reply)) => std::mem::take(reply),
@@ -549,11 +686,13 @@ fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
                 run_read(argv, *db, *resp3)
             }
         };
-        let node = front.node;
-        unsafe { (hooks.fill_slot)(client, node, bytes.as_ptr() as *const c_char, bytes.len()) };
-        if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {
-            c.slots.pop_front();
+        let (ptr, len) = (bytes.as_ptr() as *const c_char, bytes.len());
+        if !c.protected {
+            unsafe { (hooks.add_reply)(client, ptr, len) };
+        } else if !front.node.is_null() {
+            unsafe { (hooks.fill_slot)(client, front.node, ptr, len) };
         }
+        c.slots.pop_front();
     }
     // Reads that ran just now still need their own confirmation (at consistency high).
     if ran_reads && state::get().consistency() == Consistency::High {

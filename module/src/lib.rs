@@ -49,7 +49,8 @@ use std::os::raw::c_int;
 
 const MODULE_NAME: &str = "raft";
 
-/// Runs a command handler, turning errors and panics into error replies.
+/// Runs a command handler, turning errors and panics into error replies. A lone write of the
+/// client gets its place in the output first (see `held`): the command may answer at once.
 fn guard(
     ctx: *mut RedisModuleCtx,
     argv: *mut *mut RedisModuleString,
@@ -57,7 +58,10 @@ fn guard(
     handler: fn(*mut RedisModuleCtx, Vec<Vec<u8>>) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::args_of(argv, argc);
-    answer(ctx, std::panic::catch_unwind(|| handler(ctx, args)))
+    answer(ctx, std::panic::catch_unwind(|| {
+        held::before_command(ctx);
+        handler(ctx, args)
+    }))
 }
 
 /// [`guard`] for the handlers every client command goes through: they borrow the arguments
@@ -69,7 +73,10 @@ fn guard_borrowed(
     handler: fn(*mut RedisModuleCtx, &[&[u8]]) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::borrowed_args(argv, argc);
-    answer(ctx, std::panic::catch_unwind(|| handler(ctx, &args)))
+    answer(ctx, std::panic::catch_unwind(|| {
+        held::before_command(ctx);
+        handler(ctx, &args)
+    }))
 }
 
 fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, String>>) -> c_int {

@@ -4,8 +4,11 @@
 
 use crate::ffi::{self, RedisModuleCtx};
 use std::ffi::c_void;
-use std::os::raw::c_char;
+use std::os::raw::{c_char, c_int};
 use std::sync::OnceLock;
+
+/// What Redis' internal functions return on success.
+pub(super) const C_OK: c_int = 0;
 
 /// Redis internals, by their exported names.
 pub(super) struct Hooks {
@@ -16,6 +19,16 @@ pub(super) struct Hooks {
     /// Appends an empty slot to the client's output; null if the client takes no replies.
     pub(super) deferred_slot: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     pub(super) fill_slot: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, usize),
+    /// Redis' check that a client takes a reply now (not CLIENT REPLY OFF or SKIP, not closing);
+    /// 0 if it does, and the client is then queued to have its output written.
+    pub(super) prepare_to_write: unsafe extern "C" fn(*mut c_void) -> c_int,
+    /// Appends raw RESP to the client's output, and queues it to be written.
+    pub(super) add_reply: unsafe extern "C" fn(*mut c_void, *const c_char, usize),
+    /// Whether Redis is inside a long script or module command, serving clients meanwhile: it
+    /// refuses their commands with -BUSY (or -LOADING while the log applies a script).
+    pub(super) yielding: unsafe extern "C" fn() -> c_int,
+    /// Whether Redis refuses writes for a failed save or AOF write (-MISCONF); 0 if not.
+    pub(super) disk_error: unsafe extern "C" fn() -> c_int,
     /// Redis' MULTI: opens a transaction on the client and answers +OK.
     pub(super) multi: unsafe extern "C" fn(*mut c_void),
     /// Redis' WATCH of one key (a string object) in the client's database.
@@ -41,6 +54,10 @@ pub fn init(ctx: *mut RedisModuleCtx) {
                 free_async: std::mem::transmute(find("freeClientAsync")?),
                 deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
                 fill_slot: std::mem::transmute(find("setDeferredReply")?),
+                prepare_to_write: std::mem::transmute(find("prepareClientToWrite")?),
+                add_reply: std::mem::transmute(find("addReplyProto")?),
+                yielding: std::mem::transmute(find("isInsideYieldingLongCommand")?),
+                disk_error: std::mem::transmute(find("writeCommandsDeniedByDiskError")?),
                 multi: std::mem::transmute(find("multiCommand")?),
                 watch_key: std::mem::transmute(find("watchForKey")?),
                 cannot_hold,
