@@ -94,6 +94,7 @@ pub fn create_from(seed: TakenSnapshot) -> Result<(), String> {
         return Err("ERR internal error: a first snapshot without a voter".into());
     };
     let id = NodeId(id);
+    s.store_node_id(id).map_err(|e| format!("ERR cannot record the node id: {e:#}"))?;
     RaftNode::bootstrap_from(&s.store, &s.info(id), &seed).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
     s.start_node(id, false).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
     let file = &seed.descriptor.file;

@@ -284,6 +284,13 @@ impl Raftis {
         })
     }
 
+    /// Records this node's id in the store. Done before the store is bootstrapped: a log with
+    /// Raft state but no node id cannot be loaded, whereas an id with no Raft state is an
+    /// uninitialized node, which can run `RAFT.CLUSTER` again after a crash.
+    pub fn store_node_id(&self, id: NodeId) -> anyhow::Result<()> {
+        Ok(self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?)
+    }
+
     pub fn info(&self, id: NodeId) -> NodeInfo {
         NodeInfo { id, raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
     }
@@ -295,10 +302,10 @@ impl Raftis {
         if let Some(node) = self.node() {
             return Ok(node);
         }
+        self.store_node_id(id)?;
         if bootstrap {
             RaftNode::bootstrap(&self.store, &self.info(id))?;
         }
-        self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?;
         let settings = self.settings();
         let (machine, apply_tx) = apply::start(self.apply_ctx.clone(), self.progress.clone());
         *self.apply_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(apply_tx);
