@@ -2,6 +2,7 @@
 //! leader (see `held` in the module), yet everything the connection sends after it, whichever way
 //! it is answered, answers after it.
 
+use raftis_integration::resp_conn::{args, Reply, RespConn};
 use raftis_integration::{raw_exchange, stat_field, wait_for, Cluster};
 use redis::Value;
 use std::io::{Read, Write};
@@ -61,6 +62,94 @@ fn whatever_a_connection_sends_after_a_lone_write_answers_after_it() {
     assert_eq!(stat_field(leader, "lone_writes"), lone);
     for key in ["skipped", "off"] {
         assert_eq!(leader.cmd::<String>(&["GET", key]).unwrap(), "v");
+    }
+}
+
+/// Many connections at once, each sending its own keys a random mix of lone writes, short
+/// pipelines, reads and commands the module does not see: every reply is the one expected, in
+/// order. Here one connection's command also gives other connections' lone writes their slots.
+#[test]
+fn concurrent_connections_mixing_lone_writes_and_other_commands_get_their_replies_in_order() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let (lone0, held0) = (stat_field(leader, "lone_writes"), stat_field(leader, "writes_held"));
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    let port = leader.port;
+    let workers: Vec<_> = (0..8u64)
+        .map(|c| std::thread::spawn(move || mixed_connection(port, c, seed.wrapping_add(c * 7919))))
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let (lone, held) = (stat_field(leader, "lone_writes") - lone0, stat_field(leader, "writes_held") - held0);
+    assert!(lone > 100, "lone writes happened: {lone} of {held}");
+    assert!(held > lone, "and writes held behind others: {lone} of {held}");
+}
+
+/// What a command of [`mixed_connection`] must answer.
+enum Expect {
+    Status(&'static str),
+    Integer(i64),
+    Bulk(String),
+    Nil,
+}
+
+fn mixed_connection(port: u16, c: u64, seed: u64) {
+    let mut conn = RespConn::connect(port).unwrap();
+    let mut rng = seed | 1;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (key, counter) = (format!("mix:{c}:k"), format!("mix:{c}:n"));
+    let (mut value, mut count): (Option<String>, i64) = (None, 0);
+    for round in 0..200 {
+        // Mostly one command at a time, as most clients send them: lone writes.
+        let batch = [1, 1, 1, 2, 3][next(5) as usize];
+        let mut commands = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..batch {
+            match next(6) {
+                0 | 1 => {
+                    let v = format!("{round}.{i}");
+                    commands.push(args(&["SET", &key, &v]));
+                    expected.push(Expect::Status("OK"));
+                    value = Some(v);
+                }
+                2 => {
+                    count += 1;
+                    commands.push(args(&["INCR", &counter]));
+                    expected.push(Expect::Integer(count));
+                }
+                3 => {
+                    commands.push(args(&["GET", &key]));
+                    expected.push(value.clone().map_or(Expect::Nil, Expect::Bulk));
+                }
+                4 => {
+                    commands.push(args(&["PING"]));
+                    expected.push(Expect::Status("PONG"));
+                }
+                _ => {
+                    commands.push(args(&["RAFT.STATE"]));
+                    expected.push(Expect::Status("leader"));
+                }
+            }
+        }
+        let replies = conn.pipeline(&commands).unwrap();
+        for ((command, reply), expect) in commands.iter().zip(&replies).zip(&expected) {
+            let ok = match (expect, reply) {
+                (Expect::Status(s), Reply::Line(b'+', text)) => text == s.as_bytes(),
+                (Expect::Integer(n), reply) => reply.integer() == Some(*n),
+                (Expect::Bulk(v), reply) => !reply.is_error() && reply.bytes() == Some(v.as_bytes()),
+                (Expect::Nil, Reply::Null(_)) => true,
+                _ => false,
+            };
+            let command: Vec<String> = command.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            assert!(ok, "connection {c}, round {round}: {command:?} answered {reply:?} (seed {seed})");
+        }
     }
 }
 
