@@ -26,8 +26,7 @@
 //! write when every connection has one write in flight. The reply still comes in order if
 //! nothing else enters the client's output before it, so before any other command of that client
 //! runs, its lone write gets its slot after all, at the end of the output, and the client is
-//! protected (see [`before_command`]). Out-of-band output (a RESP3 push) may pass the reply, as
-//! it may pass a reply in Redis itself.
+//! protected (see [`before_command`]). Out-of-band output (a RESP3 push) may pass the reply.
 //!
 //! Why a held read is linearizable. Any write acknowledged before the read arrived was either
 //! acknowledged by this leader, which answers only after applying it here, or committed before
