@@ -384,7 +384,8 @@ fn redis_may_refuse(hooks: &Hooks) -> bool {
 /// If client `id` has a lone write, gives it its slot at the end of the output, where its reply
 /// belongs as nothing has entered the output since, and protects the client.
 fn protect_lone(held: &mut Held, hooks: &Hooks, id: ClientId) {
-    if held.clients.as_ref().and_then(|c| c.get(&id)).is_none_or(|c| c.protected) {
+    // Every held write of a pipeline passes here: with no lone write anywhere, skip the lookup.
+    if held.lone == 0 || held.clients.as_ref().and_then(|c| c.get(&id)).is_none_or(|c| c.protected) {
         return;
     }
     let client = unsafe { (hooks.lookup_client)(id) };
