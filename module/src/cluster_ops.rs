@@ -4,7 +4,7 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::peer_user;
-use crate::state::{self, RaftNode};
+use crate::state::{self, RaftNode, Start};
 use bytes::BytesMut;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::{MembershipChange, NodeInfo};
@@ -94,9 +94,7 @@ pub fn create_from(seed: TakenSnapshot) -> Result<(), String> {
         return Err("ERR internal error: a first snapshot without a voter".into());
     };
     let id = NodeId(id);
-    s.store_node_id(id).map_err(|e| format!("ERR cannot record the node id: {e:#}"))?;
-    RaftNode::bootstrap_from(&s.store, &s.info(id), &seed).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
-    s.start_node(id, false).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
+    s.start_node(id, Start::Seeded(&seed)).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
     let file = &seed.descriptor.file;
     log::info!("created a new cluster with node {id} as its first member, from the dataset in snapshot {file}");
     Ok(())

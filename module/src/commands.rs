@@ -6,7 +6,7 @@ use crate::cluster_ops;
 use crate::peer_user;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::reply::Reply;
-use crate::state::{self, Raftis};
+use crate::state::{self, Raftis, Start};
 use crate::write::not_initialized;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::NodeInfo;
@@ -93,7 +93,7 @@ fn start_joining_node(s: &Raftis) -> std::result::Result<NodeId, String> {
         Some(id) => id,
         None => s.settings().node_id.unwrap_or_else(|| NodeId(rand::random::<u32>() as u64 + 1)),
     };
-    s.start_node(id, false).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
+    s.start_node(id, Start::AsIs).map_err(|e| format!("ERR cannot start the raft node: {e:#}"))?;
     Ok(id)
 }
 
@@ -124,7 +124,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
                     return Ok(Reply::Blocked);
                 }
             }
-            s.start_node(id, true).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
+            s.start_node(id, Start::NewCluster).map_err(|e| format!("ERR cannot create the cluster: {e:#}"))?;
             log::info!("created a new cluster with node {id} as its first member");
             Ok(Reply::ok())
         }

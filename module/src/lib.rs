@@ -313,7 +313,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
 
     if s.store.is_initialized() {
         let id = s.stored_node_id()?.ok_or_else(|| anyhow::anyhow!("the raft log in {} has no node id", s.settings().dir.display()))?;
-        s.start_node(id, false)?;
+        s.start_node(id, state::Start::AsIs)?;
         log::info!("node {id} restarted from {}; replaying the log", s.settings().dir.display());
     } else {
         log::info!("Raftis loaded; this node is not in a cluster yet (RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN)");

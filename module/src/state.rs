@@ -6,7 +6,7 @@ use raftis_core::shared_settings::SharedSettings;
 use crate::apply::{self, ApplyProgress, RedisMachine};
 use crate::ffi::DetachedContext;
 use raftis_core::membership::NodeInfo;
-use raftis_core::node::{Node, NodeConfig};
+use raftis_core::node::{Node, NodeConfig, TakenSnapshot};
 use raftis_core::proposal::ProposeError;
 use raftis_core::routing::{CommandTable, KeyPositions, Route};
 use raftis_core::settings::Settings;
@@ -23,6 +23,16 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 const META_NODE_ID: &str = "node_id";
 
 pub type RaftNode = Node<RedisMachine>;
+
+/// How [`Raftis::start_node`] finds the store.
+pub enum Start<'a> {
+    /// As it is: a restart, or a node waiting for a leader to add it.
+    AsIs,
+    /// Bootstrapped first, this node the single voter of a new cluster (`RAFT.CLUSTER INIT`).
+    NewCluster,
+    /// Bootstrapped first from the first snapshot of a new cluster (`RAFT.CLUSTER INIT KEEPDATA`).
+    Seeded(&'a TakenSnapshot),
+}
 
 pub struct Raftis {
     pub settings: RwLock<Settings>,
@@ -287,7 +297,7 @@ impl Raftis {
     /// Records this node's id in the store. Done before the store is bootstrapped: a log with
     /// Raft state but no node id cannot be loaded, whereas an id with no Raft state is an
     /// uninitialized node, which can run `RAFT.CLUSTER` again after a crash.
-    pub fn store_node_id(&self, id: NodeId) -> anyhow::Result<()> {
+    fn store_node_id(&self, id: NodeId) -> anyhow::Result<()> {
         Ok(self.store.put_meta(META_NODE_ID, &id.get().to_be_bytes())?)
     }
 
@@ -295,16 +305,19 @@ impl Raftis {
         NodeInfo { id, raft_addr: self.raft_addr.clone(), client_addr: self.client_addr.clone() }
     }
 
-    /// Starts the Raft node with `id`. `bootstrap` makes it the single voter of a new cluster;
-    /// otherwise it waits for a leader to add it. Returns the running node if there is one.
-    pub fn start_node(&self, id: NodeId, bootstrap: bool) -> anyhow::Result<Arc<RaftNode>> {
+    /// Starts the Raft node with `id`, from the store as `start` says. Returns the running node
+    /// if there is one, unless a new cluster was asked for.
+    pub fn start_node(&self, id: NodeId, start: Start) -> anyhow::Result<Arc<RaftNode>> {
         let _guard = self.starting.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(node) = self.node() {
+            anyhow::ensure!(matches!(start, Start::AsIs), "this node already belongs to a cluster");
             return Ok(node);
         }
         self.store_node_id(id)?;
-        if bootstrap {
-            RaftNode::bootstrap(&self.store, &self.info(id))?;
+        match start {
+            Start::AsIs => {}
+            Start::NewCluster => RaftNode::bootstrap(&self.store, &self.info(id))?,
+            Start::Seeded(seed) => RaftNode::bootstrap_from(&self.store, &self.info(id), seed)?,
         }
         let settings = self.settings();
         let (machine, apply_tx) = apply::start(self.apply_ctx.clone(), self.progress.clone());
