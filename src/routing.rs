@@ -78,18 +78,23 @@ const NEVER_REPLICATED: &[&str] = &[
     "exec", "discard", "unwatch",
 ];
 
-/// Not supported yet: refused outright rather than half working.
+/// Refused outright rather than half working, with the error's text (without the leading '-').
 const REFUSED: &[(&str, &str)] = &[
-    ("waitaof", "WAITAOF"),
-    ("migrate", "MIGRATE"),
-    ("replicaof", "Redis replication (Raftis replaces it)"),
-    ("slaveof", "Redis replication (Raftis replaces it)"),
-    ("failover", "Redis replication (Raftis replaces it)"),
-    ("sync", "Redis replication (Raftis replaces it)"),
-    ("psync", "Redis replication (Raftis replaces it)"),
+    ("waitaof", "ERR WAITAOF not supported by Raftis yet"),
+    ("migrate", "ERR MIGRATE not supported by Raftis yet"),
     // A container's subcommand, by its full name.
-    ("script|debug", "SCRIPT DEBUG"),
+    ("script|debug", "ERR SCRIPT DEBUG not supported by Raftis yet"),
+    // Redis' own replication would copy another server's dataset over this one behind the log's
+    // back, or make this node a master of replicas the log knows nothing of.
+    ("replicaof", REPLICATION_REFUSED),
+    ("slaveof", REPLICATION_REFUSED),
+    ("failover", REPLICATION_REFUSED),
+    ("sync", REPLICATION_REFUSED),
+    ("psync", REPLICATION_REFUSED),
 ];
+
+const REPLICATION_REFUSED: &str = "ERR Redis replication is refused by Raftis: the Raft log replicates every node \
+     (RAFT.CLUSTER JOIN adds a node to a cluster, RAFT.PEERS lists the members)";
 
 /// `DEBUG` stays local, but these subcommands would change one node's dataset, or how it follows
 /// the log, behind the log's back: `RELOAD` and `LOADAOF` load files of this node's own,
@@ -323,8 +328,8 @@ fn debug_route(argv: &[&[u8]]) -> Route {
     }
 }
 
-fn refused(what: &str) -> Route {
-    Route::Refuse(format!("ERR {what} not supported by Raftis yet"))
+fn refused(error: &str) -> Route {
+    Route::Refuse(error.to_owned())
 }
 
 /// Calls `f` with the command name in lower case (None if it is not UTF-8). Every client command
@@ -473,7 +478,12 @@ mod tests {
         assert_eq!(route(&["FUNCTION", "LOAD", "#!lua name=l"]), Route::Write, "every node loads the library");
         assert_eq!(route(&["function", "list"]), Route::Local);
         assert_eq!(route(&["FUNCTION", "KILL"]), Route::Local, "it stops the function on the node it is sent to");
-        assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e.contains("SCRIPT DEBUG")));
+        assert!(matches!(route(&["SCRIPT", "DEBUG", "yes"]), Route::Refuse(e) if e == "ERR SCRIPT DEBUG not supported by Raftis yet"));
+        assert!(matches!(route(&["MIGRATE", "h", "1", "k", "0", "5"]), Route::Refuse(e) if e.starts_with("ERR MIGRATE not supported")));
+        for replication in [&["REPLICAOF", "h", "1"][..], &["slaveof", "no", "one"], &["FAILOVER"], &["SYNC"], &["PSYNC", "?", "-1"]] {
+            let Route::Refuse(e) = route(replication) else { panic!("{replication:?} not refused") };
+            assert!(e.starts_with("ERR Redis replication is refused by Raftis: the Raft log replicates"), "{e}");
+        }
         assert_eq!(route(&["BLPOP", "l", "0"]), Route::Blocking);
         assert_eq!(route(&["blpop", "l"]), Route::Local, "a wrong arity is Redis' to answer");
         assert_eq!(route(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]), Route::Write, "it does not block");
