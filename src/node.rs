@@ -765,7 +765,9 @@ impl<S: StateMachine> Node<S> {
         let _ = self.tx.send(Request::Shutdown);
         // The loop answers what it holds before it stops. A shutdown from the network thread
         // itself (a callback dropping the last handle) cannot wait for it: the loop runs there.
-        if !self.transport.on_network_thread() && self.loop_stopped.recv_timeout(LOOP_STOP_TIMEOUT).is_err() {
+        // Disconnected: the loop stopped already, and an earlier shutdown saw it go.
+        let timed_out = || matches!(self.loop_stopped.recv_timeout(LOOP_STOP_TIMEOUT), Err(crossbeam_channel::RecvTimeoutError::Timeout));
+        if !self.transport.on_network_thread() && timed_out() {
             log::warn!("raft node: the raft loop did not stop in time");
         }
         if let Some(flusher) = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -185,6 +185,8 @@ struct State {
     last_index: u64,
     /// When `hard_state` was last written; its commit index may be newer than the stored one.
     hard_state_stored_at: Option<Instant>,
+    /// The commit index last written (to the journal or LMDB), or found on open.
+    stored_commit: u64,
 }
 
 impl State {
@@ -200,6 +202,12 @@ impl State {
         hs.term != current.term
             || hs.vote != current.vote
             || (hs.commit != current.commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
+    }
+
+    /// Records that the hard state, with commit index `commit`, was just written.
+    fn stored(&mut self, commit: u64) {
+        self.hard_state_stored_at = Some(Instant::now());
+        self.stored_commit = commit;
     }
 
     fn is_initialized(&self) -> bool {
@@ -524,7 +532,7 @@ impl LogStore {
         if let Some(hs) = hs {
             state.hard_state = hs.clone();
             if hs_recorded {
-                state.hard_state_stored_at = Some(Instant::now());
+                state.stored(hs.commit);
             }
         }
     }
@@ -547,6 +555,7 @@ impl LogStore {
         self.write_with(sync, |txn, state| {
             self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
+            state.stored(state.hard_state.commit);
             Ok(())
         })?;
         tail.entries.clear();
@@ -608,10 +617,27 @@ impl LogStore {
         self.write_commit(self.hard_state().commit)
     }
 
+    /// Writes the commit index if it moved since it was last written and `COMMIT_STORE_EVERY`
+    /// has passed; returns whether it did. Called on every tick: the last advance before the
+    /// cluster goes quiet is otherwise never written, and a node restarted after it would apply
+    /// nothing of its own log until the leader spoke (serving an empty dataset at consistency
+    /// low).
+    pub fn store_commit_if_behind(&self) -> Result<bool> {
+        let due = {
+            let state = self.state();
+            state.hard_state.commit != state.stored_commit
+                && state.hard_state_stored_at.map_or(true, |at| at.elapsed() >= self.commit_store_every())
+        };
+        if due {
+            self.store_commit()?;
+        }
+        Ok(due)
+    }
+
     fn write_commit(&self, commit: u64) -> Result<()> {
         self.write(|txn, state| {
             state.hard_state.commit = commit;
-            state.hard_state_stored_at = Some(Instant::now());
+            state.stored(commit);
             self.put_message(txn, key::HARD_STATE, &state.hard_state)
         })
     }
@@ -886,6 +912,7 @@ impl LogStore {
         state.snapshot_index = meta.index;
         state.hard_state.term = cmp::max(state.hard_state.term, meta.term);
         state.hard_state.commit = meta.index;
+        state.stored(meta.index);
         state.conf_state = meta.conf_state.clone().unwrap_or_default();
 
         self.put_message(txn, key::SNAPSHOT_META, &meta)?;
@@ -956,6 +983,7 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
     let mut hard_state = hard_state;
     hard_state.commit = hard_state.commit.max(truncated_index);
     Ok(State {
+        stored_commit: hard_state.commit,
         hard_state,
         conf_state,
         snapshot_index,

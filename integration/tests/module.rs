@@ -175,6 +175,46 @@ fn restarting_every_node_keeps_every_acknowledged_write() {
     assert_eq!(items, (0..300).collect::<Vec<i64>>(), "order preserved");
 }
 
+/// At consistency low a node serves its own dataset from the moment it starts. A restarted node
+/// must start from what it knew was committed, not from nothing until a leader speaks: the commit
+/// index, which is written lazily, must be on disk after a clean shutdown and, once the cluster
+/// has been quiet for a tick or two, before a kill -9. The other nodes are paused meanwhile, so
+/// no leader can tell the restarted one anything.
+#[test]
+fn a_restarted_node_serves_what_it_knew_committed_before_it_hears_from_a_leader() {
+    let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let paused: Vec<usize> = (0..3).filter(|i| *i != follower).collect();
+    for (round, clean) in [true, false].into_iter().enumerate() {
+        let leader = cluster.wait_leader();
+        let value = format!("value-{round}");
+        let _: () = cluster.nodes[leader].cmd(&["SET", "k", &value]).unwrap();
+        wait_for("the follower to apply the write", Duration::from_secs(10), || {
+            (cluster.nodes[follower].cmd::<Option<String>>(&["GET", "k"]).ok()?? == value).then_some(())
+        });
+        if clean {
+            let _ = cluster.nodes[follower].cmd::<Value>(&["SHUTDOWN", "NOSAVE"]);
+            wait_for("the follower to exit", Duration::from_secs(15), || (!cluster.nodes[follower].is_running()).then_some(()));
+        } else {
+            // The bound the README gives: a tick (100 ms) after the commit interval (100 ms).
+            std::thread::sleep(Duration::from_millis(600));
+            cluster.nodes[follower].kill9();
+        }
+        for i in &paused {
+            cluster.nodes[*i].pause();
+        }
+        cluster.nodes[follower].restart().unwrap();
+        let served = wait_for("the restarted node to serve the key", Duration::from_secs(10), || {
+            cluster.nodes[follower].quick_cmd::<Option<String>>(&["GET", "k"]).ok().flatten()
+        });
+        assert_eq!(served, value, "round {round}");
+        for i in &paused {
+            cluster.nodes[*i].resume();
+        }
+    }
+}
+
 #[test]
 fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
     let mut cluster = Cluster::start(1, &[]).unwrap();

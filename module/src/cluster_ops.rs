@@ -226,23 +226,26 @@ pub fn remove(node: Arc<RaftNode>, id: NodeId) -> Outcome {
     }
 }
 
-/// Redis is exiting. A leader that simply vanished would leave the cluster without one for an
-/// election timeout (1-2 s by default) and fail every write meanwhile; handing leadership to the
-/// most up-to-date voter first takes a round trip or two, as for `RAFT.REMOVEPEER` of the leader.
-/// Runs on Redis' main thread, which is done serving clients by now (Redis itself saves its RDB
-/// file at this point); bounded by one election timeout, after which raft gives up the hand-over
-/// anyway.
+/// Redis is exiting (nothing can cancel the shutdown any more). A leader that simply vanished
+/// would leave the cluster without one for an election timeout (1-2 s by default) and fail every
+/// write meanwhile; handing leadership to the most up-to-date voter first takes a round trip or
+/// two, as for `RAFT.REMOVEPEER` of the leader. Then the node stops. Runs on Redis' main thread,
+/// which is done serving clients by now (Redis itself saves its RDB file at this point); the
+/// hand-over is bounded by one election timeout, after which raft gives it up anyway.
 pub fn before_exit() {
     let s = state::get();
     let Some(node) = s.node() else { return };
     let status = node.status();
-    if !status.is_leader() || status.voters.len() < 2 {
-        return;
+    if status.is_leader() && status.voters.len() >= 2 {
+        match s.hand_over_leadership(&node) {
+            Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
+            Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
+        }
     }
-    match s.hand_over_leadership(&node) {
-        Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
-        Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
-    }
+    // Redis exits after this event whatever happens: the Raft loop stops first, which writes
+    // the newest commit index, so that a restart applies the whole log this node knew committed
+    // before it hears from a leader.
+    node.shutdown();
 }
 
 /// `RAFT.CLUSTER RECOVER`: makes this node the only voter of a cluster that lost its majority

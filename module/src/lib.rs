@@ -366,10 +366,11 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     }
 }
 
-/// Redis is about to exit (`SHUTDOWN`, or SIGTERM): a leader hands leadership over first.
+/// Redis is about to exit (`SHUTDOWN`, or SIGTERM): a leader hands leadership over, then the
+/// node stops.
 extern "C" fn on_shutdown(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, _subevent: u64, _data: *mut std::ffi::c_void) {
     if std::panic::catch_unwind(cluster_ops::before_exit).is_err() {
-        log::error!("panic while handing leadership over at shutdown");
+        log::error!("panic while stopping the raft node at shutdown");
     }
 }
 

@@ -61,7 +61,8 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             CounterCells::add(&self.shared.counters.rounds, 1);
             let now = Instant::now();
-            if now >= next_tick {
+            let ticked = now >= next_tick;
+            if ticked {
                 self.raw.tick();
                 next_tick = now + self.tick_interval();
                 self.expire(now);
@@ -70,6 +71,12 @@ impl<S: StateMachine> RaftLoop<S> {
             if let Err(e) = self.on_ready().await {
                 self.stop_on(e);
                 break;
+            }
+            if ticked {
+                if let Err(e) = self.store.store_commit_if_behind().context("persisting the commit index") {
+                    self.stop_on(e);
+                    break;
+                }
             }
             self.transport.set_last_index(membership_claim(&self.raw, self.id));
             self.compact_step();

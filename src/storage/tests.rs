@@ -607,6 +607,35 @@ fn a_commit_index_that_moved_alone_is_written_lazily_and_never_behind_compaction
 }
 
 #[test]
+fn a_commit_index_left_unwritten_when_the_cluster_goes_quiet_is_written_once_its_interval_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = |commit| HardState { term: 2, vote: 1, commit };
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_commit_store_every(Duration::from_millis(50));
+        store.append(&entries_with_terms(1, &[2, 2, 2]), Some(&hs(1)), true).unwrap();
+        // The last advance comes right after a write: kept in memory, and nothing else arrives.
+        store.set_commit(3, false).unwrap();
+        assert!(!store.store_commit_if_behind().unwrap(), "not before the interval has passed");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(store.store_commit_if_behind().unwrap());
+        assert!(!store.store_commit_if_behind().unwrap(), "nothing new to write");
+    }
+    assert_eq!(LogStore::open(dir.path()).unwrap().hard_state(), hs(3));
+
+    // A checkpoint writes the newest hard state too: nothing is left to catch up after it.
+    let store = LogStore::open(dir.path()).unwrap();
+    store.set_commit_store_every(Duration::from_secs(3600));
+    store.append(&entries_with_terms(4, &[2]), None, true).unwrap();
+    store.set_commit(4, false).unwrap();
+    store.checkpoint(&mut store.tail()).unwrap();
+    store.set_commit_store_every(Duration::ZERO);
+    assert!(!store.store_commit_if_behind().unwrap());
+    drop(store);
+    assert_eq!(LogStore::open(dir.path()).unwrap().hard_state(), hs(4));
+}
+
+#[test]
 fn hard_state_and_commit_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
