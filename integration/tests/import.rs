@@ -1,15 +1,22 @@
 //! Bringing an existing Redis dataset into Raftis. A node that is in no cluster yet but holds keys
 //! (Redis loaded its dump file at start) refuses to create or join a cluster, which would replace
 //! them; `scripts/import` copies a Redis server's keys and function libraries into a running
-//! cluster through its leader, and every node ends with exactly the source's dataset.
+//! cluster through its leader, and every node ends with exactly the source's dataset. The other
+//! way, a node's `BGSAVE` writes a dump file a plain Redis loads (the README's backup).
 
-use raftis_integration::{digest, free_port_pair, info_field, info_text, stat_field, workspace, Cluster, Server, PROBE_KEY};
+use raftis_integration::{digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY};
 use std::process::Command;
+use std::time::Duration;
 
-/// A plain Redis holding a bit of everything, in two databases, with expiry times and a library.
+/// A plain Redis holding a bit of everything (see [`fill`]).
 fn source(dir: &std::path::Path) -> Server {
     let plain = Server::start_plain(free_port_pair(), dir).unwrap();
-    let mut conn = plain.client().unwrap();
+    fill(&mut plain.client().unwrap());
+    plain
+}
+
+/// Writes a bit of everything, in two databases, with expiry times and a library.
+fn fill(conn: &mut redis::Connection) {
     let mut pipe = redis::pipe();
     for i in 0..300 {
         pipe.cmd("SET").arg(format!("s{i}")).arg(format!("value {i}")).ignore();
@@ -25,8 +32,7 @@ fn source(dir: &std::path::Path) -> Server {
     pipe.cmd("SET").arg("elsewhere").arg("db2").ignore();
     pipe.cmd("SELECT").arg(0).ignore();
     pipe.cmd("FUNCTION").arg("LOAD").arg("#!lua name=imported\nredis.register_function('imported_f', function(keys, args) return 1 end)").ignore();
-    pipe.query::<()>(&mut conn).unwrap();
-    plain
+    pipe.query::<()>(conn).unwrap();
 }
 
 #[test]
@@ -120,3 +126,29 @@ fn init_keepdata_makes_the_keys_redis_loaded_the_clusters_dataset() {
     // Node 0's digest among them: with its dump file's keys back it would differ.
     assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), changed, "the restarted node holds the cluster's dataset");
 }
+
+/// The README's backup: `BGSAVE` on the leader writes a dump file that a plain Redis loads as the
+/// cluster's dataset, expiry times and function libraries included.
+#[test]
+fn bgsave_on_the_leader_writes_a_dump_file_that_plain_redis_loads_as_the_clusters_dataset() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    fill(&mut leader.client().unwrap());
+    let started: String = leader.cmd(&["BGSAVE"]).unwrap();
+    assert!(started.contains("started"), "{started}");
+    let persistence = wait_for("the dump file to be written", Duration::from_secs(30), || {
+        let persistence: String = leader.cmd(&["INFO", "persistence"]).ok()?;
+        (field_in(&persistence, "rdb_bgsave_in_progress") == Some("0")).then_some(persistence)
+    });
+    assert_eq!(field_in(&persistence, "rdb_last_bgsave_status"), Some("ok"), "{persistence}");
+
+    let restored_dir = cluster.root.path().join("restored");
+    std::fs::create_dir_all(&restored_dir).unwrap();
+    std::fs::copy(leader.dir.join("dump.rdb"), restored_dir.join("dump.rdb")).unwrap();
+    let restored = Server::start_plain(free_port_pair(), &restored_dir).unwrap();
+    let keys: i64 = restored.cmd(&["DBSIZE"]).unwrap();
+    assert!(keys > 300, "only {keys} keys in db 0");
+    assert_eq!(digest(&restored), digest(leader), "the dump holds the cluster's dataset");
+    assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), digest(leader));
+}
+
