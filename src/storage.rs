@@ -621,17 +621,30 @@ impl LogStore {
     /// has passed; returns whether it did. Called on every tick: the last advance before the
     /// cluster goes quiet is otherwise never written, and a node restarted after it would apply
     /// nothing of its own log until the leader spoke (serving an empty dataset at consistency
-    /// low).
+    /// low). It goes into the journal, unflushed: it survives the process, and the next
+    /// durable append flushes it with everything before it; nothing depends on it surviving the
+    /// machine.
     pub fn store_commit_if_behind(&self) -> Result<bool> {
-        let due = {
+        let mut tail = self.tail();
+        let hs = {
             let state = self.state();
-            state.hard_state.commit != state.stored_commit
-                && state.hard_state_stored_at.map_or(true, |at| at.elapsed() >= self.commit_store_every())
+            let due = state.hard_state.commit != state.stored_commit
+                && state.hard_state_stored_at.map_or(true, |at| at.elapsed() >= self.commit_store_every());
+            if !due {
+                return Ok(false);
+            }
+            state.hard_state.clone()
         };
-        if due {
-            self.store_commit()?;
+        let (record, _) = encode_record(&[], Some(&hs));
+        if tail.journal.fits(record.len()) {
+            tail.journal.append(&record, false)?;
+            self.inner.journal_bytes.store(tail.journal.used(), Ordering::Relaxed);
+            self.inner.state.write().unwrap_or_else(PoisonError::into_inner).stored(hs.commit);
+        } else {
+            // A checkpoint writes the hard state into LMDB and starts an empty journal.
+            self.checkpoint(&mut tail)?;
         }
-        Ok(due)
+        Ok(true)
     }
 
     fn write_commit(&self, commit: u64) -> Result<()> {
