@@ -1,6 +1,7 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::{client_proposals, raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::resp_conn::{args, Reply, RespConn};
+use raftis_integration::{client_proposals, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -245,4 +246,46 @@ fn optimistic_increments_under_watch_lose_nothing_to_concurrent_writers() {
         assert!(retries.load(Ordering::Relaxed) > 0, "consistency {level}: no transaction ever had to retry; the test did not race");
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// A HELLO inside a transaction switches the protocol for the commands behind it, as in Redis:
+/// each reply in EXEC's array comes in the protocol its command ran in (here a map, RESP3's null,
+/// then RESP2's array of fields and values again).
+#[test]
+fn a_hello_inside_a_transaction_switches_the_protocol_of_the_commands_after_it() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let commands: Vec<Vec<Vec<u8>>> = [
+        &["HSET", "h", "f", "v"][..],
+        &["MULTI"],
+        &["HGETALL", "h"],
+        &["HELLO", "3"],
+        &["HGETALL", "h"],
+        &["GET", "missing"],
+        &["HGETALL", "missing"],
+        &["HELLO", "2"],
+        &["HGETALL", "h"],
+        &["GET", "missing"],
+        &["EXEC"],
+        &["HGETALL", "h"],
+    ]
+    .iter()
+    .map(|command| args(command))
+    .collect();
+    let expected = RespConn::connect(plain.port).unwrap().pipeline(&commands).unwrap();
+    let got = RespConn::connect(leader.port).unwrap().pipeline(&commands).unwrap();
+    // HELLO's own replies name the server's modules and the client's id: they differ by design.
+    let without_hello = |replies: &[Reply]| -> Vec<String> {
+        let exec = replies[10].items().unwrap_or_else(|| panic!("EXEC answered {:?}", replies[10]));
+        assert_eq!(exec.len(), 8, "{exec:?}");
+        let mut shown: Vec<String> = replies.iter().enumerate().filter(|(i, _)| *i != 10).map(|(_, r)| format!("{r:?}")).collect();
+        shown.extend(exec.iter().enumerate().filter(|(i, _)| *i != 1 && *i != 5).map(|(_, r)| format!("{r:?}")));
+        shown
+    };
+    assert_eq!(without_hello(&got), without_hello(&expected));
+    let exec = got[10].items().unwrap();
+    assert!(matches!(&exec[2], Reply::Aggregate(b'%', _)), "a map after HELLO 3: {:?}", exec[2]);
+    assert!(matches!(&exec[3], Reply::Null(b'_')), "RESP3's null: {:?}", exec[3]);
+    assert!(matches!(&exec[6], Reply::Aggregate(b'*', _)), "an array again after HELLO 2: {:?}", exec[6]);
 }

@@ -42,14 +42,23 @@ pub enum ReplyTo {
     Forwarded(ForwardDone),
     /// A client of this node whose pipeline keeps flowing: the reply fills its slot.
     Held(crate::held::HeldReply),
-    /// A transaction's commands, one slot each (None: the client takes no replies).
-    Transaction(Vec<Option<crate::held::HeldReply>>),
+    /// A transaction's commands, one slot each.
+    Transaction(Vec<TransactionSlot>),
     /// A follower's transaction (follower proxy): every command's raw reply goes back together.
     ForwardedTransaction(ForwardDone),
     /// An attempt of a blocking command (see `blocking`): its waiting client, by id.
     Attempt(u64),
     /// Nobody: the leader's own clock entries (see `expiry`).
     Nobody,
+}
+
+/// One command of a transaction a client of this node waits for.
+pub struct TransactionSlot {
+    /// Where its reply goes; None when the client takes no replies.
+    pub held: Option<crate::held::HeldReply>,
+    /// The protocol it answers in: a HELLO inside the transaction switches it for the commands
+    /// after it, as in Redis.
+    pub resp3: bool,
 }
 
 impl WriteWaiter {
@@ -64,7 +73,7 @@ impl WriteWaiter {
                     Err(e) => e,
                     Ok(_) => "ERR unexpected reply for a transaction".into(),
                 };
-                for held in slots.into_iter().flatten() {
+                for held in slots.into_iter().filter_map(|slot| slot.held) {
                     held.fail(&error);
                 }
             }
@@ -352,28 +361,31 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
             }
             EntryView::Transaction(commands) => {
                 // Back to back on the main thread: nothing runs between them.
-                let outcomes = commands.iter().map(|command| run_command(ctx, index, at, command, resp3));
-                // The leader's client waits for one reply per command, a follower's client for
-                // all of them at once; anyone else for none.
+                let in_one_protocol = || commands.iter().map(|command| run_command(ctx, index, at, command, resp3));
+                // The leader's client waits for one reply per command, each in its own protocol
+                // (a HELLO inside the transaction switches it); a follower's client for all of
+                // them at once; anyone else for none.
                 match waiter.take().map(|w| w.reply_to) {
                     Some(ReplyTo::Transaction(slots)) => {
                         let mut slots = slots.into_iter();
-                        for outcome in outcomes {
-                            match slots.next().flatten() {
+                        for command in commands.iter() {
+                            let slot = slots.next();
+                            let outcome = run_command(ctx, index, at, command, slot.as_ref().map_or(resp3, |slot| slot.resp3));
+                            match slot.and_then(|slot| slot.held) {
                                 Some(held) => finish_held(held, outcome),
                                 None => discard(outcome),
                             }
                         }
                     }
                     Some(ReplyTo::ForwardedTransaction(done)) => {
-                        let replies: Vec<Vec<u8>> = outcomes
+                        let replies: Vec<Vec<u8>> = in_one_protocol()
                             .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| crate::forward::error_proto(&e)))
                             .collect();
                         done(Ok(encode_replies(&replies)));
                     }
-                    Some(ReplyTo::Nobody) | None => outcomes.for_each(discard),
+                    Some(ReplyTo::Nobody) | None => in_one_protocol().for_each(discard),
                     Some(reply_to) => {
-                        outcomes.for_each(discard);
+                        in_one_protocol().for_each(discard);
                         let error = "ERR internal error: a transaction's waiter does not fit it";
                         WriteWaiter { reply_to, resp3 }.finish(Outcome::Error(error.into()));
                     }

@@ -22,7 +22,7 @@
 //! WATCH is Redis' own check at EXEC, with writes counted from when they are proposed (see
 //! `watch`): a dirty transaction never reaches this module.
 
-use crate::apply::{ReplyTo, WriteWaiter};
+use crate::apply::{ReplyTo, TransactionSlot, WriteWaiter};
 use crate::ffi::{api, ClientId, RedisModuleCtx};
 use crate::held::{self, HeldReply};
 use crate::state;
@@ -63,7 +63,11 @@ struct Batch {
     bytes: usize,
     /// One per command; None when the client takes no replies.
     slots: Vec<Option<HeldReply>>,
+    /// The protocol the batch started in; the leader answers a forwarded batch in it.
     resp3: bool,
+    /// The protocol of each command: a HELLO that EXEC runs switches it for the commands after
+    /// it, and a transaction this node proposes answers each in its own.
+    protocols: Vec<bool>,
     /// The time the entry happens at: that of its first write (see `expiry`).
     at: Option<EntryTime>,
 }
@@ -120,6 +124,7 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
     batch.verdict.clone()?;
     batch.at = batch.at.or(at);
     batch.slots.push(held::transaction_slot(ctx));
+    batch.protocols.push(crate::ffi::client_is_resp3(ctx));
     batch.bytes += size_of(&argv);
     batch.commands.push((db, argv));
     Ok(())
@@ -185,6 +190,7 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
     // A client with too many replies in flight blocks instead (see `held`).
     let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
     batch.slots.push(Some(slot));
+    batch.protocols.push(resp3);
     batch.bytes += size;
     batch.commands.push((db, argv));
     Forwarding::Joined
@@ -204,6 +210,7 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx, first: &[Vec<
             commands: Vec::new(),
             bytes: 0,
             slots: Vec::new(),
+            protocols: Vec::new(),
             resp3: crate::ffi::client_is_resp3(ctx),
             at: None,
         });
@@ -267,7 +274,8 @@ fn propose(batch: Option<Batch>) {
     };
     let at = batch.at.unwrap_or_else(crate::expiry::stamp);
     let entry = encode_transaction(Some(at), &batch.commands);
-    let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(batch.slots), resp3: batch.resp3 };
+    let slots = batch.slots.into_iter().zip(batch.protocols).map(|(held, resp3)| TransactionSlot { held, resp3 }).collect();
+    let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(slots), resp3: batch.resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 
