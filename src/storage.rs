@@ -195,13 +195,13 @@ impl State {
     }
 
     /// Whether `hs` must be written now: a new term or vote always (Raft's safety rests on
-    /// them, and they are always on disk as `hard_state` has them), a commit index that moved
-    /// alone only if `every` has passed since the hard state was last written.
+    /// them, and they are always on disk as `hard_state` has them), a commit index other than the
+    /// one written last only if `every` has passed since the hard state was last written.
     fn must_store(&self, hs: &HardState, every: Duration) -> bool {
         let current = &self.hard_state;
         hs.term != current.term
             || hs.vote != current.vote
-            || (hs.commit != current.commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
+            || (hs.commit != self.stored_commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
     }
 
     /// Records that the hard state, with commit index `commit`, was just written.
@@ -625,26 +625,13 @@ impl LogStore {
     /// durable append flushes it with everything before it; nothing depends on it surviving the
     /// machine.
     pub fn store_commit_if_behind(&self) -> Result<bool> {
-        let mut tail = self.tail();
-        let hs = {
+        let (hs, stored) = {
             let state = self.state();
-            let due = state.hard_state.commit != state.stored_commit
-                && state.hard_state_stored_at.map_or(true, |at| at.elapsed() >= self.commit_store_every());
-            if !due {
-                return Ok(false);
-            }
-            state.hard_state.clone()
+            (state.hard_state.clone(), state.stored_commit)
         };
-        let (record, _) = encode_record(&[], Some(&hs));
-        if tail.journal.fits(record.len()) {
-            tail.journal.append(&record, false)?;
-            self.inner.journal_bytes.store(tail.journal.used(), Ordering::Relaxed);
-            self.inner.state.write().unwrap_or_else(PoisonError::into_inner).stored(hs.commit);
-        } else {
-            // A checkpoint writes the hard state into LMDB and starts an empty journal.
-            self.checkpoint(&mut tail)?;
-        }
-        Ok(true)
+        // An append of the hard state alone records it when `State::must_store` says it is due.
+        self.append(&[], Some(&hs), false)?;
+        Ok(self.state().stored_commit != stored)
     }
 
     fn write_commit(&self, commit: u64) -> Result<()> {
