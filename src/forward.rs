@@ -6,8 +6,9 @@
 //! `TIMEOUT`: the same errors a client talking to the leader would get).
 //!
 //! A transaction (MULTI/EXEC) goes whole, so that it stays one log entry:
-//! `FORWARD-TX <2|3> <transaction>`, the transaction encoded as its log entry would be (see
-//! `command_entry`). Its reply is a bulk string holding an array of bulk strings, each one
+//! `FORWARD-TX <protocols> <transaction>`, the transaction encoded as its log entry would be (see
+//! `command_entry`), and `protocols` either one digit, `2` or `3`, for all its commands, or one
+//! digit per command when a `HELLO` switched the client's protocol between them. Its reply is a bulk string holding an array of bulk strings, each one
 //! command's raw reply ([`encode_replies`]); or one error line for the whole transaction.
 //!
 //! A blocking command (`BLPOP`, `XREAD ... BLOCK`, ...) goes as
@@ -23,22 +24,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-/// What a follower forwards on behalf of its client.
+/// What a follower forwards on behalf of its client. `resp3`: the client speaks RESP3, so the
+/// reply must be produced in RESP3.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ForwardRequest {
-    /// The client speaks RESP3, so the replies must be produced in RESP3.
-    pub resp3: bool,
-    pub what: Forwarded,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Forwarded {
+pub enum ForwardRequest {
     /// One command, in the client's selected database.
-    Command { db: u32, argv: Vec<Vec<u8>> },
+    Command { db: u32, argv: Vec<Vec<u8>>, resp3: bool },
     /// A blocking command, in the client's selected database: answered when it is, however late.
-    Blocking { db: u32, argv: Vec<Vec<u8>> },
-    /// The data commands of a transaction, each with its database, in the order EXEC ran them.
-    Transaction(Vec<(u32, Vec<Vec<u8>>)>),
+    Blocking { db: u32, argv: Vec<Vec<u8>>, resp3: bool },
+    /// The data commands of a transaction, each with its database, in the order EXEC ran them,
+    /// and the protocol each one answers in: a `HELLO` between them (run by the follower)
+    /// switches it for the commands after it, as in Redis.
+    Transaction { commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: Vec<bool> },
 }
 
 /// The raw reply, or an error line (without the leading `-`).
@@ -117,17 +114,24 @@ impl ForwardCancel {
 
 impl ForwardRequest {
     pub fn encode(&self, out: &mut BytesMut) {
-        let protocol: &[u8] = if self.resp3 { b"3" } else { b"2" };
-        match &self.what {
-            Forwarded::Command { db, argv } | Forwarded::Blocking { db, argv } => {
-                let verb = if matches!(self.what, Forwarded::Blocking { .. }) { FORWARD_BLOCK } else { FORWARD };
+        let protocol = |resp3: bool| if resp3 { b'3' } else { b'2' };
+        match self {
+            ForwardRequest::Command { db, argv, resp3 } | ForwardRequest::Blocking { db, argv, resp3 } => {
+                let verb = if matches!(self, ForwardRequest::Blocking { .. }) { FORWARD_BLOCK } else { FORWARD };
                 let db = db.to_string();
-                let mut parts: Vec<&[u8]> = vec![verb, db.as_bytes(), protocol];
+                let protocol = [protocol(*resp3)];
+                let mut parts: Vec<&[u8]> = vec![verb, db.as_bytes(), &protocol];
                 parts.extend(argv.iter().map(|a| a.as_slice()));
                 resp::encode_command(&parts, out);
             }
-            Forwarded::Transaction(commands) => {
-                resp::encode_command(&[FORWARD_TX, protocol, &encode_transaction(None, commands)], out);
+            ForwardRequest::Transaction { commands, resp3 } => {
+                // One digit when every command speaks the same protocol, one per command when a
+                // HELLO switched it on the way.
+                let protocols: Vec<u8> = match resp3.split_first() {
+                    Some((first, rest)) if rest.iter().all(|r| r == first) => vec![protocol(*first)],
+                    _ => resp3.iter().map(|r| protocol(*r)).collect(),
+                };
+                resp::encode_command(&[FORWARD_TX, &protocols, &encode_transaction(None, commands)], out);
             }
         }
     }
@@ -137,41 +141,53 @@ impl ForwardRequest {
         [FORWARD, FORWARD_TX, FORWARD_BLOCK].iter().any(|v| verb.eq_ignore_ascii_case(v))
     }
 
+    /// Whether it may wait for ever (a blocking command): it has no backstop.
+    pub fn is_blocking(&self) -> bool {
+        matches!(self, ForwardRequest::Blocking { .. })
+    }
+
     /// Parses the arguments after `verb` ([`FORWARD`], [`FORWARD_TX`] or [`FORWARD_BLOCK`]).
     pub fn decode(verb: &[u8], args: &[Frame]) -> Result<ForwardRequest, String> {
         let transaction = verb.eq_ignore_ascii_case(FORWARD_TX);
         let blocking = verb.eq_ignore_ascii_case(FORWARD_BLOCK);
         let usage = || match transaction {
-            true => "usage: FORWARD-TX <2|3> <transaction>".to_string(),
+            true => "usage: FORWARD-TX <2|3, or one of them per command> <transaction>".to_string(),
             false => format!("usage: {} <db> <2|3> <command> [arg ...]", String::from_utf8_lossy(verb).to_uppercase()),
         };
         let bulk = |f: &Frame| match f {
             Frame::Bulk(b) => Ok(b.to_vec()),
             _ => Err(usage()),
         };
-        let protocol = |f: &Frame| match bulk(f)?.as_slice() {
-            b"2" => Ok(false),
-            b"3" => Ok(true),
+        let protocol = |digit: u8| match digit {
+            b'2' => Ok(false),
+            b'3' => Ok(true),
             _ => Err(usage()),
         };
         if transaction {
-            let [resp3, entry] = args else { return Err(usage()) };
-            let commands = match EntryView::decode(&bulk(entry)?) {
+            let [protocols, entry] = args else { return Err(usage()) };
+            let commands: Vec<(u32, Vec<Vec<u8>>)> = match EntryView::decode(&bulk(entry)?) {
                 Ok(EntryView::Transaction(commands)) if !commands.is_empty() => {
                     commands.into_iter().map(|c| (c.db, c.argv.into_iter().map(<[u8]>::to_vec).collect())).collect()
                 }
                 _ => return Err("FORWARD-TX: malformed transaction".into()),
             };
-            return Ok(ForwardRequest { resp3: protocol(resp3)?, what: Forwarded::Transaction(commands) });
+            let resp3 = match bulk(protocols)?.as_slice() {
+                [one] => vec![protocol(*one)?; commands.len()],
+                each if each.len() == commands.len() => each.iter().map(|d| protocol(*d)).collect::<Result<_, _>>()?,
+                _ => return Err(usage()),
+            };
+            return Ok(ForwardRequest::Transaction { commands, resp3 });
         }
         if args.len() < 3 {
             return Err(usage());
         }
         let db = std::str::from_utf8(&bulk(&args[0])?).ok().and_then(|s| s.parse().ok()).ok_or_else(usage)?;
-        let resp3 = protocol(&args[1])?;
+        let resp3 = match bulk(&args[1])?.as_slice() {
+            [digit] => protocol(*digit)?,
+            _ => return Err(usage()),
+        };
         let argv = args[2..].iter().map(bulk).collect::<Result<Vec<_>, _>>()?;
-        let what = if blocking { Forwarded::Blocking { db, argv } } else { Forwarded::Command { db, argv } };
-        Ok(ForwardRequest { resp3, what })
+        Ok(if blocking { ForwardRequest::Blocking { db, argv, resp3 } } else { ForwardRequest::Command { db, argv, resp3 } })
     }
 }
 
@@ -247,9 +263,9 @@ mod tests {
     #[test]
     fn a_request_survives_the_wire() {
         let argv = vec![b"SET".to_vec(), b"k".to_vec(), b"v\r\n".to_vec()];
-        let req = ForwardRequest { resp3: true, what: Forwarded::Command { db: 3, argv: argv.clone() } };
+        let req = ForwardRequest::Command { db: 3, argv: argv.clone(), resp3: true };
         assert_eq!(round_trip(&req, "FORWARD"), req);
-        let blocking = ForwardRequest { resp3: false, what: Forwarded::Blocking { db: 1, argv } };
+        let blocking = ForwardRequest::Blocking { db: 1, argv, resp3: false };
         assert_eq!(round_trip(&blocking, "FORWARD-BLOCK"), blocking);
     }
 
@@ -269,8 +285,24 @@ mod tests {
             (3, vec![b"GET".to_vec(), b"b\r\n".to_vec()]),
             (0, vec![b"INCRBY".to_vec(), b"b".to_vec(), b"5".to_vec()]),
         ];
-        let req = ForwardRequest { resp3: false, what: Forwarded::Transaction(commands) };
+        let req = ForwardRequest::Transaction { commands: commands.clone(), resp3: vec![false; 3] };
         assert_eq!(round_trip(&req, "FORWARD-TX"), req);
+        // A HELLO between them: each command keeps its own protocol.
+        let switched = ForwardRequest::Transaction { commands, resp3: vec![false, true, true] };
+        assert_eq!(round_trip(&switched, "FORWARD-TX"), switched);
+    }
+
+    #[test]
+    fn a_transaction_in_one_protocol_names_it_once_as_earlier_builds_did() {
+        let commands = vec![(0, vec![b"GET".to_vec(), b"a".to_vec()]), (0, vec![b"GET".to_vec(), b"b".to_vec()])];
+        let protocols_sent = |resp3: Vec<bool>| {
+            let mut out = BytesMut::new();
+            ForwardRequest::Transaction { commands: commands.clone(), resp3 }.encode(&mut out);
+            let Some(Frame::Array(items)) = resp::parse(&mut out).unwrap() else { panic!("not an array") };
+            items[1].clone()
+        };
+        assert_eq!(protocols_sent(vec![true, true]), Frame::Bulk(b"3".to_vec().into()));
+        assert_eq!(protocols_sent(vec![true, false]), Frame::Bulk(b"32".to_vec().into()));
     }
 
     #[test]
@@ -290,6 +322,9 @@ mod tests {
         let good = encode_transaction(None, &[(0, vec![b"GET".to_vec(), b"k".to_vec()])]);
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("5"), Frame::Bulk(good.clone().into())]).is_err());
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2")]).is_err());
+        // One protocol per command, or one for all: nothing in between.
+        assert!(ForwardRequest::decode(FORWARD_TX, &[b("23"), Frame::Bulk(good.clone().into())]).is_err());
+        assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("23"), b("GET")]).is_err());
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.into())]).is_ok());
     }
 

@@ -27,7 +27,7 @@
 //! follower's proxied commands).
 
 use crate::cluster_id::ClusterId;
-use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
+use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest};
 use crate::heartbeats;
 use crate::ids::NodeId;
 use crate::peer_auth::{self, Gate, Password};

@@ -250,11 +250,13 @@ fn optimistic_increments_under_watch_lose_nothing_to_concurrent_writers() {
 
 /// A HELLO inside a transaction switches the protocol for the commands behind it, as in Redis:
 /// each reply in EXEC's array comes in the protocol its command ran in (here a map, RESP3's null,
-/// then RESP2's array of fields and values again).
+/// then RESP2's array of fields and values again). So does a HELLO in the middle of a pipeline.
+/// On the leader, and through a follower that sends it all to the leader in one piece.
 #[test]
 fn a_hello_inside_a_transaction_switches_the_protocol_of_the_commands_after_it() {
-    let cluster = Cluster::start(3, &[]).unwrap();
-    let leader = &cluster.nodes[cluster.wait_leader()];
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
     let plain = Server::start_plain(free_port_pair(), &cluster.root.path().join("plain")).unwrap();
     let commands: Vec<Vec<Vec<u8>>> = [
         &["HSET", "h", "f", "v"][..],
@@ -269,23 +271,35 @@ fn a_hello_inside_a_transaction_switches_the_protocol_of_the_commands_after_it()
         &["GET", "missing"],
         &["EXEC"],
         &["HGETALL", "h"],
+        &["HELLO", "3"],
+        &["HGETALL", "h"],
+        &["GET", "missing"],
+        &["HELLO", "2"],
+        &["HGETALL", "h"],
     ]
     .iter()
     .map(|command| args(command))
     .collect();
-    let expected = RespConn::connect(plain.port).unwrap().pipeline(&commands).unwrap();
-    let got = RespConn::connect(leader.port).unwrap().pipeline(&commands).unwrap();
+    const EXEC: usize = 10;
     // HELLO's own replies name the server's modules and the client's id: they differ by design.
     let without_hello = |replies: &[Reply]| -> Vec<String> {
-        let exec = replies[10].items().unwrap_or_else(|| panic!("EXEC answered {:?}", replies[10]));
+        let exec = replies[EXEC].items().unwrap_or_else(|| panic!("EXEC answered {:?}", replies[EXEC]));
         assert_eq!(exec.len(), 8, "{exec:?}");
-        let mut shown: Vec<String> = replies.iter().enumerate().filter(|(i, _)| *i != 10).map(|(_, r)| format!("{r:?}")).collect();
-        shown.extend(exec.iter().enumerate().filter(|(i, _)| *i != 1 && *i != 5).map(|(_, r)| format!("{r:?}")));
+        let is_hello = |i: usize| commands[i][0] == b"HELLO";
+        let mut shown: Vec<String> = replies.iter().enumerate().filter(|(i, _)| *i != EXEC && !is_hello(*i)).map(|(_, r)| format!("{r:?}")).collect();
+        shown.extend(exec.iter().enumerate().filter(|(i, _)| !is_hello(i + EXEC - 8)).map(|(_, r)| format!("{r:?}")));
         shown
     };
-    assert_eq!(without_hello(&got), without_hello(&expected));
-    let exec = got[10].items().unwrap();
-    assert!(matches!(&exec[2], Reply::Aggregate(b'%', _)), "a map after HELLO 3: {:?}", exec[2]);
-    assert!(matches!(&exec[3], Reply::Null(b'_')), "RESP3's null: {:?}", exec[3]);
-    assert!(matches!(&exec[6], Reply::Aggregate(b'*', _)), "an array again after HELLO 2: {:?}", exec[6]);
+    let expected = RespConn::connect(plain.port).unwrap().pipeline(&commands).unwrap();
+    for via in [leader, follower] {
+        cluster.nodes[leader].cmd::<i64>(&["DEL", "h"]).unwrap();
+        let got = RespConn::connect(cluster.nodes[via].port).unwrap().pipeline(&commands).unwrap();
+        assert_eq!(without_hello(&got), without_hello(&expected), "via node {via} (leader {leader})");
+        let exec = got[EXEC].items().unwrap();
+        assert!(matches!(&exec[2], Reply::Aggregate(b'%', _)), "a map after HELLO 3: {:?}", exec[2]);
+        assert!(matches!(&exec[3], Reply::Null(b'_')), "RESP3's null: {:?}", exec[3]);
+        assert!(matches!(&exec[6], Reply::Aggregate(b'*', _)), "an array again after HELLO 2: {:?}", exec[6]);
+        assert!(matches!(&got[13], Reply::Aggregate(b'%', _)), "a map after HELLO 3 in the pipeline: {:?}", got[13]);
+        assert!(matches!(&got[16], Reply::Aggregate(b'*', _)), "an array after HELLO 2 in the pipeline: {:?}", got[16]);
+    }
 }

@@ -44,8 +44,9 @@ pub enum ReplyTo {
     Held(crate::held::HeldReply),
     /// A transaction's commands, one slot each.
     Transaction(Vec<TransactionSlot>),
-    /// A follower's transaction (follower proxy): every command's raw reply goes back together.
-    ForwardedTransaction(ForwardDone),
+    /// A follower's transaction (follower proxy): every command's raw reply goes back together,
+    /// each in its own protocol (`resp3`, one per command).
+    ForwardedTransaction { done: ForwardDone, resp3: Vec<bool> },
     /// An attempt of a blocking command (see `blocking`): its waiting client, by id.
     Attempt(u64),
     /// Nobody: the leader's own clock entries (see `expiry`).
@@ -65,7 +66,7 @@ impl WriteWaiter {
     fn finish(self, outcome: Outcome) {
         match self.reply_to {
             ReplyTo::Client(blocked) => blocked.finish(outcome),
-            ReplyTo::Forwarded(done) | ReplyTo::ForwardedTransaction(done) => done(raw_reply(outcome)),
+            ReplyTo::Forwarded(done) | ReplyTo::ForwardedTransaction { done, .. } => done(raw_reply(outcome)),
             ReplyTo::Held(held) => finish_held(held, outcome),
             ReplyTo::Transaction(slots) => {
                 // Only a failure reaches here (the whole transaction): every command gets it.
@@ -170,7 +171,7 @@ pub enum Job {
     /// A command a follower forwarded (follower proxy).
     Forward { req: ForwardRequest, done: ForwardDone, abandoned: Abandoned },
     /// Forwarded reads whose read index is applied: run them now, back to back.
-    RunForwarded { reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone },
+    RunForwarded { reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: Vec<bool>, done: ForwardDone },
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -362,9 +363,9 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
             EntryView::Transaction(commands) => {
                 // Back to back on the main thread: nothing runs between them.
                 let in_one_protocol = || commands.iter().map(|command| run_command(ctx, index, at, command, resp3));
-                // The leader's client waits for one reply per command, each in its own protocol
-                // (a HELLO inside the transaction switches it); a follower's client for all of
-                // them at once; anyone else for none.
+                // The leader's client waits for one reply per command, a follower's client for
+                // all of them at once, each in its own protocol (a HELLO inside the transaction
+                // switches it); anyone else for none.
                 match waiter.take().map(|w| w.reply_to) {
                     Some(ReplyTo::Transaction(slots)) => {
                         let mut slots = slots.into_iter();
@@ -377,8 +378,11 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                             }
                         }
                     }
-                    Some(ReplyTo::ForwardedTransaction(done)) => {
-                        let replies: Vec<Vec<u8>> = in_one_protocol()
+                    Some(ReplyTo::ForwardedTransaction { done, resp3: protocols }) => {
+                        let replies: Vec<Vec<u8>> = commands
+                            .iter()
+                            .enumerate()
+                            .map(|(i, command)| run_command(ctx, index, at, command, protocols.get(i).copied().unwrap_or(resp3)))
                             .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| crate::forward::error_proto(&e)))
                             .collect();
                         done(Ok(encode_replies(&replies)));

@@ -27,7 +27,7 @@ use crate::transaction::Forwarding;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::Args;
-use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest, Forwarded};
+use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest};
 use raftis_core::routing::Route;
 use std::borrow::Cow;
 use std::ffi::CString;
@@ -56,7 +56,7 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
         Forwarding::Refused(e) => return Err(e),
         Forwarding::Alone(argv) => argv,
     };
-    let req = ForwardRequest { resp3: ffi::client_is_resp3(ctx), what: Forwarded::Command { db, argv } };
+    let req = ForwardRequest::Command { db, argv, resp3: ffi::client_is_resp3(ctx) };
     let timeout = forward_timeout();
     // Long enough for the transaction ahead of it as well.
     let blocked = Blocked::new(ctx, 2 * timeout + BACKSTOP);
@@ -80,16 +80,17 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     Ok(())
 }
 
-/// Follower side: sends a transaction EXEC ran here to the leader; each command's reply fills
-/// its slot (all of them get the error if the transaction could not run).
-pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Option<HeldReply>>, resp3: bool) {
+/// Follower side: sends a transaction EXEC ran here to the leader; each command's reply, in the
+/// protocol of `resp3` (one per command), fills its slot (all of them get the error if the
+/// transaction could not run).
+pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Option<HeldReply>>, resp3: Vec<bool>) {
     let fail = |slots: Vec<Option<HeldReply>>, error: &str| slots.into_iter().flatten().for_each(|slot| slot.fail(error));
     let Some(node) = state::get().node() else { return fail(slots, &crate::write::not_initialized()) };
     let leader = match leader_addr(&node) {
         Ok(addr) => addr,
         Err(e) => return fail(slots, &e),
     };
-    let req = ForwardRequest { resp3, what: Forwarded::Transaction(commands) };
+    let req = ForwardRequest::Transaction { commands, resp3 };
     let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
         let replies = match reply.map(|raw| decode_replies(&raw)) {
             Ok(Some(replies)) if replies.len() == slots.len() => replies,
@@ -132,17 +133,16 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
     let s = state::get();
     let Some(node) = s.node() else { return done(Err(crate::write::not_initialized())) };
     if !node.is_leader() {
-        let slot = match &req.what {
-            Forwarded::Command { argv, .. } | Forwarded::Blocking { argv, .. } => slot_of(s.main_thread_ctx(), argv),
-            Forwarded::Transaction(commands) => slot_of_first(s.main_thread_ctx(), commands),
+        let slot = match &req {
+            ForwardRequest::Command { argv, .. } | ForwardRequest::Blocking { argv, .. } => slot_of(s.main_thread_ctx(), argv),
+            ForwardRequest::Transaction { commands, .. } => slot_of_first(s.main_thread_ctx(), commands),
         };
         return done(Err(state::redirect(&node.status(), slot)));
     }
-    let resp3 = req.resp3;
-    let (db, argv) = match req.what {
-        Forwarded::Command { db, argv } => (db, argv),
-        Forwarded::Transaction(commands) => return serve_transaction(&node, commands, resp3, done),
-        Forwarded::Blocking { db, argv } => {
+    let (db, argv, resp3) = match req {
+        ForwardRequest::Command { db, argv, resp3 } => (db, argv, resp3),
+        ForwardRequest::Transaction { commands, resp3 } => return serve_transaction(&node, commands, resp3, done),
+        ForwardRequest::Blocking { db, argv, resp3 } => {
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
             return match s.route(&refs) {
                 Route::Blocking | Route::BlockingRead => crate::blocking::serve_forwarded(&node, db, argv, resp3, done, abandoned),
@@ -166,7 +166,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
             node.propose(entry, waiter, Instant::now() + timeout);
         }
-        Route::Read => confirm_then_run(&node, vec![(db, argv)], false, resp3, done),
+        Route::Read => confirm_then_run(&node, vec![(db, argv)], false, vec![resp3], done),
         Route::Refuse(e) => done(Err(e)),
         // The follower runs these itself, or forwards them to wait (`FORWARD-BLOCK`); a peer
         // sending one here is confused, not a client.
@@ -179,8 +179,9 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
 /// Leader side: forwarded reads, linearizable. Once a ReadIndex round has confirmed this node
 /// still leads and its dataset has applied the read index, they run back to back on the main
 /// thread (nothing runs between them); `batch` sends their replies back together, as a forwarded
-/// transaction expects them, rather than the one reply of a forwarded command.
-fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
+/// transaction expects them, rather than the one reply of a forwarded command. `resp3`: the
+/// protocol of each.
+fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: Vec<bool>, done: ForwardDone) {
     let s = state::get();
     let progress = s.progress.clone();
     let slot = slot_of_first(s.main_thread_ctx(), &reads);
@@ -203,8 +204,9 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
 /// Leader side: a follower's transaction (an EXEC, or a client's pipeline) becomes one entry, its
 /// reads included (they run where the entry is applied); one that only reads needs no entry and
 /// runs at a confirmed read index instead. Writes are pinned again: a no-op for what the
-/// follower pinned, and this leader's clock for anything it did not.
-fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: bool, done: ForwardDone) {
+/// follower pinned, and this leader's clock for anything it did not. Each command answers in its
+/// own protocol (`resp3`).
+fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: Vec<bool>, done: ForwardDone) {
     let s = state::get();
     let routes: Vec<Route> = commands.iter().map(|(_, argv)| s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>())).collect();
     if routes.iter().all(|route| matches!(route, Route::Read | Route::BlockingRead)) {
@@ -212,11 +214,12 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     }
     let at = crate::expiry::stamp();
     let mut pinned = Vec::with_capacity(commands.len());
+    let mut pinned_resp3 = Vec::with_capacity(commands.len());
     // Answered here, in their own place, rather than in the entry: writes that cannot enter the
     // log (an EVALSHA of a script nobody loaded, a write over the memory limit) with their error, as on the leader's own
     // clients, and WAIT, which does not wait inside a transaction. The others still run.
     let mut in_place = Vec::new();
-    for (i, ((db, argv), route)) in commands.iter().zip(routes).enumerate() {
+    for (i, (((db, argv), route), resp3)) in commands.iter().zip(routes).zip(resp3).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
             // Inside a transaction a blocking command does not block: a plain write or read.
@@ -234,6 +237,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
             _ => return done(Err("ERR a forwarded transaction holds only writes and reads".into())),
         }
         pinned.push((*db, args));
+        pinned_resp3.push(resp3);
     }
     if pinned.is_empty() {
         let replies: Vec<Vec<u8>> = in_place.into_iter().map(|(_, reply)| reply).collect();
@@ -241,7 +245,8 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     }
     let done = if in_place.is_empty() { done } else { with_in_place(done, in_place) };
     let entry = encode_transaction(Some(at), &pinned);
-    let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction(done), resp3 };
+    let first_resp3 = pinned_resp3[0];
+    let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction { done, resp3: pinned_resp3 }, resp3: first_resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 
@@ -259,10 +264,10 @@ fn with_in_place(done: ForwardDone, in_place: Vec<(usize, Vec<u8>)>) -> ForwardD
 }
 
 /// Leader side, on the main thread: forwarded reads whose read index is applied (see
-/// [`confirm_then_run`]).
-pub fn run_reads(ctx: *mut RedisModuleCtx, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: bool, done: ForwardDone) {
+/// [`confirm_then_run`]), each in its own protocol (`resp3`).
+pub fn run_reads(ctx: *mut RedisModuleCtx, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: Vec<bool>, done: ForwardDone) {
     let mut replies = Vec::with_capacity(reads.len());
-    for (db, argv) in reads {
+    for ((db, argv), resp3) in reads.into_iter().zip(resp3) {
         let reply = if ffi::select_db(ctx, db) {
             take_proto(ffi::call(ctx, &argv, resp3))
         } else {

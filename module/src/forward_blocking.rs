@@ -22,7 +22,7 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
 use raftis_core::blocking::{parse_timeout, Unit};
-use raftis_core::forward::{ForwardCancel, ForwardRequest, Forwarded};
+use raftis_core::forward::{ForwardCancel, ForwardRequest};
 use std::collections::BTreeMap;
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -153,7 +153,7 @@ impl Forward {
             Err(e) => return self.finish(Outcome::Error(e)),
         };
         self.registered.sent_to(Some(&addr));
-        let req = ForwardRequest { resp3: self.resp3, what: Forwarded::Blocking { db: self.db, argv: self.argv.clone() } };
+        let req = ForwardRequest::Blocking { db: self.db, argv: self.argv.clone(), resp3: self.resp3 };
         let (backstop, cancel, sent_to) = (self.backstop, self.cancel.clone(), addr.clone());
         let answer = Box::new(move |reply: Result<Vec<u8>, String>| match reply {
             Ok(raw) => self.finish(Outcome::Relay(raw)),

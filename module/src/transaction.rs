@@ -63,10 +63,8 @@ struct Batch {
     bytes: usize,
     /// One per command; None when the client takes no replies.
     slots: Vec<Option<HeldReply>>,
-    /// The protocol the batch started in; the leader answers a forwarded batch in it.
-    resp3: bool,
-    /// The protocol of each command: a HELLO that EXEC runs switches it for the commands after
-    /// it, and a transaction this node proposes answers each in its own.
+    /// The protocol of each command: a HELLO that EXEC runs (or that the client pipelines)
+    /// switches it for the commands after it, and each answers in its own, as in Redis.
     protocols: Vec<bool>,
     /// The time the entry happens at: that of its first write (see `expiry`).
     at: Option<EntryTime>,
@@ -178,19 +176,10 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
     if !batch.commands.is_empty() && batch.bytes + size > MAX_FORWARDED_BATCH_BYTES {
         return Forwarding::Alone(argv);
     }
-    // The leader answers a whole batch in one protocol; after a HELLO in the middle of a
-    // pipeline, the commands behind it need the other one.
-    let resp3 = crate::ffi::client_is_resp3(ctx);
-    if batch.resp3 != resp3 {
-        if !batch.commands.is_empty() {
-            return Forwarding::Alone(argv);
-        }
-        batch.resp3 = resp3;
-    }
     // A client with too many replies in flight blocks instead (see `held`).
     let Some(slot) = held::forward_slot(ctx) else { return Forwarding::Alone(argv) };
     batch.slots.push(Some(slot));
-    batch.protocols.push(resp3);
+    batch.protocols.push(crate::ffi::client_is_resp3(ctx));
     batch.bytes += size;
     batch.commands.push((db, argv));
     Forwarding::Joined
@@ -211,7 +200,6 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx, first: &[Vec<
             bytes: 0,
             slots: Vec::new(),
             protocols: Vec::new(),
-            resp3: crate::ffi::client_is_resp3(ctx),
             at: None,
         });
         BATCH.store(true, Ordering::Release);
@@ -265,7 +253,7 @@ fn propose(batch: Option<Batch>) {
         }
     };
     if let Destination::Leader = destination {
-        return crate::forward::transaction_to_leader(batch.commands, batch.slots, batch.resp3);
+        return crate::forward::transaction_to_leader(batch.commands, batch.slots, batch.protocols);
     }
     let s = state::get();
     let Some(node) = s.node() else {
@@ -274,8 +262,9 @@ fn propose(batch: Option<Batch>) {
     };
     let at = batch.at.unwrap_or_else(crate::expiry::stamp);
     let entry = encode_transaction(Some(at), &batch.commands);
+    let first_resp3 = batch.protocols[0];
     let slots = batch.slots.into_iter().zip(batch.protocols).map(|(held, resp3)| TransactionSlot { held, resp3 }).collect();
-    let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(slots), resp3: batch.resp3 };
+    let waiter = WriteWaiter { reply_to: ReplyTo::Transaction(slots), resp3: first_resp3 };
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 

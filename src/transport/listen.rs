@@ -174,10 +174,7 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
         return Some(Frame::Error("ERR this node does not serve forwarded commands".into()));
     };
     // A blocking command may wait for ever; anything else is answered within write-timeout.
-    let backstop = match req.what {
-        Forwarded::Blocking { .. } => None,
-        _ => Some(FORWARD_BACKSTOP),
-    };
+    let backstop = if req.is_blocking() { None } else { Some(FORWARD_BACKSTOP) };
     let (tx, rx) = oneshot::channel();
     let abandoned = Abandoned::default();
     handler(

@@ -428,7 +428,7 @@ fn shutdown_is_prompt_idempotent_and_frees_the_port() {
 
 fn forwarded(argv: &[&str]) -> ForwardRequest {
     let argv = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
-    ForwardRequest { resp3: false, what: forward::Forwarded::Command { db: 0, argv } }
+    ForwardRequest::Command { db: 0, argv, resp3: false }
 }
 
 /// Forwards `req` from `from` to `to_addr` and waits for the outcome.
@@ -450,7 +450,7 @@ fn forwarded_commands_reach_the_handler_and_their_replies_come_back() {
     // The handler answers later, from another thread, like the main thread would.
     leader.transport.set_forward_handler(Arc::new(|req: ForwardRequest, done: ForwardDone, _: Abandoned| {
         std::thread::spawn(move || {
-            let forward::Forwarded::Command { argv, .. } = req.what else { return done(Err("ERR not a command".into())) };
+            let ForwardRequest::Command { argv, .. } = req else { return done(Err("ERR not a command".into())) };
             let name = String::from_utf8_lossy(&argv[0]).to_string();
             done(match name.as_str() {
                 "ECHO" => Ok(format!("${}\r\n{}\r\n", argv[1].len(), String::from_utf8_lossy(&argv[1])).into_bytes()),
@@ -611,7 +611,7 @@ fn a_blocking_forward_waits_past_any_backstop_until_answered_or_cancelled() {
     }));
     let blpop = || {
         let argv = ["BLPOP", "q", "0"].iter().map(|a| a.as_bytes().to_vec()).collect();
-        ForwardRequest { resp3: false, what: Forwarded::Blocking { db: 0, argv } }
+        ForwardRequest::Blocking { db: 0, argv, resp3: false }
     };
     let start = |cancel: ForwardCancel| {
         let (tx, rx) = std_mpsc::channel();
