@@ -7,9 +7,10 @@
 //! it they send every command to the leader, and find the new one after an election.
 //!
 //! The leader also says which of its followers it has lost, as Redis Cluster flags a node it can
-//! no longer reach: a client that reads from replicas then leaves those out. A follower only
-//! knows the leader and itself, and shows every member online.
+//! no longer reach: a client that reads from replicas then leaves those out. A follower shows
+//! what the leader last told it (see [`crate::health_report`]).
 
+use crate::health_report;
 use crate::ids::{NodeId, Term};
 use crate::status::Status;
 use std::time::Duration;
@@ -83,6 +84,10 @@ impl Health {
             Health::Failed => "fail",
         }
     }
+
+    pub fn parse(word: &str) -> Option<Health> {
+        [Health::Online, Health::Loading, Health::Failed].into_iter().find(|h| h.as_str() == word)
+    }
 }
 
 /// How long a leader goes without hearing from a member before the map shows it failed: the
@@ -124,12 +129,15 @@ pub fn node_name(id: NodeId) -> String {
 
 impl ClusterView {
     /// The map as the node of status `st` knows it; `None` while it knows no leader, or has no
-    /// address for it. A leader flags a follower it has not heard from for `failed_after`.
+    /// address for it. A leader flags a follower it has not heard from for `failed_after`; a
+    /// follower flags those its leader's current report flags (never itself: it is answering).
     pub fn new(st: &Status, failed_after: Duration) -> Option<ClusterView> {
-        let health = |id: NodeId| match st.progress_of(id) {
-            Some(p) if p.silent_for >= failed_after => Health::Failed,
-            Some(p) if p.state == "snapshot" => Health::Loading,
-            _ => Health::Online,
+        let health = |id: NodeId| {
+            if st.is_leader() {
+                return health_report::seen_by_leader(st, id, failed_after);
+            }
+            let reported = st.leader_view.as_ref().filter(|_| id != st.id);
+            reported.and_then(|view| view.health_of(st, id, failed_after)).unwrap_or(Health::Online)
         };
         let node = |id: NodeId| {
             let info = st.members.get(&id)?;
@@ -199,6 +207,7 @@ fn split(addr: &str) -> Option<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health_report::{HealthReport, LeaderView};
     use crate::ids::LogIndex;
     use crate::membership::{Members, NodeInfo};
     use crate::status::PeerProgress;
@@ -220,6 +229,9 @@ mod tests {
         st.voters = voters.iter().copied().map(NodeId).collect();
         st.members = Arc::new(members());
         st.term = Term(term);
+        if leader == Some(me) {
+            st.role = crate::status::Role::Leader;
+        }
         st
     }
 
@@ -262,9 +274,23 @@ mod tests {
         assert!(lines[0].contains(" myself,master - 0 0 3 connected 0-16383"), "{}", lines[0]);
         assert!(lines[1].ends_with(" slave,fail 0000000000000000000000000000000000000001 0 0 3 disconnected"), "{}", lines[1]);
         assert!(lines[2].ends_with(" slave 0000000000000000000000000000000000000001 0 0 3 connected"), "{}", lines[2]);
-        // A follower does not know how the others are doing.
-        let view = ClusterView::new(&status(2, Some(1), &[1, 2, 3, 4], 3), FAILED_AFTER).unwrap();
+        // A follower knows how the others are doing only from its leader's report, and never
+        // flags itself.
+        let mut follower = status(2, Some(1), &[1, 2, 3, 4], 3);
+        let view = ClusterView::new(&follower, FAILED_AFTER).unwrap();
         assert!(view.replicas.iter().all(|n| n.health == Health::Online));
+        let report = HealthReport::of(&st, FAILED_AFTER).unwrap();
+        follower.leader_view = Some(Arc::new(LeaderView { report, received: std::time::Instant::now() }));
+        let view = ClusterView::new(&follower, FAILED_AFTER).unwrap();
+        let health: Vec<_> = view.replicas.iter().map(|n| (n.id.get(), n.health)).collect();
+        assert_eq!(health, [(2, Health::Online), (3, Health::Loading), (4, Health::Online)]);
+        assert!(view.nodes_text().lines().nth(1).unwrap().contains(" myself,slave "));
+        let mut lost = st.clone();
+        lost.progress[2].silent_for = FAILED_AFTER;
+        let report = HealthReport::of(&lost, FAILED_AFTER).unwrap();
+        follower.leader_view = Some(Arc::new(LeaderView { report, received: std::time::Instant::now() }));
+        let view = ClusterView::new(&follower, FAILED_AFTER).unwrap();
+        assert_eq!(view.live_replicas().map(|n| n.id.get()).collect::<Vec<_>>(), [2, 3]);
     }
 
     #[test]

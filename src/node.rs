@@ -45,6 +45,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use std::time::{Duration, Instant};
 
 mod committed;
+mod leader_health;
 mod proposals;
 mod raft_loop;
 mod recovering;
@@ -264,6 +265,8 @@ struct Shared {
     stopped: AtomicBool,
     /// The snapshot file being downloaded from the leader, if any.
     fetch: Mutex<Option<FetchProgress>>,
+    /// On a follower: the leader's newest health report (see `leader_health`).
+    leader_view: Mutex<Option<Arc<crate::health_report::LeaderView>>>,
 }
 
 /// Handle to a running node. Dropping it shuts the node down.
@@ -407,7 +410,10 @@ impl<S: StateMachine> Node<S> {
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
+            leader_view: Mutex::new(None),
         });
+        let reporter = shared.clone();
+        transport.set_health_source(Arc::new(move || leader_health::answer(&reporter)));
         let status = shared.clone();
         transport.set_removed_check(Arc::new(move |from, their_last| {
             let status = status.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,6 +469,7 @@ impl<S: StateMachine> Node<S> {
             recovery_snapshot_asked: None,
             last_heard: BTreeMap::new(),
             started_at: Instant::now(),
+            health_asks: Arc::default(),
         };
         raft_loop.publish_status();
         if let Some(why) = raft_loop.removed.take() {
@@ -909,4 +916,6 @@ struct RaftLoop<S: StateMachine> {
     last_heard: BTreeMap<NodeId, Instant>,
     /// When this loop started: a peer not heard from since has been silent at least that long.
     started_at: Instant,
+    /// A follower's asks for its leader's health report.
+    health_asks: Arc<leader_health::HealthAsks>,
 }

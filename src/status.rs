@@ -4,6 +4,7 @@
 use crate::ids::{LogIndex, NodeId, Term};
 use crate::membership::Members;
 use crate::cluster_id::ClusterId;
+use crate::health_report::LeaderView;
 use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;
@@ -80,6 +81,8 @@ pub struct Status {
     pub recovered: Option<Arc<Recovery>>,
     /// Unknown on a node that has not followed a leader yet, and in clusters made before ids.
     pub cluster: ClusterId,
+    /// On a follower: the members' health as its leader last reported it (see `health_report`).
+    pub leader_view: Option<Arc<LeaderView>>,
 }
 
 impl Status {
@@ -104,6 +107,7 @@ impl Status {
             fatal: None,
             recovered: None,
             cluster: ClusterId::UNKNOWN,
+            leader_view: None,
         }
     }
 

@@ -10,7 +10,8 @@
 //! messages. Nothing is answered, except by
 //! an error that closes the connection (`-REMOVED ...` to a node that says hello or asks for votes
 //! after it was removed from the cluster). The listener also answers `PING` with `+PONG`, so
-//! `redis-cli -p <raft-port> PING` tells an operator the port is alive. With a `raft-password`,
+//! `redis-cli -p <raft-port> PING` tells an operator the port is alive, and `HEALTH` with the
+//! leader's view of every member (see [`crate::health_report`]). With a `raft-password`,
 //! every connection starts with `AUTH <password>` (see [`peer_auth`]).
 //!
 //! Raft tolerates lost messages, so the transport favours staying bounded over delivering
@@ -28,6 +29,7 @@
 
 use crate::cluster_id::ClusterId;
 use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest};
+use crate::health_report;
 use crate::heartbeats;
 use crate::ids::NodeId;
 use crate::peer_auth::{self, Gate, Password};
@@ -56,7 +58,7 @@ mod listen;
 mod tests;
 
 use dial::{run_peer, Hello, PeerTask, MIN_BACKOFF};
-use forwarding::forward_once;
+use forwarding::{ask_once, forward_once};
 use listen::{accept_loop, Served};
 
 pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
@@ -163,6 +165,10 @@ type Callback = Arc<dyn Fn(Inbound) + Send + Sync>;
 type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
 /// Set by the Raft node; empty means no vote is refused.
 type RemovedSlot = Arc<std::sync::RwLock<Option<RemovedCheck>>>;
+/// Set by the Raft node: its answer to `HEALTH` (see [`crate::health_report`]), or the error
+/// line it answers instead (a follower has nothing to report).
+pub type HealthSource = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+type HealthSlot = Arc<std::sync::RwLock<Option<HealthSource>>>;
 
 /// This node's cluster id, which a joining node learns late, and the ones its peers said.
 #[derive(Default)]
@@ -194,6 +200,7 @@ struct Inner {
     inbound: Callback,
     forward_handler: ForwardSlot,
     removed_check: RemovedSlot,
+    health: HealthSlot,
     /// Idle connections to leaders, for forwarding commands (one command at a time each).
     forward_pool: Mutex<HashMap<String, Vec<TcpStream>>>,
     state: Mutex<State>,
@@ -290,6 +297,7 @@ impl Transport {
         let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
         let forward_handler = ForwardSlot::default();
         let removed_check = RemovedSlot::default();
+        let health = HealthSlot::default();
         let incarnation = claims::new_incarnation();
         let clusters = Arc::new(Clusters { ours: AtomicU64::new(cfg.cluster.0), said: Mutex::default() });
         let served = Served {
@@ -298,6 +306,7 @@ impl Transport {
             snapshots,
             forward: forward_handler.clone(),
             removed: removed_check.clone(),
+            health: health.clone(),
             password: cfg.password.clone(),
             shared: cfg.shared.clone(),
             claims: Arc::default(),
@@ -333,6 +342,7 @@ impl Transport {
                 inbound,
                 forward_handler,
                 removed_check,
+                health,
                 forward_pool: Mutex::new(HashMap::new()),
                 state: Mutex::new(State { peers: HashMap::new(), closed: false }),
                 stop: Mutex::new(Some((stop_tx, thread))),
@@ -399,6 +409,23 @@ impl Transport {
     /// it, and with pre-vote the others ignore its campaigns, so it would ask for votes for ever.
     pub fn set_removed_check(&self, check: RemovedCheck) {
         *self.inner.removed_check.write().unwrap_or_else(|p| p.into_inner()) = Some(check);
+    }
+
+    /// Answers `HEALTH` with what `source` says (see [`crate::health_report`]).
+    pub fn set_health_source(&self, source: HealthSource) {
+        *self.inner.health.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// Asks the leader at `addr` for its health report and calls `done` with the raw answer, or
+    /// with an error line (it could not be reached, did not answer within `timeout`, or refused).
+    pub fn ask_health(&self, addr: String, timeout: Duration, done: ForwardDone) {
+        let mut request = BytesMut::new();
+        resp::encode(&Frame::Array(vec![Frame::Bulk(health_report::HEALTH.to_vec().into())]), &mut request);
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(async move {
+            let answer = tokio::time::timeout(timeout, ask_once(&inner, &addr, &request, false)).await;
+            done(answer.unwrap_or_else(|_| Err(format!("TIMEOUT the leader at {addr} did not answer HEALTH in time"))));
+        });
     }
 
     /// Sends `req` to the leader's side port at `addr` and calls `done` with its reply, or with

@@ -119,56 +119,79 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
 /// The leader flags a follower it has lost, as Redis Cluster flags a node it cannot reach:
 /// `fail` and `disconnected` in `CLUSTER NODES`, `health fail` in `CLUSTER SHARDS`, and left out
 /// of `CLUSTER SLOTS`, so a client reading from replicas does not pick it. Back, it is online.
+/// The other follower shows the same, from the report its leader answers on the side port
+/// (`HEALTH`), which a follower refuses to answer itself.
 #[test]
-fn the_leader_shows_a_follower_it_lost_as_failed_until_it_is_back() {
+fn every_node_shows_a_follower_the_leader_lost_as_failed_until_it_is_back() {
     let mut cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.wait_leader();
     let lost = (leader + 1) % 3;
+    let witness = (leader + 2) % 3;
     let lost_id = cluster.nodes[lost].node_id();
     let name = format!("{lost_id:040x}");
-    let line_of_lost = |cluster: &Cluster| {
-        let nodes: String = cluster.nodes[leader].cmd(&["CLUSTER", "NODES"]).unwrap();
+    let line_of_lost = |cluster: &Cluster, on: usize| {
+        let nodes: String = cluster.nodes[on].cmd(&["CLUSTER", "NODES"]).unwrap();
         nodes.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("no line for {name}: {nodes}")).to_string()
     };
-    let health_of_lost = |cluster: &Cluster| {
-        let nodes = shard_nodes(&cluster.nodes[leader].cmd(&["CLUSTER", "SHARDS"]).unwrap());
+    let health_of_lost = |cluster: &Cluster, on: usize| {
+        let nodes = shard_nodes(&cluster.nodes[on].cmd(&["CLUSTER", "SHARDS"]).unwrap());
         nodes.iter().find(|n| n["id"] == name).expect("the lost node in SHARDS")["health"].clone()
     };
-    let replicas_in_slots = |cluster: &Cluster| {
-        let slots: redis::Value = cluster.nodes[leader].cmd(&["CLUSTER", "SLOTS"]).unwrap();
+    let replicas_in_slots = |cluster: &Cluster, on: usize| {
+        let slots: redis::Value = cluster.nodes[on].cmd(&["CLUSTER", "SLOTS"]).unwrap();
         let redis::Value::Bulk(ranges) = &slots else { panic!("{slots:?}") };
         let redis::Value::Bulk(range) = &ranges[0] else { panic!("{slots:?}") };
         range[3..].iter().map(|n| redis::from_redis_value::<Vec<redis::Value>>(n).unwrap()[2].clone()).collect::<Vec<_>>()
     };
-    assert!(line_of_lost(&cluster).ends_with(" connected"), "{}", line_of_lost(&cluster));
-    assert_eq!(health_of_lost(&cluster), "online");
-    assert_eq!(replicas_in_slots(&cluster).len(), 2);
+    let health_report = |cluster: &Cluster, on: usize| {
+        let mut side = RespConn::connect(cluster.nodes[on].port + 10000).unwrap();
+        side.call(&[b"HEALTH"]).unwrap()
+    };
+    for on in [leader, witness] {
+        assert!(line_of_lost(&cluster, on).ends_with(" connected"), "{}", line_of_lost(&cluster, on));
+        assert_eq!(health_of_lost(&cluster, on), "online");
+        assert_eq!(replicas_in_slots(&cluster, on).len(), 2);
+    }
+    let report = health_report(&cluster, leader).text().expect("the leader's report");
+    let leader_id = cluster.nodes[leader].node_id();
+    assert!(report.starts_with(&format!("leader {leader_id}\nterm ")), "{report}");
+    assert!(report.contains(&format!("\n{lost_id} online\n")), "{report}");
+    let refused = health_report(&cluster, witness);
+    assert!(refused.is_error() && refused.text().unwrap().contains("not the leader"), "{refused:?}");
 
     cluster.nodes[lost].kill9();
-    let line = wait_for("the leader to flag the lost follower", Duration::from_secs(20), || {
-        Some(line_of_lost(&cluster)).filter(|l| l.contains(" slave,fail "))
-    });
-    assert!(line.ends_with(" disconnected"), "{line}");
-    assert_eq!(health_of_lost(&cluster), "fail");
+    for on in [leader, witness] {
+        let line = wait_for("the lost follower to be flagged", Duration::from_secs(20), || {
+            Some(line_of_lost(&cluster, on)).filter(|l| l.contains(" slave,fail "))
+        });
+        assert!(line.ends_with(" disconnected"), "{line}");
+        assert_eq!(health_of_lost(&cluster, on), "fail");
+        let replicas = replicas_in_slots(&cluster, on);
+        assert_eq!(replicas.len(), 1, "only the live replica: {replicas:?}");
+        assert_ne!(replicas[0], redis::Value::Data(name.clone().into_bytes()));
+    }
+    assert!(health_report(&cluster, leader).text().unwrap().contains(&format!("\n{lost_id} fail\n")));
+    // The witness never flags itself, nor the leader it hears from.
+    let nodes: String = cluster.nodes[witness].cmd(&["CLUSTER", "NODES"]).unwrap();
+    assert_eq!(nodes.matches(",fail ").count(), 1, "{nodes}");
     let info: String = cluster.nodes[leader].cmd(&["RAFT.INFO"]).unwrap();
     let id = format!("id={lost_id},");
     let peer = info.lines().find(|l| l.starts_with("peer") && l.contains(&id)).unwrap_or_else(|| panic!("{info}"));
     let heard = peer.split(',').find_map(|f| f.strip_prefix("last_heard_ms=")).unwrap_or_else(|| panic!("{peer}"));
     let heard: u64 = heard.parse().unwrap();
     assert!(heard >= 2000, "{peer}");
-    let replicas = replicas_in_slots(&cluster);
-    assert_eq!(replicas.len(), 1, "only the live replica: {replicas:?}");
-    assert_ne!(replicas[0], redis::Value::Data(name.clone().into_bytes()));
     // Writes go on with the two that are left; the map still has one master.
     let _: () = cluster.nodes[leader].cmd(&["SET", "k", "v"]).unwrap();
     let info: String = cluster.nodes[leader].cmd(&["CLUSTER", "INFO"]).unwrap();
     assert!(info.contains("cluster_state:ok\r\n"), "{info}");
 
     cluster.nodes[lost].restart().unwrap();
-    wait_for("the follower to be online again", Duration::from_secs(20), || {
-        (health_of_lost(&cluster) == "online" && line_of_lost(&cluster).ends_with(" connected")).then_some(())
-    });
-    assert_eq!(replicas_in_slots(&cluster).len(), 2);
+    for on in [leader, witness] {
+        wait_for("the follower to be online again", Duration::from_secs(20), || {
+            (health_of_lost(&cluster, on) == "online" && line_of_lost(&cluster, on).ends_with(" connected")).then_some(())
+        });
+        assert_eq!(replicas_in_slots(&cluster, on).len(), 2);
+    }
 }
 
 /// A follower's `-MOVED` names the hash slot of the command's key, as Redis Cluster computes it

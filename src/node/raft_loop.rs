@@ -66,6 +66,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.raw.tick();
                 next_tick = now + self.tick_interval();
                 self.expire(now);
+                self.ask_leader_health();
             }
             self.start_reads();
             if let Err(e) = self.on_ready().await {
@@ -425,6 +426,11 @@ impl<S: StateMachine> RaftLoop<S> {
             fatal: None,
             recovered: self.recovery.clone(),
             cluster: self.transport.cluster_id(),
+            leader_view: if role == Role::Leader {
+                None
+            } else {
+                self.shared.leader_view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            },
         };
         let mut slot = self.lock_status();
         let fatal = slot.fatal.take();

@@ -8,6 +8,13 @@ const FORWARD_POOL: usize = 32;
 
 /// One forwarded command on a pooled (or new) connection to the leader.
 pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::ForwardReply {
+    ask_once(inner, addr, request, true).await
+}
+
+/// One request on a pooled (or new) connection to `addr`. After an error answer the connection
+/// goes back to the pool only if `pool_after_error`: a node that refuses a request it does not
+/// know (an earlier build) closes the connection it came on.
+pub(super) async fn ask_once(inner: &Inner, addr: &str, request: &[u8], pool_after_error: bool) -> forward::ForwardReply {
     let mut stream = match pooled_connection(inner, addr) {
         Some(s) => s,
         None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
@@ -34,7 +41,7 @@ pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> f
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(lost(&"connection closed")),
         Err(e) => return Err(lost(&e)),
     };
-    if buf.is_empty() {
+    if buf.is_empty() && (pool_after_error || !matches!(frame, Frame::Error(_))) {
         let mut pool = inner.forward_pool.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pool.entry(addr.to_string()).or_default();
         if idle.len() < FORWARD_POOL {

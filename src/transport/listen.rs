@@ -26,6 +26,7 @@ pub(super) struct Served {
     pub(super) snapshots: SnapshotDir,
     pub(super) forward: ForwardSlot,
     pub(super) removed: RemovedSlot,
+    pub(super) health: HealthSlot,
     pub(super) password: Option<Password>,
     pub(super) shared: Option<SharedSettings>,
     pub(super) claims: Arc<Claims>,
@@ -305,6 +306,10 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {
         snapshot_chunk(&args, served.snapshots.as_deref().map(|p| p.as_path())).map(Some)
+    } else if is("HEALTH") {
+        let source = served.health.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let answer = source.map_or_else(|| Err("ERR this node is not running raft yet".into()), |source| source());
+        Ok(Some(answer.map_or_else(Frame::Error, |report| Frame::Bulk(report.into_bytes().into()))))
     } else if is("PING") {
         match args.len() {
             1 => Ok(Some(Frame::Simple("PONG".into()))),
