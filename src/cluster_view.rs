@@ -132,13 +132,7 @@ impl ClusterView {
     /// address for it. A leader flags a follower it has not heard from for `failed_after`; a
     /// follower flags those its leader's current report flags (never itself: it is answering).
     pub fn new(st: &Status, failed_after: Duration) -> Option<ClusterView> {
-        let health = |id: NodeId| {
-            if st.is_leader() {
-                return health_report::seen_by_leader(st, id, failed_after);
-            }
-            let reported = st.leader_view.as_ref().filter(|_| id != st.id);
-            reported.and_then(|view| view.health_of(st, id, failed_after)).unwrap_or(Health::Online)
-        };
+        let health = |id: NodeId| health_report::health_of(st, id, failed_after).unwrap_or(Health::Online);
         let node = |id: NodeId| {
             let info = st.members.get(&id)?;
             let (host, port) = split(&info.client_addr)?;

@@ -98,6 +98,19 @@ impl LeaderView {
     }
 }
 
+/// How member `id` is doing as the node of status `st` knows it: by its own ears on the leader,
+/// from the leader's current report on a follower. `None` for itself (it is answering), and on
+/// a follower for the leader and whenever it has no current report.
+pub fn health_of(st: &Status, id: NodeId, failed_after: Duration) -> Option<Health> {
+    if id == st.id {
+        None
+    } else if st.is_leader() {
+        Some(seen_by_leader(st, id, failed_after))
+    } else {
+        st.leader_view.as_ref()?.health_of(st, id, failed_after)
+    }
+}
+
 /// How the leader of status `st` sees member `id`: failed once it has heard nothing from it for
 /// `failed_after`, loading while it sends it a snapshot.
 pub fn seen_by_leader(st: &Status, id: NodeId, failed_after: Duration) -> Health {
@@ -165,6 +178,13 @@ mod tests {
         follower.term = Term(4);
         let fresh = view(Duration::ZERO);
         assert_eq!(fresh.health_of(&follower, NodeId(3), FAILED_AFTER), Some(Health::Failed));
+        // Through the node's own status: never itself, never the leader (not in the report).
+        let mut with_view = follower.clone();
+        with_view.leader_view = Some(std::sync::Arc::new(fresh.clone()));
+        let known = |id: u64| health_of(&with_view, NodeId(id), FAILED_AFTER);
+        assert_eq!([known(1), known(2), known(3)], [None, None, Some(Health::Failed)]);
+        assert_eq!(health_of(&leader_status(), NodeId(3), FAILED_AFTER), Some(Health::Failed));
+        assert_eq!(health_of(&leader_status(), NodeId(1), FAILED_AFTER), None);
         assert_eq!(fresh.health_of(&follower, NodeId(4), FAILED_AFTER), Some(Health::Loading));
         assert_eq!(fresh.health_of(&follower, NodeId(9), FAILED_AFTER), None);
         assert_eq!(view(FAILED_AFTER).health_of(&follower, NodeId(3), FAILED_AFTER), None);

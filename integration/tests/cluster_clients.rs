@@ -171,11 +171,19 @@ fn every_node_shows_a_follower_the_leader_lost_as_failed_until_it_is_back() {
         assert_ne!(replicas[0], redis::Value::Data(name.clone().into_bytes()));
     }
     assert!(health_report(&cluster, leader).text().unwrap().contains(&format!("\n{lost_id} fail\n")));
+    // RAFT.INFO says the same on both, and how old the witness' report is.
+    let id = format!("id={lost_id},");
+    for on in [leader, witness] {
+        let info: String = cluster.nodes[on].cmd(&["RAFT.INFO"]).unwrap();
+        let peer = info.lines().find(|l| l.starts_with("peer") && l.contains(&id)).unwrap_or_else(|| panic!("{info}"));
+        assert!(peer.contains(",health=fail"), "{peer}");
+    }
+    let age = raftis_integration::info_text(&cluster.nodes[witness], "leader_report_age_ms");
+    assert!(age.parse::<i64>().is_ok_and(|ms| (0..2000).contains(&ms)), "a report {age} ms old");
     // The witness never flags itself, nor the leader it hears from.
     let nodes: String = cluster.nodes[witness].cmd(&["CLUSTER", "NODES"]).unwrap();
     assert_eq!(nodes.matches(",fail ").count(), 1, "{nodes}");
     let info: String = cluster.nodes[leader].cmd(&["RAFT.INFO"]).unwrap();
-    let id = format!("id={lost_id},");
     let peer = info.lines().find(|l| l.starts_with("peer") && l.contains(&id)).unwrap_or_else(|| panic!("{info}"));
     let heard = peer.split(',').find_map(|f| f.strip_prefix("last_heard_ms=")).unwrap_or_else(|| panic!("{peer}"));
     let heard: u64 = heard.parse().unwrap();

@@ -8,7 +8,8 @@ use crate::ffi::{self, RedisModuleCtx};
 use crate::reply::Reply;
 use crate::state::{self, Raftis, Start};
 use crate::write::not_initialized;
-use raftis_core::cluster_view::HashSlot;
+use raftis_core::cluster_view::{self, HashSlot};
+use raftis_core::health_report;
 use raftis_core::membership::NodeInfo;
 use raftis_core::status::Status;
 use raftis_core::shared_settings::SharedSettings;
@@ -387,6 +388,12 @@ pub fn info_fields() -> Vec<(String, String)> {
         "leader_addr",
         st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()),
     );
+    let failed_after = cluster_view::failed_after(s.settings().timing.tick_interval, st.election_ticks);
+    if !st.is_leader() {
+        // The members' health this node shows comes from the leader's newest report.
+        let age = st.leader_view.as_ref().map_or(-1, |v| v.received.elapsed().as_millis() as i64);
+        put("leader_report_age_ms", age.to_string());
+    }
     put("election_ticks", st.election_ticks.to_string());
     put("heartbeat_ticks", st.heartbeat_ticks.to_string());
     put("commit_index", st.commit.to_string());
@@ -440,6 +447,9 @@ pub fn info_fields() -> Vec<(String, String)> {
         if let Some(p) = st.progress_of(m.id) {
             let heard = p.silent_for.as_millis();
             let _ = write!(line, ",match_index={},next_index={},state={},last_heard_ms={heard}", p.matched, p.next, p.state);
+        }
+        if let Some(health) = health_report::health_of(&st, m.id, failed_after) {
+            let _ = write!(line, ",health={}", health.as_str());
         }
         let link = transport.iter().find(|t| t.id == m.id);
         if let Some(t) = link {
