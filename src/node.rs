@@ -265,8 +265,6 @@ struct Shared {
     stopped: AtomicBool,
     /// The snapshot file being downloaded from the leader, if any.
     fetch: Mutex<Option<FetchProgress>>,
-    /// On a follower: the leader's newest health report (see `leader_health`).
-    leader_view: Mutex<Option<Arc<crate::health_report::LeaderView>>>,
 }
 
 /// Handle to a running node. Dropping it shuts the node down.
@@ -410,7 +408,6 @@ impl<S: StateMachine> Node<S> {
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
-            leader_view: Mutex::new(None),
         });
         let reporter = shared.clone();
         transport.set_health_source(Arc::new(move || leader_health::answer(&reporter)));

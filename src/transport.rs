@@ -420,7 +420,7 @@ impl Transport {
     /// with an error line (it could not be reached, did not answer within `timeout`, or refused).
     pub fn ask_health(&self, addr: String, timeout: Duration, done: ForwardDone) {
         let mut request = BytesMut::new();
-        resp::encode(&Frame::Array(vec![Frame::Bulk(health_report::HEALTH.to_vec().into())]), &mut request);
+        resp::encode_command(&[health_report::HEALTH], &mut request);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {
             let answer = tokio::time::timeout(timeout, ask_once(&inner, &addr, &request, false)).await;

@@ -38,7 +38,6 @@ impl<S: StateMachine> RaftLoop<S> {
         let leader = NodeId(raft.leader_id);
         if raft.state == StateRole::Leader || raft.leader_id == 0 {
             // A leader sees for itself; a node without one has no map to show.
-            self.shared.leader_view.lock().unwrap_or_else(|p| p.into_inner()).take();
             return;
         }
         let asks = self.health_asks.clone();
@@ -63,7 +62,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 match report {
                     Ok(report) if report.leader == leader => {
                         let view = LeaderView { report, received: Instant::now() };
-                        *shared.leader_view.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(view));
+                        shared.status.lock().unwrap_or_else(|p| p.into_inner()).leader_view = Some(Arc::new(view));
                     }
                     Ok(report) => log::debug!("node {leader} answered HEALTH as node {}", report.leader),
                     Err(e) if e.contains("unknown command") => {

@@ -426,14 +426,12 @@ impl<S: StateMachine> RaftLoop<S> {
             fatal: None,
             recovered: self.recovery.clone(),
             cluster: self.transport.cluster_id(),
-            leader_view: if role == Role::Leader {
-                None
-            } else {
-                self.shared.leader_view.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            },
+            leader_view: None,
         };
         let mut slot = self.lock_status();
         let fatal = slot.fatal.take();
-        *slot = Status { fatal, ..status };
+        // The leader's newest report (see `leader_health`) is kept while there is one to follow.
+        let leader_view = slot.leader_view.take().filter(|_| role != Role::Leader && status.leader.is_some());
+        *slot = Status { fatal, leader_view, ..status };
     }
 }
