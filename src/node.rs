@@ -209,6 +209,7 @@ struct CounterCells {
     proposals: AtomicU64,
     entries_persisted: AtomicU64,
     fsyncs: AtomicU64,
+    background_fsyncs: AtomicU64,
     persist_micros: AtomicU64,
     read_index_rounds: AtomicU64,
     reads: AtomicU64,
@@ -234,6 +235,7 @@ impl CounterCells {
             proposals: get(&self.proposals),
             entries_persisted: get(&self.entries_persisted),
             fsyncs: get(&self.fsyncs),
+            background_fsyncs: get(&self.background_fsyncs),
             persist_micros: get(&self.persist_micros),
             read_index_rounds: get(&self.read_index_rounds),
             reads: get(&self.reads),
@@ -848,9 +850,12 @@ fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
         last = Instant::now();
         let medium = durability_from_code(shared.durability.load(Ordering::Relaxed)) == Durability::Medium;
         if medium && shared.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = store.sync() {
-                log::error!("background fsync of the raft log failed: {e:#}");
-                shared.dirty.store(true, Ordering::Relaxed);
+            match store.sync() {
+                Ok(()) => CounterCells::add(&shared.counters.background_fsyncs, 1),
+                Err(e) => {
+                    log::error!("background fsync of the raft log failed: {e:#}");
+                    shared.dirty.store(true, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -141,6 +141,9 @@ pub struct Counters {
     pub proposals: u64,
     pub entries_persisted: u64,
     pub fsyncs: u64,
+    /// The once-a-second flushes of `durability=medium` that found something to flush: what
+    /// the node had written before one of them started survives a power loss.
+    pub background_fsyncs: u64,
     /// Time the Raft loop spent writing its log (with the fsyncs, at durability high).
     pub persist_micros: u64,
     pub read_index_rounds: u64,

@@ -781,10 +781,16 @@ impl LogStore {
         self.inner.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
-    /// Flushes everything written so far to disk: the journal, then LMDB.
+    /// Flushes everything written so far to disk: LMDB, then the journal, with no checkpoint
+    /// in between. Below durability high this is the only flush, and a power loss between the
+    /// two must not find the journal ahead of LMDB: a journal generation flushed after a
+    /// checkpoint whose LMDB commit was not would leave a hole at open, and the node would not
+    /// start. The other way round, an older generation is replayed over a log that already
+    /// holds its entries.
     pub fn sync(&self) -> Result<()> {
-        self.tail().journal.sync()?;
+        let tail = self.tail();
         self.inner.env.force_sync()?;
+        tail.journal.sync()?;
         Ok(())
     }
 

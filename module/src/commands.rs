@@ -501,6 +501,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let _ = write!(out, "pending_proposals:{}\r\n", st.pending_proposals);
         let _ = write!(out, "raft_rounds:{}\r\nraft_readies:{}\r\nproposals:{}\r\n", c.rounds, c.readies, c.proposals);
         let _ = write!(out, "entries_persisted:{}\r\nfsyncs:{}\r\n", c.entries_persisted, c.fsyncs);
+        let _ = write!(out, "background_fsyncs:{}\r\n", c.background_fsyncs);
         let _ = write!(out, "persist_micros:{}\r\n", c.persist_micros);
         let _ = write!(out, "read_index_rounds:{}\r\nreads_confirmed:{}\r\n", c.read_index_rounds, c.reads);
         let _ = write!(out, "heartbeats_coalesced:{}\r\n", c.heartbeats_coalesced);
