@@ -4,6 +4,7 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod netproxy;
+pub mod power_cut;
 pub mod random_commands;
 pub mod resp_conn;
 pub mod transfers;
@@ -308,17 +309,26 @@ const PROXY_HOST: &str = "127.0.0.2";
 impl Cluster {
     /// Starts `n` servers and forms a cluster: INIT on the first, JOIN on the others.
     pub fn start(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(n, extra, false)
+        Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, false)
+    }
+
+    /// Like [`Cluster::start`], with the nodes' directories under `parent` (a
+    /// [`power_cut::PowerCutDisk`]).
+    pub fn start_in(parent: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
+        Self::start_with(Self::new_root(parent)?, n, extra, false)
     }
 
     /// Like [`Cluster::start`], with every side-port connection going through a proxy that can
     /// cut links between nodes (see [`netproxy`]).
     pub fn start_partitionable(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(n, extra, true)
+        Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, true)
     }
 
-    fn start_with(n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
-        let root = tempfile::Builder::new().prefix("raftis-it-").tempdir()?;
+    fn new_root(parent: impl AsRef<Path>) -> anyhow::Result<tempfile::TempDir> {
+        Ok(tempfile::Builder::new().prefix("raftis-it-").tempdir_in(parent)?)
+    }
+
+    fn start_with(root: tempfile::TempDir, n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
         let network = partitionable.then(netproxy::Network::new);
         let mut nodes = Vec::new();
         for i in 0..n {
