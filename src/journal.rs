@@ -12,9 +12,11 @@
 //! an older generation, still on disk past the new end, are never read as current. Reading
 //! stops at the first record that is empty, torn, or of another generation; whatever lies past
 //! that point is never read later (after a replay the caller's checkpoint starts a new
-//! generation, and `open` starts one itself when it found none but something follows). The file
-//! is filled with zeros when created, so appends never change its size and a flush writes data
-//! only.
+//! generation, and `open` starts one itself when it found none but something follows). Each
+//! checkpoint also records in LMDB the generation it absorbed, so a journal whose header never
+//! reached the disk after that checkpoint (possible below durability high) is not replayed over
+//! the newer log. The file is filled with zeros when created, so appends never change its size
+//! and a flush writes data only.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -119,6 +121,18 @@ impl Journal {
 
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// The generation new records are written in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Starts a generation newer than `absorbed`, flushed: none of this journal's records, of
+    /// `absorbed` or older, may be read again (see `LogStore::open`).
+    pub fn restart_past(&mut self, absorbed: u64) -> io::Result<()> {
+        self.generation = self.generation.max(absorbed);
+        self.restart(true)
     }
 
     /// Starts a new generation: everything recorded so far is in LMDB and must never be read

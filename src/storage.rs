@@ -73,6 +73,8 @@ mod key {
     pub const SNAPSHOT_META: &str = "snapshot_meta";
     pub const SNAPSHOT_DATA: &str = "snapshot_data";
     pub const TRUNCATED: &str = "truncated";
+    /// The newest journal generation whose records a checkpoint put in LMDB.
+    pub const JOURNAL_ABSORBED: &str = "journal_absorbed";
     pub const APP_PREFIX: &str = "app/";
 }
 
@@ -354,8 +356,24 @@ impl LogStore {
         let meta: MetaDb = env.create_database(&mut txn, Some("meta"))?;
         let page_size = u64::from(entries.stat(&txn)?.page_size);
         let state = load_state(&txn, entries, meta)?;
+        let absorbed = journal_absorbed(&txn, meta)?;
         txn.commit()?;
-        let (journal, records) = Journal::open(&path.join("journal"), JOURNAL_BYTES)?;
+        let (mut journal, mut records) = Journal::open(&path.join("journal"), JOURNAL_BYTES)?;
+        if let Some(absorbed) = absorbed.filter(|absorbed| journal.generation() <= *absorbed) {
+            // LMDB already holds these records: its checkpoint reached the disk and the journal's
+            // next header did not (below durability high, where neither is flushed on its own,
+            // a power loss can do that). Replayed, they would cut the log back to where they
+            // end and bring back the term and vote they recorded.
+            if !records.is_empty() {
+                log::warn!(
+                    "raft log: the journal's {} records (generation {}) are already in the stored log; not replaying them",
+                    records.len(),
+                    journal.generation()
+                );
+            }
+            records.clear();
+            journal.restart_past(absorbed)?;
+        }
 
         let store = LogStore {
             inner: Arc::new(Inner {
@@ -552,9 +570,11 @@ impl LogStore {
         if tail.entries.is_empty() && tail.journal.used() == 0 {
             return Ok(());
         }
+        let generation = tail.journal.generation();
         self.write_with(sync, |txn, state| {
             self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
+            self.inner.meta.put(txn, key::JOURNAL_ABSORBED, &generation.to_be_bytes())?;
             state.stored(state.hard_state.commit);
             Ok(())
         })?;
@@ -946,6 +966,16 @@ impl LogStore {
         Ok(EntryTerm::decode(unseal(index, bytes)?)?.term)
     }
 
+}
+
+/// The journal generation the stored log absorbed last (none in a log written before it was
+/// recorded).
+fn journal_absorbed(txn: &RoTxn, meta: MetaDb) -> Result<Option<u64>> {
+    let Some(bytes) = meta.get(txn, key::JOURNAL_ABSORBED)? else { return Ok(None) };
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StorageError::Corrupt(format!("{} holds {} bytes, not 8", key::JOURNAL_ABSORBED, bytes.len())))?;
+    Ok(Some(u64::from_be_bytes(bytes)))
 }
 
 fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {

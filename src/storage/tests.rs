@@ -490,6 +490,37 @@ fn appends_in_the_journal_survive_a_reopen_and_overwrite_stored_entries() {
 }
 
 #[test]
+fn a_journal_generation_the_stored_log_already_holds_is_not_replayed() {
+    // Below durability high nothing orders a checkpoint's LMDB commit before the journal's next
+    // header on disk: a power loss can keep the first and not the second. The journal then
+    // holds an older generation, whose records end before the stored log does and carry an
+    // older term and vote.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(LOG_DIR).join("journal");
+    let old = HardState { term: 1, vote: 1, commit: 1 };
+    let new = HardState { term: 2, vote: 2, commit: 4 };
+    let stale;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_ordered_commits(false);
+        store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&old), false).unwrap();
+        stale = std::fs::read(&journal).unwrap();
+        store.checkpoint(&mut store.tail()).unwrap();
+        store.append(&entries_with_terms(4, &[2, 2]), Some(&new), false).unwrap();
+        store.checkpoint(&mut store.tail()).unwrap();
+    }
+    std::fs::write(&journal, &stale).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(get(&store, 1, 6).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2]), "the log is not cut back");
+    assert_eq!(store.hard_state(), new, "no older term or vote comes back");
+    // What is appended now goes to a newer generation, replayed as usual after a crash.
+    store.append(&entries_with_terms(6, &[2]), None, false).unwrap();
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(get(&store, 1, 7).unwrap(), entries_with_terms(1, &[1, 1, 1, 2, 2, 2]));
+}
+
+#[test]
 fn an_append_larger_than_the_journal_goes_straight_into_lmdb() {
     let dir = tempfile::tempdir().unwrap();
     let mut big = entries_with_terms(1, &[1, 1]);
