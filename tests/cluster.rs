@@ -662,6 +662,40 @@ fn a_node_restarted_from_an_older_copy_of_its_dir_stops_with_why_and_the_others_
 }
 
 #[test]
+fn a_node_that_kept_entries_the_others_lost_after_they_were_committed_stops_with_why() {
+    // What a power loss on every node can leave below durability high: two nodes lost entries
+    // the cluster had committed, the third kept them (and applied them).
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_node_cluster(root.path(), Durability::High);
+    let first = append_and_check(current_leader(&nodes), &nodes, Vec::new(), "first", 20);
+    let members: Vec<(NodeId, PathBuf, u16)> = nodes.iter().map(|n| (n.id, n.dir.clone(), n.port)).collect();
+    drop(nodes);
+    let (lost, kept) = (&members[..2], &members[2]);
+    for (_, dir, _) in lost {
+        copy_dir(dir, &dir.with_extension("before"));
+    }
+    let nodes: Vec<TestNode> = members.iter().map(|(id, dir, port)| start(*id, dir, *port, false, Durability::High)).collect();
+    append_and_check(current_leader(&nodes), &nodes, first.clone(), "second", 20);
+    drop(nodes);
+    for (_, dir, _) in lost {
+        std::fs::remove_dir_all(dir).unwrap();
+        copy_dir(&dir.with_extension("before"), dir);
+    }
+
+    // The two that lost them elect a leader and commit other entries in their place.
+    let two: Vec<TestNode> = lost.iter().map(|(id, dir, port)| start(*id, dir, *port, false, Durability::High)).collect();
+    let after = append_and_check(current_leader(&two), &two, first, "instead", 5);
+    // raft would leave the third waiting for ever; it stops and says why.
+    let (id, dir, port) = kept;
+    let third = start(*id, dir, *port, false, Durability::High);
+    let why = wait_for("the node that kept them to stop", Duration::from_secs(10), || third.node.status().fatal);
+    assert!(why.contains("the cluster lost entries it had committed"), "{why}");
+    assert!(why.contains(&format!("RAFT.REMOVEPEER {id}")), "{why}");
+    // The two others carry on.
+    append_and_check(current_leader(&two), &two, after, "more", 5);
+}
+
+#[test]
 fn the_nodes_that_join_take_the_cluster_id_of_the_one_that_made_the_cluster_and_keep_it() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = three_node_cluster(root.path(), Durability::Medium);

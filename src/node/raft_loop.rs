@@ -241,8 +241,9 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     pub(super) fn step(&mut self, m: Message) {
-        if let Some(why) = self.lost_acknowledged_entries(&m) {
-            // raft would panic on this heartbeat; nothing this node can do makes it whole.
+        if let Some(why) = self.lost_acknowledged_entries(&m).or_else(|| self.kept_entries_the_cluster_lost(&m)) {
+            // raft would panic on this heartbeat, or leave the node stuck on that append;
+            // nothing this node can do makes it whole.
             self.must_stop.get_or_insert(why);
             return;
         }
@@ -270,6 +271,32 @@ impl<S: StateMachine> RaftLoop<S> {
              or a copy started in its place), or it lost writes in a machine crash (durability low or medium). \
              It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, \
              and join it again (RAFT.CLUSTER JOIN)"
+        ))
+    }
+
+    /// Why this node must stop, if `m` is an append from a current leader that puts another
+    /// entry where this node has one it counts as committed. Every leader holds every committed
+    /// entry, so the cluster lost entries it had committed: a power loss on a majority below
+    /// durability high, which this node survived with more of its log. raft would leave it
+    /// stuck (it answers such appends with its commit index, which the leader takes for
+    /// progress), and its dataset holds writes the cluster no longer has.
+    fn kept_entries_the_cluster_lost(&self, m: &Message) -> Option<anyhow::Error> {
+        if m.get_msg_type() != MessageType::MsgAppend || m.term < self.raw.raft.term {
+            return None;
+        }
+        let log = &self.raw.raft.raft_log;
+        let sent = std::iter::once((m.index, m.log_term)).chain(m.entries.iter().map(|e| (e.index, e.term)));
+        // Outside the log (compacted, or past its end) raft's term is 0: nothing to compare.
+        let (index, leaders, ours) = sent
+            .filter(|(index, _)| *index > 0 && *index <= log.committed)
+            .find_map(|(index, term)| log.term(index).ok().filter(|ours| *ours != 0 && *ours != term).map(|ours| (index, term, ours)))?;
+        let (id, leader) = (self.id, m.from);
+        Some(anyhow::anyhow!(
+            "entry {index} is committed on this node in term {ours}, but the leader (node {leader}) has an entry of \
+             term {leaders} there: the cluster lost entries it had committed, which this node kept (a power loss on \
+             most nodes at durability low or medium), and this node's dataset holds writes the cluster no longer has. \
+             It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, and join it \
+             again (RAFT.CLUSTER JOIN)"
         ))
     }
 
