@@ -16,6 +16,7 @@
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 pub struct PowerCutDisk {
     /// Holds the image and the mount point.
@@ -96,10 +97,13 @@ impl PowerCutDisk {
         Ok(())
     }
 
-    /// Cuts the power: the file system comes back with only what had reached the device. Every
-    /// process using it must have been stopped first (`kill -9`: nothing it left in the page
-    /// cache is written by its death).
+    /// Cuts the power: the file system comes back with only what had reached the device. A
+    /// test kills the servers it started first (`kill -9`: nothing a process left in the page
+    /// cache is written by its death), and reaps them.
     pub fn cut_power(&mut self) -> anyhow::Result<()> {
+        // Whatever still runs on the disk dies with the power: a snapshot child outlives its
+        // server's kill -9, for one.
+        self.kill_users()?;
         let image = self.image_str();
         let cut = format!("{image}.cut");
         // Read through the backing file: what the loop device has written, nothing more.
@@ -108,6 +112,44 @@ impl PowerCutDisk {
         self.detach()?;
         std::fs::rename(&cut, self.image())?;
         self.attach().context("mounting the disk after the power cut")
+    }
+}
+
+impl PowerCutDisk {
+    /// Kills every other process with its directory, a file or a mapping on the disk, and waits
+    /// until none is left (a zombie holds nothing).
+    fn kill_users(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let users = self.users();
+            if users.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("processes {users:?} still use {} after SIGKILL", self.path().display());
+            }
+            for pid in &users {
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn users(&self) -> Vec<i32> {
+        let mount = self.path();
+        let on_disk = |link: PathBuf| std::fs::read_link(link).is_ok_and(|target| target.starts_with(&mount));
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .flatten()
+            .filter_map(|p| Some((p.file_name().to_str()?.parse::<i32>().ok()?, p.path())))
+            .filter(|(pid, _)| *pid != std::process::id() as i32)
+            .filter(|(_, proc)| {
+                on_disk(proc.join("cwd"))
+                    || std::fs::read_dir(proc.join("fd")).is_ok_and(|mut fds| fds.any(|fd| fd.is_ok_and(|fd| on_disk(fd.path()))))
+                    || std::fs::read_to_string(proc.join("maps")).is_ok_and(|maps| maps.contains(&*mount.to_string_lossy()))
+            })
+            .map(|(pid, _)| pid)
+            .collect()
     }
 }
 

@@ -154,7 +154,27 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
     });
     cut_power_and_restart(&mut cluster, &mut disk);
 
-    assert_none_missing(&cluster, &acked);
+    // The tail the flushes did not cover (the small writes, an idle leader's clock entries) may
+    // be lost, in part: a node that kept committed entries the others lost stops and says so
+    // (README, Durability). No other outcome is allowed.
+    let leader = cluster.wait_leader();
+    let gone = missing(&cluster.nodes[leader], &acked);
+    assert!(gone.is_empty(), "{} of {} flushed writes lost, e.g. {:?}", gone.len(), acked.len(), &gone[..gone.len().min(5)]);
+    let commit = info_field(&cluster.nodes[leader], "commit_index");
+    let stopped: Vec<usize> = wait_for("every node to catch up or stop", Duration::from_secs(20), || {
+        let infos: Vec<String> = cluster.nodes.iter().map(|n| n.cmd::<String>(&["RAFT.INFO"]).unwrap()).collect();
+        let stopped: Vec<usize> = (0..3).filter(|i| infos[*i].contains("role:stopped")).collect();
+        let caught_up = (0..3).all(|i| stopped.contains(&i) || info_field(&cluster.nodes[i], "applied_index") >= commit);
+        caught_up.then_some(stopped)
+    });
+    for i in &stopped {
+        eprintln!("after the cut, node {i} stopped: it kept entries the others lost");
+        let info: String = cluster.nodes[*i].cmd(&["RAFT.INFO"]).unwrap();
+        assert!(info.contains("the cluster lost entries it had committed"), "node {i} stopped:\n{info}");
+    }
+    assert!(stopped.len() <= 1, "nodes {stopped:?} stopped");
+    let running: Vec<usize> = (0..3).filter(|i| !stopped.contains(i)).collect();
+    cluster.assert_same_dataset(&running);
 }
 
 #[test]
