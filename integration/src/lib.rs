@@ -301,6 +301,9 @@ pub struct Cluster {
     /// The proxies between side ports, for clusters started with [`Cluster::start_partitionable`].
     pub network: Option<netproxy::Network>,
     pub root: tempfile::TempDir,
+    /// The disk under `root`, for clusters started with [`Cluster::start_on_disk`] (dropped
+    /// last: it is unmounted once `root` is gone).
+    pub disk: Option<power_cut::PowerCutDisk>,
 }
 
 /// The loopback address partitionable nodes advertise; the proxies listen there.
@@ -312,16 +315,36 @@ impl Cluster {
         Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, false)
     }
 
-    /// Like [`Cluster::start`], with the nodes' directories under `parent` (a
-    /// [`power_cut::PowerCutDisk`]).
-    pub fn start_in(parent: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(Self::new_root(parent)?, n, extra, false)
-    }
-
     /// Like [`Cluster::start`], with every side-port connection going through a proxy that can
     /// cut links between nodes (see [`netproxy`]).
     pub fn start_partitionable(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
         Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, true)
+    }
+
+    /// Like [`Cluster::start`] or [`Cluster::start_partitionable`], with the nodes' directories
+    /// on a disk of their own whose power can be cut ([`Cluster::cut_power`]).
+    pub fn start_on_disk(n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
+        let disk = power_cut::PowerCutDisk::create(1024)?;
+        let mut cluster = Self::start_with(Self::new_root(disk.path())?, n, extra, partitionable)?;
+        cluster.disk = Some(disk);
+        Ok(cluster)
+    }
+
+    /// Kills every node and cuts the power of their disk: what was not flushed is gone. The
+    /// nodes stay down until [`Cluster::restart_all`].
+    pub fn cut_power(&mut self) -> anyhow::Result<()> {
+        for node in self.nodes.iter_mut() {
+            node.kill9();
+        }
+        self.disk.as_mut().context("a power cut needs Cluster::start_on_disk")?.cut_power()
+    }
+
+    /// Starts every node again, after [`Cluster::cut_power`].
+    pub fn restart_all(&mut self) -> anyhow::Result<()> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.restart().with_context(|| format!("restarting node {i}"))?;
+        }
+        Ok(())
     }
 
     fn new_root(parent: impl AsRef<Path>) -> anyhow::Result<tempfile::TempDir> {
@@ -365,7 +388,7 @@ impl Cluster {
             };
             nodes.push(server);
         }
-        let c = Cluster { nodes, network, root };
+        let c = Cluster { nodes, network, root, disk: None };
         let init: String = c.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"])?;
         anyhow::ensure!(init == "OK", "INIT answered {init}");
         c.wait_leader();

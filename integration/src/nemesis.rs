@@ -30,6 +30,9 @@ pub enum Fault {
     /// Change raft's election and heartbeat ticks on every node at runtime (followers first):
     /// each rebuilds its raft state, the leader after handing leadership over.
     Retime,
+    /// Every node loses power at once: their disk keeps only what was flushed. They all start
+    /// again after a while. Needs [`Cluster::start_on_disk`].
+    PowerCut,
 }
 
 impl Fault {
@@ -130,6 +133,12 @@ impl Nemesis {
                 self.hold();
                 net.heal();
                 self.note(started, format!("{fault:?}: groups {groups:?} (cut {links}), then healed"));
+            }
+            Fault::PowerCut => {
+                cluster.cut_power().expect("cutting the power");
+                self.hold();
+                cluster.restart_all().expect("starting the nodes after a power cut");
+                self.note(started, format!("{fault:?}: every node lost power and started again"));
             }
             Fault::Retime => {
                 let election = self.rng.gen_range(8..=14);

@@ -1,5 +1,5 @@
 //! Jepsen-style runs: clients record every operation against a real cluster while the nemesis
-//! kills, pauses, partitions and re-members nodes; then the history is checked (linearizable
+//! kills, pauses, partitions and re-members nodes, and cuts every node's power; then the history is checked (linearizable
 //! registers, counter bounds, list appends, transfer ledgers, and balances that add up in every
 //! transactional snapshot) and every node must hold the same dataset.
 //!
@@ -33,7 +33,9 @@ fn run_with(faults: &[Fault], module_args: &[&str]) {
     eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
 
     let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
-    let mut cluster = if partitions {
+    let mut cluster = if faults.contains(&Fault::PowerCut) {
+        Cluster::start_on_disk(nodes, module_args, partitions)
+    } else if partitions {
         Cluster::start_partitionable(nodes, module_args)
     } else {
         Cluster::start(nodes, module_args)
@@ -84,6 +86,14 @@ fn run_with(faults: &[Fault], module_args: &[&str]) {
     // Every node, healed, converges on the same dataset.
     let all: Vec<usize> = (0..nodes).collect();
     cluster.assert_same_dataset(&all);
+}
+
+#[test]
+fn power_cuts_on_every_node_lose_nothing_acknowledged() {
+    if !raftis_integration::power_cut::can_run_here() {
+        return;
+    }
+    run(&[Fault::PowerCut, Fault::PowerCut, Fault::KillRandom, Fault::PauseLeader, Fault::IsolateLeader]);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Power cuts: every node of a cluster loses power at once, then all of them start again.
 //!
-//! The nodes keep their data on one [`PowerCutDisk`]: after the cut, only what the file system had
+//! The nodes keep their data on one `PowerCutDisk`: after the cut, only what the file system had
 //! handed to the disk is there (`kill -9` alone loses nothing, the kernel still has the pages).
 //! - `durability=high`: nothing acknowledged is lost, with writes in flight at the cut, also
 //!   while nodes take snapshots and compact their logs.
@@ -10,7 +10,7 @@
 //!
 //! They need root and loop devices; elsewhere they say so and pass, but never under CI.
 
-use raftis_integration::power_cut::{self, PowerCutDisk};
+use raftis_integration::power_cut;
 use raftis_integration::resp_conn::{args, RespConn};
 use raftis_integration::{info_field, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,14 +19,6 @@ use std::time::Duration;
 
 const PIPELINE: usize = 16;
 
-fn disk() -> Option<PowerCutDisk> {
-    if let Some(why) = power_cut::unavailable() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the power-cut tests, but this machine {why}");
-        eprintln!("skipped: a power cut {why}");
-        return None;
-    }
-    Some(PowerCutDisk::create(512).expect("making the nodes' disk"))
-}
 
 fn value_of(key: &str) -> String {
     format!("{key}-value")
@@ -59,16 +51,10 @@ fn write_keys(port: u16, prefix: &str, limit: usize, progress: &AtomicUsize) -> 
     acked
 }
 
-/// Kills every node (their unflushed pages stay behind in the page cache), cuts the disk's
-/// power, and starts every node again.
-fn cut_power_and_restart(cluster: &mut Cluster, disk: &mut PowerCutDisk) {
-    for node in cluster.nodes.iter_mut() {
-        node.kill9();
-    }
-    disk.cut_power().expect("cutting the power");
-    for (i, node) in cluster.nodes.iter_mut().enumerate() {
-        node.restart().unwrap_or_else(|e| panic!("node {i} did not start after the power cut: {e:#}"));
-    }
+/// Cuts every node's power (see [`Cluster::cut_power`]) and starts them all again.
+fn cut_power_and_restart(cluster: &mut Cluster) {
+    cluster.cut_power().expect("cutting the power");
+    cluster.restart_all().expect("starting the nodes after the power cut");
 }
 
 /// The keys in `acked` that `server` does not hold with the value written.
@@ -92,8 +78,10 @@ fn missing(server: &Server, acked: &[String]) -> Vec<String> {
 /// Four clients write in pipelines to the leader until every node's power is cut under them,
 /// once `ready` holds; then no acknowledged write may be missing.
 fn power_cut_under_load_loses_nothing_acknowledged(module_args: &[&str], ready: impl Fn(&Cluster) -> bool) {
-    let Some(mut disk) = disk() else { return };
-    let mut cluster = Cluster::start_in(&disk.path(), 3, module_args).unwrap();
+    if !power_cut::can_run_here() {
+        return;
+    }
+    let mut cluster = Cluster::start_on_disk(3, module_args, false).unwrap();
     let port = cluster.leader().port;
     let progress = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = (0..4)
@@ -105,7 +93,7 @@ fn power_cut_under_load_loses_nothing_acknowledged(module_args: &[&str], ready: 
     wait_for("4,000 acknowledged writes, and the moment to cut", Duration::from_secs(60), || {
         (progress.load(Ordering::SeqCst) >= 4000 && ready(&cluster)).then_some(())
     });
-    cut_power_and_restart(&mut cluster, &mut disk);
+    cut_power_and_restart(&mut cluster);
     let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
     assert!(acked.len() >= 4000);
 
@@ -137,9 +125,11 @@ fn with_durability_high_a_power_cut_amid_snapshots_and_compaction_loses_nothing_
 
 #[test]
 fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survives_a_power_cut() {
-    let Some(mut disk) = disk() else { return };
+    if !power_cut::can_run_here() {
+        return;
+    }
     // Formed at high, so that the membership is on disk whatever happens next.
-    let mut cluster = Cluster::start_in(&disk.path(), 3, &[]).unwrap();
+    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
     cluster.config_set("durability", "medium");
     let leader = cluster.wait_leader();
     let acked = write_keys(cluster.nodes[leader].port, "m", 3000, &AtomicUsize::new(0));
@@ -152,7 +142,7 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
         let _ = cluster.nodes[leader].cmd::<String>(&["SET", "keeps-something-to-flush", "1"]);
         cluster.nodes.iter().zip(&flushes).all(|(n, before)| stat_field(n, "background_fsyncs") >= before + 2).then_some(())
     });
-    cut_power_and_restart(&mut cluster, &mut disk);
+    cut_power_and_restart(&mut cluster);
 
     // The tail the flushes did not cover (the small writes, an idle leader's clock entries) may
     // be lost, in part: a node that kept committed entries the others lost stops and says so
@@ -179,15 +169,17 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
 
 #[test]
 fn with_durability_low_a_power_cut_on_every_node_loses_acknowledged_writes() {
-    let Some(mut disk) = disk() else { return };
-    let mut cluster = Cluster::start_in(&disk.path(), 3, &[]).unwrap();
+    if !power_cut::can_run_here() {
+        return;
+    }
+    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
     let before = write_keys(cluster.leader().port, "high", 500, &AtomicUsize::new(0));
     cluster.config_set("durability", "low");
     let leader = cluster.wait_leader();
     let acked = write_keys(cluster.nodes[leader].port, "low", 2000, &AtomicUsize::new(0));
     assert_eq!(acked.len(), 2000);
     // No node flushes anything now, and the kernel writes dirty pages back only after 30 s.
-    cut_power_and_restart(&mut cluster, &mut disk);
+    cut_power_and_restart(&mut cluster);
 
     // The nodes come back as they were when durability went down: what was written at high
     // is there, every node agrees, and what was written since is not.
