@@ -12,7 +12,7 @@
 
 use raftis_integration::power_cut;
 use raftis_integration::resp_conn::{args, RespConn};
-use raftis_integration::{info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,15 +97,15 @@ fn power_cut_under_load_loses_nothing_acknowledged(module_args: &[&str], ready: 
     let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
     assert!(acked.len() >= 4000);
 
-    assert_none_missing(&cluster, &acked);
+    assert_none_missing(&cluster, &acked, &[0, 1, 2]);
 }
 
-/// Every key in `acked` is on the leader with its value, and every node holds the same data.
-fn assert_none_missing(cluster: &Cluster, acked: &[String]) {
+/// Every key in `acked` is on the leader with its value, and `nodes` hold the same data.
+fn assert_none_missing(cluster: &Cluster, acked: &[String], nodes: &[usize]) {
     let leader = cluster.wait_leader();
     let gone = missing(&cluster.nodes[leader], acked);
     assert!(gone.is_empty(), "{} of {} acknowledged writes lost, e.g. {:?}", gone.len(), acked.len(), &gone[..gone.len().min(5)]);
-    cluster.assert_same_dataset(&[0, 1, 2]);
+    cluster.assert_same_dataset(nodes);
 }
 
 #[test]
@@ -121,6 +121,44 @@ fn with_durability_high_a_power_cut_amid_snapshots_and_compaction_loses_nothing_
     power_cut_under_load_loses_nothing_acknowledged(&args, |cluster| {
         cluster.nodes.iter().all(|n| info_field(n, "snapshots_started") >= 2)
     });
+}
+
+#[test]
+fn with_durability_high_a_power_cut_while_a_joining_node_fetches_a_snapshot_loses_nothing() {
+    if !power_cut::can_run_here() {
+        return;
+    }
+    // A log compacted behind a snapshot of 200,000 keys: a node that joins downloads it.
+    let args = ["durability=high", "snapshot-threshold=100000", "trailing-logs=100"];
+    let mut cluster = Cluster::start_on_disk(3, &args, false).unwrap();
+    let leader = cluster.wait_leader();
+    let acked = write_keys(cluster.nodes[leader].port, "s", 200_000, &AtomicUsize::new(0));
+    assert_eq!(acked.len(), 200_000);
+    wait_for("a snapshot on the leader", Duration::from_secs(60), || {
+        (info_field(&cluster.nodes[leader], "first_log_index") > 1).then_some(())
+    });
+
+    let dir = cluster.root.path().join("n3");
+    cluster.nodes.push(Server::start(free_port_pair(), &dir, &args).unwrap());
+    let (port, via) = (cluster.nodes[3].port, cluster.nodes[leader].addr());
+    let join = std::thread::spawn(move || {
+        let mut conn = RespConn::connect(port).unwrap();
+        conn.call(&[b"RAFT.CLUSTER", b"JOIN", via.as_bytes()])
+    });
+    // The power goes while the download runs if this sees it, else as soon as the join is done.
+    let during = wait_for("the joining node to fetch or finish", Duration::from_secs(60), || {
+        let info: String = cluster.nodes[3].quick_cmd(&["RAFT.INFO"]).ok()?;
+        if info.contains("snapshot_fetch_in_progress:yes") {
+            return Some(true);
+        }
+        join.is_finished().then_some(false)
+    });
+    eprintln!("the power went {} the snapshot download", if during { "during" } else { "after" });
+    cut_power_and_restart(&mut cluster);
+    let _ = join.join();
+
+    // The new node was added (as a learner) before its download: it catches up with the rest.
+    assert_none_missing(&cluster, &acked, &[0, 1, 2, 3]);
 }
 
 #[test]
