@@ -252,6 +252,17 @@ struct Inner {
     claim: DirClaim,
 }
 
+impl Drop for Inner {
+    /// heed keeps every environment it opens in a process-wide map and hands that one, with
+    /// the files as they were when it was first opened, to any later open of the same path.
+    /// Taken out of the map here, the environment closes with the store (before the claim on
+    /// the directory goes), and a store opened later in the process reads the files as they
+    /// are then: a test that puts an older copy of a node's dir in place must get that copy.
+    fn drop(&mut self) {
+        let _closing = self.env.clone().prepare_for_closing();
+    }
+}
+
 /// The log past what LMDB holds: entries from `first` on, recorded in the journal. Stored
 /// entries from `first` on, if any, are superseded (a new leader overwrote them).
 struct Tail {
