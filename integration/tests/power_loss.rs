@@ -3,7 +3,8 @@
 //! The nodes keep their data on one `PowerCutDisk`: after the cut, only what the file system had
 //! handed to the disk is there (`kill -9` alone loses nothing, the kernel still has the pages).
 //! - `durability=high`: nothing acknowledged is lost, with writes in flight at the cut, also
-//!   while nodes take snapshots and compact their logs.
+//!   while nodes take snapshots and compact their logs or a joining node downloads one; a cluster
+//!   cut right after it formed keeps every member.
 //! - `durability=medium`: a write acknowledged before a background flush started survives.
 //! - `durability=low`: acknowledged writes are lost, as the README says. This one also shows
 //!   that the cut really drops what was not flushed, so the first two can fail.
@@ -159,6 +160,24 @@ fn with_durability_high_a_power_cut_while_a_joining_node_fetches_a_snapshot_lose
 
     // The new node was added (as a learner) before its download: it catches up with the rest.
     assert_none_missing(&cluster, &acked, &[0, 1, 2, 3]);
+}
+
+#[test]
+fn a_power_cut_right_after_the_cluster_formed_keeps_every_member() {
+    if !power_cut::can_run_here() {
+        return;
+    }
+    // INIT and both JOINs answered OK; the power goes at once.
+    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
+    let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id()).collect();
+    cut_power_and_restart(&mut cluster);
+    let leader = cluster.wait_leader();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        assert_eq!(node.node_id(), ids[i], "node {i} is still the same member");
+        assert_eq!(info_field(node, "voters"), 3, "node {i} knows every voter");
+    }
+    let acked = write_keys(cluster.nodes[leader].port, "formed", 100, &AtomicUsize::new(0));
+    assert_none_missing(&cluster, &acked, &[0, 1, 2]);
 }
 
 #[test]
