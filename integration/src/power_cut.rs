@@ -122,9 +122,7 @@ impl PowerCutDisk {
         std::fs::rename(&cut, self.image())?;
         self.attach().context("mounting the disk after the power cut")
     }
-}
 
-impl PowerCutDisk {
     /// Kills every other process with its directory, a file or a mapping on the disk, and waits
     /// until none is left (a zombie holds nothing).
     fn kill_users(&self) -> anyhow::Result<()> {

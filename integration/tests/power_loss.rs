@@ -13,13 +13,12 @@
 
 use raftis_integration::power_cut;
 use raftis_integration::resp_conn::{args, RespConn};
-use raftis_integration::{free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{field_in, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const PIPELINE: usize = 16;
-
 
 fn value_of(key: &str) -> String {
     format!("{key}-value")
@@ -103,10 +102,16 @@ fn power_cut_under_load_loses_nothing_acknowledged(module_args: &[&str], ready: 
 
 /// Every key in `acked` is on the leader with its value, and `nodes` hold the same data.
 fn assert_none_missing(cluster: &Cluster, acked: &[String], nodes: &[usize]) {
+    assert_on_leader(cluster, acked);
+    cluster.assert_same_dataset(nodes);
+}
+
+/// Every key in `acked` is on the leader with its value. The leader.
+fn assert_on_leader(cluster: &Cluster, acked: &[String]) -> usize {
     let leader = cluster.wait_leader();
     let gone = missing(&cluster.nodes[leader], acked);
     assert!(gone.is_empty(), "{} of {} acknowledged writes lost, e.g. {:?}", gone.len(), acked.len(), &gone[..gone.len().min(5)]);
-    cluster.assert_same_dataset(nodes);
+    leader
 }
 
 #[test]
@@ -208,22 +213,20 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
     // The tail the flushes did not cover (the small writes, an idle leader's clock entries) may
     // be lost, in part: a node that kept committed entries the others lost stops and says so
     // (README, Durability). No other outcome is allowed.
-    let leader = cluster.wait_leader();
-    let gone = missing(&cluster.nodes[leader], &acked);
-    assert!(gone.is_empty(), "{} of {} flushed writes lost, e.g. {:?}", gone.len(), acked.len(), &gone[..gone.len().min(5)]);
+    let leader = assert_on_leader(&cluster, &acked);
     let commit = info_field(&cluster.nodes[leader], "commit_index");
-    let stopped: Vec<usize> = wait_for("every node to catch up or stop", Duration::from_secs(20), || {
+    let stopped: Vec<(usize, String)> = wait_for("every node to catch up or stop", Duration::from_secs(20), || {
         let infos: Vec<String> = cluster.nodes.iter().map(|n| n.cmd::<String>(&["RAFT.INFO"]).unwrap()).collect();
-        let stopped: Vec<usize> = (0..3).filter(|i| infos[*i].contains("role:stopped")).collect();
-        let caught_up = (0..3).all(|i| stopped.contains(&i) || info_field(&cluster.nodes[i], "applied_index") >= commit);
-        caught_up.then_some(stopped)
+        let applied = |info: &str| field_in(info, "applied_index").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let caught_up = infos.iter().all(|info| info.contains("role:stopped") || applied(info) >= commit);
+        caught_up.then(|| infos.into_iter().enumerate().filter(|(_, info)| info.contains("role:stopped")).collect())
     });
-    for i in &stopped {
+    for (i, info) in &stopped {
         eprintln!("after the cut, node {i} stopped: it kept entries the others lost");
-        let info: String = cluster.nodes[*i].cmd(&["RAFT.INFO"]).unwrap();
         assert!(info.contains("the cluster lost entries it had committed"), "node {i} stopped:\n{info}");
     }
-    assert!(stopped.len() <= 1, "nodes {stopped:?} stopped");
+    assert!(stopped.len() <= 1, "{} nodes stopped", stopped.len());
+    let stopped: Vec<usize> = stopped.into_iter().map(|(i, _)| i).collect();
     let running: Vec<usize> = (0..3).filter(|i| !stopped.contains(i)).collect();
     cluster.assert_same_dataset(&running);
 }
@@ -244,8 +247,7 @@ fn with_durability_low_a_power_cut_on_every_node_loses_acknowledged_writes() {
 
     // The nodes come back as they were when durability went down: what was written at high
     // is there, every node agrees, and what was written since is not.
-    let leader = cluster.wait_leader();
-    assert_eq!(missing(&cluster.nodes[leader], &before), Vec::<String>::new(), "writes made at durability high");
+    let leader = assert_on_leader(&cluster, &before);
     let gone = missing(&cluster.nodes[leader], &acked);
     eprintln!("{} of {} writes acknowledged at durability low were lost", gone.len(), acked.len());
     assert!(!gone.is_empty(), "no write was lost: the power cut kept what was never flushed");
