@@ -4,14 +4,15 @@
 //! handed to the disk is there (`kill -9` alone loses nothing, the kernel still has the pages).
 //! - `durability=high`: nothing acknowledged is lost, with writes in flight at the cut, also
 //!   while nodes take snapshots and compact their logs or a joining node downloads one; a cluster
-//!   cut right after it formed keeps every member.
+//!   cut right after it formed keeps every member, and one cut right after `INIT KEEPDATA` the
+//!   keys it took in.
 //! - `durability=medium`: a write acknowledged before a background flush started survives.
 //! - `durability=low`: acknowledged writes are lost, as the README says. This one also shows
 //!   that the cut really drops what was not flushed, so the first two can fail.
 //!
 //! They need root and loop devices; elsewhere they say so and pass, but never under CI.
 
-use raftis_integration::power_cut;
+use raftis_integration::power_cut::{self, PowerCutDisk};
 use raftis_integration::resp_conn::{args, RespConn};
 use raftis_integration::{field_in, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -187,6 +188,30 @@ fn a_power_cut_right_after_the_cluster_formed_keeps_every_member() {
     }
     let acked = write_keys(cluster.nodes[leader].port, "formed", 100, &AtomicUsize::new(0));
     assert_none_missing(&cluster, &acked, &[0, 1, 2]);
+}
+
+#[test]
+fn a_power_cut_right_after_init_keepdata_keeps_the_keys_it_took_in() {
+    if !power_cut::can_run_here() {
+        return;
+    }
+    let mut disk = PowerCutDisk::create(512).unwrap();
+    let dir = disk.path().join("node");
+    // A dump file plain Redis wrote (SAVE flushes it), loaded by the node at start.
+    let plain = Server::start_plain(free_port_pair(), &dir).unwrap();
+    let kept = write_keys(plain.port, "kept", 5000, &AtomicUsize::new(0));
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+    drop(plain);
+    let mut node = Server::start(free_port_pair(), &dir, &[]).unwrap();
+    let ok: String = node.cmd(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap();
+    assert_eq!(ok, "OK");
+
+    node.kill9();
+    disk.cut_power().expect("cutting the power");
+    node.restart().expect("starting the node after the power cut");
+    wait_for("the node to lead again", Duration::from_secs(20), || (node.state() == "leader").then_some(()));
+    assert_eq!(missing(&node, &kept), Vec::<String>::new(), "keys INIT KEEPDATA took in");
+    assert_eq!(node.cmd::<i64>(&["DBSIZE"]).unwrap(), 5000);
 }
 
 #[test]
