@@ -264,13 +264,12 @@ impl<S: StateMachine> RaftLoop<S> {
         if m.get_msg_type() != MessageType::MsgHeartbeat || m.term < self.raw.raft.term || m.commit <= last {
             return None;
         }
-        let (id, leader, held) = (self.id, m.from, m.commit);
+        let (leader, held) = (m.from, m.commit);
         Some(anyhow::anyhow!(
             "this node's log ends at index {last}, but the leader (node {leader}) has it down as holding entries \
              up to {held}: entries it acknowledged are gone. Its raft dir is older than the node itself (a backup \
-             or a copy started in its place), or it lost writes in a machine crash (durability low or medium). \
-             It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, \
-             and join it again (RAFT.CLUSTER JOIN)"
+             or a copy started in its place), or it lost writes in a machine crash (durability low or medium). {}",
+            self.rebuild_advice()
         ))
     }
 
@@ -290,14 +289,22 @@ impl<S: StateMachine> RaftLoop<S> {
         let (index, leaders, ours) = sent
             .filter(|(index, _)| *index > 0 && *index <= log.committed)
             .find_map(|(index, term)| log.term(index).ok().filter(|ours| *ours != 0 && *ours != term).map(|ours| (index, term, ours)))?;
-        let (id, leader) = (self.id, m.from);
+        let leader = m.from;
         Some(anyhow::anyhow!(
             "entry {index} is committed on this node in term {ours}, but the leader (node {leader}) has an entry of \
              term {leaders} there: the cluster lost entries it had committed, which this node kept (a power loss on \
-             most nodes at durability low or medium), and this node's dataset holds writes the cluster no longer has. \
-             It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, and join it \
-             again (RAFT.CLUSTER JOIN)"
+             most nodes at durability low or medium), and this node's dataset holds writes the cluster no longer has. {}",
+            self.rebuild_advice()
         ))
+    }
+
+    /// What to do with a node whose log no longer matches the cluster's under its id.
+    fn rebuild_advice(&self) -> String {
+        let id = self.id;
+        format!(
+            "It cannot rejoin as node {id}: remove it (RAFT.REMOVEPEER {id} on the leader), empty its dir, and join it \
+             again (RAFT.CLUSTER JOIN)"
+        )
     }
 
     /// A node that joined has no cluster id until it follows a leader; it then keeps the one
