@@ -28,14 +28,30 @@ fn value_of(key: &str) -> String {
 /// Writes `SET <prefix>:<i> <prefix>:<i>-value` in pipelines until `limit` writes were sent or
 /// the connection fails (its node was killed). The keys acknowledged with `+OK`.
 fn write_keys(port: u16, prefix: &str, limit: usize, progress: &AtomicUsize) -> Vec<String> {
+    write_keys_until_error(port, prefix, limit, progress).0
+}
+
+/// Writes `n` keys as [`write_keys`] does, to a cluster that stays up: every one is acknowledged.
+fn write_all_keys(port: u16, prefix: &str, n: usize) -> Vec<String> {
+    let (acked, error) = write_keys_until_error(port, prefix, n, &AtomicUsize::new(0));
+    if let Some(e) = error {
+        panic!("writing {n} keys to port {port}: {} acknowledged, then {e:#}", acked.len());
+    }
+    acked
+}
+
+fn write_keys_until_error(port: u16, prefix: &str, limit: usize, progress: &AtomicUsize) -> (Vec<String>, Option<anyhow::Error>) {
     let mut acked = Vec::new();
-    let Ok(mut conn) = RespConn::connect(port) else { return acked };
+    let mut conn = match RespConn::connect(port) {
+        Ok(conn) => conn,
+        Err(e) => return (acked, Some(e.context("connecting"))),
+    };
     let mut next = 0;
     while next < limit {
         let keys: Vec<String> = (next..limit.min(next + PIPELINE)).map(|i| format!("{prefix}:{i}")).collect();
         let batch: Vec<Vec<Vec<u8>>> = keys.iter().map(|k| args(&["SET", k, &value_of(k)])).collect();
-        if conn.send(&batch).is_err() {
-            return acked;
+        if let Err(e) = conn.send(&batch) {
+            return (acked, Some(e.context("sending")));
         }
         for key in keys {
             match conn.reply() {
@@ -44,12 +60,12 @@ fn write_keys(port: u16, prefix: &str, limit: usize, progress: &AtomicUsize) -> 
                     acked.push(key);
                     progress.fetch_add(1, Ordering::SeqCst);
                 }
-                Err(_) => return acked,
+                Err(e) => return (acked, Some(e.context(format!("reading the reply to SET {key}")))),
             }
         }
         next = limit.min(next + PIPELINE);
     }
-    acked
+    (acked, None)
 }
 
 /// Cuts every node's power (see [`Cluster::cut_power`]) and starts them all again.
@@ -139,8 +155,7 @@ fn with_durability_high_a_power_cut_while_a_joining_node_fetches_a_snapshot_lose
     let args = ["durability=high", "snapshot-threshold=100000", "trailing-logs=100"];
     let mut cluster = Cluster::start_on_disk(3, &args, false).unwrap();
     let leader = cluster.wait_leader();
-    let acked = write_keys(cluster.nodes[leader].port, "s", 200_000, &AtomicUsize::new(0));
-    assert_eq!(acked.len(), 200_000);
+    let acked = write_all_keys(cluster.nodes[leader].port, "s", 200_000);
     wait_for("a snapshot on the leader", Duration::from_secs(60), || {
         (info_field(&cluster.nodes[leader], "first_log_index") > 1).then_some(())
     });
@@ -186,7 +201,7 @@ fn a_power_cut_right_after_the_cluster_formed_keeps_every_member() {
         assert_eq!(node.node_id(), ids[i], "node {i} is still the same member");
         assert_eq!(info_field(node, "voters"), 3, "node {i} knows every voter");
     }
-    let acked = write_keys(cluster.nodes[leader].port, "formed", 100, &AtomicUsize::new(0));
+    let acked = write_all_keys(cluster.nodes[leader].port, "formed", 100);
     assert_none_missing(&cluster, &acked, &[0, 1, 2]);
 }
 
@@ -199,7 +214,7 @@ fn a_power_cut_right_after_init_keepdata_keeps_the_keys_it_took_in() {
     let dir = disk.path().join("node");
     // A dump file plain Redis wrote (SAVE flushes it), loaded by the node at start.
     let plain = Server::start_plain(free_port_pair(), &dir).unwrap();
-    let kept = write_keys(plain.port, "kept", 5000, &AtomicUsize::new(0));
+    let kept = write_all_keys(plain.port, "kept", 5000);
     let _: () = plain.cmd(&["SAVE"]).unwrap();
     drop(plain);
     let mut node = Server::start(free_port_pair(), &dir, &[]).unwrap();
@@ -223,8 +238,7 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
     let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
     cluster.config_set("durability", "medium");
     let leader = cluster.wait_leader();
-    let acked = write_keys(cluster.nodes[leader].port, "m", 3000, &AtomicUsize::new(0));
-    assert_eq!(acked.len(), 3000);
+    let acked = write_all_keys(cluster.nodes[leader].port, "m", 3000);
 
     // Every node's second flush from now started after the last acknowledgement. Small writes
     // (not checked later: they may be lost) keep something to flush, so that flush comes.
@@ -262,11 +276,10 @@ fn with_durability_low_a_power_cut_on_every_node_loses_acknowledged_writes() {
         return;
     }
     let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
-    let before = write_keys(cluster.leader().port, "high", 500, &AtomicUsize::new(0));
+    let before = write_all_keys(cluster.leader().port, "high", 500);
     cluster.config_set("durability", "low");
     let leader = cluster.wait_leader();
-    let acked = write_keys(cluster.nodes[leader].port, "low", 2000, &AtomicUsize::new(0));
-    assert_eq!(acked.len(), 2000);
+    let acked = write_all_keys(cluster.nodes[leader].port, "low", 2000);
     // No node flushes anything now, and the kernel writes dirty pages back only after 30 s.
     cut_power_and_restart(&mut cluster);
 
