@@ -241,6 +241,11 @@ impl Server {
 
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A server that died before the test killed it is worth a line in a failing test's
+            // output: it names the signal (9: killed from outside, 6: an abort) or exit code.
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!("redis-server on port {} had already exited: {status}", self.port);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
