@@ -826,7 +826,8 @@ impl LogStore {
     /// that checkpoint started. When one did end in between, LMDB is flushed again, and after
     /// a few such misses both are flushed under the lock.
     pub fn sync(&self) -> Result<()> {
-        let mut checkpoints = self.checkpoints_ended();
+        // A checkpoint counts itself after its LMDB commit and its journal restart.
+        let mut checkpoints = self.inner.checkpoints.load(Ordering::Acquire);
         for _ in 0..3 {
             self.inner.env.force_sync()?;
             let tail = self.tail();
@@ -841,13 +842,6 @@ impl LogStore {
         self.inner.env.force_sync()?;
         tail.journal.sync()?;
         Ok(())
-    }
-
-    /// Checkpoints ended so far: each one counted here has committed to LMDB and restarted the
-    /// journal (the count moves under the tail lock, after both).
-    fn checkpoints_ended(&self) -> u64 {
-        let _tail = self.tail();
-        self.inner.checkpoints.load(Ordering::Acquire)
     }
 
     /// Stores an application blob. Durable like `set_conf_state`.
