@@ -40,6 +40,7 @@ fn write_all_keys(port: u16, prefix: &str, n: usize) -> Vec<String> {
     acked
 }
 
+/// The keys acknowledged, and the connection's error if one ended the writes early.
 fn write_keys_until_error(port: u16, prefix: &str, limit: usize, progress: &AtomicUsize) -> (Vec<String>, Option<anyhow::Error>) {
     let mut acked = Vec::new();
     let mut conn = match RespConn::connect(port) {
