@@ -665,6 +665,8 @@ pub fn exchange_on(s: &mut TcpStream, request: &[u8], expect_len: usize) -> Vec<
     let mut buf = [0u8; 4096];
     while out.len() < expect_len {
         match s.read(&mut buf) {
+            // A signal, not the server (see `RespConn::reply`).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
         }

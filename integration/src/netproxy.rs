@@ -171,7 +171,7 @@ fn identify(conn: &TcpStream) -> io::Result<(Vec<u8>, Option<u64>)> {
         match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => first.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
             Err(e) => return Err(e),
         }
         // `*3\r\n$5\r\nHELLO\r\n$<n>\r\n<id>\r\n`: five CRLF-terminated lines name the sender.
@@ -213,7 +213,7 @@ fn pump(
         match src.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => pending.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
             Err(e) => return Err(e),
         }
     })();

@@ -148,7 +148,15 @@ impl RespConn {
                 Err(Incomplete) => {}
             }
             let mut chunk = [0u8; 16 * 1024];
-            let n = self.stream.read(&mut chunk)?;
+            let n = match self.stream.read(&mut chunk) {
+                // A signal cut the wait short, which says nothing about the server. A read with
+                // a timeout fails with EINTR even for a signal that is then ignored (signal(7)),
+                // and SIGCHLD, normally dropped at once, is queued and wakes another thread
+                // while the child's parent thread blocks signals, as it does in `posix_spawn`
+                // (seen as a bulk load failing while the tests beside it ran `losetup` and `cp`).
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                read => read?,
+            };
             anyhow::ensure!(n > 0, "the server closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
