@@ -436,6 +436,15 @@ impl LogStore {
         if state.hard_state.commit > state.last_index {
             state.hard_state.commit = state.last_index;
         }
+        // Likewise the entries a snapshot was taken at (the snapshot is LMDB's, the entries may
+        // have been the journal's). The dataset is the snapshot's, and Raft cannot start a log
+        // that ends before it.
+        if state.snapshot_index > state.last_index {
+            return Err(StorageError::Corrupt(format!(
+                "the log ends at index {} but its snapshot was taken at index {}: a power loss below durability high lost entries the snapshot holds",
+                state.last_index, state.snapshot_index
+            )));
+        }
         Ok(())
     }
 
@@ -1044,10 +1053,13 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
         _ => truncated_index,
     };
 
-    // The commit index is written lazily (see `COMMIT_STORE_EVERY`) and may trail compaction;
-    // everything compacted was applied, so it was committed.
+    // The commit index is written lazily (see `COMMIT_STORE_EVERY`) and may trail compaction
+    // and the snapshot: both hold only applied entries, so everything up to them was committed.
+    // Behind the snapshot, Raft would refuse to start (a node resumes at the snapshot's index,
+    // and nothing may be applied past the commit index); a kill -9 between a snapshot and the
+    // next write of the commit index left such a log.
     let mut hard_state = hard_state;
-    hard_state.commit = hard_state.commit.max(truncated_index);
+    hard_state.commit = hard_state.commit.max(truncated_index).max(snapshot_index);
     Ok(State {
         stored_commit: hard_state.commit,
         hard_state,

@@ -521,6 +521,28 @@ fn a_journal_generation_the_stored_log_already_holds_is_not_replayed() {
 }
 
 #[test]
+fn a_snapshot_past_the_end_of_the_log_stops_the_open_with_a_reason() {
+    // Below durability high a power loss can keep an LMDB commit that recorded a snapshot and
+    // lose the journal records of the entries it was taken at. Raft cannot resume the dataset
+    // at an index past its log; the open says why instead.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(LOG_DIR).join("journal");
+    let empty_journal;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_ordered_commits(false);
+        empty_journal = std::fs::read(&journal).unwrap();
+        store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 3 }), false).unwrap();
+        let mut snap = Snapshot::default();
+        snap.metadata = Some(SnapshotMetadata { index: 3, term: 1, ..Default::default() });
+        store.set_snapshot(snap).unwrap();
+    }
+    std::fs::write(&journal, &empty_journal).unwrap();
+    let error = LogStore::open(dir.path()).err().expect("the open fails").to_string();
+    assert!(error.contains("ends at index 0 but its snapshot was taken at index 3"), "{error}");
+}
+
+#[test]
 fn an_append_larger_than_the_journal_goes_straight_into_lmdb() {
     let dir = tempfile::tempdir().unwrap();
     let mut big = entries_with_terms(1, &[1, 1]);
@@ -617,11 +639,19 @@ fn a_commit_index_that_moved_alone_is_written_lazily_and_never_behind_compaction
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(store.hard_state(), HardState { term: 3, vote: 2, commit: 5 });
 
-    // Compaction past the stored commit index (5) lifts it on open: compacted means applied.
+    // A snapshot past the stored commit index (5) lifts it on open, compacted or not: it holds
+    // applied entries only. Raft refuses to resume a dataset at an index past the commit index.
     store.set_commit_store_every(Duration::from_secs(3600));
     store.set_commit(6, false).unwrap();
     let mut snap = Snapshot::default();
     snap.metadata = Some(SnapshotMetadata { index: 6, term: 2, ..Default::default() });
+    store.set_snapshot(snap.clone()).unwrap();
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.hard_state().commit, 6, "not compacted");
+
+    // Compaction past the stored commit index lifts it on open: compacted means applied.
+    store.set_commit_store_every(Duration::from_secs(3600));
     store.set_snapshot(snap).unwrap();
     store.compact(7).unwrap();
     drop(store);
