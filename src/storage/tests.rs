@@ -649,6 +649,13 @@ fn a_commit_index_that_moved_alone_is_written_lazily_and_never_behind_compaction
     drop(store);
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(store.hard_state().commit, 6, "not compacted");
+    // What a node does at start: resume at the snapshot's index (raft panics if it is past the
+    // commit index).
+    let config = raft::Config { id: 1, applied: 6, ..Default::default() };
+    let logger = crate::raft_logger::logger(1);
+    raft::RawNode::new(&config, store.clone(), &logger).expect("raft resumes at the snapshot");
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
 
     // Compaction past the stored commit index lifts it on open: compacted means applied.
     store.set_commit_store_every(Duration::from_secs(3600));
