@@ -202,9 +202,13 @@ pub fn read_frame(reader: &mut impl std::io::Read, buf: &mut BytesMut) -> std::i
         if let Some(frame) = parse(buf).map_err(invalid_data)? {
             return Ok(frame);
         }
-        match reader.read(&mut chunk)? {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n => buf.extend_from_slice(&chunk[..n]),
+        match reader.read(&mut chunk) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A signal handled meanwhile (a socket with a timeout does not resume the read on
+            // its own), not the peer: as `read_exact` does, read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -302,6 +306,26 @@ mod tests {
 
     fn parse_all(input: &[u8]) -> Result<Option<Frame>, ProtocolError> {
         parse(&mut BytesMut::from(input))
+    }
+
+    #[test]
+    fn a_blocking_read_that_a_signal_interrupts_goes_on() {
+        // Hands out its bytes a few at a time, each time after an interrupted read.
+        struct Interrupting(Vec<u8>, bool);
+        impl std::io::Read for Interrupting {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                self.1 = !self.1;
+                if self.1 {
+                    return Err(std::io::ErrorKind::Interrupted.into());
+                }
+                let n = self.0.len().min(out.len()).min(3);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0.drain(..n);
+                Ok(n)
+            }
+        }
+        let mut reader = Interrupting(bytes_of(&sample()).to_vec(), false);
+        assert_eq!(read_frame(&mut reader, &mut BytesMut::new()).unwrap(), sample());
     }
 
     fn sample() -> Frame {
