@@ -12,7 +12,7 @@ use raftis_integration::checker::{check_counter, check_list_append, check_regist
 use raftis_integration::history::dump_events;
 use raftis_integration::nemesis::{Fault, Nemesis};
 use raftis_integration::workload::{Clients, Mix, COUNTER_KEY};
-use raftis_integration::Cluster;
+use raftis_integration::{info_field, Cluster};
 use std::time::Duration;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -24,7 +24,8 @@ fn run(faults: &[Fault]) {
     run_with(faults, &[]);
 }
 
-fn run_with(faults: &[Fault], module_args: &[&str]) {
+/// Returns the healed cluster, its dataset checked, for more checks.
+fn run_with(faults: &[Fault], module_args: &[&str]) -> Cluster {
     let secs = env("RAFTIS_FAULT_SECS", 15);
     let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
     let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
@@ -86,6 +87,7 @@ fn run_with(faults: &[Fault], module_args: &[&str]) {
     // Every node, healed, converges on the same dataset.
     let all: Vec<usize> = (0..nodes).collect();
     cluster.assert_same_dataset(&all);
+    cluster
 }
 
 #[test]
@@ -94,6 +96,25 @@ fn power_cuts_on_every_node_lose_nothing_acknowledged() {
         return;
     }
     run(&[Fault::PowerCut, Fault::PowerCut, Fault::KillRandom, Fault::PauseLeader, Fault::IsolateLeader]);
+}
+
+/// Every node snapshots and compacts its log every few thousand entries while nodes are killed
+/// and lose power: a node restarts whatever step of a snapshot the fault cut short (the child
+/// writing, the file being recorded, the log being compacted, the commit index not yet written
+/// past the snapshot).
+#[test]
+fn snapshots_all_along_under_kills_and_power_cuts_lose_nothing() {
+    if !raftis_integration::power_cut::can_run_here() {
+        return;
+    }
+    let cluster = run_with(
+        &[Fault::PowerCut, Fault::KillRandom, Fault::KillLeader, Fault::PauseRandom],
+        &["snapshot-threshold=2000", "trailing-logs=200"],
+    );
+    for node in &cluster.nodes {
+        let first = info_field(node, "first_log_index");
+        assert!(first > 2000, "port {}: the log starts at {first}: no snapshot was taken and compacted", node.port);
+    }
 }
 
 #[test]
