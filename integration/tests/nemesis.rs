@@ -6,7 +6,8 @@
 //! The CI profile is short. `scripts/faults` runs the long one; these variables tune a run:
 //! `RAFTIS_FAULT_SECS` (fault phase length, default 15), `RAFTIS_FAULT_NODES` (3 or 5),
 //! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_OPS` (operations per client at most, default
-//! 20,000), `RAFTIS_FAULT_SEED` (default: random, printed).
+//! 20,000), `RAFTIS_FAULT_SEED` (default: random, printed), `RAFTIS_FAULT_MODULE_ARGS` (more
+//! module arguments for every node, e.g. `durability=medium`, after the run's own).
 
 use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
 use raftis_integration::history::dump_events;
@@ -31,7 +32,10 @@ fn run_with(faults: &[Fault], module_args: &[&str]) -> Cluster {
     let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
     let max_ops = env("RAFTIS_FAULT_OPS", 20_000) as usize;
     let seed = env("RAFTIS_FAULT_SEED", rand::random::<u32>() as u64);
-    eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
+    let extra = std::env::var("RAFTIS_FAULT_MODULE_ARGS").unwrap_or_default();
+    let module_args: Vec<&str> = module_args.iter().copied().chain(extra.split_whitespace()).collect();
+    let module_args = module_args.as_slice();
+    eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, module arguments {module_args:?}, RAFTIS_FAULT_SEED={seed}");
 
     let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
     let mut cluster = if faults.contains(&Fault::PowerCut) {
