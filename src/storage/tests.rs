@@ -533,9 +533,8 @@ fn a_snapshot_past_the_end_of_the_log_stops_the_open_with_a_reason() {
         store.set_ordered_commits(false);
         empty_journal = std::fs::read(&journal).unwrap();
         store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 3 }), false).unwrap();
-        let mut snap = Snapshot::default();
-        snap.metadata = Some(SnapshotMetadata { index: 3, term: 1, ..Default::default() });
-        store.set_snapshot(snap).unwrap();
+        let metadata = Some(SnapshotMetadata { index: 3, term: 1, ..Default::default() });
+        store.set_snapshot(Snapshot { metadata, ..Default::default() }).unwrap();
     }
     std::fs::write(&journal, &empty_journal).unwrap();
     let error = LogStore::open(dir.path()).err().expect("the open fails").to_string();
