@@ -122,9 +122,9 @@ pub fn parse_timeout(arg: &[u8], unit: Unit) -> Result<Option<Duration>, String>
             }
             millis as i64
         }
-        Unit::Milliseconds => text
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or_else(|| "ERR timeout is not an integer or out of range".to_string())?,
+        Unit::Milliseconds => {
+            text.and_then(|s| s.parse::<i64>().ok()).ok_or_else(|| "ERR timeout is not an integer or out of range".to_string())?
+        }
     };
     if millis < 0 {
         return Err("ERR timeout is negative".into());
@@ -200,7 +200,10 @@ mod tests {
         };
         assert_eq!(narrowed(&["BLPOP", "a", "b", "c", "0"], &[2]), ["BLPOP", "b", "0"]);
         assert_eq!(narrowed(&["BZPOPMIN", "a", "b", "c", "1.5"], &[1, 3]), ["BZPOPMIN", "a", "c", "1.5"]);
-        assert_eq!(narrowed(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"], &[4, 5]), ["BLMPOP", "0", "2", "b", "c", "LEFT", "COUNT", "2"]);
+        assert_eq!(
+            narrowed(&["BLMPOP", "0", "3", "a", "b", "c", "LEFT", "COUNT", "2"], &[4, 5]),
+            ["BLMPOP", "0", "2", "b", "c", "LEFT", "COUNT", "2"]
+        );
         assert_eq!(narrowed(&["BZMPOP", "0", "2", "a", "b", "MAX"], &[4]), ["BZMPOP", "0", "1", "b", "MAX"]);
         // Unchanged: every key is ready, none is, or there is one key only.
         assert_eq!(narrowed(&["BRPOP", "a", "b", "0"], &[1, 2]), ["BRPOP", "a", "b", "0"]);
@@ -224,7 +227,9 @@ mod tests {
     fn stream_reads_block_only_with_block() {
         let read = pop(&["XREAD", "COUNT", "2", "BLOCK", "100", "STREAMS", "a", "b", "$", "0"]).unwrap();
         assert_eq!((read.keys, read.timeout, read.unit), (vec![6, 7], 4, Unit::Milliseconds));
-        assert!(matches!(read.waits, Waits::Stream(r) if r.count) && pop(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).unwrap().reads_only());
+        assert!(
+            matches!(read.waits, Waits::Stream(r) if r.count) && pop(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).unwrap().reads_only()
+        );
         let group = pop(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]).unwrap();
         assert_eq!((group.keys, group.timeout), (vec![7], 5));
         assert!(matches!(group.waits, Waits::Group(r) if r.group == Some(2)));

@@ -78,7 +78,10 @@ mod tests {
         assert_eq!(ClusterId::parse(&b.to_string()), Some(b));
         assert_eq!(ClusterId::parse("xyz"), None);
         let why = a.refuses(b, 7).unwrap();
-        assert!(why.starts_with("node 7 belongs to another cluster (cluster id abcdef0123456789; this node's is 0000000000001234)"), "{why}");
+        assert!(
+            why.starts_with("node 7 belongs to another cluster (cluster id abcdef0123456789; this node's is 0000000000001234)"),
+            "{why}"
+        );
         assert_eq!(a.refuses(a, 7), None);
         assert_eq!(a.refuses(ClusterId::UNKNOWN, 7), None, "a joining node, or one of an older cluster");
         assert_eq!(ClusterId::UNKNOWN.refuses(b, 7), None);

@@ -210,7 +210,8 @@ mod tests {
     fn members() -> Members {
         let mut m = Members::new();
         for (id, port) in [(1, 7001), (2, 7002), (3, 7003), (4, 7004)] {
-            let info = NodeInfo { id: NodeId(id), client_addr: format!("127.0.0.1:{port}"), raft_addr: format!("127.0.0.1:{}", port + 10000) };
+            let info =
+                NodeInfo { id: NodeId(id), client_addr: format!("127.0.0.1:{port}"), raft_addr: format!("127.0.0.1:{}", port + 10000) };
             m.insert(NodeId(id), info);
         }
         m

@@ -89,8 +89,7 @@ impl HealthReport {
 impl LeaderView {
     /// How `id` is doing by this view, if the view still counts for the node of status `st`.
     pub fn health_of(&self, st: &Status, id: NodeId, failed_after: Duration) -> Option<Health> {
-        let current =
-            st.leader == Some(self.report.leader) && st.term == self.report.term && self.received.elapsed() < failed_after;
+        let current = st.leader == Some(self.report.leader) && st.term == self.report.term && self.received.elapsed() < failed_after;
         if !current {
             return None;
         }
@@ -144,8 +143,7 @@ mod tests {
         st.term = Term(4);
         st.voters = vec![NodeId(1), NodeId(3), NodeId(2), NodeId(4)];
         st.learners = vec![NodeId(5)];
-        st.progress =
-            vec![peer(2, "replicate", 10), peer(3, "probe", 2_500), peer(4, "snapshot", 10), peer(5, "replicate", 10)];
+        st.progress = vec![peer(2, "replicate", 10), peer(3, "probe", 2_500), peer(4, "snapshot", 10), peer(5, "replicate", 10)];
         st
     }
 
@@ -163,7 +161,14 @@ mod tests {
 
     #[test]
     fn malformed_reports_are_refused() {
-        for bad in ["", "leader 1\n", "term 4\nleader 1\n", "leader 1\nterm 4\n2\n", "leader 1\nterm 4\nx online\n", "leader 1\nterm 4\n2 sleepy\n"] {
+        for bad in [
+            "",
+            "leader 1\n",
+            "term 4\nleader 1\n",
+            "leader 1\nterm 4\n2\n",
+            "leader 1\nterm 4\nx online\n",
+            "leader 1\nterm 4\n2 sleepy\n",
+        ] {
             assert!(HealthReport::parse(bad.as_bytes()).is_err(), "{bad:?}");
         }
         assert!(HealthReport::parse(b"leader 1\nterm 4\n").is_ok_and(|r| r.members.is_empty()));

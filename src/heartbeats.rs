@@ -32,11 +32,7 @@ pub fn drop_superseded<'a>(batches: impl DoubleEndedIterator<Item = &'a mut Vec<
             continue;
         }
         // Walk backwards so the first one seen per key is the one that stays.
-        let keep: Vec<bool> = batch
-            .iter()
-            .rev()
-            .map(|m| !is_heartbeat(m) || latest.insert((m.msg_type, m.from, m.to, m.term)))
-            .collect();
+        let keep: Vec<bool> = batch.iter().rev().map(|m| !is_heartbeat(m) || latest.insert((m.msg_type, m.from, m.to, m.term))).collect();
         let before = batch.len();
         let mut keep = keep.into_iter().rev();
         batch.retain(|_| keep.next().unwrap_or(true));

@@ -31,9 +31,9 @@ pub mod snapshot_data;
 pub mod snapshot_file;
 pub mod snapshot_transfer;
 pub mod sort_patterns;
-pub mod stream_read;
 pub mod status;
 pub mod storage;
+pub mod stream_read;
 pub mod transport;
 pub mod unwind;
 

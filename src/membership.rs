@@ -31,7 +31,10 @@ pub enum MembershipChange {
     Remove(NodeId),
     /// New addresses for a member, which stays what it is (a voter, or a learner): a node that
     /// came back from a restart on another address (see [`Readdress`]).
-    Readdress { info: NodeInfo, learner: bool },
+    Readdress {
+        info: NodeInfo,
+        learner: bool,
+    },
 }
 
 impl MembershipChange {
@@ -45,9 +48,7 @@ impl MembershipChange {
     /// The raft conf change and its context (the node's addresses, when it has any).
     pub fn to_raft(&self) -> (ConfChangeV2, Vec<u8>) {
         let (change_type, context) = match self {
-            MembershipChange::AddVoter(info) => {
-                (ConfChangeType::AddNode, serde_json::to_vec(info).expect("NodeInfo serializes"))
-            }
+            MembershipChange::AddVoter(info) => (ConfChangeType::AddNode, serde_json::to_vec(info).expect("NodeInfo serializes")),
             MembershipChange::AddLearner(info) | MembershipChange::Readdress { info, learner: true } => {
                 (ConfChangeType::AddLearnerNode, serde_json::to_vec(info).expect("NodeInfo serializes"))
             }

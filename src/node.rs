@@ -41,8 +41,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 mod committed;
 mod leader_health;
@@ -182,23 +182,48 @@ pub struct NodeConfig {
 }
 
 enum Request<W> {
-    Propose { data: Vec<u8>, waiter: W, deadline: Instant },
-    ChangeMembership { change: MembershipChange, waiter: Callback<()>, deadline: Instant },
+    Propose {
+        data: Vec<u8>,
+        waiter: W,
+        deadline: Instant,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        waiter: Callback<()>,
+        deadline: Instant,
+    },
     /// With a term, the round only counts in that term (see [`Node::read_index_in_term`]).
-    ReadIndex { waiter: Callback<LogIndex>, deadline: Instant, term: Option<Term> },
+    ReadIndex {
+        waiter: Callback<LogIndex>,
+        deadline: Instant,
+        term: Option<Term>,
+    },
     LastProposed(Callback<LogIndex>),
     Raft(Vec<Message>),
-    Hello { from: NodeId, addr: String, client_addr: Option<String> },
+    Hello {
+        from: NodeId,
+        addr: String,
+        client_addr: Option<String>,
+    },
     Unreachable(NodeId),
     /// A peer says this node was removed from the cluster.
-    Removed { by: NodeId, why: String },
+    Removed {
+        by: NodeId,
+        why: String,
+    },
     TransferLeader(NodeId),
-    SetTicks { election: usize, heartbeat: usize },
+    SetTicks {
+        election: usize,
+        heartbeat: usize,
+    },
     /// Make this node the only voter of a cluster that lost its majority (see [`crate::recovery`]).
     Recover(Sender<Result<LogIndex, String>>),
     SnapshotTaken(TakenSnapshot, Sender<()>),
     /// A snapshot message whose file has been fetched (or could not be).
-    SnapshotFetched { msg: Box<Message>, ok: bool },
+    SnapshotFetched {
+        msg: Box<Message>,
+        ok: bool,
+    },
     Shutdown,
 }
 
@@ -425,9 +450,7 @@ impl<S: StateMachine> Node<S> {
             let is_member = |id: NodeId| status.voters.contains(&id) || status.learners.contains(&id);
             membership::was_removed(is_member, status.applied, from, LogIndex(their_last)).then(|| {
                 let (me, applied) = (status.id, status.applied);
-                format!(
-                    "node {me} has applied the removal of node {from} (applied up to {applied}, its log ends at {their_last})"
-                )
+                format!("node {me} has applied the removal of node {from} (applied up to {applied}, its log ends at {their_last})")
             })
         }));
         let mut raft_loop = RaftLoop {
@@ -655,8 +678,7 @@ impl<S: StateMachine> Node<S> {
         let give_up = deadline.min(Instant::now() + 2 * SILENT_BEFORE_REPLACED);
         loop {
             let status = self.status();
-            let Some(old) = status.members.values().find(|m| m.id != info.id && m.raft_addr == info.raft_addr).map(|m| m.id)
-            else {
+            let Some(old) = status.members.values().find(|m| m.id != info.id && m.raft_addr == info.raft_addr).map(|m| m.id) else {
                 return Ok(());
             };
             if !status.is_leader() {

@@ -90,8 +90,7 @@ impl<W: Waiter> PendingProposals<W> {
     }
 
     pub fn expire(&mut self, now: Instant) {
-        let expired: Vec<LogIndex> =
-            self.by_index.iter().filter(|(_, p)| p.deadline <= now).map(|(i, _)| *i).collect();
+        let expired: Vec<LogIndex> = self.by_index.iter().filter(|(_, p)| p.deadline <= now).map(|(i, _)| *i).collect();
         for index in expired {
             if let Some(p) = self.by_index.remove(&index) {
                 p.waiter.fail(ProposeError::Timeout);

@@ -158,7 +158,17 @@ mod tests {
         assert_eq!(req(&["SPOP", "s", "3"]), Some(Requested { count: 3, with_count: true }));
         assert_eq!(req(&["SPOP", "s", "9223372036854775807"]).map(|r| r.count), Some(i64::MAX as usize));
         // Redis answers these itself: an empty reply, a range error, a syntax error.
-        for refused in [&["SPOP", "s", "0"][..], &["SPOP", "s", "-1"], &["SPOP", "s", "05"], &["SPOP", "s", "+1"], &["SPOP", "s", " 1"], &["SPOP", "s", "1.0"], &["SPOP", "s", "9223372036854775808"], &["SPOP", "s", "1", "2"], &["SPOP"]] {
+        for refused in [
+            &["SPOP", "s", "0"][..],
+            &["SPOP", "s", "-1"],
+            &["SPOP", "s", "05"],
+            &["SPOP", "s", "+1"],
+            &["SPOP", "s", " 1"],
+            &["SPOP", "s", "1.0"],
+            &["SPOP", "s", "9223372036854775808"],
+            &["SPOP", "s", "1", "2"],
+            &["SPOP"],
+        ] {
             assert_eq!(req(refused), None, "{refused:?}");
         }
     }

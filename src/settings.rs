@@ -107,8 +107,12 @@ impl Settings {
             "node-id" => {
                 self.node_id = Some(NodeId(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a positive integer"))?))
             }
-            "consistency" => self.consistency = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&format!("valid values are {}", e.valid)))?,
-            "durability" => self.durability = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&format!("valid values are {}", e.valid)))?,
+            "consistency" => {
+                self.consistency = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&format!("valid values are {}", e.valid)))?
+            }
+            "durability" => {
+                self.durability = value.parse().map_err(|e: crate::config::InvalidLevel| bad(&format!("valid values are {}", e.valid)))?
+            }
             "advertise-addr" => {
                 let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
                 if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
@@ -116,7 +120,9 @@ impl Settings {
                 }
                 self.advertise_addr = Some(value.to_string());
             }
-            "write-timeout" => self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?),
+            "write-timeout" => {
+                self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?)
+            }
             "follower-proxy" => {
                 self.follower_proxy = match value.to_ascii_lowercase().as_str() {
                     "yes" => true,
@@ -141,7 +147,9 @@ impl Settings {
                 }
                 self.timing.heartbeat_ticks = v;
             }
-            "snapshot-threshold" => self.snapshot_threshold = value.parse().map_err(|_| bad("expected a number of entries (0 disables)"))?,
+            "snapshot-threshold" => {
+                self.snapshot_threshold = value.parse().map_err(|_| bad("expected a number of entries (0 disables)"))?
+            }
             "snapshot-log-size" => {
                 self.snapshot_log_bytes = parse_size(value).ok_or_else(|| bad("expected a size such as 512mb or 2gb (0 disables)"))?
             }
@@ -153,7 +161,8 @@ impl Settings {
                     .ok_or_else(|| bad("expected a size from 1kb to 255mb, such as 16mb"))?
             }
             "skip-entry" => {
-                self.skip_entry = Some(LogIndex(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a log index (a positive integer)"))?))
+                self.skip_entry =
+                    Some(LogIndex(value.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("expected a log index (a positive integer)"))?))
             }
             "raft-password" => self.raft_password = Password::new(value.as_bytes()),
             _ => return Err(SettingsError::UnknownKey(key.to_string())),

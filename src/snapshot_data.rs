@@ -20,8 +20,7 @@ pub fn decode(data: &[u8]) -> Result<(Members, &[u8]), MalformedSnapshot> {
     if data.is_empty() {
         return Ok((Members::new(), data));
     }
-    let len_bytes: [u8; 4] =
-        data.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(|| MalformedSnapshot("too short".into()))?;
+    let len_bytes: [u8; 4] = data.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(|| MalformedSnapshot("too short".into()))?;
     let len = u32::from_be_bytes(len_bytes) as usize;
     let json = data.get(4..4 + len).ok_or_else(|| MalformedSnapshot("members truncated".into()))?;
     let members = serde_json::from_slice(json).map_err(|e| MalformedSnapshot(e.to_string()))?;

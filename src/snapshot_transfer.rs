@@ -74,11 +74,8 @@ pub fn fetch(
     }
     let mut incoming = IncomingSnapshot::begin(&final_path, desc.size, desc.checksum)?;
     progress(incoming.offset());
-    let addr = peer
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {peer}"))?
-        .next()
-        .with_context(|| format!("{peer} has no address"))?;
+    let addr =
+        peer.to_socket_addrs().with_context(|| format!("resolving {peer}"))?.next().with_context(|| format!("{peer} has no address"))?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {peer}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;

@@ -1,10 +1,10 @@
 //! A picture of a node that other threads can read without talking to the Raft loop: the loop
 //! publishes one after every round, so RAFT.INFO on Redis' main thread never waits for it.
 
-use crate::ids::{LogIndex, NodeId, Term};
-use crate::membership::Members;
 use crate::cluster_id::ClusterId;
 use crate::health_report::LeaderView;
+use crate::ids::{LogIndex, NodeId, Term};
+use crate::membership::Members;
 use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;

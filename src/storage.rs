@@ -37,9 +37,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
+use crate::journal::Journal;
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, DecodeIgnore, Str, U64};
-use crate::journal::Journal;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn};
 use prost::Message;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -108,10 +108,7 @@ pub enum StorageError {
         "cannot compact up to index {compact_index}: the stored snapshot only covers index \
          {snapshot_index}, so lagging followers could not catch up"
     )]
-    CompactBeyondSnapshot {
-        compact_index: u64,
-        snapshot_index: u64,
-    },
+    CompactBeyondSnapshot { compact_index: u64, snapshot_index: u64 },
     #[error("the log is already initialized")]
     AlreadyInitialized,
     #[error("a bootstrap snapshot must name at least one voter")]
@@ -309,10 +306,7 @@ impl DirClaim {
 
 impl Drop for DirClaim {
     fn drop(&mut self) {
-        OPEN_DIRS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|p| *p != self.0);
+        OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner).retain(|p| *p != self.0);
     }
 }
 
@@ -461,15 +455,8 @@ impl LogStore {
     /// Makes `snapshot` the starting point of a fresh log (a new cluster's first node, or a node
     /// given its initial configuration), and fsyncs.
     pub fn bootstrap(&self, snapshot: Snapshot) -> Result<()> {
-        let meta = snapshot
-            .metadata
-            .as_ref()
-            .ok_or(StorageError::MissingSnapshotMetadata)?;
-        if meta
-            .conf_state
-            .as_ref()
-            .is_none_or(|cs| cs.voters.is_empty())
-        {
+        let meta = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?;
+        if meta.conf_state.as_ref().is_none_or(|cs| cs.voters.is_empty()) {
             return Err(StorageError::NoVoters);
         }
         self.write(|txn, state| {
@@ -483,12 +470,7 @@ impl LogStore {
 
     /// Persists the entries and hard state of one Raft `Ready` in a single transaction, replacing
     /// any stored entries from `entries[0].index` on, then fsyncs if `sync`.
-    pub fn append(
-        &self,
-        entries: &[Entry],
-        hard_state: Option<&HardState>,
-        sync: bool,
-    ) -> Result<()> {
+    pub fn append(&self, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) -> Result<()> {
         if entries.is_empty() && hard_state.is_none() {
             if sync {
                 self.sync()?;
@@ -707,19 +689,12 @@ impl LogStore {
         // The journal starts a new generation first: none of its records may be replayed onto
         // the log that replaces them.
         self.checkpoint(&mut self.tail())?;
-        let index = snapshot
-            .metadata
-            .as_ref()
-            .ok_or(StorageError::MissingSnapshotMetadata)?
-            .index;
+        let index = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?.index;
         self.write(|txn, state| {
             // Same rule as raft's MemStorage: a snapshot must reach at least our first entry,
             // otherwise it would move the log backwards over entries we already compacted.
             if index < state.first_index() {
-                return Err(StorageError::SnapshotOutOfDate {
-                    index,
-                    min_index: state.first_index(),
-                });
+                return Err(StorageError::SnapshotOutOfDate { index, min_index: state.first_index() });
             }
             self.install_snapshot(txn, state, snapshot)
         })?;
@@ -741,16 +716,10 @@ impl LogStore {
             }
             let new_truncated = compact_index - 1;
             if new_truncated > state.last_index {
-                return Err(StorageError::Unavailable {
-                    index: new_truncated,
-                    last_index: state.last_index,
-                });
+                return Err(StorageError::Unavailable { index: new_truncated, last_index: state.last_index });
             }
             if new_truncated > state.snapshot_index {
-                return Err(StorageError::CompactBeyondSnapshot {
-                    compact_index,
-                    snapshot_index: state.snapshot_index,
-                });
+                return Err(StorageError::CompactBeyondSnapshot { compact_index, snapshot_index: state.snapshot_index });
             }
             let term = self.stored_term(txn, new_truncated)?;
             self.inner.entries.delete_range(txn, &(..compact_index))?;
@@ -789,28 +758,17 @@ impl LogStore {
     /// own unless commits are ordered (`set_ordered_commits`). A later `compact` relies on it:
     /// LMDB commits take effect in order (across a power loss, only ordered ones).
     pub fn set_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        let meta = snapshot
-            .metadata
-            .as_ref()
-            .ok_or(StorageError::MissingSnapshotMetadata)?;
+        let meta = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?;
         self.write(|txn, state| {
             if meta.index < state.snapshot_index {
-                return Err(StorageError::SnapshotOutOfDate {
-                    index: meta.index,
-                    min_index: state.snapshot_index,
-                });
+                return Err(StorageError::SnapshotOutOfDate { index: meta.index, min_index: state.snapshot_index });
             }
             // The application can only snapshot what it applied, which the log must contain.
             if meta.index > state.last_index {
-                return Err(StorageError::Unavailable {
-                    index: meta.index,
-                    last_index: state.last_index,
-                });
+                return Err(StorageError::Unavailable { index: meta.index, last_index: state.last_index });
             }
             self.put_message(txn, key::SNAPSHOT_META, meta)?;
-            self.inner
-                .meta
-                .put(txn, key::SNAPSHOT_DATA, &snapshot.data)?;
+            self.inner.meta.put(txn, key::SNAPSHOT_DATA, &snapshot.data)?;
             state.snapshot_index = meta.index;
             Ok(())
         })
@@ -865,11 +823,7 @@ impl LogStore {
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let txn = self.inner.env.read_txn()?;
-        Ok(self
-            .inner
-            .meta
-            .get(&txn, &app_key(key))?
-            .map(<[u8]>::to_vec))
+        Ok(self.inner.meta.get(&txn, &app_key(key))?.map(<[u8]>::to_vec))
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -931,10 +885,7 @@ impl LogStore {
     fn state(&self) -> RwLockReadGuard<'_, State> {
         // Writers publish the state only after a successful commit and never panic in between,
         // so a poisoned lock still guards a consistent state.
-        self.inner
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `f` in one write transaction against a copy of the cached state and publishes the
@@ -947,11 +898,7 @@ impl LogStore {
     /// `write`, durable before it returns with `sync` (or with ordered commits).
     fn write_with<T>(&self, sync: bool, f: impl FnOnce(&mut RwTxn, &mut State) -> Result<T>) -> Result<T> {
         let _durable = self.durable_if(sync)?;
-        let mut state = self
-            .inner
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.inner.state.write().unwrap_or_else(PoisonError::into_inner);
         let mut next = state.clone();
         let mut txn = self.inner.env.write_txn()?;
         let out = f(&mut txn, &mut next)?;
@@ -961,12 +908,7 @@ impl LogStore {
     }
 
     /// Resets the log to start right after the snapshot. Callers check that this is allowed.
-    fn install_snapshot(
-        &self,
-        txn: &mut RwTxn,
-        state: &mut State,
-        snapshot: Snapshot,
-    ) -> Result<()> {
+    fn install_snapshot(&self, txn: &mut RwTxn, state: &mut State, snapshot: Snapshot) -> Result<()> {
         let Snapshot { data, metadata } = snapshot;
         let meta = metadata.ok_or(StorageError::MissingSnapshotMetadata)?;
 
@@ -997,31 +939,24 @@ impl LogStore {
     }
 
     fn stored_term(&self, txn: &RoTxn, index: u64) -> Result<u64> {
-        let bytes = self
-            .inner
-            .entries
-            .get(txn, &index)?
-            .ok_or_else(|| missing_entry(index))?;
+        let bytes = self.inner.entries.get(txn, &index)?.ok_or_else(|| missing_entry(index))?;
         Ok(EntryTerm::decode(unseal(index, bytes)?)?.term)
     }
-
 }
 
 /// The journal generation the stored log absorbed last (none in a log written before it was
 /// recorded).
 fn journal_absorbed(txn: &RoTxn, meta: MetaDb) -> Result<Option<u64>> {
     let Some(bytes) = meta.get(txn, key::JOURNAL_ABSORBED)? else { return Ok(None) };
-    let bytes: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| StorageError::Corrupt(format!("{} holds {} bytes, not 8", key::JOURNAL_ABSORBED, bytes.len())))?;
+    let bytes: [u8; 8] =
+        bytes.try_into().map_err(|_| StorageError::Corrupt(format!("{} holds {} bytes, not 8", key::JOURNAL_ABSORBED, bytes.len())))?;
     Ok(Some(u64::from_be_bytes(bytes)))
 }
 
 fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
     let hard_state = decode_meta::<HardState>(txn, meta, key::HARD_STATE)?.unwrap_or_default();
     let conf_state = decode_meta::<ConfState>(txn, meta, key::CONF_STATE)?.unwrap_or_default();
-    let snapshot_index =
-        decode_meta::<SnapshotMetadata>(txn, meta, key::SNAPSHOT_META)?.map_or(0, |m| m.index);
+    let snapshot_index = decode_meta::<SnapshotMetadata>(txn, meta, key::SNAPSHOT_META)?.map_or(0, |m| m.index);
     let truncated = decode_meta::<LogPosition>(txn, meta, key::TRUNCATED)?.unwrap_or_default();
     let (truncated_index, truncated_term) = (truncated.index, truncated.term);
 
@@ -1031,16 +966,11 @@ fn load_state(txn: &RoTxn, entries: EntriesDb, meta: MetaDb) -> Result<State> {
     let last_index = match (keys.first(txn)?, keys.last(txn)?) {
         (Some((first, ())), Some((last, ()))) => {
             if first != truncated_index + 1 {
-                return Err(StorageError::Corrupt(format!(
-                    "first entry is {first}, expected {} after truncation",
-                    truncated_index + 1
-                )));
+                return Err(StorageError::Corrupt(format!("first entry is {first}, expected {} after truncation", truncated_index + 1)));
             }
             let count = entries.len(txn)?;
             if count != last - first + 1 {
-                return Err(StorageError::Corrupt(format!(
-                    "{count} entries stored between indexes {first} and {last}"
-                )));
+                return Err(StorageError::Corrupt(format!("{count} entries stored between indexes {first} and {last}")));
             }
             // Every entry's checksum, once, at open: a damaged log stops the node here rather
             // than in the middle of a replay.

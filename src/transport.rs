@@ -282,11 +282,8 @@ impl Transport {
         let listener = std::net::TcpListener::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
         let local_addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .context("building the transport runtime")?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().context("building the transport runtime")?;
         let listener = {
             // Registering with the reactor needs the runtime's context.
             let _entered = runtime.enter();

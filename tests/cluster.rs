@@ -244,8 +244,7 @@ fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
 
     let places: Vec<(NodeId, PathBuf, u16)> = nodes.iter().map(|n| (n.id, n.dir.clone(), n.port)).collect();
     drop(nodes);
-    let nodes: Vec<TestNode> =
-        places.iter().map(|(id, dir, port)| start(*id, dir, *port, false, Durability::High)).collect();
+    let nodes: Vec<TestNode> = places.iter().map(|(id, dir, port)| start(*id, dir, *port, false, Durability::High)).collect();
     for n in &nodes {
         wait_applied(n, &expected);
         let status = n.node.status();
@@ -291,9 +290,7 @@ fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     leader.node.change_membership_blocking(MembershipChange::AddLearner(info(n4.id, n4.port)), deadline).unwrap();
-    wait_for("node 4 to report itself a learner", Duration::from_secs(10), || {
-        (n4.node.status().role == Role::Learner).then_some(())
-    });
+    wait_for("node 4 to report itself a learner", Duration::from_secs(10), || (n4.node.status().role == Role::Learner).then_some(()));
     wait_applied(&n4, &first);
     leader.node.add_member(info(n4.id, n4.port), deadline).expect("promoted");
     assert_eq!(leader.node.status().voters, vec![NodeId(1), NodeId(2), NodeId(3), NodeId(4)]);
@@ -432,9 +429,7 @@ fn a_large_log_is_compacted_in_steps_after_a_snapshot() {
 
     // 100 trailing entries are kept; the ~50k before them go a bounded number per round.
     let keep_from = status.applied.get() + 1 - 100;
-    wait_for("the log to be compacted", Duration::from_secs(10), || {
-        (leader.node.status().first_index.get() == keep_from).then_some(())
-    });
+    wait_for("the log to be compacted", Duration::from_secs(10), || (leader.node.status().first_index.get() == keep_from).then_some(()));
     let steps = leader.node.counters().compaction_steps - before;
     assert!(steps >= 3, "50k entries were dropped in {steps} step(s)");
 

@@ -843,11 +843,7 @@ pub fn check_counter(events: &[Event], key: &str) -> Result<CounterSummary, Viol
             None | Some(Value::Nil) => 0,
             Some(Value::Int(v)) => *v,
             Some(other) => {
-                return Err(violation(
-                    key,
-                    format!("key `{key}`: `{}` returned a non-integer value {other}", e.op),
-                    vec![(*e).clone()],
-                ))
+                return Err(violation(key, format!("key `{key}`: `{}` returned a non-integer value {other}", e.op), vec![(*e).clone()]))
             }
         };
         observed.push((e, v, is_incr));
@@ -855,13 +851,9 @@ pub fn check_counter(events: &[Event], key: &str) -> Result<CounterSummary, Viol
 
     let is_self = |a: &Event, b: &Event| std::ptr::eq(a, b);
     for &(e, v, is_incr) in &observed {
-        let before: Vec<&Incr> = incrs
-            .iter()
-            .filter(|i| i.ok && i.ret.is_some_and(|r| r < e.invoked_at) && !is_self(i.e, e))
-            .collect();
+        let before: Vec<&Incr> = incrs.iter().filter(|i| i.ok && i.ret.is_some_and(|r| r < e.invoked_at) && !is_self(i.e, e)).collect();
         let lo = before.len() as i64 + i64::from(is_incr);
-        let possible: Vec<&Incr> =
-            incrs.iter().filter(|i| e.completed_at.is_none_or(|c| i.call <= c)).collect();
+        let possible: Vec<&Incr> = incrs.iter().filter(|i| e.completed_at.is_none_or(|c| i.call <= c)).collect();
         let hi = possible.len() as i64;
         if v < lo {
             let mut minimal: Vec<Event> = vec![e.clone()];
@@ -1008,11 +1000,8 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
             values.sort();
             for (&v, &n) in values {
                 let mine: Vec<&Event> = appends_of.get(&v).cloned().unwrap_or_default();
-                let possible: Vec<&Event> = mine
-                    .iter()
-                    .copied()
-                    .filter(|a| !a.is_fail() && r.completed_at.is_none_or(|c| a.invoked_at <= c))
-                    .collect();
+                let possible: Vec<&Event> =
+                    mine.iter().copied().filter(|a| !a.is_fail() && r.completed_at.is_none_or(|c| a.invoked_at <= c)).collect();
                 if n <= possible.len() {
                     continue;
                 }
@@ -1081,8 +1070,7 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
             .max_by_key(|(_, l)| l.len())
             .map(|(_, long)| long.iter().enumerate().map(|(i, v)| (*v, i)).collect())
             .unwrap_or_default();
-        let mut acked: Vec<(&Event, u64)> =
-            appends.iter().filter_map(|a| Some((*a, a.completed_at?))).filter(|(a, _)| a.is_ok()).collect();
+        let mut acked: Vec<(&Event, u64)> = appends.iter().filter_map(|a| Some((*a, a.completed_at?))).filter(|(a, _)| a.is_ok()).collect();
         acked.sort_by_key(|(_, c)| *c);
         let mut by_invocation: Vec<&(&Event, &[i64])> = reads.iter().collect();
         by_invocation.sort_by_key(|(r, _)| r.invoked_at);
@@ -1125,10 +1113,7 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
             None if !ok_appends.is_empty() => {
                 return Err(violation(
                     key,
-                    format!(
-                        "key `{key}`: {} acknowledged appends but no successful read to check them",
-                        ok_appends.len()
-                    ),
+                    format!("key `{key}`: {} acknowledged appends but no successful read to check them", ok_appends.len()),
                     ok_appends.iter().take(3).map(|e| (*e).clone()).collect(),
                 ));
             }
@@ -1160,8 +1145,7 @@ pub fn check_list_append(events: &[Event]) -> Result<ListSummary, Violation> {
                         ));
                     }
                 }
-                let unknown_values: HashSet<i64> =
-                    appends.iter().filter(|a| a.is_unknown()).map(|a| value_of(a)).collect();
+                let unknown_values: HashSet<i64> = appends.iter().filter(|a| a.is_unknown()).map(|a| value_of(a)).collect();
                 ks.unknown_applied = list.iter().filter(|v| unknown_values.contains(v)).count();
                 ks.final_len = list.len();
             }
@@ -1214,13 +1198,8 @@ mod tests {
     #[test]
     fn empty_and_sequential_histories_pass() {
         check_register(&[]).unwrap();
-        let h = vec![
-            r(0, "x", None, 0, 5),
-            w(0, "x", 1, 10, 20),
-            r(1, "x", Some(1), 30, 40),
-            w(1, "x", 2, 50, 60),
-            r(0, "x", Some(2), 70, 80),
-        ];
+        let h =
+            vec![r(0, "x", None, 0, 5), w(0, "x", 1, 10, 20), r(1, "x", Some(1), 30, 40), w(1, "x", 2, 50, 60), r(0, "x", Some(2), 70, 80)];
         check_register(&h).unwrap();
     }
 
@@ -1270,20 +1249,10 @@ mod tests {
         ];
         check_register(&h).unwrap();
         // Never took effect.
-        let h = vec![
-            w(0, "x", 1, 0, 10),
-            w_unknown(1, "x", 2, 20, 30),
-            r(2, "x", Some(1), 40, 50),
-            r(2, "x", Some(1), 1000, 1010),
-        ];
+        let h = vec![w(0, "x", 1, 0, 10), w_unknown(1, "x", 2, 20, 30), r(2, "x", Some(1), 40, 50), r(2, "x", Some(1), 1000, 1010)];
         check_register(&h).unwrap();
         // Took effect, then overwritten.
-        let h = vec![
-            w_unknown(1, "x", 2, 0, 30),
-            r(2, "x", Some(2), 40, 50),
-            w(0, "x", 3, 60, 70),
-            r(2, "x", Some(3), 80, 90),
-        ];
+        let h = vec![w_unknown(1, "x", 2, 0, 30), r(2, "x", Some(2), 40, 50), w(0, "x", 3, 60, 70), r(2, "x", Some(3), 80, 90)];
         check_register(&h).unwrap();
         // In flight (no outcome yet) behaves like unknown.
         let h = vec![
@@ -1301,12 +1270,7 @@ mod tests {
         let h = vec![r(2, "x", Some(2), 0, 10), w_unknown(1, "x", 2, 20, 30)];
         assert_violation_minimal(&h, 2);
         // Nor can it be un-done: it was seen, then an older value came back.
-        let h = vec![
-            w(0, "x", 1, 0, 10),
-            w_unknown(1, "x", 2, 20, 30),
-            r(2, "x", Some(2), 40, 50),
-            r(3, "x", Some(1), 60, 70),
-        ];
+        let h = vec![w(0, "x", 1, 0, 10), w_unknown(1, "x", 2, 20, 30), r(2, "x", Some(2), 40, 50), r(3, "x", Some(1), 60, 70)];
         assert_violation_minimal(&h, 4);
     }
 
@@ -1396,13 +1360,8 @@ mod tests {
 
     #[test]
     fn budget_exhaustion_is_reported() {
-        let h = vec![
-            w(0, "x", 1, 0, 100),
-            w(1, "x", 2, 0, 100),
-            w(2, "x", 3, 0, 100),
-            r(3, "x", Some(1), 0, 100),
-            r(4, "x", Some(7), 0, 100),
-        ];
+        let h =
+            vec![w(0, "x", 1, 0, 100), w(1, "x", 2, 0, 100), w(2, "x", 3, 0, 100), r(3, "x", Some(1), 0, 100), r(4, "x", Some(7), 0, 100)];
         let v = check_register_with_budget(&h, 3).unwrap_err();
         assert!(v.message.contains("search budget exhausted"), "{v}");
     }
@@ -1477,8 +1436,7 @@ mod tests {
     /// Returns false if there was nothing to mutate.
     fn mutate(events: &mut [Event], seed: u64) -> bool {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-        let reads: Vec<usize> =
-            (0..events.len()).filter(|&i| matches!(events[i].op, Op::Read { .. }) && events[i].is_ok()).collect();
+        let reads: Vec<usize> = (0..events.len()).filter(|&i| matches!(events[i].op, Op::Read { .. }) && events[i].is_ok()).collect();
         if reads.is_empty() {
             return false;
         }
@@ -1514,8 +1472,8 @@ mod tests {
     /// `simulate(seed, 60, 4, 1)`); 179 of seeds 0..200 are caught, the other mutations happen
     /// to produce linearizable histories (cross-checked against `first_impossible_return`).
     const CAUGHT_SEEDS: &[u64] = &[
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28,
-        29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 49, 50,
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 14, 15, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37,
+        38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 49, 50,
     ];
 
     #[test]
@@ -1570,8 +1528,7 @@ mod tests {
                 if remaining & (1 << i) == 0 {
                     continue;
                 }
-                let blocked = (0..ops.len())
-                    .any(|j| j != i && remaining & (1 << j) != 0 && ops[j].ret.is_some_and(|r| r < o.call));
+                let blocked = (0..ops.len()).any(|j| j != i && remaining & (1 << j) != 0 && ops[j].ret.is_some_and(|r| r < o.call));
                 if blocked {
                     continue;
                 }
@@ -1672,19 +1629,12 @@ mod tests {
             r(4, "other", Some(77), 100, 110),
         ];
         let s = check_counter(&h, "c").unwrap();
-        assert_eq!(
-            s,
-            CounterSummary { key: "c".into(), acknowledged: 3, attempted: 4, failed: 1, reads: 3, final_value: Some(4) }
-        );
+        assert_eq!(s, CounterSummary { key: "c".into(), acknowledged: 3, attempted: 4, failed: 1, reads: 3, final_value: Some(4) });
     }
 
     #[test]
     fn counter_lost_increment_is_caught() {
-        let h = vec![
-            incr(0, 10, 20, ok_int(1)),
-            incr(1, 25, 30, Outcome::Ok(None)),
-            r(3, "c", Some(1), 100, 110),
-        ];
+        let h = vec![incr(0, 10, 20, ok_int(1)), incr(1, 25, 30, Outcome::Ok(None)), r(3, "c", Some(1), 100, 110)];
         let v = check_counter(&h, "c").unwrap_err();
         assert!(v.message.contains("2 acknowledged increments"), "{v}");
         assert!(v.minimal.len() <= 3, "{v}");
@@ -1792,10 +1742,7 @@ mod tests {
         assert_eq!(s.acknowledged, 3);
         assert_eq!(s.attempted, 5);
         assert_eq!(s.reads, 6);
-        assert_eq!(
-            s.keys["l"],
-            ListKeySummary { acknowledged: 2, attempted: 4, failed: 1, unknown_applied: 1, reads: 4, final_len: 3 }
-        );
+        assert_eq!(s.keys["l"], ListKeySummary { acknowledged: 2, attempted: 4, failed: 1, unknown_applied: 1, reads: 4, final_len: 3 });
         assert_eq!(s.keys["m"].final_len, 1);
     }
 
@@ -1817,10 +1764,7 @@ mod tests {
         // Phantom value.
         check(vec![rl(5, "l", &[1, 2, 99], 100, 110)], "never appended");
         // A failed append observed.
-        check(
-            vec![app(2, "l", 3, 40, 50, Outcome::Fail("CLUSTERDOWN".into())), rl(5, "l", &[1, 2, 3], 100, 110)],
-            "whose append failed",
-        );
+        check(vec![app(2, "l", 3, 40, 50, Outcome::Fail("CLUSTERDOWN".into())), rl(5, "l", &[1, 2, 3], 100, 110)], "whose append failed");
         // Inconsistent order.
         check(vec![rl(4, "l", &[2, 1], 50, 60), rl(5, "l", &[1, 2], 100, 110)], "disagree");
         // Read going backwards.

@@ -42,11 +42,7 @@ impl Op {
     /// The key the operation is on.
     pub fn key(&self) -> &str {
         match self {
-            Op::Read { key }
-            | Op::Write { key, .. }
-            | Op::Incr { key }
-            | Op::Append { key, .. }
-            | Op::ReadList { key } => key,
+            Op::Read { key } | Op::Write { key, .. } | Op::Incr { key } | Op::Append { key, .. } | Op::ReadList { key } => key,
         }
     }
 
@@ -180,15 +176,7 @@ impl fmt::Display for Event {
             Some(o) => o.to_string(),
             None => "(in flight)".to_string(),
         };
-        write!(
-            f,
-            "p{:<3} {:>16} .. {:>16}  {} => {}",
-            self.process,
-            fmt_nanos(self.invoked_at),
-            completed,
-            self.op,
-            outcome
-        )
+        write!(f, "p{:<3} {:>16} .. {:>16}  {} => {}", self.process, fmt_nanos(self.invoked_at), completed, self.op, outcome)
     }
 }
 
@@ -374,8 +362,7 @@ mod tests {
     fn dump_is_one_line_per_event() {
         let h = History::new();
         h.invoke(0, Op::Write { key: "k".into(), value: 3 }).complete(Outcome::Ok(None));
-        h.invoke(1, Op::ReadList { key: "l".into() })
-            .complete(Outcome::Ok(Some(Value::List(vec![1, 2]))));
+        h.invoke(1, Op::ReadList { key: "l".into() }).complete(Outcome::Ok(Some(Value::List(vec![1, 2]))));
         h.invoke(2, Op::Read { key: "k".into() }).complete(Outcome::Unknown("TIMEOUT".into()));
         let _in_flight = h.invoke(3, Op::Incr { key: "c".into() });
         let d = h.dump();

@@ -160,9 +160,7 @@ impl Server {
         } else {
             cmd.arg("--loadmodule").arg(module_path()).arg(format!("dir={}", self.dir.join("raft").display())).args(&self.extra);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // If the test process dies (a failed assertion is fine, kill -9 of the runner is not),
         // its servers die with it instead of lingering on their ports. The signal follows the
         // spawning thread, which is the test's own thread for every server started here.
@@ -424,7 +422,9 @@ impl Cluster {
     pub fn kill_leader_midway(&mut self, leader: usize, done: &std::sync::atomic::AtomicUsize, total: usize) {
         wait_for("a third of the producer's items", Duration::from_secs(30), || (done.load(Ordering::SeqCst) >= total / 3).then_some(()));
         self.nodes[leader].kill9();
-        wait_for("a new leader", Duration::from_secs(20), || (0..self.nodes.len()).filter(|i| *i != leader).find(|i| self.nodes[*i].state() == "leader"));
+        wait_for("a new leader", Duration::from_secs(20), || {
+            (0..self.nodes.len()).filter(|i| *i != leader).find(|i| self.nodes[*i].state() == "leader")
+        });
         self.nodes[leader].restart().unwrap();
     }
 
@@ -448,7 +448,8 @@ impl Cluster {
     /// RAFT.CONFIG SET `name` `value` on every node, in node order; panics if one refuses.
     pub fn config_set(&self, name: &str, value: &str) {
         for (i, node) in self.nodes.iter().enumerate() {
-            node.cmd::<()>(&["RAFT.CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("RAFT.CONFIG SET {name} {value} on node {i}: {e}"));
+            node.cmd::<()>(&["RAFT.CONFIG", "SET", name, value])
+                .unwrap_or_else(|e| panic!("RAFT.CONFIG SET {name} {value} on node {i}: {e}"));
         }
     }
 

@@ -62,7 +62,12 @@ pub struct Nemesis {
 
 impl Nemesis {
     pub fn new(seed: u64, history: History) -> Nemesis {
-        Nemesis { rng: StdRng::seed_from_u64(seed), history, hold: (Duration::from_millis(1500), Duration::from_millis(4000)), log: Vec::new() }
+        Nemesis {
+            rng: StdRng::seed_from_u64(seed),
+            history,
+            hold: (Duration::from_millis(1500), Duration::from_millis(4000)),
+            log: Vec::new(),
+        }
     }
 
     /// Injects faults from `faults` until `run_for` has passed, healing each one and waiting

@@ -190,13 +190,7 @@ fn identify(conn: &TcpStream) -> io::Result<(Vec<u8>, Option<u64>)> {
 
 /// Copies `src` to `dst`, pausing while `held` says so. Ends both sockets when either side
 /// closes or the network is dropped.
-fn pump(
-    shared: &Shared,
-    mut src: TcpStream,
-    mut dst: TcpStream,
-    mut pending: Vec<u8>,
-    held: impl Fn(&Shared) -> bool,
-) -> io::Result<()> {
+fn pump(shared: &Shared, mut src: TcpStream, mut dst: TcpStream, mut pending: Vec<u8>, held: impl Fn(&Shared) -> bool) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let result = (|| loop {
         if shared.stop.load(Ordering::Relaxed) {

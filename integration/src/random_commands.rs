@@ -16,10 +16,10 @@
 //! Blocking pops and stream reads are, with timeouts of a few milliseconds: an empty key answers
 //! null after the same wait on both servers.
 
+use crate::resp_conn::Reply;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use crate::resp_conn::Reply;
 
 /// How far a command's reply can be compared between two servers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +56,6 @@ pub struct Drawn {
     pub args: Vec<Vec<u8>>,
     pub output: Output,
 }
-
 
 /// Categories whose commands are never drawn: server administration and connection state, what the
 /// test does itself (transactions, SELECT) and blocking commands (but see [`BLOCKING_POPS`]).
@@ -95,21 +94,121 @@ const WIPING: &[&str] = &["flushdb", "flushall"];
 
 const KEYS: &[&str] = &["k0", "k1", "k2", "k3", "k4", "k5", "{t}a", "{t}b"];
 const WORDS: &[&str] = &[
-    "EX", "PX", "EXAT", "PXAT", "KEEPTTL", "NX", "XX", "GT", "LT", "CH", "INCR", "GET", "LIMIT", "WITHSCORES", "BY", "STORE",
-    "ALPHA", "DESC", "ASC", "COUNT", "MATCH", "TYPE", "LEFT", "RIGHT", "BEFORE", "AFTER", "REV", "BYSCORE", "BYLEX",
-    "WEIGHTS", "AGGREGATE", "SUM", "MIN", "MAX", "MAXLEN", "MINID", "~", "=", "$", ">", "-", "+", "0-1", "FIELDS",
-    "IDLE", "RETRYCOUNT", "FORCE", "JUSTID", "NOMKSTREAM", "GROUP", "g", "c", "ID", "REPLACE", "ABSTTL", "FREQ", "DB",
-    "1", "OVERFLOW", "WRAP", "SAT", "FAIL", "SET", "INCRBY", "u8", "i16", "#1", "BIT", "BYTE", "ENCODING",
-    "FROMMEMBER", "FROMLONLAT", "BYRADIUS", "BYBOX", "km", "m", "WITHCOORD", "WITHDIST", "WITHHASH", "ANY",
-    "STOREDIST", "CREATE", "DESTROY", "SETID", "DELCONSUMER", "CREATECONSUMER", "MKSTREAM", "ENTRIESREAD", "STREAMS",
-    "NOACK", "RANK", "LEN", "IDX", "MINMATCHLEN", "WITHMATCHLEN", "PERSIST",
+    "EX",
+    "PX",
+    "EXAT",
+    "PXAT",
+    "KEEPTTL",
+    "NX",
+    "XX",
+    "GT",
+    "LT",
+    "CH",
+    "INCR",
+    "GET",
+    "LIMIT",
+    "WITHSCORES",
+    "BY",
+    "STORE",
+    "ALPHA",
+    "DESC",
+    "ASC",
+    "COUNT",
+    "MATCH",
+    "TYPE",
+    "LEFT",
+    "RIGHT",
+    "BEFORE",
+    "AFTER",
+    "REV",
+    "BYSCORE",
+    "BYLEX",
+    "WEIGHTS",
+    "AGGREGATE",
+    "SUM",
+    "MIN",
+    "MAX",
+    "MAXLEN",
+    "MINID",
+    "~",
+    "=",
+    "$",
+    ">",
+    "-",
+    "+",
+    "0-1",
+    "FIELDS",
+    "IDLE",
+    "RETRYCOUNT",
+    "FORCE",
+    "JUSTID",
+    "NOMKSTREAM",
+    "GROUP",
+    "g",
+    "c",
+    "ID",
+    "REPLACE",
+    "ABSTTL",
+    "FREQ",
+    "DB",
+    "1",
+    "OVERFLOW",
+    "WRAP",
+    "SAT",
+    "FAIL",
+    "SET",
+    "INCRBY",
+    "u8",
+    "i16",
+    "#1",
+    "BIT",
+    "BYTE",
+    "ENCODING",
+    "FROMMEMBER",
+    "FROMLONLAT",
+    "BYRADIUS",
+    "BYBOX",
+    "km",
+    "m",
+    "WITHCOORD",
+    "WITHDIST",
+    "WITHHASH",
+    "ANY",
+    "STOREDIST",
+    "CREATE",
+    "DESTROY",
+    "SETID",
+    "DELCONSUMER",
+    "CREATECONSUMER",
+    "MKSTREAM",
+    "ENTRIESREAD",
+    "STREAMS",
+    "NOACK",
+    "RANK",
+    "LEN",
+    "IDX",
+    "MINMATCHLEN",
+    "WITHMATCHLEN",
+    "PERSIST",
 ];
 /// Edge cases for counts, offsets, scores and times. Absolute times are either long past or far
 /// ahead (1.7e12 is 2023 in milliseconds and the distant future in seconds); no bit or byte offset
 /// here is both valid and large.
 const NUMBERS: &[&str] = &[
-    "0", "1", "-1", "2", "3", "10", "100", "1000", "5000", "4294967296", "-9223372036854775808", "18446744073709551616",
-    "1700000000000", "4102444800000",
+    "0",
+    "1",
+    "-1",
+    "2",
+    "3",
+    "10",
+    "100",
+    "1000",
+    "5000",
+    "4294967296",
+    "-9223372036854775808",
+    "18446744073709551616",
+    "1700000000000",
+    "4102444800000",
 ];
 const ODD_NUMBERS: &[&str] = &["1.5", "-inf", "+inf", "(1", "[a", "-", "+", "nan", "1e400", "0x10", ""];
 /// Scripts whose effect and reply depend only on their keys, arguments and data. Redis keeps every
@@ -291,7 +390,14 @@ impl RandomCommands {
             7 => vec!["XAUTOCLAIM", key, "g", consumer, min_idle, "0", "JUSTID"],
             8 => vec!["XPENDING", key, "g"],
             9 => vec!["XGROUP", "CREATECONSUMER", key, "g", consumer],
-            _ => vec!["XREAD", "BLOCK", *["1", "2"].choose(&mut self.rng).unwrap(), "STREAMS", key, *["$", "0", &previous].choose(&mut self.rng).unwrap()],
+            _ => vec![
+                "XREAD",
+                "BLOCK",
+                *["1", "2"].choose(&mut self.rng).unwrap(),
+                "STREAMS",
+                key,
+                *["$", "0", &previous].choose(&mut self.rng).unwrap(),
+            ],
         };
         Drawn { args: args.iter().map(|a| a.as_bytes().to_vec()).collect(), output: Output::Exact }
     }

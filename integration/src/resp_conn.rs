@@ -226,7 +226,10 @@ mod tests {
         assert_eq!(used, map.len() - 4);
         let expected = Reply::Aggregate(
             b'%',
-            vec![Reply::Line(b'+', b"k".to_vec()), Reply::Aggregate(b'*', vec![Reply::Line(b':', b"1".to_vec()), Reply::Line(b'-', b"ERR x".to_vec())])],
+            vec![
+                Reply::Line(b'+', b"k".to_vec()),
+                Reply::Aggregate(b'*', vec![Reply::Line(b':', b"1".to_vec()), Reply::Line(b'-', b"ERR x".to_vec())]),
+            ],
         );
         assert_eq!(reply, expected);
         assert!(one(b"$5\r\nhel").is_none());

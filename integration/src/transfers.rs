@@ -43,9 +43,18 @@ pub fn transfer(id: i64) -> (Op, redis::Pipeline) {
     let (from, to, amount) = transfer_of(id);
     let mut pipe = redis::pipe();
     pipe.atomic()
-        .cmd("INCRBY").arg(account_key(chunk, from)).arg(-amount).ignore()
-        .cmd("INCRBY").arg(account_key(chunk, to)).arg(amount).ignore()
-        .cmd("RPUSH").arg(ledger_key(chunk)).arg(id).ignore();
+        .cmd("INCRBY")
+        .arg(account_key(chunk, from))
+        .arg(-amount)
+        .ignore()
+        .cmd("INCRBY")
+        .arg(account_key(chunk, to))
+        .arg(amount)
+        .ignore()
+        .cmd("RPUSH")
+        .arg(ledger_key(chunk))
+        .arg(id)
+        .ignore();
     (Op::Append { key: ledger_key(chunk), value: id }, pipe)
 }
 

@@ -80,7 +80,10 @@ impl Client {
         self.run_with(|conn| pipe.query(conn))
     }
 
-    fn run_with(&mut self, request: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<redis::Value>) -> Result<redis::Value, Outcome> {
+    fn run_with(
+        &mut self,
+        request: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<redis::Value>,
+    ) -> Result<redis::Value, Outcome> {
         let Some(conn) = self.connect() else {
             self.next_node();
             return Err(Outcome::Fail("connection refused".into()));
@@ -242,7 +245,11 @@ impl Drop for Clients {
 enum Read {
     Command(Op, redis::Cmd),
     /// The accounts and ledger of a chunk of transfers, in one transaction.
-    Snapshot { chunk: i64, op: Op, pipe: redis::Pipeline },
+    Snapshot {
+        chunk: i64,
+        op: Op,
+        pipe: redis::Pipeline,
+    },
 }
 
 impl Read {

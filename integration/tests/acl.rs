@@ -7,8 +7,17 @@ use redis::Value;
 use std::time::Duration;
 
 /// The internal commands a restricted user's traffic becomes (README, *ACL users*).
-const GRANTS: &[&str] =
-    &["+raft._cmd", "+raft._read", "+raft._block", "+raft._multi", "+raft._watch", "+raft._wait", "+raft._refuse", "+raft._error", "+raft._scriptkill"];
+const GRANTS: &[&str] = &[
+    "+raft._cmd",
+    "+raft._read",
+    "+raft._block",
+    "+raft._multi",
+    "+raft._watch",
+    "+raft._wait",
+    "+raft._refuse",
+    "+raft._error",
+    "+raft._scriptkill",
+];
 
 fn connect_as(node: &Server, user: &str, password: &str) -> redis::Connection {
     let client = redis::Client::open(format!("redis://{user}:{password}@127.0.0.1:{}/", node.port)).unwrap();
@@ -51,7 +60,8 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     assert_eq!(run(&mut app, &["GET", "app:1"]).unwrap(), Value::Data(b"x".to_vec()));
     refused(run(&mut app, &["GET", "other"]), "access one of the keys used as arguments");
     // A transaction with a command the user may not run is discarded whole.
-    let err = redis::pipe().atomic().cmd("SET").arg("app:2").arg("y").cmd("SET").arg("other").arg("z").query::<Vec<Value>>(&mut app).unwrap_err();
+    let err =
+        redis::pipe().atomic().cmd("SET").arg("app:2").arg("y").cmd("SET").arg("other").arg("z").query::<Vec<Value>>(&mut app).unwrap_err();
     assert!(err.to_string().contains("no permissions to access one of the keys"), "{err}");
     // A script's calls cannot be checked as Redis would: refused to a restricted user.
     refused(run(&mut app, &["EVAL", "return redis.call('GET', 'other')", "0"]), "scripts and functions are refused");
@@ -137,10 +147,10 @@ fn with_a_raft_password_nodes_that_know_it_form_a_cluster_behind_requirepass_and
     for n in &cluster.nodes {
         protect(n);
     }
-    assert_eq!(as_default(node, &["RAFT.CONFIG", "GET", "raft-password"]).unwrap(), Value::Bulk(vec![
-        Value::Data(b"raft-password".to_vec()),
-        Value::Data(b"(set)".to_vec())
-    ]));
+    assert_eq!(
+        as_default(node, &["RAFT.CONFIG", "GET", "raft-password"]).unwrap(),
+        Value::Bulk(vec![Value::Data(b"raft-password".to_vec()), Value::Data(b"(set)".to_vec())])
+    );
 
     // Behind requirepass, a node with the password joins, and one is added with RAFT.ADDPEER.
     let joiner = newcomer(&cluster, "joiner", WITH_RAFT_PASSWORD);

@@ -394,7 +394,9 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
                 while !stop.load(Ordering::SeqCst) {
                     let c = conn.get_or_insert_with(|| consumer_conn(&ports, first, k, through_followers));
                     match c.call(&[b"BLPOP", b"work", b"0.5"]) {
-                        Ok(Reply::Aggregate(_, kv)) => popped.push(String::from_utf8(kv[1].bytes().unwrap().to_vec()).unwrap().parse::<usize>().unwrap()),
+                        Ok(Reply::Aggregate(_, kv)) => {
+                            popped.push(String::from_utf8(kv[1].bytes().unwrap().to_vec()).unwrap().parse::<usize>().unwrap())
+                        }
                         Ok(Reply::Null(_)) => {}
                         Ok(reply) if refused(&reply) => conn = None,
                         Ok(_) | Err(_) => {

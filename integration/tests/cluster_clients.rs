@@ -2,10 +2,10 @@
 //! leader as the master of every slot, so a cluster-mode client (here the `redis` crate's) sends
 //! its commands to the leader, and after the leader changes it follows `-MOVED` to the new one.
 
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use raftis_integration::resp_conn::{args, Reply, RespConn};
 use raftis_integration::{free_port_pair, stat_field, wait_for, Cluster, Server};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use redis::cluster::ClusterClient;
 use redis::Commands;
 use std::time::Duration;

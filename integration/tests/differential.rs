@@ -65,7 +65,10 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
     let table = reference.call(&[b"COMMAND"]).unwrap();
     let mut commands = RandomCommands::new(&table, seed);
     // The scripts' SHA1s, from plain Redis, whose cache is then emptied again.
-    let shas = RandomCommands::scripts().iter().map(|body| reference.call(&[b"SCRIPT", b"LOAD", body.as_bytes()]).unwrap().bytes().unwrap().to_vec()).collect();
+    let shas = RandomCommands::scripts()
+        .iter()
+        .map(|body| reference.call(&[b"SCRIPT", b"LOAD", body.as_bytes()]).unwrap().bytes().unwrap().to_vec())
+        .collect();
     ok(reference.call(&[b"SCRIPT", b"FLUSH"]).unwrap());
     commands.know_shas(shas);
     let mut recent: VecDeque<String> = VecDeque::new();
@@ -116,11 +119,18 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             let got = on_raftis(&args);
             let removals: Vec<Option<(Vec<Vec<u8>>, usize)>> =
                 batch.iter().zip(&got).map(|(d, g)| if d.output == Output::Popped { as_removal(&d.args, g) } else { None }).collect();
-            let instead: Vec<Vec<Vec<u8>>> = removals.iter().zip(&args).map(|(r, a)| r.as_ref().map_or_else(|| a.clone(), |(srem, _)| srem.clone())).collect();
+            let instead: Vec<Vec<Vec<u8>>> =
+                removals.iter().zip(&args).map(|(r, a)| r.as_ref().map_or_else(|| a.clone(), |(srem, _)| srem.clone())).collect();
             let mut expected = reference.pipeline(&instead).unwrap();
             for (i, removal) in removals.iter().enumerate() {
                 if let Some((_, n)) = removal {
-                    assert_eq!(expected[i].integer(), Some(*n as i64), "seed {seed} step {step}: `{}` popped {:?}, which plain Redis' set did not all hold", show(&args[i]), got[i]);
+                    assert_eq!(
+                        expected[i].integer(),
+                        Some(*n as i64),
+                        "seed {seed} step {step}: `{}` popped {:?}, which plain Redis' set did not all hold",
+                        show(&args[i]),
+                        got[i]
+                    );
                     expected[i] = got[i].clone();
                 }
             }
@@ -165,7 +175,11 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
             let want = dataset(&mut reference, db);
             let have = dataset(&mut conn, db);
             let keys = |d: &BTreeMap<Vec<u8>, KeyState>| d.keys().cloned().collect::<Vec<_>>();
-            assert_eq!(keys(&have), keys(&want), "seed {seed} (RESP{first_protocol}, {consistency}): node {i}'s db {db} holds other keys than plain Redis");
+            assert_eq!(
+                keys(&have),
+                keys(&want),
+                "seed {seed} (RESP{first_protocol}, {consistency}): node {i}'s db {db} holds other keys than plain Redis"
+            );
             for (key, w) in &want {
                 let h = &have[key];
                 assert!(
@@ -176,7 +190,11 @@ fn run(seed: u64, first_protocol: u8, consistency: &str, steps: usize) {
         }
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
-    assert_eq!(libraries(&cluster.nodes[0]), libraries(&plain), "seed {seed} (RESP{first_protocol}, {consistency}): the function libraries differ");
+    assert_eq!(
+        libraries(&cluster.nodes[0]),
+        libraries(&plain),
+        "seed {seed} (RESP{first_protocol}, {consistency}): the function libraries differ"
+    );
 }
 
 /// MULTI, a few commands, then EXEC (or now and then DISCARD). Only commands whose replies compare

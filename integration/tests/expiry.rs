@@ -251,15 +251,21 @@ fn a_deadline_already_past_deletes_the_key_at_once_on_every_node() {
 
     let (set, expired, exists, size): (String, i64, i64, i64) = redis::pipe()
         .atomic()
-        .cmd("SET").arg("a").arg(1)
-        .cmd("EXPIRE").arg("a").arg(0)
-        .cmd("EXISTS").arg("a")
+        .cmd("SET")
+        .arg("a")
+        .arg(1)
+        .cmd("EXPIRE")
+        .arg("a")
+        .arg(0)
+        .cmd("EXISTS")
+        .arg("a")
         .cmd("DBSIZE")
         .query(&mut conn)
         .unwrap();
     assert_eq!((set.as_str(), expired, exists, size), ("OK", 1, 0, keys_before), "inside a transaction");
 
-    let script = "redis.call('SET', KEYS[1], 1); redis.call('EXPIRE', KEYS[1], 0); return {redis.call('EXISTS', KEYS[1]), redis.call('DBSIZE')}";
+    let script =
+        "redis.call('SET', KEYS[1], 1); redis.call('EXPIRE', KEYS[1], 0); return {redis.call('EXISTS', KEYS[1]), redis.call('DBSIZE')}";
     let (exists, size): (i64, i64) = redis::cmd("EVAL").arg(script).arg(1).arg("b").query(&mut conn).unwrap();
     assert_eq!((exists, size), (0, keys_before), "inside a script");
 

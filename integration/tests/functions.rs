@@ -70,8 +70,17 @@ fn functions_run_the_same_on_every_node_from_the_log_and_from_snapshots() {
     let err = fcall::<Value>(node, "nosuch", &[], &[]).unwrap_err();
     assert!(err.to_string().contains("Function not found"), "{err}");
     // Inside a transaction, with the rest of it.
-    let (a, b): (i64, i64) =
-        redis::pipe().atomic().cmd("FCALL").arg("add").arg(1).arg("n").arg(10).cmd("INCR").arg("n").query(&mut node.client().unwrap()).unwrap();
+    let (a, b): (i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("FCALL")
+        .arg("add")
+        .arg(1)
+        .arg("n")
+        .arg(10)
+        .cmd("INCR")
+        .arg("n")
+        .query(&mut node.client().unwrap())
+        .unwrap();
     assert_eq!((a, b), (15, 16));
     // REPLACE swaps the code on every node.
     let replaced = LIBRARY.replace("args[1])", "args[1] * 2)");

@@ -4,7 +4,9 @@
 //! cluster through its leader, and every node ends with exactly the source's dataset. The other
 //! way, a node's `BGSAVE` writes a dump file a plain Redis loads (the README's backup).
 
-use raftis_integration::{digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY};
+use raftis_integration::{
+    digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY,
+};
 use std::process::Command;
 use std::time::Duration;
 
@@ -31,7 +33,10 @@ fn fill(conn: &mut redis::Connection) {
     pipe.cmd("SELECT").arg(2).ignore();
     pipe.cmd("SET").arg("elsewhere").arg("db2").ignore();
     pipe.cmd("SELECT").arg(0).ignore();
-    pipe.cmd("FUNCTION").arg("LOAD").arg("#!lua name=imported\nredis.register_function('imported_f', function(keys, args) return 1 end)").ignore();
+    pipe.cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("#!lua name=imported\nredis.register_function('imported_f', function(keys, args) return 1 end)")
+        .ignore();
     pipe.query::<()>(conn).unwrap();
 }
 
@@ -151,4 +156,3 @@ fn bgsave_on_the_leader_writes_a_dump_file_that_plain_redis_loads_as_the_cluster
     assert_eq!(digest(&restored), digest(leader), "the dump holds the cluster's dataset");
     assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), digest(leader));
 }
-

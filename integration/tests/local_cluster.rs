@@ -36,7 +36,10 @@ impl LocalCluster {
         self.ports
             .iter()
             .map(|p| {
-                let line = status.lines().find(|l| l.starts_with(&format!("127.0.0.1:{p} "))).unwrap_or_else(|| panic!("no line for {p}:\n{status}"));
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with(&format!("127.0.0.1:{p} ")))
+                    .unwrap_or_else(|| panic!("no line for {p}:\n{status}"));
                 line.split_whitespace().nth(1).unwrap_or_default().to_string()
             })
             .collect()

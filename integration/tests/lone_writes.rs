@@ -76,9 +76,7 @@ fn concurrent_connections_mixing_lone_writes_and_other_commands_get_their_replie
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("seed {seed}");
     let port = leader.port;
-    let workers: Vec<_> = (0..8u64)
-        .map(|c| std::thread::spawn(move || mixed_connection(port, c, seed.wrapping_add(c * 7919))))
-        .collect();
+    let workers: Vec<_> = (0..8u64).map(|c| std::thread::spawn(move || mixed_connection(port, c, seed.wrapping_add(c * 7919)))).collect();
     for w in workers {
         w.join().unwrap();
     }

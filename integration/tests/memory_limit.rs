@@ -129,7 +129,13 @@ fn redis_settings_the_log_depends_on_are_held() {
     let cluster = Cluster::start(1, &[]).unwrap();
     let node = &cluster.nodes[0];
     let mut conn = RespConn::connect(node.port).unwrap();
-    for (name, value) in [("maxmemory-policy", "allkeys-lru"), ("maxmemory", "1gb"), ("appendonly", "yes"), ("save", "3600 1"), ("min-replicas-to-write", "1")] {
+    for (name, value) in [
+        ("maxmemory-policy", "allkeys-lru"),
+        ("maxmemory", "1gb"),
+        ("appendonly", "yes"),
+        ("save", "3600 1"),
+        ("min-replicas-to-write", "1"),
+    ] {
         let reply = call(&mut conn, &["CONFIG", "SET", "hz", "11", name, value]);
         let text = reply.text().unwrap_or_default();
         assert!(reply.is_error() && text.contains(&format!("'{name}'")), "{name} {value}: {reply:?}");

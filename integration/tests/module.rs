@@ -25,7 +25,15 @@ fn mixed_writes(n: usize) -> Vec<Vec<String>> {
                 let pairs = [("a", format!("v{i}")), ("b", format!("{i}")), ("c", String::new()), ("d", format!("x{i}"))];
                 std::iter::once("MSET".to_string()).chain(pairs.into_iter().flat_map(|(f, v)| [format!("{m}{f}"), v])).collect()
             }
-            8 => vec!["SADD".into(), format!("w{}", k % 3), format!("a{i}"), format!("b{i}"), format!("c{i}"), format!("d{i}"), format!("e{i}")],
+            8 => vec![
+                "SADD".into(),
+                format!("w{}", k % 3),
+                format!("a{i}"),
+                format!("b{i}"),
+                format!("c{i}"),
+                format!("d{i}"),
+                format!("e{i}"),
+            ],
             _ => vec!["EXPIRE".into(), format!("s{k}"), "1000".into()],
         };
         out.push(cmd);
@@ -101,9 +109,8 @@ fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
         }
     }
     cluster.nodes[old].kill9();
-    let new = wait_for("a new leader", Duration::from_secs(10), || {
-        (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader")
-    });
+    let new =
+        wait_for("a new leader", Duration::from_secs(10), || (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader"));
     let mut conn = cluster.nodes[new].client().unwrap();
     wait_for("the new leader to accept writes", Duration::from_secs(10), || {
         redis::cmd("SET").arg("after").arg("1").query::<()>(&mut conn).ok()
@@ -131,9 +138,8 @@ fn a_leader_that_shuts_down_hands_leadership_over_first() {
     let _: () = cluster.nodes[old].cmd(&["SET", "before", "1"]).unwrap();
     let _ = cluster.nodes[old].cmd::<Value>(&["SHUTDOWN", "NOSAVE"]);
     wait_for("the old leader to exit", Duration::from_secs(10), || (!cluster.nodes[old].is_running()).then_some(()));
-    let new = wait_for("a new leader", Duration::from_secs(5), || {
-        (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader")
-    });
+    let new =
+        wait_for("a new leader", Duration::from_secs(5), || (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader"));
     let taken: Option<String> = wait_for("the new leader to serve", Duration::from_secs(5), || {
         let _: () = cluster.nodes[new].cmd(&["SET", "after", "1"]).ok()?;
         cluster.nodes[new].cmd(&["GET", "before"]).ok()
@@ -281,7 +287,10 @@ fn nodes_whose_redis_settings_differ_are_kept_apart() {
     cluster.nodes[follower].redis_args = odd_args.iter().map(|a| a.to_string()).collect();
     cluster.nodes[follower].restart().unwrap();
     wait_for("the restarted node to refuse the leader", Duration::from_secs(20), || {
-        cluster.nodes[follower].log_tail().contains("Redis settings differ from this node's: stream-node-max-entries is 100 there and 10 here").then_some(())
+        cluster.nodes[follower]
+            .log_tail()
+            .contains("Redis settings differ from this node's: stream-node-max-entries is 100 there and 10 here")
+            .then_some(())
     });
     // The leader's RAFT.INFO says why that peer is down.
     wait_for("the leader to show why", Duration::from_secs(10), || {
@@ -471,7 +480,8 @@ fn odd_arguments() -> Vec<Vec<Vec<u8>>> {
 fn every_raft_command_answers_odd_arguments_and_the_server_lives_on() {
     let mut cluster = Cluster::start(1, &["write-timeout=1000"]).unwrap();
     let member = &cluster.nodes[0];
-    let mut empty = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("empty"), &["write-timeout=1000"]).unwrap();
+    let mut empty =
+        Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("empty"), &["write-timeout=1000"]).unwrap();
     // From Redis' own table, so a command added later is swept too.
     let names: Vec<String> = member.cmd(&["COMMAND", "LIST", "FILTERBY", "PATTERN", "raft*"]).unwrap();
     assert!(names.len() >= 10 && names.iter().any(|n| n == "raft._cmd"), "{names:?}");
@@ -510,8 +520,7 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     let cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.leader();
     let _: () = leader.cmd(&["SET", "before", "1"]).unwrap();
-    let mut fourth =
-        Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &["consistency=low"]).unwrap();
+    let mut fourth = Server::start(raftis_integration::free_port_pair(), &cluster.root.path().join("n3"), &["consistency=low"]).unwrap();
     // In no cluster yet, its (empty) dataset is nobody's, even at consistency=low.
     let err = fourth.cmd::<Option<String>>(&["GET", "before"]).unwrap_err();
     assert!(err.code() == Some("CLUSTERDOWN") && err.to_string().contains("not part of a cluster yet"), "{err}");
@@ -519,9 +528,7 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     assert!(id > 0);
     let peers: Vec<Value> = leader.cmd(&["RAFT.PEERS"]).unwrap();
     assert_eq!(peers.len(), 4);
-    wait_for("node 4 to apply", Duration::from_secs(10), || {
-        fourth.cmd::<Option<String>>(&["GET", "before"]).ok().flatten()
-    });
+    wait_for("node 4 to apply", Duration::from_secs(10), || fourth.cmd::<Option<String>>(&["GET", "before"]).ok().flatten());
     let cluster_id = info_text(leader, "cluster_id");
     assert_eq!(cluster_id.len(), 16, "made by INIT: {cluster_id:?}");
     wait_for("node 4 to take the cluster id", Duration::from_secs(10), || (info_text(&fourth, "cluster_id") == cluster_id).then_some(()));
@@ -567,9 +574,7 @@ fn addpeer_and_removepeer_change_membership_of_a_running_cluster() {
     fourth.restart_empty().unwrap();
     let id: i64 = leader.cmd(&["RAFT.ADDPEER", &fourth.addr()]).unwrap();
     assert!(id > 0);
-    wait_for("the node added again to apply", Duration::from_secs(10), || {
-        fourth.cmd::<Option<String>>(&["GET", "after"]).ok().flatten()
-    });
+    wait_for("the node added again to apply", Duration::from_secs(10), || fourth.cmd::<Option<String>>(&["GET", "after"]).ok().flatten());
 }
 
 #[test]
@@ -593,9 +598,7 @@ fn joining_a_cluster_without_a_leader_fails_with_clusterdown_and_can_be_retried(
     assert_eq!(joiner.state(), "uninitialized");
     // With the other member back, the same node joins.
     cluster.nodes[leader].restart().unwrap();
-    wait_for("a leader", Duration::from_secs(20), || {
-        (0..2).find(|i| cluster.nodes[*i].state() == "leader")
-    });
+    wait_for("a leader", Duration::from_secs(20), || (0..2).find(|i| cluster.nodes[*i].state() == "leader"));
     let joined: String = joiner.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[1 - leader].addr()]).unwrap();
     assert_eq!(joined, "OK");
     wait_for("the joined node to apply its promotion", Duration::from_secs(10), || (joiner.state() == "follower").then_some(()));
@@ -736,7 +739,8 @@ fn a_write_over_max_entry_size_is_refused_whole_and_changes_nothing() {
     }
     // Each write fits alone; the transaction holding both does not.
     let mut conn = cluster.nodes[leader].client().unwrap();
-    let err = redis::pipe().atomic().cmd("SET").arg("a").arg(&part).cmd("SET").arg("b").arg(&part).query::<Vec<Value>>(&mut conn).unwrap_err();
+    let err =
+        redis::pipe().atomic().cmd("SET").arg("a").arg(&part).cmd("SET").arg("b").arg(&part).query::<Vec<Value>>(&mut conn).unwrap_err();
     assert!(err.to_string().contains("too large for the Raft log"), "{err}");
     assert_eq!(cluster.nodes[leader].cmd::<i64>(&["EXISTS", "a", "b"]).unwrap(), 0);
     let _: () = redis::cmd("SET").arg("a").arg(&part).query(&mut conn).unwrap();
@@ -795,10 +799,9 @@ fn a_paused_leader_never_serves_a_stale_linearizable_read_after_it_resumes() {
     // A read it already ran on its stale dataset is never answered: its connection is closed.
     match redis::cmd("GET").arg("k").query::<String>(&mut stale_conn) {
         Ok(v) => assert_eq!(v, "new", "a linearizable read returned a stale value"),
-        Err(e) => assert!(
-            matches!(e.code(), Some("MOVED") | Some("TIMEOUT") | Some("CLUSTERDOWN")) || e.is_io_error(),
-            "unexpected error: {e}"
-        ),
+        Err(e) => {
+            assert!(matches!(e.code(), Some("MOVED") | Some("TIMEOUT") | Some("CLUSTERDOWN")) || e.is_io_error(), "unexpected error: {e}")
+        }
     }
     // The cluster settles on one leader and nothing acknowledged is lost.
     let leader = cluster.wait_leader();
@@ -967,7 +970,8 @@ fn interleaved_pipeline() -> (Vec<u8>, Vec<u8>) {
 /// absent: it begins with `SELECT db`, and its `SELECT 1` and `SELECT 0` become `db + 1` and `db`.
 fn interleaved_pipeline_in(db: u32) -> (Vec<u8>, Vec<u8>) {
     let (request, expected) = interleaved_pipeline();
-    let request = String::from_utf8(request).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}"));
+    let request =
+        String::from_utf8(request).unwrap().replace("SELECT 1", &format!("SELECT {}", db + 1)).replace("SELECT 0", &format!("SELECT {db}"));
     ([format!("SELECT {db}\r\n").into_bytes(), request.into_bytes()].concat(), [b"+OK\r\n".to_vec(), expected].concat())
 }
 

@@ -35,7 +35,9 @@ fn run_with(faults: &[Fault], module_args: &[&str]) -> Cluster {
     let extra = std::env::var("RAFTIS_FAULT_MODULE_ARGS").unwrap_or_default();
     let module_args: Vec<&str> = module_args.iter().copied().chain(extra.split_whitespace()).collect();
     let module_args = module_args.as_slice();
-    eprintln!("fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, module arguments {module_args:?}, RAFTIS_FAULT_SEED={seed}");
+    eprintln!(
+        "fault run: {nodes} nodes, {clients} clients, {secs} s of {faults:?}, module arguments {module_args:?}, RAFTIS_FAULT_SEED={seed}"
+    );
 
     let partitions = faults.iter().any(|f| Fault::NETWORK.contains(f));
     let mut cluster = if faults.contains(&Fault::PowerCut) {

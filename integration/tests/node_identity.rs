@@ -109,9 +109,8 @@ fn a_node_made_into_a_new_cluster_is_not_taken_over_by_the_old_clusters_nodes() 
     assert!(new_id.len() == 16 && new_id != old_id, "{new_id} {old_id}");
 
     // The old cluster elects a leader, which goes on sending to node 1's address: refused.
-    let old_leader = wait_for("the old cluster's leader", Duration::from_secs(20), || {
-        (1..3).find(|i| cluster.nodes[*i].state() == "leader")
-    });
+    let old_leader =
+        wait_for("the old cluster's leader", Duration::from_secs(20), || (1..3).find(|i| cluster.nodes[*i].state() == "leader"));
     let old = &cluster.nodes[old_leader];
     let refusal = format!("node {} belongs to another cluster", old.node_id());
     let said = wait_for("the old leader to be refused", Duration::from_secs(20), || {

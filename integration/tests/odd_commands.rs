@@ -28,20 +28,104 @@ const SEED: u64 = 1;
 /// into something that answers more than once per command (subscriptions, `MONITOR`, `SYNC`), or
 /// change the membership, which the final comparison counts on.
 const LEFT_OUT: &[&str] = &[
-    "shutdown", "debug", "module", "monitor", "quit", "subscribe", "psubscribe", "ssubscribe", "unsubscribe",
-    "punsubscribe", "sunsubscribe", "sync", "psync", "replconf", "client|pause", "client|reply", "client|kill",
-    "acl|setuser", "acl|deluser", "acl|load", "raft.addpeer", "raft.removepeer",
+    "shutdown",
+    "debug",
+    "module",
+    "monitor",
+    "quit",
+    "subscribe",
+    "psubscribe",
+    "ssubscribe",
+    "unsubscribe",
+    "punsubscribe",
+    "sunsubscribe",
+    "sync",
+    "psync",
+    "replconf",
+    "client|pause",
+    "client|reply",
+    "client|kill",
+    "acl|setuser",
+    "acl|deluser",
+    "acl|load",
+    "raft.addpeer",
+    "raft.removepeer",
 ];
 
 /// What arguments are drawn from.
 const WORDS: &[&[u8]] = &[
-    b"k1", b"k2", b"{t}a", b"{t}b", b"", b"0", b"1", b"-1", b"2", b"3", b"100", b"9223372036854775807",
-    b"-9223372036854775808", b"18446744073709551616", b"1.5", b"inf", b"-inf", b"nan", b"EX", b"PX", b"EXAT",
-    b"PXAT", b"NX", b"XX", b"KEEPTTL", b"GET", b"BLOCK", b"STREAMS", b"$", b">", b"*", b"+", b"-", b"COUNT",
-    b"LIMIT", b"BY", b"STORE", b"WITHSCORES", b"MAXLEN", b"~", b"=", b"GROUP", b"LEFT", b"RIGHT", b"WEIGHTS",
-    b"AGGREGATE", b"SUM", b"MIN", b"MAX", b"0-1", b"1-0", b"\x00\xff\xfe", b"REPLACE", b"ABSTTL", b"IDLETIME",
-    b"FREQ", b"MATCH", b"TYPE", b"LEN", b"RANK", b"IDX", b"MINMATCHLEN", b"SCHEDULE", b"ASYNC", b"consistency",
-    b"durability", b"follower-proxy", b"low", b"medium", b"high", b"yes", b"no",
+    b"k1",
+    b"k2",
+    b"{t}a",
+    b"{t}b",
+    b"",
+    b"0",
+    b"1",
+    b"-1",
+    b"2",
+    b"3",
+    b"100",
+    b"9223372036854775807",
+    b"-9223372036854775808",
+    b"18446744073709551616",
+    b"1.5",
+    b"inf",
+    b"-inf",
+    b"nan",
+    b"EX",
+    b"PX",
+    b"EXAT",
+    b"PXAT",
+    b"NX",
+    b"XX",
+    b"KEEPTTL",
+    b"GET",
+    b"BLOCK",
+    b"STREAMS",
+    b"$",
+    b">",
+    b"*",
+    b"+",
+    b"-",
+    b"COUNT",
+    b"LIMIT",
+    b"BY",
+    b"STORE",
+    b"WITHSCORES",
+    b"MAXLEN",
+    b"~",
+    b"=",
+    b"GROUP",
+    b"LEFT",
+    b"RIGHT",
+    b"WEIGHTS",
+    b"AGGREGATE",
+    b"SUM",
+    b"MIN",
+    b"MAX",
+    b"0-1",
+    b"1-0",
+    b"\x00\xff\xfe",
+    b"REPLACE",
+    b"ABSTTL",
+    b"IDLETIME",
+    b"FREQ",
+    b"MATCH",
+    b"TYPE",
+    b"LEN",
+    b"RANK",
+    b"IDX",
+    b"MINMATCHLEN",
+    b"SCHEDULE",
+    b"ASYNC",
+    b"consistency",
+    b"durability",
+    b"follower-proxy",
+    b"low",
+    b"medium",
+    b"high",
+    b"yes",
+    b"no",
 ];
 
 /// How long a blocking command may wait before its connection is dropped and opened anew; any
@@ -119,9 +203,9 @@ fn run(kill_every: Option<usize>) {
                 }
             }
             Err(e) => {
-                let waited = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
-                    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-                });
+                let waited = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
                 // A leader that lost its leadership closes the connections whose reads it cannot
                 // confirm, and a killed node closes them all; nothing else may drop one, and only a
                 // blocking command may wait.
@@ -209,9 +293,7 @@ fn command_table(port: u16) -> Vec<Command> {
 }
 
 fn shown(batch: &[Vec<Vec<u8>>]) -> String {
-    let shown: Vec<String> = batch
-        .iter()
-        .map(|args| args.iter().map(|a| format!("{:?}", String::from_utf8_lossy(a))).collect::<Vec<_>>().join(" "))
-        .collect();
+    let shown: Vec<String> =
+        batch.iter().map(|args| args.iter().map(|a| format!("{:?}", String::from_utf8_lossy(a))).collect::<Vec<_>>().join(" ")).collect();
     shown.join(" | ")
 }

@@ -142,9 +142,7 @@ fn with_durability_high_a_power_cut_amid_snapshots_and_compaction_loses_nothing_
     // A snapshot every 1,500 entries, and the log compacted behind it: the cut comes once every
     // node has started its second one.
     let args = ["durability=high", "snapshot-threshold=1500", "trailing-logs=100"];
-    power_cut_under_load_loses_nothing_acknowledged(&args, |cluster| {
-        cluster.nodes.iter().all(|n| info_field(n, "snapshots_started") >= 2)
-    });
+    power_cut_under_load_loses_nothing_acknowledged(&args, |cluster| cluster.nodes.iter().all(|n| info_field(n, "snapshots_started") >= 2));
 }
 
 #[test]

@@ -32,7 +32,9 @@ fn scripts_run_the_same_on_every_node_also_when_replayed() {
     let _: () = eval(&mut conn, "redis.call('RPUSH', 'undeclared', 1, 2, 3)", &[], &[]).unwrap();
     // Calls whose answer differs between nodes raise an error in the script; what it wrote before
     // stays, as in Redis.
-    for (call, name) in [("redis.call('TIME')", "TIME"), ("redis.call('SMEMBERS', 's')", "SMEMBERS"), ("redis.call('RANDOMKEY')", "RANDOMKEY")] {
+    for (call, name) in
+        [("redis.call('TIME')", "TIME"), ("redis.call('SMEMBERS', 's')", "SMEMBERS"), ("redis.call('RANDOMKEY')", "RANDOMKEY")]
+    {
         let script = format!("redis.call('INCR', 'before-refused'); return {call}");
         let err = eval::<Value>(&mut conn, &script, &[], &[]).unwrap_err();
         assert!(err.to_string().contains(&format!("{name} inside a script")), "{err}");

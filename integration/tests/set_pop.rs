@@ -81,7 +81,9 @@ fn spop_answers_as_redis_does_through_the_leader_and_a_follower() {
             assert_eq!(call(node, &["EXISTS", s]).integer(), Some(0));
             // Inside a transaction too.
             fill(node, s, 4);
-            let replies = node.pipeline(&[args(&["MULTI"]), args(&["SPOP", s, "2"]), args(&["SPOP", s]), args(&["SCARD", s]), args(&["EXEC"])]).unwrap();
+            let replies = node
+                .pipeline(&[args(&["MULTI"]), args(&["SPOP", s, "2"]), args(&["SPOP", s]), args(&["SCARD", s]), args(&["EXEC"])])
+                .unwrap();
             let Some([two, one, left]) = replies[4].items() else { panic!("{replies:?}") };
             let mut taken = BTreeSet::new();
             assert_eq!((popped(two, &mut taken), popped(one, &mut taken), left.integer()), (2, 1, Some(1)), "{replies:?}");

@@ -39,9 +39,7 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
     // One snapshot per 5000 entries at most: a snapshot whose file is still being verified
     // and recorded must not look overdue and start another.
     for node in &cluster.nodes {
-        wait_for("snapshots to finish", Duration::from_secs(20), || {
-            (info_text(node, "snapshot_in_progress") == "no").then_some(())
-        });
+        wait_for("snapshots to finish", Duration::from_secs(20), || (info_text(node, "snapshot_in_progress") == "no").then_some(()));
         let started = info_field(node, "snapshots_started");
         assert!((1..=10).contains(&started), "node {}: {started} snapshots for 50000 entries", node.port);
     }
@@ -54,11 +52,7 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
             let e = info_field(node, "log_entries");
             (e < 6_000).then_some(e)
         });
-        eprintln!(
-            "node {}: snapshot at {snap} ({} bytes), {entries} log entries left",
-            node.port,
-            info_field(node, "snapshot_size_bytes")
-        );
+        eprintln!("node {}: snapshot at {snap} ({} bytes), {entries} log entries left", node.port, info_field(node, "snapshot_size_bytes"));
     }
     // RAFT.SNAPSHOT on demand answers [index, size].
     let (index, size): (i64, i64) = cluster.nodes[leader].cmd(&["RAFT.SNAPSHOT"]).unwrap();
@@ -189,7 +183,9 @@ fn a_node_killed_while_its_snapshot_child_writes_restarts_at_once() {
     cluster.nodes[0].kill9();
     assert!(child_proc.exists(), "the child finished before its server was killed: nothing tested");
     // Its ports are free at once, not when the orphaned child is done: it holds no socket.
-    cluster.nodes[0].restart().unwrap_or_else(|e| panic!("restart while the old child still writes: {e:#}\n{}", cluster.nodes[0].log_tail()));
+    cluster.nodes[0]
+        .restart()
+        .unwrap_or_else(|e| panic!("restart while the old child still writes: {e:#}\n{}", cluster.nodes[0].log_tail()));
     asking.join().unwrap();
     cluster.wait_leader();
     // Every key, plus the harness' own probe key.

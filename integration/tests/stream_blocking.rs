@@ -121,9 +121,19 @@ fn replies_are_those_of_plain_redis() {
         &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "COUNT", "1", "STREAMS", "s", ">"]],
         &[&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", "0"]],
         // Inside MULTI nothing blocks.
-        &[&["MULTI"], &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"], &["XADD", "s", "2-1", "f", "c"], &["EXEC"]],
+        &[
+            &["MULTI"],
+            &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+            &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"],
+            &["XADD", "s", "2-1", "f", "c"],
+            &["EXEC"],
+        ],
         // A pipeline's read sees the entry before it.
-        &[&["XADD", "s", "3-1", "f", "d"], &["XREAD", "BLOCK", "0", "STREAMS", "s", "2-1"], &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "50", "STREAMS", "s", ">"]],
+        &[
+            &["XADD", "s", "3-1", "f", "d"],
+            &["XREAD", "BLOCK", "0", "STREAMS", "s", "2-1"],
+            &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "50", "STREAMS", "s", ">"],
+        ],
     ];
     for (node, protocol) in [(leader, "2"), (leader, "3"), (follower, "2"), (follower, "3")] {
         let mut raftis = RespConn::connect(node.port).unwrap();
@@ -301,7 +311,19 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
                     let c = conn.get_or_insert_with(|| consumer_conn(&ports, first, k, through_followers));
                     // After a failure a consumer reads what it was given and did not acknowledge.
                     let from: &[u8] = if fresh { b"0" } else { b">" };
-                    let read = c.call(&[b"XREADGROUP", b"GROUP", b"g", name.as_bytes(), b"COUNT", b"10", b"BLOCK", b"500", b"STREAMS", b"jobs", from]);
+                    let read = c.call(&[
+                        b"XREADGROUP",
+                        b"GROUP",
+                        b"g",
+                        name.as_bytes(),
+                        b"COUNT",
+                        b"10",
+                        b"BLOCK",
+                        b"500",
+                        b"STREAMS",
+                        b"jobs",
+                        from,
+                    ]);
                     let ids = match read {
                         Ok(Reply::Null(_)) => continue,
                         Ok(reply) => match entry_ids(&reply) {

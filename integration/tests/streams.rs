@@ -73,7 +73,9 @@ fn what_consumer_groups_cannot_do_here_is_refused_clearly() {
     let _: () = cmd(node, &["XGROUP", "CREATE", "jobs", "workers", "$", "MKSTREAM"]);
     let err = node.cmd::<Value>(&["EVAL", "return redis.call('XREAD', 'BLOCK', 10, 'STREAMS', KEYS[1], '$')", "1", "jobs"]).unwrap_err();
     assert!(err.to_string().contains("not allowed with BLOCK option from scripts"), "Redis' own rule: {err}");
-    let err = node.cmd::<Value>(&["EVAL", "return redis.call('XREADGROUP', 'GROUP', 'workers', 'w', 'STREAMS', KEYS[1], '>')", "1", "jobs"]).unwrap_err();
+    let err = node
+        .cmd::<Value>(&["EVAL", "return redis.call('XREADGROUP', 'GROUP', 'workers', 'w', 'STREAMS', KEYS[1], '>')", "1", "jobs"])
+        .unwrap_err();
     assert!(err.to_string().contains("would read each node's clock"), "{err}");
     let err = node.cmd::<Value>(&["EVAL", "return redis.call('XAUTOCLAIM', KEYS[1], 'workers', 'w', 0, 0)", "1", "jobs"]).unwrap_err();
     assert!(err.to_string().contains("could answer differently"), "{err}");

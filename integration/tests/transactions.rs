@@ -2,9 +2,9 @@
 
 use raftis_integration::resp_conn::{args, Reply, RespConn};
 use raftis_integration::{client_proposals, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
-use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Redis' own replies to a transaction: `+QUEUED` while queueing, EXEC's array in command order,
 /// SELECT inside it, an error inside it that does not stop the rest, DISCARD, queueing errors
@@ -286,7 +286,8 @@ fn a_hello_inside_a_transaction_switches_the_protocol_of_the_commands_after_it()
         let exec = replies[EXEC].items().unwrap_or_else(|| panic!("EXEC answered {:?}", replies[EXEC]));
         assert_eq!(exec.len(), 8, "{exec:?}");
         let is_hello = |i: usize| commands[i][0] == b"HELLO";
-        let mut shown: Vec<String> = replies.iter().enumerate().filter(|(i, _)| *i != EXEC && !is_hello(*i)).map(|(_, r)| format!("{r:?}")).collect();
+        let mut shown: Vec<String> =
+            replies.iter().enumerate().filter(|(i, _)| *i != EXEC && !is_hello(*i)).map(|(_, r)| format!("{r:?}")).collect();
         shown.extend(exec.iter().enumerate().filter(|(i, _)| !is_hello(i + EXEC - 8)).map(|(_, r)| format!("{r:?}")));
         shown
     };

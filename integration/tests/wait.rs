@@ -58,7 +58,9 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     }
     // Inside a transaction it goes with the transaction, and the leader answers it at once, with
     // the followers that hold what it proposed before (a clock entry may be on its way).
-    let replies = on_follower.pipeline(&[args(&["MULTI"]), args(&["SET", "k", "t"]), args(&["WAIT", "2", "0"]), args(&["GET", "k"]), args(&["EXEC"])]).unwrap();
+    let replies = on_follower
+        .pipeline(&[args(&["MULTI"]), args(&["SET", "k", "t"]), args(&["WAIT", "2", "0"]), args(&["GET", "k"]), args(&["EXEC"])])
+        .unwrap();
     let Reply::Aggregate(_, exec) = &replies[4] else { panic!("{replies:?}") };
     assert_eq!(exec.len(), 3, "{exec:?}");
     assert!(exec[1].integer().is_some_and(|n| (0..=2).contains(&n)), "{exec:?}");

@@ -157,7 +157,11 @@ fn is_unrestricted(ctx: *mut RedisModuleCtx, user: &[u8]) -> bool {
         let n = ffi::reply_len(reply);
         for i in (0..n.saturating_sub(1)).step_by(2) {
             let value = ffi::reply_element(reply, i + 1);
-            let value = if ffi::is_array(value) { format!("[{}]", ffi::reply_len(value)) } else { String::from_utf8_lossy(ffi::reply_bytes(value)).into_owned() };
+            let value = if ffi::is_array(value) {
+                format!("[{}]", ffi::reply_len(value))
+            } else {
+                String::from_utf8_lossy(ffi::reply_bytes(value)).into_owned()
+            };
             fields.insert(String::from_utf8_lossy(ffi::reply_bytes(ffi::reply_element(reply, i))).into_owned(), value);
         }
     }

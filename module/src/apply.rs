@@ -7,15 +7,15 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, DetachedContext};
+use crate::snapshot::AppliedPoint;
+use crate::state;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{CommandView, Entry, EntryTime, EntryView};
 use raftis_core::determinism;
-use raftis_core::memory_limit;
 use raftis_core::forward::{encode_replies, Abandoned, ForwardDone, ForwardRequest};
+use raftis_core::memory_limit;
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
-use crate::snapshot::AppliedPoint;
-use crate::state;
 use raftis_core::snapshot_transfer::SnapshotDescriptor;
 use raftis_core::LogIndex;
 use std::collections::BTreeMap;
@@ -160,7 +160,10 @@ impl ApplyProgress {
 pub enum Job {
     Apply(ApplyBatch<WriteWaiter>),
     /// Replace the dataset: empty `data` means an empty dataset, otherwise a snapshot descriptor.
-    Restore { index: LogIndex, data: Vec<u8> },
+    Restore {
+        index: LogIndex,
+        data: Vec<u8>,
+    },
     /// RAFT.SNAPSHOT: take one now and answer this client when it is done.
     TakeSnapshot(Blocked),
     /// Raft needs a newer snapshot for a follower.
@@ -169,9 +172,18 @@ pub enum Job {
     /// (otherwise only the next write would notice).
     CheckSnapshot,
     /// A command a follower forwarded (follower proxy).
-    Forward { req: ForwardRequest, done: ForwardDone, abandoned: Abandoned },
+    Forward {
+        req: ForwardRequest,
+        done: ForwardDone,
+        abandoned: Abandoned,
+    },
     /// Forwarded reads whose read index is applied: run them now, back to back.
-    RunForwarded { reads: Vec<(u32, Vec<Vec<u8>>)>, batch: bool, resp3: Vec<bool>, done: ForwardDone },
+    RunForwarded {
+        reads: Vec<(u32, Vec<Vec<u8>>)>,
+        batch: bool,
+        resp3: Vec<bool>,
+        done: ForwardDone,
+    },
 }
 
 /// The [`StateMachine`] the Raft node drives.
@@ -300,12 +312,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
                         apply_one(ctx, committed);
                     }
                 });
-                *point = AppliedPoint {
-                    index: batch.applied_to,
-                    term: batch.term,
-                    conf_state: batch.conf_state,
-                    members: batch.members,
-                };
+                *point = AppliedPoint { index: batch.applied_to, term: batch.term, conf_state: batch.conf_state, members: batch.members };
                 applied_to = Some(batch.applied_to);
             }
             Job::TakeSnapshot(waiter) => match state::get().refuse_if_stopped() {

@@ -19,7 +19,10 @@ pub enum Outcome {
     Pair(i64, i64),
     /// Run this command for the client now, on the main thread, and send its reply (a read whose
     /// consistency conditions were just met).
-    Run { argv: Vec<Vec<u8>>, resp3: bool },
+    Run {
+        argv: Vec<Vec<u8>>,
+        resp3: bool,
+    },
     /// A reply the leader produced for a forwarded command, as raw RESP (follower proxy).
     Relay(Vec<u8>),
     /// A null array: `*-1` in RESP2, `_` in RESP3 (what Redis answers a blocking pop that timed out).
@@ -31,7 +34,10 @@ pub enum Outcome {
 pub enum Requester {
     Here(Blocked),
     /// The follower hangs up if its client stops waiting ([`Abandoned`]).
-    Forwarded { done: ForwardDone, abandoned: Abandoned },
+    Forwarded {
+        done: ForwardDone,
+        abandoned: Abandoned,
+    },
 }
 
 impl Requester {
@@ -76,9 +82,8 @@ impl Blocked {
     /// Blocks the client of `ctx`, which `on_timeout` answers if `timeout` passes first (zero: no
     /// timeout, for a client that asked to wait for ever).
     pub fn with_timeout_reply(ctx: *mut RedisModuleCtx, timeout: Duration, on_timeout: redis_module::raw::RedisModuleCmdFunc) -> Blocked {
-        let bc = unsafe {
-            api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_timeout, Some(free_outcome), timeout.as_millis() as i64)
-        };
+        let bc =
+            unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_timeout, Some(free_outcome), timeout.as_millis() as i64) };
         Blocked { bc }
     }
 

@@ -51,14 +51,14 @@ use crate::cluster_view::slot_of;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
 use crate::state::{self, RaftNode};
 use crate::stream_probe;
-use readiness::{group_keys, GroupNews, Look};
-use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
 use raftis_core::command_entry::encode_command;
 use raftis_core::config::Consistency;
 use raftis_core::determinism::Args;
+use raftis_core::forward::{Abandoned, ForwardDone};
 use raftis_core::routing::Route;
 use raftis_core::stream_read::{StreamId, StreamRead};
+use readiness::{group_keys, GroupNews, Look};
 use redis_module::raw::RedisModuleTimerID;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -443,7 +443,8 @@ pub fn after_apply(ctx: *mut RedisModuleCtx) {
         match waiter.shape.waits {
             Waits::List | Waits::SortedSet => {
                 // Attempts in flight count too: each takes an element.
-                let ready: Vec<usize> = (0..waiter.keys.len()).filter(|&i| look.elements(waiter.db, &waiter.keys[i], waiter.shape.waits) > 0).collect();
+                let ready: Vec<usize> =
+                    (0..waiter.keys.len()).filter(|&i| look.elements(waiter.db, &waiter.keys[i], waiter.shape.waits) > 0).collect();
                 let Some(&first) = ready.first() else { continue };
                 look.take(waiter.db, &waiter.keys[first]);
                 if !waiter.in_flight {

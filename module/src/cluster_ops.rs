@@ -4,15 +4,15 @@
 
 use crate::blocked::{Blocked, Outcome};
 use crate::peer_user;
+use crate::snapshot::AppliedPoint;
 use crate::state::{self, RaftNode, Start};
 use bytes::BytesMut;
+use raft::eraftpb::ConfState;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::{MembershipChange, NodeInfo};
+use raftis_core::node::TakenSnapshot;
 use raftis_core::resp::{self, Frame};
 use raftis_core::shared_settings::SharedSettings;
-use crate::snapshot::AppliedPoint;
-use raft::eraftpb::ConfState;
-use raftis_core::node::TakenSnapshot;
 use raftis_core::{LogIndex, NodeId, Term};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -41,13 +41,9 @@ pub fn request_as_peer(addr: &str, parts: &[&[u8]], timeout: Duration) -> anyhow
 /// Sends `commands` to a Redis-speaking server in one go and returns the last one's reply, or
 /// the first error an earlier one got.
 pub fn request(addr: &str, commands: &[&[&[u8]]], timeout: Duration) -> anyhow::Result<Frame> {
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, timeout.min(Duration::from_secs(3)))
-        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    let sock =
+        addr.to_socket_addrs().map_err(|e| anyhow::anyhow!("{addr}: {e}"))?.next().ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, timeout.min(Duration::from_secs(3))).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut out = BytesMut::new();
@@ -160,7 +156,9 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
             leaderless_since = None;
         } else if leaderless_since.get_or_insert_with(Instant::now).elapsed() >= NO_LEADER_PATIENCE {
             let waited = NO_LEADER_PATIENCE.as_secs();
-            return Outcome::Error(format!("CLUSTERDOWN the cluster has had no leader for {waited} s ({last_error}); join once it has one"));
+            return Outcome::Error(format!(
+                "CLUSTERDOWN the cluster has had no leader for {waited} s ({last_error}); join once it has one"
+            ));
         }
         if Instant::now() >= deadline {
             return Outcome::Error(format!("TIMEOUT could not join the cluster in time ({last_error})"));

@@ -44,8 +44,8 @@ fn add_entry(table: &mut CommandTable, entry: *mut RedisModuleCallReply, parent:
     }
     let tips = (ffi::reply_len(entry) > 7).then(|| ffi::reply_element(entry, 7));
     if let Some(tips) = tips.filter(|t| ffi::is_array(*t)) {
-        info.nondeterministic = (0..ffi::reply_len(tips))
-            .any(|j| ffi::reply_bytes(ffi::reply_element(tips, j)).starts_with(b"nondeterministic_output"));
+        info.nondeterministic =
+            (0..ffi::reply_len(tips)).any(|j| ffi::reply_bytes(ffi::reply_element(tips, j)).starts_with(b"nondeterministic_output"));
     }
     if !movable_keys && ffi::reply_len(entry) > 5 {
         let at = |i| ffi::reply_integer_value(ffi::reply_element(entry, i));

@@ -3,16 +3,16 @@
 
 use crate::blocked::Blocked;
 use crate::cluster_ops;
-use crate::peer_user;
 use crate::ffi::{self, RedisModuleCtx};
+use crate::peer_user;
 use crate::reply::Reply;
 use crate::state::{self, Raftis, Start};
 use crate::write::not_initialized;
 use raftis_core::cluster_view::{self, HashSlot};
 use raftis_core::health_report;
 use raftis_core::membership::NodeInfo;
-use raftis_core::status::Status;
 use raftis_core::shared_settings::SharedSettings;
+use raftis_core::status::Status;
 use raftis_core::NodeId;
 use std::fmt::Write as _;
 
@@ -253,9 +253,7 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         return match status.successor() {
             Some(to) => {
                 node.transfer_leader(to);
-                Err(format!(
-                    "TRYAGAIN node {id} is the leader; leadership is moving to node {to}: run RAFT.REMOVEPEER {id} there"
-                ))
+                Err(format!("TRYAGAIN node {id} is the leader; leadership is moving to node {to}: run RAFT.REMOVEPEER {id} there"))
             }
             None => Err("ERR cannot remove the only voter of the cluster".into()),
         };
@@ -384,10 +382,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("role", role_name(&st));
     put("term", st.term.to_string());
     put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));
-    put(
-        "leader_addr",
-        st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()),
-    );
+    put("leader_addr", st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()));
     let failed_after = cluster_view::failed_after(s.settings().timing.tick_interval, st.election_ticks);
     if !st.is_leader() {
         // The members' health this node shows comes from the leader's newest report.
@@ -453,7 +448,14 @@ pub fn info_fields() -> Vec<(String, String)> {
         }
         let link = transport.iter().find(|t| t.id == m.id);
         if let Some(t) = link {
-            let _ = write!(line, ",connected={},queued={},queued_bytes={},dropped={}", if t.connected { "yes" } else { "no" }, t.queued, t.queued_bytes, t.dropped);
+            let _ = write!(
+                line,
+                ",connected={},queued={},queued_bytes={},dropped={}",
+                if t.connected { "yes" } else { "no" },
+                t.queued,
+                t.queued_bytes,
+                t.dropped
+            );
         }
         put(&format!("peer{i}"), line);
         // Why it is down, on a line of its own: the text has commas and spaces of its own.
@@ -533,7 +535,8 @@ mod tests {
     #[test]
     fn keys_are_added_up_over_every_database() {
         assert_eq!(keys_in_keyspace("# Keyspace\r\n"), 0);
-        let info = "# Keyspace\r\ndb0:keys=30,expires=1,avg_ttl=0\r\ndb1:keys=47,expires=0,avg_ttl=0\r\ndb15:keys=3,expires=0,avg_ttl=0\r\n";
+        let info =
+            "# Keyspace\r\ndb0:keys=30,expires=1,avg_ttl=0\r\ndb1:keys=47,expires=0,avg_ttl=0\r\ndb15:keys=3,expires=0,avg_ttl=0\r\n";
         assert_eq!(keys_in_keyspace(info), 80);
     }
 }

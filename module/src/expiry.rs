@@ -31,9 +31,9 @@
 //! Telling Redis it is loading is not module API: `startLoading` and `stopLoading` are looked up
 //! at load. Without them, keys expire by each node's clock, as before (logged at load).
 
+use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
 use crate::state;
-use crate::apply::{ReplyTo, WriteWaiter};
 use raftis_core::command_entry::{encode_clock, EntryTime};
 use raftis_core::routing::KeyPositions;
 use raftis_core::sort_patterns;

@@ -378,8 +378,8 @@ pub fn is_array(reply: *mut RedisModuleCallReply) -> bool {
 /// `CONFIG GET name` as a string.
 pub fn config_get(ctx: *mut RedisModuleCtx, name: &str) -> Option<String> {
     let reply = call_strs(ctx, &["CONFIG", "GET", name]);
-    let value = (is_array(reply) && reply_len(reply) >= 2)
-        .then(|| String::from_utf8_lossy(reply_bytes(reply_element(reply, 1))).into_owned());
+    let value =
+        (is_array(reply) && reply_len(reply) >= 2).then(|| String::from_utf8_lossy(reply_bytes(reply_element(reply, 1))).into_owned());
     free_call_reply(reply);
     value
 }

@@ -46,7 +46,8 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
     let arg = |i: i32| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
     let name = arg(0);
     if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
-        let held_path = name.eq_ignore_ascii_case(WRITE_COMMAND.as_bytes()) || name.eq_ignore_ascii_case(crate::read::READ_COMMAND.as_bytes());
+        let held_path =
+            name.eq_ignore_ascii_case(WRITE_COMMAND.as_bytes()) || name.eq_ignore_ascii_case(crate::read::READ_COMMAND.as_bytes());
         return if held_path { Destination::HeldPath } else { Destination::Elsewhere };
     }
     crate::acl::command_seen(name);
@@ -77,7 +78,10 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
         Route::Wait => crate::wait::WAIT_COMMAND,
         Route::Blocking | Route::BlockingRead => crate::blocking::BLOCK_COMMAND,
         Route::Read
-            if crate::read::needs_confirmation() || crate::held::any_held() || crate::transaction::any_open() || !state::get().may_read_locally() =>
+            if crate::read::needs_confirmation()
+                || crate::held::any_held()
+                || crate::transaction::any_open()
+                || !state::get().may_read_locally() =>
         {
             crate::read::READ_COMMAND
         }

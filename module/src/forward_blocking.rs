@@ -85,7 +85,16 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], t
 /// attempt would have run it, goes to the next leader for what is left of its timeout (until
 /// `deadline`), instead of the client getting `redirect`. (Nothing ran for it yet: a client with
 /// an attempt in flight gets that attempt's outcome.)
-pub fn take_over(blocked: Blocked, db: u32, resp3: bool, argv: Vec<Vec<u8>>, deadline: Option<Instant>, timeout_arg: TimeoutArg, was_leader: String, redirect: String) {
+pub fn take_over(
+    blocked: Blocked,
+    db: u32,
+    resp3: bool,
+    argv: Vec<Vec<u8>>,
+    deadline: Option<Instant>,
+    timeout_arg: TimeoutArg,
+    was_leader: String,
+    redirect: String,
+) {
     let backstop = deadline.map(|at| answer_within(at.saturating_duration_since(Instant::now())));
     let forward = Forward::new(blocked, resp3, db, argv, deadline, timeout_arg, backstop);
     std::thread::spawn(move || forward.again(was_leader, redirect));

@@ -58,10 +58,13 @@ fn guard(
     handler: fn(*mut RedisModuleCtx, Vec<Vec<u8>>) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::args_of(argv, argc);
-    answer(ctx, std::panic::catch_unwind(|| {
-        held::before_command(ctx);
-        handler(ctx, args)
-    }))
+    answer(
+        ctx,
+        std::panic::catch_unwind(|| {
+            held::before_command(ctx);
+            handler(ctx, args)
+        }),
+    )
 }
 
 /// [`guard`] for the handlers every client command goes through: they borrow the arguments
@@ -73,10 +76,13 @@ fn guard_borrowed(
     handler: fn(*mut RedisModuleCtx, &[&[u8]]) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::borrowed_args(argv, argc);
-    answer(ctx, std::panic::catch_unwind(|| {
-        held::before_command(ctx);
-        handler(ctx, &args)
-    }))
+    answer(
+        ctx,
+        std::panic::catch_unwind(|| {
+            held::before_command(ctx);
+            handler(ctx, &args)
+        }),
+    )
 }
 
 fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, String>>) -> c_int {
@@ -86,11 +92,8 @@ fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, S
             ffi::reply_error(ctx, &e);
         }
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let what =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             log::error!("panic in a command handler: {what}");
             ffi::reply_error(ctx, "ERR internal error (panic); see the Redis log");
         }
@@ -264,12 +267,12 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let raft_addr = format!("{host}:{raft_port}");
     let listen = SocketAddr::new(bind_ip, raft_port);
 
-    std::fs::create_dir_all(&settings.dir)
-        .map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
+    std::fs::create_dir_all(&settings.dir).map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
     // Held until the process exits (the module cannot be unloaded).
     static DIR_LOCK: std::sync::OnceLock<raftis_core::dir_lock::DirLock> = std::sync::OnceLock::new();
     let _ = DIR_LOCK.set(raftis_core::dir_lock::lock(&settings.dir)?);
-    let store = LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
+    let store =
+        LogStore::open(&settings.dir).map_err(|e| anyhow::anyhow!("cannot open the raft log in {}: {e}", settings.dir.display()))?;
     let table = command_table::load(ctx)?;
     let shared = raftis_core::shared_settings::SharedSettings::read(|name| ffi::config_get(ctx, name).unwrap_or_default());
     let databases: u32 = shared.get("databases").and_then(|d| d.parse().ok()).unwrap_or(16);
@@ -301,9 +304,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
         let rc = unsafe { api!(RedisModule_CreateCommand)(ctx, n.as_ptr(), Some(*handler), f.as_ptr(), 0, 0, 0) };
         anyhow::ensure!(rc == ffi::OK, "cannot register command {name}");
     }
-    let filter = unsafe {
-        api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int)
-    };
+    let filter = unsafe { api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int) };
     anyhow::ensure!(!filter.is_null(), "cannot register the command filter");
     peer_user::init()?;
     // Not NOSELF: it must see what a script the module applies calls (see `scripts`).

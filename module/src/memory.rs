@@ -19,7 +19,9 @@ static USED_MEMORY: OnceLock<Result<UsedMemory, String>> = OnceLock::new();
 /// At load: finds Redis' allocation counter. An error says why no limit can be set.
 pub fn init() -> Result<(), String> {
     USED_MEMORY
-        .get_or_init(|| ffi::find_symbol("zmalloc_used_memory").map(|f| unsafe { std::mem::transmute::<*mut std::ffi::c_void, UsedMemory>(f) }))
+        .get_or_init(|| {
+            ffi::find_symbol("zmalloc_used_memory").map(|f| unsafe { std::mem::transmute::<*mut std::ffi::c_void, UsedMemory>(f) })
+        })
         .clone()
         .map(|_| ())
 }
@@ -120,7 +122,11 @@ fn find_function_flags(reply: *mut ffi::RedisModuleCallReply, function: &[u8]) -
             let info = ffi::reply_element(functions, f);
             if field(info, b"name").is_some_and(|name| ffi::reply_bytes(name).eq_ignore_ascii_case(function)) {
                 let flags = field(info, b"flags").filter(|f| ffi::is_array(*f))?;
-                return Some((0..ffi::reply_len(flags)).map(|i| String::from_utf8_lossy(ffi::reply_bytes(ffi::reply_element(flags, i))).into_owned()).collect());
+                return Some(
+                    (0..ffi::reply_len(flags))
+                        .map(|i| String::from_utf8_lossy(ffi::reply_bytes(ffi::reply_element(flags, i))).into_owned())
+                        .collect(),
+                );
             }
         }
     }

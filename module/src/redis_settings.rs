@@ -91,7 +91,9 @@ pub fn check_commands_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     let reply = ffi::call_strs(ctx, &argv);
     let answered = ffi::is_array(reply) && ffi::reply_len(reply) == names.len();
     let missing: Vec<String> = match answered {
-        true => names.iter().enumerate().filter(|(i, _)| !ffi::is_array(ffi::reply_element(reply, *i))).map(|(_, n)| n.to_uppercase()).collect(),
+        true => {
+            names.iter().enumerate().filter(|(i, _)| !ffi::is_array(ffi::reply_element(reply, *i))).map(|(_, n)| n.to_uppercase()).collect()
+        }
         false => Vec::new(),
     };
     ffi::free_call_reply(reply);

@@ -69,7 +69,8 @@ pub fn applying() -> Option<(LogIndex, Duration)> {
     let index = APPLYING.load(Ordering::Acquire);
     let since = SINCE_MS.load(Ordering::Relaxed);
     // Read again: a new entry may have begun between the two loads.
-    (index != 0 && APPLYING.load(Ordering::Acquire) == index).then(|| (LogIndex(index), Duration::from_millis(now_ms().saturating_sub(since))))
+    (index != 0 && APPLYING.load(Ordering::Acquire) == index)
+        .then(|| (LogIndex(index), Duration::from_millis(now_ms().saturating_sub(since))))
 }
 
 /// Whether the entry at `index` must not run on this node (`skip-entry`). Only an entry that

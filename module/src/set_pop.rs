@@ -39,7 +39,8 @@ pub fn draw_candidates(db: u32, argv: &mut Args) -> Result<(), String> {
     }
     let drawn = ffi::call(ctx, &[&b"SRANDMEMBER"[..], refs[1], requested.count.to_string().as_bytes()], false);
     if ffi::is_array(drawn) && ffi::reply_len(drawn) > 0 {
-        let candidates: Vec<Vec<u8>> = (0..ffi::reply_len(drawn)).map(|i| ffi::reply_bytes(ffi::reply_element(drawn, i)).to_vec()).collect();
+        let candidates: Vec<Vec<u8>> =
+            (0..ffi::reply_len(drawn)).map(|i| ffi::reply_bytes(ffi::reply_element(drawn, i)).to_vec()).collect();
         argv.push(Cow::Borrowed(HINT));
         argv.extend(candidates.into_iter().map(Cow::Owned));
     }
@@ -111,7 +112,12 @@ fn choose(ctx: *mut RedisModuleCtx, key: &[u8], mut choice: Choice) -> Vec<Vec<u
     choice.popped()
 }
 
-extern "C" fn offer(_key: *mut raw::RedisModuleKey, member: *mut raw::RedisModuleString, _value: *mut raw::RedisModuleString, privdata: *mut c_void) {
+extern "C" fn offer(
+    _key: *mut raw::RedisModuleKey,
+    member: *mut raw::RedisModuleString,
+    _value: *mut raw::RedisModuleString,
+    privdata: *mut c_void,
+) {
     let choice = unsafe { &mut *(privdata as *mut Choice) };
     let mut len = 0usize;
     let ptr = unsafe { api!(RedisModule_StringPtrLen)(member, &mut len) } as *const c_char;

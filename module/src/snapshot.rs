@@ -11,12 +11,12 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleCtx};
 use crate::state;
+use raft::eraftpb::ConfState;
 use raftis_core::membership::Members;
 use raftis_core::node::TakenSnapshot;
 use raftis_core::snapshot_file::{self, Record, SnapshotMeta, SnapshotReader, SnapshotWriter};
 use raftis_core::snapshot_transfer::SnapshotDescriptor;
 use raftis_core::{LogIndex, Term};
-use raft::eraftpb::ConfState;
 use redis_module::raw;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
@@ -41,8 +41,7 @@ struct InProgress {
     purpose: Purpose,
 }
 
-const SEEDING: &str =
-    "ERR RAFT.CLUSTER INIT KEEPDATA is writing this node's dataset into its first snapshot; retry once it is done";
+const SEEDING: &str = "ERR RAFT.CLUSTER INIT KEEPDATA is writing this node's dataset into its first snapshot; retry once it is done";
 
 /// What a snapshot is taken for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -243,12 +242,8 @@ impl Snapshots {
 /// In the child: the function libraries, then every key of every database, DUMPed with its
 /// absolute expiry.
 fn write_dataset(ctx: *mut RedisModuleCtx, path: &Path, point: &AppliedPoint) -> anyhow::Result<()> {
-    let meta = SnapshotMeta {
-        index: point.index,
-        term: point.term,
-        conf_state: point.conf_state.clone(),
-        members: (*point.members).clone(),
-    };
+    let meta =
+        SnapshotMeta { index: point.index, term: point.term, conf_state: point.conf_state.clone(), members: (*point.members).clone() };
     let functions = dump_functions(ctx)?;
     let writer = SnapshotWriter::create(path, &meta, &functions)?;
     let mut scan = Scan { writer, db: 0, failed: None };
@@ -297,7 +292,12 @@ struct Scan {
     failed: Option<anyhow::Error>,
 }
 
-extern "C" fn add_scanned(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, key: *mut raw::RedisModuleKey, privdata: *mut c_void) {
+extern "C" fn add_scanned(
+    ctx: *mut RedisModuleCtx,
+    name: *mut ffi::RedisModuleString,
+    key: *mut raw::RedisModuleKey,
+    privdata: *mut c_void,
+) {
     // SAFETY: `write_dataset` passes its `Scan`, alive and otherwise untouched while Scan runs.
     let scan = unsafe { &mut *(privdata as *mut Scan) };
     if scan.failed.is_some() {
@@ -311,7 +311,12 @@ extern "C" fn add_scanned(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleS
     }
 }
 
-fn add_key(ctx: *mut RedisModuleCtx, scan: &mut Scan, name: *mut ffi::RedisModuleString, key: *mut raw::RedisModuleKey) -> anyhow::Result<()> {
+fn add_key(
+    ctx: *mut RedisModuleCtx,
+    scan: &mut Scan,
+    name: *mut ffi::RedisModuleString,
+    key: *mut raw::RedisModuleKey,
+) -> anyhow::Result<()> {
     let key_name = ffi::string_bytes(name);
     let dump = ffi::call(ctx, &[b"DUMP".as_slice(), key_name], false);
     let payload = ffi::reply_bytes(dump).to_vec();

@@ -1,22 +1,22 @@
 //! The module's global state: settings, the log store, the Raft node once this server belongs
 //! to a cluster, and the apply machinery. Created once in `RedisModule_OnLoad`.
 
-use raftis_core::cluster_view::HashSlot;
-use raftis_core::shared_settings::SharedSettings;
+use crate::apply::Job;
 use crate::apply::{self, ApplyProgress, RedisMachine};
 use crate::ffi::DetachedContext;
+use crate::snapshot::Snapshots;
+use raftis_core::cluster_view::HashSlot;
+use raftis_core::config::Consistency;
 use raftis_core::membership::NodeInfo;
 use raftis_core::node::{Node, NodeConfig, TakenSnapshot};
 use raftis_core::proposal::ProposeError;
 use raftis_core::routing::{CommandTable, KeyPositions, Route};
 use raftis_core::settings::Settings;
+use raftis_core::shared_settings::SharedSettings;
 use raftis_core::status::Status;
 use raftis_core::storage::LogStore;
 use raftis_core::NodeId;
 use std::net::SocketAddr;
-use raftis_core::config::Consistency;
-use crate::apply::Job;
-use crate::snapshot::Snapshots;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -381,9 +381,7 @@ pub fn error_reply(err: &ProposeError, slot: HashSlot) -> String {
         ProposeError::LeadershipLost => {
             "TIMEOUT leadership changed while the request was in flight; it may or may not have taken effect".into()
         }
-        ProposeError::Timeout => {
-            "TIMEOUT the request was not committed within write-timeout; it may still take effect".into()
-        }
+        ProposeError::Timeout => "TIMEOUT the request was not committed within write-timeout; it may still take effect".into(),
         ProposeError::Shutdown => match get().fatal() {
             Some(why) => format!("TIMEOUT this node stopped serving ({why}); the request may or may not have taken effect"),
             None => "TIMEOUT the node is shutting down; the request may or may not have taken effect".into(),

@@ -83,5 +83,7 @@ fn field<'a>(reply: *mut ffi::RedisModuleCallReply, name: &[u8]) -> Option<&'a [
         return None;
     }
     let len = ffi::reply_len(reply);
-    (0..len / 2).find(|i| ffi::reply_bytes(ffi::reply_element(reply, 2 * i)) == name).map(|i| ffi::reply_bytes(ffi::reply_element(reply, 2 * i + 1)))
+    (0..len / 2)
+        .find(|i| ffi::reply_bytes(ffi::reply_element(reply, 2 * i)) == name)
+        .map(|i| ffi::reply_bytes(ffi::reply_element(reply, 2 * i + 1)))
 }

@@ -12,12 +12,12 @@
 //! leader answers it at once there.
 
 use crate::blocked::{Blocked, Outcome, Requester};
-use crate::reply::Reply;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
+use crate::reply::Reply;
 use crate::state::{self, RaftNode};
+use raftis_core::blocking::{parse_timeout, Unit};
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::forward::{Abandoned, ForwardDone};
-use raftis_core::blocking::{parse_timeout, Unit};
 use raftis_core::status::Status;
 use raftis_core::LogIndex;
 use std::os::raw::{c_int, c_void};

@@ -23,13 +23,13 @@
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, ClientId, RedisModuleCtx};
 use crate::state;
+use raftis_core::cluster_view::HashSlot;
 use redis_module::raw;
 use rustc_hash::FxHashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use raftis_core::cluster_view::HashSlot;
 
 /// Clients that may be watching keys, with the keys. Only touched on Redis' main thread.
 static WATCHERS: Mutex<Watchers> = Mutex::new(Watchers { clients: None, pruned: None });

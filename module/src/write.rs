@@ -13,8 +13,8 @@ use crate::state;
 use raftis_core::command_entry::{encode_command, EntryTime};
 use raftis_core::determinism::{self, Args};
 use raftis_core::memory_limit;
-use std::borrow::Cow;
 use raftis_core::routing::Route;
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 /// How much longer than write-timeout Redis' own backstop timer waits.

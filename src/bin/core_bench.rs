@@ -93,7 +93,13 @@ fn measure(root: &Path, durability: Durability, proposals: usize, in_flight: usi
     while done < proposals {
         while sent < proposals && sent - done < in_flight {
             let tx = tx.clone();
-            leader.propose(payload.clone(), Box::new(move |r| { let _ = tx.send(r.is_ok()); }), Instant::now() + Duration::from_secs(10));
+            leader.propose(
+                payload.clone(),
+                Box::new(move |r| {
+                    let _ = tx.send(r.is_ok());
+                }),
+                Instant::now() + Duration::from_secs(10),
+            );
             sent += 1;
         }
         let ok = rx.recv_timeout(Duration::from_secs(20))?;

@@ -52,8 +52,7 @@ impl<S: StateMachine> RaftLoop<S> {
             return Ok(());
         }
         let conf_state = self.raw.apply_conf_change(cc).context("applying a membership change")?;
-        let removes_me =
-            cc.changes.iter().any(|c| c.node_id == self.id.get() && c.get_change_type() == ConfChangeType::RemoveNode);
+        let removes_me = cc.changes.iter().any(|c| c.node_id == self.id.get() && c.get_change_type() == ConfChangeType::RemoveNode);
         if removes_me {
             let why = format!("removed from the cluster: its removal was committed at index {index}");
             // Before the membership is stored: a restart would not apply this entry again.
@@ -73,12 +72,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.transport.set_peer_addr(info.id, info.raft_addr.clone());
             }
         }
-        log::info!(
-            "raft {} membership at {index}: voters {:?} learners {:?}",
-            self.id,
-            conf_state.voters,
-            conf_state.learners
-        );
+        log::info!("raft {} membership at {index}: voters {:?} learners {:?}", self.id, conf_state.voters, conf_state.learners);
         Ok(())
     }
 

@@ -123,8 +123,7 @@ impl<S: StateMachine> RaftLoop<S> {
 
     pub(super) fn expire(&mut self, now: Instant) {
         self.proposals.expire(now);
-        let expired: Vec<LogIndex> =
-            self.membership_waiters.iter().filter(|(_, (_, d, _))| *d <= now).map(|(i, _)| *i).collect();
+        let expired: Vec<LogIndex> = self.membership_waiters.iter().filter(|(_, (_, d, _))| *d <= now).map(|(i, _)| *i).collect();
         for i in expired {
             if let Some((_, _, w)) = self.membership_waiters.remove(&i) {
                 w(Err(ProposeError::Timeout));

@@ -2,8 +2,8 @@
 //! Ready (send, persist, apply) and publish the node's status. The rest of what the loop does is
 //! in its sibling files, by concern.
 
-use super::*;
 use super::proposals::fail_request;
+use super::*;
 
 impl<S: StateMachine> RaftLoop<S> {
     /// Runs the loop until the node stops, then answers everything still waiting. A panic in a
@@ -127,7 +127,8 @@ impl<S: StateMachine> RaftLoop<S> {
     fn stop_on(&mut self, e: anyhow::Error) {
         let mut msg = format!("{e:#}");
         let disk_failed = e.chain().any(|cause| {
-            cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<StorageError>(), Some(StorageError::Lmdb(_) | StorageError::Io(_)))
+            cause.is::<std::io::Error>()
+                || matches!(cause.downcast_ref::<StorageError>(), Some(StorageError::Lmdb(_) | StorageError::Io(_)))
         });
         if disk_failed {
             // A full disk shows up as a bare I/O error.
@@ -200,12 +201,10 @@ impl<S: StateMachine> RaftLoop<S> {
                     self.step(*msg);
                 }
             }
-            Request::SnapshotTaken(taken, done) => {
-                match self.on_snapshot_taken(taken) {
-                    Ok(()) => drop(done.send(())),
-                    Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
-                }
-            }
+            Request::SnapshotTaken(taken, done) => match self.on_snapshot_taken(taken) {
+                Ok(()) => drop(done.send(())),
+                Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
+            },
             Request::Hello { from, addr, client_addr } => {
                 if from == self.id || self.left_behind(from) {
                     return;
@@ -358,8 +357,8 @@ impl<S: StateMachine> RaftLoop<S> {
             // Only entries, term and vote must be on disk before we answer; a commit index that
             // is lost in a crash is learnt again from the leader.
             let stored = self.store.hard_state();
-            let must_sync = sync
-                && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
+            let must_sync =
+                sync && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
             let sync = must_sync;
             let started = Instant::now();
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
@@ -394,8 +393,7 @@ impl<S: StateMachine> RaftLoop<S> {
     /// queued: the follower fetches the file itself and answers when it has installed it; if it
     /// does not, raft probes it again and resends.
     fn send(&mut self, msgs: Vec<Message>) {
-        let snapshot_to: Vec<u64> =
-            msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect();
+        let snapshot_to: Vec<u64> = msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect();
         self.transport.send(msgs);
         for to in snapshot_to {
             self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);

@@ -121,9 +121,7 @@ impl<R: Read> HashingReader<R> {
         loop {
             match self.inner.read(&mut extra) {
                 Ok(0) => return Ok(stored),
-                Ok(_) => {
-                    return Err(SnapshotError::Corrupt(format!("unexpected bytes after the trailer at offset {}", self.pos)))
-                }
+                Ok(_) => return Err(SnapshotError::Corrupt(format!("unexpected bytes after the trailer at offset {}", self.pos))),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
@@ -150,8 +148,8 @@ fn read_header<R: Read>(r: &mut HashingReader<R>) -> Result<(SnapshotMeta, u32)>
     let term = Term(r.u64()?);
     let conf_state = ConfState::decode(r.field("conf_state")?.as_slice())
         .map_err(|e| SnapshotError::Corrupt(format!("conf_state does not decode: {e}")))?;
-    let members = serde_json::from_slice(&r.field("members")?)
-        .map_err(|e| SnapshotError::Corrupt(format!("members do not decode: {e}")))?;
+    let members =
+        serde_json::from_slice(&r.field("members")?).map_err(|e| SnapshotError::Corrupt(format!("members do not decode: {e}")))?;
     Ok((SnapshotMeta { index, term, conf_state, members }, version))
 }
 

@@ -1,5 +1,5 @@
-use super::*;
 use super::files::{parse_name, parse_path, Kind};
+use super::*;
 use crate::membership::NodeInfo;
 use crate::NodeId;
 use rand::{Rng, RngCore, SeedableRng};
@@ -57,8 +57,7 @@ fn write(dir: &Path, index: u64, recs: &[Record]) -> SnapshotSummary {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }

@@ -58,15 +58,7 @@ impl IncomingSnapshot {
         }
         // Bytes resumed here may not have reached the disk before a crash; whatever they are,
         // finish() verifies the whole file and discards it if they are wrong.
-        Ok(IncomingSnapshot {
-            final_path: final_path.to_path_buf(),
-            part,
-            info,
-            file,
-            offset,
-            expected_size,
-            expected_checksum,
-        })
+        Ok(IncomingSnapshot { final_path: final_path.to_path_buf(), part, info, file, offset, expected_size, expected_checksum })
     }
 
     /// Where the transfer resumes: the next chunk must start here.

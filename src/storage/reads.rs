@@ -8,16 +8,10 @@ impl LogStore {
         let tail = self.tail();
         let state = self.state();
         if low < state.first_index() {
-            return Err(StorageError::Compacted {
-                index: low,
-                first_index: state.first_index(),
-            });
+            return Err(StorageError::Compacted { index: low, first_index: state.first_index() });
         }
         if high > state.last_index + 1 {
-            return Err(StorageError::Unavailable {
-                index: high - 1,
-                last_index: state.last_index,
-            });
+            return Err(StorageError::Unavailable { index: high - 1, last_index: state.last_index });
         }
         if low >= high {
             return Ok(Vec::new());
@@ -66,16 +60,10 @@ impl LogStore {
             return Ok(state.truncated_term);
         }
         if index < state.first_index() {
-            return Err(StorageError::Compacted {
-                index,
-                first_index: state.first_index(),
-            });
+            return Err(StorageError::Compacted { index, first_index: state.first_index() });
         }
         if index > state.last_index {
-            return Err(StorageError::Unavailable {
-                index,
-                last_index: state.last_index,
-            });
+            return Err(StorageError::Unavailable { index, last_index: state.last_index });
         }
         if !tail.entries.is_empty() && index >= tail.first {
             return Ok(tail.entries[(index - tail.first) as usize].entry.term);
@@ -86,40 +74,21 @@ impl LogStore {
 
     fn read_snapshot(&self) -> Result<Option<Snapshot>> {
         let txn = self.inner.env.read_txn()?;
-        let Some(metadata) =
-            decode_meta::<SnapshotMetadata>(&txn, self.inner.meta, key::SNAPSHOT_META)?
-        else {
+        let Some(metadata) = decode_meta::<SnapshotMetadata>(&txn, self.inner.meta, key::SNAPSHOT_META)? else {
             return Ok(None);
         };
-        let data = self
-            .inner
-            .meta
-            .get(&txn, key::SNAPSHOT_DATA)?
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default();
-        Ok(Some(Snapshot {
-            data,
-            metadata: Some(metadata),
-        }))
+        let data = self.inner.meta.get(&txn, key::SNAPSHOT_DATA)?.map(<[u8]>::to_vec).unwrap_or_default();
+        Ok(Some(Snapshot { data, metadata: Some(metadata) }))
     }
 }
 
 impl Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let state = self.state();
-        Ok(RaftState::new(
-            state.hard_state.clone(),
-            state.conf_state.clone(),
-        ))
+        Ok(RaftState::new(state.hard_state.clone(), state.conf_state.clone()))
     }
 
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _context: GetEntriesContext) -> raft::Result<Vec<Entry>> {
         Ok(self.read_entries(low, high, max_size.into())?)
     }
 

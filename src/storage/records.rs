@@ -54,11 +54,7 @@ pub(super) fn decode_record(record: &Sealed) -> Result<(Vec<TailEntry>, Option<H
     }
     let hs = match take(&mut data, 1)?[0] {
         0 => None,
-        _ => Some(HardState {
-            term: u64_at(take(&mut data, 8)?),
-            vote: u64_at(take(&mut data, 8)?),
-            commit: u64_at(take(&mut data, 8)?),
-        }),
+        _ => Some(HardState { term: u64_at(take(&mut data, 8)?), vote: u64_at(take(&mut data, 8)?), commit: u64_at(take(&mut data, 8)?) }),
     };
     Ok((entries, hs))
 }

@@ -2,33 +2,17 @@ use super::*;
 use raft::util::limit_size;
 
 fn entry(index: u64, term: u64) -> Entry {
-    Entry {
-        index,
-        term,
-        data: format!("payload {index}").into_bytes(),
-        ..Default::default()
-    }
+    Entry { index, term, data: format!("payload {index}").into_bytes(), ..Default::default() }
 }
 
 fn entries_with_terms(first: u64, terms: &[u64]) -> Vec<Entry> {
-    terms
-        .iter()
-        .enumerate()
-        .map(|(i, &term)| entry(first + i as u64, term))
-        .collect()
+    terms.iter().enumerate().map(|(i, &term)| entry(first + i as u64, term)).collect()
 }
 
 fn snapshot(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> Snapshot {
     Snapshot {
         data: data.to_vec(),
-        metadata: Some(SnapshotMetadata {
-            index,
-            term,
-            conf_state: Some(ConfState {
-                voters,
-                ..Default::default()
-            }),
-        }),
+        metadata: Some(SnapshotMetadata { index, term, conf_state: Some(ConfState { voters, ..Default::default() }) }),
     }
 }
 
@@ -55,10 +39,7 @@ fn fresh_store_is_empty_and_uninitialized() {
     assert_eq!(store.term(0), Ok(0));
     assert_eq!(store.term(1), Err(store_err(RaftStorageError::Unavailable)));
     assert_eq!(get(&store, 1, 1), Ok(vec![]));
-    assert_eq!(
-        store.snapshot(0, 2),
-        Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable))
-    );
+    assert_eq!(store.snapshot(0, 2), Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable)));
     let initial = store.initial_state().unwrap();
     assert_eq!(initial.hard_state, HardState::default());
     assert_eq!(initial.conf_state, ConfState::default());
@@ -70,11 +51,7 @@ fn append_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
     let ents = entries_with_terms(1, &[1, 1, 2, 2, 3]);
-    let hs = HardState {
-        term: 3,
-        vote: 2,
-        commit: 4,
-    };
+    let hs = HardState { term: 3, vote: 2, commit: 4 };
     store.append(&ents, Some(&hs), true).unwrap();
 
     assert!(store.is_initialized());
@@ -86,18 +63,12 @@ fn append_and_read_back() {
     }
     assert_eq!(store.term(0), Ok(0));
     assert_eq!(store.term(6), Err(store_err(RaftStorageError::Unavailable)));
-    assert_eq!(
-        get(&store, 1, 7),
-        Err(store_err(RaftStorageError::Unavailable))
-    );
+    assert_eq!(get(&store, 1, 7), Err(store_err(RaftStorageError::Unavailable)));
     assert_eq!(store.hard_state(), hs);
     assert_eq!(store.initial_state().unwrap().hard_state, hs);
 
     let stats = store.stats();
-    assert_eq!(
-        (stats.first_index, stats.last_index, stats.entries),
-        (1, 5, 5)
-    );
+    assert_eq!((stats.first_index, stats.last_index, stats.entries), (1, 5, 5));
     assert!(stats.size_bytes > 0);
 }
 
@@ -105,9 +76,7 @@ fn append_and_read_back() {
 fn appending_into_the_log_replaces_the_conflicting_suffix() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(&entries_with_terms(1, &[1, 1, 1, 1, 1]), None, false)
-        .unwrap();
+    store.append(&entries_with_terms(1, &[1, 1, 1, 1, 1]), None, false).unwrap();
 
     // A new leader disagrees from index 3 on, and sends a shorter log.
     let newer = entries_with_terms(3, &[2]);
@@ -118,9 +87,7 @@ fn appending_into_the_log_replaces_the_conflicting_suffix() {
     assert_eq!(store.term(4), Err(store_err(RaftStorageError::Unavailable)));
 
     // Appending right at the end just extends.
-    store
-        .append(&entries_with_terms(4, &[2, 2]), None, false)
-        .unwrap();
+    store.append(&entries_with_terms(4, &[2, 2]), None, false).unwrap();
     assert_eq!(store.last_index(), 5);
     assert_eq!(store.term(5), Ok(2));
 }
@@ -129,57 +96,22 @@ fn appending_into_the_log_replaces_the_conflicting_suffix() {
 fn bad_appends_are_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
-        .unwrap();
+    store.append(&entries_with_terms(1, &[1, 1, 1]), None, false).unwrap();
 
     let gap = store.append(&entries_with_terms(5, &[1]), None, false);
-    assert!(
-        matches!(
-            gap,
-            Err(StorageError::Gap {
-                index: 5,
-                last_index: 3
-            })
-        ),
-        "{gap:?}"
-    );
+    assert!(matches!(gap, Err(StorageError::Gap { index: 5, last_index: 3 })), "{gap:?}");
 
     let holes = store.append(&[entry(4, 1), entry(6, 1)], None, false);
-    assert!(
-        matches!(
-            holes,
-            Err(StorageError::NotConsecutive {
-                previous: 4,
-                found: 6
-            })
-        ),
-        "{holes:?}"
-    );
+    assert!(matches!(holes, Err(StorageError::NotConsecutive { previous: 4, found: 6 })), "{holes:?}");
 
     store.set_snapshot(snapshot(2, 1, vec![1], b"")).unwrap();
     store.compact(3).unwrap();
     let compacted = store.append(&entries_with_terms(2, &[2]), None, false);
-    assert!(
-        matches!(
-            compacted,
-            Err(StorageError::Compacted {
-                index: 2,
-                first_index: 3
-            })
-        ),
-        "{compacted:?}"
-    );
+    assert!(matches!(compacted, Err(StorageError::Compacted { index: 2, first_index: 3 })), "{compacted:?}");
 
     // A failed append must not half-apply its hard state either.
-    let hs = HardState {
-        term: 9,
-        vote: 1,
-        commit: 3,
-    };
-    assert!(store
-        .append(&entries_with_terms(9, &[9]), Some(&hs), true)
-        .is_err());
+    let hs = HardState { term: 9, vote: 1, commit: 3 };
+    assert!(store.append(&entries_with_terms(9, &[9]), Some(&hs), true).is_err());
     assert_eq!(store.hard_state(), HardState::default());
     assert_eq!((store.first_index(), store.last_index()), (3, 3));
 }
@@ -196,14 +128,7 @@ fn max_size_limits_like_raft() {
 fn max_size_limits_like_raft_with(checkpoint_after: Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    let ents: Vec<Entry> = (1..=6)
-        .map(|i| Entry {
-            index: i,
-            term: 1,
-            data: vec![7; 10 * i as usize],
-            ..Default::default()
-        })
-        .collect();
+    let ents: Vec<Entry> = (1..=6).map(|i| Entry { index: i, term: 1, data: vec![7; 10 * i as usize], ..Default::default() }).collect();
     let stored = checkpoint_after.unwrap_or(0);
     store.append(&ents[..stored], None, false).unwrap();
     store.checkpoint(&mut store.tail()).unwrap();
@@ -220,18 +145,8 @@ fn max_size_limits_like_raft_with(checkpoint_after: Option<usize>) {
         assert_eq!(got, want, "max_size {max}, checkpoint after {checkpoint_after:?}");
     }
     // Zero still yields the first entry, so Raft always makes progress.
-    assert_eq!(
-        Storage::entries(&store, 2, 7, 0, GetEntriesContext::empty(false))
-            .unwrap()
-            .len(),
-        1
-    );
-    assert_eq!(
-        Storage::entries(&store, 2, 7, a + b, GetEntriesContext::empty(false))
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(Storage::entries(&store, 2, 7, 0, GetEntriesContext::empty(false)).unwrap().len(), 1);
+    assert_eq!(Storage::entries(&store, 2, 7, a + b, GetEntriesContext::empty(false)).unwrap().len(), 2);
 }
 
 #[test]
@@ -256,34 +171,18 @@ fn start_within_bytes_keeps_the_newest_entries_that_fit() {
 fn compaction_keeps_the_term_before_the_first_entry() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(&entries_with_terms(1, &[1, 1, 2, 2, 3]), None, false)
-        .unwrap();
+    store.append(&entries_with_terms(1, &[1, 1, 2, 2, 3]), None, false).unwrap();
 
     // Nothing may be compacted past what the stored snapshot covers.
     let err = store.compact(3);
-    assert!(
-        matches!(
-            err,
-            Err(StorageError::CompactBeyondSnapshot {
-                compact_index: 3,
-                snapshot_index: 0
-            })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(StorageError::CompactBeyondSnapshot { compact_index: 3, snapshot_index: 0 })), "{err:?}");
 
-    store
-        .set_snapshot(snapshot(4, 2, vec![1], b"state at 4"))
-        .unwrap();
+    store.set_snapshot(snapshot(4, 2, vec![1], b"state at 4")).unwrap();
     store.compact(4).unwrap();
     assert_eq!((store.first_index(), store.last_index()), (4, 5));
     assert_eq!(store.term(3), Ok(2));
     assert_eq!(store.term(2), Err(store_err(RaftStorageError::Compacted)));
-    assert_eq!(
-        get(&store, 3, 5),
-        Err(store_err(RaftStorageError::Compacted))
-    );
+    assert_eq!(get(&store, 3, 5), Err(store_err(RaftStorageError::Compacted)));
     assert_eq!(get(&store, 4, 6).unwrap(), entries_with_terms(4, &[2, 3]));
     assert_eq!(store.stats().entries, 2);
 
@@ -291,13 +190,7 @@ fn compaction_keeps_the_term_before_the_first_entry() {
     store.compact(2).unwrap();
     store.compact(4).unwrap();
     assert_eq!(store.first_index(), 4);
-    assert!(matches!(
-        store.compact(7),
-        Err(StorageError::Unavailable {
-            index: 6,
-            last_index: 5
-        })
-    ));
+    assert!(matches!(store.compact(7), Err(StorageError::Unavailable { index: 6, last_index: 5 })));
 
     // Everything but one entry may go; the log then starts right after the snapshot.
     store.compact(5).unwrap();
@@ -322,116 +215,52 @@ fn compaction_keeps_the_term_before_the_first_entry() {
 fn apply_snapshot_resets_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    store
-        .append(
-            &entries_with_terms(1, &[1, 1, 2, 2, 3]),
-            Some(&HardState {
-                term: 5,
-                vote: 1,
-                commit: 3,
-            }),
-            false,
-        )
-        .unwrap();
+    store.append(&entries_with_terms(1, &[1, 1, 2, 2, 3]), Some(&HardState { term: 5, vote: 1, commit: 3 }), false).unwrap();
 
-    store
-        .apply_snapshot(snapshot(10, 4, vec![1, 2, 3], b"dataset"), true)
-        .unwrap();
+    store.apply_snapshot(snapshot(10, 4, vec![1, 2, 3], b"dataset"), true).unwrap();
     assert_eq!((store.first_index(), store.last_index()), (11, 10));
     assert_eq!(store.term(10), Ok(4));
     assert_eq!(store.term(5), Err(store_err(RaftStorageError::Compacted)));
-    assert_eq!(
-        store.term(11),
-        Err(store_err(RaftStorageError::Unavailable))
-    );
+    assert_eq!(store.term(11), Err(store_err(RaftStorageError::Unavailable)));
     assert_eq!(get(&store, 11, 11), Ok(vec![]));
     // Term never goes backwards; commit jumps to the snapshot; the vote is kept.
-    assert_eq!(
-        store.hard_state(),
-        HardState {
-            term: 5,
-            vote: 1,
-            commit: 10
-        }
-    );
+    assert_eq!(store.hard_state(), HardState { term: 5, vote: 1, commit: 10 });
     assert_eq!(store.conf_state().voters, vec![1, 2, 3]);
 
     let stored = store.snapshot(10, 2).unwrap();
     assert_eq!(stored, snapshot(10, 4, vec![1, 2, 3], b"dataset"));
-    assert_eq!(
-        store.snapshot(11, 2),
-        Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable))
-    );
+    assert_eq!(store.snapshot(11, 2), Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable)));
 
     // A snapshot that does not reach our first entry is refused.
     let old = store.apply_snapshot(snapshot(9, 4, vec![1], b""), false);
-    assert!(
-        matches!(
-            old,
-            Err(StorageError::SnapshotOutOfDate {
-                index: 9,
-                min_index: 11
-            })
-        ),
-        "{old:?}"
-    );
-    assert_eq!(
-        raft::Error::from(old.unwrap_err()),
-        store_err(RaftStorageError::SnapshotOutOfDate)
-    );
+    assert!(matches!(old, Err(StorageError::SnapshotOutOfDate { index: 9, min_index: 11 })), "{old:?}");
+    assert_eq!(raft::Error::from(old.unwrap_err()), store_err(RaftStorageError::SnapshotOutOfDate));
 
     // The log continues after the snapshot.
-    store
-        .append(&entries_with_terms(11, &[4, 4]), None, false)
-        .unwrap();
-    assert_eq!(
-        get(&store, 11, 13).unwrap(),
-        entries_with_terms(11, &[4, 4])
-    );
+    store.append(&entries_with_terms(11, &[4, 4]), None, false).unwrap();
+    assert_eq!(get(&store, 11, 13).unwrap(), entries_with_terms(11, &[4, 4]));
 }
 
 #[test]
 fn bootstrap_then_reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let hs = HardState {
-        term: 3,
-        vote: 2,
-        commit: 7,
-    };
-    let cs = ConfState {
-        voters: vec![1, 2, 3],
-        learners: vec![4],
-        ..Default::default()
-    };
+    let hs = HardState { term: 3, vote: 2, commit: 7 };
+    let cs = ConfState { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() };
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store
-            .bootstrap(snapshot(5, 2, vec![1, 2, 3], b"initial"))
-            .unwrap();
+        store.bootstrap(snapshot(5, 2, vec![1, 2, 3], b"initial")).unwrap();
         assert!(store.is_initialized());
         assert_eq!((store.first_index(), store.last_index()), (6, 5));
-        assert_eq!(
-            store.hard_state(),
-            HardState {
-                term: 2,
-                vote: 0,
-                commit: 5
-            }
-        );
+        assert_eq!(store.hard_state(), HardState { term: 2, vote: 0, commit: 5 });
 
-        store
-            .append(&entries_with_terms(6, &[2, 3, 3]), Some(&hs), true)
-            .unwrap();
+        store.append(&entries_with_terms(6, &[2, 3, 3]), Some(&hs), true).unwrap();
         store.set_conf_state(&cs).unwrap();
         store.sync().unwrap();
     }
     let store = LogStore::open(dir.path()).unwrap();
     assert!(store.is_initialized());
     assert_eq!((store.first_index(), store.last_index()), (6, 8));
-    assert_eq!(
-        get(&store, 6, 9).unwrap(),
-        entries_with_terms(6, &[2, 3, 3])
-    );
+    assert_eq!(get(&store, 6, 9).unwrap(), entries_with_terms(6, &[2, 3, 3]));
     assert_eq!(store.term(5), Ok(2));
     assert_eq!(store.hard_state(), hs);
     assert_eq!(store.conf_state(), cs);
@@ -439,24 +268,15 @@ fn bootstrap_then_reopen_keeps_everything() {
     assert_eq!(store.snapshot(0, 2).unwrap().data, b"initial".to_vec());
 
     let again = store.bootstrap(snapshot(1, 1, vec![1], b""));
-    assert!(
-        matches!(again, Err(StorageError::AlreadyInitialized)),
-        "{again:?}"
-    );
+    assert!(matches!(again, Err(StorageError::AlreadyInitialized)), "{again:?}");
 }
 
 #[test]
 fn bootstrap_needs_a_voter() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    assert!(matches!(
-        store.bootstrap(snapshot(1, 1, vec![], b"")),
-        Err(StorageError::NoVoters)
-    ));
-    assert!(matches!(
-        store.bootstrap(Snapshot::default()),
-        Err(StorageError::MissingSnapshotMetadata)
-    ));
+    assert!(matches!(store.bootstrap(snapshot(1, 1, vec![], b"")), Err(StorageError::NoVoters)));
+    assert!(matches!(store.bootstrap(Snapshot::default()), Err(StorageError::MissingSnapshotMetadata)));
     assert!(!store.is_initialized());
 }
 
@@ -703,38 +523,13 @@ fn hard_state_and_commit_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store
-            .append(&entries_with_terms(1, &[1, 1, 1]), None, false)
-            .unwrap();
-        store
-            .set_hard_state(
-                &HardState {
-                    term: 1,
-                    vote: 1,
-                    commit: 1,
-                },
-                false,
-            )
-            .unwrap();
+        store.append(&entries_with_terms(1, &[1, 1, 1]), None, false).unwrap();
+        store.set_hard_state(&HardState { term: 1, vote: 1, commit: 1 }, false).unwrap();
         store.set_commit(3, true).unwrap();
-        assert_eq!(
-            store.hard_state(),
-            HardState {
-                term: 1,
-                vote: 1,
-                commit: 3
-            }
-        );
+        assert_eq!(store.hard_state(), HardState { term: 1, vote: 1, commit: 3 });
     }
     let store = LogStore::open(dir.path()).unwrap();
-    assert_eq!(
-        store.hard_state(),
-        HardState {
-            term: 1,
-            vote: 1,
-            commit: 3
-        }
-    );
+    assert_eq!(store.hard_state(), HardState { term: 1, vote: 1, commit: 3 });
 }
 
 #[test]
@@ -750,10 +545,7 @@ fn meta_survives_restart_and_cannot_clobber_raft_state() {
     }
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(store.get_meta("node_id").unwrap(), Some(b"8".to_vec()));
-    assert_eq!(
-        store.get_meta("hard_state").unwrap(),
-        Some(b"not a protobuf".to_vec())
-    );
+    assert_eq!(store.get_meta("hard_state").unwrap(), Some(b"not a protobuf".to_vec()));
     assert_eq!(store.hard_state(), HardState::default());
 }
 
@@ -761,16 +553,10 @@ fn meta_survives_restart_and_cannot_clobber_raft_state() {
 fn a_directory_is_open_once_per_process() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    assert!(matches!(
-        LogStore::open(dir.path()),
-        Err(StorageError::AlreadyOpen(_))
-    ));
+    assert!(matches!(LogStore::open(dir.path()), Err(StorageError::AlreadyOpen(_))));
     let clone = store.clone();
     drop(store);
-    assert!(matches!(
-        LogStore::open(dir.path()),
-        Err(StorageError::AlreadyOpen(_))
-    ));
+    assert!(matches!(LogStore::open(dir.path()), Err(StorageError::AlreadyOpen(_))));
     drop(clone);
     LogStore::open(dir.path()).unwrap();
 }
@@ -790,26 +576,14 @@ fn corrupt_records_are_errors_not_panics() {
     let store = checkpointed(dir.path(), &[1, 1]);
     let inner = &store.inner;
     let mut txn = inner.env.write_txn().unwrap();
-    inner
-        .entries
-        .put(&mut txn, &2, &[0xff, 0xff, 0xff])
-        .unwrap();
-    inner
-        .meta
-        .put(&mut txn, key::TRUNCATED, &[0xff, 0xff])
-        .unwrap();
+    inner.entries.put(&mut txn, &2, &[0xff, 0xff, 0xff]).unwrap();
+    inner.meta.put(&mut txn, key::TRUNCATED, &[0xff, 0xff]).unwrap();
     txn.commit().unwrap();
 
-    assert!(matches!(
-        get(&store, 1, 3),
-        Err(raft::Error::Store(RaftStorageError::Other(_)))
-    ));
+    assert!(matches!(get(&store, 1, 3), Err(raft::Error::Store(RaftStorageError::Other(_)))));
     assert!(store.term(2).is_err());
     drop(store);
-    assert!(matches!(
-        LogStore::open(dir.path()),
-        Err(StorageError::Decode(_))
-    ));
+    assert!(matches!(LogStore::open(dir.path()), Err(StorageError::Decode(_))));
 }
 
 #[test]
@@ -836,32 +610,15 @@ fn a_hole_in_the_stored_log_is_reported_at_open() {
     let mut txn = store.inner.env.write_txn().unwrap();
     store.inner.entries.delete(&mut txn, &2).unwrap();
     txn.commit().unwrap();
-    assert!(matches!(
-        get(&store, 1, 4),
-        Err(raft::Error::Store(RaftStorageError::Other(_)))
-    ));
+    assert!(matches!(get(&store, 1, 4), Err(raft::Error::Store(RaftStorageError::Other(_)))));
     drop(store);
-    assert!(matches!(
-        LogStore::open(dir.path()),
-        Err(StorageError::Corrupt(_))
-    ));
+    assert!(matches!(LogStore::open(dir.path()), Err(StorageError::Corrupt(_))));
 }
 
 #[test]
 fn term_view_matches_entry_encoding() {
-    let e = Entry {
-        index: 42,
-        term: 7,
-        data: vec![1; 1000],
-        context: vec![2; 10],
-        ..Default::default()
-    };
-    assert_eq!(
-        EntryTerm::decode(e.encode_to_vec().as_slice())
-            .unwrap()
-            .term,
-        7
-    );
+    let e = Entry { index: 42, term: 7, data: vec![1; 1000], context: vec![2; 10], ..Default::default() };
+    assert_eq!(EntryTerm::decode(e.encode_to_vec().as_slice()).unwrap().term, 7);
 }
 
 #[test]
@@ -876,30 +633,16 @@ fn readers_on_other_threads_see_a_consistent_log() {
                 // Cached indexes may move between calls; only Compacted/Unavailable are fine.
                 match get(&store, first, last + 1) {
                     Ok(_) => {}
-                    Err(raft::Error::Store(
-                        RaftStorageError::Compacted | RaftStorageError::Unavailable,
-                    )) => {}
+                    Err(raft::Error::Store(RaftStorageError::Compacted | RaftStorageError::Unavailable)) => {}
                     Err(e) => panic!("unexpected error {e:?}"),
                 }
             }
         })
     };
     for i in 1..=200u64 {
-        store
-            .append(
-                &[entry(i, 1)],
-                Some(&HardState {
-                    term: 1,
-                    vote: 1,
-                    commit: i,
-                }),
-                false,
-            )
-            .unwrap();
+        store.append(&[entry(i, 1)], Some(&HardState { term: 1, vote: 1, commit: i }), false).unwrap();
         if i % 50 == 0 {
-            store
-                .set_snapshot(snapshot(i - 10, 1, vec![1], b""))
-                .unwrap();
+            store.set_snapshot(snapshot(i - 10, 1, vec![1], b"")).unwrap();
             store.compact(i - 10).unwrap();
         }
     }

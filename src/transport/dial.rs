@@ -48,7 +48,6 @@ impl Hello {
     }
 }
 
-
 pub(super) struct PeerTask {
     pub(super) id: NodeId,
     pub(super) addr: String,
@@ -199,4 +198,3 @@ fn encode_msgs(batch: &[Message], out: &mut BytesMut) {
         });
     }
 }
-

@@ -75,8 +75,6 @@ fn pooled_connection(inner: &Inner, addr: &str) -> Option<TcpStream> {
 fn nothing_to_read(stream: &TcpStream) -> bool {
     use std::os::fd::AsRawFd;
     let mut byte = 0u8;
-    let peeked = unsafe {
-        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let peeked = unsafe { libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }

@@ -3,8 +3,8 @@
 //! snapshot chunks.
 
 use super::claims::Claims;
-use crate::unwind::CatchUnwind;
 use super::*;
+use crate::unwind::CatchUnwind;
 use std::time::Instant;
 
 /// How long a rejected connection is kept half-open so the client can read our `-ERR` before the
@@ -159,9 +159,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
 fn as_forward(frame: &Frame) -> Option<Result<ForwardRequest, String>> {
     let Frame::Array(args) = frame else { return None };
     match args.first() {
-        Some(Frame::Bulk(verb)) if ForwardRequest::is_verb(verb) => {
-            Some(ForwardRequest::decode(verb, &args[1..]))
-        }
+        Some(Frame::Bulk(verb)) if ForwardRequest::is_verb(verb) => Some(ForwardRequest::decode(verb, &args[1..])),
         _ => None,
     }
 }
@@ -233,8 +231,7 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
             let Frame::Bulk(bytes) = arg else {
                 return Err(Reject::err(format!("MSGS argument {i} is not a bulk string")));
             };
-            let msg = Message::decode(&bytes[..])
-                .map_err(|e| Reject::err(format!("MSGS argument {i} is not a raft message: {e}")))?;
+            let msg = Message::decode(&bytes[..]).map_err(|e| Reject::err(format!("MSGS argument {i} is not a raft message: {e}")))?;
             // A peer that knows us under another node's (old) address: raft trusts `to`, so such
             // messages must not reach it.
             if msg.to != me.get() {
@@ -265,9 +262,9 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
             return Err(usage());
         };
         let text = |i: usize, what: &str| match args.get(i) {
-            Some(Frame::Bulk(bytes)) => std::str::from_utf8(bytes)
-                .map(|s| Some(s.to_string()))
-                .map_err(|_| Reject::err(format!("HELLO: {what} is not UTF-8"))),
+            Some(Frame::Bulk(bytes)) => {
+                std::str::from_utf8(bytes).map(|s| Some(s.to_string())).map_err(|_| Reject::err(format!("HELLO: {what} is not UTF-8")))
+            }
             Some(_) => Err(usage()),
             None => Ok(None),
         };

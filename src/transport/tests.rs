@@ -14,15 +14,7 @@ fn init_log() {
 /// A message that is easy to check for order (`index`) and integrity (the entry's payload).
 fn msg(from: u64, to: u64, index: u64) -> Message {
     let entry = Entry { index, term: 3, data: format!("payload {index}").into_bytes(), ..Default::default() };
-    Message {
-        msg_type: MessageType::MsgAppend as i32,
-        from,
-        to,
-        term: 3,
-        index,
-        entries: vec![entry],
-        ..Default::default()
-    }
+    Message { msg_type: MessageType::MsgAppend as i32, from, to, term: 3, index, entries: vec![entry], ..Default::default() }
 }
 
 /// A transport whose callback forwards into a channel, and remembers whether it ever ran on a
@@ -190,14 +182,8 @@ fn a_removed_node_asking_for_votes_is_told_so_and_its_other_messages_pass() {
         (from == NodeId(1) && last_index <= 40).then(|| format!("node 2 has applied the removal of node {from}"))
     }));
     a.transport.set_peer_addr(NodeId(2), b.addr());
-    let vote = |msg_type: MessageType, index: u64| Message {
-        msg_type: msg_type as i32,
-        from: 1,
-        to: 2,
-        term: 4,
-        index,
-        ..Default::default()
-    };
+    let vote =
+        |msg_type: MessageType, index: u64| Message { msg_type: msg_type as i32, from: 1, to: 2, term: 4, index, ..Default::default() };
 
     // Appends, and votes from a log the check cannot judge, reach raft.
     let passed = vec![msg(1, 2, 7), vote(MessageType::MsgRequestPreVote, 41)];
