@@ -123,7 +123,17 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
     if privdata.is_null() {
         return ffi::reply_error(ctx, "ERR internal error: no reply");
     }
-    match unsafe { &*privdata } {
+    let outcome = unsafe { &*privdata };
+    // Redis calls this; a panic must not unwind into it. One in the middle of an array already
+    // begun leaves that client's reply short, which is still better than a server abort.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply_with(ctx, outcome))).unwrap_or_else(|_| {
+        log::error!("panic while replying to an unblocked client");
+        ffi::reply_error(ctx, "ERR internal error while replying")
+    })
+}
+
+fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
+    match outcome {
         Outcome::Call(reply) if !reply.is_null() => ffi::reply_call_reply(ctx, *reply),
         Outcome::Call(_) => ffi::reply_error(ctx, "ERR command could not be executed"),
         Outcome::Error(e) => ffi::reply_error(ctx, e),
