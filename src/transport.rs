@@ -536,6 +536,12 @@ impl Transport {
             for msg in msgs {
                 let to = NodeId(msg.to);
                 match state.peers.get(&to) {
+                    // Raft gives a leadership transfer up after an election timeout. Queued for
+                    // a peer it cannot reach, the transfer's MsgTimeoutNow would go out whenever
+                    // the peer comes back, and make it start an election long after.
+                    Some(peer) if msg.msg_type() == MessageType::MsgTimeoutNow && !peer.link.connected.load(Ordering::Relaxed) => {
+                        peer.counters.drop_messages(to, 1, "a leadership transfer to an unreachable peer");
+                    }
                     Some(peer) => {
                         let size = msg.encoded_len();
                         let queued = peer.link.queued_bytes.fetch_add(size, Ordering::Relaxed);

@@ -243,6 +243,22 @@ fn a_dead_peer_costs_a_bounded_queue_and_catches_up_when_it_comes_up() {
 }
 
 #[test]
+fn a_leadership_transfer_to_a_dead_peer_is_dropped_not_queued_for_its_return() {
+    let port = unused_port();
+    let a = with_dead_peer(port);
+    let timeout_now = Message { msg_type: MessageType::MsgTimeoutNow as i32, from: 1, to: 2, term: 3, ..Default::default() };
+    a.transport.send(vec![msg(1, 2, 1), timeout_now.clone(), msg(1, 2, 2)]);
+    assert_eq!(a.peer(2).dropped, 1, "{:?}", a.peer(2));
+
+    let b = Node::start(2, loopback(port), DEFAULT_QUEUE_LIMIT);
+    wait_until("the connection", || a.peer(2).connected);
+    a.transport.send(vec![timeout_now, msg(1, 2, 3)]);
+    let got: Vec<(MessageType, u64)> = b.raft_messages(4).iter().map(|m| (m.msg_type(), m.index)).collect();
+    let append = MessageType::MsgAppend;
+    assert_eq!(got, [(append, 1), (append, 2), (MessageType::MsgTimeoutNow, 0), (append, 3)], "one sent while connected goes out");
+}
+
+#[test]
 fn a_dead_peer_queues_at_most_its_byte_limit_of_large_messages() {
     let port = unused_port();
     let a = with_dead_peer(port);
