@@ -150,6 +150,68 @@ fn a_leader_that_shuts_down_hands_leadership_over_first() {
 }
 
 #[test]
+fn raft_transferleader_hands_leadership_to_a_voter_and_refuses_one_that_is_down() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let old = cluster.wait_leader();
+    let _: () = cluster.nodes[old].cmd(&["SET", "before", "1"]).unwrap();
+    fn transfer(cluster: &Cluster, from: usize, target: &str) -> redis::RedisResult<String> {
+        cluster.nodes[from].cmd(&["RAFT.TRANSFERLEADER", target])
+    }
+
+    // Named by its client address: it leads by the time the command answers, with every write.
+    let to = (old + 1) % 3;
+    assert_eq!(transfer(&cluster, old, &cluster.nodes[to].addr()).unwrap(), "OK");
+    assert_eq!(cluster.nodes[to].state(), "leader");
+    let _: () = cluster.nodes[to].cmd(&["SET", "after", "1"]).unwrap();
+    assert_eq!(cluster.nodes[to].cmd::<String>(&["GET", "before"]).unwrap(), "1");
+    // A follower redirects the command to the leader, as it does writes.
+    let err = cluster.nodes[old].cmd::<String>(&["RAFT.TRANSFERLEADER"]).unwrap_err();
+    assert!(err.to_string().contains(&cluster.nodes[to].addr()), "{err}");
+    // Named by node id, back to the old leader; without an argument, to another voter.
+    assert_eq!(transfer(&cluster, to, &cluster.nodes[old].node_id().to_string()).unwrap(), "OK");
+    assert_eq!(cluster.nodes[old].state(), "leader");
+    assert_eq!(cluster.nodes[old].cmd::<String>(&["RAFT.TRANSFERLEADER"]).unwrap(), "OK");
+    let leader = cluster.wait_leader();
+    assert_ne!(leader, old);
+    // Naming the leader itself changes nothing; naming a stranger is an error.
+    assert_eq!(transfer(&cluster, leader, &cluster.nodes[leader].node_id().to_string()).unwrap(), "OK");
+    assert_eq!(cluster.nodes[leader].state(), "leader");
+    let err = transfer(&cluster, leader, "12345").unwrap_err();
+    assert!(err.to_string().contains("node 12345 is not a member"), "{err}");
+
+    // A voter that is down is refused at once (raft would refuse writes while it waited for it),
+    // once the leader has missed it for half an election timeout.
+    let down = (leader + 1) % 3;
+    let down_id = cluster.nodes[down].node_id().to_string();
+    cluster.nodes[down].kill9();
+    let err = wait_for("the leader to miss the killed node", Duration::from_secs(20), || match transfer(&cluster, leader, &down_id) {
+        Ok(ok) => panic!("a transfer to a killed node answered {ok}"),
+        Err(e) => e.to_string().contains("has not answered").then_some(e),
+    });
+    assert!(err.to_string().contains("is it up?"), "{err}");
+    assert_eq!(cluster.nodes[leader].state(), "leader");
+    let _: () = cluster.nodes[leader].cmd(&["SET", "while-down", "1"]).unwrap();
+    cluster.nodes[down].restart().unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+
+    // One paused just before the transfer cannot win its election: raft gives the transfer up
+    // after an election timeout, and the command says who still leads.
+    let paused = (leader + 2) % 3;
+    let paused_id = cluster.nodes[paused].node_id().to_string();
+    cluster.nodes[paused].pause();
+    let err = transfer(&cluster, leader, &paused_id).unwrap_err();
+    cluster.nodes[paused].resume();
+    assert!(err.to_string().contains("did not take over") && err.to_string().contains("still leads"), "{err}");
+    // It may still take over once it reads the leader's request; either way nothing is lost.
+    let now = cluster.wait_leader();
+    for key in ["before", "after", "while-down"] {
+        assert_eq!(cluster.nodes[now].cmd::<String>(&["GET", key]).unwrap(), "1", "{key}");
+    }
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
 fn restarting_every_node_keeps_every_acknowledged_write() {
     // consistency=low lets the test read each node's own dataset.
     let mut cluster = Cluster::start(3, &["consistency=low"]).unwrap();

@@ -1,6 +1,6 @@
 //! Long membership operations, run on background threads while the operator's client is blocked:
 //! joining a cluster through any member (following redirects to the leader), adding a node by its
-//! address, removing one. Nodes reach each other's client port with a tiny RESP client.
+//! address, removing one, handing leadership over. Nodes reach each other's client port with a tiny RESP client.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::peer_user;
@@ -221,6 +221,48 @@ pub fn remove(node: Arc<RaftNode>, id: NodeId) -> Outcome {
             Outcome::Simple("OK".into())
         }
         Err(e) => Outcome::Error(state::error_reply(&e, HashSlot::NO_KEY)),
+    }
+}
+
+/// How long `RAFT.TRANSFERLEADER` waits for the new leader: raft gives a transfer up after one
+/// election timeout (the target has to catch up and win its election within it); twice that
+/// leaves time for this node to hear from the winner.
+pub fn transfer_patience(election_timeout: Duration) -> Duration {
+    (2 * election_timeout).clamp(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// `RAFT.TRANSFERLEADER`: asks raft to hand leadership to `to` and waits, `patience` at most,
+/// until this node hears from `to` as its leader.
+pub fn transfer_leadership(node: Arc<RaftNode>, to: NodeId, patience: Duration) -> Outcome {
+    let me = node.status().id;
+    log::info!("handing leadership to node {to} (RAFT.TRANSFERLEADER)");
+    node.transfer_leader(to);
+    let deadline = Instant::now() + patience;
+    loop {
+        let status = node.status();
+        match status.leader {
+            Some(leader) if leader == to => {
+                log::info!("node {to} took leadership over");
+                return Outcome::Simple("OK".into());
+            }
+            Some(other) if other != me => return Outcome::Error(format!("ERR node {other} was elected leader, not node {to}")),
+            _ if status.fatal.is_some() => return Outcome::Error(state::redirect(&status, HashSlot::NO_KEY)),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            let ms = patience.as_millis();
+            return Outcome::Error(match status.leader {
+                Some(_) => {
+                    log::warn!("node {to} did not take leadership over; this node still leads");
+                    format!(
+                        "ERR node {to} did not take over within {ms} ms (it must be up and catch up with the log); \
+                         node {me} still leads. RAFT.PEERS shows how far each member is"
+                    )
+                }
+                None => format!("TIMEOUT no leader yet {ms} ms after handing leadership to node {to}; the election may still end"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -233,21 +233,9 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 2 {
         return Err(wrong_args("raft.removepeer"));
     }
-    let target = text(&args[1]);
     let node = leader_node(state::get())?;
     let status = node.status();
-    let id = match target.parse::<u64>() {
-        Ok(id) => NodeId(id),
-        Err(_) => status
-            .members
-            .values()
-            .find(|m| m.client_addr == target || m.raft_addr == target)
-            .map(|m| m.id)
-            .ok_or_else(|| format!("ERR no member has the address {target}"))?,
-    };
-    if !status.members.contains_key(&id) && !status.voters.contains(&id) && !status.learners.contains(&id) {
-        return Err(format!("ERR node {id} is not a member"));
-    }
+    let id = member_named(&status, &text(&args[1]))?;
     if id == status.id {
         // A leader cannot safely remove itself: hand leadership to the most up-to-date voter.
         return match status.successor() {
@@ -260,6 +248,58 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     }
     let blocked = Blocked::new(ctx, cluster_ops::CHANGE_TIMEOUT + std::time::Duration::from_secs(5));
     cluster_ops::in_background(blocked, "raft-remove-peer", move || cluster_ops::remove(node, id));
+    Ok(Reply::Blocked)
+}
+
+/// The member `target` names: its node id, or its client or side-port address.
+fn member_named(status: &Status, target: &str) -> std::result::Result<NodeId, String> {
+    let id = match target.parse::<u64>() {
+        Ok(id) => NodeId(id),
+        Err(_) => status
+            .members
+            .values()
+            .find(|m| m.client_addr == target || m.raft_addr == target)
+            .map(|m| m.id)
+            .ok_or_else(|| format!("ERR no member has the address {target}"))?,
+    };
+    if !status.members.contains_key(&id) && !status.voters.contains(&id) && !status.learners.contains(&id) {
+        return Err(format!("ERR node {id} is not a member"));
+    }
+    Ok(id)
+}
+
+/// `RAFT.TRANSFERLEADER [node-id|host:port]` (on the leader): hands leadership to that voter, or
+/// to the most up-to-date one, and answers once it leads (before maintenance on this node, say).
+pub fn transfer_leader(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
+    if args.len() > 2 {
+        return Err(wrong_args("raft.transferleader"));
+    }
+    let s = state::get();
+    let node = leader_node(s)?;
+    let status = node.status();
+    let to = match args.get(1) {
+        Some(target) => member_named(&status, &text(target))?,
+        None => status.successor().ok_or("ERR no other voter to hand leadership to")?,
+    };
+    if to == status.id {
+        return Ok(Reply::ok());
+    }
+    if !status.voters.contains(&to) {
+        return Err(format!("ERR node {to} is a learner: only a voter can lead"));
+    }
+    // Raft refuses writes while a transfer is under way: not for an election timeout's worth
+    // of waiting on a node that is most likely down.
+    let election_timeout = s.election_timeout(&node);
+    if let Some(silent) = status.progress_of(to).map(|p| p.silent_for).filter(|silent| *silent > election_timeout / 2) {
+        return Err(format!(
+            "ERR node {to} has not answered for {} ms: is it up? Leadership stays with node {}",
+            silent.as_millis(),
+            status.id
+        ));
+    }
+    let patience = cluster_ops::transfer_patience(election_timeout);
+    let blocked = Blocked::new(ctx, patience + std::time::Duration::from_secs(5));
+    cluster_ops::in_background(blocked, "raft-transfer", move || cluster_ops::transfer_leadership(node, to, patience));
     Ok(Reply::Blocked)
 }
 

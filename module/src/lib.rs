@@ -161,6 +161,7 @@ command!(cmd_join, |ctx, args| commands::internal_join(ctx, &args));
 command!(cmd_identify, |ctx, args| commands::identify(ctx, &args));
 command!(cmd_addpeer, |ctx, args| commands::add_peer(ctx, &args));
 command!(cmd_removepeer, |ctx, args| commands::remove_peer(ctx, &args));
+command!(cmd_transferleader, |ctx, args| commands::transfer_leader(ctx, &args));
 command!(cmd_peers, |_, args| commands::peers(&args));
 command!(cmd_leader, |_, args| commands::leader(&args));
 command!(cmd_state, |_, args| commands::role(&args));
@@ -191,6 +192,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft._identify", cmd_identify, "admin"),
     ("raft.addpeer", cmd_addpeer, "admin"),
     ("raft.removepeer", cmd_removepeer, "admin"),
+    ("raft.transferleader", cmd_transferleader, "admin"),
     ("raft.peers", cmd_peers, "readonly fast"),
     ("raft.leader", cmd_leader, "readonly fast"),
     ("raft.state", cmd_state, "readonly fast"),
