@@ -136,7 +136,10 @@ fn partitions_never_split_the_brain() {
 /// Clients stay on whichever node they reach; followers forward to the leader for them.
 #[test]
 fn the_follower_proxy_keeps_every_guarantee_under_faults() {
-    run_with(&[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom], &["follower-proxy=yes"]);
+    run_with(
+        &[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom, Fault::TransferLeader],
+        &["follower-proxy=yes"],
+    );
 }
 
 #[test]
