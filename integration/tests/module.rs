@@ -1,5 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
+use raftis_integration::resp_conn;
 use raftis_integration::{client_proposals, digest, info_field, info_text, raw_exchange, stat_field, wait_for, Cluster, Server};
 use redis::Value;
 use std::io::{Read, Write};
@@ -157,6 +158,14 @@ fn raft_transferleader_hands_leadership_to_a_voter_and_refuses_one_that_is_down(
     fn transfer(cluster: &Cluster, from: usize, target: &str) -> redis::RedisResult<String> {
         cluster.nodes[from].cmd(&["RAFT.TRANSFERLEADER", target])
     }
+
+    // Inside MULTI it is refused (Redis cannot block a client in EXEC), and nothing moves.
+    let mut conn = cluster.nodes[old].client().unwrap();
+    let _: () = redis::cmd("MULTI").query(&mut conn).unwrap();
+    let _: () = redis::cmd("RAFT.TRANSFERLEADER").query(&mut conn).unwrap();
+    let exec = format!("{:?}", redis::cmd("EXEC").query::<Value>(&mut conn));
+    assert!(exec.contains("RAFT.TRANSFERLEADER cannot run inside MULTI"), "{exec}");
+    assert_eq!(cluster.nodes[old].state(), "leader");
 
     // Named by its client address: it leads by the time the command answers, with every write.
     let to = (old + 1) % 3;
@@ -447,6 +456,26 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
     expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
+    // The commands that block until done are refused inside MULTI before they start anything.
+    let mut conn = raftis_integration::resp_conn::RespConn::connect(node.port).unwrap();
+    let in_multi: [(&[&str], &str); 5] = [
+        (&["RAFT.SNAPSHOT"], "RAFT.SNAPSHOT"),
+        (&["RAFT.ADDPEER", "127.0.0.1:1"], "RAFT.ADDPEER"),
+        (&["RAFT.REMOVEPEER", "7"], "RAFT.REMOVEPEER"),
+        (&["RAFT.TRANSFERLEADER"], "RAFT.TRANSFERLEADER"),
+        (&["RAFT.CLUSTER", "RECOVER"], "RAFT.CLUSTER RECOVER"),
+    ];
+    let mut pipeline = vec![resp_conn::args(&["MULTI"])];
+    pipeline.extend(in_multi.iter().map(|(command, _)| resp_conn::args(command)));
+    pipeline.push(resp_conn::args(&["EXEC"]));
+    let replies = conn.pipeline(&pipeline).unwrap();
+    let exec = replies.last().and_then(|r| r.items()).expect("EXEC answers an array");
+    assert_eq!(exec.len(), in_multi.len());
+    for ((command, name), reply) in in_multi.iter().zip(exec) {
+        let expected = format!("ERR {name} cannot run inside MULTI: it blocks until it is done");
+        assert_eq!(reply.text().unwrap_or_default(), expected, "{command:?}");
+    }
+    assert_eq!(info_field(node, "snapshot_index"), 0, "no snapshot was taken");
     expect_err(&["WATCH"], "wrong number of arguments for 'watch'");
     // Called directly, the internal commands say so rather than misread their arguments.
     expect_err(&["RAFT._WATCH"], "RAFT._WATCH only takes WATCH key [key ...] (it is used internally)");

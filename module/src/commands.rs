@@ -119,6 +119,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
                 let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
                 // With no keys to keep, it is an INIT like any other.
                 if keys > 0 {
+                    refuse_in_transaction(ctx, "RAFT.CLUSTER INIT KEEPDATA")?;
                     log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {keys} keys Redis loaded into the first snapshot");
                     let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
                     s.snapshots.seed(ctx, &crate::cluster_ops::seed_point(s.info(id)), blocked);
@@ -130,6 +131,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             Ok(Reply::ok())
         }
         "join" if args.len() >= 3 => {
+            refuse_in_transaction(ctx, "RAFT.CLUSTER JOIN")?;
             if is_member(s) {
                 return Err("ERR this node already belongs to a cluster".into());
             }
@@ -145,6 +147,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             Ok(Reply::Blocked)
         }
         "recover" if args.len() == 2 => {
+            refuse_in_transaction(ctx, "RAFT.CLUSTER RECOVER")?;
             let node = s.node().filter(|_| is_member(s)).ok_or("ERR this node is not part of a cluster: there is nothing to recover")?;
             let blocked = Blocked::new(ctx, cluster_ops::RECOVER_TIMEOUT + std::time::Duration::from_secs(5));
             cluster_ops::in_background(blocked, "raft-recover", move || cluster_ops::recover(node));
@@ -155,6 +158,16 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
                   or RAFT.CLUSTER RECOVER"
             .into()),
     }
+}
+
+/// The commands that wait for the cluster block their client, which Redis cannot do inside
+/// EXEC: it would answer an error while the work went on. They are refused there before they
+/// start anything.
+fn refuse_in_transaction(ctx: *mut RedisModuleCtx, name: &str) -> std::result::Result<(), String> {
+    if crate::transaction::in_exec(ctx) {
+        return Err(format!("ERR {name} cannot run inside MULTI: it blocks until it is done"));
+    }
+    Ok(())
 }
 
 fn leader_node(s: &Raftis) -> std::result::Result<std::sync::Arc<state::RaftNode>, String> {
@@ -172,6 +185,7 @@ pub fn internal_join(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if !(4..=5).contains(&args.len()) {
         return Err(wrong_args("raft._join"));
     }
+    refuse_in_transaction(ctx, "RAFT._JOIN")?;
     peer_user::require_peer(ctx, "joining it")?;
     let id = text(&args[1]).parse::<u64>().ok().filter(|v| *v > 0).ok_or("ERR invalid node id")?;
     let (raft_addr, client_addr) = (text(&args[2]), text(&args[3]));
@@ -220,6 +234,7 @@ pub fn add_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 2 {
         return Err(wrong_args("raft.addpeer"));
     }
+    refuse_in_transaction(ctx, "RAFT.ADDPEER")?;
     let addr = text(&args[1]);
     valid_addr(&addr)?;
     let node = leader_node(state::get())?;
@@ -233,6 +248,7 @@ pub fn remove_peer(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 2 {
         return Err(wrong_args("raft.removepeer"));
     }
+    refuse_in_transaction(ctx, "RAFT.REMOVEPEER")?;
     let node = leader_node(state::get())?;
     let status = node.status();
     let id = member_named(&status, &text(&args[1]))?;
@@ -274,6 +290,7 @@ pub fn transfer_leader(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() > 2 {
         return Err(wrong_args("raft.transferleader"));
     }
+    refuse_in_transaction(ctx, "RAFT.TRANSFERLEADER")?;
     let s = state::get();
     let node = leader_node(s)?;
     let status = node.status();
@@ -308,6 +325,7 @@ pub fn snapshot(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     if args.len() != 1 {
         return Err(wrong_args("raft.snapshot"));
     }
+    refuse_in_transaction(ctx, "RAFT.SNAPSHOT")?;
     let s = state::get();
     s.node().ok_or_else(not_initialized)?;
     let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
