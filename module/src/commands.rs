@@ -160,9 +160,8 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     }
 }
 
-/// The commands that wait for the cluster block their client, which Redis cannot do inside
-/// EXEC: it would answer an error while the work went on. They are refused there before they
-/// start anything.
+/// The commands that block their client until they are done cannot block inside EXEC: Redis
+/// would answer an error while the work went on. They are refused there before they start.
 fn refuse_in_transaction(ctx: *mut RedisModuleCtx, name: &str) -> std::result::Result<(), String> {
     if crate::transaction::in_exec(ctx) {
         return Err(format!("ERR {name} cannot run inside MULTI: it blocks until it is done"));
