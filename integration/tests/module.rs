@@ -189,7 +189,7 @@ fn raft_transferleader_hands_leadership_to_a_voter_and_refuses_one_that_is_down(
     assert!(err.to_string().contains("node 12345 is not a member"), "{err}");
 
     // A voter that is down is refused at once (raft would refuse writes while it waited for it),
-    // once the leader has missed it for half an election timeout.
+    // once the leader has missed it for a heartbeat interval and half an election timeout.
     let down = (leader + 1) % 3;
     let down_id = cluster.nodes[down].node_id().to_string();
     cluster.nodes[down].kill9();

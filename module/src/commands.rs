@@ -304,9 +304,10 @@ pub fn transfer_leader(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         return Err(format!("ERR node {to} is a learner: only a voter can lead"));
     }
     // Raft refuses writes while a transfer is under way: not for an election timeout's worth
-    // of waiting on a node that is most likely down.
+    // of waiting on a node that is most likely down. A live voter answers every heartbeat.
     let election_timeout = s.election_timeout(&node);
-    if let Some(silent) = status.progress_of(to).map(|p| p.silent_for).filter(|silent| *silent > election_timeout / 2) {
+    let missing_after = s.settings().timing.tick_interval * status.heartbeat_ticks as u32 + election_timeout / 2;
+    if let Some(silent) = status.progress_of(to).map(|p| p.silent_for).filter(|silent| *silent > missing_after) {
         return Err(format!(
             "ERR node {to} has not answered for {} ms: is it up? Leadership stays with node {}",
             silent.as_millis(),
