@@ -181,6 +181,23 @@ pub struct NodeConfig {
     pub shared: Option<crate::shared_settings::SharedSettings>,
 }
 
+/// Why leadership was not handed over.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandOverError {
+    #[error("this node does not lead")]
+    NotLeader,
+    #[error("no other voter to hand leadership to")]
+    NoOtherVoter,
+    /// raft gave the transfer up (or has yet to): this node leads on.
+    #[error("the new leader did not take over in time")]
+    StillLeading,
+    /// This node stepped down, and no leader has made itself known to it yet.
+    #[error("no leader yet")]
+    NoLeaderYet,
+    #[error("the raft node stopped: {0}")]
+    Stopped(String),
+}
+
 enum Request<W> {
     Propose {
         data: Vec<u8>,
@@ -581,25 +598,34 @@ impl<S: StateMachine> Node<S> {
     }
 
     /// On a leader about to go away: hands leadership to its most up-to-date voter and waits,
-    /// until `deadline` at most, for this node to stop leading, so the cluster has a new leader
-    /// at once instead of after an election timeout. Returns the node it handed over to, or why
-    /// it did not (not the leader, no other voter, or no hand-over in time). Blocks the caller.
-    pub fn hand_over_leadership(&self, deadline: Instant) -> Result<NodeId, String> {
+    /// until `deadline` at most, for the new leader, so the cluster has one at once instead of
+    /// after an election timeout. Returns the new leader. Blocks the caller.
+    pub fn hand_over_leadership(&self, deadline: Instant) -> Result<NodeId, HandOverError> {
         let status = self.status();
         if !status.is_leader() {
-            return Err("this node does not lead".into());
+            return Err(HandOverError::NotLeader);
         }
-        let to = status.successor().ok_or("no other voter to hand leadership to")?;
+        let to = status.successor().ok_or(HandOverError::NoOtherVoter)?;
+        self.transfer_leadership(to, deadline)
+    }
+
+    /// On the leader: asks raft to hand leadership to `to` and waits, until `deadline` at most,
+    /// until this node hears from a new leader (`to`, unless another node won the election).
+    /// Returns it. raft gives a transfer up after one election timeout. Blocks the caller.
+    pub fn transfer_leadership(&self, to: NodeId, deadline: Instant) -> Result<NodeId, HandOverError> {
+        let me = self.status().id;
         self.transfer_leader(to);
         loop {
             let status = self.status();
-            if !status.is_leader() {
-                return Ok(to);
+            if let Some(fatal) = status.fatal {
+                return Err(HandOverError::Stopped(fatal));
             }
-            if Instant::now() >= deadline || status.fatal.is_some() {
-                return Err(format!("node {to} did not take over in time"));
+            match status.leader {
+                Some(leader) if leader != me => return Ok(leader),
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Some(_) => return Err(HandOverError::StillLeading),
+                None => return Err(HandOverError::NoLeaderYet),
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use raft::eraftpb::ConfState;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::membership::{MembershipChange, NodeInfo};
-use raftis_core::node::TakenSnapshot;
+use raftis_core::node::{HandOverError, TakenSnapshot};
 use raftis_core::resp::{self, Frame};
 use raftis_core::shared_settings::SharedSettings;
 use raftis_core::{LogIndex, NodeId, Term};
@@ -231,39 +231,32 @@ pub fn transfer_patience(election_timeout: Duration) -> Duration {
     (2 * election_timeout).clamp(Duration::from_millis(500), Duration::from_secs(30))
 }
 
-/// `RAFT.TRANSFERLEADER`: asks raft to hand leadership to `to` and waits, `patience` at most,
-/// until this node hears from `to` as its leader.
+/// `RAFT.TRANSFERLEADER`: hands leadership to `to` and waits, `patience` at most, until this
+/// node hears from it as the leader.
 pub fn transfer_leadership(node: Arc<RaftNode>, to: NodeId, patience: Duration) -> Outcome {
     let me = node.status().id;
+    let ms = patience.as_millis();
     log::info!("handing leadership to node {to} (RAFT.TRANSFERLEADER)");
-    node.transfer_leader(to);
-    let deadline = Instant::now() + patience;
-    loop {
-        let status = node.status();
-        match status.leader {
-            Some(leader) if leader == to => {
-                log::info!("node {to} took leadership over");
-                return Outcome::Simple("OK".into());
-            }
-            Some(other) if other != me => return Outcome::Error(format!("ERR node {other} was elected leader, not node {to}")),
-            _ if status.fatal.is_some() => return Outcome::Error(state::redirect(&status, HashSlot::NO_KEY)),
-            _ => {}
+    Outcome::Error(match node.transfer_leadership(to, Instant::now() + patience) {
+        Ok(leader) if leader == to => {
+            log::info!("node {to} took leadership over");
+            return Outcome::Simple("OK".into());
         }
-        if Instant::now() >= deadline {
-            let ms = patience.as_millis();
-            return Outcome::Error(match status.leader {
-                Some(_) => {
-                    log::warn!("node {to} did not take leadership over; this node still leads");
-                    format!(
-                        "ERR node {to} did not take over within {ms} ms (it must be up and catch up with the log); \
-                         node {me} still leads. RAFT.PEERS shows how far each member is"
-                    )
-                }
-                None => format!("TIMEOUT no leader yet {ms} ms after handing leadership to node {to}; the election may still end"),
-            });
+        Ok(other) => format!("ERR node {other} was elected leader, not node {to}"),
+        Err(HandOverError::StillLeading) => {
+            log::warn!("node {to} did not take leadership over; this node still leads");
+            format!(
+                "ERR node {to} did not take over within {ms} ms (it must be up and catch up with the log); \
+                 node {me} still leads. RAFT.PEERS shows how far each member is"
+            )
         }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        Err(HandOverError::NoLeaderYet) => {
+            format!("TIMEOUT no leader yet {ms} ms after handing leadership to node {to}; the election may still end")
+        }
+        Err(HandOverError::NotLeader | HandOverError::NoOtherVoter | HandOverError::Stopped(_)) => {
+            state::redirect(&node.status(), HashSlot::NO_KEY)
+        }
+    })
 }
 
 /// Redis is exiting (nothing can cancel the shutdown any more). A leader that simply vanished

@@ -250,7 +250,7 @@ impl Raftis {
     /// Hands leadership to the most up-to-date voter if this node leads, and waits for it: one
     /// election timeout at most (0.2-5 s), after which raft gives the hand-over up anyway.
     /// Blocks the caller.
-    pub fn hand_over_leadership(&self, node: &RaftNode) -> Result<NodeId, String> {
+    pub fn hand_over_leadership(&self, node: &RaftNode) -> Result<NodeId, raftis_core::node::HandOverError> {
         let wait = self.election_timeout(node).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
         node.hand_over_leadership(std::time::Instant::now() + wait)
     }
