@@ -8,6 +8,7 @@ use crate::membership::Members;
 use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -75,6 +76,8 @@ pub struct Status {
     /// Raft's election and heartbeat timeouts, in ticks, as the running node has them.
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// The tick interval in force.
+    pub tick: Duration,
     /// The node stopped because of an unrecoverable error (e.g. its disk failed).
     pub fatal: Option<String>,
     /// The recovery this node made of a cluster that had lost its majority, if it made one.
@@ -104,6 +107,7 @@ impl Status {
             pending_proposals: 0,
             election_ticks: 0,
             heartbeat_ticks: 0,
+            tick: Duration::ZERO,
             fatal: None,
             recovered: None,
             cluster: ClusterId::UNKNOWN,
@@ -124,11 +128,24 @@ impl Status {
         self.progress.iter().find(|p| p.id == id)
     }
 
-    /// On a leader: the voter to hand leadership to. One the leader is replicating to (not
-    /// probing: it may be down) with the most of the log, since raft brings it up to date first.
+    /// Raft's election timeout as the running node has it.
+    pub fn election_timeout(&self) -> Duration {
+        self.tick * self.election_ticks as u32
+    }
+
+    /// On a leader: whether `peer` has been silent for longer than a live one ever is. A live
+    /// peer answers every heartbeat: a heartbeat interval and half an election timeout leave
+    /// room for a slow answer, and still tell a dead one in well under an election timeout.
+    pub fn is_missing(&self, peer: &PeerProgress) -> bool {
+        peer.silent_for > self.tick * self.heartbeat_ticks as u32 + self.election_timeout() / 2
+    }
+
+    /// On a leader: the voter to hand leadership to. One the leader hears from and is
+    /// replicating to (not probing: it may be down) with the most of the log, since raft brings
+    /// it up to date first.
     pub fn successor(&self) -> Option<NodeId> {
         let voters = self.progress.iter().filter(|p| !p.is_learner);
-        voters.max_by_key(|p| (p.state == "replicate", p.matched)).map(|p| p.id)
+        voters.max_by_key(|p| (!self.is_missing(p), p.state == "replicate", p.matched)).map(|p| p.id)
     }
 }
 
@@ -183,6 +200,10 @@ mod tests {
         assert_eq!(status.successor(), Some(NodeId(2)), "not a learner, nor one that may be down");
         status.progress.push(peer(5, 93, "replicate", false));
         assert_eq!(status.successor(), Some(NodeId(5)), "the most of the log");
+        (status.tick, status.election_ticks, status.heartbeat_ticks) = (std::time::Duration::from_millis(100), 10, 2);
+        status.progress[3].silent_for = std::time::Duration::from_millis(701);
+        assert!(status.is_missing(&status.progress[3]));
+        assert_eq!(status.successor(), Some(NodeId(2)), "not one the leader has missed for 0.2 s + 0.5 s");
         status.progress.retain(|p| p.state == "probe");
         assert_eq!(status.successor(), Some(NodeId(3)), "a probed voter rather than none");
     }

@@ -304,17 +304,15 @@ pub fn transfer_leader(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         return Err(format!("ERR node {to} is a learner: only a voter can lead"));
     }
     // Raft refuses writes while a transfer is under way: not for an election timeout's worth
-    // of waiting on a node that is most likely down. A live voter answers every heartbeat.
-    let election_timeout = s.election_timeout(&node);
-    let missing_after = s.settings().timing.tick_interval * status.heartbeat_ticks as u32 + election_timeout / 2;
-    if let Some(silent) = status.progress_of(to).map(|p| p.silent_for).filter(|silent| *silent > missing_after) {
+    // of waiting on a node that is most likely down.
+    if let Some(silent) = status.progress_of(to).filter(|p| status.is_missing(p)).map(|p| p.silent_for) {
         return Err(format!(
             "ERR node {to} has not answered for {} ms: is it up? Leadership stays with node {}",
             silent.as_millis(),
             status.id
         ));
     }
-    let patience = cluster_ops::transfer_patience(election_timeout);
+    let patience = cluster_ops::transfer_patience(status.election_timeout());
     let blocked = Blocked::new(ctx, patience + std::time::Duration::from_secs(5));
     cluster_ops::in_background(blocked, "raft-transfer", move || cluster_ops::transfer_leadership(node, to, patience));
     Ok(Reply::Blocked)

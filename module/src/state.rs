@@ -251,14 +251,8 @@ impl Raftis {
     /// election timeout at most (0.2-5 s), after which raft gives the hand-over up anyway.
     /// Blocks the caller.
     pub fn hand_over_leadership(&self, node: &RaftNode) -> Result<NodeId, raftis_core::node::HandOverError> {
-        let wait = self.election_timeout(node).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
+        let wait = node.status().election_timeout().clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5));
         node.hand_over_leadership(std::time::Instant::now() + wait)
-    }
-
-    /// Raft's election timeout as this node runs it (its ticks, at the tick interval): also how
-    /// long a leader keeps trying to hand leadership over before raft gives the transfer up.
-    pub fn election_timeout(&self, node: &RaftNode) -> std::time::Duration {
-        self.settings().timing.tick_interval * node.status().election_ticks as u32
     }
 
     /// Queues work for the dataset on the main thread (RAFT.SNAPSHOT).

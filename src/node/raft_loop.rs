@@ -400,7 +400,7 @@ impl<S: StateMachine> RaftLoop<S> {
         }
     }
 
-    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+    pub(super) fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -455,6 +455,7 @@ impl<S: StateMachine> RaftLoop<S> {
             pending_proposals: self.proposals.len(),
             election_ticks: raft.election_timeout(),
             heartbeat_ticks: raft.heartbeat_timeout(),
+            tick: self.tick_interval(),
             fatal: None,
             recovered: self.recovery.clone(),
             cluster: self.transport.cluster_id(),

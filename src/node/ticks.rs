@@ -15,18 +15,13 @@ impl<S: StateMachine> RaftLoop<S> {
         if raft.state != StateRole::Leader {
             return;
         }
-        // Rebuilding makes a leader a follower: hand leadership over first, to the voter that
-        // has the most of the log (raft waits until it has all of it).
-        let voters = self.conf_state().voters;
-        let successor = raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != self.id.get() && voters.contains(id))
-            .max_by_key(|(_, pr)| pr.matched)
-            .map(|(id, _)| *id);
+        // Rebuilding makes a leader a follower: hand leadership over first, to the voter the
+        // status names (raft waits until it has the whole log).
+        self.publish_status();
+        let successor = self.lock_status().successor();
         if let Some(to) = successor {
             log::info!("raft {}: handing leadership to {to} before changing its timeouts", self.id);
-            self.raw.transfer_leader(to);
+            self.raw.transfer_leader(to.get());
         }
     }
 
