@@ -136,6 +136,9 @@ impl Status {
     /// On a leader: whether `peer` has been silent for longer than a live one ever is. A live
     /// peer answers every heartbeat: a heartbeat interval and half an election timeout leave
     /// room for a slow answer, and still tell a dead one in well under an election timeout.
+    /// Shorter than the cluster map's [`crate::cluster_view::failed_after`] on purpose: a
+    /// hand-over to a dead voter costs an election timeout of refused writes, while the map
+    /// must not show a member failed for a stall of a second.
     pub fn is_missing(&self, peer: &PeerProgress) -> bool {
         peer.silent_for > self.tick * self.heartbeat_ticks as u32 + self.election_timeout() / 2
     }
