@@ -203,7 +203,8 @@ struct Inner {
     health: HealthSlot,
     /// Idle connections to leaders, for forwarding commands (one command at a time each).
     forward_pool: Mutex<HashMap<String, Vec<TcpStream>>>,
-    state: Mutex<State>,
+    /// Shared with the listener, which wakes a peer's dialer when that peer says hello.
+    state: Arc<Mutex<State>>,
     /// Taken by the first shutdown, which makes shutdown idempotent.
     stop: Mutex<Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
@@ -211,6 +212,19 @@ struct Inner {
 struct State {
     peers: HashMap<NodeId, Peer>,
     closed: bool,
+}
+
+impl State {
+    /// `id` has just dialed us, so it is up: if our own connection to it is down, dial it now
+    /// rather than after the rest of the backoff. Without this a restarted node waits up to
+    /// [`dial::MAX_BACKOFF`] for the leader's appends, and counts as missing meanwhile.
+    fn heard_from(&self, id: NodeId) {
+        if let Some(peer) = self.peers.get(&id) {
+            if !peer.link.connected.load(Ordering::Relaxed) {
+                peer.link.redial.notify_one();
+            }
+        }
+    }
 }
 
 /// One peer: its queue and the task that owns its connection. Dropping it aborts the task, which
@@ -250,6 +264,8 @@ impl Drop for Peer {
 #[derive(Default)]
 struct Link {
     connected: AtomicBool,
+    /// Cuts a wait between dial attempts short: the peer just dialed us, so it is up again.
+    redial: tokio::sync::Notify,
     /// Encoded size of what waits in the queue (added by `send`, taken off as frames are built).
     queued_bytes: AtomicUsize,
     /// Why the last connection failed; cleared once one works.
@@ -297,7 +313,9 @@ impl Transport {
         let health = HealthSlot::default();
         let incarnation = claims::new_incarnation();
         let clusters = Arc::new(Clusters { ours: AtomicU64::new(cfg.cluster.0), said: Mutex::default() });
+        let state = Arc::new(Mutex::new(State { peers: HashMap::new(), closed: false }));
         let served = Served {
+            dialers: state.clone(),
             me: cfg.me,
             inbound: inbound.clone(),
             snapshots,
@@ -341,7 +359,7 @@ impl Transport {
                 removed_check,
                 health,
                 forward_pool: Mutex::new(HashMap::new()),
-                state: Mutex::new(State { peers: HashMap::new(), closed: false }),
+                state,
                 stop: Mutex::new(Some((stop_tx, thread))),
             }),
         })

@@ -10,7 +10,7 @@ const MAX_BATCH_MSGS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// The wait between attempts to dial a peer: it doubles after each failure, up to MAX_BACKOFF.
 pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A connection counts as working once it has stayed up this long. The receiver answers nothing
 /// when all is well, so a refusal (a wrong raft-password) comes after the connect succeeded;
 /// counting such a connection as working would retry it every MIN_BACKOFF and warn every time.
@@ -107,8 +107,10 @@ pub(super) async fn run_peer(mut task: PeerTask) {
         }
         task.failing = true;
         (task.inbound)(Inbound::Unreachable(task.id));
-        tokio::time::sleep(task.backoff).await;
-        task.backoff = (task.backoff * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            _ = tokio::time::sleep(task.backoff) => task.backoff = (task.backoff * 2).min(MAX_BACKOFF),
+            _ = task.link.redial.notified() => log::debug!("raft transport: peer {} dialed us; dialing it now", task.id),
+        }
     }
 }
 

@@ -22,6 +22,8 @@ type SnapshotDir = Option<Arc<std::path::PathBuf>>;
 #[derive(Clone)]
 pub(super) struct Served {
     pub(super) me: NodeId,
+    /// The transport's peers, to wake the dialer of one that says hello.
+    pub(super) dialers: Arc<Mutex<State>>,
     pub(super) inbound: Callback,
     pub(super) snapshots: SnapshotDir,
     pub(super) forward: ForwardSlot,
@@ -299,6 +301,7 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
             served.claims.hello(NodeId(from), incarnation, addr, Instant::now()).map_err(Reject::err)?;
             speaker.claim = Some((NodeId(from), incarnation));
         }
+        served.dialers.lock().unwrap_or_else(|p| p.into_inner()).heard_from(NodeId(from));
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {

@@ -243,6 +243,27 @@ fn a_dead_peer_costs_a_bounded_queue_and_catches_up_when_it_comes_up() {
 }
 
 #[test]
+fn a_peer_that_dials_us_is_dialed_back_at_once_not_after_the_backoff() {
+    let port = unused_port();
+    let a = with_dead_peer(port);
+    // Let the dial attempts fail until the wait between them is at its longest.
+    let mut wait = dial::MIN_BACKOFF;
+    while wait < dial::MAX_BACKOFF {
+        a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+        wait *= 2;
+    }
+    a.wait_for("Unreachable(2)", |i| matches!(i, Inbound::Unreachable(NodeId(2))).then_some(()));
+    // Node 1 has just started a wait of MAX_BACKOFF. Node 2 comes up and dials it.
+    let b = Node::start(2, loopback(port), DEFAULT_QUEUE_LIMIT);
+    b.transport.set_peer_addr(NodeId(1), a.addr());
+    let started = Instant::now();
+    wait_until("node 1 to dial node 2 back", || a.peer(2).connected);
+    assert!(started.elapsed() < dial::MAX_BACKOFF / 2, "dialed back after {:?}", started.elapsed());
+    a.transport.send(vec![msg(1, 2, 7)]);
+    assert_eq!(b.raft_messages(1), [msg(1, 2, 7)]);
+}
+
+#[test]
 fn a_leadership_transfer_to_a_dead_peer_is_dropped_not_queued_for_its_return() {
     let port = unused_port();
     let a = with_dead_peer(port);
