@@ -133,6 +133,12 @@ impl Status {
         self.tick * self.election_ticks as u32
     }
 
+    /// How long the leader goes without hearing from a member before the cluster map shows it
+    /// failed (see [`crate::cluster_view::failed_after`]), with this node's own tick.
+    pub fn failed_after(&self) -> Duration {
+        crate::cluster_view::failed_after(self.tick, self.election_ticks)
+    }
+
     /// On a leader: whether `peer` has been silent for longer than a live one ever is. A live
     /// peer answers every heartbeat: a heartbeat interval and half an election timeout leave
     /// room for a slow answer, and still tell a dead one in well under an election timeout.

@@ -112,7 +112,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     s.refuse_if_stopped()?;
     let st = node.status();
-    let failed_after = cluster_view::failed_after(s.settings().timing.tick_interval, st.election_ticks);
+    let failed_after = st.failed_after();
     let view = ClusterView::new(&st, failed_after);
     let no_leader = || state::NO_LEADER.to_string();
     match sub.as_str() {

@@ -8,7 +8,7 @@ use crate::peer_user;
 use crate::reply::Reply;
 use crate::state::{self, Raftis, Start};
 use crate::write::not_initialized;
-use raftis_core::cluster_view::{self, HashSlot};
+use raftis_core::cluster_view::HashSlot;
 use raftis_core::health_report;
 use raftis_core::membership::NodeInfo;
 use raftis_core::shared_settings::SharedSettings;
@@ -439,7 +439,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("term", st.term.to_string());
     put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));
     put("leader_addr", st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()));
-    let failed_after = cluster_view::failed_after(s.settings().timing.tick_interval, st.election_ticks);
+    let failed_after = st.failed_after();
     if !st.is_leader() {
         // The members' health this node shows comes from the leader's newest report.
         let age = st.leader_view.as_ref().map_or(-1, |v| v.received.elapsed().as_millis() as i64);

@@ -23,8 +23,7 @@ pub(super) struct HealthAsks {
 /// What the node answers to `HEALTH`, from the status the loop last published.
 pub(super) fn answer(shared: &Shared) -> Result<String, String> {
     let st = shared.status.lock().unwrap_or_else(|p| p.into_inner());
-    let tick = Duration::from_millis(shared.tick_ms.load(Ordering::Relaxed));
-    let report = HealthReport::of(&st, failed_after(tick, st.election_ticks));
+    let report = HealthReport::of(&st, st.failed_after());
     report.map(|r| r.encode()).ok_or_else(|| match st.leader {
         Some(leader) => format!("ERR node {} is not the leader; node {leader} is", st.id),
         None => format!("ERR node {} is not the leader and knows none", st.id),
