@@ -85,9 +85,19 @@ fn a_cluster_mode_client_writes_through_the_leader_and_finds_the_next_one() {
     resp3.call(&[b"HELLO", b"3"]).unwrap();
     let shards = resp3.call(&[b"CLUSTER", b"SHARDS"]).unwrap();
     assert!(matches!(&shards.items().unwrap()[0], Reply::Aggregate(b'%', _)), "{shards:?}");
-    // What Redis answers without cluster support stays so.
-    let err = cluster.nodes[follower].cmd::<String>(&["CLUSTER", "COUNTKEYSINSLOT", "0"]).unwrap_err().to_string();
-    assert!(err.contains("cluster support disabled"), "{err}");
+    // The subcommands that manage a Redis Cluster are refused with what does their job here,
+    // not with Redis' "cluster support disabled", which CLUSTER INFO would contradict.
+    let node = &cluster.nodes[follower];
+    let err = |args: &[&str]| node.cmd::<String>(args).unwrap_err().to_string();
+    let refused = err(&["CLUSTER", "COUNTKEYSINSLOT", "0"]);
+    assert!(refused.contains("CLUSTER COUNTKEYSINSLOT is not supported by Raftis") && refused.contains("DBSIZE"), "{refused}");
+    assert!(err(&["cluster", "failover"]).contains("RAFT.TRANSFERLEADER"));
+    assert!(err(&["CLUSTER", "MEET", "127.0.0.1", "7000"]).contains("RAFT.ADDPEER"));
+    assert!(err(&["CLUSTER", "Frob"]).contains("unknown subcommand 'Frob'. Try CLUSTER HELP."));
+    assert!(err(&["CLUSTER", "KEYSLOT"]).contains("wrong number of arguments for 'cluster|keyslot' command"));
+    assert!(err(&["CLUSTER", "NODES", "extra"]).contains("wrong number of arguments for 'cluster|nodes' command"));
+    let help: Vec<String> = node.cmd(&["CLUSTER", "HELP"]).unwrap();
+    assert!(help.iter().any(|line| line == "SHARDS") && help.iter().any(|line| line.contains("RAFT.TRANSFERLEADER")), "{help:?}");
 
     // Given only a follower's address, the client finds the leader from the map.
     let client = ClusterClient::new(vec![format!("redis://127.0.0.1:{}", cluster.nodes[follower].port)]).unwrap();

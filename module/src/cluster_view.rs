@@ -1,6 +1,8 @@
 //! `RAFT._CLUSTER`: the Redis Cluster commands a cluster-aware client asks, answered with the
 //! map of `raftis_core::cluster_view` (one shard, the leader its master). Plain Redis answers
-//! them `-ERR This instance has cluster support disabled`, and such a client then gives up.
+//! them `-ERR This instance has cluster support disabled`, and such a client then gives up. The
+//! subcommands that manage a Redis Cluster's slots and nodes are refused with what does their
+//! job here.
 //! `READONLY` and `READWRITE` answer `+OK`; what a follower serves is still the node's
 //! `consistency` (see `replica_reads`). `CLUSTER KEYSLOT` answers as Redis Cluster does, and
 //! [`slot_of`] gives the slot a `-MOVED` names.
@@ -20,8 +22,6 @@ use raftis_core::LogIndex;
 
 pub const CLUSTER_COMMAND: &str = "raft._cluster";
 pub const INFO_COMMAND: &str = "raft._info";
-
-const SUBCOMMANDS: &[&str] = &["slots", "shards", "nodes", "myid", "info"];
 
 /// The slot a `-MOVED` for `argv` names: that of its first key, as in Redis Cluster (where every
 /// key of a command shares one slot), or [`HashSlot::NO_KEY`]. Main thread only: Redis finds the
@@ -43,16 +43,68 @@ pub fn slot_of_first(ctx: *mut RedisModuleCtx, commands: &[(u32, Vec<Vec<u8>>)])
     commands.iter().map(|(_, argv)| slot_of(ctx, argv)).find(|slot| *slot != HashSlot::NO_KEY).unwrap_or(HashSlot::NO_KEY)
 }
 
-/// Whether the filter hands `argv` to [`CLUSTER_COMMAND`]. Any other `CLUSTER` subcommand goes to
-/// Redis, which refuses it as it does without cluster support.
+/// Whether the filter hands `argv` to [`CLUSTER_COMMAND`]: every `CLUSTER` subcommand (those
+/// Raftis does not answer get an error saying why, rather than Redis' `cluster support
+/// disabled`, which contradicts `CLUSTER INFO`), `READONLY` and `READWRITE`. A bare `CLUSTER`
+/// is Redis' to refuse.
 pub fn answers(argv: &[&[u8]]) -> bool {
     let is = |i: usize, word: &str| argv.get(i).is_some_and(|a| a.eq_ignore_ascii_case(word.as_bytes()));
     match argv.len() {
         1 => is(0, "readonly") || is(0, "readwrite"),
-        2 => is(0, "cluster") && SUBCOMMANDS.iter().any(|sub| is(1, sub)),
-        3 => is(0, "cluster") && is(1, "keyslot"),
+        2.. => is(0, "cluster"),
         _ => false,
     }
+}
+
+/// What `CLUSTER HELP` lists.
+const HELP: &[&str] = &[
+    "CLUSTER <subcommand> [<arg> ...]. Raftis answers as a Redis Cluster of one shard that owns every slot, led by the Raft leader:",
+    "INFO",
+    "    State of the cluster: ok, or fail while no leader is known.",
+    "KEYSLOT <key>",
+    "    The hash slot of <key>.",
+    "MYID",
+    "    This node's id: its Raft node id in 40 hex digits.",
+    "NODES",
+    "    The map in Redis Cluster's text format; the leader is the master.",
+    "SHARDS",
+    "    The map as Redis 7 gives it.",
+    "SLOTS",
+    "    The map as slot ranges.",
+    "HELP",
+    "    This text.",
+    "Members are added and removed with RAFT.CLUSTER JOIN, RAFT.ADDPEER and RAFT.REMOVEPEER, and leadership moved with RAFT.TRANSFERLEADER.",
+];
+
+/// Why Raftis does not run the Redis Cluster subcommand `sub` (`given` by the client, in any
+/// case), with what does the job here.
+fn refusal(sub: &str, given: &str) -> String {
+    let upper = sub.to_ascii_uppercase();
+    let instead = match sub {
+        "failover" => "leadership moves with RAFT.TRANSFERLEADER [node-id] on the leader",
+        "meet" | "forget" | "replicate" | "reset" => "members change with RAFT.CLUSTER JOIN, RAFT.ADDPEER and RAFT.REMOVEPEER",
+        "countkeysinslot" | "getkeysinslot" => {
+            "every slot is in the one shard, where Redis keeps no index of keys by slot: DBSIZE counts the keys and SCAN lists them"
+        }
+        "addslots"
+        | "addslotsrange"
+        | "delslots"
+        | "delslotsrange"
+        | "flushslots"
+        | "setslot"
+        | "bumpepoch"
+        | "set-config-epoch"
+        | "saveconfig"
+        | "count-failure-reports"
+        | "links"
+        | "replicas"
+        | "slaves" => {
+            "Raftis answers as a Redis Cluster of one shard that owns every slot; it has no slots to move, epochs to set, \
+             cluster bus links or replication of its own to show (RAFT.INFO shows each member's)"
+        }
+        _ => return format!("ERR unknown subcommand '{given}'. Try CLUSTER HELP."),
+    };
+    format!("ERR CLUSTER {upper} is not supported by Raftis: {instead}")
 }
 
 /// Whether the `INFO` of `argv` shows the Cluster section, so the filter hands it to
@@ -94,19 +146,28 @@ fn with_cluster_enabled(mut text: Vec<u8>) -> Vec<u8> {
 /// `args` is `RAFT._CLUSTER` followed by what the client sent.
 pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     if !answers(&args[1..]) {
-        return Err("ERR RAFT._CLUSTER only takes CLUSTER SLOTS, SHARDS, NODES, MYID, INFO or KEYSLOT, READONLY or READWRITE \
-                    (it is used internally)"
-            .into());
+        return Err("ERR RAFT._CLUSTER only takes CLUSTER <subcommand>, READONLY or READWRITE (it is used internally)".into());
     }
     let name = String::from_utf8_lossy(args[1]).to_ascii_lowercase();
     if name == "readonly" || name == "readwrite" {
         crate::replica_reads::set(ctx, name == "readonly");
         return Ok(Reply::ok());
     }
-    let sub = String::from_utf8_lossy(args[2]).to_ascii_lowercase();
-    if sub == "keyslot" {
+    let given = String::from_utf8_lossy(args[2]);
+    let sub = given.to_ascii_lowercase();
+    let wanted_args = match sub.as_str() {
+        "keyslot" => 1,
+        "slots" | "shards" | "nodes" | "myid" | "info" | "help" => 0,
+        _ => return Err(refusal(&sub, &given)),
+    };
+    if args.len() != 3 + wanted_args {
+        return Err(format!("ERR wrong number of arguments for 'cluster|{sub}' command"));
+    }
+    match sub.as_str() {
         // Needs no cluster: the slot depends on the key alone.
-        return Ok(Reply::Integer(HashSlot::of_key(args[3]).0.into()));
+        "keyslot" => return Ok(Reply::Integer(HashSlot::of_key(args[3]).0.into())),
+        "help" => return Ok(Reply::Array(HELP.iter().map(|line| Reply::Simple(line.to_string())).collect())),
+        _ => {}
     }
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
