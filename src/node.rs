@@ -51,6 +51,7 @@ mod raft_loop;
 mod recovering;
 mod snapshots;
 mod ticks;
+mod transfers;
 
 use recovering::{recovery_pending_message, store_recovered_membership};
 
@@ -487,6 +488,7 @@ impl<S: StateMachine> Node<S> {
             slow_round_logged: None,
             compact_to: 0,
             ticks_wanted: None,
+            transfer_wanted: None,
             campaigned: false,
             members: Arc::new(members),
             conf_applied: LogIndex(conf_applied),
@@ -962,8 +964,11 @@ struct RaftLoop<S: StateMachine> {
     recover_wanted: Option<Sender<Result<LogIndex, String>>>,
     /// When the snapshot that ends a recovery was last asked for.
     recovery_snapshot_asked: Option<Instant>,
-    /// When each peer's last message arrived: a recovery is refused while another member talks.
+    /// When each peer's last message arrived: a recovery is refused while another member talks,
+    /// and a hand-over waits for its target to talk.
     last_heard: BTreeMap<NodeId, Instant>,
+    /// A hand-over waiting for its target to be heard from (see `transfers`).
+    transfer_wanted: Option<transfers::TransferWanted>,
     /// When this loop started: a peer not heard from since has been silent at least that long.
     started_at: Instant,
     /// A follower's asks for its leader's health report.

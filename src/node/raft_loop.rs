@@ -68,6 +68,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.expire(now);
                 self.ask_leader_health();
             }
+            self.start_wanted_transfer();
             self.start_reads();
             if let Err(e) = self.on_ready().await {
                 self.stop_on(e);
@@ -228,7 +229,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.removed = Some(why);
             }
             Request::Removed { .. } => {}
-            Request::TransferLeader(to) => self.raw.transfer_leader(to.get()),
+            Request::TransferLeader(to) => self.want_transfer(to),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
             Request::Recover(done) => {
                 if let Some(earlier) = self.recover_wanted.replace(done) {

@@ -21,7 +21,7 @@ impl<S: StateMachine> RaftLoop<S> {
         let successor = self.lock_status().successor();
         if let Some(to) = successor {
             log::info!("raft {}: handing leadership to {to} before changing its timeouts", self.id);
-            self.raw.transfer_leader(to.get());
+            self.want_transfer(to);
         }
     }
 
