@@ -173,6 +173,11 @@ impl<S: StateMachine> RaftLoop<S> {
         Duration::from_millis(self.shared.tick_ms.load(Ordering::Relaxed))
     }
 
+    /// raft's election timeout as this loop runs it now.
+    pub(super) fn election_timeout(&self) -> Duration {
+        self.tick_interval() * self.raw.raft.election_timeout() as u32
+    }
+
     fn handle(&mut self, req: Request<S::Waiter>) {
         match req {
             Request::Propose { data, waiter, deadline } => self.propose(data, waiter, deadline),

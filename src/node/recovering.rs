@@ -37,7 +37,7 @@ impl<S: StateMachine> RaftLoop<S> {
     fn recover(&mut self) -> Result<LogIndex, RecoverError> {
         let conf = self.conf_state();
         let voters: Vec<NodeId> = conf.voters.iter().map(|v| NodeId(*v)).collect();
-        let alive_within = self.tick_interval() * self.raw.raft.election_timeout() as u32 * recovery::ALIVE_WITHIN_ELECTIONS;
+        let alive_within = self.election_timeout() * recovery::ALIVE_WITHIN_ELECTIONS;
         let heard_from: Vec<NodeId> = self.last_heard.iter().filter(|(_, at)| at.elapsed() < alive_within).map(|(id, _)| *id).collect();
         let raft = &self.raw.raft;
         recovery::check(&recovery::Situation {

@@ -34,7 +34,7 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         let leader = self.raw.raft.state == StateRole::Leader;
         let alone = self.conf_state().voters == [self.id.get()];
-        let grace = self.tick_interval() * self.raw.raft.election_timeout() as u32;
+        let grace = self.election_timeout();
         if leader && !alone && since.elapsed() < grace {
             return Ok(());
         }

@@ -41,7 +41,7 @@ impl<S: StateMachine> RaftLoop<S> {
         } else if self.last_heard.get(&to).is_some_and(|heard| *heard > wanted.asked) {
             self.transfer_wanted = None;
             self.raw.transfer_leader(to.get());
-        } else if wanted.asked.elapsed() > self.tick_interval() * self.raw.raft.election_timeout() as u32 {
+        } else if wanted.asked.elapsed() > self.election_timeout() {
             self.transfer_wanted = None;
             log::warn!("raft {}: node {to} did not answer within an election timeout; leadership stays here", self.id);
         }
