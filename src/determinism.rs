@@ -100,7 +100,7 @@ fn pin_xadd_id(argv: &mut Args, now_ms: i64) {
             i += 1;
         } else if a.eq_ignore_ascii_case(b"maxlen") || a.eq_ignore_ascii_case(b"minid") {
             i += 1;
-            if argv.get(i).map_or(false, |t| **t == *b"=" || **t == *b"~") {
+            if argv.get(i).is_some_and(|t| **t == *b"=" || **t == *b"~") {
                 i += 1;
             }
             i += 1; // threshold

@@ -63,9 +63,7 @@ impl MembershipChange {
         let mut single = ConfChangeSingle::default();
         single.set_change_type(change_type);
         single.node_id = self.node_id().get();
-        let mut cc = ConfChangeV2::default();
-        cc.changes = vec![single];
-        cc.context = context.clone();
+        let cc = ConfChangeV2 { changes: vec![single], context: context.clone(), ..Default::default() };
         (cc, context)
     }
 

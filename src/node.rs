@@ -138,8 +138,7 @@ pub struct TakenSnapshot {
 impl TakenSnapshot {
     /// Raft's snapshot for it: the address book and the file's descriptor as its data.
     fn to_raft(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        snapshot.data = snapshot_data::encode(&self.members, &self.descriptor.encode());
+        let mut snapshot = Snapshot { data: snapshot_data::encode(&self.members, &self.descriptor.encode()), ..Default::default() };
         let meta = snapshot.metadata.get_or_insert_with(Default::default);
         meta.index = self.index.get();
         meta.term = self.term.get();
@@ -684,7 +683,7 @@ impl<S: StateMachine> Node<S> {
             if !status.is_leader() {
                 return Err(ProposeError::NotLeader { leader: status.leader });
             }
-            if status.progress_of(id).map_or(false, |p| p.matched >= status.commit) {
+            if status.progress_of(id).is_some_and(|p| p.matched >= status.commit) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -716,7 +715,7 @@ impl<S: StateMachine> Node<S> {
             if old == status.id {
                 return Err(ProposeError::Dropped(format!("{addr} is this leader's own side port (node {old})")));
             }
-            let talking = status.progress_of(old).map_or(true, |p| p.silent_for < SILENT_BEFORE_REPLACED);
+            let talking = status.progress_of(old).is_none_or(|p| p.silent_for < SILENT_BEFORE_REPLACED);
             if !talking {
                 log::warn!("raft {}: node {} joins at {addr}, where node {old} was: removing node {old}", status.id, info.id);
                 self.change_membership_blocking(MembershipChange::Remove(old), deadline)?;

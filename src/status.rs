@@ -117,7 +117,7 @@ impl Status {
 
     /// A recovery this node made still has the log from before it to drop: no node joins yet.
     pub fn recovery_pending(&self) -> bool {
-        self.recovered.as_ref().map_or(false, |r| r.pending(self.first_index))
+        self.recovered.as_ref().is_some_and(|r| r.pending(self.first_index))
     }
 
     pub fn is_leader(&self) -> bool {

@@ -200,7 +200,7 @@ impl State {
         let current = &self.hard_state;
         hs.term != current.term
             || hs.vote != current.vote
-            || (hs.commit != self.stored_commit && self.hard_state_stored_at.map_or(true, |at| at.elapsed() >= every))
+            || (hs.commit != self.stored_commit && self.hard_state_stored_at.is_none_or(|at| at.elapsed() >= every))
     }
 
     /// Records that the hard state, with commit index `commit`, was just written.

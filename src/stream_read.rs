@@ -57,7 +57,7 @@ impl StreamRead {
     pub fn keys(&self, argc: usize) -> Range<usize> {
         let Some(streams) = self.streams else { return 0..0 };
         let rest = argc - streams - 1;
-        if rest == 0 || rest % 2 != 0 {
+        if rest == 0 || !rest.is_multiple_of(2) {
             return 0..0;
         }
         streams + 1..streams + 1 + rest / 2

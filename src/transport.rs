@@ -375,7 +375,7 @@ impl Transport {
     /// True on the network thread (where callbacks and spawned tasks run).
     pub fn on_network_thread(&self) -> bool {
         let stop = self.inner.stop.lock().unwrap_or_else(|e| e.into_inner());
-        stop.as_ref().map_or(false, |(_, thread)| thread.thread().id() == std::thread::current().id())
+        stop.as_ref().is_some_and(|(_, thread)| thread.thread().id() == std::thread::current().id())
     }
 
     /// The address the listener is bound to (useful when `listen` asked for port 0).

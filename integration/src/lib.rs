@@ -232,7 +232,7 @@ impl Server {
 
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let ok = Command::new("kill").arg(sig).arg(c.id().to_string()).status().map_or(false, |s| s.success());
+            let ok = Command::new("kill").arg(sig).arg(c.id().to_string()).status().is_ok_and(|s| s.success());
             assert!(ok, "kill {sig} failed");
         }
     }

@@ -33,7 +33,7 @@ pub fn unavailable() -> Option<String> {
         return Some("needs loop devices (/dev/loop-control)".into());
     }
     for tool in ["losetup", "mkfs.ext4", "mount", "umount", "cp"] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(false, |o| o.status.success());
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
         if !found {
             return Some(format!("needs {tool}"));
         }

@@ -525,6 +525,20 @@ fn stretch_ttls(args: &mut [Vec<u8>]) {
     }
 }
 
+/// What plain Redis runs in place of the `SPOP` `args` that Raftis answered `popped`: the removal of
+/// the members Raftis popped (`SREM`, which answers how many it removed), so that both datasets
+/// lose the same members; None when Raftis popped nothing (an error, a missing key, a count of
+/// zero), which plain Redis must answer the same.
+pub fn as_removal(args: &[Vec<u8>], popped: &Reply) -> Option<(Vec<Vec<u8>>, usize)> {
+    let members: Vec<Vec<u8>> = match popped {
+        Reply::Blob(b'$', member) => vec![member.clone()],
+        Reply::Aggregate(_, items) if !items.is_empty() => items.iter().map(|i| i.bytes().map(<[u8]>::to_vec)).collect::<Option<_>>()?,
+        _ => return None,
+    };
+    let n = members.len();
+    Some(([b"SREM".to_vec(), args.get(1)?.clone()].into_iter().chain(members).collect(), n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,18 +559,4 @@ mod tests {
         stretch_ttls(&mut a);
         assert_eq!(a, args(&["SETEX", "k", "100000", "v"]));
     }
-}
-
-/// What plain Redis runs in place of the `SPOP` `args` that Raftis answered `popped`: the removal of
-/// the members Raftis popped (`SREM`, which answers how many it removed), so that both datasets
-/// lose the same members; None when Raftis popped nothing (an error, a missing key, a count of
-/// zero), which plain Redis must answer the same.
-pub fn as_removal(args: &[Vec<u8>], popped: &Reply) -> Option<(Vec<Vec<u8>>, usize)> {
-    let members: Vec<Vec<u8>> = match popped {
-        Reply::Blob(b'$', member) => vec![member.clone()],
-        Reply::Aggregate(_, items) if !items.is_empty() => items.iter().map(|i| i.bytes().map(<[u8]>::to_vec)).collect::<Option<_>>()?,
-        _ => return None,
-    };
-    let n = members.len();
-    Some(([b"SREM".to_vec(), args.get(1)?.clone()].into_iter().chain(members).collect(), n))
 }

@@ -140,12 +140,9 @@ impl RespConn {
     pub fn reply(&mut self) -> anyhow::Result<Reply> {
         loop {
             let mut pos = 0;
-            match parse(&self.buf, &mut pos) {
-                Ok(reply) => {
-                    self.buf.drain(..pos);
-                    return Ok(reply);
-                }
-                Err(Incomplete) => {}
+            if let Ok(reply) = parse(&self.buf, &mut pos) {
+                self.buf.drain(..pos);
+                return Ok(reply);
             }
             let mut chunk = [0u8; 16 * 1024];
             let n = match self.stream.read(&mut chunk) {

@@ -130,7 +130,7 @@ mod tests {
     fn balances_must_add_up_to_the_ledger_read_with_them() {
         assert_eq!(check_snapshot(0, &reply(&[None, None, None], &[])), Ok(vec![]));
         let ledger = [0, 1, 2, 3];
-        let mut balances = vec![0; 3];
+        let mut balances = [0; 3];
         for id in ledger {
             let (from, to, amount) = transfer_of(id);
             balances[from as usize] -= amount;

@@ -113,7 +113,7 @@ fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
     let file = std::fs::read_dir(&raft_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().map_or(false, |e| e == "rsnap"))
+        .find(|p| p.extension().is_some_and(|e| e == "rsnap"))
         .expect("a snapshot file");
     let mut bytes = std::fs::read(&file).unwrap();
     let middle = bytes.len() / 2;

@@ -112,12 +112,15 @@ impl Waiter for WriteWaiter {
 }
 
 /// How far the dataset has really been applied, and who waits for it (linearizable reads).
+/// What runs once an index is applied.
+pub type WhenApplied = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 pub struct ApplyProgress {
     applied: AtomicU64,
     entries: AtomicU64,
     batches: AtomicU64,
-    waiters: Mutex<BTreeMap<LogIndex, Vec<Box<dyn FnOnce() + Send>>>>,
+    waiters: Mutex<BTreeMap<LogIndex, Vec<WhenApplied>>>,
 }
 
 impl ApplyProgress {
@@ -134,7 +137,7 @@ impl ApplyProgress {
     }
 
     /// Runs `f` once the dataset has applied `index` (immediately if it already has).
-    pub fn when_applied(&self, index: LogIndex, f: Box<dyn FnOnce() + Send>) {
+    pub fn when_applied(&self, index: LogIndex, f: WhenApplied) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         // Checked under the lock so an advance cannot slip between the check and the insert.
         if self.applied() >= index {
@@ -353,7 +356,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     if let Err(stopped) = state::get().refuse_if_stopped() {
         return finish(waiter, Outcome::Error(stopped));
     }
-    let resp3 = waiter.as_ref().map_or(false, |w| w.resp3);
+    let resp3 = waiter.as_ref().is_some_and(|w| w.resp3);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let Entry { at, view } = Entry::decode(&committed.data).map_err(|e| format!("ERR corrupt log entry at {index}: {e}"))?;
         crate::expiry::applied(at);

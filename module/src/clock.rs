@@ -82,7 +82,7 @@ unsafe extern "C" fn hooked_gettimeofday(tv: *mut libc::timeval, tz: *mut c_void
 
 /// Pins the clock, reads it through Redis' own `mstime`, and checks both ways.
 fn self_test() -> Result<(), String> {
-    let mstime: unsafe extern "C" fn() -> i64 = unsafe { std::mem::transmute(crate::ffi::find_symbol("mstime")?) };
+    let mstime: unsafe extern "C" fn() -> i64 = unsafe { crate::ffi::find_function("mstime")? };
     let pinned_read = pinned(1_234_567, || unsafe { mstime() });
     let real = unsafe { mstime() };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);

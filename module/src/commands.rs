@@ -28,14 +28,14 @@ fn wrong_args(cmd: &str) -> String {
 
 fn valid_addr(addr: &str) -> std::result::Result<(), String> {
     match addr.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().map_or(false, |p| p > 0) => Ok(()),
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
         _ => Err(format!("ERR invalid address '{addr}', expected host:port")),
     }
 }
 
 /// True when the node already belongs to a cluster (as voter or learner).
 fn is_member(s: &Raftis) -> bool {
-    s.node().map_or(false, |n| {
+    s.node().is_some_and(|n| {
         let st = n.status();
         st.voters.contains(&st.id) || st.learners.contains(&st.id)
     })

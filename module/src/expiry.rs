@@ -78,12 +78,7 @@ static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
 /// until this node is current. Returns how keys expire here, for the log.
 pub fn init(ctx: *mut RedisModuleCtx) -> String {
     let hooks = HOOKS.get_or_init(|| {
-        Ok(unsafe {
-            Hooks {
-                start_loading: std::mem::transmute(ffi::find_symbol("startLoading")?),
-                stop_loading: std::mem::transmute(ffi::find_symbol("stopLoading")?),
-            }
-        })
+        Ok(unsafe { Hooks { start_loading: ffi::find_function("startLoading")?, stop_loading: ffi::find_function("stopLoading")? } })
     });
     match hooks {
         Ok(_) => {
@@ -256,7 +251,7 @@ fn expire_named_if_due(ctx: *mut RedisModuleCtx, key: &[u8], at: EntryTime, rule
 }
 
 fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at: EntryTime, rule: Due) {
-    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    let key = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) };
     if key.is_null() {
         return;
     }
@@ -293,7 +288,7 @@ pub fn before_sleep(ctx: *mut RedisModuleCtx) {
     }
     {
         let mut last = LAST_CHECK.lock().unwrap_or_else(|p| p.into_inner());
-        if last.map_or(false, |t| t.elapsed() < CHECK_EVERY) {
+        if last.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
             return;
         }
         *last = Some(Instant::now());

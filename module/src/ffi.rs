@@ -37,7 +37,7 @@ pub fn close_inherited_sockets() {
     // Listed first, closed after: the listing holds a descriptor of its own.
     let sockets: Vec<c_int> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| std::fs::read_link(e.path()).map_or(false, |target| target.to_string_lossy().starts_with("socket:")))
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:")))
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     for fd in sockets {
@@ -55,6 +55,15 @@ pub fn find_symbol(name: &str) -> Result<*mut std::ffi::c_void, String> {
     } else {
         Ok(f)
     }
+}
+
+/// The function Redis exports as `name` (see [`find_symbol`]), as a pointer of type `F`.
+///
+/// # Safety
+/// `F` must be an `unsafe extern "C" fn` type with that function's signature.
+pub unsafe fn find_function<F: Copy>(name: &str) -> Result<F, String> {
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut std::ffi::c_void>()) };
+    find_symbol(name).map(|f| unsafe { std::mem::transmute_copy::<*mut std::ffi::c_void, F>(&f) })
 }
 
 /// A C string for the API; interior NULs (never in our own literals) are cut off.
@@ -121,7 +130,7 @@ pub const QUIET_PROBE: c_int = (raw::REDISMODULE_WRITE | raw::REDISMODULE_OPEN_K
 /// how many elements it holds (its length for a string), looked at quietly ([`QUIET_PROBE`]).
 pub fn key_type_and_length(ctx: *mut RedisModuleCtx, key: &[u8]) -> (c_int, usize) {
     let name = new_string(key);
-    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, QUIET_PROBE) };
     free_string(name);
     if opened.is_null() {
         return (raw::REDISMODULE_KEYTYPE_EMPTY as c_int, 0);
@@ -267,7 +276,7 @@ pub fn client_is_resp3(ctx: *mut RedisModuleCtx) -> bool {
 }
 
 pub fn now_ms() -> i64 {
-    unsafe { api!(RedisModule_Milliseconds)() as i64 }
+    unsafe { api!(RedisModule_Milliseconds)() }
 }
 
 /// Up to this many arguments after the command name go to `RedisModule_Call` one by one (`b`
@@ -354,7 +363,7 @@ pub fn reply_element(reply: *mut RedisModuleCallReply, i: usize) -> *mut RedisMo
 }
 
 pub fn reply_integer_value(reply: *mut RedisModuleCallReply) -> i64 {
-    unsafe { api!(RedisModule_CallReplyInteger)(reply) as i64 }
+    unsafe { api!(RedisModule_CallReplyInteger)(reply) }
 }
 
 /// The bytes of a string, status or error reply; empty for other types.

@@ -85,6 +85,7 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], t
 /// attempt would have run it, goes to the next leader for what is left of its timeout (until
 /// `deadline`), instead of the client getting `redirect`. (Nothing ran for it yet: a client with
 /// an attempt in flight gets that attempt's outcome.)
+#[allow(clippy::too_many_arguments)]
 pub fn take_over(
     blocked: Blocked,
     db: u32,
@@ -243,7 +244,7 @@ pub fn before_sleep() {
     // No known leader is no news: an election may still confirm the one they wait on.
     let Ok(leader) = crate::forward::leader_addr(&node) else { return };
     for waiting in lock().values_mut() {
-        if !waiting.leader.as_ref().is_some_and(|sent_to| *sent_to != leader) {
+        if waiting.leader.as_ref().is_none_or(|sent_to| *sent_to == leader) {
             waiting.replaced_since = None;
             continue;
         }

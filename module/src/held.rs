@@ -470,7 +470,7 @@ fn queue_read(
 
 fn join_round(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void, term: Term) {
     // Reads of another term cannot share a round with these: ask for theirs now.
-    if held.open.as_ref().map_or(false, |r| r.term != term) {
+    if held.open.as_ref().is_some_and(|r| r.term != term) {
         ask_confirmation(held.open.take());
     }
     if held.open.is_none() {

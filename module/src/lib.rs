@@ -202,6 +202,10 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft.snapshot", cmd_snapshot, "admin"),
 ];
 
+/// Redis' entry point when it loads the module.
+///
+/// # Safety
+/// Called by Redis only, on its main thread, with `MODULE LOAD`'s arguments.
 #[no_mangle]
 #[allow(non_snake_case)]
 pub unsafe extern "C" fn RedisModule_OnLoad(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
@@ -349,7 +353,7 @@ fn check_snapshot(store: &LogStore, dir: &std::path::Path) -> anyhow::Result<()>
 /// background expiry is switched on or off (see `expiry`).
 extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEvent, subevent: u64, data: *mut std::ffi::c_void) {
     held::on_event_loop(ctx, event, subevent, data);
-    if subevent != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP as u64 {
+    if subevent != raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP {
         return;
     }
     if std::panic::catch_unwind(transaction::before_sleep).is_err() {

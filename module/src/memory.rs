@@ -18,12 +18,7 @@ static USED_MEMORY: OnceLock<Result<UsedMemory, String>> = OnceLock::new();
 
 /// At load: finds Redis' allocation counter. An error says why no limit can be set.
 pub fn init() -> Result<(), String> {
-    USED_MEMORY
-        .get_or_init(|| {
-            ffi::find_symbol("zmalloc_used_memory").map(|f| unsafe { std::mem::transmute::<*mut std::ffi::c_void, UsedMemory>(f) })
-        })
-        .clone()
-        .map(|_| ())
+    USED_MEMORY.get_or_init(|| unsafe { ffi::find_function::<UsedMemory>("zmalloc_used_memory") }).clone().map(|_| ())
 }
 
 /// Whether a limit of `bytes` can be held here: an error naming why not.

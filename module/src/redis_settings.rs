@@ -56,7 +56,7 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "maxmemory" if parse_size(value).is_some_and(|bytes| bytes != 0) => {
             Some("Raftis holds the memory limit itself, on the leader: give it to the module (maxmemory= at load, RAFT.CONFIG SET maxmemory at runtime); Redis' own must stay 0")
         }
-        "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>().map_or(true, |n| n != 0) => {
+        "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>() != Ok(0) => {
             Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
         }
         _ if shared_settings::NAMES.contains(&name) => Some(

@@ -45,7 +45,7 @@ pub fn through_leader(ctx: *mut RedisModuleCtx) -> bool {
 
 /// Server event: a client disconnected; it is forgotten.
 pub extern "C" fn on_client_change(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, subevent: u64, data: *mut c_void) {
-    if subevent != raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED as u64 || data.is_null() || COUNT.load(Ordering::Relaxed) == 0 {
+    if subevent != raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data.is_null() || COUNT.load(Ordering::Relaxed) == 0 {
         return;
     }
     let id = unsafe { (*(data as *const raw::RedisModuleClientInfo)).id };

@@ -94,10 +94,10 @@ pub fn init() -> String {
     let hooks = HOOKS.get_or_init(|| {
         Ok(unsafe {
             Hooks {
-                srand: std::mem::transmute(ffi::find_symbol("redisSrand48")?),
-                sha1hex: std::mem::transmute(ffi::find_symbol("sha1hex")?),
-                kill: std::mem::transmute(ffi::find_symbol("scriptKill")?),
-                lookup_client: std::mem::transmute(ffi::find_symbol("lookupClientByID")?),
+                srand: ffi::find_function("redisSrand48")?,
+                sha1hex: ffi::find_function("sha1hex")?,
+                kill: ffi::find_function("scriptKill")?,
+                lookup_client: ffi::find_function("lookupClientByID")?,
                 serving_clients: ffi::find_symbol("ProcessingEventsWhileBlocked")? as *const c_int,
             }
         })

@@ -70,7 +70,7 @@ pub fn apply(ctx: *mut RedisModuleCtx, index: LogIndex, argv: &[&[u8]], resp3: b
 /// Whether `key` is a set of more than `count` members: a pop of `count` then leaves some.
 fn holds_more_than(ctx: *mut RedisModuleCtx, key: &[u8], count: usize) -> bool {
     let (kind, len) = ffi::key_type_and_length(ctx, key);
-    kind as isize == raw::REDISMODULE_KEYTYPE_SET as isize && count < len
+    kind as isize == raw::REDISMODULE_KEYTYPE_SET && count < len
 }
 
 /// The first `count` distinct `candidates` the set at `key` holds, in their order.
@@ -99,7 +99,7 @@ fn still_held(ctx: *mut RedisModuleCtx, key: &[u8], candidates: &[&[u8]], count:
 /// to build for a whole set).
 fn choose(ctx: *mut RedisModuleCtx, key: &[u8], mut choice: Choice) -> Vec<Vec<u8>> {
     let name = ffi::new_string(key);
-    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) };
     ffi::free_string(name);
     if opened.is_null() {
         return Vec::new();

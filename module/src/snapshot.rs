@@ -221,7 +221,7 @@ impl Snapshots {
             // Another child (a BGSAVE) is running: not a failed snapshot but one not started yet,
             // and asked for again with every applied batch, so said at most every 10 s.
             let mut warned = self.fork_refused_warned.lock().unwrap_or_else(|p| p.into_inner());
-            if warned.map_or(true, |at| at.elapsed() >= Duration::from_secs(10)) {
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                 log::warn!("cannot fork for a snapshot now (another child process is running?); will retry");
                 *warned = Some(Instant::now());
             }
@@ -424,7 +424,7 @@ fn publish(job: InProgress) {
         return;
     }
     s.snapshots.set_latest(job.point.index, summary.size);
-    let recorded = s.node().map_or(false, |node| node.snapshot_taken(taken));
+    let recorded = s.node().is_some_and(|node| node.snapshot_taken(taken));
     s.snapshots.ended(recorded, job.started.elapsed());
     // Entries applied while this one was written may already call for the next.
     drop(_publishing);

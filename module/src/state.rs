@@ -80,6 +80,8 @@ pub fn get() -> &'static Raftis {
 }
 
 impl Raftis {
+    // One call, in OnLoad: each argument is something it found or built.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         store: LogStore,

@@ -30,7 +30,7 @@ impl Newest {
 /// The newest entry of stream `key`, looked at quietly (see [`ffi::QUIET_PROBE`]).
 pub fn newest_entry(ctx: *mut RedisModuleCtx, key: &[u8]) -> Newest {
     let name = ffi::new_string(key);
-    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) } as *mut raw::RedisModuleKey;
+    let opened = unsafe { api!(RedisModule_OpenKey)(ctx, name, ffi::QUIET_PROBE) };
     ffi::free_string(name);
     if opened.is_null() {
         return Newest::NoStream;

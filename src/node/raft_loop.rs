@@ -159,7 +159,7 @@ impl<S: StateMachine> RaftLoop<S> {
             return;
         }
         CounterCells::add(&counters.slow_rounds, 1);
-        if self.slow_round_logged.map_or(true, |at| at.elapsed() >= SLOW_ROUND_LOG_EVERY) {
+        if self.slow_round_logged.is_none_or(|at| at.elapsed() >= SLOW_ROUND_LOG_EVERY) {
             self.slow_round_logged = Some(Instant::now());
             log::warn!(
                 "raft {}: one loop round took {took:?} ({requests} requests); meanwhile this node sent no heartbeats \
@@ -363,8 +363,7 @@ impl<S: StateMachine> RaftLoop<S> {
             // Only entries, term and vote must be on disk before we answer; a commit index that
             // is lost in a crash is learnt again from the leader.
             let stored = self.store.hard_state();
-            let must_sync =
-                sync && (!entries.is_empty() || ready.hs().map_or(false, |hs| hs.term != stored.term || hs.vote != stored.vote));
+            let must_sync = sync && (!entries.is_empty() || ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote));
             let sync = must_sync;
             let started = Instant::now();
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;

@@ -11,7 +11,7 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     pub(super) fn left_behind(&self, id: NodeId) -> bool {
-        self.recovery.as_ref().map_or(false, |r| r.left(id))
+        self.recovery.as_ref().is_some_and(|r| r.left(id))
     }
 
     /// Runs a recovery asked for, at a round boundary (raft has nothing in flight to persist).
@@ -95,7 +95,7 @@ impl<S: StateMachine> RaftLoop<S> {
         if self.raw.raft.raft_log.applied < rec.at.get() {
             return;
         }
-        if self.recovery_snapshot_asked.map_or(false, |at| at.elapsed() < RECOVERY_SNAPSHOT_RETRY) {
+        if self.recovery_snapshot_asked.is_some_and(|at| at.elapsed() < RECOVERY_SNAPSHOT_RETRY) {
             return;
         }
         self.recovery_snapshot_asked = Some(Instant::now());

@@ -68,7 +68,7 @@ impl<S: StateMachine> RaftLoop<S> {
         if trailing_bytes > 0 {
             keep_from = self.store.start_within_bytes(keep_from, t.index.get(), trailing_bytes).context("sizing the log tail")?;
         }
-        if self.pending_recovery().map_or(false, |r| t.index >= r.at) {
+        if self.pending_recovery().is_some_and(|r| t.index >= r.at) {
             // Nothing from before the recovery may be left for a new node to replay.
             keep_from = t.index.get() + 1;
         }

@@ -113,7 +113,7 @@ impl Storage for LogStore {
         match self.read_snapshot()? {
             Some(snapshot)
                 if snapshot.metadata.as_ref().map_or(0, |m| m.index) >= request_index
-                    && snapshot.metadata.as_ref().and_then(|m| m.conf_state.as_ref()).map_or(false, includes) =>
+                    && snapshot.metadata.as_ref().and_then(|m| m.conf_state.as_ref()).is_some_and(includes) =>
             {
                 Ok(snapshot)
             }

@@ -408,8 +408,7 @@ fn with_ordered_commits_every_lmdb_commit_is_durable_and_without_none_is() {
     store.set_commit_store_every(Duration::ZERO);
     let durable = |store: &LogStore| store.inner.durable_commits.load(Ordering::Relaxed);
     let hs = |commit| HardState { term: 2, vote: 1, commit };
-    let mut snap = Snapshot::default();
-    snap.metadata = Some(SnapshotMetadata { index: 2, term: 2, ..Default::default() });
+    let snap = Snapshot { metadata: Some(SnapshotMetadata { index: 2, term: 2, ..Default::default() }), ..Default::default() };
     // An append (journal only), then three LMDB writes that need not be durable themselves.
     let writes = |store: &LogStore, first: u64| {
         store.append(&entries_with_terms(first, &[2, 2, 2]), Some(&hs(first)), false).unwrap();
@@ -462,8 +461,7 @@ fn a_commit_index_that_moved_alone_is_written_lazily_and_never_behind_compaction
     // applied entries only. Raft refuses to resume a dataset at an index past the commit index.
     store.set_commit_store_every(Duration::from_secs(3600));
     store.set_commit(6, false).unwrap();
-    let mut snap = Snapshot::default();
-    snap.metadata = Some(SnapshotMetadata { index: 6, term: 2, ..Default::default() });
+    let snap = Snapshot { metadata: Some(SnapshotMetadata { index: 6, term: 2, ..Default::default() }), ..Default::default() };
     store.set_snapshot(snap).unwrap();
     drop(store);
     let store = LogStore::open(dir.path()).unwrap();

@@ -113,7 +113,7 @@ fn elements(ctx: *mut RedisModuleCtx, db: u32, key: &[u8], waits: Waits) -> usiz
         Waits::SortedSet => redis_module::raw::REDISMODULE_KEYTYPE_ZSET,
         Waits::Stream(_) | Waits::Group(_) => return 0,
     };
-    if kind as isize == wanted as isize {
+    if kind as isize == wanted {
         len
     } else {
         0

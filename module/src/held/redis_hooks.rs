@@ -45,21 +45,20 @@ pub fn init(ctx: *mut RedisModuleCtx) {
         let io_threads = ffi::config_get(ctx, "io-threads").unwrap_or_default();
         // Threaded I/O's writer does not skip protected clients.
         let cannot_hold = (io_threads.trim() != "1").then(|| format!("io-threads is {io_threads}"));
-        let find = ffi::find_symbol;
         Ok(unsafe {
             Hooks {
-                lookup_client: std::mem::transmute(find("lookupClientByID")?),
-                protect: std::mem::transmute(find("protectClient")?),
-                unprotect: std::mem::transmute(find("unprotectClient")?),
-                free_async: std::mem::transmute(find("freeClientAsync")?),
-                deferred_slot: std::mem::transmute(find("addReplyDeferredLen")?),
-                fill_slot: std::mem::transmute(find("setDeferredReply")?),
-                prepare_to_write: std::mem::transmute(find("prepareClientToWrite")?),
-                add_reply: std::mem::transmute(find("addReplyProto")?),
-                yielding: std::mem::transmute(find("isInsideYieldingLongCommand")?),
-                disk_error: std::mem::transmute(find("writeCommandsDeniedByDiskError")?),
-                multi: std::mem::transmute(find("multiCommand")?),
-                watch_key: std::mem::transmute(find("watchForKey")?),
+                lookup_client: ffi::find_function("lookupClientByID")?,
+                protect: ffi::find_function("protectClient")?,
+                unprotect: ffi::find_function("unprotectClient")?,
+                free_async: ffi::find_function("freeClientAsync")?,
+                deferred_slot: ffi::find_function("addReplyDeferredLen")?,
+                fill_slot: ffi::find_function("setDeferredReply")?,
+                prepare_to_write: ffi::find_function("prepareClientToWrite")?,
+                add_reply: ffi::find_function("addReplyProto")?,
+                yielding: ffi::find_function("isInsideYieldingLongCommand")?,
+                disk_error: ffi::find_function("writeCommandsDeniedByDiskError")?,
+                multi: ffi::find_function("multiCommand")?,
+                watch_key: ffi::find_function("watchForKey")?,
                 cannot_hold,
             }
         })
