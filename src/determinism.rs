@@ -200,4 +200,26 @@ mod tests {
         assert!(runs_by_the_log_clock(b"xautoclaim"));
         assert!(!runs_by_the_log_clock(b"XADD"), "its automatic IDs are pinned by the leader instead");
     }
+
+    #[test]
+    fn pinning_again_with_another_clock_changes_nothing() {
+        // The follower proxy's leader pins a follower's pinned writes again (and `scripts/fuzz`'s
+        // `client_commands` checks this on arbitrary commands).
+        for args in [
+            &["SET", "k", "v", "EX", "10", "PX", "5"][..],
+            &["GETEX", "k", "PX", "7"],
+            &["SETEX", "k", "2", "v"],
+            &["EXPIRE", "k", "-3", "GT"],
+            &["PEXPIREAT", "k", "-1"],
+            &["RESTORE", "k", "50", "payload"],
+            &["XADD", "s", "MAXLEN", "=", "3", "*", "f", "v"],
+        ] {
+            let mut once: Args = args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect();
+            pin(&mut once, 1_000_000);
+            let mut twice = once.clone();
+            pin(&mut twice, 9_000_000);
+            assert_eq!(once, twice, "{args:?}");
+            assert_ne!(once, args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect::<Args>(), "{args:?} was pinned");
+        }
+    }
 }
