@@ -239,6 +239,32 @@ fn a_key_the_log_expires_is_announced_as_expired() {
     assert_eq!(ttl, -1);
 }
 
+/// Every write of a transaction reads the entry's clock, however long EXEC takes to reach it: an
+/// `EXPIRE k 0` thousands of commands after the `SET` (milliseconds later) still deletes the key
+/// at once, on every node. Each write used to be pinned to its own moment while the entry
+/// applies at its first write's, so the deadline was still ahead when it applied.
+#[test]
+fn a_transaction_reads_one_clock_however_long_exec_takes() {
+    // Low: every node answers for itself.
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let mut conn = leader.client().unwrap();
+    let mut pipe = redis::pipe();
+    pipe.atomic().cmd("SET").arg("a").arg(1).ignore();
+    for i in 0..5000 {
+        pipe.cmd("SET").arg(format!("pad{i}")).arg(i).ignore();
+    }
+    pipe.cmd("EXPIRE").arg("a").arg(0).cmd("EXISTS").arg("a");
+    let (expired, exists): (i64, i64) = pipe.query(&mut conn).unwrap();
+    assert_eq!((expired, exists), (1, 0), "EXPIRE a 0 inside the transaction left the key");
+    cluster.wait_converged(&[0, 1, 2]);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let exists: i64 = node.cmd(&["EXISTS", "a"]).unwrap();
+        assert_eq!(exists, 0, "node {i} kept a key whose deadline had passed when it was set");
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 /// A deadline already past when it is set deletes the key at once, as in Redis, also inside a
 /// transaction or a script, where the next command must not find the key; and a deadline before
 /// 1970 (`PEXPIREAT k -1`) does not leave a key that never expires.

@@ -128,6 +128,16 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
     Ok(())
 }
 
+/// The time a write of the transaction EXEC runs for the client of `ctx` is pinned to: the
+/// entry's, which is its first write's. Every command of the entry then reads one clock, as the
+/// entry applies at that time: a deadline a later command sets "now" (`EXPIRE k 0`) is due at
+/// once, however many milliseconds EXEC took to get there.
+pub fn entry_time(ctx: *mut RedisModuleCtx) -> EntryTime {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let t = lock();
+    t.batch.as_ref().filter(|b| b.client == id).and_then(|b| b.at).unwrap_or_else(crate::expiry::stamp)
+}
+
 /// A command of the EXEC that `ctx`'s client runs now was refused before it could join (its user
 /// may not run it, see `acl`): nothing of the transaction runs, as Redis refuses such a command
 /// when it is queued and then discards the transaction. Commands that joined already, and those

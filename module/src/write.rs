@@ -33,7 +33,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::transaction::in_exec(ctx) {
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
-        let at = crate::expiry::stamp();
+        let at = crate::transaction::entry_time(ctx);
         // A follower forwarding the transaction leaves the memory limit to the leader.
         if s.node().is_some_and(|n| n.is_leader()) {
             prepare_admitted(db, &mut argv, at)?;
