@@ -386,6 +386,49 @@ fn a_read_index_bound_to_a_term_is_confirmed_only_in_that_term() {
     assert!(matches!(ask(Term(term.get() + 1)), Err(ProposeError::LeadershipLost)), "nor a newer one");
 }
 
+/// raft drops a ReadIndex request that reaches a leader before the first entry of its term is
+/// committed. A single node that changes its ticks elects itself again at once, and the reads of
+/// the round after that election are in that window: they must still be answered, not left to
+/// their deadline.
+#[test]
+fn reads_reaching_a_new_leader_before_its_first_commit_are_answered() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start(NodeId(1), root.path(), free_port(), true, Durability::High);
+    let nodes = [node];
+    let leader = current_leader(&nodes);
+    let term_before = leader.node.status().term;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (reader_tx, done) = (tx.clone(), &done);
+        scope.spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let tx = reader_tx.clone();
+                leader.node.read_index(Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(3));
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        leader.node.set_ticks(30, 5).unwrap();
+        wait_for("the node to lead again with its new ticks", Duration::from_secs(10), || {
+            let s = leader.node.status();
+            (s.election_ticks == 30 && s.term > term_before && s.leader_ready && s.commit >= s.last_index).then_some(())
+        });
+        // Reads keep going a little longer, into the new term.
+        let more = leader.node.status().commit;
+        wait_for("a read confirmed in the new term", Duration::from_secs(10), || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            leader.node.read_index(Box::new(move |r| tx.send(r).unwrap()), Instant::now() + Duration::from_secs(3));
+            rx.recv_timeout(Duration::from_secs(5)).unwrap().ok().filter(|i| *i >= more)
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    drop(tx);
+    let results: Vec<_> = rx.iter().collect();
+    let timed_out = results.iter().filter(|r| matches!(r, Err(ProposeError::Timeout))).count();
+    assert_eq!(timed_out, 0, "{timed_out} of {} reads timed out", results.len());
+    assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(ProposeError::NotLeader { .. }) | Err(ProposeError::LeadershipLost))));
+}
+
 #[test]
 fn a_slow_loop_round_is_counted_and_its_length_recorded() {
     let root = tempfile::tempdir().unwrap();

@@ -83,13 +83,20 @@ impl<S: StateMachine> RaftLoop<S> {
         if self.reads_to_start.is_empty() {
             return;
         }
-        let reads = std::mem::take(&mut self.reads_to_start);
         if let Some(err) = self.not_leader() {
-            for (_, _, w) in reads {
+            for (_, _, w) in std::mem::take(&mut self.reads_to_start) {
                 w(Err(err.clone()));
             }
             return;
         }
+        if !self.raw.raft.commit_to_current_term() {
+            // A new leader until its first entry commits: raft drops a ReadIndex request then
+            // (it cannot know the commit index yet), and would never answer it. The reads wait
+            // here for that entry, about one round trip, or fail with the leadership or their
+            // deadline.
+            return;
+        }
+        let reads = std::mem::take(&mut self.reads_to_start);
         let term = Term(self.raw.raft.term);
         let mut confirmable = Vec::with_capacity(reads.len());
         for (deadline, wanted, w) in reads {
@@ -137,6 +144,11 @@ impl<S: StateMachine> RaftLoop<S> {
             }
         }
         self.reads_in_flight.retain(|_, reads| !reads.is_empty());
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_to_start).into_iter().partition(|(d, _, _)| *d <= now);
+        self.reads_to_start = waiting;
+        for (_, _, w) in expired {
+            w(Err(ProposeError::Timeout));
+        }
     }
 
     /// A leader that stepped down cannot vouch for anything it had in flight.

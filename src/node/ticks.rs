@@ -51,13 +51,19 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     /// Builds raft afresh from the store: term, vote, commit index, log and membership all come
-    /// back from it; only in-memory rounds are lost (a leader's pending reads, which
-    /// check_leadership fails).
+    /// back from it; only in-memory rounds are lost. A leader's read rounds are failed here: the
+    /// new raft never confirms them, also when this node leads again at once (a single voter),
+    /// and that leadership is only ready once it commits in its new term.
     pub(super) fn rebuild_raft(&mut self, election: usize, heartbeat: usize) -> anyhow::Result<()> {
         let cfg = raft_config(self.id, election, heartbeat, self.raw.raft.raft_log.applied);
         cfg.validate().context("invalid raft timeouts")?;
         let logger = raft_logger::logger(self.id.get());
         self.raw = RawNode::new(&cfg, self.store.clone(), &logger)?;
+        for (_, w) in std::mem::take(&mut self.reads_in_flight).into_values().flatten() {
+            w(Err(ProposeError::LeadershipLost));
+        }
+        self.leader_ready = false;
+        self.shared.ready_index.store(0, Ordering::Release);
         Ok(())
     }
 }
