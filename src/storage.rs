@@ -865,8 +865,16 @@ impl LogStore {
     /// until the next durable commit, in which a power loss could persist a meta page without
     /// the pages it points at and damage the log. They are rare, so flushing them costs little.
     /// Without it (durability medium and low) only `sync` commits are flushed.
-    pub fn set_ordered_commits(&self, ordered: bool) {
-        self.inner.ordered_commits.store(ordered, Ordering::Relaxed);
+    ///
+    /// Turning it on (durability raised to high) first flushes everything: a journal flush
+    /// must never reach the disk ahead of the LMDB commits before it (a checkpoint's entries,
+    /// behind the journal generation it started), or a power cut would leave a gap in the log.
+    pub fn set_ordered_commits(&self, ordered: bool) -> Result<()> {
+        let was = self.inner.ordered_commits.swap(ordered, Ordering::AcqRel);
+        if ordered && !was {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Whether a write is flushed before it returns: asked to (`sync`), or commits are ordered.

@@ -7,6 +7,8 @@
 //!   cut right after it formed keeps every member, and one cut right after `INIT KEEPDATA` the
 //!   keys it took in.
 //! - `durability=medium`: a write acknowledged before a background flush started survives.
+//! - durability raised back to high: what was acknowledged from then on survives, and so does
+//!   everything written before it.
 //! - `durability=low`: acknowledged writes are lost, as the README says. This one also shows
 //!   that the cut really drops what was not flushed, so the first two can fail.
 //!
@@ -289,4 +291,26 @@ fn with_durability_low_a_power_cut_on_every_node_loses_acknowledged_writes() {
     eprintln!("{} of {} writes acknowledged at durability low were lost", gone.len(), acked.len());
     assert!(!gone.is_empty(), "no write was lost: the power cut kept what was never flushed");
     cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+#[test]
+fn writes_acknowledged_after_durability_returns_to_high_survive_a_power_cut() {
+    if !power_cut::can_run_here() {
+        return;
+    }
+    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
+    let before = write_all_keys(cluster.leader().port, "high", 500);
+    // At low nothing is flushed, the log's checkpoints into LMDB (one every 100 ms) included.
+    cluster.config_set("durability", "low");
+    let leader = cluster.wait_leader();
+    let unflushed = write_all_keys(cluster.nodes[leader].port, "low", 2000);
+    // Back at high, every acknowledged write is durable again, and so is what came before it:
+    // the journal's flush must not reach the disk ahead of those checkpoints.
+    // The cut comes at once, before a checkpoint made at high would flush LMDB anyway.
+    cluster.config_set("durability", "high");
+    let after = write_all_keys(cluster.nodes[leader].port, "again", 20);
+    cut_power_and_restart(&mut cluster);
+
+    let all: Vec<String> = before.into_iter().chain(unflushed).chain(after).collect();
+    assert_none_missing(&cluster, &all, &[0, 1, 2]);
 }

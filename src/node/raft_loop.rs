@@ -33,7 +33,10 @@ impl<S: StateMachine> RaftLoop<S> {
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
-            self.store.set_ordered_commits(self.sync_writes());
+            if let Err(e) = self.store.set_ordered_commits(self.sync_writes()).context("flushing the log as durability rises to high") {
+                self.stop_on(e);
+                break;
+            }
             match received {
                 Ok(Some(req)) => {
                     let mut round = std::mem::take(&mut self.round);

@@ -322,7 +322,7 @@ fn a_journal_generation_the_stored_log_already_holds_is_not_replayed() {
     let stale;
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store.set_ordered_commits(false);
+        store.set_ordered_commits(false).unwrap();
         store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&old), false).unwrap();
         stale = std::fs::read(&journal).unwrap();
         store.checkpoint(&mut store.tail()).unwrap();
@@ -350,7 +350,7 @@ fn a_snapshot_past_the_end_of_the_log_stops_the_open_with_a_reason() {
     let empty_journal;
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store.set_ordered_commits(false);
+        store.set_ordered_commits(false).unwrap();
         empty_journal = std::fs::read(&journal).unwrap();
         store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 3 }), false).unwrap();
         let metadata = Some(SnapshotMetadata { index: 3, term: 1, ..Default::default() });
@@ -369,7 +369,7 @@ fn an_append_larger_than_the_journal_goes_straight_into_lmdb() {
     let hs = HardState { term: 1, vote: 1, commit: 1 };
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store.set_ordered_commits(false);
+        store.set_ordered_commits(false).unwrap();
         let before = store.inner.durable_commits.load(Ordering::Relaxed);
         store.append(&big, Some(&hs), true).unwrap();
         assert_eq!(store.inner.durable_commits.load(Ordering::Relaxed) - before, 1, "one durable commit");
@@ -425,7 +425,7 @@ fn with_ordered_commits_every_lmdb_commit_is_durable_and_without_none_is() {
     assert_eq!(durable(&store) - before, 6, "3 writes, the snapshot record, the checkpoint, the compaction");
 
     // Durability medium or low: nothing, checkpoints included (the flush thread syncs).
-    store.set_ordered_commits(false);
+    store.set_ordered_commits(false).unwrap();
     let before = durable(&store);
     writes(&store, 4);
     store.checkpoint(&mut store.tail()).unwrap();
