@@ -685,7 +685,10 @@ impl LogStore {
 
     /// Replaces the whole log with a snapshot received from the leader: entries are dropped, the
     /// log restarts after the snapshot's index, and the configuration is the snapshot's.
-    pub fn apply_snapshot(&self, snapshot: Snapshot, sync: bool) -> Result<()> {
+    ///
+    /// `meta` is stored in the same commit: what the node derives from the snapshot (its
+    /// membership) must never be on disk without the snapshot itself, nor the reverse.
+    pub fn apply_snapshot(&self, snapshot: Snapshot, meta: &[(&str, &[u8])], sync: bool) -> Result<()> {
         // The journal starts a new generation first: none of its records may be replayed onto
         // the log that replaces them.
         self.checkpoint(&mut self.tail())?;
@@ -696,7 +699,11 @@ impl LogStore {
             if index < state.first_index() {
                 return Err(StorageError::SnapshotOutOfDate { index, min_index: state.first_index() });
             }
-            self.install_snapshot(txn, state, snapshot)
+            self.install_snapshot(txn, state, snapshot)?;
+            for (key, value) in meta {
+                self.inner.meta.put(txn, &app_key(key), value)?;
+            }
+            Ok(())
         })?;
         if sync {
             self.sync()?;
@@ -813,10 +820,17 @@ impl LogStore {
 
     /// Stores an application blob. Durable like `set_conf_state`.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.put_metas(&[(key, value)])
+    }
+
+    /// Stores several values in one commit: all of them or none survive a crash.
+    pub fn put_metas(&self, pairs: &[(&str, &[u8])]) -> Result<()> {
         // No cached state changes, so no need for the state lock; LMDB serializes writers.
         let _durable = self.durable_if(false)?;
         let mut txn = self.inner.env.write_txn()?;
-        self.inner.meta.put(&mut txn, &app_key(key), value)?;
+        for (key, value) in pairs {
+            self.inner.meta.put(&mut txn, &app_key(key), value)?;
+        }
         txn.commit()?;
         Ok(())
     }

@@ -77,8 +77,8 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     pub(super) fn persist_members(&self) -> anyhow::Result<()> {
-        self.store.put_meta(META_MEMBERS, &serde_json::to_vec(&*self.members)?)?;
-        self.store.put_meta(META_CONF_APPLIED, &self.conf_applied.get().to_be_bytes())?;
+        let members = serde_json::to_vec(&*self.members)?;
+        self.store.put_metas(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &self.conf_applied.get().to_be_bytes())])?;
         Ok(())
     }
 }

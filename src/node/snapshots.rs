@@ -116,14 +116,20 @@ impl<S: StateMachine> RaftLoop<S> {
         let (members, app) = snapshot_data::decode(&snapshot.data)?;
         log::info!("raft {} installing a snapshot at index {index} ({} bytes)", self.id, snapshot.data.len());
         self.sm.restore(LogIndex(index), app);
+        let file = SnapshotDescriptor::decode(app).map(|d| d.file);
+        // The membership goes to disk in the snapshot's own commit. Recorded before it, a crash
+        // in between would leave this node at its old log and configuration but believing it had
+        // applied every membership change up to the snapshot: it would skip them as it caught up
+        // from the log, and keep a wrong set of voters.
+        let members_json = serde_json::to_vec(&members)?;
+        let conf_applied = index.to_be_bytes();
+        let meta: [(&str, &[u8]); 2] = [(META_MEMBERS, &members_json), (META_CONF_APPLIED, &conf_applied)];
+        self.store.apply_snapshot(snapshot, &meta, sync).context("storing the snapshot")?;
         self.members = Arc::new(members);
         self.conf_applied = LogIndex(index);
-        self.persist_members()?;
         for info in self.members.values().filter(|m| m.id != self.id) {
             self.transport.set_peer_addr(info.id, info.raft_addr.clone());
         }
-        let file = SnapshotDescriptor::decode(app).map(|d| d.file);
-        self.store.apply_snapshot(snapshot, sync).context("storing the snapshot")?;
         if let Some(file) = file {
             let _ = crate::snapshot_file::remove_older_than(&self.snapshot_dir, &self.snapshot_dir.join(file));
         }

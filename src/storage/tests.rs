@@ -217,7 +217,7 @@ fn apply_snapshot_resets_the_log() {
     let store = LogStore::open(dir.path()).unwrap();
     store.append(&entries_with_terms(1, &[1, 1, 2, 2, 3]), Some(&HardState { term: 5, vote: 1, commit: 3 }), false).unwrap();
 
-    store.apply_snapshot(snapshot(10, 4, vec![1, 2, 3], b"dataset"), true).unwrap();
+    store.apply_snapshot(snapshot(10, 4, vec![1, 2, 3], b"dataset"), &[], true).unwrap();
     assert_eq!((store.first_index(), store.last_index()), (11, 10));
     assert_eq!(store.term(10), Ok(4));
     assert_eq!(store.term(5), Err(store_err(RaftStorageError::Compacted)));
@@ -232,13 +232,31 @@ fn apply_snapshot_resets_the_log() {
     assert_eq!(store.snapshot(11, 2), Err(store_err(RaftStorageError::SnapshotTemporarilyUnavailable)));
 
     // A snapshot that does not reach our first entry is refused.
-    let old = store.apply_snapshot(snapshot(9, 4, vec![1], b""), false);
+    let old = store.apply_snapshot(snapshot(9, 4, vec![1], b""), &[], false);
     assert!(matches!(old, Err(StorageError::SnapshotOutOfDate { index: 9, min_index: 11 })), "{old:?}");
     assert_eq!(raft::Error::from(old.unwrap_err()), store_err(RaftStorageError::SnapshotOutOfDate));
 
     // The log continues after the snapshot.
     store.append(&entries_with_terms(11, &[4, 4]), None, false).unwrap();
     assert_eq!(get(&store, 11, 13).unwrap(), entries_with_terms(11, &[4, 4]));
+}
+
+#[test]
+fn what_is_stored_with_a_snapshot_lands_with_it_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.put_meta("members", b"before").unwrap();
+        store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 3 }), false).unwrap();
+        store.apply_snapshot(snapshot(10, 2, vec![1, 2], b"dataset"), &[("members", b"at 10"), ("conf_applied", b"10")], true).unwrap();
+        // A refused snapshot writes none of what came with it.
+        let old = store.apply_snapshot(snapshot(9, 2, vec![1], b""), &[("members", b"at 9")], true);
+        assert!(matches!(old, Err(StorageError::SnapshotOutOfDate { .. })), "{old:?}");
+    }
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.snapshot(10, 2).unwrap(), snapshot(10, 2, vec![1, 2], b"dataset"));
+    assert_eq!(store.get_meta("members").unwrap().as_deref(), Some(&b"at 10"[..]));
+    assert_eq!(store.get_meta("conf_applied").unwrap().as_deref(), Some(&b"10"[..]));
 }
 
 #[test]
