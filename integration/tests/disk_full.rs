@@ -71,6 +71,7 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
         assert!(acknowledged.len() < 1000, "100 MB written to a 24 MB disk");
     };
     assert!(matches!(err.code(), Some("TIMEOUT" | "CLUSTERDOWN")) && err.to_string().contains("stopped serving"), "{err}");
+    let in_flight = format!("k{}", acknowledged.len());
 
     // It says why, and answers nothing else (no stale reads, no -MOVED to itself).
     let node = &cluster.nodes[0];
@@ -95,6 +96,10 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
     for node in &cluster.nodes {
         for key in acknowledged.iter().chain([&"after".to_string()]) {
             assert_eq!(node.cmd::<i64>(&["EXISTS", key]).unwrap(), 1, "{key} on {}", node.port);
+        }
+        // -CLUSTERDOWN promises the write did not take effect (-TIMEOUT leaves it open).
+        if err.code() == Some("CLUSTERDOWN") {
+            assert_eq!(node.cmd::<i64>(&["EXISTS", &in_flight]).unwrap(), 0, "{in_flight} on {}, answered {err}", node.port);
         }
     }
 }

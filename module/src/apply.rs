@@ -353,8 +353,10 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
 fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let index = committed.index;
     let mut waiter = committed.waiter;
-    if let Err(stopped) = state::get().refuse_if_stopped() {
-        return finish(waiter, Outcome::Error(stopped));
+    if let Some(why) = state::get().stopped().then(|| state::get().fatal()).flatten() {
+        // Not -CLUSTERDOWN, which says the write did not take effect: this entry is committed,
+        // and the other nodes apply it.
+        return finish(waiter, Outcome::Error(state::committed_but_stopped_error(&why)));
     }
     let resp3 = waiter.as_ref().is_some_and(|w| w.resp3);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

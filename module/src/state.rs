@@ -354,6 +354,12 @@ pub fn stopped_error(why: &str) -> String {
     format!("CLUSTERDOWN this node stopped serving: {why}")
 }
 
+/// The reply to a write whose entry was committed, reaching a node that stopped before it could
+/// apply it: it takes effect (on the other nodes), but this node cannot tell its result.
+pub fn committed_but_stopped_error(why: &str) -> String {
+    format!("TIMEOUT this node stopped serving ({why}) before it applied the request; the request was committed and takes effect on the other nodes")
+}
+
 /// The error for a request this node cannot serve or send anywhere: it knows no leader.
 pub const NO_LEADER: &str = "CLUSTERDOWN No raft leader";
 
