@@ -297,7 +297,10 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
     let mut applied_to = None;
     let mut entries = 0;
     for job in jobs {
-        match job {
+        // One job's panic must not drop the jobs behind it: committed entries would silently go
+        // unapplied here while the node went on serving.
+        let changes_the_dataset = matches!(job, Job::Restore { .. } | Job::Apply(_));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
             Job::Restore { index, data } => {
                 // Keys the clock has expired but the log has not are part of the dataset.
                 crate::expiry::suspended(|| restore(ctx, index, &data));
@@ -327,6 +330,14 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
             Job::CheckSnapshot => {}
             Job::Forward { req, done, abandoned } => crate::forward::serve(req, done, abandoned),
             Job::RunForwarded { reads, batch, resp3, done } => crate::forward::run_reads(ctx, reads, batch, resp3, done),
+        }));
+        if ran.is_err() {
+            if changes_the_dataset {
+                // Part of the dataset may be missing: it no longer follows the log.
+                state::get().dataset_cannot_follow("a panic while applying committed entries (a bug)".into());
+            } else {
+                log::error!("panic in a job on Redis' main thread; that job is dropped");
+            }
         }
     }
     crate::runaway::end();
