@@ -166,8 +166,12 @@ pub fn read_behind_writes(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> bool {
     if slots_of(&held, id) == 0 {
         return false;
     }
-    // Once the writes are answered the read may simply run.
-    queue_read(&mut held, hooks, ctx, (id, client), argv, |blocked, argv, resp3| blocked.finish(Outcome::Run { argv, resp3 }))
+    // Once the writes are answered the read may simply run, unless this leader was deposed
+    // meanwhile (as in `run_read`).
+    queue_read(&mut held, hooks, ctx, (id, client), argv, |blocked, argv, resp3| match deposed_at_medium(&argv) {
+        Some(redirect) => blocked.finish(Outcome::Error(redirect)),
+        None => blocked.finish(Outcome::Run { argv, resp3 }),
+    })
 }
 
 /// Whether the client of `ctx` has replies in flight (writes, or reads behind them).
@@ -709,17 +713,25 @@ fn fill_write(id: ClientId, slot: u64, reply: Vec<u8>) {
     }
 }
 
+/// At medium only a ready leader serves reads, and one whose read waited behind writes may have
+/// stepped down meanwhile: its redirection. (At high the read is confirmed after it runs; at low
+/// any node serves it.)
+fn deposed_at_medium(argv: &[Vec<u8>]) -> Option<String> {
+    let s = state::get();
+    if s.consistency() != Consistency::Medium || !crate::read::needs_confirmation() {
+        return None;
+    }
+    let slot = crate::cluster_view::slot_of(s.main_thread_ctx(), argv);
+    Some(s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status(), slot)))
+}
+
 /// A read that waited behind writes, run on the main thread in the client's database of the
 /// moment it was sent.
 fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
-    let s = state::get();
-    // At medium only a ready leader serves reads; this one may have stepped down meanwhile.
-    // (At high the read is confirmed after it runs; at low any node serves it.)
-    if s.consistency() == Consistency::Medium && crate::read::needs_confirmation() {
-        let slot = crate::cluster_view::slot_of(s.main_thread_ctx(), argv);
-        let redirect = s.node().map_or_else(crate::write::not_initialized, |n| state::redirect(&n.status(), slot));
+    if let Some(redirect) = deposed_at_medium(argv) {
         return crate::forward::error_proto(&redirect);
     }
+    let s = state::get();
     let ctx = s.main_thread_ctx();
     if !ffi::select_db(ctx, db) {
         return b"-ERR invalid database\r\n".to_vec();
