@@ -32,6 +32,31 @@ fn run(conn: &mut redis::Connection, args: &[&str]) -> redis::RedisResult<Value>
     cmd.query(conn)
 }
 
+fn packed(args: &[&str]) -> Vec<u8> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.get_packed_command()
+}
+
+/// Sends `request` and reads the replies until they end with `last`.
+fn exchange_until(stream: &mut std::net::TcpStream, request: &[u8], last: &[u8]) -> String {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(last) {
+        match stream.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => panic!("the connection ended after {:?}", String::from_utf8_lossy(&out)),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn refused(result: redis::RedisResult<Value>, reason: &str) {
     let err = result.expect_err("refused");
     assert_eq!(err.code(), Some("NOPERM"), "{err}");
@@ -71,6 +96,23 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     assert_eq!(run(&mut via_follower, &["SET", "app:f", "x"]).unwrap(), Value::Okay);
     refused(run(&mut via_follower, &["SET", "other", "y"]), "access one of the keys used as arguments");
     refused(run(&mut via_follower, &["GET", "other"]), "access one of the keys used as arguments");
+    // In one pipeline through the follower, a transaction it discards takes nothing else with
+    // it: not the write before MULTI, nor the one after EXEC.
+    let pipeline: Vec<&[&str]> = vec![
+        &["AUTH", "app", "pw"],
+        &["SET", "app:p1", "1"],
+        &["MULTI"],
+        &["SET", "other", "z"],
+        &["EXEC"],
+        &["SET", "app:p2", "2"],
+        &["GET", "app:p2"],
+    ];
+    let request: Vec<u8> = pipeline.iter().flat_map(|args| packed(args)).collect();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", follower.port)).unwrap();
+    let replies = exchange_until(&mut stream, &request, b"$1\r\n2\r\n");
+    assert!(replies.starts_with("+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n"), "{replies}");
+    assert!(replies.ends_with("+OK\r\n$1\r\n2\r\n"), "{replies}");
+    assert!(replies.contains("no permissions to access one of the keys"), "{replies}");
 
     // Each refusal is in ACL LOG, as Redis logs its own.
     let log: Vec<Vec<Value>> = node.cmd(&["ACL", "LOG"]).unwrap();
@@ -86,6 +128,7 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     let plain = |args: &[&str]| node.cmd::<Value>(args).unwrap();
     assert_eq!(plain(&["GET", "other"]), Value::Data(b"secret".to_vec()), "nothing refused was written");
     assert_eq!(plain(&["EXISTS", "app:1", "app:2", "app:f"]), Value::Int(2), "app:1 and app:f: the transaction ran none of its commands");
+    assert_eq!(plain(&["EXISTS", "app:p1", "app:p2"]), Value::Int(2), "the pipeline's writes around the discarded transaction");
     // The default user is not restricted: its scripts run.
     assert_eq!(plain(&["EVAL", "return redis.call('GET', 'other')", "0"]), Value::Data(b"secret".to_vec()));
 

@@ -42,8 +42,10 @@ static OPEN: AtomicUsize = AtomicUsize::new(0);
 /// A batch waits to be proposed: the write path's cheap check.
 static BATCH: AtomicBool = AtomicBool::new(false);
 /// A pipeline's command joins its client's batch for the leader (see [`join_forwarded`]) only
-/// while the batch stays under this size: a batch travels as one message, and the leader reads
-/// no bulk string over 256 MB. A command past it goes alone, after the batch's replies.
+/// while the batch stays under this size, and under half of `max-entry-size`: a batch travels as
+/// one message and becomes one log entry (which the leader's rewrites, absolute expiry times
+/// and the like, make a little larger), and the leader reads no bulk string over 256 MB. A
+/// command past it goes alone, after the batch's replies.
 const MAX_FORWARDED_BATCH_BYTES: usize = 8 << 20;
 
 struct Transactions {
@@ -107,6 +109,11 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     crate::watch::transaction_opened(id);
     let mut t = lock();
+    // The pipeline's commands before MULTI (a follower forwards them in one batch) go first:
+    // a command of the transaction that is refused discards the transaction, not them.
+    if t.batch.is_some() {
+        propose(t.batch.take());
+    }
     if t.open.get_or_insert_with(FxHashSet::default).insert(id) {
         OPEN.fetch_add(1, Ordering::Relaxed);
     }
@@ -176,6 +183,11 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
         return Forwarding::Alone(argv);
     }
     let mut t = lock();
+    if t.batch.as_ref().is_some_and(|b| b.verdict.is_err()) && !in_exec(ctx) {
+        // A transaction discarded just before (see `abort`): its error answers its own
+        // commands, not the pipeline's commands after its EXEC.
+        propose(t.batch.take());
+    }
     let batch = batch_of(&mut t, ctx, &argv);
     match batch.verdict.clone() {
         Ok(Destination::Leader) => {}
@@ -183,7 +195,9 @@ pub fn join_forwarded(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>) -> 
         Err(e) => return Forwarding::Refused(e),
     }
     let size = size_of(&argv);
-    if !batch.commands.is_empty() && batch.bytes + size > MAX_FORWARDED_BATCH_BYTES {
+    let max_entry = state::get().node().map_or(u64::MAX, |n| n.max_entry_bytes());
+    let limit = MAX_FORWARDED_BATCH_BYTES.min(usize::try_from(max_entry / 2).unwrap_or(usize::MAX));
+    if !batch.commands.is_empty() && batch.bytes + size > limit {
         return Forwarding::Alone(argv);
     }
     // A client with too many replies in flight blocks instead (see `held`).
