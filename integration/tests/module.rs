@@ -851,6 +851,16 @@ fn a_write_over_max_entry_size_is_refused_whole_and_changes_nothing() {
     assert_eq!(exist, 2, "a and big, not b");
     let err = cluster.nodes[leader].cmd::<()>(&["RAFT.CONFIG", "SET", "max-entry-size", "1gb"]).unwrap_err().to_string();
     assert!(err.contains("1kb to 255mb"), "{err}");
+    // A pipeline of writes that each fit, sent to a follower, which forwards what it reads at
+    // once as one batch: every one goes through, though together they are over the limit.
+    cluster.config_set("max-entry-size", "1kb");
+    let mut via_follower = cluster.nodes[follower].client().unwrap();
+    let mut pipeline = redis::pipe();
+    for i in 0..20 {
+        pipeline.cmd("SET").arg(format!("piped:{i}")).arg("z".repeat(200));
+    }
+    let replies: Vec<Value> = pipeline.query(&mut via_follower).unwrap();
+    assert_eq!(replies, vec![Value::Okay; 20]);
 }
 
 #[test]
