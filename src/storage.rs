@@ -700,10 +700,7 @@ impl LogStore {
                 return Err(StorageError::SnapshotOutOfDate { index, min_index: state.first_index() });
             }
             self.install_snapshot(txn, state, snapshot)?;
-            for (key, value) in meta {
-                self.inner.meta.put(txn, &app_key(key), value)?;
-            }
-            Ok(())
+            self.put_metas_in(txn, meta)
         })?;
         if sync {
             self.sync()?;
@@ -828,10 +825,15 @@ impl LogStore {
         // No cached state changes, so no need for the state lock; LMDB serializes writers.
         let _durable = self.durable_if(false)?;
         let mut txn = self.inner.env.write_txn()?;
-        for (key, value) in pairs {
-            self.inner.meta.put(&mut txn, &app_key(key), value)?;
-        }
+        self.put_metas_in(&mut txn, pairs)?;
         txn.commit()?;
+        Ok(())
+    }
+
+    fn put_metas_in(&self, txn: &mut RwTxn, pairs: &[(&str, &[u8])]) -> Result<()> {
+        for (key, value) in pairs {
+            self.inner.meta.put(txn, &app_key(key), value)?;
+        }
         Ok(())
     }
 

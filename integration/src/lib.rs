@@ -658,6 +658,24 @@ pub fn raw_exchange(port: u16, request: &[u8], expect_len: usize) -> Vec<u8> {
     exchange_on(&mut s, request, expect_len)
 }
 
+/// Sends `request` on `s` and reads the replies until they end with `last`; panics if the
+/// connection ends (or stays silent for 10 s) before.
+pub fn exchange_until(s: &mut TcpStream, request: &[u8], last: &[u8]) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(last) {
+        match s.read(&mut buf) {
+            // A signal, not the server (see `RespConn::reply`).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => panic!("the connection ended after {:?}", String::from_utf8_lossy(&out)),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// [`raw_exchange`] on a connection of the caller's (which keeps its state: WATCH, SELECT ...).
 pub fn exchange_on(s: &mut TcpStream, request: &[u8], expect_len: usize) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -2,7 +2,7 @@
 //! command into, so the module checks the client's own command against the user's rules, as Redis
 //! would have. And the cluster's `raft-password`, which nodes prove to each other.
 
-use raftis_integration::{field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
+use raftis_integration::{exchange_until, field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
 use redis::Value;
 use std::time::Duration;
 
@@ -24,37 +24,16 @@ fn connect_as(node: &Server, user: &str, password: &str) -> redis::Connection {
     client.get_connection().unwrap()
 }
 
+fn command(args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd
+}
+
 fn run(conn: &mut redis::Connection, args: &[&str]) -> redis::RedisResult<Value> {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(conn)
-}
-
-fn packed(args: &[&str]) -> Vec<u8> {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.get_packed_command()
-}
-
-/// Sends `request` and reads the replies until they end with `last`.
-fn exchange_until(stream: &mut std::net::TcpStream, request: &[u8], last: &[u8]) -> String {
-    use std::io::{Read, Write};
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !out.ends_with(last) {
-        match stream.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok(0) | Err(_) => panic!("the connection ended after {:?}", String::from_utf8_lossy(&out)),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    command(args).query(conn)
 }
 
 fn refused(result: redis::RedisResult<Value>, reason: &str) {
@@ -107,7 +86,7 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
         &["SET", "app:p2", "2"],
         &["GET", "app:p2"],
     ];
-    let request: Vec<u8> = pipeline.iter().flat_map(|args| packed(args)).collect();
+    let request: Vec<u8> = pipeline.iter().flat_map(|args| command(args).get_packed_command()).collect();
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", follower.port)).unwrap();
     let replies = exchange_until(&mut stream, &request, b"$1\r\n2\r\n");
     assert!(replies.starts_with("+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n"), "{replies}");

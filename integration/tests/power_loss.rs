@@ -120,6 +120,17 @@ fn power_cut_under_load_loses_nothing_acknowledged(module_args: &[&str], ready: 
     assert_none_missing(&cluster, &acked, &[0, 1, 2]);
 }
 
+/// A cluster on a power-cut disk that took 500 writes at durability high, then 2,000 at low,
+/// where it stays: those two sets of keys.
+fn written_at_high_then_low() -> (Cluster, Vec<String>, Vec<String>) {
+    let cluster = Cluster::start_on_disk(3, &[], false).unwrap();
+    let high = write_all_keys(cluster.leader().port, "high", 500);
+    cluster.config_set("durability", "low");
+    let leader = cluster.wait_leader();
+    let low = write_all_keys(cluster.nodes[leader].port, "low", 2000);
+    (cluster, high, low)
+}
+
 /// Every key in `acked` is on the leader with its value, and `nodes` hold the same data.
 fn assert_none_missing(cluster: &Cluster, acked: &[String], nodes: &[usize]) {
     assert_on_leader(cluster, acked);
@@ -276,11 +287,7 @@ fn with_durability_low_a_power_cut_on_every_node_loses_acknowledged_writes() {
     if !power_cut::can_run_here() {
         return;
     }
-    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
-    let before = write_all_keys(cluster.leader().port, "high", 500);
-    cluster.config_set("durability", "low");
-    let leader = cluster.wait_leader();
-    let acked = write_all_keys(cluster.nodes[leader].port, "low", 2000);
+    let (mut cluster, before, acked) = written_at_high_then_low();
     // No node flushes anything now, and the kernel writes dirty pages back only after 30 s.
     cut_power_and_restart(&mut cluster);
 
@@ -298,12 +305,9 @@ fn writes_acknowledged_after_durability_returns_to_high_survive_a_power_cut() {
     if !power_cut::can_run_here() {
         return;
     }
-    let mut cluster = Cluster::start_on_disk(3, &[], false).unwrap();
-    let before = write_all_keys(cluster.leader().port, "high", 500);
     // At low nothing is flushed, the log's checkpoints into LMDB (one every 100 ms) included.
-    cluster.config_set("durability", "low");
+    let (mut cluster, before, unflushed) = written_at_high_then_low();
     let leader = cluster.wait_leader();
-    let unflushed = write_all_keys(cluster.nodes[leader].port, "low", 2000);
     // Back at high, every acknowledged write is durable again, and so is what came before it:
     // the journal's flush must not reach the disk ahead of those checkpoints.
     // The cut comes at once, before a checkpoint made at high would flush LMDB anyway.

@@ -364,7 +364,7 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
 fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     let index = committed.index;
     let mut waiter = committed.waiter;
-    if let Some(why) = state::get().stopped().then(|| state::get().fatal()).flatten() {
+    if let Some(why) = state::get().stopped_why() {
         // Not -CLUSTERDOWN, which says the write did not take effect: this entry is committed,
         // and the other nodes apply it.
         return finish(waiter, Outcome::Error(state::committed_but_stopped_error(&why)));

@@ -185,9 +185,14 @@ impl Raftis {
         self.has_node.load(Ordering::Acquire) && !self.stopped()
     }
 
+    /// Why this node stopped serving, if it did.
+    pub fn stopped_why(&self) -> Option<String> {
+        self.stopped().then(|| self.fatal()).flatten()
+    }
+
     /// The reply to a client's data command once this node stopped serving.
     pub fn refuse_if_stopped(&self) -> Result<(), String> {
-        match self.stopped().then(|| self.fatal()).flatten() {
+        match self.stopped_why() {
             Some(why) => Err(stopped_error(&why)),
             None => Ok(()),
         }

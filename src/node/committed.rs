@@ -77,8 +77,14 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     pub(super) fn persist_members(&self) -> anyhow::Result<()> {
-        let members = serde_json::to_vec(&*self.members)?;
-        self.store.put_metas(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &self.conf_applied.get().to_be_bytes())])?;
+        let (members, conf_applied) = members_record(&self.members, self.conf_applied)?;
+        self.store.put_metas(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &conf_applied)])?;
         Ok(())
     }
+}
+
+/// How a member list and the index of the last membership change applied to it are stored
+/// (`META_MEMBERS`, `META_CONF_APPLIED`), always together.
+pub(super) fn members_record(members: &Members, conf_applied: LogIndex) -> anyhow::Result<(Vec<u8>, [u8; 8])> {
+    Ok((serde_json::to_vec(members)?, conf_applied.get().to_be_bytes()))
 }

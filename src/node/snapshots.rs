@@ -121,8 +121,7 @@ impl<S: StateMachine> RaftLoop<S> {
         // in between would leave this node at its old log and configuration but believing it had
         // applied every membership change up to the snapshot: it would skip them as it caught up
         // from the log, and keep a wrong set of voters.
-        let members_json = serde_json::to_vec(&members)?;
-        let conf_applied = index.to_be_bytes();
+        let (members_json, conf_applied) = super::committed::members_record(&members, LogIndex(index))?;
         let meta: [(&str, &[u8]); 2] = [(META_MEMBERS, &members_json), (META_CONF_APPLIED, &conf_applied)];
         self.store.apply_snapshot(snapshot, &meta, sync).context("storing the snapshot")?;
         self.members = Arc::new(members);
