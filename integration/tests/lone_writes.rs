@@ -3,7 +3,7 @@
 //! it is answered, answers after it.
 
 use raftis_integration::resp_conn::{args, Reply, RespConn};
-use raftis_integration::{raw_exchange, stat_field, wait_for, Cluster};
+use raftis_integration::{info_field, raw_exchange, stat_field, wait_for, Cluster};
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -220,4 +220,68 @@ fn unread_by_server(server_port: u16, client_port: u16) -> Option<u64> {
         let (_, rx) = fields.get(4)?.split_once(':')?;
         u64::from_str_radix(rx, 16).ok()
     })
+}
+
+/// A read waiting behind a write runs when the write's reply arrives. That reply can arrive
+/// while the log applies a long script that hands control back to the event loop between its
+/// steps. The read must not run then: it would see half of the script's writes.
+///
+/// Here the write is a script call the operator told every node to skip (`skip-entry`): its
+/// error is handed over from the apply loop, as a write failed elsewhere would be, just before
+/// the long script behind it starts.
+#[test]
+fn a_read_waiting_behind_a_write_never_sees_half_of_a_script() {
+    const SKIPPED: u64 = 40;
+    let cluster = Cluster::start(3, &[&format!("skip-entry={SKIPPED}")]).unwrap();
+    let leader_index = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_index];
+    for node in &cluster.nodes {
+        let _: () = node.cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"]).unwrap();
+    }
+    let _: () = leader.cmd(&["SET", "k", "before"]).unwrap();
+    while info_field(leader, "last_log_index") < SKIPPED - 1 {
+        let _: () = leader.cmd(&["SET", "filler", "1"]).unwrap();
+    }
+    assert_eq!(info_field(leader, "last_log_index"), SKIPPED - 1);
+    let followers: Vec<_> = (0..3).filter(|i| *i != leader_index).map(|i| &cluster.nodes[i]).collect();
+
+    // With the followers paused nothing commits: the skipped call, then the long script, are
+    // proposed in this order.
+    for f in &followers {
+        f.pause();
+    }
+    let mut reader = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+    reader.write_all(b"EVAL \"return 1\" 0\r\nGET k\r\n").unwrap();
+    wait_for("the skipped call to be proposed", Duration::from_secs(10), || {
+        (info_field(leader, "last_log_index") == SKIPPED).then_some(())
+    });
+    let mut scripted = leader.client().unwrap();
+    let script = "redis.call('SET', KEYS[1], 'half') \
+                  local n = 0 for i = 1, 200000000 do n = n + 1 end \
+                  redis.call('SET', KEYS[1], 'whole') return n";
+    let runner = std::thread::spawn(move || redis::cmd("EVAL").arg(script).arg(1).arg("k").query::<i64>(&mut scripted));
+    wait_for("the script to be proposed", Duration::from_secs(10), || (info_field(leader, "last_log_index") == SKIPPED + 1).then_some(()));
+
+    // Both commit while the leader's main thread sleeps: it then applies them in one go.
+    let mut sleeper = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+    sleeper.write_all(b"DEBUG SLEEP 3\r\n").unwrap();
+    let port = sleeper.local_addr().unwrap().port();
+    wait_for("the leader to start sleeping", Duration::from_secs(10), || (unread_by_server(leader.port, port)? == 0).then_some(()));
+    for f in &followers {
+        f.resume();
+    }
+    for f in &followers {
+        wait_for("both to commit", Duration::from_secs(10), || (info_field(f, "commit_index") > SKIPPED).then_some(()));
+    }
+    sleeper.set_nonblocking(true).unwrap();
+    let still_asleep = matches!(sleeper.read(&mut [0u8; 8]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(still_asleep, "the leader woke before both entries committed");
+
+    assert_eq!(runner.join().unwrap().unwrap(), 200000000);
+    assert!(leader.log().contains("Slow script detected"), "the script handed control to the event loop");
+    let got = read_lines(&mut reader, 3);
+    let lines: Vec<&str> = got.split("\r\n").collect();
+    assert!(lines[0].starts_with("-ERR") && lines[0].contains("skip-entry"), "{got:?}");
+    // The error was handed over in the same turn that ran the script: the read comes after it.
+    assert_eq!(lines[2], "whole", "the read saw the script half done: {got:?}");
 }

@@ -653,15 +653,54 @@ fn send_failure(client: ClientId, slot: u64, error: &str) {
 
 /// Fills the slot on the main thread, from any thread.
 fn send_reply(client: ClientId, slot: u64, reply: Vec<u8>) {
-    let reply = Box::new((client, slot, reply));
+    let reply: Box<ArrivedReply> = Box::new((client, slot, reply));
     unsafe { api!(RedisModule_EventLoopAddOneShot)(Some(reply_arrived), Box::into_raw(reply) as *mut c_void) };
 }
 
 extern "C" fn reply_arrived(data: *mut c_void) {
-    let reply = unsafe { Box::from_raw(data as *mut (ClientId, u64, Vec<u8>)) };
+    let reply = unsafe { Box::from_raw(data as *mut ArrivedReply) };
     let (client, slot, bytes) = *reply;
-    if std::panic::catch_unwind(move || fill_write(client, slot, bytes)).is_err() {
+    let fill = move || match hooks() {
+        Some(hooks) if unsafe { (hooks.yielding)() != 0 } => put_off((client, slot, bytes)),
+        _ => fill_write(client, slot, bytes),
+    };
+    if std::panic::catch_unwind(fill).is_err() {
         log::error!("panic while filling a held reply");
+    }
+}
+
+/// A write's reply on its way to the main thread: the client, its slot, the raw reply.
+type ArrivedReply = (ClientId, u64, Vec<u8>);
+
+/// Replies that arrived while Redis ran a long command, in the order they arrived.
+static PUT_OFF: Mutex<Vec<ArrivedReply>> = Mutex::new(Vec::new());
+
+/// Keeps a reply until the long command running now is done. Redis runs one-shots while a
+/// script applied from the log yields to the event loop (past busy-reply-threshold); filling the
+/// reply then would run the reads waiting behind it on half of the script's writes. Redis fires
+/// no timer meanwhile, only file events: a timer due at once fires when the command is over.
+fn put_off(reply: ArrivedReply) {
+    let mut put_off = PUT_OFF.lock().unwrap_or_else(|p| p.into_inner());
+    put_off.push(reply);
+    if put_off.len() == 1 {
+        unsafe { api!(RedisModule_CreateTimer)(state::get().main_thread_ctx(), 0, Some(put_off_due), std::ptr::null_mut()) };
+    }
+}
+
+extern "C" fn put_off_due(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
+    let result = std::panic::catch_unwind(|| {
+        if hooks().is_some_and(|hooks| unsafe { (hooks.yielding)() != 0 }) {
+            // Not expected (see `put_off`), but the replies must wait all the same.
+            unsafe { api!(RedisModule_CreateTimer)(ctx, 1, Some(put_off_due), std::ptr::null_mut()) };
+            return;
+        }
+        let replies = std::mem::take(&mut *PUT_OFF.lock().unwrap_or_else(|p| p.into_inner()));
+        for (client, slot, bytes) in replies {
+            fill_write(client, slot, bytes);
+        }
+    });
+    if result.is_err() {
+        log::error!("panic while filling held replies put off by a long command");
     }
 }
 
