@@ -1,6 +1,6 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
-use raftis_integration::resp_conn::{args, Reply, RespConn};
+use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{client_proposals, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -304,4 +304,37 @@ fn a_hello_inside_a_transaction_switches_the_protocol_of_the_commands_after_it()
         assert!(matches!(&got[13], Reply::Aggregate(b'%', _)), "a map after HELLO 3 in the pipeline: {:?}", got[13]);
         assert!(matches!(&got[16], Reply::Aggregate(b'*', _)), "an array after HELLO 2 in the pipeline: {:?}", got[16]);
     }
+}
+
+/// While a node applies a long script, Redis serves clients between the script's steps and runs
+/// the few commands it allows then (MULTI and WATCH among them) without the module's filter. A
+/// transaction opened that way would run its reads outside the log, on the dataset as it was
+/// before the transaction's own writes; a WATCH would skip the leader's barrier. They are
+/// refused like every other data command then.
+#[test]
+fn multi_and_watch_sent_while_a_long_script_applies_are_refused() {
+    let cluster = Cluster::start(3, &["consistency=low"]).unwrap();
+    let leader = cluster.leader();
+    for node in &cluster.nodes {
+        let _: () = node.cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"]).unwrap();
+    }
+    let _: () = leader.cmd(&["SET", "k", "old"]).unwrap();
+    let mut conn = RespConn::connect(leader.port).unwrap();
+    let mut scripted = leader.client().unwrap();
+    let script = "local n = 0 for i = 1, 300000000 do n = n + 1 end return n";
+    let runner = std::thread::spawn(move || redis::cmd("EVAL").arg(script).arg(0).query::<i64>(&mut scripted));
+    wait_for("the script to hold the leader", Duration::from_secs(10), || leader.log().contains("Slow script detected").then_some(()));
+
+    for command in [&["MULTI"][..], &["WATCH", "k"]] {
+        let reply = call(&mut conn, command);
+        let refused = reply.text().is_some_and(|e| e.starts_with("LOADING") || e.starts_with("BUSY"));
+        assert!(reply.is_error() && refused, "{command:?} while the script runs: {reply:?}");
+    }
+    assert_eq!(runner.join().unwrap().unwrap(), 300000000);
+
+    // No transaction was opened: these run one by one, and the read sees the write.
+    let replies = conn.pipeline(&[args(&["SET", "k", "new"]), args(&["GET", "k"]), args(&["EXEC"])]).unwrap();
+    assert_eq!(replies[0], Reply::Line(b'+', b"OK".to_vec()), "{replies:?}");
+    assert_eq!(replies[1].bytes(), Some(&b"new"[..]), "{replies:?}");
+    assert!(replies[2].text().is_some_and(|e| e.contains("EXEC without MULTI")), "{replies:?}");
 }

@@ -31,6 +31,27 @@ pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
     }
 }
 
+/// A client's command while Redis serves clients in the middle of a script the log applies: the
+/// filter above is skipped then (the module is inside its own call), and Redis runs only the
+/// commands flagged `allow-busy`. Two of those must not run natively: a MULTI the module did not
+/// record would run its transaction's reads outside the log, before the transaction's own
+/// writes, and a WATCH would skip the leader's barrier (see `watch`). Routed as usual, they are
+/// refused like any data command now. `SCRIPT KILL` and `FUNCTION KILL` reach this node's script.
+pub fn while_applying_a_long_command(fctx: *mut RedisModuleCommandFilterCtx) {
+    if crate::scripts::route_kill(fctx) || unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) } <= 0 {
+        return;
+    }
+    let name = ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, 0) });
+    let redirect_to = if name.eq_ignore_ascii_case(b"multi") {
+        MULTI_COMMAND
+    } else if name.eq_ignore_ascii_case(b"watch") {
+        WATCH_COMMAND
+    } else {
+        return;
+    };
+    unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(redirect_to.as_bytes())) };
+}
+
 /// Where a command goes: to `RAFT._CMD` or `RAFT._READ`, whose replies may be held, or elsewhere.
 #[derive(PartialEq)]
 enum Destination {

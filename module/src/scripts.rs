@@ -270,8 +270,8 @@ pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
         if unsafe { std::ptr::read_volatile(hooks.serving_clients) } != 0 {
             // A client's command while the script runs. The module's own filter is skipped while
             // it applies (NOSELF), and Redis answers -LOADING to every data command now (see
-            // `expiry`); only SCRIPT KILL needs routing.
-            route_kill(fctx);
+            // `expiry`); only the few commands it still runs need routing.
+            crate::filter::while_applying_a_long_command(fctx);
             return;
         }
     }
