@@ -53,6 +53,7 @@ use tokio::task::JoinHandle;
 mod claims;
 mod dial;
 mod forwarding;
+mod keepalive;
 mod listen;
 #[cfg(test)]
 mod tests;

@@ -121,6 +121,7 @@ async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
         .context("connect failed")?;
     // Raft messages are small and latency-bound (heartbeats, votes); batching is done by us.
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    super::keepalive::enable(&stream).context("setting TCP keepalive")?;
     Ok(stream)
 }
 

@@ -20,6 +20,7 @@ pub(super) async fn ask_once(inner: &Inner, addr: &str, request: &[u8], pool_aft
         None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(mut s)) => {
                 let _ = s.set_nodelay(true);
+                let _ = super::keepalive::enable(&s);
                 if let Some(password) = &inner.password {
                     if let Err(e) = peer_auth::authenticate(&mut s, password).await {
                         return Err(format!("CLUSTERDOWN cannot use the leader at {addr}: {e:#}"));

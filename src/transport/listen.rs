@@ -50,6 +50,7 @@ async fn accept_connections(listener: &TcpListener, served: &Served) {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
+                let _ = super::keepalive::enable(&stream);
                 tokio::spawn(serve(stream, remote, served.clone()));
             }
             Err(e) => {

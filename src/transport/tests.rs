@@ -766,3 +766,65 @@ fn a_panic_on_a_peers_connection_ends_that_connection_not_the_peer() {
     }
     transport.shutdown();
 }
+
+/// A loopback TCP socket as /proc/net/tcp reports it: its ports, and its timer's kind (2 is
+/// keepalive) and when that fires, in 1/100 s.
+struct SocketRow {
+    local: u16,
+    remote: u16,
+    timer: u8,
+    fires_in: u64,
+}
+
+fn loopback_sockets() -> Vec<SocketRow> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |field: &str| field.strip_prefix("0100007F:").and_then(|p| u16::from_str_radix(p, 16).ok());
+    let row = |line: &str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (timer, fires_in) = fields.get(5)?.split_once(':')?;
+        Some(SocketRow {
+            local: port(fields.get(1)?)?,
+            remote: port(fields.get(2)?)?,
+            timer: u8::from_str_radix(timer, 16).ok()?,
+            fires_in: u64::from_str_radix(fires_in, 16).ok()?,
+        })
+    };
+    table.lines().skip(1).filter_map(row).collect()
+}
+
+/// Whether this idle socket has keepalive armed with [`keepalive::IDLE`].
+fn probes_when_idle(socket: &SocketRow) -> bool {
+    let idle = keepalive::IDLE.as_secs() * 100;
+    socket.timer == 2 && socket.fires_in > idle - 1000 && socket.fires_in <= idle
+}
+
+fn socket_probes(local: u16, remote: u16) -> bool {
+    loopback_sockets().iter().any(|s| s.local == local && s.remote == remote && probes_when_idle(s))
+}
+
+#[test]
+fn every_side_port_connection_probes_its_peer_when_idle() {
+    let a = Node::on_any_port(1);
+    let a_port = a.transport.local_addr().port();
+    // Accepted: the node's end of a connection to its listener. The test's own end has no
+    // keepalive, which shows what the check tells apart.
+    let client = std::net::TcpStream::connect(a.addr()).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    wait_until("the accepted connection to probe", || socket_probes(a_port, client_port));
+    assert!(!socket_probes(client_port, a_port), "the test's end does not probe");
+
+    // Dialed: the node's connection to a peer, once its message has been sent.
+    let peer = std::net::TcpListener::bind(loopback(0)).unwrap();
+    let peer_port = peer.local_addr().unwrap().port();
+    a.transport.set_peer_addr(NodeId(2), loopback(peer_port).to_string());
+    a.transport.send(vec![msg(1, 2, 1)]);
+    let (_dialed, from) = peer.accept().unwrap();
+    wait_until("the dialed connection to probe", || socket_probes(from.port(), peer_port));
+
+    // Forwarding: a follower's pooled connection to the leader, after a request.
+    let follower = Node::on_any_port(2);
+    assert!(forward_and_wait(&follower, &a.addr(), &["GET", "k"]).is_err(), "no handler: refused, the connection pooled");
+    wait_until("the forwarding connection to probe", || {
+        loopback_sockets().iter().any(|s| s.remote == a_port && s.local != client_port && probes_when_idle(s))
+    });
+}
