@@ -248,6 +248,7 @@ enum Request<W> {
 struct CounterCells {
     rounds: AtomicU64,
     readies: AtomicU64,
+    proposals_requested: AtomicU64,
     proposals: AtomicU64,
     entries_persisted: AtomicU64,
     fsyncs: AtomicU64,
@@ -274,6 +275,7 @@ impl CounterCells {
         Counters {
             rounds: get(&self.rounds),
             readies: get(&self.readies),
+            proposals_requested: get(&self.proposals_requested),
             proposals: get(&self.proposals),
             entries_persisted: get(&self.entries_persisted),
             fsyncs: get(&self.fsyncs),
@@ -545,9 +547,12 @@ impl<S: StateMachine> Node<S> {
             // limited anyway).
             return waiter.fail(ProposeError::TooLarge { bytes: data.len() as u64, limit });
         }
-        if let Err(e) = self.tx.send(Request::Propose { data, waiter, deadline }) {
-            if let Request::Propose { waiter, .. } = e.0 {
-                waiter.fail(ProposeError::Shutdown);
+        match self.tx.send(Request::Propose { data, waiter, deadline }) {
+            Ok(()) => CounterCells::add(&self.shared.counters.proposals_requested, 1),
+            Err(e) => {
+                if let Request::Propose { waiter, .. } = e.0 {
+                    waiter.fail(ProposeError::Shutdown);
+                }
             }
         }
     }

@@ -164,6 +164,9 @@ impl Status {
 pub struct Counters {
     pub rounds: u64,
     pub readies: u64,
+    /// Proposals handed to the Raft loop, counted on the caller's thread: unlike `proposals`
+    /// (those raft appended), they agree with what the caller counted itself at any moment.
+    pub proposals_requested: u64,
     pub proposals: u64,
     pub entries_persisted: u64,
     pub fsyncs: u64,

@@ -609,12 +609,13 @@ pub fn stat_field(server: &Server, field: &str) -> u64 {
     field_in(&stats, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
 }
 
-/// Entries a leader proposed for clients: all its proposals but an idle leader's clock entries
-/// (one RAFT.STATS, so that the two counts agree).
+/// Entries a leader proposed for clients: all its proposals but an idle leader's clock entries.
+/// Both counts are the main thread's, from one RAFT.STATS: raft's own count of the proposals it
+/// appended may lag a clock entry the main thread has just counted.
 pub fn client_proposals(leader: &Server) -> i64 {
     let stats: String = leader.quick_cmd(&["RAFT.STATS"]).unwrap();
     let field = |name| field_in(&stats, name).and_then(|v| v.parse::<i64>().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {name}"));
-    field("proposals") - field("clock_entries_proposed")
+    field("proposals_requested") - field("clock_entries_proposed")
 }
 
 /// One fingerprint of the whole dataset: `DEBUG DIGEST` (values and expiry times) and the

@@ -557,7 +557,8 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let st = node.status();
         let c = node.counters();
         let _ = write!(out, "pending_proposals:{}\r\n", st.pending_proposals);
-        let _ = write!(out, "raft_rounds:{}\r\nraft_readies:{}\r\nproposals:{}\r\n", c.rounds, c.readies, c.proposals);
+        let _ = write!(out, "raft_rounds:{}\r\nraft_readies:{}\r\n", c.rounds, c.readies);
+        let _ = write!(out, "proposals_requested:{}\r\nproposals:{}\r\n", c.proposals_requested, c.proposals);
         let _ = write!(out, "entries_persisted:{}\r\nfsyncs:{}\r\n", c.entries_persisted, c.fsyncs);
         let _ = write!(out, "background_fsyncs:{}\r\n", c.background_fsyncs);
         let _ = write!(out, "persist_micros:{}\r\n", c.persist_micros);
