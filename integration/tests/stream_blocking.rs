@@ -388,3 +388,38 @@ fn entry_ids(reply: &Reply) -> Option<Vec<String>> {
     let entries = streams.first()?.items()?.get(1)?.items()?;
     Some(entries.iter().filter_map(|e| e.items()?.first()?.text()).collect())
 }
+
+/// With the proxy, a leader's own client waiting in `XREADGROUP ... BLOCK` waits on at the next
+/// leader after a hand-over, as the same consumer; and again after a second hand-over, however
+/// long after the first. (Waiting, the read gets Redis' `COUNT 1000`, which moves its other
+/// arguments: the remaining timeout must still replace the timeout, not the consumer's name.)
+#[test]
+fn a_group_read_waits_on_as_the_same_consumer_across_hand_overs() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let first = cluster.wait_leader();
+    call(&mut RespConn::connect(cluster.nodes[first].port).unwrap(), &["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"]);
+    let mut reader = RespConn::connect(cluster.nodes[first].port).unwrap();
+    block(&mut reader, &["XREADGROUP", "GROUP", "g", "alice", "BLOCK", "60000", "STREAMS", "s", ">"], &cluster.nodes[first], false, 1);
+
+    let mut leader = first;
+    for round in 0..2 {
+        if round > 0 {
+            // Longer than a follower keeps sending a command that leaders refuse.
+            std::thread::sleep(Duration::from_secs(6));
+        }
+        let ok = call(&mut RespConn::connect(cluster.nodes[leader].port).unwrap(), &["RAFT.TRANSFERLEADER"]);
+        assert_eq!(ok.text().as_deref(), Some("OK"), "{ok:?}");
+        let next = wait_for("another leader", WAIT, || Some(cluster.wait_leader()).filter(|l| *l != leader));
+        wait_for("the read to wait at the new leader", WAIT, || (waiting_clients(&cluster.nodes[next], false) == 1).then_some(()));
+        leader = next;
+    }
+
+    let mut producer = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    call(&mut producer, &["XADD", "s", "5-1", "f", "v"]);
+    let got = reader.reply().unwrap();
+    assert!(format!("{got:?}").contains("5-1"), "{got:?}");
+    let consumers = call(&mut producer, &["XINFO", "CONSUMERS", "s", "g"]);
+    let names: Vec<String> = consumers.items().unwrap().iter().map(|c| c.items().unwrap()[1].text().unwrap()).collect();
+    assert_eq!(names, ["alice"], "{consumers:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

@@ -396,7 +396,10 @@ fn found_nothing(ctx: *mut RedisModuleCtx, waiter: &mut Waiter) {
             })
             .collect();
     }
-    waiter.argv = read.served_after_blocking(&waiter.argv);
+    let served = read.served_after_blocking(&waiter.argv);
+    // A `COUNT` put in front moves the timeout, which a hand-over rewrites (`answer_if_deposed`).
+    waiter.shape.timeout += served.len() - waiter.argv.len();
+    waiter.argv = served;
 }
 
 /// The first attempt for the client `id` found nothing (on the main thread): it now waits, until

@@ -120,7 +120,8 @@ struct Forward {
     cancel: ForwardCancel,
     registered: Registered,
     blocked: Blocked,
-    /// When a leader first answered that it did not run it (None: none has).
+    /// When a leader first answered that it did not run it, in the refusals since it last
+    /// waited at one (None: none has).
     refused_since: Option<Instant>,
 }
 
@@ -133,6 +134,9 @@ const STEP_DOWN_ANSWER: Duration = Duration::from_secs(1);
 /// How long a follower keeps sending a command that leaders answer did not run, waiting to learn
 /// of one that runs it, before it gives the last answer to its client.
 const NEW_LEADER_WAIT: Duration = Duration::from_secs(5);
+/// A `-MOVED` that comes this long after the command was sent is a leader that took it and
+/// stepped down while it waited, not one that refused it: a refusal comes within a round trip.
+const WAITED_THERE: Duration = Duration::from_secs(1);
 
 impl Forward {
     /// The client behind `blocked` waits for `argv` at the leader; this node now hears when it
@@ -164,15 +168,23 @@ impl Forward {
         };
         self.registered.sent_to(Some(&addr));
         let req = ForwardRequest::Blocking { db: self.db, argv: self.argv.clone(), resp3: self.resp3 };
-        let (backstop, cancel, sent_to) = (self.backstop, self.cancel.clone(), addr.clone());
-        let answer = Box::new(move |reply: Result<Vec<u8>, String>| match reply {
-            Ok(raw) => self.finish(Outcome::Relay(raw)),
-            Err(e) if did_not_run(&e) && self.may_send_again() => {
-                self.registered.sent_to(None);
-                // Off the transport's thread: this waits for the new leader to be known.
-                std::thread::spawn(move || self.again(sent_to, e));
+        let (backstop, cancel, sent_to, sent_at) = (self.backstop, self.cancel.clone(), addr.clone(), Instant::now());
+        let answer = Box::new(move |reply: Result<Vec<u8>, String>| {
+            let mut this = self;
+            if reply.as_ref().is_err_and(|e| e.starts_with("MOVED ")) && sent_at.elapsed() >= WAITED_THERE {
+                // A leader that took the command and stepped down while it waited: the refusals
+                // before it are over, and the next leader gets the time it deserves.
+                this.refused_since = None;
             }
-            Err(e) => self.finish(Outcome::Error(e)),
+            match reply {
+                Ok(raw) => this.finish(Outcome::Relay(raw)),
+                Err(e) if did_not_run(&e) && this.may_send_again() => {
+                    this.registered.sent_to(None);
+                    // Off the transport's thread: this waits for the new leader to be known.
+                    std::thread::spawn(move || this.again(sent_to, e));
+                }
+                Err(e) => this.finish(Outcome::Error(e)),
+            }
         });
         node.transport().forward_until(addr, &req, backstop, cancel, answer);
     }
