@@ -156,3 +156,49 @@ fn bgsave_on_the_leader_writes_a_dump_file_that_plain_redis_loads_as_the_cluster
     assert_eq!(digest(&restored), digest(leader), "the dump holds the cluster's dataset");
     assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), digest(leader));
 }
+
+/// Redis loads a dump file it finds in its dir after loading the module, and runs the event loop
+/// every 2 MB of it meanwhile. A node restarted beside the dump file `INIT KEEPDATA` made its
+/// cluster from must not restore its own dataset in the middle of that load (Redis would then
+/// meet the dump's keys again and abort), and must end with the cluster's dataset, not the dump's.
+#[test]
+fn a_node_restarted_beside_a_large_dump_file_holds_the_clusters_dataset() {
+    let root = tempfile::tempdir().unwrap();
+    let plain = Server::start_plain(free_port_pair(), &root.path().join("plain")).unwrap();
+    let mut conn = plain.client().unwrap();
+    // Values that do not compress: the dump file's size is what Redis reads.
+    let mut seed = 1u64;
+    let mut value = || {
+        (0..250)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                format!("{:08x}", seed >> 32)
+            })
+            .collect::<String>()
+    };
+    for chunk in 0..6 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("SET").arg(format!("big{chunk}-{i}")).arg(value()).ignore();
+        }
+        pipe.query::<()>(&mut conn).unwrap();
+    }
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+    let dir = root.path().join("node");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root.path().join("plain/dump.rdb"), dir.join("dump.rdb")).unwrap();
+    assert!(std::fs::metadata(dir.join("dump.rdb")).unwrap().len() > 10 << 20, "a dump Redis loads in several steps");
+
+    let mut node = Server::start(free_port_pair(), &dir, &[]).unwrap();
+    let ok: String = node.cmd(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap();
+    assert_eq!(ok, "OK");
+    wait_for("the node to lead", Duration::from_secs(10), || (info_text(&node, "role") == "leader").then_some(()));
+    let _: () = node.cmd(&["DEL", "big0-0"]).unwrap();
+    let _: () = node.cmd(&["SET", "after", "init"]).unwrap();
+    let cluster_dataset = digest(&node);
+
+    node.restart().unwrap();
+    wait_for("the node to lead again", Duration::from_secs(20), || (info_text(&node, "role") == "leader").then_some(()));
+    assert_eq!(digest(&node), cluster_dataset, "the restarted node holds the cluster's dataset");
+    assert_eq!(node.cmd::<i64>(&["EXISTS", "big0-0"]).unwrap(), 0, "not the dump file's key");
+}

@@ -277,6 +277,18 @@ extern "C" fn on_main_thread(data: *mut c_void) {
         inner.missed.store(true, Ordering::Release);
         return;
     }
+    // Redis loads its dump file (one left beside the node, say by `INIT KEEPDATA`) after loading
+    // the module, and runs file events every 2 MB meanwhile. Restoring the node's dataset then
+    // would leave the rest of the file to meet keys already there, and Redis aborts ("Duplicated
+    // key found in RDB file"). Redis fires no timer before the load is over: one due at once
+    // brings the jobs back then, to replace whatever the file held.
+    let ctx = inner.ctx.0;
+    if redis_is_loading(ctx) {
+        inner.applying.store(false, Ordering::Release);
+        let data = Arc::into_raw(inner) as *mut c_void;
+        unsafe { ffi::api!(RedisModule_CreateTimer)(ctx, 0, Some(after_loading), data) };
+        return;
+    }
     // Cleared before taking the jobs: a job queued from here on schedules a new wake-up.
     inner.scheduled.store(false, Ordering::Release);
     let jobs = std::mem::take(&mut *inner.jobs.lock().unwrap_or_else(|p| p.into_inner()));
@@ -288,6 +300,15 @@ extern "C" fn on_main_thread(data: *mut c_void) {
         inner.scheduled.store(true, Ordering::Release);
         wake(&inner);
     }
+}
+
+fn redis_is_loading(ctx: *mut ffi::RedisModuleCtx) -> bool {
+    let flags = unsafe { ffi::api!(RedisModule_GetContextFlags)(ctx) };
+    flags & redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING as i32 != 0
+}
+
+extern "C" fn after_loading(_ctx: *mut ffi::RedisModuleCtx, data: *mut c_void) {
+    on_main_thread(data);
 }
 
 /// Runs a batch of jobs on the main thread (which holds Redis' global lock).
