@@ -1326,3 +1326,23 @@ fn a_node_coming_back_to_a_backlog_of_heartbeats_does_not_stall_the_leader() {
     assert_eq!(info_field(&cluster.nodes[leader], "term"), term, "an election happened");
     assert_eq!(digest(&cluster.nodes[down]), digest(&cluster.nodes[leader]));
 }
+
+/// The same with the write in a snapshot: the node loads it at start, and stops rather than put
+/// the key in another database.
+#[test]
+fn a_node_restarted_with_fewer_databases_than_its_snapshot_holds_stops() {
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    let mut conn = cluster.nodes[0].client().unwrap();
+    for db in [10, 7] {
+        let _: () = redis::cmd("SELECT").arg(db).query(&mut conn).unwrap();
+        let _: () = redis::cmd("SET").arg("x").arg(format!("in-db-{db}")).query(&mut conn).unwrap();
+    }
+    let _: Value = cluster.nodes[0].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+
+    cluster.nodes[0].redis_args = vec!["--databases".into(), "8".into()];
+    cluster.nodes[0].restart().unwrap();
+    let node = &cluster.nodes[0];
+    wait_for("the node to stop", Duration::from_secs(10), || (node.state() == "stopped").then_some(()));
+    let err = node.cmd::<String>(&["GET", "x"]).unwrap_err().to_string();
+    assert!(err.contains("holds keys of database 10, and this node has 8 (databases 8)"), "{err}");
+}

@@ -451,17 +451,21 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
     finish(waiter, Outcome::Error(failure));
 }
 
+/// What to say of a node that lacks database `db` (see `lib.rs`, `databases` at load).
+pub fn too_few_databases(db: u32) -> String {
+    let databases = state::get().databases;
+    format!(
+        "and this node has {databases} (databases {databases}): every node needs as many databases as the others; restart \
+         it with their databases setting (at least {})",
+        db + 1
+    )
+}
+
 /// Runs one replicated command in its database, as of the time its entry happens at, with
 /// Redis' own expiry suspended (see `expiry`).
 fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryTime>, command: &CommandView, resp3: bool) -> Outcome {
     if !ffi::select_db(ctx, command.db) {
-        let databases = state::get().databases;
-        let why = format!(
-            "log entry {index} writes to database {}, and this node has {databases} (databases {databases}): every node needs \
-             as many databases as the others; restart it with their databases setting (at least {})",
-            command.db,
-            command.db + 1
-        );
+        let why = format!("log entry {index} writes to database {}, {}", command.db, too_few_databases(command.db));
         state::get().dataset_cannot_follow(why.clone());
         return Outcome::Error(state::stopped_error(&why));
     }

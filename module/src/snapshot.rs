@@ -459,7 +459,9 @@ pub fn load(ctx: *mut RedisModuleCtx, path: &Path) -> anyhow::Result<u64> {
     let mut n = 0;
     for record in reader {
         let r = record?;
-        ffi::select_db(ctx, r.db);
+        if !ffi::select_db(ctx, r.db) {
+            anyhow::bail!("it holds keys of database {}, {}", r.db, crate::apply::too_few_databases(r.db));
+        }
         let ttl = if r.expire_at_ms < 0 { b"0".to_vec() } else { r.expire_at_ms.to_string().into_bytes() };
         let reply = ffi::call(ctx, &[b"RESTORE".to_vec(), r.key, ttl, r.payload, b"ABSTTL".to_vec(), b"REPLACE".to_vec()], false);
         if ffi::is_error(reply) {
