@@ -2,7 +2,7 @@
 //! without it, and once there is room again it catches up. The small disk is a tmpfs, which takes root to mount: where
 //! that is not possible the test says so and does nothing.
 
-use raftis_integration::{field_in, free_port_pair, wait_for, Cluster, Server};
+use raftis_integration::{field_in, free_port_pair, info_field, info_text, wait_for, Cluster, Server};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -102,4 +102,61 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
             assert_eq!(node.cmd::<i64>(&["EXISTS", &in_flight]).unwrap(), 0, "{in_flight} on {}, answered {err}", node.port);
         }
     }
+}
+
+/// Values that do not compress, so that a snapshot of them takes as much room.
+fn incompressible(n: usize, seed: &mut u64) -> String {
+    (0..n / 8)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            format!("{:08x}", *seed >> 32)
+        })
+        .collect()
+}
+
+/// A snapshot that fails for want of room, while the log still has some, is not tried again at
+/// every write (each try forks and fills the disk the log needs): the node goes on serving, and
+/// tries again a few seconds later.
+#[test]
+fn a_snapshot_that_fails_for_want_of_room_is_not_tried_again_at_every_write() {
+    let mount_point = tempfile::Builder::new().prefix("raftis-small-disk-").tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(mount_point.path(), 64) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let node = Server::start(free_port_pair(), &disk.path.join("n0"), &[]).unwrap();
+    let _: () = node.cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    wait_for("the node to lead", Duration::from_secs(10), || (node.state() == "leader").then_some(()));
+    let mut seed = 7;
+    for i in 0..60 {
+        let _: () = node.cmd(&["SET", &format!("k{i}"), &incompressible(100_000, &mut seed)]).unwrap();
+    }
+    // Fill the disk, then give 2 MB back: room for small writes, not for a 6 MB snapshot.
+    let filler: Vec<PathBuf> =
+        (0..).map(|i| disk.path.join(format!("filler{i}"))).take_while(|f| std::fs::write(f, vec![0u8; 1 << 20]).is_ok()).collect();
+    for f in filler.iter().rev().take(3) {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    let started = |node: &Server| info_field(node, "snapshots_started");
+    let status = |node: &Server| info_text(node, "last_snapshot_status");
+    let before = started(&node);
+    let _: () = node.cmd(&["RAFT.CONFIG", "SET", "snapshot-threshold", "1"]).unwrap();
+    let _: () = node.cmd(&["SET", "first", "1"]).unwrap();
+    wait_for("the snapshot to fail", Duration::from_secs(10), || (status(&node) == "failed").then_some(()));
+    assert_eq!(started(&node), before + 1);
+    for i in 0..30 {
+        let _: () = node.cmd(&["SET", &format!("small{i}"), "1"]).unwrap();
+    }
+    assert_eq!(started(&node), before + 1, "no snapshot tried again right after one failed");
+    assert_eq!(node.state(), "leader");
+
+    // With room again, a later write brings the next try, which succeeds.
+    for f in &filler {
+        let _ = std::fs::remove_file(f);
+    }
+    wait_for("a snapshot to succeed", Duration::from_secs(20), || {
+        let _: () = node.cmd(&["SET", "tick", "1"]).unwrap();
+        (status(&node) == "ok").then_some(())
+    });
 }

@@ -83,7 +83,14 @@ pub struct Ended {
     pub ok: bool,
     /// From the fork to the file recorded in the log (or to the failure).
     pub took: Duration,
+    pub at: Instant,
 }
+
+/// How long after a failed snapshot the log's own needs start another (`RAFT.SNAPSHOT` tries at
+/// once). What failed (a key too large to dump, a full disk) most likely fails again, and the
+/// log asks after every applied batch: each try would fork, copy pages, and fill the disk the log
+/// needs. Redis waits as long between failed BGSAVEs.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 impl Snapshots {
     pub fn latest(&self) -> Option<(LogIndex, u64)> {
@@ -149,7 +156,7 @@ impl Snapshots {
         if !ok {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        *self.last_ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ended { ok, took });
+        *self.last_ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ended { ok, took, at: Instant::now() });
     }
 
     /// Starts a snapshot at `point`. Must be called on the main thread, between batches.
@@ -191,6 +198,10 @@ impl Snapshots {
             return;
         }
         let compaction = purpose == Purpose::Compaction;
+        let failed_lately = self.last_ended().is_some_and(|e| !e.ok && e.at.elapsed() < RETRY_AFTER_FAILURE);
+        if compaction && waiter.is_none() && failed_lately {
+            return;
+        }
         if let Some((index, size)) = self.latest().filter(|(index, _)| *index == point.index && compaction) {
             // Nothing applied since the last snapshot: it is the answer.
             if let Some(w) = waiter {
