@@ -97,8 +97,15 @@ impl Snapshots {
         *self.latest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_latest(&self, index: LogIndex, size: u64) {
+    fn set_latest(&self, index: LogIndex, size: u64) {
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, size));
+    }
+
+    fn set_latest_if_newer(&self, index: LogIndex, size: u64) {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if latest.is_none_or(|(current, _)| current < index) {
+            *latest = Some((index, size));
+        }
     }
 
     pub fn add_applied_bytes(&self, bytes: u64) {
@@ -434,8 +441,12 @@ fn publish(job: InProgress) {
         }
         return;
     }
-    s.snapshots.set_latest(job.point.index, summary.size);
     let recorded = s.node().is_some_and(|node| node.snapshot_taken(taken));
+    if recorded {
+        // Only now: `RAFT.SNAPSHOT` answers with the latest at once, which must be in the log. A
+        // snapshot loaded meanwhile (from the leader) may be newer, and stays the latest.
+        s.snapshots.set_latest_if_newer(job.point.index, summary.size);
+    }
     s.snapshots.ended(recorded, job.started.elapsed());
     // Entries applied while this one was written may already call for the next.
     drop(_publishing);

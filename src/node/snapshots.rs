@@ -129,7 +129,11 @@ impl<S: StateMachine> RaftLoop<S> {
         for info in self.members.values().filter(|m| m.id != self.id) {
             self.transport.set_peer_addr(info.id, info.raft_addr.clone());
         }
-        if let Some(file) = file {
+        // The older files go once the log durably names the new one: below durability high,
+        // the commit above is flushed later, and a power cut before then would leave the log
+        // naming a file that is gone.
+        let durable = sync || self.store.sync().is_ok();
+        if let Some(file) = file.filter(|_| durable) {
             let _ = crate::snapshot_file::remove_older_than(&self.snapshot_dir, &self.snapshot_dir.join(file));
         }
         Ok(())
