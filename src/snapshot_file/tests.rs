@@ -357,7 +357,7 @@ fn remove_older_than_keeps_the_kept_and_anything_newer() {
 
 fn send(src: &Path, inc: &mut IncomingSnapshot, until: u64) {
     while inc.offset() < until {
-        let chunk = read_chunk(src, inc.offset(), 7).unwrap();
+        let chunk = read_chunk(&File::open(src).unwrap(), inc.offset(), 7).unwrap();
         assert!(!chunk.is_empty() && chunk.len() <= 7);
         inc.write_chunk(inc.offset(), &chunk).unwrap();
     }
@@ -368,9 +368,10 @@ fn chunked_transfer_resumes_and_verifies() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
     let s = write(src.path(), 9, &records(200));
-    assert!(read_chunk(&s.path, s.size, 7).unwrap().is_empty());
-    assert!(read_chunk(&s.path, s.size + 100, usize::MAX).unwrap().is_empty());
-    assert_eq!(read_chunk(&s.path, s.size - 3, usize::MAX).unwrap().len(), 3);
+    let file = File::open(&s.path).unwrap();
+    assert!(read_chunk(&file, s.size, 7).unwrap().is_empty());
+    assert!(read_chunk(&file, s.size + 100, usize::MAX).unwrap().is_empty());
+    assert_eq!(read_chunk(&file, s.size - 3, usize::MAX).unwrap().len(), 3);
 
     let target = dst.path().join(s.path.file_name().unwrap());
     let mut inc = IncomingSnapshot::begin(&target, s.size, s.checksum).unwrap();

@@ -3,15 +3,16 @@
 
 use super::*;
 
-/// Up to `max_len` bytes of `path` from `offset`; empty at or past the end. The buffer is sized
-/// by what the file really has left, not by the requested length.
-pub fn read_chunk(path: &Path, offset: u64, max_len: usize) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
+/// Up to `max_len` bytes of `file` from `offset`; empty at or past the end. The buffer is sized
+/// by what the file really has left, not by the requested length. The file is open already: one
+/// deleted since (a newer snapshot replaced it) can still be read to the end.
+pub fn read_chunk(file: &File, offset: u64, max_len: usize) -> io::Result<Vec<u8>> {
     let left = file.metadata()?.len().saturating_sub(offset);
     let want = left.min(max_len as u64);
     if want == 0 {
         return Ok(Vec::new());
     }
+    let mut file = file;
     file.seek(SeekFrom::Start(offset))?;
     let mut buf = Vec::with_capacity(want as usize);
     file.take(want).read_to_end(&mut buf)?;

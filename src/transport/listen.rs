@@ -99,6 +99,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut out = BytesMut::new();
     let mut authenticated = served.password.is_none();
     let mut speaker = Speaker { claims: served.claims.clone(), claim: None };
+    let mut downloading = Downloading::default();
     loop {
         // Handle every complete frame already buffered before reading more.
         loop {
@@ -128,7 +129,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
                 resp::encode(&reply, &mut out);
                 continue;
             }
-            match handle(frame, &served, &mut speaker) {
+            match handle(frame, &served, &mut speaker, &mut downloading) {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
                 Err(why) => return reject(stream, remote, out, why).await,
@@ -213,7 +214,7 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
 }
 
 /// Acts on one command; `Ok(Some)` is a reply to send back.
-fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option<Frame>, Reject> {
+fn handle(frame: Frame, served: &Served, speaker: &mut Speaker, downloading: &mut Downloading) -> Result<Option<Frame>, Reject> {
     let (me, inbound) = (served.me, &served.inbound);
     let not_a_command = || Reject::err("expected a command (an array of bulk strings)");
     let Frame::Array(mut args) = frame else {
@@ -306,7 +307,7 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
     } else if is("SNAPSHOT.CHUNK") {
-        snapshot_chunk(&args, served.snapshots.as_deref().map(|p| p.as_path())).map(Some)
+        snapshot_chunk(&args, served.snapshots.as_deref().map(|p| p.as_path()), downloading).map(Some)
     } else if is("HEALTH") {
         let source = served.health.read().unwrap_or_else(|p| p.into_inner()).clone();
         let answer = source.map_or_else(|| Err("ERR this node is not running raft yet".into()), |source| source());
@@ -340,10 +341,17 @@ fn removed_member(slot: &RemovedSlot, from: NodeId, last_index: u64) -> Option<S
 /// Largest chunk a peer may ask for at once.
 pub const MAX_SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
 
+/// The snapshot file a connection downloads, kept open from its first chunk to the connection's
+/// end. A newer snapshot deletes it meanwhile: reopened for every chunk, it would be gone, and the
+/// download would start over with the newer one, never to finish if snapshots come faster than
+/// a download takes (a large dataset under writes).
+#[derive(Default)]
+struct Downloading(Option<(String, std::fs::File)>);
+
 /// `SNAPSHOT.CHUNK <file> <offset> <len>`: bytes of one of our snapshot files. Only plain file
 /// names of snapshot files are served, never a path. A read error is an `-ERR` reply, not a reason
 /// to drop the connection (the fetcher retries or gives up).
-fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame, Reject> {
+fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>, downloading: &mut Downloading) -> Result<Frame, Reject> {
     let usage = || Reject::err("usage: SNAPSHOT.CHUNK <file> <offset> <len>");
     let [_, Frame::Bulk(file), Frame::Bulk(offset), Frame::Bulk(len)] = args else { return Err(usage()) };
     let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
@@ -354,7 +362,16 @@ fn snapshot_chunk(args: &[Frame], dir: Option<&std::path::Path>) -> Result<Frame
         return Err(Reject::err(format!("SNAPSHOT.CHUNK: '{}' is not a snapshot file name", String::from_utf8_lossy(file))));
     }
     let len = (len as usize).min(MAX_SNAPSHOT_CHUNK);
-    match crate::snapshot_file::read_chunk(&dir.join(name), offset, len) {
+    let file = match downloading.0.take() {
+        Some((open, file)) if open == name => file,
+        _ => match std::fs::File::open(dir.join(name)) {
+            Ok(file) => file,
+            Err(e) => return Ok(Frame::Error(format!("ERR cannot read {name}: {e}"))),
+        },
+    };
+    let read = crate::snapshot_file::read_chunk(&file, offset, len);
+    downloading.0 = Some((name.to_string(), file));
+    match read {
         Ok(bytes) => Ok(Frame::Bulk(bytes.into())),
         Err(e) => Ok(Frame::Error(format!("ERR cannot read {name}: {e}"))),
     }

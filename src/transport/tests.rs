@@ -828,3 +828,38 @@ fn every_side_port_connection_probes_its_peer_when_idle() {
         loopback_sockets().iter().any(|s| s.remote == a_port && s.local != client_port && probes_when_idle(s))
     });
 }
+
+/// A download keeps reading the snapshot file it started, on its connection, after a newer
+/// snapshot deleted it; another connection finds it gone.
+#[test]
+fn a_snapshot_file_deleted_during_its_download_is_still_served_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "snapshot-00000000000000000005-1.rsnap";
+    std::fs::write(dir.path().join(name), b"0123456789").unwrap();
+    let mut cfg = TransportConfig::new(NodeId(1), loopback(0), "node-1.test:7000".to_string());
+    cfg.snapshot_dir = Some(dir.path().to_path_buf());
+    let a = Node::with_config(cfg);
+    let connect = || {
+        let s = std::net::TcpStream::connect(a.addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    };
+    // The reply to one chunk request: a bulk string (two lines) or an error (one).
+    let chunk = |s: &mut std::net::TcpStream, offset: &str| {
+        s.write_all(&command(&[b"SNAPSHOT.CHUNK", name.as_bytes(), offset.as_bytes(), b"4"])).unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while got.windows(2).filter(|w| w == b"\r\n").count() < if got.starts_with(b"-") { 1 } else { 2 } {
+            s.read_exact(&mut byte).unwrap();
+            got.push(byte[0]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let mut download = connect();
+    assert_eq!(chunk(&mut download, "0"), "$4\r\n0123\r\n");
+    std::fs::remove_file(dir.path().join(name)).unwrap();
+    assert_eq!(chunk(&mut download, "4"), "$4\r\n4567\r\n");
+    assert_eq!(chunk(&mut download, "8"), "$2\r\n89\r\n");
+    let gone = chunk(&mut connect(), "0");
+    assert!(gone.starts_with(&format!("-ERR cannot read {name}")), "{gone}");
+}
