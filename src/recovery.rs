@@ -21,6 +21,7 @@
 
 use crate::ids::{LogIndex, NodeId};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// Where the record of a recovery lives in the log store's metadata.
 pub const META_RECOVERY: &str = "recovery";
@@ -71,6 +72,9 @@ pub struct Situation<'a> {
     pub voters: &'a [NodeId],
     /// Other members this node has heard from lately (see [`ALIVE_WITHIN_ELECTIONS`]).
     pub heard_from: &'a [NodeId],
+    /// How long this node has been listening, and how long it takes to hear from a live member.
+    pub listening_for: Duration,
+    pub alive_within: Duration,
 }
 
 /// Refuses a recovery that is not a way out of a lost majority, or that would make two clusters.
@@ -89,6 +93,16 @@ pub fn check(s: &Situation) -> Result<(), String> {
     if s.voters == [s.me] {
         return Err("this node is already the only voter: it elects itself".into());
     }
+    // Just started, it has heard from nobody yet: that says nothing about who is alive.
+    if s.listening_for < s.alive_within {
+        let left = s.alive_within - s.listening_for;
+        return Err(format!(
+            "this node started {} ms ago, too soon to know whether other members are alive (a member that is could still \
+             form a majority without it, and there would be two clusters): retry in {} ms",
+            s.listening_for.as_millis(),
+            left.as_millis() + 1
+        ));
+    }
     let alive: Vec<String> = s.heard_from.iter().filter(|id| **id != s.me).map(|id| id.to_string()).collect();
     if !alive.is_empty() {
         return Err(format!(
@@ -105,7 +119,8 @@ mod tests {
     use super::*;
 
     fn situation<'a>(voters: &'a [NodeId], heard_from: &'a [NodeId]) -> Situation<'a> {
-        Situation { me: NodeId(1), leading: false, leader: None, voters, heard_from }
+        let (listening_for, alive_within) = (Duration::from_secs(10), Duration::from_secs(3));
+        Situation { me: NodeId(1), leading: false, leader: None, voters, heard_from, listening_for, alive_within }
     }
 
     #[test]
@@ -123,6 +138,15 @@ mod tests {
         assert!(err.contains("not one"), "{err}");
         let err = check(&situation(&[NodeId(1)], &[])).unwrap_err();
         assert!(err.contains("already the only voter"), "{err}");
+    }
+
+    #[test]
+    fn a_node_that_just_started_has_not_listened_long_enough_to_recover() {
+        let voters = [NodeId(1), NodeId(2), NodeId(3)];
+        let just_started = Situation { listening_for: Duration::from_millis(1200), ..situation(&voters, &[]) };
+        let err = check(&just_started).unwrap_err();
+        assert!(err.contains("started 1200 ms ago") && err.contains("retry in 1801 ms"), "{err}");
+        assert_eq!(check(&Situation { listening_for: Duration::from_secs(3), ..situation(&voters, &[]) }), Ok(()));
     }
 
     #[test]

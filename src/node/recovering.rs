@@ -46,6 +46,8 @@ impl<S: StateMachine> RaftLoop<S> {
             leader: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
             voters: &voters,
             heard_from: &heard_from,
+            listening_for: self.started_at.elapsed(),
+            alive_within,
         })
         .map_err(RecoverError::Refused)?;
         let at = LogIndex(raft.raft_log.last_index());
