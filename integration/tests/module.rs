@@ -1346,3 +1346,38 @@ fn a_node_restarted_with_fewer_databases_than_its_snapshot_holds_stops() {
     let err = node.cmd::<String>(&["GET", "x"]).unwrap_err().to_string();
     assert!(err.contains("holds keys of database 10, and this node has 8 (databases 8)"), "{err}");
 }
+
+/// A join that fails after making the node a learner (here the leader hands over while the node
+/// cannot catch up) leaves it a learner; joining again goes on from there and makes it a voter.
+#[test]
+fn a_node_a_failed_join_left_a_learner_joins_again() {
+    let mut cluster = Cluster::start_partitionable(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let (x, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let removed: String = cluster.nodes[leader].cmd(&["RAFT.REMOVEPEER", &cluster.nodes[x].node_id().to_string()]).unwrap();
+    assert_eq!(removed, "OK");
+    cluster.nodes[x].restart_empty().unwrap();
+    let network = cluster.network.as_ref().unwrap();
+    network.block(leader, x);
+    network.block(other, x);
+
+    let (leader_port, x_addr) = (cluster.nodes[leader].port, cluster.nodes[x].addr());
+    let adding = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{leader_port}")).unwrap().get_connection().unwrap();
+        redis::cmd("RAFT.ADDPEER").arg(&x_addr).query::<Value>(&mut conn)
+    });
+    wait_for("the node to be a learner", Duration::from_secs(10), || {
+        let peers: Vec<Vec<Value>> = cluster.nodes[leader].cmd(&["RAFT.PEERS"]).ok()?;
+        peers.iter().any(|p| p.get(1) == Some(&Value::Data(b"learner".to_vec()))).then_some(())
+    });
+    let moved: String = cluster.nodes[leader].cmd(&["RAFT.TRANSFERLEADER", &cluster.nodes[other].node_id().to_string()]).unwrap();
+    assert_eq!(moved, "OK");
+    assert!(adding.join().unwrap().is_err(), "the leader that was adding it stepped down");
+    network.heal();
+    wait_for("the learner to catch up", Duration::from_secs(10), || (cluster.nodes[x].state() == "learner").then_some(()));
+
+    cluster.join(x, other).unwrap();
+    wait_for("the node to be a voter", Duration::from_secs(10), || (cluster.nodes[x].state() == "follower").then_some(()));
+    let _: () = cluster.nodes[other].cmd(&["SET", "k", "v"]).unwrap();
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

@@ -41,6 +41,16 @@ fn is_member(s: &Raftis) -> bool {
     })
 }
 
+/// True when the node already votes in a cluster. A learner may be added again: a join that
+/// failed after making it one (a catch-up past the timeout, a leader change) left it there, and
+/// adding it again goes on from that step.
+fn is_voter(s: &Raftis) -> bool {
+    s.node().is_some_and(|n| {
+        let st = n.status();
+        st.voters.contains(&st.id)
+    })
+}
+
 const INIT: &str = "RAFT.CLUSTER INIT";
 
 /// A node that is in no cluster yet may still hold keys: Redis loads its own dump file at start
@@ -132,7 +142,7 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         }
         "join" if args.len() >= 3 => {
             refuse_in_transaction(ctx, "RAFT.CLUSTER JOIN")?;
-            if is_member(s) {
+            if is_voter(s) {
                 return Err("ERR this node already belongs to a cluster".into());
             }
             let seeds: Vec<String> = args[2..].iter().map(|a| text(a)).collect();
@@ -215,7 +225,7 @@ pub fn identify(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     peer_user::require_peer(ctx, "adding it to a cluster")?;
     let s = state::get();
     s.refuse_if_stopped()?;
-    if is_member(s) {
+    if is_voter(s) {
         return Err("ERR this node already belongs to a cluster".into());
     }
     refuse_if_holding_keys(ctx, s, "joining a cluster")?;
