@@ -115,6 +115,8 @@ const NEVER_REPLICATED: &[&str] = &[
 const REFUSED: &[(&str, &str)] = &[
     ("waitaof", "ERR WAITAOF not supported by Raftis yet"),
     ("migrate", "ERR MIGRATE not supported by Raftis yet"),
+    // Redis Cluster's form of RESTORE, which Raftis would not make absolute (see `determinism`).
+    ("restore-asking", "ERR RESTORE-ASKING is refused by Raftis: it is Redis Cluster's internal form of RESTORE; use RESTORE"),
     // A container's subcommand, by its full name.
     ("script|debug", "ERR SCRIPT DEBUG not supported by Raftis yet"),
     // Redis' own replication would copy another server's dataset over this one behind the log's
@@ -132,9 +134,11 @@ const REPLICATION_REFUSED: &str = "ERR Redis replication is refused by Raftis: t
 /// `DEBUG` stays local, but these subcommands would change one node's dataset, or how it follows
 /// the log, behind the log's back: `RELOAD` and `LOADAOF` load files of this node's own,
 /// `POPULATE` adds keys, `SET-ACTIVE-EXPIRE` is the module's to switch (see `expiry` in the
-/// module), and `SET-DISABLE-DENY-SCRIPTS` lets scripts run commands that would answer differently
-/// on every node.
-const DEBUG_REFUSED: &[&str] = &["reload", "loadaof", "populate", "set-active-expire", "set-disable-deny-scripts"];
+/// module), `SET-DISABLE-DENY-SCRIPTS` lets scripts run commands that would answer differently
+/// on every node, and `SET-SKIP-CHECKSUM-VALIDATION` would let one node accept a `RESTORE`
+/// payload the others refuse.
+const DEBUG_REFUSED: &[&str] =
+    &["reload", "loadaof", "populate", "set-active-expire", "set-disable-deny-scripts", "set-skip-checksum-validation"];
 
 /// Replicated whatever Redis' flags say: a script or a function runs on every node, as one entry
 /// (see the module's `scripts`), and the script cache changes on every node. (`FUNCTION LOAD`,
@@ -146,6 +150,14 @@ const DEBUG_REFUSED: &[&str] = &["reload", "loadaof", "populate", "set-active-ex
 /// does the log, to every node's.
 const REPLICATED: &[&str] =
     &["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro", "script|load", "script|flush", "pfcount", "publish", "spublish"];
+
+/// Commands whose answers differ between nodes although Redis does not tip them so: what a node's
+/// clients subscribe to (`PUBSUB`), keys past their deadline that one node's background expiry
+/// has deleted and another's not (`DBSIZE`), memory layouts (`MEMORY`), `rand()` (`LOLWUT`). A
+/// script that wrote what they answer would part the nodes' datasets. (`PUBLISH` answers how
+/// many of this node's clients got the message too, but is what scripts publish with: its count
+/// is not to be written.)
+const ANSWERS_DIFFER_IN_SCRIPTS: &[&str] = &["pubsub", "dbsize", "memory", "lolwut"];
 
 /// Redis' command table, keyed by lower-case name; subcommands as `container|sub`.
 ///
@@ -331,7 +343,8 @@ impl CommandTable {
         let nondeterministic = with_lower_case(argv.first()?, |name| {
             let (known, display) = self.resolve(name?, argv)?;
             let shown = display.replace('|', " ").to_uppercase();
-            if known.info.nondeterministic {
+            let container = display.split('|').next().unwrap_or_default();
+            if known.info.nondeterministic || ANSWERS_DIFFER_IN_SCRIPTS.contains(&container) {
                 return Some(format!("ERR {shown} inside a script could answer differently on every node; Raftis refuses it in scripts"));
             }
             let reads_clock = display == "xreadgroup" || display == "xgroup|createconsumer";
@@ -419,6 +432,10 @@ mod tests {
         t.insert("smembers", CommandInfo { arity: 2, readonly: true, nondeterministic: true, ..Default::default() });
         t.insert("publish", CommandInfo { arity: 3, ..Default::default() });
         t.insert("lolwut", CommandInfo { arity: -1, write: true, ..Default::default() });
+        t.insert("dbsize", CommandInfo { arity: 1, readonly: true, ..Default::default() });
+        t.insert("pubsub", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("pubsub|numsub", CommandInfo { arity: -2, ..Default::default() });
+        t.insert("restore-asking", CommandInfo { arity: -4, write: true, keys: span(1, 1, 1), ..Default::default() });
         t
     }
 
@@ -448,7 +465,7 @@ mod tests {
         assert_eq!(route(&["DEBUG", "DIGEST"]), Route::Local);
         assert_eq!(route(&["debug", "sleep", "0"]), Route::Local);
         assert_eq!(route(&["DEBUG"]), Route::Local, "Redis answers the wrong arity itself");
-        for sub in ["POPULATE", "reload", "LoadAof", "SET-ACTIVE-EXPIRE", "set-disable-deny-scripts"] {
+        for sub in ["POPULATE", "reload", "LoadAof", "SET-ACTIVE-EXPIRE", "set-disable-deny-scripts", "set-skip-checksum-validation"] {
             let Route::Refuse(e) = route(&["DEBUG", sub, "1"]) else { panic!("DEBUG {sub} not refused") };
             assert!(e.starts_with(&format!("ERR DEBUG {} is refused by Raftis", sub.to_uppercase())), "{e}");
         }
@@ -467,6 +484,12 @@ mod tests {
         assert!(refused(&["XGROUP", "CREATECONSUMER", "s", "g", "c"]).unwrap().contains("XGROUP CREATECONSUMER inside a script"));
         assert_eq!(refused(&["XGROUP", "CREATE", "s", "g", "$"]), None);
         assert_eq!(refused(&["BLPOP", "l", "0"]), None, "Redis refuses it in scripts itself (its noscript flag)");
+        // Untipped, yet what they answer depends on the node.
+        assert!(refused(&["DBSIZE"]).unwrap().starts_with("ERR DBSIZE inside a script"));
+        assert!(refused(&["PUBSUB", "NUMSUB", "ch"]).unwrap().starts_with("ERR PUBSUB NUMSUB inside a script"));
+        assert!(refused(&["LOLWUT"]).unwrap().contains("LOLWUT"));
+        assert_eq!(refused(&["PUBLISH", "ch", "m"]), None, "what scripts publish with");
+        assert!(refused(&["RESTORE-ASKING", "k", "0", "x"]).unwrap().contains("use RESTORE"));
     }
 
     #[test]
