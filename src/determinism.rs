@@ -134,9 +134,32 @@ fn offset(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
     parse_i64(arg)?.checked_mul(unit_ms)?.checked_add(now_ms)
 }
 
+/// The database `SELECT` `argv` switches to, as Redis reads it: a plain decimal (no sign, no
+/// leading zero) below `databases`. None when Redis refuses it and the database stays: a script
+/// that tracked it anyway would expire keys in the wrong database, or in none.
+pub fn selected_db(argv: &[&[u8]], databases: u32) -> Option<u32> {
+    let [_, db] = argv else { return None };
+    let plain = !db.is_empty() && db.iter().all(u8::is_ascii_digit) && (db.len() == 1 || db[0] != b'0');
+    let db: u32 = std::str::from_utf8(db).ok()?.parse().ok().filter(|_| plain)?;
+    (db < databases).then_some(db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_select_counts_only_as_redis_reads_it() {
+        let select = |args: &[&str]| selected_db(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>(), 16);
+        assert_eq!(select(&["SELECT", "0"]), Some(0));
+        assert_eq!(select(&["select", "15"]), Some(15));
+        for refused in [&["SELECT", "16"][..], &["SELECT", "99"], &["SELECT", "01"], &["SELECT", "+1"], &["SELECT", "-1"]] {
+            assert_eq!(select(refused), None, "{refused:?}");
+        }
+        assert_eq!(select(&["SELECT", "1", "2"]), None, "wrong arity");
+        assert_eq!(select(&["SELECT", ""]), None);
+        assert_eq!(select(&["SELECT", "99999999999"]), None);
+    }
 
     fn run(args: &[&str]) -> Vec<String> {
         let mut argv: Args = args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect();

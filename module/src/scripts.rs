@@ -301,7 +301,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_slice()).collect();
     if refs[0].eq_ignore_ascii_case(b"select") {
         // The script's own database from here on, for the keys its next calls name.
-        return match refs.get(1).and_then(|d| std::str::from_utf8(d).ok()?.parse().ok()) {
+        return match determinism::selected_db(&refs, state::get().databases) {
             Some(db) => Running { db, ..running },
             None => running,
         };
