@@ -134,6 +134,22 @@ fn offset(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
     parse_i64(arg)?.checked_mul(unit_ms)?.checked_add(now_ms)
 }
 
+/// The key a command writes in another database than the selected one, with that database:
+/// `MOVE key db`'s key there, `COPY source destination DB db`'s destination. Redis does not count
+/// them among the command's keys, yet whether they exist decides what the command does.
+pub fn key_in_another_database<'a>(argv: &[&'a [u8]]) -> Option<(u32, &'a [u8])> {
+    let number = |arg: &[u8]| std::str::from_utf8(arg).ok()?.parse::<u32>().ok();
+    let name = argv.first()?;
+    if name.eq_ignore_ascii_case(b"move") && argv.len() == 3 {
+        return Some((number(argv[2])?, argv[1]));
+    }
+    if name.eq_ignore_ascii_case(b"copy") && argv.len() >= 3 {
+        let db = argv[3..].windows(2).find(|w| w[0].eq_ignore_ascii_case(b"db")).and_then(|w| number(w[1]))?;
+        return Some((db, argv[2]));
+    }
+    None
+}
+
 /// The database `SELECT` `argv` switches to, as Redis reads it: a plain decimal (no sign, no
 /// leading zero) below `databases`. None when Redis refuses it and the database stays: a script
 /// that tracked it anyway would expire keys in the wrong database, or in none.
@@ -147,6 +163,20 @@ pub fn selected_db(argv: &[&[u8]], databases: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn move_and_copy_name_a_key_in_another_database() {
+        let other = |args: &[&str]| {
+            let argv: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            key_in_another_database(&argv).map(|(db, key)| (db, String::from_utf8_lossy(key).into_owned()))
+        };
+        assert_eq!(other(&["MOVE", "k", "3"]), Some((3, "k".into())));
+        assert_eq!(other(&["copy", "src", "dst", "db", "2", "REPLACE"]), Some((2, "dst".into())));
+        assert_eq!(other(&["COPY", "src", "dst", "REPLACE", "DB", "4"]), Some((4, "dst".into())));
+        assert_eq!(other(&["COPY", "src", "dst"]), None, "the selected database: Redis names both keys");
+        assert_eq!(other(&["MOVE", "k", "x"]), None, "Redis refuses it");
+        assert_eq!(other(&["SET", "k", "3"]), None);
+    }
 
     #[test]
     fn a_select_counts_only_as_redis_reads_it() {

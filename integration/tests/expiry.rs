@@ -309,3 +309,31 @@ fn a_deadline_already_past_deletes_the_key_at_once_on_every_node() {
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// `MOVE` and `COPY ... DB` write a key in another database, where a key of that name, dead by
+/// the log's clock, makes them refuse: every node, however late it applies them, sees that key as
+/// the leader did. (A follower replaying its log still holds the dead key, which the leader's
+/// background expiry deleted long before.)
+#[test]
+fn move_and_copy_meet_the_other_databases_keys_as_of_the_entry_time() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    let mut conn = cluster.nodes[leader].client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut conn).unwrap();
+    for key in ["moved", "copied"] {
+        let _: () = redis::cmd("SET").arg(key).arg("old").arg("PX").arg(100).query(&mut conn).unwrap();
+    }
+    sleep_past(Instant::now() + Duration::from_millis(100));
+    let _: () = redis::cmd("SELECT").arg(0).query(&mut conn).unwrap();
+    for key in ["moved", "copied"] {
+        let _: () = redis::cmd("SET").arg(key).arg("new").query(&mut conn).unwrap();
+    }
+    let moved: i64 = redis::cmd("MOVE").arg("moved").arg(1).query(&mut conn).unwrap();
+    let copied: i64 = redis::cmd("COPY").arg("copied").arg("copied").arg("DB").arg(1).query(&mut conn).unwrap();
+    assert_eq!((moved, copied), (1, 1), "the keys in database 1 were dead");
+    let digest = converge(&cluster, &[0, 1, 2]);
+
+    cluster.nodes[follower].restart().unwrap();
+    assert_eq!(converge(&cluster, &[0, 1, 2]), digest, "the follower that replayed its log holds the same dataset");
+}

@@ -35,6 +35,7 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
 use crate::state;
 use raftis_core::command_entry::{encode_clock, EntryTime};
+use raftis_core::determinism;
 use raftis_core::routing::KeyPositions;
 use raftis_core::sort_patterns;
 use redis_module::raw;
@@ -203,6 +204,13 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
     let patterns = sort_patterns::lookups(argv);
     if !patterns.is_empty() {
         expire_sort_lookups(ctx, argv[1], &patterns, at);
+    }
+    if let Some((db, key)) = determinism::key_in_another_database(argv) {
+        let here = ffi::selected_db(ctx);
+        if ffi::select_db(ctx, db) {
+            expire_named_if_due(ctx, key, at, Due::PastDeadline);
+        }
+        ffi::select_db(ctx, here);
     }
 }
 
