@@ -105,3 +105,25 @@ fn what_consumer_groups_cannot_do_here_is_refused_clearly() {
         states.iter().all(|s| *s == states[0]).then_some(())
     });
 }
+
+/// `XADD ... *` takes the stream's next ID as Redis does, by the log's clock: after an explicit ID
+/// ahead of the clock, the next automatic one follows it (the leader's clock pinned into the
+/// command refused it); and every node, however late it applies it, gives the same ID.
+#[test]
+fn automatic_stream_ids_follow_an_id_ahead_of_the_clock() {
+    let mut cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let node = &cluster.nodes[leader];
+    let _: String = cmd(node, &["XADD", "s", "99999999999999-0", "f", "v"]);
+    let next: String = cmd(node, &["XADD", "s", "*", "f", "v"]);
+    assert_eq!(next, "99999999999999-1");
+    let now: String = cmd(node, &["XADD", "fresh", "*", "f", "v"]);
+    let ms: u64 = now.split_once('-').unwrap().0.parse().unwrap();
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(ms <= clock && clock - ms < 10_000, "an automatic ID from the clock: {now} at {clock}");
+    let digest = cluster.assert_same_dataset(&[0, 1, 2]);
+    let follower = (leader + 1) % 3;
+    cluster.nodes[follower].restart().unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
+    assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), digest, "replayed later, the same IDs");
+}

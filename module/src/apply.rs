@@ -486,8 +486,13 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         crate::held::before_long_command();
     }
     let call = || ffi::call(ctx, argv, resp3);
+    let by_the_log_clock = |name: &[u8]| {
+        // XADD's automatic ID as Redis' `*` takes it at the entry's time: the stream's next ID
+        // once its top has gone past that time (see `determinism::pin_automatic_stream_id`).
+        determinism::runs_by_the_log_clock(name) || (name.eq_ignore_ascii_case(b"xadd") && crate::clock::available().is_ok())
+    };
     let reply = match at {
-        Some(at) if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) => crate::clock::pinned(at.0, call),
+        Some(at) if argv.first().is_some_and(|name| by_the_log_clock(name)) => crate::clock::pinned(at.0, call),
         _ => crate::scripts::apply(ctx, command.db, at, argv, over_limit, call),
     };
     if let Some(at) = at {

@@ -90,6 +90,9 @@ fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Re
         })?;
     }
     determinism::pin(argv, at.0);
+    if crate::clock::available().is_err() {
+        determinism::pin_automatic_stream_id(argv, at.0);
+    }
     crate::set_pop::draw_candidates(db, argv)?;
     // Refused before WATCH hears of it: a write that never happens must not abort a transaction.
     let mark = hold_memory_limit && crate::memory::admit(argv)?;
