@@ -603,6 +603,17 @@ pub fn info_text(server: &Server, field: &str) -> String {
     field_in(&info, field).unwrap_or_default().to_string()
 }
 
+/// `n` bytes of hex digits that do not compress (RDB and snapshot files keep their size), from
+/// a generator `seed` carries on.
+pub fn incompressible(n: usize, seed: &mut u64) -> String {
+    (0..n / 8)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            format!("{:08x}", *seed >> 32)
+        })
+        .collect()
+}
+
 /// A counter from RAFT.STATS; panics if the node does not report it.
 pub fn stat_field(server: &Server, field: &str) -> u64 {
     let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();

@@ -2,7 +2,7 @@
 //! without it, and once there is room again it catches up. The small disk is a tmpfs, which takes root to mount: where
 //! that is not possible the test says so and does nothing.
 
-use raftis_integration::{field_in, free_port_pair, info_field, info_text, wait_for, Cluster, Server};
+use raftis_integration::{field_in, free_port_pair, incompressible, info_field, info_text, wait_for, Cluster, Server};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -102,16 +102,6 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
             assert_eq!(node.cmd::<i64>(&["EXISTS", &in_flight]).unwrap(), 0, "{in_flight} on {}, answered {err}", node.port);
         }
     }
-}
-
-/// Values that do not compress, so that a snapshot of them takes as much room.
-fn incompressible(n: usize, seed: &mut u64) -> String {
-    (0..n / 8)
-        .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            format!("{:08x}", *seed >> 32)
-        })
-        .collect()
 }
 
 /// A snapshot that fails for want of room, while the log still has some, is not tried again at

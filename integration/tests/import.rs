@@ -5,7 +5,7 @@
 //! way, a node's `BGSAVE` writes a dump file a plain Redis loads (the README's backup).
 
 use raftis_integration::{
-    digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY,
+    digest, field_in, free_port_pair, incompressible, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY,
 };
 use std::process::Command;
 use std::time::Duration;
@@ -168,18 +168,10 @@ fn a_node_restarted_beside_a_large_dump_file_holds_the_clusters_dataset() {
     let mut conn = plain.client().unwrap();
     // Values that do not compress: the dump file's size is what Redis reads.
     let mut seed = 1u64;
-    let mut value = || {
-        (0..250)
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                format!("{:08x}", seed >> 32)
-            })
-            .collect::<String>()
-    };
     for chunk in 0..6 {
         let mut pipe = redis::pipe();
         for i in 0..1000 {
-            pipe.cmd("SET").arg(format!("big{chunk}-{i}")).arg(value()).ignore();
+            pipe.cmd("SET").arg(format!("big{chunk}-{i}")).arg(incompressible(2000, &mut seed)).ignore();
         }
         pipe.query::<()>(&mut conn).unwrap();
     }
