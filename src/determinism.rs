@@ -67,8 +67,23 @@ pub fn pin(argv: &mut Args, now_ms: i64) {
     }
 }
 
-/// SET/GETEX: `EX s` and `PX ms` become `PXAT now+ttl`.
+/// SET/GETEX: `EX s` and `PX ms` become `PXAT now+ttl`. Left alone with more than one time
+/// option, which Redis refuses (`SET k v EX 10 PX 5`): pinned, they would be two `PXAT`s, which
+/// it accepts.
 fn pin_set_options(argv: &mut Args, first_option: usize, now_ms: i64) {
+    const TIMES: &[&[u8]] = &[b"ex", b"px", b"exat", b"pxat", b"keepttl", b"persist"];
+    let is = |arg: &[u8], names: &[&[u8]]| names.iter().any(|n| arg.eq_ignore_ascii_case(n));
+    let (mut i, mut times) = (first_option, 0);
+    while i < argv.len() {
+        if is(&argv[i], TIMES) {
+            times += 1;
+        }
+        // As Redis reads them: these four take the next argument as their value.
+        i += if is(&argv[i], &TIMES[..4]) { 2 } else { 1 };
+    }
+    if times > 1 {
+        return;
+    }
     let mut i = first_option;
     while i + 1 < argv.len() {
         let unit = if argv[i].eq_ignore_ascii_case(b"ex") {
@@ -269,11 +284,25 @@ mod tests {
     }
 
     #[test]
+    fn two_time_options_are_left_for_redis_to_refuse() {
+        for args in [
+            &["SET", "k", "v", "EX", "10", "PX", "5"][..],
+            &["SET", "k", "v", "PX", "5", "PXAT", "1"],
+            &["set", "k", "v", "keepttl", "ex", "3"],
+            &["GETEX", "k", "EX", "1", "PERSIST"],
+        ] {
+            assert_eq!(run(args), args, "{args:?}");
+        }
+        assert_eq!(run(&["SET", "k", "v", "NX", "GET", "PX", "5"]), ["SET", "k", "v", "NX", "GET", "PXAT", "1000005"]);
+        assert_eq!(run(&["SET", "k", "v", "EX", "PX"]), ["SET", "k", "v", "EX", "PX"], "PX is EX's (bad) value");
+    }
+
+    #[test]
     fn pinning_again_with_another_clock_changes_nothing() {
         // The follower proxy's leader pins a follower's pinned writes again (and `scripts/fuzz`'s
         // `client_commands` checks this on arbitrary commands).
         for args in [
-            &["SET", "k", "v", "EX", "10", "PX", "5"][..],
+            &["SET", "k", "v", "EX", "10", "GET"][..],
             &["GETEX", "k", "PX", "7"],
             &["SETEX", "k", "2", "v"],
             &["EXPIRE", "k", "-3", "GT"],
