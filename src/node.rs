@@ -718,7 +718,7 @@ impl<S: StateMachine> Node<S> {
             }
             let addr = &info.raft_addr;
             if old == status.id {
-                return Err(ProposeError::Dropped(format!("{addr} is this leader's own side port (node {old})")));
+                return Err(ProposeError::Refused(format!("{addr} is this leader's own side port (node {old})")));
             }
             let talking = status.progress_of(old).is_none_or(|p| p.silent_for < SILENT_BEFORE_REPLACED);
             if !talking {
@@ -727,7 +727,7 @@ impl<S: StateMachine> Node<S> {
                 continue;
             }
             if Instant::now() >= give_up {
-                return Err(ProposeError::Dropped(format!(
+                return Err(ProposeError::Refused(format!(
                     "node {old}, a member, is at {addr} and still talks to the leader: the joining node {} cannot \
                      be reached there (check its advertise-addr)",
                     info.id

@@ -24,6 +24,10 @@ pub enum ProposeError {
     /// Raft refused the proposal (e.g. a leadership transfer or a pending membership change).
     #[error("proposal dropped: {0}")]
     Dropped(String),
+    /// The cluster will not make this change, however often asked (a member still talks at the
+    /// joining node's address, an id a recovery left behind).
+    #[error("refused: {0}")]
+    Refused(String),
     /// The node is shutting down.
     #[error("node is shutting down")]
     Shutdown,

@@ -64,6 +64,15 @@ fn a_survivor_of_a_lost_majority_recovers_the_cluster_keeps_its_data_and_grows_a
     assert!(err.contains("recovered the cluster on its own") && err.contains("left node"), "{err}");
     assert_eq!(cluster.nodes[survivor].state(), "leader");
 
+    // Empty but configured with its old id, it is refused at once, and told why.
+    cluster.nodes[old].extra.push(format!("node-id={}", lost_ids[0]));
+    cluster.nodes[old].restart_empty().unwrap();
+    let started = std::time::Instant::now();
+    let err = cluster.nodes[old].cmd::<String>(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[survivor].addr()]).unwrap_err().to_string();
+    assert!(err.contains("refused the join") && err.contains("was left behind by a recovery"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "not retried as if the cluster had no leader");
+    cluster.nodes[old].extra.pop();
+
     // New, empty nodes join (one of them where the old member was) and get the whole dataset.
     cluster.nodes[old].restart_empty().unwrap();
     cluster.nodes[lost[1]].restart_empty().unwrap();

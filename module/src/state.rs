@@ -400,6 +400,7 @@ pub fn error_reply(err: &ProposeError, slot: HashSlot) -> String {
         },
         ProposeError::Overwritten => "CLUSTERDOWN the request was discarded by a new leader; retry it".into(),
         ProposeError::Dropped(why) => format!("CLUSTERDOWN the request was not accepted: {why}"),
+        ProposeError::Refused(why) => format!("ERR {why}"),
         ProposeError::TooLarge { bytes, limit } => too_large(*bytes, *limit),
     }
 }

@@ -42,7 +42,7 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         if self.left_behind(change.node_id()) && !matches!(change, MembershipChange::Remove(_)) {
             let why = format!("node {} was left behind by a recovery: it must join with another id", change.node_id());
-            return waiter(Err(ProposeError::Dropped(why)));
+            return waiter(Err(ProposeError::Refused(why)));
         }
         let (cc, context) = change.to_raft();
         let before = self.raw.raft.raft_log.last_index();
