@@ -290,10 +290,11 @@ fn a_deadline_already_past_deletes_the_key_at_once_on_every_node() {
         .unwrap();
     assert_eq!((set.as_str(), expired, exists, size), ("OK", 1, 0, keys_before), "inside a transaction");
 
-    let script =
-        "redis.call('SET', KEYS[1], 1); redis.call('EXPIRE', KEYS[1], 0); return {redis.call('EXISTS', KEYS[1]), redis.call('DBSIZE')}";
-    let (exists, size): (i64, i64) = redis::cmd("EVAL").arg(script).arg(1).arg("b").query(&mut conn).unwrap();
-    assert_eq!((exists, size), (0, keys_before), "inside a script");
+    // (A script may not call DBSIZE. EXISTS says it: Redis, loading while the log applies,
+    // would find a key left with a past deadline.)
+    let script = "redis.call('SET', KEYS[1], 1); redis.call('EXPIRE', KEYS[1], 0); return redis.call('EXISTS', KEYS[1])";
+    let exists: i64 = redis::cmd("EVAL").arg(script).arg(1).arg("b").query(&mut conn).unwrap();
+    assert_eq!(exists, 0, "inside a script");
 
     let _: () = redis::cmd("SET").arg("c").arg(1).query(&mut conn).unwrap();
     let _: i64 = redis::cmd("PEXPIREAT").arg("c").arg(-1).query(&mut conn).unwrap();
