@@ -762,7 +762,7 @@ fn a_node_that_joins_again_at_a_lost_members_address_replaces_it_but_not_a_live_
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     let refused = leader.node.add_member(info(NodeId(9), live.port), Instant::now() + Duration::from_secs(20));
     match refused {
-        Err(ProposeError::Dropped(why)) => assert!(why.contains(&format!("node {}, a member, is at", live.id)), "{why}"),
+        Err(ProposeError::Refused(why)) => assert!(why.contains(&format!("node {}, a member, is at", live.id)), "{why}"),
         other => panic!("joining at a live member's address: {other:?}"),
     }
     assert_eq!(leader.node.status().voters.len(), 3);
