@@ -283,7 +283,7 @@ extern "C" fn on_main_thread(data: *mut c_void) {
     // key found in RDB file"). Redis fires no timer before the load is over: one due at once
     // brings the jobs back then, to replace whatever the file held.
     let ctx = inner.ctx.0;
-    if redis_is_loading(ctx) {
+    if ffi::redis_is_loading(ctx) {
         inner.applying.store(false, Ordering::Release);
         let data = Arc::into_raw(inner) as *mut c_void;
         unsafe { ffi::api!(RedisModule_CreateTimer)(ctx, 0, Some(after_loading), data) };
@@ -300,11 +300,6 @@ extern "C" fn on_main_thread(data: *mut c_void) {
         inner.scheduled.store(true, Ordering::Release);
         wake(&inner);
     }
-}
-
-fn redis_is_loading(ctx: *mut ffi::RedisModuleCtx) -> bool {
-    let flags = unsafe { ffi::api!(RedisModule_GetContextFlags)(ctx) };
-    flags & redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING as i32 != 0
 }
 
 extern "C" fn after_loading(_ctx: *mut ffi::RedisModuleCtx, data: *mut c_void) {

@@ -206,11 +206,7 @@ pub fn expire_due(ctx: *mut RedisModuleCtx, argv: &[&[u8]], at: EntryTime) {
         expire_sort_lookups(ctx, argv[1], &patterns, at);
     }
     if let Some((db, key)) = determinism::key_in_another_database(argv) {
-        let here = ffi::selected_db(ctx);
-        if ffi::select_db(ctx, db) {
-            expire_named_if_due(ctx, key, at, Due::PastDeadline);
-        }
-        ffi::select_db(ctx, here);
+        ffi::in_db(ctx, db, || expire_named_if_due(ctx, key, at, Due::PastDeadline));
     }
 }
 

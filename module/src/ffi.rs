@@ -262,6 +262,21 @@ pub fn select_db(ctx: *mut RedisModuleCtx, db: u32) -> bool {
     unsafe { api!(RedisModule_SelectDb)(ctx, db as c_int) == OK }
 }
 
+/// Runs `f` in database `db`, then goes back to the database selected before; None, without
+/// running `f`, if there is no such database.
+pub fn in_db<R>(ctx: *mut RedisModuleCtx, db: u32, f: impl FnOnce() -> R) -> Option<R> {
+    let before = selected_db(ctx);
+    let result = select_db(ctx, db).then(f);
+    select_db(ctx, before);
+    result
+}
+
+/// Whether Redis is loading: a file of its own at start, or the log's entries (see `expiry`).
+pub fn redis_is_loading(ctx: *mut RedisModuleCtx) -> bool {
+    let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
+    flags & raw::REDISMODULE_CTX_FLAGS_LOADING as c_int != 0
+}
+
 /// The `REDISMODULE_CLIENTINFO_FLAG_*` flags of client `id`; None if it is not connected.
 pub fn client_flags(id: u64) -> Option<u64> {
     let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };

@@ -377,12 +377,8 @@ fn protect_every_lone(held: &mut Held, hooks: &Hooks) {
 /// running it (see `processCommand`). It refuses them for no other reason Raftis allows: ACL
 /// rules and logins change through commands, which give every lone write its slot on the way.
 fn redis_may_refuse(hooks: &Hooks) -> bool {
-    let loading = || {
-        let flags = unsafe { api!(RedisModule_GetContextFlags)(state::get().main_thread_ctx()) };
-        flags & raw::REDISMODULE_CTX_FLAGS_LOADING as i32 != 0
-    };
     let busy_or_disk_error = unsafe { (hooks.yielding)() != 0 || (hooks.disk_error)() != 0 };
-    busy_or_disk_error || loading()
+    busy_or_disk_error || ffi::redis_is_loading(state::get().main_thread_ctx())
 }
 
 /// If client `id` has a lone write, gives it its slot at the end of the output, where its reply

@@ -334,15 +334,13 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
     // Keys are expired by the entry's time, as before a client's command (Redis' own expiry is
     // suspended while the log applies).
     let ctx = running.ctx;
-    let entry_db = ffi::selected_db(ctx);
-    if ffi::select_db(ctx, running.db) {
+    ffi::in_db(ctx, running.db, || {
         let pinned: Vec<&[u8]> = pinned.iter().map(|a| a.as_ref()).collect();
         crate::expiry::expire_due(ctx, &pinned, running.at);
         if let Some(key) = crate::expiry::deadline_key(&pinned) {
             SET_DEADLINE.with(|d| *d.borrow_mut() = Some((running.db, key.to_vec())));
         }
-    }
-    ffi::select_db(ctx, entry_db);
+    });
     running
 }
 
@@ -351,11 +349,7 @@ fn police(fctx: *mut RedisModuleCommandFilterCtx, running: Running) -> Running {
 /// script's next call, or the end of the script.
 fn settle_deadline(ctx: *mut RedisModuleCtx, at: EntryTime) {
     let Some((db, key)) = SET_DEADLINE.with(|d| d.borrow_mut().take()) else { return };
-    let current = ffi::selected_db(ctx);
-    if ffi::select_db(ctx, db) {
-        crate::expiry::delete_key_if_already_expired(ctx, &key, at);
-    }
-    ffi::select_db(ctx, current);
+    ffi::in_db(ctx, db, || crate::expiry::delete_key_if_already_expired(ctx, &key, at));
 }
 
 /// Whether `name` is a command with a `KILL` subcommand ([`route_kill`] routes it).
