@@ -230,6 +230,14 @@ impl Server {
         self.signal("-CONT");
     }
 
+    /// Whether Redis' main thread is asleep in a `DEBUG SLEEP` (in `nanosleep` or
+    /// `clock_nanosleep`, which its event loop never calls), as /proc tells.
+    pub fn main_thread_sleeps(&self) -> bool {
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else { return false };
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        matches!(syscall.split_whitespace().next(), Some("35" | "230"))
+    }
+
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
             let ok = Command::new("kill").arg(sig).arg(c.id().to_string()).status().is_ok_and(|s| s.success());
