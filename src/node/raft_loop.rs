@@ -33,7 +33,11 @@ impl<S: StateMachine> RaftLoop<S> {
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
-            if let Err(e) = self.store.set_ordered_commits(self.sync_writes()).context("flushing the log as durability rises to high") {
+            // Read once per round: the append below must be flushed exactly when the earlier,
+            // unflushed writes were (a durability raised in between would fsync the journal
+            // alone, over a log whose older part may still be lost).
+            let sync = self.sync_writes();
+            if let Err(e) = self.store.set_ordered_commits(sync).context("flushing the log as durability rises to high") {
                 self.stop_on(e);
                 break;
             }
@@ -73,7 +77,7 @@ impl<S: StateMachine> RaftLoop<S> {
             }
             self.start_wanted_transfer();
             self.start_reads();
-            if let Err(e) = self.on_ready().await {
+            if let Err(e) = self.on_ready(sync).await {
                 self.stop_on(e);
                 break;
             }
@@ -340,12 +344,12 @@ impl<S: StateMachine> RaftLoop<S> {
         durability == Durability::High
     }
 
-    async fn on_ready(&mut self) -> anyhow::Result<()> {
+    /// Persists and sends what raft has ready; `sync`: durability is high for this round.
+    async fn on_ready(&mut self, sync: bool) -> anyhow::Result<()> {
         if !self.raw.has_ready() {
             return Ok(());
         }
         let mut ready = self.raw.ready();
-        let sync = self.sync_writes();
         CounterCells::add(&self.shared.counters.readies, 1);
 
         // A leader may send appends while it persists its own copy: it only counts itself
