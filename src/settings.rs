@@ -52,6 +52,12 @@ const MIN_MAX_ENTRY_BYTES: u64 = 1 << 10;
 /// Below the side port's largest frame (`resp::MAX_BULK`), with room for the message around it.
 const MAX_MAX_ENTRY_BYTES: u64 = 255 << 20;
 
+/// Upper bounds for the timing settings: far beyond any sensible value, and low enough that no
+/// timeout computed from them overflows (`Instant + Duration` panics, raft counts ticks in u32).
+const MAX_TICK_MS: u64 = 60_000;
+const MAX_TICKS: usize = 100_000;
+const MAX_WRITE_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
     #[error("missing required argument dir=PATH")]
@@ -62,6 +68,8 @@ pub enum SettingsError {
     UnknownKey(String),
     #[error("invalid value '{value}' for {key}: {why}")]
     BadValue { key: String, value: String, why: String },
+    #[error("heartbeat-ticks ({heartbeat}) must be less than election-ticks ({election})")]
+    HeartbeatNotBelowElection { heartbeat: usize, election: usize },
 }
 
 impl Settings {
@@ -94,7 +102,19 @@ impl Settings {
         if !have_dir {
             return Err(SettingsError::MissingDir);
         }
+        // Once all are in: the order the ticks were given in does not matter.
+        s.check_ticks()?;
         Ok(s)
+    }
+
+    /// Whether the tick settings fit together; `set` checks each alone, so that load arguments
+    /// may come in any order.
+    pub fn check_ticks(&self) -> Result<(), SettingsError> {
+        let Timing { election_ticks: election, heartbeat_ticks: heartbeat, .. } = self.timing;
+        if heartbeat >= election {
+            return Err(SettingsError::HeartbeatNotBelowElection { heartbeat, election });
+        }
+        Ok(())
     }
 
     /// Sets one setting by name; used for load arguments and for RAFT.CONFIG SET.
@@ -121,7 +141,8 @@ impl Settings {
                 self.advertise_addr = Some(value.to_string());
             }
             "write-timeout" => {
-                self.write_timeout = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?)
+                let ms = positive_ms(value).filter(|ms| *ms <= MAX_WRITE_TIMEOUT_MS);
+                self.write_timeout = Duration::from_millis(ms.ok_or_else(|| bad("expected milliseconds from 1 to 86400000 (a day)"))?)
             }
             "follower-proxy" => {
                 self.follower_proxy = match value.to_ascii_lowercase().as_str() {
@@ -131,21 +152,16 @@ impl Settings {
                 }
             }
             "tick-ms" => {
-                self.timing.tick_interval = Duration::from_millis(positive_ms(value).ok_or_else(|| bad("expected milliseconds > 0"))?)
+                let ms = positive_ms(value).filter(|ms| *ms <= MAX_TICK_MS);
+                self.timing.tick_interval = Duration::from_millis(ms.ok_or_else(|| bad("expected milliseconds from 1 to 60000"))?)
             }
             "election-ticks" => {
-                let v: usize = value.parse().map_err(|_| bad("expected an integer"))?;
-                if v <= self.timing.heartbeat_ticks {
-                    return Err(bad("must be greater than heartbeat-ticks"));
-                }
-                self.timing.election_ticks = v;
+                let v = value.parse().ok().filter(|v| (2..=MAX_TICKS).contains(v));
+                self.timing.election_ticks = v.ok_or_else(|| bad("expected an integer from 2 to 100000, above heartbeat-ticks"))?;
             }
             "heartbeat-ticks" => {
-                let v: usize = value.parse().map_err(|_| bad("expected an integer"))?;
-                if v == 0 || v >= self.timing.election_ticks {
-                    return Err(bad("must be at least 1 and less than election-ticks"));
-                }
-                self.timing.heartbeat_ticks = v;
+                let v = value.parse().ok().filter(|v| (1..MAX_TICKS).contains(v));
+                self.timing.heartbeat_ticks = v.ok_or_else(|| bad("expected an integer from 1 to 99999, below election-ticks"))?;
             }
             "snapshot-threshold" => {
                 self.snapshot_threshold = value.parse().map_err(|_| bad("expected a number of entries (0 disables)"))?
@@ -237,6 +253,35 @@ mod tests {
         assert_eq!(Settings::parse(&["dir=d"]).unwrap().raft_password, None);
         assert_eq!(Settings::parse(&["dir=d", "raft-password="]).unwrap().raft_password, None);
         assert!(Settings::parse(&["dir=d", "raft-password=a=b"]).unwrap().raft_password.unwrap().matches(b"a=b"));
+    }
+
+    #[test]
+    fn ticks_may_come_in_any_order_and_are_checked_together() {
+        let s = Settings::parse(&["dir=d", "heartbeat-ticks=20", "election-ticks=100"]).unwrap();
+        assert_eq!((s.timing.election_ticks, s.timing.heartbeat_ticks), (100, 20));
+        let s = Settings::parse(&["dir=d", "election-ticks=2", "heartbeat-ticks=1"]).unwrap();
+        assert_eq!((s.timing.election_ticks, s.timing.heartbeat_ticks), (2, 1));
+        let e = Settings::parse(&["dir=d", "election-ticks=5", "heartbeat-ticks=5"]).unwrap_err();
+        assert_eq!(e, SettingsError::HeartbeatNotBelowElection { heartbeat: 5, election: 5 });
+        assert_eq!(e.to_string(), "heartbeat-ticks (5) must be less than election-ticks (5)");
+    }
+
+    #[test]
+    fn timing_settings_have_bounds_that_keep_timeouts_computable() {
+        for (key, ok, bad) in [
+            ("tick-ms", "60000", ["0", "60001", "-5"]),
+            ("election-ticks", "100000", ["1", "100001", "4294967306"]),
+            ("heartbeat-ticks", "1", ["0", "100000", "x"]),
+            ("write-timeout", "86400000", ["0", "86400001", "9223372036854775808"]),
+        ] {
+            let mut s = Settings::parse(&["dir=d"]).unwrap();
+            s.set(key, ok).unwrap_or_else(|e| panic!("{key}={ok}: {e}"));
+            for value in bad {
+                let before = format!("{:?}", s.timing);
+                assert!(s.set(key, value).is_err(), "{key}={value}");
+                assert_eq!(format!("{:?}", s.timing), before, "{key}={value} changed something");
+            }
+        }
     }
 
     #[test]

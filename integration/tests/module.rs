@@ -776,9 +776,11 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
         (info_field(n, "election_ticks") == 20 && info_field(n, "heartbeat_ticks") == 4).then_some(())
     });
     let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "heartbeat-ticks", "20"]).unwrap_err().to_string();
-    assert!(err.contains("less than election-ticks"), "{err}");
+    assert!(err.contains("heartbeat-ticks (20) must be less than election-ticks (20)"), "{err}");
     let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "election-ticks", "4"]).unwrap_err().to_string();
-    assert!(err.contains("greater than heartbeat-ticks"), "{err}");
+    assert!(err.contains("heartbeat-ticks (4) must be less than election-ticks (4)"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "election-ticks", "4294967306"]).unwrap_err().to_string();
+    assert!(err.contains("from 2 to 100000"), "{err}");
     let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "*t*"]).unwrap();
     let map: std::collections::HashMap<&str, &str> = got.chunks(2).map(|kv| (kv[0].as_str(), kv[1].as_str())).collect();
     assert_eq!(map["durability"], "medium", "a rejected SET changed nothing");

@@ -98,7 +98,7 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
                 return Err(format!("ERR unknown setting '{name}' (runtime settings: {})", RUNTIME.join(", ")));
             }
             let mut next = s.settings();
-            next.set(&name, &value).map_err(|e| format!("ERR {e}"))?;
+            next.set(&name, &value).and_then(|()| next.check_ticks()).map_err(|e| format!("ERR {e}"))?;
             let node = s.node();
             match name.as_str() {
                 "consistency" => s.set_consistency(next.consistency),
