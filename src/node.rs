@@ -233,6 +233,8 @@ enum Request<W> {
         election: usize,
         heartbeat: usize,
     },
+    /// `tick-ms` changed: the next tick is due by the new length.
+    TickChanged,
     /// Make this node the only voter of a cluster that lost its majority (see [`crate::recovery`]).
     Recover(Sender<Result<LogIndex, String>>),
     SnapshotTaken(TakenSnapshot, Sender<()>),
@@ -791,6 +793,7 @@ impl<S: StateMachine> Node<S> {
     /// Changes the tick length at runtime; election and heartbeat timeouts scale with it.
     pub fn set_tick_interval(&self, tick: Duration) {
         self.shared.tick_ms.store(tick.as_millis().max(1) as u64, Ordering::Relaxed);
+        let _ = self.tx.send(Request::TickChanged);
     }
 
     pub fn durability(&self) -> Durability {

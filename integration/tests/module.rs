@@ -795,6 +795,28 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert!(info.contains("raft_durability:medium"), "{info}");
 }
 
+/// A shorter `tick-ms` takes effect at once, not after a tick of the old length: a leader set
+/// to tick once a minute and set back still ends a write that cannot commit at write-timeout
+/// (deadlines are checked on ticks), not at Redis' backstop a second later.
+#[test]
+fn a_shorter_tick_takes_effect_at_once() {
+    let cluster = Cluster::start(3, &["write-timeout=500"]).unwrap();
+    let leader = cluster.wait_leader();
+    let _: () = cluster.nodes[leader].cmd(&["RAFT.CONFIG", "SET", "tick-ms", "60000"]).unwrap();
+    // Part of the scenario, not a wait for a condition: one tick runs at the long length.
+    std::thread::sleep(Duration::from_millis(300));
+    let _: () = cluster.nodes[leader].cmd(&["RAFT.CONFIG", "SET", "tick-ms", "100"]).unwrap();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &f in &followers {
+        cluster.nodes[f].pause();
+    }
+    let err = cluster.nodes[leader].cmd::<()>(&["SET", "k", "v"]).unwrap_err().to_string();
+    for &f in &followers {
+        cluster.nodes[f].resume();
+    }
+    assert!(err.contains("not committed within write-timeout"), "{err}");
+}
+
 /// A node restarted on other ports (as a container comes back with another IP) is given its new
 /// addresses through the log: it said them when it dialed the others, the leader proposed them,
 /// and every node reaches it there again.

@@ -16,8 +16,11 @@ impl<S: StateMachine> RaftLoop<S> {
     }
 
     async fn rounds(&mut self) {
-        let mut next_tick = Instant::now() + self.tick_interval();
+        let mut last_tick = Instant::now();
         while !self.shutdown {
+            // From the tick length now, not the one at the last tick: a shorter `tick-ms` set
+            // after a long one takes effect at once (the change wakes the loop).
+            let next_tick = last_tick + self.tick_interval();
             if let Some(why) = self.removed.take() {
                 self.leave(why);
                 break;
@@ -71,7 +74,7 @@ impl<S: StateMachine> RaftLoop<S> {
             let ticked = now >= next_tick;
             if ticked {
                 self.raw.tick();
-                next_tick = now + self.tick_interval();
+                last_tick = now;
                 self.expire(now);
                 self.ask_leader_health();
             }
@@ -243,6 +246,8 @@ impl<S: StateMachine> RaftLoop<S> {
             Request::Removed { .. } => {}
             Request::TransferLeader(to) => self.want_transfer(to),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
+            // Only wakes the loop, which reads the new length (`rounds`).
+            Request::TickChanged => {}
             Request::Recover(done) => {
                 if let Some(earlier) = self.recover_wanted.replace(done) {
                     let _ = earlier.send(Err("another RECOVER came first".into()));
