@@ -487,6 +487,15 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT._WATCH"], "RAFT._WATCH only takes WATCH key [key ...] (it is used internally)");
     expect_err(&["RAFT._WATCH", "k"], "RAFT._WATCH only takes WATCH key [key ...] (it is used internally)");
     expect_err(&["RAFT._WAIT", "100", "0"], "RAFT._WAIT only takes WAIT numreplicas timeout (it is used internally)");
+    // RAFT._READ runs its command on this node alone: a write there would bypass the log.
+    expect_err(&["RAFT._READ", "SET", "bypass", "local"], "RAFT._READ only takes read commands (it is used internally)");
+    expect_err(&["RAFT._READ", "FLUSHALL"], "RAFT._READ only takes read commands");
+    expect_err(&["RAFT._READ", "CONFIG", "SET", "maxmemory-policy", "allkeys-lru"], "RAFT._READ only takes read commands");
+    expect_err(&["RAFT._READ", "REPLICAOF", "127.0.0.1", "1"], "Redis replication is refused");
+    expect_err(&["RAFT._CMD", "GET", "bypass"], "RAFT._CMD only takes write commands");
+    assert_eq!(node.cmd::<Option<String>>(&["GET", "bypass"]).unwrap(), None);
+    let _: () = node.cmd(&["SET", "bypass", "logged"]).unwrap();
+    assert_eq!(node.cmd::<String>(&["RAFT._READ", "GET", "bypass"]).unwrap(), "logged", "a read through it still runs");
     expect_err(&["FCALL", "f", "0"], "Function not found");
     expect_err(&["FUNCTION", "LOAD", "not lua"], "Missing library metadata");
     expect_err(&["FUNCTION", "RESTORE", "junk"], "payload version or checksum are wrong");

@@ -22,6 +22,7 @@ use crate::cluster_view::slot_of;
 use crate::ffi::{self, RedisModuleCtx};
 use crate::state;
 use raftis_core::config::Consistency;
+use raftis_core::routing::Route;
 use std::time::{Duration, Instant};
 
 pub const READ_COMMAND: &str = "raft._read";
@@ -43,6 +44,12 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let argv = &args[1..];
     if argv.is_empty() {
         return Err("ERR wrong number of arguments for 'raft._read' command".into());
+    }
+    // A client may call it too: whatever is not a read would run here alone, outside the log.
+    match state::get().route(argv) {
+        Route::Read => {}
+        Route::Refuse(e) => return Err(e),
+        _ => return Err("ERR RAFT._READ only takes read commands (it is used internally)".into()),
     }
     if crate::transaction::in_exec(ctx) {
         return crate::transaction::join(ctx, ffi::selected_db(ctx), ffi::owned_args(argv), None);
