@@ -130,6 +130,34 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     let _: () = node.cmd(&["SET", "after", "1"]).unwrap();
 }
 
+/// A transaction that restricts the open default user halfway through: the commands after it,
+/// in the transaction and after it, are checked against the new rules (the module's note that
+/// nothing needs checking was learnt again inside EXEC, before the `ACL SETUSER` ran, and kept).
+#[test]
+fn an_acl_change_inside_a_transaction_applies_to_what_follows_it() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let mut conn = node.client().unwrap();
+    let exec: redis::RedisResult<Vec<Value>> = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("x")
+        .arg("1")
+        .cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-flushall")
+        .cmd("FLUSHALL")
+        .query(&mut conn);
+    // Redis' own check of FLUSHALL inside EXEC sees RAFT._CMD, which +@all still grants: the
+    // module refuses it and discards the transaction, or it runs and empties the dataset.
+    let emptied = exec.is_ok() && node.cmd::<Option<String>>(&["GET", "x"]).unwrap().is_none();
+    assert!(!emptied, "FLUSHALL ran after the user lost it: {exec:?}");
+    refused(run(&mut conn, &["FLUSHALL"]), "flushall");
+    let _: () = node.cmd(&["ACL", "SETUSER", "default", "+flushall"]).unwrap();
+    assert_eq!(run(&mut conn, &["FLUSHALL"]).unwrap(), Value::Okay);
+}
+
 /// Redis' own password, set on every node once the cluster is formed (the harness' checks of a
 /// starting server know none).
 const REDIS_PASSWORD: &str = "redis-pw";

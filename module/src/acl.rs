@@ -11,7 +11,9 @@
 //! `ACL DRYRUN` costs a command call: when the only user is an unrestricted `default` (Redis' own
 //! default, and what a deployment without ACL has), nothing can be refused and nothing is
 //! checked. Which of the two holds is learnt from `ACL LIST` again after any `ACL` command or
-//! `EXEC` (a transaction may hold an `ACL SETUSER`) has passed the filter.
+//! `EXEC` has passed the filter. Inside EXEC it is learnt afresh for every check and not kept: a
+//! transaction may hold an `ACL SETUSER` that changes the users halfway through, and the commands
+//! EXEC runs do not pass the filter.
 //!
 //! Inside MULTI, Redis refuses a command at queueing and discards the transaction at EXEC; here the
 //! refusal comes at EXEC, and discards the whole transaction just the same.
@@ -122,9 +124,10 @@ fn log_refusal(ctx: *mut RedisModuleCtx, user: &[u8], refused: &Refusal) {
 }
 
 fn restricted(ctx: *mut RedisModuleCtx) -> bool {
+    let in_exec = crate::transaction::in_exec(ctx);
     match USERS.load(Ordering::Relaxed) {
-        OPEN => false,
-        RESTRICTED => true,
+        OPEN if !in_exec => false,
+        RESTRICTED if !in_exec => true,
         _ => {
             let users = ffi::call(ctx, &[&b"ACL"[..], b"LIST"], false);
             let lines: Vec<Vec<u8>> = if ffi::is_array(users) {
@@ -134,7 +137,18 @@ fn restricted(ctx: *mut RedisModuleCtx) -> bool {
             };
             ffi::free_call_reply(users);
             let open = matches!(lines.as_slice(), [only] if is_open_default(only));
-            USERS.store(if open { OPEN } else { RESTRICTED }, Ordering::Relaxed);
+            // Within EXEC the users may change after this check: what is learnt is not kept,
+            // and the next check outside EXEC learns it again.
+            USERS.store(
+                if in_exec {
+                    UNKNOWN
+                } else if open {
+                    OPEN
+                } else {
+                    RESTRICTED
+                },
+                Ordering::Relaxed,
+            );
             !open
         }
     }
