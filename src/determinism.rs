@@ -140,8 +140,15 @@ fn owned(n: i64) -> Cow<'static, [u8]> {
     Cow::Owned(n.to_string().into_bytes())
 }
 
+/// An integer as Redis reads one (`string2ll`): an optional '-', no '+', no leading zero, no
+/// space, and no "-0". Anything else is left unchanged, for Redis to refuse.
 fn parse_i64(arg: &[u8]) -> Option<i64> {
-    std::str::from_utf8(arg).ok()?.parse().ok()
+    let canonical = match arg.strip_prefix(b"-").unwrap_or(arg) {
+        [b'0'] => arg.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    std::str::from_utf8(arg).ok().filter(|_| canonical)?.parse().ok()
 }
 
 /// A strictly positive relative time turned into an absolute one; None where Redis would refuse.
@@ -184,6 +191,16 @@ pub fn selected_db(argv: &[&[u8]], databases: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_are_read_as_redis_reads_them() {
+        for (arg, expected) in [("0", Some(0)), ("10", Some(10)), ("-5", Some(-5)), ("9223372036854775807", Some(i64::MAX))] {
+            assert_eq!(parse_i64(arg.as_bytes()), expected, "{arg}");
+        }
+        for arg in ["+10", "010", "-0", "-05", " 1", "1 ", "", "-", "1e3", "9223372036854775808", "00"] {
+            assert_eq!(parse_i64(arg.as_bytes()), None, "{arg}");
+        }
+    }
 
     #[test]
     fn move_and_copy_name_a_key_in_another_database() {

@@ -301,6 +301,14 @@ fn a_deadline_already_past_deletes_the_key_at_once_on_every_node() {
     let _: () = redis::cmd("SET").arg("d").arg(1).query(&mut conn).unwrap();
     let v: String = redis::cmd("GETEX").arg("d").arg("PXAT").arg(1).query(&mut conn).unwrap();
     assert_eq!(v, "1");
+    // Times Redis does not read as integers are refused as Redis refuses them, not turned into
+    // valid deadlines on the way to the log.
+    for time in ["010", "+5", "-0", "-05"] {
+        for command in [&["SET", "e", "1", "EX", time][..], &["EXPIRE", "c", time], &["SETEX", "e", time, "1"]] {
+            let err = leader.cmd::<redis::Value>(command).unwrap_err().to_string();
+            assert!(err.contains("not an integer"), "{command:?}: {err}");
+        }
+    }
     cluster.wait_converged(&[0, 1, 2]);
     for (i, node) in cluster.nodes.iter().enumerate() {
         let size: i64 = node.cmd(&["DBSIZE"]).unwrap();
