@@ -118,6 +118,13 @@ fn script_flush_and_the_commands_a_script_cannot_use_are_answered_clearly() {
     let expected = ":1\r\n:1\r\n+OK\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n";
     let got = raftis_integration::raw_exchange(node.port, request.as_bytes(), expected.len());
     assert_eq!(String::from_utf8_lossy(&got), expected);
+    // A flush Redis refuses keeps the cache, in Redis and in the log's copy.
+    let sha: String = node.cmd(&["SCRIPT", "LOAD", "return 2"]).unwrap();
+    let err = node.cmd::<Value>(&["SCRIPT", "FLUSH", "LATER"]).unwrap_err();
+    assert!(err.to_string().contains("SYNC|ASYNC"), "{err}");
+    assert_eq!(node.cmd::<i64>(&["EVALSHA", &sha, "0"]).unwrap(), 2);
+    let _: () = node.cmd(&["SCRIPT", "FLUSH", "async"]).unwrap();
+    assert_eq!(node.cmd::<Value>(&["EVALSHA", &sha, "0"]).unwrap_err().code(), Some("NOSCRIPT"));
     let err = node.cmd::<Value>(&["SCRIPT", "DEBUG", "YES"]).unwrap_err();
     assert!(err.to_string().contains("SCRIPT DEBUG"), "{err}");
     let err = node.cmd::<Value>(&["EVAL", "return redis.call('SPOP', KEYS[1])", "1", "s"]).unwrap_err();

@@ -149,7 +149,7 @@ pub fn prepare(argv: &mut Args) -> Result<(), String> {
             remember(hooks, &argv[1]);
         } else if argv.len() == 3 && argv[1].eq_ignore_ascii_case(b"load") {
             remember(hooks, &argv[2]);
-        } else if argv.len() >= 2 && argv[1].eq_ignore_ascii_case(b"flush") {
+        } else if flushes_scripts(argv) {
             forget_all();
         }
         return Ok(());
@@ -198,13 +198,26 @@ pub fn apply<T>(ctx: *mut RedisModuleCtx, db: u32, at: Option<EntryTime>, argv: 
         if let Ok(hooks) = hooks() {
             if argv[1].eq_ignore_ascii_case(b"load") && argv.len() == 3 {
                 remember_if_cached(ctx, hooks, argv[2]);
-            } else if argv[1].eq_ignore_ascii_case(b"flush") {
+            } else if flushes_scripts(argv) {
                 forget_all();
             }
         }
         return result;
     }
     call()
+}
+
+/// `SCRIPT FLUSH [SYNC|ASYNC]` (`argv` after `SCRIPT`'s name check): what Redis runs; it
+/// refuses any other option and keeps its cache.
+fn flushes_scripts<A: AsRef<[u8]>>(argv: &[A]) -> bool {
+    match argv {
+        [_, flush] => flush.as_ref().eq_ignore_ascii_case(b"flush"),
+        [_, flush, mode] => {
+            let mode = mode.as_ref();
+            flush.as_ref().eq_ignore_ascii_case(b"flush") && (mode.eq_ignore_ascii_case(b"sync") || mode.eq_ignore_ascii_case(b"async"))
+        }
+        _ => false,
+    }
 }
 
 /// `SCRIPT KILL` or `FUNCTION KILL` (`args` is `[KILL_COMMAND, SCRIPT|FUNCTION, KILL]`), also
