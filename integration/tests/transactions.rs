@@ -188,6 +188,15 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     let _: i64 = leader.cmd(&["PUBLISH", "news", "m"]).unwrap();
     let _: String = leader.cmd(&["SCRIPT", "LOAD", "return 1"]).unwrap();
     exchange(&mut watcher, "MULTI\r\nSET k 9\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    // Nor do the reads that go through the log: a read-only script, and PFCOUNT of a key whose
+    // count is cached (one whose count it refreshes is changed, in Redis too).
+    let _: i64 = leader.cmd(&["PFADD", "hll", "a"]).unwrap();
+    let _: i64 = leader.cmd(&["PFCOUNT", "hll"]).unwrap();
+    exchange(&mut watcher, "WATCH k hll\r\n", "+OK\r\n");
+    let got: String = leader.cmd(&["EVAL_RO", "return redis.call('GET', KEYS[1])", "1", "k"]).unwrap();
+    assert_eq!(got, "9");
+    assert_eq!(leader.cmd::<i64>(&["PFCOUNT", "hll"]).unwrap(), 1);
+    exchange(&mut watcher, "MULTI\r\nSET k 10\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
     // Once its transactions are over the leader forgets the watcher's keys; after UNWATCH alone
     // it cannot tell, and remembers them until the client is gone.
     let watching = || stat_field(leader, "watching_clients");
@@ -199,6 +208,47 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     let err = follower.cmd::<String>(&["WATCH", "k"]).unwrap_err();
     assert_eq!(err.code(), Some("MOVED"), "{err}");
+}
+
+/// `MOVE` and `COPY ... DB` write a key of another database, which Redis' key positions do not
+/// name: a client watching that key there learns of the write when it is proposed, as of any
+/// other, not only once the log applies it (a transaction queued behind it would then run).
+#[test]
+fn watch_sees_a_move_into_its_database_as_soon_as_it_is_proposed() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader_at = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_at];
+    let _: () = leader.cmd(&["SET", "k", "a"]).unwrap();
+    let _: () = leader.cmd(&["SET", "c", "b"]).unwrap();
+    let exchange = |s: &mut std::net::TcpStream, request: &str, expected: &str| {
+        let got = raftis_integration::exchange_on(s, request.as_bytes(), expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), expected, "after {request:?}");
+    };
+    let followers: Vec<&Server> = cluster.nodes.iter().filter(|n| n.port != leader.port).collect();
+    for (write, watched) in [("MOVE k 1", "k"), ("COPY c c2 DB 1", "c2")] {
+        let mut watcher = std::net::TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+        exchange(&mut watcher, &format!("SELECT 1\r\nWATCH {watched}\r\n"), "+OK\r\n+OK\r\n");
+        // Without followers nothing commits: the write stays proposed while EXEC runs.
+        let before = client_proposals(leader);
+        for f in &followers {
+            f.pause();
+        }
+        let mut writer = std::net::TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
+        std::io::Write::write_all(&mut writer, format!("{write}\r\n").as_bytes()).unwrap();
+        wait_for("the write to be proposed", Duration::from_secs(10), || (client_proposals(leader) > before).then_some(()));
+        let request = format!("MULTI\r\nSET {watched} mine\r\nEXEC\r\n");
+        let aborted = "+OK\r\n+QUEUED\r\n*-1\r\n";
+        let got = raftis_integration::exchange_on(&mut watcher, request.as_bytes(), aborted.len());
+        for f in &followers {
+            f.resume();
+        }
+        assert_eq!(String::from_utf8_lossy(&got), aborted, "EXEC ran after {write}");
+        exchange(&mut writer, "", ":1\r\n");
+    }
+    let mut conn = leader.client().unwrap();
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut conn).unwrap();
+    let got: (String, String) = redis::cmd("MGET").arg("k").arg("c2").query(&mut conn).unwrap();
+    assert_eq!(got, ("a".to_string(), "b".to_string()));
 }
 
 /// Read-modify-write with WATCH (redis::transaction, which retries on nil) while other clients

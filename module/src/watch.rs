@@ -105,6 +105,12 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         return;
     }
     let ctx = state::get().main_thread_ctx();
+    // `MOVE key db` and `COPY ... DB db` write a key of another database, which Redis' key
+    // positions do not name.
+    let argv_bytes: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
+    if let Some((other_db, key)) = raftis_core::determinism::key_in_another_database(&argv_bytes) {
+        ffi::signal_modified_key(ctx, other_db, key);
+    }
     if ffi::signal_keys_of(ctx, db, argv) > 0 {
         return;
     }
@@ -115,10 +121,12 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
     }
 }
 
-/// Replicated commands that name no key and change none (a message, the script cache, the
-/// function libraries): a write without keys otherwise counts for every watched key.
+/// Replicated commands that change no key: those that name none (a message, the script cache,
+/// the function libraries), for which a write without keys would count for every watched key,
+/// and the reads that go through the log (read-only scripts, and PFCOUNT, which may only
+/// refresh its cached count).
 fn changes_no_key(argv: &[impl AsRef<[u8]>]) -> bool {
-    const NO_KEYS: &[&[u8]] = &[b"publish", b"spublish", b"script", b"function"];
+    const NO_KEYS: &[&[u8]] = &[b"publish", b"spublish", b"script", b"function", b"eval_ro", b"evalsha_ro", b"fcall_ro", b"pfcount"];
     argv.first().is_some_and(|name| NO_KEYS.iter().any(|n| name.as_ref().eq_ignore_ascii_case(n)))
 }
 
