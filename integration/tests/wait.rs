@@ -35,6 +35,15 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     cluster.nodes[follower].resume();
     assert_eq!(counted.integer(), Some(1));
     assert_eq!(call(&mut raftis, &["WAIT", "2", "0"]).integer(), Some(2), "it caught up");
+    // So does a transaction just before WAIT in the same pipeline, which the leader proposes
+    // at the end of its event-loop turn.
+    cluster.nodes[follower].pause();
+    let pipeline = [args(&["MULTI"]), args(&["SET", "k", "m"]), args(&["EXEC"]), args(&["WAIT", "2", "300"])];
+    let replies = raftis.pipeline(&pipeline);
+    cluster.nodes[follower].resume();
+    let replies = replies.unwrap();
+    assert_eq!(replies[3].integer(), Some(1), "WAIT counted a node without the transaction: {replies:?}");
+    assert_eq!(call(&mut raftis, &["WAIT", "2", "0"]).integer(), Some(2), "it caught up");
 
     // Inside MULTI it answers at once, as in Redis.
     let replies = raftis.pipeline(&[args(&["MULTI"]), args(&["SET", "k", "x"]), args(&["WAIT", "5", "0"]), args(&["EXEC"])]).unwrap();

@@ -111,6 +111,9 @@ fn start(node: &RaftNode, client: Requester, wanted: i64, deadline: Option<Insta
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     lock().push(Waiting { id, client, index: None, wanted, deadline });
     start_timer(state::get().main_thread_ctx());
+    // A transaction EXEC has just built (in this pipeline, say) is proposed at the end of the
+    // event-loop turn: it goes first, so that WAIT counts it.
+    crate::transaction::flush();
     node.last_proposed_index(Box::new(move |last| {
         let mut waiting = lock();
         let Some(at) = waiting.iter().position(|w| w.id == id) else { return };
