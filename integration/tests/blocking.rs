@@ -195,6 +195,26 @@ fn a_pop_whose_client_leaves_takes_nothing_and_client_unblock_answers_as_in_redi
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A forwarded pop the leader does not answer long after its timeout (its main thread held up,
+/// here by DEBUG SLEEP) may have run there: the follower's backstop says so. (Redis' own timer
+/// once fired with the backstop and, Redis 7.0 taking the module's answer after its own timeout,
+/// the client got no reply at all.)
+#[test]
+fn a_forwarded_pop_that_the_leader_never_answers_may_or_may_not_have_run() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=500"]).unwrap();
+    let leader_index = cluster.wait_leader();
+    let leader = &cluster.nodes[leader_index];
+    let mut waiter = RespConn::connect(cluster.nodes[(leader_index + 1) % 3].port).unwrap();
+    block(&mut waiter, &["BLPOP", "q", "1"], leader, 1);
+    // Its backstop: 1 s, twice write-timeout and a second each, and 2 s: 6 s.
+    let mut sleeper = RespConn::connect(leader.port).unwrap();
+    sleeper.send(&[args(&["DEBUG", "SLEEP", "8"])]).unwrap();
+    let reply = waiter.reply().unwrap();
+    let text = reply.text().unwrap_or_default();
+    assert!(text.starts_with("TIMEOUT the leader did not answer in time; the command may or may not"), "{reply:?}");
+    assert_eq!(sleeper.reply().unwrap(), Reply::Line(b'+', b"OK".to_vec()));
+}
+
 /// A follower's client keeps waiting across a change of leader: the leader that steps down says
 /// the pop did not run there, and the follower sends it to the next one, for what is left of its
 /// timeout.

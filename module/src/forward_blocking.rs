@@ -41,8 +41,14 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How much longer than the command's own timeout the client waits for the leader's answer, on
 /// top of two forwards' time (an attempt in flight at the timeout is answered first).
 const BACKSTOP: Duration = Duration::from_secs(2);
+/// How long after the transport gives up on the leader's answer Redis' own timer fires.
+const AFTER_THE_TRANSPORT: Duration = Duration::from_secs(1);
 
 struct Waiting {
+    /// When Redis' backstop for it fires ([`timed_out`]); None: it waits for ever.
+    backstop_at: Option<Instant>,
+    /// It is `WAIT`, whose timeout answers a count.
+    is_wait: bool,
     /// The side-port address of the leader it was sent to (None while it is not on its way).
     leader: Option<String>,
     /// Since when this node has known another leader than that one.
@@ -72,7 +78,10 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], t
         // The leader answers Redis' error for it at once.
         Err(_) => Some(answer_within(Duration::ZERO)),
     };
-    let blocked = Blocked::with_timeout_reply(ctx, backstop.unwrap_or(Duration::ZERO), Some(timed_out));
+    // Redis' own timer comes a while after the transport's: in Redis 7.0 a client whose timer
+    // fires after the module answered it, before Redis took that answer, gets no reply at all.
+    let redis_timer = backstop.map_or(Duration::ZERO, |b| b + AFTER_THE_TRANSPORT);
+    let blocked = Blocked::with_timeout_reply(ctx, redis_timer, Some(timed_out));
     let deadline = timeout.ok().flatten().map(|t| Instant::now() + t);
     let (resp3, db) = (ffi::client_is_resp3(ctx), ffi::selected_db(ctx));
     let forward = Forward::new(blocked, resp3, db, ffi::owned_args(command), deadline, timeout_arg, backstop);
@@ -152,7 +161,12 @@ impl Forward {
     ) -> Forward {
         blocked.on_disconnect(disconnected);
         let cancel = ForwardCancel::default();
-        let registered = Registered::new(blocked.handle() as usize, cancel.clone());
+        let is_wait = argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"wait"));
+        let backstop_at = backstop.map(|b| Instant::now() + b);
+        let registered = Registered::new(
+            blocked.handle() as usize,
+            Waiting { backstop_at, is_wait, leader: None, replaced_since: None, cancel: cancel.clone() },
+        );
         Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, refused_since: None }
     }
 
@@ -274,9 +288,9 @@ pub fn before_sleep() {
 struct Registered(usize);
 
 impl Registered {
-    fn new(handle: usize, cancel: ForwardCancel) -> Registered {
+    fn new(handle: usize, entry: Waiting) -> Registered {
         let mut waiting = lock();
-        waiting.insert(handle, Waiting { leader: None, replaced_since: None, cancel });
+        waiting.insert(handle, entry);
         COUNT.store(waiting.len(), Ordering::Relaxed);
         Registered(handle)
     }
@@ -312,15 +326,36 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
     }
 }
 
-/// Redis' backstop, or `CLIENT UNBLOCK` (with TIMEOUT): answered as the command's own timeout is
-/// (a null array, as in Redis); the leader is told to stop waiting.
+/// Redis' timer, or `CLIENT UNBLOCK` (with TIMEOUT); the leader is told to stop waiting.
+/// - Redis' timer, past the transport's backstop, which normally answers first (`-TIMEOUT`: an
+///   attempt may have run at a leader held up by a long script, say): the same answer, rather
+///   than the null array that would say nothing was popped.
+/// - `CLIENT UNBLOCK`: answered as the command's own timeout is, a null array (for `WAIT`, a
+///   count: 0, as the follower cannot tell how many nodes hold the log).
 extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
-    if std::panic::catch_unwind(|| cancel(bc, "ERR timed out")).is_err() {
-        log::error!("panic in a forwarded blocking command's timeout callback");
+    let found = std::panic::catch_unwind(|| {
+        let waiting = lock().get(&(bc as usize)).map(|w| (w.backstop_at, w.is_wait));
+        cancel(bc, "ERR timed out");
+        waiting
+    });
+    let (backstop_at, is_wait) = found
+        .unwrap_or_else(|_| {
+            log::error!("panic in a forwarded blocking command's timeout callback");
+            None
+        })
+        .unwrap_or((None, false));
+    if backstop_at.is_some_and(|at| Instant::now() >= at) {
+        return ffi::reply_error(ctx, BACKSTOP_REPLY);
+    }
+    if is_wait {
+        return unsafe { api!(RedisModule_ReplyWithLongLong)(ctx, 0) };
     }
     unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
 }
+
+/// A forwarded command the leader has not answered long after its own timeout.
+const BACKSTOP_REPLY: &str = "TIMEOUT the leader did not answer in time; the command may or may not have taken effect";
 
 fn lock() -> std::sync::MutexGuard<'static, BTreeMap<usize, Waiting>> {
     WAITING.lock().unwrap_or_else(|p| p.into_inner())
