@@ -79,4 +79,17 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     assert!(exec[0].integer().is_some_and(|n| (0..=2).contains(&n)), "{exec:?}");
     assert!(exec[1].is_error(), "{exec:?}");
     assert_eq!(raftis_integration::stat_field(&cluster.nodes[follower], "blocked_forwarded_waiting"), 0);
+
+    // CLIENT UNBLOCK ends a WAIT with a count, as in Redis: the leader's as it stands, and 0 from
+    // a follower, which cannot tell.
+    for (node, expected) in [(leader, 2), (follower, 0)] {
+        let mut waiter = RespConn::connect(cluster.nodes[node].port).unwrap();
+        let id = call(&mut waiter, &["CLIENT", "ID"]).integer().unwrap().to_string();
+        waiter.send(&[args(&["WAIT", "3", "0"])]).unwrap();
+        let mut other = RespConn::connect(cluster.nodes[node].port).unwrap();
+        raftis_integration::wait_for("WAIT to block", Duration::from_secs(10), || {
+            (call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer() == Some(1)).then_some(())
+        });
+        assert_eq!(waiter.reply().unwrap().integer(), Some(expected), "node {node}");
+    }
 }

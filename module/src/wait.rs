@@ -86,10 +86,14 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     if crate::transaction::in_exec(ctx) {
         return Ok(Reply::Integer(at_once(&node)));
     }
-    // Redis' timeout answers the count at that moment; zero waits for ever.
-    let blocked = Blocked::with_timeout_reply(ctx, timeout.unwrap_or(Duration::ZERO), Some(timed_out));
+    // The timeout answers the count at that moment; zero waits for ever. It is this module's
+    // timer that keeps it: Redis' own, a second later, is a backstop (in Redis 7.0 a client whose
+    // timer fires after the module answered it, before Redis took that answer, gets no reply).
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let backstop = timeout.map_or(Duration::ZERO, |t| t + Duration::from_secs(1));
+    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out));
     blocked.on_disconnect(disconnected);
-    start(&node, Requester::Here(blocked), wanted, None);
+    start(&node, Requester::Here(blocked), wanted, deadline);
     Ok(Reply::Blocked)
 }
 
@@ -185,7 +189,8 @@ extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
     }
 }
 
-/// The client's timeout: the count as it stands (0 before the Raft loop named the index).
+/// Redis' backstop, or `CLIENT UNBLOCK` (with TIMEOUT): the count as it stands (0 before the Raft
+/// loop named the index).
 extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
     let run = || {
