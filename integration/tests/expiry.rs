@@ -129,6 +129,12 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
     });
     assert!(Instant::now() < expires, "the follower noticed it was cut off only after the deadline");
     sleep_past(expires);
+    // Nor does a read there delete it by the follower's clock (consistency low serves it).
+    let f = &cluster.nodes[follower];
+    let _: () = f.cmd(&["RAFT.CONFIG", "SET", "consistency", "low"]).unwrap();
+    assert_eq!(get(f, "k").as_deref(), Some("5"), "a stale read, as consistency low allows");
+    let exists: i64 = f.cmd(&["EXISTS", "k"]).unwrap();
+    assert_eq!(exists, 1);
     network.heal();
     // The write arrives after the deadline and must meet the key as the leader did: the key then
     // expires everywhere. Had the follower's clock deleted it meanwhile, the INCR would leave

@@ -23,6 +23,9 @@
 //! - Snapshots are written and loaded with expiry suspended, so they keep keys whose deadline the
 //!   clock has passed but the log has not.
 //!
+//! - A node that is not current serves its clients' local reads (consistency `low`) through the
+//!   module, with Redis' expiry suspended ([`as_of_log`]): a read must not delete a key either.
+//!
 //! What remains: a key can still be deleted by a node's own clock on a node that is current, by
 //! the background expiry or by a read that finds it expired, while a write to it, proposed before
 //! its deadline, is still on its way to that node. That is the time an entry takes from proposal
@@ -148,6 +151,30 @@ impl Drop for Switch {
         }
         SUSPENDED.store(!self.suspended, Ordering::Release);
     }
+}
+
+/// Whether this node expires keys by its own clock now: it is current (see [`before_sleep`]), or
+/// Redis could not be told to stop.
+pub fn by_own_clock() -> bool {
+    !matches!(HOOKS.get(), Some(Ok(_))) || ACTIVE.load(Ordering::Acquire)
+}
+
+/// Runs `f`, a client's read that a node not current serves from its own data (at consistency
+/// `low`), as of the log it has applied: the keys `argv` names that the newest applied entry's
+/// time has expired are deleted first (every later entry finds them expired too), and no other
+/// key is, whatever this node's clock says. A key deleted by it could still meet a write the
+/// leader made before its deadline, which this node has not applied yet.
+pub fn as_of_log<T>(ctx: *mut RedisModuleCtx, argv: &[&[u8]], f: impl FnOnce() -> T) -> T {
+    if by_own_clock() {
+        return f();
+    }
+    suspended(|| {
+        let at = APPLIED_AT.load(Ordering::Acquire);
+        if at != i64::MIN {
+            expire_due(ctx, argv, EntryTime(at));
+        }
+        f()
+    })
 }
 
 /// Records that an entry of time `at` was applied.

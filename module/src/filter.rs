@@ -102,7 +102,8 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
             if crate::read::needs_confirmation()
                 || crate::held::any_held()
                 || crate::transaction::any_open()
-                || !state::get().may_read_locally() =>
+                || !state::get().may_read_locally()
+                || !crate::expiry::by_own_clock() =>
         {
             crate::read::READ_COMMAND
         }

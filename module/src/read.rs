@@ -6,7 +6,8 @@
 //! - At both, the filter leaves reads alone unless some client's writes are in flight on this
 //!   leader with their replies held: then reads come here, and a read of such a client waits
 //!   for its writes (a pipeline reads its own writes), like at `high`. On a follower that
-//!   forwards its clients' writes, such a read goes to the leader with them.
+//!   forwards its clients' writes, such a read goes to the leader with them. A node that is not
+//!   current (see `expiry`) sends its local reads here too, to read as of its log.
 //! - Inside EXEC a read joins its transaction, whatever the level (see `transaction`).
 //! - `high`: every read comes here (`RAFT._READ <command ...>`). A ready leader runs it at once
 //!   and holds the reply until a ReadIndex round confirms it still leads (see `held`).
@@ -66,7 +67,8 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));
         }
         if !crate::held::read_behind_writes(ctx, argv) {
-            ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
+            // Or because this node is not current: it reads as of its log (see `expiry`).
+            crate::expiry::as_of_log(ctx, argv, || ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx)));
         }
         return Ok(());
     }
