@@ -327,6 +327,7 @@ impl Transport {
             shared: cfg.shared.clone(),
             claims: Arc::default(),
             clusters: clusters.clone(),
+            waiting_for_auth: Arc::default(),
         };
         handle.spawn(accept_loop(listener, served));
 

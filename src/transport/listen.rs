@@ -15,6 +15,16 @@ const FORWARD_BACKSTOP: Duration = Duration::from_secs(60);
 /// What a follower may send on a connection that waits for a forwarded command's answer before
 /// the leader stops reading it (it sends nothing, normally: the read only notices a hang-up).
 const FORWARD_READ_AHEAD: usize = 1 << 20;
+/// With a password: how much a connection may send before it has logged in (an `AUTH` is a few
+/// hundred bytes), how long it has to log in, and how many may be waiting to, as Redis limits
+/// its own clients before they authenticate. Without these a stranger could make this node
+/// buffer gigabytes, or hold its file descriptors, without knowing the password.
+const BEFORE_AUTH_MAX_BYTES: usize = 64 * 1024;
+const AUTH_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
+pub(super) const MAX_WAITING_FOR_AUTH: usize = 128;
+/// Replies are written out once this many bytes are waiting, before more frames are handled: a
+/// pipeline of snapshot chunk requests would otherwise pile gigabytes up.
+const WRITE_OUT_AT: usize = 8 * 1024 * 1024;
 
 type SnapshotDir = Option<Arc<std::path::PathBuf>>;
 
@@ -33,6 +43,8 @@ pub(super) struct Served {
     pub(super) shared: Option<SharedSettings>,
     pub(super) claims: Arc<Claims>,
     pub(super) clusters: Arc<Clusters>,
+    /// Connections that have not logged in yet (with a password).
+    pub(super) waiting_for_auth: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(super) async fn accept_loop(listener: TcpListener, served: Served) {
@@ -93,11 +105,44 @@ impl Drop for Speaker {
     }
 }
 
+/// Counts a connection among those that have not logged in, until it does or closes.
+struct WaitingForAuth(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl WaitingForAuth {
+    /// None: too many are waiting already.
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<WaitingForAuth> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let before = count.fetch_add(1, AcqRel);
+        let entered = WaitingForAuth(Some(count.clone()));
+        (before < MAX_WAITING_FOR_AUTH).then_some(entered)
+    }
+
+    fn logged_in(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for WaitingForAuth {
+    fn drop(&mut self) {
+        self.logged_in();
+    }
+}
+
 /// Reads frames from one connection until it closes or misbehaves.
 async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     let mut authenticated = served.password.is_none();
+    let mut waiting_for_auth = None;
+    if !authenticated {
+        match WaitingForAuth::enter(&served.waiting_for_auth) {
+            Some(entered) => waiting_for_auth = Some(entered),
+            None => return reject(stream, remote, out, Reject::err("too many connections waiting to log in")).await,
+        }
+    }
+    let auth_by = tokio::time::Instant::now() + AUTH_WITHIN;
     let mut speaker = Speaker { claims: served.claims.clone(), claim: None };
     let mut downloading = Downloading::default();
     loop {
@@ -111,6 +156,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
             match peer_auth::gate(served.password.as_ref(), &mut authenticated, &frame) {
                 Gate::Pass => {}
                 Gate::Accepted => {
+                    waiting_for_auth.take();
                     resp::encode(&Frame::Simple("OK".into()), &mut out);
                     continue;
                 }
@@ -129,11 +175,25 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
                 resp::encode(&reply, &mut out);
                 continue;
             }
-            match handle(frame, &served, &mut speaker, &mut downloading) {
+            let handled = match as_snapshot_chunk(frame) {
+                Ok(args) => read_snapshot_chunk(args, &served, &mut downloading).await.map(Some),
+                Err(frame) => handle(frame, &served, &mut speaker),
+            };
+            match handled {
                 Ok(None) => {}
                 Ok(Some(reply)) => resp::encode(&reply, &mut out),
                 Err(why) => return reject(stream, remote, out, why).await,
             }
+            if out.len() >= WRITE_OUT_AT {
+                if let Err(e) = write_fully(&mut stream, &out).await {
+                    log::debug!("raft transport: connection from {remote}: {e}");
+                    return;
+                }
+                out.clear();
+            }
+        }
+        if !authenticated && buf.len() > BEFORE_AUTH_MAX_BYTES {
+            return reject(stream, remote, out, Reject(peer_auth::NOAUTH.into())).await;
         }
         if !out.is_empty() {
             if let Err(e) = write_fully(&mut stream, &out).await {
@@ -143,7 +203,15 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
             out.clear();
         }
         buf.reserve(16 * 1024);
-        match stream.read_buf(&mut buf).await {
+        let read = if authenticated {
+            stream.read_buf(&mut buf).await
+        } else {
+            match tokio::time::timeout_at(auth_by, stream.read_buf(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => return reject(stream, remote, out, Reject(peer_auth::NOAUTH.into())).await,
+            }
+        };
+        match read {
             Ok(0) if buf.is_empty() => return,
             Ok(0) => {
                 log::debug!("raft transport: connection from {remote} closed in the middle of a frame");
@@ -214,7 +282,7 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
 }
 
 /// Acts on one command; `Ok(Some)` is a reply to send back.
-fn handle(frame: Frame, served: &Served, speaker: &mut Speaker, downloading: &mut Downloading) -> Result<Option<Frame>, Reject> {
+fn handle(frame: Frame, served: &Served, speaker: &mut Speaker) -> Result<Option<Frame>, Reject> {
     let (me, inbound) = (served.me, &served.inbound);
     let not_a_command = || Reject::err("expected a command (an array of bulk strings)");
     let Frame::Array(mut args) = frame else {
@@ -306,8 +374,6 @@ fn handle(frame: Frame, served: &Served, speaker: &mut Speaker, downloading: &mu
         served.dialers.lock().unwrap_or_else(|p| p.into_inner()).heard_from(NodeId(from));
         inbound(Inbound::Hello { from: NodeId(from), addr: addr.to_string(), client_addr });
         Ok(None)
-    } else if is("SNAPSHOT.CHUNK") {
-        snapshot_chunk(&args, served.snapshots.as_deref().map(|p| p.as_path()), downloading).map(Some)
     } else if is("HEALTH") {
         let source = served.health.read().unwrap_or_else(|p| p.into_inner()).clone();
         let answer = source.map_or_else(|| Err("ERR this node is not running raft yet".into()), |source| source());
@@ -347,6 +413,32 @@ pub const MAX_SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
 /// a download takes (a large dataset under writes).
 #[derive(Default)]
 struct Downloading(Option<(String, std::fs::File)>);
+
+/// The arguments of a `SNAPSHOT.CHUNK` command, or the frame back if it is something else.
+fn as_snapshot_chunk(frame: Frame) -> Result<Vec<Frame>, Frame> {
+    match frame {
+        Frame::Array(args) if matches!(args.first(), Some(Frame::Bulk(name)) if name.eq_ignore_ascii_case(b"SNAPSHOT.CHUNK")) => Ok(args),
+        other => Err(other),
+    }
+}
+
+/// [`snapshot_chunk`] off the runtime's thread, which the Raft loop shares: a 4 MB read from a
+/// cold disk would hold up its heartbeats.
+async fn read_snapshot_chunk(args: Vec<Frame>, served: &Served, downloading: &mut Downloading) -> Result<Frame, Reject> {
+    let dir = served.snapshots.clone();
+    let mut taken = std::mem::take(downloading);
+    let read = tokio::task::spawn_blocking(move || {
+        let reply = snapshot_chunk(&args, dir.as_deref().map(|p| p.as_path()), &mut taken);
+        (reply, taken)
+    });
+    match read.await {
+        Ok((reply, kept)) => {
+            *downloading = kept;
+            reply
+        }
+        Err(e) => Ok(Frame::Error(format!("ERR internal error reading a snapshot chunk: {e}"))),
+    }
+}
 
 /// `SNAPSHOT.CHUNK <file> <offset> <len>`: bytes of one of our snapshot files. Only plain file
 /// names of snapshot files are served, never a path. A read error is an `-ERR` reply, not a reason

@@ -542,6 +542,36 @@ fn a_raft_password_keeps_out_whoever_does_not_know_it() {
     assert!(b.rx.try_iter().all(|i| !matches!(i, Inbound::Raft(_) | Inbound::Hello { from: NodeId(3 | 4 | 9), .. })));
 }
 
+/// Before it logs in, a connection may send little, for a short while, and only so many may be
+/// waiting to: a stranger cannot make the node buffer a huge frame or hold its descriptors.
+#[test]
+fn a_connection_that_has_not_logged_in_is_held_to_little_and_briefly() {
+    let b = Node::with_password(2, "s3cret");
+    let noauth = b"-NOAUTH Authentication required.\r\n";
+    // The start of a frame that declares a 200 MB bulk, and more of it than may wait.
+    let mut huge = b"*2\r\n$4\r\nAUTH\r\n$200000000\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 100 * 1024));
+    assert_eq!(raw_exchange(&b.addr(), &huge), noauth);
+    // Silence: closed once the time to log in is up.
+    let began = Instant::now();
+    assert_eq!(raw_exchange(&b.addr(), b""), noauth);
+    assert!(began.elapsed() >= Duration::from_millis(900), "{:?}", began.elapsed());
+    // Too many waiting to log in: the next is refused at once.
+    let waiting: Vec<std::net::TcpStream> =
+        (0..listen::MAX_WAITING_FOR_AUTH).map(|_| std::net::TcpStream::connect(b.addr()).unwrap()).collect();
+    let refused = String::from_utf8(raw_exchange(&b.addr(), &command(&[b"AUTH", b"s3cret"]))).unwrap();
+    assert_eq!(refused, "-ERR too many connections waiting to log in\r\n");
+    drop(waiting);
+    // Once they are gone (or logged in), a peer gets in again.
+    wait_until("the waiting connections to be gone", || {
+        let mut good = command(&[b"AUTH", b"s3cret"]);
+        good.extend(command(&[b"PING"]));
+        // A wrong password closes the connection.
+        good.extend(command(&[b"AUTH", b"guess"]));
+        raw_exchange(&b.addr(), &good).starts_with(b"+OK\r\n+PONG\r\n")
+    });
+}
+
 #[test]
 fn a_node_whose_shared_settings_differ_is_refused_with_what_differs() {
     let with = |me: u64, databases: &str| {
