@@ -197,6 +197,9 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     assert_eq!(got, "9");
     assert_eq!(leader.cmd::<i64>(&["PFCOUNT", "hll"]).unwrap(), 1);
     exchange(&mut watcher, "MULTI\r\nSET k 10\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    // A client's own write sent before its WATCH comes before it, as in Redis, however late the
+    // log applies it.
+    exchange(&mut watcher, "SET k 11\r\nWATCH k\r\nMULTI\r\nSET k 12\r\nEXEC\r\n", "+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
     // Once its transactions are over the leader forgets the watcher's keys; after UNWATCH alone
     // it cannot tell, and remembers them until the client is gone.
     let watching = || stat_field(leader, "watching_clients");
@@ -249,6 +252,30 @@ fn watch_sees_a_move_into_its_database_as_soon_as_it_is_proposed() {
     let _: () = redis::cmd("SELECT").arg(1).query(&mut conn).unwrap();
     let got: (String, String) = redis::cmd("MGET").arg("k").arg("c2").query(&mut conn).unwrap();
     assert_eq!(got, ("a".to_string(), "b".to_string()));
+}
+
+/// A WATCH served by a leader that then steps down cannot be checked by the next one, which
+/// knows nothing of it, and whose writes reach the old leader only once applied there, maybe after
+/// its client's EXEC went to it through the proxy. So the transaction does not run: EXEC answers
+/// nil, as for a watched key that changed, and the client watches again, on the new leader.
+#[test]
+fn a_watch_does_not_outlive_the_leadership_it_was_served_by() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let exchange = |s: &mut std::net::TcpStream, request: &str, expected: &str| {
+        let got = raftis_integration::exchange_on(s, request.as_bytes(), expected.len());
+        assert_eq!(String::from_utf8_lossy(&got), expected, "after {request:?}");
+    };
+    let _: () = cluster.nodes[old].cmd(&["SET", "k", "1"]).unwrap();
+    let mut watcher = std::net::TcpStream::connect(("127.0.0.1", cluster.nodes[old].port)).unwrap();
+    exchange(&mut watcher, "SET j 1\r\nWATCH k\r\nMULTI\r\nSET k 2\r\nEXEC\r\n", "+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    let new = (old + 1) % 3;
+    let _: String = cluster.nodes[old].cmd(&["RAFT.TRANSFERLEADER", &cluster.nodes[new].addr()]).unwrap();
+    exchange(&mut watcher, "MULTI\r\nSET k mine\r\nEXEC\r\nGET k\r\n", "+OK\r\n+QUEUED\r\n*-1\r\n$1\r\n2\r\n");
+    // Watched again, on the new leader, it runs.
+    let mut watcher = std::net::TcpStream::connect(("127.0.0.1", cluster.nodes[new].port)).unwrap();
+    exchange(&mut watcher, "WATCH k\r\nMULTI\r\nSET k mine\r\nEXEC\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
 }
 
 /// Read-modify-write with WATCH (redis::transaction, which retries on nil) while other clients

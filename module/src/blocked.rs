@@ -27,6 +27,9 @@ pub enum Outcome {
     Relay(Vec<u8>),
     /// A null array: `*-1` in RESP2, `_` in RESP3 (what Redis answers a blocking pop that timed out).
     NullArray,
+    /// Run this on the main thread, as the client is answered, then answer `+OK` (a step that
+    /// touches Redis' own state for the client, decided on another thread).
+    ThenOk(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>),
 }
 
 /// Who waits for a long-running command's answer (a blocking command, WAIT): a client of this
@@ -146,6 +149,12 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
         }
         Outcome::Relay(raw) => crate::forward::relay(ctx, raw),
         Outcome::NullArray => unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) },
+        Outcome::ThenOk(step) => {
+            if let Some(step) = step.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                step();
+            }
+            ffi::reply_simple(ctx, "OK")
+        }
         Outcome::Run { argv, resp3 } => {
             // The context's client is the blocked client, so the call runs in its database.
             ffi::call_and_reply(ctx, argv, *resp3);

@@ -107,17 +107,17 @@ pub fn free_string(s: *mut RedisModuleString) {
 }
 
 /// Tells Redis that the keys the command `argv` writes in database `db` are modified (clients
-/// watching them get their transaction marked dirty). How many keys Redis' key specs found:
-/// none for a command without keys, or one Redis does not know.
-pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]>]) -> usize {
+/// watching them get their transaction marked dirty). Where the keys Redis' key specs found are
+/// among the arguments: none for a command without keys, or one Redis does not know.
+pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]>]) -> Vec<usize> {
     if !select_db(ctx, db) {
-        return 0;
+        return Vec::new();
     }
     let keys = CommandKeys::of(ctx, argv);
     for key in keys.iter() {
         unsafe { api!(RedisModule_SignalModifiedKey)(ctx, key) };
     }
-    keys.len()
+    keys.positions().to_vec()
 }
 
 /// How the module opens keys only to look at them (or to expire them). Opened for writing, because
@@ -163,10 +163,6 @@ impl CommandKeys {
 
     pub fn iter(&self) -> impl Iterator<Item = *mut RedisModuleString> + '_ {
         self.positions.iter().map(|&i| self.strings[i])
-    }
-
-    pub fn len(&self) -> usize {
-        self.positions.len()
     }
 
     /// Where the keys are among the arguments.

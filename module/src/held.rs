@@ -286,17 +286,27 @@ fn redis_client(ctx: *mut RedisModuleCtx, command: &str) -> Result<(&'static Hoo
     Ok((hooks, client))
 }
 
-/// WATCH of `keys` for the client of `ctx`, in its selected database, as Redis does it: from now
-/// on Redis marks the client's transaction dirty whenever one of them is modified.
-pub fn watch_keys(ctx: *mut RedisModuleCtx, keys: &[&[u8]]) -> Result<(), String> {
-    let (hooks, client) = redis_client(ctx, "WATCH")?;
+/// Whether WATCH can run for the client of `ctx` ([`watch_keys`] needs Redis' own functions).
+pub fn can_watch(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    redis_client(ctx, "WATCH").map(|_| ())
+}
+
+/// WATCH of `keys` for the client `id`, in its selected database, as Redis does it: from now on
+/// Redis marks the client's transaction dirty whenever one of them is modified. False if the
+/// client has gone.
+pub fn watch_keys(id: ClientId, keys: &[Vec<u8>]) -> bool {
+    let Ok(hooks) = exported() else { return false };
+    let client = unsafe { (hooks.lookup_client)(id) };
+    if client.is_null() {
+        return false;
+    }
     for key in keys {
         // Redis keeps its own reference to the key.
         let key = ffi::new_string(key);
         unsafe { (hooks.watch_key)(client, key as *mut c_void) };
         ffi::free_string(key);
     }
-    Ok(())
+    true
 }
 
 /// Whether Redis is running the commands of an event-loop turn (its hook will run before it

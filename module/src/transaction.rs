@@ -250,6 +250,11 @@ fn destination(ctx: *mut RedisModuleCtx, first: &[Vec<u8>]) -> Result<Destinatio
     }
     // A read of a `READONLY` connection may start a batch too (see `replica_reads`).
     if s.follower_proxy() || crate::replica_reads::through_leader(ctx) {
+        // Its WATCH was served here, when this node led (followers refuse WATCH); the next
+        // leader could not check it.
+        if crate::watch::watches(unsafe { api!(RedisModule_GetClientId)(ctx) }) {
+            return Err("EXECABORT the leader changed after WATCH; WATCH again, on the new leader".into());
+        }
         return Ok(Destination::Leader);
     }
     Err(state::redirect(&status, crate::cluster_view::slot_of(ctx, first)))

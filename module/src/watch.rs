@@ -5,10 +5,11 @@
 //! while EXEC's transaction enters the log behind every write this leader has proposed by then.
 //! Counting a key as modified only when a write to it is applied would let a transaction commit
 //! behind a write its client's reads never saw. So:
-//! - WATCH registers the keys with Redis' own mechanism (applied writes mark the client dirty, as
-//!   always), then answers once every write proposed before it has been applied: a barrier behind
-//!   them (`last_proposed_index`). Those writes were concurrent with the WATCH, so counting them as
-//!   after it is linearizable; and the reads the client makes next see every write before it.
+//! - WATCH waits until every write proposed before it has been applied (a barrier behind them,
+//!   `last_proposed_index`), then registers the keys with Redis' own mechanism (applied writes
+//!   mark the client dirty, as always) and answers. Those writes come before the WATCH, as in
+//!   Redis (the client's own pipelined `SET k` before `WATCH k` included), and the reads the client
+//!   makes next see them.
 //! - From then on, the leader tells Redis about the keys of every write as it *proposes* it
 //!   ([`touch`]), which marks the clients watching them dirty at once. A write without keys
 //!   (FLUSHDB, FLUSHALL, SWAPDB) touches every key any client watches.
@@ -53,6 +54,15 @@ struct Watched {
     current: HashSet<Key>,
     /// Keys watched before the transaction the client has open: its EXEC or DISCARD unwatches them.
     ending: HashSet<Key>,
+    /// A WATCH waiting for the writes proposed before it to be applied: Redis does not watch its
+    /// keys yet, so a write proposed meanwhile is noted here instead.
+    awaiting: Option<Awaiting>,
+}
+
+struct Awaiting {
+    keys: Vec<Key>,
+    /// A write to one of them (or to every key) was proposed after the WATCH.
+    touched: bool,
 }
 
 /// RAFT.STATS: clients whose watched keys every proposed write is checked against.
@@ -79,12 +89,15 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if !node.is_leader() {
         return Err(state::redirect(&node.status(), slot));
     }
-    crate::held::watch_keys(ctx, keys)?;
+    crate::held::can_watch(ctx)?;
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let db = ffi::selected_db(ctx);
+    let watched: Vec<Key> = keys.iter().map(|k| (db, k.to_vec())).collect();
     let mut w = lock();
     let clients = w.clients.get_or_insert_with(FxHashMap::default);
-    clients.entry(id).or_default().current.extend(keys.iter().map(|k| (db, k.to_vec())));
+    let client = clients.entry(id).or_default();
+    client.current.extend(watched.iter().cloned());
+    client.awaiting = Some(Awaiting { keys: watched, touched: false });
     COUNT.store(clients.len(), Ordering::Relaxed);
     drop(w);
     // A transaction EXEC has just built goes into the log before the barrier.
@@ -92,10 +105,29 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
     let progress = s.progress.clone();
     node.last_proposed_index(Box::new(move |last| match last {
-        Ok(index) => progress.when_applied(index, Box::new(move || blocked.finish(Outcome::Simple("OK".into())))),
+        // (This may run on the Raft loop's thread: Redis watches the keys on its own.)
+        Ok(index) => progress.when_applied(
+            index,
+            Box::new(move || blocked.finish(Outcome::ThenOk(std::sync::Mutex::new(Some(Box::new(move || start_watching(id))))))),
+        ),
         Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e, slot))),
     }));
     Ok(())
+}
+
+/// On the main thread, once the writes proposed before the WATCH of client `id` are applied
+/// (others may have been applied since): they came before it, as in
+/// Redis (the client's own pipelined `SET k` before `WATCH k` included), and Redis now watches
+/// the keys. A write proposed since, which may have been applied in the same batch as the last of
+/// them, marks the transaction dirty (and, through the key it touches, any other watching it).
+fn start_watching(id: ClientId) {
+    let awaiting = lock().clients.as_mut().and_then(|c| c.get_mut(&id)).and_then(|c| c.awaiting.take());
+    let Some(Awaiting { keys, touched }) = awaiting else { return };
+    let names: Vec<Vec<u8>> = keys.iter().map(|(_, key)| key.clone()).collect();
+    if crate::held::watch_keys(id, &names) && touched {
+        let (db, key) = &keys[0];
+        ffi::signal_modified_key(state::get().main_thread_ctx(), *db, key);
+    }
 }
 
 /// A write of `argv` in database `db` is being proposed (or joins a transaction) on this node:
@@ -108,13 +140,21 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
     // `MOVE key db` and `COPY ... DB db` write a key of another database, which Redis' key
     // positions do not name.
     let argv_bytes: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
+    let mut touched: Vec<(u32, &[u8])> = ffi::signal_keys_of(ctx, db, argv).into_iter().map(|i| (db, argv_bytes[i])).collect();
     if let Some((other_db, key)) = raftis_core::determinism::key_in_another_database(&argv_bytes) {
         ffi::signal_modified_key(ctx, other_db, key);
+        touched.push((other_db, key));
     }
-    if ffi::signal_keys_of(ctx, db, argv) > 0 {
+    let mut w = lock();
+    for client in w.clients.iter_mut().flat_map(|c| c.values_mut()) {
+        if let Some(awaiting) = client.awaiting.as_mut() {
+            let hit = touched.is_empty() || awaiting.keys.iter().any(|(d, k)| touched.contains(&(*d, k.as_slice())));
+            awaiting.touched |= hit;
+        }
+    }
+    if !touched.is_empty() {
         return;
     }
-    let w = lock();
     let watched: HashSet<&Key> = w.clients.iter().flat_map(|c| c.values()).flat_map(|c| c.current.iter().chain(&c.ending)).collect();
     for (db, key) in watched {
         ffi::signal_modified_key(ctx, *db, key);
@@ -142,11 +182,22 @@ pub fn transaction_opened(id: ClientId) {
     }
 }
 
-/// Before Redis sleeps (at most every [`PRUNE_EVERY`]): forgets the keys of transactions that
-/// are over, and clients that have gone or watch nothing left.
+/// Whether the client `id` watches keys this module knows of (its transaction's included).
+pub fn watches(id: ClientId) -> bool {
+    COUNT.load(Ordering::Relaxed) > 0 && lock().clients.as_ref().is_some_and(|c| c.contains_key(&id))
+}
+
+/// Before Redis sleeps: on a node that no longer leads, every watched key counts as modified
+/// (the next leader knows nothing of these watches, and its writes reach this node only once
+/// applied, maybe after its client's EXEC went there), and the watches are forgotten. Then, at
+/// most every [`PRUNE_EVERY`], forgets the keys of transactions that are over, and clients that
+/// have gone or watch nothing left.
 pub fn before_sleep() {
     if COUNT.load(Ordering::Relaxed) == 0 {
         return;
+    }
+    if state::get().node().is_some_and(|n| !n.is_leader()) {
+        return deposed();
     }
     let mut w = lock();
     if w.pruned.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
@@ -162,6 +213,17 @@ pub fn before_sleep() {
         !(watched.current.is_empty() && watched.ending.is_empty())
     });
     COUNT.store(clients.len(), Ordering::Relaxed);
+}
+
+/// This node stopped leading: its watchers' transactions cannot be checked any more.
+fn deposed() {
+    let clients = lock().clients.take().unwrap_or_default();
+    COUNT.store(0, Ordering::Relaxed);
+    let ctx = state::get().main_thread_ctx();
+    let keys: HashSet<&Key> = clients.values().flat_map(|c| c.current.iter().chain(&c.ending)).collect();
+    for (db, key) in keys {
+        ffi::signal_modified_key(ctx, *db, key);
+    }
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Watchers> {
