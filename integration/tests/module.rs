@@ -804,6 +804,23 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert!(info.contains("raft_durability:medium"), "{info}");
 }
 
+/// A JOIN that reached nobody leaves the node waiting to be added: INIT then says so, and what
+/// to do, rather than that the node already belongs to a cluster.
+#[test]
+fn init_after_a_join_that_reached_nobody_says_the_node_waits_to_be_added() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let port = raftis_integration::free_port_pair();
+    let node = Server::start(port, &cluster.root.path().join("lone"), &[]).unwrap();
+    let nobody = format!("127.0.0.1:{}", raftis_integration::free_port_pair());
+    let err = node.cmd::<String>(&["RAFT.CLUSTER", "JOIN", &nobody]).unwrap_err().to_string();
+    assert!(err.contains("cannot reach any of the given nodes"), "{err}");
+    let err = node.cmd::<String>(&["RAFT.CLUSTER", "INIT"]).unwrap_err().to_string();
+    assert!(err.contains("waiting to be added to a cluster") && err.contains("restart it"), "{err}");
+    // JOIN again, to a cluster that answers, works.
+    let _: String = node.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[0].addr()]).unwrap();
+    wait_for("the node to follow", Duration::from_secs(10), || (node.state() == "follower").then_some(()));
+}
+
 /// A shorter `tick-ms` takes effect at once, not after a tick of the old length: a leader set
 /// to tick once a minute and set back still ends a write that cannot commit at write-timeout
 /// (deadlines are checked on ticks), not at Redis' backstop a second later.

@@ -119,8 +119,15 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     }
     match sub.as_str() {
         "init" if args.len() == 2 || (args.len() == 3 && args[2].eq_ignore_ascii_case(b"keepdata")) => {
-            if s.node().is_some() || s.store.is_initialized() {
+            if is_member(s) || s.store.is_initialized() {
                 return Err("ERR this node already belongs to a cluster".into());
+            }
+            if s.node().is_some() {
+                // A JOIN (or an ADDPEER of this node) started its Raft node, waiting to be added;
+                // one that failed may still be finished by the cluster it asked.
+                return Err("ERR this node is waiting to be added to a cluster (by RAFT.CLUSTER JOIN or RAFT.ADDPEER): \
+                            JOIN again, or restart it to start a new cluster with INIT"
+                    .into());
             }
             let id = s.settings().node_id.unwrap_or(NodeId(1));
             if args.len() == 2 {
