@@ -102,6 +102,31 @@ fn a_node_down_during_20000_writes_catches_up_and_restart_from_snapshot_keeps_th
     assert!(log.contains("loaded snapshot"), "restart used the snapshot:\n{}", cluster.nodes[0].log_tail());
 }
 
+/// A relative `dir=` is resolved at load: `CONFIG SET dir` (allowed with
+/// `enable-protected-configs`) later moves Redis' working directory, and snapshots are still
+/// written (and found) where the log is.
+#[test]
+fn a_relative_dir_stays_where_it_was_when_redis_changes_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let protected_configs = ["--enable-protected-configs", "yes"];
+    let node = Server::start_with_redis_args(free_port_pair(), &root.path().join("n"), &protected_configs, &["dir=rel"]).unwrap();
+    let _: String = node.cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    wait_for("the node to lead", Duration::from_secs(10), || (node.state() == "leader").then_some(()));
+    let raft_dir = root.path().join("n").join("rel").canonicalize().unwrap();
+    let shown: Vec<String> = node.cmd(&["RAFT.CONFIG", "GET", "dir"]).unwrap();
+    assert_eq!(shown[1], raft_dir.display().to_string());
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let _: () = node.cmd(&["CONFIG", "SET", "dir", &elsewhere.display().to_string()]).unwrap();
+    let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
+    let _: Value = node.cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    let in_dir = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "rsnap"))).unwrap_or(false)
+    };
+    assert!(in_dir(&raft_dir), "no snapshot in {}", raft_dir.display());
+    assert!(!in_dir(&elsewhere.join("rel")));
+}
+
 #[test]
 fn a_corrupted_snapshot_file_is_refused_with_a_clear_message() {
     let mut cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();

@@ -237,7 +237,7 @@ pub extern "C" fn RedisModule_OnUnload(_ctx: *mut RedisModuleCtx) -> c_int {
 }
 
 fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
-    let settings = Settings::parse(args)?;
+    let mut settings = Settings::parse(args)?;
     redis_settings::check_commands_at_load(ctx)?;
     redis_settings::check_at_load(ctx)?;
     // Without Redis' allocation counter no limit can be held; the node still runs without one.
@@ -274,6 +274,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let listen = SocketAddr::new(bind_ip, raft_port);
 
     std::fs::create_dir_all(&settings.dir).map_err(|e| anyhow::anyhow!("cannot create dir={}: {e}", settings.dir.display()))?;
+    // A relative dir is Redis' working directory's, which `CONFIG SET dir` moves: snapshots
+    // written and read later would be looked for elsewhere.
+    settings.dir = settings.dir.canonicalize().map_err(|e| anyhow::anyhow!("cannot resolve dir={}: {e}", settings.dir.display()))?;
     // Held until the process exits (the module cannot be unloaded).
     static DIR_LOCK: std::sync::OnceLock<raftis_core::dir_lock::DirLock> = std::sync::OnceLock::new();
     let _ = DIR_LOCK.set(raftis_core::dir_lock::lock(&settings.dir)?);
