@@ -62,3 +62,26 @@ fn subscribers_on_every_node_get_what_is_published() {
         assert_eq!(subscriber.reply().unwrap(), message("news", "after"), "node {i}");
     }
 }
+
+/// `CLIENT TRACKING`: a client that read keys through the log (at consistency high every read
+/// is `RAFT._READ`, which names its command's keys to Redis) is told when they change, as by
+/// Redis itself.
+#[test]
+fn client_side_caching_hears_of_changes_to_keys_read_through_the_log() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let mut writer = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    call(&mut writer, &["MSET", "a", "1", "b", "1"]);
+    let mut cache = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    call(&mut cache, &["HELLO", "3"]);
+    assert_eq!(call(&mut cache, &["CLIENT", "TRACKING", "ON"]), Reply::Line(b'+', b"OK".to_vec()));
+    assert_eq!(call(&mut cache, &["MGET", "a", "b"]).items().map(|items| items.len()), Some(2));
+    call(&mut writer, &["SET", "b", "2"]);
+    let invalidate = |key: &str| {
+        let bulk = |s: &str| Reply::Blob(b'$', s.as_bytes().to_vec());
+        Reply::Aggregate(b'>', vec![bulk("invalidate"), Reply::Aggregate(b'*', vec![bulk(key)])])
+    };
+    assert_eq!(cache.reply().unwrap(), invalidate("b"));
+    call(&mut writer, &["DEL", "a"]);
+    assert_eq!(cache.reply().unwrap(), invalidate("a"));
+}

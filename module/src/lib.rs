@@ -120,10 +120,29 @@ command!(borrowed cmd_write, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     write::write(ctx, args).map(|_| Reply::Blocked)
 });
-command!(borrowed cmd_read, |ctx, args| {
+command!(borrowed run_read, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     read::read(ctx, args).map(|_| Reply::Blocked)
 });
+/// RAFT._READ, or Redis asking which keys it reads (`getkeys-api`): its command's, one further on.
+/// Redis remembers them for the client's `CLIENT TRACKING`, which then gets invalidations as
+/// for a plain read, and checks them against the client's ACL key patterns.
+extern "C" fn cmd_read(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
+    if unsafe { api!(RedisModule_IsKeysPositionRequest)(ctx) } == 0 {
+        return run_read(ctx, argv, argc);
+    }
+    let args = ffi::borrowed_args(argv, argc);
+    let reported = std::panic::catch_unwind(|| {
+        let keys = ffi::CommandKeys::of(ctx, args.get(1..).unwrap_or_default());
+        for &at in keys.positions() {
+            unsafe { api!(RedisModule_KeyAtPos)(ctx, (at + 1) as c_int) };
+        }
+    });
+    if reported.is_err() {
+        log::error!("panic while naming the keys of a read");
+    }
+    ffi::OK
+}
 command!(borrowed cmd_block, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     blocking::block(ctx, args).map(|_| Reply::Blocked)
@@ -176,7 +195,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
     (filter::ERROR_COMMAND, cmd_error, "fast"),
     (scripts::KILL_COMMAND, cmd_script_kill, "allow-loading allow-busy fast"),
-    (read::READ_COMMAND, cmd_read, "readonly"),
+    (read::READ_COMMAND, cmd_read, "readonly getkeys-api"),
     (blocking::BLOCK_COMMAND, cmd_block, "write"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
