@@ -111,29 +111,39 @@ fn pin_set_options(argv: &mut Args, first_option: usize, now_ms: i64) {
 /// leader's clock (an explicit ID ahead of it, a new leader whose clock is behind) fails
 /// where Redis' `*` would take the next ID.
 pub fn pin_automatic_stream_id(argv: &mut Args, now_ms: i64) {
-    if !argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"xadd")) {
-        return;
+    if let Some(i) = xadd_id_at(argv).filter(|&i| *argv[i] == *b"*") {
+        argv[i] = Cow::Owned(format!("{now_ms}-*").into_bytes());
+    }
+}
+
+/// Whether `argv` is an `XADD` with an automatic id (`*`), which reads Redis' clock.
+pub fn is_xadd_with_automatic_id<A: AsRef<[u8]>>(argv: &[A]) -> bool {
+    xadd_id_at(argv).is_some_and(|i| argv[i].as_ref() == b"*")
+}
+
+/// Where the id of `XADD` `argv` is, past its options.
+fn xadd_id_at<A: AsRef<[u8]>>(argv: &[A]) -> Option<usize> {
+    if !argv.first().is_some_and(|name| name.as_ref().eq_ignore_ascii_case(b"xadd")) {
+        return None;
     }
     let mut i = 2;
     while i < argv.len() {
-        let a = &argv[i];
+        let a = argv[i].as_ref();
         if a.eq_ignore_ascii_case(b"nomkstream") {
             i += 1;
         } else if a.eq_ignore_ascii_case(b"maxlen") || a.eq_ignore_ascii_case(b"minid") {
             i += 1;
-            if argv.get(i).is_some_and(|t| **t == *b"=" || **t == *b"~") {
+            if argv.get(i).is_some_and(|t| t.as_ref() == b"=" || t.as_ref() == b"~") {
                 i += 1;
             }
             i += 1; // threshold
         } else if a.eq_ignore_ascii_case(b"limit") {
             i += 2;
         } else {
-            if **a == *b"*" {
-                argv[i] = Cow::Owned(format!("{now_ms}-*").into_bytes());
-            }
-            return;
+            return Some(i);
         }
     }
+    None
 }
 
 fn owned(n: i64) -> Cow<'static, [u8]> {

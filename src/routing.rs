@@ -344,7 +344,10 @@ impl CommandTable {
             let (known, display) = self.resolve(name?, argv)?;
             let shown = display.replace('|', " ").to_uppercase();
             let container = display.split('|').next().unwrap_or_default();
-            if known.info.nondeterministic || ANSWERS_DIFFER_IN_SCRIPTS.contains(&container) {
+            // Redis tips XADD for its `*` id, and XTRIM for the approximate trim, which depends
+            // only on the stream's nodes: the same on every node (shared `stream-node-max-*`).
+            let same_everywhere = display == "xtrim" || (display == "xadd" && !crate::determinism::is_xadd_with_automatic_id(argv));
+            if (known.info.nondeterministic && !same_everywhere) || ANSWERS_DIFFER_IN_SCRIPTS.contains(&container) {
                 return Some(format!("ERR {shown} inside a script could answer differently on every node; Raftis refuses it in scripts"));
             }
             let reads_clock = display == "xreadgroup" || display == "xgroup|createconsumer";
@@ -429,6 +432,8 @@ mod tests {
         t.insert("function|list", CommandInfo { arity: -2, ..Default::default() });
         t.insert("function|kill", CommandInfo { arity: 2, ..Default::default() });
         t.insert("time", CommandInfo { arity: 1, nondeterministic: true, ..Default::default() });
+        t.insert("xadd", CommandInfo { arity: -5, write: true, nondeterministic: true, ..Default::default() });
+        t.insert("xtrim", CommandInfo { arity: -4, write: true, nondeterministic: true, ..Default::default() });
         t.insert("smembers", CommandInfo { arity: 2, readonly: true, nondeterministic: true, ..Default::default() });
         t.insert("publish", CommandInfo { arity: 3, ..Default::default() });
         t.insert("lolwut", CommandInfo { arity: -1, write: true, ..Default::default() });
@@ -490,6 +495,12 @@ mod tests {
         assert!(refused(&["LOLWUT"]).unwrap().contains("LOLWUT"));
         assert_eq!(refused(&["PUBLISH", "ch", "m"]), None, "what scripts publish with");
         assert!(refused(&["RESTORE-ASKING", "k", "0", "x"]).unwrap().contains("use RESTORE"));
+        // Tipped by Redis for an automatic id, and for approximate trimming, which depends only
+        // on the stream's nodes.
+        assert!(refused(&["XADD", "s", "MAXLEN", "~", "10", "*", "f", "v"]).unwrap().contains("XADD inside a script"));
+        assert_eq!(refused(&["XADD", "s", "MAXLEN", "~", "10", "5-1", "f", "v"]), None);
+        assert_eq!(refused(&["XADD", "s", "NOMKSTREAM", "5-*", "f", "v"]), None);
+        assert_eq!(refused(&["XTRIM", "s", "MAXLEN", "~", "10"]), None);
     }
 
     #[test]

@@ -250,3 +250,24 @@ fn through_a_follower_an_unknown_sha_fails_alone() {
     assert_eq!(String::from_utf8_lossy(&got), expected);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// A script may add to a stream with an id of its own and trim it, approximately too: Redis tips
+/// both commands as nondeterministic for an automatic id and for the approximate trim, which
+/// depends only on the stream's nodes, the same on every node. An automatic id is still refused.
+#[test]
+fn a_script_adds_to_a_stream_with_its_own_ids_and_trims_it_the_same_everywhere() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = &cluster.nodes[cluster.wait_leader()];
+    let script = "for i = 1, 300 do redis.call('XADD', KEYS[1], 'MAXLEN', '~', '50', ARGV[1] + i .. '-1', 'n', i) end \
+                  return redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', '20')";
+    for round in 0..3 {
+        let base = (round * 1000).to_string();
+        let _: i64 = leader.cmd(&["EVAL", script, "1", "s", &base]).unwrap();
+    }
+    let err = leader.cmd::<Value>(&["EVAL", "return redis.call('XADD', KEYS[1], '*', 'f', 'v')", "1", "s"]).unwrap_err();
+    assert!(err.to_string().contains("XADD inside a script"), "{err}");
+    cluster.wait_converged(&[0, 1, 2]);
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    let len: i64 = leader.cmd(&["XLEN", "s"]).unwrap();
+    assert!((20..300).contains(&len), "{len}");
+}
