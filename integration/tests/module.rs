@@ -455,6 +455,7 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.CLUSTER"], "unknown subcommand");
     expect_err(&["RAFT.CLUSTER", "FROB"], "unknown subcommand");
     expect_err(&["RAFT.CLUSTER", "INIT"], "already belongs");
+    expect_err(&["RAFT.CLUSTER", "INIT", "KEEP"], "syntax error: RAFT.CLUSTER INIT takes KEEPDATA or nothing, not 'KEEP'");
     expect_err(&["RAFT.CLUSTER", "JOIN", "nonsense"], "already belongs");
     expect_err(&["RAFT.ADDPEER"], "wrong number of arguments");
     expect_err(&["RAFT.ADDPEER", "not-an-address"], "invalid address");

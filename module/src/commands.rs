@@ -170,6 +170,9 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             cluster_ops::in_background(blocked, "raft-recover", move || cluster_ops::recover(node));
             Ok(Reply::Blocked)
         }
+        "init" if args.len() == 3 => {
+            Err(format!("ERR syntax error: RAFT.CLUSTER INIT takes KEEPDATA or nothing, not '{}'", text(&args[2])))
+        }
         "init" | "join" | "recover" => Err(wrong_args("raft.cluster")),
         _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT [KEEPDATA], RAFT.CLUSTER JOIN host:port [host:port ...] \
                   or RAFT.CLUSTER RECOVER"
