@@ -822,6 +822,26 @@ fn init_after_a_join_that_reached_nobody_says_the_node_waits_to_be_added() {
     wait_for("the node to follow", Duration::from_secs(10), || (node.state() == "follower").then_some(()));
 }
 
+/// A client the module answers while Redis' main thread is held up past the client's backstop
+/// still gets the answer: here a WATCH, whose barrier the Raft loop completes while the leader
+/// runs a DEBUG SLEEP that came in the same event-loop turn. (The backstop was Redis' own timer,
+/// and Redis 7.0 runs timeouts before it takes modules' answers: the client got no reply.)
+#[test]
+fn an_answer_that_comes_while_the_main_thread_is_held_up_is_not_lost() {
+    let cluster = Cluster::start(1, &["write-timeout=200"]).unwrap();
+    let node = &cluster.nodes[0];
+    let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
+    // WATCH's backstop: write-timeout and a second, 1.2 s.
+    let mut watcher = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    let mut sleeper = std::net::TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    sleeper.write_all(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n").unwrap();
+    watcher.write_all(b"WATCH k\r\n").unwrap();
+    // The last bytes of the sleep go last, so both commands are read in one turn, WATCH first.
+    sleeper.write_all(b"$1\r\n2\r\n").unwrap();
+    let got = raftis_integration::exchange_on(&mut watcher, b"", 5);
+    assert_eq!(String::from_utf8_lossy(&got), "+OK\r\n");
+}
+
 /// A shorter `tick-ms` takes effect at once, not after a tick of the old length: a leader set
 /// to tick once a minute and set back still ends a write that cannot commit at write-timeout
 /// (deadlines are checked on ticks), not at Redis' backstop a second later.

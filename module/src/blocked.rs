@@ -2,10 +2,18 @@
 //! [`Blocked::finish`]; Redis then runs [`reply_callback`] on its main thread to send the reply.
 //! A `Blocked` that is dropped unfinished still unblocks its client with an error, and every
 //! client is blocked with a timeout, so none waits forever (but one whose command asked to).
+//!
+//! A backstop timeout is this module's own timer ([`Blocked::new`]), not Redis': Redis 7.0 runs
+//! the timeouts of blocked clients before it takes the answers modules gave, and a client whose
+//! timeout passed in between (the main thread held up by a long script, say) gets no reply at
+//! all. Redis' own timer is used only where a command's timeout has Redis' meaning
+//! ([`Blocked::with_timeout_reply`]), a margin after any answer of the module's.
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
 use raftis_core::forward::{Abandoned, ForwardDone};
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The reply a blocked client will get.
@@ -70,16 +78,32 @@ impl Requester {
 
 pub struct Blocked {
     bc: *mut RedisModuleBlockedClient,
+    /// With a backstop of this module's: set by whichever answers the client first, the work or
+    /// the backstop's timer (the other then leaves the handle alone: Redis may have freed it).
+    answered: Option<Arc<AtomicBool>>,
 }
 
 // Redis documents blocked-client handles as usable from any thread until unblocked.
 unsafe impl Send for Blocked {}
 
+/// What the backstop's timer holds.
+struct Backstop {
+    bc: *mut RedisModuleBlockedClient,
+    answered: Arc<AtomicBool>,
+}
+
 impl Blocked {
-    /// Blocks the client of `ctx`. `timeout` is a backstop: the work normally finishes (or fails
-    /// with its own error) before it.
+    /// Blocks the client of `ctx` (on the main thread). `timeout` is a backstop, kept by this
+    /// module's timer: the work normally finishes (or fails with its own error) before it.
+    /// (`CLIENT UNBLOCK` still ends the wait, as a timeout.)
     pub fn new(ctx: *mut RedisModuleCtx, timeout: Duration) -> Blocked {
-        Blocked::with_timeout_reply(ctx, timeout, Some(timeout_callback))
+        let mut blocked = Blocked::with_timeout_reply(ctx, Duration::ZERO, Some(timeout_callback));
+        let answered = Arc::new(AtomicBool::new(false));
+        let backstop = Box::new(Backstop { bc: blocked.bc, answered: answered.clone() });
+        let ms = timeout.as_millis().clamp(1, i64::MAX as u128) as i64;
+        unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(backstop) as *mut c_void) };
+        blocked.answered = Some(answered);
+        blocked
     }
 
     /// Blocks the client of `ctx`, which `on_timeout` answers if `timeout` passes first (zero: no
@@ -87,7 +111,7 @@ impl Blocked {
     pub fn with_timeout_reply(ctx: *mut RedisModuleCtx, timeout: Duration, on_timeout: redis_module::raw::RedisModuleCmdFunc) -> Blocked {
         let bc =
             unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_timeout, Some(free_outcome), timeout.as_millis() as i64) };
-        Blocked { bc }
+        Blocked { bc, answered: None }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
@@ -102,19 +126,40 @@ impl Blocked {
     }
 
     pub fn finish(mut self, outcome: Outcome) {
+        self.answer(outcome);
+    }
+
+    /// Unblocks the client with `outcome`, unless the backstop already answered it.
+    fn answer(&mut self, outcome: Outcome) {
         let bc = std::mem::replace(&mut self.bc, std::ptr::null_mut());
+        if bc.is_null() {
+            return;
+        }
+        if self.answered.as_ref().is_some_and(|answered| answered.swap(true, Ordering::AcqRel)) {
+            if let Outcome::Call(reply) = outcome {
+                ffi::free_call_reply(reply);
+            }
+            return;
+        }
         unblock(bc, outcome);
     }
 }
 
 impl Drop for Blocked {
     fn drop(&mut self) {
-        if !self.bc.is_null() {
-            let bc = std::mem::replace(&mut self.bc, std::ptr::null_mut());
-            unblock(bc, Outcome::Error("ERR internal error: request abandoned".into()));
-        }
+        self.answer(Outcome::Error("ERR internal error: request abandoned".into()));
     }
 }
+
+/// The backstop of a [`Blocked::new`] client: the timeout error, unless it was answered.
+extern "C" fn backstop_fired(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
+    let backstop = unsafe { Box::from_raw(data as *mut Backstop) };
+    if !backstop.answered.swap(true, Ordering::AcqRel) {
+        unblock(backstop.bc, Outcome::Error(TIMED_OUT.into()));
+    }
+}
+
+const TIMED_OUT: &str = "TIMEOUT the cluster did not answer in time; the request may or may not have taken effect";
 
 fn unblock(bc: *mut RedisModuleBlockedClient, outcome: Outcome) {
     let privdata = Box::into_raw(Box::new(outcome)) as *mut c_void;
@@ -163,8 +208,9 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
     }
 }
 
+/// `CLIENT UNBLOCK` of a [`Blocked::new`] client.
 extern "C" fn timeout_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
-    ffi::reply_error(ctx, "TIMEOUT the cluster did not answer in time; the request may or may not have taken effect")
+    ffi::reply_error(ctx, TIMED_OUT)
 }
 
 extern "C" fn free_outcome(_ctx: *mut RedisModuleCtx, privdata: *mut c_void) {
