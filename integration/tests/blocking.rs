@@ -195,6 +195,22 @@ fn a_pop_whose_client_leaves_takes_nothing_and_client_unblock_answers_as_in_redi
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A pop whose timeout comes while Redis' main thread is held up past its backstop (timeout,
+/// write-timeout and 2 s; here by DEBUG SLEEP) still gets its null reply. (The backstop was
+/// Redis' own timer, and Redis 7.0 runs those before it takes modules' answers: the client got
+/// no reply at all.)
+#[test]
+fn a_pop_that_times_out_while_the_main_thread_is_held_up_still_gets_its_reply() {
+    let cluster = Cluster::start(1, &["write-timeout=200"]).unwrap();
+    let node = &cluster.nodes[0];
+    let mut waiter = RespConn::connect(node.port).unwrap();
+    block(&mut waiter, &["BLPOP", "q", "1"], node, 1);
+    let mut sleeper = RespConn::connect(node.port).unwrap();
+    sleeper.send(&[args(&["DEBUG", "SLEEP", "4"])]).unwrap();
+    assert_eq!(waiter.reply().unwrap(), Reply::Null(b'*'));
+    assert_eq!(sleeper.reply().unwrap(), Reply::Line(b'+', b"OK".to_vec()));
+}
+
 /// A forwarded pop the leader does not answer long after its timeout (its main thread held up,
 /// here by DEBUG SLEEP) may have run there: the follower's backstop says so. (Redis' own timer
 /// once fired with the backstop and, Redis 7.0 taking the module's answer after its own timeout,

@@ -3,11 +3,10 @@
 //! A `Blocked` that is dropped unfinished still unblocks its client with an error, and every
 //! client is blocked with a timeout, so none waits forever (but one whose command asked to).
 //!
-//! A backstop timeout is this module's own timer ([`Blocked::new`]), not Redis': Redis 7.0 runs
-//! the timeouts of blocked clients before it takes the answers modules gave, and a client whose
-//! timeout passed in between (the main thread held up by a long script, say) gets no reply at
-//! all. Redis' own timer is used only where a command's timeout has Redis' meaning
-//! ([`Blocked::with_timeout_reply`]), a margin after any answer of the module's.
+//! A backstop timeout is this module's own timer, never Redis': Redis 7.0 runs the timeouts of
+//! blocked clients before it takes the answers modules gave, and a client whose timeout passed
+//! in between (the main thread held up by a long script, say) would get no reply at all. Redis
+//! only hears of `CLIENT UNBLOCK`, through the callback each kind of wait gives.
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
 use raftis_core::forward::{Abandoned, ForwardDone};
@@ -90,28 +89,36 @@ unsafe impl Send for Blocked {}
 struct Backstop {
     bc: *mut RedisModuleBlockedClient,
     answered: Arc<AtomicBool>,
+    /// Ends the wait and says what the client gets.
+    answer: fn(*mut RedisModuleBlockedClient) -> Outcome,
 }
 
 impl Blocked {
-    /// Blocks the client of `ctx` (on the main thread). `timeout` is a backstop, kept by this
-    /// module's timer: the work normally finishes (or fails with its own error) before it.
-    /// (`CLIENT UNBLOCK` still ends the wait, as a timeout.)
+    /// Blocks the client of `ctx` (on the main thread). `timeout` is a backstop: the work
+    /// normally finishes (or fails with its own error) before it. (`CLIENT UNBLOCK` ends the wait
+    /// as a timeout.)
     pub fn new(ctx: *mut RedisModuleCtx, timeout: Duration) -> Blocked {
-        let mut blocked = Blocked::with_timeout_reply(ctx, Duration::ZERO, Some(timeout_callback));
-        let answered = Arc::new(AtomicBool::new(false));
-        let backstop = Box::new(Backstop { bc: blocked.bc, answered: answered.clone() });
-        let ms = timeout.as_millis().clamp(1, i64::MAX as u128) as i64;
-        unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(backstop) as *mut c_void) };
-        blocked.answered = Some(answered);
-        blocked
+        Blocked::with_backstop(ctx, timeout, Some(timeout_callback), |_| Outcome::Error(TIMED_OUT.into()))
     }
 
-    /// Blocks the client of `ctx`, which `on_timeout` answers if `timeout` passes first (zero: no
-    /// timeout, for a client that asked to wait for ever).
-    pub fn with_timeout_reply(ctx: *mut RedisModuleCtx, timeout: Duration, on_timeout: redis_module::raw::RedisModuleCmdFunc) -> Blocked {
-        let bc =
-            unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_timeout, Some(free_outcome), timeout.as_millis() as i64) };
-        Blocked { bc, answered: None }
+    /// Blocks the client of `ctx` (on the main thread). Once `backstop` has passed (zero: never,
+    /// for a client that asked to wait for ever), `on_backstop` ends the wait and says what the
+    /// client gets, unless it was answered; Redis runs `on_unblock` for `CLIENT UNBLOCK`.
+    pub fn with_backstop(
+        ctx: *mut RedisModuleCtx,
+        backstop: Duration,
+        on_unblock: redis_module::raw::RedisModuleCmdFunc,
+        on_backstop: fn(*mut RedisModuleBlockedClient) -> Outcome,
+    ) -> Blocked {
+        let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_unblock, Some(free_outcome), 0) };
+        if backstop.is_zero() {
+            return Blocked { bc, answered: None };
+        }
+        let answered = Arc::new(AtomicBool::new(false));
+        let timer = Box::new(Backstop { bc, answered: answered.clone(), answer: on_backstop });
+        let ms = backstop.as_millis().clamp(1, i64::MAX as u128) as i64;
+        unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(timer) as *mut c_void) };
+        Blocked { bc, answered: Some(answered) }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
@@ -151,12 +158,19 @@ impl Drop for Blocked {
     }
 }
 
-/// The backstop of a [`Blocked::new`] client: the timeout error, unless it was answered.
+/// A client's backstop has passed: unless it was answered, its wait ends (whatever answer the
+/// work still gives is dropped) with what the backstop says.
 extern "C" fn backstop_fired(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
     let backstop = unsafe { Box::from_raw(data as *mut Backstop) };
-    if !backstop.answered.swap(true, Ordering::AcqRel) {
-        unblock(backstop.bc, Outcome::Error(TIMED_OUT.into()));
+    if backstop.answered.swap(true, Ordering::AcqRel) {
+        return;
     }
+    let answer = backstop.answer;
+    let outcome = std::panic::catch_unwind(|| answer(backstop.bc)).unwrap_or_else(|_| {
+        log::error!("panic in a blocked client's backstop");
+        Outcome::Error(TIMED_OUT.into())
+    });
+    unblock(backstop.bc, outcome);
 }
 
 const TIMED_OUT: &str = "TIMEOUT the cluster did not answer in time; the request may or may not have taken effect";

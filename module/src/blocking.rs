@@ -79,7 +79,7 @@ static STALE_TIMERS: AtomicBool = AtomicBool::new(false);
 /// RAFT.STATS: attempts proposed, the first of each wait included.
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 
-/// How much longer than its own timeout Redis' backstop timer lets a client wait: the attempt in
+/// How much longer than its own timeout the backstop lets a client wait: the attempt in
 /// flight when the timeout came may still be answered by the log.
 const BACKSTOP: Duration = Duration::from_secs(2);
 
@@ -129,7 +129,7 @@ struct Waiter {
 
 /// Blocks the client of `ctx`, Redis giving up on it after `backstop` (zero: never).
 fn block_client(ctx: *mut RedisModuleCtx, backstop: Duration) -> Requester {
-    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out_by_redis));
+    let blocked = Blocked::with_backstop(ctx, backstop, Some(timed_out_by_redis), null_at_backstop);
     blocked.on_disconnect(disconnected);
     Requester::Here(blocked)
 }
@@ -581,11 +581,21 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
     }
 }
 
-/// Redis' own timeout for a waiting client: its backstop, or `CLIENT UNBLOCK` (with TIMEOUT). It
-/// answers as a timeout of the command does (a null array, whichever the command, as in Redis);
-/// the wait itself is over.
+/// `CLIENT UNBLOCK` (with TIMEOUT) of a waiting client. It answers as a timeout of the command
+/// does (a null array, whichever the command, as in Redis); the wait itself is over.
 extern "C" fn timed_out_by_redis(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
+    stop_waiting(bc);
+    unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
+}
+
+/// The backstop of a waiting client, well after its own timeout: answered as that timeout.
+fn null_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
+    stop_waiting(bc);
+    Outcome::NullArray
+}
+
+fn stop_waiting(bc: *mut RedisModuleBlockedClient) {
     let run = || {
         give_up(|clients| by_handle(clients, bc), Outcome::Error("ERR timed out".into()));
         crate::forward_blocking::cancel(bc, "ERR timed out");
@@ -593,7 +603,6 @@ extern "C" fn timed_out_by_redis(ctx: *mut RedisModuleCtx, _argv: *mut *mut Redi
     if std::panic::catch_unwind(run).is_err() {
         log::error!("panic in a blocking command's timeout callback");
     }
-    unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
 }
 
 /// Ends the wait `find` picks: at once, with `answer`, if no attempt is in flight; otherwise once

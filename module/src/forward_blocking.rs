@@ -41,12 +41,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How much longer than the command's own timeout the client waits for the leader's answer, on
 /// top of two forwards' time (an attempt in flight at the timeout is answered first).
 const BACKSTOP: Duration = Duration::from_secs(2);
-/// How long after the transport gives up on the leader's answer Redis' own timer fires.
+/// How long after the transport gives up on the leader's answer the client's backstop comes.
 const AFTER_THE_TRANSPORT: Duration = Duration::from_secs(1);
 
 struct Waiting {
-    /// When Redis' backstop for it fires ([`timed_out`]); None: it waits for ever.
-    backstop_at: Option<Instant>,
     /// It is `WAIT`, whose timeout answers a count.
     is_wait: bool,
     /// The side-port address of the leader it was sent to (None while it is not on its way).
@@ -78,10 +76,9 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], t
         // The leader answers Redis' error for it at once.
         Err(_) => Some(answer_within(Duration::ZERO)),
     };
-    // Redis' own timer comes a while after the transport's: in Redis 7.0 a client whose timer
-    // fires after the module answered it, before Redis took that answer, gets no reply at all.
-    let redis_timer = backstop.map_or(Duration::ZERO, |b| b + AFTER_THE_TRANSPORT);
-    let blocked = Blocked::with_timeout_reply(ctx, redis_timer, Some(timed_out));
+    // The client's own backstop comes a while after the transport's, which answers first.
+    let client_backstop = backstop.map_or(Duration::ZERO, |b| b + AFTER_THE_TRANSPORT);
+    let blocked = Blocked::with_backstop(ctx, client_backstop, Some(timed_out), timeout_at_backstop);
     let deadline = timeout.ok().flatten().map(|t| Instant::now() + t);
     let (resp3, db) = (ffi::client_is_resp3(ctx), ffi::selected_db(ctx));
     let forward = Forward::new(blocked, resp3, db, ffi::owned_args(command), deadline, timeout_arg, backstop);
@@ -162,11 +159,8 @@ impl Forward {
         blocked.on_disconnect(disconnected);
         let cancel = ForwardCancel::default();
         let is_wait = argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"wait"));
-        let backstop_at = backstop.map(|b| Instant::now() + b);
-        let registered = Registered::new(
-            blocked.handle() as usize,
-            Waiting { backstop_at, is_wait, leader: None, replaced_since: None, cancel: cancel.clone() },
-        );
+        let registered =
+            Registered::new(blocked.handle() as usize, Waiting { is_wait, leader: None, replaced_since: None, cancel: cancel.clone() });
         Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, refused_since: None }
     }
 
@@ -326,32 +320,32 @@ extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlocke
     }
 }
 
-/// Redis' timer, or `CLIENT UNBLOCK` (with TIMEOUT); the leader is told to stop waiting.
-/// - Redis' timer, past the transport's backstop, which normally answers first (`-TIMEOUT`: an
-///   attempt may have run at a leader held up by a long script, say): the same answer, rather
-///   than the null array that would say nothing was popped.
-/// - `CLIENT UNBLOCK`: answered as the command's own timeout is, a null array (for `WAIT`, a
-///   count: 0, as the follower cannot tell how many nodes hold the log).
+/// `CLIENT UNBLOCK` (with TIMEOUT): answered as the command's own timeout is, a null array (for
+/// `WAIT`, a count: 0, as the follower cannot tell how many nodes hold the log); the leader is
+/// told to stop waiting.
 extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
-    let found = std::panic::catch_unwind(|| {
-        let waiting = lock().get(&(bc as usize)).map(|w| (w.backstop_at, w.is_wait));
+    let is_wait = std::panic::catch_unwind(|| {
+        let is_wait = lock().get(&(bc as usize)).is_some_and(|w| w.is_wait);
         cancel(bc, "ERR timed out");
-        waiting
+        is_wait
+    })
+    .unwrap_or_else(|_| {
+        log::error!("panic in a forwarded blocking command's timeout callback");
+        false
     });
-    let (backstop_at, is_wait) = found
-        .unwrap_or_else(|_| {
-            log::error!("panic in a forwarded blocking command's timeout callback");
-            None
-        })
-        .unwrap_or((None, false));
-    if backstop_at.is_some_and(|at| Instant::now() >= at) {
-        return ffi::reply_error(ctx, BACKSTOP_REPLY);
-    }
     if is_wait {
         return unsafe { api!(RedisModule_ReplyWithLongLong)(ctx, 0) };
     }
     unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
+}
+
+/// The client's backstop, past the transport's, which normally answers first (an attempt may
+/// have run at a leader held up by a long script, say): the same answer, `-TIMEOUT`, rather
+/// than the null array that would say nothing was popped.
+fn timeout_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
+    cancel(bc, "ERR timed out");
+    Outcome::Error(BACKSTOP_REPLY.into())
 }
 
 /// A forwarded command the leader has not answered long after its own timeout.

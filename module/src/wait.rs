@@ -91,7 +91,7 @@ pub fn wait(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String> {
     // timer fires after the module answered it, before Redis took that answer, gets no reply).
     let deadline = timeout.map(|t| Instant::now() + t);
     let backstop = timeout.map_or(Duration::ZERO, |t| t + Duration::from_secs(1));
-    let blocked = Blocked::with_timeout_reply(ctx, backstop, Some(timed_out));
+    let blocked = Blocked::with_backstop(ctx, backstop, Some(timed_out), count_at_backstop);
     blocked.on_disconnect(disconnected);
     start(&node, Requester::Here(blocked), wanted, deadline);
     Ok(Reply::Blocked)
@@ -189,17 +189,26 @@ extern "C" fn check(ctx: *mut RedisModuleCtx, _data: *mut c_void) {
     }
 }
 
-/// Redis' backstop, or `CLIENT UNBLOCK` (with TIMEOUT): the count as it stands (0 before the Raft
-/// loop named the index).
+/// `CLIENT UNBLOCK` (with TIMEOUT): the count as it stands (0 before the Raft loop named the
+/// index).
 extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
     let bc = unsafe { api!(RedisModule_GetBlockedClientHandle)(ctx) };
+    ffi::reply_integer(ctx, count_now(bc))
+}
+
+/// The backstop, a second after the timeout the module's timer keeps: the count as it stands.
+fn count_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
+    Outcome::Integer(count_now(bc))
+}
+
+/// Forgets the client `bc` and counts the members holding what it waited for.
+fn count_now(bc: *mut RedisModuleBlockedClient) -> i64 {
     let run = || {
         let index = forget(bc)?;
         let status = state::get().node()?.status();
         Some(holding(&status, index?))
     };
-    let count = std::panic::catch_unwind(run).ok().flatten().unwrap_or(0);
-    ffi::reply_integer(ctx, count)
+    std::panic::catch_unwind(run).ok().flatten().unwrap_or(0)
 }
 
 extern "C" fn disconnected(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {
