@@ -209,6 +209,14 @@ fn a_pop_that_times_out_while_the_main_thread_is_held_up_still_gets_its_reply() 
     sleeper.send(&[args(&["DEBUG", "SLEEP", "4"])]).unwrap();
     assert_eq!(waiter.reply().unwrap(), Reply::Null(b'*'));
     assert_eq!(sleeper.reply().unwrap(), Reply::Line(b'+', b"OK".to_vec()));
+    // A client popping in a loop with a long timeout, served at once each time, leaves no
+    // backstop timer behind.
+    let mut producer = RespConn::connect(node.port).unwrap();
+    for i in 0..200 {
+        call(&mut producer, &["RPUSH", "jobs", &i.to_string()]);
+        assert_eq!(call(&mut waiter, &["BLPOP", "jobs", "3600"]), popped("jobs", &i.to_string()));
+    }
+    wait_for("the backstops of answered pops to be stopped", WAIT, || (stat_field(node, "blocked_backstops") == 0).then_some(()));
 }
 
 /// A forwarded pop the leader does not answer long after its timeout (its main thread held up,

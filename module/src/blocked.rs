@@ -10,9 +10,10 @@
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
 use raftis_core::forward::{Abandoned, ForwardDone};
+use redis_module::raw::RedisModuleTimerID;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The reply a blocked client will get.
@@ -77,9 +78,23 @@ impl Requester {
 
 pub struct Blocked {
     bc: *mut RedisModuleBlockedClient,
-    /// With a backstop of this module's: set by whichever answers the client first, the work or
-    /// the backstop's timer (the other then leaves the handle alone: Redis may have freed it).
-    answered: Option<Arc<AtomicBool>>,
+    /// With a backstop: set by whichever answers the client first, the work or the backstop's
+    /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer.
+    backstop: Option<(Arc<AtomicBool>, RedisModuleTimerID)>,
+}
+
+/// Backstop timers of clients the work answered first: Redis' timers may only be stopped on its
+/// main thread, and the work may end on another, so they are stopped before Redis next sleeps
+/// ([`before_sleep`]). Left to fire, a client popping in a loop with a long timeout would leave
+/// one behind each time.
+static ANSWERED_EARLY: Mutex<Vec<RedisModuleTimerID>> = Mutex::new(Vec::new());
+static ANY_ANSWERED_EARLY: AtomicBool = AtomicBool::new(false);
+/// Backstop timers set and not yet fired or stopped: RAFT.STATS.
+static BACKSTOPS: AtomicUsize = AtomicUsize::new(0);
+
+/// RAFT.STATS: backstop timers of blocked clients, pending.
+pub fn backstops() -> usize {
+    BACKSTOPS.load(Ordering::Relaxed)
 }
 
 // Redis documents blocked-client handles as usable from any thread until unblocked.
@@ -112,13 +127,14 @@ impl Blocked {
     ) -> Blocked {
         let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_unblock, Some(free_outcome), 0) };
         if backstop.is_zero() {
-            return Blocked { bc, answered: None };
+            return Blocked { bc, backstop: None };
         }
         let answered = Arc::new(AtomicBool::new(false));
         let timer = Box::new(Backstop { bc, answered: answered.clone(), answer: on_backstop });
         let ms = backstop.as_millis().clamp(1, i64::MAX as u128) as i64;
-        unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(timer) as *mut c_void) };
-        Blocked { bc, answered: Some(answered) }
+        let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(timer) as *mut c_void) };
+        BACKSTOPS.fetch_add(1, Ordering::Relaxed);
+        Blocked { bc, backstop: Some((answered, id)) }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
@@ -142,11 +158,15 @@ impl Blocked {
         if bc.is_null() {
             return;
         }
-        if self.answered.as_ref().is_some_and(|answered| answered.swap(true, Ordering::AcqRel)) {
-            if let Outcome::Call(reply) = outcome {
-                ffi::free_call_reply(reply);
+        if let Some((answered, timer)) = &self.backstop {
+            if answered.swap(true, Ordering::AcqRel) {
+                if let Outcome::Call(reply) = outcome {
+                    ffi::free_call_reply(reply);
+                }
+                return;
             }
-            return;
+            ANSWERED_EARLY.lock().unwrap_or_else(|p| p.into_inner()).push(*timer);
+            ANY_ANSWERED_EARLY.store(true, Ordering::Release);
         }
         unblock(bc, outcome);
     }
@@ -158,10 +178,27 @@ impl Drop for Blocked {
     }
 }
 
+/// Before Redis sleeps: stops the backstop timers of the clients answered since.
+pub fn before_sleep(ctx: *mut RedisModuleCtx) {
+    if !ANY_ANSWERED_EARLY.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    let timers = std::mem::take(&mut *ANSWERED_EARLY.lock().unwrap_or_else(|p| p.into_inner()));
+    for timer in timers {
+        let mut data: *mut c_void = std::ptr::null_mut();
+        // One that has fired already is not found, and freed its own data.
+        if unsafe { api!(RedisModule_StopTimer)(ctx, timer, &mut data) } == ffi::OK && !data.is_null() {
+            drop(unsafe { Box::from_raw(data as *mut Backstop) });
+            BACKSTOPS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A client's backstop has passed: unless it was answered, its wait ends (whatever answer the
 /// work still gives is dropped) with what the backstop says.
 extern "C" fn backstop_fired(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
     let backstop = unsafe { Box::from_raw(data as *mut Backstop) };
+    BACKSTOPS.fetch_sub(1, Ordering::Relaxed);
     if backstop.answered.swap(true, Ordering::AcqRel) {
         return;
     }

@@ -595,6 +595,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         for (name, value) in crate::blocking::stats().into_iter().chain(crate::forward_blocking::stats()) {
             let _ = write!(out, "{name}:{value}\r\n");
         }
+        let _ = write!(out, "blocked_backstops:{}\r\n", crate::blocked::backstops());
         let _ = write!(out, "known_scripts:{}\r\n", crate::scripts::known_scripts());
         let _ = write!(out, "readonly_clients:{}\r\n", crate::replica_reads::count());
         let _ = write!(out, "clock_entries_proposed:{}\r\n", crate::expiry::clock_entries_proposed());

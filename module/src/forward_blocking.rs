@@ -7,7 +7,7 @@
 //! when its client stops waiting, so that the leader forgets the wait instead of popping for a
 //! client that is gone:
 //! - the client disconnects, or `CLIENT UNBLOCK` ends its wait;
-//! - Redis' backstop fires: the command's timeout, plus time for the attempt in flight then and
+//! - its backstop comes: the command's timeout, plus time for the attempt in flight then and
 //!   for the answer's way back, has passed without an answer;
 //! - another node leads and the old leader has not said, within a second, that it stepped down:
 //!   it is cut off or stopped, and the client gets `-TIMEOUT`, since an attempt already in its

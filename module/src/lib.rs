@@ -393,6 +393,9 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
         log::error!("panic in the event-loop hook for key expiry");
     }
+    if std::panic::catch_unwind(|| blocked::before_sleep(ctx)).is_err() {
+        log::error!("panic in the event-loop hook for blocked clients");
+    }
 }
 
 /// Redis is about to exit (`SHUTDOWN`, or SIGTERM): a leader hands leadership over, then the
