@@ -94,7 +94,9 @@ pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Opti
     let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
         let replies = match reply.map(|raw| decode_replies(&raw)) {
             Ok(Some(replies)) if replies.len() == slots.len() => replies,
-            Ok(_) => return fail(slots, "ERR the leader's replies to the transaction do not fit it"),
+            // (More than the side port's 1,048,576 replies in one array: possible only with a
+            // max-entry-size well over its 16 MB default.)
+            Ok(_) => return fail(slots, "ERR the transaction ran on the leader, but its replies could not be read here"),
             Err(e) => return fail(slots, &e),
         };
         for (slot, reply) in slots.into_iter().zip(replies) {
