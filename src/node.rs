@@ -669,6 +669,17 @@ impl<S: StateMachine> Node<S> {
         let id = info.id;
         let status = self.status();
         if status.voters.contains(&id) {
+            // The same node again (a join whose answer was lost), or one that moved: done. But
+            // a member that still talks to the leader from another address is another server
+            // given the same node-id: adding it would do nothing, and it would wait for ever.
+            let elsewhere = status.members.get(&id).map(|m| m.raft_addr.clone()).filter(|addr| *addr != info.raft_addr);
+            let talking = status.progress_of(id).is_some_and(|p| p.silent_for < SILENT_BEFORE_REPLACED) || id == status.id;
+            if let (Some(addr), true) = (elsewhere, talking) {
+                return Err(ProposeError::Refused(format!(
+                    "node {id} is already a member, at {addr}, and talks to the leader: {} has the same node-id (give it another)",
+                    info.raft_addr
+                )));
+            }
             return Ok(());
         }
         // After a recovery, a new node must start from the snapshot that follows it, never from

@@ -146,3 +146,20 @@ fn a_node_that_lost_its_dir_and_joins_again_takes_its_old_selfs_place() {
     assert!(leader_node.log().contains(&format!("where node {old_id} was: removing node {old_id}")), "{}", leader_node.log_tail());
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// A new server configured with the node-id of a member that runs elsewhere is refused when it is
+/// added, with what to do: RAFT.ADDPEER answered OK and did nothing, and it waited for ever (a
+/// JOIN was refused already).
+#[test]
+fn a_server_given_a_running_members_node_id_is_refused_when_added() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let member = (leader + 1) % 3;
+    let id = cluster.nodes[member].node_id().to_string();
+    let twin = Server::start(free_port_pair(), &cluster.root.path().join("twin"), &[&format!("node-id={id}")]).unwrap();
+    let err = cluster.nodes[leader].cmd::<String>(&["RAFT.ADDPEER", &twin.addr()]).unwrap_err().to_string();
+    assert!(err.contains(&format!("node {id} is already a member")) && err.contains("give it another"), "{err}");
+    let err = twin.cmd::<String>(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap_err().to_string();
+    assert!(err.contains(&format!("node id {id} is already used by the member")), "{err}");
+    assert_eq!(info_field(&cluster.nodes[leader], "voters"), 3);
+}
