@@ -86,6 +86,10 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
         let mut waiter = RespConn::connect(cluster.nodes[node].port).unwrap();
         let id = call(&mut waiter, &["CLIENT", "ID"]).integer().unwrap().to_string();
         waiter.send(&[args(&["WAIT", "3", "0"])]).unwrap();
+        // Until the Raft loop names the index a WAIT is about, its count is 0.
+        raftis_integration::wait_for("WAIT to count", Duration::from_secs(10), || {
+            (raftis_integration::stat_field(&cluster.nodes[leader], "wait_clients_counting") == 1).then_some(())
+        });
         let mut other = RespConn::connect(cluster.nodes[node].port).unwrap();
         raftis_integration::wait_for("WAIT to block", Duration::from_secs(10), || {
             (call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer() == Some(1)).then_some(())

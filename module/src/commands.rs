@@ -592,7 +592,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "watching_clients:{}\r\n", crate::watch::clients());
-        for (name, value) in crate::blocking::stats().into_iter().chain(crate::forward_blocking::stats()) {
+        for (name, value) in crate::blocking::stats().into_iter().chain(crate::forward_blocking::stats()).chain(crate::wait::stats()) {
             let _ = write!(out, "{name}:{value}\r\n");
         }
         let _ = write!(out, "blocked_backstops:{}\r\n", crate::blocked::backstops());

@@ -44,9 +44,16 @@ struct Waiting {
     /// What every counted node must hold: None until the Raft loop says.
     index: Option<LogIndex>,
     wanted: i64,
-    /// When it answers the count it has (a forwarded WAIT's timeout; Redis keeps this node's
-    /// clients' own).
+    /// When it answers the count it has.
     deadline: Option<Instant>,
+}
+
+/// RAFT.STATS: clients in WAIT (this node's and followers'), and those of them whose index the
+/// Raft loop has named, which count the nodes that hold it (before, a count is 0).
+pub fn stats() -> [(&'static str, u64); 2] {
+    let waiting = lock();
+    let counting = waiting.iter().filter(|w| w.index.is_some()).count();
+    [("wait_clients", waiting.len() as u64), ("wait_clients_counting", counting as u64)]
 }
 
 /// WAIT's arguments, read in Redis' order with Redis' errors: how many nodes, and for how long.
