@@ -97,7 +97,8 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     let clients = w.clients.get_or_insert_with(FxHashMap::default);
     let client = clients.entry(id).or_default();
     client.current.extend(watched.iter().cloned());
-    client.awaiting = Some(Awaiting { keys: watched, touched: false });
+    client.awaiting = Some(Awaiting { keys: watched.clone(), touched: false });
+    let keys = watched;
     COUNT.store(clients.len(), Ordering::Relaxed);
     drop(w);
     // A transaction EXEC has just built goes into the log before the barrier.
@@ -108,7 +109,7 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         // (This may run on the Raft loop's thread: Redis watches the keys on its own.)
         Ok(index) => progress.when_applied(
             index,
-            Box::new(move || blocked.finish(Outcome::ThenOk(std::sync::Mutex::new(Some(Box::new(move || start_watching(id))))))),
+            Box::new(move || blocked.finish(Outcome::ThenOk(std::sync::Mutex::new(Some(Box::new(move || start_watching(id, keys))))))),
         ),
         Err(e) => blocked.finish(Outcome::Error(state::error_reply(&e, slot))),
     }));
@@ -120,9 +121,12 @@ pub fn watch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
 /// Redis (the client's own pipelined `SET k` before `WATCH k` included), and Redis now watches
 /// the keys. A write proposed since, which may have been applied in the same batch as the last of
 /// them, marks the transaction dirty (and, through the key it touches, any other watching it).
-fn start_watching(id: ClientId) {
+/// Gone from the registry (this node stopped leading meanwhile, see [`deposed`]), or on a node
+/// that no longer leads, the watch cannot be kept: the keys count as modified.
+fn start_watching(id: ClientId, keys: Vec<Key>) {
     let awaiting = lock().clients.as_mut().and_then(|c| c.get_mut(&id)).and_then(|c| c.awaiting.take());
-    let Some(Awaiting { keys, touched }) = awaiting else { return };
+    let leads = state::get().node().is_some_and(|n| n.is_leader());
+    let touched = !leads || awaiting.is_none_or(|a| a.touched);
     let names: Vec<Vec<u8>> = keys.iter().map(|(_, key)| key.clone()).collect();
     if crate::held::watch_keys(id, &names) && touched {
         let (db, key) = &keys[0];
