@@ -130,6 +130,25 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     let _: () = node.cmd(&["SET", "after", "1"]).unwrap();
 }
 
+/// A user whose key patterns allow reads only (`%R~`) reads through the log, as in Redis: the
+/// keys RAFT._READ names to Redis are read keys. And a RAFT._READ nested in itself names none.
+#[test]
+fn a_user_allowed_to_read_keys_only_reads_them() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let _: () = node.cmd(&["SET", "app:1", "x"]).unwrap();
+    let mut setuser = vec!["ACL", "SETUSER", "reader", "on", ">pw", "+@read", "+set", "%R~app:*"];
+    setuser.extend_from_slice(GRANTS);
+    let _: () = node.cmd(&setuser).unwrap();
+    let mut reader = connect_as(node, "reader", "pw");
+    assert_eq!(run(&mut reader, &["GET", "app:1"]).unwrap(), Value::Data(b"x".to_vec()));
+    refused(run(&mut reader, &["SET", "app:1", "y"]), "key");
+    let nested: Vec<String> = node.cmd(&["COMMAND", "GETKEYS", "RAFT._READ", "RAFT._READ", "GET", "app:1"]).unwrap_or_default();
+    assert!(nested.is_empty(), "{nested:?}");
+    let keys: Vec<String> = node.cmd(&["COMMAND", "GETKEYS", "RAFT._READ", "MGET", "a", "b"]).unwrap();
+    assert_eq!(keys, ["a", "b"]);
+}
+
 /// A transaction that restricts the open default user halfway through: the commands after it,
 /// in the transaction and after it, are checked against the new rules (the module's note that
 /// nothing needs checking was learnt again inside EXEC, before the `ACL SETUSER` ran, and kept).

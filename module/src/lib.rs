@@ -133,9 +133,17 @@ extern "C" fn cmd_read(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleStri
     }
     let args = ffi::borrowed_args(argv, argc);
     let reported = std::panic::catch_unwind(|| {
-        let keys = ffi::CommandKeys::of(ctx, args.get(1..).unwrap_or_default());
+        // Only what RAFT._READ runs: a read, never itself again (`RAFT._READ RAFT._READ ...`
+        // would ask Redis for keys level after level, until the stack overflows).
+        let command = args.get(1..).unwrap_or_default();
+        if !matches!(state::get().route(command), raftis_core::routing::Route::Read) {
+            return;
+        }
+        let keys = ffi::CommandKeys::of(ctx, command);
+        // Read access: a user whose key patterns allow only reads (`%R~app:*`) may run it.
+        let read = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_ACCESS) as c_int;
         for &at in keys.positions() {
-            unsafe { api!(RedisModule_KeyAtPos)(ctx, (at + 1) as c_int) };
+            unsafe { api!(RedisModule_KeyAtPosWithFlags)(ctx, (at + 1) as c_int, read) };
         }
     });
     if reported.is_err() {
