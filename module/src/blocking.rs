@@ -271,8 +271,9 @@ impl Waiter {
 /// not, as any read at `low` is served.
 fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingCommand) -> Result<(), String> {
     let resp3 = ffi::client_is_resp3(ctx);
-    // The module's own call never blocks: a null when there is nothing to read yet.
-    let reply = ffi::call(ctx, command, resp3);
+    // The module's own call never blocks: a null when there is nothing to read yet. (On a node
+    // that is not current, as of its log, see `expiry`.)
+    let reply = crate::expiry::as_of_log(ctx, command, || ffi::call(ctx, command, resp3));
     if !is_null(reply) {
         ffi::reply_call_reply(ctx, reply);
         ffi::free_call_reply(reply);
@@ -497,7 +498,8 @@ fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
         return;
     }
     // The module's own call never blocks: a null when there is nothing after its IDs after all.
-    let reply = ffi::call(ctx, &argv, resp3);
+    let args: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+    let reply = crate::expiry::as_of_log(ctx, &args, || ffi::call(ctx, &argv, resp3));
     if is_null(reply) {
         return ffi::free_call_reply(reply);
     }
