@@ -70,9 +70,10 @@ impl Requester {
         matches!(self, Requester::Forwarded { abandoned, .. } if abandoned.is_set())
     }
 
-    /// Whether it is the client Redis knows by `bc`.
+    /// Whether it is the client Redis knows by `bc`. One its backstop answered is not: Redis
+    /// frees that handle and may give it to a later client.
     pub fn is(&self, bc: *mut RedisModuleBlockedClient) -> bool {
-        matches!(self, Requester::Here(blocked) if blocked.handle() == bc)
+        matches!(self, Requester::Here(blocked) if blocked.handle() == bc && !blocked.is_answered())
     }
 }
 
@@ -80,14 +81,22 @@ pub struct Blocked {
     bc: *mut RedisModuleBlockedClient,
     /// With a backstop: set by whichever answers the client first, the work or the backstop's
     /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer.
-    backstop: Option<(Arc<AtomicBool>, RedisModuleTimerID)>,
+    backstop: Option<(Arc<AtomicBool>, Timer)>,
 }
 
 /// Backstop timers of clients the work answered first: Redis' timers may only be stopped on its
 /// main thread, and the work may end on another, so they are stopped before Redis next sleeps
 /// ([`before_sleep`]). Left to fire, a client popping in a loop with a long timeout would leave
 /// one behind each time.
-static ANSWERED_EARLY: Mutex<Vec<RedisModuleTimerID>> = Mutex::new(Vec::new());
+static ANSWERED_EARLY: Mutex<Vec<Timer>> = Mutex::new(Vec::new());
+
+/// A backstop's timer, and its data: Redis' timer ids are times, which a later timer may get
+/// again once this one has fired, so the data tells them apart.
+#[derive(Clone, Copy)]
+struct Timer {
+    id: RedisModuleTimerID,
+    data: usize,
+}
 static ANY_ANSWERED_EARLY: AtomicBool = AtomicBool::new(false);
 /// Backstop timers set and not yet fired or stopped: RAFT.STATS.
 static BACKSTOPS: AtomicUsize = AtomicUsize::new(0);
@@ -132,15 +141,21 @@ impl Blocked {
         let answered = Arc::new(AtomicBool::new(false));
         let timer = Box::new(Backstop { bc, answered: answered.clone(), answer: on_backstop });
         let ms = backstop.as_millis().clamp(1, i64::MAX as u128) as i64;
-        let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), Box::into_raw(timer) as *mut c_void) };
+        let data = Box::into_raw(timer) as *mut c_void;
+        let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), data) };
         BACKSTOPS.fetch_add(1, Ordering::Relaxed);
-        Blocked { bc, backstop: Some((answered, id)) }
+        Blocked { bc, backstop: Some((answered, Timer { id, data: data as usize })) }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
     /// ERROR` ends its wait); it replaces any callback set before.
     pub fn on_disconnect(&self, callback: extern "C" fn(*mut RedisModuleCtx, *mut RedisModuleBlockedClient)) {
         unsafe { api!(RedisModule_SetDisconnectCallback)(self.bc, Some(callback)) };
+    }
+
+    /// Whether the client was answered already (by its backstop: `finish` consumes it).
+    pub fn is_answered(&self) -> bool {
+        self.backstop.as_ref().is_some_and(|(answered, _)| answered.load(Ordering::Acquire))
     }
 
     /// Redis' handle of the blocked client, to recognise it in Redis' callbacks.
@@ -185,9 +200,14 @@ pub fn before_sleep(ctx: *mut RedisModuleCtx) {
     }
     let timers = std::mem::take(&mut *ANSWERED_EARLY.lock().unwrap_or_else(|p| p.into_inner()));
     for timer in timers {
-        let mut data: *mut c_void = std::ptr::null_mut();
-        // One that has fired already is not found, and freed its own data.
-        if unsafe { api!(RedisModule_StopTimer)(ctx, timer, &mut data) } == ffi::OK && !data.is_null() {
+        // One that has fired already freed its own data, and is not found (or its id is
+        // another timer's now, with other data).
+        let (mut remaining, mut data): (u64, *mut c_void) = (0, std::ptr::null_mut());
+        let found = unsafe { api!(RedisModule_GetTimerInfo)(ctx, timer.id, &mut remaining, &mut data) } == ffi::OK;
+        if !found || data as usize != timer.data {
+            continue;
+        }
+        if unsafe { api!(RedisModule_StopTimer)(ctx, timer.id, &mut data) } == ffi::OK {
             drop(unsafe { Box::from_raw(data as *mut Backstop) });
             BACKSTOPS.fetch_sub(1, Ordering::Relaxed);
         }

@@ -45,6 +45,8 @@ const BACKSTOP: Duration = Duration::from_secs(2);
 const AFTER_THE_TRANSPORT: Duration = Duration::from_secs(1);
 
 struct Waiting {
+    /// Which registration it is ([`Registered`]).
+    serial: u64,
     /// It is `WAIT`, whose timeout answers a count.
     is_wait: bool,
     /// The side-port address of the leader it was sent to (None while it is not on its way).
@@ -159,8 +161,10 @@ impl Forward {
         blocked.on_disconnect(disconnected);
         let cancel = ForwardCancel::default();
         let is_wait = argv.first().is_some_and(|name| name.eq_ignore_ascii_case(b"wait"));
-        let registered =
-            Registered::new(blocked.handle() as usize, Waiting { is_wait, leader: None, replaced_since: None, cancel: cancel.clone() });
+        let registered = Registered::new(
+            blocked.handle() as usize,
+            Waiting { serial: 0, is_wait, leader: None, replaced_since: None, cancel: cancel.clone() },
+        );
         Forward { resp3, db, argv, deadline, timeout_arg, backstop, cancel, registered, blocked, refused_since: None }
     }
 
@@ -279,19 +283,28 @@ pub fn before_sleep() {
 
 /// A client's entry in [`WAITING`], removed when this is dropped: once answered, or if the
 /// forward is dropped unsent (its `Blocked` then answers the client an error).
-struct Registered(usize);
+/// By Redis' handle, which Redis frees once the client is answered (its backstop may answer it
+/// while the forward is still on its way) and may give a later client: the serial tells this
+/// registration's entry from a later one under the same handle.
+struct Registered {
+    handle: usize,
+    serial: u64,
+}
 
 impl Registered {
-    fn new(handle: usize, entry: Waiting) -> Registered {
+    fn new(handle: usize, mut entry: Waiting) -> Registered {
+        static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
+        entry.serial = serial;
         let mut waiting = lock();
         waiting.insert(handle, entry);
         COUNT.store(waiting.len(), Ordering::Relaxed);
-        Registered(handle)
+        Registered { handle, serial }
     }
 
     /// On its way to `leader`, or (None) waiting to be sent again.
     fn sent_to(&self, leader: Option<&str>) {
-        if let Some(waiting) = lock().get_mut(&self.0) {
+        if let Some(waiting) = lock().get_mut(&self.handle).filter(|w| w.serial == self.serial) {
             waiting.leader = leader.map(str::to_string);
             waiting.replaced_since = None;
         }
@@ -301,7 +314,9 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         let mut waiting = lock();
-        waiting.remove(&self.0);
+        if waiting.get(&self.handle).is_some_and(|w| w.serial == self.serial) {
+            waiting.remove(&self.handle);
+        }
         COUNT.store(waiting.len(), Ordering::Relaxed);
     }
 }
