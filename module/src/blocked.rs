@@ -9,11 +9,12 @@
 //! only hears of `CLIENT UNBLOCK`, through the callback each kind of wait gives.
 
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString};
+use crate::stale_timers::StaleTimer;
 use raftis_core::forward::{Abandoned, ForwardDone};
 use redis_module::raw::RedisModuleTimerID;
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The reply a blocked client will get.
@@ -80,24 +81,11 @@ impl Requester {
 pub struct Blocked {
     bc: *mut RedisModuleBlockedClient,
     /// With a backstop: set by whichever answers the client first, the work or the backstop's
-    /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer.
-    backstop: Option<(Arc<AtomicBool>, Timer)>,
+    /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer
+    /// and its data, stopped once the work answered first (see `stale_timers`).
+    backstop: Option<(Arc<AtomicBool>, RedisModuleTimerID, usize)>,
 }
 
-/// Backstop timers of clients the work answered first: Redis' timers may only be stopped on its
-/// main thread, and the work may end on another, so they are stopped before Redis next sleeps
-/// ([`before_sleep`]). Left to fire, a client popping in a loop with a long timeout would leave
-/// one behind each time.
-static ANSWERED_EARLY: Mutex<Vec<Timer>> = Mutex::new(Vec::new());
-
-/// A backstop's timer, and its data: Redis' timer ids are times, which a later timer may get
-/// again once this one has fired, so the data tells them apart.
-#[derive(Clone, Copy)]
-struct Timer {
-    id: RedisModuleTimerID,
-    data: usize,
-}
-static ANY_ANSWERED_EARLY: AtomicBool = AtomicBool::new(false);
 /// Backstop timers set and not yet fired or stopped: RAFT.STATS.
 static BACKSTOPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -144,7 +132,7 @@ impl Blocked {
         let data = Box::into_raw(timer) as *mut c_void;
         let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), data) };
         BACKSTOPS.fetch_add(1, Ordering::Relaxed);
-        Blocked { bc, backstop: Some((answered, Timer { id, data: data as usize })) }
+        Blocked { bc, backstop: Some((answered, id, data as usize)) }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
@@ -155,7 +143,7 @@ impl Blocked {
 
     /// Whether the client was answered already (by its backstop: `finish` consumes it).
     pub fn is_answered(&self) -> bool {
-        self.backstop.as_ref().is_some_and(|(answered, _)| answered.load(Ordering::Acquire))
+        self.backstop.as_ref().is_some_and(|(answered, _, _)| answered.load(Ordering::Acquire))
     }
 
     /// Redis' handle of the blocked client, to recognise it in Redis' callbacks.
@@ -173,15 +161,14 @@ impl Blocked {
         if bc.is_null() {
             return;
         }
-        if let Some((answered, timer)) = &self.backstop {
+        if let Some((answered, id, data)) = &self.backstop {
             if answered.swap(true, Ordering::AcqRel) {
                 if let Outcome::Call(reply) = outcome {
                     ffi::free_call_reply(reply);
                 }
                 return;
             }
-            ANSWERED_EARLY.lock().unwrap_or_else(|p| p.into_inner()).push(*timer);
-            ANY_ANSWERED_EARLY.store(true, Ordering::Release);
+            crate::stale_timers::stop_later(StaleTimer { id: *id, data: *data as *mut c_void, stopped: backstop_stopped });
         }
         unblock(bc, outcome);
     }
@@ -193,25 +180,10 @@ impl Drop for Blocked {
     }
 }
 
-/// Before Redis sleeps: stops the backstop timers of the clients answered since.
-pub fn before_sleep(ctx: *mut RedisModuleCtx) {
-    if !ANY_ANSWERED_EARLY.swap(false, Ordering::AcqRel) {
-        return;
-    }
-    let timers = std::mem::take(&mut *ANSWERED_EARLY.lock().unwrap_or_else(|p| p.into_inner()));
-    for timer in timers {
-        // One that has fired already freed its own data, and is not found (or its id is
-        // another timer's now, with other data).
-        let (mut remaining, mut data): (u64, *mut c_void) = (0, std::ptr::null_mut());
-        let found = unsafe { api!(RedisModule_GetTimerInfo)(ctx, timer.id, &mut remaining, &mut data) } == ffi::OK;
-        if !found || data as usize != timer.data {
-            continue;
-        }
-        if unsafe { api!(RedisModule_StopTimer)(ctx, timer.id, &mut data) } == ffi::OK {
-            drop(unsafe { Box::from_raw(data as *mut Backstop) });
-            BACKSTOPS.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+/// A backstop timer stopped before it fired: its data.
+fn backstop_stopped(data: *mut c_void) {
+    drop(unsafe { Box::from_raw(data as *mut Backstop) });
+    BACKSTOPS.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// A client's backstop has passed: unless it was answered, its wait ends (whatever answer the

@@ -49,6 +49,7 @@ use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome, Requester};
 use crate::cluster_view::slot_of;
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
+use crate::stale_timers::StaleTimer;
 use crate::state::{self, RaftNode};
 use crate::stream_probe;
 use raftis_core::blocking::{self as shape, BlockingCommand, Waits};
@@ -63,7 +64,7 @@ use redis_module::raw::RedisModuleTimerID;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -71,11 +72,9 @@ pub const BLOCK_COMMAND: &str = "raft._block";
 
 /// Clients waiting in a blocking command, oldest first. Changed on the main thread, and on the
 /// Raft thread when an attempt's proposal fails.
-static WAITING: Mutex<Waiting> = Mutex::new(Waiting { clients: BTreeMap::new(), next: 1, stale_timers: Vec::new() });
+static WAITING: Mutex<Waiting> = Mutex::new(Waiting { clients: BTreeMap::new(), next: 1 });
 /// How many: the apply path's cheap check.
 static COUNT: AtomicUsize = AtomicUsize::new(0);
-/// Timers of waits that are over wait to be stopped (see [`Waiting::stale_timers`]).
-static STALE_TIMERS: AtomicBool = AtomicBool::new(false);
 /// RAFT.STATS: attempts proposed, the first of each wait included.
 static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 
@@ -87,11 +86,6 @@ struct Waiting {
     /// By id: ids grow, so this is the order the clients came in.
     clients: BTreeMap<u64, Waiter>,
     next: u64,
-    /// The timeout timers of waits answered before their timeout. Redis' timers may only be
-    /// stopped on its main thread, and a wait can end on the Raft thread (a failed attempt): they
-    /// are stopped before Redis next sleeps, so that a client popping in a loop with a long
-    /// timeout does not leave a timer behind each time.
-    stale_timers: Vec<RedisModuleTimerID>,
 }
 
 /// A client waiting in a blocking command.
@@ -519,14 +513,6 @@ pub fn before_sleep() {
         answer_if_deposed();
         forget_abandoned();
     }
-    if STALE_TIMERS.swap(false, Ordering::AcqRel) {
-        let timers = std::mem::take(&mut lock().stale_timers);
-        let ctx = state::get().main_thread_ctx();
-        for timer in timers {
-            // One that has fired already is simply not found.
-            unsafe { api!(RedisModule_StopTimer)(ctx, timer, std::ptr::null_mut()) };
-        }
-    }
 }
 
 /// A leader that lost its leadership and got it back meanwhile keeps its waiting clients: an
@@ -649,8 +635,8 @@ fn remove(w: &mut Waiting, id: u64) -> Option<Waiter> {
     let waiter = w.clients.remove(&id);
     COUNT.store(w.clients.len(), Ordering::Relaxed);
     if let Some(timer) = waiter.as_ref().and_then(|c| c.timer) {
-        w.stale_timers.push(timer);
-        STALE_TIMERS.store(true, Ordering::Release);
+        // Its data is the wait's id (see `start_timer`), and owns nothing.
+        crate::stale_timers::stop_later(StaleTimer { id: timer, data: id as usize as *mut c_void, stopped: |_| {} });
     }
     waiter
 }

@@ -32,6 +32,7 @@ mod runaway;
 mod scripts;
 mod set_pop;
 mod snapshot;
+mod stale_timers;
 mod state;
 mod stream_probe;
 mod transaction;
@@ -401,8 +402,8 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
     if std::panic::catch_unwind(|| expiry::before_sleep(ctx)).is_err() {
         log::error!("panic in the event-loop hook for key expiry");
     }
-    if std::panic::catch_unwind(|| blocked::before_sleep(ctx)).is_err() {
-        log::error!("panic in the event-loop hook for blocked clients");
+    if std::panic::catch_unwind(|| stale_timers::before_sleep(ctx)).is_err() {
+        log::error!("panic in the event-loop hook for stale timers");
     }
 }
 
