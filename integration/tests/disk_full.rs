@@ -3,21 +3,29 @@
 //! that is not possible the test says so and does nothing.
 
 use raftis_integration::{field_in, free_port_pair, incompressible, info_field, info_text, wait_for, Cluster, Server};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// A tmpfs of a few megabytes, unmounted when dropped.
+/// A tmpfs of a few megabytes on a mount point of its own, unmounted (then the mount point
+/// removed) when dropped.
 struct SmallDisk {
     path: PathBuf,
+    _mount_point: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount(path: &Path, megabytes: u64) -> Option<SmallDisk> {
-        std::fs::create_dir_all(path).ok()?;
+    /// None, having said so, where a tmpfs cannot be mounted (it needs root).
+    fn mount(megabytes: u64) -> Option<SmallDisk> {
+        let mount_point = tempfile::Builder::new().prefix("raftis-small-disk-").tempdir().unwrap();
+        let path = mount_point.path().to_path_buf();
         let size = format!("size={megabytes}m");
-        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(path).output().ok()?;
-        mounted.status.success().then(|| SmallDisk { path: path.to_path_buf() })
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(&path).output();
+        if !mounted.is_ok_and(|m| m.status.success()) {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallDisk { path, _mount_point: mount_point })
     }
 
     /// Room again: the same files, a larger disk.
@@ -36,12 +44,8 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_is_room() {
-    // Dropped in reverse: the cluster (its servers, then its data), the mount, its mount point.
-    let mount_point = tempfile::Builder::new().prefix("raftis-small-disk-").tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(mount_point.path(), 24) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    // Dropped in reverse: the cluster (its servers, then its data), then the disk.
+    let Some(disk) = SmallDisk::mount(24) else { return };
     // consistency=low: each node would serve reads from its own dataset. Node 0, on the small
     // disk, starts the cluster and leads it.
     let args = ["consistency=low"];
@@ -109,11 +113,7 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
 /// tries again a few seconds later.
 #[test]
 fn a_snapshot_that_fails_for_want_of_room_is_not_tried_again_at_every_write() {
-    let mount_point = tempfile::Builder::new().prefix("raftis-small-disk-").tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(mount_point.path(), 64) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let Some(disk) = SmallDisk::mount(64) else { return };
     let node = Server::start(free_port_pair(), &disk.path.join("n0"), &[]).unwrap();
     let _: () = node.cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
     wait_for("the node to lead", Duration::from_secs(10), || (node.state() == "leader").then_some(()));
