@@ -101,7 +101,22 @@ fn the_cluster_script_starts_a_cluster_that_keeps_its_data_across_stop_and_start
     let value: String = redis::cmd("GET").arg("greeting").query(&mut connect(leader)).unwrap();
     assert_eq!(value, "hello");
 
+    // A node lost with its data is rebuilt by `start`: it joins again as an empty node.
+    let lost = *cluster.ports.iter().find(|p| **p != leader).unwrap();
+    kill_hard(&cluster.dir, lost);
+    std::fs::remove_dir_all(cluster.dir.join(lost.to_string()).join("raft")).unwrap();
+    let restarted = cluster.run("start");
+    assert!(restarted.contains(&format!("127.0.0.1:{lost} joins the cluster")), "{restarted}");
+    cluster.wait_leader();
+
+    // A server killed with -9 leaves its pidfile; `clean` leaves whatever has that pid now alone.
+    kill_hard(&cluster.dir, lost);
+    let mut stranger = Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::write(cluster.dir.join(lost.to_string()).join("redis.pid"), stranger.id().to_string()).unwrap();
     cluster.run("clean");
+    assert!(stranger.try_wait().unwrap().is_none(), "clean killed a process that was not one of its servers");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
     for port in &cluster.ports {
         assert!(!serving(*port), "port {port} still serves after clean");
     }
@@ -111,4 +126,12 @@ fn the_cluster_script_starts_a_cluster_that_keeps_its_data_across_stop_and_start
 /// Whether `dir` holds each node's data directory.
 fn dir_has_nodes(dir: &Path, ports: &[u16]) -> bool {
     ports.iter().all(|p| dir.join(p.to_string()).join("raft").is_dir())
+}
+
+/// Kills the node on `port` with SIGKILL, as a crash would, and waits until its port is closed.
+fn kill_hard(dir: &Path, port: u16) {
+    let pid = std::fs::read_to_string(dir.join(port.to_string()).join("redis.pid")).unwrap();
+    let status = Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+    assert!(status.success());
+    wait_for("the port to close after kill -9", Duration::from_secs(10), || (!serving(port)).then_some(()));
 }
