@@ -452,8 +452,11 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
         let err = node.cmd::<Value>(args).expect_err(&format!("{args:?} should fail"));
         assert!(err.to_string().contains(needle), "{args:?}: {err}");
     };
-    expect_err(&["RAFT.CLUSTER"], "unknown subcommand");
-    expect_err(&["RAFT.CLUSTER", "FROB"], "unknown subcommand");
+    expect_err(&["RAFT.CLUSTER"], "wrong number of arguments for 'raft.cluster' command");
+    expect_err(&["RAFT.CLUSTER", "FROB"], "unknown subcommand 'FROB'. Try RAFT.CLUSTER INIT");
+    expect_err(&["RAFT.CLUSTER", "JOIN"], "wrong number of arguments for 'raft.cluster|join' command");
+    expect_err(&["RAFT.CONFIG"], "wrong number of arguments for 'raft.config' command");
+    expect_err(&["RAFT.CONFIG", "FROB"], "unknown subcommand 'FROB'. Try RAFT.CONFIG GET");
     expect_err(&["RAFT.CLUSTER", "INIT"], "already belongs");
     expect_err(&["RAFT.CLUSTER", "INIT", "KEEP"], "syntax error: RAFT.CLUSTER INIT takes KEEPDATA or nothing, not 'KEEP'");
     expect_err(&["RAFT.CLUSTER", "JOIN", "nonsense"], "already belongs");
@@ -462,7 +465,13 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.REMOVEPEER", "12345"], "not a member");
     expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
-    expect_err(&["RAFT.INFO", "extra"], "wrong number of arguments");
+    // Field patterns pick lines, as the README's `RAFT.INFO snapshot_phase` does.
+    assert_eq!(node.cmd::<String>(&["RAFT.INFO", "ROLE", "nothing-*"]).unwrap(), "# Raft\r\nrole:leader\r\n");
+    let stats = node.cmd::<String>(&["RAFT.STATS", "log_*_index"]).unwrap();
+    assert_eq!(
+        stats.lines().map(|l| l.split(':').next().unwrap()).collect::<Vec<_>>(),
+        ["# Raft stats", "log_first_index", "log_last_index"]
+    );
     // The commands that block until done are refused inside MULTI before they start anything.
     let mut conn = raftis_integration::resp_conn::RespConn::connect(node.port).unwrap();
     let in_multi: [(&[&str], &str); 5] = [

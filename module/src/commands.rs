@@ -173,10 +173,13 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         "init" if args.len() == 3 => {
             Err(format!("ERR syntax error: RAFT.CLUSTER INIT takes KEEPDATA or nothing, not '{}'", text(&args[2])))
         }
-        "init" | "join" | "recover" => Err(wrong_args("raft.cluster")),
-        _ => Err("ERR unknown subcommand, try RAFT.CLUSTER INIT [KEEPDATA], RAFT.CLUSTER JOIN host:port [host:port ...] \
-                  or RAFT.CLUSTER RECOVER"
-            .into()),
+        "init" | "join" | "recover" => Err(wrong_args(&format!("raft.cluster|{sub}"))),
+        _ if args.len() < 2 => Err(wrong_args("raft.cluster")),
+        _ => Err(format!(
+            "ERR unknown subcommand '{}'. Try RAFT.CLUSTER INIT [KEEPDATA], RAFT.CLUSTER JOIN host:port [host:port ...] \
+             or RAFT.CLUSTER RECOVER.",
+            text(&args[1])
+        )),
     }
 }
 
@@ -550,19 +553,19 @@ fn render(fields: &[(String, String)]) -> String {
     out
 }
 
-/// `RAFT.INFO`: identity, role and cluster view as INFO-style lines.
-pub fn info(args: &[Vec<u8>]) -> Result {
-    if args.len() != 1 {
-        return Err(wrong_args("raft.info"));
-    }
-    Ok(Reply::Bulk(render(&info_fields()).into_bytes()))
+/// The field patterns after a command's name (`RAFT.INFO role peer*`).
+fn patterns(args: &[Vec<u8>]) -> Vec<String> {
+    args.iter().skip(1).map(|a| text(a)).collect()
 }
 
-/// `RAFT.STATS`: counters, as INFO-style lines.
+/// `RAFT.INFO [pattern ...]`: identity, role and cluster view as INFO-style lines; with patterns,
+/// only the fields they match.
+pub fn info(args: &[Vec<u8>]) -> Result {
+    Ok(Reply::Bulk(crate::glob::info_lines(&render(&info_fields()), &patterns(args)).into_bytes()))
+}
+
+/// `RAFT.STATS [pattern ...]`: counters, as INFO-style lines.
 pub fn stats(args: &[Vec<u8>]) -> Result {
-    if args.len() != 1 {
-        return Err(wrong_args("raft.stats"));
-    }
     let s = state::get();
     let log = s.store.stats();
     let mut out = String::from("# Raft stats\r\n");
@@ -603,7 +606,7 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
         }
     }
-    Ok(Reply::Bulk(out.into_bytes()))
+    Ok(Reply::Bulk(crate::glob::info_lines(&out, &patterns(args)).into_bytes()))
 }
 
 #[cfg(test)]

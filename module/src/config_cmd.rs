@@ -47,32 +47,6 @@ fn values(s: &Settings) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Glob with `*` only, case-insensitive, as operators use with CONFIG GET.
-fn matches(pattern: &str, name: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let mut rest = name;
-    for (i, part) in parts.iter().enumerate() {
-        if i == 0 {
-            match rest.strip_prefix(part) {
-                Some(r) => rest = r,
-                None => return false,
-            }
-        } else if i == parts.len() - 1 {
-            return rest.ends_with(part);
-        } else {
-            match rest.find(part) {
-                Some(at) => rest = &rest[at + part.len()..],
-                None => return false,
-            }
-        }
-    }
-    true
-}
-
 pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
     let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
     let sub = if args.len() > 1 { text(1).to_ascii_lowercase() } else { String::new() };
@@ -82,7 +56,7 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
             let pattern = text(2);
             let mut out = Vec::new();
             for (k, v) in values(&s.settings()) {
-                if matches(&pattern, k) {
+                if crate::glob::matches(&pattern, k) {
                     out.push(Reply::bulk(k));
                     out.push(Reply::bulk(v));
                 }
@@ -140,19 +114,7 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
             Ok(Reply::ok())
         }
         "get" | "set" => Err(format!("ERR wrong number of arguments for 'raft.config|{sub}' command")),
-        _ => Err("ERR unknown subcommand, try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn glob_matches_like_config_get() {
-        assert!(super::matches("*", "durability"));
-        assert!(super::matches("dur*", "durability"));
-        assert!(super::matches("*ticks", "election-ticks"));
-        assert!(super::matches("CONSISTENCY", "consistency"));
-        assert!(!super::matches("dur", "durability"));
-        assert!(super::matches("*-*", "tick-ms"));
+        _ if args.len() < 2 => Err("ERR wrong number of arguments for 'raft.config' command".into()),
+        _ => Err(format!("ERR unknown subcommand '{}'. Try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value.", text(1))),
     }
 }

@@ -20,6 +20,7 @@ mod ffi;
 mod filter;
 mod forward;
 mod forward_blocking;
+mod glob;
 mod held;
 mod logger;
 mod memory;
@@ -294,7 +295,16 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let (client_addr, host) = match &settings.advertise_addr {
         Some(addr) => (addr.clone(), addr.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()),
         None => {
-            let host = if bind_ip.is_unspecified() { "127.0.0.1".to_string() } else { bind_ip.to_string() };
+            let host = if bind_ip.is_unspecified() {
+                // Nodes on other hosts would dial their own loopback: only a one-host cluster works.
+                log::warn!(
+                    "Redis binds every address, so this node tells the others it is at 127.0.0.1:{port}; \
+                     for nodes on several hosts, give advertise-addr=HOST:PORT or a --bind address"
+                );
+                "127.0.0.1".to_string()
+            } else {
+                bind_ip.to_string()
+            };
             (format!("{host}:{port}"), host)
         }
     };
