@@ -132,6 +132,9 @@ fn redis_settings_the_log_depends_on_are_held() {
     for (name, value) in [
         ("maxmemory-policy", "allkeys-lru"),
         ("maxmemory", "1gb"),
+        // Redis' unit multiplication wraps: 1024 bytes to it.
+        ("maxmemory", "18014398509481985kb"),
+        ("bind", "127.0.0.2 127.0.0.1"),
         ("appendonly", "yes"),
         ("save", "3600 1"),
         ("min-replicas-to-write", "1"),
@@ -141,6 +144,9 @@ fn redis_settings_the_log_depends_on_are_held() {
         assert!(reply.is_error() && text.contains(&format!("'{name}'")), "{name} {value}: {reply:?}");
         let now = call(&mut conn, &["CONFIG", "GET", name]);
         assert_ne!(now.items().and_then(|i| i[1].text()).as_deref(), Some(value), "{name} changed");
+        if name == "maxmemory" {
+            assert_eq!(now.items().and_then(|i| i[1].text()).as_deref(), Some("0"));
+        }
     }
     assert_eq!(call(&mut conn, &["CONFIG", "GET", "hz"]).items().and_then(|i| i[1].text()).as_deref(), Some("10"), "refused whole");
     // The port the others know this node by may be set again, not changed.

@@ -287,6 +287,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     // The side port listens where Redis does (its first bind address); wildcard binds listen
     // everywhere and advertise loopback unless advertise-addr says otherwise.
     let bind = ffi::config_get(ctx, "bind").unwrap_or_default();
+    redis_settings::remember_bind(&bind);
     let bind_ip: IpAddr = bind
         .split_whitespace()
         .map(|b| b.trim_start_matches('-'))

@@ -10,7 +10,8 @@
 //!   `raftis_core::memory_limit`).
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
-//! - `port` keeps the value it had at load: the others know this node's client address.
+//! - `port`, and the first address of `bind`, keep the values they had at load: the others know
+//!   this node's client address, and its side port listens there.
 //! - the settings every node must share (`raftis_core::shared_settings`) keep their values:
 //!   nodes compare them only when they connect.
 //! - no command is renamed or disabled (`rename-command`): every node must be able to run every
@@ -26,9 +27,35 @@ use std::sync::atomic::{AtomicU16, Ordering};
 /// The port Redis listened on at load: the one this node's client address names.
 static PORT_AT_LOAD: AtomicU16 = AtomicU16::new(0);
 
+/// Redis' first `bind` address at load: the side port listens there, and without
+/// `advertise-addr` this node's client address names it.
+static BIND_AT_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Records the port this node's client address (and `-MOVED` replies to it) was built from.
 pub fn remember_port(port: u16) {
     PORT_AT_LOAD.store(port, Ordering::Relaxed);
+}
+
+/// The address of a `bind` value that counts: its first, without Redis' optional `-`.
+pub fn first_bind_address(bind: &str) -> Option<&str> {
+    bind.split_whitespace().next().map(|b| b.trim_start_matches('-'))
+}
+
+/// Records Redis' `bind` at load (see [`BIND_AT_LOAD`]).
+pub fn remember_bind(bind: &str) {
+    let _ = BIND_AT_LOAD.set(first_bind_address(bind).unwrap_or_default().to_string());
+}
+
+/// `bind` may list other addresses after the first, not change the first: the side port listens
+/// there and the others know this node by it.
+fn bind_refusal(value: &str) -> Option<String> {
+    let at_load = BIND_AT_LOAD.get()?;
+    if first_bind_address(value).unwrap_or_default() == at_load.as_str() {
+        return None;
+    }
+    Some(format!(
+        "this node's side port listens on {at_load}, its first bind address at load, and the cluster knows it there; restart it with the new bind instead"
+    ))
 }
 
 /// `port` may be set again to what it is, not changed: the other nodes, and the `-MOVED` replies
@@ -52,8 +79,9 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "maxmemory-policy" if !value.eq_ignore_ascii_case("noeviction") => {
             Some("eviction would delete keys on one node only; maxmemory-policy must stay 'noeviction'")
         }
-        // Sizes Redis itself cannot read are its to refuse.
-        "maxmemory" if parse_size(value).is_some_and(|bytes| bytes != 0) => {
+        // Anything but a plain 0: Redis multiplies a size by its unit without checking for
+        // overflow, so `18014398509481985kb` is 1024 bytes to it.
+        "maxmemory" if parse_size(value) != Some(0) => {
             Some("Raftis holds the memory limit itself, on the leader: give it to the module (maxmemory= at load, RAFT.CONFIG SET maxmemory at runtime); Redis' own must stay 0")
         }
         "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>() != Ok(0) => {
@@ -127,6 +155,7 @@ pub fn refuse_config_set(argv: &[&[u8]]) -> Option<String> {
         let value = String::from_utf8_lossy(pair[1]);
         let why = match name.as_str() {
             "port" => port_refusal(&value)?,
+            "bind" => bind_refusal(&value)?,
             _ => refusal(&name, &value)?.to_string(),
         };
         Some(format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"))
@@ -148,6 +177,10 @@ mod tests {
         assert!(refused(&["CONFIG", "SET", "save", "3600 1"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "1gb"]).unwrap().contains("RAFT.CONFIG SET maxmemory"));
         assert!(refused(&["CONFIG", "SET", "min-slaves-to-write", "1"]).is_some());
+        // Redis' unit multiplication wraps: this is 1024 bytes to it.
+        assert!(refused(&["CONFIG", "SET", "maxmemory", "18014398509481985kb"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "maxmemory", "18446744073709551616"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "maxmemory", "lots"]).is_some());
         assert!(refused(&["CONFIG", "SET", "hz", "20", "MAXMEMORY-POLICY", "volatile-ttl"]).is_some(), "any pair refuses all");
     }
 
@@ -160,12 +193,19 @@ mod tests {
     }
 
     #[test]
+    fn the_first_bind_address_stays() {
+        remember_bind("-127.0.0.1 -::1");
+        assert_eq!(refused(&["CONFIG", "SET", "bind", "127.0.0.1 10.0.0.5"]), None);
+        let err = refused(&["CONFIG", "SET", "bind", "10.0.0.5 127.0.0.1"]).unwrap();
+        assert!(err.contains("'bind'") && err.contains("listens on 127.0.0.1"), "{err}");
+    }
+
+    #[test]
     fn harmless_values_and_other_settings_pass() {
         assert_eq!(refused(&["CONFIG", "SET", "maxmemory-policy", "NoEviction"]), None);
         assert_eq!(refused(&["CONFIG", "SET", "appendonly", "no"]), None);
         assert_eq!(refused(&["CONFIG", "SET", "save", ""]), None);
         assert_eq!(refused(&["CONFIG", "SET", "maxmemory", "0mb"]), None);
-        assert_eq!(refused(&["CONFIG", "SET", "maxmemory", "lots"]), None, "Redis refuses what it cannot read");
         assert_eq!(refused(&["CONFIG", "SET", "min-replicas-to-write", "0"]), None);
         assert_eq!(refused(&["CONFIG", "SET", "hz", "20"]), None);
         assert_eq!(refused(&["CONFIG", "GET", "maxmemory-policy"]), None);
