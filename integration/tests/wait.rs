@@ -96,4 +96,19 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
         });
         assert_eq!(waiter.reply().unwrap().integer(), Some(expected), "node {node}");
     }
+
+    // A timeout longer than Redis' timers can hold waits (their period would wrap into the past
+    // and answer at once, leaving the wait counted for good); unblocked, it leaves nothing behind.
+    let mut waiter = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    let id = call(&mut waiter, &["CLIENT", "ID"]).integer().unwrap().to_string();
+    waiter.send(&[args(&["WAIT", "3", "9223372036854775000"])]).unwrap();
+    let mut other = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    raftis_integration::wait_for("the long WAIT to count", Duration::from_secs(10), || {
+        (raftis_integration::stat_field(&cluster.nodes[leader], "wait_clients_counting") == 1).then_some(())
+    });
+    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer(), Some(1), "it still waits");
+    assert_eq!(waiter.reply().unwrap().integer(), Some(2));
+    raftis_integration::wait_for("the WAIT to be forgotten", Duration::from_secs(10), || {
+        (raftis_integration::stat_field(&cluster.nodes[leader], "wait_clients") == 0).then_some(())
+    });
 }

@@ -72,9 +72,11 @@ impl Requester {
     }
 
     /// Whether it is the client Redis knows by `bc`. One its backstop answered is not: Redis
-    /// frees that handle and may give it to a later client.
+    /// frees that handle and may give it to a later client. (While its backstop is answering,
+    /// it still is: the handle is freed only once that answer is handed to Redis.)
     pub fn is(&self, bc: *mut RedisModuleBlockedClient) -> bool {
-        matches!(self, Requester::Here(blocked) if blocked.handle() == bc && !blocked.is_answered())
+        matches!(self, Requester::Here(blocked) if blocked.handle() == bc
+            && (!blocked.is_answered() || ANSWERING_BACKSTOP.with(|a| a.get()) == bc))
     }
 }
 
@@ -84,6 +86,11 @@ pub struct Blocked {
     /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer
     /// and its data, stopped once the work answered first (see `stale_timers`).
     backstop: Option<(Arc<AtomicBool>, RedisModuleTimerID, usize)>,
+}
+
+thread_local! {
+    /// The client whose backstop is working out its answer, on the main thread.
+    static ANSWERING_BACKSTOP: std::cell::Cell<*mut RedisModuleBlockedClient> = const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
 /// Backstop timers set and not yet fired or stopped: RAFT.STATS.
@@ -113,9 +120,10 @@ impl Blocked {
         Blocked::with_backstop(ctx, timeout, Some(timeout_callback), |_| Outcome::Error(TIMED_OUT.into()))
     }
 
-    /// Blocks the client of `ctx` (on the main thread). Once `backstop` has passed (zero: never,
-    /// for a client that asked to wait for ever), `on_backstop` ends the wait and says what the
-    /// client gets, unless it was answered; Redis runs `on_unblock` for `CLIENT UNBLOCK`.
+    /// Blocks the client of `ctx` (on the main thread). Once `backstop` has passed (zero, or
+    /// past a century: never, for a client that asked to wait for ever), `on_backstop` ends the
+    /// wait and says what the client gets, unless it was answered; Redis runs `on_unblock` for
+    /// `CLIENT UNBLOCK`.
     pub fn with_backstop(
         ctx: *mut RedisModuleCtx,
         backstop: Duration,
@@ -123,12 +131,11 @@ impl Blocked {
         on_backstop: fn(*mut RedisModuleBlockedClient) -> Outcome,
     ) -> Blocked {
         let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_unblock, Some(free_outcome), 0) };
-        if backstop.is_zero() {
+        let Some(ms) = ffi::timer_period(backstop).filter(|_| !backstop.is_zero()) else {
             return Blocked { bc, backstop: None };
-        }
+        };
         let answered = Arc::new(AtomicBool::new(false));
         let timer = Box::new(Backstop { bc, answered: answered.clone(), answer: on_backstop });
-        let ms = backstop.as_millis().clamp(1, i64::MAX as u128) as i64;
         let data = Box::into_raw(timer) as *mut c_void;
         let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), data) };
         BACKSTOPS.fetch_add(1, Ordering::Relaxed);
@@ -195,10 +202,12 @@ extern "C" fn backstop_fired(_ctx: *mut RedisModuleCtx, data: *mut c_void) {
         return;
     }
     let answer = backstop.answer;
+    ANSWERING_BACKSTOP.with(|a| a.set(backstop.bc));
     let outcome = std::panic::catch_unwind(|| answer(backstop.bc)).unwrap_or_else(|_| {
         log::error!("panic in a blocked client's backstop");
         Outcome::Error(TIMED_OUT.into())
     });
+    ANSWERING_BACKSTOP.with(|a| a.set(std::ptr::null_mut()));
     unblock(backstop.bc, outcome);
 }
 

@@ -407,7 +407,8 @@ fn start_timer(id: u64, waiter: &mut Waiter) -> Result<(), Outcome> {
     if left.is_zero() {
         return Err(Outcome::NullArray);
     }
-    let ms = left.as_millis().clamp(1, i64::MAX as u128) as i64;
+    // A timeout past a century waits for ever.
+    let Some(ms) = ffi::timer_period(left) else { return Ok(()) };
     let ctx = state::get().main_thread_ctx();
     waiter.timer = Some(unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(deadline_passed), id as usize as *mut c_void) });
     Ok(())

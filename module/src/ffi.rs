@@ -290,6 +290,14 @@ pub fn now_ms() -> i64 {
     unsafe { api!(RedisModule_Milliseconds)() }
 }
 
+/// The period in ms to give `RedisModule_CreateTimer` for `wait` (at least 1), or None past a
+/// century: Redis adds `period * 1000` to its clock in microseconds unchecked, so a period near
+/// `i64::MAX` wraps into the past and the timer fires at once.
+pub fn timer_period(wait: std::time::Duration) -> Option<i64> {
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    (wait <= LONGEST).then(|| wait.as_millis().max(1) as i64)
+}
+
 /// Up to this many arguments after the command name go to `RedisModule_Call` one by one (`b`
 /// specifiers): Redis then builds the command's argv in one allocation, where a vector (`v`)
 /// costs our strings, their reference counts and a reallocation of that argv. This is every
