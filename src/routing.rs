@@ -350,6 +350,11 @@ impl CommandTable {
             if (known.info.nondeterministic && !same_everywhere) || ANSWERS_DIFFER_IN_SCRIPTS.contains(&container) {
                 return Some(format!("ERR {shown} inside a script could answer differently on every node; Raftis refuses it in scripts"));
             }
+            if crate::sort_patterns::ties_keep_stored_order(argv) {
+                return Some(format!(
+                    "ERR {shown} BY a pattern with ALPHA inside a script could order the elements that tie differently on every node; Raftis refuses it in scripts"
+                ));
+            }
             let reads_clock = display == "xreadgroup" || display == "xgroup|createconsumer";
             reads_clock.then(|| format!("ERR {shown} inside a script would read each node's clock; Raftis refuses it in scripts"))
         });

@@ -45,6 +45,69 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
     patterns
 }
 
+/// Whether a `SORT` or `SORT_RO` may keep equal elements in the order they are stored in: `ALPHA`
+/// with a `BY` pattern that looks keys up. Elements whose keys are missing, or hold the same
+/// string, compare equal there, and Redis breaks no such tie (`sortCompare`); for a set or a
+/// sorted set that order is its hash table's, which differs from node to node (each process
+/// seeds its hash function at random). The numeric sort breaks ties by the elements themselves,
+/// `ALPHA` without `BY` compares the elements, and a `BY` without `*` does not sort at all
+/// (a set is then sorted as `ALPHA` when stored). Options are read as in [`lookups`].
+pub fn ties_keep_stored_order(argv: &[&[u8]]) -> bool {
+    let Some(name) = argv.first() else { return false };
+    let read_only = name.eq_ignore_ascii_case(b"sort_ro");
+    if !read_only && !name.eq_ignore_ascii_case(b"sort") {
+        return false;
+    }
+    let (mut alpha, mut by_pattern) = (false, false);
+    let mut j = 2;
+    while j < argv.len() {
+        let option = argv[j];
+        let left = argv.len() - j - 1;
+        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
+        if is(b"alpha") {
+            alpha = true;
+        } else if is(b"asc") || is(b"desc") {
+        } else if is(b"limit") && left >= 2 {
+            j += 2;
+        } else if (is(b"store") && !read_only || is(b"get")) && left >= 1 {
+            j += 1;
+        } else if is(b"by") && left >= 1 {
+            // The last BY counts, and only a `*` makes it sort (`strchr` on a C string).
+            by_pattern = c_string(argv[j + 1]).contains(&b'*');
+            j += 1;
+        } else {
+            break;
+        }
+        j += 1;
+    }
+    alpha && by_pattern
+}
+
+/// Whether a `SORT` stores its result (`STORE destination`), as Redis reads its options.
+pub fn stores(argv: &[&[u8]]) -> bool {
+    if !argv.first().is_some_and(|n| n.eq_ignore_ascii_case(b"sort")) {
+        return false;
+    }
+    let mut j = 2;
+    while j < argv.len() {
+        let option = argv[j];
+        let left = argv.len() - j - 1;
+        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
+        if is(b"asc") || is(b"desc") || is(b"alpha") {
+        } else if is(b"limit") && left >= 2 {
+            j += 2;
+        } else if is(b"store") && left >= 1 {
+            return true;
+        } else if (is(b"by") || is(b"get")) && left >= 1 {
+            j += 1;
+        } else {
+            return false;
+        }
+        j += 1;
+    }
+    false
+}
+
 /// The key `pattern` reads for the element `element`: the first `*` replaced by the element and,
 /// for a hash field dereference (`->field` after the `*`), the part before the arrow. `None` for
 /// patterns that read no key: `#` (the element itself) and patterns without a `*`.
@@ -84,6 +147,22 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ties_keep_the_stored_order_only_with_alpha_and_a_by_pattern() {
+        use super::{stores, ties_keep_stored_order as ties};
+        assert!(ties(&[b"SORT", b"s", b"BY", b"w_*", b"ALPHA", b"STORE", b"d"]));
+        assert!(ties(&[b"sort_ro", b"s", b"alpha", b"LIMIT", b"0", b"2", b"by", b"h_*->f"]));
+        assert!(!ties(&[b"SORT", b"s", b"BY", b"w_*", b"STORE", b"d"]), "numeric: ties by element");
+        assert!(!ties(&[b"SORT", b"s", b"ALPHA", b"STORE", b"d"]), "no BY: the elements compare");
+        assert!(!ties(&[b"SORT", b"s", b"BY", b"nosort", b"ALPHA"]), "no star: no sort");
+        assert!(!ties(&[b"SORT", b"s", b"BY", b"w_*", b"BY", b"nosort", b"ALPHA"]), "the last BY counts");
+        assert!(!ties(&[b"SORT", b"s", b"GET", b"w_*", b"ALPHA"]), "GET does not order");
+        assert!(!ties(&[b"SORT", b"s", b"ALPHA", b"BY"]), "a syntax error runs nothing");
+        assert!(stores(&[b"SORT", b"s", b"BY", b"w_*", b"ALPHA", b"STORE", b"d"]));
+        assert!(!stores(&[b"SORT", b"s", b"BY", b"w_*", b"ALPHA"]));
+        assert!(!stores(&[b"SORT_RO", b"s", b"STORE", b"d"]));
+    }
+
     use super::*;
 
     fn patterns(args: &str) -> Vec<String> {

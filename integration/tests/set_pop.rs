@@ -142,3 +142,30 @@ fn every_node_pops_the_same_members_also_when_it_applies_them_again() {
     assert_eq!(left as usize + taken.len(), 300);
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// `SORT ... BY pattern ALPHA`: elements whose BY keys are missing or equal tie, and Redis keeps
+/// them in the order it found them, for a set or a sorted set its hash table's, which differs
+/// from node to node. Stored, such a sort is refused on every node alike; a list, a numeric sort
+/// and a sort without BY are stored as Redis stores them. Inside a script it is refused whatever
+/// the key, since its reply could feed a write.
+#[test]
+fn a_sort_whose_ties_follow_a_hash_table_is_not_stored() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let mut conn = RespConn::connect(cluster.nodes[leader].port).unwrap();
+    fill(&mut conn, "s", 50);
+    call(&mut conn, &["ZADD", "z", "1", "a", "1", "b", "1", "c"]);
+    call(&mut conn, &["RPUSH", "l", "c", "a", "b"]);
+    for key in ["s", "z"] {
+        let refused = call(&mut conn, &["SORT", key, "BY", "nosuchkey_*", "ALPHA", "STORE", "out"]);
+        assert!(refused.is_error() && refused.text().unwrap().contains("Raftis refuses it"), "{key}: {refused:?}");
+    }
+    assert_eq!(call(&mut conn, &["EXISTS", "out"]).integer(), Some(0));
+    assert_eq!(call(&mut conn, &["SORT", "l", "BY", "nosuchkey_*", "ALPHA", "STORE", "from-list"]).integer(), Some(3));
+    assert_eq!(call(&mut conn, &["SORT", "s", "BY", "nosuchkey_*", "STORE", "numeric"]).integer(), Some(50));
+    assert_eq!(call(&mut conn, &["SORT", "s", "ALPHA", "STORE", "alpha"]).integer(), Some(50));
+    let script = "return redis.call('SORT', KEYS[1], 'BY', 'w_*', 'ALPHA')";
+    let in_script = call(&mut conn, &["EVAL", script, "1", "l"]);
+    assert!(in_script.is_error() && in_script.text().unwrap().contains("refuses it in scripts"), "{in_script:?}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

@@ -17,7 +17,9 @@ use raftis_core::memory_limit;
 use raftis_core::node::{ApplyBatch, Committed, StateMachine};
 use raftis_core::proposal::{ProposeError, Waiter};
 use raftis_core::snapshot_transfer::SnapshotDescriptor;
+use raftis_core::sort_patterns;
 use raftis_core::LogIndex;
+use redis_module::raw;
 use std::collections::BTreeMap;
 use std::os::raw::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -473,6 +475,9 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         }
         crate::expiry::expire_due(ctx, argv, at);
     }
+    if let Some(refusal) = sort_ties_refusal(ctx, argv) {
+        return Outcome::Error(refusal);
+    }
     if let Some(popped) = crate::set_pop::apply(ctx, index, argv, resp3) {
         return popped;
     }
@@ -494,6 +499,23 @@ fn run_command(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, at: Option<EntryT
         crate::expiry::delete_if_already_expired(ctx, argv, at);
     }
     Outcome::Call(reply)
+}
+
+/// A `SORT ... BY pattern ALPHA ... STORE` of a set or a sorted set would store the elements
+/// that tie in each node's own hash table order (see `sort_patterns::ties_keep_stored_order`):
+/// refused, on every node alike, since the key's type is the same everywhere at this entry.
+fn sort_ties_refusal(ctx: *mut ffi::RedisModuleCtx, argv: &[&[u8]]) -> Option<String> {
+    if !(sort_patterns::stores(argv) && sort_patterns::ties_keep_stored_order(argv)) {
+        return None;
+    }
+    let (kind, _) = ffi::key_type_and_length(ctx, argv.get(1)?);
+    let hashed = kind == raw::REDISMODULE_KEYTYPE_SET as i32 || kind == raw::REDISMODULE_KEYTYPE_ZSET as i32;
+    hashed.then(|| {
+        "ERR SORT of a set or a sorted set BY a pattern with ALPHA and STORE would store the elements that tie \
+         (missing or equal BY keys) in a different order on every node; Raftis refuses it: sort numerically \
+         (ties then go by the elements), without BY, or from a list"
+            .to_string()
+    })
 }
 
 /// A `PUBLISH` (or `SPUBLISH`) whose entry is older than [`OLD_NEWS`] by this node's clock: a node
