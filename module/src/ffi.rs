@@ -286,6 +286,14 @@ pub fn client_is_resp3(ctx: *mut RedisModuleCtx) -> bool {
     flags & raw::REDISMODULE_CTX_FLAGS_RESP3 as c_int != 0
 }
 
+/// Whether the client of `ctx` may not be blocked though it is neither in `EXEC` nor in a script:
+/// another module's `RedisModule_Call`.
+pub fn caller_may_not_block(ctx: *mut RedisModuleCtx) -> bool {
+    let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
+    let inside = (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA) as c_int;
+    flags & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING as c_int != 0 && flags & inside == 0
+}
+
 pub fn now_ms() -> i64 {
     unsafe { api!(RedisModule_Milliseconds)() }
 }

@@ -63,10 +63,39 @@ fn guard(
     answer(
         ctx,
         std::panic::catch_unwind(|| {
+            refuse_if_caller_cannot_wait(ctx, args.first().map(Vec::as_slice))?;
             held::before_command(ctx);
             handler(ctx, args)
         }),
     )
+}
+
+/// The commands whose answer may wait for the cluster: they block their client.
+const MAY_BLOCK: &[&str] = &[
+    filter::WRITE_COMMAND,
+    read::READ_COMMAND,
+    blocking::BLOCK_COMMAND,
+    filter::WATCH_COMMAND,
+    wait::WAIT_COMMAND,
+    "raft.cluster",
+    "raft._join",
+    "raft.addpeer",
+    "raft.removepeer",
+    "raft.transferleader",
+    "raft.snapshot",
+];
+
+/// Another module's `RedisModule_Call` may not wait: Redis asserts that its client never blocks
+/// and aborts the server. (Inside `MULTI` and scripts, which may not block either, the handlers
+/// answer at once by themselves.)
+fn refuse_if_caller_cannot_wait(ctx: *mut RedisModuleCtx, name: Option<&[u8]>) -> Result<(), String> {
+    let may_block = name.is_some_and(|n| MAY_BLOCK.iter().any(|m| n.eq_ignore_ascii_case(m.as_bytes())));
+    if may_block && ffi::caller_may_not_block(ctx) {
+        return Err("ERR Raftis cannot serve this command to another module's RedisModule_Call: its answer waits \
+                    for the cluster, and Redis does not let such a caller wait"
+            .into());
+    }
+    Ok(())
 }
 
 /// [`guard`] for the handlers every client command goes through: they borrow the arguments
@@ -81,6 +110,7 @@ fn guard_borrowed(
     answer(
         ctx,
         std::panic::catch_unwind(|| {
+            refuse_if_caller_cannot_wait(ctx, args.first().copied())?;
             held::before_command(ctx);
             handler(ctx, &args)
         }),
@@ -426,7 +456,12 @@ extern "C" fn on_shutdown(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEve
     }
 }
 
-extern "C" fn info_section(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+extern "C" fn info_section(ctx: *mut raw::RedisModuleInfoCtx, for_crash_report: c_int) {
+    // Redis' crash report asks too: the fields take locks that the crashing thread may hold, and
+    // waiting for one would hang the server instead of letting it die and be restarted.
+    if for_crash_report != 0 {
+        return;
+    }
     let _ = std::panic::catch_unwind(|| {
         let empty = ffi::cstr("");
         unsafe { api!(RedisModule_InfoAddSection)(ctx, empty.as_ptr()) };
