@@ -13,7 +13,8 @@
 //! - `port`, and the first address of `bind`, keep the values they had at load: the others know
 //!   this node's client address, and its side port listens there.
 //! - the settings every node must share (`raftis_core::shared_settings`) keep their values:
-//!   nodes compare them only when they connect.
+//!   nodes compare them only when they connect. So does `sanitize-dump-payload`, which decides
+//!   whether `RESTORE` takes a payload (not compared yet: set it alike everywhere).
 //! - no command is renamed or disabled (`rename-command`): every node must be able to run every
 //!   command of the log under its own name (a script's calls included), and the module calls
 //!   some itself (`FLUSHALL` before loading a snapshot, `CONFIG`, `DEBUG SET-ACTIVE-EXPIRE`...).
@@ -87,6 +88,11 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>() != Ok(0) => {
             Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
         }
+        // Whether RESTORE checks a payload deeply: a payload one node refuses and another takes.
+        "sanitize-dump-payload" => Some(
+            "RESTORE must accept or refuse a payload alike on every node: give every node the same value in its \
+             configuration and restart them one at a time",
+        ),
         _ if shared_settings::NAMES.contains(&name) => Some(
             "every node must have the same value (they compare them when they connect): set it in every node's \
              configuration and restart them one at a time",
@@ -177,6 +183,7 @@ mod tests {
         assert!(refused(&["CONFIG", "SET", "save", "3600 1"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "1gb"]).unwrap().contains("RAFT.CONFIG SET maxmemory"));
         assert!(refused(&["CONFIG", "SET", "min-slaves-to-write", "1"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "sanitize-dump-payload", "yes"]).unwrap().contains("RESTORE"));
         // Redis' unit multiplication wraps: this is 1024 bytes to it.
         assert!(refused(&["CONFIG", "SET", "maxmemory", "18014398509481985kb"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "18446744073709551616"]).is_some());
