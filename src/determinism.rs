@@ -42,6 +42,9 @@ pub fn pin(argv: &mut Args, now_ms: i64) {
             if let Some(at) = offset(&argv[2], unit, now_ms) {
                 argv[0] = Cow::Borrowed(b"PEXPIREAT");
                 argv[2] = owned(at.max(0));
+            } else if overflows(&argv[2], unit, now_ms) {
+                // Past `LLONG_MAX` once added to any clock after 1970: refused on every node.
+                argv[2] = owned(i64::MAX);
             }
         }
         b"expireat" | b"pexpireat" if argv.len() >= 3 => {
@@ -97,6 +100,10 @@ fn pin_set_options(argv: &mut Args, first_option: usize, now_ms: i64) {
             if let Some(at) = deadline(&argv[i + 1], unit, now_ms) {
                 argv[i] = Cow::Borrowed(b"PXAT");
                 argv[i + 1] = owned(at);
+            } else if overflows(&argv[i + 1], unit, now_ms) {
+                // Refused on every node alike (`EX` past `LLONG_MAX / 1000`), not by each one's clock.
+                argv[i] = Cow::Borrowed(b"EX");
+                argv[i + 1] = owned(i64::MAX);
             }
             i += 2;
         } else {
@@ -165,6 +172,12 @@ fn parse_i64(arg: &[u8]) -> Option<i64> {
 fn deadline(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
     let v = parse_i64(arg)?;
     (v > 0).then(|| v.checked_mul(unit_ms)?.checked_add(now_ms)).flatten()
+}
+
+/// A positive relative time that overflows once made absolute: Redis refuses it by its own
+/// clock, so a node whose clock is behind the leader's could take it. See [`pin`].
+fn overflows(arg: &[u8], unit_ms: i64, now_ms: i64) -> bool {
+    parse_i64(arg).is_some_and(|v| v > 0 && v.checked_mul(unit_ms).and_then(|ms| ms.checked_add(now_ms)).is_none())
 }
 
 /// Any relative time (zero and negative included) as an absolute one.
@@ -243,6 +256,20 @@ mod tests {
         let mut argv: Args = args.iter().map(|a| Cow::Borrowed(a.as_bytes())).collect();
         pin(&mut argv, 1_000_000);
         argv.into_iter().map(|a| String::from_utf8(a.into_owned()).unwrap()).collect()
+    }
+
+    #[test]
+    fn times_that_overflow_are_refused_on_every_node() {
+        let max = i64::MAX.to_string();
+        // Past LLONG_MAX once the leader's clock (1,000,000 here) is added: some node's clock
+        // behind the leader's would take it.
+        let near = (i64::MAX - 999_999).to_string();
+        assert_eq!(run(&["PEXPIRE", "k", &near]), ["PEXPIRE", "k", &max]);
+        assert_eq!(run(&["EXPIRE", "k", &(i64::MAX / 1000 + 1).to_string()]), ["EXPIRE", "k", &max]);
+        assert_eq!(run(&["SET", "k", "v", "PX", &near, "NX"]), ["SET", "k", "v", "EX", &max, "NX"]);
+        assert_eq!(run(&["GETEX", "k", "EX", &(i64::MAX / 1000).to_string()]), ["GETEX", "k", "EX", &max]);
+        // Negative ones Redis takes or refuses alike everywhere.
+        assert_eq!(run(&["EXPIRE", "k", &(i64::MIN / 1000 - 1).to_string()]), ["EXPIRE", "k", &(i64::MIN / 1000 - 1).to_string()]);
     }
 
     #[test]
