@@ -192,6 +192,23 @@ pub fn info_text(view: Option<&ClusterView>, known_nodes: usize, epoch: Term) ->
     .collect()
 }
 
+/// A client address as Redis writes one in `-MOVED`: `::1:7001`, an IPv6 host without the
+/// brackets `advertise-addr` may give it (clients split at the last colon).
+pub fn moved_address(addr: &str) -> String {
+    match addr.strip_prefix('[').and_then(|rest| rest.split_once("]:")) {
+        Some((host, port)) => format!("{host}:{port}"),
+        None => addr.to_string(),
+    }
+}
+
+/// The address of a `-MOVED` reply in a form to dial: an IPv6 host back in brackets.
+pub fn dialable(moved: &str) -> String {
+    match moved.rsplit_once(':') {
+        Some((host, port)) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{port}"),
+        _ => moved.to_string(),
+    }
+}
+
 /// `host:port` split in two; the host may be an IPv6 address.
 fn split(addr: &str) -> Option<(String, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -202,6 +219,16 @@ fn split(addr: &str) -> Option<(String, u16)> {
 mod tests {
     use super::*;
     use crate::health_report::{HealthReport, LeaderView};
+
+    #[test]
+    fn moved_names_an_ipv6_host_as_redis_does() {
+        assert_eq!(moved_address("[::1]:7001"), "::1:7001");
+        assert_eq!(moved_address("10.0.0.3:7001"), "10.0.0.3:7001");
+        assert_eq!(moved_address("redis-1.example:7001"), "redis-1.example:7001");
+        assert_eq!(dialable("::1:7001"), "[::1]:7001");
+        assert_eq!(dialable("10.0.0.3:7001"), "10.0.0.3:7001");
+        assert_eq!(dialable("[::1]:7001"), "[::1]:7001");
+    }
     use crate::ids::LogIndex;
     use crate::membership::{Members, NodeInfo};
     use crate::status::PeerProgress;

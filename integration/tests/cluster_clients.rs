@@ -394,3 +394,23 @@ impl Drop for RedisPy {
         let _ = self.child.wait();
     }
 }
+
+/// Nodes on IPv6: each advertises its bracketed address, a join follows a follower's `-MOVED` to
+/// the leader, and `-MOVED` names the leader as Redis does (`::1:7001`, no brackets).
+#[test]
+fn nodes_on_ipv6_join_and_redirect_as_redis_does() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes: Vec<Server> =
+        (0..3).map(|i| Server::start_bound(free_port_pair(), &root.path().join(i.to_string()), "::1 127.0.0.1", &[]).unwrap()).collect();
+    assert_eq!(nodes[0].cmd::<String>(&["RAFT.CLUSTER", "INIT"]).unwrap(), "OK");
+    wait_for("a leader", Duration::from_secs(10), || (nodes[0].cmd::<String>(&["RAFT.STATE"]).ok()? == "leader").then_some(()));
+    let first = format!("[::1]:{}", nodes[0].port);
+    assert_eq!(nodes[1].cmd::<String>(&["RAFT.CLUSTER", "JOIN", &first]).unwrap(), "OK");
+    // Sent to the follower, the join is redirected to the leader.
+    let second = format!("[::1]:{}", nodes[1].port);
+    assert_eq!(nodes[2].cmd::<String>(&["RAFT.CLUSTER", "JOIN", &second]).unwrap(), "OK");
+    let moved = nodes[2].cmd::<String>(&["SET", "k", "v"]).unwrap_err();
+    assert_eq!(moved.redirect_node().map(|(addr, _)| addr.to_string()), Some(format!("::1:{}", nodes[0].port)), "{moved}");
+    let (_, leader): (u64, String) = nodes[2].cmd(&["RAFT.LEADER"]).unwrap();
+    assert_eq!(leader, first);
+}

@@ -130,7 +130,7 @@ pub fn join(seeds: Vec<String>, me: NodeInfo) -> Outcome {
                         reachable = true;
                         leader_known = true;
                         match e.split_whitespace().nth(2) {
-                            Some(leader) => addr = leader.to_string(),
+                            Some(leader) => addr = raftis_core::cluster_view::dialable(leader),
                             None => return Outcome::Error(format!("ERR {addr} answered a malformed redirect: {e}")),
                         }
                         continue;

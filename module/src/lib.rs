@@ -333,6 +333,8 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
                      for nodes on several hosts, give advertise-addr=HOST:PORT or a --bind address"
                 );
                 "127.0.0.1".to_string()
+            } else if bind_ip.is_ipv6() {
+                format!("[{bind_ip}]")
             } else {
                 bind_ip.to_string()
             };

@@ -376,7 +376,7 @@ pub fn redirect(status: &Status, slot: HashSlot) -> String {
         return stopped;
     }
     match status.leader.and_then(|l| status.members.get(&l)) {
-        Some(leader) => format!("MOVED {slot} {}", leader.client_addr),
+        Some(leader) => format!("MOVED {slot} {}", raftis_core::cluster_view::moved_address(&leader.client_addr)),
         None => NO_LEADER.to_string(),
     }
 }
