@@ -7,34 +7,47 @@
 //! sort, or store, differently. This module finds the patterns that look keys up and derives the
 //! key name for an element exactly as Redis does (`lookupKeyByPattern` in `sort.c`).
 
-/// The `BY` and `GET` patterns of a `SORT` or `SORT_RO` command that look keys up, in argument
-/// order; empty for any other command, or a `SORT` whose patterns are all constant or `#`.
-/// Options are read the way Redis reads them; at a syntax error Redis runs nothing, and the
-/// patterns found before it are harmless extra lookups.
-pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
-    let Some(name) = argv.first() else { return Vec::new() };
-    let read_only = if name.eq_ignore_ascii_case(b"sort") {
-        false
-    } else if name.eq_ignore_ascii_case(b"sort_ro") {
-        true
-    } else {
-        return Vec::new();
-    };
-    let mut patterns = Vec::new();
+/// What a `SORT` or `SORT_RO` asks for, its options read the way Redis reads them (`sortCommand`):
+/// at the first word that is not an option, or lacks its arguments, Redis stops with a syntax
+/// error and runs nothing.
+#[derive(Default)]
+struct Options<'a> {
+    /// The `BY` and `GET` patterns that look keys up, in argument order.
+    lookups: Vec<&'a [u8]>,
+    alpha: bool,
+    /// The last `BY` has a `*`, so it sorts (without one, Redis does not sort).
+    by_pattern: bool,
+    store: bool,
+}
+
+fn options<'a>(argv: &[&'a [u8]]) -> Option<Options<'a>> {
+    let name = argv.first()?;
+    let read_only = name.eq_ignore_ascii_case(b"sort_ro");
+    if !read_only && !name.eq_ignore_ascii_case(b"sort") {
+        return None;
+    }
+    let mut found = Options::default();
     let mut j = 2;
     while j < argv.len() {
         let option = argv[j];
         let left = argv.len() - j - 1;
         let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
-        if is(b"asc") || is(b"desc") || is(b"alpha") {
+        if is(b"alpha") {
+            found.alpha = true;
+        } else if is(b"asc") || is(b"desc") {
         } else if is(b"limit") && left >= 2 {
             j += 2;
         } else if is(b"store") && !read_only && left >= 1 {
+            found.store = true;
             j += 1;
         } else if (is(b"by") || is(b"get")) && left >= 1 {
             let pattern = argv[j + 1];
-            if star_of(pattern).is_some() {
-                patterns.push(pattern);
+            let looks_up = star_of(pattern).is_some();
+            if looks_up {
+                found.lookups.push(pattern);
+            }
+            if is(b"by") {
+                found.by_pattern = looks_up;
             }
             j += 1;
         } else {
@@ -42,7 +55,14 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
         }
         j += 1;
     }
-    patterns
+    Some(found)
+}
+
+/// The `BY` and `GET` patterns of a `SORT` or `SORT_RO` command that look keys up, in argument
+/// order; empty for any other command, or a `SORT` whose patterns are all constant or `#`. At a
+/// syntax error, the patterns found before it are harmless extra lookups.
+pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    options(argv).map(|o| o.lookups).unwrap_or_default()
 }
 
 /// Whether a `SORT` or `SORT_RO` may keep equal elements in the order they are stored in: `ALPHA`
@@ -51,61 +71,14 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
 /// sorted set that order is its hash table's, which differs from node to node (each process
 /// seeds its hash function at random). The numeric sort breaks ties by the elements themselves,
 /// `ALPHA` without `BY` compares the elements, and a `BY` without `*` does not sort at all
-/// (a set is then sorted as `ALPHA` when stored). Options are read as in [`lookups`].
+/// (a set is then sorted as `ALPHA` when stored).
 pub fn ties_keep_stored_order(argv: &[&[u8]]) -> bool {
-    let Some(name) = argv.first() else { return false };
-    let read_only = name.eq_ignore_ascii_case(b"sort_ro");
-    if !read_only && !name.eq_ignore_ascii_case(b"sort") {
-        return false;
-    }
-    let (mut alpha, mut by_pattern) = (false, false);
-    let mut j = 2;
-    while j < argv.len() {
-        let option = argv[j];
-        let left = argv.len() - j - 1;
-        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
-        if is(b"alpha") {
-            alpha = true;
-        } else if is(b"asc") || is(b"desc") {
-        } else if is(b"limit") && left >= 2 {
-            j += 2;
-        } else if (is(b"store") && !read_only || is(b"get")) && left >= 1 {
-            j += 1;
-        } else if is(b"by") && left >= 1 {
-            // The last BY counts, and only a `*` makes it sort (`strchr` on a C string).
-            by_pattern = c_string(argv[j + 1]).contains(&b'*');
-            j += 1;
-        } else {
-            break;
-        }
-        j += 1;
-    }
-    alpha && by_pattern
+    options(argv).is_some_and(|o| o.alpha && o.by_pattern)
 }
 
-/// Whether a `SORT` stores its result (`STORE destination`), as Redis reads its options.
+/// Whether a `SORT` stores its result (`STORE destination`).
 pub fn stores(argv: &[&[u8]]) -> bool {
-    if !argv.first().is_some_and(|n| n.eq_ignore_ascii_case(b"sort")) {
-        return false;
-    }
-    let mut j = 2;
-    while j < argv.len() {
-        let option = argv[j];
-        let left = argv.len() - j - 1;
-        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
-        if is(b"asc") || is(b"desc") || is(b"alpha") {
-        } else if is(b"limit") && left >= 2 {
-            j += 2;
-        } else if is(b"store") && left >= 1 {
-            return true;
-        } else if (is(b"by") || is(b"get")) && left >= 1 {
-            j += 1;
-        } else {
-            return false;
-        }
-        j += 1;
-    }
-    false
+    options(argv).is_some_and(|o| o.store)
 }
 
 /// The key `pattern` reads for the element `element`: the first `*` replaced by the element and,
