@@ -80,6 +80,18 @@ impl Requester {
     }
 }
 
+/// Another module's `RedisModule_Call` may not wait: Redis asserts that its client never blocks,
+/// and aborts the server. Checked before blocking a client. (Inside `EXEC` and scripts, which
+/// may not block either, the handlers answer at once by themselves.)
+pub fn refuse_if_caller_cannot_wait(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    if ffi::caller_may_not_block(ctx) {
+        return Err("ERR Raftis cannot serve this command to another module's RedisModule_Call: its answer waits \
+                    for the cluster, and Redis does not let such a caller wait"
+            .into());
+    }
+    Ok(())
+}
+
 pub struct Blocked {
     bc: *mut RedisModuleBlockedClient,
     /// With a backstop: set by whichever answers the client first, the work or the backstop's

@@ -42,6 +42,7 @@ const BACKSTOP: Duration = Duration::from_secs(2);
 /// answer comes back; after the client's forwarded transaction, if that is still on its way.
 /// Errs (with the usual redirect) when no leader is known.
 pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), String> {
+    crate::blocked::refuse_if_caller_cannot_wait(ctx)?;
     let s = state::get();
     let node = s.node().ok_or_else(crate::write::not_initialized)?;
     leader_addr(&node)?;

@@ -70,10 +70,10 @@ fn guard(
     )
 }
 
-/// The commands whose answer may wait for the cluster: they block their client.
+/// The commands whose answer may wait for the cluster: they block their client. (`RAFT._READ`
+/// runs a read at once when it can, so it checks where it would wait: `read`, `forward`.)
 const MAY_BLOCK: &[&str] = &[
     filter::WRITE_COMMAND,
-    read::READ_COMMAND,
     blocking::BLOCK_COMMAND,
     filter::WATCH_COMMAND,
     wait::WAIT_COMMAND,
@@ -85,17 +85,12 @@ const MAY_BLOCK: &[&str] = &[
     "raft.snapshot",
 ];
 
-/// Another module's `RedisModule_Call` may not wait: Redis asserts that its client never blocks
-/// and aborts the server. (Inside `MULTI` and scripts, which may not block either, the handlers
-/// answer at once by themselves.)
+/// See [`blocked::refuse_if_caller_cannot_wait`], for the commands that may wait.
 fn refuse_if_caller_cannot_wait(ctx: *mut RedisModuleCtx, name: Option<&[u8]>) -> Result<(), String> {
-    let may_block = name.is_some_and(|n| MAY_BLOCK.iter().any(|m| n.eq_ignore_ascii_case(m.as_bytes())));
-    if may_block && ffi::caller_may_not_block(ctx) {
-        return Err("ERR Raftis cannot serve this command to another module's RedisModule_Call: its answer waits \
-                    for the cluster, and Redis does not let such a caller wait"
-            .into());
+    match name.is_some_and(|n| MAY_BLOCK.iter().any(|m| n.eq_ignore_ascii_case(m.as_bytes()))) {
+        true => blocked::refuse_if_caller_cannot_wait(ctx),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 /// [`guard`] for the handlers every client command goes through: they borrow the arguments
@@ -318,11 +313,7 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     // everywhere and advertise loopback unless advertise-addr says otherwise.
     let bind = ffi::config_get(ctx, "bind").unwrap_or_default();
     redis_settings::remember_bind(&bind);
-    let bind_ip: IpAddr = bind
-        .split_whitespace()
-        .map(|b| b.trim_start_matches('-'))
-        .find_map(|b| if b == "*" { Some(IpAddr::from([0, 0, 0, 0])) } else { b.parse().ok() })
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let bind_ip: IpAddr = redis_settings::side_port_address(&bind).and_then(|b| b.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let (client_addr, host) = match &settings.advertise_addr {
         Some(addr) => (addr.clone(), addr.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()),
         None => {

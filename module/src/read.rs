@@ -83,6 +83,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if crate::held::read(ctx, argv, &node) {
         return Ok(());
     }
+    crate::blocked::refuse_if_caller_cannot_wait(ctx)?;
     let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
     confirm_then_run(blocked, ffi::owned_args(argv), ffi::client_is_resp3(ctx));
     Ok(())
