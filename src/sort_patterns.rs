@@ -15,9 +15,12 @@ struct Options<'a> {
     /// The `BY` and `GET` patterns that look keys up, in argument order.
     lookups: Vec<&'a [u8]>,
     alpha: bool,
-    /// The last `BY` has a `*`, so it sorts (without one, Redis does not sort).
+    /// The last `BY` has a `*`, so it sorts by it, and no `BY` lacks one (Redis does not sort
+    /// then, whatever comes after: its `dontsort` stays set).
     by_pattern: bool,
     store: bool,
+    /// Every word was read: Redis runs the command (a syntax error answers before anything).
+    complete: bool,
 }
 
 fn options<'a>(argv: &[&'a [u8]]) -> Option<Options<'a>> {
@@ -27,6 +30,7 @@ fn options<'a>(argv: &[&'a [u8]]) -> Option<Options<'a>> {
         return None;
     }
     let mut found = Options::default();
+    let mut dontsort = false;
     let mut j = 2;
     while j < argv.len() {
         let option = argv[j];
@@ -47,14 +51,16 @@ fn options<'a>(argv: &[&'a [u8]]) -> Option<Options<'a>> {
                 found.lookups.push(pattern);
             }
             if is(b"by") {
-                found.by_pattern = looks_up;
+                dontsort |= !c_string(pattern).contains(&b'*');
+                found.by_pattern = looks_up && !dontsort;
             }
             j += 1;
         } else {
-            break;
+            return Some(found);
         }
         j += 1;
     }
+    found.complete = true;
     Some(found)
 }
 
@@ -73,12 +79,12 @@ pub fn lookups<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
 /// `ALPHA` without `BY` compares the elements, and a `BY` without `*` does not sort at all
 /// (a set is then sorted as `ALPHA` when stored).
 pub fn ties_keep_stored_order(argv: &[&[u8]]) -> bool {
-    options(argv).is_some_and(|o| o.alpha && o.by_pattern)
+    options(argv).is_some_and(|o| o.complete && o.alpha && o.by_pattern)
 }
 
 /// Whether a `SORT` stores its result (`STORE destination`).
 pub fn stores(argv: &[&[u8]]) -> bool {
-    options(argv).is_some_and(|o| o.store)
+    options(argv).is_some_and(|o| o.complete && o.store)
 }
 
 /// The key `pattern` reads for the element `element`: the first `*` replaced by the element and,
@@ -129,6 +135,8 @@ mod tests {
         assert!(!ties(&[b"SORT", b"s", b"ALPHA", b"STORE", b"d"]), "no BY: the elements compare");
         assert!(!ties(&[b"SORT", b"s", b"BY", b"nosort", b"ALPHA"]), "no star: no sort");
         assert!(!ties(&[b"SORT", b"s", b"BY", b"w_*", b"BY", b"nosort", b"ALPHA"]), "the last BY counts");
+        assert!(!ties(&[b"SORT", b"s", b"BY", b"nosort", b"BY", b"w_*", b"ALPHA"]), "a BY without * stops the sort for good");
+        assert!(!stores(&[b"SORT", b"s", b"STORE", b"d", b"FROB"]), "a syntax error runs nothing");
         assert!(!ties(&[b"SORT", b"s", b"GET", b"w_*", b"ALPHA"]), "GET does not order");
         assert!(!ties(&[b"SORT", b"s", b"ALPHA", b"BY"]), "a syntax error runs nothing");
         assert!(stores(&[b"SORT", b"s", b"BY", b"w_*", b"ALPHA", b"STORE", b"d"]));

@@ -106,7 +106,9 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     raftis_integration::wait_for("the long WAIT to count", Duration::from_secs(10), || {
         (raftis_integration::stat_field(&cluster.nodes[leader], "wait_clients_counting") == 1).then_some(())
     });
-    assert_eq!(call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer(), Some(1), "it still waits");
+    raftis_integration::wait_for("the long WAIT to be blocked", Duration::from_secs(10), || {
+        (call(&mut other, &["CLIENT", "UNBLOCK", &id]).integer() == Some(1)).then_some(())
+    });
     assert_eq!(waiter.reply().unwrap().integer(), Some(2));
     raftis_integration::wait_for("the WAIT to be forgotten", Duration::from_secs(10), || {
         (raftis_integration::stat_field(&cluster.nodes[leader], "wait_clients") == 0).then_some(())

@@ -10,8 +10,8 @@
 //!   `raftis_core::memory_limit`).
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
-//! - `port`, and the first address of `bind`, keep the values they had at load: the others know
-//!   this node's client address, and its side port listens there.
+//! - `port`, and the address of `bind` the side port listens on, keep the values they had at
+//!   load: the others know this node's client address, and its side port listens there.
 //! - the settings every node must share (`raftis_core::shared_settings`) keep their values:
 //!   nodes compare them only when they connect. So does `sanitize-dump-payload`, which decides
 //!   whether `RESTORE` takes a payload (not compared yet: set it alike everywhere).
@@ -28,34 +28,36 @@ use std::sync::atomic::{AtomicU16, Ordering};
 /// The port Redis listened on at load: the one this node's client address names.
 static PORT_AT_LOAD: AtomicU16 = AtomicU16::new(0);
 
-/// Redis' first `bind` address at load: the side port listens there, and without
-/// `advertise-addr` this node's client address names it.
-static BIND_AT_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The address of Redis' `bind` at load that the side port listens on (see
+/// [`side_port_address`]); without `advertise-addr`, this node's client address names it.
+static BIND_AT_LOAD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// Records the port this node's client address (and `-MOVED` replies to it) was built from.
 pub fn remember_port(port: u16) {
     PORT_AT_LOAD.store(port, Ordering::Relaxed);
 }
 
-/// The address of a `bind` value that counts: its first, without Redis' optional `-`.
-pub fn first_bind_address(bind: &str) -> Option<&str> {
-    bind.split_whitespace().next().map(|b| b.trim_start_matches('-'))
+/// The address of a `bind` value the side port listens on: its first that is `*` or an IP
+/// address, without Redis' optional `-` (Redis also takes host names there); None if none is.
+pub fn side_port_address(bind: &str) -> Option<&str> {
+    bind.split_whitespace().map(|b| b.trim_start_matches('-')).find(|b| *b == "*" || b.parse::<std::net::IpAddr>().is_ok())
 }
 
 /// Records Redis' `bind` at load (see [`BIND_AT_LOAD`]).
 pub fn remember_bind(bind: &str) {
-    let _ = BIND_AT_LOAD.set(first_bind_address(bind).unwrap_or_default().to_string());
+    let _ = BIND_AT_LOAD.set(side_port_address(bind).map(str::to_string));
 }
 
-/// `bind` may list other addresses after the first, not change the first: the side port listens
-/// there and the others know this node by it.
+/// `bind` may change, but not the address the side port listens on: the others know this node
+/// by it.
 fn bind_refusal(value: &str) -> Option<String> {
     let at_load = BIND_AT_LOAD.get()?;
-    if first_bind_address(value).unwrap_or_default() == at_load.as_str() {
+    if side_port_address(value) == at_load.as_deref() {
         return None;
     }
     Some(format!(
-        "this node's side port listens on {at_load}, its first bind address at load, and the cluster knows it there; restart it with the new bind instead"
+        "this node's side port listens on {}, from its bind at load, and the cluster knows it there; restart it with the new bind instead",
+        at_load.as_deref().unwrap_or("every address")
     ))
 }
 
@@ -200,11 +202,14 @@ mod tests {
     }
 
     #[test]
-    fn the_first_bind_address_stays() {
-        remember_bind("-127.0.0.1 -::1");
+    fn the_side_ports_bind_address_stays() {
+        remember_bind("localhost -127.0.0.1 -::1");
         assert_eq!(refused(&["CONFIG", "SET", "bind", "127.0.0.1 10.0.0.5"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "bind", "-127.0.0.1"]), None);
         let err = refused(&["CONFIG", "SET", "bind", "10.0.0.5 127.0.0.1"]).unwrap();
         assert!(err.contains("'bind'") && err.contains("listens on 127.0.0.1"), "{err}");
+        assert_eq!(side_port_address("* -::*"), Some("*"));
+        assert_eq!(side_port_address("localhost"), None);
     }
 
     #[test]
