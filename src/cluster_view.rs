@@ -195,10 +195,7 @@ pub fn info_text(view: Option<&ClusterView>, known_nodes: usize, epoch: Term) ->
 /// A client address as Redis writes one in `-MOVED`: `::1:7001`, an IPv6 host without the
 /// brackets `advertise-addr` may give it (clients split at the last colon).
 pub fn moved_address(addr: &str) -> String {
-    match addr.strip_prefix('[').and_then(|rest| rest.split_once("]:")) {
-        Some((host, port)) => format!("{host}:{port}"),
-        None => addr.to_string(),
-    }
+    split(addr).map_or_else(|| addr.to_string(), |(host, port)| format!("{host}:{port}"))
 }
 
 /// The address of a `-MOVED` reply in a form to dial: an IPv6 host back in brackets.
@@ -219,16 +216,6 @@ fn split(addr: &str) -> Option<(String, u16)> {
 mod tests {
     use super::*;
     use crate::health_report::{HealthReport, LeaderView};
-
-    #[test]
-    fn moved_names_an_ipv6_host_as_redis_does() {
-        assert_eq!(moved_address("[::1]:7001"), "::1:7001");
-        assert_eq!(moved_address("10.0.0.3:7001"), "10.0.0.3:7001");
-        assert_eq!(moved_address("redis-1.example:7001"), "redis-1.example:7001");
-        assert_eq!(dialable("::1:7001"), "[::1]:7001");
-        assert_eq!(dialable("10.0.0.3:7001"), "10.0.0.3:7001");
-        assert_eq!(dialable("[::1]:7001"), "[::1]:7001");
-    }
     use crate::ids::LogIndex;
     use crate::membership::{Members, NodeInfo};
     use crate::status::PeerProgress;
@@ -347,5 +334,15 @@ mod tests {
     fn ipv6_hosts_lose_their_brackets() {
         assert_eq!(split("[::1]:7001"), Some(("::1".to_string(), 7001)));
         assert_eq!(split("nohost"), None);
+    }
+
+    #[test]
+    fn moved_names_an_ipv6_host_as_redis_does() {
+        assert_eq!(moved_address("[::1]:7001"), "::1:7001");
+        assert_eq!(moved_address("10.0.0.3:7001"), "10.0.0.3:7001");
+        assert_eq!(moved_address("redis-1.example:7001"), "redis-1.example:7001");
+        assert_eq!(dialable("::1:7001"), "[::1]:7001");
+        assert_eq!(dialable("10.0.0.3:7001"), "10.0.0.3:7001");
+        assert_eq!(dialable("[::1]:7001"), "[::1]:7001");
     }
 }
