@@ -34,8 +34,11 @@ pub enum ForwardRequest {
     Blocking { db: u32, argv: Vec<Vec<u8>>, resp3: bool },
     /// The data commands of a transaction, each with its database, in the order EXEC ran them,
     /// and the protocol each one answers in: a `HELLO` between them (run by the follower)
-    /// switches it for the commands after it, as in Redis.
-    Transaction { commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: Vec<bool> },
+    /// switches it for the commands after it, as in Redis. `exec`: how many of them, from the
+    /// first, are one EXEC's; the others are the client's pipeline after it (see the module's
+    /// `transaction::join_forwarded`). Those of the EXEC run together or not at all: the leader
+    /// discards them whole when one may not run (over its memory limit), as Redis does at EXEC.
+    Transaction { commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: Vec<bool>, exec: usize },
 }
 
 /// The raw reply, or an error line (without the leading `-`).
@@ -124,14 +127,21 @@ impl ForwardRequest {
                 parts.extend(argv.iter().map(|a| a.as_slice()));
                 resp::encode_command(&parts, out);
             }
-            ForwardRequest::Transaction { commands, resp3 } => {
+            ForwardRequest::Transaction { commands, resp3, exec } => {
                 // One digit when every command speaks the same protocol, one per command when a
                 // HELLO switched it on the way.
                 let protocols: Vec<u8> = match resp3.split_first() {
                     Some((first, rest)) if rest.iter().all(|r| r == first) => vec![protocol(*first)],
                     _ => resp3.iter().map(|r| protocol(*r)).collect(),
                 };
-                resp::encode_command(&[FORWARD_TX, &protocols, &encode_transaction(None, commands)], out);
+                let entry = encode_transaction(None, commands);
+                // Named only when there is one, as builds before it sent a pipeline.
+                let exec = exec.to_string();
+                let mut parts: Vec<&[u8]> = vec![FORWARD_TX, &protocols, &entry];
+                if exec != "0" {
+                    parts.push(exec.as_bytes());
+                }
+                resp::encode_command(&parts, out);
             }
         }
     }
@@ -151,7 +161,7 @@ impl ForwardRequest {
         let transaction = verb.eq_ignore_ascii_case(FORWARD_TX);
         let blocking = verb.eq_ignore_ascii_case(FORWARD_BLOCK);
         let usage = || match transaction {
-            true => "usage: FORWARD-TX <2|3, or one of them per command> <transaction>".to_string(),
+            true => "usage: FORWARD-TX <2|3, or one of them per command> <transaction> [<commands of its EXEC>]".to_string(),
             false => format!("usage: {} <db> <2|3> <command> [arg ...]", String::from_utf8_lossy(verb).to_uppercase()),
         };
         let bulk = |f: &Frame| match f {
@@ -164,7 +174,11 @@ impl ForwardRequest {
             _ => Err(usage()),
         };
         if transaction {
-            let [protocols, entry] = args else { return Err(usage()) };
+            let (protocols, entry, exec) = match args {
+                [protocols, entry] => (protocols, entry, None),
+                [protocols, entry, exec] => (protocols, entry, Some(exec)),
+                _ => return Err(usage()),
+            };
             let commands: Vec<(u32, Vec<Vec<u8>>)> = match EntryView::decode(&bulk(entry)?) {
                 Ok(EntryView::Transaction(commands)) if !commands.is_empty() => {
                     commands.into_iter().map(|c| (c.db, c.argv.into_iter().map(<[u8]>::to_vec).collect())).collect()
@@ -176,7 +190,14 @@ impl ForwardRequest {
                 each if each.len() == commands.len() => each.iter().map(|d| protocol(*d)).collect::<Result<_, _>>()?,
                 _ => return Err(usage()),
             };
-            return Ok(ForwardRequest::Transaction { commands, resp3 });
+            let exec = match exec {
+                None => 0,
+                Some(count) => {
+                    let count = std::str::from_utf8(&bulk(count)?).ok().and_then(|s| s.parse::<usize>().ok());
+                    count.filter(|n| (1..=commands.len()).contains(n)).ok_or_else(usage)?
+                }
+            };
+            return Ok(ForwardRequest::Transaction { commands, resp3, exec });
         }
         if args.len() < 3 {
             return Err(usage());
@@ -285,11 +306,14 @@ mod tests {
             (3, vec![b"GET".to_vec(), b"b\r\n".to_vec()]),
             (0, vec![b"INCRBY".to_vec(), b"b".to_vec(), b"5".to_vec()]),
         ];
-        let req = ForwardRequest::Transaction { commands: commands.clone(), resp3: vec![false; 3] };
+        let req = ForwardRequest::Transaction { commands: commands.clone(), resp3: vec![false; 3], exec: 0 };
         assert_eq!(round_trip(&req, "FORWARD-TX"), req);
         // A HELLO between them: each command keeps its own protocol.
-        let switched = ForwardRequest::Transaction { commands, resp3: vec![false, true, true] };
+        let switched = ForwardRequest::Transaction { commands: commands.clone(), resp3: vec![false, true, true], exec: 0 };
         assert_eq!(round_trip(&switched, "FORWARD-TX"), switched);
+        // An EXEC's two commands, then the pipeline's third.
+        let exec = ForwardRequest::Transaction { commands, resp3: vec![false; 3], exec: 2 };
+        assert_eq!(round_trip(&exec, "FORWARD-TX"), exec);
     }
 
     #[test]
@@ -297,7 +321,7 @@ mod tests {
         let commands = vec![(0, vec![b"GET".to_vec(), b"a".to_vec()]), (0, vec![b"GET".to_vec(), b"b".to_vec()])];
         let protocols_sent = |resp3: Vec<bool>| {
             let mut out = BytesMut::new();
-            ForwardRequest::Transaction { commands: commands.clone(), resp3 }.encode(&mut out);
+            ForwardRequest::Transaction { commands: commands.clone(), resp3, exec: 0 }.encode(&mut out);
             let Some(Frame::Array(items)) = resp::parse(&mut out).unwrap() else { panic!("not an array") };
             items[1].clone()
         };
@@ -324,6 +348,11 @@ mod tests {
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2")]).is_err());
         // One protocol per command, or one for all: nothing in between.
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("23"), Frame::Bulk(good.clone().into())]).is_err());
+        // An EXEC of no command, or of more commands than there are.
+        for exec in ["0", "2", "-1", "x"] {
+            assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.clone().into()), b(exec)]).is_err(), "{exec}");
+        }
+        assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.clone().into()), b("1")]).is_ok());
         assert!(ForwardRequest::decode(FORWARD, &[b("0"), b("23"), b("GET")]).is_err());
         assert!(ForwardRequest::decode(FORWARD_TX, &[b("2"), Frame::Bulk(good.into())]).is_ok());
     }

@@ -66,24 +66,54 @@ fn over_the_limit_the_leader_answers_as_redis_does() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
-/// Inside a transaction, each command that may grow memory answers the error at EXEC and the
-/// others run (Redis refuses such a transaction whole when it queues it: see the README).
+/// Over the limit, a transaction holding a command that may grow memory is discarded whole at
+/// EXEC, as Redis discards it: nothing of it runs, and each of its commands answers Redis' error
+/// (Redis answers EXEC with that one error: see the README). Through a follower too, where the
+/// commands the client pipelines after EXEC travel to the leader with the transaction and still
+/// run, and so does a transaction that only frees memory.
 #[test]
-fn over_the_limit_a_transaction_runs_without_its_growing_commands() {
-    let cluster = Cluster::start(3, &[]).unwrap();
+fn over_the_limit_a_transaction_that_may_grow_memory_is_discarded_whole() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let leader = cluster.wait_leader();
-    let mut conn = RespConn::connect(cluster.nodes[leader].port).unwrap();
-    call(&mut conn, &["SET", "gone", "x"]);
-    cluster.config_set("maxmemory", "1");
-    let replies = conn
-        .pipeline(&[args(&["MULTI"]), args(&["DEL", "gone"]), args(&["SET", "new", "x"]), args(&["EXISTS", "gone"]), args(&["EXEC"])])
-        .unwrap();
-    let exec = replies[4].items().expect("EXEC's array").to_vec();
-    assert_eq!(exec[0].integer(), Some(1), "{exec:?}");
-    assert!(exec[1].is_error() && exec[1].text().as_deref() == Some(OOM), "{exec:?}");
-    assert_eq!(exec[2].integer(), Some(0), "{exec:?}");
-    cluster.config_set("maxmemory", "0");
-    assert_eq!(call(&mut conn, &["EXISTS", "new"]).integer(), Some(0));
+    let follower = (leader + 1) % 3;
+    let aborted = format!("EXECABORT Transaction discarded because of: {OOM}");
+    for (i, node) in [leader, follower].into_iter().enumerate() {
+        let mut conn = RespConn::connect(cluster.nodes[node].port).unwrap();
+        let (kept, freed, new) = (format!("kept{i}"), format!("freed{i}"), format!("new{i}"));
+        for key in [&kept, &freed] {
+            assert_eq!(call(&mut conn, &["SET", key, "x"]).text().as_deref(), Some("OK"));
+        }
+        cluster.config_set("maxmemory", "1");
+        let replies = conn
+            .pipeline(&[
+                args(&["MULTI"]),
+                args(&["DEL", &kept]),
+                args(&["SET", &new, "x"]),
+                args(&["EXISTS", &kept]),
+                args(&["EXEC"]),
+                // After the EXEC, in the same pipeline: these run.
+                args(&["EXISTS", &kept]),
+                args(&["MULTI"]),
+                args(&["DEL", &freed]),
+                args(&["EXEC"]),
+                args(&["EXISTS", &freed]),
+                // A transaction whose last command is the one that may grow memory.
+                args(&["MULTI"]),
+                args(&["DEL", &kept]),
+                args(&["INCR", &new]),
+                args(&["EXEC"]),
+            ])
+            .unwrap();
+        for exec in [&replies[4], &replies[13]] {
+            let exec = exec.items().unwrap_or_else(|| panic!("node {node}: EXEC's array: {exec:?}"));
+            assert!(exec.iter().all(|r| r.is_error() && r.text().as_deref() == Some(aborted.as_str())), "node {node}: {exec:?}");
+        }
+        assert_eq!(replies[5].integer(), Some(1), "node {node}: the first transaction's DEL ran: {replies:?}");
+        assert_eq!(replies[8].items().map(|r| r.to_vec()), Some(vec![replies[5].clone()]), "node {node}: {replies:?}");
+        assert_eq!(replies[9].integer(), Some(0), "node {node}: {replies:?}");
+        cluster.config_set("maxmemory", "0");
+        assert_eq!(call(&mut conn, &["EXISTS", &kept, &new]).integer(), Some(1), "node {node}");
+    }
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 

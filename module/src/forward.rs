@@ -28,6 +28,7 @@ use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_command, encode_transaction};
 use raftis_core::determinism::Args;
 use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest};
+use raftis_core::memory_limit;
 use raftis_core::routing::Route;
 use std::borrow::Cow;
 use std::ffi::CString;
@@ -84,14 +85,14 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
 /// Follower side: sends a transaction EXEC ran here to the leader; each command's reply, in the
 /// protocol of `resp3` (one per command), fills its slot (all of them get the error if the
 /// transaction could not run).
-pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, slots: Vec<Option<HeldReply>>, resp3: Vec<bool>) {
+pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, exec: usize, slots: Vec<Option<HeldReply>>, resp3: Vec<bool>) {
     let fail = |slots: Vec<Option<HeldReply>>, error: &str| slots.into_iter().flatten().for_each(|slot| slot.fail(error));
     let Some(node) = state::get().node() else { return fail(slots, &crate::write::not_initialized()) };
     let leader = match leader_addr(&node) {
         Ok(addr) => addr,
         Err(e) => return fail(slots, &e),
     };
-    let req = ForwardRequest::Transaction { commands, resp3 };
+    let req = ForwardRequest::Transaction { commands, resp3, exec };
     let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
         let replies = match reply.map(|raw| decode_replies(&raw)) {
             Ok(Some(replies)) if replies.len() == slots.len() => replies,
@@ -144,7 +145,7 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
     }
     let (db, argv, resp3) = match req {
         ForwardRequest::Command { db, argv, resp3 } => (db, argv, resp3),
-        ForwardRequest::Transaction { commands, resp3 } => return serve_transaction(&node, commands, resp3, done),
+        ForwardRequest::Transaction { commands, resp3, exec } => return serve_transaction(&node, commands, exec, resp3, done),
         ForwardRequest::Blocking { db, argv, resp3 } => {
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
             return match s.route(&refs) {
@@ -208,8 +209,9 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
 /// reads included (they run where the entry is applied); one that only reads needs no entry and
 /// runs at a confirmed read index instead. Writes are pinned again: a no-op for what the
 /// follower pinned, and this leader's clock for anything it did not. Each command answers in its
-/// own protocol (`resp3`).
-fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3: Vec<bool>, done: ForwardDone) {
+/// own protocol (`resp3`). The first `exec` commands are an EXEC's: over the memory limit, one of
+/// them that may grow memory discards them all, as on the leader's own clients.
+fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: usize, resp3: Vec<bool>, done: ForwardDone) {
     let s = state::get();
     let routes: Vec<Route> = commands.iter().map(|(_, argv)| s.route(&argv.iter().map(Vec::as_slice).collect::<Vec<_>>())).collect();
     if routes.iter().all(|route| matches!(route, Route::Read | Route::BlockingRead)) {
@@ -222,12 +224,14 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
     // log (an EVALSHA of a script nobody loaded, a write over the memory limit) with their error, as on the leader's own
     // clients, and WAIT, which does not wait inside a transaction. The others still run.
     let mut in_place = Vec::new();
+    let mut exec_discarded = false;
     for (i, (((db, argv), route), resp3)) in commands.iter().zip(routes).zip(resp3).enumerate() {
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
             // Inside a transaction a blocking command does not block: a plain write or read.
             Route::Write | Route::Blocking => {
                 if let Err(e) = crate::write::prepare_admitted(*db, &mut args, at) {
+                    exec_discarded |= i < exec && e == memory_limit::OOM_ERROR;
                     in_place.push((i, error_proto(&e)));
                     continue;
                 }
@@ -241,6 +245,16 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, resp3:
         }
         pinned.push((*db, args));
         pinned_resp3.push(resp3);
+    }
+    if exec_discarded {
+        // Every command of the EXEC answers why, those readied already included; the pipeline's
+        // after it still run.
+        let readied = (0..exec).filter(|i| !in_place.iter().any(|(j, _)| j == i)).count();
+        pinned.drain(..readied);
+        pinned_resp3.drain(..readied);
+        let error = error_proto(&crate::transaction::exec_abort(memory_limit::OOM_ERROR));
+        in_place.retain(|(i, _)| *i >= exec);
+        in_place.splice(0..0, (0..exec).map(|i| (i, error.clone())));
     }
     if pinned.is_empty() {
         let replies: Vec<Vec<u8>> = in_place.into_iter().map(|(_, reply)| reply).collect();

@@ -28,6 +28,7 @@ use crate::held::{self, HeldReply};
 use crate::state;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_transaction, EntryTime};
+use raftis_core::memory_limit;
 use redis_module::raw;
 use rustc_hash::FxHashSet;
 use std::ffi::c_void;
@@ -61,6 +62,10 @@ struct Batch {
     /// leadership can change while EXEC runs, and a part of a transaction must never commit.
     verdict: Result<Destination, String>,
     commands: Vec<(u32, Vec<Vec<u8>>)>,
+    /// How many of the commands, from the first, are the EXEC's; on a follower, the client's
+    /// pipeline after EXEC joins the batch too (see [`join_forwarded`]), and MULTI starts a new
+    /// batch, so the EXEC's come first.
+    exec: usize,
     /// The size of the commands' arguments.
     bytes: usize,
     /// One per command; None when the client takes no replies.
@@ -131,6 +136,9 @@ pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<En
     batch.slots.push(held::transaction_slot(ctx));
     batch.protocols.push(crate::ffi::client_is_resp3(ctx));
     batch.bytes += size_of(&argv);
+    if batch.exec == batch.commands.len() {
+        batch.exec += 1;
+    }
     batch.commands.push((db, argv));
     Ok(())
 }
@@ -150,10 +158,32 @@ pub fn entry_time(ctx: *mut RedisModuleCtx) -> EntryTime {
 /// when it is queued and then discards the transaction. Commands that joined already, and those
 /// after it, answer why.
 pub fn abort(ctx: *mut RedisModuleCtx, refused: &str) {
+    discard(ctx, format!("EXECABORT Transaction discarded because a command was refused: {refused}"));
+}
+
+/// A command of the EXEC that `ctx`'s client runs now may grow memory, and this leader is over
+/// its limit (see `memory`): nothing of the transaction runs, as Redis discards it at EXEC. The
+/// reply for it, as for every other command of the transaction.
+pub fn abort_over_memory_limit(ctx: *mut RedisModuleCtx) -> String {
+    discard(ctx, exec_abort(memory_limit::OOM_ERROR))
+}
+
+/// Redis' error for an EXEC it discards for `why` (its `execCommandAbort`).
+pub fn exec_abort(why: &str) -> String {
+    format!("EXECABORT Transaction discarded because of: {why}")
+}
+
+/// Discards the transaction EXEC is running for `ctx`'s client, for `error` unless it was
+/// discarded already: the error its commands answer.
+fn discard(ctx: *mut RedisModuleCtx, error: String) -> String {
     let mut t = lock();
     let batch = batch_of(&mut t, ctx, &[]);
-    if batch.verdict.is_ok() {
-        batch.verdict = Err(format!("EXECABORT Transaction discarded because a command was refused: {refused}"));
+    match &batch.verdict {
+        Err(first) => first.clone(),
+        Ok(_) => {
+            batch.verdict = Err(error.clone());
+            error
+        }
     }
 }
 
@@ -221,6 +251,7 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx, first: &[Vec<
             client: id,
             verdict: destination(ctx, first),
             commands: Vec::new(),
+            exec: 0,
             bytes: 0,
             slots: Vec::new(),
             protocols: Vec::new(),
@@ -282,7 +313,7 @@ fn propose(batch: Option<Batch>) {
         }
     };
     if let Destination::Leader = destination {
-        return crate::forward::transaction_to_leader(batch.commands, batch.slots, batch.protocols);
+        return crate::forward::transaction_to_leader(batch.commands, batch.exec, batch.slots, batch.protocols);
     }
     let s = state::get();
     let Some(node) = s.node() else {

@@ -4,7 +4,7 @@
 //! `held`); otherwise the client blocks until the entry is applied. Elsewhere the client is
 //! redirected (or forwarded, with follower-proxy). Inside EXEC the write joins its transaction
 //! (see `transaction`). Over the memory limit, the leader refuses what may grow memory (see
-//! `memory`).
+//! `memory`), and discards a transaction that holds such a command, as Redis does at EXEC.
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::blocked::Blocked;
@@ -36,7 +36,10 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         let at = crate::transaction::entry_time(ctx);
         // A follower forwarding the transaction leaves the memory limit to the leader.
         if s.node().is_some_and(|n| n.is_leader()) {
-            prepare_admitted(db, &mut argv, at)?;
+            prepare_admitted(db, &mut argv, at).map_err(|e| match e == memory_limit::OOM_ERROR {
+                true => crate::transaction::abort_over_memory_limit(ctx),
+                false => e,
+            })?;
         } else {
             prepare(db, &mut argv, at)?;
         }
