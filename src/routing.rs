@@ -355,6 +355,15 @@ impl CommandTable {
                     "ERR {shown} BY a pattern with ALPHA inside a script could order the elements that tie differently on every node; Raftis refuses it in scripts"
                 ));
             }
+            if display == "restore" {
+                // Its payload is tried before a client's RESTORE enters the log; a script's
+                // cannot be, and a malformed one makes Redis exit where the log is applied (see
+                // the module's `restore_trial`).
+                return Some(
+                    "ERR RESTORE inside a script cannot have its payload checked before every node applies it; Raftis refuses it in scripts"
+                        .into(),
+                );
+            }
             let reads_clock = display == "xreadgroup" || display == "xgroup|createconsumer";
             reads_clock.then(|| format!("ERR {shown} inside a script would read each node's clock; Raftis refuses it in scripts"))
         });
@@ -422,6 +431,7 @@ mod tests {
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
         t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
+        t.insert("restore", CommandInfo { arity: -4, write: true, denyoom: true, keys: span(1, 1, 1), ..Default::default() });
         // Redis' own entries for names Raftis decides about by name, flags and all.
         t.insert("MULTI", CommandInfo { arity: 1, ..Default::default() });
         t.insert("watch", CommandInfo { arity: -2, keys: span(1, -1, 1), ..Default::default() });
@@ -500,6 +510,7 @@ mod tests {
         assert!(refused(&["LOLWUT"]).unwrap().contains("LOLWUT"));
         assert_eq!(refused(&["PUBLISH", "ch", "m"]), None, "what scripts publish with");
         assert!(refused(&["RESTORE-ASKING", "k", "0", "x"]).unwrap().contains("use RESTORE"));
+        assert!(refused(&["restore", "k", "0", "x"]).unwrap().starts_with("ERR RESTORE inside a script cannot have its payload checked"));
         // Tipped by Redis for an automatic id, and for approximate trimming, which depends only
         // on the stream's nodes.
         assert!(refused(&["XADD", "s", "MAXLEN", "~", "10", "*", "f", "v"]).unwrap().contains("XADD inside a script"));

@@ -165,7 +165,7 @@ fn redis_settings_the_log_depends_on_are_held() {
         // Redis' unit multiplication wraps: 1024 bytes to it.
         ("maxmemory", "18014398509481985kb"),
         ("bind", "127.0.0.2 127.0.0.1"),
-        ("sanitize-dump-payload", "yes"),
+        ("sanitize-dump-payload", "no"),
         ("appendonly", "yes"),
         ("save", "3600 1"),
         ("min-replicas-to-write", "1"),

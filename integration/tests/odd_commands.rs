@@ -297,3 +297,78 @@ fn shown(batch: &[Vec<Vec<u8>>]) -> String {
         batch.iter().map(|args| args.iter().map(|a| format!("{:?}", String::from_utf8_lossy(a))).collect::<Vec<_>>().join(" ")).collect();
     shown.join(" | ")
 }
+
+/// `RESTORE` payloads that pass Redis' checksum and shallow checks but are malformed inside: a
+/// hash listing one field twice, and one whose entry claims to run past the end. Redis decodes a
+/// payload only as the command runs, and where no client's command runs (as every node applies
+/// the log) a decoding error makes it exit; with its default `sanitize-dump-payload no` it takes
+/// both payloads, and the second crashes a server once anything reads the key. One such command
+/// would have stopped every node, and again as they replayed their logs. Now each is refused,
+/// to the leader's client, a follower's (forwarding) and inside `MULTI`, and inside a script, a
+/// `RESTORE` is refused whatever its payload; every node keeps running.
+#[test]
+fn malformed_restore_payloads_are_refused_on_every_node() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let mut conns = [RespConn::connect(cluster.leader().port).unwrap(), RespConn::connect(cluster.nodes[(leader + 1) % 3].port).unwrap()];
+    assert_eq!(conns[0].call(&[b"HSET", b"src", b"a", b"1", b"b", b"2"]).unwrap().integer(), Some(2));
+    let dump = conns[0].call(&[b"DUMP", b"src"]).unwrap().bytes().expect("DUMP's payload").to_vec();
+    let field_b = dump.windows(2).position(|w| w == b"\x81b").expect("field b in the listpack");
+    let crafted = |entry: &[u8]| {
+        // The payload ends with its RDB version and the CRC-64 of everything before it.
+        let mut body = dump[..dump.len() - 8].to_vec();
+        body[field_b..field_b + 2].copy_from_slice(entry);
+        let crc = crc64(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        body
+    };
+    assert_eq!(crafted(b"\x81b"), dump, "the payload is rebuilt as Redis made it");
+    for (via, conn) in ["leader", "follower"].into_iter().zip(&mut conns) {
+        for (key, entry) in [(&b"twice"[..], b"\x81a"), (b"overrun", b"\x8ab")] {
+            let name = format!("{via}: {}", String::from_utf8_lossy(key));
+            let reply = conn.call(&[b"RESTORE", key, b"0", &crafted(entry)]).unwrap();
+            assert_eq!(reply.text().as_deref(), Some("ERR Bad data format"), "{name}: {reply:?}");
+            // Inside a transaction, the others still run, as in Redis.
+            let replies = conn
+                .pipeline(&[
+                    vec![b"MULTI".to_vec()],
+                    vec![b"RESTORE".to_vec(), key.to_vec(), b"0".to_vec(), crafted(entry)],
+                    vec![b"INCR".to_vec(), b"n".to_vec()],
+                    vec![b"EXEC".to_vec()],
+                ])
+                .unwrap();
+            let exec = replies[3].items().unwrap_or_else(|| panic!("{name}: {replies:?}"));
+            assert_eq!(exec[0].text().as_deref(), Some("ERR Bad data format"), "{name}: {exec:?}");
+            assert!(exec[1].integer().is_some(), "{name}: {exec:?}");
+            // A write to the key runs on every node: over the payload Redis took, it would crash them.
+            assert_eq!(conn.call(&[b"HSET", key, b"c", b"3"]).unwrap().integer(), Some(1), "{name}");
+            assert_eq!(conn.call(&[b"DEL", key]).unwrap().integer(), Some(1), "{name}");
+        }
+        let script = conn.call(&[b"EVAL", b"return redis.call('RESTORE', KEYS[1], 0, ARGV[1])", b"1", b"scripted", &dump]).unwrap();
+        assert!(script.text().is_some_and(|e| e.contains("RESTORE inside a script")), "{via}: {script:?}");
+        // A sound payload is still taken.
+        assert_eq!(conn.call(&[b"RESTORE", b"copy", b"0", &dump, b"REPLACE"]).unwrap().text().as_deref(), Some("OK"), "{via}");
+        assert_eq!(conn.call(&[b"HGETALL", b"copy"]).unwrap(), conn.call(&[b"HGETALL", b"src"]).unwrap(), "{via}");
+    }
+    assert_eq!(conns[0].call(&[b"GET", b"n"]).unwrap().text().as_deref(), Some("4"));
+    assert_eq!(conns[0].call(&[b"EXISTS", b"scripted"]).unwrap().integer(), Some(0));
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
+/// Redis' CRC-64 (Jones polynomial, reflected), which ends a `DUMP` payload.
+fn crc64(data: &[u8]) -> u64 {
+    const POLY: u64 = 0x95ac_9329_ac4b_c9b5;
+    let mut crc = 0u64;
+    for byte in data {
+        crc ^= u64::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ POLY } else { crc >> 1 };
+        }
+    }
+    crc
+}
+
+#[test]
+fn crc64_is_redis_own() {
+    assert_eq!(crc64(b"123456789"), 0xe9c6_d914_c4b8_d9ca);
+}

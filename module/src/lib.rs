@@ -29,6 +29,7 @@ mod read;
 mod redis_settings;
 mod replica_reads;
 mod reply;
+mod restore_trial;
 mod runaway;
 mod scripts;
 mod set_pop;

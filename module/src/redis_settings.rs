@@ -13,8 +13,12 @@
 //! - `port`, and the address of `bind` the side port listens on, keep the values they had at
 //!   load: the others know this node's client address, and its side port listens there.
 //! - the settings every node must share (`raftis_core::shared_settings`) keep their values:
-//!   nodes compare them only when they connect. So does `sanitize-dump-payload`, which decides
-//!   whether `RESTORE` takes a payload (not compared yet: set it alike everywhere).
+//!   nodes compare them only when they connect.
+//! - `sanitize-dump-payload` is `yes`, whatever the configuration says: `RESTORE` then checks a
+//!   payload whole before it takes it. With Redis' default `no`, it takes a payload that is
+//!   malformed inside, and a server crashes as soon as something reads the key; in a cluster every
+//!   node applies the `RESTORE`, so all of them would crash, and again as they replay their log.
+//!   The same value everywhere also makes every node take or refuse a payload alike.
 //! - no command is renamed or disabled (`rename-command`): every node must be able to run every
 //!   command of the log under its own name (a script's calls included), and the module calls
 //!   some itself (`FLUSHALL` before loading a snapshot, `CONFIG`, `DEBUG SET-ACTIVE-EXPIRE`...).
@@ -24,6 +28,9 @@ use crate::ffi::{self, RedisModuleCtx};
 use raftis_core::settings::parse_size;
 use raftis_core::shared_settings;
 use std::sync::atomic::{AtomicU16, Ordering};
+
+/// What `sanitize-dump-payload` is set to at load and must stay.
+const SANITIZE_DUMP_PAYLOAD: &str = "yes";
 
 /// The port Redis listened on at load: the one this node's client address names.
 static PORT_AT_LOAD: AtomicU16 = AtomicU16::new(0);
@@ -90,10 +97,9 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>() != Ok(0) => {
             Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
         }
-        // Whether RESTORE checks a payload deeply: a payload one node refuses and another takes.
-        "sanitize-dump-payload" => Some(
-            "RESTORE must accept or refuse a payload alike on every node: give every node the same value in its \
-             configuration and restart them one at a time",
+        "sanitize-dump-payload" if !value.eq_ignore_ascii_case(SANITIZE_DUMP_PAYLOAD) => Some(
+            "RESTORE must check a payload whole on every node, or a malformed one would crash them all; \
+             sanitize-dump-payload must stay 'yes'",
         ),
         _ if shared_settings::NAMES.contains(&name) => Some(
             "every node must have the same value (they compare them when they connect): set it in every node's \
@@ -142,7 +148,15 @@ pub fn check_commands_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
 pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
     // RDB snapshots are pointless (the dataset is rebuilt from the log) and cost forks.
     ffi::free_call_reply(ffi::call_strs(ctx, &["CONFIG", "SET", "save", ""]));
-    for name in ["appendonly", "save", "maxmemory-policy", "maxmemory", "min-replicas-to-write"] {
+    let sanitize = ffi::config_get(ctx, "sanitize-dump-payload").unwrap_or_default();
+    if !sanitize.eq_ignore_ascii_case(SANITIZE_DUMP_PAYLOAD) {
+        let set = ffi::call_strs(ctx, &["CONFIG", "SET", "sanitize-dump-payload", SANITIZE_DUMP_PAYLOAD]);
+        let failed = ffi::is_error(set);
+        ffi::free_call_reply(set);
+        anyhow::ensure!(!failed, "sanitize-dump-payload is '{sanitize}' and cannot be set to 'yes'");
+        log::info!("sanitize-dump-payload set to 'yes' (it was '{sanitize}'): RESTORE checks a payload whole on every node");
+    }
+    for name in ["appendonly", "save", "maxmemory-policy", "maxmemory", "min-replicas-to-write", "sanitize-dump-payload"] {
         let value = ffi::config_get(ctx, name).unwrap_or_default();
         if let Some(why) = refusal(name, &value) {
             anyhow::bail!("{name} is '{value}': {why}");
@@ -185,7 +199,9 @@ mod tests {
         assert!(refused(&["CONFIG", "SET", "save", "3600 1"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "1gb"]).unwrap().contains("RAFT.CONFIG SET maxmemory"));
         assert!(refused(&["CONFIG", "SET", "min-slaves-to-write", "1"]).is_some());
-        assert!(refused(&["CONFIG", "SET", "sanitize-dump-payload", "yes"]).unwrap().contains("RESTORE"));
+        assert!(refused(&["CONFIG", "SET", "sanitize-dump-payload", "no"]).unwrap().contains("RESTORE"));
+        assert!(refused(&["CONFIG", "SET", "sanitize-dump-payload", "clients"]).is_some());
+        assert!(refused(&["CONFIG", "SET", "sanitize-dump-payload", "YES"]).is_none());
         // Redis' unit multiplication wraps: this is 1024 bytes to it.
         assert!(refused(&["CONFIG", "SET", "maxmemory", "18014398509481985kb"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "18446744073709551616"]).is_some());

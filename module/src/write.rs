@@ -31,6 +31,7 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
     if crate::transaction::in_exec(ctx) {
+        crate::restore_trial::check(ctx, command)?;
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
         let at = crate::transaction::entry_time(ctx);
@@ -50,10 +51,12 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     if !node.is_leader() {
         let status = node.status();
         if s.follower_proxy() {
+            crate::restore_trial::check(ctx, command)?;
             return crate::forward::to_leader(ctx, ffi::owned_args(command));
         }
         return Err(state::redirect(&status, crate::cluster_view::slot_of(ctx, command)));
     }
+    crate::restore_trial::check(ctx, command)?;
     let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
     let db = ffi::selected_db(ctx);
     let at = crate::expiry::stamp();
