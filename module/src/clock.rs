@@ -30,6 +30,8 @@ static PINNED_MS: AtomicI64 = AtomicI64::new(-1);
 static MAIN_THREAD: AtomicU64 = AtomicU64::new(0);
 /// libc's `gettimeofday`, as the slot held it before the hook.
 static ORIGINAL: AtomicUsize = AtomicUsize::new(0);
+/// The address of the hooked slot, 0 before the hook.
+static SLOT: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 type GetTimeOfDay = unsafe extern "C" fn(*mut libc::timeval, *mut c_void) -> c_int;
@@ -184,7 +186,21 @@ unsafe fn install() -> Result<(), String> {
         return Err("redis-server's gettimeofday slot is not bound".into());
     }
     ORIGINAL.store(original, Ordering::Relaxed);
-    write_protected(slot, hooked_gettimeofday as GetTimeOfDay as usize)
+    write_protected(slot, hooked_gettimeofday as GetTimeOfDay as usize)?;
+    SLOT.store(slot as usize, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A load that failed after [`init`]: `redis-server`'s slot points at libc's `gettimeofday`
+/// again, not into a module Redis lets go of. (For good: the process must restart to load the
+/// module again, whose hook stays recorded as installed.)
+pub fn unhook() {
+    let slot = SLOT.swap(0, Ordering::Relaxed);
+    if slot != 0 {
+        if let Err(why) = unsafe { write_protected(slot as *mut usize, ORIGINAL.load(Ordering::Relaxed)) } {
+            log::warn!("could not give gettimeofday back to redis-server: {why}");
+        }
+    }
 }
 
 /// Stores `value` at `slot`, which may lie in memory the loader made read-only after binding

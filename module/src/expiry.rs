@@ -377,6 +377,11 @@ fn is_current() -> bool {
     ffi::now_ms().saturating_sub(applied_at) <= FRESH.as_millis() as i64
 }
 
+/// A load that failed after [`init`]: Redis' background expiry runs again, as before the module.
+pub fn resume(ctx: *mut RedisModuleCtx) {
+    set_active(ctx, true);
+}
+
 fn set_active(ctx: *mut RedisModuleCtx, on: bool) {
     let flag = if on { "1" } else { "0" };
     ffi::free_call_reply(ffi::call_strs(ctx, &["DEBUG", "SET-ACTIVE-EXPIRE", flag]));

@@ -269,6 +269,16 @@ pub unsafe extern "C" fn RedisModule_OnLoad(ctx: *mut RedisModuleCtx, argv: *mut
         return ffi::ERR;
     }
     logger::install();
+    // The library stays mapped after a load that failed, its statics (the open log, the state)
+    // with it: they cannot be set up a second time.
+    static ATTEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if ATTEMPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        ffi::log_line(
+            "warning",
+            "<raft> cannot load the Raftis module: an earlier load in this process failed; restart redis-server to load it",
+        );
+        return ffi::ERR;
+    }
     let args: Vec<String> = ffi::args_of(argv, argc).iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
     match std::panic::catch_unwind(|| load(ctx, &args)) {
         Ok(Ok(())) => ffi::OK,
@@ -353,35 +363,90 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let apply_ctx = ffi::DetachedContext::new(ctx);
     runaway::init(settings.skip_entry);
     let s = state::init(state::Raftis::new(settings, store, listen, client_addr, raft_addr, table, apply_ctx, databases, shared));
+    // Redis drops a module's commands when its OnLoad fails, but keeps its filters and event
+    // subscriptions, which would go on rewriting every client command into a `RAFT._*` command
+    // that no longer exists: whatever is hooked into Redis from here on is unhooked again if a
+    // later step fails (a side port taken, say, at a `MODULE LOAD` after a restart).
+    let mut hooks = Hooks::new(ctx);
+    let started = hook_in_and_start(ctx, s, &mut hooks);
+    if started.is_err() {
+        hooks.undo();
+    }
+    started
+}
+
+/// What the module hooked into Redis at load (see [`load`]).
+struct Hooks {
+    ctx: *mut RedisModuleCtx,
+    events: Vec<raw::RedisModuleEvent>,
+    filters: Vec<*mut raw::RedisModuleCommandFilter>,
+    /// Redis' background expiry was switched off (see `expiry`).
+    expiry_paused: bool,
+    clock_hooked: bool,
+}
+
+impl Hooks {
+    fn new(ctx: *mut RedisModuleCtx) -> Hooks {
+        Hooks { ctx, events: Vec::new(), filters: Vec::new(), expiry_paused: false, clock_hooked: false }
+    }
+
+    fn subscribe(&mut self, id: u64, callback: raw::RedisModuleEventCallback, what: &str) -> anyhow::Result<()> {
+        let event = raw::RedisModuleEvent { id, dataver: 1 };
+        let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(self.ctx, event, callback) };
+        anyhow::ensure!(rc == ffi::OK, "cannot subscribe to {what}");
+        self.events.push(event);
+        Ok(())
+    }
+
+    fn filter(&mut self, filter: raw::RedisModuleCommandFilterFunc, flags: u32, what: &str) -> anyhow::Result<()> {
+        let registered = unsafe { api!(RedisModule_RegisterCommandFilter)(self.ctx, filter, flags as c_int) };
+        anyhow::ensure!(!registered.is_null(), "cannot register {what}");
+        self.filters.push(registered);
+        Ok(())
+    }
+
+    fn undo(self) {
+        for filter in self.filters {
+            unsafe { api!(RedisModule_UnregisterCommandFilter)(self.ctx, filter) };
+        }
+        for event in self.events {
+            unsafe { api!(RedisModule_SubscribeToServerEvent)(self.ctx, event, None) };
+        }
+        if self.expiry_paused {
+            expiry::resume(self.ctx);
+        }
+        if self.clock_hooked {
+            clock::unhook();
+        }
+    }
+}
+
+/// The part of [`load`] that hooks the module into Redis, recording each hook in `hooks`, and
+/// then starts the node if it is in a cluster.
+fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks: &mut Hooks) -> anyhow::Result<()> {
     // The module opens keys for writing only to expire them (see `expiry`): closing such a key
     // must not tell WATCH and client tracking it was modified. A deletion says so itself.
     unsafe { api!(RedisModule_SetModuleOptions)(ctx, raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED as c_int) };
     held::init(ctx);
     log::info!("{}", held::describe());
+    hooks.expiry_paused = true;
     log::info!("{}", expiry::init(ctx));
     log::info!("{}", scripts::init());
+    hooks.clock_hooked = true;
     log::info!("{}", clock::init());
-    let event_loop = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_EVENTLOOP, dataver: 1 };
-    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, event_loop, Some(on_event_loop)) };
-    anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the event loop");
-    let client_change = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_CLIENT_CHANGE, dataver: 1 };
-    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, client_change, Some(replica_reads::on_client_change)) };
-    anyhow::ensure!(rc == ffi::OK, "cannot subscribe to client changes");
-    let shutdown = redis_module::raw::RedisModuleEvent { id: redis_module::raw::REDISMODULE_EVENT_SHUTDOWN, dataver: 1 };
-    let rc = unsafe { api!(RedisModule_SubscribeToServerEvent)(ctx, shutdown, Some(on_shutdown)) };
-    anyhow::ensure!(rc == ffi::OK, "cannot subscribe to the shutdown event");
+    hooks.subscribe(raw::REDISMODULE_EVENT_EVENTLOOP, Some(on_event_loop), "the event loop")?;
+    hooks.subscribe(raw::REDISMODULE_EVENT_CLIENT_CHANGE, Some(replica_reads::on_client_change), "client changes")?;
+    hooks.subscribe(raw::REDISMODULE_EVENT_SHUTDOWN, Some(on_shutdown), "the shutdown event")?;
 
     for (name, handler, flags) in COMMANDS {
         let (n, f) = (ffi::cstr(name), ffi::cstr(flags));
         let rc = unsafe { api!(RedisModule_CreateCommand)(ctx, n.as_ptr(), Some(*handler), f.as_ptr(), 0, 0, 0) };
         anyhow::ensure!(rc == ffi::OK, "cannot register command {name}");
     }
-    let filter = unsafe { api!(RedisModule_RegisterCommandFilter)(ctx, Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int) };
-    anyhow::ensure!(!filter.is_null(), "cannot register the command filter");
+    hooks.filter(Some(filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF, "the command filter")?;
     peer_user::init()?;
     // Not NOSELF: it must see what a script the module applies calls (see `scripts`).
-    let script_filter = unsafe { api!(RedisModule_RegisterCommandFilter)(ctx, Some(scripts::filter), 0) };
-    anyhow::ensure!(!script_filter.is_null(), "cannot register the script command filter");
+    hooks.filter(Some(scripts::filter), 0, "the script command filter")?;
     unsafe { api!(RedisModule_RegisterInfoFunc)(ctx, Some(info_section)) };
 
     if s.store.is_initialized() {
