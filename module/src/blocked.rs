@@ -143,6 +143,7 @@ impl Blocked {
         on_backstop: fn(*mut RedisModuleBlockedClient) -> Outcome,
     ) -> Blocked {
         let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_unblock, Some(free_outcome), 0) };
+        crate::reply_arranged::mark();
         let Some(ms) = ffi::timer_period(backstop).filter(|_| !backstop.is_zero()) else {
             return Blocked { bc, backstop: None };
         };

@@ -227,6 +227,7 @@ pub fn reply_map(ctx: *mut RedisModuleCtx, len: usize) {
 }
 
 pub fn reply_call_reply(ctx: *mut RedisModuleCtx, reply: *mut RedisModuleCallReply) -> c_int {
+    crate::reply_arranged::mark();
     unsafe { api!(RedisModule_ReplyWithCallReply)(ctx, reply) }
 }
 

@@ -207,6 +207,7 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
         join_round(&mut held, hooks, id, client, term);
     }
     READS_HELD.fetch_add(1, Ordering::Relaxed);
+    crate::reply_arranged::mark();
     true
 }
 
@@ -265,6 +266,7 @@ fn reply_slot(ctx: *mut RedisModuleCtx, hooks: &Hooks, limit: Limit, lone: Lone)
         queue_slot(&mut held, hooks, id, client, SlotFor::Write(None), limit)?
     };
     WRITES_HELD.fetch_add(1, Ordering::Relaxed);
+    crate::reply_arranged::mark();
     Some(HeldReply { client: id, slot, done: false })
 }
 
@@ -451,6 +453,7 @@ fn queue_slot(held: &mut Held, hooks: &Hooks, id: ClientId, client: *mut c_void,
     let slot = held.next_slot;
     held.next_slot += 1;
     protected_client(held, hooks, id, client).slots.push_back(Slot { id: slot, node, what });
+    crate::reply_arranged::mark();
     Some(slot)
 }
 

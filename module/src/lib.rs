@@ -29,6 +29,7 @@ mod read;
 mod redis_settings;
 mod replica_reads;
 mod reply;
+mod reply_arranged;
 mod restore_trial;
 mod runaway;
 mod scripts;
@@ -61,14 +62,14 @@ fn guard(
     handler: fn(*mut RedisModuleCtx, Vec<Vec<u8>>) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::args_of(argv, argc);
-    answer(
-        ctx,
+    let (outcome, arranged) = reply_arranged::during(|| {
         std::panic::catch_unwind(|| {
             refuse_if_caller_cannot_wait(ctx, args.first().map(Vec::as_slice))?;
             held::before_command(ctx);
             handler(ctx, args)
-        }),
-    )
+        })
+    });
+    answer(ctx, outcome, arranged)
 }
 
 /// The commands whose answer may wait for the cluster: they block their client. (`RAFT._READ`
@@ -103,19 +104,23 @@ fn guard_borrowed(
     handler: fn(*mut RedisModuleCtx, &[&[u8]]) -> Result<Reply, String>,
 ) -> c_int {
     let args = ffi::borrowed_args(argv, argc);
-    answer(
-        ctx,
+    let (outcome, arranged) = reply_arranged::during(|| {
         std::panic::catch_unwind(|| {
             refuse_if_caller_cannot_wait(ctx, args.first().copied())?;
             held::before_command(ctx);
             handler(ctx, &args)
-        }),
-    )
+        })
+    });
+    answer(ctx, outcome, arranged)
 }
 
-fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, String>>) -> c_int {
+/// Sends a handler's reply. One that `arranged` its client's reply already (see
+/// `reply_arranged`) sends no error on top of it: the client gets the reply arranged, or, if the
+/// panic dropped what held it, the error that gives.
+fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, String>>, arranged: bool) -> c_int {
     match outcome {
         Ok(Ok(reply)) => reply.send(ctx),
+        Ok(Err(e)) if arranged => log::error!("a command handler failed after arranging its client's reply: {e}"),
         Ok(Err(e)) => {
             ffi::reply_error(ctx, &e);
         }
@@ -123,7 +128,9 @@ fn answer(ctx: *mut RedisModuleCtx, outcome: std::thread::Result<Result<Reply, S
             let what =
                 panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             log::error!("panic in a command handler: {what}");
-            ffi::reply_error(ctx, "ERR internal error (panic); see the Redis log");
+            if !arranged {
+                ffi::reply_error(ctx, "ERR internal error (panic); see the Redis log");
+            }
         }
     }
     ffi::OK
