@@ -117,6 +117,28 @@ fn over_the_limit_a_transaction_that_may_grow_memory_is_discarded_whole() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// The commands of a transaction after the one that discards it are not readied for the log:
+/// a client watching what they write keeps its transaction, as nothing was written. (Those
+/// before it were readied already, and count as writes for WATCH, as a write that times out does.)
+#[test]
+fn a_discarded_transaction_leaves_watchers_of_its_later_keys_alone() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let follower = (leader + 1) % 3;
+    for node in [leader, follower] {
+        let mut watcher = RespConn::connect(cluster.nodes[leader].port).unwrap();
+        assert_eq!(call(&mut watcher, &["WATCH", "watched"]).text().as_deref(), Some("OK"));
+        let mut conn = RespConn::connect(cluster.nodes[node].port).unwrap();
+        cluster.config_set("maxmemory", "1");
+        let replies = conn.pipeline(&[args(&["MULTI"]), args(&["SET", "new", "x"]), args(&["DEL", "watched"]), args(&["EXEC"])]).unwrap();
+        let exec = replies[3].items().unwrap_or_else(|| panic!("node {node}: {replies:?}"));
+        assert!(exec.iter().all(|r| r.text().is_some_and(|e| e.starts_with("EXECABORT"))), "node {node}: {exec:?}");
+        cluster.config_set("maxmemory", "0");
+        let kept = watcher.pipeline(&[args(&["MULTI"]), args(&["GET", "watched"]), args(&["EXEC"])]).unwrap();
+        assert!(kept[2].items().is_some(), "node {node}: the watcher's EXEC ran: {kept:?}");
+    }
+}
+
 /// The leader's judgement is in the log: followers far over a limit of their own apply every
 /// write the leader let in, scripts decide as the leader's mark says on every node, and a node
 /// that replays the log after a restart decides the same again.

@@ -313,12 +313,14 @@ fn a_second_server_given_a_running_nodes_dir_refuses_to_start() {
     assert_eq!(second.cmd::<String>(&["GET", "k"]).unwrap(), "v");
 }
 
-/// A `MODULE LOAD` that fails late, after the module hooked into Redis (here the side port is
-/// taken as the node restarts from its log), leaves the server working as it did without the
-/// module: Redis drops a failed module's commands but keeps its command filters, which went on
-/// rewriting every client command into a `RAFT._*` command that no longer existed, and the module
-/// had switched Redis' background expiry off. Loading it again in that process is refused, saying
-/// why.
+/// A `MODULE LOAD` that fails late, after the module hooked into Redis and began to start its
+/// node (here the side port is taken as the node restarts from its log), leaves the server and
+/// its data as they were without the module. Redis drops a failed module's commands but keeps its
+/// command filters, which went on rewriting every client command into a `RAFT._*` command that no
+/// longer existed; the module had switched Redis' background expiry off; and the node's start had
+/// queued the dataset's rebuild from the log (a FLUSHALL first), which then ran. A load that fails
+/// early (a mistyped argument) may be tried again; after a late failure, loading the module again
+/// in that process is refused, saying why.
 #[test]
 fn a_module_load_that_fails_late_leaves_redis_as_it_was() {
     let mut cluster = Cluster::start(1, &[]).unwrap();
@@ -330,21 +332,25 @@ fn a_module_load_that_fails_late_leaves_redis_as_it_was() {
     let side_port = std::net::TcpListener::bind(("127.0.0.1", port + 10000)).unwrap();
     let module = raftis_integration::module_path().display().to_string();
     let mut conn = RespConn::connect(port).unwrap();
+    assert_eq!(call(&mut conn, &["SET", "before", "1"]).text().as_deref(), Some("OK"));
+    let mistyped = call(&mut conn, &["MODULE", "LOAD", &module, &raft_dir, "no-such-setting=1"]);
+    assert!(mistyped.is_error(), "{mistyped:?}");
     let loaded = call(&mut conn, &["MODULE", "LOAD", &module, &raft_dir]);
     assert!(loaded.is_error(), "{loaded:?}");
     wait_for("the reason in the log", Duration::from_secs(5), || plain.log_tail().contains("Address already in use").then_some(()));
     assert_eq!(call(&mut conn, &["SET", "a", "1"]).text().as_deref(), Some("OK"));
     assert_eq!(call(&mut conn, &["GET", "a"]).text().as_deref(), Some("1"));
+    assert_eq!(call(&mut conn, &["GET", "before"]).text().as_deref(), Some("1"), "the data from before the load");
     // Expired without being read: Redis' background expiry runs.
     assert_eq!(call(&mut conn, &["SET", "short", "1", "PX", "50"]).text().as_deref(), Some("OK"));
-    wait_for("background expiry", Duration::from_secs(10), || (call(&mut conn, &["DBSIZE"]).integer() == Some(1)).then_some(()));
+    wait_for("background expiry", Duration::from_secs(10), || (call(&mut conn, &["DBSIZE"]).integer() == Some(2)).then_some(()));
     drop(side_port);
     let again = call(&mut conn, &["MODULE", "LOAD", &module, &raft_dir]);
     assert!(again.is_error(), "{again:?}");
     wait_for("the reason in the log", Duration::from_secs(5), || {
         plain.log_tail().contains("an earlier load in this process failed").then_some(())
     });
-    assert_eq!(call(&mut conn, &["GET", "a"]).text().as_deref(), Some("1"));
+    assert_eq!(call(&mut conn, &["GET", "before"]).text().as_deref(), Some("1"));
 }
 
 /// Nodes whose settings differ never talk (see the next test); a single node is its own majority

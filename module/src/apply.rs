@@ -270,8 +270,20 @@ pub fn start(ctx: Arc<DetachedContext>, progress: Arc<ApplyProgress>) -> (RedisM
     (RedisMachine { queue: queue.clone() }, queue)
 }
 
+/// Set when the module's load failed after its node began to start: what the node queued (its
+/// dataset restored from the snapshot, say) must not run on a Redis the module is no part of.
+static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// See [`ABANDONED`].
+pub fn abandon() {
+    ABANDONED.store(true, Ordering::Release);
+}
+
 extern "C" fn on_main_thread(data: *mut c_void) {
     let inner = unsafe { Arc::from_raw(data as *const QueueInner) };
+    if ABANDONED.load(Ordering::Acquire) {
+        return;
+    }
     // A command we are applying can hand control back to the event loop (a script running past
     // busy-reply-threshold lets Redis process events while it runs). Applying more entries in
     // the middle of it would break the script's atomicity: put the wake-up off until it is done.

@@ -226,6 +226,12 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: 
     let mut in_place = Vec::new();
     let mut exec_discarded = false;
     for (i, (((db, argv), route), resp3)) in commands.iter().zip(routes).zip(resp3).enumerate() {
+        if exec_discarded && i < exec {
+            // Answered below with the rest of the EXEC; readied, it would tell WATCH of a write
+            // that never happens.
+            in_place.push((i, Vec::new()));
+            continue;
+        }
         let mut args: Args = argv.iter().map(|a| Cow::Borrowed(a.as_slice())).collect();
         match route {
             // Inside a transaction a blocking command does not block: a plain write or read.

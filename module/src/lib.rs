@@ -50,6 +50,7 @@ use redis_module::raw;
 use reply::Reply;
 use std::net::{IpAddr, SocketAddr};
 use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const MODULE_NAME: &str = "raft";
 
@@ -276,10 +277,7 @@ pub unsafe extern "C" fn RedisModule_OnLoad(ctx: *mut RedisModuleCtx, argv: *mut
         return ffi::ERR;
     }
     logger::install();
-    // The library stays mapped after a load that failed, its statics (the open log, the state)
-    // with it: they cannot be set up a second time.
-    static ATTEMPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if ATTEMPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    if PAST_NO_RETURN.load(Ordering::Relaxed) {
         ffi::log_line(
             "warning",
             "<raft> cannot load the Raftis module: an earlier load in this process failed; restart redis-server to load it",
@@ -307,6 +305,9 @@ pub extern "C" fn RedisModule_OnUnload(_ctx: *mut RedisModuleCtx) -> c_int {
     ffi::log_line("warning", "<raft> MODULE UNLOAD refused: Raftis cannot be unloaded; restart redis-server instead");
     ffi::ERR
 }
+
+/// Set once a load has gone past the steps that can be tried again (see [`load`]).
+static PAST_NO_RETURN: AtomicBool = AtomicBool::new(false);
 
 fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     let mut settings = Settings::parse(args)?;
@@ -357,6 +358,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     // A relative dir is Redis' working directory's, which `CONFIG SET dir` moves: snapshots
     // written and read later would be looked for elsewhere.
     settings.dir = settings.dir.canonicalize().map_err(|e| anyhow::anyhow!("cannot resolve dir={}: {e}", settings.dir.display()))?;
+    // From here on, what is set up cannot be set up again in this process: the library stays
+    // mapped after a load that failed, and its statics (the open log, the state) with it.
+    PAST_NO_RETURN.store(true, Ordering::Relaxed);
     // Held until the process exits (the module cannot be unloaded).
     static DIR_LOCK: std::sync::OnceLock<raftis_core::dir_lock::DirLock> = std::sync::OnceLock::new();
     let _ = DIR_LOCK.set(raftis_core::dir_lock::lock(&settings.dir)?);
@@ -413,6 +417,7 @@ impl Hooks {
     }
 
     fn undo(self) {
+        apply::abandon();
         for filter in self.filters {
             unsafe { api!(RedisModule_UnregisterCommandFilter)(self.ctx, filter) };
         }

@@ -37,7 +37,7 @@ static PORT_AT_LOAD: AtomicU16 = AtomicU16::new(0);
 
 /// The address of Redis' `bind` at load that the side port listens on (see
 /// [`side_port_address`]); without `advertise-addr`, this node's client address names it.
-static BIND_AT_LOAD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static BIND_AT_LOAD: std::sync::Mutex<Option<Option<String>>> = std::sync::Mutex::new(None);
 
 /// Records the port this node's client address (and `-MOVED` replies to it) was built from.
 pub fn remember_port(port: u16) {
@@ -52,13 +52,13 @@ pub fn side_port_address(bind: &str) -> Option<&str> {
 
 /// Records Redis' `bind` at load (see [`BIND_AT_LOAD`]).
 pub fn remember_bind(bind: &str) {
-    let _ = BIND_AT_LOAD.set(side_port_address(bind).map(str::to_string));
+    *BIND_AT_LOAD.lock().unwrap_or_else(|p| p.into_inner()) = Some(side_port_address(bind).map(str::to_string));
 }
 
 /// `bind` may change, but not the address the side port listens on: the others know this node
 /// by it.
 fn bind_refusal(value: &str) -> Option<String> {
-    let at_load = BIND_AT_LOAD.get()?;
+    let at_load = BIND_AT_LOAD.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
     if side_port_address(value) == at_load.as_deref() {
         return None;
     }

@@ -168,6 +168,15 @@ pub fn abort_over_memory_limit(ctx: *mut RedisModuleCtx) -> String {
     discard(ctx, exec_abort(memory_limit::OOM_ERROR))
 }
 
+/// The error of the transaction EXEC is running for `ctx`'s client, if it was discarded.
+pub fn refuse_if_discarded(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    match lock().batch.as_ref().filter(|b| b.client == id) {
+        Some(Batch { verdict: Err(e), .. }) => Err(e.clone()),
+        _ => Ok(()),
+    }
+}
+
 /// Redis' error for an EXEC it discards for `why` (its `execCommandAbort`).
 pub fn exec_abort(why: &str) -> String {
     format!("EXECABORT Transaction discarded because of: {why}")

@@ -31,6 +31,9 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         _ => return Err("ERR RAFT._CMD only takes write commands (it is used internally)".into()),
     }
     if crate::transaction::in_exec(ctx) {
+        // Readied, a command of a discarded transaction would tell WATCH of a write that never
+        // happens.
+        crate::transaction::refuse_if_discarded(ctx)?;
         crate::restore_trial::check(ctx, command)?;
         let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
