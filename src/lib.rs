@@ -11,6 +11,7 @@ pub mod determinism;
 pub mod dir_lock;
 pub mod disk_space;
 pub mod forward;
+pub mod function_payload;
 pub mod health_report;
 mod heartbeats;
 pub mod ids;

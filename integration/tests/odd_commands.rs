@@ -355,6 +355,37 @@ fn malformed_restore_payloads_are_refused_on_every_node() {
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 
+/// A `FUNCTION RESTORE` payload whose LZF-compressed library code does not decompress to its
+/// stated length: to a client Redis answers an error, but where the log is applied (outside any
+/// client's command) it takes it for a corrupt RDB file and exits, so one such command would
+/// stop every node, and again as they replayed their logs. It is refused before it reaches the
+/// log; a real dump, its code LZF-compressed by Redis, is still taken.
+#[test]
+fn a_malformed_function_restore_payload_is_refused_before_the_log() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    let leader = cluster.wait_leader();
+    let plain = raftis_integration::Server::start_plain(raftis_integration::free_port_pair(), &cluster.root.path().join("plain")).unwrap();
+    let mut redis = RespConn::connect(plain.port).unwrap();
+    let mut body = vec![245u8, 0xc3, 2, 5, 0x00, b'a'];
+    body.extend_from_slice(&10u16.to_le_bytes());
+    let crc = crc64(&body);
+    body.extend_from_slice(&crc.to_le_bytes());
+    let to_redis = redis.call(&[b"FUNCTION", b"RESTORE", &body]).unwrap();
+    assert!(to_redis.is_error(), "plain Redis refuses it to a client: {to_redis:?}");
+    let code =
+        format!("#!lua name=long\n{}redis.register_function('f', function() return 1 end)", "-- padding padding padding\n".repeat(20));
+    for node in [leader, (leader + 1) % 3] {
+        let mut conn = RespConn::connect(cluster.nodes[node].port).unwrap();
+        let reply = conn.call(&[b"FUNCTION", b"RESTORE", &body]).unwrap();
+        assert!(reply.text().is_some_and(|e| e.contains("FUNCTION RESTORE payload is malformed")), "node {node}: {reply:?}");
+        assert_eq!(conn.call(&[b"FUNCTION", b"LOAD", b"REPLACE", code.as_bytes()]).unwrap().text().as_deref(), Some("long"));
+        let dump = conn.call(&[b"FUNCTION", b"DUMP"]).unwrap().bytes().expect("FUNCTION DUMP's payload").to_vec();
+        assert!(dump.len() < code.len(), "Redis compressed the code: {} bytes for {}", dump.len(), code.len());
+        assert_eq!(conn.call(&[b"FUNCTION", b"RESTORE", &dump, b"REPLACE"]).unwrap().text().as_deref(), Some("OK"), "node {node}");
+    }
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 /// Redis' CRC-64 (Jones polynomial, reflected), which ends a `DUMP` payload.
 fn crc64(data: &[u8]) -> u64 {
     const POLY: u64 = 0x95ac_9329_ac4b_c9b5;

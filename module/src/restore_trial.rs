@@ -11,17 +11,25 @@
 //! payload refused here gets Redis' own error and never reaches the log; one taken here is taken
 //! by every node, which all check payloads whole (`sanitize-dump-payload`, see `redis_settings`).
 //! Scripts cannot be tried so: `RESTORE` is refused inside them (see `raftis_core::routing`).
+//! Nor can `FUNCTION RESTORE`, which would change the libraries: its payload is read instead
+//! (see `raftis_core::function_payload`).
 
 use crate::ffi::{self, RedisModuleCtx};
+use raftis_core::function_payload;
 
 /// Keys the trial restores into, tried in turn: only a key that does not exist takes the trial
 /// (Redis answers `BUSYKEY` before decoding anything otherwise).
 const TRIAL_KEYS: [&[u8]; 3] = [b"raftis:restore-trial", b"raftis:restore-trial:1", b"raftis:restore-trial:2"];
 
 /// The client's command `argv`, about to be readied for the log (or forwarded to the leader) from
-/// the client's own command `ctx`: if it is a `RESTORE` whose payload Redis would refuse, that
-/// refusal.
+/// the client's own command `ctx`: if it is a `RESTORE` whose payload Redis would refuse, or a
+/// `FUNCTION RESTORE` whose payload would stop it, that refusal.
 pub fn check(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {
+    if let [function, restore, payload, ..] = argv {
+        if function.eq_ignore_ascii_case(b"function") && restore.eq_ignore_ascii_case(b"restore") {
+            return function_payload::check(payload);
+        }
+    }
     let [name, _key, _ttl, payload, ..] = argv else { return Ok(()) };
     if !name.eq_ignore_ascii_case(b"restore") {
         return Ok(());
