@@ -92,6 +92,8 @@ pub struct Server {
     pub redis_args: Vec<String>,
     /// Without the module: plain Redis, the reference a test compares Raftis with.
     plain: bool,
+    /// Environment variables of its own (`LC_ALL`, say).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -122,6 +124,14 @@ impl Server {
         Self::start_with(port, dir, "127.0.0.1", redis_args, extra, false)
     }
 
+    /// Like [`Server::start`], with environment variables of its own (`("LC_ALL", "C")`).
+    pub fn start_with_env(port: u16, dir: &Path, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Server> {
+        let mut s = Self::unstarted(port, dir, "127.0.0.1", extra, false);
+        s.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        s.spawn()?;
+        Ok(s)
+    }
+
     fn start_with(port: u16, dir: &Path, bind: &str, redis_args: &[&str], extra: &[&str], plain: bool) -> anyhow::Result<Server> {
         let mut s = Self::unstarted(port, dir, bind, extra, plain);
         s.redis_args = redis_args.iter().map(|a| a.to_string()).collect();
@@ -137,6 +147,7 @@ impl Server {
             bind: bind.to_string(),
             redis_args: Vec::new(),
             plain,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -160,6 +171,7 @@ impl Server {
         } else {
             cmd.arg("--loadmodule").arg(module_path()).arg(format!("dir={}", self.dir.join("raft").display())).args(&self.extra);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // If the test process dies (a failed assertion is fine, kill -9 of the runner is not),
         // its servers die with it instead of lingering on their ports. The signal follows the

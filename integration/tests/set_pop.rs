@@ -169,3 +169,35 @@ fn a_sort_whose_ties_follow_a_hash_table_is_not_stored() {
     assert!(in_script.is_error() && in_script.text().unwrap().contains("refuses it in scripts"), "{in_script:?}");
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// `SORT ... ALPHA` compares by the process's collation, which Redis takes from its environment:
+/// nodes started in different locales stored `SORT ... ALPHA STORE` in different orders. A node
+/// compares bytes whatever its locale. (Skipped where `localedef` cannot make en_US.UTF-8.)
+#[test]
+fn sort_alpha_compares_bytes_whatever_the_locale() {
+    let root = tempfile::tempdir().unwrap();
+    let locales = root.path().join("locales");
+    std::fs::create_dir_all(&locales).unwrap();
+    let made = std::process::Command::new("localedef")
+        .args(["-i", "en_US", "-f", "UTF-8"])
+        .arg(locales.join("en_US.UTF-8"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !locales.join("en_US.UTF-8").join("LC_COLLATE").exists() {
+        eprintln!("skipped: localedef could not make the en_US.UTF-8 locale ({made:?})");
+        return;
+    }
+    let locpath = locales.display().to_string();
+    let env = [("LOCPATH", locpath.as_str()), ("LC_ALL", "en_US.UTF-8")];
+    let node = Server::start_with_env(free_port_pair(), &root.path().join("node"), &env, &[]).unwrap();
+    let _: () = node.cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    raftis_integration::wait_for("a leader", std::time::Duration::from_secs(10), || (node.state() == "leader").then_some(()));
+    let mut conn = RespConn::connect(node.port).unwrap();
+    assert_eq!(call(&mut conn, &["RPUSH", "l", "b", "_", "a", "B", "A"]).integer(), Some(5));
+    let bytewise = ["A", "B", "_", "a", "b"].map(|s| Reply::Blob(b'$', s.into()));
+    assert_eq!(call(&mut conn, &["SORT", "l", "ALPHA"]).items(), Some(&bytewise[..]));
+    assert_eq!(call(&mut conn, &["SORT", "l", "ALPHA", "STORE", "sorted"]).integer(), Some(5));
+    assert_eq!(call(&mut conn, &["LRANGE", "sorted", "0", "-1"]).items(), Some(&bytewise[..]));
+    assert!(node.log().contains("LC_COLLATE was 'en_US.UTF-8'"), "the node ran in the locale:\n{}", node.log_tail());
+}

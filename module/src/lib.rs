@@ -12,6 +12,7 @@ mod blocking;
 mod clock;
 mod cluster_ops;
 mod cluster_view;
+mod collation;
 mod command_table;
 mod commands;
 mod config_cmd;
@@ -394,11 +395,13 @@ struct Hooks {
     /// Redis' background expiry was switched off (see `expiry`).
     expiry_paused: bool,
     clock_hooked: bool,
+    /// The collation the process had (see `collation`).
+    collation: Option<std::ffi::CString>,
 }
 
 impl Hooks {
     fn new(ctx: *mut RedisModuleCtx) -> Hooks {
-        Hooks { ctx, events: Vec::new(), filters: Vec::new(), expiry_paused: false, clock_hooked: false }
+        Hooks { ctx, events: Vec::new(), filters: Vec::new(), expiry_paused: false, clock_hooked: false, collation: None }
     }
 
     fn subscribe(&mut self, id: u64, callback: raw::RedisModuleEventCallback, what: &str) -> anyhow::Result<()> {
@@ -430,6 +433,9 @@ impl Hooks {
         if self.clock_hooked {
             clock::unhook();
         }
+        if let Some(previous) = &self.collation {
+            collation::restore(previous);
+        }
     }
 }
 
@@ -446,6 +452,7 @@ fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks:
     log::info!("{}", scripts::init());
     hooks.clock_hooked = true;
     log::info!("{}", clock::init());
+    hooks.collation = collation::bytewise();
     hooks.subscribe(raw::REDISMODULE_EVENT_EVENTLOOP, Some(on_event_loop), "the event loop")?;
     hooks.subscribe(raw::REDISMODULE_EVENT_CLIENT_CHANGE, Some(replica_reads::on_client_change), "client changes")?;
     hooks.subscribe(raw::REDISMODULE_EVENT_SHUTDOWN, Some(on_shutdown), "the shutdown event")?;
