@@ -380,7 +380,9 @@ fn load(ctx: *mut RedisModuleCtx, args: &[String]) -> anyhow::Result<()> {
     // that no longer exists: whatever is hooked into Redis from here on is unhooked again if a
     // later step fails (a side port taken, say, at a `MODULE LOAD` after a restart).
     let mut hooks = Hooks::new(ctx);
-    let started = hook_in_and_start(ctx, s, &mut hooks);
+    // A panic is a failure too, and must not skip the undoing.
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook_in_and_start(ctx, s, &mut hooks)))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error (panic)")));
     if started.is_err() {
         hooks.undo();
     }
