@@ -108,9 +108,10 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
     }
 }
 
-/// A snapshot that fails for want of room, while the log still has some, is not tried again at
-/// every write (each try forks and fills the disk the log needs): the node goes on serving, and
-/// tries again a few seconds later.
+/// A snapshot without room for its file (about the last one's size) and for the log meanwhile is
+/// not started: written, it would fill the disk the log needs, and the node would stop serving.
+/// It counts as failed and is not tried again at every write: the node goes on serving, and tries
+/// again a few seconds later.
 #[test]
 fn a_snapshot_that_fails_for_want_of_room_is_not_tried_again_at_every_write() {
     let Some(disk) = SmallDisk::mount(64) else { return };
@@ -135,6 +136,7 @@ fn a_snapshot_that_fails_for_want_of_room_is_not_tried_again_at_every_write() {
     let _: () = node.cmd(&["SET", "first", "1"]).unwrap();
     wait_for("the snapshot to fail", Duration::from_secs(10), || (status(&node) == "failed").then_some(()));
     assert_eq!(started(&node), before + 1);
+    assert!(node.log().contains("not started: no room for a snapshot"), "{}", node.log_tail());
     for i in 0..30 {
         let _: () = node.cmd(&["SET", &format!("small{i}"), "1"]).unwrap();
     }

@@ -217,6 +217,17 @@ impl Snapshots {
             return;
         }
         let dir = state::get().settings().dir;
+        if let Some(why) = no_room(&dir, self.latest().map(|(_, size)| size)) {
+            // Counted as a snapshot that failed: tried again no sooner than one that ran out of
+            // room while it was written, which would have filled the disk the log needs.
+            log::warn!("snapshot at index {} not started: {why}", point.index);
+            self.started.fetch_add(1, Ordering::Relaxed);
+            self.ended(false, Duration::ZERO);
+            if let Some(w) = waiter {
+                w.finish(Outcome::Error(format!("ERR {why}")));
+            }
+            return;
+        }
         let path = snapshot_file::snapshot_path(&dir, point.index, point.term);
         let done: extern "C" fn(c_int, c_int, *mut c_void) = fork_done;
         let pid = unsafe { api!(RedisModule_Fork)(Some(done), std::ptr::null_mut()) };
@@ -255,6 +266,26 @@ impl Snapshots {
         let waiters = waiter.into_iter().collect();
         *slot = Some(InProgress { point: point.clone(), path, started: Instant::now(), waiters, purpose });
     }
+}
+
+/// Room the log keeps while a snapshot is written, beyond the snapshot's own.
+const LOG_HEADROOM: u64 = 16 << 20;
+
+/// Why a snapshot should not start in `dir`, if it should not: the disk has less room than the
+/// snapshot will take (about as much as the `last` one, if any) and [`LOG_HEADROOM`]. A snapshot
+/// that fills the disk fails, and meanwhile leaves the log no room for its writes.
+fn no_room(dir: &Path, last: Option<u64>) -> Option<String> {
+    let free = raftis_core::disk_space::free_bytes(dir)?;
+    let needed = last.unwrap_or(0).saturating_add(LOG_HEADROOM);
+    (free < needed).then(|| {
+        format!(
+            "no room for a snapshot: {} MB free on the disk holding {}, and it needs {} MB (the last snapshot's size, and {} MB for the log meanwhile)",
+            free >> 20,
+            dir.display(),
+            needed.div_ceil(1 << 20),
+            LOG_HEADROOM >> 20
+        )
+    })
 }
 
 /// In the child: the function libraries, then every key of every database, DUMPed with its
