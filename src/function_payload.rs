@@ -187,8 +187,9 @@ fn lzf_decompressed_len(input: &[u8], room: u64) -> Option<u64> {
     }
 }
 
-/// Redis' CRC-64 (Jones polynomial, reflected), which ends a dump payload.
-fn crc64(data: &[u8]) -> u64 {
+/// Redis' CRC-64 (Jones polynomial, reflected), which ends a dump payload (`DUMP`'s and
+/// `FUNCTION DUMP`'s).
+pub fn crc64(data: &[u8]) -> u64 {
     const POLY: u64 = 0x95ac_9329_ac4b_c9b5;
     let mut crc = 0u64;
     for byte in data {

@@ -14,6 +14,7 @@
 //! `RAFTIS_ODD_SEED=N` replays a seed (a failure names it), `RAFTIS_ODD_STEPS=N` runs longer,
 //! `RAFTIS_ODD_KILL_EVERY=N` kills more or less often in the second run.
 
+use raftis_core::function_payload::crc64;
 use raftis_integration::resp_conn::{Reply, RespConn};
 use raftis_integration::{info_field, Cluster};
 use rand::rngs::StdRng;
@@ -384,22 +385,4 @@ fn a_malformed_function_restore_payload_is_refused_before_the_log() {
         assert_eq!(conn.call(&[b"FUNCTION", b"RESTORE", &dump, b"REPLACE"]).unwrap().text().as_deref(), Some("OK"), "node {node}");
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
-}
-
-/// Redis' CRC-64 (Jones polynomial, reflected), which ends a `DUMP` payload.
-fn crc64(data: &[u8]) -> u64 {
-    const POLY: u64 = 0x95ac_9329_ac4b_c9b5;
-    let mut crc = 0u64;
-    for byte in data {
-        crc ^= u64::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ POLY } else { crc >> 1 };
-        }
-    }
-    crc
-}
-
-#[test]
-fn crc64_is_redis_own() {
-    assert_eq!(crc64(b"123456789"), 0xe9c6_d914_c4b8_d9ca);
 }
