@@ -225,6 +225,8 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: 
     // clients, and WAIT, which does not wait inside a transaction. The others still run.
     let mut in_place = Vec::new();
     let mut exec_discarded = false;
+    // How many of the EXEC's commands are in `pinned`, ahead of the pipeline's.
+    let mut exec_pinned = 0;
     for (i, (((db, argv), route), resp3)) in commands.iter().zip(routes).zip(resp3).enumerate() {
         if exec_discarded && i < exec {
             // Answered below with the rest of the EXEC; readied, it would tell WATCH of a write
@@ -251,13 +253,13 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: 
         }
         pinned.push((*db, args));
         pinned_resp3.push(resp3);
+        exec_pinned += usize::from(i < exec);
     }
     if exec_discarded {
         // Every command of the EXEC answers why, those readied already included; the pipeline's
         // after it still run.
-        let readied = (0..exec).filter(|i| !in_place.iter().any(|(j, _)| j == i)).count();
-        pinned.drain(..readied);
-        pinned_resp3.drain(..readied);
+        pinned.drain(..exec_pinned);
+        pinned_resp3.drain(..exec_pinned);
         let error = error_proto(&crate::transaction::exec_abort(memory_limit::OOM_ERROR));
         in_place.retain(|(i, _)| *i >= exec);
         in_place.splice(0..0, (0..exec).map(|i| (i, error.clone())));
