@@ -505,6 +505,20 @@ fn bad_input_gets_clear_errors_and_never_crashes_the_server() {
     expect_err(&["RAFT.REMOVEPEER", "12345"], "not a member");
     expect_err(&["RAFT.REMOVEPEER", "1"], "only voter");
     expect_err(&["RAFT._JOIN", "x", "y", "z"], "invalid node id");
+    expect_err(&["RAFT.HELP", "x"], "wrong number of arguments for 'raft.help' command");
+    expect_err(&["RAFT.CLUSTER", "HELP", "x"], "wrong number of arguments for 'raft.cluster|help' command");
+    // Help, as Redis' own `CONFIG HELP`: a title, then each command's syntax and what it does.
+    let help: Vec<String> = node.cmd(&["RAFT.HELP"]).unwrap();
+    for command in ["RAFT.CLUSTER JOIN <host:port>", "RAFT.TRANSFERLEADER", "RAFT.CONFIG SET <name> <value>", "RAFT.HELP"] {
+        let at = help.iter().position(|l| l.starts_with(command)).unwrap_or_else(|| panic!("{command} not in {help:?}"));
+        assert!(help[at + 1].starts_with("    "), "{command}: {help:?}");
+    }
+    for command in ["RAFT.CLUSTER", "RAFT.CONFIG"] {
+        let lines: Vec<String> = node.cmd(&[command, "help"]).unwrap();
+        assert!(lines[0].starts_with(&format!("{command} <subcommand>")), "{lines:?}");
+        assert!(lines[1..].iter().step_by(2).all(|l| l.starts_with(&format!("{command} "))), "{lines:?}");
+        assert!(lines.len() >= 5, "{lines:?}");
+    }
     // Field patterns pick lines, as the README's `RAFT.INFO snapshot_phase` does.
     assert_eq!(node.cmd::<String>(&["RAFT.INFO", "ROLE", "nothing-*"]).unwrap(), "# Raft\r\nrole:leader\r\n");
     let stats = node.cmd::<String>(&["RAFT.STATS", "log_*_index"]).unwrap();

@@ -173,11 +173,12 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
         "init" if args.len() == 3 => {
             Err(format!("ERR syntax error: RAFT.CLUSTER INIT takes KEEPDATA or nothing, not '{}'", text(&args[2])))
         }
-        "init" | "join" | "recover" => Err(wrong_args(&format!("raft.cluster|{sub}"))),
+        "help" if args.len() == 2 => Ok(crate::help::of("RAFT.CLUSTER")),
+        "init" | "join" | "recover" | "help" => Err(wrong_args(&format!("raft.cluster|{sub}"))),
         _ if args.len() < 2 => Err(wrong_args("raft.cluster")),
         _ => Err(format!(
             "ERR unknown subcommand '{}'. Try RAFT.CLUSTER INIT [KEEPDATA], RAFT.CLUSTER JOIN host:port [host:port ...] \
-             or RAFT.CLUSTER RECOVER.",
+             or RAFT.CLUSTER RECOVER (RAFT.CLUSTER HELP describes them).",
             text(&args[1])
         )),
     }
@@ -352,6 +353,14 @@ pub fn snapshot(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
     let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
     s.send_to_apply(crate::apply::Job::TakeSnapshot(blocked))?;
     Ok(Reply::Blocked)
+}
+
+/// `RAFT.HELP`: every operator command, with its arguments and what it does.
+pub fn help(args: &[Vec<u8>]) -> Result {
+    if args.len() != 1 {
+        return Err(wrong_args("raft.help"));
+    }
+    Ok(crate::help::all())
 }
 
 /// `RAFT.PEERS`: one entry per member: id, suffrage, client address, raft address, and on the

@@ -113,8 +113,12 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
             log::info!("RAFT.CONFIG SET {name} {value}");
             Ok(Reply::ok())
         }
-        "get" | "set" => Err(format!("ERR wrong number of arguments for 'raft.config|{sub}' command")),
+        "help" if args.len() == 2 => Ok(crate::help::of("RAFT.CONFIG")),
+        "get" | "set" | "help" => Err(format!("ERR wrong number of arguments for 'raft.config|{sub}' command")),
         _ if args.len() < 2 => Err("ERR wrong number of arguments for 'raft.config' command".into()),
-        _ => Err(format!("ERR unknown subcommand '{}'. Try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value.", text(1))),
+        _ => Err(format!(
+            "ERR unknown subcommand '{}'. Try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value, or RAFT.CONFIG HELP.",
+            text(1)
+        )),
     }
 }

@@ -23,6 +23,7 @@ mod forward;
 mod forward_blocking;
 mod glob;
 mod held;
+mod help;
 mod logger;
 mod memory;
 mod peer_user;
@@ -232,6 +233,7 @@ command!(cmd_state, |_, args| commands::role(&args));
 command!(cmd_info, |_, args| commands::info(&args));
 command!(cmd_stats, |_, args| commands::stats(&args));
 command!(cmd_snapshot, |ctx, args| commands::snapshot(ctx, &args));
+command!(cmd_help, |_, args| commands::help(&args));
 
 type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString, c_int) -> c_int;
 
@@ -264,6 +266,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft.info", cmd_info, "readonly fast allow-loading allow-busy"),
     ("raft.stats", cmd_stats, "readonly fast"),
     ("raft.snapshot", cmd_snapshot, "admin"),
+    ("raft.help", cmd_help, "readonly fast allow-loading allow-busy"),
 ];
 
 /// Redis' entry point when it loads the module.
