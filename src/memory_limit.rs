@@ -54,26 +54,10 @@ impl ScriptFlags {
     /// Redis cannot read leaves the script as it is, as in Redis (which then refuses it, over the
     /// limit or not, with an error about its first line).
     pub fn of_script(text: &[u8]) -> ScriptFlags {
-        if !text.starts_with(b"#!") {
-            return ScriptFlags::Compatible;
+        match flags_of_script(text) {
+            Some(flags) => Self::of_flags(flags),
+            None => ScriptFlags::Compatible,
         }
-        let Some(end) = text.iter().position(|b| *b == b'\n') else { return ScriptFlags::Compatible };
-        let line = String::from_utf8_lossy(&text[..end]);
-        let mut words = line.split_ascii_whitespace();
-        if words.next() != Some("#!lua") {
-            return ScriptFlags::Compatible;
-        }
-        let mut flags = Vec::new();
-        for word in words {
-            let Some(list) = word.strip_prefix("flags=") else { return ScriptFlags::Compatible };
-            for flag in list.split(',').filter(|f| !f.is_empty()) {
-                if !KNOWN_SCRIPT_FLAGS.contains(&flag) {
-                    return ScriptFlags::Compatible;
-                }
-                flags.push(flag);
-            }
-        }
-        Self::of_flags(flags)
     }
 
     /// From a function's flags, as `FUNCTION LIST` names them.
@@ -85,6 +69,33 @@ impl ScriptFlags {
             ScriptFlags::RefusedOverLimit
         }
     }
+}
+
+/// Whether a script's first line says `no-writes`: Redis then refuses every write it calls.
+pub fn script_writes_nothing(text: &[u8]) -> bool {
+    flags_of_script(text).is_some_and(|flags| flags.contains(&"no-writes"))
+}
+
+/// The flags of a script's first line, as Redis reads it: `#!lua [flags=a,b,...]`. None without
+/// such a line, or with one Redis refuses (the script then fails on every node alike).
+fn flags_of_script(text: &[u8]) -> Option<Vec<&'static str>> {
+    if !text.starts_with(b"#!") {
+        return None;
+    }
+    let end = text.iter().position(|b| *b == b'\n')?;
+    let line = String::from_utf8_lossy(&text[..end]);
+    let mut words = line.split_ascii_whitespace();
+    if words.next() != Some("#!lua") {
+        return None;
+    }
+    let mut flags = Vec::new();
+    for word in words {
+        let list = word.strip_prefix("flags=")?;
+        for flag in list.split(',').filter(|f| !f.is_empty()) {
+            flags.push(*KNOWN_SCRIPT_FLAGS.iter().find(|known| **known == flag)?);
+        }
+    }
+    Some(flags)
 }
 
 #[cfg(test)]
@@ -103,6 +114,15 @@ mod tests {
         assert_eq!(ScriptFlags::of_script(b"#!lua flags=no-such\nreturn 1"), ScriptFlags::Compatible, "unknown flag: Redis' error");
         assert_eq!(ScriptFlags::of_script(b"#!lua name=x\nreturn 1"), ScriptFlags::Compatible, "unknown option: Redis' error");
         assert_eq!(ScriptFlags::of_script(b" #!lua\nreturn 1"), ScriptFlags::Compatible, "the mark must open the script");
+    }
+
+    #[test]
+    fn a_script_writes_nothing_only_if_its_first_line_says_so() {
+        assert!(script_writes_nothing(b"#!lua flags=no-writes\nreturn 1"));
+        assert!(script_writes_nothing(b"#!lua flags=allow-stale,no-writes\nreturn 1"));
+        assert!(!script_writes_nothing(b"#!lua\nreturn 1"));
+        assert!(!script_writes_nothing(b"return 1 -- flags=no-writes"));
+        assert!(!script_writes_nothing(b"#!lua flags=no-writes,no-such\nreturn 1"), "refused by Redis");
     }
 
     #[test]
