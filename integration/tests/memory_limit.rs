@@ -191,6 +191,7 @@ fn redis_settings_the_log_depends_on_are_held() {
         ("appendonly", "yes"),
         ("save", "3600 1"),
         ("min-replicas-to-write", "1"),
+        ("maxmemory-clients", "4mb"),
     ] {
         let reply = call(&mut conn, &["CONFIG", "SET", "hz", "11", name, value]);
         let text = reply.text().unwrap_or_default();
@@ -222,5 +223,12 @@ fn redis_settings_the_log_depends_on_are_held() {
     assert!(loaded.is_error(), "{loaded:?}");
     raftis_integration::wait_for("the reason in the log", std::time::Duration::from_secs(5), || {
         plain.log_tail().contains("maxmemory is '1073741824'").then_some(())
+    });
+    // An early refusal: the load may be tried again, and is refused for the next setting.
+    call(&mut redis, &["CONFIG", "SET", "maxmemory", "0", "maxmemory-clients", "4mb"]);
+    let loaded = call(&mut redis, &["MODULE", "LOAD", &module, &dir]);
+    assert!(loaded.is_error(), "{loaded:?}");
+    raftis_integration::wait_for("the reason in the log", std::time::Duration::from_secs(5), || {
+        plain.log_tail().contains("maxmemory-clients is '4194304'").then_some(())
     });
 }

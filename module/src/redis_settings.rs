@@ -8,6 +8,10 @@
 //! - `maxmemory-policy` stays `noeviction`: eviction picks keys on each node independently.
 //! - `maxmemory` stays 0: Raftis holds the limit itself (`maxmemory=` of the module; see
 //!   `raftis_core::memory_limit`).
+//! - `maxmemory-clients` stays 0 (or a percentage, of a `maxmemory` of 0): Redis evicts the
+//!   biggest clients first, but only marks a protected one (a client whose replies the leader
+//!   holds, see `held`) to be freed later, so its memory stays counted and Redis goes on to evict
+//!   every other client. Measured: 21 idle connections evicted for one held `GET` of 6 MB.
 //! - `min-replicas-to-write` stays 0: a Raftis node has no Redis replicas, so Redis would refuse
 //!   every write, and on that node alone a script's.
 //! - `port`, and the address of `bind` the side port listens on, keep the values they had at
@@ -94,6 +98,11 @@ fn refusal(name: &str, value: &str) -> Option<&'static str> {
         "maxmemory" if parse_size(value) != Some(0) => {
             Some("Raftis holds the memory limit itself, on the leader: give it to the module (maxmemory= at load, RAFT.CONFIG SET maxmemory at runtime); Redis' own must stay 0")
         }
+        // A percentage is of Redis' `maxmemory`, which stays 0: no limit either.
+        "maxmemory-clients" if !value.ends_with('%') && parse_size(value) != Some(0) => Some(
+            "the leader protects a client while it holds its replies, and Redis cannot evict a protected client: \
+             it would evict every other client instead; maxmemory-clients must stay 0",
+        ),
         "min-replicas-to-write" | "min-slaves-to-write" if value.parse::<i64>() != Ok(0) => {
             Some("a Raftis node has no Redis replicas; min-replicas-to-write must stay 0")
         }
@@ -156,7 +165,9 @@ pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
         anyhow::ensure!(!failed, "sanitize-dump-payload is '{sanitize}' and cannot be set to 'yes'");
         log::info!("sanitize-dump-payload set to 'yes' (it was '{sanitize}'): RESTORE checks a payload whole on every node");
     }
-    for name in ["appendonly", "save", "maxmemory-policy", "maxmemory", "min-replicas-to-write", "sanitize-dump-payload"] {
+    for name in
+        ["appendonly", "save", "maxmemory-policy", "maxmemory", "maxmemory-clients", "min-replicas-to-write", "sanitize-dump-payload"]
+    {
         let value = ffi::config_get(ctx, name).unwrap_or_default();
         if let Some(why) = refusal(name, &value) {
             anyhow::bail!("{name} is '{value}': {why}");
@@ -207,6 +218,8 @@ mod tests {
         assert!(refused(&["CONFIG", "SET", "maxmemory", "18446744073709551616"]).is_some());
         assert!(refused(&["CONFIG", "SET", "maxmemory", "lots"]).is_some());
         assert!(refused(&["CONFIG", "SET", "hz", "20", "MAXMEMORY-POLICY", "volatile-ttl"]).is_some(), "any pair refuses all");
+        assert!(refused(&["CONFIG", "SET", "maxmemory-clients", "4mb"]).unwrap().contains("protected"));
+        assert!(refused(&["CONFIG", "SET", "maxmemory-clients", "1"]).is_some());
     }
 
     #[test]
@@ -234,6 +247,8 @@ mod tests {
         assert_eq!(refused(&["CONFIG", "SET", "appendonly", "no"]), None);
         assert_eq!(refused(&["CONFIG", "SET", "save", ""]), None);
         assert_eq!(refused(&["CONFIG", "SET", "maxmemory", "0mb"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "maxmemory-clients", "0"]), None);
+        assert_eq!(refused(&["CONFIG", "SET", "maxmemory-clients", "10%"]), None, "of a maxmemory of 0: no limit");
         assert_eq!(refused(&["CONFIG", "SET", "min-replicas-to-write", "0"]), None);
         assert_eq!(refused(&["CONFIG", "SET", "hz", "20"]), None);
         assert_eq!(refused(&["CONFIG", "GET", "maxmemory-policy"]), None);
