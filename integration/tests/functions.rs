@@ -176,6 +176,10 @@ fn a_function_that_never_ends_is_killed_on_every_node_and_the_cluster_goes_on() 
             node.quick_cmd::<Value>(&["SCRIPT", "KILL"]).err().filter(|e| e.code() == Some("BUSY"))
         });
         assert!(err.to_string().contains("FUNCTION KILL"), "{err}");
+        // FUNCTION STATS names it, as in Redis (Redis, loading while the log applies, would
+        // answer -LOADING).
+        let stats = format!("{:?}", node.quick_cmd::<Value>(&["FUNCTION", "STATS"]).unwrap());
+        assert!(stats.contains("running_script") && stats.contains("spin") && stats.contains("duration_ms"), "{stats}");
         let reply: String = node.quick_cmd(&["FUNCTION", "KILL"]).unwrap();
         assert_eq!(reply, "OK");
     }

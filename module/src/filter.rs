@@ -36,9 +36,13 @@ pub extern "C" fn filter(fctx: *mut RedisModuleCommandFilterCtx) {
 /// commands flagged `allow-busy`. Two of those must not run natively: a MULTI the module did not
 /// record would run its transaction's reads outside the log, before the transaction's own
 /// writes, and a WATCH would skip the leader's barrier (see `watch`). Routed as usual, they are
-/// refused like any data command now. `SCRIPT KILL` and `FUNCTION KILL` reach this node's script.
+/// refused like any data command now. `SCRIPT KILL` and `FUNCTION KILL` reach this node's script,
+/// and `FUNCTION STATS` describes it.
 pub fn while_applying_a_long_command(fctx: *mut RedisModuleCommandFilterCtx) {
-    if crate::scripts::route_kill(fctx) || unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) } <= 0 {
+    if crate::scripts::route_kill(fctx)
+        || crate::scripts::route_stats(fctx)
+        || unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) } <= 0
+    {
         return;
     }
     let name = ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, 0) });

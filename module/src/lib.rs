@@ -199,6 +199,10 @@ command!(borrowed cmd_script_kill, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     scripts::kill(ctx, args).map(|_| Reply::Blocked)
 });
+command!(borrowed cmd_function_stats, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    scripts::stats(ctx, args).map(|_| Reply::Blocked)
+});
 command!(cmd_error, |_, args| Err(args.get(1).map_or_else(|| "ERR refused".into(), |e| String::from_utf8_lossy(e).into_owned())));
 command!(borrowed cmd_multi, |ctx, args| {
     acl::check(ctx, &args[1..])?;
@@ -242,6 +246,7 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (filter::REFUSE_COMMAND, cmd_refuse, "fast"),
     (filter::ERROR_COMMAND, cmd_error, "fast"),
     (scripts::KILL_COMMAND, cmd_script_kill, "allow-loading allow-busy fast"),
+    (scripts::STATS_COMMAND, cmd_function_stats, "allow-loading allow-busy"),
     (read::READ_COMMAND, cmd_read, "readonly getkeys-api"),
     (blocking::BLOCK_COMMAND, cmd_block, "write"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),

@@ -46,6 +46,8 @@ use std::sync::{Mutex, OnceLock};
 
 /// What `SCRIPT KILL` and `FUNCTION KILL` become (see [`kill`]).
 pub const KILL_COMMAND: &str = "raft._scriptkill";
+/// `FUNCTION STATS` while the log applies a long script (see [`stats`]).
+pub const STATS_COMMAND: &str = "raft._functionstats";
 
 struct Hooks {
     /// Seeds the generator behind Lua's `math.random`.
@@ -238,6 +240,39 @@ pub fn kill(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     unsafe { (hooks.kill)(client, is_eval as c_int) };
     Ok(())
+}
+
+/// `FUNCTION STATS` (`args` is `[STATS_COMMAND, FUNCTION, STATS]`) while the log applies a long
+/// script or function: Redis considers itself loading then (see `expiry`) and would answer
+/// `-LOADING`, where plain Redis describes the running function, which is what an operator asks
+/// it for then. Run from this command, allowed while loading, Redis answers as it would.
+pub fn stats(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    // Nothing else: a client could name this command itself, and must not run a write past the log.
+    if !matches!(args, [_, function, stats] if function.eq_ignore_ascii_case(b"function") && stats.eq_ignore_ascii_case(b"stats")) {
+        return Err("ERR RAFT._FUNCTIONSTATS only takes FUNCTION STATS (it is used internally)".into());
+    }
+    // The filter that routed the client's FUNCTION STATS here sees this call too (it watches the
+    // module's own calls while the log applies): it must let it through, not route it back.
+    IN_STATS.with(|s| s.set(true));
+    ffi::call_and_reply(ctx, &args[1..], ffi::client_is_resp3(ctx));
+    IN_STATS.with(|s| s.set(false));
+    Ok(())
+}
+
+thread_local! {
+    /// [`stats`] is running Redis' own FUNCTION STATS (only on the main thread).
+    static IN_STATS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `FUNCTION STATS` becomes [`STATS_COMMAND`] (true); anything else is left alone.
+pub fn route_stats(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
+    let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
+    let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
+    if argc == 2 && !IN_STATS.with(|s| s.get()) && arg(0).eq_ignore_ascii_case(b"function") && arg(1).eq_ignore_ascii_case(b"stats") {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(STATS_COMMAND.as_bytes())) };
+        return true;
+    }
+    false
 }
 
 fn sha1(hooks: &Hooks, text: &[u8]) -> String {
