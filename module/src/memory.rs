@@ -56,15 +56,18 @@ pub fn admit(argv: &Args) -> Result<bool, String> {
         return Ok(false);
     }
     let Some(name) = argv.first() else { return Ok(false) };
-    let flags = if name.eq_ignore_ascii_case(b"eval") {
-        // `EVALSHA` is `EVAL` of its text by now (see `scripts::prepare`).
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    // `EVALSHA` is `EVAL` of its text by now (see `scripts::prepare`), `EVALSHA_RO` `EVAL_RO`.
+    let flags = if is(b"eval") || is(b"eval_ro") {
         argv.get(1).map(|text| ScriptFlags::of_script(text))
-    } else if name.eq_ignore_ascii_case(b"fcall") {
+    } else if is(b"fcall") || is(b"fcall_ro") {
         argv.get(1).and_then(|function| function_flags(state::get().main_thread_ctx(), function))
     } else {
         None
     };
     match flags {
+        // A read-only script without flags can write nothing, so nothing of it is refused.
+        Some(ScriptFlags::Compatible) if is(b"eval_ro") => Ok(false),
         Some(ScriptFlags::Compatible) => Ok(true),
         Some(ScriptFlags::MayRunOverLimit) => Ok(false),
         Some(ScriptFlags::RefusedOverLimit) => Err(OOM_ERROR.into()),
