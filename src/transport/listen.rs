@@ -130,6 +130,18 @@ impl Drop for WaitingForAuth {
     }
 }
 
+/// Capacity an empty connection buffer may keep between frames; beyond it, the buffer is
+/// replaced by one of `fresh` bytes.
+const KEEP_WHEN_IDLE: usize = 1 << 20;
+
+/// Replaces `buffer`, if it is empty and holds more than [`KEEP_WHEN_IDLE`], by one of `fresh`
+/// bytes (a `BytesMut` never gives capacity back by itself).
+pub(crate) fn shrink_if_idle(buffer: &mut BytesMut, fresh: usize) {
+    if buffer.is_empty() && buffer.capacity() > KEEP_WHEN_IDLE {
+        *buffer = BytesMut::with_capacity(fresh);
+    }
+}
+
 /// Reads frames from one connection until it closes or misbehaves.
 async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -202,6 +214,10 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
             }
             out.clear();
         }
+        // A connection lives for weeks (a follower pools up to 32 of them to forward through):
+        // buffers one big request or reply grew give their memory back once it has passed.
+        shrink_if_idle(&mut out, 0);
+        shrink_if_idle(&mut buf, 64 * 1024);
         buf.reserve(16 * 1024);
         let read = if authenticated {
             stream.read_buf(&mut buf).await
@@ -490,4 +506,25 @@ async fn reject(mut stream: TcpStream, remote: SocketAddr, mut out: BytesMut, Re
         io::Result::Ok(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_buffer_gives_back_what_a_big_frame_grew() {
+        let mut grown = BytesMut::with_capacity(8 << 20);
+        shrink_if_idle(&mut grown, 64 * 1024);
+        assert!(grown.capacity() >= 64 * 1024 && grown.capacity() < 1 << 20, "{}", grown.capacity());
+        // Not while it holds part of the next frame.
+        let mut busy = BytesMut::with_capacity(8 << 20);
+        busy.extend_from_slice(b"*1\r\n");
+        shrink_if_idle(&mut busy, 0);
+        assert!(busy.capacity() >= 8 << 20);
+        // Nor a buffer of ordinary size.
+        let mut small = BytesMut::with_capacity(256 * 1024);
+        shrink_if_idle(&mut small, 0);
+        assert!(small.capacity() >= 256 * 1024);
+    }
 }
