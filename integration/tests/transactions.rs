@@ -211,11 +211,17 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     // A client's own write sent before its WATCH comes before it, as in Redis, however late the
     // log applies it.
     exchange(&mut watcher, "SET k 11\r\nWATCH k\r\nMULTI\r\nSET k 12\r\nEXEC\r\n", "+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
-    // Once its transactions are over the leader forgets the watcher's keys; after UNWATCH alone
-    // it cannot tell, and remembers them until the client is gone.
+    // Once its transactions are over the leader forgets the watcher's keys, and after UNWATCH;
+    // after RESET alone it cannot tell, and remembers them until the client is gone.
     let watching = || stat_field(leader, "watching_clients");
     wait_for("the leader to forget a watch that EXEC ended", Duration::from_secs(5), || (watching() == 0).then_some(()));
     exchange(&mut watcher, "WATCH k\r\nUNWATCH\r\n", "+OK\r\n+OK\r\n");
+    wait_for("the leader to forget a watch that UNWATCH ended", Duration::from_secs(5), || (watching() == 0).then_some(()));
+    // UNWATCH is still Redis' own: a write after it fails nothing, and inside MULTI it is queued.
+    let _: () = leader.cmd(&["SET", "k", "13"]).unwrap();
+    exchange(&mut watcher, "MULTI\r\nSET k 14\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    exchange(&mut watcher, "WATCH k\r\nMULTI\r\nUNWATCH\r\nSET k 15\r\nEXEC\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n+OK\r\n");
+    exchange(&mut watcher, "WATCH k\r\nRESET\r\n", "+OK\r\n+RESET\r\n");
     assert_eq!(watching(), 1);
     drop(watcher);
     wait_for("the leader to forget a client that has gone", Duration::from_secs(5), || (watching() == 0).then_some(()));

@@ -17,6 +17,7 @@ pub const WRITE_COMMAND: &str = "raft._cmd";
 pub const REFUSE_COMMAND: &str = "raft._refuse";
 pub const MULTI_COMMAND: &str = "raft._multi";
 pub const WATCH_COMMAND: &str = "raft._watch";
+pub const UNWATCH_COMMAND: &str = "raft._unwatch";
 /// What a refused command becomes (a `CONFIG SET` here, a call inside a script in `scripts`): it
 /// answers its argument as an error.
 pub const ERROR_COMMAND: &str = "raft._error";
@@ -77,6 +78,11 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
     }
     crate::acl::command_seen(name);
     if crate::scripts::has_kill(name) && crate::scripts::route_kill(fctx) {
+        return Destination::Elsewhere;
+    }
+    // The module forgets the keys with Redis (see `watch::unwatch`).
+    if argc == 1 && name.eq_ignore_ascii_case(b"unwatch") && crate::held::unwatch_available() {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(UNWATCH_COMMAND.as_bytes())) };
         return Destination::Elsewhere;
     }
     let argv: Vec<&[u8]> = (0..argc).map(arg).collect();

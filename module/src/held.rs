@@ -288,6 +288,19 @@ fn redis_client(ctx: *mut RedisModuleCtx, command: &str) -> Result<(&'static Hoo
     Ok((hooks, client))
 }
 
+/// Whether UNWATCH can run as Redis runs it, from the module ([`unwatch`]).
+pub fn unwatch_available() -> bool {
+    exported().is_ok()
+}
+
+/// UNWATCH for the client of `ctx`, exactly as Redis runs it (it answers +OK).
+pub fn unwatch(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let (hooks, client) = redis_client(ctx, "UNWATCH")?;
+    unsafe { (hooks.unwatch)(client) };
+    crate::reply_arranged::mark();
+    Ok(())
+}
+
 /// Whether WATCH can run for the client of `ctx` ([`watch_keys`] needs Redis' own functions).
 pub fn can_watch(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     redis_client(ctx, "WATCH").map(|_| ())

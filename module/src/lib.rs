@@ -212,6 +212,10 @@ command!(borrowed cmd_watch, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     watch::watch(ctx, args).map(|_| Reply::Blocked)
 });
+command!(borrowed cmd_unwatch, |ctx, args| {
+    acl::check(ctx, &args[1..])?;
+    watch::unwatch(ctx, args).map(|_| Reply::Blocked)
+});
 command!(borrowed cmd_wait, |ctx, args| {
     acl::check(ctx, &args[1..])?;
     wait::wait(ctx, args)
@@ -251,6 +255,8 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     (blocking::BLOCK_COMMAND, cmd_block, "write"),
     (filter::MULTI_COMMAND, cmd_multi, "fast"),
     (filter::WATCH_COMMAND, cmd_watch, "fast"),
+    // As UNWATCH itself.
+    (filter::UNWATCH_COMMAND, cmd_unwatch, "deny-script allow-loading allow-stale allow-busy fast"),
     (wait::WAIT_COMMAND, cmd_wait, "fast"),
     (cluster_view::CLUSTER_COMMAND, cmd_cluster_view, "readonly fast"),
     // Like INFO itself: it answers while Redis loads its data, and on a replica that is stale.

@@ -18,8 +18,9 @@
 //! Only the leader serves WATCH (followers redirect, follower proxy or not): EXEC has to run where
 //! writes are proposed. Redis does not tell a module when a client stops watching, so the keys
 //! are remembered here until the client's next transaction is over (EXEC and DISCARD unwatch
-//! everything) or the client is gone; UNWATCH and RESET alone leave them until then. While any
-//! are remembered, every write costs a little more.
+//! everything), its UNWATCH (run here, see [`unwatch`]), or until the client is gone; RESET
+//! alone leaves them until then (the filter cannot tell whose it is, nor queue it as Redis does
+//! not). While any are remembered, every write costs a little more.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, ClientId, RedisModuleCtx};
@@ -170,6 +171,25 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
     for (db, key) in watched {
         ffi::signal_modified_key(ctx, *db, key);
     }
+}
+
+/// `RAFT._UNWATCH UNWATCH`, which the filter makes of UNWATCH: Redis' own UNWATCH, and the keys
+/// are forgotten here too (they would otherwise be remembered until the client's next
+/// transaction, and every write would keep being checked against them). Inside MULTI it is queued
+/// and runs at EXEC, as Redis' own.
+pub fn unwatch(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
+    if !matches!(args, [_, unwatch] if unwatch.eq_ignore_ascii_case(b"unwatch")) {
+        return Err("ERR RAFT._UNWATCH only takes UNWATCH (it is used internally)".into());
+    }
+    crate::held::unwatch(ctx)?;
+    if COUNT.load(Ordering::Relaxed) > 0 {
+        let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+        if let Some(watched) = lock().clients.as_mut().and_then(|c| c.get_mut(&id)) {
+            watched.current.clear();
+            watched.ending.clear();
+        }
+    }
+    Ok(())
 }
 
 /// Replicated commands that change no key: those that name none (a message, the script cache,

@@ -33,6 +33,8 @@ pub(super) struct Hooks {
     pub(super) multi: unsafe extern "C" fn(*mut c_void),
     /// Redis' WATCH of one key (a string object) in the client's database.
     pub(super) watch_key: unsafe extern "C" fn(*mut c_void, *mut c_void),
+    /// Redis' UNWATCH: forgets the client's watched keys and answers +OK.
+    pub(super) unwatch: unsafe extern "C" fn(*mut c_void),
     /// Why replies cannot be held on this Redis although it exports all of the above.
     cannot_hold: Option<String>,
 }
@@ -59,6 +61,7 @@ pub fn init(ctx: *mut RedisModuleCtx) {
                 disk_error: ffi::find_function("writeCommandsDeniedByDiskError")?,
                 multi: ffi::find_function("multiCommand")?,
                 watch_key: ffi::find_function("watchForKey")?,
+                unwatch: ffi::find_function("unwatchCommand")?,
                 cannot_hold,
             }
         })
