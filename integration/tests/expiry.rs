@@ -119,11 +119,16 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
     let (cluster, [leader, follower, other], expires) = key_with_a_deadline(8000);
     let network = cluster.network.as_ref().unwrap();
     let l = &cluster.nodes[leader];
+    // A stream due before `k`, which the leader keeps (PERSIST) while the follower is cut off.
+    let _: String = l.cmd(&["XADD", "s", "*", "f", "v"]).unwrap();
+    let _: i64 = l.cmd(&["PEXPIRE", "s", "7000"]).unwrap();
+    cluster.wait_converged(&[0, 1, 2]);
     // The follower is cut off and misses a write to the key made before its deadline; it runs
     // on without a leader until the deadline is behind it.
     network.partition(&[vec![follower], vec![leader, other]]);
     let v: i64 = l.cmd(&["INCR", "k"]).unwrap();
     assert_eq!(v, 6);
+    assert_eq!(l.cmd::<i64>(&["PERSIST", "s"]).unwrap(), 1);
     wait_for("the cut-off follower to stop Redis' background expiry", Duration::from_secs(6), || {
         (info_text(&cluster.nodes[follower], "background_expiry") == "off").then_some(())
     });
@@ -135,6 +140,10 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
     assert_eq!(get(f, "k").as_deref(), Some("5"), "a stale read, as consistency low allows");
     let exists: i64 = f.cmd(&["EXISTS", "k"]).unwrap();
     assert_eq!(exists, 1);
+    // Nor does a blocking stream read there, which finds nothing new after `$` and waits.
+    let read: redis::Value = f.cmd(&["XREAD", "BLOCK", "100", "STREAMS", "s", "$"]).unwrap();
+    assert_eq!(read, redis::Value::Nil);
+    assert_eq!(f.cmd::<i64>(&["EXISTS", "s"]).unwrap(), 1, "the stream outlived the follower's own clock");
     network.heal();
     // The write arrives after the deadline and must meet the key as the leader did: the key then
     // expires everywhere. Had the follower's clock deleted it meanwhile, the INCR would leave
@@ -143,6 +152,7 @@ fn a_follower_cut_off_past_a_deadline_keeps_the_key_until_the_log_expires_it() {
     cluster.config_set("consistency", "low");
     for (i, node) in cluster.nodes.iter().enumerate() {
         assert_eq!(get(node, "k"), None, "node {i}");
+        assert_eq!(node.cmd::<i64>(&["EXISTS", "s"]).unwrap(), 1, "node {i}: the PERSIST met the stream");
     }
 }
 

@@ -220,7 +220,11 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     // UNWATCH is still Redis' own: a write after it fails nothing, and inside MULTI it is queued.
     let _: () = leader.cmd(&["SET", "k", "13"]).unwrap();
     exchange(&mut watcher, "MULTI\r\nSET k 14\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
-    exchange(&mut watcher, "WATCH k\r\nMULTI\r\nUNWATCH\r\nSET k 15\r\nEXEC\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n+OK\r\n");
+    exchange(
+        &mut watcher,
+        "WATCH k\r\nMULTI\r\nUNWATCH\r\nSET k 15\r\nEXEC\r\n",
+        "+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n+OK\r\n",
+    );
     exchange(&mut watcher, "WATCH k\r\nRESET\r\n", "+OK\r\n+RESET\r\n");
     assert_eq!(watching(), 1);
     drop(watcher);

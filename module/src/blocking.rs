@@ -281,8 +281,10 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
     };
     let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
     let mut waiter = Waiter::new(block_client(ctx, backstop), db, resp3, command, &shape, timeout, true);
-    // Nothing runs between the read above and this: `$` is the last ID it saw.
-    found_nothing(state::get().main_thread_ctx(), &mut waiter);
+    // Nothing runs between the read above and this: `$` is the last ID it saw. Its probe of the
+    // streams reads them as the read did, as of the log on a node that is not current (Redis
+    // would otherwise delete a stream its own clock has expired, on this node alone).
+    crate::expiry::as_of_log(ctx, command, || found_nothing(state::get().main_thread_ctx(), &mut waiter));
     let mut w = lock();
     // The id `add` gives it next, under the same lock.
     let id = w.next;
