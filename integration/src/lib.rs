@@ -41,6 +41,21 @@ pub fn module_path() -> PathBuf {
     workspace().join("target/release/libraftis.so")
 }
 
+/// Path of `integration/caller` (`CALLER.CALL`, a second module that runs commands through
+/// `RedisModule_Call`), built in release mode once per test binary.
+pub fn caller_module_path() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "raftis-test-caller"])
+            .current_dir(workspace())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the caller module failed");
+    });
+    workspace().join("target/release/libcaller.so")
+}
+
 /// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -2,7 +2,7 @@
 //! command into, so the module checks the client's own command against the user's rules, as Redis
 //! would have. And the cluster's `raft-password`, which nodes prove to each other.
 
-use raftis_integration::{exchange_until, field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
+use raftis_integration::{caller_module_path, exchange_until, field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
 use redis::Value;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ const GRANTS: &[&str] = &[
     "+raft._refuse",
     "+raft._error",
     "+raft._scriptkill",
+    "+raft._unwatch",
 ];
 
 fn connect_as(node: &Server, user: &str, password: &str) -> redis::Connection {
@@ -273,4 +274,36 @@ fn with_a_raft_password_nodes_that_know_it_form_a_cluster_behind_requirepass_and
     assert_eq!(as_default(node, &["GET", "k0"]).unwrap(), Value::Data(b"0".to_vec()), "nothing forwarded ran");
     let good = b"*2\r\n$4\r\nAUTH\r\n$10\r\ncluster-pw\r\n*1\r\n$4\r\nPING\r\n";
     assert_eq!(String::from_utf8_lossy(&raw_exchange(side, good, 12)), "+OK\r\n+PONG\r\n");
+}
+
+/// Another module's `RedisModule_Call` runs on a client Redis makes for the call, which has no
+/// user (Redis' root: no ACL rules apply) and may not block. Raftis serves it what it can at once,
+/// refuses what would wait for the cluster, and never crashes the server, ACL users or not (with
+/// users defined, asking Redis for that client's user name crashed it).
+#[test]
+fn another_modules_calls_are_served_or_refused_and_never_crash_the_server() {
+    let root = tempfile::tempdir().unwrap();
+    let caller = caller_module_path().display().to_string();
+    let mut node = Server::start_with_redis_args(free_port_pair(), root.path(), &["--loadmodule", &caller], &[]).unwrap();
+    let _: () = node.cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    wait_for("the node to lead", Duration::from_secs(10), || (node.cmd::<String>(&["RAFT.STATE"]).ok()? == "leader").then_some(()));
+    let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
+    for users in [false, true] {
+        if users {
+            let _: () = node.cmd(&["ACL", "SETUSER", "app", "on", ">pw", "~app:*", "+@all"]).unwrap();
+        }
+        let info: String = node.cmd(&["CALLER.CALL", "INFO", "server"]).unwrap();
+        assert!(info.contains("redis_version"), "users {users}: {info}");
+        // A linearizable read and a write wait for the cluster: refused, not blocked.
+        for command in [&["CALLER.CALL", "GET", "k"][..], &["CALLER.CALL", "SET", "k", "w"]] {
+            let err = node.cmd::<Value>(command).unwrap_err();
+            assert!(err.to_string().contains("another module's RedisModule_Call"), "users {users}: {command:?}: {err}");
+        }
+        // A local read needs no waiting, and the caller has no user's rules to meet.
+        let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", "low"]).unwrap();
+        assert_eq!(node.cmd::<String>(&["CALLER.CALL", "GET", "k"]).unwrap(), "v", "users {users}");
+        let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", "high"]).unwrap();
+    }
+    assert!(node.is_running());
+    assert_eq!(node.cmd::<String>(&["GET", "k"]).unwrap(), "v", "the refused write changed nothing");
 }

@@ -56,7 +56,8 @@ fn check_user(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {
     if !restricted(ctx) || argv.is_empty() {
         return Ok(());
     }
-    let user = current_user(ctx);
+    // Redis checks no ACL rules for a caller without a user.
+    let Some(user) = current_user(ctx) else { return Ok(()) };
     if crate::scripts::runs_lua(argv[0]) && !is_unrestricted(ctx, &user) {
         return Err(format!(
             "NOPERM Raftis runs a script's calls when the log applies it, without the ACL rules of user '{}'; \
@@ -184,14 +185,18 @@ fn is_unrestricted(ctx: *mut RedisModuleCtx, user: &[u8]) -> bool {
     is("commands", "+@all") && is("keys", "~*") && is("channels", "&*") && is("selectors", "[0]")
 }
 
-pub fn current_user(ctx: *mut RedisModuleCtx) -> Vec<u8> {
-    let name = unsafe { api!(RedisModule_GetCurrentUserName)(ctx) };
+/// The user the client of `ctx` runs as; None for a client that has none, which Redis treats as
+/// its root user: the client another module's `RedisModule_Call` runs on (Redis'
+/// `RedisModule_GetCurrentUserName` would dereference its missing user and crash).
+pub fn current_user(ctx: *mut RedisModuleCtx) -> Option<Vec<u8>> {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let name = unsafe { api!(RedisModule_GetClientUserNameById)(ctx, id) };
     if name.is_null() {
-        return b"default".to_vec();
+        return None;
     }
     let user = ffi::string_bytes(name).to_vec();
     ffi::free_string(name);
-    user
+    Some(user)
 }
 
 #[cfg(test)]

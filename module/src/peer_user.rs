@@ -67,7 +67,7 @@ pub fn auth(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result<Reply, String>
 /// With a raft-password set, only a connection that proved it may run `RAFT._JOIN` or
 /// `RAFT._IDENTIFY`; `what` says what the caller needs it for.
 pub fn require_peer(ctx: *mut RedisModuleCtx, what: &str) -> Result<(), String> {
-    if state::get().settings().raft_password.is_none() || crate::acl::current_user(ctx) == USER.as_bytes() {
+    if state::get().settings().raft_password.is_none() || crate::acl::current_user(ctx).as_deref() == Some(USER.as_bytes()) {
         return Ok(());
     }
     Err(format!("NOAUTH this node has a raft-password: {what} needs the same raft-password"))
