@@ -194,3 +194,39 @@ fn a_node_restarted_beside_a_large_dump_file_holds_the_clusters_dataset() {
     assert_eq!(digest(&node), cluster_dataset, "the restarted node holds the cluster's dataset");
     assert_eq!(node.cmd::<i64>(&["EXISTS", "big0-0"]).unwrap(), 0, "not the dump file's key");
 }
+
+/// Function libraries are data, as keys are: a node in no cluster yet refuses to drop those Redis
+/// loaded from its dump file, `INIT KEEPDATA` keeps them, and a member restarted beside a dump file
+/// before any snapshot holds the log's libraries, not the file's (FLUSHALL leaves libraries, so
+/// the file's stayed, and the log's own `FUNCTION LOAD` of a library of that name then failed on
+/// that node alone).
+#[test]
+fn function_libraries_redis_loaded_are_kept_or_refused_as_keys_are() {
+    let root = tempfile::tempdir().unwrap();
+    let plain = Server::start_plain(free_port_pair(), &root.path().join("plain")).unwrap();
+    let old = "#!lua name=lib\nredis.register_function('which', function() return 'the dump file' end)";
+    let _: String = plain.cmd(&["FUNCTION", "LOAD", old]).unwrap();
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+    let dump = root.path().join("plain/dump.rdb");
+
+    let dir = root.path().join("loaded");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&dump, dir.join("dump.rdb")).unwrap();
+    let loaded = Server::start(free_port_pair(), &dir, &[]).unwrap();
+    let refused = loaded.cmd::<()>(&["RAFT.CLUSTER", "INIT"]).unwrap_err().to_string();
+    assert!(refused.contains("holds 1 function libraries") && refused.contains("KEEPDATA"), "{refused}");
+    let ok: String = loaded.cmd(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap();
+    assert_eq!(ok, "OK");
+    wait_for("the node to lead", Duration::from_secs(10), || (loaded.cmd::<String>(&["RAFT.STATE"]).ok()? == "leader").then_some(()));
+    assert_eq!(loaded.cmd::<String>(&["FCALL", "which", "0"]).unwrap(), "the dump file", "kept");
+
+    // A cluster formed empty, whose log loads a library of the same name.
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    cluster.wait_leader();
+    let new = "#!lua name=lib\nredis.register_function('which', function() return 'the log' end)";
+    let _: String = cluster.nodes[0].cmd(&["FUNCTION", "LOAD", new]).unwrap();
+    std::fs::copy(&dump, cluster.nodes[0].dir.join("dump.rdb")).unwrap();
+    cluster.nodes[0].restart().unwrap();
+    cluster.wait_leader();
+    assert_eq!(cluster.nodes[0].cmd::<String>(&["FCALL", "which", "0"]).unwrap(), "the log");
+}

@@ -568,12 +568,20 @@ fn maybe_snapshot(ctx: *mut ffi::RedisModuleCtx, point: &AppliedPoint) {
     }
 }
 
+/// Empties the dataset: the keys, and the function libraries, which FLUSHALL leaves alone (a dump
+/// file Redis loaded at start holds both; a library left here would make the log's own
+/// `FUNCTION LOAD` of it fail on this node alone).
+fn flush_dataset(ctx: *mut ffi::RedisModuleCtx) {
+    ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+    ffi::free_call_reply(ffi::call_strs(ctx, &["FUNCTION", "FLUSH", "SYNC"]));
+}
+
 /// Replaces the dataset. A snapshot that cannot be loaded leaves the node unable to serve
 /// correct data: it is stopped rather than allowed to answer from a wrong dataset.
 fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
     let Some(descriptor) = SnapshotDescriptor::decode(data) else {
         // Whatever Redis loaded from its own files, or had before, must not count twice.
-        ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+        flush_dataset(ctx);
         return;
     };
     state::get().snapshots.loaded(index, descriptor.size);
@@ -582,7 +590,7 @@ fn restore(ctx: *mut ffi::RedisModuleCtx, index: LogIndex, data: &[u8]) {
     match crate::snapshot::load(ctx, &path) {
         Ok(keys) => log::info!("loaded snapshot {} at index {index}: {keys} keys in {:?}", descriptor.file, started.elapsed()),
         Err(e) => {
-            ffi::free_call_reply(ffi::call_strs(ctx, &["FLUSHALL", "SYNC"]));
+            flush_dataset(ctx);
             state::get().dataset_cannot_follow(format!("snapshot {} could not be loaded: {e}", descriptor.file));
         }
     }

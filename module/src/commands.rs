@@ -61,19 +61,50 @@ fn refuse_if_holding_keys(ctx: *mut RedisModuleCtx, s: &Raftis, action: &str) ->
     if s.node().is_some() || s.store.is_initialized() {
         return Ok(());
     }
-    let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
-    if keys == 0 {
+    let held = data_held(ctx)?;
+    if held.is_empty() {
         return Ok(());
     }
     let keep = if action == INIT {
         "RAFT.CLUSTER INIT KEEPDATA to make them the new cluster's dataset"
     } else {
-        "copy them into the cluster through its leader (scripts/import)"
+        "copy them into the cluster through its leader (scripts/import, and FUNCTION DUMP / FUNCTION RESTORE)"
     };
     Err(format!(
-        "ERR this node holds {keys} keys, which Redis loaded from its own files, and {action} would discard them: \
+        "ERR this node holds {held}, which Redis loaded from its own files, and {action} would discard them: \
          restart it without them (move its dump file out of Redis' dir), or, to keep them, {keep}"
     ))
+}
+
+/// What a node in no cluster yet holds: keys, and function libraries (a dump file holds both).
+struct DataHeld {
+    keys: u64,
+    libraries: usize,
+}
+
+impl DataHeld {
+    fn is_empty(&self) -> bool {
+        self.keys == 0 && self.libraries == 0
+    }
+}
+
+impl std::fmt::Display for DataHeld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.keys, self.libraries) {
+            (keys, 0) => write!(f, "{keys} keys"),
+            (0, libraries) => write!(f, "{libraries} function libraries"),
+            (keys, libraries) => write!(f, "{keys} keys and {libraries} function libraries"),
+        }
+    }
+}
+
+fn data_held(ctx: *mut RedisModuleCtx) -> std::result::Result<DataHeld, String> {
+    let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
+    let list = ffi::call_strs(ctx, &["FUNCTION", "LIST"]);
+    let libraries = ffi::is_array(list).then(|| ffi::reply_len(list));
+    ffi::free_call_reply(list);
+    let libraries = libraries.ok_or("ERR cannot count the function libraries this node holds: FUNCTION LIST failed")?;
+    Ok(DataHeld { keys, libraries })
 }
 
 /// How many keys the node holds, in every database (`INFO keyspace`).
@@ -133,11 +164,11 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> Result {
             if args.len() == 2 {
                 refuse_if_holding_keys(ctx, s, INIT)?;
             } else {
-                let keys = keys_held(ctx).ok_or("ERR cannot count the keys this node holds: INFO keyspace failed")?;
-                // With no keys to keep, it is an INIT like any other.
-                if keys > 0 {
+                let held = data_held(ctx)?;
+                // With nothing to keep, it is an INIT like any other.
+                if !held.is_empty() {
                     refuse_in_transaction(ctx, "RAFT.CLUSTER INIT KEEPDATA")?;
-                    log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {keys} keys Redis loaded into the first snapshot");
+                    log::info!("RAFT.CLUSTER INIT KEEPDATA: writing the {held} Redis loaded into the first snapshot");
                     let blocked = Blocked::new(ctx, std::time::Duration::from_secs(3600));
                     s.snapshots.seed(ctx, &crate::cluster_ops::seed_point(s.info(id)), blocked);
                     return Ok(Reply::Blocked);
