@@ -102,6 +102,38 @@ fn a_node_down_during_20000_writes_catches_up_and_restart_from_snapshot_keeps_th
     assert!(log.contains("loaded snapshot"), "restart used the snapshot:\n{}", cluster.nodes[0].log_tail());
 }
 
+/// A node that was down while a member was removed learns of the removal inside the snapshot it
+/// catches up from, not as an entry it applies: it must stop dialing that member all the same.
+#[test]
+fn a_node_that_catches_up_from_a_snapshot_stops_dialing_a_member_removed_meanwhile() {
+    let mut cluster = Cluster::start(4, &["trailing-logs=10"]).unwrap();
+    let leader = cluster.wait_leader();
+    // Four voters: with one down and one removed, the other two still make a majority.
+    let (down, removed) = ((leader + 1) % 4, (leader + 2) % 4);
+    let _: () = cluster.nodes[leader].cmd(&["SET", "before", "1"]).unwrap();
+    cluster.wait_converged(&[0, 1, 2, 3]);
+    let dials = format!("peer_{}_sent", cluster.nodes[removed].node_id());
+    assert!(stats_of(&cluster.nodes[down]).contains(&dials), "the node dials every member");
+    cluster.nodes[down].kill9();
+    let removed_id = cluster.nodes[removed].node_id().to_string();
+    let _: String = cluster.nodes[leader].cmd(&["RAFT.REMOVEPEER", &removed_id]).unwrap();
+    write_many(&cluster.nodes[leader], "after", 100);
+    let _: Value = cluster.nodes[leader].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    wait_for("the leader's log to be compacted past the removal", Duration::from_secs(10), || {
+        (info_field(&cluster.nodes[leader], "first_log_index") > 20).then_some(())
+    });
+    cluster.nodes[down].restart().unwrap();
+    let node = &cluster.nodes[down];
+    wait_for("the node to catch up from the snapshot", Duration::from_secs(20), || {
+        (stat_field(node, "snapshots_fetched") >= 1).then_some(())
+    });
+    wait_for("the node to stop dialing the removed member", Duration::from_secs(10), || (!stats_of(node).contains(&dials)).then_some(()));
+}
+
+fn stats_of(server: &Server) -> String {
+    server.cmd(&["RAFT.STATS"]).unwrap()
+}
+
 /// A relative `dir=` is resolved at load: `CONFIG SET dir` (allowed with
 /// `enable-protected-configs`) later moves Redis' working directory, and snapshots are still
 /// written (and found) where the log is.

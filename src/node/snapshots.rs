@@ -124,6 +124,11 @@ impl<S: StateMachine> RaftLoop<S> {
         let (members_json, conf_applied) = super::committed::members_record(&members, LogIndex(index))?;
         let meta: [(&str, &[u8]); 2] = [(META_MEMBERS, &members_json), (META_CONF_APPLIED, &conf_applied)];
         self.store.apply_snapshot(snapshot, &meta, sync).context("storing the snapshot")?;
+        // Members removed in the entries the snapshot stands for are dialed no more (their
+        // removal is not applied here as an entry).
+        for gone in self.members.keys().filter(|id| **id != self.id && !members.contains_key(id)) {
+            self.transport.remove_peer(*gone);
+        }
         self.members = Arc::new(members);
         self.conf_applied = LogIndex(index);
         for info in self.members.values().filter(|m| m.id != self.id) {
