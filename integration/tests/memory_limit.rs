@@ -31,6 +31,8 @@ fn over_the_limit_the_leader_answers_as_redis_does() {
             assert_eq!(call(conn, &["RPUSH", list, "a", "b"]).integer(), Some(2));
             call(conn, &["FUNCTION", "LOAD", "REPLACE", LIBRARY]);
         }
+        let flagged = "#!lua\nreturn redis.call('SET', KEYS[1], 'flagged')";
+        let sha = call(&mut redis, &["EVAL", "return redis.sha1hex(ARGV[1])", "0", flagged]).text().unwrap();
         call(&mut redis, &["CONFIG", "SET", "maxmemory", "1"]);
         cluster.config_set("maxmemory", "1");
         for command in [
@@ -46,7 +48,9 @@ fn over_the_limit_the_leader_answers_as_redis_does() {
             &["EVAL", "redis.call('DEL', 'nokey') return redis.call('SET', KEYS[1], 'after-del')", "1", k],
             &["EVAL", "return redis.call('GET', KEYS[1])", "1", k],
             // Scripts with flags and functions are judged before they start.
-            &["EVAL", "#!lua\nreturn redis.call('SET', KEYS[1], 'flagged')", "1", k],
+            &["EVAL", flagged, "1", k],
+            // Refused, it was never cached.
+            &["EVALSHA", &sha, "1", k],
             &["EVAL", "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], 'allowed')", "1", k],
             &["EVAL", "#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])", "1", k],
             &["EVAL", "#!lua flags=no-such-flag\nreturn 1", "0"],

@@ -133,27 +133,20 @@ pub fn runs_lua(name: &[u8]) -> bool {
 /// What is proposed next must see the script cache as the commands proposed before it leave it,
 /// not as the log has applied it so far: in a pipeline, `EVAL` then `EVALSHA` of the same script
 /// finds it, and `SCRIPT FLUSH` then `EVALSHA` does not, as in Redis, though none of them has been
-/// applied yet. So scripts are remembered (and forgotten) here already, and again when applied.
-/// (A script that does not compile is remembered here too: its `EVALSHA` gets the compile error
-/// where Redis would answer `NOSCRIPT`.)
+/// applied yet. So scripts are remembered (and forgotten) as they are proposed ([`proposing`]), and
+/// again when applied. (A script that does not compile is remembered too: its `EVALSHA` gets the
+/// compile error where Redis would answer `NOSCRIPT`.)
 pub fn prepare(argv: &mut Args) -> Result<(), String> {
     let Some(name) = argv.first() else { return Ok(()) };
     if !is_eval(name) && !name.eq_ignore_ascii_case(b"script") {
         return Ok(());
     }
-    let hooks = hooks()?;
+    hooks()?;
     let by_sha = if name.eq_ignore_ascii_case(b"evalsha") {
         b"EVAL".as_slice()
     } else if name.eq_ignore_ascii_case(b"evalsha_ro") {
         b"EVAL_RO".as_slice()
     } else {
-        if is_eval(name) && argv.len() >= 2 {
-            remember(hooks, &argv[1]);
-        } else if argv.len() == 3 && argv[1].eq_ignore_ascii_case(b"load") {
-            remember(hooks, &argv[2]);
-        } else if flushes_scripts(argv) {
-            forget_all();
-        }
         return Ok(());
     };
     let sha = String::from_utf8_lossy(&argv[1]).to_ascii_lowercase();
@@ -164,6 +157,22 @@ pub fn prepare(argv: &mut Args) -> Result<(), String> {
     argv[0] = Cow::Borrowed(by_sha);
     argv[1] = Cow::Owned(text.clone());
     Ok(())
+}
+
+/// On the leader, once `argv` ([`prepare`]d) is admitted to the log: the scripts it loads are
+/// known from now on, or none after a `SCRIPT FLUSH`. (Not before: a script refused on its way,
+/// over the memory limit say, never reaches Redis' cache, nor this one.)
+pub fn proposing(argv: &Args) {
+    let (Some(name), Ok(hooks)) = (argv.first(), hooks()) else { return };
+    if is_eval(name) && argv.len() >= 2 {
+        remember(hooks, &argv[1]);
+    } else if name.eq_ignore_ascii_case(b"script") {
+        if argv.len() == 3 && argv[1].eq_ignore_ascii_case(b"load") {
+            remember(hooks, &argv[2]);
+        } else if flushes_scripts(argv) {
+            forget_all();
+        }
+    }
 }
 
 /// Applies `argv`, a command of the log, through `call`; scripts and functions run as described

@@ -105,6 +105,7 @@ fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Re
     crate::set_pop::draw_candidates(db, argv)?;
     // Refused before WATCH hears of it: a write that never happens must not abort a transaction.
     let mark = hold_memory_limit && crate::memory::admit(argv)?;
+    crate::scripts::proposing(argv);
     crate::watch::touch(db, argv);
     if mark {
         argv.insert(0, Cow::Borrowed(memory_limit::OVER_LIMIT));
