@@ -304,6 +304,14 @@ fn another_modules_calls_are_served_or_refused_and_never_crash_the_server() {
         assert_eq!(node.cmd::<String>(&["CALLER.CALL", "GET", "k"]).unwrap(), "v", "users {users}");
         let _: () = node.cmd(&["RAFT.CONFIG", "SET", "consistency", "high"]).unwrap();
     }
+    // A call the module runs as its client's user (`C`) meets that user's rules.
+    let _: () = node.cmd(&["ACL", "SETUSER", "nohgetall", "on", ">pw", "~*", "&*", "+@all", "-hgetall"]).unwrap();
+    let _: i64 = node.cmd(&["HSET", "h", "f", "v"]).unwrap();
+    let mut limited = connect_as(&node, "nohgetall", "pw");
+    let err = command(&["CALLER.CALLASME", "HGETALL", "h"]).query::<Value>(&mut limited).unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    let err = command(&["CALLER.CALL", "HGETALL", "h"]).query::<Value>(&mut limited).unwrap_err();
+    assert!(err.to_string().contains("another module's RedisModule_Call"), "as root, refused only for waiting: {err}");
     assert!(node.is_running());
     assert_eq!(node.cmd::<String>(&["GET", "k"]).unwrap(), "v", "the refused write changed nothing");
 }

@@ -186,17 +186,37 @@ fn is_unrestricted(ctx: *mut RedisModuleCtx, user: &[u8]) -> bool {
 }
 
 /// The user the client of `ctx` runs as; None for a client that has none, which Redis treats as
-/// its root user: the client another module's `RedisModule_Call` runs on (Redis'
-/// `RedisModule_GetCurrentUserName` would dereference its missing user and crash).
+/// its root user: the client another module's `RedisModule_Call` runs on, unless that module asked
+/// to run the call as a user (its `C` flag).
 pub fn current_user(ctx: *mut RedisModuleCtx) -> Option<Vec<u8>> {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let name = unsafe { api!(RedisModule_GetClientUserNameById)(ctx, id) };
     if name.is_null() {
-        return None;
+        // Not a connection (Redis finds only those by id): another module's call. Redis'
+        // `RedisModule_GetCurrentUserName` would dereference a missing user and crash, so ask
+        // Redis to run something as this client's user first: it refuses, saying so, if there is
+        // none. (Any other answer, an ACL refusal included, means there is one.)
+        if !has_user(ctx) {
+            return None;
+        }
+        return Some(string_of(unsafe { api!(RedisModule_GetCurrentUserName)(ctx) }));
     }
-    let user = ffi::string_bytes(name).to_vec();
+    Some(string_of(name))
+}
+
+fn string_of(name: *mut ffi::RedisModuleString) -> Vec<u8> {
+    let bytes = ffi::string_bytes(name).to_vec();
     ffi::free_string(name);
-    Some(user)
+    bytes
+}
+
+/// Whether the client of `ctx` has a user attached (see [`current_user`]).
+fn has_user(ctx: *mut RedisModuleCtx) -> bool {
+    // "c": one C string argument; "C": as the context's user; "E": errors as replies.
+    let reply = unsafe { api!(RedisModule_Call)(ctx, c"ACL".as_ptr(), c"cCE".as_ptr(), c"WHOAMI".as_ptr()) };
+    let no_user = reply.is_null() || (ffi::is_error(reply) && ffi::reply_bytes(reply).windows(18).any(|w| w == b"cannot run as user"));
+    ffi::free_call_reply(reply);
+    !no_user
 }
 
 #[cfg(test)]
