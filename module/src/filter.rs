@@ -80,8 +80,8 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
     if crate::scripts::has_kill(name) && crate::scripts::route_kill(fctx) {
         return Destination::Elsewhere;
     }
-    // The module forgets the keys with Redis (see `watch::unwatch`).
-    if argc == 1 && name.eq_ignore_ascii_case(b"unwatch") && crate::held::unwatch_available() {
+    // The module forgets the keys with Redis (see `watch::unwatch`), when it remembers any.
+    if argc == 1 && name.eq_ignore_ascii_case(b"unwatch") && crate::watch::clients() > 0 && crate::held::unwatch_available() {
         unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(UNWATCH_COMMAND.as_bytes())) };
         return Destination::Elsewhere;
     }

@@ -151,12 +151,6 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         ffi::signal_modified_key(ctx, other_db, key);
         touched.push((other_db, key));
     }
-    if touched.is_empty() && runs_a_script(&argv_bytes) {
-        // A script counts for the keys it declares only, as for the rest of WATCH (a keyless
-        // health check must not fail every transaction on the leader). What it writes beyond
-        // them still marks watchers once it is applied, by Redis' own mechanism.
-        return;
-    }
     let mut w = lock();
     for client in w.clients.iter_mut().flat_map(|c| c.values_mut()) {
         if let Some(awaiting) = client.awaiting.as_mut() {
@@ -204,11 +198,6 @@ fn changes_no_key(argv: &[impl AsRef<[u8]>]) -> bool {
     }
     // A script whose first line says `no-writes` (`EVALSHA` is `EVAL` of its text by now).
     name.eq_ignore_ascii_case(b"eval") && argv.get(1).is_some_and(|text| memory_limit::script_writes_nothing(text.as_ref()))
-}
-
-/// `EVAL`, `EVALSHA` or `FCALL`: the keys they declare are the only ones known before they run.
-fn runs_a_script(argv: &[&[u8]]) -> bool {
-    argv.first().is_some_and(|name| [&b"eval"[..], b"evalsha", b"fcall"].iter().any(|n| name.eq_ignore_ascii_case(n)))
 }
 
 /// The client `id` has just opened a transaction: what it watches so far stops being watched
