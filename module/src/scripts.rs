@@ -262,9 +262,16 @@ pub fn stats(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     }
     // The filter that routed the client's FUNCTION STATS here sees this call too (it watches the
     // module's own calls while the log applies): it must let it through, not route it back.
+    struct Calling;
+    impl Drop for Calling {
+        // Also if the call panics (caught further up): the filter must route the next one.
+        fn drop(&mut self) {
+            IN_STATS.with(|s| s.set(false));
+        }
+    }
     IN_STATS.with(|s| s.set(true));
+    let _calling = Calling;
     ffi::call_and_reply(ctx, &args[1..], ffi::client_is_resp3(ctx));
-    IN_STATS.with(|s| s.set(false));
     Ok(())
 }
 

@@ -163,7 +163,6 @@ async fn pump(mut stream: TcpStream, task: &mut PeerTask) -> anyhow::Result<()> 
                 batch.clear();
                 let written = write_fully(&mut writer, &out).await;
                 out.clear();
-                super::listen::shrink_if_idle(&mut out, 0);
                 if let Err(e) = written {
                     // Part of the batch may have arrived; raft copes either way.
                     task.counters.drop_messages(task.id, n, "connection failed");

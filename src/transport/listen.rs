@@ -136,7 +136,7 @@ const KEEP_WHEN_IDLE: usize = 1 << 20;
 
 /// Replaces `buffer`, if it is empty and holds more than [`KEEP_WHEN_IDLE`], by one of `fresh`
 /// bytes (a `BytesMut` never gives capacity back by itself).
-pub(crate) fn shrink_if_idle(buffer: &mut BytesMut, fresh: usize) {
+fn shrink_if_idle(buffer: &mut BytesMut, fresh: usize) {
     if buffer.is_empty() && buffer.capacity() > KEEP_WHEN_IDLE {
         *buffer = BytesMut::with_capacity(fresh);
     }
@@ -214,8 +214,9 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
             }
             out.clear();
         }
-        // A connection lives for weeks (a follower pools up to 32 of them to forward through):
+        // A connection lives for weeks, and a follower pools up to 32 of them to forward through:
         // buffers one big request or reply grew give their memory back once it has passed.
+        // (A node's connections to its peers are one each, and keep theirs: see `dial`.)
         shrink_if_idle(&mut out, 0);
         shrink_if_idle(&mut buf, 64 * 1024);
         buf.reserve(16 * 1024);
