@@ -30,14 +30,7 @@ pub fn workspace() -> PathBuf {
 /// Path of the module, built in release mode once per test binary.
 pub fn module_path() -> PathBuf {
     static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "-p", "raftis-module"])
-            .current_dir(workspace())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the module failed");
-    });
+    BUILD.call_once(|| build_release("raftis-module"));
     workspace().join("target/release/libraftis.so")
 }
 
@@ -45,15 +38,17 @@ pub fn module_path() -> PathBuf {
 /// `RedisModule_Call`), built in release mode once per test binary.
 pub fn caller_module_path() -> PathBuf {
     static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "-p", "raftis-test-caller"])
-            .current_dir(workspace())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the caller module failed");
-    });
+    BUILD.call_once(|| build_release("raftis-test-caller"));
     workspace().join("target/release/libcaller.so")
+}
+
+fn build_release(package: &str) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", package])
+        .current_dir(workspace())
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "building {package} failed");
 }
 
 /// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
