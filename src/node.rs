@@ -35,7 +35,7 @@ use crossbeam_channel::Sender;
 use prost::Message as _;
 use raft::eraftpb::{ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -494,6 +494,7 @@ impl<S: StateMachine> Node<S> {
             transfer_wanted: None,
             campaigned: false,
             members: Arc::new(members),
+            departed: HashSet::new(),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
             membership_waiters: BTreeMap::new(),
@@ -955,6 +956,9 @@ struct RaftLoop<S: StateMachine> {
     /// A campaign was started after this round's Ready: the next round must not wait.
     campaigned: bool,
     members: Arc<Members>,
+    /// Members this node saw leave (an entry, or a snapshot without them): a HELLO from one of
+    /// them, whose dialer may linger a few seconds, must not make it a peer again.
+    departed: HashSet<NodeId>,
     /// Membership entries up to here are already reflected in the stored ConfState: on restart
     /// they are replayed for the state machine but not applied to raft a second time.
     conf_applied: LogIndex,

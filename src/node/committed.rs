@@ -66,6 +66,10 @@ impl<S: StateMachine> RaftLoop<S> {
         self.persist_members()?;
         for id in before.iter().filter(|id| !self.members.contains_key(id)) {
             self.transport.remove_peer(*id);
+            self.departed.insert(*id);
+        }
+        for id in self.members.keys() {
+            self.departed.remove(id);
         }
         for info in self.members.values().filter(|m| m.id != self.id) {
             if self.transport.peer_addr(info.id).as_deref() != Some(info.raft_addr.as_str()) {

@@ -222,7 +222,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 Err(e) => log::error!("raft {}: could not record a new snapshot: {e:#}", self.id),
             },
             Request::Hello { from, addr, client_addr } => {
-                if from == self.id || self.left_behind(from) {
+                if from == self.id || self.left_behind(from) || self.departed.contains(&from) {
                     return;
                 }
                 // The member list is authoritative: a hello fills in peers we have not learnt yet

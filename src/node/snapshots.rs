@@ -128,6 +128,10 @@ impl<S: StateMachine> RaftLoop<S> {
         // removal is not applied here as an entry).
         for gone in self.members.keys().filter(|id| **id != self.id && !members.contains_key(id)) {
             self.transport.remove_peer(*gone);
+            self.departed.insert(*gone);
+        }
+        for id in members.keys() {
+            self.departed.remove(id);
         }
         self.members = Arc::new(members);
         self.conf_applied = LogIndex(index);
