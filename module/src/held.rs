@@ -295,14 +295,12 @@ pub fn unwatch_available() -> bool {
 
 /// UNWATCH for the client of `ctx`, exactly as Redis runs it (it answers +OK).
 pub fn unwatch(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    if client_of(ctx, exported()?).is_none() {
+    let hooks = exported().map_err(|why| format!("ERR UNWATCH is not available here: {why}"))?;
+    match client_of(ctx, hooks) {
+        Some((_, client)) => unsafe { (hooks.unwatch)(client) },
         // Another module's call: its client, made for the call, watches nothing.
-        ffi::reply_simple(ctx, "OK");
-        crate::reply_arranged::mark();
-        return Ok(());
+        None => _ = ffi::reply_simple(ctx, "OK"),
     }
-    let (hooks, client) = redis_client(ctx, "UNWATCH")?;
-    unsafe { (hooks.unwatch)(client) };
     crate::reply_arranged::mark();
     Ok(())
 }

@@ -282,10 +282,17 @@ thread_local! {
 
 /// `FUNCTION STATS` becomes [`STATS_COMMAND`] (true); anything else is left alone.
 pub fn route_stats(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
+    !IN_STATS.with(|s| s.get())
+        && route_two_words(fctx, STATS_COMMAND, |name, sub| name.eq_ignore_ascii_case(b"function") && sub.eq_ignore_ascii_case(b"stats"))
+}
+
+/// A two-word command `is` recognises becomes `to` followed by it (true); anything else is left
+/// alone.
+fn route_two_words(fctx: *mut RedisModuleCommandFilterCtx, to: &str, is: impl Fn(&[u8], &[u8]) -> bool) -> bool {
     let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
     let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
-    if argc == 2 && !IN_STATS.with(|s| s.get()) && arg(0).eq_ignore_ascii_case(b"function") && arg(1).eq_ignore_ascii_case(b"stats") {
-        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(STATS_COMMAND.as_bytes())) };
+    if argc == 2 && is(arg(0), arg(1)) {
+        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(to.as_bytes())) };
         return true;
     }
     false
@@ -423,11 +430,5 @@ pub fn has_kill(name: &[u8]) -> bool {
 
 /// `SCRIPT KILL` and `FUNCTION KILL` become [`KILL_COMMAND`] (true); anything else is left alone.
 pub fn route_kill(fctx: *mut RedisModuleCommandFilterCtx) -> bool {
-    let argc = unsafe { api!(RedisModule_CommandFilterArgsCount)(fctx) };
-    let arg = |i: c_int| ffi::string_bytes(unsafe { api!(RedisModule_CommandFilterArgGet)(fctx, i) });
-    if argc == 2 && has_kill(arg(0)) && arg(1).eq_ignore_ascii_case(b"kill") {
-        unsafe { api!(RedisModule_CommandFilterArgInsert)(fctx, 0, ffi::new_string(KILL_COMMAND.as_bytes())) };
-        return true;
-    }
-    false
+    route_two_words(fctx, KILL_COMMAND, |name, sub| has_kill(name) && sub.eq_ignore_ascii_case(b"kill"))
 }

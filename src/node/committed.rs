@@ -64,20 +64,26 @@ impl<S: StateMachine> RaftLoop<S> {
         MembershipChange::apply_to_members(cc, Arc::make_mut(&mut self.members));
         self.conf_applied = index;
         self.persist_members()?;
-        for id in before.iter().filter(|id| !self.members.contains_key(id)) {
+        self.peers_follow_members(&before);
+        log::info!("raft {} membership at {index}: voters {:?} learners {:?}", self.id, conf_state.voters, conf_state.learners);
+        Ok(())
+    }
+
+    /// The membership changed from `before` to `self.members` (an entry, or a snapshot): the
+    /// transport dials the members at their addresses, and no longer the ones that left, whose
+    /// HELLO (their dialer lingers) must not make them peers again.
+    pub(super) fn peers_follow_members(&mut self, before: &[NodeId]) {
+        for id in before.iter().filter(|id| **id != self.id && !self.members.contains_key(id)) {
             self.transport.remove_peer(*id);
             self.departed.insert(*id);
         }
-        for id in self.members.keys() {
-            self.departed.remove(id);
-        }
-        for info in self.members.values().filter(|m| m.id != self.id) {
-            if self.transport.peer_addr(info.id).as_deref() != Some(info.raft_addr.as_str()) {
+        for info in self.members.values() {
+            self.departed.remove(&info.id);
+            if info.id != self.id {
+                // Nothing happens for a peer already at that address.
                 self.transport.set_peer_addr(info.id, info.raft_addr.clone());
             }
         }
-        log::info!("raft {} membership at {index}: voters {:?} learners {:?}", self.id, conf_state.voters, conf_state.learners);
-        Ok(())
     }
 
     pub(super) fn persist_members(&self) -> anyhow::Result<()> {

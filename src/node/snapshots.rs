@@ -126,18 +126,10 @@ impl<S: StateMachine> RaftLoop<S> {
         self.store.apply_snapshot(snapshot, &meta, sync).context("storing the snapshot")?;
         // Members removed in the entries the snapshot stands for are dialed no more (their
         // removal is not applied here as an entry).
-        for gone in self.members.keys().filter(|id| **id != self.id && !members.contains_key(id)) {
-            self.transport.remove_peer(*gone);
-            self.departed.insert(*gone);
-        }
-        for id in members.keys() {
-            self.departed.remove(id);
-        }
+        let before: Vec<NodeId> = self.members.keys().copied().collect();
         self.members = Arc::new(members);
         self.conf_applied = LogIndex(index);
-        for info in self.members.values().filter(|m| m.id != self.id) {
-            self.transport.set_peer_addr(info.id, info.raft_addr.clone());
-        }
+        self.peers_follow_members(&before);
         // The older files go once the log durably names the new one: below durability high,
         // the commit above is flushed later, and a power cut before then would leave the log
         // naming a file that is gone.
