@@ -25,6 +25,7 @@ mod raft_logger;
 pub mod recovery;
 pub mod resp;
 pub mod routing;
+pub mod script_shebang;
 pub mod set_pop;
 pub mod settings;
 pub mod shared_settings;

@@ -20,6 +20,8 @@
 //! Once in the log, an entry is applied on every node whatever its memory, as Redis replicas
 //! apply what their master sends.
 
+use crate::script_shebang;
+
 /// Redis' reply to a command refused over the limit (`shared.oomerr`), without the leading '-'.
 pub const OOM_ERROR: &str = "OOM command not allowed when used memory > 'maxmemory'.";
 
@@ -34,9 +36,6 @@ pub fn split_mark<'a, 'b>(argv: &'b [&'a [u8]]) -> (bool, &'b [&'a [u8]]) {
         _ => (false, argv),
     }
 }
-
-/// The flags a script's first line may name (Redis 7.0).
-const KNOWN_SCRIPT_FLAGS: &[&str] = &["no-writes", "allow-oom", "allow-stale", "no-cluster", "allow-cross-slot-keys"];
 
 /// What a script's own flags let it do over the limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +53,7 @@ impl ScriptFlags {
     /// Redis cannot read leaves the script as it is, as in Redis (which then refuses it, over the
     /// limit or not, with an error about its first line).
     pub fn of_script(text: &[u8]) -> ScriptFlags {
-        match flags_of_script(text) {
+        match script_shebang::flags(text) {
             Some(flags) => Self::of_flags(flags),
             None => ScriptFlags::Compatible,
         }
@@ -69,33 +68,6 @@ impl ScriptFlags {
             ScriptFlags::RefusedOverLimit
         }
     }
-}
-
-/// Whether a script's first line says `no-writes`: Redis then refuses every write it calls.
-pub fn script_writes_nothing(text: &[u8]) -> bool {
-    flags_of_script(text).is_some_and(|flags| flags.contains(&"no-writes"))
-}
-
-/// The flags of a script's first line, as Redis reads it: `#!lua [flags=a,b,...]`. None without
-/// such a line, or with one Redis refuses (the script then fails on every node alike).
-fn flags_of_script(text: &[u8]) -> Option<Vec<&'static str>> {
-    if !text.starts_with(b"#!") {
-        return None;
-    }
-    let end = text.iter().position(|b| *b == b'\n')?;
-    let line = String::from_utf8_lossy(&text[..end]);
-    let mut words = line.split_ascii_whitespace();
-    if words.next() != Some("#!lua") {
-        return None;
-    }
-    let mut flags = Vec::new();
-    for word in words {
-        let list = word.strip_prefix("flags=")?;
-        for flag in list.split(',').filter(|f| !f.is_empty()) {
-            flags.push(*KNOWN_SCRIPT_FLAGS.iter().find(|known| **known == flag)?);
-        }
-    }
-    Some(flags)
 }
 
 #[cfg(test)]
@@ -114,15 +86,6 @@ mod tests {
         assert_eq!(ScriptFlags::of_script(b"#!lua flags=no-such\nreturn 1"), ScriptFlags::Compatible, "unknown flag: Redis' error");
         assert_eq!(ScriptFlags::of_script(b"#!lua name=x\nreturn 1"), ScriptFlags::Compatible, "unknown option: Redis' error");
         assert_eq!(ScriptFlags::of_script(b" #!lua\nreturn 1"), ScriptFlags::Compatible, "the mark must open the script");
-    }
-
-    #[test]
-    fn a_script_writes_nothing_only_if_its_first_line_says_so() {
-        assert!(script_writes_nothing(b"#!lua flags=no-writes\nreturn 1"));
-        assert!(script_writes_nothing(b"#!lua flags=allow-stale,no-writes\nreturn 1"));
-        assert!(!script_writes_nothing(b"#!lua\nreturn 1"));
-        assert!(!script_writes_nothing(b"return 1 -- flags=no-writes"));
-        assert!(!script_writes_nothing(b"#!lua flags=no-writes,no-such\nreturn 1"), "refused by Redis");
     }
 
     #[test]

@@ -54,6 +54,9 @@ fn over_the_limit_the_leader_answers_as_redis_does() {
             &["EVAL", "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], 'allowed')", "1", k],
             &["EVAL", "#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])", "1", k],
             &["EVAL", "#!lua flags=no-such-flag\nreturn 1", "0"],
+            // Redis splits the first line as it splits a config line: quotes count.
+            &["EVAL", "#!lua \"flags=allow-oom\"\nreturn redis.call('SET', KEYS[1], 'quoted')", "1", k],
+            &["EVAL", "#!lua flags=allow-oom,\nreturn redis.call('SET', KEYS[1], 'trailing')", "1", k],
             &["EVAL_RO", "return redis.call('GET', KEYS[1])", "1", k],
             &["EVAL_RO", "#!lua\nreturn redis.call('GET', KEYS[1])", "1", k],
             &["EVAL_RO", "#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])", "1", k],

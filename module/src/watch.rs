@@ -26,7 +26,7 @@ use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, ClientId, RedisModuleCtx};
 use crate::state;
 use raftis_core::cluster_view::HashSlot;
-use raftis_core::memory_limit;
+use raftis_core::script_shebang;
 use redis_module::raw;
 use rustc_hash::FxHashMap;
 use std::collections::HashSet;
@@ -197,7 +197,7 @@ fn changes_no_key(argv: &[impl AsRef<[u8]>]) -> bool {
         return true;
     }
     // A script whose first line says `no-writes` (`EVALSHA` is `EVAL` of its text by now).
-    name.eq_ignore_ascii_case(b"eval") && argv.get(1).is_some_and(|text| memory_limit::script_writes_nothing(text.as_ref()))
+    name.eq_ignore_ascii_case(b"eval") && argv.get(1).is_some_and(|text| script_shebang::writes_nothing(text.as_ref()))
 }
 
 /// The client `id` has just opened a transaction: what it watches so far stops being watched
