@@ -317,7 +317,7 @@ fn a_fourth_node_joins_as_learner_is_promoted_and_a_voter_is_removed() {
     let (dir, port) = (removed.dir.clone(), removed.port);
     drop(removed);
     let restarted = start(victim, &dir, port, false, Durability::Low);
-    let again = wait_for("the restarted node to stop", Duration::from_secs(2), || restarted.node.status().fatal);
+    let again = wait_for("the restarted node to stop", Duration::from_secs(10), || restarted.node.status().fatal);
     assert_eq!(again, why);
 }
 

@@ -486,7 +486,7 @@ impl Cluster {
     /// Waits until every running node has applied as far as the leader has committed.
     pub fn wait_converged(&self, alive: &[usize]) {
         let leader = self.wait_leader();
-        let commit = info_field(&self.nodes[leader], "commit_index");
+        let commit = info_field_of_live(&self.nodes[leader], "commit_index");
         for i in alive {
             wait_for(&format!("node {i} to apply index {commit}"), Duration::from_secs(20), || {
                 (info_field(&self.nodes[*i], "applied_index") >= commit).then_some(())
@@ -625,6 +625,13 @@ pub fn field_in<'a>(text: &'a str, field: &str) -> Option<&'a str> {
 pub fn info_field(server: &Server, field: &str) -> u64 {
     let info: String = server.quick_cmd(&["RAFT.INFO"]).unwrap_or_default();
     field_in(&info, field).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A numeric field of RAFT.INFO that a test goes on from, read from a node that must answer: a
+/// slow answer on a loaded machine is waited for, where [`info_field`] would read 0.
+pub fn info_field_of_live(server: &Server, field: &str) -> u64 {
+    let info: String = server.cmd(&["RAFT.INFO"]).unwrap_or_else(|e| panic!("RAFT.INFO on port {}: {e}", server.port));
+    field_in(&info, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.INFO has no {field}:\n{info}"))
 }
 
 /// A field of RAFT.INFO as text (empty if the node does not answer or report it).

@@ -204,9 +204,9 @@ fn a_pop_that_times_out_while_the_main_thread_is_held_up_still_gets_its_reply() 
     let cluster = Cluster::start(1, &["write-timeout=200"]).unwrap();
     let node = &cluster.nodes[0];
     let mut waiter = RespConn::connect(node.port).unwrap();
-    block(&mut waiter, &["BLPOP", "q", "1"], node, 1);
+    block(&mut waiter, &["BLPOP", "q", "2"], node, 1);
     let mut sleeper = RespConn::connect(node.port).unwrap();
-    sleeper.send(&[args(&["DEBUG", "SLEEP", "4"])]).unwrap();
+    sleeper.send(&[args(&["DEBUG", "SLEEP", "6"])]).unwrap();
     assert_eq!(waiter.reply().unwrap(), Reply::Null(b'*'));
     assert_eq!(sleeper.reply().unwrap(), Reply::Line(b'+', b"OK".to_vec()));
     // A client popping in a loop with a long timeout, served at once each time, leaves no
@@ -229,10 +229,11 @@ fn a_forwarded_pop_that_the_leader_never_answers_may_or_may_not_have_run() {
     let leader_index = cluster.wait_leader();
     let leader = &cluster.nodes[leader_index];
     let mut waiter = RespConn::connect(cluster.nodes[(leader_index + 1) % 3].port).unwrap();
-    block(&mut waiter, &["BLPOP", "q", "1"], leader, 1);
-    // Its backstop: 1 s, twice write-timeout and a second each, and 2 s: 6 s.
+    // The pop's own timeout leaves a loaded machine time to start the sleep before it.
+    block(&mut waiter, &["BLPOP", "q", "3"], leader, 1);
+    // Its backstop: 3 s, twice write-timeout and a second each, and 2 s: 8 s.
     let mut sleeper = RespConn::connect(leader.port).unwrap();
-    sleeper.send(&[args(&["DEBUG", "SLEEP", "8"])]).unwrap();
+    sleeper.send(&[args(&["DEBUG", "SLEEP", "12"])]).unwrap();
     let reply = waiter.reply().unwrap();
     let text = reply.text().unwrap_or_default();
     // (Or, should the others elect a new leader meanwhile, the follower's word for that.)
@@ -457,6 +458,7 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
 
     cluster.kill_leader_midway(first, &pushed, ITEMS);
     let (acknowledged, unknown_pushes) = producer.join().unwrap();
+    assert!(acknowledged.len() >= ITEMS / 3, "only {} items acknowledged", acknowledged.len());
     let leader = cluster.wait_leader();
     wait_for("the consumers to empty the list", Duration::from_secs(30), || {
         (cluster.nodes[leader].cmd::<i64>(&["LLEN", "work"]).ok()? == 0).then_some(())

@@ -264,7 +264,8 @@ fn a_read_waiting_behind_a_write_never_sees_half_of_a_script() {
 
     // Both commit while the leader's main thread sleeps: it then applies them in one go.
     let mut sleeper = TcpStream::connect(("127.0.0.1", leader.port)).unwrap();
-    sleeper.write_all(b"DEBUG SLEEP 3\r\n").unwrap();
+    // Long enough for two resumed followers to commit on a loaded machine.
+    sleeper.write_all(b"DEBUG SLEEP 10\r\n").unwrap();
     // Its main thread's system call says so; that Redis has read the command did not always.
     wait_for("the leader to start sleeping", Duration::from_secs(10), || leader.main_thread_sleeps().then_some(()));
     for f in &followers {

@@ -115,8 +115,9 @@ fn over_the_limit_a_transaction_that_may_grow_memory_is_discarded_whole() {
                 args(&["EXEC"]),
             ])
             .unwrap();
-        for exec in [&replies[4], &replies[13]] {
+        for (exec, commands) in [(&replies[4], 3), (&replies[13], 2)] {
             let exec = exec.items().unwrap_or_else(|| panic!("node {node}: EXEC's array: {exec:?}"));
+            assert_eq!(exec.len(), commands, "node {node}: {exec:?}");
             assert!(exec.iter().all(|r| r.is_error() && r.text().as_deref() == Some(aborted.as_str())), "node {node}: {exec:?}");
         }
         assert_eq!(replies[5].integer(), Some(1), "node {node}: the first transaction's DEL ran: {replies:?}");
@@ -143,6 +144,7 @@ fn a_discarded_transaction_leaves_watchers_of_its_later_keys_alone() {
         cluster.config_set("maxmemory", "1");
         let replies = conn.pipeline(&[args(&["MULTI"]), args(&["SET", "new", "x"]), args(&["DEL", "watched"]), args(&["EXEC"])]).unwrap();
         let exec = replies[3].items().unwrap_or_else(|| panic!("node {node}: {replies:?}"));
+        assert_eq!(exec.len(), 2, "node {node}: {exec:?}");
         assert!(exec.iter().all(|r| r.text().is_some_and(|e| e.starts_with("EXECABORT"))), "node {node}: {exec:?}");
         cluster.config_set("maxmemory", "0");
         let kept = watcher.pipeline(&[args(&["MULTI"]), args(&["GET", "watched"]), args(&["EXEC"])]).unwrap();

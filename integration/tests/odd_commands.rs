@@ -16,7 +16,7 @@
 
 use raftis_core::function_payload::crc64;
 use raftis_integration::resp_conn::{Reply, RespConn};
-use raftis_integration::{info_field, Cluster};
+use raftis_integration::{info_field, info_field_of_live, Cluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -160,7 +160,7 @@ fn run(kill_every: Option<usize>) {
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "write-timeout=2000"]).unwrap();
     let mut leader = cluster.wait_leader();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let term = info_field(&cluster.nodes[leader], "term");
+    let term = info_field_of_live(&cluster.nodes[leader], "term");
     let table = command_table(ports[leader]);
     assert!(table.len() > 200 && table.iter().any(|c| c.name == b"raft._cmd"), "{} commands", table.len());
 

@@ -16,7 +16,7 @@
 
 use raftis_integration::power_cut::{self, PowerCutDisk};
 use raftis_integration::resp_conn::{args, RespConn};
-use raftis_integration::{field_in, free_port_pair, info_field, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{field_in, free_port_pair, info_field, info_field_of_live, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,7 +265,7 @@ fn with_durability_medium_a_write_acknowledged_before_a_background_flush_survive
     // be lost, in part: a node that kept committed entries the others lost stops and says so
     // (README, Durability). No other outcome is allowed.
     let leader = assert_on_leader(&cluster, &acked);
-    let commit = info_field(&cluster.nodes[leader], "commit_index");
+    let commit = info_field_of_live(&cluster.nodes[leader], "commit_index");
     let stopped: Vec<(usize, String)> = wait_for("every node to catch up or stop", Duration::from_secs(20), || {
         let infos: Vec<String> = cluster.nodes.iter().map(|n| n.cmd::<String>(&["RAFT.INFO"]).unwrap()).collect();
         let applied = |info: &str| field_in(info, "applied_index").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);

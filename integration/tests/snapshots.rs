@@ -1,6 +1,8 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
-use raftis_integration::{digest, field_in, free_port_pair, info_field, info_text, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{
+    digest, field_in, free_port_pair, info_field, info_field_of_live, info_text, stat_field, wait_for, Cluster, Server,
+};
 use redis::Value;
 use std::time::Duration;
 
@@ -63,7 +65,7 @@ fn many_writes_take_snapshots_compact_the_log_and_a_late_node_catches_up_from_on
     let reply: String = fourth.cmd(&["RAFT.CLUSTER", "JOIN", &cluster.nodes[leader].addr()]).unwrap();
     assert_eq!(reply, "OK");
     assert_eq!(stat_field(&fourth, "snapshots_fetched"), 1, "the new node caught up from a snapshot:\n{}", fourth.log_tail());
-    let commit = info_field(&cluster.nodes[leader], "commit_index");
+    let commit = info_field_of_live(&cluster.nodes[leader], "commit_index");
     wait_for("the fourth node to apply", Duration::from_secs(20), || (info_field(&fourth, "applied_index") >= commit).then_some(()));
     assert_eq!(digest(&fourth), digest(&cluster.nodes[leader]));
     let deadline_on = |server: &Server| -> i64 {
@@ -354,7 +356,7 @@ fn large_values_snapshot_by_log_size_and_bound_the_kept_tail() {
     // One may have started before the limit went off (the last one's end starts the next at once
     // if the log outgrew the limit meanwhile): it counts as taken with the limit on.
     wait_for("no snapshot in progress", Duration::from_secs(20), || (info_text(leader_node, "snapshot_in_progress") == "no").then_some(()));
-    let before = info_field(leader_node, "snapshot_index");
+    let before = info_field_of_live(leader_node, "snapshot_index");
     write_values("more:");
     cluster.assert_same_dataset(&[0, 1, 2]);
     assert_eq!(info_field(leader_node, "snapshot_index"), before, "a snapshot was taken with the size limit off");

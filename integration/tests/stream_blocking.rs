@@ -354,6 +354,7 @@ fn consumers_outlive_a_killed_leader(through_followers: bool) {
 
     cluster.kill_leader_midway(first, &added, ENTRIES);
     let (acknowledged, unknown) = producer.join().unwrap();
+    assert!(acknowledged.len() >= ENTRIES / 3, "only {} entries acknowledged", acknowledged.len());
     let leader = cluster.wait_leader();
     let mut admin = RespConn::connect(cluster.nodes[leader].port).unwrap();
     wait_for("every entry delivered and acknowledged", Duration::from_secs(30), || {

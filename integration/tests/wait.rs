@@ -31,14 +31,14 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     // A stopped follower does not get the next write: the other one is all the leader counts.
     cluster.nodes[follower].pause();
     call(&mut raftis, &["SET", "k", "w"]);
-    let counted = call(&mut raftis, &["WAIT", "2", "300"]);
+    let counted = call(&mut raftis, &["WAIT", "2", "2000"]);
     cluster.nodes[follower].resume();
     assert_eq!(counted.integer(), Some(1));
     assert_eq!(call(&mut raftis, &["WAIT", "2", "0"]).integer(), Some(2), "it caught up");
     // So does a transaction just before WAIT in the same pipeline, which the leader proposes
     // at the end of its event-loop turn.
     cluster.nodes[follower].pause();
-    let pipeline = [args(&["MULTI"]), args(&["SET", "k", "m"]), args(&["EXEC"]), args(&["WAIT", "2", "300"])];
+    let pipeline = [args(&["MULTI"]), args(&["SET", "k", "m"]), args(&["EXEC"]), args(&["WAIT", "2", "2000"])];
     let replies = raftis.pipeline(&pipeline);
     cluster.nodes[follower].resume();
     let replies = replies.unwrap();
