@@ -187,18 +187,71 @@ fn offset(arg: &[u8], unit_ms: i64, now_ms: i64) -> Option<i64> {
 
 /// The key a command writes in another database than the selected one, with that database:
 /// `MOVE key db`'s key there, `COPY source destination DB db`'s destination. Redis does not count
-/// them among the command's keys, yet whether they exist decides what the command does.
+/// them among the command's keys, yet whether they exist decides what the command does. None
+/// where Redis refuses the command's arguments.
 pub fn key_in_another_database<'a>(argv: &[&'a [u8]]) -> Option<(u32, &'a [u8])> {
-    let number = |arg: &[u8]| std::str::from_utf8(arg).ok()?.parse::<u32>().ok();
     let name = argv.first()?;
     if name.eq_ignore_ascii_case(b"move") && argv.len() == 3 {
-        return Some((number(argv[2])?, argv[1]));
+        return Some((u32::try_from(db_index(argv[2])?).ok()?, argv[1]));
     }
     if name.eq_ignore_ascii_case(b"copy") && argv.len() >= 3 {
-        let db = argv[3..].windows(2).find(|w| w[0].eq_ignore_ascii_case(b"db")).and_then(|w| number(w[1]))?;
-        return Some((db, argv[2]));
+        let (dbs, complete) = copy_databases(argv);
+        // The last `DB` option is the one Redis copies to.
+        return Some((u32::try_from(*dbs.last().filter(|_| complete)?).ok()?, argv[2]));
     }
     None
+}
+
+/// The database numbers a command names besides the selected one, as Redis reads them, up to
+/// the first argument it refuses for another reason: `MOVE`'s, each `DB` option of `COPY`,
+/// `SWAPDB`'s two. Whether each is below `databases` decides whether the command runs, so the
+/// leader refuses one that is not before it enters the log: replayed after a restart that
+/// raised `databases`, the entry would have run where it failed on every node before.
+pub fn database_indexes(argv: &[&[u8]]) -> Vec<i64> {
+    let Some(name) = argv.first() else { return Vec::new() };
+    if name.eq_ignore_ascii_case(b"move") && argv.len() == 3 {
+        return db_index(argv[2]).into_iter().collect();
+    }
+    if name.eq_ignore_ascii_case(b"swapdb") && argv.len() == 3 {
+        // Both are read as numbers before either is looked up.
+        return match (db_index(argv[1]), db_index(argv[2])) {
+            (Some(a), Some(b)) => vec![a, b],
+            _ => Vec::new(),
+        };
+    }
+    if name.eq_ignore_ascii_case(b"copy") && argv.len() >= 3 {
+        return copy_databases(argv).0;
+    }
+    Vec::new()
+}
+
+/// A database number as Redis' `getIntFromObjectOrReply` reads it: an exact decimal within C's
+/// `int` (negative ones included: Redis finds them out of range on every node alike).
+fn db_index(arg: &[u8]) -> Option<i64> {
+    parse_i64(arg).filter(|n| i32::try_from(*n).is_ok())
+}
+
+/// `COPY`'s options read as `copyCommand` reads them, one after the other: the databases its
+/// `DB` options name, up to the first option Redis refuses, and whether it read them all. A
+/// negative database ends the reading, as Redis refuses it there.
+fn copy_databases(argv: &[&[u8]]) -> (Vec<i64>, bool) {
+    let mut dbs = Vec::new();
+    let mut j = 3;
+    while j < argv.len() {
+        if argv[j].eq_ignore_ascii_case(b"replace") {
+            j += 1;
+        } else if argv[j].eq_ignore_ascii_case(b"db") && j + 1 < argv.len() {
+            let Some(db) = db_index(argv[j + 1]) else { return (dbs, false) };
+            dbs.push(db);
+            if db < 0 {
+                return (dbs, false);
+            }
+            j += 2;
+        } else {
+            return (dbs, false);
+        }
+    }
+    (dbs, true)
 }
 
 /// The database `SELECT` `argv` switches to, as Redis reads it: a plain decimal (no sign, no
@@ -236,7 +289,27 @@ mod tests {
         assert_eq!(other(&["COPY", "src", "dst", "REPLACE", "DB", "4"]), Some((4, "dst".into())));
         assert_eq!(other(&["COPY", "src", "dst"]), None, "the selected database: Redis names both keys");
         assert_eq!(other(&["MOVE", "k", "x"]), None, "Redis refuses it");
+        assert_eq!(other(&["MOVE", "k", "+1"]), None, "not a number to Redis");
+        assert_eq!(other(&["MOVE", "k", "01"]), None, "not a number to Redis");
+        assert_eq!(other(&["COPY", "src", "dst", "DB", "1", "DB", "2"]), Some((2, "dst".into())), "the last one counts");
+        assert_eq!(other(&["COPY", "src", "dst", "DB", "1", "NOPE"]), None, "a syntax error");
+        assert_eq!(other(&["COPY", "src", "dst", "DB"]), None, "a syntax error");
         assert_eq!(other(&["SET", "k", "3"]), None);
+    }
+
+    #[test]
+    fn the_databases_a_command_names_are_read_as_redis_reads_them() {
+        let named = |args: &[&str]| database_indexes(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
+        assert_eq!(named(&["MOVE", "k", "20"]), [20]);
+        assert_eq!(named(&["move", "k", "-1"]), [-1]);
+        assert_eq!(named(&["MOVE", "k", "99999999999"]), [0i64; 0], "not an int: another error");
+        assert_eq!(named(&["SWAPDB", "1", "30"]), [1, 30]);
+        assert_eq!(named(&["SWAPDB", "x", "30"]), [0i64; 0], "the first is not a number: another error");
+        assert_eq!(named(&["COPY", "a", "b", "REPLACE", "DB", "3", "DB", "40"]), [3, 40]);
+        assert_eq!(named(&["COPY", "a", "b", "BAD", "DB", "40"]), [0i64; 0], "a syntax error comes first");
+        assert_eq!(named(&["COPY", "a", "b", "DB", "40", "BAD"]), [40], "the range comes first");
+        assert_eq!(named(&["COPY", "a", "b", "DB", "-2", "DB", "40"]), [-2], "refused at the first");
+        assert_eq!(named(&["GET", "20"]), [0i64; 0]);
     }
 
     #[test]

@@ -1486,6 +1486,38 @@ fn a_node_restarted_with_fewer_databases_than_its_snapshot_holds_stops() {
     assert!(err.contains("holds keys of database 10, and this node has 8 (databases 8)"), "{err}");
 }
 
+/// Whether MOVE, COPY ... DB or SWAPDB runs depends on the node's `databases`, which a restart
+/// may change (README): one naming a database the leader lacks never enters the log, so its
+/// replay cannot run where it failed before. Nor does a peer's forwarded command in such a
+/// database, which would have stopped every node that applied it. And of COPY's `DB` options
+/// the last is the one written to, for WATCH as in Redis.
+#[test]
+fn a_database_number_out_of_range_never_enters_the_log() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let _: () = node.cmd(&["SET", "k", "v"]).unwrap();
+    let before = client_proposals(node);
+    for command in [&["MOVE", "k", "16"][..], &["COPY", "k", "k2", "DB", "1", "DB", "16"], &["SWAPDB", "0", "16"]] {
+        let err = node.cmd::<Value>(command).unwrap_err().to_string();
+        assert!(err.contains("DB index is out of range"), "{command:?}: {err}");
+    }
+    assert_eq!(client_proposals(node), before, "nothing was proposed");
+    let forward = b"*5\r\n$7\r\nFORWARD\r\n$2\r\n99\r\n$1\r\n2\r\n$4\r\nINCR\r\n$1\r\nn\r\n";
+    let mut side = std::net::TcpStream::connect(("127.0.0.1", node.port + 10000)).unwrap();
+    let reply = raftis_integration::exchange_until(&mut side, forward, b"\r\n");
+    assert!(reply.contains("DB index is out of range"), "{reply}");
+    assert_eq!(client_proposals(node), before, "nothing was proposed");
+    assert_eq!(node.state(), "leader");
+
+    let mut watcher = RespConn::connect(node.port).unwrap();
+    call(&mut watcher, &["SELECT", "2"]);
+    call(&mut watcher, &["WATCH", "dst"]);
+    let copied: i64 = node.cmd(&["COPY", "k", "dst", "DB", "1", "DB", "2"]).unwrap();
+    assert_eq!(copied, 1);
+    let replies = watcher.pipeline(&[resp_conn::args(&["MULTI"]), resp_conn::args(&["GET", "dst"]), resp_conn::args(&["EXEC"])]).unwrap();
+    assert!(matches!(replies[2], resp_conn::Reply::Null(_)), "the copy touched the watched key: {replies:?}");
+}
+
 /// A join that fails after making the node a learner (here the leader hands over while the node
 /// cannot catch up) leaves it a learner; joining again goes on from there and makes it a voter.
 #[test]

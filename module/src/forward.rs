@@ -143,6 +143,14 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
         };
         return done(Err(state::redirect(&node.status(), slot)));
     }
+    // A peer names the database; one this node lacks would stop every node that applies it.
+    let dbs: Vec<u32> = match &req {
+        ForwardRequest::Command { db, .. } | ForwardRequest::Blocking { db, .. } => vec![*db],
+        ForwardRequest::Transaction { commands, .. } => commands.iter().map(|(db, _)| *db).collect(),
+    };
+    if dbs.iter().any(|db| *db >= s.databases) {
+        return done(Err(crate::write::DB_OUT_OF_RANGE.into()));
+    }
     let (db, argv, resp3) = match req {
         ForwardRequest::Command { db, argv, resp3 } => (db, argv, resp3),
         ForwardRequest::Transaction { commands, resp3, exec } => return serve_transaction(&node, commands, exec, resp3, done),

@@ -93,6 +93,10 @@ pub fn prepare_admitted(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), S
 
 fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Result<(), String> {
     crate::scripts::prepare(argv)?;
+    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_ref()).collect();
+    if determinism::database_indexes(&refs).iter().any(|n| *n >= i64::from(state::get().databases)) {
+        return Err(DB_OUT_OF_RANGE.into());
+    }
     if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) {
         crate::clock::available().map_err(|why| {
             format!("ERR {} needs the log's clock, which this Redis cannot give: {why}", String::from_utf8_lossy(&argv[0]).to_uppercase())
@@ -112,6 +116,9 @@ fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Re
     }
     Ok(())
 }
+
+/// Redis' error for a database number it does not have.
+pub const DB_OUT_OF_RANGE: &str = "ERR DB index is out of range";
 
 /// `RAFT._REFUSE <command ...>`: the error for a command Raftis does not support.
 pub fn refuse(args: Vec<Vec<u8>>) -> String {
