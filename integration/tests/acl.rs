@@ -2,6 +2,7 @@
 //! command into, so the module checks the client's own command against the user's rules, as Redis
 //! would have. And the cluster's `raft-password`, which nodes prove to each other.
 
+use raftis_integration::resp_conn::{args, RespConn};
 use raftis_integration::{caller_module_path, exchange_until, field_in, free_port_pair, raw_exchange, wait_for, Cluster, Server};
 use redis::Value;
 use std::time::Duration;
@@ -64,6 +65,13 @@ fn a_restricted_user_runs_what_its_rules_allow_and_nothing_else() {
     // A linearizable read goes through the module too.
     assert_eq!(run(&mut app, &["GET", "app:1"]).unwrap(), Value::Data(b"x".to_vec()));
     refused(run(&mut app, &["GET", "other"]), "access one of the keys used as arguments");
+    // Redis refuses a read of a key outside the user's patterns itself, before the module runs:
+    // its error still comes after the reply of the write before it.
+    let mut raw = RespConn::connect(node.port).unwrap();
+    assert_eq!(raw.call(&[b"AUTH", b"app", b"pw"]).unwrap().text().as_deref(), Some("OK"));
+    let replies = raw.pipeline(&[args(&["SET", "app:order", "x"]), args(&["GET", "other"])]).unwrap();
+    assert_eq!(replies[0].text().as_deref(), Some("OK"), "{replies:?}");
+    assert!(replies[1].is_error() && replies[1].text().is_some_and(|t| t.starts_with("NOPERM")), "{replies:?}");
     // A transaction with a command the user may not run is discarded whole.
     let err =
         redis::pipe().atomic().cmd("SET").arg("app:2").arg("y").cmd("SET").arg("other").arg("z").query::<Vec<Value>>(&mut app).unwrap_err();

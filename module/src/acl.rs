@@ -40,6 +40,12 @@ pub fn command_seen(name: &[u8]) {
     }
 }
 
+/// Whether some user may have restrictions (or the users changed since they were last looked
+/// at): Redis itself may then refuse a command for its keys before the module runs it.
+pub fn may_restrict() -> bool {
+    USERS.load(Ordering::Relaxed) != OPEN
+}
+
 /// Checks that the calling client's user may run `argv`: `Err` is the `-NOPERM` reply. Inside
 /// EXEC, a refusal discards the whole transaction (see `transaction::abort`).
 pub fn check(ctx: *mut RedisModuleCtx, argv: &[&[u8]]) -> Result<(), String> {

@@ -403,11 +403,13 @@ fn protect_every_lone(held: &mut Held, hooks: &Hooks) {
 }
 
 /// Whether Redis may answer `RAFT._CMD` or `RAFT._READ` with an error of its own instead of
-/// running it (see `processCommand`). It refuses them for no other reason Raftis allows: ACL
-/// rules and logins change through commands, which give every lone write its slot on the way.
+/// running it (see `processCommand`): while busy, after a disk error, while loading, and where
+/// a user has key patterns, which Redis checks against the keys `RAFT._READ` names. It refuses
+/// them for no other reason Raftis allows: ACL rules and logins change through commands, which
+/// give every lone write its slot on the way.
 fn redis_may_refuse(hooks: &Hooks) -> bool {
     let busy_or_disk_error = unsafe { (hooks.yielding)() != 0 || (hooks.disk_error)() != 0 };
-    busy_or_disk_error || ffi::redis_is_loading(state::get().main_thread_ctx())
+    busy_or_disk_error || crate::acl::may_restrict() || ffi::redis_is_loading(state::get().main_thread_ctx())
 }
 
 /// If client `id` has a lone write, gives it its slot at the end of the output, where its reply
