@@ -1,7 +1,7 @@
 //! MULTI/EXEC end to end: a transaction is one log entry, applied back to back on every node.
 
 use raftis_integration::resp_conn::{args, call, Reply, RespConn};
-use raftis_integration::{client_proposals, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
+use raftis_integration::{client_proposals, exchange_until, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +83,17 @@ fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
     }
     cluster.assert_same_dataset(&[0, 1, 2]);
     assert_atomic_against_concurrent_writers(&cluster, follower);
+
+    // A MULTI splits a pipeline in two batches for the leader: the transaction still sees the
+    // writes sent before it (its batch waits for their replies).
+    cluster.config_set("consistency", "high");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", follower.port)).unwrap();
+    for i in 0..50 {
+        let request = format!("SET before{i} v{i}\r\nMULTI\r\nGET before{i}\r\nEXEC\r\nSET n{i} 1\r\nMULTI\r\nINCR n{i}\r\nEXEC\r\n");
+        let value = format!("v{i}");
+        let expected = format!("+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n${}\r\n{value}\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n:2\r\n", value.len());
+        assert_eq!(exchange_until(&mut conn, request.as_bytes(), b":2\r\n"), expected, "round {i}");
+    }
 }
 
 /// Clients INCR a counter while another reads and resets it in transactions (the way clients

@@ -21,6 +21,7 @@ use crate::apply::{Job, ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};
 use crate::cluster_view::{slot_of, slot_of_first};
 use crate::ffi::{self, api, RedisModuleCtx};
+use crate::gate::OpensOnDrop;
 use crate::held::HeldReply;
 use crate::state::{self, RaftNode};
 use crate::transaction::Forwarding;
@@ -82,32 +83,42 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     Ok(())
 }
 
-/// Follower side: sends a transaction EXEC ran here to the leader; each command's reply, in the
-/// protocol of `resp3` (one per command), fills its slot (all of them get the error if the
-/// transaction could not run).
-pub fn transaction_to_leader(commands: Vec<(u32, Vec<Vec<u8>>)>, exec: usize, slots: Vec<Option<HeldReply>>, resp3: Vec<bool>) {
-    let fail = |slots: Vec<Option<HeldReply>>, error: &str| slots.into_iter().flatten().for_each(|slot| slot.fail(error));
-    let Some(node) = state::get().node() else { return fail(slots, &crate::write::not_initialized()) };
-    let leader = match leader_addr(&node) {
-        Ok(addr) => addr,
-        Err(e) => return fail(slots, &e),
-    };
-    let req = ForwardRequest::Transaction { commands, resp3, exec };
-    let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
-        let replies = match reply.map(|raw| decode_replies(&raw)) {
-            Ok(Some(replies)) if replies.len() == slots.len() => replies,
-            // (More than the side port's 1,048,576 replies in one array: possible only with a
-            // max-entry-size well over its 16 MB default.)
-            Ok(_) => return fail(slots, "ERR the transaction ran on the leader, but its replies could not be read here"),
+/// Follower side: what sends a transaction EXEC ran here to the leader; each command's reply, in
+/// the protocol of `resp3` (one per command), fills its slot (all of them get the error if the
+/// transaction could not run), and then `done` opens the gate of what waits behind it.
+pub fn transaction_to_leader(
+    commands: Vec<(u32, Vec<Vec<u8>>)>,
+    exec: usize,
+    slots: Vec<Option<HeldReply>>,
+    resp3: Vec<bool>,
+    done: OpensOnDrop,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let fail = |slots: Vec<Option<HeldReply>>, error: &str| slots.into_iter().flatten().for_each(|slot| slot.fail(error));
+        let Some(node) = state::get().node() else { return fail(slots, &crate::write::not_initialized()) };
+        let leader = match leader_addr(&node) {
+            Ok(addr) => addr,
             Err(e) => return fail(slots, &e),
         };
-        for (slot, reply) in slots.into_iter().zip(replies) {
-            if let Some(slot) = slot {
-                slot.finish_from_any_thread(reply);
+        let req = ForwardRequest::Transaction { commands, resp3, exec };
+        let fill = Box::new(move |reply: Result<Vec<u8>, String>| {
+            // Opened once the slots are filled, whichever way this ends.
+            let _done = done;
+            let replies = match reply.map(|raw| decode_replies(&raw)) {
+                Ok(Some(replies)) if replies.len() == slots.len() => replies,
+                // (More than the side port's 1,048,576 replies in one array: possible only with a
+                // max-entry-size well over its 16 MB default.)
+                Ok(_) => return fail(slots, "ERR the transaction ran on the leader, but its replies could not be read here"),
+                Err(e) => return fail(slots, &e),
+            };
+            for (slot, reply) in slots.into_iter().zip(replies) {
+                if let Some(slot) = slot {
+                    slot.finish_from_any_thread(reply);
+                }
             }
-        }
-    });
-    node.transport().forward(leader, &req, forward_timeout(), fill);
+        });
+        node.transport().forward(leader, &req, forward_timeout(), fill);
+    })
 }
 
 pub fn forward_timeout() -> Duration {

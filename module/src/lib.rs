@@ -21,6 +21,7 @@ mod ffi;
 mod filter;
 mod forward;
 mod forward_blocking;
+mod gate;
 mod glob;
 mod held;
 mod help;

@@ -24,6 +24,7 @@
 
 use crate::apply::{ReplyTo, TransactionSlot, WriteWaiter};
 use crate::ffi::{api, ClientId, RedisModuleCtx};
+use crate::gate::{Gate, OpensOnDrop};
 use crate::held::{self, HeldReply};
 use crate::state;
 use raftis_core::cluster_view::HashSlot;
@@ -75,7 +76,15 @@ struct Batch {
     protocols: Vec<bool>,
     /// The time the entry happens at: that of its first write (see `expiry`).
     at: Option<EntryTime>,
+    /// Forwarded, it waits behind the client's batch before it (see `gate`).
+    after: Option<Gate>,
 }
+
+/// The last batch this follower forwarded, with its client: the client's next batch, split from
+/// it by a MULTI in one pipeline, waits for its replies (see `gate`). One is enough: a client's
+/// whole pipeline is read before another client's, and once the turn ends its output is held
+/// until the replies are in.
+static LAST_FORWARDED: Mutex<Option<(ClientId, Gate)>> = Mutex::new(None);
 
 /// Whether some client may have a transaction open (see the module comment).
 pub fn any_open() -> bool {
@@ -265,6 +274,12 @@ fn batch_of<'a>(t: &'a mut Transactions, ctx: *mut RedisModuleCtx, first: &[Vec<
             slots: Vec::new(),
             protocols: Vec::new(),
             at: None,
+            after: LAST_FORWARDED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|(client, _)| *client == id)
+                .map(|(_, gate)| gate.clone()),
         });
         BATCH.store(true, Ordering::Release);
         // Proposed when this event-loop turn ends; an EXEC run outside one (a pipeline resumed
@@ -322,7 +337,13 @@ fn propose(batch: Option<Batch>) {
         }
     };
     if let Destination::Leader = destination {
-        return crate::forward::transaction_to_leader(batch.commands, batch.exec, batch.slots, batch.protocols);
+        let gate = Gate::closed();
+        *LAST_FORWARDED.lock().unwrap_or_else(|p| p.into_inner()) = Some((batch.client, gate.clone()));
+        let send = crate::forward::transaction_to_leader(batch.commands, batch.exec, batch.slots, batch.protocols, OpensOnDrop(gate));
+        return match batch.after {
+            Some(before) => before.then(send),
+            None => send(),
+        };
     }
     let s = state::get();
     let Some(node) = s.node() else {
