@@ -33,6 +33,10 @@ pub struct Journal {
     /// Where the next record goes.
     end: u64,
     capacity: u64,
+    /// A write or flush failed: after a failed fsync the kernel may have dropped the pages it
+    /// could not write and report success for the next one, so nothing more is written, and
+    /// every later call fails (the node stops rather than acknowledge what may not be on disk).
+    failed: bool,
 }
 
 impl Journal {
@@ -49,7 +53,7 @@ impl Journal {
         let Some(generation) = generation_in(&head) else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has no valid journal header", path.display())));
         };
-        let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity };
+        let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity, failed: false };
         let records = journal.read_records()?;
         if records.is_empty() && journal.generation_continues_past_end()? {
             // Records of this generation past a torn first one were written but never flushed
@@ -107,6 +111,13 @@ impl Journal {
 
     /// Appends one record (the caller checked it `fits`), flushed before returning with `sync`.
     pub fn append(&mut self, payload: &[u8], sync: bool) -> io::Result<()> {
+        self.usable()?;
+        let result = self.write_record(payload, sync);
+        self.failed |= result.is_err();
+        result
+    }
+
+    fn write_record(&mut self, payload: &[u8], sync: bool) -> io::Result<()> {
         let head = RecordHead { len: payload.len() as u32, crc: checksum(self.generation, payload), generation: self.generation };
         let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
         record.extend_from_slice(&head.encode());
@@ -119,8 +130,23 @@ impl Journal {
         Ok(())
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.usable()?;
+        let result = self.file.sync_data();
+        self.failed |= result.is_err();
+        result
+    }
+
+    /// Marks the journal failed (see `failed`): a flush of the rest of the log failed.
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+
+    fn usable(&self) -> io::Result<()> {
+        match self.failed {
+            true => Err(io::Error::other("an earlier write or flush of the raft log failed; restart the node")),
+            false => Ok(()),
+        }
     }
 
     /// The generation new records are written in.
@@ -139,11 +165,14 @@ impl Journal {
     /// again. With `sync`, durable before it returns, so no flushed record of the new
     /// generation can be read with the old header.
     pub fn restart(&mut self, sync: bool) -> io::Result<()> {
-        self.generation += 1;
-        self.file.write_all_at(&header(self.generation), 0)?;
-        if sync {
-            self.file.sync_data()?;
-        }
+        self.usable()?;
+        let generation = self.generation + 1;
+        let result = self.file.write_all_at(&header(generation), 0).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        // Records appended after a failed restart would be of a generation the header on disk
+        // may not name, or one already absorbed: recovery would never read them.
+        self.failed |= result.is_err();
+        result?;
+        self.generation = generation;
         self.end = HEADER_BYTES;
         Ok(())
     }
@@ -256,6 +285,28 @@ mod tests {
         drop(j);
         let (_, records) = Journal::open(&path, 1 << 16).unwrap();
         assert_eq!(records, vec![b"x".to_vec()]);
+    }
+
+    #[test]
+    fn after_a_failed_write_nothing_more_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+        j.append(b"one", true).unwrap();
+        // A transient error: the restart's header write fails, and the disk then works again.
+        let writable = std::mem::replace(&mut j.file, File::open(&path).unwrap());
+        assert!(j.restart(true).is_err());
+        j.file = writable;
+        assert!(j.append(b"two", true).is_err(), "a record after a failed restart would never be read back");
+        assert!(j.sync().is_err());
+        assert!(j.restart(true).is_err());
+        drop(j);
+        let (_, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"one".to_vec()]);
+
+        let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+        j.fail();
+        assert!(j.append(b"three", true).is_err(), "a failed flush elsewhere fails the journal too");
     }
 
     #[test]

@@ -243,6 +243,8 @@ enum Request<W> {
         msg: Box<Message>,
         ok: bool,
     },
+    /// The background flush of the log failed (durability=medium): the node stops.
+    FlushFailed(anyhow::Error),
     Shutdown,
 }
 
@@ -529,9 +531,10 @@ impl<S: StateMachine> Node<S> {
             let _ = stopped_tx.send(());
         });
         let flusher_shared = shared.clone();
+        let flusher_tx = tx.clone();
         let flusher = std::thread::Builder::new()
             .name(format!("raft-flush-{}", cfg.id))
-            .spawn(move || flush_every_second(flusher_shared, store))
+            .spawn(move || flush_every_second(flusher_shared, store, flusher_tx))
             .context("spawning the flush thread")?;
         Ok(Node { tx, shared, transport, loop_stopped, flusher: Mutex::new(Some(flusher)) })
     }
@@ -908,7 +911,9 @@ fn durability_from_code(c: u8) -> Durability {
 }
 
 /// durability=medium: what was written without fsync reaches the disk within about a second.
-fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
+/// A failed flush is not retried (a retry may succeed with the failed pages dropped): the node
+/// stops, as for a failed write.
+fn flush_every_second<W>(shared: Arc<Shared>, store: LogStore, tx: UnboundedSender<Request<W>>) {
     let mut last = Instant::now();
     while !shared.stopped.load(Ordering::Relaxed) {
         // Short sleeps so shutdown is prompt.
@@ -922,8 +927,8 @@ fn flush_every_second(shared: Arc<Shared>, store: LogStore) {
             match store.sync() {
                 Ok(()) => CounterCells::add(&shared.counters.background_fsyncs, 1),
                 Err(e) => {
-                    log::error!("background fsync of the raft log failed: {e:#}");
-                    shared.dirty.store(true, Ordering::Relaxed);
+                    let _ = tx.send(Request::FlushFailed(anyhow::Error::new(e).context("the background flush of the raft log failed")));
+                    return;
                 }
             }
         }

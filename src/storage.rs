@@ -796,12 +796,23 @@ impl LogStore {
     /// had committed by then, so the flush covered it, and the journal's generation is the one
     /// that checkpoint started. When one did end in between, LMDB is flushed again, and after
     /// a few such misses both are flushed under the lock.
+    ///
+    /// A failed flush, of either, leaves the journal failed: the next append fails and the node
+    /// stops, rather than acknowledge writes on a disk that may have lost earlier ones.
     pub fn sync(&self) -> Result<()> {
+        let flushed = self.sync_both();
+        if flushed.is_err() {
+            self.tail().journal.fail();
+        }
+        flushed
+    }
+
+    fn sync_both(&self) -> Result<()> {
         // A checkpoint counts itself after its LMDB commit and its journal restart.
         let mut checkpoints = self.inner.checkpoints.load(Ordering::Acquire);
         for _ in 0..3 {
             self.inner.env.force_sync()?;
-            let tail = self.tail();
+            let mut tail = self.tail();
             let now = self.inner.checkpoints.load(Ordering::Acquire);
             if now == checkpoints {
                 tail.journal.sync()?;
@@ -809,7 +820,7 @@ impl LogStore {
             }
             checkpoints = now;
         }
-        let tail = self.tail();
+        let mut tail = self.tail();
         self.inner.env.force_sync()?;
         tail.journal.sync()?;
         Ok(())

@@ -244,6 +244,7 @@ impl<S: StateMachine> RaftLoop<S> {
                 self.removed = Some(why);
             }
             Request::Removed { .. } => {}
+            Request::FlushFailed(why) => _ = self.must_stop.get_or_insert(why),
             Request::TransferLeader(to) => self.want_transfer(to),
             Request::SetTicks { election, heartbeat } => self.want_ticks(election, heartbeat),
             // Only wakes the loop, which reads the new length (`rounds`).
