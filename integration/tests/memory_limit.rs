@@ -244,4 +244,14 @@ fn redis_settings_the_log_depends_on_are_held() {
     raftis_integration::wait_for("the reason in the log", std::time::Duration::from_secs(5), || {
         plain.log_tail().contains("maxmemory-clients is '4194304'").then_some(())
     });
+    // A replica of another Redis (here of a port nobody listens on).
+    call(&mut redis, &["CONFIG", "SET", "maxmemory-clients", "0"]);
+    call(&mut redis, &["REPLICAOF", "127.0.0.1", &free_port_pair().to_string()]);
+    let loaded = call(&mut redis, &["MODULE", "LOAD", &module, &dir]);
+    assert!(loaded.is_error(), "{loaded:?}");
+    raftis_integration::wait_for("the reason in the log", std::time::Duration::from_secs(5), || {
+        plain.log_tail().contains("replicaof is '127.0.0.1 ").then_some(())
+    });
+    call(&mut redis, &["REPLICAOF", "NO", "ONE"]);
+    assert_eq!(call(&mut redis, &["MODULE", "LOAD", &module, &dir]).text().as_deref(), Some("OK"), "loads once it is no replica");
 }

@@ -173,6 +173,13 @@ pub fn check_at_load(ctx: *mut RedisModuleCtx) -> anyhow::Result<()> {
             anyhow::bail!("{name} is '{value}': {why}");
         }
     }
+    // REPLICAOF is refused to clients, but a configuration file can still name a master.
+    let master = ffi::config_get(ctx, "replicaof").unwrap_or_default();
+    anyhow::ensure!(
+        master.trim().is_empty(),
+        "replicaof is '{master}': a Redis replica's master replaces its dataset (a full sync) behind the log's back; \
+         remove replicaof from this node's configuration"
+    );
     Ok(())
 }
 
