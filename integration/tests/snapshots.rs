@@ -132,6 +132,44 @@ fn a_node_that_catches_up_from_a_snapshot_stops_dialing_a_member_removed_meanwhi
     wait_for("the node to stop dialing the removed member", Duration::from_secs(10), || (!stats_of(node).contains(&dials)).then_some(()));
 }
 
+/// A node restarted beside a dump file restores its own snapshot only once Redis has loaded the
+/// file. A leader that meanwhile sends it a newer snapshot (the node lagged behind a compaction)
+/// makes it delete the older file: the node loads the newer one, instead of stopping over the
+/// older one's missing file.
+#[test]
+fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
+    let root = tempfile::tempdir().unwrap();
+    let plain = Server::start_plain(free_port_pair(), &root.path().join("plain")).unwrap();
+    let _: () = plain.cmd(&["DEBUG", "POPULATE", "100000", "dumped"]).unwrap();
+    let _: () = plain.cmd(&["SAVE"]).unwrap();
+
+    let mut cluster = Cluster::start(3, &["trailing-logs=10"]).unwrap();
+    let leader = cluster.wait_leader();
+    let lagging = (leader + 1) % 3;
+    write_many(&cluster.nodes[leader], "first", 100);
+    cluster.wait_converged(&[0, 1, 2]);
+    let _: Value = cluster.nodes[lagging].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    cluster.nodes[lagging].kill9();
+    write_many(&cluster.nodes[leader], "second", 100);
+    let _: Value = cluster.nodes[leader].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    let first = info_field_of_live(&cluster.nodes[leader], "commit_index") - 20;
+    wait_for("the leader's log to be compacted", Duration::from_secs(10), || {
+        (info_field(&cluster.nodes[leader], "first_log_index") > first).then_some(())
+    });
+
+    let node = &mut cluster.nodes[lagging];
+    std::fs::copy(root.path().join("plain/dump.rdb"), node.dir.join("dump.rdb")).unwrap();
+    // Redis takes its time over each key of the file: the newer snapshot arrives meanwhile.
+    node.redis_args = vec!["--key-load-delay".into(), "40".into()];
+    node.restart().unwrap();
+    wait_for("the node to catch up", Duration::from_secs(30), || {
+        (info_field(&cluster.nodes[lagging], "applied_index") >= info_field(&cluster.nodes[leader], "commit_index")).then_some(())
+    });
+    assert_ne!(cluster.nodes[lagging].state(), "stopped", "{}", info_text(&cluster.nodes[lagging], "fatal_error"));
+    assert_eq!(stat_field(&cluster.nodes[lagging], "snapshots_fetched"), 1, "the newer snapshot came while Redis loaded");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 fn stats_of(server: &Server) -> String {
     server.cmd(&["RAFT.STATS"]).unwrap()
 }

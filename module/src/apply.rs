@@ -326,7 +326,17 @@ fn run(inner: &QueueInner, jobs: Vec<Job>) {
     let mut point = inner.point.lock().unwrap_or_else(|p| p.into_inner());
     let mut applied_to = None;
     let mut entries = 0;
-    for job in jobs {
+    // A snapshot queued behind another replaces it whole. The first one's file may be gone:
+    // jobs wait while Redis loads its dump file at start, and the Raft loop, installing a newer
+    // snapshot from the leader meanwhile, deletes the older files.
+    let last_restore = jobs.iter().rposition(|job| matches!(job, Job::Restore { .. }));
+    for (position, job) in jobs.into_iter().enumerate() {
+        if let Job::Restore { index, .. } = &job {
+            if last_restore.is_some_and(|last| position < last) {
+                log::info!("the snapshot at index {index} is not loaded: a newer one replaces it");
+                continue;
+            }
+        }
         // One job's panic must not drop the jobs behind it: committed entries would silently go
         // unapplied here while the node went on serving.
         let changes_the_dataset = matches!(job, Job::Restore { .. } | Job::Apply(_));
