@@ -790,8 +790,12 @@ impl<S: StateMachine> Node<S> {
     /// While leading: the index of this term's first committed entry. A leader may serve
     /// leader-local reads once its state machine has applied it. None when not a ready leader.
     pub fn leader_ready_index(&self) -> Option<LogIndex> {
+        // The term first: the loop clears the index before the term when leadership ends, so an
+        // index read after a leading term is that term's (or a later one's). Read the other way
+        // round, an old term's index could pass for the next term's across a quick re-election.
+        self.leading_term()?;
         let i = self.shared.ready_index.load(Ordering::Acquire);
-        (i > 0 && self.is_leader()).then_some(LogIndex(i))
+        (i > 0).then_some(LogIndex(i))
     }
 
     /// The state machine finished writing a snapshot file: raft will offer it to followers that
