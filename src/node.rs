@@ -843,14 +843,23 @@ impl<S: StateMachine> Node<S> {
     /// Stops the Raft loop, the flusher and the side port; pending requests fail with
     /// [`ProposeError::Shutdown`]. Idempotent.
     pub fn shutdown(&self) {
-        self.shared.stopped.store(true, Ordering::Relaxed);
+        if self.shared.stopped.swap(true, Ordering::AcqRel) {
+            // Shut down already (this is the drop after it): a loop that did not stop then
+            // is not waited for again.
+            return;
+        }
         let _ = self.tx.send(Request::Shutdown);
         // The loop answers what it holds before it stops. A shutdown from the network thread
         // itself (a callback dropping the last handle) cannot wait for it: the loop runs there.
         // Disconnected: the loop stopped already, and an earlier shutdown saw it go.
         let timed_out = || matches!(self.loop_stopped.recv_timeout(LOOP_STOP_TIMEOUT), Err(crossbeam_channel::RecvTimeoutError::Timeout));
         if !self.transport.on_network_thread() && timed_out() {
-            log::warn!("raft node: the raft loop did not stop in time");
+            // Stuck, most likely in a write or flush of a disk that no longer answers: the
+            // threads are left behind (the process is exiting), or shutdown would never end.
+            log::warn!("raft node: the raft loop did not stop in time; not waiting for it");
+            drop(self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take());
+            self.transport.shutdown_without_waiting();
+            return;
         }
         if let Some(flusher) = self.flusher.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = flusher.join();

@@ -619,7 +619,13 @@ impl Transport {
     /// Stops every task, closes the listener and all connections, and joins the transport thread.
     /// Idempotent; afterwards the other methods do nothing.
     pub fn shutdown(&self) {
-        self.inner.shutdown();
+        self.inner.shutdown(true);
+    }
+
+    /// Like [`Transport::shutdown`], without waiting for the transport thread: a task stuck on
+    /// it (a Raft loop in an fsync of a dead disk) must not hold up the process' exit.
+    pub fn shutdown_without_waiting(&self) {
+        self.inner.shutdown(false);
     }
 }
 
@@ -630,7 +636,7 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, wait: bool) {
         let peers = {
             let mut state = self.state();
             state.closed = true;
@@ -642,7 +648,7 @@ impl Inner {
             let _ = stop_tx.send(());
             // A callback on the transport thread may be the one shutting down (or dropping the
             // last handle); joining itself would deadlock. It stops once the callback returns.
-            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
+            if wait && thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
                 log::error!("raft transport: the network thread panicked");
             }
         }
@@ -651,7 +657,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(true);
     }
 }
 

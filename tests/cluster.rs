@@ -813,3 +813,25 @@ fn a_cluster_made_from_a_seed_snapshot_has_a_log_that_starts_after_it() {
     let store = LogStore::open(root.path()).unwrap();
     assert_eq!((store.first_index(), store.is_initialized()), (2, true));
 }
+
+/// A Raft loop stuck in one round (here an apply that takes a minute; a write to a disk that no
+/// longer answers is the real case) does not hold up the node's shutdown, so a Redis asked to
+/// exit does exit: the node waits its loop-stop timeout, then leaves the threads behind.
+#[test]
+fn a_stuck_loop_does_not_hold_shutdown_up_for_ever() {
+    let root = tempfile::tempdir().unwrap();
+    let node = start(NodeId(1), root.path(), free_port(), true, Durability::High);
+    let nodes = [node];
+    let leader = current_leader(&nodes);
+    leader.node.propose(b"sleep-ms:60000".to_vec(), Box::new(|_| {}), Instant::now() + Duration::from_secs(120));
+    // The recorder holds its list for the whole batch it applies, the minute's sleep included.
+    wait_for("the slow entry to be applying", Duration::from_secs(10), || leader.applied.try_lock().is_err().then_some(()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            leader.node.shutdown();
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(40)).expect("shutdown waited for the stuck round to end");
+    });
+}
