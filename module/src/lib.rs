@@ -498,11 +498,23 @@ fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks:
 /// A node whose snapshot file is missing or corrupt refuses to start rather than serve a wrong
 /// dataset: the operator restores the file, or wipes `dir` and lets the node re-join.
 fn check_snapshot(store: &LogStore, dir: &std::path::Path) -> anyhow::Result<()> {
-    let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) else { return Ok(()) };
+    let snapshot = match raft::Storage::snapshot(store, 0, 0) {
+        Ok(snapshot) => snapshot,
+        // A log that starts after index 1 continues a snapshot: without it, the node would
+        // rebuild its dataset from the log's rest alone.
+        Err(e) if store.first_index() > 1 => anyhow::bail!(
+            "the raft log starts at index {} but its snapshot record cannot be read ({e}); refusing to start with bad data",
+            store.first_index()
+        ),
+        Err(_) => return Ok(()),
+    };
     let Ok((_, app)) = raftis_core::snapshot_data::decode(&snapshot.data) else {
         anyhow::bail!("the raft log's snapshot record is corrupt");
     };
-    let Some(descriptor) = raftis_core::snapshot_transfer::SnapshotDescriptor::decode(app) else { return Ok(()) };
+    let Some(descriptor) = raftis_core::snapshot_transfer::SnapshotDescriptor::decode(app) else {
+        anyhow::ensure!(app.is_empty(), "the raft log's snapshot record names no readable snapshot file; refusing to start with bad data");
+        return Ok(());
+    };
     let path = dir.join(&descriptor.file);
     let summary = raftis_core::snapshot_file::verify(&path)
         .map_err(|e| anyhow::anyhow!("snapshot {} is unusable ({e}); refusing to start with bad data", path.display()))?;
