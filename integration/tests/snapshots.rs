@@ -292,6 +292,35 @@ fn a_node_killed_while_its_snapshot_child_writes_restarts_at_once() {
     assert_eq!(last, (keys - 1).to_string());
 }
 
+/// A snapshot child killed by a signal (the OOM killer, say) cannot remove its half-written
+/// file: the server does, or that much disk would stay taken until the next start.
+#[test]
+fn a_killed_snapshot_child_leaves_no_file_behind() {
+    let cluster = Cluster::start(1, &["snapshot-threshold=0"]).unwrap();
+    let node = &cluster.nodes[0];
+    write_many(node, "k", 300_000);
+    let port = node.port;
+    let asking = std::thread::spawn(move || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        client.get_connection().and_then(|mut c| redis::cmd("RAFT.SNAPSHOT").query::<Value>(&mut c))
+    });
+    let log = node.dir.join("redis.log");
+    let child = wait_for("the snapshot child", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().rev().find_map(|l| l.split("started (child pid ").nth(1)?.strip_suffix(')')?.parse::<i32>().ok())
+    });
+    let tmp_files = || {
+        std::fs::read_dir(node.dir.join("raft")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count()
+    };
+    wait_for("the child to create its file", Duration::from_secs(10), || (tmp_files() == 1).then_some(()));
+    assert_eq!(unsafe { libc::kill(child, libc::SIGKILL) }, 0, "the child finished before it was killed: nothing tested");
+    let err = asking.join().unwrap().expect_err("the snapshot failed");
+    assert!(err.to_string().contains("snapshot failed"), "{err}");
+    assert_eq!(tmp_files(), 0, "the killed child's file was removed");
+    let (_, size): (i64, i64) = node.cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    assert!(size > 0, "the next one succeeds");
+}
+
 /// A RAFT.SNAPSHOT that arrives while the last snapshot's file is being verified and recorded
 /// waits for it instead of forking a second child, which would race its publication.
 #[test]

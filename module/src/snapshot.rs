@@ -394,6 +394,17 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
         let Some(job) = s.snapshots.in_progress.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         if exitcode != 0 || bysignal != 0 {
             log::error!("snapshot child failed (exit code {exitcode}, signal {bysignal})");
+            if bysignal != 0 {
+                // A child that exits cleans up its own file; one killed (the OOM killer, say)
+                // leaves it, a dataset's worth of disk that would refuse every later snapshot
+                // for want of room. Removed here, before another snapshot of the same point can
+                // start writing it again. (Rare enough for the main thread's unlink.)
+                let mut tmp = job.path.clone().into_os_string();
+                tmp.push(".tmp");
+                if let Err(e) = std::fs::remove_file(&tmp) {
+                    log::warn!("could not remove {}: {e}", std::path::Path::new(&tmp).display());
+                }
+            }
             s.snapshots.ended(false, job.started.elapsed());
             for w in job.waiters {
                 w.finish(Outcome::Error("ERR snapshot failed; see the Redis log".into()));
