@@ -40,8 +40,8 @@ mod tests;
 mod transfer;
 mod writing;
 
-pub use files::{latest, remove_leftovers, remove_older_than, snapshot_path};
-use files::{sync_dir_of, with_suffix};
+use files::with_suffix;
+pub use files::{latest, remove_leftovers, remove_older_than, snapshot_path, sync_dir_of};
 pub use reading::{read_meta, verify, SnapshotReader};
 pub use transfer::{read_chunk, IncomingSnapshot};
 pub use writing::SnapshotWriter;

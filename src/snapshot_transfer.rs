@@ -68,6 +68,8 @@ pub fn fetch(
     let final_path = dir.join(&desc.file);
     if let Ok(summary) = snapshot_file::verify(&final_path) {
         if summary.checksum == desc.checksum && summary.size == desc.size {
+            // An earlier fetch may have renamed it in and failed to sync the directory.
+            snapshot_file::sync_dir_of(&final_path).with_context(|| format!("syncing the directory of {}", final_path.display()))?;
             progress(desc.size);
             return Ok(());
         }

@@ -124,7 +124,7 @@ pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// A rename is only durable once the directory itself is synced.
-pub(super) fn sync_dir_of(path: &Path) -> io::Result<()> {
+pub fn sync_dir_of(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

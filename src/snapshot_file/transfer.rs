@@ -90,7 +90,13 @@ impl IncomingSnapshot {
         if self.offset != self.expected_size {
             return Err(SnapshotError::SizeMismatch { expected: self.expected_size, actual: self.offset });
         }
-        self.file.sync_all()?;
+        if let Err(e) = self.file.sync_all() {
+            // Not resumed: after a failed fsync the kernel may have dropped pages it could not
+            // write, and the next attempt's read would check its own cache, not the disk.
+            let _ = fs::remove_file(&self.part);
+            let _ = fs::remove_file(&self.info);
+            return Err(e.into());
+        }
         let checked = verify(&self.part).and_then(|s| {
             if s.checksum != self.expected_checksum {
                 return Err(SnapshotError::Corrupt(format!(
