@@ -3,6 +3,7 @@
 //! in chunks (`SNAPSHOT.CHUNK`), resuming a partial download, verifies it, and only then lets raft
 //! see the snapshot. The Raft loop never waits for the network.
 
+use crate::disk_space;
 use crate::ids::NodeId;
 use crate::peer_auth::{self, Password};
 use crate::resp::{self, Frame};
@@ -55,6 +56,9 @@ pub struct FetchProgress {
     pub size: u64,
 }
 
+/// Room the log keeps while a snapshot is downloaded, beyond the file's own.
+const FETCH_HEADROOM: u64 = 16 << 20;
+
 /// Makes sure `dir` holds the verified file `desc` describes, fetching it from `peer` if needed
 /// (with `password`, the cluster's `raft-password`, if it has one). `progress` hears how many
 /// bytes of the file are on disk, before the first chunk and after each one.
@@ -75,6 +79,23 @@ pub fn fetch(
         }
     }
     let mut incoming = IncomingSnapshot::begin(&final_path, desc.size, desc.checksum)?;
+    // A download that fills the disk fails at its end, and meanwhile takes the room the log's
+    // next write needs: refused before it starts, the leader offers the snapshot again later.
+    let missing = desc.size.saturating_sub(incoming.offset());
+    if let Some(free) = disk_space::free_bytes(dir) {
+        if free < missing.saturating_add(FETCH_HEADROOM) {
+            // What an earlier attempt left takes room too.
+            incoming.abandon();
+            bail!(
+                "no room to fetch snapshot {}: {} MB free on the disk holding {}, and it needs {} MB more (and {} MB for the log meanwhile)",
+                desc.file,
+                free >> 20,
+                dir.display(),
+                missing.div_ceil(1 << 20),
+                FETCH_HEADROOM >> 20
+            );
+        }
+    }
     progress(incoming.offset());
     let addr =
         peer.to_socket_addrs().with_context(|| format!("resolving {peer}"))?.next().with_context(|| format!("{peer} has no address"))?;

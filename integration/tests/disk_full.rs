@@ -152,3 +152,55 @@ fn a_snapshot_that_fails_for_want_of_room_is_not_tried_again_at_every_write() {
         (status(&node) == "ok").then_some(())
     });
 }
+
+/// A node that must catch up from a snapshot too large for the room its disk has left does not
+/// start the download: filling the disk, it would fail at the end and leave the log no room, and
+/// its half-file would keep that room taken. It goes on as a follower, and fetches the snapshot
+/// once there is room.
+#[test]
+fn a_snapshot_download_without_room_is_not_started() {
+    let Some(disk) = SmallDisk::mount(64) else { return };
+    let root = tempfile::Builder::new().prefix("raftis-it-").tempdir().unwrap();
+    let args = ["trailing-logs=10"];
+    let nodes = vec![
+        Server::start(free_port_pair(), &root.path().join("n0"), &args).unwrap(),
+        Server::start(free_port_pair(), &root.path().join("n1"), &args).unwrap(),
+        Server::start(free_port_pair(), &disk.path.join("n2"), &args).unwrap(),
+    ];
+    let mut cluster = Cluster { nodes, network: None, root, disk: None };
+    let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    assert_eq!(cluster.wait_leader(), 0);
+    cluster.join(1, 0).unwrap();
+    cluster.join(2, 0).unwrap();
+    cluster.nodes[2].kill9();
+    let mut seed = 11;
+    for i in 0..100 {
+        let _: () = cluster.nodes[0].cmd(&["SET", &format!("k{i}"), &incompressible(100_000, &mut seed)]).unwrap();
+    }
+    let _: redis::Value = cluster.nodes[0].cmd(&["RAFT.SNAPSHOT"]).unwrap();
+    wait_for("the leader's log to be compacted", Duration::from_secs(10), || {
+        (info_field(&cluster.nodes[0], "first_log_index") > 50).then_some(())
+    });
+    // Room for the node's own small log, not for a 10 MB snapshot.
+    let filler: Vec<PathBuf> =
+        (0..).map(|i| disk.path.join(format!("filler{i}"))).take_while(|f| std::fs::write(f, vec![0u8; 1 << 20]).is_ok()).collect();
+    for f in filler.iter().rev().take(4) {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    cluster.nodes[2].restart().unwrap();
+    let node = &cluster.nodes[2];
+    wait_for("the download to be refused", Duration::from_secs(20), || node.log().contains("no room to fetch snapshot").then_some(()));
+    assert_eq!(node.state(), "follower", "{}", info_text(node, "fatal_error"));
+    let parts =
+        std::fs::read_dir(node.dir.join("raft")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".part")).count();
+    assert_eq!(parts, 0, "nothing downloaded");
+
+    for f in &filler {
+        let _ = std::fs::remove_file(f);
+    }
+    wait_for("the node to catch up", Duration::from_secs(30), || {
+        (info_field(&cluster.nodes[2], "applied_index") >= info_field(&cluster.nodes[0], "commit_index")).then_some(())
+    });
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}

@@ -62,6 +62,12 @@ impl IncomingSnapshot {
         Ok(IncomingSnapshot { final_path: final_path.to_path_buf(), part, info, file, offset, expected_size, expected_checksum })
     }
 
+    /// Gives the transfer up and removes what it wrote, so that it takes no room.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.part);
+        let _ = fs::remove_file(&self.info);
+    }
+
     /// Where the transfer resumes: the next chunk must start here.
     pub fn offset(&self) -> u64 {
         self.offset
