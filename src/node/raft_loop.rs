@@ -125,6 +125,13 @@ impl<S: StateMachine> RaftLoop<S> {
         if let Err(e) = self.store.store_commit() {
             log::warn!("raft {}: could not store the commit index at shutdown: {e:#}", self.id);
         }
+        // Below durability=high, what was written since the last flush is flushed now: a clean
+        // stop leaves nothing for a power loss right after it (a VM stopped with the service).
+        if durability_from_code(self.shared.durability.load(Ordering::Relaxed)) != Durability::High {
+            if let Err(e) = self.store.sync() {
+                log::warn!("raft {}: could not flush the log at shutdown: {e:#}", self.id);
+            }
+        }
         self.fail_everything(ProposeError::Shutdown);
         // Requests that raced with the stop still get an answer.
         self.rx.close();
