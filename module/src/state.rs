@@ -7,6 +7,7 @@ use crate::ffi::DetachedContext;
 use crate::snapshot::Snapshots;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::config::Consistency;
+use raftis_core::ids::LogIndex;
 use raftis_core::membership::NodeInfo;
 use raftis_core::node::{Node, NodeConfig, TakenSnapshot};
 use raftis_core::proposal::ProposeError;
@@ -64,6 +65,9 @@ pub struct Raftis {
     stopped: AtomicBool,
     /// Whether `node` is set, for the command filter.
     has_node: AtomicBool,
+    /// What a restarted node knew committed when it started: it replays its own log that far
+    /// before it serves a read from its dataset (see [`Raftis::replaying_to`]).
+    replay_to: AtomicU64,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
 }
@@ -114,6 +118,7 @@ impl Raftis {
             apply_ctx: Arc::new(apply_ctx),
             node: RwLock::new(None),
             has_node: AtomicBool::new(false),
+            replay_to: AtomicU64::new(0),
             starting: Mutex::new(()),
         };
         r.set_consistency(settings.consistency);
@@ -182,7 +187,16 @@ impl Raftis {
     /// on a node that is in no cluster yet (its dataset is nobody's), nor on one that stopped.
     /// Lock-free.
     pub fn may_read_locally(&self) -> bool {
-        self.has_node.load(Ordering::Acquire) && !self.stopped()
+        self.has_node.load(Ordering::Acquire) && !self.stopped() && self.replaying_to().is_none()
+    }
+
+    /// While a restarted node's dataset is behind what it knew committed when it started (its
+    /// snapshot not loaded yet, its log not replayed that far), the index its local reads wait
+    /// for: served before, they would show a dataset older than one it served before the restart
+    /// (or Redis' own dump file).
+    pub fn replaying_to(&self) -> Option<LogIndex> {
+        let to = LogIndex(self.replay_to.load(Ordering::Acquire));
+        (to.get() > 0 && self.progress.applied() < to).then_some(to)
     }
 
     /// Why this node stopped serving, if it did.
@@ -341,6 +355,7 @@ impl Raftis {
             password: settings.raft_password.clone(),
             shared: Some(self.shared.clone()),
         };
+        self.replay_to.store(self.store.hard_state().commit, Ordering::Release);
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
