@@ -152,6 +152,37 @@ fn a_leader_that_shuts_down_hands_leadership_over_first() {
     assert!(log.contains("handed leadership to node"), "{log}");
 }
 
+/// `SAVE` (and `SHUTDOWN SAVE`, which saves before the shutdown event) holds Redis' main thread
+/// for the whole save. A leader hands leadership over first: the others go on taking writes
+/// meanwhile, instead of waiting for the save.
+#[test]
+fn a_leader_asked_to_save_on_its_main_thread_hands_leadership_over_first() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let old = cluster.wait_leader();
+    let _: () = cluster.nodes[old].cmd(&["SET", "before", "1"]).unwrap();
+    // A save of five seconds: 1 ms for each of its keys.
+    let mut conn = cluster.nodes[old].client().unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..5_000 {
+        pipe.cmd("SET").arg(format!("k{i}")).arg(i).ignore();
+    }
+    let () = pipe.query(&mut conn).unwrap();
+    let _: () = cluster.nodes[old].cmd(&["CONFIG", "SET", "rdb-key-save-delay", "1000"]).unwrap();
+    let port = cluster.nodes[old].port;
+    let saving = std::thread::spawn(move || {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap();
+        redis::cmd("SAVE").query::<String>(&mut conn)
+    });
+    let new =
+        wait_for("a new leader", Duration::from_secs(10), || (0..3).filter(|i| *i != old).find(|i| cluster.nodes[*i].state() == "leader"));
+    wait_for("the new leader to serve", Duration::from_secs(10), || cluster.nodes[new].cmd::<()>(&["SET", "during", "1"]).ok());
+    assert!(!saving.is_finished(), "the save ended before the others took a write: nothing tested");
+    assert_eq!(saving.join().unwrap().unwrap(), "OK");
+    let log = cluster.nodes[old].log_tail();
+    assert!(log.contains("before saving the dump file"), "{log}");
+    cluster.assert_same_dataset(&[0, 1, 2]);
+}
+
 #[test]
 fn raft_transferleader_hands_leadership_to_a_voter_and_refuses_one_that_is_down() {
     let mut cluster = Cluster::start(3, &[]).unwrap();

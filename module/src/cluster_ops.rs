@@ -281,6 +281,22 @@ pub fn before_exit() {
     node.shutdown();
 }
 
+/// Redis is about to save its dump file on the main thread, which then serves nobody for as long
+/// as the save takes (seconds for a large dataset): a leader would keep its leadership all that
+/// time (heartbeats go out from the network thread) and every write in the cluster would wait
+/// for it. So a leader hands leadership over first, as before it exits.
+pub fn before_blocking_save() {
+    let s = state::get();
+    let Some(node) = s.node() else { return };
+    let status = node.status();
+    if status.is_leader() && status.voters.len() >= 2 {
+        match s.hand_over_leadership(&node) {
+            Ok(to) => log::info!("handed leadership to node {to} before saving the dump file on the main thread"),
+            Err(why) => log::warn!("saving the dump file as the leader: {why}; writes wait for the save"),
+        }
+    }
+}
+
 /// `RAFT.CLUSTER RECOVER`: makes this node the only voter of a cluster that lost its majority
 /// (see `raftis_core::recovery`), then waits until it leads, ready to serve.
 pub fn recover(node: Arc<RaftNode>) -> Outcome {

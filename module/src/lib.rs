@@ -473,6 +473,7 @@ fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks:
     hooks.subscribe(raw::REDISMODULE_EVENT_EVENTLOOP, Some(on_event_loop), "the event loop")?;
     hooks.subscribe(raw::REDISMODULE_EVENT_CLIENT_CHANGE, Some(replica_reads::on_client_change), "client changes")?;
     hooks.subscribe(raw::REDISMODULE_EVENT_SHUTDOWN, Some(on_shutdown), "the shutdown event")?;
+    hooks.subscribe(raw::REDISMODULE_EVENT_PERSISTENCE, Some(on_persistence), "the persistence event")?;
 
     for (name, handler, flags) in COMMANDS {
         let (n, f) = (ffi::cstr(name), ffi::cstr(flags));
@@ -560,6 +561,17 @@ extern "C" fn on_event_loop(ctx: *mut RedisModuleCtx, event: raw::RedisModuleEve
 extern "C" fn on_shutdown(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, _subevent: u64, _data: *mut std::ffi::c_void) {
     if std::panic::catch_unwind(cluster_ops::before_exit).is_err() {
         log::error!("panic while stopping the raft node at shutdown");
+    }
+}
+
+/// Redis is about to save its dump file on the main thread (`SAVE`, or `SHUTDOWN SAVE`, which
+/// saves before the shutdown event): see `cluster_ops::before_blocking_save`. (The other starts
+/// fire in a `BGSAVE` child, or for files Raftis refuses.)
+extern "C" fn on_persistence(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, subevent: u64, _data: *mut std::ffi::c_void) {
+    if subevent == raw::REDISMODULE_SUBEVENT_PERSISTENCE_SYNC_RDB_START as u64
+        && std::panic::catch_unwind(cluster_ops::before_blocking_save).is_err()
+    {
+        log::error!("panic while handing leadership over before a save");
     }
 }
 
