@@ -568,7 +568,7 @@ extern "C" fn on_shutdown(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEve
 /// saves before the shutdown event): see `cluster_ops::before_blocking_save`. (The other starts
 /// fire in a `BGSAVE` child, or for files Raftis refuses.)
 extern "C" fn on_persistence(_ctx: *mut RedisModuleCtx, _event: raw::RedisModuleEvent, subevent: u64, _data: *mut std::ffi::c_void) {
-    if subevent == raw::REDISMODULE_SUBEVENT_PERSISTENCE_SYNC_RDB_START as u64
+    if subevent == raw::REDISMODULE_SUBEVENT_PERSISTENCE_SYNC_RDB_START
         && std::panic::catch_unwind(cluster_ops::before_blocking_save).is_err()
     {
         log::error!("panic while handing leadership over before a save");
