@@ -18,6 +18,8 @@ fn owner_of_every_slot(slots: &redis::Value) -> (String, i64) {
     let redis::Value::Bulk(master) = &range[2] else { panic!("{slots:?}") };
     let host: String = redis::from_redis_value(&master[0]).unwrap();
     let port: i64 = redis::from_redis_value(&master[1]).unwrap();
+    assert_eq!(master.len(), 4, "Redis 7.0's fields, the last an empty map of other endpoints: {slots:?}");
+    assert_eq!(master[3], redis::Value::Bulk(vec![]), "{slots:?}");
     assert_eq!(range.len(), 5, "the master and two replicas: {slots:?}");
     (host, port)
 }

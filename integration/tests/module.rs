@@ -868,6 +868,11 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     let _: () = n.cmd(&["RAFT.CONFIG", "SET", "tick-ms", "50"]).unwrap();
     let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "durability"]).unwrap();
     assert_eq!(got, ["durability", "medium"]);
+    // In RESP3 a map, as CONFIG GET answers.
+    let mut resp3 = RespConn::connect(n.port).unwrap();
+    call(&mut resp3, &["HELLO", "3"]);
+    let got = call(&mut resp3, &["RAFT.CONFIG", "GET", "durability"]);
+    assert!(matches!(&got, resp_conn::Reply::Aggregate(b'%', items) if items.len() == 2), "{got:?}");
     let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "durability", "fast"]).unwrap_err().to_string();
     assert!(err.contains("high, medium, low"), "{err}");
     let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "consistency", "strong"]).unwrap_err().to_string();

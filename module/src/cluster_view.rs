@@ -182,8 +182,15 @@ pub fn cluster(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<Reply, String
         "nodes" => Ok(Reply::Verbatim(view.ok_or_else(no_leader)?.nodes_text().into_bytes())),
         "slots" => {
             let view = view.ok_or_else(no_leader)?;
+            // Redis 7.0's four fields: the last one, a map of the node's other endpoints, is
+            // empty (every node is known by its IP address only).
             let entry = |n: &ClusterNode| {
-                Reply::Array(vec![Reply::bulk(n.host.clone()), Reply::Integer(n.port.into()), Reply::bulk(n.name.clone())])
+                Reply::Array(vec![
+                    Reply::bulk(n.host.clone()),
+                    Reply::Integer(n.port.into()),
+                    Reply::bulk(n.name.clone()),
+                    Reply::Map(Vec::new()),
+                ])
             };
             let mut range = vec![Reply::Integer(0), Reply::Integer(i64::from(SLOTS) - 1), entry(&view.leader)];
             range.extend(view.live_replicas().map(entry));

@@ -54,14 +54,9 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
     match sub.as_str() {
         "get" if args.len() == 3 => {
             let pattern = text(2);
-            let mut out = Vec::new();
-            for (k, v) in values(&s.settings()) {
-                if crate::glob::matches(&pattern, k) {
-                    out.push(Reply::bulk(k));
-                    out.push(Reply::bulk(v));
-                }
-            }
-            Ok(Reply::Array(out))
+            // A map, as `CONFIG GET` answers in RESP3 (in RESP2, name and value after each other).
+            let pairs = values(&s.settings()).into_iter().filter(|(k, _)| crate::glob::matches(&pattern, k));
+            Ok(Reply::Map(pairs.map(|(k, v)| (Reply::bulk(k), Reply::bulk(v))).collect()))
         }
         "set" if args.len() == 4 => {
             let (name, value) = (text(2).to_ascii_lowercase(), text(3));
