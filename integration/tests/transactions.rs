@@ -194,6 +194,15 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     exchange(&mut watcher, "SET k 6\r\nMULTI\r\nSET k 7\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$1\r\n6\r\n");
     exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
     exchange(&mut watcher, "FLUSHALL\r\nMULTI\r\nSET k 8\r\nEXEC\r\nGET k\r\n", "+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n$-1\r\n");
+    // A flush or swap of other databases touches no key of this one, as in Redis.
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    let _: () = redis::cmd("FLUSHDB").query(&mut other_db).unwrap();
+    let _: () = leader.cmd(&["SWAPDB", "1", "2"]).unwrap();
+    exchange(&mut watcher, "MULTI\r\nSET k 8\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
+    let _: () = leader.cmd(&["SWAPDB", "0", "2"]).unwrap();
+    exchange(&mut watcher, "MULTI\r\nSET k 8\r\nEXEC\r\n", "+OK\r\n+QUEUED\r\n*-1\r\n");
+    let _: () = leader.cmd(&["SWAPDB", "0", "2"]).unwrap();
     // Writes that change no key (a message, the script cache) touch nothing watched, as in Redis.
     exchange(&mut watcher, "WATCH k\r\n", "+OK\r\n");
     let _: i64 = leader.cmd(&["PUBLISH", "news", "m"]).unwrap();

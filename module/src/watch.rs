@@ -151,10 +151,17 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         ffi::signal_modified_key(ctx, other_db, key);
         touched.push((other_db, key));
     }
+    // A write that names no key may change any key of the databases it works on: FLUSHDB its
+    // own, SWAPDB its two, anything else (FLUSHALL, a keyless script) every one.
+    let databases = databases_changed(db, &argv_bytes);
+    let in_scope = |d: u32| databases.as_ref().is_none_or(|dbs| dbs.contains(&d));
     let mut w = lock();
     for client in w.clients.iter_mut().flat_map(|c| c.values_mut()) {
         if let Some(awaiting) = client.awaiting.as_mut() {
-            let hit = touched.is_empty() || awaiting.keys.iter().any(|(d, k)| touched.contains(&(*d, k.as_slice())));
+            let hit = match touched.is_empty() {
+                true => awaiting.keys.iter().any(|(d, _)| in_scope(*d)),
+                false => awaiting.keys.iter().any(|(d, k)| touched.contains(&(*d, k.as_slice()))),
+            };
             awaiting.touched |= hit;
         }
     }
@@ -162,9 +169,23 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
         return;
     }
     let watched: HashSet<&Key> = w.clients.iter().flat_map(|c| c.values()).flat_map(|c| c.current.iter().chain(&c.ending)).collect();
-    for (db, key) in watched {
+    for (db, key) in watched.into_iter().filter(|(d, _)| in_scope(*d)) {
         ffi::signal_modified_key(ctx, *db, key);
     }
+}
+
+/// The databases a keyless write in `db` changes, where Redis limits it to some (FLUSHDB, SWAPDB);
+/// None for every database.
+fn databases_changed(db: u32, argv: &[&[u8]]) -> Option<Vec<u32>> {
+    let name = argv.first()?;
+    if name.eq_ignore_ascii_case(b"flushdb") {
+        return Some(vec![db]);
+    }
+    if name.eq_ignore_ascii_case(b"swapdb") {
+        let dbs = raftis_core::determinism::database_indexes(argv);
+        return dbs.iter().map(|d| u32::try_from(*d).ok()).collect::<Option<Vec<u32>>>().filter(|dbs| dbs.len() == 2);
+    }
+    None
 }
 
 /// `RAFT._UNWATCH UNWATCH`, which the filter makes of UNWATCH: Redis' own UNWATCH, and the keys
