@@ -55,11 +55,13 @@ impl Journal {
         };
         let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity, failed: false };
         let records = journal.read_records()?;
-        if records.is_empty() && journal.generation_continues_past_end()? {
-            // Records of this generation past a torn first one were written but never flushed
-            // before a crash. A new record the torn one's size would bring them back into the
-            // journal: a new generation rules them out. (With records, the caller's checkpoint
-            // starts one anyway.)
+        if records.is_empty() {
+            // Records of this generation may lie past a torn (or never written) first one:
+            // written before a crash, never flushed. A new record the torn one's size would bring
+            // them back into the journal, a stale term or vote with them: a new generation rules
+            // them out. Whether any are there cannot be told for sure (a page of zeros can stand
+            // before one), so it is started whenever nothing was read. (With records, the
+            // caller's checkpoint starts one anyway.)
             journal.restart(true)?;
         }
         Ok((journal, records))
@@ -91,12 +93,6 @@ impl Journal {
         let mut raw = [0u8; RECORD_HEAD];
         self.file.read_exact_at(&mut raw, self.end)?;
         Ok(Some(RecordHead::decode(&raw)))
-    }
-
-    /// Whether anything but zeros follows the end: an empty journal has nothing there, or
-    /// only older generations' records, which `read_records` already refuses.
-    fn generation_continues_past_end(&self) -> io::Result<bool> {
-        Ok(self.head_at_end()?.is_some_and(|head| head != RecordHead::default() && head.generation == self.generation))
     }
 
     /// Whether a record of `payload_len` bytes still fits.
@@ -347,5 +343,21 @@ mod tests {
         drop(j);
         let (_, records) = Journal::open(&path, 1 << 16).unwrap();
         assert_eq!(records, vec![b"fresh".to_vec()]);
+
+        // The same when the first record's page never reached the disk at all (zeros).
+        let path = dir.path().join("journal-zeroed");
+        {
+            let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+            j.append(b"first", false).unwrap();
+            j.append(b"stale", false).unwrap();
+        }
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0u8; RECORD_HEAD + 5], HEADER_BYTES).unwrap();
+        let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert!(records.is_empty());
+        j.append(b"fresh", true).unwrap();
+        drop(j);
+        let (_, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"fresh".to_vec()], "the stale record stays out");
     }
 }
