@@ -34,7 +34,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use crate::journal::Journal;
@@ -244,6 +244,10 @@ struct Inner {
     journal_bytes: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_micros: AtomicU64,
+    /// The log's first and last index as `stats` last read them: what it answers while a commit
+    /// holds the state (its flush can take long on a slow disk, and `stats` serves RAFT.INFO on
+    /// Redis' main thread, which must not wait for a disk).
+    seen_indexes: Mutex<(u64, u64)>,
     /// Entries appended since the last checkpoint, durable in the journal; see `crate::journal`.
     tail: Mutex<Tail>,
     claim: DirClaim,
@@ -380,6 +384,7 @@ impl LogStore {
             journal.restart_past(absorbed)?;
         }
 
+        let seen_indexes = (state.first_index(), state.last_index);
         let store = LogStore {
             inner: Arc::new(Inner {
                 env,
@@ -394,6 +399,7 @@ impl LogStore {
                 journal_bytes: AtomicU64::new(0),
                 checkpoints: AtomicU64::new(0),
                 checkpoint_micros: AtomicU64::new(0),
+                seen_indexes: Mutex::new(seen_indexes),
                 tail: Mutex::new(Tail { journal, first: 0, entries: Vec::new(), checkpointed_at: Instant::now() }),
                 claim,
             }),
@@ -870,10 +876,16 @@ impl LogStore {
     }
 
     pub fn stats(&self) -> LogStats {
-        let (first_index, last_index) = {
-            let state = self.state();
-            (state.first_index(), state.last_index)
+        let mut seen = self.inner.seen_indexes.lock().unwrap_or_else(PoisonError::into_inner);
+        let (first_index, last_index) = match self.inner.state.try_read() {
+            Ok(state) => {
+                *seen = (state.first_index(), state.last_index);
+                *seen
+            }
+            Err(TryLockError::Poisoned(state)) => (state.get_ref().first_index(), state.get_ref().last_index),
+            Err(TryLockError::WouldBlock) => *seen,
         };
+        drop(seen);
         let pages = self.inner.env.info().last_page_number as u64 + 1;
         LogStats {
             first_index,
