@@ -165,6 +165,34 @@ fn a_script_that_never_ends_is_killed_on_every_node_and_the_cluster_goes_on() {
     assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
 }
 
+/// A read-only script (`EVAL_RO`) goes through the log like any script, at consistency high
+/// too. One that runs past `busy-reply-threshold` lets Redis serve other clients meanwhile
+/// (RAFT.INFO, SCRIPT KILL) and run the module's events: none of them may wait for what the
+/// running script holds, and SCRIPT KILL ends it as in Redis.
+#[test]
+fn a_long_read_only_script_at_consistency_high_leaves_the_server_serving() {
+    let cluster = Cluster::start(1, &[]).unwrap();
+    let node = &cluster.nodes[0];
+    let _: () = node.cmd(&["CONFIG", "SET", "busy-reply-threshold", "100"]).unwrap();
+    let mut conn = node.client().unwrap();
+    let runner =
+        std::thread::spawn(move || redis::cmd("EVAL_RO").arg("local i = 0 while true do i = i + 1 end").arg(0).query::<Value>(&mut conn));
+    // Redis refuses other commands while it runs (-BUSY; -LOADING once the leader, its clock
+    // entry committed and not applied, holds its expiry back, see `expiry`).
+    let info: String = wait_for("RAFT.INFO while the script runs", Duration::from_secs(10), || {
+        let refused = node.quick_cmd::<String>(&["PING"]).is_err();
+        let info: String = node.quick_cmd(&["RAFT.INFO"]).ok()?;
+        refused.then_some(info)
+    });
+    assert!(info.contains("role:leader"), "{info}");
+    let reply: String = node.cmd(&["SCRIPT", "KILL"]).unwrap();
+    assert_eq!(reply, "OK");
+    let err = runner.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("Script killed"), "{err}");
+    let _: () = node.cmd(&["SET", "after", "1"]).unwrap();
+    assert_eq!(node.cmd::<String>(&["GET", "after"]).unwrap(), "1");
+}
+
 /// A script that writes and then never ends holds every node, and would hold them again each
 /// time they replay their logs: SCRIPT KILL cannot stop it. RAFT.INFO and the log name the entry;
 /// started again with skip-entry, every node passes it by, and a later restart without the
