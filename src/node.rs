@@ -325,6 +325,8 @@ pub struct Node<S: StateMachine> {
     /// Signalled when the Raft loop has stopped.
     loop_stopped: crossbeam_channel::Receiver<()>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Held for the whole of a shutdown.
+    shutting_down: Mutex<()>,
 }
 
 impl<S: StateMachine> Node<S> {
@@ -536,7 +538,7 @@ impl<S: StateMachine> Node<S> {
             .name(format!("raft-flush-{}", cfg.id))
             .spawn(move || flush_every_second(flusher_shared, store, flusher_tx))
             .context("spawning the flush thread")?;
-        Ok(Node { tx, shared, transport, loop_stopped, flusher: Mutex::new(Some(flusher)) })
+        Ok(Node { tx, shared, transport, loop_stopped, flusher: Mutex::new(Some(flusher)), shutting_down: Mutex::new(()) })
     }
 
     /// Proposes `data` as a log entry. `waiter` is completed by the state machine when the entry
@@ -843,6 +845,9 @@ impl<S: StateMachine> Node<S> {
     /// Stops the Raft loop, the flusher and the side port; pending requests fail with
     /// [`ProposeError::Shutdown`]. Idempotent.
     pub fn shutdown(&self) {
+        // A second caller waits for the first to be done (Redis exiting while a helper thread
+        // stops a node that cannot follow must not exit before the loop has wound down).
+        let _one_at_a_time = self.shutting_down.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.stopped.swap(true, Ordering::AcqRel) {
             // Shut down already (this is the drop after it): a loop that did not stop then
             // is not waited for again.

@@ -26,13 +26,15 @@ pub fn flags(text: &[u8]) -> Option<Vec<&'static str>> {
     }
     let mut flags = Vec::new();
     for option in options {
-        let list = c_str(option).strip_prefix(b"flags=")?;
+        // Redis matches the prefix with `strncmp`, then splits the whole rest (past any NUL) on
+        // commas, and compares each piece with `strcmp` (up to its NUL).
+        let list = option.strip_prefix(b"flags=")?;
         if list.is_empty() {
             continue;
         }
         // `sdssplitlen` keeps empty pieces, and Redis refuses them as unknown flags.
         for flag in list.split(|b| *b == b',') {
-            flags.push(*KNOWN_FLAGS.iter().find(|known| known.as_bytes() == flag)?);
+            flags.push(*KNOWN_FLAGS.iter().find(|known| known.as_bytes() == c_str(flag))?);
         }
     }
     Some(flags)
@@ -169,6 +171,8 @@ mod tests {
         assert_eq!(flags(b"#!lua flags=no-writes\"\nreturn 1"), None, "an unterminated quote");
         assert_eq!(flags(b"#!lua flags=allow-oom"), None, "no newline");
         assert_eq!(flags(b"#!lua\0 flags=allow-oom\nreturn 1"), None, "a NUL before the newline");
+        assert_eq!(flags(b"#!lua \"flags=no-writes\\x00,bogus\"\nreturn 1"), None, "the piece past the NUL counts");
+        assert_eq!(flags(b"#!lua \"flags=no-writes\\x00junk\"\nreturn 1"), Some(vec!["no-writes"]), "compared up to the NUL");
         assert_eq!(flags(b"#!python\nreturn 1"), None);
         assert_eq!(flags(b"#!lua name=x\nreturn 1"), None);
     }

@@ -166,7 +166,9 @@ fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
         (info_field(&cluster.nodes[lagging], "applied_index") >= info_field(&cluster.nodes[leader], "commit_index")).then_some(())
     });
     assert_ne!(cluster.nodes[lagging].state(), "stopped", "{}", info_text(&cluster.nodes[lagging], "fatal_error"));
-    assert_eq!(stat_field(&cluster.nodes[lagging], "snapshots_fetched"), 1, "the newer snapshot came while Redis loaded");
+    assert_eq!(stat_field(&cluster.nodes[lagging], "snapshots_fetched"), 1);
+    let log = cluster.nodes[lagging].log();
+    assert!(log.contains("is not loaded: a newer one replaces it"), "the newer snapshot came while Redis loaded:\n{log}");
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
 

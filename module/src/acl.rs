@@ -31,11 +31,17 @@ const OPEN: u8 = 1;
 const RESTRICTED: u8 = 2;
 
 static USERS: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// What was last learnt of the users (`OPEN` or `RESTRICTED`), kept across an `EXEC`, which
+/// only may have changed them; forgotten at an `ACL` command (see [`may_restrict`]).
+static LAST_LEARNT: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 /// From the filter, for every command: an `ACL` command (or an `EXEC`, which may hold one) is
 /// about to change the users, so they are looked at again before the next check.
 pub fn command_seen(name: &[u8]) {
-    if name.eq_ignore_ascii_case(b"acl") || name.eq_ignore_ascii_case(b"exec") {
+    if name.eq_ignore_ascii_case(b"acl") {
+        USERS.store(UNKNOWN, Ordering::Relaxed);
+        LAST_LEARNT.store(UNKNOWN, Ordering::Relaxed);
+    } else if name.eq_ignore_ascii_case(b"exec") {
         USERS.store(UNKNOWN, Ordering::Relaxed);
     }
 }
@@ -43,7 +49,13 @@ pub fn command_seen(name: &[u8]) {
 /// Whether some user may have restrictions (or the users changed since they were last looked
 /// at): Redis itself may then refuse a command for its keys before the module runs it.
 pub fn may_restrict() -> bool {
-    USERS.load(Ordering::Relaxed) != OPEN
+    // After an EXEC the users are looked at again before the next check, but one that held an
+    // `ACL SETUSER` is rare: until then, what was last learnt stands (every lone write given a
+    // slot after each EXEC would undo what lone writes save).
+    match USERS.load(Ordering::Relaxed) {
+        UNKNOWN => LAST_LEARNT.load(Ordering::Relaxed) != OPEN,
+        users => users != OPEN,
+    }
 }
 
 /// Checks that the calling client's user may run `argv`: `Err` is the `-NOPERM` reply. Inside
@@ -144,6 +156,7 @@ fn restricted(ctx: *mut RedisModuleCtx) -> bool {
             };
             ffi::free_call_reply(users);
             let open = matches!(lines.as_slice(), [only] if is_open_default(only));
+            LAST_LEARNT.store(if open { OPEN } else { RESTRICTED }, Ordering::Relaxed);
             // Within EXEC the users may change after this check: what is learnt is not kept,
             // and the next check outside EXEC learns it again.
             USERS.store(

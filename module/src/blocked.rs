@@ -266,8 +266,10 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
             ffi::reply_simple(ctx, "OK")
         }
         Outcome::Run { argv, resp3 } => {
-            // The context's client is the blocked client, so the call runs in its database.
-            ffi::call_and_reply(ctx, argv, *resp3);
+            // The context's client is the blocked client, so the call runs in its database; on a
+            // node that is not current, as of its log (see `expiry`), as every local read.
+            let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
+            crate::expiry::as_of_log(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
             ffi::OK
         }
     }

@@ -61,8 +61,9 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     };
     let req = ForwardRequest::Command { db, argv, resp3: ffi::client_is_resp3(ctx) };
     let timeout = forward_timeout();
-    // Long enough for the transaction ahead of it as well.
-    let blocked = Blocked::new(ctx, 2 * timeout + BACKSTOP);
+    // Long enough for what is ahead of it as well: the client's batches, of which the one a
+    // MULTI split off waits for the one before it (see `gate`).
+    let blocked = Blocked::new(ctx, 3 * timeout + BACKSTOP);
     let send = move || {
         let Some(node) = state::get().node() else {
             return blocked.finish(Outcome::Error(crate::write::not_initialized()));

@@ -58,15 +58,6 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
     // Also at consistency low: a stopped node's dataset falls further behind for good, and one
     // in no cluster yet holds nobody's data.
     state::get().serving_node()?;
-    if let Some(until) = state::get().replaying_to().filter(|_| !needs_confirmation()) {
-        // A restarted node, still replaying its log: the read waits until it has.
-        crate::blocked::refuse_if_caller_cannot_wait(ctx)?;
-        let s = state::get();
-        let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
-        let (argv, resp3) = (ffi::owned_args(argv), ffi::client_is_resp3(ctx));
-        s.progress.when_applied(until, Box::new(move || blocked.finish(Outcome::Run { argv, resp3 })));
-        return Ok(());
-    }
     if !needs_confirmation() {
         // Here only because some client has writes in flight or a transaction open (see the
         // filter): the read waits for its own client's writes, if it has any, and otherwise
@@ -74,6 +65,15 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         // leader has answered: the read goes to the leader with them, to read them.
         if forwards_to_leader() && crate::held::has_replies_in_flight(ctx) {
             return crate::forward::to_leader(ctx, ffi::owned_args(argv));
+        }
+        if let Some(until) = state::get().replaying_to() {
+            // A restarted node, still replaying its log: the read waits until it has.
+            crate::blocked::refuse_if_caller_cannot_wait(ctx)?;
+            let s = state::get();
+            let blocked = Blocked::new(ctx, s.write_timeout() + Duration::from_secs(1));
+            let (argv, resp3) = (ffi::owned_args(argv), ffi::client_is_resp3(ctx));
+            s.progress.when_applied(until, Box::new(move || blocked.finish(Outcome::Run { argv, resp3 })));
+            return Ok(());
         }
         if !crate::held::read_behind_writes(ctx, argv) {
             // Or because this node is not current: it reads as of its log (see `expiry`).
