@@ -57,6 +57,8 @@ fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     // The C loop walks a NUL-terminated string.
     let line = c_str(line);
     let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    // A closing quote must end its word: a blank or the end of the line follows it.
+    let ends_word = |i: usize| at(i + 1) == 0 || is_space(at(i + 1));
     let mut words = Vec::new();
     let mut i = 0;
     loop {
@@ -85,7 +87,7 @@ fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                         other => other,
                     });
                 } else if c == b'"' {
-                    if at(i + 1) != 0 && !is_space(at(i + 1)) {
+                    if !ends_word(i) {
                         return None;
                     }
                     i += 1;
@@ -100,7 +102,7 @@ fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     i += 1;
                     word.push(b'\'');
                 } else if c == b'\'' {
-                    if at(i + 1) != 0 && !is_space(at(i + 1)) {
+                    if !ends_word(i) {
                         return None;
                     }
                     i += 1;

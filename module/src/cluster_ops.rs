@@ -266,15 +266,8 @@ pub fn transfer_leadership(node: Arc<RaftNode>, to: NodeId, patience: Duration) 
 /// which is done serving clients by now (Redis itself saves its RDB file at this point); the
 /// hand-over is bounded by one election timeout, after which raft gives it up anyway.
 pub fn before_exit() {
-    let s = state::get();
-    let Some(node) = s.node() else { return };
-    let status = node.status();
-    if status.is_leader() && status.voters.len() >= 2 {
-        match s.hand_over_leadership(&node) {
-            Ok(to) => log::info!("handed leadership to node {to} before shutting down"),
-            Err(why) => log::warn!("shutting down as the leader: {why}; the others elect a leader after an election timeout"),
-        }
-    }
+    let Some(node) = state::get().node() else { return };
+    hand_over_before(&node, "shutting down", "the others elect a leader after an election timeout");
     // Redis exits after this event whatever happens: the Raft loop stops first, which writes
     // the newest commit index, so that a restart applies the whole log this node knew committed
     // before it hears from a leader.
@@ -286,13 +279,19 @@ pub fn before_exit() {
 /// time (heartbeats go out from the network thread) and every write in the cluster would wait
 /// for it. So a leader hands leadership over first, as before it exits.
 pub fn before_blocking_save() {
-    let s = state::get();
-    let Some(node) = s.node() else { return };
+    let Some(node) = state::get().node() else { return };
+    hand_over_before(&node, "saving the dump file on the main thread", "writes wait for the save");
+}
+
+/// A leader (of a cluster with another voter) about to stop serving, for good or for a while,
+/// hands leadership over first; `doing` says what for, `otherwise` what a failure means, in the
+/// log.
+fn hand_over_before(node: &RaftNode, doing: &str, otherwise: &str) {
     let status = node.status();
     if status.is_leader() && status.voters.len() >= 2 {
-        match s.hand_over_leadership(&node) {
-            Ok(to) => log::info!("handed leadership to node {to} before saving the dump file on the main thread"),
-            Err(why) => log::warn!("saving the dump file as the leader: {why}; writes wait for the save"),
+        match state::get().hand_over_leadership(node) {
+            Ok(to) => log::info!("handed leadership to node {to} before {doing}"),
+            Err(why) => log::warn!("{doing} as the leader: {why}; {otherwise}"),
         }
     }
 }
