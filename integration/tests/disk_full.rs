@@ -196,11 +196,10 @@ fn a_snapshot_download_without_room_is_not_started() {
         std::fs::read_dir(node.dir.join("raft")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".part")).count();
     assert_eq!(parts, 0, "nothing downloaded");
 
+    let target = raftis_integration::info_field_of_live(&cluster.nodes[0], "commit_index");
     for f in &filler {
         let _ = std::fs::remove_file(f);
     }
-    wait_for("the node to catch up", Duration::from_secs(30), || {
-        (info_field(&cluster.nodes[2], "applied_index") >= info_field(&cluster.nodes[0], "commit_index")).then_some(())
-    });
+    wait_for("the node to catch up", Duration::from_secs(60), || (info_field(&cluster.nodes[2], "applied_index") >= target).then_some(()));
     cluster.assert_same_dataset(&[0, 1, 2]);
 }

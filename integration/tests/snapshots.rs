@@ -157,17 +157,20 @@ fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
         (info_field(&cluster.nodes[leader], "first_log_index") > first).then_some(())
     });
 
+    let target = info_field_of_live(&cluster.nodes[leader], "commit_index");
     let node = &mut cluster.nodes[lagging];
     std::fs::copy(root.path().join("plain/dump.rdb"), node.dir.join("dump.rdb")).unwrap();
     // Redis takes its time over each key of the file: the newer snapshot arrives meanwhile.
     node.redis_args = vec!["--key-load-delay".into(), "40".into()];
     node.restart().unwrap();
-    wait_for("the node to catch up", Duration::from_secs(30), || {
-        (info_field(&cluster.nodes[lagging], "applied_index") >= info_field(&cluster.nodes[leader], "commit_index")).then_some(())
+    let node = &cluster.nodes[lagging];
+    wait_for("the node to catch up from the newer snapshot", Duration::from_secs(60), || {
+        let fetched = node.quick_cmd::<String>(&["RAFT.STATS"]).ok().and_then(|s| field_in(&s, "snapshots_fetched")?.parse::<u64>().ok());
+        (fetched >= Some(1) && info_field(node, "applied_index") >= target).then_some(())
     });
-    assert_ne!(cluster.nodes[lagging].state(), "stopped", "{}", info_text(&cluster.nodes[lagging], "fatal_error"));
-    assert_eq!(stat_field(&cluster.nodes[lagging], "snapshots_fetched"), 1);
-    let log = cluster.nodes[lagging].log();
+    assert_ne!(node.state(), "stopped", "{}", info_text(node, "fatal_error"));
+    assert_eq!(stat_field(node, "snapshots_fetched"), 1);
+    let log = node.log();
     assert!(log.contains("is not loaded: a newer one replaces it"), "the newer snapshot came while Redis loaded:\n{log}");
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
