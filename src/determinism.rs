@@ -207,14 +207,14 @@ pub fn key_in_another_database<'a>(argv: &[&'a [u8]]) -> Option<(u32, &'a [u8])>
 /// `SWAPDB`'s two. Whether each is below `databases` decides whether the command runs, so the
 /// leader refuses one that is not before it enters the log: replayed after a restart that
 /// raised `databases`, the entry would have run where it failed on every node before.
-pub fn database_indexes(argv: &[&[u8]]) -> Vec<i64> {
-    let Some(name) = argv.first() else { return Vec::new() };
+pub fn database_indexes<A: AsRef<[u8]>>(argv: &[A]) -> Vec<i64> {
+    let Some(name) = argv.first().map(AsRef::as_ref) else { return Vec::new() };
     if name.eq_ignore_ascii_case(b"move") && argv.len() == 3 {
-        return db_index(argv[2]).into_iter().collect();
+        return db_index(argv[2].as_ref()).into_iter().collect();
     }
     if name.eq_ignore_ascii_case(b"swapdb") && argv.len() == 3 {
         // Both are read as numbers before either is looked up.
-        return match (db_index(argv[1]), db_index(argv[2])) {
+        return match (db_index(argv[1].as_ref()), db_index(argv[2].as_ref())) {
             (Some(a), Some(b)) => vec![a, b],
             _ => Vec::new(),
         };
@@ -234,14 +234,14 @@ fn db_index(arg: &[u8]) -> Option<i64> {
 /// `COPY`'s options read as `copyCommand` reads them, one after the other: the databases its
 /// `DB` options name, up to the first option Redis refuses, and whether it read them all. A
 /// negative database ends the reading, as Redis refuses it there.
-fn copy_databases(argv: &[&[u8]]) -> (Vec<i64>, bool) {
+fn copy_databases<A: AsRef<[u8]>>(argv: &[A]) -> (Vec<i64>, bool) {
     let mut dbs = Vec::new();
     let mut j = 3;
     while j < argv.len() {
-        if argv[j].eq_ignore_ascii_case(b"replace") {
+        if argv[j].as_ref().eq_ignore_ascii_case(b"replace") {
             j += 1;
-        } else if argv[j].eq_ignore_ascii_case(b"db") && j + 1 < argv.len() {
-            let Some(db) = db_index(argv[j + 1]) else { return (dbs, false) };
+        } else if argv[j].as_ref().eq_ignore_ascii_case(b"db") && j + 1 < argv.len() {
+            let Some(db) = db_index(argv[j + 1].as_ref()) else { return (dbs, false) };
             dbs.push(db);
             if db < 0 {
                 return (dbs, false);

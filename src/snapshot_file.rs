@@ -41,7 +41,7 @@ mod transfer;
 mod writing;
 
 use files::with_suffix;
-pub use files::{latest, remove_leftovers, remove_older_than, snapshot_path, sync_dir_of};
+pub use files::{latest, remove_leftovers, remove_older_than, snapshot_path, sync_dir_of, temp_path};
 pub use reading::{read_meta, verify, SnapshotReader};
 pub use transfer::{read_chunk, IncomingSnapshot};
 pub use writing::SnapshotWriter;

@@ -399,10 +399,9 @@ extern "C" fn fork_done(exitcode: c_int, bysignal: c_int, _user_data: *mut c_voi
                 // leaves it, a dataset's worth of disk that would refuse every later snapshot
                 // for want of room. Removed here, before another snapshot of the same point can
                 // start writing it again. (Rare enough for the main thread's unlink.)
-                let mut tmp = job.path.clone().into_os_string();
-                tmp.push(".tmp");
+                let tmp = raftis_core::snapshot_file::temp_path(&job.path);
                 if let Err(e) = std::fs::remove_file(&tmp) {
-                    log::warn!("could not remove {}: {e}", std::path::Path::new(&tmp).display());
+                    log::warn!("could not remove {}: {e}", tmp.display());
                 }
             }
             s.snapshots.ended(false, job.started.elapsed());

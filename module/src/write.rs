@@ -93,8 +93,7 @@ pub fn prepare_admitted(db: u32, argv: &mut Args, at: EntryTime) -> Result<(), S
 
 fn ready(db: u32, argv: &mut Args, at: EntryTime, hold_memory_limit: bool) -> Result<(), String> {
     crate::scripts::prepare(argv)?;
-    let refs: Vec<&[u8]> = argv.iter().map(|a| a.as_ref()).collect();
-    if determinism::database_indexes(&refs).iter().any(|n| *n >= i64::from(state::get().databases)) {
+    if determinism::database_indexes(argv).iter().any(|n| *n >= i64::from(state::get().databases)) {
         return Err(DB_OUT_OF_RANGE.into());
     }
     if argv.first().is_some_and(|name| determinism::runs_by_the_log_clock(name)) {

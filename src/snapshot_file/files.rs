@@ -117,6 +117,11 @@ pub fn remove_leftovers(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Where the snapshot that will be `path` is written until it is sealed.
+pub fn temp_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".tmp")
+}
+
 pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);

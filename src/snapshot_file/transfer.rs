@@ -64,6 +64,11 @@ impl IncomingSnapshot {
 
     /// Gives the transfer up and removes what it wrote, so that it takes no room.
     pub fn abandon(self) {
+        self.discard();
+    }
+
+    /// Removes the partial file and its resume record: the next attempt starts over.
+    fn discard(&self) {
         let _ = fs::remove_file(&self.part);
         let _ = fs::remove_file(&self.info);
     }
@@ -99,8 +104,7 @@ impl IncomingSnapshot {
         if let Err(e) = self.file.sync_all() {
             // Not resumed: after a failed fsync the kernel may have dropped pages it could not
             // write, and the next attempt's read would check its own cache, not the disk.
-            let _ = fs::remove_file(&self.part);
-            let _ = fs::remove_file(&self.info);
+            self.discard();
             return Err(e.into());
         }
         let checked = verify(&self.part).and_then(|s| {
@@ -115,8 +119,7 @@ impl IncomingSnapshot {
         let summary = match checked {
             Ok(s) => s,
             Err(e) => {
-                let _ = fs::remove_file(&self.part);
-                let _ = fs::remove_file(&self.info);
+                self.discard();
                 return Err(e);
             }
         };

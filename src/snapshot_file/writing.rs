@@ -53,7 +53,7 @@ impl SnapshotWriter {
         check_field("members", &members)?;
         check_field("functions", functions)?;
 
-        let tmp = with_suffix(path, ".tmp");
+        let tmp = temp_path(path);
         // Truncates a leftover of an earlier, crashed attempt at the same snapshot.
         let file = File::create(&tmp)?;
         let out = HashingWriter { inner: BufWriter::with_capacity(IO_BUFFER, file), crc: crc32fast::Hasher::new(), size: 0 };
