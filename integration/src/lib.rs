@@ -458,6 +458,24 @@ impl Cluster {
         self.nodes[leader].restart().unwrap();
     }
 
+    /// Kills node `i` (not the leader) and returns once the leader has stopped streaming entries
+    /// to it, so that what is written from then on reaches it only in answer to it, after its
+    /// restart: past a compaction, only in a snapshot.
+    ///
+    /// Entries sent before the leader hears of the kill wait in its queue for the node and reach
+    /// it as soon as it is back. Once the leader probes the node instead, one write's append goes
+    /// out and the next waits for an answer that does not come; that write is made here.
+    pub fn kill_behind(&mut self, i: usize) {
+        let leader = self.wait_leader();
+        assert_ne!(i, leader, "kill_behind is for a follower");
+        let id = self.nodes[i].node_id().to_string();
+        self.nodes[i].kill9();
+        wait_for(&format!("the leader to probe the killed node {i}"), Duration::from_secs(10), || {
+            (peer_state(&self.nodes[leader], &id).as_deref() == Some("probe")).then_some(())
+        });
+        let _: () = self.nodes[leader].cmd(&["SET", PROBE_KEY, "behind"]).unwrap();
+    }
+
     /// Index of the leader once exactly one running node says it leads and it accepts writes
     /// (it answers a write of `PROBE_KEY`).
     pub fn wait_leader(&self) -> usize {
@@ -530,7 +548,7 @@ impl Cluster {
 impl Drop for Cluster {
     /// A failing test keeps every node's data directory and redis.log for the post-mortem.
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("RAFTIS_KEEP_TEST_DIRS").is_some() {
             self.root.disable_cleanup(true);
             eprintln!("test failed: nodes' data and logs kept in {}", self.root.path().display());
         }
@@ -619,6 +637,14 @@ pub fn refused(reply: &resp_conn::Reply) -> bool {
 /// The value of `field` in INFO-style `key:value` lines (RAFT.INFO, RAFT.STATS), trimmed.
 pub fn field_in<'a>(text: &'a str, field: &str) -> Option<&'a str> {
     text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(str::trim)
+}
+
+/// How the leader `server` replicates to node `id` (`probe`, `replicate`, `snapshot`), from the
+/// node's line in RAFT.INFO.
+pub fn peer_state(server: &Server, id: &str) -> Option<String> {
+    let info: String = server.quick_cmd(&["RAFT.INFO"]).ok()?;
+    let line = info.lines().find(|l| l.contains(&format!(":id={id},")))?;
+    line.split(',').find_map(|kv| kv.strip_prefix("state=")).map(str::to_string)
 }
 
 /// A numeric field of RAFT.INFO.

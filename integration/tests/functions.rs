@@ -100,7 +100,7 @@ fn functions_run_the_same_on_every_node_from_the_log_and_from_snapshots() {
     // must drop the library as it installs the leader's. (Killed, not paused: a paused process
     // still receives appends into its socket buffer.)
     let (applied, _): (u64, u64) = cluster.nodes[follower].cmd(&["RAFT.SNAPSHOT"]).unwrap();
-    cluster.nodes[follower].kill9();
+    cluster.kill_behind(follower);
     let _: () = cluster.nodes[leader].cmd(&["FUNCTION", "FLUSH"]).unwrap();
     write_many(&cluster.nodes[leader], 5_000);
     wait_for("the leader to compact past the stopped follower", Duration::from_secs(20), || {
