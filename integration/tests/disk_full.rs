@@ -172,7 +172,7 @@ fn a_snapshot_download_without_room_is_not_started() {
     assert_eq!(cluster.wait_leader(), 0);
     cluster.join(1, 0).unwrap();
     cluster.join(2, 0).unwrap();
-    cluster.nodes[2].kill9();
+    cluster.kill_behind(2);
     let mut seed = 11;
     for i in 0..100 {
         let _: () = cluster.nodes[0].cmd(&["SET", &format!("k{i}"), &incompressible(100_000, &mut seed)]).unwrap();
