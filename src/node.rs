@@ -393,6 +393,16 @@ impl<S: StateMachine> Node<S> {
             Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().context("conf_applied is corrupt")?),
             None => 0,
         };
+        // Every membership entry up to `conf_applied` was applied, so committed, but the commit
+        // index is written lazily and may trail it. Raft starts from the stored membership, the
+        // one after `conf_applied`: a replay that ended below it would hand the state machine a
+        // point whose membership is not its own, and a snapshot taken there would record it.
+        // Raised to it, the replay's one batch (raft puts no limit on committed entries per
+        // Ready) ends past it.
+        let applied_membership = conf_applied.min(store.last_index());
+        if store.hard_state().commit < applied_membership {
+            store.set_commit(applied_membership, true).context("raising the commit index to the membership applied")?;
+        }
 
         // The state machine starts empty: it is rebuilt from the latest snapshot and the log.
         // The dataset resumes at the snapshot's index, which may be past the first log entry:

@@ -835,3 +835,68 @@ fn a_stuck_loop_does_not_hold_shutdown_up_for_ever() {
         rx.recv_timeout(Duration::from_secs(40)).expect("shutdown waited for the stuck round to end");
     });
 }
+
+/// Records where each batch ends and the learners it says are in force there: what a snapshot
+/// taken right after it would record.
+struct Points {
+    points: Arc<Mutex<Vec<(LogIndex, Vec<u64>)>>>,
+}
+
+impl StateMachine for Points {
+    type Waiter = Callback<LogIndex>;
+
+    fn apply(&mut self, batch: ApplyBatch<Self::Waiter>) {
+        for e in batch.entries {
+            if let Some(w) = e.waiter {
+                w(Ok(e.index));
+            }
+        }
+        self.points.lock().unwrap().push((batch.applied_to, batch.conf_state.learners.clone()));
+    }
+
+    fn restore(&mut self, _index: LogIndex, _data: &[u8]) {}
+}
+
+/// A node killed just after it applied a membership change may have stored a commit index from
+/// before it (the index is written lazily). Raft restarts with the membership after the change:
+/// the replay must not stop below the change with that membership, or a snapshot taken there
+/// would record members that were not members at its index.
+#[test]
+fn a_replay_from_before_the_last_membership_change_never_pairs_an_index_with_a_later_membership() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n1");
+    let port = free_port();
+    let n1 = start(NodeId(1), &dir, port, true, Durability::High);
+    wait_leader(&[&n1]);
+    assert_acked(propose_all(&n1, values("before", 5)));
+    let before_change = n1.node.status().commit;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    n1.node.change_membership_blocking(MembershipChange::AddLearner(info(NodeId(2), free_port())), deadline).unwrap();
+    let change = n1.node.status().commit;
+    assert!(change > before_change);
+    drop(n1);
+    // What a kill -9 within the commit index's write interval leaves.
+    LogStore::open(&dir).unwrap().set_commit(before_change.get(), true).unwrap();
+
+    let points = Arc::new(Mutex::new(Vec::new()));
+    let store = LogStore::open(&dir).unwrap();
+    let cfg = NodeConfig {
+        id: NodeId(1),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        info: info(NodeId(1), port),
+        timing: fast_timing(),
+        durability: Durability::High,
+        snapshot_dir: dir.clone(),
+        trailing_logs: 100,
+        trailing_bytes: 0,
+        max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
+        password: None,
+        shared: None,
+    };
+    let node = Node::start(cfg, store, Points { points: points.clone() }).unwrap();
+    wait_for("the replay past the change", Duration::from_secs(10), || (node.status().applied >= change).then_some(()));
+    let points = points.lock().unwrap().clone();
+    for (index, learners) in &points {
+        assert!(*index >= change || learners.is_empty(), "index {index} paired with learners {learners:?} added at {change}: {points:?}");
+    }
+}
