@@ -387,6 +387,24 @@ fn a_module_load_that_fails_late_leaves_redis_as_it_was() {
     assert_eq!(call(&mut conn, &["GET", "before"]).text().as_deref(), Some("1"));
 }
 
+/// Module arguments are not read lossily: two passwords (or dirs) that differ only in bytes that
+/// are not UTF-8 would be the same one. Such an argument is refused early, so a corrected load
+/// in the same process works.
+#[test]
+fn a_module_argument_that_is_not_utf8_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let port = raftis_integration::free_port_pair();
+    let plain = Server::start_plain(port, &root.path().join("plain")).unwrap();
+    let module = raftis_integration::module_path().display().to_string();
+    let raft_dir = format!("dir={}", root.path().join("raft").display());
+    let mut conn = RespConn::connect(port).unwrap();
+    let refused = conn.call(&[b"MODULE", b"LOAD", module.as_bytes(), raft_dir.as_bytes(), b"raft-password=\xff\xfe"]).unwrap();
+    assert!(refused.is_error(), "{refused:?}");
+    wait_for("the reason in the log", Duration::from_secs(5), || plain.log_tail().contains("argument 2 is not valid UTF-8").then_some(()));
+    let loaded = call(&mut conn, &["MODULE", "LOAD", &module, &raft_dir, "raft-password=secret"]);
+    assert_eq!(loaded.text().as_deref(), Some("OK"), "{loaded:?}");
+}
+
 /// Nodes whose settings differ never talk (see the next test); a single node is its own majority
 /// and replays its own log at start, which is how one with fewer databases meets an entry it
 /// cannot run as it ran before.

@@ -300,7 +300,17 @@ pub unsafe extern "C" fn RedisModule_OnLoad(ctx: *mut RedisModuleCtx, argv: *mut
         );
         return ffi::ERR;
     }
-    let args: Vec<String> = ffi::args_of(argv, argc).iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    // Not read lossily: two raft-passwords (or dirs) that differ only in invalid bytes would
+    // become the same one.
+    let args: Result<Vec<String>, usize> =
+        ffi::args_of(argv, argc).into_iter().enumerate().map(|(i, a)| String::from_utf8(a).map_err(|_| i + 1)).collect();
+    let args = match args {
+        Ok(args) => args,
+        Err(n) => {
+            ffi::log_line("warning", &format!("<raft> cannot load the Raftis module: argument {n} is not valid UTF-8"));
+            return ffi::ERR;
+        }
+    };
     match std::panic::catch_unwind(|| load(ctx, &args)) {
         Ok(Ok(())) => ffi::OK,
         Ok(Err(e)) => {
