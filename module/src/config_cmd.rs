@@ -66,42 +66,20 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
             if !RUNTIME.contains(&name.as_str()) {
                 return Err(format!("ERR unknown setting '{name}' (runtime settings: {})", RUNTIME.join(", ")));
             }
+            let _config = s.config_change.lock().unwrap_or_else(|p| p.into_inner());
             let mut next = s.settings();
             next.set(&name, &value).and_then(|()| next.check_ticks()).map_err(|e| format!("ERR {e}"))?;
-            let node = s.node();
+            if name == "maxmemory" {
+                crate::memory::check_limit(next.maxmemory).map_err(|e| format!("ERR {e}"))?;
+            }
+            if let Some(node) = s.node() {
+                push_to_node(&node, &s.settings(), &next)?;
+            }
             match name.as_str() {
                 "consistency" => s.set_consistency(next.consistency),
-                "durability" => {
-                    if let Some(n) = &node {
-                        n.set_durability(next.durability);
-                    }
-                }
                 "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
-                "max-entry-size" => {
-                    if let Some(n) = &node {
-                        n.set_max_entry_bytes(next.max_entry_bytes);
-                    }
-                }
-                "maxmemory" => {
-                    crate::memory::check_limit(next.maxmemory).map_err(|e| format!("ERR {e}"))?;
-                    s.set_maxmemory(next.maxmemory);
-                }
-                "snapshot-log-size" => {
-                    s.set_snapshot_log_bytes(next.snapshot_log_bytes);
-                    if let Some(n) = &node {
-                        n.set_trailing_bytes(next.snapshot_log_bytes);
-                    }
-                }
-                "tick-ms" => {
-                    if let Some(n) = &node {
-                        n.set_tick_interval(next.timing.tick_interval);
-                    }
-                }
-                "election-ticks" | "heartbeat-ticks" => {
-                    if let Some(n) = &node {
-                        n.set_ticks(next.timing.election_ticks, next.timing.heartbeat_ticks).map_err(|e| format!("ERR {e}"))?;
-                    }
-                }
+                "maxmemory" => s.set_maxmemory(next.maxmemory),
+                "snapshot-log-size" => s.set_snapshot_log_bytes(next.snapshot_log_bytes),
                 _ => {}
             }
             *s.settings.write().unwrap_or_else(|p| p.into_inner()) = next;
@@ -116,4 +94,26 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
             text(1)
         )),
     }
+}
+
+/// Hands `node`, running on the settings `before`, those of `after` that differ and that it
+/// reads itself. The tick counts go first: only raft can refuse them, and then nothing changes.
+pub fn push_to_node(node: &state::RaftNode, before: &Settings, after: &Settings) -> Result<(), String> {
+    let (was, now) = (&before.timing, &after.timing);
+    if (was.election_ticks, was.heartbeat_ticks) != (now.election_ticks, now.heartbeat_ticks) {
+        node.set_ticks(now.election_ticks, now.heartbeat_ticks).map_err(|e| format!("ERR {e}"))?;
+    }
+    if was.tick_interval != now.tick_interval {
+        node.set_tick_interval(now.tick_interval);
+    }
+    if before.durability != after.durability {
+        node.set_durability(after.durability);
+    }
+    if before.max_entry_bytes != after.max_entry_bytes {
+        node.set_max_entry_bytes(after.max_entry_bytes);
+    }
+    if before.snapshot_log_bytes != after.snapshot_log_bytes {
+        node.set_trailing_bytes(after.snapshot_log_bytes);
+    }
+    Ok(())
 }

@@ -70,6 +70,10 @@ pub struct Raftis {
     replay_to: AtomicU64,
     /// Serialises INIT/JOIN so two of them cannot both start a node.
     starting: Mutex<()>,
+    /// Held by `RAFT.CONFIG SET` throughout, and by a starting node from its install on: a SET
+    /// made while the node was being built (from settings read before it) either finds the node
+    /// or is found by it.
+    pub(crate) config_change: Mutex<()>,
 }
 
 static STATE: OnceLock<Raftis> = OnceLock::new();
@@ -120,6 +124,7 @@ impl Raftis {
             has_node: AtomicBool::new(false),
             replay_to: AtomicU64::new(0),
             starting: Mutex::new(()),
+            config_change: Mutex::new(()),
         };
         r.set_consistency(settings.consistency);
         r
@@ -358,8 +363,12 @@ impl Raftis {
         self.replay_to.store(self.store.hard_state().commit, Ordering::Release);
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
+        let _config = self.config_change.lock().unwrap_or_else(|p| p.into_inner());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         self.has_node.store(true, Ordering::Release);
+        if let Err(e) = crate::config_cmd::push_to_node(&node, &settings, &self.settings()) {
+            log::warn!("a RAFT.CONFIG SET made while the node started does not apply to it: {e}");
+        }
         Ok(node)
     }
 }
