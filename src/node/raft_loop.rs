@@ -36,14 +36,6 @@ impl<S: StateMachine> RaftLoop<S> {
             let received = tokio::time::timeout_at(wake_at.into(), self.rx.recv()).await;
             let started = Instant::now();
             let mut requests = 0;
-            // Read once per round: the append below must be flushed exactly when the earlier,
-            // unflushed writes were (a durability raised in between would fsync the journal
-            // alone, over a log whose older part may still be lost).
-            let sync = self.sync_writes();
-            if let Err(e) = self.store.set_ordered_commits(sync).context("flushing the log as durability rises to high") {
-                self.stop_on(e);
-                break;
-            }
             match received {
                 Ok(Some(req)) => {
                     let mut round = std::mem::take(&mut self.round);
@@ -68,6 +60,16 @@ impl<S: StateMachine> RaftLoop<S> {
                 }
                 Ok(None) => break,
                 Err(_elapsed) => {}
+            }
+            // Read once per round: the append below must be flushed exactly when the earlier,
+            // unflushed writes were (a durability raised in between would fsync the journal
+            // alone, over a log whose older part may still be lost). Read after the round's
+            // requests are taken: a write sent after `RAFT.CONFIG SET durability high` answered
+            // is in this round at the earliest, and must see it.
+            let sync = self.sync_writes();
+            if let Err(e) = self.store.set_ordered_commits(sync).context("flushing the log as durability rises to high") {
+                self.stop_on(e);
+                break;
             }
             CounterCells::add(&self.shared.counters.rounds, 1);
             let now = Instant::now();
