@@ -839,8 +839,11 @@ fn a_stuck_loop_does_not_hold_shutdown_up_for_ever() {
 /// Records where each batch ends and the learners it says are in force there: what a snapshot
 /// taken right after it would record.
 struct Points {
-    points: Arc<Mutex<Vec<(LogIndex, Vec<u64>)>>>,
+    points: Arc<Mutex<Vec<Point>>>,
 }
+
+/// A batch's last index, and the learners in force there.
+type Point = (LogIndex, Vec<u64>);
 
 impl StateMachine for Points {
     type Waiter = Callback<LogIndex>;
