@@ -3,7 +3,7 @@
 //! was published (replaying its log, catching up) does not deliver it.
 
 use raftis_integration::resp_conn::{args, call, Reply, RespConn};
-use raftis_integration::Cluster;
+use raftis_integration::{info_field, info_field_of_live, wait_for, Cluster};
 use std::time::{Duration, Instant};
 
 /// How old a message may be when a node applies it (the module's `OLD_NEWS`), and some margin.
@@ -84,4 +84,75 @@ fn client_side_caching_hears_of_changes_to_keys_read_through_the_log() {
     assert_eq!(cache.reply().unwrap(), invalidate("b"));
     call(&mut writer, &["DEL", "a"]);
     assert_eq!(cache.reply().unwrap(), invalidate("a"));
+}
+
+/// A read that waits before it runs (on a leader with threaded I/O, where replies cannot be held,
+/// every read at consistency high waits for its ReadIndex round) is tracked as of when it ran.
+/// Redis remembers the keys when `RAFT._READ` returns; a change applied while the read waits
+/// sends the invalidation and makes Redis forget them, and the value read after that change
+/// stayed cached for good: no invalidation came for the next change.
+#[test]
+fn a_read_that_waited_behind_a_change_is_told_of_the_next_one() {
+    let cluster = Cluster::start(3, &["--io-threads", "2"]).unwrap();
+    // Followers are paused below for longer than an election timeout.
+    cluster.config_set("election-ticks", "100");
+    // A leader given new ticks hands leadership over first: the leader below is the one that
+    // stays, once every node runs on them.
+    for n in &cluster.nodes {
+        wait_for("the new ticks", Duration::from_secs(20), || (info_field(n, "election_ticks") == 100).then_some(()));
+    }
+    let leader = cluster.wait_leader();
+    let node = &cluster.nodes[leader];
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let mut writer = RespConn::connect(node.port).unwrap();
+    let mut cache = RespConn::connect(node.port).unwrap();
+    call(&mut cache, &["HELLO", "3"]);
+    assert_eq!(call(&mut cache, &["CLIENT", "TRACKING", "ON"]).text().as_deref(), Some("OK"));
+    cache.set_read_timeout(Duration::from_secs(5)).unwrap();
+    let mut sleeper = RespConn::connect(node.port).unwrap();
+    let bulk = |s: &str| Reply::Blob(b'$', s.as_bytes().to_vec());
+    let invalidate = |key: &str| Reply::Aggregate(b'>', vec![bulk("invalidate"), Reply::Aggregate(b'*', vec![bulk(key)])]);
+
+    // The change is proposed but cannot commit; Redis' main thread then sleeps, the read arrives,
+    // and the change commits: when Redis wakes, the read usually comes first (its socket was
+    // ready first) and the change is applied while the read waits for its round. Not always:
+    // a module event that came with the DEBUG SLEEP runs right after it, and applies the change
+    // before the read. Then the scenario is tried again on another key.
+    let mut waited_behind_the_change = |key: &str, writer: &mut RespConn, cache: &mut RespConn| -> bool {
+        assert_eq!(call(writer, &["SET", key, "1"]).text().as_deref(), Some("OK"));
+        for f in &followers {
+            cluster.nodes[*f].pause();
+        }
+        let last = info_field_of_live(node, "last_log_index");
+        writer.send(&[args(&["SET", key, "2"])]).unwrap();
+        wait_for("the change to be proposed", Duration::from_secs(10), || (info_field(node, "last_log_index") > last).then_some(()));
+        let change = info_field_of_live(node, "last_log_index");
+        sleeper.send(&[args(&["DEBUG", "SLEEP", "1"])]).unwrap();
+        wait_for("Redis to sleep", Duration::from_secs(10), || node.main_thread_sleeps().then_some(()));
+        cache.send(&[args(&["GET", key])]).unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // the read's bytes reach the socket first
+        for f in &followers {
+            cluster.nodes[*f].resume();
+        }
+        wait_for("the change to commit", Duration::from_secs(10), || {
+            followers.iter().any(|f| info_field(&cluster.nodes[*f], "commit_index") >= change).then_some(())
+        });
+        assert!(node.main_thread_sleeps(), "the change committed while Redis slept");
+        assert_eq!(sleeper.reply().unwrap().text().as_deref(), Some("OK"));
+        assert_eq!(writer.reply().unwrap().text().as_deref(), Some("OK"));
+        let first = cache.reply().unwrap();
+        if first == bulk("2") {
+            eprintln!("{key}: the change was applied before the read came; trying again");
+            return false;
+        }
+        assert_eq!(first, invalidate(key), "the change was applied while the read waited");
+        assert_eq!(cache.reply().unwrap(), bulk("2"));
+        true
+    };
+    let key = (0..10)
+        .map(|i| format!("k{i}"))
+        .find(|key| waited_behind_the_change(key, &mut writer, &mut cache))
+        .expect("in ten tries, the read never waited behind the change");
+    assert_eq!(call(&mut writer, &["SET", &key, "3"]).text().as_deref(), Some("OK"));
+    assert_eq!(cache.reply().unwrap(), invalidate(&key), "the next change is told");
 }

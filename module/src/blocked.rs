@@ -270,6 +270,7 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
             // node that is not current, as of its log (see `expiry`), as every local read.
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
             crate::expiry::as_of_log(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
+            crate::tracking::remember_read_keys(ctx);
             ffi::OK
         }
     }

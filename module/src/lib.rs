@@ -41,6 +41,7 @@ mod snapshot;
 mod stale_timers;
 mod state;
 mod stream_probe;
+mod tracking;
 mod transaction;
 mod wait;
 mod watch;

@@ -1,0 +1,49 @@
+//! Client-side caching (`CLIENT TRACKING`) for reads that run after their command returned.
+//!
+//! Redis remembers a tracking client's keys when a read-only command returns, so `RAFT._READ`
+//! has them remembered at once, even when the read itself waits (for a ReadIndex round, or for a
+//! restarted node's replay) and runs later on a client of the module's own, which tracks
+//! nothing. A change applied meanwhile sends the client its invalidation and makes Redis forget
+//! the keys: the value read after the change would then stay in the client's cache for good. So
+//! the keys are remembered again when the read runs, as Redis does after a read it runs itself.
+
+use crate::ffi::{self, api, RedisModuleCtx};
+use redis_module::raw;
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+struct Functions {
+    lookup_client: unsafe extern "C" fn(u64) -> *mut c_void,
+    /// Redis' own: the keys of the client's current command (here still `RAFT._READ`, whose
+    /// keys the module names), remembered for the client.
+    remember_keys: unsafe extern "C" fn(*mut c_void),
+}
+
+static FUNCTIONS: OnceLock<Option<Functions>> = OnceLock::new();
+
+fn functions() -> Option<&'static Functions> {
+    FUNCTIONS
+        .get_or_init(|| unsafe {
+            Some(Functions {
+                lookup_client: ffi::find_function("lookupClientByID").ok()?,
+                remember_keys: ffi::find_function("trackingRememberKeys").ok()?,
+            })
+        })
+        .as_ref()
+}
+
+/// For the read that has just run for the blocked client of `ctx` (in its reply callback, where
+/// Redis still holds the client's `RAFT._READ` arguments): remembers its keys for the client, if
+/// it tracks keys.
+pub fn remember_read_keys(ctx: *mut RedisModuleCtx) {
+    let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
+    let tracking = raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING as u64;
+    if id == 0 || ffi::client_flags(id).is_none_or(|flags| flags & tracking == 0) {
+        return;
+    }
+    let Some(f) = functions() else { return };
+    let client = unsafe { (f.lookup_client)(id) };
+    if !client.is_null() {
+        unsafe { (f.remember_keys)(client) };
+    }
+}
