@@ -91,7 +91,6 @@ const NEVER_REPLICATED: &[&str] = &[
     "bgrewriteaof",
     "slowlog",
     "latency",
-    "memory",
     "module",
     "acl",
     "subscribe",
@@ -430,6 +429,9 @@ mod tests {
         t.insert("xgroup|destroy", CommandInfo { arity: 4, write: true, ..Default::default() });
         t.insert("object", CommandInfo { arity: -2, container: true, ..Default::default() });
         t.insert("object|encoding", CommandInfo { arity: 3, readonly: true, ..Default::default() });
+        t.insert("memory", CommandInfo { arity: -2, container: true, ..Default::default() });
+        t.insert("memory|usage", CommandInfo { arity: -3, readonly: true, keys: span(2, 2, 1), ..Default::default() });
+        t.insert("memory|stats", CommandInfo { arity: 2, ..Default::default() });
         t.insert("flushall", CommandInfo { arity: -1, write: true, keys: span(0, 0, 0), ..Default::default() });
         t.insert("restore", CommandInfo { arity: -4, write: true, denyoom: true, keys: span(1, 1, 1), ..Default::default() });
         // Redis' own entries for names Raftis decides about by name, flags and all.
@@ -470,6 +472,10 @@ mod tests {
         assert_eq!(route(&["flushall"]), Route::Write);
         assert_eq!(route(&["GET", "k"]), Route::Read);
         assert_eq!(route(&["OBJECT", "ENCODING", "k"]), Route::Read);
+        // Whether the key exists shows in MEMORY USAGE's answer: a read like any other. The rest
+        // of MEMORY is about this node.
+        assert_eq!(route(&["MEMORY", "USAGE", "k"]), Route::Read);
+        assert_eq!(route(&["memory", "stats"]), Route::Local);
         assert_eq!(route(&["SELECT", "1"]), Route::Local);
         assert_eq!(route(&["RAFT.INFO"]), Route::Local);
         assert_eq!(route(&["NOSUCHCOMMAND", "x"]), Route::Local, "Redis answers unknown commands itself");

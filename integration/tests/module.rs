@@ -850,11 +850,16 @@ fn consistency_levels_decide_who_serves_reads() {
     for f in &followers {
         let err = f.cmd::<String>(&["GET", "reg"]).unwrap_err();
         assert_eq!(err.code(), Some("MOVED"), "{err}");
+        // Its answer shows whether the key exists: a read.
+        let err = f.cmd::<Option<i64>>(&["MEMORY", "USAGE", "reg"]).unwrap_err();
+        assert_eq!(err.code(), Some("MOVED"), "{err}");
     }
+    assert!(l.cmd::<i64>(&["MEMORY", "USAGE", "reg"]).unwrap() > 0);
     // Commands that are neither reads nor writes are never redirected.
     for f in &followers {
         let pong: String = f.cmd(&["PING"]).unwrap();
         assert_eq!(pong, "PONG");
+        let _: Value = f.cmd(&["MEMORY", "STATS"]).unwrap();
     }
 
     // medium: leader-local reads, followers still redirect.
