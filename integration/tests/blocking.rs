@@ -252,7 +252,9 @@ fn a_forwarded_pop_follows_the_leader_when_it_steps_down() {
     let mut forever = RespConn::connect(via.port).unwrap();
     let mut briefly = RespConn::connect(via.port).unwrap();
     block(&mut forever, &["BLPOP", "q", "0"], &cluster.nodes[old], 1);
-    block(&mut briefly, &["BLPOP", "empty", "3"], &cluster.nodes[old], 2);
+    // Long enough to outlast the hand-over on a slow machine: it must still wait at the next
+    // leader.
+    block(&mut briefly, &["BLPOP", "empty", "8"], &cluster.nodes[old], 2);
     let new = step_down(&cluster, old, "12");
     wait_for("the pops to wait at the new leader", WAIT, || (waiting(&cluster.nodes[new]) == 2).then_some(()));
     let mut producer = RespConn::connect(cluster.nodes[new].port).unwrap();

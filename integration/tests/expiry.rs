@@ -52,7 +52,7 @@ fn nodes_replaying_old_entries_expire_keys_as_the_leader_did() {
         1 => (0, 2),
         _ => (0, 1),
     };
-    let ttl_ms = 1500;
+    let ttl_ms = 5000;
     let expires = Instant::now() + Duration::from_millis(ttl_ms);
     let mut conn = cluster.nodes[leader].client().unwrap();
     let n = 10;
@@ -161,7 +161,7 @@ fn sort_reads_its_pattern_keys_as_of_the_entry_time_on_every_node() {
     let mut cluster = Cluster::start(3, &[]).unwrap();
     let leader = cluster.wait_leader();
     let replaying = (leader + 1) % 3;
-    let ttl_ms = 1500;
+    let ttl_ms = 5000;
     let expires = Instant::now() + Duration::from_millis(ttl_ms);
     let mut conn = cluster.nodes[leader].client().unwrap();
     let ttl = ttl_ms.to_string();

@@ -140,7 +140,7 @@ fn a_node_that_catches_up_from_a_snapshot_stops_dialing_a_member_removed_meanwhi
 fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
     let root = tempfile::tempdir().unwrap();
     let plain = Server::start_plain(free_port_pair(), &root.path().join("plain")).unwrap();
-    let _: () = plain.cmd(&["DEBUG", "POPULATE", "100000", "dumped"]).unwrap();
+    let _: () = plain.cmd(&["DEBUG", "POPULATE", "20000", "dumped"]).unwrap();
     let _: () = plain.cmd(&["SAVE"]).unwrap();
 
     let mut cluster = Cluster::start(3, &["trailing-logs=10"]).unwrap();
@@ -160,8 +160,9 @@ fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
     let target = info_field_of_live(&cluster.nodes[leader], "commit_index");
     let node = &mut cluster.nodes[lagging];
     std::fs::copy(root.path().join("plain/dump.rdb"), node.dir.join("dump.rdb")).unwrap();
-    // Redis takes its time over each key of the file: the newer snapshot arrives meanwhile.
-    node.redis_args = vec!["--key-load-delay".into(), "40".into()];
+    // Redis takes its time over each key of the file (some 5 s in all; the node must answer
+    // PING within 15 s of its start): the newer snapshot arrives meanwhile.
+    node.redis_args = vec!["--key-load-delay".into(), "200".into()];
     node.restart().unwrap();
     let node = &cluster.nodes[lagging];
     wait_for("the node to catch up", Duration::from_secs(60), || (info_field(node, "applied_index") >= target).then_some(()));

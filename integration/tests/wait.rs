@@ -85,6 +85,10 @@ fn wait_counts_the_followers_that_hold_the_clients_writes() {
     for (node, expected) in [(leader, 2), (follower, 0)] {
         let mut waiter = RespConn::connect(cluster.nodes[node].port).unwrap();
         let id = call(&mut waiter, &["CLIENT", "ID"]).integer().unwrap().to_string();
+        if node == leader {
+            // Both followers hold everything proposed so far: a commit needs only one of them.
+            assert_eq!(call(&mut waiter, &["WAIT", "2", "0"]).integer(), Some(2));
+        }
         waiter.send(&[args(&["WAIT", "3", "0"])]).unwrap();
         // Until the Raft loop names the index a WAIT is about, its count is 0.
         raftis_integration::wait_for("WAIT to count", Duration::from_secs(10), || {
