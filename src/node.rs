@@ -344,8 +344,11 @@ impl<S: StateMachine> Node<S> {
         entry.data = cc.encode_to_vec();
         entry.context = context;
         let hard_state = HardState { term: 1, vote: 0, commit: 1 };
-        store.set_conf_state(&ConfState { voters: vec![info.id.get()], ..Default::default() })?;
+        // The entry first: with its term the store counts as initialised, and should a crash cut
+        // what follows short, the next start applies the entry, which records the membership.
+        // Membership first would leave a voter with no entry naming it and no address.
         store.append(&[entry], Some(&hard_state), true).context("writing the first log entry")?;
+        store.set_conf_state(&ConfState { voters: vec![info.id.get()], ..Default::default() })?;
         let mut members = Members::new();
         members.insert(info.id, info.clone());
         store.put_meta(META_MEMBERS, &serde_json::to_vec(&members)?)?;

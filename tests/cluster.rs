@@ -903,3 +903,31 @@ fn a_replay_from_before_the_last_membership_change_never_pairs_an_index_with_a_l
         assert!(*index >= change || learners.is_empty(), "index {index} paired with learners {learners:?} added at {change}: {points:?}");
     }
 }
+
+/// `Node::bootstrap` writes the first entry before the membership it records: a crash right
+/// after the entry leaves a node that applies it at its next start, and so becomes its
+/// cluster's one voter, with its address, and serves.
+#[test]
+fn a_node_whose_bootstrap_stopped_after_its_first_entry_starts_as_its_one_voter() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n1");
+    let port = free_port();
+    {
+        let store = LogStore::open(&dir).unwrap();
+        let (cc, context) = MembershipChange::AddVoter(info(NodeId(1), port)).to_raft();
+        let mut entry = raft::eraftpb::Entry::default();
+        entry.set_entry_type(raft::eraftpb::EntryType::EntryConfChangeV2);
+        (entry.index, entry.term) = (1, 1);
+        entry.data = prost::Message::encode_to_vec(&cc);
+        entry.context = context;
+        let hard_state = raft::eraftpb::HardState { term: 1, vote: 0, commit: 1 };
+        store.append(&[entry], Some(&hard_state), true).unwrap();
+        assert!(store.is_initialized(), "a node with its first entry belongs to a cluster");
+    }
+    let n1 = start(NodeId(1), &dir, port, false, Durability::High);
+    wait_leader(&[&n1]);
+    let status = n1.node.status();
+    assert_eq!(status.voters, vec![NodeId(1)]);
+    assert_eq!(status.members.get(&NodeId(1)), Some(&info(NodeId(1), port)));
+    assert_acked(propose_all(&n1, values("after", 3)));
+}
