@@ -231,7 +231,7 @@ fn unblock(bc: *mut RedisModuleBlockedClient, outcome: Outcome) {
     unsafe { api!(RedisModule_UnblockClient)(bc, privdata) };
 }
 
-extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleString, _argc: c_int) -> c_int {
+extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
     let privdata = unsafe { api!(RedisModule_GetBlockedClientPrivateData)(ctx) } as *const Outcome;
     if privdata.is_null() {
         return ffi::reply_error(ctx, "ERR internal error: no reply");
@@ -239,7 +239,18 @@ extern "C" fn reply_callback(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisMod
     let outcome = unsafe { &*privdata };
     // Redis calls this; a panic must not unwind into it. One in the middle of an array already
     // begun leaves that client's reply short, which is still better than a server abort.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply_with(ctx, outcome))).unwrap_or_else(|_| {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let replied = reply_with(ctx, outcome);
+        // A read's value, run now or relayed from the leader, is what the client caches.
+        let ran_a_read = matches!(outcome, Outcome::Run { .. } | Outcome::Relay(_))
+            && argc > 0
+            && ffi::string_bytes(unsafe { *argv }).eq_ignore_ascii_case(crate::read::READ_COMMAND.as_bytes());
+        if ran_a_read {
+            crate::tracking::remember_read_keys(ctx);
+        }
+        replied
+    }))
+    .unwrap_or_else(|_| {
         log::error!("panic while replying to an unblocked client");
         ffi::reply_error(ctx, "ERR internal error while replying")
     })
@@ -270,7 +281,6 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
             // node that is not current, as of its log (see `expiry`), as every local read.
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
             crate::expiry::as_of_log(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
-            crate::tracking::remember_read_keys(ctx);
             ffi::OK
         }
     }

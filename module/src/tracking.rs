@@ -34,7 +34,9 @@ fn functions() -> Option<&'static Functions> {
 
 /// For the read that has just run for the blocked client of `ctx` (in its reply callback, where
 /// Redis still holds the client's `RAFT._READ` arguments): remembers its keys for the client, if
-/// it tracks keys.
+/// it tracks keys. (A client in `BCAST` mode, which Redis would skip, cannot be told apart here:
+/// its keys are remembered too, and never invalidated for it; they take room in the tracking
+/// table until a change to them.)
 pub fn remember_read_keys(ctx: *mut RedisModuleCtx) {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
     let tracking = raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING as u64;
