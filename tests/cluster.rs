@@ -69,7 +69,13 @@ fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durabil
         Node::<Recorder>::bootstrap(&store, &info(id, port)).unwrap();
     }
     let applied = Arc::new(Mutex::new(Vec::new()));
-    let cfg = NodeConfig {
+    let node = Node::start(config(id, dir, port, durability), store, Recorder { applied: applied.clone() }).unwrap();
+    TestNode { id, dir: dir.to_path_buf(), port, node, applied }
+}
+
+/// How these tests run a node: fast ticks, on loopback, with its snapshots beside its log.
+fn config(id: NodeId, dir: &Path, port: u16, durability: Durability) -> NodeConfig {
+    NodeConfig {
         id,
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         info: info(id, port),
@@ -81,9 +87,7 @@ fn start(id: NodeId, dir: &Path, port: u16, bootstrap: bool, durability: Durabil
         max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
         password: None,
         shared: None,
-    };
-    let node = Node::start(cfg, store, Recorder { applied: applied.clone() }).unwrap();
-    TestNode { id, dir: dir.to_path_buf(), port, node, applied }
+    }
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -883,20 +887,7 @@ fn a_replay_from_before_the_last_membership_change_never_pairs_an_index_with_a_l
 
     let points = Arc::new(Mutex::new(Vec::new()));
     let store = LogStore::open(&dir).unwrap();
-    let cfg = NodeConfig {
-        id: NodeId(1),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        info: info(NodeId(1), port),
-        timing: fast_timing(),
-        durability: Durability::High,
-        snapshot_dir: dir.clone(),
-        trailing_logs: 100,
-        trailing_bytes: 0,
-        max_entry_bytes: raftis::settings::DEFAULT_MAX_ENTRY_BYTES,
-        password: None,
-        shared: None,
-    };
-    let node = Node::start(cfg, store, Points { points: points.clone() }).unwrap();
+    let node = Node::start(config(NodeId(1), &dir, port, Durability::High), store, Points { points: points.clone() }).unwrap();
     wait_for("the replay past the change", Duration::from_secs(10), || (node.status().applied >= change).then_some(()));
     let points = points.lock().unwrap().clone();
     for (index, learners) in &points {
