@@ -614,7 +614,7 @@ pub fn produce<T>(
 /// module's on a Raftis node.
 pub fn waiting_clients(server: &Server, plain: bool) -> u64 {
     if plain {
-        let info: String = server.quick_cmd(&["INFO", "clients"]).unwrap();
+        let info: String = server.cmd(&["INFO", "clients"]).unwrap_or_else(|e| panic!("INFO on port {}: {e}", server.port));
         field_in(&info, "blocked_clients").and_then(|v| v.parse().ok()).unwrap()
     } else {
         stat_field(server, "blocked_pops_waiting")
@@ -679,9 +679,10 @@ pub fn incompressible(n: usize, seed: &mut u64) -> String {
         .collect()
 }
 
-/// A counter from RAFT.STATS; panics if the node does not report it.
+/// A counter from RAFT.STATS, from a node that must answer (a slow answer on a loaded machine is
+/// waited for); panics if the node does not report it.
 pub fn stat_field(server: &Server, field: &str) -> u64 {
-    let stats: String = server.quick_cmd(&["RAFT.STATS"]).unwrap();
+    let stats: String = server.cmd(&["RAFT.STATS"]).unwrap_or_else(|e| panic!("RAFT.STATS on port {}: {e}", server.port));
     field_in(&stats, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
 }
 
@@ -689,7 +690,7 @@ pub fn stat_field(server: &Server, field: &str) -> u64 {
 /// Both counts are the main thread's, from one RAFT.STATS: raft's own count of the proposals it
 /// appended may lag a clock entry the main thread has just counted.
 pub fn client_proposals(leader: &Server) -> i64 {
-    let stats: String = leader.quick_cmd(&["RAFT.STATS"]).unwrap();
+    let stats: String = leader.cmd(&["RAFT.STATS"]).unwrap_or_else(|e| panic!("RAFT.STATS on port {}: {e}", leader.port));
     let field = |name| field_in(&stats, name).and_then(|v| v.parse::<i64>().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {name}"));
     field("proposals_requested") - field("clock_entries_proposed")
 }
