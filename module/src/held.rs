@@ -288,6 +288,11 @@ fn redis_client(ctx: *mut RedisModuleCtx, command: &str) -> Result<(&'static Hoo
     Ok((hooks, client))
 }
 
+/// Redis' own client behind `ctx`, for another function Redis exports (see `tracking`).
+pub fn redis_client_of(ctx: *mut RedisModuleCtx) -> Option<*mut c_void> {
+    redis_client(ctx, "this").ok().map(|(_, client)| client)
+}
+
 /// Whether UNWATCH can run as Redis runs it, from the module ([`unwatch`]).
 pub fn unwatch_available() -> bool {
     exported().is_ok()

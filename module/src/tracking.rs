@@ -12,25 +12,11 @@ use redis_module::raw;
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
-struct Functions {
-    lookup_client: unsafe extern "C" fn(u64) -> *mut c_void,
-    /// Redis' own: the keys of the client's current command (here still `RAFT._READ`, whose
-    /// keys the module names), remembered for the client.
-    remember_keys: unsafe extern "C" fn(*mut c_void),
-}
+/// Redis' own: the keys of the client's current command (here still `RAFT._READ`, whose keys the
+/// module names), remembered for the client.
+type RememberKeys = unsafe extern "C" fn(*mut c_void);
 
-static FUNCTIONS: OnceLock<Option<Functions>> = OnceLock::new();
-
-fn functions() -> Option<&'static Functions> {
-    FUNCTIONS
-        .get_or_init(|| unsafe {
-            Some(Functions {
-                lookup_client: ffi::find_function("lookupClientByID").ok()?,
-                remember_keys: ffi::find_function("trackingRememberKeys").ok()?,
-            })
-        })
-        .as_ref()
-}
+static REMEMBER_KEYS: OnceLock<Option<RememberKeys>> = OnceLock::new();
 
 /// For the read that has just run for the blocked client of `ctx` (in its reply callback, where
 /// Redis still holds the client's `RAFT._READ` arguments): remembers its keys for the client, if
@@ -43,9 +29,10 @@ pub fn remember_read_keys(ctx: *mut RedisModuleCtx) {
     if id == 0 || ffi::client_flags(id).is_none_or(|flags| flags & tracking == 0) {
         return;
     }
-    let Some(f) = functions() else { return };
-    let client = unsafe { (f.lookup_client)(id) };
-    if !client.is_null() {
-        unsafe { (f.remember_keys)(client) };
+    let Some(remember_keys) = *REMEMBER_KEYS.get_or_init(|| unsafe { ffi::find_function("trackingRememberKeys").ok() }) else {
+        return;
+    };
+    if let Some(client) = crate::held::redis_client_of(ctx) {
+        unsafe { remember_keys(client) };
     }
 }
