@@ -305,8 +305,7 @@ impl Server {
     /// This node's raft id (0 while uninitialized), from a node that must answer: a slow answer
     /// on a loaded machine is waited for, where [`info_field`] would read 0.
     pub fn node_id(&self) -> u64 {
-        let info: String = self.cmd(&["RAFT.INFO"]).unwrap_or_else(|e| panic!("RAFT.INFO on port {}: {e}", self.port));
-        field_in(&info, "node_id").and_then(|v| v.parse().ok()).unwrap_or(0)
+        info_field_of_live(self, "node_id")
     }
 
     /// This node's whole redis.log.
@@ -679,10 +678,15 @@ pub fn incompressible(n: usize, seed: &mut u64) -> String {
         .collect()
 }
 
+/// RAFT.STATS, from a node that must answer (a slow answer on a loaded machine is waited for).
+pub fn raft_stats(server: &Server) -> String {
+    server.cmd(&["RAFT.STATS"]).unwrap_or_else(|e| panic!("RAFT.STATS on port {}: {e}", server.port))
+}
+
 /// A counter from RAFT.STATS, from a node that must answer (a slow answer on a loaded machine is
 /// waited for); panics if the node does not report it.
 pub fn stat_field(server: &Server, field: &str) -> u64 {
-    let stats: String = server.cmd(&["RAFT.STATS"]).unwrap_or_else(|e| panic!("RAFT.STATS on port {}: {e}", server.port));
+    let stats = raft_stats(server);
     field_in(&stats, field).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {field}:\n{stats}"))
 }
 
@@ -690,7 +694,7 @@ pub fn stat_field(server: &Server, field: &str) -> u64 {
 /// Both counts are the main thread's, from one RAFT.STATS: raft's own count of the proposals it
 /// appended may lag a clock entry the main thread has just counted.
 pub fn client_proposals(leader: &Server) -> i64 {
-    let stats: String = leader.cmd(&["RAFT.STATS"]).unwrap_or_else(|e| panic!("RAFT.STATS on port {}: {e}", leader.port));
+    let stats = raft_stats(leader);
     let field = |name| field_in(&stats, name).and_then(|v| v.parse::<i64>().ok()).unwrap_or_else(|| panic!("RAFT.STATS has no {name}"));
     field("proposals_requested") - field("clock_entries_proposed")
 }

@@ -1,7 +1,7 @@
 //! Snapshots, log compaction, and catch-up from a snapshot, with real redis-server processes.
 
 use raftis_integration::{
-    digest, field_in, free_port_pair, info_field, info_field_of_live, info_text, stat_field, wait_for, Cluster, Server,
+    digest, field_in, free_port_pair, info_field, info_field_of_live, info_text, raft_stats, stat_field, wait_for, Cluster, Server,
 };
 use redis::Value;
 use std::time::Duration;
@@ -115,7 +115,7 @@ fn a_node_that_catches_up_from_a_snapshot_stops_dialing_a_member_removed_meanwhi
     let _: () = cluster.nodes[leader].cmd(&["SET", "before", "1"]).unwrap();
     cluster.wait_converged(&[0, 1, 2, 3]);
     let dials = format!("peer_{}_sent", cluster.nodes[removed].node_id());
-    assert!(stats_of(&cluster.nodes[down]).contains(&dials), "the node dials every member");
+    assert!(raft_stats(&cluster.nodes[down]).contains(&dials), "the node dials every member");
     cluster.kill_behind(down);
     let removed_id = cluster.nodes[removed].node_id().to_string();
     let _: String = cluster.nodes[leader].cmd(&["RAFT.REMOVEPEER", &removed_id]).unwrap();
@@ -129,7 +129,7 @@ fn a_node_that_catches_up_from_a_snapshot_stops_dialing_a_member_removed_meanwhi
     wait_for("the node to catch up from the snapshot", Duration::from_secs(20), || {
         (stat_field(node, "snapshots_fetched") >= 1).then_some(())
     });
-    wait_for("the node to stop dialing the removed member", Duration::from_secs(10), || (!stats_of(node).contains(&dials)).then_some(()));
+    wait_for("the node to stop dialing the removed member", Duration::from_secs(10), || (!raft_stats(node).contains(&dials)).then_some(()));
 }
 
 /// A node restarted beside a dump file restores its own snapshot only once Redis has loaded the
@@ -171,10 +171,6 @@ fn a_snapshot_replaced_while_redis_loads_a_dump_file_is_not_missed() {
     let log = node.log();
     assert!(log.contains("is not loaded: a newer one replaces it"), "the newer snapshot came while Redis loaded:\n{log}");
     cluster.assert_same_dataset(&[0, 1, 2]);
-}
-
-fn stats_of(server: &Server) -> String {
-    server.cmd(&["RAFT.STATS"]).unwrap()
 }
 
 /// A relative `dir=` is resolved at load: `CONFIG SET dir` (allowed with
