@@ -45,8 +45,13 @@ impl ClusterId {
     }
 
     pub fn save(self, store: &LogStore) -> anyhow::Result<()> {
-        store.put_meta(META_CLUSTER_ID, &self.0.to_be_bytes())?;
+        store.put_meta(META_CLUSTER_ID, &self.to_meta())?;
         Ok(())
+    }
+
+    /// As it is kept under [`META_CLUSTER_ID`].
+    pub fn to_meta(self) -> [u8; 8] {
+        self.0.to_be_bytes()
     }
 
     /// Why a peer that says `theirs` is refused by a node of cluster `self`, if it is.

@@ -17,7 +17,7 @@
 //! (`proposals`), committed entries (`committed`), snapshots and compaction (`snapshots`), new
 //! tick counts (`ticks`) and `RAFT.CLUSTER RECOVER` (`recovering`).
 
-use crate::cluster_id::ClusterId;
+use crate::cluster_id::{ClusterId, META_CLUSTER_ID};
 use crate::config::{Durability, Timing};
 use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
@@ -344,34 +344,29 @@ impl<S: StateMachine> Node<S> {
         entry.data = cc.encode_to_vec();
         entry.context = context;
         let hard_state = HardState { term: 1, vote: 0, commit: 1 };
-        // The entry first: with its term the store counts as initialised, and should a crash cut
-        // what follows short, the next start applies the entry, which records the membership.
-        // Membership first would leave a voter with no entry naming it and no address.
-        store.append(&[entry], Some(&hard_state), true).context("writing the first log entry")?;
-        store.set_conf_state(&ConfState { voters: vec![info.id.get()], ..Default::default() })?;
-        let mut members = Members::new();
-        members.insert(info.id, info.clone());
-        store.put_meta(META_MEMBERS, &serde_json::to_vec(&members)?)?;
-        store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
-        ClusterId::random().save(store)?;
-        store.sync()?;
+        let conf_state = ConfState { voters: vec![info.id.get()], ..Default::default() };
+        let members = serde_json::to_vec(&Members::from([(info.id, info.clone())]))?;
+        let cluster_id = ClusterId::random().to_meta();
+        // One commit: a crash leaves no cluster (and INIT can run again) or the whole of it,
+        // never a node that serves with no cluster id or no member list.
+        let meta: [(&str, &[u8]); 3] = [(META_MEMBERS, &members), (META_CONF_APPLIED, &1u64.to_be_bytes()), (META_CLUSTER_ID, &cluster_id)];
+        store.start_log(&entry, &hard_state, &conf_state, &meta).context("writing the first log entry")?;
         Ok(())
     }
 
     /// Like [`Node::bootstrap`], for a cluster whose dataset starts as what the state machine
     /// already holds: `seed`, a snapshot of it at index 1 whose only voter is `info`. The log
     /// starts after it, so every node that joins loads the snapshot rather than replaying a log
-    /// that never held those keys. Written so that a crash leaves either no cluster (the metadata
-    /// written first is overwritten by the next attempt) or the whole of it.
+    /// that never held those keys. Written in one commit, like [`Node::bootstrap`].
     pub fn bootstrap_from(store: &LogStore, info: &NodeInfo, seed: &TakenSnapshot) -> anyhow::Result<()> {
         anyhow::ensure!(!store.is_initialized(), "this node already belongs to a cluster");
         let only_voter = seed.conf_state.voters == [info.id.get()] && seed.conf_state.learners.is_empty();
         let first = seed.index == LogIndex(1) && seed.term == Term(1);
         anyhow::ensure!(first && only_voter, "not a snapshot to start a cluster from");
-        store.put_meta(META_MEMBERS, &serde_json::to_vec(&*seed.members)?)?;
-        store.put_meta(META_CONF_APPLIED, &1u64.to_be_bytes())?;
-        ClusterId::random().save(store)?;
-        store.bootstrap(seed.to_raft()).context("recording the first snapshot")?;
+        let members = serde_json::to_vec(&*seed.members)?;
+        let cluster_id = ClusterId::random().to_meta();
+        let meta: [(&str, &[u8]); 3] = [(META_MEMBERS, &members), (META_CONF_APPLIED, &1u64.to_be_bytes()), (META_CLUSTER_ID, &cluster_id)];
+        store.bootstrap(seed.to_raft(), &meta).context("recording the first snapshot")?;
         Ok(())
     }
 

@@ -459,17 +459,46 @@ impl LogStore {
     }
 
     /// Makes `snapshot` the starting point of a fresh log (a new cluster's first node, or a node
-    /// given its initial configuration), and fsyncs.
-    pub fn bootstrap(&self, snapshot: Snapshot) -> Result<()> {
-        let meta = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?;
-        if meta.conf_state.as_ref().is_none_or(|cs| cs.voters.is_empty()) {
+    /// given its initial configuration), with `meta` stored in the same commit, and fsyncs: a
+    /// crash leaves all of it or none of it.
+    pub fn bootstrap(&self, snapshot: Snapshot, meta: &[(&str, &[u8])]) -> Result<()> {
+        let snapshot_meta = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?;
+        if snapshot_meta.conf_state.as_ref().is_none_or(|cs| cs.voters.is_empty()) {
             return Err(StorageError::NoVoters);
         }
         self.write(|txn, state| {
             if state.is_initialized() {
                 return Err(StorageError::AlreadyInitialized);
             }
-            self.install_snapshot(txn, state, snapshot)
+            self.install_snapshot(txn, state, snapshot)?;
+            self.put_metas_in(txn, meta)
+        })?;
+        self.sync()
+    }
+
+    /// Starts a fresh log with `first` (index 1), `hard_state` and `conf_state`, with `meta`
+    /// stored in the same commit, and fsyncs: a crash leaves all of it or none of it. The entry
+    /// goes straight to LMDB, not through the journal, so that it shares the commit.
+    pub fn start_log(&self, first: &Entry, hard_state: &HardState, conf_state: &ConfState, meta: &[(&str, &[u8])]) -> Result<()> {
+        if conf_state.voters.is_empty() {
+            return Err(StorageError::NoVoters);
+        }
+        self.check_append(std::iter::once(first))?;
+        let (_, mut sealed) = encode_record(std::slice::from_ref(first), None);
+        let first_stored = TailEntry { entry: first.clone(), sealed: sealed.remove(0) };
+        self.write(|txn, state| {
+            if state.is_initialized() || state.last_index != 0 {
+                return Err(StorageError::AlreadyInitialized);
+            }
+            self.put_entries(txn, std::slice::from_ref(&first_stored))?;
+            self.put_message(txn, key::HARD_STATE, hard_state)?;
+            self.put_message(txn, key::CONF_STATE, conf_state)?;
+            self.put_metas_in(txn, meta)?;
+            state.last_index = first.index;
+            state.hard_state = hard_state.clone();
+            state.conf_state = conf_state.clone();
+            state.stored(hard_state.commit);
+            Ok(())
         })?;
         self.sync()
     }

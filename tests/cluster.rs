@@ -816,6 +816,26 @@ fn a_cluster_made_from_a_seed_snapshot_has_a_log_that_starts_after_it() {
     // Reopened, as after a crash right after it: still there.
     let store = LogStore::open(root.path()).unwrap();
     assert_eq!((store.first_index(), store.is_initialized()), (2, true));
+    assert!(raftis::cluster_id::ClusterId::load(&store).unwrap().is_known());
+}
+
+/// A new cluster's first node has, once `bootstrap` returns, everything it serves with: its
+/// first entry, its membership, and a cluster id.
+#[test]
+fn a_bootstrapped_node_has_its_entry_its_membership_and_a_cluster_id() {
+    let root = tempfile::tempdir().unwrap();
+    let me = info(NodeId(1), free_port());
+    {
+        let store = LogStore::open(root.path()).unwrap();
+        Node::<Recorder>::bootstrap(&store, &me).unwrap();
+        assert!(Node::<Recorder>::bootstrap(&store, &me).is_err(), "only once");
+    }
+    let store = LogStore::open(root.path()).unwrap();
+    assert_eq!((store.first_index(), store.last_index(), store.conf_state().voters), (1, 1, vec![1]));
+    assert_eq!(store.hard_state().commit, 1);
+    let members: raftis::membership::Members = serde_json::from_slice(&store.get_meta("members").unwrap().unwrap()).unwrap();
+    assert_eq!(members.get(&me.id), Some(&me));
+    assert!(raftis::cluster_id::ClusterId::load(&store).unwrap().is_known());
 }
 
 /// A Raft loop stuck in one round (here an apply that takes a minute; a write to a disk that no
@@ -895,8 +915,8 @@ fn a_replay_from_before_the_last_membership_change_never_pairs_an_index_with_a_l
     }
 }
 
-/// `Node::bootstrap` writes the first entry before the membership it records: a crash right
-/// after the entry leaves a node that applies it at its next start, and so becomes its
+/// A node whose log holds only its first entry (what a crash in the middle of a bootstrap left
+/// before Raftis wrote it in one commit) applies it at its next start, and so becomes its
 /// cluster's one voter, with its address, and serves.
 #[test]
 fn a_node_whose_bootstrap_stopped_after_its_first_entry_starts_as_its_one_voter() {

@@ -266,7 +266,7 @@ fn bootstrap_then_reopen_keeps_everything() {
     let cs = ConfState { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() };
     {
         let store = LogStore::open(dir.path()).unwrap();
-        store.bootstrap(snapshot(5, 2, vec![1, 2, 3], b"initial")).unwrap();
+        store.bootstrap(snapshot(5, 2, vec![1, 2, 3], b"initial"), &[("members", b"seed")]).unwrap();
         assert!(store.is_initialized());
         assert_eq!((store.first_index(), store.last_index()), (6, 5));
         assert_eq!(store.hard_state(), HardState { term: 2, vote: 0, commit: 5 });
@@ -284,17 +284,47 @@ fn bootstrap_then_reopen_keeps_everything() {
     assert_eq!(store.conf_state(), cs);
     assert_eq!(store.initial_state().unwrap().conf_state, cs);
     assert_eq!(store.snapshot(0, 2).unwrap().data, b"initial".to_vec());
+    assert_eq!(store.get_meta("members").unwrap().as_deref(), Some(&b"seed"[..]));
 
-    let again = store.bootstrap(snapshot(1, 1, vec![1], b""));
+    let again = store.bootstrap(snapshot(1, 1, vec![1], b""), &[]);
     assert!(matches!(again, Err(StorageError::AlreadyInitialized)), "{again:?}");
+}
+
+#[test]
+fn a_log_started_with_its_first_entry_keeps_it_its_metadata_and_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = HardState { term: 1, vote: 0, commit: 1 };
+    let cs = ConfState { voters: vec![1], ..Default::default() };
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        let refused = store.start_log(&entry(1, 1), &hs, &ConfState::default(), &[("members", b"one")]);
+        assert!(matches!(refused, Err(StorageError::NoVoters)), "{refused:?}");
+        assert!(!store.is_initialized());
+        assert_eq!(store.get_meta("members").unwrap(), None, "a refused start writes nothing");
+
+        store.start_log(&entry(1, 1), &hs, &cs, &[("members", b"one"), ("conf_applied", b"1")]).unwrap();
+        assert!(store.is_initialized());
+        assert_eq!((store.first_index(), store.last_index(), store.hard_state()), (1, 1, hs.clone()));
+        // The journal takes over from there.
+        store.append(&entries_with_terms(2, &[1, 2]), Some(&HardState { term: 2, vote: 1, commit: 3 }), true).unwrap();
+    }
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!((store.first_index(), store.last_index()), (1, 3));
+    assert_eq!(get(&store, 1, 4).unwrap(), entries_with_terms(1, &[1, 1, 2]));
+    assert_eq!(store.conf_state(), cs);
+    assert_eq!(store.hard_state(), HardState { term: 2, vote: 1, commit: 3 });
+    assert_eq!(store.get_meta("members").unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(store.get_meta("conf_applied").unwrap().as_deref(), Some(&b"1"[..]));
+    let again = store.start_log(&entry(1, 1), &hs, &cs, &[]);
+    assert!(again.is_err(), "{again:?}");
 }
 
 #[test]
 fn bootstrap_needs_a_voter() {
     let dir = tempfile::tempdir().unwrap();
     let store = LogStore::open(dir.path()).unwrap();
-    assert!(matches!(store.bootstrap(snapshot(1, 1, vec![], b"")), Err(StorageError::NoVoters)));
-    assert!(matches!(store.bootstrap(Snapshot::default()), Err(StorageError::MissingSnapshotMetadata)));
+    assert!(matches!(store.bootstrap(snapshot(1, 1, vec![], b""), &[]), Err(StorageError::NoVoters)));
+    assert!(matches!(store.bootstrap(Snapshot::default(), &[]), Err(StorageError::MissingSnapshotMetadata)));
     assert!(!store.is_initialized());
 }
 
