@@ -163,3 +163,23 @@ fn a_server_given_a_running_members_node_id_is_refused_when_added() {
     assert!(err.contains(&format!("node id {id} is already used by the member")), "{err}");
     assert_eq!(info_field(&cluster.nodes[leader], "voters"), 3);
 }
+
+/// A restart with a `node-id=` other than the one its log belongs to (two nodes' dirs mixed up,
+/// most likely) is refused, naming both ids, instead of running as the log's node under this
+/// server's address. With the right id, or none, it starts.
+#[test]
+fn a_restart_with_a_node_id_other_than_its_logs_is_refused() {
+    let mut cluster = Cluster::start(1, &[]).unwrap();
+    let _: () = cluster.nodes[0].cmd(&["SET", "k", "v"]).unwrap();
+    let id = cluster.nodes[0].node_id();
+    let node = &mut cluster.nodes[0];
+    node.extra.push(format!("node-id={}", id + 1));
+    let err = node.restart().unwrap_err().to_string();
+    assert!(err.contains(&format!("node-id={} but the raft log", id + 1)) && err.contains(&format!("belongs to node {id}")), "{err}");
+    node.extra.pop();
+    node.extra.push(format!("node-id={id}"));
+    node.restart().unwrap();
+    assert_eq!(node.node_id(), id);
+    let value = wait_for("the node to serve again", Duration::from_secs(10), || node.cmd::<String>(&["GET", "k"]).ok());
+    assert_eq!(value, "v");
+}

@@ -499,6 +499,15 @@ fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks:
 
     if s.store.is_initialized() {
         let id = s.stored_node_id()?.ok_or_else(|| anyhow::anyhow!("the raft log in {} has no node id", s.settings().dir.display()))?;
+        // Most likely two nodes' dirs mixed up: this one would run as the node its log belongs
+        // to, under the other's address.
+        if let Some(given) = s.settings().node_id.filter(|given| *given != id) {
+            anyhow::bail!(
+                "node-id={given} but the raft log in {} belongs to node {id}: is dir= the right one? (node-id= only names a node that \
+                 has not joined a cluster yet; drop it or make it {id})",
+                s.settings().dir.display()
+            );
+        }
         s.start_node(id, state::Start::AsIs)?;
         log::info!("node {id} restarted from {}; replaying the log", s.settings().dir.display());
     } else {
