@@ -37,11 +37,10 @@ impl ClusterId {
 
     /// The id kept in `store`, if any.
     pub fn load(store: &LogStore) -> anyhow::Result<ClusterId> {
-        let bytes = store.get_meta(META_CLUSTER_ID)?;
-        Ok(match bytes.as_deref().and_then(|b| b.try_into().ok()) {
-            Some(raw) => ClusterId(u64::from_be_bytes(raw)),
-            None => ClusterId::UNKNOWN,
-        })
+        let Some(bytes) = store.get_meta(META_CLUSTER_ID)? else { return Ok(ClusterId::UNKNOWN) };
+        // Read as unknown, a damaged id would let this node talk to any cluster.
+        let raw = bytes.as_slice().try_into().map_err(|_| anyhow::anyhow!("the stored cluster id is corrupt ({} bytes)", bytes.len()))?;
+        Ok(ClusterId(u64::from_be_bytes(raw)))
     }
 
     pub fn save(self, store: &LogStore) -> anyhow::Result<()> {
@@ -100,6 +99,10 @@ mod tests {
         assert_eq!(ClusterId::load(&store).unwrap(), ClusterId::UNKNOWN);
         ClusterId(42).save(&store).unwrap();
         drop(store);
-        assert_eq!(ClusterId::load(&LogStore::open(dir.path()).unwrap()).unwrap(), ClusterId(42));
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(ClusterId::load(&store).unwrap(), ClusterId(42));
+        store.put_meta(META_CLUSTER_ID, &[0, 42]).unwrap();
+        let err = ClusterId::load(&store).unwrap_err().to_string();
+        assert!(err.contains("cluster id is corrupt"), "a damaged id is not taken for none: {err}");
     }
 }
