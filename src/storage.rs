@@ -662,6 +662,10 @@ impl LogStore {
                 return Ok(());
             }
         }
+        if sync {
+            // All of it durable: LMDB must hold the entries it covers (see `write_commit`).
+            self.checkpoint(&mut self.tail())?;
+        }
         self.write_commit(commit)?;
         if sync {
             self.sync()?;
@@ -670,8 +674,9 @@ impl LogStore {
     }
 
     /// Writes the newest commit index now (fsynced only with ordered commits), e.g. before a
-    /// clean shutdown.
+    /// clean shutdown. A checkpoint first, so that LMDB holds every entry it covers.
     pub fn store_commit(&self) -> Result<()> {
+        self.checkpoint(&mut self.tail())?;
         self.write_commit(self.hard_state().commit)
     }
 
@@ -692,11 +697,19 @@ impl LogStore {
         Ok(self.state().stored_commit != stored)
     }
 
+    /// Writes the commit index into LMDB alone, as far as LMDB's own entries reach: from the
+    /// tail's first index on, they are stale (a new leader replaced them) or missing until the
+    /// next checkpoint. Below durability high a power loss can keep this commit and lose the
+    /// journal's records, and a commit index over the stale entries would have the node apply
+    /// entries the cluster never committed. The rest is written by that checkpoint.
     fn write_commit(&self, commit: u64) -> Result<()> {
+        let tail = self.tail();
+        let lmdb_current = if tail.entries.is_empty() { u64::MAX } else { tail.first - 1 };
+        let stored = commit.min(lmdb_current);
         self.write(|txn, state| {
             state.hard_state.commit = commit;
-            state.stored(commit);
-            self.put_message(txn, key::HARD_STATE, &state.hard_state)
+            state.stored(stored);
+            self.put_message(txn, key::HARD_STATE, &HardState { commit: stored, ..state.hard_state.clone() })
         })
     }
 

@@ -389,6 +389,38 @@ fn a_journal_generation_the_stored_log_already_holds_is_not_replayed() {
 }
 
 #[test]
+fn a_commit_index_written_alone_never_covers_entries_only_the_journal_holds() {
+    // Below durability high LMDB's commits and the journal's records reach the disk in no set
+    // order. A new leader's entries that replaced a suffix sit in the journal until the next
+    // checkpoint; a power loss that kept a commit index covering them and lost their record would
+    // leave the replaced entries under it, applied as if the cluster had committed them.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(LOG_DIR).join("journal");
+    let emptied;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_ordered_commits(false).unwrap();
+        store.set_commit_store_every(Duration::ZERO);
+        store.append(&entries_with_terms(1, &[1, 1, 1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 2 }), false).unwrap();
+        store.checkpoint(&mut store.tail()).unwrap();
+        emptied = std::fs::read(&journal).unwrap();
+        store.append(&entries_with_terms(4, &[2, 2, 2]), Some(&HardState { term: 2, vote: 0, commit: 3 }), false).unwrap();
+        store.set_commit(6, false).unwrap();
+        assert_eq!(store.hard_state().commit, 6, "the node itself knows its commit index");
+    }
+    // The power loss: the journal as the checkpoint left it.
+    std::fs::write(&journal, &emptied).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(get(&store, 1, 6).unwrap(), entries_with_terms(1, &[1, 1, 1, 1, 1]));
+    assert!(store.hard_state().commit <= 3, "entries 4 and 5 of term 1 were never committed: {:?}", store.hard_state());
+
+    // With nothing in the journal, a commit index is written whole.
+    store.set_commit(5, true).unwrap();
+    drop(store);
+    assert_eq!(LogStore::open(dir.path()).unwrap().hard_state().commit, 5);
+}
+
+#[test]
 fn a_snapshot_past_the_end_of_the_log_stops_the_open_with_a_reason() {
     // Below durability high a power loss can keep an LMDB commit that recorded a snapshot and
     // lose the journal records of the entries it was taken at. Raft cannot resume the dataset
