@@ -924,6 +924,23 @@ fn raft_config_gets_and_sets_and_rejects_invalid_values_without_changing_anythin
     assert_eq!(map["tick-ms"], "50");
     assert_eq!((map["election-ticks"], map["heartbeat-ticks"]), ("20", "4"));
     assert_eq!(info_field(n, "election_ticks"), 20, "a refused SET left raft alone");
+    // Several patterns, Redis' glob, each setting once.
+    let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "dur*", "[cd]*", "?ick-ms"]).unwrap();
+    let names: Vec<&str> = got.iter().step_by(2).map(String::as_str).collect();
+    assert_eq!(names, ["consistency", "durability", "tick-ms", "dir"], "{got:?}");
+    // Several pairs: all or none. Ticks are checked together, so both can move at once.
+    let _: () = n.cmd(&["RAFT.CONFIG", "SET", "election-ticks", "40", "heartbeat-ticks", "30", "write-timeout", "3000"]).unwrap();
+    wait_for("raft to run with both new timeouts", Duration::from_secs(10), || {
+        (info_field(n, "election_ticks") == 40 && info_field(n, "heartbeat_ticks") == 30).then_some(())
+    });
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "write-timeout", "4000", "durability", "fast"]).unwrap_err().to_string();
+    assert!(err.contains("durability") && err.contains("high, medium, low"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "write-timeout", "4000", "WRITE-TIMEOUT", "5000"]).unwrap_err().to_string();
+    assert!(err.contains("write-timeout is given more than once"), "{err}");
+    let err = n.cmd::<String>(&["RAFT.CONFIG", "SET", "write-timeout", "4000", "durability"]).unwrap_err().to_string();
+    assert!(err.contains("wrong number of arguments"), "{err}");
+    let got: Vec<String> = n.cmd(&["RAFT.CONFIG", "GET", "write-timeout", "durability"]).unwrap();
+    assert_eq!(got, ["durability", "medium", "write-timeout", "3000"], "refused SETs changed nothing");
     // Still serving, with the new settings.
     let _: () = n.cmd(&["SET", "k", "v"]).unwrap();
     let info: String = n.cmd(&["INFO", "raft"]).unwrap();

@@ -1,5 +1,6 @@
-//! `RAFT.CONFIG GET pattern` and `RAFT.CONFIG SET name value`, in the manner of CONFIG GET/SET.
-//! A SET is validated on a copy of the settings first: an invalid value changes nothing.
+//! `RAFT.CONFIG GET pattern [pattern ...]` and `RAFT.CONFIG SET name value [name value ...]`, in
+//! the manner of Redis 7's CONFIG GET/SET. A SET is validated whole on a copy of the settings
+//! first: an invalid value (or pair of values) changes nothing.
 
 use crate::reply::Reply;
 use crate::state;
@@ -52,45 +53,60 @@ pub fn config(args: &[Vec<u8>]) -> Result<Reply, String> {
     let sub = if args.len() > 1 { text(1).to_ascii_lowercase() } else { String::new() };
     let s = state::get();
     match sub.as_str() {
-        "get" if args.len() == 3 => {
-            let pattern = text(2);
-            // A map, as `CONFIG GET` answers in RESP3 (in RESP2, name and value after each other).
-            let pairs = values(&s.settings()).into_iter().filter(|(k, _)| crate::glob::matches(&pattern, k));
+        "get" if args.len() >= 3 => {
+            let patterns: Vec<String> = (2..args.len()).map(text).collect();
+            // A map, as `CONFIG GET` answers in RESP3 (in RESP2, name and value after each other);
+            // each setting once, however many patterns match it.
+            let pairs = values(&s.settings()).into_iter().filter(|(k, _)| patterns.iter().any(|p| crate::glob::matches(p, k)));
             Ok(Reply::Map(pairs.map(|(k, v)| (Reply::bulk(k), Reply::bulk(v))).collect()))
         }
-        "set" if args.len() == 4 => {
-            let (name, value) = (text(2).to_ascii_lowercase(), text(3));
-            if LOAD_ONLY.contains(&name.as_str()) {
-                return Err(format!("ERR {name} can only be set as a module argument at load time"));
-            }
-            if !RUNTIME.contains(&name.as_str()) {
-                return Err(format!("ERR unknown setting '{name}' (runtime settings: {})", RUNTIME.join(", ")));
+        "set" if args.len() >= 4 && args.len().is_multiple_of(2) => {
+            let pairs: Vec<(String, String)> = (2..args.len()).step_by(2).map(|i| (text(i).to_ascii_lowercase(), text(i + 1))).collect();
+            for (i, (name, _)) in pairs.iter().enumerate() {
+                if LOAD_ONLY.contains(&name.as_str()) {
+                    return Err(format!("ERR {name} can only be set as a module argument at load time"));
+                }
+                if !RUNTIME.contains(&name.as_str()) {
+                    return Err(format!("ERR unknown setting '{name}' (runtime settings: {})", RUNTIME.join(", ")));
+                }
+                if pairs[..i].iter().any(|(earlier, _)| earlier == name) {
+                    return Err(format!("ERR {name} is given more than once"));
+                }
             }
             let _config = s.config_change.lock().unwrap_or_else(|p| p.into_inner());
-            let mut next = s.settings();
-            next.set(&name, &value).and_then(|()| next.check_ticks()).map_err(|e| format!("ERR {e}"))?;
-            if name == "maxmemory" {
+            let before = s.settings();
+            let mut next = before.clone();
+            for (name, value) in &pairs {
+                next.set(name, value).map_err(|e| format!("ERR {e}"))?;
+            }
+            // Checked once all are in, so that election-ticks and heartbeat-ticks can move together.
+            next.check_ticks().map_err(|e| format!("ERR {e}"))?;
+            if next.maxmemory != before.maxmemory {
                 crate::memory::check_limit(next.maxmemory).map_err(|e| format!("ERR {e}"))?;
             }
             if let Some(node) = s.node() {
-                push_to_node(&node, &s.settings(), &next)?;
+                push_to_node(&node, &before, &next)?;
             }
-            match name.as_str() {
-                "consistency" => s.set_consistency(next.consistency),
-                "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
-                "maxmemory" => s.set_maxmemory(next.maxmemory),
-                "snapshot-log-size" => s.set_snapshot_log_bytes(next.snapshot_log_bytes),
-                _ => {}
+            for (name, _) in &pairs {
+                match name.as_str() {
+                    "consistency" => s.set_consistency(next.consistency),
+                    "snapshot-threshold" => s.set_snapshot_threshold(next.snapshot_threshold),
+                    "maxmemory" => s.set_maxmemory(next.maxmemory),
+                    "snapshot-log-size" => s.set_snapshot_log_bytes(next.snapshot_log_bytes),
+                    _ => {}
+                }
             }
             *s.settings.write().unwrap_or_else(|p| p.into_inner()) = next;
-            log::info!("RAFT.CONFIG SET {name} {value}");
+            for (name, value) in &pairs {
+                log::info!("RAFT.CONFIG SET {name} {value}");
+            }
             Ok(Reply::ok())
         }
         "help" if args.len() == 2 => Ok(crate::help::of("RAFT.CONFIG")),
         "get" | "set" | "help" => Err(format!("ERR wrong number of arguments for 'raft.config|{sub}' command")),
         _ if args.len() < 2 => Err("ERR wrong number of arguments for 'raft.config' command".into()),
         _ => Err(format!(
-            "ERR unknown subcommand '{}'. Try RAFT.CONFIG GET pattern or RAFT.CONFIG SET name value, or RAFT.CONFIG HELP.",
+            "ERR unknown subcommand '{}'. Try RAFT.CONFIG GET pattern [pattern ...] or RAFT.CONFIG SET name value [name value ...], or RAFT.CONFIG HELP.",
             text(1)
         )),
     }
