@@ -60,6 +60,9 @@ pub struct Status {
     pub term: Term,
     pub leader: Option<NodeId>,
     pub commit: LogIndex,
+    /// The commit index as last written to the log (written lazily, so it may trail `commit`):
+    /// where a restart after a crash resumes applying before a leader says more.
+    pub commit_stored: LogIndex,
     /// Highest index handed to the state machine (it may still be applying it).
     pub applied: LogIndex,
     pub first_index: LogIndex,
@@ -96,6 +99,7 @@ impl Status {
             term: Term(0),
             leader: None,
             commit: LogIndex(0),
+            commit_stored: LogIndex(0),
             applied: LogIndex(0),
             first_index: LogIndex(0),
             last_index: LogIndex(0),

@@ -673,6 +673,12 @@ impl LogStore {
         Ok(())
     }
 
+    /// The commit index last written (to the journal or LMDB): what a restart after a crash
+    /// starts from.
+    pub fn stored_commit(&self) -> u64 {
+        self.state().stored_commit
+    }
+
     /// Writes the newest commit index now (fsynced only with ordered commits), e.g. before a
     /// clean shutdown. A checkpoint first, so that LMDB holds every entry it covers.
     pub fn store_commit(&self) -> Result<()> {

@@ -313,9 +313,11 @@ fn a_restarted_node_serves_what_it_knew_committed_before_it_hears_from_a_leader(
             let _ = cluster.nodes[follower].cmd::<Value>(&["SHUTDOWN", "NOSAVE"]);
             wait_for("the follower to exit", Duration::from_secs(15), || (!cluster.nodes[follower].is_running()).then_some(()));
         } else {
-            // The bound the README gives is a tick (100 ms) after the commit interval (100 ms);
-            // a loaded machine may stall a tick or two more.
-            std::thread::sleep(Duration::from_millis(1500));
+            // The bound the README gives is a tick (100 ms) after the commit interval (100 ms).
+            let written = info_field_of_live(&cluster.nodes[follower], "commit_index");
+            wait_for("the follower to write its commit index", Duration::from_secs(10), || {
+                (info_field_of_live(&cluster.nodes[follower], "commit_index_stored") >= written).then_some(())
+            });
             cluster.nodes[follower].kill9();
         }
         for i in &paused {

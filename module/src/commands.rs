@@ -511,6 +511,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("election_ticks", st.election_ticks.to_string());
     put("heartbeat_ticks", st.heartbeat_ticks.to_string());
     put("commit_index", st.commit.to_string());
+    put("commit_index_stored", st.commit_stored.to_string());
     put("applied_index", s.progress.applied().to_string());
     // Only seen while an entry holds the main thread: RAFT.INFO answers then (see `runaway`).
     let (applying, running) = crate::runaway::applying().map_or((0, 0), |(i, d)| (i.get(), d.as_millis()));

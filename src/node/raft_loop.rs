@@ -471,6 +471,7 @@ impl<S: StateMachine> RaftLoop<S> {
             term: Term(raft.term),
             leader: (raft.leader_id != 0).then_some(NodeId(raft.leader_id)),
             commit: LogIndex(raft.raft_log.committed),
+            commit_stored: LogIndex(self.store.stored_commit()),
             applied: LogIndex(raft.raft_log.applied),
             first_index: LogIndex(self.store.first_index()),
             last_index: LogIndex(raft.raft_log.last_index()),
