@@ -37,7 +37,19 @@ pub struct Journal {
     /// could not write and report success for the next one, so nothing more is written, and
     /// every later call fails (the node stops rather than acknowledge what may not be on disk).
     failed: bool,
+    /// Some record of this generation was flushed: it may be all that holds an acknowledged
+    /// entry or a vote, so LMDB must hold them durably before the journal starts over.
+    flushed: bool,
+    /// Added to the first restart after `open` (see [`OPEN_JUMP`]).
+    jump: u64,
 }
+
+/// How far the first generation after an open jumps. The header names the generation last
+/// written there, not necessarily the newest: below durability high its page may not have
+/// reached the disk while records of later generations did. A generation reused would make
+/// those records valid again, so the next one goes past any a process can have reached (one a
+/// checkpoint, 2^32 of them are 13 years at 10 a second).
+const OPEN_JUMP: u64 = 1 << 32;
 
 impl Journal {
     /// Opens (creating, `capacity` bytes of zeros) the journal at `path`; returns it with the
@@ -53,7 +65,7 @@ impl Journal {
         let Some(generation) = generation_in(&head) else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has no valid journal header", path.display())));
         };
-        let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity, failed: false };
+        let mut journal = Journal { file, generation, end: HEADER_BYTES, capacity, failed: false, flushed: false, jump: OPEN_JUMP };
         let records = journal.read_records()?;
         if records.is_empty() {
             // Records of this generation may lie past a torn (or never written) first one:
@@ -122,6 +134,7 @@ impl Journal {
         self.end += record.len() as u64;
         if sync {
             self.file.sync_data()?;
+            self.flushed = true;
         }
         Ok(())
     }
@@ -130,7 +143,13 @@ impl Journal {
         self.usable()?;
         let result = self.file.sync_data();
         self.failed |= result.is_err();
+        self.flushed |= result.is_ok() && self.used() > 0;
         result
+    }
+
+    /// Whether a record of this generation was flushed (see `flushed`).
+    pub fn holds_flushed_records(&self) -> bool {
+        self.flushed
     }
 
     /// Marks the journal failed (see `failed`): a flush of the rest of the log failed.
@@ -162,7 +181,7 @@ impl Journal {
     /// generation can be read with the old header.
     pub fn restart(&mut self, sync: bool) -> io::Result<()> {
         self.usable()?;
-        let generation = self.generation + 1;
+        let generation = self.generation.saturating_add(1 + self.jump);
         let result = self.file.write_all_at(&header(generation), 0).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         // Records appended after a failed restart would be of a generation the header on disk
         // may not name, or one already absorbed: recovery would never read them.
@@ -170,6 +189,8 @@ impl Journal {
         result?;
         self.generation = generation;
         self.end = HEADER_BYTES;
+        self.flushed = false;
+        self.jump = 0;
         Ok(())
     }
 }
@@ -322,6 +343,52 @@ mod tests {
         assert_eq!(records, vec![b"kept".to_vec()]);
         assert!(j.fits(100));
         assert!(!j.fits(1 << 16));
+    }
+
+    #[test]
+    fn records_of_a_generation_whose_header_was_lost_never_come_back() {
+        // Below durability high a restart's header may not reach the disk while the records
+        // written after it do: the header on disk then names the generation before theirs.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let old_header;
+        {
+            let (mut j, _) = Journal::open(&path, 1 << 16).unwrap();
+            j.append(b"absorbed", true).unwrap();
+            let mut head = [0u8; 20];
+            j.file.read_exact_at(&mut head, 0).unwrap();
+            old_header = head;
+            j.restart(false).unwrap();
+            j.append(b"stale one", false).unwrap();
+            j.append(b"stale two", false).unwrap();
+        }
+        OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&old_header, 0).unwrap();
+        let (j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert!(records.is_empty(), "the stale generation's records do not match the header");
+        drop(j);
+        // The generation the open started is not the lost one: its records stay out.
+        let (mut j, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert!(records.is_empty(), "{records:?}");
+        j.append(b"fresh", true).unwrap();
+        drop(j);
+        let (_, records) = Journal::open(&path, 1 << 16).unwrap();
+        assert_eq!(records, vec![b"fresh".to_vec()]);
+    }
+
+    #[test]
+    fn a_flushed_record_is_remembered_until_the_next_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(&dir.path().join("journal"), 1 << 16).unwrap();
+        j.sync().unwrap();
+        assert!(!j.holds_flushed_records(), "nothing to flush");
+        j.append(b"unflushed", false).unwrap();
+        assert!(!j.holds_flushed_records());
+        j.sync().unwrap();
+        assert!(j.holds_flushed_records());
+        j.restart(false).unwrap();
+        assert!(!j.holds_flushed_records());
+        j.append(b"flushed", true).unwrap();
+        assert!(j.holds_flushed_records());
     }
 
     #[test]

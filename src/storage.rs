@@ -422,9 +422,18 @@ impl LogStore {
             let first_index = self.first_index();
             entries.retain(|e| e.entry.index >= first_index);
             self.check_append(entries.iter().map(|e| &e.entry))?;
-            // LMDB may hold a newer commit index than the record (written alone since); term
-            // and vote only change through the journal, so the record's are never older.
-            let hs = hs.map(|hs| HardState { commit: hs.commit.max(self.hard_state().commit), ..hs });
+            // LMDB may hold a newer commit index than the record (written alone since). Term and
+            // vote change through the journal first, but LMDB takes them with any later commit:
+            // should the journal have lost the record that changed them (a power loss below
+            // durability high), LMDB's are the newer, and a term or vote must never go back.
+            let hs = hs.map(|hs| {
+                let stored = self.hard_state();
+                let commit = hs.commit.max(stored.commit);
+                match (stored.term, stored.vote != 0) > (hs.term, hs.vote != 0) {
+                    true => HardState { commit, ..stored },
+                    false => HardState { commit, ..hs },
+                }
+            });
             self.remember(&mut tail, entries, hs.as_ref(), hs.is_some());
         }
         if replayed > 0 {
@@ -603,16 +612,30 @@ impl LogStore {
 
     /// `checkpoint`, durable before it returns with `sync` (or with ordered commits).
     fn checkpoint_with(&self, tail: &mut Tail, sync: bool) -> Result<()> {
+        self.checkpoint_with_meta(tail, sync, &[])
+    }
+
+    /// `checkpoint_with`, storing `meta` in the same commit.
+    fn checkpoint_with_meta(&self, tail: &mut Tail, sync: bool, meta: &[(&str, &[u8])]) -> Result<()> {
         let started = Instant::now();
         tail.checkpointed_at = started;
         if tail.entries.is_empty() && tail.journal.used() == 0 {
-            return Ok(());
+            return match meta.is_empty() {
+                true => Ok(()),
+                false => self.write_with(sync, |txn, _| self.put_metas_in(txn, meta)),
+            };
         }
         let generation = tail.journal.generation();
+        // Records a flush made durable (medium's background flush, a vote) may be all that holds
+        // an acknowledged entry or a vote: the journal forgets them only once LMDB holds them
+        // durably. Otherwise the page writes of the unflushed LMDB commit and of the journal's
+        // new generation reach the disk in any order, and a power loss could keep the second.
+        let sync = sync || tail.journal.holds_flushed_records();
         self.write_with(sync, |txn, state| {
             self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
             self.inner.meta.put(txn, key::JOURNAL_ABSORBED, &generation.to_be_bytes())?;
+            self.put_metas_in(txn, meta)?;
             state.stored(state.hard_state.commit);
             Ok(())
         })?;
@@ -884,6 +907,14 @@ impl LogStore {
     /// Stores an application blob. Durable like `set_conf_state`.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         self.put_metas(&[(key, value)])
+    }
+
+    /// Stores several values in one commit with every entry the log holds: for what is derived
+    /// from entries (the membership they applied), which must never be on disk without them.
+    /// Below durability high the journal's records and LMDB's commits reach the disk in no set
+    /// order, and a value stored alone could outlive the entries it was derived from.
+    pub fn put_metas_with_log(&self, pairs: &[(&str, &[u8])]) -> Result<()> {
+        self.checkpoint_with_meta(&mut self.tail(), false, pairs)
     }
 
     /// Stores several values in one commit: all of them or none survive a crash.

@@ -942,3 +942,17 @@ fn a_node_whose_bootstrap_stopped_after_its_first_entry_starts_as_its_one_voter(
     assert_eq!(status.members.get(&NodeId(1)), Some(&info(NodeId(1), port)));
     assert_acked(propose_all(&n1, values("after", 3)));
 }
+
+/// A term or vote is on disk before the node acts on it, at every durability level: a node that
+/// forgot its vote in a power loss could vote again in the same term and elect a second leader.
+/// Writes below `high` are not flushed one by one.
+#[test]
+fn votes_are_flushed_at_every_durability_level_and_writes_at_low_are_not() {
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start(NodeId(1), root.path(), free_port(), true, Durability::Low);
+    wait_leader(&[&n1]);
+    let after_election = n1.node.counters().fsyncs;
+    assert!(after_election >= 1, "the election's term and vote were flushed");
+    assert_acked(propose_all(&n1, values("w", 20)));
+    assert_eq!(n1.node.counters().fsyncs, after_election, "writes at low wait for no flush");
+}

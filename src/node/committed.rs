@@ -88,7 +88,9 @@ impl<S: StateMachine> RaftLoop<S> {
 
     pub(super) fn persist_members(&self) -> anyhow::Result<()> {
         let (members, conf_applied) = members_record(&self.members, self.conf_applied)?;
-        self.store.put_metas(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &conf_applied)])?;
+        // With the entries: `conf_applied` raises the commit index at the next start, over
+        // entries that must then be the ones applied (see `Node::start`).
+        self.store.put_metas_with_log(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &conf_applied)])?;
         Ok(())
     }
 }

@@ -383,10 +383,13 @@ impl<S: StateMachine> RaftLoop<S> {
         let entries = ready.take_entries();
         if !entries.is_empty() || ready.hs().is_some() {
             // Only entries, term and vote must be on disk before we answer; a commit index that
-            // is lost in a crash is learnt again from the leader.
+            // is lost in a crash is learnt again from the leader. A term or vote is flushed at
+            // every durability level: a node that forgot its vote in a power loss could vote
+            // again in the same term and elect a second leader, which no level allows. It costs a
+            // flush per election, not per write.
             let stored = self.store.hard_state();
-            let must_sync = sync && (!entries.is_empty() || ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote));
-            let sync = must_sync;
+            let new_term_or_vote = ready.hs().is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote);
+            let sync = (sync && !entries.is_empty()) || new_term_or_vote;
             let started = Instant::now();
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
             CounterCells::add(&self.shared.counters.persist_micros, started.elapsed().as_micros() as u64);

@@ -511,6 +511,60 @@ fn with_ordered_commits_every_lmdb_commit_is_durable_and_without_none_is() {
     store.checkpoint(&mut store.tail()).unwrap();
     assert_eq!(durable(&store) - before, 0, "nothing flushed");
     assert_eq!(store.last_index(), 6);
+
+    // Once a flush made journal records durable (medium's background flush, a vote), the
+    // checkpoint that absorbs them is durable itself: the journal forgets them only then.
+    store.append(&entries_with_terms(7, &[2]), None, false).unwrap();
+    store.sync().unwrap();
+    let before = durable(&store);
+    store.checkpoint(&mut store.tail()).unwrap();
+    assert_eq!(durable(&store) - before, 1, "the checkpoint after a flush");
+    store.append(&entries_with_terms(8, &[2]), None, false).unwrap();
+    let before = durable(&store);
+    store.checkpoint(&mut store.tail()).unwrap();
+    assert_eq!(durable(&store) - before, 0, "and that one only");
+}
+
+#[test]
+fn metadata_stored_with_the_log_never_outlives_its_entries() {
+    // What is derived from entries (the membership they applied, and where) goes into LMDB with
+    // them: below durability high a value stored alone could survive a power loss that took the
+    // journal's records of the entries.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(LOG_DIR).join("journal");
+    let emptied;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_ordered_commits(false).unwrap();
+        emptied = std::fs::read(&journal).unwrap();
+        store.append(&entries_with_terms(1, &[1, 1, 1]), Some(&HardState { term: 1, vote: 1, commit: 3 }), false).unwrap();
+        store.put_metas_with_log(&[("conf_applied", b"3")]).unwrap();
+    }
+    std::fs::write(&journal, &emptied).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.get_meta("conf_applied").unwrap().as_deref(), Some(&b"3"[..]));
+    assert_eq!(get(&store, 1, 4).unwrap(), entries_with_terms(1, &[1, 1, 1]), "the entries it was derived from");
+}
+
+#[test]
+fn a_replayed_record_never_takes_the_term_or_vote_back() {
+    // LMDB takes the term and vote with any commit index written after the record that changed
+    // them; below durability high the journal may lose that record and keep an earlier one.
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(LOG_DIR).join("journal");
+    let older_record;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.set_ordered_commits(false).unwrap();
+        store.set_commit_store_every(Duration::ZERO);
+        store.append(&entries_with_terms(1, &[1, 1]), Some(&HardState { term: 1, vote: 1, commit: 1 }), false).unwrap();
+        older_record = std::fs::read(&journal).unwrap();
+        store.append(&[], Some(&HardState { term: 3, vote: 2, commit: 1 }), false).unwrap();
+        store.set_commit(2, false).unwrap();
+    }
+    std::fs::write(&journal, &older_record).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.hard_state(), HardState { term: 3, vote: 2, commit: 1 });
 }
 
 #[test]
