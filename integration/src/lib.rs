@@ -527,9 +527,9 @@ impl Cluster {
         self.wait_converged(nodes);
         let deadline = Instant::now() + Duration::from_secs(5);
         let digests = loop {
-            let digests: Vec<String> = nodes.iter().map(|i| digest(&self.nodes[*i])).collect();
+            let digests: Vec<(String, String)> = nodes.iter().map(|i| (digest(&self.nodes[*i]), node_digest(&self.nodes[*i]))).collect();
             if digests.iter().all(|d| *d == digests[0]) {
-                return digests[0].clone();
+                return digests[0].0.clone();
             }
             if Instant::now() > deadline {
                 break digests;
@@ -699,8 +699,16 @@ pub fn client_proposals(leader: &Server) -> i64 {
     field("proposals_requested") - field("clock_entries_proposed")
 }
 
-/// One fingerprint of the whole dataset: `DEBUG DIGEST` (values and expiry times) and the
-/// function libraries, which the log replicates and snapshots carry too.
+/// `RAFT.DIGEST` of a node: its whole dataset, what `digest` covers and also expiry times and
+/// streams' consumer groups, which nodes must agree on as well.
+pub fn node_digest(server: &Server) -> String {
+    let (_applied, _keys, digest): (u64, u64, String) = server.cmd(&["RAFT.DIGEST"]).expect("RAFT.DIGEST");
+    digest
+}
+
+/// One fingerprint of the whole dataset that plain Redis can give too: `DEBUG DIGEST` (values,
+/// and whether each key has an expiry) and the function libraries, which the log replicates and
+/// snapshots carry too. Nodes are compared with [`node_digest`] as well.
 pub fn digest(server: &Server) -> String {
     let keys: String = server.cmd(&["DEBUG", "DIGEST"]).expect("DEBUG DIGEST");
     let libraries = libraries(server);
@@ -710,6 +718,29 @@ pub fn digest(server: &Server) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     libraries.hash(&mut hasher);
     format!("{keys} + {} libraries {:016x}", libraries.len(), hasher.finish())
+}
+
+/// Every key that has an expiry time, with its deadline (`PEXPIRETIME`), as `(db, key, ms)`, in
+/// order: what `DEBUG DIGEST` leaves out of the comparison with a plain Redis. Read through the
+/// client port, so only from a plain Redis or a node that serves reads (the leader at `high`).
+pub fn deadlines(server: &Server) -> Vec<(u32, String, i64)> {
+    let mut conn = server.client().expect("connecting for the deadlines");
+    let databases: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("databases").query(&mut conn).expect("CONFIG GET databases");
+    let databases: u32 = databases[1].parse().unwrap();
+    let mut out = Vec::new();
+    for db in 0..databases {
+        let _: () = redis::cmd("SELECT").arg(db).query(&mut conn).expect("SELECT");
+        let keys: Vec<String> = redis::cmd("SCAN").cursor_arg(0).clone().iter(&mut conn).expect("SCAN").collect();
+        for key in keys {
+            let deadline: i64 = redis::cmd("PEXPIRETIME").arg(&key).query(&mut conn).expect("PEXPIRETIME");
+            if deadline >= 0 {
+                out.push((db, key, deadline));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The function libraries, `(name, code)`, by name (Redis lists them in an order that follows

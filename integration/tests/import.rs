@@ -5,7 +5,8 @@
 //! way, a node's `BGSAVE` writes a dump file a plain Redis loads (the README's backup).
 
 use raftis_integration::{
-    digest, field_in, free_port_pair, incompressible, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server, PROBE_KEY,
+    deadlines, digest, field_in, free_port_pair, incompressible, info_field, info_text, stat_field, wait_for, workspace, Cluster, Server,
+    PROBE_KEY,
 };
 use std::process::Command;
 use std::time::Duration;
@@ -78,6 +79,7 @@ fn a_node_holding_keys_refuses_to_form_or_join_a_cluster_and_the_import_script_c
     let imported = cluster.assert_same_dataset(&[0, 1, 2]);
     let _: () = plain.cmd(&["SET", PROBE_KEY, "1"]).unwrap();
     assert_eq!(imported, digest(&plain), "the cluster holds the source's dataset");
+    assert_eq!(deadlines(&cluster.nodes[leader]), deadlines(&plain), "and its expiry times, to the millisecond");
 }
 
 /// `RAFT.CLUSTER INIT KEEPDATA` makes the keys Redis loaded the new cluster's dataset: they are
@@ -117,6 +119,7 @@ fn init_keepdata_makes_the_keys_redis_loaded_the_clusters_dataset() {
     let _: () = plain.cmd(&["SET", PROBE_KEY, "1"]).unwrap();
     let kept = cluster.assert_same_dataset(&[0, 1, 2]);
     assert_eq!(kept, digest(&plain), "every node holds what Redis loaded, expiry times and libraries included");
+    assert_eq!(deadlines(&cluster.nodes[leader]), deadlines(&plain), "the expiry times to the millisecond");
     for joined in &cluster.nodes[1..] {
         assert!(stat_field(joined, "snapshots_fetched") >= 1, "a joining node loads the first snapshot");
     }
@@ -154,6 +157,7 @@ fn bgsave_on_the_leader_writes_a_dump_file_that_plain_redis_loads_as_the_cluster
     let keys: i64 = restored.cmd(&["DBSIZE"]).unwrap();
     assert!(keys > 300, "only {keys} keys in db 0");
     assert_eq!(digest(&restored), digest(leader), "the dump holds the cluster's dataset");
+    assert_eq!(deadlines(&restored), deadlines(leader), "with its expiry times");
     assert_eq!(cluster.assert_same_dataset(&[0, 1, 2]), digest(leader));
 }
 

@@ -1630,3 +1630,40 @@ fn a_node_a_failed_join_left_a_learner_joins_again() {
     let _: () = cluster.nodes[other].cmd(&["SET", "k", "v"]).unwrap();
     cluster.assert_same_dataset(&[0, 1, 2]);
 }
+
+/// RAFT.DIGEST covers what DEBUG DIGEST leaves out and nodes must still agree on: expiry times
+/// and streams' consumer groups. Nodes that applied the same index give the same digest.
+#[test]
+fn raft_digest_sees_expiry_times_and_consumer_groups_and_is_the_same_on_every_node() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.wait_leader();
+    let n = &cluster.nodes[leader];
+    let raft_digest = |node: &Server| -> (u64, u64, String) { node.cmd(&["RAFT.DIGEST"]).unwrap() };
+    let debug_digest = |node: &Server| -> String { node.cmd(&["DEBUG", "DIGEST"]).unwrap() };
+    let in_an_hour = (std::time::SystemTime::now() + Duration::from_secs(3600)).duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let _: () = n.cmd(&["SET", "k", "v", "PXAT", &in_an_hour.to_string()]).unwrap();
+    let _: String = n.cmd(&["XADD", "s", "1-1", "f", "v"]).unwrap();
+    let _: () = n.cmd(&["XGROUP", "CREATE", "s", "g", "0"]).unwrap();
+    let (applied, keys, first) = raft_digest(n);
+    assert!(applied > 0);
+    assert_eq!(keys, n.cmd::<u64>(&["DBSIZE"]).unwrap());
+    let debug_first = debug_digest(n);
+
+    let _: i64 = n.cmd(&["PEXPIREAT", "k", &(in_an_hour + 1000).to_string()]).unwrap();
+    let (_, _, moved_deadline) = raft_digest(n);
+    assert_eq!(debug_digest(n), debug_first, "DEBUG DIGEST does not see the deadline move");
+    assert_ne!(moved_deadline, first, "RAFT.DIGEST does");
+
+    let _: Value = n.cmd(&["XREADGROUP", "GROUP", "g", "alice", "STREAMS", "s", ">"]).unwrap();
+    let (_, _, delivered) = raft_digest(n);
+    assert_eq!(debug_digest(n), debug_first, "nor a delivery to a consumer");
+    assert_ne!(delivered, moved_deadline);
+
+    // Every node, once it has applied as far, gives the leader's.
+    cluster.assert_same_dataset(&[0, 1, 2]);
+    for node in &cluster.nodes {
+        assert_eq!(raft_digest(node).2, delivered, "node {}", node.port);
+    }
+    let err = n.cmd::<Value>(&["RAFT.DIGEST", "x"]).unwrap_err().to_string();
+    assert!(err.contains("wrong number of arguments"), "{err}");
+}

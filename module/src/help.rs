@@ -18,6 +18,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ("RAFT.INFO [<pattern> ...]", "This node's state as INFO-style lines (only the fields matching the patterns)."),
     ("RAFT.STATS [<pattern> ...]", "This node's counters as INFO-style lines (only the fields matching the patterns)."),
     ("RAFT.SNAPSHOT", "Take a snapshot of the dataset now; answers its log index and size once it is on disk."),
+    (
+        "RAFT.DIGEST",
+        "Applied index, key count and a fingerprint of the whole dataset (expiry times and stream groups included), to compare nodes.",
+    ),
     ("RAFT.CONFIG GET <pattern> [<pattern> ...]", "The module settings matching any of the glob-style patterns, and their values."),
     ("RAFT.CONFIG SET <name> <value> [<name> <value> ...]", "Change module settings at runtime: all of them, or none if one is invalid."),
     ("RAFT.HELP", "Print this help."),

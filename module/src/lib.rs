@@ -16,6 +16,7 @@ mod collation;
 mod command_table;
 mod commands;
 mod config_cmd;
+mod digest;
 mod expiry;
 mod ffi;
 mod filter;
@@ -243,6 +244,7 @@ command!(cmd_state, |_, args| commands::role(&args));
 command!(cmd_info, |_, args| commands::info(&args));
 command!(cmd_stats, |_, args| commands::stats(&args));
 command!(cmd_snapshot, |ctx, args| commands::snapshot(ctx, &args));
+command!(cmd_digest, |ctx, args| digest::digest(ctx, &args));
 command!(cmd_help, |_, args| commands::help(&args));
 
 type CommandFn = extern "C" fn(*mut RedisModuleCtx, *mut *mut RedisModuleString, c_int) -> c_int;
@@ -279,6 +281,8 @@ const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("raft.info", cmd_info, "readonly fast allow-loading allow-busy"),
     ("raft.stats", cmd_stats, "readonly fast"),
     ("raft.snapshot", cmd_snapshot, "admin"),
+    // Like DEBUG DIGEST: it reads the whole dataset, and says nothing of what a client may read.
+    ("raft.digest", cmd_digest, "admin"),
     ("raft.help", cmd_help, "readonly fast allow-loading allow-busy"),
 ];
 
