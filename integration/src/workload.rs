@@ -213,6 +213,14 @@ impl Clients {
         let mix = self.shared.mix;
         let mut client = Client::new(ports.to_vec(), 0);
         let mut reads: Vec<Read> = Vec::new();
+        // Without a read at the end, a lost acknowledged SET whose key was only written after it
+        // would go unseen.
+        if mix.register {
+            for i in 0..REGISTER_KEYS {
+                let key = format!("r{i}");
+                reads.push(Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone()));
+            }
+        }
         if mix.counter {
             reads.push(Read::Command(Op::Read { key: COUNTER_KEY.into() }, redis::cmd("GET").arg(COUNTER_KEY).clone()));
         }
