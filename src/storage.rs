@@ -617,13 +617,20 @@ impl LogStore {
 
     /// `checkpoint_with`, storing `meta` in the same commit.
     fn checkpoint_with_meta(&self, tail: &mut Tail, sync: bool, meta: &[(&str, &[u8])]) -> Result<()> {
+        if meta.is_empty() && tail.entries.is_empty() && tail.journal.used() == 0 {
+            tail.checkpointed_at = Instant::now();
+            return Ok(());
+        }
+        self.checkpoint_and(tail, sync, |txn, _| self.put_metas_in(txn, meta))
+    }
+
+    /// `checkpoint_with`, running `also` in the same commit (after the tail's entries are in
+    /// place): what is derived from entries is never on disk without them.
+    fn checkpoint_and(&self, tail: &mut Tail, sync: bool, also: impl FnOnce(&mut RwTxn, &mut State) -> Result<()>) -> Result<()> {
         let started = Instant::now();
         tail.checkpointed_at = started;
         if tail.entries.is_empty() && tail.journal.used() == 0 {
-            return match meta.is_empty() {
-                true => Ok(()),
-                false => self.write_with(sync, |txn, _| self.put_metas_in(txn, meta)),
-            };
+            return self.write_with(sync, also);
         }
         let generation = tail.journal.generation();
         // Records a flush made durable (medium's background flush, a vote) may be all that holds
@@ -635,9 +642,8 @@ impl LogStore {
             self.put_entries(txn, &tail.entries)?;
             self.put_message(txn, key::HARD_STATE, &state.hard_state)?;
             self.inner.meta.put(txn, key::JOURNAL_ABSORBED, &generation.to_be_bytes())?;
-            self.put_metas_in(txn, meta)?;
             state.stored(state.hard_state.commit);
-            Ok(())
+            also(txn, state)
         })?;
         tail.entries.clear();
         tail.journal.restart(self.flushes(sync))?;
@@ -838,10 +844,13 @@ impl LogStore {
 
     /// Stores a newer snapshot made by the application, leaving the log alone. Not fsynced on its
     /// own unless commits are ordered (`set_ordered_commits`). A later `compact` relies on it:
-    /// LMDB commits take effect in order (across a power loss, only ordered ones).
+    /// LMDB commits take effect in order (across a power loss, only ordered ones). Stored in one
+    /// commit with the journal's entries: below durability high a snapshot record that outlived
+    /// the entries it was taken at (a power loss) would leave a log that ends before its
+    /// snapshot, or a commit index over entries a new leader had replaced.
     pub fn set_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         let meta = snapshot.metadata.as_ref().ok_or(StorageError::MissingSnapshotMetadata)?;
-        self.write(|txn, state| {
+        self.checkpoint_and(&mut self.tail(), false, |txn, state| {
             if meta.index < state.snapshot_index {
                 return Err(StorageError::SnapshotOutOfDate { index: meta.index, min_index: state.snapshot_index });
             }
