@@ -329,6 +329,14 @@ pub struct Node<S: StateMachine> {
     shutting_down: Mutex<()>,
 }
 
+/// Runs `write` with what a new cluster's first node stores beside its first entry or snapshot,
+/// in the same commit: its member list, the membership applied at index 1, a new cluster id.
+fn with_first_metadata<T>(members: &Members, write: impl FnOnce(&[(&str, &[u8])]) -> T) -> anyhow::Result<T> {
+    let (members, conf_applied) = committed::members_record(members, LogIndex(1))?;
+    let cluster_id = ClusterId::random().to_meta();
+    Ok(write(&[(META_MEMBERS, &members), (META_CONF_APPLIED, &conf_applied), (META_CLUSTER_ID, &cluster_id)]))
+}
+
 impl<S: StateMachine> Node<S> {
     /// Makes `store` the log of a new single-node cluster with `info` as its only voter. The
     /// first log entry is the membership change that adds it (with its addresses), committed by
@@ -345,12 +353,11 @@ impl<S: StateMachine> Node<S> {
         entry.context = context;
         let hard_state = HardState { term: 1, vote: 0, commit: 1 };
         let conf_state = ConfState { voters: vec![info.id.get()], ..Default::default() };
-        let members = serde_json::to_vec(&Members::from([(info.id, info.clone())]))?;
-        let cluster_id = ClusterId::random().to_meta();
         // One commit: a crash leaves no cluster (and INIT can run again) or the whole of it,
         // never a node that serves with no cluster id or no member list.
-        let meta: [(&str, &[u8]); 3] = [(META_MEMBERS, &members), (META_CONF_APPLIED, &1u64.to_be_bytes()), (META_CLUSTER_ID, &cluster_id)];
-        store.start_log(&entry, &hard_state, &conf_state, &meta).context("writing the first log entry")?;
+        let members = Members::from([(info.id, info.clone())]);
+        with_first_metadata(&members, |meta| store.start_log(&entry, &hard_state, &conf_state, meta))?
+            .context("writing the first log entry")?;
         Ok(())
     }
 
@@ -363,10 +370,7 @@ impl<S: StateMachine> Node<S> {
         let only_voter = seed.conf_state.voters == [info.id.get()] && seed.conf_state.learners.is_empty();
         let first = seed.index == LogIndex(1) && seed.term == Term(1);
         anyhow::ensure!(first && only_voter, "not a snapshot to start a cluster from");
-        let members = serde_json::to_vec(&*seed.members)?;
-        let cluster_id = ClusterId::random().to_meta();
-        let meta: [(&str, &[u8]); 3] = [(META_MEMBERS, &members), (META_CONF_APPLIED, &1u64.to_be_bytes()), (META_CLUSTER_ID, &cluster_id)];
-        store.bootstrap(seed.to_raft(), &meta).context("recording the first snapshot")?;
+        with_first_metadata(&seed.members, |meta| store.bootstrap(seed.to_raft(), meta))?.context("recording the first snapshot")?;
         Ok(())
     }
 
