@@ -22,7 +22,6 @@ use std::hash::{Hash, Hasher};
 #[derive(Default)]
 struct Fingerprint {
     parts: [u64; 2],
-    records: u64,
 }
 
 impl Fingerprint {
@@ -34,7 +33,6 @@ impl Fingerprint {
             record.hash(&mut h);
             *part ^= h.finish();
         }
-        self.records += 1;
     }
 
     fn hex(&self) -> String {
@@ -60,13 +58,16 @@ fn walk(ctx: *mut RedisModuleCtx, databases: u32) -> Result<(Fingerprint, u64), 
     let mut keys = 0;
     for db in 0..databases {
         let db_bytes = db.to_le_bytes();
-        let names = ffi::in_db(ctx, db, || keys_of(ctx)).ok_or_else(|| format!("ERR cannot select database {db}"))??;
-        for name in names {
-            let record = ffi::in_db(ctx, db, || key_record(ctx, &name)).ok_or_else(|| format!("ERR cannot select database {db}"))??;
-            let parts: Vec<&[u8]> = std::iter::once(&db_bytes[..]).chain(record.iter().map(Vec::as_slice)).collect();
-            fingerprint.add(&parts);
-            keys += 1;
-        }
+        let walked = ffi::in_db(ctx, db, || -> Result<(), String> {
+            for name in keys_of(ctx)? {
+                let record = key_record(ctx, &name)?;
+                let parts: Vec<&[u8]> = std::iter::once(&db_bytes[..]).chain(record.iter().map(Vec::as_slice)).collect();
+                fingerprint.add(&parts);
+                keys += 1;
+            }
+            Ok(())
+        });
+        walked.ok_or_else(|| format!("ERR cannot select database {db}"))??;
     }
     // A library is its name and code: Redis lists its functions in the order of a hash table
     // seeded per process, so the listing itself differs between nodes holding the same.
@@ -118,7 +119,6 @@ fn key_record(ctx: *mut RedisModuleCtx, name: &[u8]) -> Result<Vec<Vec<u8>>, Str
 fn call(ctx: *mut RedisModuleCtx, argv: &[&str]) -> Result<Frame, String> {
     let raw = call_raw(ctx, &argv.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())?;
     match resp::parse(&mut BytesMut::from(&raw[..])) {
-        Ok(Some(Frame::Error(e))) => Err(format!("ERR {} failed: {e}", argv.join(" "))),
         Ok(Some(frame)) => Ok(frame),
         _ => Err(format!("ERR {} gave an unreadable reply", argv.join(" "))),
     }
