@@ -16,6 +16,7 @@
 //! An [`OpHandle`] dropped without `complete` (e.g. the client thread panicked) records
 //! `Unknown("abandoned")`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -241,6 +242,13 @@ impl History {
         self.inner.lock().clone()
     }
 
+    /// The processes with an operation invoked at `since` or later that succeeded. Cheap enough
+    /// to poll: it reads only the events invoked since then.
+    pub fn acknowledged_since(&self, since: u64) -> BTreeSet<ProcessId> {
+        let events = self.inner.lock();
+        events.iter().rev().take_while(|e| e.invoked_at >= since).filter(|e| e.is_ok()).map(|e| e.process).collect()
+    }
+
     /// Number of recorded invocations.
     pub fn len(&self) -> usize {
         self.inner.lock().len()
@@ -254,6 +262,36 @@ impl History {
     pub fn dump(&self) -> String {
         dump_events(&self.events())
     }
+}
+
+/// How the operations ended, with failures and unknown outcomes counted by reason: the error
+/// code of an error reply (`MOVED`, `TIMEOUT`, ...) or the client's own error, numbers left out.
+/// For the report of a run, so that a reader sees what the faults did to the clients.
+pub fn outcome_summary(events: &[Event]) -> String {
+    let mut by_reason: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    let mut ok = 0;
+    for e in events {
+        let (kind, why) = match &e.outcome {
+            Some(Outcome::Ok(_)) => {
+                ok += 1;
+                continue;
+            }
+            Some(Outcome::Fail(why)) => ("fail", why.as_str()),
+            Some(Outcome::Unknown(why)) => ("unknown", why.as_str()),
+            None => ("unknown", "in flight"),
+        };
+        // An error reply reads "CODE: text"; a client error is kept whole, without its numbers.
+        let reason = match why.split_once(':') {
+            Some((code, _)) if !code.is_empty() && code.chars().all(|c| c.is_ascii_uppercase()) => code.to_string(),
+            _ => why.chars().filter(|c| !c.is_ascii_digit()).take(48).collect(),
+        };
+        *by_reason.entry((kind, reason)).or_default() += 1;
+    }
+    let mut out = format!("{ok} ok");
+    for ((kind, reason), n) in by_reason {
+        out.push_str(&format!(", {n} {kind} ({reason})"));
+    }
+    out
 }
 
 /// One line per event (see `Event`'s `Display`), each ending in a newline.

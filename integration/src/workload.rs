@@ -3,7 +3,9 @@
 //! may be dead, paused or cut off. Clients follow `-MOVED` and move on from nodes that fail them.
 //!
 //! Four workloads, mixed in one run on disjoint keys:
-//! - register: `SET rN <unique>` / `GET rN` (checked for linearizability);
+//! - register: `SET rN <unique>` / `GET rN` (checked for linearizability), plus one reader per
+//!   node that stays on it (see [`Client::pinned`]): a node that was paused or cut off and still
+//!   takes itself for the leader gets asked at once, where a stale answer would show;
 //! - counter: `INCR counter` (final value between acknowledged and attempted increments);
 //! - list append: `RPUSH lN <unique>` / `LRANGE lN 0 -1` (every acknowledged value present once,
 //!   reads prefixes of each other). Appends move on to a new key every [`LIST_CHUNK`] values, so
@@ -23,6 +25,8 @@ pub const REGISTER_KEYS: usize = 4;
 /// Appends per list key before the workload moves on to the next key.
 pub const LIST_CHUNK: i64 = 200;
 pub const COUNTER_KEY: &str = "counter";
+/// How long a pinned reader waits for an answer (see [`Client::pinned`]).
+pub const PINNED_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Which workloads a run mixes.
 #[derive(Clone, Copy, Debug)]
@@ -37,24 +41,56 @@ impl Mix {
     pub const ALL: Mix = Mix { register: true, counter: true, list: true, transfer: true };
 }
 
+/// Error codes a cluster under faults may answer: redirects and refusals before anything was
+/// proposed, timeouts whose outcome is unknown, a restarted node loading its dataset, and a
+/// transaction discarded because a command in it was refused.
+const EXPECTED_CODES: &[&str] = &["MOVED", "CLUSTERDOWN", "TRYAGAIN", "TIMEOUT", "LOADING", "EXECABORT"];
+
 /// A connection to "the cluster" as a plain Redis client sees it.
 pub struct Client {
     ports: Vec<u16>,
     current: usize,
     conn: Option<redis::Connection>,
+    /// Stays on its node whatever it answers (see [`Client::pinned`]).
+    pinned: bool,
+    read_timeout: Duration,
+    /// Errors no fault explains (see [`EXPECTED_CODES`]), shared by the clients of a run: each
+    /// is still recorded as an unknown outcome, and the run fails on any of them.
+    unexpected: Arc<Mutex<Vec<String>>>,
 }
 
 impl Client {
-    pub fn new(ports: Vec<u16>, start_at: usize) -> Client {
-        Client { current: start_at % ports.len(), ports, conn: None }
+    pub fn new(ports: Vec<u16>, start_at: usize, unexpected: Arc<Mutex<Vec<String>>>) -> Client {
+        // Longer than the module's write-timeout, so a slow cluster answers -TIMEOUT itself.
+        let read_timeout = Duration::from_secs(8);
+        Client { current: start_at % ports.len(), ports, conn: None, pinned: false, read_timeout, unexpected }
+    }
+
+    /// A client that only ever talks to the node on `port`: it never follows `-MOVED` and gives
+    /// up on an answer after [`PINNED_READ_TIMEOUT`], so it asks that node again the moment it
+    /// is back from a fault, while it may still take itself for the leader.
+    pub fn pinned(port: u16, unexpected: Arc<Mutex<Vec<String>>>) -> Client {
+        Client { current: 0, ports: vec![port], conn: None, pinned: true, read_timeout: PINNED_READ_TIMEOUT, unexpected }
+    }
+
+    /// Notes an error that no fault explains: a wrong reply to a well-formed command, or one
+    /// the client could not parse.
+    fn check_expected(&self, e: &redis::RedisError) {
+        let expected = match e.code() {
+            Some(code) => EXPECTED_CODES.contains(&code),
+            None => e.is_io_error(),
+        };
+        if !expected {
+            let port = self.ports[self.current];
+            self.unexpected.lock().unwrap_or_else(|p| p.into_inner()).push(format!("node on port {port}: {}", reason(e)));
+        }
     }
 
     fn connect(&mut self) -> Option<&mut redis::Connection> {
         if self.conn.is_none() {
             let url = format!("redis://127.0.0.1:{}/", self.ports[self.current]);
             let conn = redis::Client::open(url).ok()?.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
-            // Longer than the module's write-timeout, so a slow cluster answers -TIMEOUT itself.
-            conn.set_read_timeout(Some(Duration::from_secs(8))).ok()?;
+            conn.set_read_timeout(Some(self.read_timeout)).ok()?;
             self.conn = Some(conn);
         }
         self.conn.as_mut()
@@ -88,8 +124,13 @@ impl Client {
             self.next_node();
             return Err(Outcome::Fail("connection refused".into()));
         };
-        match request(conn) {
+        let reply = request(conn);
+        if let Err(e) = &reply {
+            self.check_expected(e);
+        }
+        match reply {
             Ok(v) => Ok(v),
+            Err(e) if e.code() == Some("MOVED") && self.pinned => Err(Outcome::Fail("MOVED".into())),
             Err(e) if e.code() == Some("MOVED") => {
                 let target = e.to_string().split_whitespace().last().and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
                 match target.and_then(|p| self.ports.iter().position(|x| *x == p)) {
@@ -104,19 +145,28 @@ impl Client {
             // Refused before anything was proposed.
             Err(e) if matches!(e.code(), Some("CLUSTERDOWN") | Some("TRYAGAIN")) => {
                 self.next_node();
-                Err(Outcome::Fail(e.to_string()))
+                Err(Outcome::Fail(reason(&e)))
             }
             // Proposed, outcome unknown (timeout, leadership lost while in flight, ...).
             Err(e) if e.code().is_some() => {
                 self.next_node();
-                Err(Outcome::Unknown(e.to_string()))
+                Err(Outcome::Unknown(reason(&e)))
             }
             Err(e) => {
                 // The request may have reached the node before the connection broke.
                 self.next_node();
-                Err(Outcome::Unknown(e.to_string()))
+                Err(Outcome::Unknown(reason(&e)))
             }
         }
+    }
+}
+
+/// Why a request failed, as the history records it: `CODE: text` for an error reply, whichever
+/// way the client library spells it, or the client's own error.
+fn reason(e: &redis::RedisError) -> String {
+    match e.code() {
+        Some(code) => format!("{code}: {}", e.detail().unwrap_or_default()),
+        None => e.to_string(),
     }
 }
 
@@ -151,9 +201,13 @@ struct Shared {
     next_transfer: AtomicI64,
     /// What the transfer snapshots found wrong, as they found it.
     anomalies: Mutex<Vec<String>>,
+    /// Errors no fault explains, from every client (see [`Client`]).
+    unexpected: Arc<Mutex<Vec<String>>>,
 }
 
-/// Client threads working until `stop` is set or each has run `max_ops` operations.
+/// Client threads working until `stop` is set or each has run `max_ops` operations: `count`
+/// clients (processes `0..count`) and, with the register workload, one pinned reader per node
+/// (processes `count..`).
 pub struct Clients {
     pub history: History,
     shared: Arc<Shared>,
@@ -171,12 +225,13 @@ impl Clients {
             next_list_value: AtomicI64::new(0),
             next_transfer: AtomicI64::new(0),
             anomalies: Mutex::new(Vec::new()),
+            unexpected: Arc::default(),
         });
         let threads = (0..count)
             .map(|process| {
                 let (shared, ports) = (shared.clone(), ports.to_vec());
                 std::thread::spawn(move || {
-                    let mut client = Client::new(ports, process);
+                    let mut client = Client::new(ports, process, shared.unexpected.clone());
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
                     let mut ops = 0;
                     while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
@@ -189,6 +244,23 @@ impl Clients {
                     }
                 })
             })
+            .chain(ports.iter().enumerate().filter(|_| mix.register).map(|(node, port)| {
+                let (shared, port, process) = (shared.clone(), *port, count + node);
+                std::thread::spawn(move || {
+                    let mut client = Client::pinned(port, shared.unexpected.clone());
+                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
+                    let mut ops = 0;
+                    while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
+                        ops += 1;
+                        let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
+                        let read = Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone());
+                        if !read.run(&mut client, &shared, process) {
+                            // A follower's -MOVED comes back at once: no need to ask 1,000 times a second.
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                })
+            }))
             .collect();
         Clients { history, shared, threads }
     }
@@ -206,12 +278,17 @@ impl Clients {
         self.shared.anomalies.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Error replies no fault explains (see [`Client`]), each with the node that gave it.
+    pub fn unexpected_errors(&self) -> Vec<String> {
+        self.shared.unexpected.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// After healing: one final read of the counter, of every list and of every ledger (with its
     /// accounts), retried on any node until one answers (the list checker needs a final read to
     /// find lost appends).
     pub fn final_reads(&self, ports: &[u16]) {
         let mix = self.shared.mix;
-        let mut client = Client::new(ports.to_vec(), 0);
+        let mut client = Client::new(ports.to_vec(), 0, self.shared.unexpected.clone());
         let mut reads: Vec<Read> = Vec::new();
         // Without a read at the end, a lost acknowledged SET whose key was only written after it
         // would go unseen.
