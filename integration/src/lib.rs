@@ -335,9 +335,9 @@ pub struct Cluster {
     /// The proxies between side ports, for clusters started with [`Cluster::start_partitionable`].
     pub network: Option<netproxy::Network>,
     pub root: tempfile::TempDir,
-    /// The disk under `root`, for clusters started with [`Cluster::start_on_disk`] (dropped
-    /// last: it is unmounted once `root` is gone).
-    pub disk: Option<power_cut::PowerCutDisk>,
+    /// For clusters started with [`Cluster::start_on_disk`], node `i`'s disk, mounted on
+    /// `root/disk-i` (node `i`'s directory is `n{i}` on it).
+    disks: Vec<power_cut::PowerCutDisk>,
 }
 
 /// The loopback address partitionable nodes advertise; the proxies listen there.
@@ -346,31 +346,61 @@ const PROXY_HOST: &str = "127.0.0.2";
 impl Cluster {
     /// Starts `n` servers and forms a cluster: INIT on the first, JOIN on the others.
     pub fn start(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, false)
+        Self::start_with(Self::new_root(std::env::temp_dir())?, Vec::new(), n, extra, false)
     }
 
     /// Like [`Cluster::start`], with every side-port connection going through a proxy that can
     /// cut links between nodes (see [`netproxy`]).
     pub fn start_partitionable(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(Self::new_root(std::env::temp_dir())?, n, extra, true)
+        Self::start_with(Self::new_root(std::env::temp_dir())?, Vec::new(), n, extra, true)
     }
 
-    /// Like [`Cluster::start`] or [`Cluster::start_partitionable`], with the nodes' directories
-    /// on a disk of their own whose power can be cut ([`Cluster::cut_power`]).
+    /// Like [`Cluster::start`] or [`Cluster::start_partitionable`], with each node's directory
+    /// on a disk of its own whose power can be cut ([`Cluster::cut_power`],
+    /// [`Cluster::cut_power_of`]). Separate file systems: one node's fsync commits nothing of
+    /// another's (one ext4 journal would).
     pub fn start_on_disk(n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
-        let disk = power_cut::PowerCutDisk::create(1024)?;
-        let mut cluster = Self::start_with(Self::new_root(disk.path())?, n, extra, partitionable)?;
-        cluster.disk = Some(disk);
-        Ok(cluster)
+        let root = Self::new_root(std::env::temp_dir())?;
+        let disks = (0..n).map(|i| Self::disk_for(&root, i)).collect::<anyhow::Result<Vec<_>>>()?;
+        Self::start_with(root, disks, n, extra, partitionable)
     }
 
-    /// Kills every node and cuts the power of their disk: what was not flushed is gone. The
-    /// nodes stay down until [`Cluster::restart_all`].
+    fn disk_for(root: &tempfile::TempDir, i: usize) -> anyhow::Result<power_cut::PowerCutDisk> {
+        power_cut::PowerCutDisk::create_mounted_on(1024, root.path().join(format!("disk-{i}")))
+    }
+
+    /// Where node `i` keeps its data: for a cluster on disks, on a disk of its own (made here
+    /// for a node added to the cluster).
+    pub fn node_dir(&mut self, i: usize) -> anyhow::Result<PathBuf> {
+        if self.disks.is_empty() {
+            return Ok(self.root.path().join(format!("n{i}")));
+        }
+        while self.disks.len() <= i {
+            let disk = Self::disk_for(&self.root, self.disks.len())?;
+            self.disks.push(disk);
+        }
+        Ok(self.disks[i].path().join(format!("n{i}")))
+    }
+
+    /// Kills every node and cuts the power of their disks at once: what was not flushed is
+    /// gone. The nodes stay down until [`Cluster::restart_all`].
     pub fn cut_power(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.disks.is_empty(), "a power cut needs Cluster::start_on_disk");
         for node in self.nodes.iter_mut() {
             node.kill9();
         }
-        self.disk.as_mut().context("a power cut needs Cluster::start_on_disk")?.cut_power()
+        for disk in self.disks.iter_mut() {
+            disk.cut_power()?;
+        }
+        Ok(())
+    }
+
+    /// Node `i` alone loses power: it is killed and its disk keeps only what was flushed. It
+    /// stays down until restarted.
+    pub fn cut_power_of(&mut self, i: usize) -> anyhow::Result<()> {
+        let disk = self.disks.get_mut(i).context("a power cut needs Cluster::start_on_disk")?;
+        self.nodes[i].kill9();
+        disk.cut_power()
     }
 
     /// Starts every node again, after [`Cluster::cut_power`].
@@ -381,15 +411,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// A cluster of servers a test started itself, in directories under `root` (or anywhere
+    /// it removes itself), formed or not.
+    pub fn of(nodes: Vec<Server>, root: tempfile::TempDir) -> Cluster {
+        Cluster { nodes, network: None, root, disks: Vec::new() }
+    }
+
     fn new_root(parent: impl AsRef<Path>) -> anyhow::Result<tempfile::TempDir> {
         Ok(tempfile::Builder::new().prefix("raftis-it-").tempdir_in(parent)?)
     }
 
-    fn start_with(root: tempfile::TempDir, n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
+    fn start_with(
+        root: tempfile::TempDir,
+        disks: Vec<power_cut::PowerCutDisk>,
+        n: usize,
+        extra: &[&str],
+        partitionable: bool,
+    ) -> anyhow::Result<Cluster> {
         let network = partitionable.then(netproxy::Network::new);
         let mut nodes = Vec::new();
         for i in 0..n {
-            let dir = root.path().join(format!("n{i}"));
+            let dir = match disks.get(i) {
+                Some(disk) => disk.path().join(format!("n{i}")),
+                None => root.path().join(format!("n{i}")),
+            };
             let server = match &network {
                 None => Server::start(free_port_pair(), &dir, extra)?,
                 Some(net) => {
@@ -422,7 +467,7 @@ impl Cluster {
             };
             nodes.push(server);
         }
-        let c = Cluster { nodes, network, root, disk: None };
+        let c = Cluster { nodes, network, root, disks };
         let init: String = c.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"])?;
         anyhow::ensure!(init == "OK", "INIT answered {init}");
         c.wait_leader();
@@ -553,6 +598,10 @@ impl Drop for Cluster {
             self.root.disable_cleanup(true);
             eprintln!("test failed: nodes' data and logs kept in {}", self.root.path().display());
         }
+        // The disks are mounted inside `root`: the nodes go first, then the disks (unmounted;
+        // a failing test keeps their images), and `root` can be removed after them.
+        self.nodes.clear();
+        self.disks.clear();
     }
 }
 

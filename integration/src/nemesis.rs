@@ -34,9 +34,12 @@ pub enum Fault {
     /// clients write: proposals are refused during each hand-over, and reads and writes in flight
     /// straddle it.
     TransferLeader,
-    /// Every node loses power at once: their disk keeps only what was flushed. They all start
+    /// Every node loses power at once: their disks keep only what was flushed. They all start
     /// again after a while. Needs [`Cluster::start_on_disk`].
     PowerCut,
+    /// One node, any, loses power while the others go on; it starts again after a while.
+    /// Needs [`Cluster::start_on_disk`].
+    PowerCutRandom,
 }
 
 impl Fault {
@@ -149,6 +152,12 @@ impl Nemesis {
                 self.hold();
                 cluster.restart_all().expect("starting the nodes after a power cut");
                 self.note(started, format!("{fault:?}: every node lost power and started again"));
+            }
+            Fault::PowerCutRandom => {
+                cluster.cut_power_of(random).expect("cutting a node's power");
+                self.hold();
+                cluster.nodes[random].restart().expect("starting a node after its power cut");
+                self.note(started, format!("{fault:?}: node {random} lost power and started again"));
             }
             Fault::TransferLeader => {
                 let mut moves = Vec::new();

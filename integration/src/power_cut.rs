@@ -19,8 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub struct PowerCutDisk {
-    /// Holds the image and the mount point.
+    /// Holds the image (and the mount point, unless one was given).
     dir: tempfile::TempDir,
+    mount: PathBuf,
     device: Option<String>,
 }
 
@@ -62,7 +63,18 @@ impl PowerCutDisk {
     /// Makes an empty file system of `megabytes` (sparse on the host) and mounts it.
     pub fn create(megabytes: u64) -> anyhow::Result<PowerCutDisk> {
         let dir = tempfile::Builder::new().prefix("raftis-disk-").tempdir()?;
-        let mut disk = PowerCutDisk { dir, device: None };
+        let mount = dir.path().join("mnt");
+        Self::create_at(megabytes, dir, mount)
+    }
+
+    /// The same, mounted on `mount` (made here: a directory that does not exist yet).
+    pub fn create_mounted_on(megabytes: u64, mount: PathBuf) -> anyhow::Result<PowerCutDisk> {
+        let dir = tempfile::Builder::new().prefix("raftis-disk-").tempdir()?;
+        Self::create_at(megabytes, dir, mount)
+    }
+
+    fn create_at(megabytes: u64, dir: tempfile::TempDir, mount: PathBuf) -> anyhow::Result<PowerCutDisk> {
+        let mut disk = PowerCutDisk { dir, mount, device: None };
         std::fs::create_dir(disk.path())?;
         std::fs::File::create(disk.image())?.set_len(megabytes << 20)?;
         let image = disk.image_str();
@@ -75,7 +87,7 @@ impl PowerCutDisk {
 
     /// Where the file system is mounted.
     pub fn path(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+        self.mount.clone()
     }
 
     fn image(&self) -> PathBuf {

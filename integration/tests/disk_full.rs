@@ -55,7 +55,7 @@ fn a_leader_whose_disk_fills_stops_with_a_clear_error_and_catches_up_once_there_
         Server::start(free_port_pair(), &root.path().join("n1"), &args).unwrap(),
         Server::start(free_port_pair(), &root.path().join("n2"), &args).unwrap(),
     ];
-    let mut cluster = Cluster { nodes, network: None, root, disk: None };
+    let mut cluster = Cluster::of(nodes, root);
     let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
     assert_eq!(cluster.wait_leader(), 0);
     cluster.join(1, 0).unwrap();
@@ -167,7 +167,7 @@ fn a_snapshot_download_without_room_is_not_started() {
         Server::start(free_port_pair(), &root.path().join("n1"), &args).unwrap(),
         Server::start(free_port_pair(), &disk.path.join("n2"), &args).unwrap(),
     ];
-    let mut cluster = Cluster { nodes, network: None, root, disk: None };
+    let mut cluster = Cluster::of(nodes, root);
     let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
     assert_eq!(cluster.wait_leader(), 0);
     cluster.join(1, 0).unwrap();

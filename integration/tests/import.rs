@@ -109,7 +109,7 @@ fn init_keepdata_makes_the_keys_redis_loaded_the_clusters_dataset() {
     assert_eq!(info_text(&nodes[0], "last_snapshot_status"), "ok");
     let again = nodes[0].cmd::<()>(&["RAFT.CLUSTER", "INIT", "KEEPDATA"]).unwrap_err().to_string();
     assert!(again.contains("already belongs to a cluster"), "{again}");
-    let mut cluster = Cluster { nodes, network: None, root, disk: None };
+    let mut cluster = Cluster::of(nodes, root);
     let leader = cluster.wait_leader();
     assert_eq!(leader, 0);
     assert_eq!(info_field(&cluster.nodes[0], "snapshot_index"), 1);

@@ -172,7 +172,7 @@ fn with_durability_high_a_power_cut_while_a_joining_node_fetches_a_snapshot_lose
         (info_field(&cluster.nodes[leader], "first_log_index") > 1).then_some(())
     });
 
-    let dir = cluster.root.path().join("n3");
+    let dir = cluster.node_dir(3).unwrap();
     cluster.nodes.push(Server::start(free_port_pair(), &dir, &args).unwrap());
     let (port, via) = (cluster.nodes[3].port, cluster.nodes[leader].addr());
     let join = std::thread::spawn(move || {
