@@ -1,5 +1,5 @@
-//! The nemesis: real faults injected into a running cluster, one at a time, each healed before
-//! the next. Every fault is logged with its start and end (history clock) so a failure report
+//! The nemesis: real faults injected into a running cluster, each healed before the next, or
+//! (an [`Fault::Overlap`]) two at once. Every fault is logged with its start and end (history clock) so a failure report
 //! can be read against the operations.
 
 use crate::history::History;
@@ -40,9 +40,21 @@ pub enum Fault {
     /// One node, any, loses power while the others go on; it starts again after a while.
     /// Needs [`Cluster::start_on_disk`].
     PowerCutRandom,
+    /// Two of the run's other faults that last (process, network, one node's power) at once:
+    /// the second starts while the first holds, on another node, and they end in either order.
+    Overlap,
 }
 
 impl Fault {
+    /// A fault that holds until healed, which can overlap another.
+    fn lasts(self) -> bool {
+        Fault::PROCESS.contains(&self) || self.is_network() || self == Fault::PowerCutRandom
+    }
+
+    fn is_network(self) -> bool {
+        Fault::NETWORK.contains(&self)
+    }
+
     pub const PROCESS: &'static [Fault] = &[Fault::KillLeader, Fault::KillRandom, Fault::PauseLeader, Fault::PauseRandom];
     pub const NETWORK: &'static [Fault] = &[Fault::IsolateLeader, Fault::SplitMajority, Fault::Bridge];
     pub const ALL: &'static [Fault] = &[
@@ -56,6 +68,7 @@ impl Fault {
         Fault::RemoveAndReAdd,
         Fault::Retime,
         Fault::TransferLeader,
+        Fault::Overlap,
     ];
 }
 
@@ -87,7 +100,7 @@ impl Nemesis {
         while started.elapsed() < run_for {
             std::thread::sleep(Duration::from_millis(self.rng.gen_range(300..1200)));
             let fault = first.take().unwrap_or_else(|| *faults.choose(&mut self.rng).expect("at least one fault"));
-            self.inject(cluster, fault);
+            self.inject_from(cluster, fault, faults);
         }
     }
 
@@ -106,58 +119,28 @@ impl Nemesis {
     }
 
     pub fn inject(&mut self, cluster: &mut Cluster, fault: Fault) {
+        self.inject_from(cluster, fault, &[]);
+    }
+
+    /// Injects `fault`; an [`Fault::Overlap`] picks its two faults from `choices`.
+    fn inject_from(&mut self, cluster: &mut Cluster, fault: Fault, choices: &[Fault]) {
         let n = cluster.nodes.len();
         let started = self.now();
         let leader = cluster.wait_leader();
-        let random = self.rng.gen_range(0..n);
         match fault {
-            Fault::KillLeader | Fault::KillRandom => {
-                let victim = if fault == Fault::KillLeader { leader } else { random };
-                cluster.nodes[victim].kill9();
+            f if f.lasts() => {
+                let all: Vec<usize> = (0..n).collect();
+                let (active, what) = self.begin(cluster, fault, leader, &all);
                 self.hold();
-                cluster.nodes[victim].restart().expect("restarting a killed node");
-                self.note(started, format!("{fault:?}: node {victim} killed -9 and restarted"));
+                self.end(cluster, active);
+                self.note(started, format!("{fault:?}: {what}, then healed"));
             }
-            Fault::PauseLeader | Fault::PauseRandom => {
-                let victim = if fault == Fault::PauseLeader { leader } else { random };
-                cluster.nodes[victim].pause();
-                self.hold();
-                cluster.nodes[victim].resume();
-                self.note(started, format!("{fault:?}: node {victim} stopped and continued"));
-            }
-            Fault::IsolateLeader | Fault::SplitMajority | Fault::Bridge => {
-                let net = cluster.network.as_ref().expect("network faults need Cluster::start_partitionable");
-                let mut slots: Vec<usize> = (0..n).collect();
-                slots.shuffle(&mut self.rng);
-                let groups: Vec<Vec<usize>> = match fault {
-                    Fault::IsolateLeader => vec![vec![leader], (0..n).filter(|i| *i != leader).collect()],
-                    Fault::SplitMajority => {
-                        let minority = (n - 1) / 2;
-                        vec![slots[..minority].to_vec(), slots[minority..].to_vec()]
-                    }
-                    _ => {
-                        // The bridge (slots[0]) is in no group, so it keeps both sides.
-                        let half = (n - 1) / 2;
-                        vec![slots[1..1 + half].to_vec(), slots[1 + half..].to_vec()]
-                    }
-                };
-                net.partition(&groups);
-                let links = net.describe();
-                self.hold();
-                net.heal();
-                self.note(started, format!("{fault:?}: groups {groups:?} (cut {links}), then healed"));
-            }
+            Fault::Overlap => self.overlap(cluster, choices, leader, started),
             Fault::PowerCut => {
                 cluster.cut_power().expect("cutting the power");
                 self.hold();
                 cluster.restart_all().expect("starting the nodes after a power cut");
                 self.note(started, format!("{fault:?}: every node lost power and started again"));
-            }
-            Fault::PowerCutRandom => {
-                cluster.cut_power_of(random).expect("cutting a node's power");
-                self.hold();
-                cluster.nodes[random].restart().expect("starting a node after its power cut");
-                self.note(started, format!("{fault:?}: node {random} lost power and started again"));
             }
             Fault::TransferLeader => {
                 let mut moves = Vec::new();
@@ -207,11 +190,114 @@ impl Nemesis {
                     Err(e) => self.note(started, format!("{fault:?}: REMOVEPEER {id} refused ({e}); skipped")),
                 }
             }
+            _ => unreachable!("{fault:?} lasts"),
         }
         let after = cluster.wait_leader();
         if let Some(line) = self.log.last_mut() {
             line.push_str(&format!(" [leader: node {leader} before, node {after} after]"));
             eprintln!("nemesis: {line}");
+        }
+    }
+
+    /// Two faults that last, the second starting while the first holds (on another node, and
+    /// never two cuts of the network at once), healed in either order.
+    fn overlap(&mut self, cluster: &mut Cluster, choices: &[Fault], leader: usize, started: String) {
+        let lasting: Vec<Fault> = choices.iter().copied().filter(|f| f.lasts()).collect();
+        let Some(&first) = lasting.choose(&mut self.rng) else {
+            return self.note(started, "Overlap: no fault of this run lasts; skipped".into());
+        };
+        let seconds: Vec<Fault> = lasting.iter().copied().filter(|f| !(f.is_network() && first.is_network())).collect();
+        let Some(&second) = seconds.choose(&mut self.rng) else {
+            return self.note(started, "Overlap: no second fault fits; skipped".into());
+        };
+        let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+        let (a, what_a) = self.begin(cluster, first, leader, &all);
+        std::thread::sleep(Duration::from_millis(self.rng.gen_range(300..1500)));
+        let spare: Vec<usize> = all.iter().copied().filter(|i| Some(*i) != a.node()).collect();
+        // Whoever leads now, if anybody does yet (a paused or cut-off leader is not replaced at once).
+        let leader_now = spare.iter().copied().find(|i| cluster.nodes[*i].state() == "leader");
+        let leader_now = leader_now.unwrap_or_else(|| *spare.choose(&mut self.rng).unwrap());
+        let (b, what_b) = self.begin(cluster, second, leader_now, &spare);
+        self.hold();
+        let (a_first, pause) = (self.rng.gen_bool(0.5), Duration::from_millis(self.rng.gen_range(0..1000)));
+        let (x, y) = if a_first { (a, b) } else { (b, a) };
+        self.end(cluster, x);
+        std::thread::sleep(pause);
+        self.end(cluster, y);
+        let order = if a_first { "first healed first" } else { "second healed first" };
+        self.note(started, format!("Overlap: {first:?}: {what_a}; while it held, {second:?}: {what_b}; {order}"));
+    }
+
+    /// Starts a fault that lasts, on a node of `spare` (the leader's, if it is one of them);
+    /// returns it, to be ended, and what it did, for the log.
+    fn begin(&mut self, cluster: &mut Cluster, fault: Fault, leader: usize, spare: &[usize]) -> (Active, String) {
+        let random = *spare.choose(&mut self.rng).expect("a node to fault");
+        let victim = match fault {
+            Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader if spare.contains(&leader) => leader,
+            _ => random,
+        };
+        let n = cluster.nodes.len();
+        match fault {
+            Fault::KillLeader | Fault::KillRandom => {
+                cluster.nodes[victim].kill9();
+                (Active::Down(victim), format!("node {victim} killed -9"))
+            }
+            Fault::PowerCutRandom => {
+                cluster.cut_power_of(victim).expect("cutting a node's power");
+                (Active::Down(victim), format!("node {victim} lost power"))
+            }
+            Fault::PauseLeader | Fault::PauseRandom => {
+                cluster.nodes[victim].pause();
+                (Active::Paused(victim), format!("node {victim} stopped"))
+            }
+            Fault::IsolateLeader | Fault::SplitMajority | Fault::Bridge => {
+                let net = cluster.network.as_ref().expect("network faults need Cluster::start_partitionable");
+                let mut slots: Vec<usize> = (0..n).collect();
+                slots.shuffle(&mut self.rng);
+                let groups: Vec<Vec<usize>> = match fault {
+                    Fault::IsolateLeader => vec![vec![victim], (0..n).filter(|i| *i != victim).collect()],
+                    Fault::SplitMajority => {
+                        let minority = (n - 1) / 2;
+                        vec![slots[..minority].to_vec(), slots[minority..].to_vec()]
+                    }
+                    _ => {
+                        // The bridge (slots[0]) is in no group, so it keeps both sides.
+                        let half = (n - 1) / 2;
+                        vec![slots[1..1 + half].to_vec(), slots[1 + half..].to_vec()]
+                    }
+                };
+                net.partition(&groups);
+                (Active::Partitioned, format!("groups {groups:?} (cut {})", net.describe()))
+            }
+            _ => unreachable!("{fault:?} does not last"),
+        }
+    }
+
+    fn end(&mut self, cluster: &mut Cluster, active: Active) {
+        match active {
+            Active::Down(i) => cluster.nodes[i].restart().expect("restarting a node"),
+            Active::Paused(i) => cluster.nodes[i].resume(),
+            Active::Partitioned => cluster.network.as_ref().expect("a partitionable cluster").heal(),
+        }
+    }
+}
+
+/// A fault in force, until [`Nemesis::end`] heals it.
+enum Active {
+    /// Killed, or its power cut: it starts again.
+    Down(usize),
+    /// SIGSTOPped: it continues.
+    Paused(usize),
+    /// Links cut: every one is restored.
+    Partitioned,
+}
+
+impl Active {
+    /// The node this fault took out, for one that is about a single node.
+    fn node(&self) -> Option<usize> {
+        match self {
+            Active::Down(i) | Active::Paused(i) => Some(*i),
+            Active::Partitioned => None,
         }
     }
 }

@@ -207,7 +207,8 @@ struct Shared {
 
 /// Client threads working until `stop` is set or each has run `max_ops` operations: `count`
 /// clients (processes `0..count`) and, with the register workload, one pinned reader per node
-/// (processes `count..`).
+/// (processes `count..`). Each spreads its operations over `spread_over` at most (see [`Pace`]),
+/// so that it still works when the last fault comes, however fast the cluster answers.
 pub struct Clients {
     pub history: History,
     shared: Arc<Shared>,
@@ -215,7 +216,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn start(ports: &[u16], count: usize, mix: Mix, seed: u64, max_ops: usize) -> Clients {
+    pub fn start(ports: &[u16], count: usize, mix: Mix, seed: u64, max_ops: usize, spread_over: Duration) -> Clients {
         let history = History::new();
         let shared = Arc::new(Shared {
             history: history.clone(),
@@ -233,8 +234,9 @@ impl Clients {
                 std::thread::spawn(move || {
                     let mut client = Client::new(ports, process, shared.unexpected.clone());
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
-                    let mut ops = 0;
+                    let (mut ops, pace) = (0, Pace::new(max_ops, spread_over));
                     while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
+                        pace.wait_turn(ops);
                         ops += 1;
                         one_op(&mut client, &mut rng, &shared, process);
                         if !client.connected() {
@@ -249,8 +251,9 @@ impl Clients {
                 std::thread::spawn(move || {
                     let mut client = Client::pinned(port, shared.unexpected.clone());
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
-                    let mut ops = 0;
+                    let (mut ops, pace) = (0, Pace::new(max_ops, spread_over));
                     while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
+                        pace.wait_turn(ops);
                         ops += 1;
                         let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
                         let read = Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone());
@@ -323,6 +326,28 @@ impl Clients {
 impl Drop for Clients {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Keeps a client from running through its operations before the run ends: operation `n` starts
+/// no earlier than `n / max_ops` of the way through `spread_over`. A client held up by a fault
+/// catches up at full speed afterwards.
+struct Pace {
+    start: Instant,
+    interval: Duration,
+}
+
+impl Pace {
+    fn new(max_ops: usize, spread_over: Duration) -> Pace {
+        let interval = spread_over.checked_div(max_ops.try_into().unwrap_or(u32::MAX)).unwrap_or_default();
+        Pace { start: Instant::now(), interval }
+    }
+
+    fn wait_turn(&self, op: usize) {
+        let turn = self.start + self.interval * op.try_into().unwrap_or(u32::MAX);
+        if let Some(early) = turn.checked_duration_since(Instant::now()) {
+            std::thread::sleep(early);
+        }
     }
 }
 

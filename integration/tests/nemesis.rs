@@ -5,8 +5,8 @@
 //!
 //! The CI profile is short. `scripts/faults` runs the long one; these variables tune a run:
 //! `RAFTIS_FAULT_SECS` (fault phase length, default 15), `RAFTIS_FAULT_NODES` (3 or 5),
-//! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_OPS` (operations per client at most, default
-//! 20,000), `RAFTIS_FAULT_SEED` (default: random, printed), `RAFTIS_FAULT_MODULE_ARGS` (more
+//! `RAFTIS_FAULT_CLIENTS` (default 4), `RAFTIS_FAULT_OPS` (operations per client at most, spread
+//! over the run, default 40,000), `RAFTIS_FAULT_SEED` (default: random, printed), `RAFTIS_FAULT_MODULE_ARGS` (more
 //! module arguments for every node, e.g. `durability=medium`, after the run's own).
 
 use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
@@ -30,7 +30,7 @@ fn run_with(faults: &[Fault], module_args: &[&str]) -> Cluster {
     let secs = env("RAFTIS_FAULT_SECS", 15);
     let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
     let clients = env("RAFTIS_FAULT_CLIENTS", 4) as usize;
-    let max_ops = env("RAFTIS_FAULT_OPS", 20_000) as usize;
+    let max_ops = env("RAFTIS_FAULT_OPS", 40_000) as usize;
     let seed = env("RAFTIS_FAULT_SEED", rand::random::<u32>() as u64);
     let extra = std::env::var("RAFTIS_FAULT_MODULE_ARGS").unwrap_or_default();
     let module_args: Vec<&str> = module_args.iter().copied().chain(extra.split_whitespace()).collect();
@@ -49,7 +49,9 @@ fn run_with(faults: &[Fault], module_args: &[&str]) -> Cluster {
     }
     .unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let mut load = Clients::start(&ports, clients, Mix::ALL, seed, max_ops);
+    // The faults, the last one's hold and healing, and the wait for every client below.
+    let spread_over = Duration::from_secs(secs + 40);
+    let mut load = Clients::start(&ports, clients, Mix::ALL, seed, max_ops, spread_over);
     let mut nemesis = Nemesis::new(seed, load.history.clone());
     nemesis.run(&mut cluster, faults, Duration::from_secs(secs));
     // The healed cluster serves every client again. A client may first have to give up on a
@@ -141,6 +143,7 @@ fn power_cuts_lose_nothing_acknowledged() {
         Fault::KillRandom,
         Fault::PauseLeader,
         Fault::IsolateLeader,
+        Fault::Overlap,
     ]);
 }
 
@@ -183,19 +186,24 @@ fn snapshots_all_along_under_kills_and_power_cuts_lose_nothing() {
 
 #[test]
 fn kills_and_pauses_lose_nothing_acknowledged() {
-    run(Fault::PROCESS);
+    let mut faults = Fault::PROCESS.to_vec();
+    faults.push(Fault::Overlap);
+    run(&faults);
 }
 
 #[test]
 fn partitions_never_split_the_brain() {
-    run(Fault::NETWORK);
+    // Overlaps pair a partition with a kill, or a pause (never two partitions).
+    let mut faults = Fault::NETWORK.to_vec();
+    faults.extend([Fault::Overlap, Fault::Overlap, Fault::KillRandom, Fault::PauseRandom]);
+    run(&faults);
 }
 
 /// Clients stay on whichever node they reach; followers forward to the leader for them.
 #[test]
 fn the_follower_proxy_keeps_every_guarantee_under_faults() {
     run_with(
-        &[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom, Fault::TransferLeader],
+        &[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom, Fault::TransferLeader, Fault::Overlap],
         &["follower-proxy=yes"],
     );
 }
@@ -252,7 +260,7 @@ fn the_workload_catches_a_deposed_leader_serving_stale_reads() {
     }
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let mix = Mix { register: true, counter: false, list: false, transfer: false };
-    let mut load = Clients::start(&ports, 4, mix, rand::random(), usize::MAX);
+    let mut load = Clients::start(&ports, 4, mix, rand::random(), usize::MAX, Duration::ZERO);
     wait_for("the clients to get answers", Duration::from_secs(10), || (load.history.acknowledged_since(0).len() >= 4).then_some(()));
 
     let net = cluster.network.as_ref().unwrap();
