@@ -12,7 +12,7 @@
 //!   lists (and the reads the checker compares) stay short however long a run is.
 //! - transfers: MULTI/EXEC transactions between accounts, with a ledger (see [`transfers`]).
 
-use crate::history::{History, Op, Outcome, Value};
+use crate::history::{History, Op, Outcome, ProcessId, Value};
 use crate::transfers;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -228,43 +228,25 @@ impl Clients {
             anomalies: Mutex::new(Vec::new()),
             unexpected: Arc::default(),
         });
-        let threads = (0..count)
-            .map(|process| {
-                let (shared, ports) = (shared.clone(), ports.to_vec());
-                std::thread::spawn(move || {
-                    let mut client = Client::new(ports, process, shared.unexpected.clone());
-                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
-                    let (mut ops, pace) = (0, Pace::new(max_ops, spread_over));
-                    while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
-                        pace.wait_turn(ops);
-                        ops += 1;
-                        one_op(&mut client, &mut rng, &shared, process);
-                        if !client.connected() {
-                            // Between nodes (dead one, or redirected): back off like a real client.
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
+        // Each thread runs `work` until stopped or out of operations, paced (see [`Pace`]).
+        let worker = |process: ProcessId, mut client: Client, work: Work| {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
+                let pace = Pace::new(max_ops, spread_over);
+                for op in 0..max_ops {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break;
                     }
-                })
+                    pace.wait_turn(op);
+                    work(&mut client, &mut rng, &shared, process);
+                }
             })
-            .chain(ports.iter().enumerate().filter(|_| mix.register).map(|(node, port)| {
-                let (shared, port, process) = (shared.clone(), *port, count + node);
-                std::thread::spawn(move || {
-                    let mut client = Client::pinned(port, shared.unexpected.clone());
-                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(process as u64));
-                    let (mut ops, pace) = (0, Pace::new(max_ops, spread_over));
-                    while !shared.stop.load(Ordering::Relaxed) && ops < max_ops {
-                        pace.wait_turn(ops);
-                        ops += 1;
-                        let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
-                        let read = Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone());
-                        if !read.run(&mut client, &shared, process) {
-                            // A follower's -MOVED comes back at once: no need to ask 1,000 times a second.
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                })
-            }))
-            .collect();
+        };
+        let clients = (0..count).map(|p| worker(p, Client::new(ports.to_vec(), p, shared.unexpected.clone()), client_step));
+        let pinned = ports.iter().enumerate().filter(|_| mix.register);
+        let pinned = pinned.map(|(node, port)| worker(count + node, Client::pinned(*port, shared.unexpected.clone()), pinned_read));
+        let threads = clients.chain(pinned).collect();
         Clients { history, shared, threads }
     }
 
@@ -326,6 +308,28 @@ impl Clients {
 impl Drop for Clients {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// One operation of a worker thread.
+type Work = fn(&mut Client, &mut StdRng, &Shared, ProcessId);
+
+/// A client's operation: any of the run's workloads, on whichever node leads.
+fn client_step(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: ProcessId) {
+    one_op(client, rng, shared, process);
+    if !client.connected() {
+        // Between nodes (dead one, or redirected): back off like a real client.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pinned reader's operation: a register read, on its node.
+fn pinned_read(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: ProcessId) {
+    let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
+    let read = Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone());
+    if !read.run(client, shared, process) {
+        // A follower's -MOVED comes back at once: no need to ask 1,000 times a second.
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
