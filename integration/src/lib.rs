@@ -346,13 +346,13 @@ const PROXY_HOST: &str = "127.0.0.2";
 impl Cluster {
     /// Starts `n` servers and forms a cluster: INIT on the first, JOIN on the others.
     pub fn start(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(Self::new_root(std::env::temp_dir())?, Vec::new(), n, extra, false)
+        Self::start_with(Self::new_root()?, Vec::new(), n, extra, false)
     }
 
     /// Like [`Cluster::start`], with every side-port connection going through a proxy that can
     /// cut links between nodes (see [`netproxy`]).
     pub fn start_partitionable(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
-        Self::start_with(Self::new_root(std::env::temp_dir())?, Vec::new(), n, extra, true)
+        Self::start_with(Self::new_root()?, Vec::new(), n, extra, true)
     }
 
     /// Like [`Cluster::start`] or [`Cluster::start_partitionable`], with each node's directory
@@ -360,7 +360,7 @@ impl Cluster {
     /// [`Cluster::cut_power_of`]). Separate file systems: one node's fsync commits nothing of
     /// another's (one ext4 journal would).
     pub fn start_on_disk(n: usize, extra: &[&str], partitionable: bool) -> anyhow::Result<Cluster> {
-        let root = Self::new_root(std::env::temp_dir())?;
+        let root = Self::new_root()?;
         let disks = (0..n).map(|i| Self::disk_for(&root, i)).collect::<anyhow::Result<Vec<_>>>()?;
         Self::start_with(root, disks, n, extra, partitionable)
     }
@@ -372,14 +372,11 @@ impl Cluster {
     /// Where node `i` keeps its data: for a cluster on disks, on a disk of its own (made here
     /// for a node added to the cluster).
     pub fn node_dir(&mut self, i: usize) -> anyhow::Result<PathBuf> {
-        if self.disks.is_empty() {
-            return Ok(self.root.path().join(format!("n{i}")));
-        }
-        while self.disks.len() <= i {
+        while !self.disks.is_empty() && self.disks.len() <= i {
             let disk = Self::disk_for(&self.root, self.disks.len())?;
             self.disks.push(disk);
         }
-        Ok(self.disks[i].path().join(format!("n{i}")))
+        Ok(Self::dir_of(&self.root, &self.disks, i))
     }
 
     /// Kills every node and cuts the power of their disks at once: what was not flushed is
@@ -417,8 +414,13 @@ impl Cluster {
         Cluster { nodes, network: None, root, disks: Vec::new() }
     }
 
-    fn new_root(parent: impl AsRef<Path>) -> anyhow::Result<tempfile::TempDir> {
-        Ok(tempfile::Builder::new().prefix("raftis-it-").tempdir_in(parent)?)
+    fn new_root() -> anyhow::Result<tempfile::TempDir> {
+        Ok(tempfile::Builder::new().prefix("raftis-it-").tempdir()?)
+    }
+
+    /// Node `i`'s directory: on its disk, for a cluster on disks.
+    fn dir_of(root: &tempfile::TempDir, disks: &[power_cut::PowerCutDisk], i: usize) -> PathBuf {
+        disks.get(i).map_or_else(|| root.path().to_path_buf(), |disk| disk.path()).join(format!("n{i}"))
     }
 
     fn start_with(
@@ -431,10 +433,7 @@ impl Cluster {
         let network = partitionable.then(netproxy::Network::new);
         let mut nodes = Vec::new();
         for i in 0..n {
-            let dir = match disks.get(i) {
-                Some(disk) => disk.path().join(format!("n{i}")),
-                None => root.path().join(format!("n{i}")),
-            };
+            let dir = Self::dir_of(&root, &disks, i);
             let server = match &network {
                 None => Server::start(free_port_pair(), &dir, extra)?,
                 Some(net) => {

@@ -1,6 +1,6 @@
 //! The nemesis: real faults injected into a running cluster, each healed before the next, or
-//! (an [`Fault::Overlap`]) two at once. Every fault is logged with its start and end (history clock) so a failure report
-//! can be read against the operations.
+//! (an [`Fault::Overlap`]) two at once. Every fault is logged with its start and end (history
+//! clock) so a failure report can be read against the operations.
 
 use crate::history::History;
 use crate::{wait_for, Cluster};
@@ -100,7 +100,7 @@ impl Nemesis {
         while started.elapsed() < run_for {
             std::thread::sleep(Duration::from_millis(self.rng.gen_range(300..1200)));
             let fault = first.take().unwrap_or_else(|| *faults.choose(&mut self.rng).expect("at least one fault"));
-            self.inject_from(cluster, fault, faults);
+            self.inject(cluster, fault, faults);
         }
     }
 
@@ -118,12 +118,8 @@ impl Nemesis {
         self.log.push(format!("{started} .. {}  {what}", self.now()));
     }
 
-    pub fn inject(&mut self, cluster: &mut Cluster, fault: Fault) {
-        self.inject_from(cluster, fault, &[]);
-    }
-
     /// Injects `fault`; an [`Fault::Overlap`] picks its two faults from `choices`.
-    fn inject_from(&mut self, cluster: &mut Cluster, fault: Fault, choices: &[Fault]) {
+    pub fn inject(&mut self, cluster: &mut Cluster, fault: Fault, choices: &[Fault]) {
         let n = cluster.nodes.len();
         let started = self.now();
         let leader = cluster.wait_leader();

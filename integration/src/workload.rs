@@ -27,6 +27,9 @@ pub const LIST_CHUNK: i64 = 200;
 pub const COUNTER_KEY: &str = "counter";
 /// How long a pinned reader waits for an answer (see [`Client::pinned`]).
 pub const PINNED_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long any other client waits: longer than the module's write-timeout, so a slow cluster
+/// answers -TIMEOUT itself.
+const READ_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Which workloads a run mixes.
 #[derive(Clone, Copy, Debug)]
@@ -53,7 +56,6 @@ pub struct Client {
     conn: Option<redis::Connection>,
     /// Stays on its node whatever it answers (see [`Client::pinned`]).
     pinned: bool,
-    read_timeout: Duration,
     /// Errors no fault explains (see [`EXPECTED_CODES`]), shared by the clients of a run: each
     /// is still recorded as an unknown outcome, and the run fails on any of them.
     unexpected: Arc<Mutex<Vec<String>>>,
@@ -61,16 +63,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(ports: Vec<u16>, start_at: usize, unexpected: Arc<Mutex<Vec<String>>>) -> Client {
-        // Longer than the module's write-timeout, so a slow cluster answers -TIMEOUT itself.
-        let read_timeout = Duration::from_secs(8);
-        Client { current: start_at % ports.len(), ports, conn: None, pinned: false, read_timeout, unexpected }
+        Client { current: start_at % ports.len(), ports, conn: None, pinned: false, unexpected }
     }
 
     /// A client that only ever talks to the node on `port`: it never follows `-MOVED` and gives
     /// up on an answer after [`PINNED_READ_TIMEOUT`], so it asks that node again the moment it
     /// is back from a fault, while it may still take itself for the leader.
     pub fn pinned(port: u16, unexpected: Arc<Mutex<Vec<String>>>) -> Client {
-        Client { current: 0, ports: vec![port], conn: None, pinned: true, read_timeout: PINNED_READ_TIMEOUT, unexpected }
+        Client { current: 0, ports: vec![port], conn: None, pinned: true, unexpected }
     }
 
     /// Notes an error that no fault explains: a wrong reply to a well-formed command, or one
@@ -90,7 +90,7 @@ impl Client {
         if self.conn.is_none() {
             let url = format!("redis://127.0.0.1:{}/", self.ports[self.current]);
             let conn = redis::Client::open(url).ok()?.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
-            conn.set_read_timeout(Some(self.read_timeout)).ok()?;
+            conn.set_read_timeout(Some(if self.pinned { PINNED_READ_TIMEOUT } else { READ_TIMEOUT })).ok()?;
             self.conn = Some(conn);
         }
         self.conn.as_mut()
@@ -278,10 +278,7 @@ impl Clients {
         // Without a read at the end, a lost acknowledged SET whose key was only written after it
         // would go unseen.
         if mix.register {
-            for i in 0..REGISTER_KEYS {
-                let key = format!("r{i}");
-                reads.push(Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone()));
-            }
+            reads.extend((0..REGISTER_KEYS).map(Read::register));
         }
         if mix.counter {
             reads.push(Read::Command(Op::Read { key: COUNTER_KEY.into() }, redis::cmd("GET").arg(COUNTER_KEY).clone()));
@@ -325,9 +322,7 @@ fn client_step(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: 
 
 /// A pinned reader's operation: a register read, on its node.
 fn pinned_read(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: ProcessId) {
-    let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
-    let read = Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone());
-    if !read.run(client, shared, process) {
+    if !Read::register(rng.gen_range(0..REGISTER_KEYS)).run(client, shared, process) {
         // A follower's -MOVED comes back at once: no need to ask 1,000 times a second.
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -367,6 +362,12 @@ enum Read {
 }
 
 impl Read {
+    /// `GET rN`.
+    fn register(n: usize) -> Read {
+        let key = format!("r{n}");
+        Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone())
+    }
+
     fn snapshot(chunk: i64) -> Read {
         let (op, pipe) = transfers::snapshot(chunk);
         Read::Snapshot { chunk, op, pipe }
@@ -420,12 +421,12 @@ fn one_op(client: &mut Client, rng: &mut StdRng, shared: &Shared, process: usize
         .collect();
     let step = match kinds[rng.gen_range(0..kinds.len())] {
         0 => {
-            let key = format!("r{}", rng.gen_range(0..REGISTER_KEYS));
+            let n = rng.gen_range(0..REGISTER_KEYS);
             if rng.gen_bool(0.5) {
-                let value = shared.next_value.fetch_add(1, Ordering::Relaxed);
+                let (key, value) = (format!("r{n}"), shared.next_value.fetch_add(1, Ordering::Relaxed));
                 Step::Write(Op::Write { key: key.clone(), value }, redis::cmd("SET").arg(&key).arg(value).clone())
             } else {
-                Step::Read(Read::Command(Op::Read { key: key.clone() }, redis::cmd("GET").arg(&key).clone()))
+                Step::Read(Read::register(n))
             }
         }
         1 => Step::Write(Op::Incr { key: COUNTER_KEY.into() }, redis::cmd("INCR").arg(COUNTER_KEY).clone()),
