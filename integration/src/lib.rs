@@ -227,12 +227,12 @@ impl Server {
 
     /// Runs one command on a fresh connection.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        command(args).query(&mut self.connect(Duration::from_secs(2), Duration::from_secs(15))?)
+        query_through_interrupts(args, &mut self.connect(Duration::from_secs(2), Duration::from_secs(15))?)
     }
 
     /// Runs one command with a short deadline, for polling a node that may be paused or dead.
     pub fn quick_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        command(args).query(&mut self.connect(Duration::from_millis(500), Duration::from_secs(1))?)
+        query_through_interrupts(args, &mut self.connect(Duration::from_millis(500), Duration::from_secs(1))?)
     }
 
     pub fn state(&self) -> String {
@@ -604,6 +604,27 @@ impl Drop for Cluster {
     }
 }
 
+/// Sends one command and waits for its reply, going on waiting when the read is interrupted.
+/// A socket read with a timeout fails with EINTR when the test process is stopped and
+/// continued, even with no signal handler (signal(7)); the machine running the tests can do
+/// that. Sending again could run a write twice, so only the wait is repeated: the parser keeps
+/// whatever part of the reply it had already read.
+fn query_through_interrupts<T: redis::FromRedisValue>(args: &[&str], conn: &mut redis::Connection) -> redis::RedisResult<T> {
+    conn.send_packed_command(&command(args).get_packed_command())?;
+    loop {
+        match conn.recv_response() {
+            Err(e) if was_interrupted(&e) => continue,
+            reply => return redis::from_owned_redis_value(reply?),
+        }
+    }
+}
+
+/// redis-rs keeps the I/O error to itself (`as_io_error` is private, `source` is not given), so
+/// the interruption is known by the OS error its message names.
+fn was_interrupted(e: &redis::RedisError) -> bool {
+    e.is_io_error() && e.to_string().ends_with(&format!("(os error {})", libc::EINTR))
+}
+
 fn command(args: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
@@ -852,4 +873,20 @@ pub fn exchange_on(s: &mut TcpStream, request: &[u8], expect_len: usize) -> Vec<
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::was_interrupted;
+
+    #[test]
+    fn an_interrupted_read_is_told_from_other_failures() {
+        let interrupted = redis::RedisError::from(std::io::Error::from_raw_os_error(libc::EINTR));
+        let timed_out = redis::RedisError::from(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        let refused =
+            redis::RedisError::from((redis::ErrorKind::ResponseError, "An error was signalled by the server", "(os error 4)".to_string()));
+        assert!(was_interrupted(&interrupted));
+        assert!(!was_interrupted(&timed_out));
+        assert!(!was_interrupted(&refused));
+    }
 }
