@@ -1,9 +1,15 @@
 //! The follower proxy's wire format. With `follower-proxy yes`, a follower that receives a command
 //! only the leader may serve sends it to the leader's side port as
 //! `FORWARD <db> <2|3> <command> <arg>...` and relays what comes back to its client:
-//! a bulk string holding the command's reply exactly as Redis produced it (RESP2 or RESP3, as the
-//! client speaks), or an error line when the cluster could not run it (`MOVED`, `CLUSTERDOWN`,
-//! `TIMEOUT`: the same errors a client talking to the leader would get).
+//! a two-element array, a bulk string holding the command's reply exactly as Redis produced it
+//! (RESP2 or RESP3, as the client speaks) and the index of the last log entry the leader's
+//! dataset had applied or was applying when it answered; or an error line when the cluster could
+//! not run it (`MOVED`, `CLUSTERDOWN`, `TIMEOUT`: the same errors a client talking to the leader
+//! would get).
+//!
+//! The index is for read-your-writes at consistency `low`, where a follower serves reads from its
+//! own dataset: the follower relays the reply only once its own dataset has applied that far
+//! (see [`Dataset`]), so a read its client sends after the answer of a write sees the write.
 //!
 //! A transaction (MULTI/EXEC) goes whole, so that it stays one log entry:
 //! `FORWARD-TX <protocols> <transaction>`, the transaction encoded as its log entry would be (see
@@ -18,11 +24,27 @@
 //! the leader, which watches the connection while it waits ([`Abandoned`]), forgets the wait.
 
 use crate::command_entry::{encode_transaction, EntryView};
+use crate::ids::LogIndex;
 use crate::resp::{self, Frame};
 use bytes::BytesMut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
+
+/// What runs once this node's dataset has caught up (see [`Dataset::when_reflects`]).
+pub type CaughtUp = Box<dyn FnOnce() + Send>;
+
+/// How far this node's dataset has come, as the follower proxy needs to know it (given to the
+/// transport by the module).
+pub trait Dataset: Send + Sync {
+    /// Leader: the index of the last entry whose effects a reply produced now may show (the
+    /// entry being applied, if one is). Called where the reply is produced.
+    fn reflects(&self) -> LogIndex;
+
+    /// Follower: calls `then` once this node's reads see every entry up to `index`: at once if
+    /// they already do, or if its reads do not come from its own dataset.
+    fn when_reflects(&self, index: LogIndex, then: CaughtUp);
+}
 
 /// What a follower forwards on behalf of its client. `resp3`: the client speaks RESP3, so the
 /// reply must be produced in RESP3.
@@ -238,16 +260,17 @@ pub fn decode_replies(raw: &[u8]) -> Option<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// The frame that carries a forwarded command's outcome back.
-pub fn reply_frame(reply: ForwardReply) -> Frame {
-    reply_frame_within(reply, resp::MAX_BULK)
+/// The frame that carries a forwarded command's outcome back, with the index the leader's
+/// dataset `reflects` as it answered.
+pub fn reply_frame(reply: ForwardReply, reflects: LogIndex) -> Frame {
+    reply_frame_within(reply, reflects, resp::MAX_BULK)
 }
 
 /// A reply over `limit` bytes would not be read by the follower (the side port reads no bulk
 /// string longer), which would then report a lost connection and an unknown outcome: it gets an
 /// error saying so instead. (A value that big is read with a plain Redis `GET` of over 256 MB,
 /// possible with `proto-max-bulk-len` at its 512 MB default.)
-fn reply_frame_within(reply: ForwardReply, limit: usize) -> Frame {
+fn reply_frame_within(reply: ForwardReply, reflects: LogIndex, limit: usize) -> Frame {
     match reply {
         Ok(raw) if raw.len() > limit => Frame::Error(format!(
             "ERR the reply is {} bytes, over the {} MB the follower proxy carries; the command ran on the leader \
@@ -255,8 +278,22 @@ fn reply_frame_within(reply: ForwardReply, limit: usize) -> Frame {
             raw.len(),
             limit >> 20
         )),
-        Ok(raw) => Frame::Bulk(raw.into()),
+        Ok(raw) => Frame::Array(vec![Frame::Bulk(raw.into()), Frame::Integer(reflects.get() as i64)]),
         Err(e) => Frame::Error(e),
+    }
+}
+
+/// Follower side: the reply and the index the leader's dataset reflected, from what
+/// [`reply_frame`] sent; or the error line to give the client.
+pub fn read_reply_frame(frame: Frame) -> Result<(Vec<u8>, LogIndex), String> {
+    match frame {
+        Frame::Array(items) => match <[Frame; 2]>::try_from(items) {
+            Ok([Frame::Bulk(raw), Frame::Integer(index)]) if index >= 0 => Ok((raw.to_vec(), LogIndex(index as u64))),
+            Ok(other) => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
+            Err(items) => Err(format!("ERR the leader answered a forwarded command with {} values", items.len())),
+        },
+        Frame::Error(e) => Err(e),
+        other => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
     }
 }
 
@@ -266,10 +303,26 @@ mod tests {
 
     #[test]
     fn a_reply_too_large_for_the_side_port_becomes_an_error_that_says_so() {
-        assert_eq!(reply_frame_within(Ok(vec![b'x'; 4]), 4), Frame::Bulk(b"xxxx".to_vec().into()));
-        let Frame::Error(e) = reply_frame_within(Ok(vec![b'x'; 5 << 20]), 4 << 20) else { panic!("not an error") };
+        let at = LogIndex(9);
+        let Frame::Error(e) = reply_frame_within(Ok(vec![b'x'; 5 << 20]), at, 4 << 20) else { panic!("not an error") };
         assert!(e.starts_with("ERR the reply is 5242880 bytes, over the 4 MB"), "{e}");
-        assert_eq!(reply_frame_within(Err("MOVED 0 a:1".into()), 4), Frame::Error("MOVED 0 a:1".into()));
+        assert_eq!(read_reply_frame(reply_frame_within(Ok(vec![b'x'; 4]), at, 4)), Ok((b"xxxx".to_vec(), at)));
+    }
+
+    #[test]
+    fn a_reply_comes_back_with_the_index_the_leader_had_applied() {
+        let on_the_wire = |reply: ForwardReply| {
+            let mut out = BytesMut::new();
+            resp::encode(&reply_frame(reply, LogIndex(41)), &mut out);
+            read_reply_frame(resp::parse(&mut out).unwrap().unwrap())
+        };
+        // A command's own error is a reply like any other; the cluster's errors come alone.
+        assert_eq!(on_the_wire(Ok(b"-WRONGTYPE no\r\n".to_vec())), Ok((b"-WRONGTYPE no\r\n".to_vec(), LogIndex(41))));
+        assert_eq!(on_the_wire(Err("MOVED 0 a:1".into())), Err("MOVED 0 a:1".into()));
+        // What an earlier build sent, or a confused peer.
+        assert!(read_reply_frame(Frame::Bulk(b"+OK\r\n".to_vec().into())).is_err());
+        assert!(read_reply_frame(Frame::Array(vec![Frame::Bulk(b"+OK\r\n".to_vec().into())])).is_err());
+        assert!(read_reply_frame(Frame::Array(vec![Frame::Bulk(b"+OK\r\n".to_vec().into()), Frame::Integer(-1)])).is_err());
     }
 
     fn round_trip(req: &ForwardRequest, verb: &str) -> ForwardRequest {

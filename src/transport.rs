@@ -28,10 +28,10 @@
 //! follower's proxied commands).
 
 use crate::cluster_id::ClusterId;
-use crate::forward::{self, Abandoned, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest};
+use crate::forward::{self, Abandoned, Dataset, ForwardCancel, ForwardDone, ForwardHandler, ForwardRequest};
 use crate::health_report;
 use crate::heartbeats;
-use crate::ids::NodeId;
+use crate::ids::{LogIndex, NodeId};
 use crate::peer_auth::{self, Gate, Password};
 use crate::resp::{self, Frame};
 use crate::shared_settings::SharedSettings;
@@ -59,7 +59,7 @@ mod listen;
 mod tests;
 
 use dial::{run_peer, Hello, PeerTask, MIN_BACKOFF};
-use forwarding::{ask_once, forward_once};
+use forwarding::{ask_once, catch_up, forward_once, BLOCKING_CATCH_UP};
 use listen::{accept_loop, Served};
 
 pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
@@ -164,6 +164,9 @@ pub struct Transport {
 type Callback = Arc<dyn Fn(Inbound) + Send + Sync>;
 /// Set by the module once it can serve forwarded commands; empty means "refuse them".
 type ForwardSlot = Arc<std::sync::RwLock<Option<ForwardHandler>>>;
+/// Set by the module: how far this node's dataset has come (see [`Dataset`]). Empty: replies
+/// say index 0 and are relayed at once.
+type DatasetSlot = Arc<std::sync::RwLock<Option<Arc<dyn Dataset>>>>;
 /// Set by the Raft node; empty means no vote is refused.
 type RemovedSlot = Arc<std::sync::RwLock<Option<RemovedCheck>>>;
 /// Set by the Raft node: its answer to `HEALTH` (see [`crate::health_report`]), or the error
@@ -200,6 +203,11 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     inbound: Callback,
     forward_handler: ForwardSlot,
+    dataset: DatasetSlot,
+    /// Forwarded replies that waited for this node's dataset to catch up, and those relayed
+    /// without it having caught up in time.
+    catch_ups: AtomicU64,
+    catch_ups_late: AtomicU64,
     removed_check: RemovedSlot,
     health: HealthSlot,
     /// Idle connections to leaders, for forwarding commands (one command at a time each).
@@ -310,6 +318,7 @@ impl Transport {
         let handle = runtime.handle().clone();
         let snapshots = cfg.snapshot_dir.clone().map(Arc::new);
         let forward_handler = ForwardSlot::default();
+        let dataset = DatasetSlot::default();
         let removed_check = RemovedSlot::default();
         let health = HealthSlot::default();
         let incarnation = claims::new_incarnation();
@@ -321,6 +330,7 @@ impl Transport {
             inbound: inbound.clone(),
             snapshots,
             forward: forward_handler.clone(),
+            dataset: dataset.clone(),
             removed: removed_check.clone(),
             health: health.clone(),
             password: cfg.password.clone(),
@@ -358,6 +368,9 @@ impl Transport {
                 runtime: handle,
                 inbound,
                 forward_handler,
+                dataset,
+                catch_ups: AtomicU64::new(0),
+                catch_ups_late: AtomicU64::new(0),
                 removed_check,
                 health,
                 forward_pool: Mutex::new(HashMap::new()),
@@ -420,6 +433,18 @@ impl Transport {
         *self.inner.forward_handler.write().unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
+    /// Tells forwarded replies how far this node's dataset has come, as a leader, and waits for
+    /// it to catch up with them, as a follower (see [`Dataset`]).
+    pub fn set_dataset(&self, dataset: Arc<dyn Dataset>) {
+        *self.inner.dataset.write().unwrap_or_else(|p| p.into_inner()) = Some(dataset);
+    }
+
+    /// Forwarded replies that waited for this node's dataset to catch up with the leader's, and
+    /// how many of them were relayed anyway because it had not within their time.
+    pub fn catch_up_stats(&self) -> (u64, u64) {
+        (self.inner.catch_ups.load(Ordering::Relaxed), self.inner.catch_ups_late.load(Ordering::Relaxed))
+    }
+
     /// Refuses the votes of members that `check` says were removed from the cluster: their
     /// connection is closed with `-REMOVED <why>`, which their transport reports as
     /// [`Inbound::Removed`]. Raft itself never tells a removed node: the leader stops writing to
@@ -448,6 +473,8 @@ impl Transport {
     /// Sends `req` to the leader's side port at `addr` and calls `done` with its reply, or with
     /// an error line: `CLUSTERDOWN` if the leader could not be reached (nothing was sent),
     /// `TIMEOUT` if the answer did not come back within `timeout` (the command may have run).
+    /// A reply waits, within `timeout`, for this node's dataset to reflect the leader's as it
+    /// answered (see [`Dataset`]).
     pub fn forward(&self, addr: String, req: &ForwardRequest, timeout: Duration, done: ForwardDone) {
         self.forward_until(addr, req, Some(timeout), ForwardCancel::default(), done);
     }
@@ -460,6 +487,7 @@ impl Transport {
         req.encode(&mut request);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {
+            let started = tokio::time::Instant::now();
             let answer = async {
                 let once = forward_once(&inner, &addr, &request);
                 match timeout {
@@ -474,7 +502,20 @@ impl Transport {
                 reply = answer => reply,
                 reason = cancel.cancelled() => Err(reason),
             };
-            done(reply);
+            done(match reply {
+                Ok((raw, reflects)) => {
+                    // Within the forward's own time, which the client's backstop allows for: a
+                    // client timed out after its write (or pop) took effect would not know.
+                    let limit = timeout.map_or(BLOCKING_CATCH_UP, |t| t.saturating_sub(started.elapsed()));
+                    tokio::select! {
+                        () = catch_up(&inner, reflects, limit) => {}
+                        // Its client is gone or given up on: nobody to read anything here.
+                        _ = cancel.cancelled() => {}
+                    }
+                    Ok(raw)
+                }
+                Err(e) => Err(e),
+            });
         });
     }
 

@@ -1313,6 +1313,38 @@ fn through_a_follower_a_pipeline_reads_its_own_writes_at_every_consistency_level
     }
 }
 
+/// At `low` a follower reads its own dataset, which learns of a write a moment after the leader
+/// has applied and answered it. Through the proxy, a write is answered only once the follower's
+/// dataset holds it, so a client that reads after that answer reads its write. Here the leader's
+/// news is held back from the follower for a moment during each write, which is every time
+/// without the wait.
+#[test]
+fn at_low_a_client_of_a_follower_reads_its_own_write_once_it_is_answered() {
+    let cluster = Cluster::start_partitionable(3, &["follower-proxy=yes", "consistency=low"]).unwrap();
+    let leader = cluster.wait_leader();
+    let f = (leader + 1) % 3;
+    let follower = &cluster.nodes[f];
+    let network = cluster.network.as_ref().unwrap();
+    let rounds = 5;
+    for round in 0..rounds {
+        let value = format!("v{round}");
+        // Well under the follower's election timeout: it stays a follower.
+        network.block(leader, f);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                network.heal();
+            });
+            let set: String = follower.cmd(&["SET", "mine", &value]).unwrap();
+            assert_eq!(set, "OK");
+            let read: Option<String> = follower.cmd(&["GET", "mine"]).unwrap();
+            assert_eq!(read.as_deref(), Some(value.as_str()), "round {round}: the follower read before its dataset held the write");
+        });
+    }
+    assert!(stat_field(follower, "forward_catch_ups") >= rounds, "{}", raftis_integration::raft_stats(follower));
+    assert_eq!(stat_field(follower, "forward_catch_ups_late"), 0);
+}
+
 #[test]
 fn a_pipeline_of_writes_and_reads_keeps_flowing_in_order_and_shares_leadership_checks() {
     let cluster = Cluster::start(3, &[]).unwrap();

@@ -643,6 +643,8 @@ pub fn stats(args: &[Vec<u8>]) -> Result {
         let _ = write!(out, "known_scripts:{}\r\n", crate::scripts::known_scripts());
         let _ = write!(out, "readonly_clients:{}\r\n", crate::replica_reads::count());
         let _ = write!(out, "clock_entries_proposed:{}\r\n", crate::expiry::clock_entries_proposed());
+        let (catch_ups, late) = node.transport().catch_up_stats();
+        let _ = write!(out, "forward_catch_ups:{catch_ups}\r\nforward_catch_ups_late:{late}\r\n");
         for t in node.transport().stats() {
             let _ = write!(out, "peer_{}_sent:{}\r\npeer_{}_dropped:{}\r\n", t.id, t.sent, t.id, t.dropped);
         }

@@ -9,7 +9,10 @@
 //!   (too many in flight, or a Redis without the hooks) it blocks the client and sends the
 //!   command alone; the leader's raw reply comes back and [`relay`] replays it to the client
 //!   through the module API. Such a command waits until the client's earlier replies are in, so
-//!   it cannot overtake them (forwarded requests travel on separate connections).
+//!   it cannot overtake them (forwarded requests travel on separate connections). At consistency
+//!   `low`, where this node serves reads from its own dataset, a reply is relayed only once that
+//!   dataset has applied as far as the leader's had when it answered ([`DatasetProgress`]), so
+//!   the client reads its own write afterwards.
 //! - Leader side: [`handler`] receives forwarded commands on the transport thread and queues them
 //!   for the main thread, where [`serve`] runs them exactly like a client's: writes are pinned,
 //!   proposed and answered once applied; reads are linearizable (ReadIndex) whatever the
@@ -27,10 +30,12 @@ use crate::state::{self, RaftNode};
 use crate::transaction::Forwarding;
 use raftis_core::cluster_view::HashSlot;
 use raftis_core::command_entry::{encode_command, encode_transaction};
+use raftis_core::config::Consistency;
 use raftis_core::determinism::Args;
-use raftis_core::forward::{decode_replies, encode_replies, Abandoned, ForwardDone, ForwardHandler, ForwardRequest};
+use raftis_core::forward::{decode_replies, encode_replies, Abandoned, CaughtUp, Dataset, ForwardDone, ForwardHandler, ForwardRequest};
 use raftis_core::memory_limit;
 use raftis_core::routing::Route;
+use raftis_core::LogIndex;
 use std::borrow::Cow;
 use std::ffi::CString;
 use std::os::raw::{c_char, c_int, c_long};
@@ -132,6 +137,28 @@ pub fn leader_addr(node: &RaftNode) -> Result<String, String> {
     match status.leader.and_then(|l| status.members.get(&l)) {
         Some(leader) => Ok(leader.raft_addr.clone()),
         None => Err(state::redirect(&status, HashSlot::NO_KEY)),
+    }
+}
+
+/// How far this node's dataset has come, for read-your-writes through a follower at consistency
+/// `low` (see `raftis_core::forward`).
+pub struct DatasetProgress;
+
+impl Dataset for DatasetProgress {
+    /// The entry being applied counts: a write's reply is produced while its entry is applied,
+    /// before the applied index moves past the whole batch.
+    fn reflects(&self) -> LogIndex {
+        let applied = state::get().progress.applied();
+        crate::runaway::applying().map_or(applied, |(applying, _)| applied.max(applying))
+    }
+
+    /// Only at `low` does a follower read its own dataset; otherwise its reads go to the leader.
+    fn when_reflects(&self, index: LogIndex, then: CaughtUp) {
+        let s = state::get();
+        if s.consistency() != Consistency::Low {
+            return then();
+        }
+        s.progress.when_applied(index, then);
     }
 }
 

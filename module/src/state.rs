@@ -363,6 +363,7 @@ impl Raftis {
         self.replay_to.store(self.store.hard_state().commit, Ordering::Release);
         let node = Arc::new(RaftNode::start(cfg, self.store.clone(), machine)?);
         node.transport().set_forward_handler(crate::forward::handler());
+        node.transport().set_dataset(Arc::new(crate::forward::DatasetProgress));
         let _config = self.config_change.lock().unwrap_or_else(|p| p.into_inner());
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
         self.has_node.store(true, Ordering::Release);

@@ -6,15 +6,55 @@ use super::*;
 /// Idle connections kept per leader address for forwarded commands.
 const FORWARD_POOL: usize = 32;
 
-/// One forwarded command on a pooled (or new) connection to the leader.
-pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> forward::ForwardReply {
-    ask_once(inner, addr, request, true).await
+/// How long the answer of a blocking command, which has no timeout of its own, waits for this
+/// node's dataset to catch up with the leader's (see [`catch_up`]).
+pub(super) const BLOCKING_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Waits, at most `limit`, until this node's reads see the leader's dataset as it was when it
+/// answered a forwarded command (`reflects`), so that the client, once answered, reads its own
+/// write here too. A follower normally has: the leader sends the new commit index to its
+/// followers before it applies the entry and answers. One that lags further has its client
+/// answered anyway after `limit`, and counted: the write did take effect.
+pub(super) async fn catch_up(inner: &Inner, reflects: LogIndex, limit: Duration) {
+    let Some(dataset) = inner.dataset.read().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+    let (caught_up, wait) = oneshot::channel();
+    dataset.when_reflects(
+        reflects,
+        Box::new(move || {
+            let _ = caught_up.send(());
+        }),
+    );
+    let mut wait = wait;
+    if !matches!(wait.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+        // Caught up already (or the dataset dropped the wait: nothing to wait for).
+        return;
+    }
+    inner.catch_ups.fetch_add(1, Ordering::Relaxed);
+    if tokio::time::timeout(limit, wait).await.is_err() {
+        inner.catch_ups_late.fetch_add(1, Ordering::Relaxed);
+        log::debug!("raft transport: a forwarded reply is relayed before this node has applied index {reflects}");
+    }
 }
 
-/// One request on a pooled (or new) connection to `addr`. After an error answer the connection
-/// goes back to the pool only if `pool_after_error`: a node that refuses a request it does not
-/// know (an earlier build) closes the connection it came on.
+/// One forwarded command on a pooled (or new) connection to the leader: its reply and the index
+/// the leader's dataset reflected when it answered.
+pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> Result<(Vec<u8>, LogIndex), String> {
+    forward::read_reply_frame(exchange(inner, addr, request, true).await?)
+}
+
+/// One request on a pooled (or new) connection to `addr`, answered with a bulk string. After an
+/// error answer the connection goes back to the pool only if `pool_after_error`: a node that
+/// refuses a request it does not know (an earlier build) closes the connection it came on.
 pub(super) async fn ask_once(inner: &Inner, addr: &str, request: &[u8], pool_after_error: bool) -> forward::ForwardReply {
+    match exchange(inner, addr, request, pool_after_error).await? {
+        Frame::Bulk(raw) => Ok(raw.to_vec()),
+        Frame::Error(e) => Err(e),
+        other => Err(format!("ERR the leader answered with {other:?}")),
+    }
+}
+
+/// Sends `request` to `addr` and reads the one frame of its answer; an error line is an `Err`.
+async fn exchange(inner: &Inner, addr: &str, request: &[u8], pool_after_error: bool) -> Result<Frame, String> {
     let mut stream = match pooled_connection(inner, addr) {
         Some(s) => s,
         None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
@@ -50,9 +90,8 @@ pub(super) async fn ask_once(inner: &Inner, addr: &str, request: &[u8], pool_aft
         }
     }
     match frame {
-        Frame::Bulk(raw) => Ok(raw.to_vec()),
         Frame::Error(e) => Err(e),
-        other => Err(format!("ERR the leader answered a forwarded command with {other:?}")),
+        frame => Ok(frame),
     }
 }
 

@@ -37,6 +37,7 @@ pub(super) struct Served {
     pub(super) inbound: Callback,
     pub(super) snapshots: SnapshotDir,
     pub(super) forward: ForwardSlot,
+    pub(super) dataset: DatasetSlot,
     pub(super) removed: RemovedSlot,
     pub(super) health: HealthSlot,
     pub(super) password: Option<Password>,
@@ -178,7 +179,7 @@ async fn serve(mut stream: TcpStream, remote: SocketAddr, served: Served) {
             // because this connection waits for it before handling more.
             if let Some(request) = as_forward(&frame) {
                 let reply = match request {
-                    Ok(req) => match run_forwarded(&served.forward, req, &mut stream, &mut buf).await {
+                    Ok(req) => match run_forwarded(&served.forward, &served.dataset, req, &mut stream, &mut buf).await {
                         Some(reply) => reply,
                         None => return log::debug!("raft transport: {remote} hung up on a forwarded command"),
                     },
@@ -256,11 +257,18 @@ fn as_forward(frame: &Frame) -> Option<Result<ForwardRequest, String>> {
 /// The reply to one forwarded request, or None if the follower hung up before it came (the
 /// handler is told, through [`Abandoned`]). The connection is read meanwhile, to notice that:
 /// what arrives is kept in `buf` for later.
-async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
+async fn run_forwarded(
+    slot: &ForwardSlot,
+    dataset: &DatasetSlot,
+    req: ForwardRequest,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Option<Frame> {
     let handler = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
     let Some(handler) = handler else {
         return Some(Frame::Error("ERR this node does not serve forwarded commands".into()));
     };
+    let dataset = dataset.read().unwrap_or_else(|p| p.into_inner()).clone();
     // A blocking command may wait for ever; anything else is answered within write-timeout.
     let backstop = if req.is_blocking() { None } else { Some(FORWARD_BACKSTOP) };
     let (tx, rx) = oneshot::channel();
@@ -268,7 +276,10 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
     handler(
         req,
         Box::new(move |reply| {
-            let _ = tx.send(reply);
+            // Read where the reply is produced: later, the dataset may have moved on, or not yet
+            // have counted the entry being applied as applied.
+            let reflects = dataset.map_or(LogIndex(0), |d| d.reflects());
+            let _ = tx.send((reply, reflects));
         }),
         abandoned.clone(),
     );
@@ -283,7 +294,7 @@ async fn run_forwarded(slot: &ForwardSlot, req: ForwardRequest, stream: &mut Tcp
     loop {
         tokio::select! {
             reply = &mut answer => return Some(match reply {
-                Some(Ok(reply)) => forward::reply_frame(reply),
+                Some(Ok((reply, reflects))) => forward::reply_frame(reply, reflects),
                 _ => Frame::Error("TIMEOUT the forwarded command was not answered; it may or may not have taken effect".into()),
             }),
             read = stream.read_buf(buf), if open => match read {

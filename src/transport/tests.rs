@@ -497,10 +497,64 @@ fn forwarded_commands_reach_the_handler_and_their_replies_come_back() {
     let mut s = std::net::TcpStream::connect(leader.addr()).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.write_all(&pipelined).unwrap();
-    let expected = b"$7\r\n$1\r\na\r\n\r\n$8\r\n$2\r\nbb\r\n\r\n$9\r\n$3\r\nccc\r\n\r\n";
+    // Each with the index the leader's dataset reflected: 0 here, where none is set.
+    let expected = b"*2\r\n$7\r\n$1\r\na\r\n\r\n:0\r\n*2\r\n$8\r\n$2\r\nbb\r\n\r\n:0\r\n*2\r\n$9\r\n$3\r\nccc\r\n\r\n:0\r\n";
     let mut got = vec![0u8; expected.len()];
     s.read_exact(&mut got).unwrap();
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+}
+
+/// A dataset as a test drives it: it reflects a fixed index, and keeps what waits to see one.
+#[derive(Default)]
+struct TestDataset {
+    reflects: u64,
+    waiting: Mutex<Vec<(LogIndex, forward::CaughtUp)>>,
+}
+
+impl Dataset for TestDataset {
+    fn reflects(&self) -> LogIndex {
+        LogIndex(self.reflects)
+    }
+
+    fn when_reflects(&self, index: LogIndex, then: forward::CaughtUp) {
+        self.waiting.lock().unwrap().push((index, then));
+    }
+}
+
+#[test]
+fn a_forwarded_reply_waits_until_the_followers_dataset_reflects_the_leaders() {
+    let leader = Node::on_any_port(1);
+    let follower = Node::on_any_port(2);
+    leader.transport.set_forward_handler(Arc::new(|_: ForwardRequest, done: ForwardDone, _: Abandoned| done(Ok(b"+OK\r\n".to_vec()))));
+    leader.transport.set_dataset(Arc::new(TestDataset { reflects: 7, ..TestDataset::default() }));
+    let dataset = Arc::new(TestDataset::default());
+    follower.transport.set_dataset(dataset.clone());
+    let forward = |timeout: Duration| {
+        let (tx, rx) = std_mpsc::channel();
+        follower.transport.forward(leader.addr(), &forwarded(&["SET", "k", "v"]), timeout, Box::new(move |r| tx.send(r).unwrap()));
+        rx
+    };
+
+    // Relayed only once the follower's dataset holds what the leader's did when it answered.
+    let answered = forward(DEADLINE);
+    let deadline = Instant::now() + DEADLINE;
+    let then = loop {
+        if let Some((index, then)) = dataset.waiting.lock().unwrap().pop() {
+            assert_eq!(index, LogIndex(7));
+            break then;
+        }
+        assert!(Instant::now() < deadline, "the follower never asked its dataset");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(answered.try_recv().is_err(), "relayed before the follower's dataset caught up");
+    then();
+    assert_eq!(answered.recv_timeout(DEADLINE).unwrap(), Ok(b"+OK\r\n".to_vec()));
+    assert_eq!(follower.transport.catch_up_stats(), (1, 0));
+
+    // A dataset that never catches up holds the reply no longer than the forward's own time.
+    let answered = forward(Duration::from_millis(300));
+    assert_eq!(answered.recv_timeout(DEADLINE).unwrap(), Ok(b"+OK\r\n".to_vec()));
+    assert_eq!(follower.transport.catch_up_stats(), (2, 1));
 }
 
 #[test]
@@ -640,7 +694,7 @@ fn a_pooled_connection_the_leader_closed_is_not_used_again() {
             let mut conn = conn.unwrap();
             let mut request = [0u8; 1024];
             let _ = conn.read(&mut request).unwrap();
-            conn.write_all(b"$4\r\n:1\r\n\r\n").unwrap();
+            conn.write_all(b"*2\r\n$4\r\n:1\r\n\r\n:3\r\n").unwrap();
             drop(conn);
             let _ = closed_tx.send(());
         }
