@@ -7,6 +7,7 @@ use raftis_integration::{
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A deterministic mix of writes over every basic type, with argument counts on both sides of
@@ -1343,6 +1344,84 @@ fn at_low_a_client_of_a_follower_reads_its_own_write_once_it_is_answered() {
     }
     assert!(stat_field(follower, "forward_catch_ups") >= rounds, "{}", raftis_integration::raft_stats(follower));
     assert_eq!(stat_field(follower, "forward_catch_ups_late"), 0);
+}
+
+/// The same while the leadership moves: a new leader's answers say what its dataset held, which
+/// a follower whose news comes from another leader than before must still wait for. Clients on
+/// every node increment their own counter and read it back on the same connection; the read may
+/// never be below what the increment answered. A connection that broke starts over: a node
+/// restarted after a crash may start behind what it had applied (see the README).
+#[test]
+fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves() {
+    let mut cluster = Cluster::start(3, &["follower-proxy=yes", "consistency=low"]).unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let stop = AtomicBool::new(false);
+    let checks: Vec<AtomicU64> = (0..ports.len() * 2).map(|_| AtomicU64::new(0)).collect();
+    let violations = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..checks.len())
+            .map(|c| {
+                let (port, stop, checks) = (ports[c % ports.len()], &stop, &checks[c]);
+                s.spawn(move || reads_own_writes(port, &format!("counter-{c}"), stop, checks))
+            })
+            .collect();
+        let checked = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for round in 0..4 {
+            let leader = cluster.wait_leader();
+            let before: Vec<u64> = checks.iter().map(checked).collect();
+            if round % 2 == 0 {
+                let _: String = cluster.nodes[leader].cmd(&["RAFT.TRANSFERLEADER"]).unwrap();
+            } else {
+                cluster.nodes[leader].kill9();
+                cluster.wait_leader();
+                cluster.nodes[leader].restart().unwrap();
+            }
+            wait_for("every client to check a read after the change", Duration::from_secs(30), || {
+                checks.iter().zip(&before).all(|(now, then)| checked(now) > *then).then_some(())
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<String>>()
+    });
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// One client of [`at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves`]:
+/// what it saw go wrong.
+fn reads_own_writes(port: u16, key: &str, stop: &AtomicBool, checks: &AtomicU64) -> Vec<String> {
+    let mut violations = Vec::new();
+    let mut conn: Option<redis::Connection> = None;
+    // What this connection's last answered increment said.
+    let mut floor = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.as_mut() else {
+            conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(1)))
+                .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(10))).map(|()| c))
+                .ok();
+            floor = 0;
+            if conn.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            continue;
+        };
+        let incr: redis::RedisResult<u64> = redis::cmd("INCR").arg(key).query(c);
+        let read: redis::RedisResult<Option<u64>> = incr.and_then(|n| {
+            floor = n;
+            redis::cmd("GET").arg(key).query(c)
+        });
+        match read {
+            Ok(got) => {
+                if got.unwrap_or(0) < floor {
+                    violations.push(format!("{key} on port {port}: read {got:?} after INCR answered {floor}"));
+                }
+                checks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => conn = None,
+            // An election under way, or an outcome it cannot know: the next increment says more.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    violations
 }
 
 #[test]
