@@ -59,7 +59,7 @@ mod listen;
 mod tests;
 
 use dial::{run_peer, Hello, PeerTask, MIN_BACKOFF};
-use forwarding::{ask_once, catch_up, forward_once, BLOCKING_CATCH_UP};
+use forwarding::{ask_once, catch_up, catch_up_limit, forward_once};
 use listen::{accept_loop, Served};
 
 pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
@@ -504,11 +504,8 @@ impl Transport {
             };
             done(match reply {
                 Ok((raw, reflects)) => {
-                    // Within the forward's own time, which the client's backstop allows for: a
-                    // client timed out after its write (or pop) took effect would not know.
-                    let limit = timeout.map_or(BLOCKING_CATCH_UP, |t| t.saturating_sub(started.elapsed()));
                     tokio::select! {
-                        () = catch_up(&inner, reflects, limit) => {}
+                        () = catch_up(&inner, reflects, catch_up_limit(timeout, started.elapsed())) => {}
                         // Its client is gone or given up on: nobody to read anything here.
                         _ = cancel.cancelled() => {}
                     }

@@ -8,7 +8,20 @@ const FORWARD_POOL: usize = 32;
 
 /// How long the answer of a blocking command, which has no timeout of its own, waits for this
 /// node's dataset to catch up with the leader's (see [`catch_up`]).
-pub(super) const BLOCKING_CATCH_UP: Duration = Duration::from_secs(5);
+const BLOCKING_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The least time an answer waits for this node to catch up, even past its forward's timeout: an
+/// answer that came in just then (this node was paused meanwhile, say, with the leader's news
+/// waiting in its sockets too) still gets the moment catching up takes. Well inside the margin
+/// every client's backstop leaves beyond its forward's timeout (one second at the least).
+const CATCH_UP_FLOOR: Duration = Duration::from_millis(500);
+
+/// How long an answer that came `elapsed` into a forward with `timeout` may wait for this node
+/// to catch up: within the forward's own time, or a moment past it, which the client's backstop
+/// allows for (a client timed out after its write, or pop, took effect would not know).
+pub(super) fn catch_up_limit(timeout: Option<Duration>, elapsed: Duration) -> Duration {
+    timeout.map_or(BLOCKING_CATCH_UP, |t| t.saturating_sub(elapsed).max(CATCH_UP_FLOOR))
+}
 
 /// Waits, at most `limit`, until this node's reads see the leader's dataset as it was when it
 /// answered a forwarded command (`reflects`), so that the client, once answered, reads its own

@@ -558,6 +558,18 @@ fn a_forwarded_reply_waits_until_the_followers_dataset_reflects_the_leaders() {
 }
 
 #[test]
+fn an_answer_waits_for_the_catch_up_within_its_forwards_time_and_a_moment_past_it() {
+    let s = Duration::from_secs;
+    let ms = Duration::from_millis;
+    assert_eq!(forwarding::catch_up_limit(Some(s(6)), s(1)), s(5));
+    // An answer that came late (this node was paused, say) still gets a moment.
+    assert_eq!(forwarding::catch_up_limit(Some(s(6)), ms(5990)), ms(500));
+    assert_eq!(forwarding::catch_up_limit(Some(s(6)), s(9)), ms(500));
+    // A blocking command, which waits for ever, has a bound of its own.
+    assert_eq!(forwarding::catch_up_limit(None, s(3600)), s(5));
+}
+
+#[test]
 fn a_raft_password_keeps_out_whoever_does_not_know_it() {
     let a = Node::with_password(1, "s3cret");
     let b = Node::with_password(2, "s3cret");
