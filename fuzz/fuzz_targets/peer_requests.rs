@@ -1,5 +1,5 @@
 //! What one member reads from another's messages beyond raft's own (prost decodes those): the
-//! follower proxy's requests and packed replies, `HELLO`'s settings and cluster id, the leader's
+//! follower proxy's requests, its replies and packed replies, `HELLO`'s settings and cluster id, the leader's
 //! health report, a snapshot's descriptor and payload, a recovery record. Decoding must never
 //! panic, and what decodes must encode back to the same value.
 #![no_main]
@@ -7,7 +7,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use raftis::cluster_id::ClusterId;
-use raftis::forward::{decode_replies, encode_replies, ForwardRequest};
+use raftis::forward::{decode_replies, encode_replies, read_reply_frame, reply_frame, ForwardRequest};
 use raftis::health_report::HealthReport;
 use raftis::recovery::Recovery;
 use raftis::resp::{self, Frame};
@@ -17,6 +17,7 @@ use raftis::snapshot_transfer::SnapshotDescriptor;
 
 fuzz_target!(|data: &[u8]| {
     forward_request(data);
+    forward_reply(data);
     if let Some(replies) = decode_replies(data) {
         assert_eq!(decode_replies(&encode_replies(&replies)), Some(replies));
     }
@@ -58,4 +59,12 @@ fn forward_request(data: &[u8]) {
     let Ok(Some(Frame::Array(items))) = resp::parse(&mut out) else { panic!("an encoded request is a command") };
     let Some((Frame::Bulk(verb), args)) = items.split_first() else { panic!("an encoded request has a verb") };
     assert_eq!(ForwardRequest::decode(verb, args), Ok(request));
+}
+
+/// A forwarded command's reply, as a follower reads it back from the leader.
+fn forward_reply(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    let Ok(Some(frame)) = resp::parse(&mut buf) else { return };
+    let Ok((raw, reflects)) = read_reply_frame(frame) else { return };
+    assert_eq!(read_reply_frame(reply_frame(Ok(raw.clone()), reflects)), Ok((raw, reflects)));
 }
