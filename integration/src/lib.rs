@@ -4,6 +4,7 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod netproxy;
+pub mod own_writes;
 pub mod power_cut;
 pub mod random_commands;
 pub mod resp_conn;

@@ -1,5 +1,6 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
+use raftis_integration::own_writes;
 use raftis_integration::resp_conn::{self, call, RespConn};
 use raftis_integration::{
     client_proposals, digest, info_field, info_field_of_live, info_text, raw_exchange, stat_field, wait_for, Cluster, Server,
@@ -1347,10 +1348,8 @@ fn at_low_a_client_of_a_follower_reads_its_own_write_once_it_is_answered() {
 }
 
 /// The same while the leadership moves: a new leader's answers say what its dataset held, which
-/// a follower whose news comes from another leader than before must still wait for. Clients on
-/// every node increment their own counter and read it back on the same connection; the read may
-/// never be below what the increment answered. A connection that broke starts over: a node
-/// restarted after a crash may start behind what it had applied (see the README).
+/// a follower whose news comes from another leader than before must still wait for. Two clients
+/// on every node check their own writes ([`own_writes`]).
 #[test]
 fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves() {
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "consistency=low"]).unwrap();
@@ -1361,7 +1360,7 @@ fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves(
         let clients: Vec<_> = (0..checks.len())
             .map(|c| {
                 let (port, stop, checks) = (ports[c % ports.len()], &stop, &checks[c]);
-                s.spawn(move || reads_own_writes(port, &format!("counter-{c}"), stop, checks))
+                s.spawn(move || own_writes::client(port, &format!("counter-{c}"), stop, checks))
             })
             .collect();
         let checked = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -1383,45 +1382,6 @@ fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves(
         clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<String>>()
     });
     assert!(violations.is_empty(), "{violations:#?}");
-}
-
-/// One client of [`at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves`]:
-/// what it saw go wrong.
-fn reads_own_writes(port: u16, key: &str, stop: &AtomicBool, checks: &AtomicU64) -> Vec<String> {
-    let mut violations = Vec::new();
-    let mut conn: Option<redis::Connection> = None;
-    // What this connection's last answered increment said.
-    let mut floor = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let Some(c) = conn.as_mut() else {
-            conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-                .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(1)))
-                .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(10))).map(|()| c))
-                .ok();
-            floor = 0;
-            if conn.is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            continue;
-        };
-        let incr: redis::RedisResult<u64> = redis::cmd("INCR").arg(key).query(c);
-        let read: redis::RedisResult<Option<u64>> = incr.and_then(|n| {
-            floor = n;
-            redis::cmd("GET").arg(key).query(c)
-        });
-        match read {
-            Ok(got) => {
-                if got.unwrap_or(0) < floor {
-                    violations.push(format!("{key} on port {port}: read {got:?} after INCR answered {floor}"));
-                }
-                checks.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) if e.is_io_error() || e.is_connection_dropped() => conn = None,
-            // An election under way, or an outcome it cannot know: the next increment says more.
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    violations
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Jepsen-style runs: clients record every operation against a real cluster while the nemesis
 //! kills, pauses, partitions and re-members nodes, and cuts the power of one node or all; then the history is checked (linearizable
 //! registers, counter bounds, list appends, transfer ledgers, and balances that add up in every
-//! transactional snapshot) and every node must hold the same dataset.
+//! transactional snapshot) and every node must hold the same dataset. At `consistency=low`, where
+//! reads may be stale by design, each connection must still read its own writes.
 //!
 //! The CI profile is short. `scripts/faults` runs the long one; these variables tune a run:
 //! `RAFTIS_FAULT_SECS` (fault phase length, default 15), `RAFTIS_FAULT_NODES` (3 or 5),
@@ -10,10 +11,13 @@
 //! module arguments for every node, e.g. `durability=medium`, after the run's own).
 
 use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
+use raftis_integration::history::History;
 use raftis_integration::history::{dump_events, outcome_summary};
 use raftis_integration::nemesis::{Fault, Nemesis};
+use raftis_integration::own_writes;
 use raftis_integration::workload::{Clients, Mix, COUNTER_KEY};
-use raftis_integration::{info_field, wait_for, Cluster};
+use raftis_integration::{info_field, stat_field, wait_for, Cluster};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -206,6 +210,53 @@ fn the_follower_proxy_keeps_every_guarantee_under_faults() {
         &[Fault::KillLeader, Fault::PauseLeader, Fault::IsolateLeader, Fault::KillRandom, Fault::TransferLeader, Fault::Overlap],
         &["follower-proxy=yes"],
     );
+}
+
+/// At `consistency=low` any node serves reads from its own dataset, so the registers above would
+/// be stale by design; what must hold there is that a connection reads its own acknowledged
+/// writes, through the proxy, whatever the faults ([`own_writes`]).
+#[test]
+fn at_low_every_connection_reads_its_own_writes_under_faults() {
+    let secs = env("RAFTIS_FAULT_SECS", 15);
+    let nodes = env("RAFTIS_FAULT_NODES", 3) as usize;
+    let seed = env("RAFTIS_FAULT_SEED", rand::random::<u32>() as u64);
+    let faults = [
+        Fault::PauseRandom,
+        Fault::KillLeader,
+        Fault::KillRandom,
+        Fault::PauseLeader,
+        Fault::IsolateLeader,
+        Fault::SplitMajority,
+        Fault::Bridge,
+        Fault::TransferLeader,
+        Fault::Overlap,
+    ];
+    eprintln!("fault run: {nodes} nodes, 2 clients each, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
+    let mut cluster = Cluster::start_partitionable(nodes, &["follower-proxy=yes", "consistency=low"]).unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let stop = AtomicBool::new(false);
+    let checks: Vec<AtomicU64> = (0..2 * nodes).map(|_| AtomicU64::new(0)).collect();
+    let mut nemesis = Nemesis::new(seed, History::new());
+    let violations = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..checks.len())
+            .map(|c| {
+                let (port, stop, checks) = (ports[c % nodes], &stop, &checks[c]);
+                s.spawn(move || own_writes::client(port, &format!("counter-{c}"), stop, checks))
+            })
+            .collect();
+        nemesis.run(&mut cluster, &faults, Duration::from_secs(secs));
+        // A client may first have to give up on a request a fault left unanswered.
+        let healed: Vec<u64> = checks.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        wait_for("every client to check a read on the healed cluster", Duration::from_secs(30), || {
+            checks.iter().zip(&healed).all(|(now, then)| now.load(Ordering::Relaxed) > *then).then_some(())
+        });
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<String>>()
+    });
+    let checked: u64 = checks.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    let late: Vec<u64> = cluster.nodes.iter().map(|n| stat_field(n, "forward_catch_ups_late")).collect();
+    eprintln!("{checked} reads checked; answers relayed before catching up, per node: {late:?}");
+    assert!(violations.is_empty(), "{violations:#?}\nfaults:\n  {}", nemesis.log.join("\n  "));
 }
 
 #[test]
