@@ -5,13 +5,15 @@
 //!
 //! A connection that broke starts over: a node restarted after a crash may start behind what it
 //! had applied (see the README), and what one connection wrote another may read stale.
+//!
+//! [`check_while`] runs such clients on every node while a test does its faults.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Runs one client on `port` with the counter `key` until `stop`, counting in `checks` the reads
 /// it compared; returns what it saw go wrong.
-pub fn client(port: u16, key: &str, stop: &AtomicBool, checks: &AtomicU64) -> Vec<String> {
+fn client(port: u16, key: &str, stop: &AtomicBool, checks: &AtomicU64) -> Vec<String> {
     let mut violations = Vec::new();
     let mut conn: Option<redis::Connection> = None;
     // What this connection's last answered increment said.
@@ -46,4 +48,45 @@ pub fn client(port: u16, key: &str, stop: &AtomicBool, checks: &AtomicU64) -> Ve
         }
     }
     violations
+}
+
+/// How many reads each client of [`check_while`] has compared so far.
+pub struct Progress {
+    checks: Vec<AtomicU64>,
+}
+
+impl Progress {
+    /// Each client's count now, to wait past with [`Progress::wait_past`].
+    pub fn mark(&self) -> Vec<u64> {
+        self.checks.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Waits, up to 30 s, until every client has compared a read since `mark` (a client may
+    /// first have to give up on a request a fault left unanswered).
+    pub fn wait_past(&self, mark: &[u64], what: &str) {
+        crate::wait_for(what, Duration::from_secs(30), || self.mark().iter().zip(mark).all(|(now, then)| now > then).then_some(()));
+    }
+
+    /// Reads compared by all clients.
+    pub fn total(&self) -> u64 {
+        self.mark().iter().sum()
+    }
+}
+
+/// Runs `per_node` [`client`]s on every node of `ports`, each with a counter of its own, while
+/// `faults` does what it does to the cluster; returns what the clients saw go wrong.
+pub fn check_while(ports: &[u16], per_node: usize, faults: impl FnOnce(&Progress)) -> Vec<String> {
+    let progress = Progress { checks: (0..ports.len() * per_node).map(|_| AtomicU64::new(0)).collect() };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..progress.checks.len())
+            .map(|c| {
+                let (port, stop, checks) = (ports[c % ports.len()], &stop, &progress.checks[c]);
+                s.spawn(move || client(port, &format!("counter-{c}"), stop, checks))
+            })
+            .collect();
+        faults(&progress);
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    })
 }

@@ -8,7 +8,6 @@ use raftis_integration::{
 use redis::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A deterministic mix of writes over every basic type, with argument counts on both sides of
@@ -1354,19 +1353,10 @@ fn at_low_a_client_of_a_follower_reads_its_own_write_once_it_is_answered() {
 fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves() {
     let mut cluster = Cluster::start(3, &["follower-proxy=yes", "consistency=low"]).unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let stop = AtomicBool::new(false);
-    let checks: Vec<AtomicU64> = (0..ports.len() * 2).map(|_| AtomicU64::new(0)).collect();
-    let violations = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..checks.len())
-            .map(|c| {
-                let (port, stop, checks) = (ports[c % ports.len()], &stop, &checks[c]);
-                s.spawn(move || own_writes::client(port, &format!("counter-{c}"), stop, checks))
-            })
-            .collect();
-        let checked = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let violations = own_writes::check_while(&ports, 2, |progress| {
         for round in 0..4 {
             let leader = cluster.wait_leader();
-            let before: Vec<u64> = checks.iter().map(checked).collect();
+            let before = progress.mark();
             if round % 2 == 0 {
                 let _: String = cluster.nodes[leader].cmd(&["RAFT.TRANSFERLEADER"]).unwrap();
             } else {
@@ -1374,12 +1364,8 @@ fn at_low_clients_of_followers_read_their_own_writes_while_the_leadership_moves(
                 cluster.wait_leader();
                 cluster.nodes[leader].restart().unwrap();
             }
-            wait_for("every client to check a read after the change", Duration::from_secs(30), || {
-                checks.iter().zip(&before).all(|(now, then)| checked(now) > *then).then_some(())
-            });
+            progress.wait_past(&before, "every client to check a read after the change");
         }
-        stop.store(true, Ordering::Relaxed);
-        clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<String>>()
     });
     assert!(violations.is_empty(), "{violations:#?}");
 }

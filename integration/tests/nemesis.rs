@@ -11,13 +11,11 @@
 //! module arguments for every node, e.g. `durability=medium`, after the run's own).
 
 use raftis_integration::checker::{check_counter, check_list_append, check_register, Violation};
-use raftis_integration::history::History;
-use raftis_integration::history::{dump_events, outcome_summary};
+use raftis_integration::history::{dump_events, outcome_summary, History};
 use raftis_integration::nemesis::{Fault, Nemesis};
 use raftis_integration::own_writes;
 use raftis_integration::workload::{Clients, Mix, COUNTER_KEY};
 use raftis_integration::{info_field, stat_field, wait_for, Cluster};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -234,26 +232,13 @@ fn at_low_every_connection_reads_its_own_writes_under_faults() {
     eprintln!("fault run: {nodes} nodes, 2 clients each, {secs} s of {faults:?}, RAFTIS_FAULT_SEED={seed}");
     let mut cluster = Cluster::start_partitionable(nodes, &["follower-proxy=yes", "consistency=low"]).unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    let stop = AtomicBool::new(false);
-    let checks: Vec<AtomicU64> = (0..2 * nodes).map(|_| AtomicU64::new(0)).collect();
     let mut nemesis = Nemesis::new(seed, History::new());
-    let violations = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..checks.len())
-            .map(|c| {
-                let (port, stop, checks) = (ports[c % nodes], &stop, &checks[c]);
-                s.spawn(move || own_writes::client(port, &format!("counter-{c}"), stop, checks))
-            })
-            .collect();
+    let mut checked = 0;
+    let violations = own_writes::check_while(&ports, 2, |progress| {
         nemesis.run(&mut cluster, &faults, Duration::from_secs(secs));
-        // A client may first have to give up on a request a fault left unanswered.
-        let healed: Vec<u64> = checks.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        wait_for("every client to check a read on the healed cluster", Duration::from_secs(30), || {
-            checks.iter().zip(&healed).all(|(now, then)| now.load(Ordering::Relaxed) > *then).then_some(())
-        });
-        stop.store(true, Ordering::Relaxed);
-        clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<String>>()
+        progress.wait_past(&progress.mark(), "every client to check a read on the healed cluster");
+        checked = progress.total();
     });
-    let checked: u64 = checks.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     let late: Vec<u64> = cluster.nodes.iter().map(|n| stat_field(n, "forward_catch_ups_late")).collect();
     eprintln!("{checked} reads checked; answers relayed before catching up, per node: {late:?}");
     assert!(violations.is_empty(), "{violations:#?}\nfaults:\n  {}", nemesis.log.join("\n  "));
@@ -270,7 +255,7 @@ fn membership_changes_under_load_mixed_with_every_other_fault() {
 /// proxy serves its old value, and the checker has to call that history non-linearizable.
 #[test]
 fn the_checker_catches_a_stale_read_from_a_cut_off_follower() {
-    use raftis_integration::history::{History, Op, Outcome, Value};
+    use raftis_integration::history::{Op, Outcome, Value};
     let cluster = Cluster::start_partitionable(3, &["consistency=low"]).unwrap();
     let leader = cluster.wait_leader();
     let follower = (0..3).find(|i| *i != leader).unwrap();
