@@ -253,6 +253,12 @@ impl Server {
         self.signal("-CONT");
     }
 
+    /// How many threads the process has now (0 if it is not running).
+    pub fn threads(&self) -> usize {
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else { return 0 };
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |tasks| tasks.count())
+    }
+
     /// Whether Redis' main thread is asleep in a `DEBUG SLEEP` (in `nanosleep` or
     /// `clock_nanosleep`, which its event loop never calls), as /proc tells.
     pub fn main_thread_sleeps(&self) -> bool {

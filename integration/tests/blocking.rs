@@ -264,6 +264,51 @@ fn a_forwarded_pop_follows_the_leader_when_it_steps_down() {
     assert_eq!(stat_field(via, "blocked_forwarded_waiting"), 0);
 }
 
+/// Many clients of a follower (job workers, say) wait at the leader, which hands over to a node
+/// the follower does not hear from for a while: each pop, refused by the old leader, waits for
+/// the follower to learn the new one, in one queue rather than on a thread of its own, and then
+/// waits on at the new leader and pops there.
+#[test]
+fn many_forwarded_pops_wait_for_the_next_leader_without_a_thread_each() {
+    const CLIENTS: usize = 200;
+    let cluster = Cluster::start_partitionable(3, &["follower-proxy=yes"]).unwrap();
+    let old = cluster.wait_leader();
+    let (via, next) = ((old + 1) % 3, (old + 2) % 3);
+    let threads_before = cluster.nodes[via].threads();
+    let mut workers: Vec<RespConn> = (0..CLIENTS)
+        .map(|i| {
+            let mut w = RespConn::connect(cluster.nodes[via].port).unwrap();
+            w.send(&[args(&["BLPOP", &format!("job:{i}"), "0"])]).unwrap();
+            w
+        })
+        .collect();
+    wait_for("the pops to wait at the leader", WAIT, || (waiting(&cluster.nodes[old]) == CLIENTS as u64).then_some(()));
+    // The follower keeps taking the old leader for the leader: the new one's messages are held.
+    cluster.network.as_ref().unwrap().block(next, via);
+    let next_id = cluster.nodes[next].node_id().to_string();
+    let _: () = cluster.nodes[old].cmd(&["RAFT.TRANSFERLEADER", &next_id]).unwrap();
+    wait_for("the old leader to refuse the pops", WAIT, || (waiting(&cluster.nodes[old]) == 0).then_some(()));
+    assert_eq!(stat_field(&cluster.nodes[via], "blocked_forwarded_waiting"), CLIENTS as u64, "the clients still wait");
+    let most = (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(30));
+            cluster.nodes[via].threads()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= threads_before + 2, "{most} threads while the pops wait for the next leader, {threads_before} before");
+    cluster.network.as_ref().unwrap().heal();
+    wait_for("the pops to wait at the new leader", WAIT, || (waiting(&cluster.nodes[next]) == CLIENTS as u64).then_some(()));
+    let mut producer = RespConn::connect(cluster.nodes[next].port).unwrap();
+    for i in 0..CLIENTS {
+        call(&mut producer, &["RPUSH", &format!("job:{i}"), &i.to_string()]);
+    }
+    for (i, w) in workers.iter_mut().enumerate() {
+        assert_eq!(w.reply().unwrap(), popped(&format!("job:{i}"), &i.to_string()));
+    }
+    assert_eq!(stat_field(&cluster.nodes[via], "blocked_forwarded_waiting"), 0);
+}
+
 /// A pop that a follower could not deliver (its leader was just killed) has not run yet: at the
 /// next leader it runs once, as its first attempt, even if its timeout is over by then, and takes
 /// the element that was there all along, as Redis would have at once.

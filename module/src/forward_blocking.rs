@@ -15,8 +15,10 @@
 //!
 //! A leader that steps down answers its waiting clients `-MOVED` (nothing ran for them), and so
 //! does a node that is not the leader any more when the command arrives. The follower then sends
-//! the command to the next leader, for what is left of its timeout ([`Forward::again`]), so its
-//! client keeps waiting across a change of leader.
+//! the command to the next leader, for what is left of its timeout ([`Forward::refused`]), so its
+//! client keeps waiting across a change of leader. Until this node knows that leader, the
+//! commands wait in one queue, looked at by one thread: a change of leader under thousands of
+//! waiting clients (job workers) costs no thread per client.
 
 use crate::blocked::{Blocked, Outcome};
 use crate::ffi::{self, api, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleString};
@@ -26,7 +28,7 @@ use raftis_core::forward::{ForwardCancel, ForwardRequest};
 use std::collections::BTreeMap;
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Clients waiting for a blocking command forwarded to the leader, by Redis' blocked-client handle.
@@ -105,8 +107,7 @@ pub fn take_over(
     redirect: String,
 ) {
     let backstop = deadline.map(|at| answer_within(at.saturating_duration_since(Instant::now())));
-    let forward = Forward::new(blocked, resp3, db, argv, deadline, timeout_arg, backstop);
-    std::thread::spawn(move || forward.again(was_leader, redirect));
+    Forward::new(blocked, resp3, db, argv, deadline, timeout_arg, backstop).refused(was_leader, redirect);
 }
 
 /// How long a client whose command waits `wait` at the leader waits for the answer: an attempt
@@ -171,7 +172,7 @@ impl Forward {
     /// Sends it to the leader this node knows; the answer goes to the client, but for an answer
     /// that says the command did not run there (`-MOVED`, `-CLUSTERDOWN`: a leader that stepped
     /// down while it waited, or one that was not the leader any more): then it goes to the next
-    /// leader, for what is left of its timeout ([`Forward::again`]).
+    /// leader, for what is left of its timeout ([`Forward::refused`]).
     fn send(self) {
         let found = state::get().node().ok_or_else(crate::write::not_initialized);
         let (node, addr) = match found.and_then(|node| Ok((crate::forward::leader_addr(&node)?, node))) {
@@ -190,35 +191,24 @@ impl Forward {
             }
             match reply {
                 Ok(raw) => this.finish(Outcome::Relay(raw)),
-                Err(e) if did_not_run(&e) && this.may_send_again() => {
-                    this.registered.sent_to(None);
-                    // Off the transport's thread: this waits for the new leader to be known.
-                    std::thread::spawn(move || this.again(sent_to, e));
-                }
+                Err(e) if did_not_run(&e) && this.may_send_again() => this.refused(sent_to, e),
                 Err(e) => this.finish(Outcome::Error(e)),
             }
         });
         node.transport().forward_until(addr, &req, backstop, cancel, answer);
     }
 
-    /// The leader at `refused_by` answered `error` without running the command: sends it to the
-    /// next leader once this node knows one, for what is left of its timeout (at least a
-    /// millisecond); or gives `error` to the client once leaders have refused it for
-    /// [`NEW_LEADER_WAIT`].
-    fn again(mut self, refused_by: String, error: String) {
+    /// The leader at `refused_by` answered `error` without running the command: it waits in the
+    /// [`Resend`] queue for the next leader.
+    fn refused(mut self, refused_by: String, error: String) {
+        self.registered.sent_to(None);
         let refused_at = Instant::now();
         self.refused_since.get_or_insert(refused_at);
-        let leader = || state::get().node().and_then(|node| crate::forward::leader_addr(&node).ok());
-        // `-MOVED`: another node leads, which this one may not know yet. `-CLUSTERDOWN`: the
-        // leader was not ready or could not be reached (killed, say, before an election); a
-        // moment later it may be, or another may lead.
-        let ready = |addr: &String| *addr != refused_by || (error.starts_with("CLUSTERDOWN") && refused_at.elapsed() >= RETRY_PAUSE);
-        while !leader().is_some_and(|addr| ready(&addr)) {
-            if !self.may_send_again() {
-                return self.finish(Outcome::Error(error));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Resend { forward: self, refused_by, error, refused_at }.queue();
+    }
+
+    /// Sends it again, for what is left of its timeout (at least a millisecond).
+    fn resend(mut self) {
         if let Some(deadline) = self.deadline {
             // Nothing ran yet, so the command still gets its first attempt, which serves it if it
             // can, as Redis would have at once: a timeout that is over waits a millisecond (zero
@@ -245,6 +235,79 @@ impl Forward {
         drop(self.registered);
         self.blocked.finish(outcome);
     }
+}
+
+/// A command a leader refused, until this node knows a leader to send it to, or leaders have
+/// refused it for [`NEW_LEADER_WAIT`] (its client then gets the last refusal).
+struct Resend {
+    forward: Forward,
+    refused_by: String,
+    error: String,
+    refused_at: Instant,
+}
+
+/// The commands waiting to be sent again, and the thread that sends them ([`resend_loop`]).
+static RESENDS: Mutex<Vec<Resend>> = Mutex::new(Vec::new());
+static RESEND_QUEUED: Condvar = Condvar::new();
+/// The thread, started with the first command a leader refuses (or why it could not start).
+static RESENDER: OnceLock<Result<(), String>> = OnceLock::new();
+/// How often the queue looks for a leader to send its commands to.
+const RESEND_EVERY: Duration = Duration::from_millis(20);
+
+impl Resend {
+    fn queue(self) {
+        let started = RESENDER.get_or_init(|| {
+            let spawned = std::thread::Builder::new().name("raft-forward-again".into()).spawn(resend_loop);
+            spawned.map(drop).map_err(|e| e.to_string())
+        });
+        if let Err(why) = started {
+            log::error!("cannot start the thread that sends refused forwarded commands again: {why}");
+            return self.forward.finish(Outcome::Error(self.error));
+        }
+        resends().push(self);
+        RESEND_QUEUED.notify_one();
+    }
+
+    /// Whether `leader` (this node's view, None: unknown) may take it now. `-MOVED`: another node
+    /// leads, which this one may not know yet. `-CLUSTERDOWN`: the leader was not ready or could
+    /// not be reached (killed, say, before an election); a moment later it may be, or another may
+    /// lead.
+    fn may_go_to(&self, leader: Option<&String>) -> bool {
+        leader.is_some_and(|addr| {
+            *addr != self.refused_by || (self.error.starts_with("CLUSTERDOWN") && self.refused_at.elapsed() >= RETRY_PAUSE)
+        })
+    }
+}
+
+/// Sends each queued command once this node knows a leader that may take it, or answers its
+/// client the last refusal once it may not be sent again; looks again every [`RESEND_EVERY`].
+fn resend_loop() {
+    loop {
+        {
+            let mut queue = resends();
+            while queue.is_empty() {
+                queue = RESEND_QUEUED.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let leader = state::get().node().and_then(|node| crate::forward::leader_addr(&node).ok());
+        let queued = std::mem::take(&mut *resends());
+        let mut still = Vec::new();
+        for resend in queued {
+            if resend.may_go_to(leader.as_ref()) {
+                resend.forward.resend();
+            } else if !resend.forward.may_send_again() {
+                resend.forward.finish(Outcome::Error(resend.error));
+            } else {
+                still.push(resend);
+            }
+        }
+        resends().extend(still);
+        std::thread::sleep(RESEND_EVERY);
+    }
+}
+
+fn resends() -> std::sync::MutexGuard<'static, Vec<Resend>> {
+    RESENDS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a leader's `error` says that the command did not run there.
