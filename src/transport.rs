@@ -499,8 +499,10 @@ impl Transport {
             };
             // Dropping the unanswered request drops its connection (it is not pooled).
             let reply = tokio::select! {
-                reply = answer => reply,
+                // A forward cancelled before it is sent is not sent.
+                biased;
                 reason = cancel.cancelled() => Err(reason),
+                reply = answer => reply,
             };
             done(match reply {
                 Ok((raw, reflects)) => {

@@ -309,6 +309,30 @@ fn many_forwarded_pops_wait_for_the_next_leader_without_a_thread_each() {
     assert_eq!(stat_field(&cluster.nodes[via], "blocked_forwarded_waiting"), 0);
 }
 
+/// A leader's waiting client, sent on to the next leader when this one steps down (proxy), keeps
+/// the backstop it got here: the next leader's answer must come before it. Here the next leader
+/// pops for it while this node's main thread is held up past that backstop; the element still
+/// reaches the client, which is never told that nothing was popped.
+#[test]
+fn a_pop_sent_on_to_the_next_leader_is_delivered_though_its_first_leader_is_held_up_past_its_backstop() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes", "consistency=low", "write-timeout=1000"]).unwrap();
+    let old = cluster.wait_leader();
+    let next = (old + 1) % 3;
+    let mut w = RespConn::connect(cluster.nodes[old].port).unwrap();
+    // Its backstop: the 3 s timeout, write-timeout and 2 s more, from now.
+    block(&mut w, &["BLPOP", "q", "3"], &cluster.nodes[old], 1);
+    let next_id = cluster.nodes[next].node_id().to_string();
+    let _: () = cluster.nodes[old].cmd(&["RAFT.TRANSFERLEADER", &next_id]).unwrap();
+    wait_for("the pop to wait at the next leader", WAIT, || (waiting(&cluster.nodes[next]) == 1).then_some(()));
+    let mut sleeper = RespConn::connect(cluster.nodes[old].port).unwrap();
+    sleeper.send(&[args(&["DEBUG", "SLEEP", "7"])]).unwrap();
+    wait_for("the main thread to sleep", WAIT, || cluster.nodes[old].main_thread_sleeps().then_some(()));
+    let mut producer = RespConn::connect(cluster.nodes[next].port).unwrap();
+    call(&mut producer, &["RPUSH", "q", "x"]);
+    assert_eq!(w.reply().unwrap(), popped("q", "x"));
+    assert_eq!(sleeper.reply().unwrap(), Reply::Line(b'+', b"OK".to_vec()));
+}
+
 /// A pop that a follower could not deliver (its leader was just killed) has not run yet: at the
 /// next leader it runs once, as its first attempt, even if its timeout is over by then, and takes
 /// the element that was there all along, as Redis would have at once.

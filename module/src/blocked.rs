@@ -15,7 +15,7 @@ use redis_module::raw::RedisModuleTimerID;
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The reply a blocked client will get.
 pub enum Outcome {
@@ -98,6 +98,8 @@ pub struct Blocked {
     /// timer (the other then leaves the handle alone: Redis may have freed it); and the timer
     /// and its data, stopped once the work answered first (see `stale_timers`).
     backstop: Option<(Arc<AtomicBool>, RedisModuleTimerID, usize)>,
+    /// When the backstop passes (None: no backstop).
+    backstop_at: Option<Instant>,
 }
 
 thread_local! {
@@ -145,14 +147,14 @@ impl Blocked {
         let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(reply_callback), on_unblock, Some(free_outcome), 0) };
         crate::reply_arranged::mark();
         let Some(ms) = ffi::timer_period(backstop).filter(|_| !backstop.is_zero()) else {
-            return Blocked { bc, backstop: None };
+            return Blocked { bc, backstop: None, backstop_at: None };
         };
         let answered = Arc::new(AtomicBool::new(false));
         let timer = Box::new(Backstop { bc, answered: answered.clone(), answer: on_backstop });
         let data = Box::into_raw(timer) as *mut c_void;
         let id = unsafe { api!(RedisModule_CreateTimer)(ctx, ms, Some(backstop_fired), data) };
         BACKSTOPS.fetch_add(1, Ordering::Relaxed);
-        Blocked { bc, backstop: Some((answered, id, data as usize)) }
+        Blocked { bc, backstop: Some((answered, id, data as usize)), backstop_at: Some(Instant::now() + backstop) }
     }
 
     /// Has Redis call `callback` if the client disconnects while blocked (or `CLIENT UNBLOCK ...
@@ -164,6 +166,11 @@ impl Blocked {
     /// Whether the client was answered already (by its backstop: `finish` consumes it).
     pub fn is_answered(&self) -> bool {
         self.backstop.as_ref().is_some_and(|(answered, _, _)| answered.load(Ordering::Acquire))
+    }
+
+    /// When its backstop passes, if it has one: work handed on must answer before.
+    pub fn backstop_at(&self) -> Option<Instant> {
+        self.backstop_at
     }
 
     /// Redis' handle of the blocked client, to recognise it in Redis' callbacks.

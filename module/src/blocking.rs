@@ -580,8 +580,13 @@ extern "C" fn timed_out_by_redis(ctx: *mut RedisModuleCtx, _argv: *mut *mut Redi
     unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
 }
 
-/// The backstop of a waiting client, well after its own timeout: answered as that timeout.
+/// The backstop of a waiting client, well after its own timeout: answered as that timeout. One
+/// that waits at another leader now (see `forward_blocking::take_over`) may have popped there: it
+/// gets the proxy's `-TIMEOUT`, not the null array that says nothing was popped.
 fn null_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
+    if crate::forward_blocking::waits(bc) {
+        return crate::forward_blocking::timeout_at_backstop(bc);
+    }
     stop_waiting(bc);
     Outcome::NullArray
 }

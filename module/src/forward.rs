@@ -70,6 +70,11 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> Result<(), Str
     // MULTI split off waits for the one before it (see `gate`).
     let blocked = Blocked::new(ctx, 3 * timeout + BACKSTOP);
     let send = move || {
+        if blocked.is_answered() {
+            // Its backstop answered while it waited for the client's earlier commands: sent now,
+            // it would run after commands the client sent since.
+            return;
+        }
         let Some(node) = state::get().node() else {
             return blocked.finish(Outcome::Error(crate::write::not_initialized()));
         };

@@ -94,7 +94,8 @@ pub fn to_leader(ctx: *mut RedisModuleCtx, node: &RaftNode, command: &[&[u8]], t
 /// now that it leads no more (`was_leader`: its side-port address): its command, as its next
 /// attempt would have run it, goes to the next leader for what is left of its timeout (until
 /// `deadline`), instead of the client getting `redirect`. (Nothing ran for it yet: a client with
-/// an attempt in flight gets that attempt's outcome.)
+/// an attempt in flight gets that attempt's outcome.) The client keeps the backstop it got as a
+/// leader's client, so the transport gives up on the next leader's answer a while before it.
 #[allow(clippy::too_many_arguments)]
 pub fn take_over(
     blocked: Blocked,
@@ -106,7 +107,12 @@ pub fn take_over(
     was_leader: String,
     redirect: String,
 ) {
-    let backstop = deadline.map(|at| answer_within(at.saturating_duration_since(Instant::now())));
+    let now = Instant::now();
+    let backstop = deadline.map(|at| {
+        let wanted = answer_within(at.saturating_duration_since(now));
+        let left = blocked.backstop_at().map_or(wanted, |at| at.saturating_duration_since(now).saturating_sub(AFTER_THE_TRANSPORT));
+        wanted.min(left)
+    });
     Forward::new(blocked, resp3, db, argv, deadline, timeout_arg, backstop).refused(was_leader, redirect);
 }
 
@@ -174,6 +180,11 @@ impl Forward {
     /// down while it waited, or one that was not the leader any more): then it goes to the next
     /// leader, for what is left of its timeout ([`Forward::refused`]).
     fn send(self) {
+        // Its client stopped waiting (it left, or was answered): a pop sent now could take an
+        // element nobody would get.
+        if let Some(reason) = self.cancel.reason() {
+            return self.finish(Outcome::Error(reason));
+        }
         let found = state::get().node().ok_or_else(crate::write::not_initialized);
         let (node, addr) = match found.and_then(|node| Ok((crate::forward::leader_addr(&node)?, node))) {
             Ok((addr, node)) => (node, addr),
@@ -418,10 +429,15 @@ extern "C" fn timed_out(ctx: *mut RedisModuleCtx, _argv: *mut *mut RedisModuleSt
     unsafe { api!(RedisModule_ReplyWithNullArray)(ctx) }
 }
 
+/// Whether the client `bc` waits for a blocking command at the leader, sent there by this node.
+pub fn waits(bc: *mut RedisModuleBlockedClient) -> bool {
+    lock().contains_key(&(bc as usize))
+}
+
 /// The client's backstop, past the transport's, which normally answers first (an attempt may
 /// have run at a leader held up by a long script, say): the same answer, `-TIMEOUT`, rather
 /// than the null array that would say nothing was popped.
-fn timeout_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
+pub fn timeout_at_backstop(bc: *mut RedisModuleBlockedClient) -> Outcome {
     cancel(bc, "ERR timed out");
     Outcome::Error(BACKSTOP_REPLY.into())
 }
