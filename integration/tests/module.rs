@@ -1,7 +1,7 @@
 //! End to end: clusters of real redis-server processes with libraftis.so loaded.
 
 use raftis_integration::own_writes;
-use raftis_integration::resp_conn::{self, call, RespConn};
+use raftis_integration::resp_conn::{self, args, call, Reply, RespConn};
 use raftis_integration::{
     client_proposals, digest, info_field, info_field_of_live, info_text, raw_exchange, stat_field, wait_for, Cluster, Server,
 };
@@ -1428,6 +1428,30 @@ fn pipelines_keep_flowing_and_read_their_own_writes_at_every_consistency_level()
         let tail = |r: &[u8]| String::from_utf8_lossy(&r[r.len().saturating_sub(40)..]).into_owned();
         assert_eq!(tail(&got), tail(&expected), "consistency {level}, a full pipeline");
         assert!(got == expected, "consistency {level}, a full pipeline: the 1024 writes' replies differ");
+    }
+}
+
+/// A write refused as its entry is applied (here a `SORT` that would store tied elements in a
+/// different order on every node) fills its slot at once, as a write that succeeds does: a read
+/// queued behind it reads the dataset as it stood there, not after the writes the pipeline sent
+/// after the read.
+#[test]
+fn a_read_behind_a_write_refused_as_it_is_applied_does_not_see_the_writes_after_it() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let leader = cluster.leader();
+    let _: i64 = leader.cmd(&["SADD", "s", "a", "b"]).unwrap();
+    let mut conn = RespConn::connect(leader.port).unwrap();
+    for level in ["high", "medium", "low"] {
+        cluster.config_set("consistency", level);
+        for i in 0..10 {
+            let (old, new) = (format!("old{i}"), format!("new{i}"));
+            call(&mut conn, &["SET", "k", &old]);
+            let replies = conn
+                .pipeline(&[args(&["SORT", "s", "BY", "w_*", "ALPHA", "STORE", "d"]), args(&["GET", "k"]), args(&["SET", "k", &new])])
+                .unwrap();
+            assert!(replies[0].text().is_some_and(|e| e.starts_with("ERR SORT of a set")), "{:?}", replies[0]);
+            assert_eq!(replies[1], Reply::Blob(b'$', old.into_bytes()), "consistency {level}, round {i}");
+        }
     }
 }
 

@@ -93,6 +93,34 @@ fn finish_held(held: crate::held::HeldReply, outcome: Outcome) {
     }
 }
 
+impl WriteWaiter {
+    /// On the main thread, as its entry is applied (or skipped). A held write's slot is filled
+    /// now, also with an error: the reads queued behind it then run before the entries after it
+    /// are applied (an error sent through the event loop, as from another thread, would let them
+    /// read the writes the client sent after them).
+    fn finish_applied(self, outcome: Outcome) {
+        match self.reply_to {
+            ReplyTo::Held(held) => held.finish(reply_bytes(outcome)),
+            ReplyTo::Transaction(slots) => {
+                // Only a failure of the whole transaction reaches here: every command gets it.
+                let error = match raw_reply(outcome) {
+                    Err(e) => e,
+                    Ok(_) => "ERR unexpected reply for a transaction".into(),
+                };
+                for held in slots.into_iter().filter_map(|slot| slot.held) {
+                    held.finish(crate::forward::error_proto(&error));
+                }
+            }
+            reply_to => WriteWaiter { reply_to, resp3: self.resp3 }.finish(outcome),
+        }
+    }
+}
+
+/// A write's reply as raw RESP, its error's included.
+fn reply_bytes(outcome: Outcome) -> Vec<u8> {
+    raw_reply(outcome).unwrap_or_else(|e| crate::forward::error_proto(&e))
+}
+
 /// A write's reply as raw RESP, for replies that do not go through a blocked client; or the
 /// error (without the leading '-') to answer instead.
 pub fn raw_reply(outcome: Outcome) -> Result<Vec<u8>, String> {
@@ -436,7 +464,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                             let slot = slots.next();
                             let outcome = run_command(ctx, index, at, command, slot.as_ref().map_or(resp3, |slot| slot.resp3));
                             match slot.and_then(|slot| slot.held) {
-                                Some(held) => finish_held(held, outcome),
+                                Some(held) => held.finish(reply_bytes(outcome)),
                                 None => discard(outcome),
                             }
                         }
@@ -446,7 +474,7 @@ fn apply_one(ctx: *mut ffi::RedisModuleCtx, committed: Committed<WriteWaiter>) {
                             .iter()
                             .enumerate()
                             .map(|(i, command)| run_command(ctx, index, at, command, protocols.get(i).copied().unwrap_or(resp3)))
-                            .map(|outcome| raw_reply(outcome).unwrap_or_else(|e| crate::forward::error_proto(&e)))
+                            .map(reply_bytes)
                             .collect();
                         done(Ok(encode_replies(&replies)));
                     }
@@ -548,9 +576,10 @@ fn is_old_news(argv: &[&[u8]], at: EntryTime) -> bool {
     publishes && ffi::now_ms().saturating_sub(at.0) > OLD_NEWS.as_millis() as i64
 }
 
+/// On the main thread, as the entry is applied.
 fn finish(waiter: Option<WriteWaiter>, outcome: Outcome) {
     match waiter {
-        Some(w) => w.finish(outcome),
+        Some(w) => w.finish_applied(outcome),
         None => discard(outcome),
     }
 }
