@@ -86,6 +86,39 @@ fn client_side_caching_hears_of_changes_to_keys_read_through_the_log() {
     assert_eq!(cache.reply().unwrap(), invalidate("a"));
 }
 
+/// A tracking client's read that waits behind its own write in a pipeline (`SET k 1`, `GET k`)
+/// is tracked as of when it ran, as in Redis. Redis remembers the keys when `RAFT._READ` returns
+/// and forgets them when the write sends its invalidation; with the invalidations redirected to
+/// another connection, the value read after that stayed cached for good: no invalidation came
+/// for the next change.
+#[test]
+fn a_read_behind_its_own_pipelines_write_is_told_of_the_next_change() {
+    let cluster = Cluster::start(3, &[]).unwrap();
+    let port = cluster.nodes[cluster.wait_leader()].port;
+    let bulk = |s: &str| Reply::Blob(b'$', s.as_bytes().to_vec());
+    let invalidated =
+        |key: &str| Reply::Aggregate(b'*', vec![bulk("message"), bulk("__redis__:invalidate"), Reply::Aggregate(b'*', vec![bulk(key)])]);
+    let mut invalidations = RespConn::connect(port).unwrap();
+    let id = call(&mut invalidations, &["CLIENT", "ID"]).integer().unwrap().to_string();
+    invalidations.send(&[args(&["SUBSCRIBE", "__redis__:invalidate"])]).unwrap();
+    assert!(format!("{:?}", invalidations.reply().unwrap()).contains("subscribe"));
+    invalidations.set_read_timeout(Duration::from_secs(5)).unwrap();
+    let mut cache = RespConn::connect(port).unwrap();
+    assert_eq!(call(&mut cache, &["CLIENT", "TRACKING", "ON", "REDIRECT", &id]).text().as_deref(), Some("OK"));
+    let mut writer = RespConn::connect(port).unwrap();
+    for level in ["high", "medium", "low"] {
+        cluster.config_set("consistency", level);
+        let key = format!("k-{level}");
+        assert_eq!(call(&mut cache, &["GET", &key]), Reply::Null(b'$'));
+        let replies = cache.pipeline(&[args(&["SET", &key, "1"]), args(&["GET", &key])]).unwrap();
+        assert_eq!(replies, vec![Reply::Line(b'+', b"OK".to_vec()), bulk("1")], "consistency {level}");
+        assert_eq!(invalidations.reply().unwrap(), invalidated(&key), "consistency {level}: the pipeline's own change");
+        call(&mut writer, &["SET", &key, "2"]);
+        let next = invalidations.reply();
+        assert_eq!(next.as_ref().ok(), Some(&invalidated(&key)), "consistency {level}: the next change: {next:?}");
+    }
+}
+
 /// A read that waits before it runs (on a leader with threaded I/O, where replies cannot be held,
 /// every read at consistency high waits for its ReadIndex round) is tracked as of when it ran.
 /// Redis remembers the keys when `RAFT._READ` returns; a change applied while the read waits

@@ -493,7 +493,10 @@ fn queue_read(
     run_blocked: fn(Blocked, Vec<Vec<u8>>, bool),
 ) -> bool {
     let (argv, resp3) = (ffi::owned_args(argv), ffi::client_is_resp3(ctx));
-    if is_full(held, id) {
+    // A client that tracks keys waits blocked, too. Run from a slot, its read would run on the
+    // module's own client, and Redis would not remember the keys for it again once its own write
+    // before the read had made Redis forget them (see `tracking`).
+    if is_full(held, id) || crate::tracking::tracks_keys(id) {
         // Long enough for the writes before it and a leadership check of its own.
         let blocked = Blocked::new(ctx, 2 * state::get().write_timeout() + Duration::from_secs(1));
         if let Some(c) = held.clients.as_mut().and_then(|c| c.get_mut(&id)) {

@@ -25,8 +25,7 @@ static REMEMBER_KEYS: OnceLock<Option<RememberKeys>> = OnceLock::new();
 /// table until a change to them.)
 pub fn remember_read_keys(ctx: *mut RedisModuleCtx) {
     let id = unsafe { api!(RedisModule_GetClientId)(ctx) };
-    let tracking = raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING as u64;
-    if id == 0 || ffi::client_flags(id).is_none_or(|flags| flags & tracking == 0) {
+    if !tracks_keys(id) {
         return;
     }
     let Some(remember_keys) = *REMEMBER_KEYS.get_or_init(|| unsafe { ffi::find_function("trackingRememberKeys").ok() }) else {
@@ -35,4 +34,10 @@ pub fn remember_read_keys(ctx: *mut RedisModuleCtx) {
     if let Some(client) = crate::held::redis_client_of(ctx) {
         unsafe { remember_keys(client) };
     }
+}
+
+/// Whether the client `id` has `CLIENT TRACKING` on.
+pub fn tracks_keys(id: u64) -> bool {
+    let tracking = raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING as u64;
+    id != 0 && ffi::client_flags(id).is_some_and(|flags| flags & tracking != 0)
 }
