@@ -321,13 +321,16 @@ fn a_watch_does_not_outlive_the_leadership_it_was_served_by() {
 }
 
 /// Read-modify-write with WATCH (redis::transaction, which retries on nil) while other clients
-/// INCR the same key: every increment of either kind must be in the final value. A write
-/// proposed but not yet applied when a transaction's client read the key, and committed before
-/// that transaction, would be overwritten by it.
+/// INCR the same key, on the leader and through a follower with the proxy: every increment of
+/// either kind must be in the final value. A write proposed but not yet applied when a
+/// transaction's client read the key, and committed before that transaction, would be
+/// overwritten by it; so would a forwarded write proposed after EXEC checked the WATCH but
+/// before the transaction entered the log.
 #[test]
 fn optimistic_increments_under_watch_lose_nothing_to_concurrent_writers() {
-    let cluster = Cluster::start(3, &[]).unwrap();
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
     let leader = cluster.leader();
+    let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     for level in ["high", "low"] {
         cluster.config_set("consistency", level);
         let key = format!("c-{level}");
@@ -350,8 +353,9 @@ fn optimistic_increments_under_watch_lose_nothing_to_concurrent_writers() {
                 }
             }));
         }
-        for _ in 0..incrementers {
-            let (mut conn, key) = (leader.client().unwrap(), key.clone());
+        for i in 0..incrementers {
+            let via = if i % 2 == 0 { leader } else { follower };
+            let (mut conn, key) = (via.client().unwrap(), key.clone());
             threads.push(std::thread::spawn(move || {
                 for _ in 0..per_incrementer {
                     let _: i64 = redis::cmd("INCR").arg(&key).query(&mut conn).unwrap();

@@ -220,6 +220,8 @@ pub fn serve(req: ForwardRequest, done: ForwardDone, abandoned: Abandoned) {
             }
             let entry = encode_command(Some(at), db, &pinned);
             let waiter = WriteWaiter { reply_to: ReplyTo::Forwarded(done), resp3 };
+            // A transaction EXEC has just checked against its WATCH goes into the log first.
+            crate::transaction::flush();
             node.propose(entry, waiter, Instant::now() + timeout);
         }
         Route::Read => confirm_then_run(&node, vec![(db, argv)], false, vec![resp3], done),
@@ -324,6 +326,7 @@ fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: 
     let entry = encode_transaction(Some(at), &pinned);
     let first_resp3 = pinned_resp3[0];
     let waiter = WriteWaiter { reply_to: ReplyTo::ForwardedTransaction { done, resp3: pinned_resp3 }, resp3: first_resp3 };
+    crate::transaction::flush();
     node.propose(entry, waiter, Instant::now() + s.write_timeout());
 }
 
