@@ -65,23 +65,37 @@ pub struct TransactionSlot {
 }
 
 impl WriteWaiter {
+    /// From any thread: a failure reaches a held slot through the event loop.
     fn finish(self, outcome: Outcome) {
         match self.reply_to {
             ReplyTo::Client(blocked) => blocked.finish(outcome),
             ReplyTo::Forwarded(done) | ReplyTo::ForwardedTransaction { done, .. } => done(raw_reply(outcome)),
             ReplyTo::Held(held) => finish_held(held, outcome),
             ReplyTo::Transaction(slots) => {
-                // Only a failure reaches here (the whole transaction): every command gets it.
-                let error = match raw_reply(outcome) {
-                    Err(e) => e,
-                    Ok(_) => "ERR unexpected reply for a transaction".into(),
-                };
+                let error = whole_transaction_error(outcome);
                 for held in slots.into_iter().filter_map(|slot| slot.held) {
                     held.fail(&error);
                 }
             }
             ReplyTo::Attempt(id) => crate::blocking::attempted(id, outcome),
             ReplyTo::Nobody => discard(outcome),
+        }
+    }
+
+    /// On the main thread, as its entry is applied (or skipped). A held write's slot is filled
+    /// now, also with an error: the reads queued behind it then run before the entries after it
+    /// are applied (an error sent through the event loop, as from another thread, would let them
+    /// read the writes the client sent after them).
+    fn finish_applied(self, outcome: Outcome) {
+        match self.reply_to {
+            ReplyTo::Held(held) => held.finish(reply_bytes(outcome)),
+            ReplyTo::Transaction(slots) => {
+                let error = crate::forward::error_proto(&whole_transaction_error(outcome));
+                for held in slots.into_iter().filter_map(|slot| slot.held) {
+                    held.finish(error.clone());
+                }
+            }
+            reply_to => WriteWaiter { reply_to, resp3: self.resp3 }.finish(outcome),
         }
     }
 }
@@ -93,26 +107,12 @@ fn finish_held(held: crate::held::HeldReply, outcome: Outcome) {
     }
 }
 
-impl WriteWaiter {
-    /// On the main thread, as its entry is applied (or skipped). A held write's slot is filled
-    /// now, also with an error: the reads queued behind it then run before the entries after it
-    /// are applied (an error sent through the event loop, as from another thread, would let them
-    /// read the writes the client sent after them).
-    fn finish_applied(self, outcome: Outcome) {
-        match self.reply_to {
-            ReplyTo::Held(held) => held.finish(reply_bytes(outcome)),
-            ReplyTo::Transaction(slots) => {
-                // Only a failure of the whole transaction reaches here: every command gets it.
-                let error = match raw_reply(outcome) {
-                    Err(e) => e,
-                    Ok(_) => "ERR unexpected reply for a transaction".into(),
-                };
-                for held in slots.into_iter().filter_map(|slot| slot.held) {
-                    held.finish(crate::forward::error_proto(&error));
-                }
-            }
-            reply_to => WriteWaiter { reply_to, resp3: self.resp3 }.finish(outcome),
-        }
+/// The error every command of a transaction gets when the transaction as a whole fails (only a
+/// failure reaches a transaction's waiter whole).
+fn whole_transaction_error(outcome: Outcome) -> String {
+    match raw_reply(outcome) {
+        Err(e) => e,
+        Ok(_) => "ERR unexpected reply for a transaction".into(),
     }
 }
 
