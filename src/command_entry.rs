@@ -96,6 +96,28 @@ pub fn encode_clock(at: EntryTime) -> Vec<u8> {
     encode_transaction::<&[u8]>(Some(at), &[])
 }
 
+/// The time `data` (an encoded entry) happens at, if it carries one.
+pub fn time_of(data: &[u8]) -> Option<EntryTime> {
+    match data {
+        [KIND_AT, rest @ ..] if rest.len() >= 8 => Some(EntryTime(i64::from_be_bytes(rest[..8].try_into().expect("8 bytes")))),
+        _ => None,
+    }
+}
+
+/// Moves the time of `data` (an encoded entry) up to `floor` if it is earlier, and returns the
+/// time it then carries (None: it carries none). The leader does this to every entry it
+/// appends, so that times never go back along the log, however its proposals raced each other
+/// between stamping and appending: a node that expires keys by the newest time it applied must
+/// never apply an earlier one afterwards (see the module's `expiry`).
+pub fn raise_time(data: &mut [u8], floor: EntryTime) -> Option<EntryTime> {
+    let at = time_of(data)?;
+    if at < floor {
+        data[1..9].copy_from_slice(&floor.0.to_be_bytes());
+        return Some(floor);
+    }
+    Some(at)
+}
+
 fn encode_time(out: &mut Vec<u8>, at: Option<EntryTime>) {
     if let Some(EntryTime(ms)) = at {
         out.push(KIND_AT);
@@ -184,6 +206,23 @@ fn read_u32(data: &mut &[u8]) -> Result<u32, EntryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raising_a_time_moves_only_an_earlier_one() {
+        let mut entry = encode_command(Some(EntryTime(1_000)), 0, &[&b"SET"[..], b"k", b"v"]);
+        assert_eq!(raise_time(&mut entry, EntryTime(900)), Some(EntryTime(1_000)));
+        assert_eq!(raise_time(&mut entry, EntryTime(1_500)), Some(EntryTime(1_500)));
+        let decoded = Entry::decode(&entry).unwrap();
+        assert_eq!(decoded.at, Some(EntryTime(1_500)));
+        let EntryView::Command(view) = decoded.view else { panic!("not a command") };
+        assert_eq!(view.argv, [&b"SET"[..], b"k", b"v"]);
+        let mut untimed = encode_command::<&[u8]>(None, 0, &[b"SET", b"k", b"v"]);
+        let before = untimed.clone();
+        assert_eq!(raise_time(&mut untimed, EntryTime(1_500)), None);
+        assert_eq!(untimed, before);
+        assert_eq!(time_of(&encode_clock(EntryTime(7))), Some(EntryTime(7)));
+        assert_eq!(time_of(&[KIND_AT, 0, 0]), None, "truncated");
+    }
 
     #[test]
     fn round_trips_binary_arguments() {

@@ -18,6 +18,7 @@
 //! tick counts (`ticks`) and `RAFT.CLUSTER RECOVER` (`recovering`).
 
 use crate::cluster_id::{ClusterId, META_CLUSTER_ID};
+use crate::command_entry::{self, EntryTime};
 use crate::config::{Durability, Timing};
 use crate::heartbeats;
 use crate::ids::{LogIndex, NodeId, Term};
@@ -315,6 +316,19 @@ struct Shared {
     stopped: AtomicBool,
     /// The snapshot file being downloaded from the leader, if any.
     fetch: Mutex<Option<FetchProgress>>,
+    /// Between the entries this node appends and the times its state machine expires keys by.
+    time_gate: Mutex<TimeGate>,
+}
+
+/// A leader's state machine may delete keys by its own clock only while no entry it will apply
+/// later happens before that time (see [`Node::claim_time`]). Held by the Raft loop while it
+/// appends a proposal, so that a claim sees every entry appended before it, and every entry
+/// appended after it happens after the claim.
+struct TimeGate {
+    /// The latest time claimed: entries appended from now on happen later.
+    claimed: EntryTime,
+    /// The index of the last entry in this node's log.
+    last_index: LogIndex,
 }
 
 /// Handle to a running node. Dropping it shuts the node down.
@@ -472,6 +486,7 @@ impl<S: StateMachine> Node<S> {
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
+            time_gate: Mutex::new(TimeGate { claimed: EntryTime(i64::MIN), last_index: LogIndex(raw.raft.raft_log.last_index()) }),
         });
         let reporter = shared.clone();
         transport.set_health_source(Arc::new(move || leader_health::answer(&reporter)));
@@ -513,6 +528,7 @@ impl<S: StateMachine> Node<S> {
             departed: HashSet::new(),
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
+            time_floor: EntryTime(i64::MIN),
             membership_waiters: BTreeMap::new(),
             readdress: Readdress::default(),
             readdress_proposed: None,
@@ -532,6 +548,7 @@ impl<S: StateMachine> Node<S> {
             started_at: Instant::now(),
             health_asks: Arc::default(),
         };
+        raft_loop.time_floor = raft_loop.newest_time_in_log();
         raft_loop.publish_status();
         if let Some(why) = raft_loop.removed.take() {
             // Stopped before it serves anything, not in the loop's first round: a read at
@@ -791,6 +808,21 @@ impl<S: StateMachine> Node<S> {
     }
 
     /// True while this node leads. Lock-free: meant for every client command.
+    /// On the leader, once its state machine has applied every entry in its log (`applied`):
+    /// claims `now` (milliseconds since the epoch), and returns it. Every entry appended from
+    /// then on happens after it, so the state machine may delete keys whose deadline is before
+    /// it: no entry it applies later meets them alive where another node's would (see the
+    /// module's `expiry`). None on a follower, or while entries are still to be applied here.
+    pub fn claim_time(&self, now: EntryTime, applied: LogIndex) -> Option<EntryTime> {
+        self.leading_term()?;
+        let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
+        if gate.last_index > applied {
+            return None;
+        }
+        gate.claimed = gate.claimed.max(now);
+        Some(gate.claimed)
+    }
+
     pub fn is_leader(&self) -> bool {
         self.leading_term().is_some()
     }
@@ -998,6 +1030,9 @@ struct RaftLoop<S: StateMachine> {
     /// they are replayed for the state machine but not applied to raft a second time.
     conf_applied: LogIndex,
     proposals: PendingProposals<S::Waiter>,
+    /// The newest time an entry in this node's log happens at: what a proposal is raised to (see
+    /// `command_entry::raise_time`).
+    time_floor: EntryTime,
     membership_waiters: BTreeMap<LogIndex, (Term, Instant, Callback<()>)>,
     /// Members heard at new addresses, and when their change was last proposed.
     readdress: Readdress,

@@ -13,12 +13,25 @@ impl<S: StateMachine> RaftLoop<S> {
         }
     }
 
-    pub(super) fn propose(&mut self, data: Vec<u8>, waiter: S::Waiter, deadline: Instant) {
+    pub(super) fn propose(&mut self, mut data: Vec<u8>, waiter: S::Waiter, deadline: Instant) {
         if let Some(err) = self.not_leader() {
             return waiter.fail(err);
         }
+        // Proposals stamped on different threads can arrive out of order, and a new leader's
+        // clock can be behind its predecessor's: an entry never happens before the one ahead of
+        // it. Nor at or before a time the state machine claimed to expire keys by: a millisecond
+        // later, as a read that claimed a time may run into the next millisecond.
+        let shared = self.shared.clone();
+        let mut gate = shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
+        let floor = self.time_floor.max(EntryTime(gate.claimed.0.saturating_add(1)));
+        if let Some(at) = command_entry::raise_time(&mut data, floor) {
+            self.time_floor = at;
+        }
         let before = self.raw.raft.raft_log.last_index();
-        match self.raw.propose(Vec::new(), data) {
+        let proposed = self.raw.propose(Vec::new(), data);
+        gate.last_index = LogIndex(self.raw.raft.raft_log.last_index());
+        drop(gate);
+        match proposed {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 if index == before {

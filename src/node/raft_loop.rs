@@ -359,6 +359,32 @@ impl<S: StateMachine> RaftLoop<S> {
         durability == Durability::High
     }
 
+    /// The time of the newest timed entry in the log (at start: the floor of this node's
+    /// proposals, should it lead). Entries from before the last snapshot are applied: the
+    /// module never stamps a proposal before an entry it applied.
+    pub(super) fn newest_time_in_log(&self) -> EntryTime {
+        // Membership entries and a new leader's empty ones carry no time: a few at the end at
+        // most, but a log written before entries carried times has none anywhere.
+        const LOOK_BACK: u64 = 1000;
+        let log = &self.raw.raft.raft_log;
+        let mut index = log.last_index();
+        while index >= log.first_index() && index > 0 && log.last_index() - index < LOOK_BACK {
+            match log.entries(index, 1, raft::GetEntriesContext::empty(false)) {
+                Ok(entries) => {
+                    if let Some(at) = entries.first().and_then(entry_time) {
+                        return at;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("raft {}: cannot read entry {index} for its time: {e}", self.id);
+                    break;
+                }
+            }
+            index -= 1;
+        }
+        EntryTime(i64::MIN)
+    }
+
     /// Persists and sends what raft has ready; `sync`: durability is high for this round.
     async fn on_ready(&mut self, sync: bool) -> anyhow::Result<()> {
         if !self.raw.has_ready() {
@@ -381,6 +407,12 @@ impl<S: StateMachine> RaftLoop<S> {
         }
         self.handle_committed(ready.take_committed_entries())?;
         let entries = ready.take_entries();
+        // A leader's own proposals raised it already; a follower's appends may make it newer.
+        for entry in &entries {
+            if let Some(at) = entry_time(entry) {
+                self.time_floor = self.time_floor.max(at);
+            }
+        }
         if !entries.is_empty() || ready.hs().is_some() {
             // Only entries, term and vote must be on disk before we answer; a commit index that
             // is lost in a crash is learnt again from the leader. A term or vote is flushed at
@@ -392,6 +424,12 @@ impl<S: StateMachine> RaftLoop<S> {
             let sync = (sync && !entries.is_empty()) || new_term_or_vote;
             let started = Instant::now();
             self.store.append(&entries, ready.hs(), sync).context("persisting raft entries")?;
+            if !entries.is_empty() {
+                // A follower's appends (a leader's own were counted as it proposed them), and
+                // the entries of a log a new leader overwrote: what a claim must see applied.
+                let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
+                gate.last_index = LogIndex(self.raw.raft.raft_log.last_index());
+            }
             CounterCells::add(&self.shared.counters.persist_micros, started.elapsed().as_micros() as u64);
             CounterCells::add(&self.shared.counters.entries_persisted, entries.len() as u64);
             if sync {
@@ -498,4 +536,10 @@ impl<S: StateMachine> RaftLoop<S> {
         let leader_view = slot.leader_view.take().filter(|_| role != Role::Leader && status.leader.is_some());
         *slot = Status { fatal, leader_view, ..status };
     }
+}
+
+/// The time a client entry happens at (see `command_entry`); None for raft's and membership
+/// entries, whose data is not a command.
+fn entry_time(entry: &Entry) -> Option<EntryTime> {
+    (entry.get_entry_type() == EntryType::EntryNormal).then(|| command_entry::time_of(&entry.data)).flatten()
 }
