@@ -287,7 +287,7 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
             // The context's client is the blocked client, so the call runs in its database; on a
             // node that is not current, as of its log (see `expiry`), as every local read.
             let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
-            crate::expiry::as_of_log(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
+            crate::expiry::reading(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
             ffi::OK
         }
     }

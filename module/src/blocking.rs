@@ -267,7 +267,7 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
     let resp3 = ffi::client_is_resp3(ctx);
     // The module's own call never blocks: a null when there is nothing to read yet. (On a node
     // that is not current, as of its log, see `expiry`.)
-    let reply = crate::expiry::as_of_log(ctx, command, || ffi::call(ctx, command, resp3));
+    let reply = crate::expiry::reading(ctx, command, || ffi::call(ctx, command, resp3));
     if !is_null(reply) {
         ffi::reply_call_reply(ctx, reply);
         ffi::free_call_reply(reply);
@@ -284,7 +284,7 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
     // Nothing runs between the read above and this: `$` is the last ID it saw. Its probe of the
     // streams reads them as the read did, as of the log on a node that is not current (Redis
     // would otherwise delete a stream its own clock has expired, on this node alone).
-    crate::expiry::as_of_log(ctx, command, || found_nothing(state::get().main_thread_ctx(), &mut waiter));
+    crate::expiry::reading(ctx, command, || found_nothing(state::get().main_thread_ctx(), &mut waiter));
     let mut w = lock();
     // The id `add` gives it next, under the same lock.
     let id = w.next;
@@ -496,7 +496,7 @@ fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
     }
     // The module's own call never blocks: a null when there is nothing after its IDs after all.
     let args: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
-    let reply = crate::expiry::as_of_log(ctx, &args, || ffi::call(ctx, &argv, resp3));
+    let reply = crate::expiry::reading(ctx, &args, || ffi::call(ctx, &argv, resp3));
     if is_null(reply) {
         return ffi::free_call_reply(reply);
     }

@@ -69,7 +69,48 @@ pub fn pinned<T>(ms: i64, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// How far behind the real clock the main thread's clock runs, in microseconds (0: not behind),
+/// and the time it never passes meanwhile: see [`behind`].
+static BEHIND_US: AtomicI64 = AtomicI64::new(0);
+static BEHIND_CAP_US: AtomicI64 = AtomicI64::new(i64::MAX);
+
+/// Runs `f` with Redis' wall clock on this (the main) thread reading `until_ms - lead` now,
+/// running on from there, but never past `until_ms`. Redis' background expiry runs this way (see
+/// `expiry`): it deletes by the time it reads, and stops by the time that passes, which still
+/// passes as it should until it has had `lead`.
+pub fn behind<T>(until_ms: i64, lead: std::time::Duration, f: impl FnOnce() -> T) -> T {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BEHIND_US.store(0, Ordering::Relaxed);
+            BEHIND_CAP_US.store(i64::MAX, Ordering::Relaxed);
+        }
+    }
+    let now_us = real_now_us();
+    let start_us = until_ms.saturating_mul(1000).saturating_sub(lead.as_micros() as i64);
+    BEHIND_CAP_US.store(until_ms.saturating_mul(1000), Ordering::Relaxed);
+    BEHIND_US.store((now_us - start_us).max(1), Ordering::Relaxed);
+    let _restore = Restore;
+    f()
+}
+
+fn real_now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
 unsafe extern "C" fn hooked_gettimeofday(tv: *mut libc::timeval, tz: *mut c_void) -> c_int {
+    let behind_us = BEHIND_US.load(Ordering::Relaxed);
+    if behind_us != 0 && !tv.is_null() && libc::pthread_self() as u64 == MAIN_THREAD.load(Ordering::Relaxed) {
+        let original: GetTimeOfDay = std::mem::transmute(ORIGINAL.load(Ordering::Relaxed));
+        let result = original(tv, tz);
+        if result == 0 {
+            let real = (*tv).tv_sec * 1_000_000 + (*tv).tv_usec;
+            let shown = (real - behind_us).min(BEHIND_CAP_US.load(Ordering::Relaxed));
+            (*tv).tv_sec = shown.div_euclid(1_000_000) as libc::time_t;
+            (*tv).tv_usec = shown.rem_euclid(1_000_000) as libc::suseconds_t;
+        }
+        return result;
+    }
     let ms = PINNED_MS.load(Ordering::Relaxed);
     // pthread_self is a register read and safe in a signal handler, unlike thread-locals of a
     // dlopen'ed library (which may allocate on first use).

@@ -5,7 +5,8 @@
 //! could meet a live key on one node and an expired one on another, and the datasets would part
 //! for good. `SET k 5 PX 1000` then `INCR k`, applied at once, leave no key once the second is
 //! up; replayed a minute later (a restart, a follower catching up) the SET's key is already dead,
-//! and the INCR creates `k = 1` with no expiry.
+//! and the INCR creates `k = 1` with no expiry. The same happens, in milliseconds, to any write
+//! on its way to a node when the key's deadline passes there.
 //!
 //! So every entry carries the moment the leader proposed it at ([`EntryTime`], [`stamp`]), and
 //! every node applies it as of that moment:
@@ -14,25 +15,28 @@
 //!   expired by the entry's time ([`expire_due`]), and so are the keys `SORT` reads through its
 //!   `BY` and `GET` patterns. What a write meets is then the same on every node, however late it
 //!   applies the entry.
-//! - Redis' background expiry, which deletes keys by the node's own clock, runs only while the
-//!   node is current: the leader once it has applied all it committed, a follower while it
-//!   applies entries proposed in the last 250 ms ([`before_sleep`]). A node that replays its log,
-//!   catches up, or is cut off keeps every key until the log expires it. An idle leader proposes
-//!   an entry carrying only its clock once a second, so that its followers stay current part of
-//!   the time, and expire keys, without writes.
+//! - Outside the log, a node deletes a key only once its deadline is before the node's
+//!   *horizon* ([`horizon`]): a time no entry it applies later happens before. Times never go
+//!   back along the log (the leader raises an entry's time to the one ahead of it), so a
+//!   follower's horizon is the time of the newest entry it applied. The leader's is its clock,
+//!   once it has applied every entry in its log; the Raft loop then appends nothing that happens
+//!   before that time (`Node::claim_time`). Before, its horizon is the newest applied time too.
+//! - Redis' background expiry never runs by itself: the module runs it ([`before_sleep`]) with
+//!   Redis' clock reading the horizon (`clock::behind`), so it deletes just what the log will
+//!   never see alive again. An idle leader proposes an entry carrying only its clock once a
+//!   second, so that its followers' horizon moves on without writes.
+//! - A client's read deletes by Redis' clock only on a leader whose horizon is its clock: those
+//!   go straight to Redis. Elsewhere the module serves the read ([`reading`]): the keys it names
+//!   that the horizon has expired are deleted first, and the read runs with Redis' clients
+//!   paused for writes, the state in which Redis answers that a key past its deadline is gone
+//!   without deleting it (as a replica does).
 //! - Snapshots are written and loaded with expiry suspended, so they keep keys whose deadline the
 //!   clock has passed but the log has not.
 //!
-//! - A node that is not current serves its clients' local reads (consistency `low`) through the
-//!   module, with Redis' expiry suspended ([`as_of_log`]): a read must not delete a key either.
-//!
-//! What remains: a key can still be deleted by a node's own clock on a node that is current, by
-//! the background expiry or by a read that finds it expired, while a write to it, proposed before
-//! its deadline, is still on its way to that node. That is the time an entry takes from proposal
-//! to apply, milliseconds, where before it was a restart or a partition.
-//!
-//! Telling Redis it is loading is not module API: `startLoading` and `stopLoading` are looked up
-//! at load. Without them, keys expire by each node's clock, as before (logged at load).
+//! Telling Redis it is loading, pausing its clients and running its expiry cycle are not module
+//! API: `startLoading`, `stopLoading`, `pauseClients`, `unpauseClients` and `activeExpireCycle`
+//! are looked up at load, and the clock is Redis' own as `clock` hooks it. Without them, keys
+//! expire by each node's clock, as plain Redis does (logged at load).
 
 use crate::apply::{ReplyTo, WriteWaiter};
 use crate::ffi::{self, api, CommandKeys, RedisModuleCtx};
@@ -47,46 +51,68 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// A follower counts as current while its newest applied entry is this recent.
-const FRESH: Duration = Duration::from_millis(250);
-/// How often [`before_sleep`] looks again.
-const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// A leader that has proposed nothing for this long proposes an entry carrying only its clock:
-/// its followers then apply a recent entry and run the background expiry for [`FRESH`] after it,
-/// as they do under writes. (Redis' own master pings its replicas through the replication
-/// stream the same way.)
+/// its followers' horizon then moves on, and they expire keys, without writes. (Redis' own
+/// master pings its replicas through the replication stream the same way.)
 const CLOCK_EVERY: Duration = Duration::from_secs(1);
 
 /// The latest time this node proposed or applied an entry at: stamps never go back, also across
 /// a change of leader (a new leader has applied its predecessors' entries, or will before it
-/// serves reads).
+/// serves reads; the Raft loop raises an entry to the one ahead of it anyway).
 static LATEST: AtomicI64 = AtomicI64::new(i64::MIN);
+/// When this node last proposed an entry (its stamp), for [`propose_clock_if_idle`].
+static PROPOSED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
 /// The time of the newest entry applied here (i64::MIN: none yet, or one without a time).
 static APPLIED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
-/// Whether Redis' background expiry runs now. Only changed on the main thread.
-static ACTIVE: AtomicBool = AtomicBool::new(true);
+/// The horizon the background expiry last ran to (i64::MIN: it has not run), for RAFT.INFO.
+static EXPIRED_TO: AtomicI64 = AtomicI64::new(i64::MIN);
 /// Whether Redis' own expiry is suspended right now (only touched on the main thread).
 static SUSPENDED: AtomicBool = AtomicBool::new(false);
-static LAST_CHECK: Mutex<Option<Instant>> = Mutex::new(None);
+/// When [`before_sleep`] last ran the background expiry.
+static LAST_CYCLE: Mutex<Option<Instant>> = Mutex::new(None);
 /// RAFT.STATS: clock entries this node proposed (they count among its `proposals`).
 static CLOCK_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// `activeExpireCycle`'s slow kind (server.h).
+const ACTIVE_EXPIRE_CYCLE_SLOW: c_int = 0;
+/// `pauseClients`' purpose and kind (server.h): Raftis refuses `FAILOVER`, so the failover's
+/// purpose is never Redis' own here, and a client's `CLIENT PAUSE` is left alone.
+const PAUSE_DURING_FAILOVER: c_int = 2;
+const CLIENT_PAUSE_WRITE: c_int = 1;
 
 struct Hooks {
     start_loading: unsafe extern "C" fn(usize, c_int, c_int),
     stop_loading: unsafe extern "C" fn(c_int),
+    active_expire_cycle: unsafe extern "C" fn(c_int),
+    pause_clients: unsafe extern "C" fn(c_int, i64, c_int),
+    unpause_clients: unsafe extern "C" fn(c_int),
 }
 
 static HOOKS: OnceLock<Result<Hooks, String>> = OnceLock::new();
 
-/// At load, on the main thread: finds Redis' loading switch and stops its background expiry
-/// until this node is current. Returns how keys expire here, for the log.
+fn hooks() -> Option<&'static Hooks> {
+    HOOKS.get().and_then(|h| h.as_ref().ok())
+}
+
+/// At load, on the main thread, after `clock::init`: finds Redis' functions and stops Redis'
+/// background expiry for good (the module runs it, see [`before_sleep`]). Returns how keys
+/// expire here, for the log.
 pub fn init(ctx: *mut RedisModuleCtx) -> String {
     let hooks = HOOKS.get_or_init(|| {
-        Ok(unsafe { Hooks { start_loading: ffi::find_function("startLoading")?, stop_loading: ffi::find_function("stopLoading")? } })
+        crate::clock::available()?;
+        Ok(unsafe {
+            Hooks {
+                start_loading: ffi::find_function("startLoading")?,
+                stop_loading: ffi::find_function("stopLoading")?,
+                active_expire_cycle: ffi::find_function("activeExpireCycle")?,
+                pause_clients: ffi::find_function("pauseClients")?,
+                unpause_clients: ffi::find_function("unpauseClients")?,
+            }
+        })
     });
     match hooks {
         Ok(_) => {
-            set_active(ctx, false);
+            set_redis_background_expiry(ctx, false);
             "keys expire by the log's clock: every node applies an entry as of the time it was proposed".into()
         }
         Err(why) => format!("{why}: keys expire by each node's own clock, and a node that replays old entries may differ"),
@@ -97,14 +123,15 @@ pub fn init(ctx: *mut RedisModuleCtx) -> String {
 /// applied here.
 pub fn stamp() -> EntryTime {
     let now = ffi::now_ms();
-    EntryTime(LATEST.fetch_max(now, Ordering::AcqRel).max(now))
+    let at = LATEST.fetch_max(now, Ordering::AcqRel).max(now);
+    PROPOSED_AT.fetch_max(at, Ordering::AcqRel);
+    EntryTime(at)
 }
 
 /// Runs `f`, commands of the log (or a snapshot load), with Redis' own expiry suspended. A read
-/// for a client that runs meanwhile goes through [`resumed`]: it must not see keys whose
-/// deadline has passed.
+/// for a client that runs meanwhile goes through [`reading`].
 pub fn suspended<T>(f: impl FnOnce() -> T) -> T {
-    let Some(Ok(hooks)) = HOOKS.get() else { return f() };
+    let Some(hooks) = hooks() else { return f() };
     if SUSPENDED.load(Ordering::Acquire) {
         return f();
     }
@@ -112,9 +139,9 @@ pub fn suspended<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Runs `f`, a client's read, with Redis' own expiry working, also in the middle of applying.
-pub fn resumed<T>(f: impl FnOnce() -> T) -> T {
-    let Some(Ok(hooks)) = HOOKS.get() else { return f() };
+/// Runs `f` with Redis' own expiry working, also in the middle of applying.
+fn resumed<T>(f: impl FnOnce() -> T) -> T {
+    let Some(hooks) = hooks() else { return f() };
     if !SUSPENDED.load(Ordering::Acquire) {
         return f();
     }
@@ -153,28 +180,52 @@ impl Drop for Switch {
     }
 }
 
-/// Whether this node expires keys by its own clock now: it is current (see [`before_sleep`]), or
-/// Redis could not be told to stop.
-pub fn by_own_clock() -> bool {
-    !matches!(HOOKS.get(), Some(Ok(_))) || ACTIVE.load(Ordering::Acquire)
+/// Runs `f` with Redis' clients paused for writes: Redis then answers that a key past its
+/// deadline is gone, and keeps it. Nothing else runs meanwhile (this is the main thread), so no
+/// client's command waits on the pause.
+fn hiding<T>(hooks: &'static Hooks, f: impl FnOnce() -> T) -> T {
+    struct Unpause(&'static Hooks);
+    impl Drop for Unpause {
+        fn drop(&mut self) {
+            unsafe { (self.0.unpause_clients)(PAUSE_DURING_FAILOVER) };
+        }
+    }
+    unsafe { (hooks.pause_clients)(PAUSE_DURING_FAILOVER, i64::MAX, CLIENT_PAUSE_WRITE) };
+    let _unpause = Unpause(hooks);
+    f()
 }
 
-/// Runs `f`, a client's read that a node not current serves from its own data (at consistency
-/// `low`), as of the log it has applied: the keys `argv` names that the newest applied entry's
-/// time has expired are deleted first (every later entry finds them expired too), and no other
-/// key is, whatever this node's clock says. A key deleted by it could still meet a write the
-/// leader made before its deadline, which this node has not applied yet.
-pub fn as_of_log<T>(ctx: *mut RedisModuleCtx, argv: &[&[u8]], f: impl FnOnce() -> T) -> T {
-    if by_own_clock() {
-        return f();
+/// Whether a client's read may go straight to Redis, which deletes the keys it finds expired by
+/// its own clock: on a leader whose horizon is its clock. The time is claimed for the read.
+pub fn reads_by_own_clock() -> bool {
+    hooks().is_none() || claim_now().is_some()
+}
+
+/// Runs `f`, a client's read that the module serves (`argv`, its command), so that it deletes
+/// nothing the log may still meet alive: on a leader whose horizon is its clock, as Redis
+/// would; elsewhere the keys it names that the horizon has expired are deleted first, and the
+/// read sees a key past its deadline as gone without deleting it. `RANDOMKEY` and scripts read
+/// as of the horizon instead (a key past its deadline but not the horizon is still there): with
+/// clients paused, Redis 7.0's `RANDOMKEY` spins for good on a database whose keys have all
+/// passed their deadline.
+pub fn reading<T>(ctx: *mut RedisModuleCtx, argv: &[&[u8]], f: impl FnOnce() -> T) -> T {
+    let Some(hooks) = hooks() else { return f() };
+    if claim_now().is_some() {
+        return resumed(f);
     }
-    suspended(|| {
-        let at = APPLIED_AT.load(Ordering::Acquire);
-        if at != i64::MIN {
-            expire_due(ctx, argv, EntryTime(at));
-        }
-        f()
-    })
+    if let Some(at) = horizon_of_log() {
+        suspended(|| expire_due(ctx, argv, at));
+    }
+    if may_spin_while_paused(argv) {
+        return suspended(f);
+    }
+    resumed(|| hiding(hooks, f))
+}
+
+/// Commands that may call `RANDOMKEY`: itself, and scripts.
+fn may_spin_while_paused(argv: &[&[u8]]) -> bool {
+    const SPINS: &[&[u8]] = &[b"randomkey", b"eval", b"evalsha", b"eval_ro", b"evalsha_ro", b"fcall", b"fcall_ro"];
+    argv.first().is_some_and(|name| SPINS.iter().any(|s| name.eq_ignore_ascii_case(s)))
 }
 
 /// Records that an entry of time `at` was applied.
@@ -312,39 +363,80 @@ fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at
     }
 }
 
-/// Called before Redis sleeps: lets Redis' background expiry run only while this node is current.
+/// Called before Redis sleeps: runs Redis' background expiry up to this node's horizon, at
+/// Redis' pace (`hz` slow cycles a second; Redis' fast cycles in between are left out).
 pub fn before_sleep(ctx: *mut RedisModuleCtx) {
-    if !matches!(HOOKS.get(), Some(Ok(_))) {
-        return;
-    }
+    let Some(hooks) = hooks() else { return };
+    let pace = Pace::of(ctx);
     {
-        let mut last = LAST_CHECK.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
+        let mut last = LAST_CYCLE.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < pace.period) {
             return;
         }
         *last = Some(Instant::now());
     }
     propose_clock_if_idle();
-    let current = is_current();
-    if current != ACTIVE.load(Ordering::Acquire) {
-        set_active(ctx, current);
+    let Some(horizon) = horizon() else { return };
+    // Redis' cycle stops by the time that passes: a clock that reaches the horizon only once the
+    // cycle's time is up, and stays there, lets it stop as it should and delete nothing later.
+    let lead = pace.slow_limit + Duration::from_millis(1);
+    crate::clock::behind(horizon.0, lead, || unsafe { (hooks.active_expire_cycle)(ACTIVE_EXPIRE_CYCLE_SLOW) });
+    EXPIRED_TO.fetch_max(horizon.0, Ordering::AcqRel);
+}
+
+/// How often Redis runs its background expiry and for how long at most (expire.c).
+struct Pace {
+    period: Duration,
+    slow_limit: Duration,
+}
+
+impl Pace {
+    /// From `hz` and `active-expire-effort`, read every few seconds.
+    fn of(ctx: *mut RedisModuleCtx) -> Pace {
+        static READ: Mutex<Option<(Instant, i64, i64)>> = Mutex::new(None);
+        let mut read = READ.lock().unwrap_or_else(|p| p.into_inner());
+        let (hz, effort) = match *read {
+            Some((at, hz, effort)) if at.elapsed() < Duration::from_secs(5) => (hz, effort),
+            _ => {
+                let hz = config_number(ctx, "hz").unwrap_or(10).clamp(1, 500);
+                let effort = config_number(ctx, "active-expire-effort").unwrap_or(1).clamp(1, 10) - 1;
+                *read = Some((Instant::now(), hz, effort));
+                (hz, effort)
+            }
+        };
+        let slow_percent = 25 + 2 * effort;
+        Pace {
+            period: Duration::from_micros((1_000_000 / hz) as u64),
+            slow_limit: Duration::from_micros((slow_percent * 1_000_000 / hz / 100).max(1) as u64),
+        }
     }
 }
 
-/// On a ready leader with followers that has proposed nothing for [`CLOCK_EVERY`]: proposes a
-/// clock entry (nobody waits for it; a failure to commit it is retried a period later).
+fn config_number(ctx: *mut RedisModuleCtx, name: &str) -> Option<i64> {
+    let reply = ffi::call_strs(ctx, &["CONFIG", "GET", name]);
+    let value = (ffi::is_array(reply) && ffi::reply_len(reply) == 2)
+        .then(|| std::str::from_utf8(ffi::reply_bytes(ffi::reply_element(reply, 1))).ok()?.parse().ok())
+        .flatten();
+    ffi::free_call_reply(reply);
+    value
+}
+
+/// On a ready leader that has proposed nothing for [`CLOCK_EVERY`]: proposes a clock entry
+/// (nobody waits for it; a failure to commit it is retried a period later). A leader without
+/// followers needs one too when it has entries its horizon waits for.
 fn propose_clock_if_idle() {
     let s = state::get();
     let Some(node) = s.node() else { return };
     if !node.is_leader() {
         return;
     }
-    let idle_ms = ffi::now_ms().saturating_sub(LATEST.load(Ordering::Acquire));
+    let idle_ms = ffi::now_ms().saturating_sub(PROPOSED_AT.load(Ordering::Acquire));
     if idle_ms < CLOCK_EVERY.as_millis() as i64 {
         return;
     }
     let status = node.status();
-    if !status.leader_ready || status.voters.len() + status.learners.len() < 2 {
+    let alone = status.voters.len() + status.learners.len() < 2;
+    if !status.leader_ready || (alone && claim_now().is_some()) {
         return;
     }
     // Like every proposal here: a transaction EXEC just built, stamped earlier, goes first.
@@ -358,43 +450,47 @@ pub fn clock_entries_proposed() -> u64 {
     CLOCK_ENTRIES.load(Ordering::Relaxed)
 }
 
-/// Whether this node's dataset is as recent as the log: it is the leader and has applied all it
-/// committed, or it follows a leader and has applied an entry proposed within [`FRESH`]. Only
-/// then can Redis' clock delete a key without the log disagreeing later, but for writes still on
-/// their way. (A follower cannot tell from a heartbeat that it has every committed entry: the
-/// commit index a leader sends a follower is capped at what that follower has.)
-fn is_current() -> bool {
+/// The time before which this node may delete a key whose deadline has passed: no entry it
+/// applies later happens before it. The leader's clock, claimed (see [`claim_now`]), or the time
+/// of the newest entry applied here. None before any.
+fn horizon() -> Option<EntryTime> {
+    claim_now().or_else(horizon_of_log)
+}
+
+fn horizon_of_log() -> Option<EntryTime> {
+    state::get().node()?;
+    let at = APPLIED_AT.load(Ordering::Acquire);
+    (at != i64::MIN).then_some(EntryTime(at))
+}
+
+/// On a leader that has applied every entry in its log: its clock, which no entry appended from
+/// now on happens before (`Node::claim_time`).
+fn claim_now() -> Option<EntryTime> {
     let s = state::get();
-    let Some(node) = s.node() else { return false };
-    let status = node.status();
-    if status.leader.is_none() || status.fatal.is_some() {
-        return false;
+    let node = s.node()?;
+    if !node.is_leader() || s.progress.applied() < node.leader_ready_index()? {
+        return None;
     }
-    if status.is_leader() && s.progress.applied() >= status.commit {
-        return true;
-    }
-    let applied_at = APPLIED_AT.load(Ordering::Acquire);
-    ffi::now_ms().saturating_sub(applied_at) <= FRESH.as_millis() as i64
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    node.claim_time(EntryTime(now.max(LATEST.load(Ordering::Acquire))), s.progress.applied())
 }
 
 /// A load that failed after [`init`]: Redis' background expiry runs again, as before the module.
 pub fn resume(ctx: *mut RedisModuleCtx) {
-    set_active(ctx, true);
+    set_redis_background_expiry(ctx, true);
 }
 
-fn set_active(ctx: *mut RedisModuleCtx, on: bool) {
+fn set_redis_background_expiry(ctx: *mut RedisModuleCtx, on: bool) {
     let flag = if on { "1" } else { "0" };
     ffi::free_call_reply(ffi::call_strs(ctx, &["DEBUG", "SET-ACTIVE-EXPIRE", flag]));
-    ACTIVE.store(on, Ordering::Release);
-    // At debug level: a follower of an idle cluster switches twice a second (see CLOCK_EVERY).
-    log::debug!("Redis' background expiry {}", if on { "resumed: this node is current" } else { "paused until this node is current" });
 }
 
-/// RAFT.INFO: the time of the newest entry applied here, and whether Redis' background expiry runs.
+/// RAFT.INFO: the time of the newest entry applied here, and the horizon the background expiry
+/// last ran to (both -1 before any).
 pub fn info_fields() -> Vec<(String, String)> {
-    let applied_at = APPLIED_AT.load(Ordering::Acquire);
+    let field = |at: i64| if at == i64::MIN { "-1".into() } else { at.to_string() };
     vec![
-        ("applied_entry_time_ms".into(), if applied_at == i64::MIN { "-1".into() } else { applied_at.to_string() }),
-        ("background_expiry".into(), if ACTIVE.load(Ordering::Acquire) { "on" } else { "off" }.into()),
+        ("applied_entry_time_ms".into(), field(APPLIED_AT.load(Ordering::Acquire))),
+        ("expired_up_to_ms".into(), field(EXPIRED_TO.load(Ordering::Acquire))),
     ]
 }

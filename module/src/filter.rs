@@ -113,7 +113,7 @@ fn classify(fctx: *mut RedisModuleCommandFilterCtx) -> Destination {
                 || crate::held::any_held()
                 || crate::transaction::any_open()
                 || !state::get().may_read_locally()
-                || !crate::expiry::by_own_clock() =>
+                || !crate::expiry::reads_by_own_clock() =>
         {
             crate::read::READ_COMMAND
         }

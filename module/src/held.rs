@@ -203,7 +203,7 @@ pub fn read(ctx: *mut RedisModuleCtx, argv: &[&[u8]], node: &RaftNode) -> bool {
             return false;
         }
     } else {
-        ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx));
+        crate::expiry::reading(ctx, argv, || ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx)));
         join_round(&mut held, hooks, id, client, term);
     }
     READS_HELD.fetch_add(1, Ordering::Relaxed);
@@ -811,7 +811,7 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
     if !ffi::select_db(ctx, db) {
         return b"-ERR invalid database\r\n".to_vec();
     }
-    // This runs while entries are applied: Redis' own expiry has to judge what the read sees.
-    let reply = crate::expiry::resumed(|| ffi::call(ctx, argv, resp3));
+    // This may run while entries are applied: the read sees keys as a client's read does.
+    let reply = crate::expiry::reading(ctx, &argv.iter().map(Vec::as_slice).collect::<Vec<_>>(), || ffi::call(ctx, argv, resp3));
     crate::forward::take_proto(reply).unwrap_or_else(|e| crate::forward::error_proto(&e))
 }

@@ -479,11 +479,12 @@ fn hook_in_and_start(ctx: *mut RedisModuleCtx, s: &'static state::Raftis, hooks:
     unsafe { api!(RedisModule_SetModuleOptions)(ctx, raw::REDISMODULE_OPTION_NO_IMPLICIT_SIGNAL_MODIFIED as c_int) };
     held::init(ctx);
     log::info!("{}", held::describe());
+    hooks.clock_hooked = true;
+    log::info!("{}", clock::init());
+    // After the clock: the module runs Redis' background expiry by it.
     hooks.expiry_paused = true;
     log::info!("{}", expiry::init(ctx));
     log::info!("{}", scripts::init());
-    hooks.clock_hooked = true;
-    log::info!("{}", clock::init());
     hooks.collation = collation::bytewise();
     hooks.subscribe(raw::REDISMODULE_EVENT_EVENTLOOP, Some(on_event_loop), "the event loop")?;
     hooks.subscribe(raw::REDISMODULE_EVENT_CLIENT_CHANGE, Some(replica_reads::on_client_change), "client changes")?;

@@ -77,7 +77,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         }
         if !crate::held::read_behind_writes(ctx, argv) {
             // Or because this node is not current: it reads as of its log (see `expiry`).
-            crate::expiry::as_of_log(ctx, argv, || ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx)));
+            crate::expiry::reading(ctx, argv, || ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx)));
         }
         return Ok(());
     }

@@ -34,10 +34,15 @@ pub fn draw_candidates(db: u32, argv: &mut Args) -> Result<(), String> {
     }
     let Some(requested) = set_pop::requested(&refs) else { return Ok(()) };
     let ctx = state::get().main_thread_ctx();
-    if !ffi::select_db(ctx, db) || !holds_more_than(ctx, refs[1], requested.count) {
-        return Ok(());
-    }
-    let drawn = ffi::call(ctx, &[&b"SRANDMEMBER"[..], refs[1], requested.count.to_string().as_bytes()], false);
+    // Only a hint for the entry, read without deleting anything by this node's clock (see
+    // `expiry`): the entry itself meets the set as of its time.
+    let drawn = crate::expiry::suspended(|| {
+        if !ffi::select_db(ctx, db) || !holds_more_than(ctx, refs[1], requested.count) {
+            return None;
+        }
+        Some(ffi::call(ctx, &[&b"SRANDMEMBER"[..], refs[1], requested.count.to_string().as_bytes()], false))
+    });
+    let Some(drawn) = drawn else { return Ok(()) };
     if ffi::is_array(drawn) && ffi::reply_len(drawn) > 0 {
         let candidates: Vec<Vec<u8>> =
             (0..ffi::reply_len(drawn)).map(|i| ffi::reply_bytes(ffi::reply_element(drawn, i)).to_vec()).collect();
