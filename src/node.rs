@@ -807,7 +807,6 @@ impl<S: StateMachine> Node<S> {
         self.shared.fetch.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// True while this node leads. Lock-free: meant for every client command.
     /// On the leader, once its state machine has applied every entry in its log (`applied`):
     /// claims `now` (milliseconds since the epoch), and returns it. Every entry appended from
     /// then on happens after it, so the state machine may delete keys whose deadline is before
@@ -823,6 +822,7 @@ impl<S: StateMachine> Node<S> {
         Some(gate.claimed)
     }
 
+    /// True while this node leads. Lock-free: meant for every client command.
     pub fn is_leader(&self) -> bool {
         self.leading_term().is_some()
     }

@@ -21,8 +21,7 @@ impl<S: StateMachine> RaftLoop<S> {
         // clock can be behind its predecessor's: an entry never happens before the one ahead of
         // it. Nor at or before a time the state machine claimed to expire keys by: a millisecond
         // later, as a read that claimed a time may run into the next millisecond.
-        let shared = self.shared.clone();
-        let mut gate = shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
         let floor = self.time_floor.max(EntryTime(gate.claimed.0.saturating_add(1)));
         if let Some(at) = command_entry::raise_time(&mut data, floor) {
             self.time_floor = at;
