@@ -284,10 +284,9 @@ fn reply_with(ctx: *mut RedisModuleCtx, outcome: &Outcome) -> c_int {
             ffi::reply_simple(ctx, "OK")
         }
         Outcome::Run { argv, resp3 } => {
-            // The context's client is the blocked client, so the call runs in its database; on a
-            // node that is not current, as of its log (see `expiry`), as every local read.
-            let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
-            crate::expiry::reading(ctx, &refs, || ffi::call_and_reply(ctx, argv, *resp3));
+            // The context's client is the blocked client, so the call runs in its database;
+            // deleting nothing the log may still meet alive (see `expiry`), as every local read.
+            crate::expiry::reading(ctx, argv, || ffi::call_and_reply(ctx, argv, *resp3));
             ffi::OK
         }
     }

@@ -265,8 +265,8 @@ impl Waiter {
 /// not, as any read at `low` is served.
 fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingCommand) -> Result<(), String> {
     let resp3 = ffi::client_is_resp3(ctx);
-    // The module's own call never blocks: a null when there is nothing to read yet. (On a node
-    // that is not current, as of its log, see `expiry`.)
+    // The module's own call never blocks: a null when there is nothing to read yet. (Deleting
+    // nothing the log may still meet alive, see `expiry`.)
     let reply = crate::expiry::reading(ctx, command, || ffi::call(ctx, command, resp3));
     if !is_null(reply) {
         ffi::reply_call_reply(ctx, reply);
@@ -282,8 +282,8 @@ fn wait_locally(ctx: *mut RedisModuleCtx, command: &[&[u8]], shape: BlockingComm
     let (db, resp3) = (ffi::selected_db(ctx), ffi::client_is_resp3(ctx));
     let mut waiter = Waiter::new(block_client(ctx, backstop), db, resp3, command, &shape, timeout, true);
     // Nothing runs between the read above and this: `$` is the last ID it saw. Its probe of the
-    // streams reads them as the read did, as of the log on a node that is not current (Redis
-    // would otherwise delete a stream its own clock has expired, on this node alone).
+    // streams reads them as the read did (Redis would otherwise delete a stream its own clock has
+    // expired, on this node alone).
     crate::expiry::reading(ctx, command, || found_nothing(state::get().main_thread_ctx(), &mut waiter));
     let mut w = lock();
     // The id `add` gives it next, under the same lock.
@@ -495,8 +495,7 @@ fn read_now(ctx: *mut RedisModuleCtx, id: u64) {
         return;
     }
     // The module's own call never blocks: a null when there is nothing after its IDs after all.
-    let args: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
-    let reply = crate::expiry::reading(ctx, &args, || ffi::call(ctx, &argv, resp3));
+    let reply = crate::expiry::reading(ctx, &argv, || ffi::call(ctx, &argv, resp3));
     if is_null(reply) {
         return ffi::free_call_reply(reply);
     }

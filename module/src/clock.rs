@@ -86,7 +86,7 @@ pub fn behind<T>(until_ms: i64, lead: std::time::Duration, f: impl FnOnce() -> T
             BEHIND_CAP_US.store(i64::MAX, Ordering::Relaxed);
         }
     }
-    let now_us = real_now_us();
+    let now_us = real_now_us(std::time::SystemTime::now());
     let start_us = until_ms.saturating_mul(1000).saturating_sub(lead.as_micros() as i64);
     BEHIND_CAP_US.store(until_ms.saturating_mul(1000), Ordering::Relaxed);
     BEHIND_US.store((now_us - start_us).max(1), Ordering::Relaxed);
@@ -94,8 +94,13 @@ pub fn behind<T>(until_ms: i64, lead: std::time::Duration, f: impl FnOnce() -> T
     f()
 }
 
-fn real_now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+/// The real wall clock in milliseconds since the epoch, whatever Redis' main thread reads now.
+pub fn real_now_ms() -> i64 {
+    real_now_us(std::time::SystemTime::now()) / 1000
+}
+
+fn real_now_us(now: std::time::SystemTime) -> i64 {
+    now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 unsafe extern "C" fn hooked_gettimeofday(tv: *mut libc::timeval, tz: *mut c_void) -> c_int {
@@ -128,7 +133,7 @@ fn self_test() -> Result<(), String> {
     let mstime: unsafe extern "C" fn() -> i64 = unsafe { crate::ffi::find_function("mstime")? };
     let pinned_read = pinned(1_234_567, || unsafe { mstime() });
     let real = unsafe { mstime() };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now = real_now_ms();
     if pinned_read != 1_234_567 || (real - now).abs() > 60_000 {
         return Err(format!("the clock hook does not take (pinned read {pinned_read}, real {real}, now {now})"));
     }

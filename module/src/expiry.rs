@@ -68,8 +68,8 @@ static APPLIED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
 static EXPIRED_TO: AtomicI64 = AtomicI64::new(i64::MIN);
 /// Whether Redis' own expiry is suspended right now (only touched on the main thread).
 static SUSPENDED: AtomicBool = AtomicBool::new(false);
-/// When [`before_sleep`] last ran the background expiry.
-static LAST_CYCLE: Mutex<Option<Instant>> = Mutex::new(None);
+/// When [`before_sleep`] last ran the background expiry, and at what pace.
+static CYCLES: Mutex<Cycles> = Mutex::new(Cycles { last: None, pace: None });
 /// RAFT.STATS: clock entries this node proposed (they count among its `proposals`).
 static CLOCK_ENTRIES: AtomicU64 = AtomicU64::new(0);
 
@@ -208,15 +208,16 @@ pub fn reads_by_own_clock() -> bool {
 /// as of the horizon instead (a key past its deadline but not the horizon is still there): with
 /// clients paused, Redis 7.0's `RANDOMKEY` spins for good on a database whose keys have all
 /// passed their deadline.
-pub fn reading<T>(ctx: *mut RedisModuleCtx, argv: &[&[u8]], f: impl FnOnce() -> T) -> T {
+pub fn reading<A: AsRef<[u8]>, T>(ctx: *mut RedisModuleCtx, argv: &[A], f: impl FnOnce() -> T) -> T {
     let Some(hooks) = hooks() else { return f() };
     if claim_now().is_some() {
         return resumed(f);
     }
+    let argv: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
     if let Some(at) = horizon_of_log() {
-        suspended(|| expire_due(ctx, argv, at));
+        suspended(|| expire_due(ctx, &argv, at));
     }
-    if may_spin_while_paused(argv) {
+    if may_spin_while_paused(&argv) {
         return suspended(f);
     }
     resumed(|| hiding(hooks, f))
@@ -367,14 +368,7 @@ fn expire_if_due(ctx: *mut RedisModuleCtx, name: *mut ffi::RedisModuleString, at
 /// Redis' pace (`hz` slow cycles a second; Redis' fast cycles in between are left out).
 pub fn before_sleep(ctx: *mut RedisModuleCtx) {
     let Some(hooks) = hooks() else { return };
-    let pace = Pace::of(ctx);
-    {
-        let mut last = LAST_CYCLE.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < pace.period) {
-            return;
-        }
-        *last = Some(Instant::now());
-    }
+    let Some(pace) = CYCLES.lock().unwrap_or_else(|p| p.into_inner()).due(ctx) else { return };
     propose_clock_if_idle();
     let Some(horizon) = horizon() else { return };
     // Redis' cycle stops by the time that passes: a clock that reaches the horizon only once the
@@ -385,40 +379,47 @@ pub fn before_sleep(ctx: *mut RedisModuleCtx) {
 }
 
 /// How often Redis runs its background expiry and for how long at most (expire.c).
+#[derive(Clone, Copy)]
 struct Pace {
     period: Duration,
     slow_limit: Duration,
 }
 
-impl Pace {
-    /// From `hz` and `active-expire-effort`, read every few seconds.
-    fn of(ctx: *mut RedisModuleCtx) -> Pace {
-        static READ: Mutex<Option<(Instant, i64, i64)>> = Mutex::new(None);
-        let mut read = READ.lock().unwrap_or_else(|p| p.into_inner());
-        let (hz, effort) = match *read {
-            Some((at, hz, effort)) if at.elapsed() < Duration::from_secs(5) => (hz, effort),
-            _ => {
-                let hz = config_number(ctx, "hz").unwrap_or(10).clamp(1, 500);
-                let effort = config_number(ctx, "active-expire-effort").unwrap_or(1).clamp(1, 10) - 1;
-                *read = Some((Instant::now(), hz, effort));
-                (hz, effort)
-            }
-        };
-        let slow_percent = 25 + 2 * effort;
-        Pace {
-            period: Duration::from_micros((1_000_000 / hz) as u64),
-            slow_limit: Duration::from_micros((slow_percent * 1_000_000 / hz / 100).max(1) as u64),
-        }
-    }
+/// The background expiry's last cycle, and its pace as last read.
+struct Cycles {
+    last: Option<Instant>,
+    pace: Option<(Instant, Pace)>,
 }
 
-fn config_number(ctx: *mut RedisModuleCtx, name: &str) -> Option<i64> {
-    let reply = ffi::call_strs(ctx, &["CONFIG", "GET", name]);
-    let value = (ffi::is_array(reply) && ffi::reply_len(reply) == 2)
-        .then(|| std::str::from_utf8(ffi::reply_bytes(ffi::reply_element(reply, 1))).ok()?.parse().ok())
-        .flatten();
-    ffi::free_call_reply(reply);
-    value
+impl Cycles {
+    /// The pace of a cycle due now (recorded as run), or None if the last one was too recent.
+    fn due(&mut self, ctx: *mut RedisModuleCtx) -> Option<Pace> {
+        let pace = self.pace(ctx);
+        if self.last.is_some_and(|t| t.elapsed() < pace.period) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(pace)
+    }
+
+    /// From `hz` and `active-expire-effort`, read every few seconds.
+    fn pace(&mut self, ctx: *mut RedisModuleCtx) -> Pace {
+        match self.pace {
+            Some((read_at, pace)) if read_at.elapsed() < Duration::from_secs(5) => pace,
+            _ => {
+                let config = |name: &str| ffi::config_get(ctx, name).and_then(|v| v.parse::<i64>().ok());
+                let hz = config("hz").unwrap_or(10).clamp(1, 500);
+                let effort = config("active-expire-effort").unwrap_or(1).clamp(1, 10) - 1;
+                let slow_percent = 25 + 2 * effort;
+                let pace = Pace {
+                    period: Duration::from_micros((1_000_000 / hz) as u64),
+                    slow_limit: Duration::from_micros((slow_percent * 1_000_000 / hz / 100).max(1) as u64),
+                };
+                self.pace = Some((Instant::now(), pace));
+                pace
+            }
+        }
+    }
 }
 
 /// On a ready leader that has proposed nothing for [`CLOCK_EVERY`]: proposes a clock entry
@@ -468,11 +469,12 @@ fn horizon_of_log() -> Option<EntryTime> {
 fn claim_now() -> Option<EntryTime> {
     let s = state::get();
     let node = s.node()?;
-    if !node.is_leader() || s.progress.applied() < node.leader_ready_index()? {
+    let applied = s.progress.applied();
+    if !node.is_leader() || applied < node.leader_ready_index()? {
         return None;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    node.claim_time(EntryTime(now.max(LATEST.load(Ordering::Acquire))), s.progress.applied())
+    let now = crate::clock::real_now_ms().max(LATEST.load(Ordering::Acquire));
+    node.claim_time(EntryTime(now), applied)
 }
 
 /// A load that failed after [`init`]: Redis' background expiry runs again, as before the module.

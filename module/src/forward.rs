@@ -349,8 +349,7 @@ pub fn run_reads(ctx: *mut RedisModuleCtx, reads: Vec<(u32, Vec<Vec<u8>>)>, batc
     let mut replies = Vec::with_capacity(reads.len());
     for ((db, argv), resp3) in reads.into_iter().zip(resp3) {
         let reply = if ffi::select_db(ctx, db) {
-            let refs: Vec<&[u8]> = argv.iter().map(Vec::as_slice).collect();
-            take_proto(crate::expiry::reading(ctx, &refs, || ffi::call(ctx, &argv, resp3)))
+            take_proto(crate::expiry::reading(ctx, &argv, || ffi::call(ctx, &argv, resp3)))
         } else {
             Err(format!("ERR DB index {db} is out of range"))
         };

@@ -812,6 +812,6 @@ fn run_read(argv: &[Vec<u8>], db: u32, resp3: bool) -> Vec<u8> {
         return b"-ERR invalid database\r\n".to_vec();
     }
     // This may run while entries are applied: the read sees keys as a client's read does.
-    let reply = crate::expiry::reading(ctx, &argv.iter().map(Vec::as_slice).collect::<Vec<_>>(), || ffi::call(ctx, argv, resp3));
+    let reply = crate::expiry::reading(ctx, argv, || ffi::call(ctx, argv, resp3));
     crate::forward::take_proto(reply).unwrap_or_else(|e| crate::forward::error_proto(&e))
 }

@@ -76,7 +76,7 @@ pub fn read(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
             return Ok(());
         }
         if !crate::held::read_behind_writes(ctx, argv) {
-            // Or because this node is not current: it reads as of its log (see `expiry`).
+            // Or because this node may not delete keys by its clock now (see `expiry`).
             crate::expiry::reading(ctx, argv, || ffi::call_and_reply(ctx, argv, ffi::client_is_resp3(ctx)));
         }
         return Ok(());
