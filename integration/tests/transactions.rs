@@ -4,7 +4,7 @@ use raftis_integration::resp_conn::{args, call, Reply, RespConn};
 use raftis_integration::{client_proposals, exchange_until, free_port_pair, raw_exchange, stat_field, wait_for, Cluster, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Redis' own replies to a transaction: `+QUEUED` while queueing, EXEC's array in command order,
 /// SELECT inside it, an error inside it that does not stop the rest, DISCARD, queueing errors
@@ -253,6 +253,62 @@ fn watch_aborts_a_transaction_whose_watched_key_was_written_and_lets_the_others_
     let follower = cluster.nodes.iter().find(|n| n.port != leader.port).unwrap();
     let err = follower.cmd::<String>(&["WATCH", "k"]).unwrap_err();
     assert_eq!(err.code(), Some("MOVED"), "{err}");
+}
+
+/// A key that has expired but is still there when it is watched: Redis notes that, and ignores
+/// a signal for the key while it is there; in Redis a write to it deletes it first, and so still
+/// fails the EXEC. Here the write is only proposed when EXEC is checked (the followers are stopped
+/// meanwhile), and the key is deleted only when the write is applied. A lease lock taken with
+/// WATCH, MULTI, SET and EXEC must not be taken by two clients.
+#[test]
+fn a_write_proposed_after_watch_of_an_expired_key_fails_the_exec() {
+    // hz 1: the leader's background expiry, which would delete the expired lock before the
+    // WATCH (the case Redis does not ignore), runs once a second.
+    let root = tempfile::Builder::new().prefix("raftis-it-").tempdir().unwrap();
+    let start =
+        |i: usize| Server::start_with_redis_args(free_port_pair(), &root.path().join(format!("n{i}")), &["--hz", "1"], &[]).unwrap();
+    let nodes = (0..3).map(start).collect();
+    let cluster = Cluster::of(nodes, root);
+    let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    assert_eq!(cluster.wait_leader(), 0);
+    cluster.join(1, 0).unwrap();
+    cluster.join(2, 0).unwrap();
+    let leader = &cluster.nodes[0];
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let deadline = now() + Duration::from_millis(100);
+    let _: () = leader.cmd(&["SET", "lock", "old", "PXAT", &deadline.as_millis().to_string()]).unwrap();
+    wait_for("the lock to expire", Duration::from_secs(5), || (now() > deadline + Duration::from_millis(2)).then_some(()));
+    let mut watcher = RespConn::connect(leader.port).unwrap();
+    let watcher_id = call(&mut watcher, &["CLIENT", "ID"]).integer().unwrap();
+    assert_eq!(call(&mut watcher, &["WATCH", "lock"]).text().as_deref(), Some("OK"));
+    // Another client takes the lock: its write is proposed, and cannot commit.
+    for follower in &cluster.nodes[1..] {
+        follower.pause();
+    }
+    let mut taker = RespConn::connect(leader.port).unwrap();
+    let taker_id = call(&mut taker, &["CLIENT", "ID"]).integer().unwrap();
+    taker.send(&[args(&["SET", "lock", "theirs", "PX", "60000"])]).unwrap();
+    let client_info = |id: i64| leader.cmd::<String>(&["CLIENT", "LIST", "ID", &id.to_string()]).unwrap();
+    // (Its reply is held for it, the client is not blocked.)
+    wait_for("the taker's write to be proposed", Duration::from_secs(5), || client_info(taker_id).contains("cmd=raft._cmd").then_some(()));
+    watcher.send(&[args(&["MULTI"]), args(&["SET", "lock", "mine", "PX", "60000"]), args(&["EXEC"])]).unwrap();
+    wait_for("the watcher's EXEC to run", Duration::from_secs(5), || client_info(watcher_id).contains("cmd=exec").then_some(()));
+    for follower in &cluster.nodes[1..] {
+        follower.resume();
+    }
+    assert_eq!(watcher.reply().unwrap().text().as_deref(), Some("OK"));
+    assert_eq!(watcher.reply().unwrap().text().as_deref(), Some("QUEUED"));
+    assert_eq!(watcher.reply().unwrap(), Reply::Null(b'*'), "the EXEC after another client took the lock");
+    assert_eq!(taker.reply().unwrap().text().as_deref(), Some("OK"));
+    assert_eq!(leader.cmd::<String>(&["GET", "lock"]).unwrap(), "theirs");
+    // Nobody else writes an expired key watched: the EXEC runs, as in Redis, whether or not the
+    // key has been deleted meanwhile.
+    let deadline = now() + Duration::from_millis(50);
+    let _: () = leader.cmd(&["SET", "lease", "old", "PXAT", &deadline.as_millis().to_string()]).unwrap();
+    wait_for("the lease to expire", Duration::from_secs(5), || (now() > deadline + Duration::from_millis(2)).then_some(()));
+    let replies =
+        watcher.pipeline(&[args(&["WATCH", "lease"]), args(&["MULTI"]), args(&["SET", "lease", "mine"]), args(&["EXEC"])]).unwrap();
+    assert_eq!(format!("{:?}", replies[3]), r#"*[+"OK"]"#);
 }
 
 /// `MOVE` and `COPY ... DB` write a key of another database, which Redis' key positions do not

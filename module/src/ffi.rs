@@ -106,20 +106,6 @@ pub fn free_string(s: *mut RedisModuleString) {
     unsafe { api!(RedisModule_FreeString)(ptr::null_mut(), s) };
 }
 
-/// Tells Redis that the keys the command `argv` writes in database `db` are modified (clients
-/// watching them get their transaction marked dirty). Where the keys Redis' key specs found are
-/// among the arguments: none for a command without keys, or one Redis does not know.
-pub fn signal_keys_of(ctx: *mut RedisModuleCtx, db: u32, argv: &[impl AsRef<[u8]>]) -> Vec<usize> {
-    if !select_db(ctx, db) {
-        return Vec::new();
-    }
-    let keys = CommandKeys::of(ctx, argv);
-    for key in keys.iter() {
-        unsafe { api!(RedisModule_SignalModifiedKey)(ctx, key) };
-    }
-    keys.positions().to_vec()
-}
-
 /// How the module opens keys only to look at them (or to expire them). Opened for writing, because
 /// a key that is due is deleted; but a look is not a modification (the module sets no implicit
 /// modified signal, see `lib.rs`), not an access (no LRU update), and not a keyspace miss (no

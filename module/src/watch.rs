@@ -15,6 +15,15 @@
 //!   (FLUSHDB, FLUSHALL, SWAPDB) touches every key any client watches.
 //! - EXEC's check is Redis' own; a dirty transaction is never proposed.
 //!
+//! The mark goes through a *stand-in* key per watched key and client ([`stand_in`]), watched
+//! along with it, rather than through the key itself: Redis records whether a key was already
+//! expired when it was watched, and ignores a signal for such a key while it is still there. In
+//! Redis the write would first delete the expired key, and then mark the client; here the write
+//! is only proposed, and the key is deleted when it is applied, maybe after the client's EXEC was
+//! checked. (A lease lock on such a key, `WATCH lock; GET lock; MULTI; SET lock me PX ...; EXEC`,
+//! could then be taken by two clients.) A stand-in never exists, and Redis unwatches it with the
+//! key, so marking it marks exactly the clients that still watch the key.
+//!
 //! Only the leader serves WATCH (followers redirect, follower proxy or not): EXEC has to run where
 //! writes are proposed. Redis does not tell a module when a client stops watching, so the keys
 //! are remembered here until the client's next transaction is over (EXEC and DISCARD unwatch
@@ -129,11 +138,19 @@ fn start_watching(id: ClientId, keys: Vec<Key>) {
     let awaiting = lock().clients.as_mut().and_then(|c| c.get_mut(&id)).and_then(|c| c.awaiting.take());
     let leads = state::get().node().is_some_and(|n| n.is_leader());
     let touched = !leads || awaiting.is_none_or(|a| a.touched);
-    let names: Vec<Vec<u8>> = keys.iter().map(|(_, key)| key.clone()).collect();
+    let names: Vec<Vec<u8>> = keys.iter().flat_map(|(_, key)| [key.clone(), stand_in(id, key)]).collect();
     if crate::held::watch_keys(id, &names) && touched {
         let (db, key) = &keys[0];
-        ffi::signal_modified_key(state::get().main_thread_ctx(), *db, key);
+        ffi::signal_modified_key(state::get().main_thread_ctx(), *db, &stand_in(id, key));
     }
+}
+
+/// The key watched for client `id` along with `key`, and marked in its place (see the module's
+/// comment): a name no client writes, made of the client and the key.
+fn stand_in(id: ClientId, key: &[u8]) -> Vec<u8> {
+    let mut name = format!("\0raftis-watch\0{id}\0").into_bytes();
+    name.extend_from_slice(key);
+    name
 }
 
 /// A write of `argv` in database `db` is being proposed (or joins a transaction) on this node:
@@ -146,31 +163,27 @@ pub fn touch(db: u32, argv: &[impl AsRef<[u8]>]) {
     // `MOVE key db` and `COPY ... DB db` write a key of another database, which Redis' key
     // positions do not name.
     let argv_bytes: Vec<&[u8]> = argv.iter().map(AsRef::as_ref).collect();
-    let mut touched: Vec<(u32, &[u8])> = ffi::signal_keys_of(ctx, db, argv).into_iter().map(|i| (db, argv_bytes[i])).collect();
+    let mut touched: Vec<(u32, &[u8])> = ffi::CommandKeys::of(ctx, argv).positions().iter().map(|&i| (db, argv_bytes[i])).collect();
     if let Some((other_db, key)) = raftis_core::determinism::key_in_another_database(&argv_bytes) {
-        ffi::signal_modified_key(ctx, other_db, key);
         touched.push((other_db, key));
     }
     // A write that names no key may change any key of the databases it works on: FLUSHDB its
     // own, SWAPDB its two, anything else (FLUSHALL, a keyless script) every one.
     let databases = databases_changed(db, &argv_bytes);
     let in_scope = |d: u32| databases.as_ref().is_none_or(|dbs| dbs.contains(&d));
+    let hit = |(d, k): &Key| match touched.is_empty() {
+        true => in_scope(*d),
+        false => touched.contains(&(*d, k.as_slice())),
+    };
     let mut w = lock();
-    for client in w.clients.iter_mut().flat_map(|c| c.values_mut()) {
+    for (id, client) in w.clients.iter_mut().flat_map(|c| c.iter_mut()) {
         if let Some(awaiting) = client.awaiting.as_mut() {
-            let hit = match touched.is_empty() {
-                true => awaiting.keys.iter().any(|(d, _)| in_scope(*d)),
-                false => awaiting.keys.iter().any(|(d, k)| touched.contains(&(*d, k.as_slice()))),
-            };
-            awaiting.touched |= hit;
+            awaiting.touched |= awaiting.keys.iter().any(hit);
         }
-    }
-    if !touched.is_empty() {
-        return;
-    }
-    let watched: HashSet<&Key> = w.clients.iter().flat_map(|c| c.values()).flat_map(|c| c.current.iter().chain(&c.ending)).collect();
-    for (db, key) in watched.into_iter().filter(|(d, _)| in_scope(*d)) {
-        ffi::signal_modified_key(ctx, *db, key);
+        let watched: HashSet<&Key> = client.current.iter().chain(&client.ending).filter(|k| hit(k)).collect();
+        for (db, key) in watched {
+            ffi::signal_modified_key(ctx, *db, &stand_in(*id, key));
+        }
     }
 }
 
@@ -271,9 +284,11 @@ fn deposed() {
     let clients = lock().clients.take().unwrap_or_default();
     COUNT.store(0, Ordering::Relaxed);
     let ctx = state::get().main_thread_ctx();
-    let keys: HashSet<&Key> = clients.values().flat_map(|c| c.current.iter().chain(&c.ending)).collect();
-    for (db, key) in keys {
-        ffi::signal_modified_key(ctx, *db, key);
+    for (id, client) in &clients {
+        let keys: HashSet<&Key> = client.current.iter().chain(&client.ending).collect();
+        for (db, key) in keys {
+            ffi::signal_modified_key(ctx, *db, &stand_in(*id, key));
+        }
     }
 }
 
