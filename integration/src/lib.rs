@@ -43,6 +43,14 @@ pub fn caller_module_path() -> PathBuf {
     workspace().join("target/release/libcaller.so")
 }
 
+/// Path of `integration/clock_skew`, the library that moves a process' wall clock when preloaded
+/// (see [`Server::start_with_clock_skew`]), built in release mode once per test binary.
+pub fn clock_skew_library_path() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| build_release("raftis-test-clock-skew"));
+    workspace().join("target/release/libclockskew.so")
+}
+
 fn build_release(package: &str) {
     let status = Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", package])
@@ -141,6 +149,19 @@ impl Server {
         s.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         s.spawn()?;
         Ok(s)
+    }
+
+    /// Like [`Server::start`], on a wall clock `skew_ms` milliseconds ahead of the machine's
+    /// (behind, if negative), Redis' and the module's alike; its monotonic clock is the machine's.
+    pub fn start_with_clock_skew(port: u16, dir: &Path, skew_ms: i64, extra: &[&str]) -> anyhow::Result<Server> {
+        let library = clock_skew_library_path();
+        let skew = skew_ms.to_string();
+        Self::start_with_env(
+            port,
+            dir,
+            &[("LD_PRELOAD", library.to_str().context("library path")?), ("RAFTIS_CLOCK_SKEW_MS", &skew)],
+            extra,
+        )
     }
 
     fn start_with(port: u16, dir: &Path, bind: &str, redis_args: &[&str], extra: &[&str], plain: bool) -> anyhow::Result<Server> {
