@@ -96,6 +96,35 @@ fn a_follower_with_the_proxy_forwards_a_transaction_whole() {
     }
 }
 
+/// A follower whose clock runs ahead of the leader's forwards a transaction with its times as the
+/// client gave them: the leader makes them absolute by its own clock, the one the entry applies
+/// by. (Pinned by the follower's, `EXPIRE k 0` would leave `k` there for the skew, and every TTL
+/// set would be longer by it.)
+#[test]
+fn a_follower_ahead_of_the_leaders_clock_forwards_a_transactions_times_as_sent() {
+    let root = tempfile::Builder::new().prefix("raftis-it-").tempdir().unwrap();
+    let dir = |i: usize| root.path().join(format!("n{i}"));
+    let proxy = ["follower-proxy=yes"];
+    let nodes = vec![
+        Server::start(free_port_pair(), &dir(0), &proxy).unwrap(),
+        Server::start_with_clock_skew(free_port_pair(), &dir(1), 5000, &proxy).unwrap(),
+    ];
+    let cluster = Cluster::of(nodes, root);
+    let _: () = cluster.nodes[0].cmd(&["RAFT.CLUSTER", "INIT"]).unwrap();
+    assert_eq!(cluster.wait_leader(), 0);
+    cluster.join(1, 0).unwrap();
+    let (leader, follower) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let time = |node: &Server| node.cmd::<Vec<i64>>(&["TIME"]).unwrap()[0];
+    assert!(time(follower) >= time(leader) + 4, "the follower's clock is not ahead");
+    let mut conn = RespConn::connect(follower.port).unwrap();
+    let commands =
+        [&["MULTI"][..], &["SET", "k", "1"], &["EXPIRE", "k", "0"], &["EXISTS", "k"], &["SET", "t", "1", "PX", "10000"], &["EXEC"]];
+    let replies = conn.pipeline(&commands.map(args)).unwrap();
+    assert_eq!(format!("{:?}", replies[5]), r#"*[+"OK", :"1", :"0", +"OK"]"#);
+    let ttl: i64 = leader.cmd(&["PTTL", "t"]).unwrap();
+    assert!((0..=10_000).contains(&ttl), "PTTL {ttl} after PX 10000");
+}
+
 /// Clients INCR a counter while another reads and resets it in transactions (the way clients
 /// send them: `redis::pipe().atomic()`). A GET that ran on the dataset while increments were
 /// still on their way through the log, with its SET applied after them, would lose them.

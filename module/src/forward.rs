@@ -261,8 +261,8 @@ fn confirm_then_run(node: &RaftNode, reads: Vec<(u32, Vec<Vec<u8>>)>, batch: boo
 
 /// Leader side: a follower's transaction (an EXEC, or a client's pipeline) becomes one entry, its
 /// reads included (they run where the entry is applied); one that only reads needs no entry and
-/// runs at a confirmed read index instead. Writes are pinned again: a no-op for what the
-/// follower pinned, and this leader's clock for anything it did not. Each command answers in its
+/// runs at a confirmed read index instead. Its writes are readied here, as the leader's own
+/// clients' (times pinned by this leader's clock). Each command answers in its
 /// own protocol (`resp3`). The first `exec` commands are an EXEC's: over the memory limit, one of
 /// them that may grow memory discards them all, as on the leader's own clients.
 fn serve_transaction(node: &RaftNode, commands: Vec<(u32, Vec<Vec<u8>>)>, exec: usize, resp3: Vec<bool>, done: ForwardDone) {

@@ -136,7 +136,7 @@ pub fn begin(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 
 /// A data command of the transaction EXEC is running for the client of `ctx`: it joins the
 /// batch, and its reply comes once the batch is applied. An error is this command's reply.
-/// A write comes pinned for time `at`.
+/// A write comes pinned for time `at` on the leader; as its client sent it, `None`, on a follower.
 pub fn join(ctx: *mut RedisModuleCtx, db: u32, argv: Vec<Vec<u8>>, at: Option<EntryTime>) -> Result<(), String> {
     let mut t = lock();
     let batch = batch_of(&mut t, ctx, &argv);

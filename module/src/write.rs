@@ -35,18 +35,19 @@ pub fn write(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> Result<(), String> {
         // happens.
         crate::transaction::refuse_if_discarded(ctx)?;
         crate::restore_trial::check(ctx, command)?;
-        let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
         let db = ffi::selected_db(ctx);
-        let at = crate::transaction::entry_time(ctx);
-        // A follower forwarding the transaction leaves the memory limit to the leader.
-        if s.node().is_some_and(|n| n.is_leader()) {
-            prepare_admitted(db, &mut argv, at).map_err(|e| match e == memory_limit::OOM_ERROR {
-                true => crate::transaction::abort_over_memory_limit(ctx),
-                false => e,
-            })?;
-        } else {
-            prepare(db, &mut argv, at)?;
+        // A follower forwards the transaction as its client sent it: the leader readies it
+        // (see `forward`), pinning its times with the leader's clock, the one the entry
+        // applies by (this node's may be off it), and holding the memory limit.
+        if !s.node().is_some_and(|n| n.is_leader()) {
+            return crate::transaction::join(ctx, db, ffi::owned_args(command), None);
         }
+        let mut argv: Args = command.iter().map(|a| Cow::Borrowed(*a)).collect();
+        let at = crate::transaction::entry_time(ctx);
+        prepare_admitted(db, &mut argv, at).map_err(|e| match e == memory_limit::OOM_ERROR {
+            true => crate::transaction::abort_over_memory_limit(ctx),
+            false => e,
+        })?;
         let argv = argv.into_iter().map(Cow::into_owned).collect();
         return crate::transaction::join(ctx, db, argv, Some(at));
     }
