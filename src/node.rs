@@ -329,7 +329,19 @@ struct TimeGate {
     claimed: EntryTime,
     /// The index of the last entry in this node's log.
     last_index: LogIndex,
+    /// The time of the newest committed entry this node knows of: every later leader has it in
+    /// its log, and a claim goes at most [`CLAIM_LEAD`] past it.
+    committed: EntryTime,
 }
+
+/// How far past the newest committed entry time a leader may claim a time (see
+/// [`Node::claim_time`]), and so how far past the newest time in its log a new leader stamps its
+/// first entry: no claim of a leader before it is later than that, however its clock ran. (A
+/// claim is not in the log: a new leader whose clock is behind a claim would otherwise stamp
+/// entries that meet alive, on every node but the claimant, keys the claimant deleted.) Above
+/// the longest an idle leader goes without an entry (the module proposes a clock entry after a
+/// second), so that its claims hold while it is idle.
+pub const CLAIM_LEAD: EntryTime = EntryTime(1500);
 
 /// Handle to a running node. Dropping it shuts the node down.
 pub struct Node<S: StateMachine> {
@@ -486,7 +498,11 @@ impl<S: StateMachine> Node<S> {
             dirty: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             fetch: Mutex::new(None),
-            time_gate: Mutex::new(TimeGate { claimed: EntryTime(i64::MIN), last_index: LogIndex(raw.raft.raft_log.last_index()) }),
+            time_gate: Mutex::new(TimeGate {
+                claimed: EntryTime(i64::MIN),
+                last_index: LogIndex(raw.raft.raft_log.last_index()),
+                committed: EntryTime(i64::MIN),
+            }),
         });
         let reporter = shared.clone();
         transport.set_health_source(Arc::new(move || leader_health::answer(&reporter)));
@@ -529,6 +545,7 @@ impl<S: StateMachine> Node<S> {
             conf_applied: LogIndex(conf_applied),
             proposals: PendingProposals::new(),
             time_floor: EntryTime(i64::MIN),
+            floor_raised_in: Term(0),
             membership_waiters: BTreeMap::new(),
             readdress: Readdress::default(),
             readdress_proposed: None,
@@ -809,13 +826,16 @@ impl<S: StateMachine> Node<S> {
 
     /// On the leader, once its state machine has applied every entry in its log (`applied`):
     /// claims `now` (milliseconds since the epoch), and returns it. Every entry appended from
-    /// then on happens after it, so the state machine may delete keys whose deadline is before
-    /// it: no entry it applies later meets them alive where another node's would (see the
-    /// module's `expiry`). None on a follower, or while entries are still to be applied here.
+    /// then on happens after it, here and under any later leader, so the state machine may
+    /// delete keys whose deadline is before it: no entry it applies later meets them alive where
+    /// another node's would (see the module's `expiry`). None on a follower, while entries are
+    /// still to be applied here, or for a time [`CLAIM_LEAD`] or more past the newest committed
+    /// entry's.
     pub fn claim_time(&self, now: EntryTime, applied: LogIndex) -> Option<EntryTime> {
         self.leading_term()?;
         let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
-        if gate.last_index > applied {
+        // Strictly below the lead: a read that claimed a time may run into the next millisecond.
+        if gate.last_index > applied || now.0 >= gate.committed.0.saturating_add(CLAIM_LEAD.0) {
             return None;
         }
         gate.claimed = gate.claimed.max(now);
@@ -1033,6 +1053,8 @@ struct RaftLoop<S: StateMachine> {
     /// The newest time an entry in this node's log happens at: what a proposal is raised to (see
     /// `command_entry::raise_time`).
     time_floor: EntryTime,
+    /// The term whose first proposal raised `time_floor` by [`CLAIM_LEAD`].
+    floor_raised_in: Term,
     membership_waiters: BTreeMap<LogIndex, (Term, Instant, Callback<()>)>,
     /// Members heard at new addresses, and when their change was last proposed.
     readdress: Readdress,

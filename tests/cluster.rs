@@ -1,9 +1,10 @@
 //! In-process clusters of real nodes: real LMDB directories, real loopback TCP side ports.
 //! Conditions are polled with deadlines; no test sleeps to synchronise.
 
+use raftis::command_entry::{self, EntryTime};
 use raftis::config::{Durability, Timing};
 use raftis::membership::{MembershipChange, NodeInfo};
-use raftis::node::{ApplyBatch, Node, NodeConfig, StateMachine};
+use raftis::node::{ApplyBatch, Node, NodeConfig, StateMachine, CLAIM_LEAD};
 use raftis::proposal::{Callback, ProposeError};
 use raftis::status::Role;
 use raftis::storage::LogStore;
@@ -255,6 +256,32 @@ fn restarting_every_node_from_disk_keeps_every_acknowledged_entry() {
         assert_eq!(status.voters, vec![NodeId(1), NodeId(2), NodeId(3)], "membership survives restart");
     }
     append_and_check(current_leader(&nodes), &nodes, expected, "more", 10);
+}
+
+/// A leader's claim of a time to expire keys by (`Node::claim_time`) is not in the log. It stays
+/// under `CLAIM_LEAD` past the newest committed entry's time, and the next leader stamps its first
+/// entry that far past the newest time in its log: so no later entry happens before a claim,
+/// whatever the new leader's clock says.
+#[test]
+fn a_new_leader_stamps_its_entries_past_any_time_its_predecessor_could_claim() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_node_cluster(root.path(), Durability::High);
+    let leader = current_leader(&nodes);
+    let at = EntryTime(1_000_000);
+    let entry = |at: EntryTime| command_entry::encode_command(Some(at), 0, &["SET", "k", "v"]);
+    let applied = propose_all(leader, [entry(at)]).remove(0).expect("acknowledged");
+    let lead = CLAIM_LEAD.0;
+    assert_eq!(leader.node.claim_time(EntryTime(at.0 + lead), applied), None, "a claim as far as the lead");
+    let claimed = EntryTime(at.0 + lead - 1);
+    assert_eq!(leader.node.claim_time(claimed, applied), Some(claimed));
+
+    let pos = nodes.iter().position(|n| n.id == leader.id).unwrap();
+    drop(nodes.remove(pos));
+    let next = current_leader(&nodes);
+    let index = propose_all(next, [entry(at)]).remove(0).expect("acknowledged");
+    let applied = next.applied.lock().unwrap().clone();
+    let stamped = command_entry::time_of(applied.last().unwrap()).unwrap();
+    assert!(stamped > claimed, "entry {index} stamped {stamped:?}, not after the claim {claimed:?}");
 }
 
 #[test]

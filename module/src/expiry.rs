@@ -53,8 +53,10 @@ use std::time::{Duration, Instant};
 
 /// A leader that has proposed nothing for this long proposes an entry carrying only its clock:
 /// its followers' horizon then moves on, and they expire keys, without writes. (Redis' own
-/// master pings its replicas through the replication stream the same way.)
+/// master pings its replicas through the replication stream the same way.) It keeps an idle
+/// leader's claims within their lead, too.
 const CLOCK_EVERY: Duration = Duration::from_secs(1);
+const _: () = assert!(CLOCK_EVERY.as_millis() < raftis_core::node::CLAIM_LEAD.0 as u128);
 
 /// The latest time this node proposed or applied an entry at: stamps never go back, also across
 /// a change of leader (a new leader has applied its predecessors' entries, or will before it

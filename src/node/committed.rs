@@ -1,6 +1,7 @@
 //! Committed entries: handed to the state machine in batches, and membership changes applied to
 //! raft and to the address book.
 
+use super::raft_loop::entry_time;
 use super::*;
 
 impl<S: StateMachine> RaftLoop<S> {
@@ -9,6 +10,10 @@ impl<S: StateMachine> RaftLoop<S> {
             return Ok(());
         };
         let mut batch = Vec::with_capacity(entries.len());
+        if let Some(at) = entries.iter().rev().find_map(entry_time) {
+            let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
+            gate.committed = gate.committed.max(at);
+        }
         for entry in entries {
             let index = LogIndex(entry.index);
             let term = Term(entry.term);

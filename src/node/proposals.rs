@@ -20,7 +20,15 @@ impl<S: StateMachine> RaftLoop<S> {
         // Proposals stamped on different threads can arrive out of order, and a new leader's
         // clock can be behind its predecessor's: an entry never happens before the one ahead of
         // it. Nor at or before a time the state machine claimed to expire keys by: a millisecond
-        // later, as a read that claimed a time may run into the next millisecond.
+        // later, as a read that claimed a time may run into the next millisecond. Nor, under a
+        // new leader, before what an earlier leader may have claimed (see `CLAIM_LEAD`).
+        let term = Term(self.raw.raft.term);
+        if self.floor_raised_in != term {
+            if self.time_floor.0 != i64::MIN {
+                self.time_floor = EntryTime(self.time_floor.0.saturating_add(CLAIM_LEAD.0));
+            }
+            self.floor_raised_in = term;
+        }
         let mut gate = self.shared.time_gate.lock().unwrap_or_else(|p| p.into_inner());
         let floor = self.time_floor.max(EntryTime(gate.claimed.0.saturating_add(1)));
         if let Some(at) = command_entry::raise_time(&mut data, floor) {

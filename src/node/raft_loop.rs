@@ -540,6 +540,6 @@ impl<S: StateMachine> RaftLoop<S> {
 
 /// The time a client entry happens at (see `command_entry`); None for raft's and membership
 /// entries, whose data is not a command.
-fn entry_time(entry: &Entry) -> Option<EntryTime> {
+pub(super) fn entry_time(entry: &Entry) -> Option<EntryTime> {
     (entry.get_entry_type() == EntryType::EntryNormal).then(|| command_entry::time_of(&entry.data)).flatten()
 }
