@@ -59,7 +59,7 @@ mod listen;
 mod tests;
 
 use dial::{run_peer, Hello, PeerTask, MIN_BACKOFF};
-use forwarding::{ask_once, catch_up, catch_up_limit, forward_once};
+use forwarding::{ask_once, catch_up, catch_up_limit, forward_once, forward_to_leader};
 use listen::{accept_loop, Served};
 
 pub const DEFAULT_QUEUE_LIMIT: usize = 4096;
@@ -173,6 +173,10 @@ type RemovedSlot = Arc<std::sync::RwLock<Option<RemovedCheck>>>;
 /// line it answers instead (a follower has nothing to report).
 pub type HealthSource = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 type HealthSlot = Arc<std::sync::RwLock<Option<HealthSource>>>;
+/// Set by the Raft node: the side-port address of the leader this node knows of, if any, where a
+/// forwarded command goes again when the node it went to ran none of it (see `forwarding`).
+pub type LeaderSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+type LeaderSlot = Arc<std::sync::RwLock<Option<LeaderSource>>>;
 
 /// This node's cluster id, which a joining node learns late, and the ones its peers said.
 #[derive(Default)]
@@ -210,6 +214,7 @@ struct Inner {
     catch_ups_late: AtomicU64,
     removed_check: RemovedSlot,
     health: HealthSlot,
+    leader: LeaderSlot,
     /// Idle connections to leaders, for forwarding commands (one command at a time each).
     forward_pool: Mutex<HashMap<String, Vec<TcpStream>>>,
     /// Shared with the listener, which wakes a peer's dialer when that peer says hello.
@@ -321,6 +326,7 @@ impl Transport {
         let dataset = DatasetSlot::default();
         let removed_check = RemovedSlot::default();
         let health = HealthSlot::default();
+        let leader = LeaderSlot::default();
         let incarnation = claims::new_incarnation();
         let clusters = Arc::new(Clusters { ours: AtomicU64::new(cfg.cluster.0), said: Mutex::default() });
         let state = Arc::new(Mutex::new(State { peers: HashMap::new(), closed: false }));
@@ -373,6 +379,7 @@ impl Transport {
                 catch_ups_late: AtomicU64::new(0),
                 removed_check,
                 health,
+                leader,
                 forward_pool: Mutex::new(HashMap::new()),
                 state,
                 stop: Mutex::new(Some((stop_tx, thread))),
@@ -458,6 +465,12 @@ impl Transport {
         *self.inner.health.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
     }
 
+    /// Where forwarded commands go again when the node they went to ran none of them: the
+    /// leader `source` names (see `forwarding::forward_to_leader`).
+    pub fn set_leader_source(&self, source: LeaderSource) {
+        *self.inner.leader.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
     /// Asks the leader at `addr` for its health report and calls `done` with the raw answer, or
     /// with an error line (it could not be reached, did not answer within `timeout`, or refused).
     pub fn ask_health(&self, addr: String, timeout: Duration, done: ForwardDone) {
@@ -471,25 +484,44 @@ impl Transport {
     }
 
     /// Sends `req` to the leader's side port at `addr` and calls `done` with its reply, or with
-    /// an error line: `CLUSTERDOWN` if the leader could not be reached (nothing was sent),
+    /// an error line: `CLUSTERDOWN` if no leader could be reached (nothing was sent),
     /// `TIMEOUT` if the answer did not come back within `timeout` (the command may have run).
-    /// A reply waits, within `timeout`, for this node's dataset to reflect the leader's as it
-    /// answered (see [`Dataset`]).
+    /// Where the node at `addr` ran none of it, it goes on to the next leader this node learns
+    /// of (see `forwarding::forward_to_leader`). A reply waits, within `timeout`, for this node's
+    /// dataset to reflect the leader's as it answered (see [`Dataset`]).
     pub fn forward(&self, addr: String, req: &ForwardRequest, timeout: Duration, done: ForwardDone) {
-        self.forward_until(addr, req, Some(timeout), ForwardCancel::default(), done);
+        self.send_forward(addr, req, Some(timeout), ForwardCancel::default(), true, done);
     }
 
     /// Like [`Transport::forward`], with no timeout if `timeout` is None (a blocking command may
     /// wait for ever), and ended early by `cancel`: `done` then gets the cancel's reason, and the
-    /// connection is closed, which tells the leader to stop waiting.
+    /// connection is closed, which tells the leader to stop waiting. It goes to `addr` only: the
+    /// caller sends a blocking command on itself, for what is left of its timeout.
     pub fn forward_until(&self, addr: String, req: &ForwardRequest, timeout: Option<Duration>, cancel: ForwardCancel, done: ForwardDone) {
+        self.send_forward(addr, req, timeout, cancel, false, done);
+    }
+
+    fn send_forward(
+        &self,
+        addr: String,
+        req: &ForwardRequest,
+        timeout: Option<Duration>,
+        cancel: ForwardCancel,
+        follow_leader: bool,
+        done: ForwardDone,
+    ) {
         let mut request = BytesMut::new();
         req.encode(&mut request);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {
             let started = tokio::time::Instant::now();
             let answer = async {
-                let once = forward_once(&inner, &addr, &request);
+                let once = async {
+                    match follow_leader {
+                        true => forward_to_leader(&inner, addr, &request).await,
+                        false => forward_once(&inner, &addr, &request).await,
+                    }
+                };
                 match timeout {
                     None => once.await,
                     Some(timeout) => tokio::time::timeout(timeout, once).await.unwrap_or_else(|_| {

@@ -1185,6 +1185,51 @@ fn with_follower_proxy_a_follower_runs_writes_and_reads_through_the_leader() {
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
 }
 
+/// With the proxy, a follower's clients ride through changes of leader: a command the node it
+/// went to ran none of (that node no longer leads, or its leadership was moving) goes again to
+/// the next leader, so they never see a redirect, only `-TIMEOUT` for a write that may have run.
+#[test]
+fn with_follower_proxy_a_followers_clients_ride_through_changes_of_leader() {
+    let cluster = Cluster::start(3, &["follower-proxy=yes"]).unwrap();
+    // Leadership moves between nodes 0 and 1; the clients write through node 2.
+    let leader = cluster.wait_leader();
+    if leader == 2 {
+        let _: String = cluster.nodes[2].cmd(&["RAFT.TRANSFERLEADER", &cluster.nodes[0].node_id().to_string()]).unwrap();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (acknowledged, unknown) = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut conn = cluster.nodes[2].client().unwrap();
+                    let (mut acknowledged, mut unknown) = (0, 0);
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        match redis::cmd("INCR").arg("n").query::<i64>(&mut conn) {
+                            Ok(_) => acknowledged += 1,
+                            Err(e) if e.code() == Some("TIMEOUT") => unknown += 1,
+                            Err(e) => panic!("a write through the follower: {e}"),
+                        }
+                    }
+                    (acknowledged, unknown)
+                })
+            })
+            .collect();
+        for _ in 0..4 {
+            let from = cluster.wait_leader();
+            assert_ne!(from, 2, "the follower the clients write through took over");
+            let to = cluster.nodes[1 - from].node_id().to_string();
+            let _: String = cluster.nodes[from].cmd(&["RAFT.TRANSFERLEADER", &to]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        writers.into_iter().map(|w| w.join().unwrap()).fold((0, 0), |(a, u), (wa, wu)| (a + wa, u + wu))
+    });
+    let leader = cluster.wait_leader();
+    let n: i64 = cluster.nodes[leader].cmd(&["GET", "n"]).unwrap();
+    assert!(acknowledged > 0);
+    assert!((acknowledged..=acknowledged + unknown).contains(&n), "n = {n} after {acknowledged} acknowledged and {unknown} unknown");
+}
+
 /// A pipeline sent to a follower with the proxy reaches the leader whole, not a command at a time:
 /// its replies come back in order, reads see the writes before them, and the leader proposes a
 /// handful of entries for it rather than one per write (none for a pipeline of reads).

@@ -17,8 +17,9 @@
 //!   for the main thread, where [`serve`] runs them exactly like a client's: writes are pinned,
 //!   proposed and answered once applied; reads are linearizable (ReadIndex) whatever the
 //!   leader's own consistency level; a transaction is proposed as one entry. A leader never
-//!   forwards again: if it lost leadership the follower gets the `-MOVED`/`-CLUSTERDOWN` a client
-//!   would have.
+//!   forwards again: if it lost leadership it answers the `-MOVED`/`-CLUSTERDOWN` a client would
+//!   get, and the follower's transport sends the command on to the next leader it learns of
+//!   (nothing of it ran; see `raftis_core::transport`).
 
 use crate::apply::{Job, ReplyTo, WriteWaiter};
 use crate::blocked::{Blocked, Outcome};

@@ -49,6 +49,58 @@ pub(super) async fn catch_up(inner: &Inner, reflects: LogIndex, limit: Duration)
     }
 }
 
+/// How long a forward that reached no leader waits for this node to learn of another one.
+const NEW_LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// How often it looks meanwhile.
+const NEW_LEADER_POLL: Duration = Duration::from_millis(20);
+
+/// How many more leaders a forward tries, one after the other.
+const MORE_LEADERS: usize = 3;
+
+/// [`forward_once`] to `addr`, then, where the node there ran none of it, to the next leader this
+/// node learns of: that node no longer leads (`-MOVED`), or could not take it (`-CLUSTERDOWN`:
+/// leadership is moving, and raft drops proposals meanwhile; or it could not be reached). A
+/// follower's clients then ride through a change of leader as the leader's own clients would
+/// after a retry, and only what may have run comes back as an error (`-TIMEOUT`).
+pub(super) async fn forward_to_leader(inner: &Inner, mut addr: String, request: &[u8]) -> Result<(Vec<u8>, LogIndex), String> {
+    let mut tries = 0;
+    loop {
+        let reply = forward_once(inner, &addr, request).await;
+        match &reply {
+            Err(e) if tries < MORE_LEADERS && ran_nothing(e) => match next_leader(inner, &addr).await {
+                Some(next) => addr = next,
+                None => return reply,
+            },
+            _ => return reply,
+        }
+        tries += 1;
+    }
+}
+
+/// Whether a forward's error says that nothing of it ran: a redirect, or a `-CLUSTERDOWN`, which
+/// always means "not done, try again" (but a leader that refused this node's password will not
+/// take it the next time either).
+fn ran_nothing(error: &str) -> bool {
+    error.starts_with("MOVED ") || (error.starts_with("CLUSTERDOWN ") && !error.starts_with("CLUSTERDOWN cannot use the leader"))
+}
+
+/// The side-port address of a leader other than the one at `addr`, once this node knows of one,
+/// within [`NEW_LEADER_WAIT`].
+async fn next_leader(inner: &Inner, addr: &str) -> Option<String> {
+    let source = inner.leader.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let deadline = tokio::time::Instant::now() + NEW_LEADER_WAIT;
+    loop {
+        if let Some(leader) = source().filter(|leader| leader != addr) {
+            return Some(leader);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(NEW_LEADER_POLL).await;
+    }
+}
+
 /// One forwarded command on a pooled (or new) connection to the leader: its reply and the index
 /// the leader's dataset reflected when it answered.
 pub(super) async fn forward_once(inner: &Inner, addr: &str, request: &[u8]) -> Result<(Vec<u8>, LogIndex), String> {
@@ -130,4 +182,21 @@ fn nothing_to_read(stream: &TcpStream) -> bool {
     let mut byte = 0u8;
     let peeked = unsafe { libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ran_nothing;
+
+    #[test]
+    fn only_redirects_and_clusterdown_say_nothing_ran() {
+        assert!(ran_nothing("MOVED 1234 127.0.0.1:7002"));
+        assert!(ran_nothing("CLUSTERDOWN the request was not accepted: raft: proposal dropped"));
+        assert!(ran_nothing("CLUSTERDOWN cannot reach the leader at 127.0.0.1:17001: connection refused"));
+        assert!(!ran_nothing("CLUSTERDOWN cannot use the leader at 127.0.0.1:17001: wrong password"));
+        assert!(!ran_nothing(
+            "TIMEOUT lost the connection to the leader (connection closed); the command may or may not have taken effect"
+        ));
+        assert!(!ran_nothing("ERR unknown command"));
+    }
 }
