@@ -49,55 +49,70 @@ pub(super) async fn catch_up(inner: &Inner, reflects: LogIndex, limit: Duration)
     }
 }
 
-/// How long a forward that reached no leader waits for this node to learn of another one.
-const NEW_LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How long after its first refusal a forward keeps trying leaders.
+const RETRY_FOR: Duration = Duration::from_secs(3);
 
-/// How often it looks meanwhile.
+/// How long before a forward goes again to a leader that refused it for now.
+const SAME_LEADER_PAUSE: Duration = Duration::from_millis(100);
+
+/// How often it looks for a new leader meanwhile.
 const NEW_LEADER_POLL: Duration = Duration::from_millis(20);
 
-/// How many more leaders a forward tries, one after the other.
-const MORE_LEADERS: usize = 3;
+/// Where a forward that ran nothing goes again.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Retry {
+    /// To another leader: the node no longer leads, or cannot be reached.
+    Elsewhere,
+    /// To the leader this node knows of then, maybe the same: it could not take it for now
+    /// (its leadership is moving and raft drops proposals, say).
+    Later,
+}
 
-/// [`forward_once`] to `addr`, then, where the node there ran none of it, to the next leader this
-/// node learns of: that node no longer leads (`-MOVED`), or could not take it (`-CLUSTERDOWN`:
-/// leadership is moving, and raft drops proposals meanwhile; or it could not be reached). A
-/// follower's clients then ride through a change of leader as the leader's own clients would
-/// after a retry, and only what may have run comes back as an error (`-TIMEOUT`).
+/// [`forward_once`] to `addr`, then, where the node there ran none of it, to the leader this
+/// node learns of next, for [`RETRY_FOR`] after the first refusal: that node no longer leads
+/// (`-MOVED`), or could not take it (`-CLUSTERDOWN`: leadership is moving, or it could not be
+/// reached). A follower's clients then ride through a change of leader, and only what may have
+/// run comes back as an error (`-TIMEOUT`).
 pub(super) async fn forward_to_leader(inner: &Inner, mut addr: String, request: &[u8]) -> Result<(Vec<u8>, LogIndex), String> {
-    let mut tries = 0;
+    let mut give_up_at = None;
     loop {
         let reply = forward_once(inner, &addr, request).await;
-        match &reply {
-            Err(e) if tries < MORE_LEADERS && ran_nothing(e) => match next_leader(inner, &addr).await {
-                Some(next) => addr = next,
-                None => return reply,
-            },
-            _ => return reply,
+        let Some(retry) = reply.as_ref().err().and_then(|e| retry_of(e)) else { return reply };
+        let give_up = *give_up_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY_FOR);
+        match next_leader(inner, &addr, retry, give_up).await {
+            Some(next) => addr = next,
+            None => return reply,
         }
-        tries += 1;
     }
 }
 
-/// Whether a forward's error says that nothing of it ran: a redirect, or a `-CLUSTERDOWN`, which
-/// always means "not done, try again" (but a leader that refused this node's password will not
-/// take it the next time either).
-fn ran_nothing(error: &str) -> bool {
-    error.starts_with("MOVED ") || (error.starts_with("CLUSTERDOWN ") && !error.starts_with("CLUSTERDOWN cannot use the leader"))
+/// Whether, and where, a forward whose answer was `error` goes again. Only a redirect and a
+/// `-CLUSTERDOWN` say that nothing of it ran ("not done, try again"); a leader that refused
+/// this node's password will not take it the next time either.
+fn retry_of(error: &str) -> Option<Retry> {
+    if error.starts_with("MOVED ") || error.starts_with("CLUSTERDOWN cannot reach the leader") {
+        Some(Retry::Elsewhere)
+    } else if error.starts_with("CLUSTERDOWN ") && !error.starts_with("CLUSTERDOWN cannot use the leader") {
+        Some(Retry::Later)
+    } else {
+        None
+    }
 }
 
-/// The side-port address of a leader other than the one at `addr`, once this node knows of one,
-/// within [`NEW_LEADER_WAIT`].
-async fn next_leader(inner: &Inner, addr: &str) -> Option<String> {
+/// The side-port address of the leader to go to next: one other than `addr` as soon as this node
+/// knows of one, or for [`Retry::Later`], whichever it knows of after [`SAME_LEADER_PAUSE`].
+/// None at `give_up`.
+async fn next_leader(inner: &Inner, addr: &str, retry: Retry, give_up: tokio::time::Instant) -> Option<String> {
     let source = inner.leader.read().unwrap_or_else(|p| p.into_inner()).clone()?;
-    let deadline = tokio::time::Instant::now() + NEW_LEADER_WAIT;
+    let same_from = tokio::time::Instant::now() + SAME_LEADER_PAUSE;
     loop {
-        if let Some(leader) = source().filter(|leader| leader != addr) {
-            return Some(leader);
+        let now = tokio::time::Instant::now();
+        match source() {
+            Some(leader) if leader != addr => return Some(leader),
+            Some(leader) if retry == Retry::Later && now >= same_from => return Some(leader),
+            _ if now >= give_up => return None,
+            _ => tokio::time::sleep(NEW_LEADER_POLL).await,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(NEW_LEADER_POLL).await;
     }
 }
 
@@ -186,17 +201,18 @@ fn nothing_to_read(stream: &TcpStream) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::ran_nothing;
+    use super::{retry_of, Retry};
 
     #[test]
     fn only_redirects_and_clusterdown_say_nothing_ran() {
-        assert!(ran_nothing("MOVED 1234 127.0.0.1:7002"));
-        assert!(ran_nothing("CLUSTERDOWN the request was not accepted: raft: proposal dropped"));
-        assert!(ran_nothing("CLUSTERDOWN cannot reach the leader at 127.0.0.1:17001: connection refused"));
-        assert!(!ran_nothing("CLUSTERDOWN cannot use the leader at 127.0.0.1:17001: wrong password"));
-        assert!(!ran_nothing(
-            "TIMEOUT lost the connection to the leader (connection closed); the command may or may not have taken effect"
-        ));
-        assert!(!ran_nothing("ERR unknown command"));
+        assert_eq!(retry_of("MOVED 1234 127.0.0.1:7002"), Some(Retry::Elsewhere));
+        assert_eq!(retry_of("CLUSTERDOWN cannot reach the leader at 127.0.0.1:17001: connection refused"), Some(Retry::Elsewhere));
+        assert_eq!(retry_of("CLUSTERDOWN the request was not accepted: raft: proposal dropped"), Some(Retry::Later));
+        assert_eq!(retry_of("CLUSTERDOWN cannot use the leader at 127.0.0.1:17001: wrong password"), None);
+        assert_eq!(
+            retry_of("TIMEOUT lost the connection to the leader (connection closed); the command may or may not have taken effect"),
+            None
+        );
+        assert_eq!(retry_of("ERR unknown command"), None);
     }
 }
