@@ -509,7 +509,7 @@ impl<S: StateMachine> Node<S> {
         let known = shared.clone();
         transport.set_leader_source(Arc::new(move || {
             let status = known.status.lock().unwrap_or_else(|p| p.into_inner());
-            status.leader.and_then(|id| status.members.get(&id)).map(|leader| leader.raft_addr.clone())
+            status.leader_member().map(|leader| leader.raft_addr.clone())
         }));
         let status = shared.clone();
         transport.set_removed_check(Arc::new(move |from, their_last| {

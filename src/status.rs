@@ -4,7 +4,7 @@
 use crate::cluster_id::ClusterId;
 use crate::health_report::LeaderView;
 use crate::ids::{LogIndex, NodeId, Term};
-use crate::membership::Members;
+use crate::membership::{Members, NodeInfo};
 use crate::recovery::Recovery;
 use std::fmt;
 use std::sync::Arc;
@@ -92,6 +92,11 @@ pub struct Status {
 }
 
 impl Status {
+    /// The member this node knows leads, if any.
+    pub fn leader_member(&self) -> Option<&NodeInfo> {
+        self.leader.and_then(|id| self.members.get(&id))
+    }
+
     pub fn initial(id: NodeId) -> Status {
         Status {
             id,

@@ -436,7 +436,7 @@ pub fn leader(args: &[Vec<u8>]) -> Result {
     let node = state::get().node().ok_or_else(not_initialized)?;
     state::get().refuse_if_stopped()?;
     let st = node.status();
-    let leader = st.leader.and_then(|l| st.members.get(&l)).ok_or(state::NO_LEADER)?;
+    let leader = st.leader_member().ok_or(state::NO_LEADER)?;
     Ok(Reply::Array(vec![Reply::Integer(leader.id.get() as i64), Reply::bulk(leader.client_addr.clone())]))
 }
 
@@ -501,7 +501,7 @@ pub fn info_fields() -> Vec<(String, String)> {
     put("role", role_name(&st));
     put("term", st.term.to_string());
     put("leader_id", st.leader.map_or("0".into(), |l| l.to_string()));
-    put("leader_addr", st.leader.and_then(|l| st.members.get(&l)).map_or(String::new(), |m| m.client_addr.clone()));
+    put("leader_addr", st.leader_member().map_or(String::new(), |m| m.client_addr.clone()));
     let failed_after = st.failed_after();
     if !st.is_leader() {
         // The members' health this node shows comes from the leader's newest report.

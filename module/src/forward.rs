@@ -140,7 +140,7 @@ pub fn forward_timeout() -> Duration {
 /// The leader's side-port address, or the redirect to answer when no leader is known.
 pub fn leader_addr(node: &RaftNode) -> Result<String, String> {
     let status = node.status();
-    match status.leader.and_then(|l| status.members.get(&l)) {
+    match status.leader_member() {
         Some(leader) => Ok(leader.raft_addr.clone()),
         None => Err(state::redirect(&status, HashSlot::NO_KEY)),
     }

@@ -400,7 +400,7 @@ pub fn redirect(status: &Status, slot: HashSlot) -> String {
     if let Err(stopped) = get().refuse_if_stopped() {
         return stopped;
     }
-    match status.leader.and_then(|l| status.members.get(&l)) {
+    match status.leader_member() {
         Some(leader) => format!("MOVED {slot} {}", raftis_core::cluster_view::moved_address(&leader.client_addr)),
         None => NO_LEADER.to_string(),
     }
